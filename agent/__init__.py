@@ -1,0 +1,1 @@
+"""The agent: identity, broker connection with failover, RPC, pub/sub and the plugin host."""

@@ -1,0 +1,91 @@
+"""Agent configuration: a TOML file validated by pydantic, every key overridable from the
+environment as ``ATOLL_<SECTION>__<KEY>`` (e.g. ``ATOLL_AGENT__BROKERS='["ws://h:7400"]'``)."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from atoll.protocol.errors import ProtocolError
+from atoll.protocol.subjects import check_name
+
+ENV_PREFIX = "ATOLL_"
+
+
+class AgentSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    data_dir: Path
+    brokers: list[str] = Field(min_length=1)
+    labels: dict[str, str] = {}
+    log_level: str = "INFO"
+    call_timeout: float = Field(30.0, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        try:
+            return check_name(v, "agent name")
+        except ProtocolError as exc:
+            raise ValueError(exc.reason) from None
+
+    @field_validator("brokers")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        for url in v:
+            if not url.startswith(("ws://", "wss://")):
+                raise ValueError(f"broker URL {url!r} must start with ws:// or wss://")
+        return v
+
+
+class BrokerSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    listen: str = "127.0.0.1:7400"
+    max_message: int = Field(8 * 1024 * 1024, ge=64 * 1024)
+    queue_limit: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
+
+
+class AtollConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    agent: AgentSection
+    broker: BrokerSection | None = None
+    plugins: dict[str, dict[str, Any]] = {}
+
+
+def _parse_env_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_env(raw: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX) or "__" not in key:
+            continue
+        path = [p.lower() for p in key[len(ENV_PREFIX) :].split("__")]
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"{key} overrides a value that is not a table")
+        node[path[-1]] = _parse_env_value(value)
+    return raw
+
+
+def load_config(path: Path, env: dict[str, str] | None = None) -> AtollConfig:
+    path = Path(path)
+    with path.open("rb") as fh:
+        raw = tomllib.load(fh)
+    raw = apply_env(raw, dict(os.environ) if env is None else env)
+    agent = raw.get("agent")
+    if isinstance(agent, dict) and "data_dir" in agent:  # relative to the config file
+        agent["data_dir"] = str((path.parent / agent["data_dir"]).resolve())
+    return AtollConfig.model_validate(raw)

@@ -1,0 +1,173 @@
+"""The agent's link to the overlay: one broker at a time out of a list, with failover,
+jittered exponential backoff, keepalive and batched sends."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import ssl
+from collections.abc import Awaitable, Callable
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from atoll.agent.errors import ConnectionLost
+from atoll.agent.identity import AgentKeys
+from atoll.logs import EventLogger
+from atoll.protocol.errors import AuthError, ProtocolError
+from atoll.protocol.frames import DEFAULT_MAX_MESSAGE, Frame, decode_message
+from atoll.protocol.handshake import ClientHandshake, Welcome
+from atoll.transport import OutQueue
+
+# A broker refusing us for these reasons will refuse again: stop instead of hammering it.
+PERMANENT = frozenset({"revoked", "expired", "token-used", "auth", "version"})
+
+
+class BrokerLink:
+    def __init__(
+        self,
+        urls: list[str],
+        keys: AgentKeys,
+        on_frames: Callable[[list[Frame]], None],
+        on_up: Callable[[], Awaitable[None]],
+        on_down: Callable[[ConnectionLost], None],
+        log: EventLogger,
+        *,
+        max_message: int = DEFAULT_MAX_MESSAGE,
+        ping_interval: float = 10.0,
+        backoff_base: float = 0.05,
+        backoff_max: float = 5.0,
+        open_timeout: float = 5.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        if not urls:
+            raise ValueError("an agent needs at least one broker URL")
+        self.urls = list(urls)
+        self.keys = keys
+        self.on_frames = on_frames
+        self.on_up = on_up
+        self.on_down = on_down
+        self.log = log
+        self.max_message = max_message
+        self.ping_interval = ping_interval
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.open_timeout = open_timeout
+        self.ssl_context = ssl_context
+        self.connected = asyncio.Event()
+        self.url: str | None = None
+        self.welcome: Welcome | None = None
+        self.fatal: AuthError | None = None  # set when a broker refuses us for good
+        self.last_error: str = ""
+        self._out: OutQueue | None = None
+        self._ws: ClientConnection | None = None
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="atoll-broker-link")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._task = None
+
+    def send(self, data: bytes) -> None:
+        out = self._out
+        if out is None or out.closed:
+            raise ConnectionLost(f"not connected to a broker ({self.last_error or 'connecting'})")
+        out.put(data)
+
+    async def room(self) -> None:
+        """Wait while the send queue is above its high-water mark (publisher backpressure)."""
+        if self._out is not None:
+            await self._out.room()
+
+    async def wait_connected(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self.connected.wait(), timeout)
+        except TimeoutError:
+            raise ConnectionLost(
+                f"no broker reachable within {timeout}s ({self.last_error or 'no answer'})"
+            ) from None
+
+    async def _handshake(self, ws: ClientConnection) -> Welcome:
+        hs = ClientHandshake(self.keys.key, self.keys.credential, self.keys.operator_pub)
+
+        async def one() -> Frame:
+            frames = decode_message(await asyncio.wait_for(ws.recv(), self.open_timeout),
+                                    self.max_message)
+            if len(frames) != 1:
+                raise ProtocolError("handshake frames must come alone")
+            return frames[0]
+
+        await ws.send(hs.receive_hello(await one()))
+        return hs.receive_welcome(await one())
+
+    async def _run(self) -> None:
+        failures = 0
+        index = 0
+        while True:
+            url = self.urls[index % len(self.urls)]
+            index += 1
+            try:
+                async with connect(
+                    url,
+                    compression=None,
+                    max_size=self.max_message,
+                    max_queue=64,
+                    open_timeout=self.open_timeout,
+                    ping_interval=self.ping_interval,
+                    ping_timeout=self.ping_interval * 2,
+                    ssl=self.ssl_context if url.startswith("wss:") else None,
+                ) as ws:
+                    self.welcome = await self._handshake(ws)
+                    await self._session(ws, url)
+                    failures = 0
+                    index -= 1  # a broker that served us is tried first again
+            except AuthError as exc:
+                self.last_error = f"{url}: {exc.reason}"
+                self.log.error("agent.auth_refused", url=url, code=exc.code, reason=exc.reason)
+                if exc.code in PERMANENT:
+                    self.fatal = exc
+                    self.on_down(ConnectionLost(exc.reason))
+                    return
+            except (OSError, ConnectionClosed, InvalidHandshake, ProtocolError, TimeoutError,
+                    InvalidURI) as exc:
+                reason = getattr(exc, "reason", "") or str(exc) or type(exc).__name__
+                self.last_error = f"{url}: {reason}"
+                self.log.info("agent.connect_failed", url=url, reason=reason)
+            failures += 1
+            cap = min(self.backoff_max, self.backoff_base * 2 ** min(failures, 16))
+            await asyncio.sleep(random.uniform(cap / 2, cap))
+
+    async def _session(self, ws: ClientConnection, url: str) -> None:
+        assert self.welcome is not None
+        out = OutQueue(ws, min(self.max_message, self.welcome.max_message), 1 << 62, lambda: None)
+        writer = asyncio.create_task(out.run())
+        self._out, self._ws, self.url = out, ws, url
+        self.connected.set()
+        self.log.info("agent.connected", url=url, broker=self.welcome.broker.name)
+        reason = "connection closed"
+        try:
+            await self.on_up()
+            async for data in ws:
+                self.on_frames(decode_message(data, self.max_message))
+        except ProtocolError as exc:
+            reason = f"broker sent a bad frame: {exc.reason}"
+            self.log.warning("agent.bad_frame", url=url, reason=exc.reason)
+        except ConnectionClosed:
+            pass
+        finally:
+            if ws.close_reason:
+                reason = ws.close_reason
+            self.connected.clear()
+            out.close()
+            writer.cancel()
+            self._out = self._ws = None
+            self.last_error = f"{url}: {reason}"
+            self.log.info("agent.disconnected", url=url, reason=reason)
+            self.on_down(ConnectionLost(f"connection to broker {url} lost: {reason}"))

@@ -1,0 +1,156 @@
+"""Plugins: the product features an agent hosts.
+
+A plugin is a class registered under the entry-point group ``atoll.plugins``. It gets a
+``PluginContext`` (its only door to the overlay) and exposes RPC methods marked with ``@rpc``;
+calls to ``agent/plugin`` reach them with the caller's verified identity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, ClassVar
+
+from atoll.agent.node import Agent, Publication, Subscription
+from atoll.logs import EventLogger
+
+ENTRY_POINT_GROUP = "atoll.plugins"
+
+
+def rpc(name: str | None = None) -> Callable:
+    """Mark a plugin method ``async def m(self, params, call)`` as callable over the overlay."""
+
+    def mark(fn: Callable) -> Callable:
+        fn.__atoll_rpc__ = name or fn.__name__  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+class PluginContext:
+    def __init__(
+        self, host: PluginHost, name: str, config: dict[str, Any], data_dir: Path
+    ) -> None:
+        self.host = host
+        self.agent = agent = host.agent
+        self.name = name
+        self.config = config
+        self.data_dir = data_dir
+        self.address = f"{agent.name}/{name}"
+        self.log = EventLogger(f"plugin.{name}", agent=agent.name, tenant=agent.tenant)
+
+    @property
+    def identity(self):
+        return self.agent.ident
+
+    async def rpc(self, dst: str, method: str, params: Any = None,
+                  timeout: float | None = None) -> Any:
+        return await self.agent.call(dst, method, params, timeout, src=self.address)
+
+    async def publish(self, subject: str, data: Any) -> None:
+        await self.agent.publish(subject, data, src=self.address)
+
+    async def subscribe(
+        self, pattern: str, callback: Callable[[Publication], Any] | None = None
+    ) -> Subscription:
+        return await self.agent.subscribe(pattern, callback)
+
+
+class Plugin:
+    name: ClassVar[str] = ""
+
+    def __init__(self) -> None:
+        self.ctx: PluginContext | None = None
+        self.state = "stopped"
+
+    async def start(self, ctx: PluginContext) -> None:
+        self.ctx = ctx
+
+    async def stop(self) -> None:
+        """Release what ``start`` took."""
+
+    def status(self) -> dict[str, Any]:
+        return {}
+
+    def rpc_methods(self) -> dict[str, Callable]:
+        methods = {}
+        for attr in dir(type(self)):
+            fn = getattr(type(self), attr)
+            rpc_name = getattr(fn, "__atoll_rpc__", None)
+            if rpc_name:
+                methods[rpc_name] = getattr(self, attr)
+        return methods
+
+
+def available_plugins() -> dict[str, Any]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+class PluginHost:
+    """Loads, starts, stops and reports on an agent's plugins."""
+
+    def __init__(self, agent: Agent, data_dir: Path) -> None:
+        self.agent = agent
+        self.data_dir = Path(data_dir)
+        self.plugins: dict[str, Plugin] = {}
+        self.errors: dict[str, str] = {}
+        self.log = EventLogger("plugins", agent=agent.name)
+
+    async def add(self, name: str, config: dict[str, Any] | None = None,
+                  plugin: Plugin | None = None) -> Plugin:
+        if name in self.plugins:
+            raise ValueError(f"plugin {name!r} is already loaded")
+        if plugin is None:
+            eps = available_plugins()
+            if name not in eps:
+                raise KeyError(f"no plugin {name!r}; installed: {', '.join(sorted(eps))}")
+            plugin = eps[name].load()()
+        pdir = self.data_dir / "plugins" / name
+        pdir.mkdir(parents=True, exist_ok=True)
+        ctx = PluginContext(self, name, dict(config or {}), pdir)
+        plugin.state = "starting"
+        self.plugins[name] = plugin
+        try:
+            await plugin.start(ctx)
+        except Exception as exc:
+            plugin.state = "failed"
+            self.errors[name] = f"{type(exc).__name__}: {exc}"
+            self.log.error("plugin.start_failed", plugin=name, error=exc, exc_info=True)
+            raise
+        for method, fn in plugin.rpc_methods().items():
+            self.agent.handle(name, method, fn)
+        plugin.state = "running"
+        self.log.info("plugin.started", plugin=name)
+        return plugin
+
+    async def remove(self, name: str) -> None:
+        plugin = self.plugins.pop(name)
+        self.agent.unhandle(name)
+        plugin.state = "stopping"
+        try:
+            await asyncio.wait_for(plugin.stop(), 30)
+        finally:
+            plugin.state = "stopped"
+            self.log.info("plugin.stopped", plugin=name)
+
+    async def stop_all(self) -> None:
+        for name in reversed(list(self.plugins)):
+            try:
+                await self.remove(name)
+            except Exception as exc:
+                self.log.error("plugin.stop_failed", plugin=name, error=exc)
+
+    def statuses(self) -> list[dict[str, Any]]:
+        out = []
+        for name, plugin in self.plugins.items():
+            entry = {"name": name, "state": plugin.state, **plugin.status()}
+            if name in self.errors:
+                entry["error"] = self.errors[name]
+            out.append(entry)
+        return out
+
+
+logging.getLogger("websockets").setLevel(logging.WARNING)

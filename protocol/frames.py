@@ -1,0 +1,193 @@
+"""Wire frames.
+
+A websocket binary message carries one or more concatenated frames; each frame is a msgpack
+array ``[version, type, header, payload]``. The header is a small map of clear routing fields the
+broker needs; the payload is opaque bytes (sealed end to end for MSG and PUB). Every field is
+bounded and type-checked on decode so a hostile peer can only ever cause a ``ProtocolError``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from atoll.protocol.errors import ProtocolError
+
+VERSION = 1
+MAX_HEADER_KEYS = 12
+MAX_STR = 256
+MAX_FRAMES_PER_MESSAGE = 4096
+DEFAULT_MAX_MESSAGE = 8 * 1024 * 1024
+
+
+class FrameType(enum.IntEnum):
+    HELLO = 1  # broker -> agent: version, broker credential, nonce
+    AUTH = 2  # agent -> broker: credential chain, signature over both nonces
+    WELCOME = 3  # broker -> agent: broker's signature, session limits
+    ERROR = 4  # either way: code + reason; fatal ones are followed by a close
+    MSG = 5  # direct message to an agent address; payload sealed with NaCl Box
+    PUB = 6  # publication on a tenant subject; payload sealed with the tenant feed key
+    SUB = 7  # agent -> broker: subscribe sid to a subject pattern
+    UNSUB = 8  # agent -> broker: drop sid
+    KEYREQ = 9  # agent -> broker: ask for a peer's credential (to seal to it)
+    KEYRESP = 10  # broker -> agent: the peer's credential, verified again by the agent
+    REVOKE = 11  # agent -> broker: a tenant-signed revocation to enforce and keep
+    NORESP = 12  # broker -> agent: nothing at that address; header id names the message
+
+
+# Each header field: (python type, bound). Strings are bounded in characters, bytes in length,
+# ints in absolute value.
+_FIELDS: dict[str, tuple[type, int]] = {
+    "id": (int, 2**63),  # sender-chosen message id (NORESP refers to it; mesh de-duplication)
+    "src": (str, MAX_STR),  # sender address, stamped by the broker, never trusted from agents
+    "dst": (str, MAX_STR),  # destination address "agent" or "agent/plugin"
+    "subj": (str, MAX_STR),  # pub/sub subject or pattern
+    "sid": (int, 2**31),  # subscription id, per connection
+    "kid": (int, 2**31),  # tenant feed key id the payload is sealed with
+    "ttl": (int, 64),  # hop limit (mesh)
+    "code": (str, 64),  # error code
+    "reason": (str, 1024),  # human-readable error reason
+    "name": (str, MAX_STR),  # agent name (KEYREQ/KEYRESP)
+    "fatal": (bool, 1),  # the sender closes the connection after this ERROR
+}
+
+_REQUIRED: dict[FrameType, tuple[str, ...]] = {
+    FrameType.HELLO: (),
+    FrameType.AUTH: (),
+    FrameType.WELCOME: (),
+    FrameType.ERROR: ("code", "reason"),
+    FrameType.MSG: ("id", "dst"),
+    FrameType.PUB: ("id", "subj", "kid"),
+    FrameType.SUB: ("sid", "subj"),
+    FrameType.UNSUB: ("sid",),
+    FrameType.KEYREQ: ("name",),
+    FrameType.KEYRESP: ("name",),
+    FrameType.REVOKE: (),
+    FrameType.NORESP: ("id", "dst", "reason"),
+}
+
+
+@dataclass(slots=True)
+class Frame:
+    type: FrameType
+    header: dict[str, Any] = field(default_factory=dict)
+    payload: bytes = b""
+
+    def encode(self) -> bytes:
+        return encode_frame(self.type, self.header, self.payload)
+
+
+def encode_frame(ftype: FrameType, header: dict[str, Any], payload: bytes = b"") -> bytes:
+    return msgpack.packb([VERSION, int(ftype), header, payload], use_bin_type=True)
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError(f"msgpack extension type {code} is not allowed")
+
+
+def _check_header(ftype: FrameType, header: Any) -> dict[str, Any]:
+    if not isinstance(header, dict):
+        raise ProtocolError("frame header must be a map")
+    if len(header) > MAX_HEADER_KEYS:
+        raise ProtocolError("frame header has too many fields")
+    for key, value in header.items():
+        spec = _FIELDS.get(key)
+        if spec is None:
+            raise ProtocolError(f"unknown header field {key!r}")
+        kind, bound = spec
+        if kind is int:
+            if type(value) is not int or not -bound < value < bound:
+                raise ProtocolError(f"header field {key!r} must be an int below {bound}")
+        elif kind is bool:
+            if type(value) is not bool:
+                raise ProtocolError(f"header field {key!r} must be a bool")
+        elif not isinstance(value, kind) or len(value) > bound:
+            raise ProtocolError(f"header field {key!r} must be a {kind.__name__} of <= {bound}")
+    for key in _REQUIRED[ftype]:
+        if key not in header:
+            raise ProtocolError(f"{ftype.name} frame lacks header field {key!r}")
+    return header
+
+
+def decode_message(data: bytes, max_size: int = DEFAULT_MAX_MESSAGE) -> list[Frame]:
+    """Decode every frame of one websocket message; raise ProtocolError on anything off."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ProtocolError("frames travel in binary messages only")
+    if len(data) > max_size:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds the limit of {max_size}")
+    if not data:
+        raise ProtocolError("empty message")
+    unpacker = msgpack.Unpacker(
+        raw=False,
+        use_list=True,
+        strict_map_key=True,
+        max_buffer_size=max(len(data), 1),
+        max_bin_len=max_size,
+        max_str_len=4096,
+        max_array_len=4,
+        max_map_len=MAX_HEADER_KEYS,
+        max_ext_len=0,
+        ext_hook=_no_ext,
+    )
+    frames: list[Frame] = []
+    try:
+        unpacker.feed(data)
+        for obj in unpacker:
+            frames.append(_to_frame(obj))
+            if len(frames) > MAX_FRAMES_PER_MESSAGE:
+                raise ProtocolError("too many frames in one message")
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises a zoo of types on hostile input
+        raise ProtocolError(f"undecodable frame: {type(exc).__name__}") from None
+    if unpacker.tell() != len(data):
+        raise ProtocolError("truncated frame")
+    return frames
+
+
+def _to_frame(obj: Any) -> Frame:
+    if not isinstance(obj, list) or len(obj) != 4:
+        raise ProtocolError("a frame is a 4-element array")
+    version, ftype, header, payload = obj
+    if version != VERSION or type(version) is not int:
+        raise ProtocolError(f"unsupported protocol version {version!r}", code="version")
+    try:
+        ft = FrameType(ftype)
+    except (ValueError, TypeError):
+        raise ProtocolError(f"unknown frame type {ftype!r}") from None
+    if not isinstance(payload, bytes):
+        raise ProtocolError("frame payload must be bytes")
+    return Frame(ft, _check_header(ft, header), payload)
+
+
+def pack(obj: Any) -> bytes:
+    """msgpack for structured payloads inside frames (handshake, sealed bodies)."""
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack_map(data: bytes, what: str, max_size: int = DEFAULT_MAX_MESSAGE) -> dict[str, Any]:
+    """Decode a msgpack map from untrusted bytes, bounded, raising ProtocolError."""
+    if len(data) > max_size:
+        raise ProtocolError(f"{what} exceeds {max_size} bytes")
+    try:
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=max_size,
+            max_str_len=max_size,
+            max_array_len=1024,
+            max_map_len=1024,
+            max_ext_len=0,
+            ext_hook=_no_ext,
+        )
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"undecodable {what}: {type(exc).__name__}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{what} must be a map")
+    return obj

@@ -1,0 +1,133 @@
+"""The session handshake (sans-I/O).
+
+    broker -> agent  HELLO   {v, nonce_b, broker credential, max message size}
+    agent  -> broker AUTH    {agent credential, nonce_a, sig_a}
+    broker -> agent  WELCOME {sig_b, session id}
+
+``sig_a`` signs both nonces and the broker's key, so an AUTH can neither be replayed nor relayed
+to another broker; ``sig_b`` signs both nonces and the agent's key, proving the broker holds the
+key its operator-signed credential names. Each side is a small state machine fed frames.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+
+from atoll.protocol.errors import AuthError, ProtocolError
+from atoll.protocol.frames import VERSION, Frame, FrameType, encode_frame, pack, unpack_map
+from atoll.tenancy.credentials import (
+    AgentIdentity,
+    BrokerIdentity,
+    verify_agent,
+    verify_broker,
+)
+
+NONCE = 32
+AUTH_CONTEXT = b"atoll-auth-v1"
+WELCOME_CONTEXT = b"atoll-welcome-v1"
+
+
+def _expect(frame: Frame, ftype: FrameType) -> dict:
+    if frame.type is FrameType.ERROR:
+        raise AuthError(frame.header.get("reason", "refused"), code=frame.header.get("code"))
+    if frame.type is not ftype:
+        raise ProtocolError(f"expected {ftype.name} during handshake, got {frame.type.name}")
+    return unpack_map(frame.payload, ftype.name, 64 * 1024)
+
+
+def _bytes(msg: dict, field: str, size: int | None = None) -> bytes:
+    value = msg.get(field)
+    if not isinstance(value, bytes) or (size is not None and len(value) != size):
+        raise ProtocolError(f"handshake field {field!r} missing or malformed")
+    return value
+
+
+def _verify(pub: bytes, data: bytes, sig: bytes, who: str) -> None:
+    try:
+        VerifyKey(pub).verify(data, sig)
+    except (BadSignatureError, ValueError, TypeError):
+        raise AuthError(f"{who} signature does not verify") from None
+
+
+@dataclass
+class Welcome:
+    broker: BrokerIdentity
+    session: str
+    max_message: int
+
+
+class ServerHandshake:
+    def __init__(self, key: SigningKey, credential: bytes, operator_pub: bytes, max_message: int):
+        self.key = key
+        self.credential = credential
+        self.operator_pub = operator_pub
+        self.max_message = max_message
+        self.nonce = os.urandom(NONCE)
+        self.agent: AgentIdentity | None = None
+        self._agent_nonce = b""
+
+    def hello(self) -> bytes:
+        body = {"v": VERSION, "nonce": self.nonce, "cred": self.credential, "max": self.max_message}
+        return encode_frame(FrameType.HELLO, {}, pack(body))
+
+    def receive_auth(self, frame: Frame) -> AgentIdentity:
+        """Verify the agent's AUTH; the caller then applies revocation/enrollment policy."""
+        if self.agent is not None:
+            raise ProtocolError("handshake already complete")
+        msg = _expect(frame, FrameType.AUTH)
+        nonce_a = _bytes(msg, "nonce", NONCE)
+        sig = _bytes(msg, "sig", 64)
+        ident = verify_agent(msg.get("cred"), self.operator_pub)
+        _verify(ident.pub, AUTH_CONTEXT + self.nonce + nonce_a + self.key.verify_key.encode(), sig,
+                "agent")
+        self.agent = ident
+        self._agent_nonce = nonce_a
+        return ident
+
+    def welcome(self) -> bytes:
+        if self.agent is None:
+            raise ProtocolError("no verified AUTH yet")
+        data = WELCOME_CONTEXT + self._agent_nonce + self.nonce + self.agent.pub
+        body = {"sig": self.key.sign(data).signature, "session": secrets.token_hex(8)}
+        return encode_frame(FrameType.WELCOME, {}, pack(body))
+
+
+class ClientHandshake:
+    def __init__(self, key: SigningKey, credential: bytes, operator_pub: bytes):
+        self.key = key
+        self.credential = credential
+        self.operator_pub = operator_pub
+        self.nonce = os.urandom(NONCE)
+        self._broker: BrokerIdentity | None = None
+        self._broker_nonce = b""
+        self._max = 0
+
+    def receive_hello(self, frame: Frame) -> bytes:
+        msg = _expect(frame, FrameType.HELLO)
+        if msg.get("v") != VERSION:
+            raise ProtocolError(f"broker speaks protocol version {msg.get('v')!r}", code="version")
+        self._broker_nonce = _bytes(msg, "nonce", NONCE)
+        self._broker = verify_broker(msg.get("cred"), self.operator_pub)
+        max_message = msg.get("max")
+        if type(max_message) is not int or max_message < 1024:
+            raise ProtocolError("broker announced no usable message size")
+        self._max = max_message
+        data = AUTH_CONTEXT + self._broker_nonce + self.nonce + self._broker.pub
+        body = {"cred": self.credential, "nonce": self.nonce, "sig": self.key.sign(data).signature}
+        return encode_frame(FrameType.AUTH, {}, pack(body))
+
+    def receive_welcome(self, frame: Frame) -> Welcome:
+        if self._broker is None:
+            raise ProtocolError("WELCOME before HELLO")
+        msg = _expect(frame, FrameType.WELCOME)
+        data = WELCOME_CONTEXT + self.nonce + self._broker_nonce + self.key.verify_key.encode()
+        _verify(self._broker.pub, data, _bytes(msg, "sig", 64), "broker")
+        session = msg.get("session")
+        if not isinstance(session, str):
+            raise ProtocolError("WELCOME lacks a session id")
+        return Welcome(self._broker, session, self._max)

@@ -1,0 +1,72 @@
+"""Shared fixtures: a real operator data dir, a real broker on a loopback port, real agents."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from atoll.agent.identity import AgentKeys
+from atoll.agent.runtime import AgentRuntime
+from atoll.broker.server import BrokerServer
+from atoll.tenancy.operator import OperatorStore
+
+
+@pytest.fixture
+def operator(tmp_path: Path) -> OperatorStore:
+    op = OperatorStore(tmp_path / "operator")
+    op.init()
+    op.create_tenant("acme")
+    op.create_tenant("globex")
+    return op
+
+
+@pytest.fixture
+async def broker(operator: OperatorStore) -> AsyncIterator[BrokerServer]:
+    server = BrokerServer.from_data_dir(operator.root)
+    await server.start("127.0.0.1", 0)
+    yield server
+    await server.stop()
+
+
+AgentFactory = Callable[..., Awaitable[AgentRuntime]]
+
+
+@pytest.fixture
+async def make_agent(
+    operator: OperatorStore, broker: BrokerServer, tmp_path: Path
+) -> AsyncIterator[AgentFactory]:
+    started: list[AgentRuntime] = []
+
+    async def make(
+        name: str,
+        tenant: str = "acme",
+        roles: tuple[str, ...] = ("agent",),
+        brokers: list[str] | None = None,
+        **options,
+    ) -> AgentRuntime:
+        keys = AgentKeys.issue(operator, tenant, name, list(roles))
+        rt = await AgentRuntime.start(
+            tmp_path / "agents" / tenant / name,
+            brokers or [broker.url],
+            keys=keys,
+            **options,
+        )
+        started.append(rt)
+        return rt
+
+    yield make
+    for rt in reversed(started):
+        await rt.stop()
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll ``check`` until true; bounded in time."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not check():
+        if loop.time() > end:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
