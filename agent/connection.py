@@ -4,12 +4,10 @@ jittered exponential backoff, keepalive and batched sends."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import ssl
 from collections.abc import Awaitable, Callable
-
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from atoll.agent.errors import ConnectionLost
 from atoll.agent.identity import AgentKeys
@@ -18,6 +16,8 @@ from atoll.protocol.errors import AuthError, ProtocolError
 from atoll.protocol.frames import DEFAULT_MAX_MESSAGE, Frame, decode_message
 from atoll.protocol.handshake import ClientHandshake, Welcome
 from atoll.transport import OutQueue
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 # A broker refusing us for these reasons will refuse again: stop instead of hammering it.
 PERMANENT = frozenset({"revoked", "expired", "token-used", "auth", "version"})
@@ -69,10 +69,8 @@ class BrokerLink:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
             self._task = None
 
     def send(self, data: bytes) -> None:
@@ -98,8 +96,9 @@ class BrokerLink:
         hs = ClientHandshake(self.keys.key, self.keys.credential, self.keys.operator_pub)
 
         async def one() -> Frame:
-            frames = decode_message(await asyncio.wait_for(ws.recv(), self.open_timeout),
-                                    self.max_message)
+            frames = decode_message(
+                await asyncio.wait_for(ws.recv(), self.open_timeout), self.max_message
+            )
             if len(frames) != 1:
                 raise ProtocolError("handshake frames must come alone")
             return frames[0]
@@ -135,8 +134,14 @@ class BrokerLink:
                     self.fatal = exc
                     self.on_down(ConnectionLost(exc.reason))
                     return
-            except (OSError, ConnectionClosed, InvalidHandshake, ProtocolError, TimeoutError,
-                    InvalidURI) as exc:
+            except (
+                OSError,
+                ConnectionClosed,
+                InvalidHandshake,
+                ProtocolError,
+                TimeoutError,
+                InvalidURI,
+            ) as exc:
                 reason = getattr(exc, "reason", "") or str(exc) or type(exc).__name__
                 self.last_error = f"{url}: {reason}"
                 self.log.info("agent.connect_failed", url=url, reason=reason)

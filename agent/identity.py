@@ -7,11 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
-from nacl.signing import SigningKey
-
 from atoll.tenancy.credentials import AgentIdentity, EnrollmentToken, verify_agent
 from atoll.tenancy.keys import generate, load_key, read_secret, save_key, write_secret
 from atoll.tenancy.operator import OperatorStore
+from nacl.signing import SigningKey
 
 KEY_FILE = "agent.key"
 IDENTITY_FILE = "identity.msgpack"
@@ -65,6 +64,7 @@ class AgentKeys:
     ) -> AgentKeys:
         """Mint an identity directly with the tenant key (all-in-one hosts, admin tools)."""
         key = generate()
-        cred = operator.agent_credential(tenant, key.verify_key.encode(), name, roles, region,
-                                         ttl_s)
+        cred = operator.agent_credential(
+            tenant, key.verify_key.encode(), name, roles, region, ttl_s
+        )
         return cls(key, cred, operator.operator_pub, operator.tenant(tenant).feed_keys)

@@ -8,6 +8,7 @@ operator key itself), publications with the tenant feed key.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import itertools
 import os
@@ -17,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
-
 from atoll.agent.connection import BrokerLink
 from atoll.agent.errors import (
     AtollError,
@@ -95,8 +95,9 @@ class Subscription:
             try:
                 await self.callback(pub)  # type: ignore[misc]
             except Exception as exc:
-                self.agent.log.error("agent.subscriber_failed", subject=pub.subject, error=exc,
-                                     exc_info=True)
+                self.agent.log.error(
+                    "agent.subscriber_failed", subject=pub.subject, error=exc, exc_info=True
+                )
 
     async def next(self, timeout: float | None = None) -> Publication:
         return await asyncio.wait_for(self.queue.get(), timeout)
@@ -136,8 +137,9 @@ class Agent:
         self._handlers: dict[str, dict[str, Handler]] = {}
         self._subs: dict[int, Subscription] = {}
         self._sub_index = SubjectIndex()
-        self.link = BrokerLink(brokers, keys, self._on_frames, self._on_up, self._on_down,
-                               self.log, **link_options)
+        self.link = BrokerLink(
+            brokers, keys, self._on_frames, self._on_up, self._on_down, self.log, **link_options
+        )
         self.started_at = time.time()
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -241,8 +243,9 @@ class Agent:
 
     def _on_error(self, f: Frame) -> None:
         h = f.header
-        self.log.warning("agent.broker_error", code=h["code"], reason=h["reason"],
-                         fatal=h.get("fatal", False))
+        self.log.warning(
+            "agent.broker_error", code=h["code"], reason=h["reason"], fatal=h.get("fatal", False)
+        )
         name = h.get("name")
         if name is not None:
             fut = self._key_waiters.pop(name, None)
@@ -325,8 +328,9 @@ class Agent:
             self._replay.check(src.partition("/")[0], nonce, sent)
             data = msgpack.unpackb(body, raw=False, strict_map_key=False)
         except ProtocolError as exc:
-            self.log.warning("agent.pub_refused", subject=h["subj"], code=exc.code,
-                             reason=exc.reason)
+            self.log.warning(
+                "agent.pub_refused", subject=h["subj"], code=exc.code, reason=exc.reason
+            )
             return
         except Exception:
             self.log.warning("agent.pub_refused", subject=h["subj"], reason="undecodable body")
@@ -372,10 +376,8 @@ class Agent:
             raise DeadlineExceeded(f"{dst} did not answer {method!r} within {timeout}s") from None
         except asyncio.CancelledError:
             if self.link.connected.is_set():
-                try:
+                with contextlib.suppress(ConnectionLost):
                     self._send_sealed(peer, src or self.name, dst, {"k": "x", "c": call_id})
-                except ConnectionLost:
-                    pass
             raise
         finally:
             self._calls.pop(call_id, None)
@@ -416,19 +418,22 @@ class Agent:
         except asyncio.CancelledError:
             return  # the caller cancelled (or we are stopping): nobody wants an answer
         except TimeoutError:
-            body = {"k": "e", "c": call_id,
-                    "e": DeadlineExceeded(f"{method!r} ran past its deadline").to_wire()}
+            body = {
+                "k": "e",
+                "c": call_id,
+                "e": DeadlineExceeded(f"{method!r} ran past its deadline").to_wire(),
+            }
         except AtollError as exc:
             body = {"k": "e", "c": call_id, "e": exc.to_wire()}
         except Exception as exc:
-            self.log.error("agent.handler_failed", method=method, src=src, error=exc,
-                           exc_info=True)
-            body = {"k": "e", "c": call_id,
-                    "e": InternalError(f"{type(exc).__name__}: {exc}").to_wire()}
-        try:
+            self.log.error("agent.handler_failed", method=method, src=src, error=exc, exc_info=True)
+            body = {
+                "k": "e",
+                "c": call_id,
+                "e": InternalError(f"{type(exc).__name__}: {exc}").to_wire(),
+            }
+        with contextlib.suppress(ConnectionLost):
             self._send_sealed(peer, dst, src, body)
-        except ConnectionLost:
-            pass
 
     # --- pub/sub -------------------------------------------------------------------------------
 

@@ -31,9 +31,7 @@ def rpc(name: str | None = None) -> Callable:
 
 
 class PluginContext:
-    def __init__(
-        self, host: PluginHost, name: str, config: dict[str, Any], data_dir: Path
-    ) -> None:
+    def __init__(self, host: PluginHost, name: str, config: dict[str, Any], data_dir: Path) -> None:
         self.host = host
         self.agent = agent = host.agent
         self.name = name
@@ -46,8 +44,9 @@ class PluginContext:
     def identity(self):
         return self.agent.ident
 
-    async def rpc(self, dst: str, method: str, params: Any = None,
-                  timeout: float | None = None) -> Any:
+    async def rpc(
+        self, dst: str, method: str, params: Any = None, timeout: float | None = None
+    ) -> Any:
         return await self.agent.call(dst, method, params, timeout, src=self.address)
 
     async def publish(self, subject: str, data: Any) -> None:
@@ -99,8 +98,9 @@ class PluginHost:
         self.errors: dict[str, str] = {}
         self.log = EventLogger("plugins", agent=agent.name)
 
-    async def add(self, name: str, config: dict[str, Any] | None = None,
-                  plugin: Plugin | None = None) -> Plugin:
+    async def add(
+        self, name: str, config: dict[str, Any] | None = None, plugin: Plugin | None = None
+    ) -> Plugin:
         if name in self.plugins:
             raise ValueError(f"plugin {name!r} is already loaded")
         if plugin is None:

@@ -103,7 +103,7 @@ class Router:
         claimed = f.header.get("src")
         if claimed is None:
             return s.ident.name
-        agent, plugin = split_address(claimed)
+        agent, _plugin = split_address(claimed)
         if agent != s.ident.name:
             raise ProtocolError(f"source {claimed!r} is not this agent", code="spoofed")
         return claimed

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import ssl
+from collections.abc import Coroutine
 from pathlib import Path
-
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
+from typing import Any
 
 from atoll.broker.identity import BrokerKeys, load_broker_keys
 from atoll.broker.router import Router, error_frame
@@ -20,6 +20,8 @@ from atoll.protocol.handshake import ServerHandshake
 from atoll.tenancy.credentials import AgentIdentity
 from atoll.tenancy.operator import OperatorStore
 from atoll.transport import OutQueue
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
 
 _ids = itertools.count(1)
 
@@ -43,19 +45,17 @@ class _Session:
             "broker.slow_consumer", tenant=self.ident.tenant, agent=self.ident.name
         )
         self.server.router.detach(self)
-        asyncio.ensure_future(self.ws.close(CLOSE_SLOW, "slow consumer: send queue overflow"))
+        self.server.spawn(self.ws.close(CLOSE_SLOW, "slow consumer: send queue overflow"))
 
     def close(self, code: str, reason: str) -> None:
         self.out.put(error_frame(code, reason, fatal=True))
 
         async def _close() -> None:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.out.drained(), 1.0)
-            except TimeoutError:
-                pass
             await self.ws.close(CLOSE_POLICY, reason[:120])
 
-        asyncio.ensure_future(_close())
+        self.server.spawn(_close())
 
 
 class BrokerServer:
@@ -80,8 +80,14 @@ class BrokerServer:
         self.log = EventLogger("broker", broker=keys.name)
         self.router = Router(state, self.log)
         self._server: Server | None = None
+        self._background: set[asyncio.Task] = set()
         self.host = ""
         self.port = 0
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._background.discard)
 
     @classmethod
     def from_data_dir(cls, data_dir: Path, **kw) -> BrokerServer:
@@ -121,8 +127,9 @@ class BrokerServer:
             self._server = None
 
     async def _handshake(self, ws: ServerConnection) -> AgentIdentity:
-        hs = ServerHandshake(self.keys.key, self.keys.credential, self.keys.operator_pub,
-                             self.max_message)
+        hs = ServerHandshake(
+            self.keys.key, self.keys.credential, self.keys.operator_pub, self.max_message
+        )
         await ws.send(hs.hello())
         data = await asyncio.wait_for(ws.recv(), self.handshake_timeout)
         frames = decode_message(data, self.max_message)
@@ -138,8 +145,11 @@ class BrokerServer:
         try:
             ident = await self._handshake(ws)
         except (ProtocolError, TimeoutError) as exc:
-            code, reason = (exc.code, exc.reason) if isinstance(exc, ProtocolError) else (
-                "timeout", "no AUTH in time")
+            code, reason = (
+                (exc.code, exc.reason)
+                if isinstance(exc, ProtocolError)
+                else ("timeout", "no AUTH in time")
+            )
             self.log.warning("broker.auth_refused", peer=peer, code=code, reason=reason)
             try:
                 await ws.send(error_frame(code, reason, fatal=True))

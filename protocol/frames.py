@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
-
 from atoll.protocol.errors import ProtocolError
 
 VERSION = 1

@@ -15,9 +15,6 @@ import os
 import secrets
 from dataclasses import dataclass
 
-from nacl.exceptions import BadSignatureError
-from nacl.signing import SigningKey, VerifyKey
-
 from atoll.protocol.errors import AuthError, ProtocolError
 from atoll.protocol.frames import VERSION, Frame, FrameType, encode_frame, pack, unpack_map
 from atoll.tenancy.credentials import (
@@ -26,6 +23,8 @@ from atoll.tenancy.credentials import (
     verify_agent,
     verify_broker,
 )
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
 
 NONCE = 32
 AUTH_CONTEXT = b"atoll-auth-v1"
@@ -83,8 +82,12 @@ class ServerHandshake:
         nonce_a = _bytes(msg, "nonce", NONCE)
         sig = _bytes(msg, "sig", 64)
         ident = verify_agent(msg.get("cred"), self.operator_pub)
-        _verify(ident.pub, AUTH_CONTEXT + self.nonce + nonce_a + self.key.verify_key.encode(), sig,
-                "agent")
+        _verify(
+            ident.pub,
+            AUTH_CONTEXT + self.nonce + nonce_a + self.key.verify_key.encode(),
+            sig,
+            "agent",
+        )
         self.agent = ident
         self._agent_nonce = nonce_a
         return ident

@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
-from nacl.exceptions import BadSignatureError
-from nacl.signing import SigningKey, VerifyKey
-
 from atoll.protocol.errors import AuthError, ProtocolError
 from atoll.protocol.frames import pack, unpack_map
 from atoll.protocol.subjects import check_name
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
 
 TOKEN_PREFIX = "atoll1."
 CLOCK_SKEW_MS = 120_000
@@ -64,7 +63,7 @@ def open_signed(blob: Any, signer: bytes, kind: str) -> dict[str, Any]:
 
 def _need(claims: dict[str, Any], field: str, kind: type) -> Any:
     value = claims.get(field)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
         raise AuthError(f"claim field {field!r} missing or of the wrong type")
     return value
 
@@ -294,7 +293,9 @@ class Revocation:
     def covers(self, ident: AgentIdentity) -> bool:
         if ident.tenant != self.tenant or ident.iat > self.before:
             return False
-        return (not self.name or self.name == ident.name) and (not self.pub or self.pub == ident.pub)
+        return (not self.name or self.name == ident.name) and (
+            not self.pub or self.pub == ident.pub
+        )
 
 
 def _chain(blob: Any, what: str) -> dict[str, Any]:

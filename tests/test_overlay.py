@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from atoll.agent.errors import (
     AtollError,
     DeadlineExceeded,
@@ -17,7 +16,6 @@ from atoll.agent.errors import (
 
 class QuotaExceeded(AtollError):
     """A plugin's own error type, known to both sides."""
-
 
 
 async def test_rpc_between_agents(make_agent) -> None:
