@@ -58,6 +58,7 @@ class BrokerLink:
         self.url: str | None = None
         self.welcome: Welcome | None = None
         self.fatal: AuthError | None = None  # set when a broker refuses us for good
+        self.refused = asyncio.Event()  # ... and this fires then
         self.last_error: str = ""
         self._out: OutQueue | None = None
         self._ws: ClientConnection | None = None
@@ -85,12 +86,20 @@ class BrokerLink:
             await self._out.room()
 
     async def wait_connected(self, timeout: float) -> None:
-        try:
-            await asyncio.wait_for(self.connected.wait(), timeout)
-        except TimeoutError:
-            raise ConnectionLost(
-                f"no broker reachable within {timeout}s ({self.last_error or 'no answer'})"
-            ) from None
+        """Wait for a session; fail at once if a broker refused this agent for good."""
+        if self.connected.is_set():
+            return
+        waiter = asyncio.create_task(self.connected.wait())
+        pending = {waiter} | ({self._task} if self._task is not None else set())
+        await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if self.connected.is_set():
+            return
+        if self.fatal is not None:
+            raise ConnectionLost(f"broker refused this agent: {self.fatal.reason}")
+        raise ConnectionLost(
+            f"no broker reachable within {timeout}s ({self.last_error or 'no answer'})"
+        )
 
     async def _handshake(self, ws: ClientConnection) -> Welcome:
         hs = ClientHandshake(self.keys.key, self.keys.credential, self.keys.operator_pub)
@@ -132,6 +141,7 @@ class BrokerLink:
                 self.log.error("agent.auth_refused", url=url, code=exc.code, reason=exc.reason)
                 if exc.code in PERMANENT:
                     self.fatal = exc
+                    self.refused.set()
                     self.on_down(ConnectionLost(exc.reason))
                     return
             except (

@@ -203,6 +203,11 @@ class Agent:
         except TimeoutError:
             raise DeadlineExceeded(f"no key for agent {name!r} within {timeout}s") from None
 
+    async def flush(self, timeout: float = 10.0) -> None:
+        """A round trip through the broker: everything sent before has been processed there."""
+        self._peers.pop(self.name, None)
+        await self._peer(self.name, timeout)
+
     def _on_keyresp(self, f: Frame) -> None:
         name = f.header["name"]
         fut = self._key_waiters.pop(name, None)

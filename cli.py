@@ -1,0 +1,364 @@
+"""The ``atoll`` command."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import secrets
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from atoll import logs
+from atoll.agent.config import load_config
+from atoll.agent.errors import AtollError, ConnectionLost
+from atoll.agent.identity import AgentKeys
+from atoll.agent.node import Agent
+from atoll.agent.runtime import AgentRuntime
+from atoll.broker.identity import issue_broker_dir
+from atoll.broker.server import BrokerServer
+from atoll.protocol.errors import ProtocolError
+from atoll.tenancy.credentials import KNOWN_ROLES, EnrollmentToken
+from atoll.tenancy.keys import public_id
+from atoll.tenancy.operator import DEFAULT_TENANT, OperatorStore
+
+app = typer.Typer(help="Atoll: many customised LLMs across islands of GPUs.", no_args_is_help=True)
+tenant_app = typer.Typer(help="Tenants: isolation boundaries with their own keys.")
+token_app = typer.Typer(help="One-time enrollment tokens for agents.")
+agent_app = typer.Typer(help="Join, run and revoke agents.")
+app.add_typer(tenant_app, name="tenant")
+app.add_typer(token_app, name="token")
+app.add_typer(agent_app, name="agent")
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("ATOLL_DATA_DIR", "~/.atoll")).expanduser()
+
+
+DataDir = Annotated[
+    Path,
+    typer.Option(
+        "--data-dir",
+        "-d",
+        help="Operator data dir (env ATOLL_DATA_DIR).",
+        default_factory=default_data_dir,
+    ),
+]
+
+
+def fail(message: str) -> None:
+    err.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(1)
+
+
+def parse_duration(text: str) -> int:
+    """'90s', '30m', '1h', '7d' -> seconds."""
+    m = re.fullmatch(r"(\d+)([smhd]?)", text.strip())
+    if not m:
+        raise typer.BadParameter(f"{text!r} is not a duration like 90s, 30m, 1h, 7d")
+    return int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise typer.BadParameter(f"{text!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def run_async(coro: Any) -> Any:
+    try:
+        return asyncio.run(coro)
+    except (AtollError, ProtocolError) as exc:
+        fail(str(exc))
+    except FileNotFoundError as exc:
+        fail(str(exc))
+
+
+async def wait_for_signal(agent: Agent | None = None) -> None:
+    """Until Ctrl-C/SIGTERM, or until brokers refuse ``agent`` for good (then exit non-zero)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    waits = [asyncio.create_task(stop.wait())]
+    if agent is not None:
+        waits.append(asyncio.create_task(agent.link.refused.wait()))
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for w in waits:
+        w.cancel()
+    if agent is not None and agent.link.fatal is not None:
+        raise ConnectionLost(f"broker refused agent {agent.name}: {agent.link.fatal.reason}")
+
+
+def operator_store(data_dir: Path) -> OperatorStore:
+    op = OperatorStore(data_dir)
+    if not op.initialised:
+        fail(f"{data_dir} is not initialised: run `atoll init --data-dir {data_dir}`")
+    return op
+
+
+# --- operator ------------------------------------------------------------------------------------
+
+
+@app.command()
+def init(data_dir: DataDir) -> None:
+    """Create the operator key and tenant 'default' (idempotent)."""
+    op = OperatorStore(data_dir)
+    made = op.init()
+    pub = public_id(op.operator_pub, "operator")
+    out.print(f"{'initialised' if made else 'already initialised'} {data_dir} (operator {pub})")
+
+
+@tenant_app.command("create")
+def tenant_create(name: str, data_dir: DataDir) -> None:
+    """Create a tenant with its own signing key and feed key."""
+    try:
+        t = operator_store(data_dir).create_tenant(name)
+    except (FileExistsError, ProtocolError) as exc:
+        fail(str(exc))
+    out.print(f"tenant {t.name} ({public_id(t.key.verify_key.encode(), 'tenant')})")
+
+
+@tenant_app.command("list")
+def tenant_list(data_dir: DataDir) -> None:
+    for name in operator_store(data_dir).tenants():
+        out.print(name)
+
+
+@token_app.command("create")
+def token_create(
+    data_dir: DataDir,
+    tenant: Annotated[str, typer.Option(help="Tenant the agent joins.")] = DEFAULT_TENANT,
+    role: Annotated[list[str], typer.Option(help=f"Role(s): {', '.join(sorted(KNOWN_ROLES))}.")] = [
+        "agent"
+    ],  # noqa: B006
+    ttl: Annotated[str, typer.Option(help="How long the token can be redeemed.")] = "1h",
+    region: Annotated[str, typer.Option(help="Region (island) the agent must claim.")] = "",
+    cred_ttl: Annotated[str, typer.Option(help="Lifetime of the credential it yields.")] = "30d",
+) -> None:
+    """Create a one-time enrollment token (a secret: hand it to one operator)."""
+    try:
+        token = operator_store(data_dir).token(
+            tenant, role, parse_duration(ttl), region, parse_duration(cred_ttl)
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    out.print(token.encode(), soft_wrap=True)
+
+
+# --- agents --------------------------------------------------------------------------------------
+
+
+def agent_config_text(name: str, brokers: list[str]) -> str:
+    urls = ", ".join(json.dumps(u) for u in brokers)
+    return (
+        "# Written by `atoll agent join`; run with `atoll agent run --config THIS_FILE`.\n"
+        "[agent]\n"
+        f'name = "{name}"\n'
+        'data_dir = "."  # relative to this file: key, credential, plugin data\n'
+        f"brokers = [{urls}]  # tried in order, with failover\n\n"
+        "[plugins.system]\n"
+    )
+
+
+@agent_app.command("join")
+def agent_join(
+    url: Annotated[str, typer.Argument(help="Broker URL, ws://host:port")],
+    token: Annotated[str, typer.Option(help="Enrollment token from `atoll token create`.")],
+    name: Annotated[str, typer.Option(help="This agent's name in its tenant.")],
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", "-d")] = None,
+) -> None:
+    """Redeem an enrollment token at a broker and write this agent's identity and config."""
+    data_dir = data_dir or default_data_dir() / "agents" / name
+    try:
+        tok = EnrollmentToken.decode(token)
+        keys = AgentKeys.from_token(tok, name)
+    except ProtocolError as exc:
+        fail(f"token refused: {exc.reason}")
+
+    async def redeem() -> None:
+        agent = Agent(keys, [url], backoff_max=0.5)
+        try:
+            await agent.start(wait=10)
+        finally:
+            await agent.stop()
+
+    run_async(redeem())
+    keys.save(data_dir)
+    config = data_dir / "agent.toml"
+    config.write_text(agent_config_text(name, [url]))
+    ident = keys.ident
+    out.print(f"joined tenant {ident.tenant} as {ident.name} ({', '.join(ident.roles)})")
+    out.print(f"run it with: atoll agent run --config {config}")
+
+
+@agent_app.command("run")
+def agent_run(config: Annotated[Path, typer.Option(help="Agent TOML config.")]) -> None:
+    """Run an agent with the plugins its config enables, until Ctrl-C."""
+    try:
+        cfg = load_config(config)
+    except (OSError, ValueError) as exc:
+        fail(f"config {config}: {exc}")
+    logs.setup(cfg.agent.log_level)
+
+    async def main() -> None:
+        rt = await AgentRuntime.start(
+            cfg.agent.data_dir, cfg.agent.brokers, cfg.plugins, call_timeout=cfg.agent.call_timeout
+        )
+        out.print(f"agent {rt.agent.name} connected to {rt.agent.link.url}")
+        try:
+            await wait_for_signal(rt.agent)
+        finally:
+            await rt.stop()
+
+    run_async(main())
+
+
+async def admin_session(op: OperatorStore, tenant: str, brokers: list[str]) -> Agent:
+    """A short-lived admin identity minted with the tenant key, for CLI actions."""
+    keys = AgentKeys.issue(op, tenant, f"cli-{secrets.token_hex(4)}", ["admin"], ttl_s=600)
+    return await Agent(keys, brokers, backoff_max=0.5).start(wait=10)
+
+
+@agent_app.command("revoke")
+def agent_revoke(
+    name: str,
+    data_dir: DataDir,
+    tenant: Annotated[str, typer.Option()] = DEFAULT_TENANT,
+    broker: Annotated[list[str], typer.Option(help="Broker(s) to notify now.")] = [],  # noqa: B006
+) -> None:
+    """Revoke every credential of agent NAME issued so far; brokers cut it off."""
+    op = operator_store(data_dir)
+    blob = op.revoke(tenant, name=name)
+    out.print(f"revoked {name} in tenant {tenant} (kept in {op.tenant_dir(tenant)})")
+
+    async def push() -> None:
+        agent = await admin_session(op, tenant, broker)
+        try:
+            await agent.send_revocation(blob)
+            await agent.flush()  # a round trip: the broker has processed it
+        finally:
+            await agent.stop()
+
+    if broker:
+        run_async(push())
+        out.print(f"brokers notified: {', '.join(broker)}")
+
+
+@app.command()
+def call(
+    address: Annotated[str, typer.Argument(help="agent or agent/plugin")],
+    method: str,
+    data_dir: DataDir,
+    params: Annotated[str, typer.Option(help="JSON parameters.")] = "null",
+    tenant: Annotated[str, typer.Option()] = DEFAULT_TENANT,
+    broker: Annotated[str, typer.Option(help="Broker URL.")] = "ws://127.0.0.1:7400",
+    timeout: Annotated[float, typer.Option()] = 30.0,
+) -> None:
+    """Call an RPC method on an agent and print the JSON result (admin identity)."""
+    op = operator_store(data_dir)
+
+    async def main() -> Any:
+        agent = await admin_session(op, tenant, [broker])
+        try:
+            return await agent.call(address, method, json.loads(params), timeout=timeout)
+        finally:
+            await agent.stop()
+
+    out.print_json(json.dumps(run_async(main()), default=str))
+
+
+# --- brokers and the all-in-one island -----------------------------------------------------------
+
+broker_app = typer.Typer(
+    help="Run a broker, or issue a broker identity for another host.", invoke_without_command=True
+)
+app.add_typer(broker_app, name="broker")
+
+
+@broker_app.callback()
+def broker_run(
+    ctx: typer.Context,
+    data_dir: DataDir,
+    listen: Annotated[str, typer.Option(help="HOST:PORT to listen on.")] = "127.0.0.1:7400",
+) -> None:
+    """Run a broker until Ctrl-C."""
+    if ctx.invoked_subcommand is not None:
+        return
+    host, port = parse_listen(listen)
+    logs.setup()
+
+    async def main() -> None:
+        server = await BrokerServer.from_data_dir(data_dir).start(host, port)
+        out.print(f"broker {server.keys.name} listening on {server.url}")
+        try:
+            await wait_for_signal()
+        finally:
+            await server.stop()
+
+    run_async(main())
+
+
+@broker_app.command("issue")
+def broker_issue(
+    data_dir: DataDir,
+    name: Annotated[str, typer.Option(help="Broker name.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Data dir to create for that broker.")],
+) -> None:
+    """Create a broker key and operator-signed credential to copy to a broker host."""
+    issue_broker_dir(operator_store(data_dir), out_dir, name)
+    out.print(f"broker identity for {name} in {out_dir}: run `atoll broker --data-dir {out_dir}`")
+
+
+ISLAND = "island"
+
+
+@app.command()
+def up(
+    data_dir: DataDir,
+    listen: Annotated[str, typer.Option(help="Broker HOST:PORT.")] = "127.0.0.1:7400",
+) -> None:
+    """Start the all-in-one island: a broker and an agent on this machine."""
+    host, port = parse_listen(listen)
+    logs.setup(os.environ.get("ATOLL_LOG_LEVEL", "WARNING"))
+    op = OperatorStore(data_dir)
+    if op.init():
+        out.print(f"initialised {data_dir}")
+    agent_dir = data_dir / "agents" / ISLAND
+    try:
+        keys = AgentKeys.load(agent_dir)
+    except FileNotFoundError:
+        keys = AgentKeys.issue(op, DEFAULT_TENANT, ISLAND, ["admin", "operator"])
+        keys.save(agent_dir)
+
+    async def main() -> None:
+        server = await BrokerServer.from_data_dir(data_dir).start(host, port)
+        rt = await AgentRuntime.start(agent_dir, [server.url], keys=keys)
+        out.print(f"[bold]atoll island up[/bold] (data dir {data_dir})")
+        out.print(f"  broker   {server.url}")
+        out.print(f"  agent    {rt.agent.name} (tenant {rt.agent.tenant})")
+        out.print("  try      atoll call island ping   |   Ctrl-C to stop")
+        try:
+            await wait_for_signal(rt.agent)
+        finally:
+            await rt.stop()
+            await server.stop()
+            out.print("stopped")
+
+    with contextlib.suppress(KeyboardInterrupt):
+        run_async(main())
+
+
+def main() -> None:  # pragma: no cover - console entry
+    sys.exit(app())
