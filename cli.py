@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-
 from atoll import logs
 from atoll.agent.config import load_config
 from atoll.agent.errors import AtollError, ConnectionLost
@@ -28,6 +26,7 @@ from atoll.protocol.errors import ProtocolError
 from atoll.tenancy.credentials import KNOWN_ROLES, EnrollmentToken
 from atoll.tenancy.keys import public_id
 from atoll.tenancy.operator import DEFAULT_TENANT, OperatorStore
+from rich.console import Console
 
 app = typer.Typer(help="Atoll: many customised LLMs across islands of GPUs.", no_args_is_help=True)
 tenant_app = typer.Typer(help="Tenants: isolation boundaries with their own keys.")
@@ -142,7 +141,7 @@ def token_create(
     tenant: Annotated[str, typer.Option(help="Tenant the agent joins.")] = DEFAULT_TENANT,
     role: Annotated[list[str], typer.Option(help=f"Role(s): {', '.join(sorted(KNOWN_ROLES))}.")] = [
         "agent"
-    ],  # noqa: B006
+    ],
     ttl: Annotated[str, typer.Option(help="How long the token can be redeemed.")] = "1h",
     region: Annotated[str, typer.Option(help="Region (island) the agent must claim.")] = "",
     cred_ttl: Annotated[str, typer.Option(help="Lifetime of the credential it yields.")] = "30d",
