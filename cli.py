@@ -28,6 +28,7 @@ from atoll.tenancy.keys import public_id
 from atoll.tenancy.operator import DEFAULT_TENANT, OperatorStore
 from rich.console import Console
 
+ROLE_NAMES = ", ".join(sorted(KNOWN_ROLES))
 app = typer.Typer(help="Atoll: many customised LLMs across islands of GPUs.", no_args_is_help=True)
 tenant_app = typer.Typer(help="Tenants: isolation boundaries with their own keys.")
 token_app = typer.Typer(help="One-time enrollment tokens for agents.")
@@ -139,9 +140,7 @@ def tenant_list(data_dir: DataDir) -> None:
 def token_create(
     data_dir: DataDir,
     tenant: Annotated[str, typer.Option(help="Tenant the agent joins.")] = DEFAULT_TENANT,
-    role: Annotated[list[str], typer.Option(help=f"Role(s): {', '.join(sorted(KNOWN_ROLES))}.")] = [
-        "agent"
-    ],
+    role: Annotated[list[str] | None, typer.Option(help=f"Role(s): {ROLE_NAMES}.")] = None,
     ttl: Annotated[str, typer.Option(help="How long the token can be redeemed.")] = "1h",
     region: Annotated[str, typer.Option(help="Region (island) the agent must claim.")] = "",
     cred_ttl: Annotated[str, typer.Option(help="Lifetime of the credential it yields.")] = "30d",
@@ -149,7 +148,7 @@ def token_create(
     """Create a one-time enrollment token (a secret: hand it to one operator)."""
     try:
         token = operator_store(data_dir).token(
-            tenant, role, parse_duration(ttl), region, parse_duration(cred_ttl)
+            tenant, role or ["agent"], parse_duration(ttl), region, parse_duration(cred_ttl)
         )
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
