@@ -70,6 +70,10 @@ class BrokerServer:
         ping_interval: float = 20.0,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        if queue_limit < 2 * max_message:
+            # One inbound batch fans out whole into each subscriber's queue; a limit below that
+            # would cut off healthy consumers.
+            raise ValueError("queue_limit must be at least twice max_message")
         self.keys = keys
         self.state = state
         self.max_message = max_message
