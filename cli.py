@@ -360,3 +360,7 @@ def up(
 
 def main() -> None:  # pragma: no cover - console entry
     sys.exit(app())
+
+
+if __name__ == "__main__":
+    main()

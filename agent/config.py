@@ -33,6 +33,14 @@ class AgentSection(BaseModel):
         except ProtocolError as exc:
             raise ValueError(exc.reason) from None
 
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels(cls, v: Any) -> Any:
+        # Labels are matched as strings; let `phi = true` in TOML mean "true".
+        if isinstance(v, dict):
+            return {k: str(x).lower() if isinstance(x, bool) else str(x) for k, x in v.items()}
+        return v
+
     @field_validator("brokers")
     @classmethod
     def _urls(cls, v: list[str]) -> list[str]:

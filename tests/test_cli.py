@@ -1,0 +1,161 @@
+"""The `atoll` command end to end, as separate processes on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from atoll.agent.config import load_config
+
+ATOLL = [sys.executable, "-m", "atoll.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def atoll(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*ATOLL, *args], capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"atoll {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def spawn(*args: str, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([*ATOLL, *args], stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def wait_for_text(path: Path, text: str, timeout: float = 30) -> str:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        content = path.read_text() if path.exists() else ""
+        if text in content:
+            return content
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} not in {path}:\n{path.read_text()}")
+
+
+@pytest.fixture
+def procs():
+    running: list[subprocess.Popen] = []
+    yield running
+    for p in running:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def test_operator_join_run_call_revoke(tmp_path: Path, procs) -> None:
+    op = str(tmp_path / "op")
+    assert "initialised" in atoll("init", "-d", op).stdout
+    assert "already initialised" in atoll("init", "-d", op).stdout
+    atoll("tenant", "create", "acme", "-d", op)
+    dup = atoll("tenant", "create", "acme", "-d", op, check=False)
+    assert dup.returncode == 1 and "already exists" in dup.stderr
+    assert atoll("tenant", "list", "-d", op).stdout.split() == ["acme", "default"]
+    assert (tmp_path / "op" / "operator.key").stat().st_mode & 0o777 == 0o600
+
+    port = free_port()
+    url = f"ws://127.0.0.1:{port}"
+    procs.append(spawn("broker", "-d", op, "--listen", f"127.0.0.1:{port}", log=tmp_path / "b"))
+    wait_for_text(tmp_path / "b", "listening on")
+
+    token = atoll(
+        "token", "create", "-d", op, "--tenant", "acme", "--role", "inference", "--ttl", "10m"
+    ).stdout.strip()
+    agent_dir = tmp_path / "gpu1"
+    joined = atoll("agent", "join", url, "--token", token, "--name", "gpu-1", "-d", str(agent_dir))
+    assert "joined tenant acme as gpu-1 (inference)" in joined.stdout
+    reused = atoll(
+        "agent",
+        "join",
+        url,
+        "--token",
+        token,
+        "--name",
+        "gpu-2",
+        "-d",
+        str(tmp_path / "gpu2"),
+        check=False,
+    )
+    assert reused.returncode == 1 and "enrollment token already used" in reused.stderr
+    assert not (tmp_path / "gpu2" / "identity.msgpack").exists()
+    bad = atoll(
+        "agent",
+        "join",
+        url,
+        "--token",
+        "atoll1.garbage",
+        "--name",
+        "x",
+        "-d",
+        str(tmp_path / "x"),
+        check=False,
+    )
+    assert bad.returncode == 1 and "token refused" in bad.stderr
+
+    agent = spawn("agent", "run", "--config", str(agent_dir / "agent.toml"), log=tmp_path / "a")
+    procs.append(agent)
+    wait_for_text(tmp_path / "a", "connected to")
+    info = atoll("call", "gpu-1", "info", "-d", op, "--tenant", "acme", "--broker", url)
+    assert '"name": "gpu-1"' in info.stdout and '"inference"' in info.stdout
+    other = atoll("call", "gpu-1", "ping", "-d", op, "--broker", url, check=False)
+    assert other.returncode == 1 and "no agent 'gpu-1' in tenant 'default'" in other.stderr
+
+    atoll("agent", "revoke", "gpu-1", "-d", op, "--tenant", "acme", "--broker", url)
+    assert agent.wait(15) == 1  # the agent exits, saying why
+    assert "revoked" in (tmp_path / "a").read_text()
+
+
+def test_up_starts_island_and_stops_on_ctrl_c(tmp_path: Path, procs) -> None:
+    port = free_port()
+    data = tmp_path / "island"
+    up = spawn("up", "-d", str(data), "--listen", f"127.0.0.1:{port}", log=tmp_path / "up")
+    procs.append(up)
+    text = wait_for_text(tmp_path / "up", "Ctrl-C to stop")
+    assert f"ws://127.0.0.1:{port}" in text and "initialised" in text
+    pong = atoll("call", "island", "ping", "-d", str(data), "--broker", f"ws://127.0.0.1:{port}")
+    assert '"pong": true' in pong.stdout
+    up.send_signal(signal.SIGINT)
+    assert up.wait(15) == 0
+    assert "stopped" in (tmp_path / "up").read_text()
+    # A second run reuses the data dir (no re-initialisation).
+    again = spawn("up", "-d", str(data), "--listen", f"127.0.0.1:{port}", log=tmp_path / "up2")
+    procs.append(again)
+    assert "initialised" not in wait_for_text(tmp_path / "up2", "Ctrl-C to stop")
+
+
+def test_config_env_overrides_and_errors(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(
+        '[agent]\nname = "gpu-1"\ndata_dir = "d"\nbrokers = ["ws://a:1"]\n[plugins.system]\n'
+    )
+    env = {
+        "ATOLL_AGENT__BROKERS": '["ws://b:2", "wss://c:3"]',
+        "ATOLL_AGENT__LABELS__PHI": "true",
+        "ATOLL_PLUGINS__INFERENCE__BACKEND": "echo",
+    }
+    loaded = load_config(cfg, env)
+    assert loaded.agent.brokers == ["ws://b:2", "wss://c:3"]
+    assert loaded.agent.labels == {"phi": "true"}
+    assert loaded.agent.data_dir == (tmp_path / "d").resolve()
+    assert loaded.plugins["inference"] == {"backend": "echo"}
+    with pytest.raises(ValueError, match="must start with ws://"):
+        load_config(cfg, {"ATOLL_AGENT__BROKERS": '["http://x"]'})
+    cfg.write_text('[agent]\nname = "Bad Name"\ndata_dir = "d"\nbrokers = ["ws://a:1"]\n')
+    with pytest.raises(ValueError, match="invalid agent name"):
+        load_config(cfg, {})
+    bad = atoll("agent", "run", "--config", str(cfg), check=False)
+    assert bad.returncode == 1 and "invalid agent name" in bad.stderr
+    assert os.environ.get("ATOLL_AGENT__BROKERS") is None
