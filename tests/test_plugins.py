@@ -1,0 +1,70 @@
+"""The plugin host: entry points, lifecycle, per-plugin config and data dir, RPC by address."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from atoll.agent.errors import Forbidden, NoSuchMethod
+from atoll.agent.node import CallInfo
+from atoll.agent.plugins import Plugin, available_plugins, rpc
+
+
+class Counter(Plugin):
+    name = "counter"
+
+    async def start(self, ctx) -> None:
+        await super().start(ctx)
+        self.step = int(ctx.config.get("step", 1))
+        self.file = ctx.data_dir / "count"
+        self.count = int(self.file.read_text()) if self.file.exists() else 0
+
+    async def stop(self) -> None:
+        self.file.write_text(str(self.count))
+
+    def status(self) -> dict[str, Any]:
+        return {"count": self.count}
+
+    @rpc()
+    async def bump(self, params: Any, call: CallInfo) -> int:
+        self.count += self.step
+        await self.ctx.publish(f"counter.{self.ctx.agent.name}", self.count)
+        return self.count
+
+    @rpc("reset")
+    async def reset_(self, params: Any, call: CallInfo) -> int:
+        if not call.caller.has_role("admin"):
+            raise Forbidden(f"{call.caller.name} may not reset")
+        self.count = 0
+        return 0
+
+
+def test_system_plugin_is_an_entry_point() -> None:
+    assert available_plugins()["system"].value == "atoll.agent.system_plugin:SystemPlugin"
+
+
+async def test_plugin_lifecycle_config_and_roles(make_agent) -> None:
+    node = await make_agent("node")
+    user = await make_agent("user")
+    admin = await make_agent("boss", roles=("admin",))
+    await node.host.add("counter", {"step": 5}, plugin=Counter())
+    sub = await user.agent.subscribe("counter.*")
+    await user.agent.flush()
+    assert await user.agent.call("node/counter", "bump") == 5
+    pub = await sub.next(timeout=5)
+    assert (pub.subject, pub.src, pub.data) == ("counter.node", "node/counter", 5)
+    with pytest.raises(Forbidden, match="user may not reset"):
+        await user.agent.call("node/counter", "reset")
+    assert await admin.agent.call("node/counter", "reset") == 0
+    statuses = await user.agent.call("node", "plugins")
+    assert {"name": "counter", "state": "running", "count": 0} in statuses
+    await user.agent.call("node/counter", "bump")
+    await node.host.remove("counter")
+    with pytest.raises(NoSuchMethod):
+        await user.agent.call("node/counter", "bump")
+    # State kept in the plugin's own data dir survives a restart of the plugin.
+    again = await node.host.add("counter", {"step": 1}, plugin=Counter())
+    assert again.count == 5
+    with pytest.raises(KeyError, match="no plugin 'nope'"):
+        await node.host.add("nope")
