@@ -26,6 +26,7 @@ from atoll.protocol.errors import ProtocolError
 from atoll.tenancy.credentials import KNOWN_ROLES, EnrollmentToken
 from atoll.tenancy.keys import public_id
 from atoll.tenancy.operator import DEFAULT_TENANT, OperatorStore
+from atoll.transport import client_tls, server_tls
 from rich.console import Console
 
 ROLE_NAMES = ", ".join(sorted(KNOWN_ROLES))
@@ -158,14 +159,15 @@ def token_create(
 # --- agents --------------------------------------------------------------------------------------
 
 
-def agent_config_text(name: str, brokers: list[str]) -> str:
+def agent_config_text(name: str, brokers: list[str], ca_file: Path | None = None) -> str:
     urls = ", ".join(json.dumps(u) for u in brokers)
+    ca = f"ca_file = {json.dumps(str(ca_file.resolve()))}\n" if ca_file else ""
     return (
         "# Written by `atoll agent join`; run with `atoll agent run --config THIS_FILE`.\n"
         "[agent]\n"
         f'name = "{name}"\n'
         'data_dir = "."  # relative to this file: key, credential, plugin data\n'
-        f"brokers = [{urls}]  # tried in order, with failover\n\n"
+        f"brokers = [{urls}]  # tried in order, with failover\n{ca}\n"
         "[plugins.system]\n"
     )
 
@@ -176,6 +178,7 @@ def agent_join(
     token: Annotated[str, typer.Option(help="Enrollment token from `atoll token create`.")],
     name: Annotated[str, typer.Option(help="This agent's name in its tenant.")],
     data_dir: Annotated[Path | None, typer.Option("--data-dir", "-d")] = None,
+    ca_file: Annotated[Path | None, typer.Option(help="CA bundle for a wss:// broker.")] = None,
 ) -> None:
     """Redeem an enrollment token at a broker and write this agent's identity and config."""
     data_dir = data_dir or default_data_dir() / "agents" / name
@@ -186,7 +189,7 @@ def agent_join(
         fail(f"token refused: {exc.reason}")
 
     async def redeem() -> None:
-        agent = Agent(keys, [url], backoff_max=0.5)
+        agent = Agent(keys, [url], backoff_max=0.5, ssl_context=client_tls(ca_file))
         try:
             await agent.start(wait=10)
         finally:
@@ -195,7 +198,7 @@ def agent_join(
     run_async(redeem())
     keys.save(data_dir)
     config = data_dir / "agent.toml"
-    config.write_text(agent_config_text(name, [url]))
+    config.write_text(agent_config_text(name, [url], ca_file))
     ident = keys.ident
     out.print(f"joined tenant {ident.tenant} as {ident.name} ({', '.join(ident.roles)})")
     out.print(f"run it with: atoll agent run --config {config}")
@@ -211,14 +214,32 @@ def agent_run(config: Annotated[Path, typer.Option(help="Agent TOML config.")]) 
     logs.setup(cfg.agent.log_level)
 
     async def main() -> None:
+        server = None
+        if cfg.broker is not None:  # this agent also runs a broker for its island
+            b = cfg.broker
+            tls = server_tls(b.tls_cert, b.tls_key) if b.tls_cert and b.tls_key else None
+            server = BrokerServer.from_data_dir(
+                cfg.agent.data_dir,
+                max_message=b.max_message,
+                queue_limit=b.queue_limit,
+                ssl_context=tls,
+            )
+            await server.start(*parse_listen(b.listen))
+            out.print(f"broker {server.keys.name} listening on {server.url}")
         rt = await AgentRuntime.start(
-            cfg.agent.data_dir, cfg.agent.brokers, cfg.plugins, call_timeout=cfg.agent.call_timeout
+            cfg.agent.data_dir,
+            cfg.agent.brokers,
+            cfg.plugins,
+            call_timeout=cfg.agent.call_timeout,
+            ssl_context=client_tls(cfg.agent.ca_file),
         )
         out.print(f"agent {rt.agent.name} connected to {rt.agent.link.url}")
         try:
             await wait_for_signal(rt.agent)
         finally:
             await rt.stop()
+            if server is not None:
+                await server.stop()
 
     run_async(main())
 
@@ -290,15 +311,20 @@ def broker_run(
     ctx: typer.Context,
     data_dir: DataDir,
     listen: Annotated[str, typer.Option(help="HOST:PORT to listen on.")] = "127.0.0.1:7400",
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate: serve wss://")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key for --tls-cert")] = None,
 ) -> None:
     """Run a broker until Ctrl-C."""
     if ctx.invoked_subcommand is not None:
         return
     host, port = parse_listen(listen)
+    if (tls_cert is None) != (tls_key is None):
+        fail("--tls-cert and --tls-key go together")
+    tls = server_tls(tls_cert, tls_key) if tls_cert and tls_key else None
     logs.setup()
 
     async def main() -> None:
-        server = await BrokerServer.from_data_dir(data_dir).start(host, port)
+        server = await BrokerServer.from_data_dir(data_dir, ssl_context=tls).start(host, port)
         out.print(f"broker {server.keys.name} listening on {server.url}")
         try:
             await wait_for_signal()

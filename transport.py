@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 
 from websockets.exceptions import ConnectionClosed
 
@@ -91,3 +93,16 @@ class OutQueue:
             pass
         finally:
             self.close()
+
+
+def server_tls(cert: Path, key: Path) -> ssl.SSLContext:
+    """TLS for a broker's wss:// listener."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def client_tls(ca_file: Path | None = None) -> ssl.SSLContext:
+    """TLS for wss:// broker URLs: system trust store, or a private CA bundle."""
+    return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)

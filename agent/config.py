@@ -10,7 +10,7 @@ from typing import Any
 
 from atoll.protocol.errors import ProtocolError
 from atoll.protocol.subjects import check_name
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ENV_PREFIX = "ATOLL_"
 
@@ -23,6 +23,7 @@ class AgentSection(BaseModel):
     brokers: list[str] = Field(min_length=1)
     labels: dict[str, str] = {}
     log_level: str = "INFO"
+    ca_file: Path | None = None  # CA bundle for wss:// brokers with a private CA
     call_timeout: float = Field(30.0, gt=0)
 
     @field_validator("name")
@@ -54,6 +55,15 @@ class BrokerSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     listen: str = "127.0.0.1:7400"
+    tls_cert: Path | None = None  # both set: the broker listens on wss://
+    tls_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> BrokerSection:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("broker tls_cert and tls_key go together")
+        return self
+
     max_message: int = Field(8 * 1024 * 1024, ge=64 * 1024)
     queue_limit: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
 

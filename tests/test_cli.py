@@ -159,3 +159,32 @@ def test_config_env_overrides_and_errors(tmp_path: Path) -> None:
     bad = atoll("agent", "run", "--config", str(cfg), check=False)
     assert bad.returncode == 1 and "invalid agent name" in bad.stderr
     assert os.environ.get("ATOLL_AGENT__BROKERS") is None
+
+
+def test_agent_with_its_own_broker(tmp_path: Path, procs) -> None:
+    """An island whose agent also runs a broker ([broker] in its config), issued by the operator."""
+    op = str(tmp_path / "op")
+    atoll("init", "-d", op)
+    island = tmp_path / "island"
+    atoll("broker", "issue", "-d", op, "--name", "lab-broker", "--out", str(island))
+    port = free_port()
+    url = f"ws://127.0.0.1:{port}"
+    token = atoll("token", "create", "-d", op, "--role", "agent").stdout.strip()
+    # The island's identity comes from a token redeemed at its own broker once it is up: first
+    # run a plain broker from the issued dir to redeem, then the agent with the broker inside.
+    broker = spawn("broker", "-d", str(island), "--listen", f"127.0.0.1:{port}", log=tmp_path / "b")
+    procs.append(broker)
+    assert "lab-broker" in wait_for_text(tmp_path / "b", "listening on")
+    atoll("agent", "join", url, "--token", token, "--name", "lab", "-d", str(island))
+    broker.terminate()
+    broker.wait(10)
+    (island / "agent.toml").write_text(  # join wrote a plain config; add the broker section
+        f'[agent]\nname = "lab"\ndata_dir = "."\nbrokers = ["{url}"]\n'
+        f'[broker]\nlisten = "127.0.0.1:{port}"\n'
+    )
+    agent = spawn("agent", "run", "--config", str(island / "agent.toml"), log=tmp_path / "a")
+    procs.append(agent)
+    text = wait_for_text(tmp_path / "a", "connected to")
+    assert "broker lab-broker listening on" in text
+    pong = atoll("call", "lab", "ping", "-d", op, "--broker", url)
+    assert '"pong": true' in pong.stdout
