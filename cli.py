@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
+
 from atoll import logs
 from atoll.agent.config import load_config
 from atoll.agent.errors import AtollError, ConnectionLost
@@ -27,7 +29,6 @@ from atoll.tenancy.credentials import KNOWN_ROLES, EnrollmentToken
 from atoll.tenancy.keys import public_id
 from atoll.tenancy.operator import DEFAULT_TENANT, OperatorStore
 from atoll.transport import client_tls, server_tls
-from rich.console import Console
 
 ROLE_NAMES = ", ".join(sorted(KNOWN_ROLES))
 app = typer.Typer(help="Atoll: many customised LLMs across islands of GPUs.", no_args_is_help=True)

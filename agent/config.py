@@ -8,9 +8,10 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
 from atoll.protocol.errors import ProtocolError
 from atoll.protocol.subjects import check_name
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ENV_PREFIX = "ATOLL_"
 

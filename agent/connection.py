@@ -9,6 +9,9 @@ import random
 import ssl
 from collections.abc import Awaitable, Callable
 
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
 from atoll.agent.errors import ConnectionLost
 from atoll.agent.identity import AgentKeys
 from atoll.logs import EventLogger
@@ -16,8 +19,6 @@ from atoll.protocol.errors import AuthError, ProtocolError
 from atoll.protocol.frames import DEFAULT_MAX_MESSAGE, Frame, decode_message
 from atoll.protocol.handshake import ClientHandshake, Welcome
 from atoll.transport import OutQueue
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 # A broker refusing us for these reasons will refuse again: stop instead of hammering it.
 PERMANENT = frozenset({"revoked", "expired", "token-used", "auth", "version"})

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
+from nacl.signing import SigningKey
+
 from atoll.tenancy.credentials import AgentIdentity, EnrollmentToken, verify_agent
 from atoll.tenancy.keys import generate, load_key, read_secret, save_key, write_secret
 from atoll.tenancy.operator import OperatorStore
-from nacl.signing import SigningKey
 
 KEY_FILE = "agent.key"
 IDENTITY_FILE = "identity.msgpack"

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+
 from atoll.agent.connection import BrokerLink
 from atoll.agent.errors import (
     AtollError,

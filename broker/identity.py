@@ -6,10 +6,11 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from nacl.signing import SigningKey
+
 from atoll.tenancy.credentials import verify_broker
 from atoll.tenancy.keys import generate, load_key, save_key
 from atoll.tenancy.operator import OperatorStore
-from nacl.signing import SigningKey
 
 
 @dataclass

@@ -10,6 +10,9 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
 from atoll.broker.identity import BrokerKeys, load_broker_keys
 from atoll.broker.router import Router, error_frame
 from atoll.broker.state import BrokerState
@@ -20,8 +23,6 @@ from atoll.protocol.handshake import ServerHandshake
 from atoll.tenancy.credentials import AgentIdentity
 from atoll.tenancy.operator import OperatorStore
 from atoll.transport import OutQueue
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
 
 _ids = itertools.count(1)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+
 from atoll.protocol.errors import ProtocolError
 
 VERSION = 1

@@ -15,6 +15,9 @@ import os
 import secrets
 from dataclasses import dataclass
 
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+
 from atoll.protocol.errors import AuthError, ProtocolError
 from atoll.protocol.frames import VERSION, Frame, FrameType, encode_frame, pack, unpack_map
 from atoll.tenancy.credentials import (
@@ -23,8 +26,6 @@ from atoll.tenancy.credentials import (
     verify_agent,
     verify_broker,
 )
-from nacl.exceptions import BadSignatureError
-from nacl.signing import SigningKey, VerifyKey
 
 NONCE = 32
 AUTH_CONTEXT = b"atoll-auth-v1"

@@ -19,9 +19,10 @@ from collections import OrderedDict
 from typing import Any
 
 import msgpack
-from atoll.protocol.errors import ProtocolError, ReplayError
 from nacl import bindings
 from nacl.exceptions import CryptoError
+
+from atoll.protocol.errors import ProtocolError, ReplayError
 
 NONCE_SIZE = 24
 EPOCH_SIZE = 16

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+
 from atoll.protocol.errors import AuthError, ProtocolError
 from atoll.protocol.frames import pack, unpack_map
 from atoll.protocol.subjects import check_name
-from nacl.exceptions import BadSignatureError
-from nacl.signing import SigningKey, VerifyKey
 
 TOKEN_PREFIX = "atoll1."
 CLOCK_SKEW_MS = 120_000

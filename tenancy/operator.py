@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
+from nacl.signing import SigningKey
+
 from atoll.protocol.subjects import check_name
 from atoll.tenancy import credentials as cred
 from atoll.tenancy.keys import generate, load_key, read_secret, save_key, write_secret
-from nacl.signing import SigningKey
 
 DEFAULT_TENANT = "default"
 

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+
 from atoll.agent.identity import AgentKeys
 from atoll.agent.runtime import AgentRuntime
 from atoll.broker.server import BrokerServer

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from atoll.agent.config import load_config
 
 ATOLL = [sys.executable, "-m", "atoll.cli"]

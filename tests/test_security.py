@@ -7,6 +7,9 @@ import asyncio
 import os
 
 import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
 from atoll.agent.errors import ConnectionLost, DeadlineExceeded
 from atoll.agent.identity import AgentKeys
 from atoll.agent.node import Agent
@@ -17,8 +20,6 @@ from atoll.protocol.handshake import ClientHandshake
 from atoll.tenancy import credentials as cred
 from atoll.tenancy.operator import OperatorStore
 from conftest import eventually
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
 
 SECRET = b"PLAINTEXT-MARKER-7f3a9c"
 

@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from atoll.agent.errors import ConnectionLost
 from atoll.agent.identity import AgentKeys
 from atoll.agent.node import Agent
