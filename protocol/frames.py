@@ -133,9 +133,11 @@ def decode_message(data: bytes, max_size: int = DEFAULT_MAX_MESSAGE) -> list[Fra
         ext_hook=_no_ext,
     )
     frames: list[Frame] = []
+    consumed = 0  # bytes of complete frames: tell() also counts a half-read trailing frame
     try:
         unpacker.feed(data)
         for obj in unpacker:
+            consumed = unpacker.tell()
             frames.append(_to_frame(obj))
             if len(frames) > MAX_FRAMES_PER_MESSAGE:
                 raise ProtocolError("too many frames in one message")
@@ -143,7 +145,7 @@ def decode_message(data: bytes, max_size: int = DEFAULT_MAX_MESSAGE) -> list[Fra
         raise
     except Exception as exc:  # msgpack raises a zoo of types on hostile input
         raise ProtocolError(f"undecodable frame: {type(exc).__name__}") from None
-    if unpacker.tell() != len(data):
+    if consumed != len(data):
         raise ProtocolError("truncated frame")
     return frames
 
@@ -154,9 +156,11 @@ def _to_frame(obj: Any) -> Frame:
     version, ftype, header, payload = obj
     if version != VERSION or type(version) is not int:
         raise ProtocolError(f"unsupported protocol version {version!r}", code="version")
+    if type(ftype) is not int:
+        raise ProtocolError(f"frame type must be an int, not {type(ftype).__name__}")
     try:
         ft = FrameType(ftype)
-    except (ValueError, TypeError):
+    except ValueError:
         raise ProtocolError(f"unknown frame type {ftype!r}") from None
     if not isinstance(payload, bytes):
         raise ProtocolError("frame payload must be bytes")

@@ -113,7 +113,7 @@ class ClientHandshake:
 
     def receive_hello(self, frame: Frame) -> bytes:
         msg = _expect(frame, FrameType.HELLO)
-        if msg.get("v") != VERSION:
+        if type(msg.get("v")) is not int or msg["v"] != VERSION:
             raise ProtocolError(f"broker speaks protocol version {msg.get('v')!r}", code="version")
         self._broker_nonce = _bytes(msg, "nonce", NONCE)
         self._broker = verify_broker(msg.get("cred"), self.operator_pub)

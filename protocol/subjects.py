@@ -47,7 +47,9 @@ def check_subject(subject: str, *, pattern: bool = False, system: bool = False) 
         if i == 0 and tok.startswith("$"):
             if not system:
                 raise ProtocolError(f"subject {subject!r} is reserved for brokers")
-            tok = tok[1:]
+            if not _TOKEN.fullmatch(tok[1:]):  # "$" marks a literal token, never a wildcard
+                raise ProtocolError(f"invalid subject token {tok!r} in {subject!r}")
+            continue
         if pattern and tok == "*":
             continue
         if pattern and tok == ">" and i == len(tokens) - 1:

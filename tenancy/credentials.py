@@ -178,15 +178,21 @@ class EnrollmentToken:
             obj = msgpack.unpackb(raw, raw=False, strict_map_key=False, max_ext_len=0)
             op = obj["op"]
             tclaims = open_signed(obj["tenant"], op, "tenant")
-            grant = open_signed(obj["grant"], tclaims["pub"], "enroll")
-            feed = {int(k): bytes(v) for k, v in obj["feed"].items()}
-            seed = bytes(obj["seed"])
+            grant = _grant_claims(open_signed(obj["grant"], tclaims["pub"], "enroll"))
+            feed = obj["feed"]
+            seed = obj["seed"]
+            if not (isinstance(seed, bytes) and len(seed) == 32):
+                raise AuthError("enrollment token key is malformed")
+            if not feed or not all(
+                type(k) is int and isinstance(v, bytes) and len(v) == 32 for k, v in feed.items()
+            ):
+                raise AuthError("enrollment token feed keys are malformed")
         except AuthError:
             raise
         except Exception:
             raise AuthError("enrollment token is malformed") from None
         _check_time(grant, "enrollment token", now_ms() if now is None else now)
-        if SigningKey(seed).verify_key.encode() != grant.get("pub"):
+        if SigningKey(seed).verify_key.encode() != grant["pub"]:
             raise AuthError("enrollment token key does not match its grant")
         return cls(
             tenant_claim=obj["tenant"],
@@ -196,8 +202,8 @@ class EnrollmentToken:
             feed_keys=feed,
             tenant=tclaims["name"],
             roles=list(grant["roles"]),
-            region=grant.get("region", ""),
-            cred_ttl_s=int(grant.get("cred_ttl", 0)),
+            region=grant["region"],
+            cred_ttl_s=grant["cred_ttl"],
             jti=grant["jti"],
         )
 
@@ -299,6 +305,24 @@ class Revocation:
         )
 
 
+def _grant_claims(grant: dict[str, Any]) -> dict[str, Any]:
+    """Type-check an enrollment grant's fields (a tenant key holder could sign anything)."""
+    for field, kind in (
+        ("iat", int),
+        ("exp", int),
+        ("roles", list),
+        ("region", str),
+        ("cred_ttl", int),
+        ("jti", str),
+        ("pub", bytes),
+        ("tenant", str),
+    ):
+        _need(grant, field, kind)
+    if not all(isinstance(r, str) for r in grant["roles"]) or len(grant["pub"]) != 32:
+        raise AuthError("enrollment grant malformed")
+    return grant
+
+
 def _chain(blob: Any, what: str) -> dict[str, Any]:
     if not isinstance(blob, bytes):
         raise AuthError(f"{what} missing")
@@ -325,11 +349,11 @@ def verify_agent(blob: Any, operator_pub: bytes, now: int | None = None) -> Agen
     grant_id = ""
     grant = None
     if chain.get("grant") is not None:
-        grant = open_signed(chain["grant"], tenant["pub"], "enroll")
-        if grant.get("tenant") != tenant["name"]:
+        grant = _grant_claims(open_signed(chain["grant"], tenant["pub"], "enroll"))
+        if grant["tenant"] != tenant["name"]:
             raise AuthError("enrollment grant is for another tenant")
-        signer = _need(grant, "pub", bytes)
-        grant_id = _need(grant, "jti", str)
+        signer = grant["pub"]
+        grant_id = grant["jti"]
     claims = open_signed(chain.get("agent"), signer, "agent")
     _check_time(claims, "credential", now)
     roles = _need(claims, "roles", list)
@@ -340,9 +364,12 @@ def verify_agent(blob: Any, operator_pub: bytes, now: int | None = None) -> Agen
             raise AuthError("credential does not match its enrollment grant")
         if not (grant["iat"] <= claims["iat"] <= grant["exp"]):
             raise AuthError("credential was minted outside its token's validity", code="expired")
-        if not set(roles) <= set(grant.get("roles", [])):
+        ttl_ms = grant["cred_ttl"] * 1000
+        if ttl_ms and not (claims["exp"] and claims["exp"] - claims["iat"] <= ttl_ms):
+            raise AuthError("credential outlives the lifetime its token allows")
+        if not set(roles) <= set(grant["roles"]):
             raise AuthError("credential claims roles its token did not grant")
-        if grant.get("region") and claims.get("region") != grant["region"]:
+        if grant["region"] and claims.get("region") != grant["region"]:
             raise AuthError("credential claims a region its token did not grant")
     if claims.get("tenant") != tenant["name"]:
         raise AuthError("credential names another tenant")
@@ -360,7 +387,9 @@ def verify_agent(blob: Any, operator_pub: bytes, now: int | None = None) -> Agen
         tenant=tenant["name"],
         roles=tuple(roles),
         region=_need(claims, "region", str),
-        iat=claims["iat"],
+        # The redeemer signs its own claim and so picks its "iat"; the last time the tenant
+        # itself signed is the grant's, which is what revocations must compare against.
+        iat=grant["iat"] if grant is not None else claims["iat"],
         exp=claims["exp"],
         grant=grant_id,
         credential=blob,
