@@ -1,98 +1,366 @@
-"""The send side of a websocket connection, shared by brokers and agents."""
+"""Websocket connections for brokers and agents: websockets' sans-I/O protocol driven straight
+from asyncio protocol callbacks (the shape of python-websockets itself, minus its per-message
+tasks and queues).
+
+Each received message goes to ``on_message`` synchronously from ``data_received``; frames sent
+during one loop iteration are flushed together as one websocket message (as NATS flushes its write
+buffer), which is what makes small-message throughput and latency good from Python.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from websockets.exceptions import ConnectionClosed
+from websockets.client import ClientProtocol
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+from websockets.uri import parse_uri
+
+from atoll.protocol.frames import MAX_FRAMES_PER_MESSAGE
+
+CLOSE_NORMAL = 1000
+CLOSE_POLICY = 1008  # a frame or credential broke the rules
+CLOSE_TOO_BIG = 1009
+CLOSE_TRY_LATER = 1013  # slow consumer
 
 
-class OutQueue:
-    """A bounded send queue drained by one writer task into batched websocket messages.
+class WebSocket(asyncio.Protocol):
+    """One websocket connection.
 
-    Frames queued while a send is in flight go out together in the next message (as NATS
-    flushes its write buffer); that is what makes small-message throughput high. ``put`` never
-    waits: past ``limit`` queued bytes ``on_overflow`` fires (a broker cuts a slow consumer off).
-    Producers that can wait (an agent publishing) await ``room()`` to stay under ``high_water``.
+    ``send`` never waits: frames queue and go out on the next loop iteration. Past ``limit``
+    queued bytes ``on_overflow`` fires (a broker cuts a slow consumer off); producers that can
+    wait (an agent publishing) await ``room()`` to stay under ``high_water``.
     """
 
     def __init__(
         self,
-        ws,
+        protocol: ServerProtocol | ClientProtocol,
+        *,
         max_message: int,
-        limit: int,
-        on_overflow: Callable[[], None],
+        limit: int = 1 << 62,
         high_water: int = 4 * 1024 * 1024,
+        ping_interval: float | None = 20.0,
+        close_timeout: float = 5.0,
+        request: Request | None = None,
     ) -> None:
-        self.ws = ws
+        self.ws = protocol
         self.max_message = max_message
         self.limit = limit
         self.high_water = high_water
-        self.on_overflow = on_overflow
+        self.ping_interval = ping_interval
+        self.close_timeout = close_timeout
+        self._request = request
+        self.on_message: Callable[[bytes | str], None] = self._inbox_put
+        self.on_open: Callable[[WebSocket], None] | None = None
+        self.on_overflow: Callable[[], None] | None = None
+        self.transport: asyncio.Transport | None = None
+        self.peer: object = None
         self.queued = 0
-        self.closed = False
-        self._frames: deque[bytes] = deque()
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._out: deque[bytes] = deque()
+        self._flush_scheduled = False
+        self._paused = False
+        self._fragments: list[bytes] = []
+        self._fragment_text = False
+        self._inbox: asyncio.Queue[bytes | str] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self.opened: asyncio.Future[None] = self._loop.create_future()
+        self.closed: asyncio.Future[None] = self._loop.create_future()
         self._room = asyncio.Event()
         self._room.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._last_seen = self._loop.time()
+        self._timers: list[asyncio.TimerHandle] = []
 
-    def put(self, data: bytes) -> None:
-        if self.closed:
-            return
-        self._frames.append(data)
-        self.queued += len(data)
-        self._idle.clear()
-        self._wake.set()
-        if self.queued > self.high_water:
-            self._room.clear()
-        if self.queued > self.limit:
-            self.close()
-            self.on_overflow()
+    # --- state -----------------------------------------------------------------------------------
 
-    def close(self) -> None:
-        self.closed = True
-        self._frames.clear()
+    @property
+    def open(self) -> bool:
+        return self.ws.state is State.OPEN and not self.closed.done()
+
+    @property
+    def close_code(self) -> int | None:
+        return self.ws.close_code
+
+    @property
+    def close_reason(self) -> str:
+        return self.ws.close_reason or ""
+
+    # --- asyncio.Protocol ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.peer = transport.get_extra_info("peername")
+        if self._request is not None:
+            self.ws.send_request(self._request)  # type: ignore[union-attr]
+            self._write_protocol_data()
+
+    def data_received(self, data: bytes) -> None:
+        self._last_seen = self._loop.time()
+        self.ws.receive_data(data)
+        events = self.ws.events_received()
+        self._write_protocol_data()
+        for event in events:
+            if self.closed.done():
+                break
+            if isinstance(event, Frame):
+                self._frame(event)
+            elif isinstance(event, Request):
+                self._accept(event)
+            elif isinstance(event, Response):
+                self._opened(self.ws.handshake_exc)
+        if self.ws.close_expected():
+            self._close_soon()
+
+    def eof_received(self) -> bool | None:
+        self.ws.receive_eof()
+        self._write_protocol_data()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.ws.receive_eof()
+        for timer in self._timers:
+            timer.cancel()
+        if not self.opened.done():
+            self.opened.set_exception(ConnectionError(f"connection closed during opening: {exc}"))
+            self.opened.exception()  # retrieved here: the opener may already have given up
+        self._out.clear()
         self.queued = 0
-        self._wake.set()
         self._room.set()
         self._idle.set()
+        if not self.closed.done():
+            self.closed.set_result(None)
 
-    async def drained(self) -> None:
-        await self._idle.wait()
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._out:
+            self._flush()
+
+    # --- opening ---------------------------------------------------------------------------------
+
+    def _accept(self, request: Request) -> None:
+        response = self.ws.accept(request)  # type: ignore[union-attr]
+        self.ws.send_response(response)  # type: ignore[union-attr]
+        self._write_protocol_data()
+        if response.status_code == 101:
+            self._opened(None)
+        else:
+            self._close_soon()
+
+    def _opened(self, exc: Exception | None) -> None:
+        if self.opened.done():
+            return
+        if exc is not None:
+            self.opened.set_exception(exc)
+            self._close_soon()
+            return
+        self.opened.set_result(None)
+        if self.ping_interval:
+            self._timers.append(self._loop.call_later(self.ping_interval, self._keepalive))
+        if self.on_open is not None:
+            self.on_open(self)
+
+    def _keepalive(self) -> None:
+        if not self.open:
+            return
+        assert self.ping_interval is not None
+        if self._loop.time() - self._last_seen > 2 * self.ping_interval:
+            self.fail(1011, "keepalive: peer silent")
+            return
+        self.ws.send_ping(os.urandom(4))
+        self._write_protocol_data()
+        self._timers.append(self._loop.call_later(self.ping_interval, self._keepalive))
+
+    # --- receiving -------------------------------------------------------------------------------
+
+    def _frame(self, frame: Frame) -> None:
+        op = frame.opcode
+        if op is Opcode.BINARY or op is Opcode.TEXT:
+            if frame.fin:
+                data = frame.data
+                self.on_message(data.decode("utf-8", "replace") if op is Opcode.TEXT else data)
+                return
+            self._fragments = [frame.data]
+            self._fragment_text = op is Opcode.TEXT
+        elif op is Opcode.CONT:
+            self._fragments.append(frame.data)
+            if frame.fin:
+                data = b"".join(self._fragments)
+                self._fragments = []
+                self.on_message(data.decode("utf-8", "replace") if self._fragment_text else data)
+
+    def _inbox_put(self, message: bytes | str) -> None:
+        self._inbox.put_nowait(message)
+
+    def deliver_to(self, on_message: Callable[[bytes | str], None]) -> None:
+        """Hand messages to ``on_message`` from now on, starting with any ``recv`` left unread."""
+        self.on_message = on_message
+        while not self._inbox.empty():
+            on_message(self._inbox.get_nowait())
+
+    async def recv(self, timeout: float) -> bytes | str:
+        """The next message, for the handshake phase (before ``on_message`` is replaced)."""
+        getter = asyncio.ensure_future(self._inbox.get())
+        done, _ = await asyncio.wait(
+            {getter, self.closed}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if getter in done:
+            return getter.result()
+        getter.cancel()
+        if self.closed.done():
+            raise ConnectionError(f"connection closed: {self.close_reason or 'no reason'}")
+        raise TimeoutError(f"no message within {timeout}s")
+
+    # --- sending ---------------------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        if not self.open:
+            return
+        self._out.append(data)
+        self.queued += len(data)
+        self._idle.clear()
+        if self.queued > self.high_water:
+            self._room.clear()
+            if self.queued > self.limit:
+                self._out.clear()
+                self.queued = 0
+                if self.on_overflow is not None:
+                    self.on_overflow()
+                return
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out = self._out
+        while out and not self._paused and self.open:
+            batch = [out.popleft()]
+            size = len(batch[0])
+            while (
+                out
+                and len(batch) < MAX_FRAMES_PER_MESSAGE
+                and size + len(out[0]) <= self.max_message
+            ):
+                data = out.popleft()
+                batch.append(data)
+                size += len(data)
+            self.queued -= size
+            self.ws.send_binary(b"".join(batch) if len(batch) > 1 else batch[0])
+            self._write_protocol_data()
+        if self.queued <= self.high_water:
+            self._room.set()
+        if not out:
+            self._idle.set()
+
+    def _write_protocol_data(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        for data in self.ws.data_to_send():
+            if data:
+                transport.write(data)
+            elif transport.can_write_eof():
+                transport.write_eof()
+            else:
+                transport.close()
 
     async def room(self) -> None:
         if not self._room.is_set():
             await self._room.wait()
 
-    async def run(self) -> None:
-        frames = self._frames
+    async def drained(self) -> None:
+        await self._idle.wait()
+
+    # --- closing ---------------------------------------------------------------------------------
+
+    def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
+        """Send what is queued, then the close frame; drop the TCP connection if the peer lags."""
+        if self.ws.state is State.OPEN:
+            self._flush()
+            self.ws.send_close(code, reason[:120])
+            self._write_protocol_data()
+        self._close_soon()
+
+    def fail(self, code: int, reason: str) -> None:
+        self._out.clear()
+        self.ws.fail(code, reason[:120])
+        self._write_protocol_data()
+        self._close_soon()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _close_soon(self) -> None:
+        self._timers.append(self._loop.call_later(self.close_timeout, self.abort))
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self.closed)
+
+
+async def serve(
+    on_open: Callable[[WebSocket], None],
+    host: str,
+    port: int,
+    *,
+    max_message: int,
+    limit: int,
+    ping_interval: float | None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> asyncio.Server:
+    """Listen for websocket connections; ``on_open`` gets each one once its handshake is done."""
+    loop = asyncio.get_running_loop()
+
+    def factory() -> WebSocket:
+        # No extensions offered or accepted: compression stays off.
+        ws = WebSocket(
+            ServerProtocol(max_size=max_message),
+            max_message=max_message,
+            limit=limit,
+            ping_interval=ping_interval,
+        )
+        ws.on_open = on_open
+        return ws
+
+    return await loop.create_server(factory, host, port, ssl=ssl_context)
+
+
+async def connect(
+    url: str,
+    *,
+    max_message: int,
+    ping_interval: float | None,
+    open_timeout: float,
+    ssl_context: ssl.SSLContext | None = None,
+) -> WebSocket:
+    uri = parse_uri(url)
+    protocol = ClientProtocol(uri, max_size=max_message)
+    ws = WebSocket(
+        protocol, max_message=max_message, ping_interval=ping_interval, request=protocol.connect()
+    )
+    tls = (ssl_context or client_tls()) if uri.secure else None
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(open_timeout):
+        await loop.create_connection(
+            lambda: ws, uri.host, uri.port, ssl=tls, server_hostname=uri.host if tls else None
+        )
         try:
-            while not self.closed:
-                if not frames:
-                    self._idle.set()
-                    self._wake.clear()
-                    await self._wake.wait()
-                    continue
-                batch = [frames.popleft()]
-                size = len(batch[0])
-                while frames and size + len(frames[0]) <= self.max_message:
-                    data = frames.popleft()
-                    batch.append(data)
-                    size += len(data)
-                self.queued -= size
-                if self.queued <= self.high_water:
-                    self._room.set()
-                await self.ws.send(b"".join(batch) if len(batch) > 1 else batch[0])
-        except ConnectionClosed:
-            pass
-        finally:
-            self.close()
+            await ws.opened
+        except BaseException:
+            ws.abort()
+            raise
+    return ws
 
 
 def server_tls(cert: Path, key: Path) -> ssl.SSLContext:

@@ -4,13 +4,11 @@ jittered exponential backoff, keepalive and batched sends."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import ssl
 from collections.abc import Awaitable, Callable
 
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import InvalidHandshake, InvalidURI
 
 from atoll.agent.errors import ConnectionLost
 from atoll.agent.identity import AgentKeys
@@ -18,7 +16,7 @@ from atoll.logs import EventLogger
 from atoll.protocol.errors import AuthError, ProtocolError
 from atoll.protocol.frames import DEFAULT_MAX_MESSAGE, Frame, decode_message
 from atoll.protocol.handshake import ClientHandshake, Welcome
-from atoll.transport import OutQueue
+from atoll.transport import CLOSE_POLICY, WebSocket, connect
 
 # A broker refusing us for these reasons will refuse again: stop instead of hammering it.
 PERMANENT = frozenset({"revoked", "expired", "token-used", "auth", "version"})
@@ -61,8 +59,7 @@ class BrokerLink:
         self.fatal: AuthError | None = None  # set when a broker refuses us for good
         self.refused = asyncio.Event()  # ... and this fires then
         self.last_error: str = ""
-        self._out: OutQueue | None = None
-        self._ws: ClientConnection | None = None
+        self._ws: WebSocket | None = None
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -71,20 +68,22 @@ class BrokerLink:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            try:
                 await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
             self._task = None
 
     def send(self, data: bytes) -> None:
-        out = self._out
-        if out is None or out.closed:
+        ws = self._ws
+        if ws is None or not ws.open:
             raise ConnectionLost(f"not connected to a broker ({self.last_error or 'connecting'})")
-        out.put(data)
+        ws.send(data)
 
     async def room(self) -> None:
         """Wait while the send queue is above its high-water mark (publisher backpressure)."""
-        if self._out is not None:
-            await self._out.room()
+        if self._ws is not None:
+            await self._ws.room()
 
     async def wait_connected(self, timeout: float) -> None:
         """Wait for a session; fail at once if a broker refused this agent for good."""
@@ -102,18 +101,16 @@ class BrokerLink:
             f"no broker reachable within {timeout}s ({self.last_error or 'no answer'})"
         )
 
-    async def _handshake(self, ws: ClientConnection) -> Welcome:
+    async def _handshake(self, ws: WebSocket) -> Welcome:
         hs = ClientHandshake(self.keys.key, self.keys.credential, self.keys.operator_pub)
 
         async def one() -> Frame:
-            frames = decode_message(
-                await asyncio.wait_for(ws.recv(), self.open_timeout), self.max_message
-            )
+            frames = decode_message(await ws.recv(self.open_timeout), self.max_message)
             if len(frames) != 1:
                 raise ProtocolError("handshake frames must come alone")
             return frames[0]
 
-        await ws.send(hs.receive_hello(await one()))
+        ws.send(hs.receive_hello(await one()))
         return hs.receive_welcome(await one())
 
     async def _run(self) -> None:
@@ -122,21 +119,19 @@ class BrokerLink:
         while True:
             url = self.urls[index % len(self.urls)]
             index += 1
+            ws: WebSocket | None = None
             try:
-                async with connect(
+                ws = await connect(
                     url,
-                    compression=None,
-                    max_size=self.max_message,
-                    max_queue=64,
-                    open_timeout=self.open_timeout,
+                    max_message=self.max_message,
                     ping_interval=self.ping_interval,
-                    ping_timeout=self.ping_interval * 2,
-                    ssl=self.ssl_context if url.startswith("wss:") else None,
-                ) as ws:
-                    self.welcome = await self._handshake(ws)
-                    await self._session(ws, url)
-                    failures = 0
-                    index -= 1  # a broker that served us is tried first again
+                    open_timeout=self.open_timeout,
+                    ssl_context=self.ssl_context,
+                )
+                self.welcome = await self._handshake(ws)
+                await self._session(ws, url)
+                failures = 0
+                index -= 1  # a broker that served us is tried first again
             except AuthError as exc:
                 self.last_error = f"{url}: {exc.reason}"
                 self.log.error("agent.auth_refused", url=url, code=exc.code, reason=exc.reason)
@@ -147,7 +142,7 @@ class BrokerLink:
                     return
             except (
                 OSError,
-                ConnectionClosed,
+                ConnectionError,
                 InvalidHandshake,
                 ProtocolError,
                 TimeoutError,
@@ -156,34 +151,37 @@ class BrokerLink:
                 reason = getattr(exc, "reason", "") or str(exc) or type(exc).__name__
                 self.last_error = f"{url}: {reason}"
                 self.log.info("agent.connect_failed", url=url, reason=reason)
+            finally:
+                if ws is not None:
+                    ws.abort()
             failures += 1
             cap = min(self.backoff_max, self.backoff_base * 2 ** min(failures, 16))
             await asyncio.sleep(random.uniform(cap / 2, cap))
 
-    async def _session(self, ws: ClientConnection, url: str) -> None:
+    def _on_message(self, ws: WebSocket, data: bytes | str) -> None:
+        try:
+            self.on_frames(decode_message(data, self.max_message))
+        except ProtocolError as exc:
+            self.log.warning("agent.bad_frame", reason=exc.reason)
+            ws.close(CLOSE_POLICY, f"bad frame: {exc.reason}")
+        except Exception as exc:  # a bug here must cost a reconnect, never the link itself
+            self.log.error("agent.dispatch_failed", error=exc, exc_info=True)
+            ws.close(1011, "agent failed handling a frame")
+
+    async def _session(self, ws: WebSocket, url: str) -> None:
         assert self.welcome is not None
-        out = OutQueue(ws, min(self.max_message, self.welcome.max_message), 1 << 62, lambda: None)
-        writer = asyncio.create_task(out.run())
-        self._out, self._ws, self.url = out, ws, url
+        ws.max_message = min(self.max_message, self.welcome.max_message)
+        self._ws, self.url = ws, url
         self.connected.set()
+        ws.deliver_to(lambda data: self._on_message(ws, data))
         self.log.info("agent.connected", url=url, broker=self.welcome.broker.name)
-        reason = "connection closed"
         try:
             await self.on_up()
-            async for data in ws:
-                self.on_frames(decode_message(data, self.max_message))
-        except ProtocolError as exc:
-            reason = f"broker sent a bad frame: {exc.reason}"
-            self.log.warning("agent.bad_frame", url=url, reason=exc.reason)
-        except ConnectionClosed:
-            pass
+            await ws.wait_closed()
         finally:
-            if ws.close_reason:
-                reason = ws.close_reason
+            reason = ws.close_reason or "connection closed"
             self.connected.clear()
-            out.close()
-            writer.cancel()
-            self._out = self._ws = None
+            self._ws = None
             self.last_error = f"{url}: {reason}"
             self.log.info("agent.disconnected", url=url, reason=reason)
             self.on_down(ConnectionLost(f"connection to broker {url} lost: {reason}"))

@@ -1,62 +1,111 @@
-"""The broker's asyncio/websockets shell around the sans-I/O handshake and router."""
+"""The broker's asyncio shell around the sans-I/O handshake and router.
+
+Everything runs in protocol callbacks: a frame is decoded, authenticated or routed, and its
+copies queued on the receivers' connections without a task switch.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import ssl
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
-
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
 
 from atoll.broker.identity import BrokerKeys, load_broker_keys
 from atoll.broker.router import Router, error_frame
 from atoll.broker.state import BrokerState
 from atoll.logs import EventLogger
-from atoll.protocol.errors import AuthError, ProtocolError
+from atoll.protocol.errors import ProtocolError
 from atoll.protocol.frames import DEFAULT_MAX_MESSAGE, decode_message
 from atoll.protocol.handshake import ServerHandshake
 from atoll.tenancy.credentials import AgentIdentity
 from atoll.tenancy.operator import OperatorStore
-from atoll.transport import OutQueue
+from atoll.transport import CLOSE_POLICY, CLOSE_TRY_LATER, WebSocket, serve
 
 _ids = itertools.count(1)
 
-# websocket close codes: 1008 policy violation, 1013 try again later (slow consumer)
-CLOSE_POLICY = 1008
-CLOSE_SLOW = 1013
-
 
 class _Session:
-    def __init__(self, ws: ServerConnection, ident: AgentIdentity, server: BrokerServer) -> None:
+    """One agent connection, from HELLO to close."""
+
+    def __init__(self, ws: WebSocket, server: BrokerServer) -> None:
         self.id = next(_ids)
         self.ws = ws
-        self.ident = ident
-        self.subs: dict[int, str] = {}
         self.server = server
-        self.out = OutQueue(ws, server.max_message, server.queue_limit, self._overflow)
-        self.send = self.out.put
+        self.ident: AgentIdentity | None = None
+        self.subs: dict[int, str] = {}
+        self.send = ws.send
+        self.log = server.log
+        self._hs = ServerHandshake(
+            server.keys.key, server.keys.credential, server.keys.operator_pub, server.max_message
+        )
+        ws.on_message = self._on_auth
+        ws.on_overflow = self._overflow
+        ws.send(self._hs.hello())
+        self._auth_timer = asyncio.get_running_loop().call_later(
+            server.handshake_timeout, self._auth_timeout
+        )
+        ws.closed.add_done_callback(self._closed)
+
+    def _refuse(self, code: str, reason: str) -> None:
+        self.send(error_frame(code, reason, fatal=True))
+        self.ws.close(CLOSE_POLICY, reason)
+
+    def _auth_timeout(self) -> None:
+        self.log.warning("broker.auth_refused", peer=self.ws.peer, code="timeout")
+        self._refuse("timeout", "no AUTH in time")
+
+    def _on_auth(self, data: bytes | str) -> None:
+        self._auth_timer.cancel()
+        self.ws.on_message = self._ignore
+        try:
+            frames = decode_message(data, self.server.max_message)
+            if len(frames) != 1:
+                raise ProtocolError("AUTH must come alone")
+            ident = self._hs.receive_auth(frames[0])
+            self.server.state.admit(ident)
+            self.ident = ident
+            self.server.router.attach(self)
+        except ProtocolError as exc:
+            self.log.warning(
+                "broker.auth_refused", peer=self.ws.peer, code=exc.code, reason=exc.reason
+            )
+            self._refuse(exc.code, exc.reason)
+            return
+        self.send(self._hs.welcome())
+        self.log = self.server.log.bind(tenant=ident.tenant, agent=ident.name)
+        self.log.info("broker.agent_connected", peer=self.ws.peer, roles=",".join(ident.roles))
+        self.ws.on_message = self._on_message
+
+    def _ignore(self, data: bytes | str) -> None:
+        """After a refusal, while the close completes."""
+
+    def _on_message(self, data: bytes | str) -> None:
+        try:
+            for frame in decode_message(data, self.server.max_message):
+                self.server.router.handle(self, frame)
+        except ProtocolError as exc:
+            self.log.warning("broker.frame_refused", code=exc.code, reason=exc.reason)
+            self.server.router.detach(self)
+            self.ws.on_message = self._ignore
+            self._refuse(exc.code, exc.reason)
 
     def _overflow(self) -> None:
-        self.server.log.warning(
-            "broker.slow_consumer", tenant=self.ident.tenant, agent=self.ident.name
-        )
+        self.log.warning("broker.slow_consumer")
         self.server.router.detach(self)
-        self.server.spawn(self.ws.close(CLOSE_SLOW, "slow consumer: send queue overflow"))
+        self.ws.on_message = self._ignore
+        self.ws.fail(CLOSE_TRY_LATER, "slow consumer: send queue overflow")
 
     def close(self, code: str, reason: str) -> None:
-        self.out.put(error_frame(code, reason, fatal=True))
+        """Called by the router: tell the agent why, then close."""
+        self.ws.on_message = self._ignore
+        self._refuse(code, reason)
 
-        async def _close() -> None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.out.drained(), 1.0)
-            await self.ws.close(CLOSE_POLICY, reason[:120])
-
-        self.server.spawn(_close())
+    def _closed(self, _: asyncio.Future) -> None:
+        self._auth_timer.cancel()
+        if self.ident is not None:
+            self.server.router.detach(self)
+            self.log.info("broker.agent_disconnected", reason=self.ws.close_reason or "eof")
 
 
 class BrokerServer:
@@ -84,15 +133,10 @@ class BrokerServer:
         self.ssl_context = ssl_context
         self.log = EventLogger("broker", broker=keys.name)
         self.router = Router(state, self.log)
-        self._server: Server | None = None
-        self._background: set[asyncio.Task] = set()
+        self._server: asyncio.Server | None = None
+        self._sessions: set[_Session] = set()
         self.host = ""
         self.port = 0
-
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.create_task(coro)
-        self._background.add(task)  # keep a reference until it is done
-        task.add_done_callback(self._background.discard)
 
     @classmethod
     def from_data_dir(cls, data_dir: Path, **kw) -> BrokerServer:
@@ -108,88 +152,36 @@ class BrokerServer:
         scheme = "wss" if self.ssl_context else "ws"
         return f"{scheme}://{self.host}:{self.port}"
 
+    def _open(self, ws: WebSocket) -> None:
+        session = _Session(ws, self)
+        self._sessions.add(session)
+        ws.closed.add_done_callback(lambda _: self._sessions.discard(session))
+
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> BrokerServer:
         self._server = await serve(
-            self._handle,
+            self._open,
             host,
             port,
-            compression=None,
-            max_size=self.max_message,
-            max_queue=64,
+            max_message=self.max_message,
+            limit=self.queue_limit,
             ping_interval=self.ping_interval,
-            ping_timeout=self.ping_interval * 2,
-            ssl=self.ssl_context,
+            ssl_context=self.ssl_context,
         )
-        sock = next(iter(self._server.sockets))
+        sock = self._server.sockets[0]
         self.host, self.port = sock.getsockname()[:2]
         self.log.info("broker.listening", url=self.url)
         return self
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-
-    async def _handshake(self, ws: ServerConnection) -> AgentIdentity:
-        hs = ServerHandshake(
-            self.keys.key, self.keys.credential, self.keys.operator_pub, self.max_message
-        )
-        await ws.send(hs.hello())
-        data = await asyncio.wait_for(ws.recv(), self.handshake_timeout)
-        frames = decode_message(data, self.max_message)
-        if len(frames) != 1:
-            raise ProtocolError("AUTH must come alone")
-        ident = hs.receive_auth(frames[0])
-        self.state.admit(ident)
-        await ws.send(hs.welcome())
-        return ident
-
-    async def _handle(self, ws: ServerConnection) -> None:
-        peer = ws.remote_address
-        try:
-            ident = await self._handshake(ws)
-        except (ProtocolError, TimeoutError) as exc:
-            code, reason = (
-                (exc.code, exc.reason)
-                if isinstance(exc, ProtocolError)
-                else ("timeout", "no AUTH in time")
-            )
-            self.log.warning("broker.auth_refused", peer=peer, code=code, reason=reason)
-            try:
-                await ws.send(error_frame(code, reason, fatal=True))
-                await ws.close(CLOSE_POLICY, reason[:120])
-            except ConnectionClosed:
-                pass
+        if self._server is None:
             return
-        except ConnectionClosed:
-            return
-        session = _Session(ws, ident, self)
-        try:
-            self.router.attach(session)
-        except AuthError as exc:
-            await ws.send(error_frame(exc.code, exc.reason, fatal=True))
-            await ws.close(CLOSE_POLICY, exc.reason[:120])
-            return
-        log = self.log.bind(tenant=ident.tenant, agent=ident.name)
-        log.info("broker.agent_connected", peer=peer, roles=",".join(ident.roles))
-        writer = asyncio.create_task(session.out.run())
-        try:
-            async for data in ws:
-                for frame in decode_message(data, self.max_message):
-                    self.router.handle(session, frame)
-        except ProtocolError as exc:
-            log.warning("broker.frame_refused", code=exc.code, reason=exc.reason)
-            session.out.closed = True
-            try:
-                await ws.send(error_frame(exc.code, exc.reason, fatal=True))
-                await ws.close(CLOSE_POLICY, exc.reason[:120])
-            except ConnectionClosed:
-                pass
-        except ConnectionClosed:
-            pass
-        finally:
-            self.router.detach(session)
-            session.out.closed = True
-            writer.cancel()
-            log.info("broker.agent_disconnected")
+        self._server.close()
+        sessions = list(self._sessions)
+        for s in sessions:
+            s.ws.close(1001, "broker shutting down")
+        if sessions:
+            await asyncio.wait([s.ws.closed for s in sessions], timeout=2)
+        for s in sessions:
+            s.ws.abort()
+        await self._server.wait_closed()
+        self._server = None
