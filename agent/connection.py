@@ -4,6 +4,7 @@ jittered exponential backoff, keepalive and batched sends."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import ssl
 from collections.abc import Awaitable, Callable
@@ -68,10 +69,8 @@ class BrokerLink:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
             self._task = None
 
     def send(self, data: bytes) -> None:

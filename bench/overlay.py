@@ -9,7 +9,7 @@ event loop instead. ``--profile-dir D`` writes cProfile stats of the atoll clien
 broker child into D (look at them with ``python -m pstats``).
 
     .venv/bin/python bench/overlay.py [--quick] [--only atoll|nats] [--inproc-broker]
-                                      [--profile-dir D] [--core-limits]
+                                      [--profile-dir D]
 """
 
 from __future__ import annotations
@@ -44,11 +44,6 @@ PAYLOAD = os.urandom(128)
 RPC_PARAMS = b"ping"
 PHASE_SLACK_S = 30.0  # warm-up and draining on top of a phase's own time limit
 STALL_S = 2.0  # no delivery for this long after publishing ends: the rest is lost, stop waiting
-# Workaround for a core bug: OutQueue (transport.py) batches queued frames up to max_message
-# bytes but not up to MAX_FRAMES_PER_MESSAGE (4096), which decode_message enforces, so a fast
-# publisher of small frames gets cut off ("too many frames in one message"). 256 KiB holds at
-# most ~1,100 of our ~230-byte PUB frames. ``--core-limits`` runs with the core's default.
-WORKAROUND_MAX_MESSAGE = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -299,22 +294,20 @@ async def stop_process(proc: Process, name: str) -> None:
 
 @contextlib.asynccontextmanager
 async def atoll_broker(
-    op_dir: Path, inproc: bool, limits: dict[str, int], profile: Path | None
+    op_dir: Path, inproc: bool, profile: Path | None
 ) -> AsyncIterator[tuple[str, int | None]]:
     """A broker on a loopback port: a child process by default, else in this event loop.
     Yields its URL and the child's pid."""
     if inproc:
         from atoll.broker.server import BrokerServer
 
-        server = await BrokerServer.from_data_dir(op_dir, **limits).start("127.0.0.1", 0)
+        server = await BrokerServer.from_data_dir(op_dir).start("127.0.0.1", 0)
         try:
             yield server.url, None
         finally:
             await server.stop()
         return
     cmd = [sys.executable, str(HERE), "--broker-child", str(op_dir)]
-    if "max_message" in limits:
-        cmd += ["--max-message", str(limits["max_message"])]
     if profile is not None:
         cmd += ["--child-profile", str(profile)]
     # stdin stays a pipe: the child exits when it closes, so it cannot outlive us
@@ -334,7 +327,7 @@ async def atoll_broker(
         await stop_process(proc, "atoll broker")
 
 
-def broker_child(op_dir: Path, limits: dict[str, int], profile: Path | None) -> None:
+def broker_child(op_dir: Path, profile: Path | None) -> None:
     """``--broker-child``: serve until SIGTERM or until the parent closes our stdin."""
     from atoll.broker.server import BrokerServer
 
@@ -349,7 +342,7 @@ def broker_child(op_dir: Path, limits: dict[str, int], profile: Path | None) -> 
                 stop.set()
 
         loop.add_reader(0, on_stdin)
-        server = await BrokerServer.from_data_dir(op_dir, **limits).start("127.0.0.1", 0)
+        server = await BrokerServer.from_data_dir(op_dir).start("127.0.0.1", 0)
         print(server.port, flush=True)
         try:
             await stop.wait()
@@ -363,9 +356,7 @@ def broker_child(op_dir: Path, limits: dict[str, int], profile: Path | None) -> 
 # --- atoll -------------------------------------------------------------------------------------
 
 
-async def bench_atoll(
-    plan: Plan, inproc: bool, limits: dict[str, int], profile_dir: Path | None
-) -> dict[str, Any]:
+async def bench_atoll(plan: Plan, inproc: bool, profile_dir: Path | None) -> dict[str, Any]:
     from atoll.agent.identity import AgentKeys
     from atoll.agent.node import Agent, CallInfo
     from atoll.tenancy.operator import DEFAULT_TENANT, OperatorStore
@@ -375,13 +366,13 @@ async def bench_atoll(
         op.init()
         broker_prof = profile_dir / "atoll_broker.prof" if profile_dir else None
         client_prof = profile_dir / "atoll_client.prof" if profile_dir else None
-        async with atoll_broker(op.root, inproc, limits, broker_prof) as (url, pid):
+        async with atoll_broker(op.root, inproc, broker_prof) as (url, pid):
             cpu = CpuMeter(pid)
             agents: list[Agent] = []
 
             async def agent(name: str) -> Agent:
                 keys = AgentKeys.issue(op, DEFAULT_TENANT, name, ["agent"])
-                a = Agent(keys, [url], call_timeout=10.0, **limits)
+                a = Agent(keys, [url], call_timeout=10.0)
                 agents.append(a)  # before start: stopped on error too
                 return await a.start(wait=10.0)
 
@@ -581,7 +572,7 @@ async def main(args: argparse.Namespace, profile_dir: Path | None) -> dict[str, 
     t0 = time.perf_counter()
     if args.only in (None, "atoll"):
         log.info("atoll ...")
-        atoll = await bench_atoll(plan, args.inproc_broker, atoll_limits(args), profile_dir)
+        atoll = await bench_atoll(plan, args.inproc_broker, profile_dir)
         result |= {
             "rpc_p50_us": round(atoll["rpc"]["p50_us"], 1),
             "rpc_p99_us": round(atoll["rpc"]["p99_us"], 1),
@@ -612,13 +603,9 @@ async def main(args: argparse.Namespace, profile_dir: Path | None) -> dict[str, 
             },
         }
     result["detail"] = {"atoll": atoll, "nats": nats_r, "plan": vars(plan)}
-    result["env"] = environment(args.inproc_broker) | {"atoll_limits": atoll_limits(args)}
+    result["env"] = environment(args.inproc_broker)
     result["bench_s"] = round(time.perf_counter() - t0, 2)
     return result
-
-
-def atoll_limits(args: argparse.Namespace) -> dict[str, int]:
-    return {} if args.core_limits else {"max_message": WORKAROUND_MAX_MESSAGE}
 
 
 def parse_args() -> argparse.Namespace:
@@ -627,12 +614,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--only", choices=["atoll", "nats"], help="run one side only")
     p.add_argument("--inproc-broker", action="store_true", help="atoll broker in this process")
     p.add_argument("--profile-dir", help="write cProfile stats of the atoll side here")
-    p.add_argument(
-        "--core-limits", action="store_true", help="no max_message workaround (see top of file)"
-    )
     p.add_argument("--broker-child", help=argparse.SUPPRESS)  # internal: run a broker
     p.add_argument("--child-profile", help=argparse.SUPPRESS)
-    p.add_argument("--max-message", type=int, help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -650,7 +633,6 @@ if __name__ == "__main__":
     if args.broker_child:
         broker_child(
             Path(args.broker_child),
-            {"max_message": args.max_message} if args.max_message else {},
             Path(args.child_profile) if args.child_profile else None,
         )
         sys.exit(0)

@@ -47,8 +47,9 @@ class Router:
         self.state = state
         self.log = log or EventLogger("broker")
         self._tenants: dict[str, _TenantSpace] = {}
-        # Test/debug hook seeing every frame an agent sends, before routing.
-        self.tap: Callable[[Session, Frame], None] | None = None
+        # Test/debug hook seeing every frame an agent sends, before routing; a Frame it returns
+        # is routed instead (a test playing a compromised broker).
+        self.tap: Callable[[Session, Frame], Frame | None] | None = None
         self._handlers = {
             FrameType.MSG: self._msg,
             FrameType.PUB: self._pub,
@@ -93,7 +94,7 @@ class Router:
     def handle(self, s: Session, f: Frame) -> None:
         """Route one frame. Raises ProtocolError for misuse that must close the connection."""
         if self.tap is not None:
-            self.tap(s, f)
+            f = self.tap(s, f) or f
         handler = self._handlers.get(f.type)
         if handler is None:
             raise ProtocolError(f"agents may not send {f.type.name} frames")
@@ -117,8 +118,12 @@ class Router:
             reason = f"no agent {agent!r} in tenant {s.ident.tenant!r}"
             s.send(encode_frame(FrameType.NORESP, {"id": h["id"], "dst": dst, "reason": reason}))
             return
-        out = {"id": h["id"], "src": self._src(s, f), "dst": dst}
-        target.send(encode_frame(FrameType.MSG, out, f.payload))
+        src = self._src(s, f)
+        if f.raw and len(h) == 3 and "src" in h:  # exactly what goes out: forward the bytes
+            target.send(f.raw)
+        else:
+            target.send(encode_frame(FrameType.MSG, {"id": h["id"], "src": src, "dst": dst},
+                                     f.payload))
 
     def _pub(self, s: Session, f: Frame) -> None:
         h = f.header
@@ -131,8 +136,12 @@ class Router:
         receivers = self._tenants[s.ident.tenant].subs.match(subject)
         if not receivers:
             return
-        out = {"id": h["id"], "src": self._src(s, f), "subj": subject, "kid": h["kid"]}
-        data = encode_frame(FrameType.PUB, out, f.payload)
+        src = self._src(s, f)
+        if f.raw and len(h) == 4 and "src" in h:
+            data = f.raw
+        else:
+            out = {"id": h["id"], "src": src, "subj": subject, "kid": h["kid"]}
+            data = encode_frame(FrameType.PUB, out, f.payload)
         for target in dict.fromkeys(receivers):  # one copy per connection, however many subs
             target.send(data)  # type: ignore[attr-defined]
 

@@ -75,13 +75,18 @@ class Frame:
     type: FrameType
     header: dict[str, Any] = field(default_factory=dict)
     payload: bytes = b""
+    raw: bytes = field(default=b"", compare=False, repr=False)  # as received, to forward as is
 
     def encode(self) -> bytes:
         return encode_frame(self.type, self.header, self.payload)
 
 
+_pack = msgpack.Packer(use_bin_type=True).pack  # one packer: the event loop is single-threaded
+_TYPES = {int(t): t for t in FrameType}
+
+
 def encode_frame(ftype: FrameType, header: dict[str, Any], payload: bytes = b"") -> bytes:
-    return msgpack.packb([VERSION, int(ftype), header, payload], use_bin_type=True)
+    return _pack([VERSION, ftype, header, payload])
 
 
 def _no_ext(code: int, data: bytes) -> Any:
@@ -89,7 +94,7 @@ def _no_ext(code: int, data: bytes) -> Any:
 
 
 def _check_header(ftype: FrameType, header: Any) -> dict[str, Any]:
-    if not isinstance(header, dict):
+    if type(header) is not dict:
         raise ProtocolError("frame header must be a map")
     if len(header) > MAX_HEADER_KEYS:
         raise ProtocolError("frame header has too many fields")
@@ -98,18 +103,29 @@ def _check_header(ftype: FrameType, header: Any) -> dict[str, Any]:
         if spec is None:
             raise ProtocolError(f"unknown header field {key!r}")
         kind, bound = spec
-        if kind is int:
-            if type(value) is not int or not -bound < value < bound:
-                raise ProtocolError(f"header field {key!r} must be an int below {bound}")
-        elif kind is bool:
-            if type(value) is not bool:
-                raise ProtocolError(f"header field {key!r} must be a bool")
-        elif not isinstance(value, kind) or len(value) > bound:
-            raise ProtocolError(f"header field {key!r} must be a {kind.__name__} of <= {bound}")
+        if type(value) is kind:  # exact types: msgpack yields no subclasses
+            if kind is int:
+                if -bound < value < bound:
+                    continue
+            elif kind is bool or len(value) <= bound:
+                continue
+        raise ProtocolError(f"header field {key!r} must be a {kind.__name__} within {bound}")
     for key in _REQUIRED[ftype]:
         if key not in header:
             raise ProtocolError(f"{ftype.name} frame lacks header field {key!r}")
     return header
+
+
+_LIMITS: dict[str, Any] = {
+    "raw": False,
+    "use_list": True,
+    "strict_map_key": True,
+    "max_str_len": 4096,
+    "max_array_len": 4,
+    "max_map_len": MAX_HEADER_KEYS,
+    "max_ext_len": 0,
+    "ext_hook": _no_ext,
+}
 
 
 def decode_message(data: bytes, max_size: int = DEFAULT_MAX_MESSAGE) -> list[Frame]:
@@ -120,25 +136,23 @@ def decode_message(data: bytes, max_size: int = DEFAULT_MAX_MESSAGE) -> list[Fra
         raise ProtocolError(f"message of {len(data)} bytes exceeds the limit of {max_size}")
     if not data:
         raise ProtocolError("empty message")
-    unpacker = msgpack.Unpacker(
-        raw=False,
-        use_list=True,
-        strict_map_key=True,
-        max_buffer_size=max(len(data), 1),
-        max_bin_len=max_size,
-        max_str_len=4096,
-        max_array_len=4,
-        max_map_len=MAX_HEADER_KEYS,
-        max_ext_len=0,
-        ext_hook=_no_ext,
-    )
+    try:  # the common case, one frame per message, without building an Unpacker
+        obj = msgpack.unpackb(data, max_bin_len=max_size, **_LIMITS)
+    except Exception:  # several frames (ExtraData) or bad input: the careful path says which
+        return _decode_many(data, max_size)
+    return [_to_frame(obj, bytes(data))]
+
+
+def _decode_many(data: bytes, max_size: int) -> list[Frame]:
+    unpacker = msgpack.Unpacker(max_buffer_size=max(len(data), 1), max_bin_len=max_size,
+                                **_LIMITS)
     frames: list[Frame] = []
     consumed = 0  # bytes of complete frames: tell() also counts a half-read trailing frame
     try:
         unpacker.feed(data)
         for obj in unpacker:
-            consumed = unpacker.tell()
-            frames.append(_to_frame(obj))
+            start, consumed = consumed, unpacker.tell()
+            frames.append(_to_frame(obj, bytes(data[start:consumed])))
             if len(frames) > MAX_FRAMES_PER_MESSAGE:
                 raise ProtocolError("too many frames in one message")
     except ProtocolError:
@@ -150,26 +164,23 @@ def decode_message(data: bytes, max_size: int = DEFAULT_MAX_MESSAGE) -> list[Fra
     return frames
 
 
-def _to_frame(obj: Any) -> Frame:
-    if not isinstance(obj, list) or len(obj) != 4:
+def _to_frame(obj: Any, raw: bytes) -> Frame:
+    if type(obj) is not list or len(obj) != 4:
         raise ProtocolError("a frame is a 4-element array")
     version, ftype, header, payload = obj
     if version != VERSION or type(version) is not int:
         raise ProtocolError(f"unsupported protocol version {version!r}", code="version")
-    if type(ftype) is not int:
-        raise ProtocolError(f"frame type must be an int, not {type(ftype).__name__}")
-    try:
-        ft = FrameType(ftype)
-    except ValueError:
-        raise ProtocolError(f"unknown frame type {ftype!r}") from None
-    if not isinstance(payload, bytes):
+    ft = _TYPES.get(ftype) if type(ftype) is int else None
+    if ft is None:
+        raise ProtocolError(f"unknown frame type {ftype!r}")
+    if type(payload) is not bytes:
         raise ProtocolError("frame payload must be bytes")
-    return Frame(ft, _check_header(ft, header), payload)
+    return Frame(ft, _check_header(ft, header), payload, raw)
 
 
 def pack(obj: Any) -> bytes:
     """msgpack for structured payloads inside frames (handshake, sealed bodies)."""
-    return msgpack.packb(obj, use_bin_type=True)
+    return _pack(obj)
 
 
 def unpack_map(data: bytes, what: str, max_size: int = DEFAULT_MAX_MESSAGE) -> dict[str, Any]:

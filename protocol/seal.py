@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections import OrderedDict
 from typing import Any
 
 import msgpack
@@ -23,6 +22,7 @@ from nacl import bindings
 from nacl.exceptions import CryptoError
 
 from atoll.protocol.errors import ProtocolError, ReplayError
+from atoll.protocol.frames import pack
 
 NONCE_SIZE = 24
 EPOCH_SIZE = 16
@@ -51,7 +51,7 @@ class Sealer:
         self._counter += 1
         nonce = self.epoch + self._counter.to_bytes(8, "big")
         sent = int(time.time() * 1000) if now_ms is None else now_ms
-        plain = msgpack.packb([src, to, sent, body], use_bin_type=True)
+        plain = pack([src, to, sent, body])
         return nonce + bindings.crypto_secretbox(plain, nonce, key)
 
 
@@ -84,29 +84,32 @@ def open_sealed(key: bytes, data: bytes, src: str, to: str) -> tuple[bytes, int,
 class ReplayGuard:
     """Rejects envelopes seen before (per sender and epoch, sliding window) or too old."""
 
+    _MASK = (1 << WINDOW) - 1
+
     def __init__(self, max_age_ms: int = MAX_AGE_MS, max_epochs: int = 65536) -> None:
         self.max_age_ms = max_age_ms
         self.max_epochs = max_epochs
-        self._state: OrderedDict[tuple[Any, bytes], list[int]] = OrderedDict()
+        # Insertion-ordered: when full, the oldest epoch goes (a replay into it is then refused
+        # as unknown-and-old only if it is also past max_age; epochs are per process start).
+        self._state: dict[tuple[Any, bytes], list[int]] = {}
 
     def check(self, sender: Any, nonce: bytes, sent_ms: int, now_ms: int | None = None) -> None:
         now = int(time.time() * 1000) if now_ms is None else now_ms
         if abs(now - sent_ms) > self.max_age_ms:
             raise ReplayError(f"envelope sent {abs(now - sent_ms)} ms from now: outside the window")
-        key = (sender, bytes(nonce[:EPOCH_SIZE]))
+        key = (sender, nonce[:EPOCH_SIZE])
         counter = int.from_bytes(nonce[EPOCH_SIZE:], "big")
         st = self._state.get(key)
         if st is None:
             if len(self._state) >= self.max_epochs:
-                self._state.popitem(last=False)
+                del self._state[next(iter(self._state))]
             self._state[key] = [counter, 1]
             return
-        self._state.move_to_end(key)
         high, mask = st
         if counter > high:
             shift = counter - high
             st[0] = counter
-            st[1] = ((mask << shift) | 1) & ((1 << WINDOW) - 1) if shift < WINDOW else 1
+            st[1] = ((mask << shift) | 1) & self._MASK if shift < WINDOW else 1
         elif high - counter >= WINDOW:
             raise ReplayError("envelope too far behind the replay window")
         else:

@@ -24,20 +24,44 @@ def check_name(name: str, what: str = "name") -> str:
     return name
 
 
+# Valid results only, bounded: addresses and subjects repeat on every message of a hot path.
+_CACHE_LIMIT = 65536
+_addresses: dict[str, tuple[str, str | None]] = {}
+_subjects: dict[tuple[str, bool, bool], list[str]] = {}
+
+
+def _remember(cache: dict, key: object, value: object) -> None:
+    if len(cache) >= _CACHE_LIMIT:
+        cache.clear()
+    cache[key] = value
+
+
 def split_address(address: str) -> tuple[str, str | None]:
     """``agent`` or ``agent/plugin`` -> (agent, plugin or None)."""
-    if not isinstance(address, str):
+    if type(address) is not str:
         raise ProtocolError("address must be a string")
+    hit = _addresses.get(address)
+    if hit is not None:
+        return hit
     agent, sep, plugin = address.partition("/")
     check_name(agent, "agent name")
-    if sep:
-        check_name(plugin, "plugin name")
-        return agent, plugin
-    return agent, None
+    result = (agent, check_name(plugin, "plugin name") if sep else None)
+    _remember(_addresses, address, result)
+    return result
 
 
 def check_subject(subject: str, *, pattern: bool = False, system: bool = False) -> list[str]:
     """Validate a subject (or, with ``pattern``, a subscription pattern); return its tokens."""
+    if type(subject) is str:
+        hit = _subjects.get((subject, pattern, system))
+        if hit is not None:
+            return hit
+    tokens = _check_subject(subject, pattern, system)
+    _remember(_subjects, (subject, pattern, system), tokens)
+    return tokens
+
+
+def _check_subject(subject: str, pattern: bool, system: bool) -> list[str]:
     if not isinstance(subject, str) or not subject or len(subject) > MAX_SUBJECT:
         raise ProtocolError(f"subject must be 1-{MAX_SUBJECT} characters")
     tokens = subject.split(".")

@@ -265,6 +265,7 @@ def test_valid_frames_round_trip(specs: list[tuple[FrameType, dict[str, Any], by
     data = b"".join(encode_frame(t, h, p) for t, h, p in specs)
     frames = decode_message(data)
     assert frames == [Frame(t, h, p) for t, h, p in specs]
+    assert [f.raw for f in frames] == [encode_frame(t, h, p) for t, h, p in specs]
     for f in frames:
         assert_frame_within_spec(f)
         assert Frame(f.type, f.header, f.payload).encode() == encode_frame(

@@ -90,11 +90,12 @@ async def test_tampering_broker_is_detected(broker, make_agent) -> None:
     b.agent.handle("test", "count", count)
     await a.agent.call("beta/test", "count", 0)  # keys exchanged, then the broker turns bad
 
-    def tamper(session, frame: Frame) -> None:
+    def tamper(session, frame: Frame) -> Frame | None:
         if frame.type is FrameType.MSG and frame.header["dst"] == "beta/test":
             payload = bytearray(frame.payload)
             payload[-1] ^= 0x01
-            frame.payload = bytes(payload)
+            return Frame(frame.type, frame.header, bytes(payload))
+        return None
 
     broker.router.tap = tamper
     with pytest.raises(DeadlineExceeded):
@@ -142,9 +143,10 @@ async def test_misrouted_payload_is_rejected(broker, make_agent) -> None:
     b.agent.handle("p2", "go", two)
     await a.agent.call("beta/p1", "go")
 
-    def relabel(session, frame: Frame) -> None:
+    def relabel(session, frame: Frame) -> Frame | None:
         if frame.type is FrameType.MSG and frame.header["dst"] == "beta/p1":
-            frame.header["dst"] = "beta/p2"
+            return Frame(frame.type, {**frame.header, "dst": "beta/p2"}, frame.payload)
+        return None
 
     broker.router.tap = relabel
     with pytest.raises(DeadlineExceeded):
