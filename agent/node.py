@@ -80,9 +80,16 @@ class Subscription:
     dropped: int = 0
     _task: asyncio.Task | None = None
 
+    def __post_init__(self) -> None:
+        self._sync = self.callback is not None and not inspect.iscoroutinefunction(self.callback)
+
     def _deliver(self, pub: Publication) -> None:
-        if self.callback is not None and not inspect.iscoroutinefunction(self.callback):
-            self.callback(pub)
+        if self._sync:
+            try:
+                self.callback(pub)  # type: ignore[misc]
+            except Exception as exc:  # a subscriber's bug must not reach the broker link
+                self.agent.log.error("agent.subscriber_failed", subject=pub.subject, error=exc,
+                                     exc_info=True)
             return
         try:
             self.queue.put_nowait(pub)
@@ -366,26 +373,29 @@ class Agent:
         Raises NoResponder, DeadlineExceeded, ConnectionLost, or the remote handler's error.
         """
         timeout = self.call_timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         agent, _ = split_address(dst)
-        peer = await self._peer(agent, timeout)
+        peer = self._peers.get(agent) or await self._peer(agent, timeout)
         call_id = next(self._ids)
-        fut = asyncio.get_running_loop().create_future()
-        remaining = max(0.0, deadline - time.monotonic())
+        fut = loop.create_future()
+        remaining = max(0.0, deadline - loop.time())
         body = {"k": "q", "c": call_id, "m": method, "p": params, "t": int(remaining * 1000)}
         msg_id = self._send_sealed(peer, src or self.name, dst, body)
         self._calls[call_id] = _Call(fut, msg_id, dst)
         self._by_msg[msg_id] = call_id
+        # One timer instead of wait_for's extra future and task wrapping per call.
+        expired = DeadlineExceeded(f"{dst} did not answer {method!r} within {timeout}s")
+        timer = loop.call_at(deadline, _fail, fut, expired)
         try:
-            return await asyncio.wait_for(fut, remaining)
-        except TimeoutError:
-            raise DeadlineExceeded(f"{dst} did not answer {method!r} within {timeout}s") from None
+            return await fut
         except asyncio.CancelledError:
             if self.link.connected.is_set():
                 with contextlib.suppress(ConnectionLost):
                     self._send_sealed(peer, src or self.name, dst, {"k": "x", "c": call_id})
             raise
         finally:
+            timer.cancel()
             self._calls.pop(call_id, None)
             self._by_msg.pop(msg_id, None)
 
@@ -476,6 +486,11 @@ class Agent:
 
     async def send_revocation(self, blob: bytes) -> None:
         self.link.send(encode_frame(FrameType.REVOKE, {}, blob))
+
+
+def _fail(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
 
 
 def _consume_exception(fut: asyncio.Future) -> None:
