@@ -31,6 +31,19 @@ CLOSE_TOO_BIG = 1009
 CLOSE_TRY_LATER = 1013  # slow consumer
 
 
+# Connections with queued frames, flushed together: at the end of the data_received that queued
+# them (a broker routing a batch) or on the next loop iteration (frames sent from tasks).
+_dirty: list[WebSocket] = []
+_flush_pending = False
+
+
+def flush_pending() -> None:
+    global _flush_pending
+    _flush_pending = False
+    while _dirty:
+        _dirty.pop()._flush()
+
+
 class WebSocket(asyncio.Protocol):
     """One websocket connection.
 
@@ -78,12 +91,10 @@ class WebSocket(asyncio.Protocol):
         self._idle.set()
         self._last_seen = self._loop.time()
         self._timers: list[asyncio.TimerHandle] = []
+        self.open = False  # the websocket is open and we may still send (kept as a plain flag)
 
     # --- state -----------------------------------------------------------------------------------
 
-    @property
-    def open(self) -> bool:
-        return self.ws.state is State.OPEN and not self.closed.done()
 
     @property
     def close_code(self) -> int | None:
@@ -105,6 +116,8 @@ class WebSocket(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._last_seen = self._loop.time()
         self.ws.receive_data(data)
+        if self.open and self.ws.state is not State.OPEN:  # the peer started closing
+            self.open = False
         events = self.ws.events_received()
         self._write_protocol_data()
         for event in events:
@@ -118,6 +131,8 @@ class WebSocket(asyncio.Protocol):
                 self._opened(self.ws.handshake_exc)
         if self.ws.close_expected():
             self._close_soon()
+        if _dirty:  # what handling this data queued elsewhere (a broker's routing) goes now
+            flush_pending()
 
     def eof_received(self) -> bool | None:
         self.ws.receive_eof()
@@ -125,6 +140,7 @@ class WebSocket(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.open = False
         self.ws.receive_eof()
         for timer in self._timers:
             timer.cancel()
@@ -165,6 +181,7 @@ class WebSocket(asyncio.Protocol):
             self._close_soon()
             return
         self.opened.set_result(None)
+        self.open = True
         if self.ping_interval:
             self._timers.append(self._loop.call_later(self.ping_interval, self._keepalive))
         if self.on_open is not None:
@@ -223,8 +240,14 @@ class WebSocket(asyncio.Protocol):
 
     # --- sending ---------------------------------------------------------------------------------
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, urgent: bool = False) -> None:
+        """Queue a frame. ``urgent`` (RPC traffic) writes at once when nothing is queued ahead:
+        it saves a loop iteration of latency; streams of publications keep batching."""
         if not self.open:
+            return
+        if urgent and not self._out and not self._paused:
+            self.ws.send_binary(data)
+            self._write_protocol_data()
             return
         self._out.append(data)
         self.queued += len(data)
@@ -239,7 +262,11 @@ class WebSocket(asyncio.Protocol):
                 return
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            _dirty.append(self)
+            global _flush_pending
+            if not _flush_pending:
+                _flush_pending = True
+                self._loop.call_soon(flush_pending)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -290,9 +317,11 @@ class WebSocket(asyncio.Protocol):
             self._flush()
             self.ws.send_close(code, reason[:120])
             self._write_protocol_data()
+        self.open = False
         self._close_soon()
 
     def fail(self, code: int, reason: str) -> None:
+        self.open = False
         self._out.clear()
         self.ws.fail(code, reason[:120])
         self._write_protocol_data()

@@ -73,11 +73,11 @@ class BrokerLink:
                 await self._task
             self._task = None
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, urgent: bool = False) -> None:
         ws = self._ws
         if ws is None or not ws.open:
             raise ConnectionLost(f"not connected to a broker ({self.last_error or 'connecting'})")
-        ws.send(data)
+        ws.send(data, urgent)
 
     async def room(self) -> None:
         """Wait while the send queue is above its high-water mark (publisher backpressure)."""

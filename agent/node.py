@@ -15,9 +15,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-import msgpack
+from typing import Any, NamedTuple
 
 from atoll.agent.connection import BrokerLink
 from atoll.agent.errors import (
@@ -31,7 +29,7 @@ from atoll.agent.errors import (
 from atoll.agent.identity import AgentKeys
 from atoll.logs import EventLogger
 from atoll.protocol.errors import AuthError, ProtocolError
-from atoll.protocol.frames import Frame, FrameType, encode_frame, pack
+from atoll.protocol.frames import Frame, FrameType, encode_frame
 from atoll.protocol.seal import ReplayGuard, Sealer, box_key, open_sealed
 from atoll.protocol.subjects import SubjectIndex, check_subject, split_address
 from atoll.tenancy.credentials import AgentIdentity, verify_agent
@@ -48,8 +46,7 @@ class CallInfo:
     method: str
 
 
-@dataclass(frozen=True)
-class Publication:
+class Publication(NamedTuple):  # a tuple: built once per delivered message
     subject: str
     src: str
     data: Any
@@ -299,18 +296,14 @@ class Agent:
     def _open_msg(self, peer: _Peer, f: Frame) -> None:
         src, dst = f.header["src"], f.header["dst"]
         try:
-            nonce, sent, body = open_sealed(peer.key, f.payload, src, dst)
+            nonce, sent, msg = open_sealed(peer.key, f.payload, src, dst)
             self._replay.check(peer.ident.pub, nonce, sent)
-            msg = msgpack.unpackb(body, raw=False, strict_map_key=False)
-            if not isinstance(msg, dict):
+            if type(msg) is not dict:
                 raise ProtocolError("message body must be a map")
         except ProtocolError as exc:
             if exc.code == "tampered":
                 self._peers.pop(peer.ident.name, None)  # the peer may have a new key: refetch
             self.log.warning("agent.msg_refused", src=src, code=exc.code, reason=exc.reason)
-            return
-        except Exception as exc:
-            self.log.warning("agent.msg_refused", src=src, reason=f"undecodable body: {exc}")
             return
         kind = msg.get("k")
         if kind == "q":
@@ -337,16 +330,12 @@ class Agent:
             return
         src = h.get("src", "")
         try:
-            nonce, sent, body = open_sealed(key, f.payload, src, h["subj"])
+            nonce, sent, data = open_sealed(key, f.payload, src, h["subj"])
             self._replay.check(src.partition("/")[0], nonce, sent)
-            data = msgpack.unpackb(body, raw=False, strict_map_key=False)
         except ProtocolError as exc:
             self.log.warning(
                 "agent.pub_refused", subject=h["subj"], code=exc.code, reason=exc.reason
             )
-            return
-        except Exception:
-            self.log.warning("agent.pub_refused", subject=h["subj"], reason="undecodable body")
             return
         pub = Publication(h["subj"], src, data)
         for sub in self._sub_index.match(pub.subject):
@@ -356,8 +345,10 @@ class Agent:
 
     def _send_sealed(self, peer: _Peer, src: str, dst: str, body: dict[str, Any]) -> int:
         msg_id = next(self._ids)
-        sealed = self._sealer.seal(peer.key, src, dst, pack(body))
-        self.link.send(encode_frame(FrameType.MSG, {"id": msg_id, "src": src, "dst": dst}, sealed))
+        sealed = self._sealer.seal(peer.key, src, dst, body)
+        self.link.send(
+            encode_frame(FrameType.MSG, {"id": msg_id, "src": src, "dst": dst}, sealed), True
+        )
         return msg_id
 
     async def call(
@@ -430,7 +421,6 @@ class Agent:
             async with asyncio.timeout(limit):
                 result = await handler(params, CallInfo(src, peer.ident, method))
             body = {"k": "r", "c": call_id, "r": result}
-            pack(body)  # fail here, not in the sealer, on a result msgpack cannot carry
         except asyncio.CancelledError:
             return  # the caller cancelled (or we are stopping): nobody wants an answer
         except TimeoutError:
@@ -448,15 +438,21 @@ class Agent:
                 "c": call_id,
                 "e": InternalError(f"{type(exc).__name__}: {exc}").to_wire(),
             }
-        with contextlib.suppress(ConnectionLost):
+        try:
             self._send_sealed(peer, dst, src, body)
+        except (TypeError, ValueError, OverflowError) as exc:  # a result msgpack cannot carry
+            error = InternalError(f"result of {method!r} cannot be sent: {exc}")
+            with contextlib.suppress(ConnectionLost):
+                self._send_sealed(peer, dst, src, {"k": "e", "c": call_id, "e": error.to_wire()})
+        except ConnectionLost:
+            pass
 
     # --- pub/sub -------------------------------------------------------------------------------
 
     async def publish(self, subject: str, data: Any, src: str | None = None) -> None:
         check_subject(subject)
         src = src or self.name
-        sealed = self._sealer.seal(self.keys.feed_keys[self._feed_kid], src, subject, pack(data))
+        sealed = self._sealer.seal(self.keys.feed_keys[self._feed_kid], src, subject, data)
         header = {"id": next(self._ids), "src": src, "subj": subject, "kid": self._feed_kid}
         self.link.send(encode_frame(FrameType.PUB, header, sealed))
         await self.link.room()

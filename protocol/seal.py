@@ -47,15 +47,15 @@ class Sealer:
         self.epoch = os.urandom(EPOCH_SIZE)
         self._counter = 0
 
-    def seal(self, key: bytes, src: str, to: str, body: bytes, now_ms: int | None = None) -> bytes:
+    def seal(self, key: bytes, src: str, to: str, body: Any, now_ms: int | None = None) -> bytes:
+        """Seal ``body`` (any msgpack value: packed once, inside the envelope)."""
         self._counter += 1
         nonce = self.epoch + self._counter.to_bytes(8, "big")
         sent = int(time.time() * 1000) if now_ms is None else now_ms
-        plain = pack([src, to, sent, body])
-        return nonce + bindings.crypto_secretbox(plain, nonce, key)
+        return nonce + bindings.crypto_secretbox(pack([src, to, sent, body]), nonce, key)
 
 
-def open_sealed(key: bytes, data: bytes, src: str, to: str) -> tuple[bytes, int, bytes]:
+def open_sealed(key: bytes, data: bytes, src: str, to: str) -> tuple[bytes, int, Any]:
     """Open a sealed payload; return (nonce, sent_ms, body). The envelope must name src and to."""
     if len(data) < NONCE_SIZE + 16:
         raise ProtocolError("sealed payload too short")
@@ -65,10 +65,10 @@ def open_sealed(key: bytes, data: bytes, src: str, to: str) -> tuple[bytes, int,
     except CryptoError:
         raise ProtocolError("sealed payload failed authentication", code="tampered") from None
     try:
-        env = msgpack.unpackb(plain, raw=False, max_array_len=4, max_map_len=0, max_ext_len=0)
+        env = msgpack.unpackb(plain, raw=False, strict_map_key=False, max_ext_len=0)
     except Exception:
         raise ProtocolError("sealed envelope undecodable") from None
-    if not (isinstance(env, list) and len(env) == 4):
+    if type(env) is not list or len(env) != 4:
         raise ProtocolError("sealed envelope malformed")
     e_src, e_to, sent, body = env
     if e_src != src or e_to != to:
@@ -76,7 +76,7 @@ def open_sealed(key: bytes, data: bytes, src: str, to: str) -> tuple[bytes, int,
             f"sealed envelope names {e_src!r}->{e_to!r}, frame says {src!r}->{to!r}",
             code="misrouted",
         )
-    if type(sent) is not int or not isinstance(body, bytes):
+    if type(sent) is not int:
         raise ProtocolError("sealed envelope malformed")
     return nonce, sent, body
 

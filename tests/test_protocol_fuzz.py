@@ -829,8 +829,8 @@ def test_open_sealed_authentic_but_hostile_plaintext(plain: bytes) -> None:
     out = only_protocol_error(open_sealed, KEY, data, "a", "b")
     if not isinstance(out, ProtocolError):
         got_nonce, sent, body = out
-        assert got_nonce == nonce and type(sent) is int and type(body) is bytes
-        assert msgpack.unpackb(plain) == ["a", "b", sent, body]
+        assert got_nonce == nonce and type(sent) is int
+        assert msgpack.unpackb(plain, strict_map_key=False) == ["a", "b", sent, body]
 
 
 @FUZZ
