@@ -321,11 +321,12 @@ class WebSocket(asyncio.Protocol):
         self._close_soon()
 
     def fail(self, code: int, reason: str) -> None:
+        """Give up on the peer (silent, or too slow): say why if possible, then drop it now."""
         self.open = False
         self._out.clear()
         self.ws.fail(code, reason[:120])
         self._write_protocol_data()
-        self._close_soon()
+        self.abort()
 
     def abort(self) -> None:
         if self.transport is not None:

@@ -7,10 +7,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from websockets.asyncio.client import ClientConnection, connect
 
 from atoll.agent.identity import AgentKeys
 from atoll.agent.runtime import AgentRuntime
 from atoll.broker.server import BrokerServer
+from atoll.protocol.frames import decode_message
+from atoll.protocol.handshake import ClientHandshake
 from atoll.tenancy.operator import OperatorStore
 
 
@@ -60,6 +63,20 @@ async def make_agent(
     yield make
     for rt in reversed(started):
         await rt.stop()
+
+
+async def raw_session(
+    operator: OperatorStore, broker: BrokerServer, name: str, max_size: int | None = None
+) -> ClientConnection:
+    """A hand-driven authenticated websocket, to send frames no real agent would."""
+    keys = AgentKeys.issue(operator, "acme", name, ["agent"])
+    ws = await connect(broker.url, compression=None, max_size=max_size)
+    hs = ClientHandshake(keys.key, keys.credential, keys.operator_pub)
+    (hello,) = decode_message(await ws.recv())
+    await ws.send(hs.receive_hello(hello))
+    (welcome,) = decode_message(await ws.recv())
+    hs.receive_welcome(welcome)
+    return ws
 
 
 async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:

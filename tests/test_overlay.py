@@ -13,6 +13,8 @@ from atoll.agent.errors import (
     NoResponder,
     NoSuchMethod,
 )
+from atoll.broker.server import BrokerServer
+from conftest import eventually, raw_session
 
 
 class QuotaExceeded(AtollError):
@@ -73,3 +75,37 @@ async def test_pubsub_within_tenant_only(make_agent) -> None:
         await sub_x.next(timeout=0.3)
     with pytest.raises(NoResponder, match="tenant 'globex'"):
         await intruder.agent.call("beta", "ping")
+
+
+async def test_unsendable_result_is_an_error_not_a_hang(make_agent) -> None:
+    a = await make_agent("alpha")
+    b = await make_agent("beta")
+
+    async def weird(params, call):
+        return {"obj": object()}
+
+    b.agent.handle("test", "weird", weird)
+    with pytest.raises(InternalError, match="cannot be sent"):
+        await a.agent.call("beta/test", "weird", timeout=5)
+
+
+async def test_failover_across_broker_list(operator, broker, make_agent) -> None:
+    dead = "ws://127.0.0.1:9"  # discard port: nothing listens
+    a = await make_agent("alpha", brokers=[dead, broker.url])
+    b = await make_agent("beta")
+    assert a.agent.link.url == broker.url
+    assert (await a.agent.call("beta", "ping"))["pong"] is True
+    assert b.agent.link.url == broker.url
+
+
+async def test_silent_peer_is_dropped_by_keepalive(operator) -> None:
+    server = BrokerServer.from_data_dir(operator.root, ping_interval=0.2)
+    await server.start()
+    try:
+        ws = await raw_session(operator, server, "mute")
+        assert server.router.agents("acme") == ["mute"]
+        ws.transport.pause_reading()  # it stops answering pings
+        await eventually(lambda: server.router.agents("acme") == [], timeout=5)
+        ws.transport.abort()
+    finally:
+        await server.stop()

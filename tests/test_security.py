@@ -19,23 +19,9 @@ from atoll.protocol.frames import Frame, FrameType, decode_message, encode_frame
 from atoll.protocol.handshake import ClientHandshake
 from atoll.tenancy import credentials as cred
 from atoll.tenancy.operator import OperatorStore
-from conftest import eventually
+from conftest import eventually, raw_session
 
 SECRET = b"PLAINTEXT-MARKER-7f3a9c"
-
-
-async def raw_session(
-    operator: OperatorStore, broker: BrokerServer, name: str, max_size: int | None = None
-) -> ClientConnection:
-    """A hand-driven authenticated websocket, to send frames no real agent would."""
-    keys = AgentKeys.issue(operator, "acme", name, ["agent"])
-    ws = await connect(broker.url, compression=None, max_size=max_size)
-    hs = ClientHandshake(keys.key, keys.credential, keys.operator_pub)
-    (hello,) = decode_message(await ws.recv())
-    await ws.send(hs.receive_hello(hello))
-    (welcome,) = decode_message(await ws.recv())
-    hs.receive_welcome(welcome)
-    return ws
 
 
 async def broker_refusal(broker: BrokerServer, keys: AgentKeys) -> Frame:
