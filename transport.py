@@ -95,7 +95,6 @@ class WebSocket(asyncio.Protocol):
 
     # --- state -----------------------------------------------------------------------------------
 
-
     @property
     def close_code(self) -> int | None:
         return self.ws.close_code

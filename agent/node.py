@@ -85,8 +85,9 @@ class Subscription:
             try:
                 self.callback(pub)  # type: ignore[misc]
             except Exception as exc:  # a subscriber's bug must not reach the broker link
-                self.agent.log.error("agent.subscriber_failed", subject=pub.subject, error=exc,
-                                     exc_info=True)
+                self.agent.log.error(
+                    "agent.subscriber_failed", subject=pub.subject, error=exc, exc_info=True
+                )
             return
         try:
             self.queue.put_nowait(pub)

@@ -122,8 +122,9 @@ class Router:
         if f.raw and len(h) == 3 and "src" in h:  # exactly what goes out: forward the bytes
             target.send(f.raw)
         else:
-            target.send(encode_frame(FrameType.MSG, {"id": h["id"], "src": src, "dst": dst},
-                                     f.payload))
+            target.send(
+                encode_frame(FrameType.MSG, {"id": h["id"], "src": src, "dst": dst}, f.payload)
+            )
 
     def _pub(self, s: Session, f: Frame) -> None:
         h = f.header

@@ -144,8 +144,7 @@ def decode_message(data: bytes, max_size: int = DEFAULT_MAX_MESSAGE) -> list[Fra
 
 
 def _decode_many(data: bytes, max_size: int) -> list[Frame]:
-    unpacker = msgpack.Unpacker(max_buffer_size=max(len(data), 1), max_bin_len=max_size,
-                                **_LIMITS)
+    unpacker = msgpack.Unpacker(max_buffer_size=max(len(data), 1), max_bin_len=max_size, **_LIMITS)
     frames: list[Frame] = []
     consumed = 0  # bytes of complete frames: tell() also counts a half-read trailing frame
     try:
