@@ -250,7 +250,6 @@ class WebSocket(asyncio.Protocol):
             return
         self._out.append(data)
         self.queued += len(data)
-        self._idle.clear()
         if self.queued > self.high_water:
             self._room.clear()
             if self.queued > self.limit:
@@ -261,6 +260,7 @@ class WebSocket(asyncio.Protocol):
                 return
         if not self._flush_scheduled:
             self._flush_scheduled = True
+            self._idle.clear()
             _dirty.append(self)
             global _flush_pending
             if not _flush_pending:

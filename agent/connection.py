@@ -79,8 +79,12 @@ class BrokerLink:
             raise ConnectionLost(f"not connected to a broker ({self.last_error or 'connecting'})")
         ws.send(data, urgent)
 
+    def full(self) -> bool:
+        """The send queue is above its high-water mark: publishers should ``await room()``."""
+        ws = self._ws
+        return ws is not None and ws.queued > ws.high_water
+
     async def room(self) -> None:
-        """Wait while the send queue is above its high-water mark (publisher backpressure)."""
         if self._ws is not None:
             await self._ws.room()
 
@@ -159,7 +163,7 @@ class BrokerLink:
 
     def _on_message(self, ws: WebSocket, data: bytes | str) -> None:
         try:
-            self.on_frames(decode_message(data, self.max_message))
+            self.on_frames(decode_message(data, self.max_message, keep_raw=False))
         except ProtocolError as exc:
             self.log.warning("agent.bad_frame", reason=exc.reason)
             ws.close(CLOSE_POLICY, f"bad frame: {exc.reason}")

@@ -332,7 +332,7 @@ class Agent:
         src = h.get("src", "")
         try:
             nonce, sent, data = open_sealed(key, f.payload, src, h["subj"])
-            self._replay.check(src.partition("/")[0], nonce, sent)
+            self._replay.check(src, nonce, sent)  # per address: windows of one sealer epoch
         except ProtocolError as exc:
             self.log.warning(
                 "agent.pub_refused", subject=h["subj"], code=exc.code, reason=exc.reason
@@ -456,7 +456,8 @@ class Agent:
         sealed = self._sealer.seal(self.keys.feed_keys[self._feed_kid], src, subject, data)
         header = {"id": next(self._ids), "src": src, "subj": subject, "kid": self._feed_kid}
         self.link.send(encode_frame(FrameType.PUB, header, sealed))
-        await self.link.room()
+        if self.link.full():  # checked inline: a coroutine call per message is measurable
+            await self.link.room()
 
     async def subscribe(
         self, pattern: str, callback: Callable[[Publication], Any] | None = None

@@ -128,8 +128,13 @@ _LIMITS: dict[str, Any] = {
 }
 
 
-def decode_message(data: bytes, max_size: int = DEFAULT_MAX_MESSAGE) -> list[Frame]:
-    """Decode every frame of one websocket message; raise ProtocolError on anything off."""
+def decode_message(
+    data: bytes, max_size: int = DEFAULT_MAX_MESSAGE, keep_raw: bool = True
+) -> list[Frame]:
+    """Decode every frame of one websocket message; raise ProtocolError on anything off.
+
+    ``keep_raw`` keeps each frame's bytes (brokers forward them); agents skip the copies.
+    """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise ProtocolError("frames travel in binary messages only")
     if len(data) > max_size:
@@ -139,11 +144,11 @@ def decode_message(data: bytes, max_size: int = DEFAULT_MAX_MESSAGE) -> list[Fra
     try:  # the common case, one frame per message, without building an Unpacker
         obj = msgpack.unpackb(data, max_bin_len=max_size, **_LIMITS)
     except Exception:  # several frames (ExtraData) or bad input: the careful path says which
-        return _decode_many(data, max_size)
-    return [_to_frame(obj, bytes(data))]
+        return _decode_many(data, max_size, keep_raw)
+    return [_to_frame(obj, bytes(data) if keep_raw else b"")]
 
 
-def _decode_many(data: bytes, max_size: int) -> list[Frame]:
+def _decode_many(data: bytes, max_size: int, keep_raw: bool) -> list[Frame]:
     unpacker = msgpack.Unpacker(max_buffer_size=max(len(data), 1), max_bin_len=max_size, **_LIMITS)
     frames: list[Frame] = []
     consumed = 0  # bytes of complete frames: tell() also counts a half-read trailing frame
@@ -151,7 +156,7 @@ def _decode_many(data: bytes, max_size: int) -> list[Frame]:
         unpacker.feed(data)
         for obj in unpacker:
             start, consumed = consumed, unpacker.tell()
-            frames.append(_to_frame(obj, bytes(data[start:consumed])))
+            frames.append(_to_frame(obj, bytes(data[start:consumed]) if keep_raw else b""))
             if len(frames) > MAX_FRAMES_PER_MESSAGE:
                 raise ProtocolError("too many frames in one message")
     except ProtocolError:
