@@ -14,8 +14,8 @@ from atoll.broker.state import BrokerState
 from atoll.logs import EventLogger
 from atoll.protocol.errors import AuthError, ProtocolError
 from atoll.protocol.frames import Frame, FrameType, encode_frame
-from atoll.protocol.subjects import SubjectIndex, check_subject, split_address
-from atoll.tenancy.credentials import AgentIdentity
+from atoll.protocol.subjects import SubjectIndex, check_subject, matches, split_address
+from atoll.tenancy.credentials import AgentIdentity, now_ms, verify_revocation
 
 MAX_SUBS_PER_SESSION = 10_000
 
@@ -35,7 +35,26 @@ class Session(Protocol):
 @dataclass
 class _TenantSpace:
     agents: dict[str, Session] = field(default_factory=dict)
+    since: dict[str, int] = field(default_factory=dict)  # agent -> connected at (ms)
     subs: SubjectIndex = field(default_factory=SubjectIndex)
+    retained: dict[str, bytes] = field(default_factory=dict)  # subject -> last PUB kept
+
+
+class Mesh(Protocol):
+    """What the router needs from the broker mesh (absent on a lone broker)."""
+
+    def changed(self) -> None: ...
+
+    def forward_msg(self, tenant: str, agent: str, data: bytes) -> bool: ...
+
+    def forward_pub(self, tenant: str, subject: str, data: bytes, keep: bool) -> None: ...
+
+    def credential(self, tenant: str, agent: str) -> bytes | None: ...
+
+    def flood_sync(self, body: dict) -> None: ...
+
+
+MAX_RETAINED_PER_TENANT = 10_000
 
 
 def error_frame(code: str, reason: str, **header: object) -> bytes:
@@ -46,6 +65,7 @@ class Router:
     def __init__(self, state: BrokerState, log: EventLogger | None = None) -> None:
         self.state = state
         self.log = log or EventLogger("broker")
+        self.mesh: Mesh | None = None
         self._tenants: dict[str, _TenantSpace] = {}
         # Test/debug hook seeing every frame an agent sends, before routing; a Frame it returns
         # is routed instead (a test playing a compromised broker).
@@ -59,10 +79,16 @@ class Router:
             FrameType.REVOKE: self._revoke,
         }
 
+    def _space(self, tenant: str) -> _TenantSpace:
+        space = self._tenants.get(tenant)
+        if space is None:
+            space = self._tenants[tenant] = _TenantSpace()
+        return space
+
     # --- sessions ------------------------------------------------------------------------------
 
     def attach(self, s: Session) -> None:
-        space = self._tenants.setdefault(s.ident.tenant, _TenantSpace())
+        space = self._space(s.ident.tenant)
         old = space.agents.get(s.ident.name)
         if old is not None:
             if old.ident.pub != s.ident.pub:
@@ -74,6 +100,19 @@ class Router:
             self.detach(old)
             old.close("replaced", "a newer connection of this agent took over")
         space.agents[s.ident.name] = s
+        space.since[s.ident.name] = now_ms()
+        if s.ident.grant and self.mesh is not None:  # other brokers learn the token is spent
+            self.mesh.flood_sync(
+                {
+                    "kind": "enroll",
+                    "jti": s.ident.grant,
+                    "tenant": s.ident.tenant,
+                    "pub": s.ident.pub,
+                    "name": s.ident.name,
+                    "at": s.ident.iat,
+                }
+            )
+        self._changed()
 
     def detach(self, s: Session) -> None:
         space = self._tenants.get(s.ident.tenant)
@@ -84,10 +123,46 @@ class Router:
         s.subs.clear()
         if space.agents.get(s.ident.name) is s:
             del space.agents[s.ident.name]
+            space.since.pop(s.ident.name, None)
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.mesh is not None:
+            self.mesh.changed()
 
     def agents(self, tenant: str) -> list[str]:
         space = self._tenants.get(tenant)
         return sorted(space.agents) if space else []
+
+    def local_view(self) -> tuple[dict[tuple[str, str], tuple[bytes, int]], set[tuple[str, str]]]:
+        """What this broker holds, for its mesh advert: agents (credential, since), interest."""
+        agents = {}
+        subs = set()
+        for tenant, space in self._tenants.items():
+            for name, session in space.agents.items():
+                agents[(tenant, name)] = (session.ident.credential, space.since.get(name, 0))
+                subs.update((tenant, p) for p in session.subs.values())
+        return agents, subs
+
+    # --- delivery (local sessions), shared with mesh relays --------------------------------------
+
+    def deliver_msg(self, tenant: str, agent: str, data: bytes) -> bool:
+        space = self._tenants.get(tenant)
+        target = space.agents.get(agent) if space else None
+        if target is None:
+            return False
+        target.send(data)
+        return True
+
+    def deliver_pub(self, tenant: str, subject: str, data: bytes, keep: bool) -> None:
+        space = self._space(tenant)
+        if keep:
+            if subject in space.retained or len(space.retained) < MAX_RETAINED_PER_TENANT:
+                space.retained[subject] = data
+            else:
+                self.log.warning("broker.retained_full", tenant=tenant, subject=subject)
+        for target in dict.fromkeys(space.subs.match(subject)):  # one copy per connection
+            target.send(data)  # type: ignore[attr-defined]
 
     # --- frames --------------------------------------------------------------------------------
 
@@ -109,22 +184,25 @@ class Router:
             raise ProtocolError(f"source {claimed!r} is not this agent", code="spoofed")
         return claimed
 
+    def _stamped(self, s: Session, f: Frame) -> bytes:
+        """The frame as it goes out: as received when it already names its (checked) source."""
+        src = self._src(s, f)
+        if f.raw and "src" in f.header:
+            return f.raw
+        return encode_frame(f.type, {**f.header, "src": src}, f.payload)
+
     def _msg(self, s: Session, f: Frame) -> None:
         h = f.header
         dst = h["dst"]
         agent, _ = split_address(dst)
-        target = self._tenants[s.ident.tenant].agents.get(agent)
-        if target is None:
-            reason = f"no agent {agent!r} in tenant {s.ident.tenant!r}"
-            s.send(encode_frame(FrameType.NORESP, {"id": h["id"], "dst": dst, "reason": reason}))
+        tenant = s.ident.tenant
+        data = self._stamped(s, f)
+        if self.deliver_msg(tenant, agent, data):
             return
-        src = self._src(s, f)
-        if f.raw and len(h) == 3 and "src" in h:  # exactly what goes out: forward the bytes
-            target.send(f.raw)
-        else:
-            target.send(
-                encode_frame(FrameType.MSG, {"id": h["id"], "src": src, "dst": dst}, f.payload)
-            )
+        if self.mesh is not None and self.mesh.forward_msg(tenant, agent, data):
+            return
+        reason = f"no agent {agent!r} in tenant {tenant!r}"
+        s.send(encode_frame(FrameType.NORESP, {"id": h["id"], "dst": dst, "reason": reason}))
 
     def _pub(self, s: Session, f: Frame) -> None:
         h = f.header
@@ -134,22 +212,16 @@ class Router:
         except ProtocolError as exc:
             s.send(error_frame("bad-subject", exc.reason, id=h["id"]))
             return
-        receivers = self._tenants[s.ident.tenant].subs.match(subject)
-        if not receivers:
-            return
-        src = self._src(s, f)
-        if f.raw and len(h) == 4 and "src" in h:
-            data = f.raw
-        else:
-            out = {"id": h["id"], "src": src, "subj": subject, "kid": h["kid"]}
-            data = encode_frame(FrameType.PUB, out, f.payload)
-        for target in dict.fromkeys(receivers):  # one copy per connection, however many subs
-            target.send(data)  # type: ignore[attr-defined]
+        data = self._stamped(s, f)
+        keep = h.get("keep", False)
+        self.deliver_pub(s.ident.tenant, subject, data, keep)
+        if self.mesh is not None:
+            self.mesh.forward_pub(s.ident.tenant, subject, data, keep)
 
     def _sub(self, s: Session, f: Frame) -> None:
         sid, pattern = f.header["sid"], f.header["subj"]
         try:
-            check_subject(pattern, pattern=True)
+            tokens = check_subject(pattern, pattern=True)
             self.may_subscribe(s.ident, pattern)
         except ProtocolError as exc:
             s.send(error_frame(exc.code, exc.reason, sid=sid, subj=pattern))
@@ -158,7 +230,12 @@ class Router:
             s.send(error_frame("limit", "too many subscriptions", sid=sid, subj=pattern))
             return
         s.subs[sid] = pattern
-        self._tenants[s.ident.tenant].subs.add((s.id, sid), pattern, s)
+        space = self._space(s.ident.tenant)
+        space.subs.add((s.id, sid), pattern, s)
+        for subject, data in space.retained.items():  # a new subscriber sees the current state
+            if matches(tokens, subject.split(".")):
+                s.send(data)
+        self._changed()
 
     def may_subscribe(self, ident: AgentIdentity, pattern: str) -> None:
         """Subscription policy beyond tenant scoping (tenant scoping is structural)."""
@@ -167,27 +244,41 @@ class Router:
         sid = f.header["sid"]
         if s.subs.pop(sid, None) is not None:
             self._tenants[s.ident.tenant].subs.remove((s.id, sid))
+            self._changed()
 
     def _keyreq(self, s: Session, f: Frame) -> None:
         name = f.header["name"]
-        target = self._tenants[s.ident.tenant].agents.get(name)
-        if target is None:
-            reason = f"no agent {name!r} in tenant {s.ident.tenant!r}"
-            s.send(error_frame("no-agent", reason, name=name))
+        tenant = s.ident.tenant
+        target = self._space(tenant).agents.get(name)
+        cred = target.ident.credential if target is not None else None
+        if cred is None and self.mesh is not None:
+            cred = self.mesh.credential(tenant, name)
+        if cred is None:
+            s.send(error_frame("no-agent", f"no agent {name!r} in tenant {tenant!r}", name=name))
             return
-        s.send(encode_frame(FrameType.KEYRESP, {"name": name}, target.ident.credential))
+        s.send(encode_frame(FrameType.KEYRESP, {"name": name}, cred))
 
     def _revoke(self, s: Session, f: Frame) -> None:
         try:
-            rev = self.state.add_revocation(f.payload)
+            rev = verify_revocation(f.payload, self.state.operator_pub)
         except AuthError as exc:
             s.send(error_frame("auth", f"revocation refused: {exc.reason}"))
             return
         if rev.tenant != s.ident.tenant:
             s.send(error_frame("auth", "revocation is for another tenant"))
             return
-        self.log.info("broker.revoked", tenant=rev.tenant, agent=rev.name or rev.pub.hex()[:16])
-        for target in list(self._tenants[rev.tenant].agents.values()):
+        self.apply_revocation(f.payload)
+        if self.mesh is not None:
+            self.mesh.flood_sync({"kind": "revoke", "blob": f.payload})
+
+    def apply_revocation(self, blob: bytes) -> bool:
+        """Keep a (verified) revocation and cut the sessions it covers; True if it was news."""
+        rev, new = self.state.add_revocation(blob)
+        if new:
+            self.log.info("broker.revoked", tenant=rev.tenant, agent=rev.name or rev.pub.hex()[:16])
+        space = self._tenants.get(rev.tenant)
+        for target in list(space.agents.values()) if space else []:
             if rev.covers(target.ident):
                 self.detach(target)
                 target.close("revoked", f"credential of agent {target.ident.name!r} was revoked")
+        return new

@@ -12,13 +12,14 @@ import ssl
 from pathlib import Path
 
 from atoll.broker.identity import BrokerKeys, load_broker_keys
+from atoll.broker.peering import Mesh
 from atoll.broker.router import Router, error_frame
 from atoll.broker.state import BrokerState
 from atoll.logs import EventLogger
-from atoll.protocol.errors import ProtocolError
+from atoll.protocol.errors import AuthError, ProtocolError
 from atoll.protocol.frames import DEFAULT_MAX_MESSAGE, decode_message
 from atoll.protocol.handshake import ServerHandshake
-from atoll.tenancy.credentials import AgentIdentity
+from atoll.tenancy.credentials import AgentIdentity, BrokerIdentity
 from atoll.tenancy.operator import OperatorStore
 from atoll.transport import CLOSE_POLICY, CLOSE_TRY_LATER, WebSocket, serve
 
@@ -63,6 +64,12 @@ class _Session:
             if len(frames) != 1:
                 raise ProtocolError("AUTH must come alone")
             ident = self._hs.receive_auth(frames[0])
+            if isinstance(ident, BrokerIdentity):  # a peer broker linking into the mesh
+                if ident.name == self.server.keys.name:
+                    raise AuthError("a broker cannot peer with itself")
+                self.ws.send(self._hs.welcome(), urgent=True)  # alone: adverts follow at once
+                self.server.mesh.attach(self.ws, ident.name, dialled=False)
+                return
             self.server.state.admit(ident)
             self.ident = ident
             self.server.router.attach(self)
@@ -72,7 +79,7 @@ class _Session:
             )
             self._refuse(exc.code, exc.reason)
             return
-        self.send(self._hs.welcome())
+        self.send(self._hs.welcome(), True)  # its own message: the handshake reads it alone
         self.log = self.server.log.bind(tenant=ident.tenant, agent=ident.name)
         self.log.info("broker.agent_connected", peer=self.ws.peer, roles=",".join(ident.roles))
         self.ws.on_message = self._on_message
@@ -119,6 +126,9 @@ class BrokerServer:
         handshake_timeout: float = 10.0,
         ping_interval: float = 20.0,
         ssl_context: ssl.SSLContext | None = None,
+        peers: list[str] | None = None,
+        peer_ssl: ssl.SSLContext | None = None,
+        mesh_refresh: float = 2.0,
     ) -> None:
         if queue_limit < 2 * max_message:
             # One inbound batch fans out whole into each subscriber's queue; a limit below that
@@ -133,6 +143,9 @@ class BrokerServer:
         self.ssl_context = ssl_context
         self.log = EventLogger("broker", broker=keys.name)
         self.router = Router(state, self.log)
+        self.peer_ssl = peer_ssl  # for wss:// peers with a private CA
+        self.mesh = Mesh(self, peers or [], refresh=mesh_refresh)
+        self.router.mesh = self.mesh
         self._server: asyncio.Server | None = None
         self._sessions: set[_Session] = set()
         self.host = ""
@@ -169,6 +182,7 @@ class BrokerServer:
         )
         sock = self._server.sockets[0]
         self.host, self.port = sock.getsockname()[:2]
+        self.mesh.start()
         self.log.info("broker.listening", url=self.url)
         return self
 
@@ -176,6 +190,7 @@ class BrokerServer:
         if self._server is None:
             return
         self._server.close()
+        await self.mesh.stop()
         sessions = list(self._sessions)
         for s in sessions:
             s.ws.close(1001, "broker shutting down")

@@ -26,14 +26,25 @@ class BrokerState:
         for (blob,) in self._db.execute("SELECT blob FROM revocations"):
             self._revocations.append(verify_revocation(blob, operator_pub))
 
-    def add_revocation(self, blob: bytes) -> Revocation:
-        """Verify and keep a revocation (idempotent)."""
+    def add_revocation(self, blob: bytes) -> tuple[Revocation, bool]:
+        """Verify and keep a revocation (idempotent); True when it was not known yet."""
         rev = verify_revocation(blob, self.operator_pub)
         with self._db:
             cur = self._db.execute("INSERT OR IGNORE INTO revocations VALUES (?)", (blob,))
         if cur.rowcount:
             self._revocations.append(rev)
-        return rev
+        return rev, bool(cur.rowcount)
+
+    def record_enrollment(self, jti: str, tenant: str, pub: bytes, name: str, at: int) -> None:
+        """A token redeemed at another broker of the mesh: the first redemption stands."""
+        with self._db:
+            self._db.execute(
+                "INSERT OR IGNORE INTO enrollments VALUES (?, ?, ?, ?, ?)",
+                (jti, tenant, pub, name, at),
+            )
+
+    def revocation_blobs(self) -> list[bytes]:
+        return [r.blob for r in self._revocations]
 
     def revoked(self, ident: AgentIdentity) -> Revocation | None:
         return next((r for r in self._revocations if r.covers(ident)), None)

@@ -36,6 +36,9 @@ class FrameType(enum.IntEnum):
     KEYRESP = 10  # broker -> agent: the peer's credential, verified again by the agent
     REVOKE = 11  # agent -> broker: a tenant-signed revocation to enforce and keep
     NORESP = 12  # broker -> agent: nothing at that address; header id names the message
+    PEER_STATE = 13  # broker -> broker: link-state advertisement (agents, interest, peers)
+    RELAY = 14  # broker -> broker: an agent frame forwarded across the mesh
+    SYNC = 15  # broker -> broker: flooded control state (revocations, redeemed tokens)
 
 
 # Each header field: (python type, bound). Strings are bounded in characters, bytes in length,
@@ -52,6 +55,11 @@ _FIELDS: dict[str, tuple[type, int]] = {
     "reason": (str, 1024),  # human-readable error reason
     "name": (str, MAX_STR),  # agent name (KEYREQ/KEYRESP)
     "fatal": (bool, 1),  # the sender closes the connection after this ERROR
+    "keep": (bool, 1),  # PUB: brokers keep the last one per subject for new subscribers
+    "tenant": (str, MAX_STR),  # RELAY: the tenant the inner frame belongs to
+    "origin": (str, MAX_STR),  # mesh: the broker a relayed/flooded frame started at
+    "seq": (int, 2**63),  # mesh: sequence number of a link-state advertisement
+    "to": (str, MAX_STR),  # RELAY: the agent a NORESP/KEYRESP goes back to
 }
 
 _REQUIRED: dict[FrameType, tuple[str, ...]] = {
@@ -67,6 +75,9 @@ _REQUIRED: dict[FrameType, tuple[str, ...]] = {
     FrameType.KEYRESP: ("name",),
     FrameType.REVOKE: (),
     FrameType.NORESP: ("id", "dst", "reason"),
+    FrameType.PEER_STATE: ("origin", "seq"),
+    FrameType.RELAY: ("tenant", "origin", "ttl"),
+    FrameType.SYNC: ("origin",),
 }
 
 

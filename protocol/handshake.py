@@ -62,50 +62,62 @@ class Welcome:
 
 
 class ServerHandshake:
+    """The broker's side. The peer is an agent, or (``"peer": true`` in AUTH) another broker of
+    the same operator linking into the mesh."""
+
     def __init__(self, key: SigningKey, credential: bytes, operator_pub: bytes, max_message: int):
         self.key = key
         self.credential = credential
         self.operator_pub = operator_pub
         self.max_message = max_message
         self.nonce = os.urandom(NONCE)
-        self.agent: AgentIdentity | None = None
-        self._agent_nonce = b""
+        self.peer: AgentIdentity | BrokerIdentity | None = None
+        self._peer_nonce = b""
 
     def hello(self) -> bytes:
         body = {"v": VERSION, "nonce": self.nonce, "cred": self.credential, "max": self.max_message}
         return encode_frame(FrameType.HELLO, {}, pack(body))
 
-    def receive_auth(self, frame: Frame) -> AgentIdentity:
-        """Verify the agent's AUTH; the caller then applies revocation/enrollment policy."""
-        if self.agent is not None:
+    def receive_auth(self, frame: Frame) -> AgentIdentity | BrokerIdentity:
+        """Verify the AUTH; the caller then applies revocation/enrollment policy."""
+        if self.peer is not None:
             raise ProtocolError("handshake already complete")
         msg = _expect(frame, FrameType.AUTH)
         nonce_a = _bytes(msg, "nonce", NONCE)
         sig = _bytes(msg, "sig", 64)
-        ident = verify_agent(msg.get("cred"), self.operator_pub)
+        ident: AgentIdentity | BrokerIdentity
+        if msg.get("peer") is True:
+            ident = verify_broker(msg.get("cred"), self.operator_pub)
+        else:
+            ident = verify_agent(msg.get("cred"), self.operator_pub)
         _verify(
             ident.pub,
             AUTH_CONTEXT + self.nonce + nonce_a + self.key.verify_key.encode(),
             sig,
-            "agent",
+            "peer broker" if isinstance(ident, BrokerIdentity) else "agent",
         )
-        self.agent = ident
-        self._agent_nonce = nonce_a
+        self.peer = ident
+        self._peer_nonce = nonce_a
         return ident
 
     def welcome(self) -> bytes:
-        if self.agent is None:
+        if self.peer is None:
             raise ProtocolError("no verified AUTH yet")
-        data = WELCOME_CONTEXT + self._agent_nonce + self.nonce + self.agent.pub
+        data = WELCOME_CONTEXT + self._peer_nonce + self.nonce + self.peer.pub
         body = {"sig": self.key.sign(data).signature, "session": secrets.token_hex(8)}
         return encode_frame(FrameType.WELCOME, {}, pack(body))
 
 
 class ClientHandshake:
-    def __init__(self, key: SigningKey, credential: bytes, operator_pub: bytes):
+    """The connecting side: an agent, or with ``peer=True`` a broker dialling a mesh peer."""
+
+    def __init__(
+        self, key: SigningKey, credential: bytes, operator_pub: bytes, peer: bool = False
+    ) -> None:
         self.key = key
         self.credential = credential
         self.operator_pub = operator_pub
+        self.as_peer = peer
         self.nonce = os.urandom(NONCE)
         self._broker: BrokerIdentity | None = None
         self._broker_nonce = b""
@@ -123,6 +135,8 @@ class ClientHandshake:
         self._max = max_message
         data = AUTH_CONTEXT + self._broker_nonce + self.nonce + self._broker.pub
         body = {"cred": self.credential, "nonce": self.nonce, "sig": self.key.sign(data).signature}
+        if self.as_peer:
+            body["peer"] = True
         return encode_frame(FrameType.AUTH, {}, pack(body))
 
     def receive_welcome(self, frame: Frame) -> Welcome:

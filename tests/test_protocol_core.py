@@ -150,7 +150,7 @@ def auth_refused(trust: Trust, key: SigningKey, blob: bytes) -> AuthError:
     auth = client.receive_hello(one(server.hello()))
     with pytest.raises(AuthError) as info:
         server.receive_auth(one(auth))
-    assert server.agent is None
+    assert server.peer is None
     with pytest.raises(ProtocolError):
         server.welcome()
     return info.value
@@ -179,7 +179,7 @@ def test_full_handshake_direct_credential(trust: Trust) -> None:
     assert ident.roles == ("agent", "inference")
     assert ident.grant == "" and ident.credential == blob
     assert ident.has_role("inference") and not ident.has_role("admin")
-    assert server.agent is ident
+    assert server.peer is ident
     assert welcome.broker.pub == pub(trust.broker_key) and welcome.broker.name == "broker-1"
     assert welcome.max_message == MAX_MESSAGE
     assert len(welcome.session) == 16 and int(welcome.session, 16) >= 0
@@ -213,7 +213,7 @@ def test_auth_signed_over_other_nonce_refused(trust: Trust) -> None:
     second = trust.server()  # same broker, fresh nonce: the AUTH was signed over the first one
     with pytest.raises(AuthError, match="agent signature does not verify"):
         second.receive_auth(one(auth))
-    assert second.agent is None
+    assert second.peer is None
     assert first.receive_auth(one(auth)).name == "alpha"  # the genuine recipient accepts it
 
 

@@ -102,6 +102,11 @@ HEADER_SPEC: dict[str, tuple[type, int]] = {
     "reason": (str, 1024),
     "name": (str, 256),
     "fatal": (bool, 1),
+    "keep": (bool, 1),
+    "tenant": (str, 256),
+    "origin": (str, 256),
+    "seq": (int, 2**63),
+    "to": (str, 256),
 }
 REQUIRED: dict[FrameType, tuple[str, ...]] = {
     FrameType.ERROR: ("code", "reason"),
@@ -112,6 +117,9 @@ REQUIRED: dict[FrameType, tuple[str, ...]] = {
     FrameType.KEYREQ: ("name",),
     FrameType.KEYRESP: ("name",),
     FrameType.NORESP: ("id", "dst", "reason"),
+    FrameType.PEER_STATE: ("origin", "seq"),
+    FrameType.RELAY: ("tenant", "origin", "ttl"),
+    FrameType.SYNC: ("origin",),
 }
 
 
@@ -443,7 +451,7 @@ def test_receive_auth_arbitrary_payload(payload: bytes) -> None:
     hs = server_hs()
     with pytest.raises(ProtocolError):
         hs.receive_auth(Frame(FrameType.AUTH, {}, payload))
-    assert hs.agent is None
+    assert hs.peer is None
     with pytest.raises(ProtocolError):
         hs.welcome()
 
@@ -478,7 +486,7 @@ def test_receive_auth_structured_hostile(msg: dict[str, Any]) -> None:
     # Without the agent's key nobody can produce a valid sig, so this must always be refused.
     with pytest.raises(ProtocolError):
         hs.receive_auth(Frame(FrameType.AUTH, {}, pack(msg)))
-    assert hs.agent is None
+    assert hs.peer is None
 
 
 @FUZZ
@@ -493,7 +501,7 @@ def test_receive_auth_wrong_frame_types(spec: tuple[FrameType, dict[str, Any], b
     else:
         with pytest.raises(ProtocolError):
             hs.receive_auth(frame)
-    assert hs.agent is None
+    assert hs.peer is None
 
 
 @FUZZ

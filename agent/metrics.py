@@ -1,0 +1,520 @@
+"""Metrics for the live resource feed: a registry plugins write to, and a psutil/NVML collector.
+
+Pure library code: nothing here touches the overlay. The agent builds one feed message with
+``metrics_snapshot`` every few seconds and publishes it on ``metrics.<agent>``.
+
+Feed message (only str/int/float/list/dict, so msgpack and JSON both carry it)::
+
+    {
+      "v": 1,                              # FEED_VERSION
+      "agent": "gpu-1",
+      "time": 1712345678.25,               # epoch seconds when the message was built
+      "system": {                          # SystemCollector.collect()
+        "interval_s": 5.0,                 # seconds the rates below were measured over
+        "cpu": {"count": 16, "percent": 12.5, "per_cpu": [10.0, 15.0, ...]},
+        "load": [0.5, 0.4, 0.3],           # 1, 5, 15 minute load average
+        "memory": {"total_bytes": ..., "used_bytes": ..., "available_bytes": ...,
+                   "percent": 41.0},
+        "swap": {"total_bytes": ..., "used_bytes": ..., "percent": 0.0},
+        "disk": {"path": "/var/lib/atoll", "total_bytes": ..., "used_bytes": ...,
+                 "free_bytes": ..., "percent": 63.1,
+                 "read_bytes_per_s": 0.0, "write_bytes_per_s": 4096.0},
+        "net": {"sent_bytes": ..., "recv_bytes": ...,             # totals since boot
+                "sent_bytes_per_s": 1200.0, "recv_bytes_per_s": 800.0},
+        "gpus": [{"index": 0, "name": "NVIDIA H100", "utilization_percent": 87.0,
+                  "memory_used_bytes": ..., "memory_total_bytes": ...,
+                  "temperature_c": 61.0, "power_w": 402.5}],
+      },
+      "plugins": {                         # plugin name -> MetricsRegistry.snapshot()
+        "inference": {
+          "requests": {"kind": "counter", "help": "...", "series": [
+              {"labels": {"adapter": "a1"}, "value": 42, "rate": 1.5}]},   # rate: per second
+          "queue_depth": {"kind": "gauge", "help": "", "series": [
+              {"labels": {}, "value": 3}]},
+          "latency_s": {"kind": "histogram", "help": "", "series": [
+              {"labels": {}, "count": 1000, "sum": 52.1,                   # cumulative
+               "window": 1000, "mean": 0.05, "p50": 0.04, "p90": 0.09, "p99": 0.2}]},
+        },
+      },
+    }
+
+A section or field the host cannot read (no disk I/O counters in a container, no GPU, a GPU
+without power readings) is left out rather than faked; ``gpus`` is then ``[]``. Histogram
+``mean``/``p50``/``p90``/``p99`` describe the recent window (the last 1024 observations no older
+than 60 s) and are absent while that window is empty. Gauge values may be NaN or infinite (a
+diverging training loss is worth showing); msgpack carries those, strict JSON does not.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+
+FEED_VERSION = 1
+METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+# The Prometheus exporter adds ``agent`` to every series and ``quantile`` to histogram ones.
+RESERVED_LABELS = frozenset({"agent", "quantile"})
+QUANTILES = ((0.5, "p50"), (0.9, "p90"), (0.99, "p99"))
+
+Clock = Callable[[], float]
+LabelKey = tuple[tuple[str, str], ...]
+
+
+# --- plugin metrics ------------------------------------------------------------------------------
+
+
+class Counter:
+    """A monotonically increasing count; also remembers recent increments for ``rate()``."""
+
+    kind = "counter"
+    RATE_WINDOW_S = 10.0
+    _KEEP_S = 60  # one-second buckets kept, so rate() windows up to a minute are answerable
+
+    def __init__(self, labels: dict[str, str], clock: Clock = time.monotonic) -> None:
+        self.labels = labels
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._value: float = 0
+        self._created = clock()
+        self._buckets: deque[list[float]] = deque()  # [whole second, increments in it]
+
+    @property
+    def value(self) -> float:
+        return self._value
+
+    def inc(self, n: float = 1) -> None:
+        if not n >= 0 or math.isinf(n):  # `not >=` also catches NaN
+            raise ValueError(f"a counter only goes up by a finite amount, got {n!r}")
+        now = self._clock()
+        second = math.floor(now)
+        with self._lock:
+            self._value += n
+            if self._buckets and self._buckets[-1][0] == second:
+                self._buckets[-1][1] += n
+            else:
+                self._buckets.append([second, n])
+                while self._buckets[0][0] < second - self._KEEP_S:
+                    self._buckets.popleft()
+
+    def rate(self, window_s: float = RATE_WINDOW_S) -> float:
+        """Increments per second over the last ``window_s`` (or since creation, if younger)."""
+        now = self._clock()
+        # Whole buckets from floor(now - window) on, so the span is exact, not a bucket short.
+        start = max(math.floor(now - window_s), self._created)
+        span = now - start
+        if span <= 0:
+            return 0.0
+        with self._lock:
+            total = sum(n for second, n in self._buckets if second >= math.floor(start))
+        return total / span
+
+    def _series(self) -> dict[str, Any]:
+        return {"labels": dict(self.labels), "value": self._value, "rate": self.rate()}
+
+
+class Gauge:
+    """A value that goes up and down (queue depth, adapters loaded, training loss)."""
+
+    kind = "gauge"
+
+    def __init__(self, labels: dict[str, str], clock: Clock = time.monotonic) -> None:
+        self.labels = labels
+        self._lock = threading.Lock()
+        self._value: float = 0
+
+    @property
+    def value(self) -> float:
+        return self._value
+
+    def set(self, value: float) -> None:
+        self._value = value
+
+    def inc(self, n: float = 1) -> None:
+        with self._lock:
+            self._value += n
+
+    def dec(self, n: float = 1) -> None:
+        with self._lock:
+            self._value -= n
+
+    def _series(self) -> dict[str, Any]:
+        return {"labels": dict(self.labels), "value": self._value}
+
+
+class Histogram:
+    """Observations (latencies, sizes): cumulative count and sum, plus percentiles and mean over a
+    bounded recent window (at most ``window`` observations, none older than ``max_age_s``), so
+    memory stays fixed however many are observed."""
+
+    kind = "histogram"
+
+    def __init__(
+        self,
+        labels: dict[str, str],
+        clock: Clock = time.monotonic,
+        window: int = 1024,
+        max_age_s: float = 60.0,
+    ) -> None:
+        if window < 1 or max_age_s <= 0:
+            raise ValueError("a histogram needs window >= 1 and max_age_s > 0")
+        self.labels = labels
+        self._clock = clock
+        self._max_age_s = max_age_s
+        self._lock = threading.Lock()
+        self._recent: deque[tuple[float, float]] = deque(maxlen=window)  # (time, value)
+        self.count = 0
+        self.sum: float = 0.0
+
+    def observe(self, value: float) -> None:
+        if math.isnan(value):
+            raise ValueError("cannot observe NaN")
+        with self._lock:
+            self.count += 1
+            self.sum += value
+            self._recent.append((self._clock(), value))
+
+    def window(self) -> list[float]:
+        """The observations still in the window, oldest first."""
+        horizon = self._clock() - self._max_age_s
+        with self._lock:
+            while self._recent and self._recent[0][0] < horizon:
+                self._recent.popleft()
+            return [v for _, v in self._recent]
+
+    def percentile(self, q: float) -> float | None:
+        """Nearest-rank percentile (an observed value) of the window, ``q`` in (0, 1]."""
+        return _nearest_rank(sorted(self.window()), q)
+
+    def _series(self) -> dict[str, Any]:
+        values = sorted(self.window())
+        out: dict[str, Any] = {
+            "labels": dict(self.labels),
+            "count": self.count,
+            "sum": self.sum,
+            "window": len(values),
+        }
+        if values:
+            out["mean"] = math.fsum(values) / len(values)
+            for q, key in QUANTILES:
+                out[key] = _nearest_rank(values, q)
+        return out
+
+
+def _nearest_rank(ordered: list[float], q: float) -> float | None:
+    if not 0 < q <= 1:
+        raise ValueError(f"percentile must be in (0, 1], got {q!r}")
+    if not ordered:
+        return None
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+Metric = Counter | Gauge | Histogram
+M = TypeVar("M", Counter, Gauge, Histogram)
+
+
+class _Family:
+    def __init__(self, kind: str, help: str, label_names: frozenset[str]) -> None:
+        self.kind = kind
+        self.help = help
+        self.label_names = label_names
+        self.series: dict[LabelKey, Metric] = {}
+
+
+class MetricsRegistry:
+    """One plugin's metrics. ``counter("x")`` twice returns the same object; a family is one name
+    with one kind and one set of label names, each distinct label-value set one series."""
+
+    def __init__(self, clock: Clock = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._families: dict[str, _Family] = {}
+
+    def counter(self, name: str, help: str = "", labels: dict[str, str] | None = None) -> Counter:
+        return self._get(Counter, name, help, labels)
+
+    def gauge(self, name: str, help: str = "", labels: dict[str, str] | None = None) -> Gauge:
+        return self._get(Gauge, name, help, labels)
+
+    def histogram(
+        self,
+        name: str,
+        help: str = "",
+        labels: dict[str, str] | None = None,
+        *,
+        window: int = 1024,
+        max_age_s: float = 60.0,
+    ) -> Histogram:
+        """``window``/``max_age_s`` apply when the series is created, not on later look-ups."""
+        return self._get(Histogram, name, help, labels, window=window, max_age_s=max_age_s)
+
+    def _get(
+        self, cls: type[M], name: str, help: str, labels: dict[str, str] | None, **kw: Any
+    ) -> M:
+        labels = dict(labels or {})
+        check_metric_name(name)
+        for key, value in labels.items():
+            check_label(key, value)
+        key = tuple(sorted(labels.items()))
+        with self._lock:
+            family = self._families.get(name)
+            if family is None:
+                family = self._families[name] = _Family(cls.kind, help, frozenset(labels))
+            elif family.kind != cls.kind:
+                raise ValueError(
+                    f"metric {name!r} is already registered as a {family.kind}, not a {cls.kind}"
+                )
+            elif family.label_names != frozenset(labels):
+                raise ValueError(
+                    f"metric {name!r} has labels {sorted(family.label_names)}, got {sorted(labels)}"
+                )
+            if help and not family.help:
+                family.help = help
+            metric = family.series.get(key)
+            if metric is None:
+                metric = family.series[key] = cls(labels, self._clock, **kw)
+            return metric  # type: ignore[return-value]  # the family's kind is cls.kind
+
+    def snapshot(self) -> dict[str, Any]:
+        """``{name: {"kind", "help", "series": [...]}}``; see the module docstring."""
+        with self._lock:
+            families = [(n, f, list(f.series.values())) for n, f in self._families.items()]
+        return {
+            name: {"kind": f.kind, "help": f.help, "series": [m._series() for m in series]}
+            for name, f, series in families
+        }
+
+
+def check_metric_name(name: str) -> None:
+    if not isinstance(name, str) or not METRIC_NAME.fullmatch(name):
+        raise ValueError(f"invalid metric name {name!r}: must match {METRIC_NAME.pattern}")
+
+
+def check_label(name: str, value: str) -> None:
+    if not isinstance(name, str) or not LABEL_NAME.fullmatch(name) or name.startswith("__"):
+        raise ValueError(
+            f"invalid label name {name!r}: must match {LABEL_NAME.pattern} and not start with __"
+        )
+    if name in RESERVED_LABELS:
+        raise ValueError(f"label name {name!r} is reserved (one of {sorted(RESERVED_LABELS)})")
+    if not isinstance(value, str):
+        raise ValueError(f"label {name!r} value must be a str, got {type(value).__name__}")
+
+
+# --- system metrics ------------------------------------------------------------------------------
+
+
+class SystemCollector:
+    """Reads host metrics with psutil (and NVML when present). Rates and CPU percentages cover the
+    time since the previous ``collect()`` (since construction for the first one)."""
+
+    def __init__(
+        self, data_dir: str | Path = ".", *, gpus: bool = True, clock: Clock = time.monotonic
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self._clock = clock
+        # CPU percentages from our own cpu_times deltas rather than psutil.cpu_percent(None):
+        # the same non-blocking semantics, without sharing psutil's module-global baseline with
+        # every other caller in the process (a second collector or a plugin would steal it).
+        self._cpu = psutil.cpu_times(percpu=True)
+        self._cpu_total = psutil.cpu_times()
+        self._net = _safe(psutil.net_io_counters)
+        self._disk_io = _safe(psutil.disk_io_counters)
+        self._last = clock()
+        self._nvml = _Nvml.open() if gpus else None
+
+    def collect(self) -> dict[str, Any]:
+        now = self._clock()
+        interval = max(now - self._last, 1e-9)
+        self._last = now
+
+        cpu = psutil.cpu_times(percpu=True)
+        cpu_total = psutil.cpu_times()
+        per_cpu = [_busy_percent(a, b) for a, b in zip(self._cpu, cpu, strict=False)]
+        total = _busy_percent(self._cpu_total, cpu_total)
+        self._cpu, self._cpu_total = cpu, cpu_total
+
+        mem = psutil.virtual_memory()
+        swap = psutil.swap_memory()
+        out: dict[str, Any] = {
+            "interval_s": interval,
+            "cpu": {"count": len(per_cpu), "percent": total, "per_cpu": per_cpu},
+            "load": [float(x) for x in _safe(psutil.getloadavg) or ()],
+            "memory": {
+                "total_bytes": mem.total,
+                "used_bytes": mem.used,
+                "available_bytes": mem.available,
+                "percent": float(mem.percent),
+            },
+            "swap": {
+                "total_bytes": swap.total,
+                "used_bytes": swap.used,
+                "percent": float(swap.percent),
+            },
+            "disk": self._disk(interval),
+            "net": self._network(interval),
+            "gpus": self._nvml.read() if self._nvml else [],
+        }
+        return out
+
+    def _disk(self, interval: float) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        path = _existing(self.data_dir)
+        usage = _safe(psutil.disk_usage, str(path))
+        if usage is not None:
+            out.update(
+                path=str(path),
+                total_bytes=usage.total,
+                used_bytes=usage.used,
+                free_bytes=usage.free,
+                percent=float(usage.percent),
+            )
+        io = _safe(psutil.disk_io_counters)
+        if io is not None and self._disk_io is not None:
+            out["read_bytes_per_s"] = _rate(self._disk_io.read_bytes, io.read_bytes, interval)
+            out["write_bytes_per_s"] = _rate(self._disk_io.write_bytes, io.write_bytes, interval)
+        self._disk_io = io
+        return out
+
+    def _network(self, interval: float) -> dict[str, Any]:
+        io = _safe(psutil.net_io_counters)
+        if io is None:
+            return {}
+        out: dict[str, Any] = {"sent_bytes": io.bytes_sent, "recv_bytes": io.bytes_recv}
+        if self._net is not None:
+            out["sent_bytes_per_s"] = _rate(self._net.bytes_sent, io.bytes_sent, interval)
+            out["recv_bytes_per_s"] = _rate(self._net.bytes_recv, io.bytes_recv, interval)
+        self._net = io
+        return out
+
+    def close(self) -> None:
+        if self._nvml:
+            self._nvml.close()
+            self._nvml = None
+
+
+def _cpu_total_time(times: Any) -> float:
+    # On Linux guest time is already counted in user time (psutil subtracts it the same way).
+    return sum(times) - getattr(times, "guest", 0) - getattr(times, "guest_nice", 0)
+
+
+def _busy_percent(before: Any, after: Any) -> float:
+    deltas = type(after)(*(max(0.0, b - a) for a, b in zip(before, after, strict=True)))
+    total = _cpu_total_time(deltas)
+    if total <= 0:
+        return 0.0
+    busy = total - deltas.idle - getattr(deltas, "iowait", 0)
+    return round(min(100.0, max(0.0, busy / total * 100)), 1)
+
+
+def _rate(before: int, after: int, interval: float) -> float:
+    return max(0, after - before) / interval  # counters reset when a NIC or disk goes away
+
+
+def _existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _safe(fn: Callable[..., Any], *args: Any) -> Any:
+    """psutil calls that some platforms or containers lack: None instead of an error."""
+    try:
+        return fn(*args)
+    except (OSError, RuntimeError, NotImplementedError, AttributeError):
+        return None
+
+
+class _Nvml:
+    """GPU readings through NVML (``pynvml`` from nvidia-ml-py); absent module, library, driver or
+    GPU all mean no GPU metrics, never an error."""
+
+    def __init__(self, nvml: Any, handles: list[Any]) -> None:
+        self.nvml = nvml
+        self.handles = handles
+
+    @classmethod
+    def open(cls) -> _Nvml | None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+        except Exception:  # ImportError, NVMLError_LibraryNotFound, NVMLError_DriverNotLoaded...
+            return None
+        try:
+            count = pynvml.nvmlDeviceGetCount()
+            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+        except Exception:
+            _quietly(pynvml.nvmlShutdown)
+            return None
+        if not handles:
+            _quietly(pynvml.nvmlShutdown)
+            return None
+        return cls(pynvml, handles)
+
+    def read(self) -> list[dict[str, Any]]:
+        nv = self.nvml
+        gpus = []
+        for index, h in enumerate(self.handles):
+            gpu: dict[str, Any] = {"index": index}
+            name = _quietly(nv.nvmlDeviceGetName, h)
+            if name is not None:
+                gpu["name"] = name.decode() if isinstance(name, bytes) else str(name)
+            util = _quietly(nv.nvmlDeviceGetUtilizationRates, h)
+            if util is not None:
+                gpu["utilization_percent"] = float(util.gpu)
+            mem = _quietly(nv.nvmlDeviceGetMemoryInfo, h)
+            if mem is not None:
+                gpu["memory_used_bytes"] = int(mem.used)
+                gpu["memory_total_bytes"] = int(mem.total)
+            temp = _quietly(nv.nvmlDeviceGetTemperature, h, nv.NVML_TEMPERATURE_GPU)
+            if temp is not None:
+                gpu["temperature_c"] = float(temp)
+            power_mw = _quietly(nv.nvmlDeviceGetPowerUsage, h)
+            if power_mw is not None:
+                gpu["power_w"] = power_mw / 1000.0
+            gpus.append(gpu)
+        return gpus
+
+    def close(self) -> None:
+        _quietly(self.nvml.nvmlShutdown)
+
+
+def _quietly(fn: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except Exception:  # NVMLError_NotSupported and friends: that reading is simply absent
+        return None
+
+
+# --- the feed message ----------------------------------------------------------------------------
+
+
+def metrics_snapshot(
+    *,
+    agent: str,
+    system: dict[str, Any],
+    plugins: Mapping[str, MetricsRegistry | dict[str, Any]],
+    now: float | None = None,
+) -> dict[str, Any]:
+    """One agent's feed message (shape in the module docstring). ``plugins`` maps plugin names to
+    their registries (snapshotted here) or to snapshots already taken."""
+    return {
+        "v": FEED_VERSION,
+        "agent": agent,
+        "time": time.time() if now is None else now,
+        "system": system,
+        "plugins": {
+            name: reg.snapshot() if isinstance(reg, MetricsRegistry) else reg
+            for name, reg in plugins.items()
+        },
+    }

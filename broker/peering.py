@@ -1,0 +1,326 @@
+"""The broker mesh's I/O: authenticated links to peer brokers, advert flooding, relaying.
+
+A link is a websocket like an agent's, opened by either broker (``--peer URL`` dials; the other
+accepts) and authenticated with operator-signed broker credentials on both sides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from typing import TYPE_CHECKING, Any
+
+from atoll.broker.mesh import MAX_HOPS, Advert, LinkState, SeenIds
+from atoll.logs import EventLogger
+from atoll.protocol.errors import AuthError, ProtocolError
+from atoll.protocol.frames import Frame, FrameType, decode_message, encode_frame, pack, unpack_map
+from atoll.protocol.handshake import ClientHandshake
+from atoll.protocol.subjects import check_name, check_subject, split_address
+from atoll.transport import CLOSE_POLICY, WebSocket, connect
+
+if TYPE_CHECKING:
+    from atoll.broker.server import BrokerServer
+
+
+class PeerLink:
+    def __init__(self, mesh: Mesh, ws: WebSocket, name: str, dialled: bool) -> None:
+        self.mesh = mesh
+        self.ws = ws
+        self.name = name
+        self.dialled = dialled
+        self.send = ws.send
+        ws.deliver_to(self._on_message)
+        ws.closed.add_done_callback(lambda _: mesh.detach(self))
+
+    def _on_message(self, data: bytes | str) -> None:
+        try:
+            for frame in decode_message(data, self.mesh.server.max_message):
+                self.mesh.on_frame(self, frame)
+        except ProtocolError as exc:
+            self.mesh.log.warning("mesh.frame_refused", peer=self.name, reason=exc.reason)
+            self.ws.close(CLOSE_POLICY, exc.reason)
+
+
+class Mesh:
+    def __init__(
+        self,
+        server: BrokerServer,
+        peers: list[str],
+        refresh: float = 2.0,
+        backoff_max: float = 2.0,
+    ) -> None:
+        self.server = server
+        self.me = server.keys.name
+        self.urls = list(peers)
+        self.refresh = refresh
+        self.backoff_max = backoff_max
+        self.log = EventLogger("mesh", broker=self.me)
+        self.state = LinkState(self.me)
+        self.links: dict[str, PeerLink] = {}
+        self._seen = SeenIds()
+        self._synced = SeenIds()
+        self._advert_pending = False
+        self._tasks: list[asyncio.Task] = []
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._dial(url)) for url in self.urls]
+        self._tasks.append(asyncio.create_task(self._refresh()))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for link in list(self.links.values()):
+            link.ws.close(1001, "broker shutting down")
+
+    async def _refresh(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh)
+            gone = self.state.expire(3 * self.refresh)
+            if gone:
+                self.log.info("mesh.expired", brokers=",".join(gone))
+            self._advertise()
+
+    async def _dial(self, url: str) -> None:
+        failures = 0
+        while True:
+            try:
+                ws = await connect(
+                    url,
+                    max_message=self.server.max_message,
+                    ping_interval=self.server.ping_interval,
+                    open_timeout=5,
+                    ssl_context=self.server.peer_ssl,
+                )
+                try:
+                    name = await self._handshake(ws)
+                except BaseException:
+                    ws.abort()
+                    raise
+                if self.attach(ws, name, dialled=True):
+                    failures = 0
+                    await ws.wait_closed()
+            except (OSError, ConnectionError, ProtocolError, TimeoutError) as exc:
+                reason = getattr(exc, "reason", "") or str(exc) or type(exc).__name__
+                self.log.info("mesh.dial_failed", url=url, reason=reason)
+            failures += 1
+            cap = min(self.backoff_max, 0.05 * 2 ** min(failures, 10))
+            await asyncio.sleep(random.uniform(cap / 2, cap))
+
+    async def _handshake(self, ws: WebSocket) -> str:
+        keys = self.server.keys
+        hs = ClientHandshake(keys.key, keys.credential, keys.operator_pub, peer=True)
+
+        async def one() -> Frame:
+            frames = decode_message(await ws.recv(5), self.server.max_message)
+            if len(frames) != 1:
+                raise ProtocolError("handshake frames must come alone")
+            return frames[0]
+
+        ws.send(hs.receive_hello(await one()))
+        welcome = hs.receive_welcome(await one())
+        if welcome.broker.name == self.me:
+            raise AuthError("dialled ourselves")
+        return welcome.broker.name
+
+    # --- links -----------------------------------------------------------------------------------
+
+    def attach(self, ws: WebSocket, name: str, dialled: bool) -> bool:
+        """A new authenticated link. Two brokers dialling each other keep one link: the one
+        dialled by the broker whose name sorts first."""
+        old = self.links.get(name)
+        if old is not None and old.ws.open:
+            keep_new = dialled == (self.me < name)
+            if not keep_new:
+                ws.close(1000, "duplicate mesh link")
+                return False
+            old.ws.close(1000, "duplicate mesh link")
+        link = PeerLink(self, ws, name, dialled)
+        self.links[name] = link
+        self.log.info("mesh.linked", peer=name, dialled=dialled)
+        for advert in list(self.state.adverts.values()):  # bring the new peer up to date
+            link.send(self._advert_frame(advert))
+        for blob in self.server.state.revocation_blobs():
+            link.send(
+                encode_frame(
+                    FrameType.SYNC, {"origin": self.me}, pack({"kind": "revoke", "blob": blob})
+                )
+            )
+        self._advertise()
+        return True
+
+    def detach(self, link: PeerLink) -> None:
+        if self.links.get(link.name) is link:
+            del self.links[link.name]
+            self.log.info("mesh.unlinked", peer=link.name)
+            self._advertise()
+
+    # --- adverts ---------------------------------------------------------------------------------
+
+    def changed(self) -> None:
+        """Local agents or interest changed: advertise once this loop iteration is done."""
+        if not self._advert_pending:
+            self._advert_pending = True
+            asyncio.get_running_loop().call_soon(self._advertise)
+
+    def _advertise(self) -> None:
+        self._advert_pending = False
+        if not self.links:  # alone: nobody to tell (attach advertises on the first link)
+            return
+        agents, subs = self.server.router.local_view()
+        advert = self.state.advertise(set(self.links), agents, subs)
+        self._flood(self._advert_frame(advert), exclude=None)
+
+    def _advert_frame(self, advert: Advert) -> bytes:
+        return encode_frame(
+            FrameType.PEER_STATE, {"origin": advert.name, "seq": advert.seq}, advert.encode()
+        )
+
+    def _flood(self, data: bytes, exclude: str | None) -> None:
+        for name, link in self.links.items():
+            if name != exclude:
+                link.send(data)
+
+    # --- frames from peers -----------------------------------------------------------------------
+
+    def on_frame(self, link: PeerLink, f: Frame) -> None:
+        if f.type is FrameType.RELAY:
+            self._relay(link, f)
+        elif f.type is FrameType.PEER_STATE:
+            advert = Advert.decode(f.payload)
+            if advert.name != f.header["origin"] or advert.seq != f.header["seq"]:
+                raise ProtocolError("advert header and body disagree")
+            if self.state.accept(advert):
+                self._flood(f.raw or self._advert_frame(advert), exclude=link.name)
+        elif f.type is FrameType.SYNC:
+            self._sync(link, f)
+        else:
+            raise ProtocolError(f"peer brokers may not send {f.type.name} frames")
+
+    def flood_sync(self, body: dict[str, Any]) -> None:
+        data = pack(body)
+        self._synced.add(data)
+        self._flood(encode_frame(FrameType.SYNC, {"origin": self.me}, data), exclude=None)
+
+    def _sync(self, link: PeerLink, f: Frame) -> None:
+        if not self._synced.add(f.payload):
+            return
+        body = unpack_map(f.payload, "sync")
+        kind = body.get("kind")
+        if kind == "revoke":
+            try:
+                self.server.router.apply_revocation(body.get("blob"))  # type: ignore[arg-type]
+            except AuthError as exc:
+                raise ProtocolError(f"peer sent a bad revocation: {exc.reason}") from None
+        elif kind == "enroll":
+            try:
+                jti, tenant, pub, name, at = (
+                    body[k] for k in ("jti", "tenant", "pub", "name", "at")
+                )
+                if not (isinstance(jti, str) and isinstance(pub, bytes) and type(at) is int):
+                    raise TypeError
+                check_name(tenant, "tenant name")
+                check_name(name, "agent name")
+            except (KeyError, TypeError):
+                raise ProtocolError("peer sent a malformed enrollment") from None
+            self.server.state.record_enrollment(jti, tenant, pub, name, at)
+        else:
+            raise ProtocolError(f"unknown sync kind {kind!r}")
+        self._flood(f.raw, exclude=link.name)
+
+    # --- relaying --------------------------------------------------------------------------------
+
+    def _relay_frame(self, tenant: str, origin: str, ttl: int, inner: bytes, to: str = "") -> bytes:
+        header: dict[str, Any] = {"tenant": tenant, "origin": origin, "ttl": ttl}
+        if to:
+            header["to"] = to
+        return encode_frame(FrameType.RELAY, header, inner)
+
+    def forward_msg(
+        self,
+        tenant: str,
+        agent: str,
+        data: bytes,
+        ttl: int = MAX_HOPS,
+        origin: str | None = None,
+        to: str = "",
+    ) -> bool:
+        where = self.state.locate(tenant, agent)
+        hop = self.state.next_hops().get(where) if where and where != self.me else None
+        link = self.links.get(hop) if hop else None
+        if link is None:
+            return False
+        link.send(self._relay_frame(tenant, origin or self.me, ttl, data, to))
+        return True
+
+    def forward_pub(
+        self,
+        tenant: str,
+        subject: str,
+        data: bytes,
+        keep: bool,
+        origin: str | None = None,
+        ttl: int = MAX_HOPS,
+    ) -> None:
+        origin = origin or self.me
+        # Kept publications (discovery state) go to every broker, so any later subscriber sees
+        # them; the rest only where someone listens.
+        targets = set(self.state.next_hops()) if keep else self.state.interested(tenant, subject)
+        if not targets:
+            return
+        frame = self._relay_frame(tenant, origin, ttl, data)
+        for hop in self.state.fanout(origin, targets):
+            link = self.links.get(hop)
+            if link is not None:
+                link.send(frame)
+
+    def credential(self, tenant: str, agent: str) -> bytes | None:
+        return self.state.credential(tenant, agent)
+
+    def _relay(self, link: PeerLink, f: Frame) -> None:
+        h = f.header
+        tenant, origin, ttl = h["tenant"], h["origin"], h["ttl"] - 1
+        check_name(tenant, "tenant name")
+        inner_frames = decode_message(f.payload, self.server.max_message)
+        if len(inner_frames) != 1:
+            raise ProtocolError("a relay carries one frame")
+        inner = inner_frames[0]
+        ih = inner.header
+        src = ih.get("src", "")
+        if inner.type in (FrameType.MSG, FrameType.PUB):
+            split_address(src)  # brokers stamp it; a peer must not relay anonymous frames
+        if not self._seen.add((origin, tenant, inner.type, src, ih.get("id"))):
+            return  # a second copy (views differed for a moment): exactly once still
+        router = self.server.router
+        if inner.type is FrameType.PUB:
+            subject = ih["subj"]
+            check_subject(subject)
+            keep = ih.get("keep", False)
+            router.deliver_pub(tenant, subject, f.payload, keep)
+            if ttl > 0:
+                self.forward_pub(tenant, subject, f.payload, keep, origin, ttl)
+        elif inner.type is FrameType.MSG:
+            agent, _ = split_address(ih["dst"])
+            if router.deliver_msg(tenant, agent, f.payload):
+                return
+            if ttl > 0 and self.forward_msg(tenant, agent, f.payload, ttl, origin):
+                return
+            sender, _ = split_address(src)  # tell the sender, wherever it is
+            reason = f"no agent {agent!r} in tenant {tenant!r}"
+            noresp = encode_frame(
+                FrameType.NORESP, {"id": ih["id"], "dst": ih["dst"], "reason": reason}
+            )
+            if not router.deliver_msg(tenant, sender, noresp):
+                self.forward_msg(tenant, sender, noresp, MAX_HOPS, self.me, to=sender)
+        elif inner.type is FrameType.NORESP:
+            to = h.get("to", "")
+            check_name(to, "agent name")
+            if not router.deliver_msg(tenant, to, f.payload) and ttl > 0:
+                self.forward_msg(tenant, to, f.payload, ttl, origin, to=to)
+        else:
+            raise ProtocolError(f"cannot relay a {inner.type.name} frame")
