@@ -57,7 +57,7 @@ async def agent(op: OperatorStore, name: str, urls: list[str], tenant: str = "ac
 
 
 async def test_triangle_rpc_and_exactly_once_pubsub(operator, triangle) -> None:
-    b1, b2, b3 = triangle
+    b3 = triangle[2]
     agents = [await agent(operator, f"a{i}", [b.url]) for i, b in enumerate(triangle, 1)]
     a1, a2, a3 = agents
     try:
@@ -147,7 +147,7 @@ async def test_broker_death_failover_and_reconvergence(operator, triangle) -> No
 
 
 async def test_revocation_reaches_every_broker(operator, triangle) -> None:
-    b1, b2, b3 = triangle
+    b1, _, b3 = triangle
     victim = await agent(operator, "victim", [b3.url])
     admin = await agent(operator, "admin", [b1.url])
     try:
