@@ -224,6 +224,8 @@ def agent_run(config: Annotated[Path, typer.Option(help="Agent TOML config.")]) 
                 max_message=b.max_message,
                 queue_limit=b.queue_limit,
                 ssl_context=tls,
+                peers=b.peers,
+                peer_ssl=client_tls(cfg.agent.ca_file),
             )
             await server.start(*parse_listen(b.listen))
             out.print(f"broker {server.keys.name} listening on {server.url}")
@@ -314,6 +316,10 @@ def broker_run(
     listen: Annotated[str, typer.Option(help="HOST:PORT to listen on.")] = "127.0.0.1:7400",
     tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate: serve wss://")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key for --tls-cert")] = None,
+    peer: Annotated[
+        list[str] | None, typer.Option(help="Peer broker URL to link with (repeatable).")
+    ] = None,
+    ca_file: Annotated[Path | None, typer.Option(help="CA bundle for wss:// peers.")] = None,
 ) -> None:
     """Run a broker until Ctrl-C."""
     if ctx.invoked_subcommand is not None:
@@ -325,7 +331,10 @@ def broker_run(
     logs.setup()
 
     async def main() -> None:
-        server = await BrokerServer.from_data_dir(data_dir, ssl_context=tls).start(host, port)
+        server = BrokerServer.from_data_dir(
+            data_dir, ssl_context=tls, peers=peer or [], peer_ssl=client_tls(ca_file)
+        )
+        await server.start(host, port)
         out.print(f"broker {server.keys.name} listening on {server.url}")
         try:
             await wait_for_signal()

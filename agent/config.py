@@ -56,6 +56,7 @@ class BrokerSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     listen: str = "127.0.0.1:7400"
+    peers: list[str] = []  # other brokers to link with into the mesh
     tls_cert: Path | None = None  # both set: the broker listens on wss://
     tls_key: Path | None = None
 

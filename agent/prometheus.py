@@ -62,6 +62,8 @@ _DISK: list[tuple[str, str, str]] = [  # labelled with the data dir's path
     ("atoll_disk_used_bytes", "Used space on the data dir's filesystem.", "used_bytes"),
     ("atoll_disk_free_bytes", "Free space on the data dir's filesystem.", "free_bytes"),
     ("atoll_disk_percent", "Used space on the data dir's filesystem, percent.", "percent"),
+]
+_DISK_IO: list[tuple[str, str, str]] = [  # all disks, so no path label
     ("atoll_disk_read_bytes_per_second", "Bytes read per second, all disks.", "read_bytes_per_s"),
     (
         "atoll_disk_write_bytes_per_second",
@@ -131,6 +133,9 @@ def _add_system(out: _Exposition, base: dict[str, str], system: dict[str, Any]) 
         for family, help, key in _DISK:
             if key in disk:
                 out.add(family, "gauge", help, [("", labels, disk[key])])
+        for family, help, key in _DISK_IO:
+            if key in disk:
+                out.add(family, "gauge", help, [("", base, disk[key])])
     gpus = system.get("gpus")
     if isinstance(gpus, list):
         for i, gpu in enumerate(g for g in gpus if isinstance(g, dict)):

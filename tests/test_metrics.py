@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import socket
@@ -197,7 +198,7 @@ def test_system_collect_matches_psutil(collector: SystemCollector, tmp_path: Pat
     assert 0 <= data["memory"]["percent"] <= 100
     assert data["disk"]["total_bytes"] == psutil.disk_usage(str(Path(__file__).parent)).total
     assert len(data["load"]) == 3 and all(x >= 0 for x in data["load"])
-    assert data["net"]["sent_bytes"] > 0 or data["net"]["recv_bytes"] >= 0
+    assert data["net"]["sent_bytes"] >= 0 and data["net"]["recv_bytes"] >= 0
     assert isinstance(data["gpus"], list)
     # A data dir that does not exist yet reports the filesystem it will live on.
     later = SystemCollector(tmp_path / "not" / "yet", gpus=False).collect()
@@ -432,6 +433,11 @@ def test_prometheus_text_parses_and_carries_values() -> None:
     assert {s.labels["agent"] for s in _samples(families["atoll_load1"])} == {"gpu-1", "cpu-1"}
     disk = _samples(families["atoll_disk_total_bytes"])[0]
     assert disk.labels["path"] == gpu1["system"]["disk"]["path"]
+    if "read_bytes_per_s" in gpu1["system"]["disk"]:
+        reads = _samples(families["atoll_disk_read_bytes_per_second"])
+        assert {s.labels["agent"] for s in reads} == {"gpu-1", "cpu-1"} and "path" not in reads[
+            0
+        ].labels
 
     gpu = _samples(families["atoll_gpu_utilization_percent"])
     assert [(s.labels, s.value) for s in gpu] == [({"agent": "gpu-1", "gpu": "0"}, 87.0)]
@@ -563,7 +569,7 @@ ENTRIES = [
 
 
 def _text(table: Any) -> str:
-    console = Console(record=True, width=200)
+    console = Console(record=True, width=200, file=io.StringIO())  # recorded, not printed
     console.print(table)
     return console.export_text()
 
