@@ -450,11 +450,17 @@ class Agent:
 
     # --- pub/sub -------------------------------------------------------------------------------
 
-    async def publish(self, subject: str, data: Any, src: str | None = None) -> None:
+    async def publish(
+        self, subject: str, data: Any, src: str | None = None, keep: bool = False
+    ) -> None:
+        """Publish on a tenant subject; ``keep`` asks brokers to hold it for later subscribers
+        (the last one per subject, as discovery announcements)."""
         check_subject(subject)
         src = src or self.name
         sealed = self._sealer.seal(self.keys.feed_keys[self._feed_kid], src, subject, data)
         header = {"id": next(self._ids), "src": src, "subj": subject, "kid": self._feed_kid}
+        if keep:
+            header["keep"] = True
         self.link.send(encode_frame(FrameType.PUB, header, sealed))
         if self.link.full():  # checked inline: a coroutine call per message is measurable
             await self.link.room()

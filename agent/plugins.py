@@ -14,6 +14,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar
 
+from atoll.agent.metrics import MetricsRegistry
 from atoll.agent.node import Agent, Publication, Subscription
 from atoll.logs import EventLogger
 
@@ -39,6 +40,7 @@ class PluginContext:
         self.data_dir = data_dir
         self.address = f"{agent.name}/{name}"
         self.log = EventLogger(f"plugin.{name}", agent=agent.name, tenant=agent.tenant)
+        self.metrics = MetricsRegistry()  # rides the agent's metrics feed under this plugin
 
     @property
     def identity(self):
@@ -72,6 +74,11 @@ class Plugin:
         """Release what ``start`` took."""
 
     def status(self) -> dict[str, Any]:
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        """What discovery announces for this plugin: optional ``capabilities`` (e.g. base
+        models, adapters loaded), ``endpoints`` and ``load`` (e.g. queue depth)."""
         return {}
 
     def rpc_methods(self) -> dict[str, Callable]:
@@ -142,6 +149,27 @@ class PluginHost:
                 await self.remove(name)
             except Exception as exc:
                 self.log.error("plugin.stop_failed", plugin=name, error=exc)
+
+    def describe(self) -> dict[str, Any]:
+        """The announcement body for discovery, gathered from every running plugin."""
+        out: dict[str, Any] = {"plugins": [], "capabilities": {}, "endpoints": {}, "load": {}}
+        for name, plugin in self.plugins.items():
+            if plugin.state != "running":
+                continue
+            out["plugins"].append(name)
+            try:
+                described = plugin.describe()
+            except Exception as exc:  # one plugin's bug must not silence the agent
+                self.log.error("plugin.describe_failed", plugin=name, error=exc)
+                continue
+            for key in ("capabilities", "endpoints"):
+                if described.get(key):
+                    out[key][name] = described[key]
+            out["load"].update(described.get("load", {}))
+        return out
+
+    def metrics(self) -> dict[str, MetricsRegistry]:
+        return {n: p.ctx.metrics for n, p in self.plugins.items() if p.ctx is not None}
 
     def statuses(self) -> list[dict[str, Any]]:
         out = []

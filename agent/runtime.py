@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from atoll.agent.discovery import Announcer
+from atoll.agent.feed import MetricsPublisher
 from atoll.agent.identity import AgentKeys
 from atoll.agent.node import Agent
 from atoll.agent.plugins import PluginHost
@@ -12,9 +14,13 @@ from atoll.agent.system_plugin import SystemPlugin
 
 
 class AgentRuntime:
-    def __init__(self, agent: Agent, host: PluginHost) -> None:
+    def __init__(
+        self, agent: Agent, host: PluginHost, announcer: Announcer, feed: MetricsPublisher
+    ) -> None:
         self.agent = agent
         self.host = host
+        self.announcer = announcer
+        self.feed = feed
 
     @classmethod
     async def start(
@@ -25,6 +31,9 @@ class AgentRuntime:
         *,
         keys: AgentKeys | None = None,
         connect_timeout: float = 10.0,
+        labels: dict[str, str] | None = None,
+        heartbeat: float = 5.0,
+        metrics_interval: float = 5.0,
         **agent_options: Any,
     ) -> AgentRuntime:
         keys = keys or AgentKeys.load(data_dir)
@@ -35,8 +44,15 @@ class AgentRuntime:
         for name, config in (plugins or {}).items():
             if name != "system" and config.get("enabled", True):
                 await host.add(name, config)
-        return cls(agent, host)
+        fixed = {"labels": dict(labels or {})}
+        announcer = Announcer(agent, lambda: {**fixed, **host.describe()}, heartbeat)
+        announcer.start()
+        feed = MetricsPublisher(agent, host, data_dir, metrics_interval)
+        feed.start()
+        return cls(agent, host, announcer, feed)
 
     async def stop(self) -> None:
+        await self.feed.stop()
+        await self.announcer.stop()  # says "leaving" while the link is still up
         await self.host.stop_all()
         await self.agent.stop()

@@ -55,6 +55,17 @@ class Mesh(Protocol):
 
 
 MAX_RETAINED_PER_TENANT = 10_000
+METRICS_PREFIX = "metrics."
+WATCH_ROLES = ("admin", "operator")
+
+
+def may_watch(ident: AgentIdentity, subject: str) -> bool:
+    """An agent sees its own metrics feed; only admins and operators see everyone's."""
+    return (
+        not subject.startswith(METRICS_PREFIX)
+        or subject == METRICS_PREFIX + ident.name
+        or ident.has_role(*WATCH_ROLES)
+    )
 
 
 def error_frame(code: str, reason: str, **header: object) -> bytes:
@@ -161,7 +172,10 @@ class Router:
                 space.retained[subject] = data
             else:
                 self.log.warning("broker.retained_full", tenant=tenant, subject=subject)
-        for target in dict.fromkeys(space.subs.match(subject)):  # one copy per connection
+        targets = dict.fromkeys(space.subs.match(subject))  # one copy per connection
+        if subject.startswith(METRICS_PREFIX):
+            targets = {t: None for t in targets if may_watch(t.ident, subject)}  # type: ignore[attr-defined]
+        for target in targets:
             target.send(data)  # type: ignore[attr-defined]
 
     # --- frames --------------------------------------------------------------------------------
@@ -233,12 +247,23 @@ class Router:
         space = self._space(s.ident.tenant)
         space.subs.add((s.id, sid), pattern, s)
         for subject, data in space.retained.items():  # a new subscriber sees the current state
-            if matches(tokens, subject.split(".")):
+            if matches(tokens, subject.split(".")) and may_watch(s.ident, subject):
                 s.send(data)
         self._changed()
 
     def may_subscribe(self, ident: AgentIdentity, pattern: str) -> None:
-        """Subscription policy beyond tenant scoping (tenant scoping is structural)."""
+        """Subscription policy beyond tenant scoping (tenant scoping is structural): asking for
+        other agents' metrics by name needs a role; wider patterns are filtered on delivery."""
+        tokens = pattern.split(".")
+        if (
+            tokens[0] == "metrics"
+            and len(tokens) > 1
+            and tokens[1] != ident.name
+            and not ident.has_role(*WATCH_ROLES)
+        ):
+            raise ProtocolError(
+                "only admin or operator roles may watch other agents' metrics", code="forbidden"
+            )
 
     def _unsub(self, s: Session, f: Frame) -> None:
         sid = f.header["sid"]

@@ -963,7 +963,10 @@ def ref_valid_subject(s: str, pattern: bool, system: bool) -> bool:
         if i == 0 and t.startswith("$"):
             if not system:
                 return False
-            t = t[1:]
+            t = t[1:]  # "$" marks a literal token: never a wildcard
+            if not (1 <= len(t) <= 64 and set(t) <= allowed):
+                return False
+            continue
         if pattern and (t == "*" or (t == ">" and i == len(toks) - 1)):
             continue
         if not (1 <= len(t) <= 64 and set(t) <= allowed):

@@ -1,0 +1,234 @@
+"""Discovery: who is on the tenant's overlay, what they offer, and whether they are alive.
+
+Every agent announces itself on ``discovery.announce.<agent>`` when it joins and at every
+heartbeat. Announcements are *kept* publications: brokers hold the last one per agent, so a new
+subscriber sees the whole tenant at once. A ``Discovery`` view turns them into entries with a
+liveness status — ACTIVE, STALE after 3 missed heartbeats, LOST after 6 (or at once when an agent
+leaves cleanly) — tells its listeners about transitions, optionally publishes them on
+``discovery.events.<agent>``, and answers the selection queries policy routing needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from atoll.agent.node import Agent, Publication, Subscription
+
+ANNOUNCE = "discovery.announce"
+EVENTS = "discovery.events"
+STALE_AFTER = 3  # missed heartbeats
+LOST_AFTER = 6
+
+
+class Status(enum.StrEnum):
+    ACTIVE = "ACTIVE"
+    STALE = "STALE"
+    LOST = "LOST"
+
+
+@dataclass
+class Entry:
+    name: str
+    region: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    plugins: list[str] = field(default_factory=list)
+    capabilities: dict[str, Any] = field(default_factory=dict)
+    endpoints: dict[str, Any] = field(default_factory=dict)
+    load: dict[str, Any] = field(default_factory=dict)
+    interval: float = 5.0
+    announced_at: float = 0.0  # the agent's clock, epoch seconds
+    seen_at: float = 0.0  # our clock, epoch seconds
+    status: Status = Status.ACTIVE
+    leaving: bool = False
+
+    @property
+    def age(self) -> float:
+        return max(0.0, time.time() - max(self.announced_at, 0.0))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "region": self.region, "labels": self.labels,
+            "plugins": self.plugins, "capabilities": self.capabilities,
+            "endpoints": self.endpoints, "load": self.load, "interval": self.interval,
+            "status": str(self.status), "age_s": round(self.age, 3),
+        }  # fmt: skip
+
+    def status_now(self) -> Status:
+        if self.leaving:
+            return Status.LOST
+        missed = self.age / self.interval if self.interval > 0 else 0
+        if missed >= LOST_AFTER:
+            return Status.LOST
+        if missed >= STALE_AFTER:
+            return Status.STALE
+        return Status.ACTIVE
+
+    def offers(self, key: str, value: Any, plugin: str | None = None) -> bool:
+        """Some plugin's capability ``key`` equals ``value`` or is a list holding it."""
+        caps = [self.capabilities.get(plugin, {})] if plugin else self.capabilities.values()
+        for cap in caps:
+            have = cap.get(key) if isinstance(cap, dict) else None
+            if have == value or (isinstance(have, list) and value in have):
+                return True
+        return False
+
+
+def _entry(data: dict[str, Any]) -> Entry | None:
+    try:
+        return Entry(
+            name=str(data["name"]),
+            region=str(data.get("region", "")),
+            labels={str(k): str(v) for k, v in dict(data.get("labels", {})).items()},
+            plugins=[str(p) for p in data.get("plugins", [])],
+            capabilities=dict(data.get("capabilities", {})),
+            endpoints=dict(data.get("endpoints", {})),
+            load=dict(data.get("load", {})),
+            interval=float(data.get("interval", 5.0)),
+            announced_at=float(data.get("time", 0.0)),
+            seen_at=time.time(),
+            leaving=bool(data.get("leaving", False)),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+class Announcer:
+    """Publishes this agent's announcement now and at every heartbeat."""
+
+    def __init__(
+        self, agent: Agent, describe: Callable[[], dict[str, Any]], interval: float = 5.0
+    ) -> None:
+        self.agent = agent
+        self.describe = describe
+        self.interval = interval
+        self._task: asyncio.Task | None = None
+
+    def message(self, leaving: bool = False) -> dict[str, Any]:
+        ident = self.agent.ident
+        return {
+            "name": ident.name, "region": ident.region, "interval": self.interval,
+            "time": time.time(), "leaving": leaving, **self.describe(),
+        }  # fmt: skip
+
+    async def announce(self, leaving: bool = False) -> None:
+        await self.agent.publish(f"{ANNOUNCE}.{self.agent.name}", self.message(leaving), keep=True)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            if self.agent.link.connected.is_set():
+                try:
+                    await self.announce()
+                except Exception as exc:  # a lost connection: the next beat tries again
+                    self.agent.log.info("discovery.announce_failed", error=exc)
+            await asyncio.sleep(self.interval)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+            if self.agent.link.connected.is_set():
+                try:
+                    await self.announce(leaving=True)
+                    await self.agent.flush(2)
+                except Exception:
+                    pass
+
+
+class Discovery:
+    """A live view of the tenant's agents."""
+
+    def __init__(self, agent: Agent, publish_events: bool = False, tick: float = 0.5) -> None:
+        self.agent = agent
+        self.publish_events = publish_events
+        self.tick = tick
+        self.entries: dict[str, Entry] = {}
+        self.listeners: list[Callable[[dict[str, Any]], Any]] = []
+        self._sub: Subscription | None = None
+        self._task: asyncio.Task | None = None
+        self.changed = asyncio.Event()
+
+    async def start(self) -> Discovery:
+        self._sub = await self.agent.subscribe(f"{ANNOUNCE}.*", self._on_announce)
+        self._task = asyncio.create_task(self._watch())
+        return self
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+        if self._task is not None:
+            self._task.cancel()
+
+    def _on_announce(self, pub: Publication) -> None:
+        if not isinstance(pub.data, dict):
+            return
+        entry = _entry(pub.data)
+        # Only an agent may speak for itself: the broker stamped the source.
+        if entry is None or pub.src.partition("/")[0] != entry.name:
+            return
+        old = self.entries.get(entry.name)
+        if old is not None and entry.announced_at < old.announced_at:
+            return  # an older kept copy arriving late
+        entry.status = entry.status_now()
+        self.entries[entry.name] = entry
+        if old is None or old.status is not entry.status:
+            self._emit(entry, old.status if old else None)
+        self.changed.set()
+
+    def _emit(self, entry: Entry, before: Status | None) -> None:
+        event = {
+            "agent": entry.name,
+            "status": str(entry.status),
+            "before": str(before) if before else None,
+            "time": time.time(),
+        }
+        for listener in self.listeners:
+            listener(event)
+        if self.publish_events and self.agent.link.connected.is_set():
+            task = asyncio.ensure_future(self.agent.publish(f"{EVENTS}.{entry.name}", event))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick)
+            for entry in list(self.entries.values()):
+                status = entry.status_now()
+                if status is not entry.status:
+                    before, entry.status = entry.status, status
+                    self._emit(entry, before)
+                    self.changed.set()
+
+    def select(
+        self,
+        plugin: str | None = None,
+        capability: dict[str, Any] | None = None,
+        labels: dict[str, str] | None = None,
+        region: str | None = None,
+        status: Status | None = Status.ACTIVE,
+        load_key: str | None = None,
+    ) -> list[Entry]:
+        """Agents matching every criterion given, least loaded first when ``load_key`` names a
+        load figure (e.g. ``queue_depth``)."""
+        found = []
+        for e in self.entries.values():
+            if status is not None and e.status is not status:
+                continue
+            if plugin is not None and plugin not in e.plugins:
+                continue
+            if region is not None and e.region != region:
+                continue
+            if labels and any(e.labels.get(k) != v for k, v in labels.items()):
+                continue
+            if capability and not all(e.offers(k, v, plugin) for k, v in capability.items()):
+                continue
+            found.append(e)
+        if load_key is not None:
+            found.sort(key=lambda e: float(e.load.get(load_key, 0.0) or 0.0))
+        return found
