@@ -15,13 +15,19 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.live import Live
+from rich.table import Table
 
 from atoll import logs
 from atoll.agent.config import load_config
+from atoll.agent.discovery import Discovery
 from atoll.agent.errors import AtollError, ConnectionLost
 from atoll.agent.identity import AgentKeys
 from atoll.agent.node import Agent
+from atoll.agent.prometheus import prometheus_text
 from atoll.agent.runtime import AgentRuntime
+from atoll.agent.top import SORT_KEYS, render_top
+from atoll.agent.watch import TenantWatch
 from atoll.broker.identity import issue_broker_dir
 from atoll.broker.server import BrokerServer
 from atoll.protocol.errors import ProtocolError
@@ -235,6 +241,9 @@ def agent_run(config: Annotated[Path, typer.Option(help="Agent TOML config.")]) 
             cfg.plugins,
             call_timeout=cfg.agent.call_timeout,
             ssl_context=client_tls(cfg.agent.ca_file),
+            labels=cfg.agent.labels,
+            heartbeat=cfg.agent.heartbeat,
+            metrics_interval=cfg.agent.metrics_interval,
         )
         out.print(f"agent {rt.agent.name} connected to {rt.agent.link.url}")
         try:
@@ -278,14 +287,19 @@ def agent_revoke(
         out.print(f"brokers notified: {', '.join(broker)}")
 
 
+Tenant = Annotated[str, typer.Option(help="Tenant to act in.")]
+BrokerUrl = Annotated[str, typer.Option("--broker", help="Broker URL.")]
+LOCAL_BROKER = "ws://127.0.0.1:7400"
+
+
 @app.command()
 def call(
     address: Annotated[str, typer.Argument(help="agent or agent/plugin")],
     method: str,
     data_dir: DataDir,
     params: Annotated[str, typer.Option(help="JSON parameters.")] = "null",
-    tenant: Annotated[str, typer.Option()] = DEFAULT_TENANT,
-    broker: Annotated[str, typer.Option(help="Broker URL.")] = "ws://127.0.0.1:7400",
+    tenant: Tenant = DEFAULT_TENANT,
+    broker: BrokerUrl = LOCAL_BROKER,
     timeout: Annotated[float, typer.Option()] = 30.0,
 ) -> None:
     """Call an RPC method on an agent and print the JSON result (admin identity)."""
@@ -299,6 +313,90 @@ def call(
             await agent.stop()
 
     out.print_json(json.dumps(run_async(main()), default=str))
+
+
+async def watch_once(op: OperatorStore, tenant: str, broker: str) -> list[dict[str, Any]]:
+    agent = await admin_session(op, tenant, [broker])
+    try:
+        return (await TenantWatch(agent).start()).rows()
+    finally:
+        await agent.stop()
+
+
+@app.command()
+def agents(
+    data_dir: DataDir,
+    tenant: Tenant = DEFAULT_TENANT,
+    broker: BrokerUrl = LOCAL_BROKER,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """The tenant's agents: region, plugins, status and age of their last heartbeat."""
+    rows = run_async(watch_once(operator_store(data_dir), tenant, broker))
+    for row in rows:
+        row.pop("metrics")
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table("agent", "region", "plugins", "status", "last heartbeat", box=None)
+    for row in rows:
+        table.add_row(
+            row["name"],
+            row["region"] or "-",
+            ",".join(row["plugins"]),
+            row["status"],
+            f"{row['age_s']:.1f}s ago",
+        )
+    out.print(table)
+
+
+@app.command()
+def metrics(
+    data_dir: DataDir,
+    tenant: Tenant = DEFAULT_TENANT,
+    broker: BrokerUrl = LOCAL_BROKER,
+    prometheus: Annotated[bool, typer.Option(help="Prometheus text instead of JSON.")] = False,
+) -> None:
+    """One snapshot of every agent's metrics feed (JSON, or Prometheus text)."""
+    rows = run_async(watch_once(operator_store(data_dir), tenant, broker))
+    feeds = {row["name"]: row["metrics"] for row in rows if row["metrics"]}
+    if prometheus:
+        sys.stdout.write(prometheus_text(feeds))
+    else:
+        out.print_json(json.dumps(feeds, default=str))
+
+
+@app.command()
+def top(
+    data_dir: DataDir,
+    tenant: Tenant = DEFAULT_TENANT,
+    broker: BrokerUrl = LOCAL_BROKER,
+    sort: Annotated[str, typer.Option(help=f"Sort by: {', '.join(SORT_KEYS)}.")] = "name",
+    refresh: Annotated[float, typer.Option(help="Seconds between redraws.")] = 1.0,
+    once: Annotated[bool, typer.Option(help="Print one frame and exit.")] = False,
+) -> None:
+    """A live view of the tenant's agents: status, CPU, memory, GPU and plugin figures."""
+    if sort not in SORT_KEYS:
+        fail(f"unknown sort key {sort!r}; valid: {', '.join(SORT_KEYS)}")
+    op = operator_store(data_dir)
+
+    async def main() -> None:
+        agent = await admin_session(op, tenant, [broker])
+        watch = await TenantWatch(agent).start()
+        try:
+            if once:  # piped output gets room for every column rather than 80 squeezed ones
+                wide = out if out.is_terminal else Console(width=200)
+                wide.print(render_top(watch.rows(), sort))
+                return
+            with Live(render_top(watch.rows(), sort), console=out, screen=False) as live:
+                stop = asyncio.create_task(wait_for_signal())
+                while not stop.done():
+                    await asyncio.wait([stop], timeout=refresh)
+                    live.update(render_top(watch.rows(), sort))
+        finally:
+            await watch.stop()
+            await agent.stop()
+
+    run_async(main())
 
 
 # --- brokers and the all-in-one island -----------------------------------------------------------
@@ -362,6 +460,8 @@ ISLAND = "island"
 def up(
     data_dir: DataDir,
     listen: Annotated[str, typer.Option(help="Broker HOST:PORT.")] = "127.0.0.1:7400",
+    heartbeat: Annotated[float, typer.Option(help="Seconds between announcements.")] = 5.0,
+    metrics_interval: Annotated[float, typer.Option(help="Seconds between metrics.")] = 5.0,
 ) -> None:
     """Start the all-in-one island: a broker and an agent on this machine."""
     host, port = parse_listen(listen)
@@ -378,7 +478,15 @@ def up(
 
     async def main() -> None:
         server = await BrokerServer.from_data_dir(data_dir).start(host, port)
-        rt = await AgentRuntime.start(agent_dir, [server.url], keys=keys)
+        rt = await AgentRuntime.start(
+            agent_dir,
+            [server.url],
+            keys=keys,
+            heartbeat=heartbeat,
+            metrics_interval=metrics_interval,
+        )
+        # The island watches its tenant and publishes liveness changes on discovery.events.*
+        liveness = await Discovery(rt.agent, publish_events=True).start()
         out.print(f"[bold]atoll island up[/bold] (data dir {data_dir})")
         out.print(f"  broker   {server.url}")
         out.print(f"  agent    {rt.agent.name} (tenant {rt.agent.tenant})")
@@ -386,6 +494,7 @@ def up(
         try:
             await wait_for_signal(rt.agent)
         finally:
+            await liveness.stop()
             await rt.stop()
             await server.stop()
             out.print("stopped")

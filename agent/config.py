@@ -26,6 +26,8 @@ class AgentSection(BaseModel):
     log_level: str = "INFO"
     ca_file: Path | None = None  # CA bundle for wss:// brokers with a private CA
     call_timeout: float = Field(30.0, gt=0)
+    heartbeat: float = Field(5.0, gt=0)  # seconds between discovery announcements
+    metrics_interval: float = Field(5.0, gt=0)  # seconds between metrics feed messages
 
     @field_validator("name")
     @classmethod

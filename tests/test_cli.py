@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -122,12 +123,32 @@ def test_operator_join_run_call_revoke(tmp_path: Path, procs) -> None:
 def test_up_starts_island_and_stops_on_ctrl_c(tmp_path: Path, procs) -> None:
     port = free_port()
     data = tmp_path / "island"
-    up = spawn("up", "-d", str(data), "--listen", f"127.0.0.1:{port}", log=tmp_path / "up")
+    up = spawn(
+        "up",
+        "-d",
+        str(data),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--metrics-interval",
+        "1",
+        log=tmp_path / "up",
+    )
     procs.append(up)
     text = wait_for_text(tmp_path / "up", "Ctrl-C to stop")
     assert f"ws://127.0.0.1:{port}" in text and "initialised" in text
-    pong = atoll("call", "island", "ping", "-d", str(data), "--broker", f"ws://127.0.0.1:{port}")
+    url = f"ws://127.0.0.1:{port}"
+    pong = atoll("call", "island", "ping", "-d", str(data), "--broker", url)
     assert '"pong": true' in pong.stdout
+    listed = json.loads(atoll("agents", "--json", "-d", str(data), "--broker", url).stdout)
+    assert [(a["name"], a["status"]) for a in listed] == [("island", "ACTIVE")]
+    assert listed[0]["plugins"] == ["system"] and listed[0]["age_s"] < 5
+    time.sleep(1.2)  # one metrics interval
+    feeds = json.loads(atoll("metrics", "-d", str(data), "--broker", url).stdout)
+    assert feeds["island"]["system"]["memory"]["total_bytes"] > 0
+    prom = atoll("metrics", "--prometheus", "-d", str(data), "--broker", url).stdout
+    assert 'atoll_memory_total_bytes{agent="island"}' in prom
+    frame = atoll("top", "--once", "--sort", "cpu", "-d", str(data), "--broker", url).stdout
+    assert "island" in frame and "ACTIVE" in frame
     up.send_signal(signal.SIGINT)
     assert up.wait(15) == 0
     assert "stopped" in (tmp_path / "up").read_text()
