@@ -28,6 +28,7 @@ from atoll.agent.prometheus import prometheus_text
 from atoll.agent.runtime import AgentRuntime
 from atoll.agent.top import SORT_KEYS, render_top
 from atoll.agent.watch import TenantWatch
+from atoll.broker.advertise import discover as discover_brokers
 from atoll.broker.identity import issue_broker_dir
 from atoll.broker.server import BrokerServer
 from atoll.protocol.errors import ProtocolError
@@ -181,13 +182,25 @@ def agent_config_text(name: str, brokers: list[str], ca_file: Path | None = None
 
 @agent_app.command("join")
 def agent_join(
-    url: Annotated[str, typer.Argument(help="Broker URL, ws://host:port")],
     token: Annotated[str, typer.Option(help="Enrollment token from `atoll token create`.")],
     name: Annotated[str, typer.Option(help="This agent's name in its tenant.")],
+    url: Annotated[str | None, typer.Argument(help="Broker URL, ws://host:port")] = None,
+    discover: Annotated[bool, typer.Option(help="Find a broker on the LAN (mDNS).")] = False,
+    mdns_interface: Annotated[
+        list[str] | None, typer.Option(help="Interface address to browse on (repeatable).")
+    ] = None,
     data_dir: Annotated[Path | None, typer.Option("--data-dir", "-d")] = None,
     ca_file: Annotated[Path | None, typer.Option(help="CA bundle for a wss:// broker.")] = None,
 ) -> None:
     """Redeem an enrollment token at a broker and write this agent's identity and config."""
+    if (url is None) == (not discover):
+        fail("give a broker URL or --discover (not both)")
+    if url is None:
+        found = run_async(discover_brokers(3.0, mdns_interface))
+        if not found:
+            fail("no broker advertises _atoll._tcp.local. on this network")
+        url = found[0]
+        out.print(f"found broker {url}" + (f" (also: {', '.join(found[1:])})" if found[1:] else ""))
     data_dir = data_dir or default_data_dir() / "agents" / name
     try:
         tok = EnrollmentToken.decode(token)
@@ -414,6 +427,7 @@ def broker_run(
     listen: Annotated[str, typer.Option(help="HOST:PORT to listen on.")] = "127.0.0.1:7400",
     tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate: serve wss://")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key for --tls-cert")] = None,
+    advertise: Annotated[bool, typer.Option(help="Advertise on the LAN over mDNS.")] = True,
     peer: Annotated[
         list[str] | None, typer.Option(help="Peer broker URL to link with (repeatable).")
     ] = None,
@@ -430,7 +444,11 @@ def broker_run(
 
     async def main() -> None:
         server = BrokerServer.from_data_dir(
-            data_dir, ssl_context=tls, peers=peer or [], peer_ssl=client_tls(ca_file)
+            data_dir,
+            ssl_context=tls,
+            peers=peer or [],
+            peer_ssl=client_tls(ca_file),
+            advertise=advertise,
         )
         await server.start(host, port)
         out.print(f"broker {server.keys.name} listening on {server.url}")

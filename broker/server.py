@@ -11,6 +11,7 @@ import itertools
 import ssl
 from pathlib import Path
 
+from atoll.broker.advertise import Advertiser
 from atoll.broker.identity import BrokerKeys, load_broker_keys
 from atoll.broker.peering import Mesh
 from atoll.broker.router import Router, error_frame
@@ -129,6 +130,7 @@ class BrokerServer:
         peers: list[str] | None = None,
         peer_ssl: ssl.SSLContext | None = None,
         mesh_refresh: float = 2.0,
+        advertise: bool = False,
     ) -> None:
         if queue_limit < 2 * max_message:
             # One inbound batch fans out whole into each subscriber's queue; a limit below that
@@ -146,6 +148,8 @@ class BrokerServer:
         self.peer_ssl = peer_ssl  # for wss:// peers with a private CA
         self.mesh = Mesh(self, peers or [], refresh=mesh_refresh)
         self.router.mesh = self.mesh
+        self.advertise = advertise  # on the LAN over mDNS (zeroconf)
+        self._advertiser: Advertiser | None = None
         self._server: asyncio.Server | None = None
         self._sessions: set[_Session] = set()
         self.host = ""
@@ -183,6 +187,10 @@ class BrokerServer:
         sock = self._server.sockets[0]
         self.host, self.port = sock.getsockname()[:2]
         self.mesh.start()
+        if self.advertise:
+            scheme = "wss" if self.ssl_context else "ws"
+            self._advertiser = Advertiser(self.keys.name, scheme, host, self.port)
+            await self._advertiser.start()
         self.log.info("broker.listening", url=self.url)
         return self
 
@@ -190,6 +198,9 @@ class BrokerServer:
         if self._server is None:
             return
         self._server.close()
+        if self._advertiser is not None:
+            await self._advertiser.stop()
+            self._advertiser = None
         await self.mesh.stop()
         sessions = list(self._sessions)
         for s in sessions:

@@ -210,3 +210,31 @@ def test_agent_with_its_own_broker(tmp_path: Path, procs) -> None:
     assert "broker lab-broker listening on" in text
     pong = atoll("call", "lab", "ping", "-d", op, "--broker", url)
     assert '"pong": true' in pong.stdout
+
+
+def test_join_discovers_a_broker_over_mdns(tmp_path: Path, procs) -> None:
+    op = str(tmp_path / "op")
+    atoll("init", "-d", op)
+    port = free_port()
+    procs.append(spawn("broker", "-d", op, "--listen", f"127.0.0.1:{port}", log=tmp_path / "b"))
+    wait_for_text(tmp_path / "b", "listening on")
+    token = atoll("token", "create", "-d", op).stdout.strip()
+    joined = atoll(
+        "agent",
+        "join",
+        "--discover",
+        "--mdns-interface",
+        "127.0.0.1",
+        "--token",
+        token,
+        "--name",
+        "found",
+        "-d",
+        str(tmp_path / "found"),
+    )
+    assert f"found broker ws://127.0.0.1:{port}" in joined.stdout
+    assert f'"ws://127.0.0.1:{port}"' in (tmp_path / "found" / "agent.toml").read_text()
+    both = atoll(
+        "agent", "join", "ws://x:1", "--discover", "--token", token, "--name", "x", check=False
+    )
+    assert both.returncode == 1 and "not both" in both.stderr
