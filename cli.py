@@ -245,6 +245,7 @@ def agent_run(config: Annotated[Path, typer.Option(help="Agent TOML config.")]) 
                 ssl_context=tls,
                 peers=b.peers,
                 peer_ssl=client_tls(cfg.agent.ca_file),
+                advertise=b.advertise,
             )
             await server.start(*parse_listen(b.listen))
             out.print(f"broker {server.keys.name} listening on {server.url}")
@@ -480,6 +481,7 @@ def up(
     listen: Annotated[str, typer.Option(help="Broker HOST:PORT.")] = "127.0.0.1:7400",
     heartbeat: Annotated[float, typer.Option(help="Seconds between announcements.")] = 5.0,
     metrics_interval: Annotated[float, typer.Option(help="Seconds between metrics.")] = 5.0,
+    advertise: Annotated[bool, typer.Option(help="Advertise the broker over mDNS.")] = True,
 ) -> None:
     """Start the all-in-one island: a broker and an agent on this machine."""
     host, port = parse_listen(listen)
@@ -495,7 +497,7 @@ def up(
         keys.save(agent_dir)
 
     async def main() -> None:
-        server = await BrokerServer.from_data_dir(data_dir).start(host, port)
+        server = await BrokerServer.from_data_dir(data_dir, advertise=advertise).start(host, port)
         rt = await AgentRuntime.start(
             agent_dir,
             [server.url],

@@ -59,6 +59,7 @@ class BrokerSection(BaseModel):
 
     listen: str = "127.0.0.1:7400"
     peers: list[str] = []  # other brokers to link with into the mesh
+    advertise: bool = True  # announce _atoll._tcp.local. on the LAN (mDNS)
     tls_cert: Path | None = None  # both set: the broker listens on wss://
     tls_key: Path | None = None
 
