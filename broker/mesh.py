@@ -113,9 +113,15 @@ class LinkState:
         return True
 
     def expire(self, max_age: float) -> list[str]:
-        """Forget brokers whose adverts stopped coming (they refresh periodically)."""
+        """Forget brokers out of reach for longer than ``max_age`` (dead or partitioned away;
+        a reachable broker's advert stands until it sends a newer one)."""
         now = time.monotonic()
-        gone = [n for n, a in self.adverts.items() if n != self.me and now - a.received > max_age]
+        reachable = self.next_hops()
+        gone = [
+            n
+            for n, a in self.adverts.items()
+            if n != self.me and n not in reachable and now - a.received > max_age
+        ]
         for name in gone:
             del self.adverts[name]
         if gone:

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from atoll.broker.server import BrokerServer
 
 
+ADVERT_DELAY = 0.02  # seconds: coalesces a burst of connects/subscriptions into one advert
+
+
 class PeerLink:
     def __init__(self, mesh: Mesh, ws: WebSocket, name: str, dialled: bool) -> None:
         self.mesh = mesh
@@ -79,12 +82,13 @@ class Mesh:
             link.ws.close(1001, "broker shutting down")
 
     async def _refresh(self) -> None:
+        # Links are reliable and a new link starts with a full exchange, so adverts travel only
+        # on change; this loop just forgets brokers that stayed out of reach.
         while True:
             await asyncio.sleep(self.refresh)
-            gone = self.state.expire(3 * self.refresh)
+            gone = self.state.expire(30 * self.refresh)
             if gone:
                 self.log.info("mesh.expired", brokers=",".join(gone))
-            self._advertise()
 
     async def _dial(self, url: str) -> None:
         failures = 0
@@ -163,10 +167,11 @@ class Mesh:
     # --- adverts ---------------------------------------------------------------------------------
 
     def changed(self) -> None:
-        """Local agents or interest changed: advertise once this loop iteration is done."""
+        """Local agents or interest changed: advertise shortly, once for a burst of changes
+        (an advert carries every local agent's credential)."""
         if not self._advert_pending:
             self._advert_pending = True
-            asyncio.get_running_loop().call_soon(self._advertise)
+            asyncio.get_running_loop().call_later(ADVERT_DELAY, self._advertise)
 
     def _advertise(self) -> None:
         self._advert_pending = False

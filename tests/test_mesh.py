@@ -108,6 +108,7 @@ async def test_line_of_brokers_routes_over_two_hops(operator, tmp_path) -> None:
         z = await agent(operator, "z", [b3.url])
         sub = await x.subscribe("z.*")
         await eventually(lambda: b3.mesh.state.interested("acme", "z.1") == {"l1"})
+        await eventually(lambda: b1.mesh.state.locate("acme", "z") == "l3")
         assert (await x.call("z", "ping"))["agent"] == "z"
         await z.publish("z.1", "hello")
         assert (await sub.next(timeout=5)).data == "hello"
@@ -123,6 +124,7 @@ async def test_broker_death_failover_and_reconvergence(operator, triangle) -> No
     mover = await agent(operator, "mover", [b3.url, b1.url])
     caller = await agent(operator, "caller", [b2.url])
     try:
+        await eventually(lambda: b2.mesh.state.locate("acme", "mover") == "b3")  # advertised
         assert (await caller.call("mover", "ping"))["pong"] is True
         await b3.stop()
         loop = asyncio.get_running_loop()
