@@ -70,7 +70,17 @@ def test_operator_join_run_call_revoke(tmp_path: Path, procs) -> None:
 
     port = free_port()
     url = f"ws://127.0.0.1:{port}"
-    procs.append(spawn("broker", "-d", op, "--listen", f"127.0.0.1:{port}", log=tmp_path / "b"))
+    procs.append(
+        spawn(
+            "broker",
+            "-d",
+            op,
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--no-advertise",
+            log=tmp_path / "b",
+        )
+    )
     wait_for_text(tmp_path / "b", "listening on")
 
     token = atoll(
@@ -153,7 +163,15 @@ def test_up_starts_island_and_stops_on_ctrl_c(tmp_path: Path, procs) -> None:
     assert up.wait(15) == 0
     assert "stopped" in (tmp_path / "up").read_text()
     # A second run reuses the data dir (no re-initialisation).
-    again = spawn("up", "-d", str(data), "--listen", f"127.0.0.1:{port}", log=tmp_path / "up2")
+    again = spawn(
+        "up",
+        "-d",
+        str(data),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--no-advertise",
+        log=tmp_path / "up2",
+    )
     procs.append(again)
     assert "initialised" not in wait_for_text(tmp_path / "up2", "Ctrl-C to stop")
 
@@ -194,7 +212,15 @@ def test_agent_with_its_own_broker(tmp_path: Path, procs) -> None:
     token = atoll("token", "create", "-d", op, "--role", "agent").stdout.strip()
     # The island's identity comes from a token redeemed at its own broker once it is up: first
     # run a plain broker from the issued dir to redeem, then the agent with the broker inside.
-    broker = spawn("broker", "-d", str(island), "--listen", f"127.0.0.1:{port}", log=tmp_path / "b")
+    broker = spawn(
+        "broker",
+        "-d",
+        str(island),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--no-advertise",
+        log=tmp_path / "b",
+    )
     procs.append(broker)
     assert "lab-broker" in wait_for_text(tmp_path / "b", "listening on")
     atoll("agent", "join", url, "--token", token, "--name", "lab", "-d", str(island))
@@ -202,7 +228,7 @@ def test_agent_with_its_own_broker(tmp_path: Path, procs) -> None:
     broker.wait(10)
     (island / "agent.toml").write_text(  # join wrote a plain config; add the broker section
         f'[agent]\nname = "lab"\ndata_dir = "."\nbrokers = ["{url}"]\n'
-        f'[broker]\nlisten = "127.0.0.1:{port}"\n'
+        f'[broker]\nlisten = "127.0.0.1:{port}"\nadvertise = false\n'
     )
     agent = spawn("agent", "run", "--config", str(island / "agent.toml"), log=tmp_path / "a")
     procs.append(agent)
