@@ -113,6 +113,14 @@ class WebSocket(asyncio.Protocol):
             self._write_protocol_data()
 
     def data_received(self, data: bytes) -> None:
+        global _flush_pending
+        _flush_pending = True  # what handling this data queues goes out at the end, below
+        try:
+            self._receive(data)
+        finally:
+            flush_pending()  # everything queued meanwhile, on any connection (broker routing)
+
+    def _receive(self, data: bytes) -> None:
         self._last_seen = self._loop.time()
         self.ws.receive_data(data)
         if self.open and self.ws.state is not State.OPEN:  # the peer started closing
@@ -130,8 +138,6 @@ class WebSocket(asyncio.Protocol):
                 self._opened(self.ws.handshake_exc)
         if self.ws.close_expected():
             self._close_soon()
-        if _dirty:  # what handling this data queued elsewhere (a broker's routing) goes now
-            flush_pending()
 
     def eof_received(self) -> bool | None:
         self.ws.receive_eof()

@@ -133,8 +133,7 @@ class BrokerLink:
                 )
                 self.welcome = await self._handshake(ws)
                 await self._session(ws, url)
-                failures = 0
-                index -= 1  # a broker that served us is tried first again
+                failures = 0  # and on to the next broker: this one just failed us
             except AuthError as exc:
                 self.last_error = f"{url}: {exc.reason}"
                 self.log.error("agent.auth_refused", url=url, code=exc.code, reason=exc.reason)

@@ -9,11 +9,15 @@ issued data dir and identity; the agents live in this process. Prints ONE JSON o
   paths (slow drift of a shared machine hits all three alike).
 * Failover: a triangle X, Y, Z; agent M on X (broker list [X, Y]), agent C on Z calling M in a
   loop with short timeouts. X is SIGKILLed (``kill`` trials: the kernel closes its sockets, so
-  peers see it at once) or SIGSTOPped (``stall`` trials: a hung host, seen only by keepalives
-  and advert expiry); the time until C's call succeeds again is the failover time. Each trial
-  builds a fresh triangle.
+  peers see it at once) or SIGSTOPped (``stall`` trials: a hung host, noticed only by
+  keepalives); the time until C's call succeeds again is the failover time. Each trial builds a
+  fresh triangle.
+
+``--profile-dir D`` writes cProfile stats of the RPC phase's brokers (``broker_a.prof`` ...) and
+of the agents' side (``agents.prof``) into D (look at them with ``python -m pstats``).
 
     .venv/bin/python bench/mesh.py [--quick] [--failover-trials N] [--stall-trials N]
+                                   [--profile-dir D]
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
 import json
 import logging
 import math
@@ -33,7 +38,7 @@ import tempfile
 import time
 from asyncio.subprocess import Process
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version as pkg_version
 from pathlib import Path
@@ -142,7 +147,24 @@ class BrokerProc:
         return json.loads(line)
 
 
-async def spawn_broker(data_dir: Path, name: str, peers: list[str], s: MeshSettings) -> BrokerProc:
+@contextlib.contextmanager
+def profiled(path: Path | None) -> Iterator[None]:
+    if path is None:
+        yield
+        return
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        yield
+    finally:
+        prof.disable()
+        prof.dump_stats(str(path))
+        log.warning("profile written to %s", path)
+
+
+async def spawn_broker(
+    data_dir: Path, name: str, peers: list[str], s: MeshSettings, profile: Path | None = None
+) -> BrokerProc:
     cmd = [
         sys.executable,
         str(HERE),
@@ -155,6 +177,8 @@ async def spawn_broker(data_dir: Path, name: str, peers: list[str], s: MeshSetti
         "--ping-interval",
         str(s.broker_ping_interval_s),
     ]
+    if profile is not None:
+        cmd += ["--child-profile", str(profile)]
     # stdin stays a pipe: the child exits when it closes, so it cannot outlive us
     proc = await asyncio.create_subprocess_exec(
         *cmd,
@@ -175,7 +199,11 @@ async def spawn_broker(data_dir: Path, name: str, peers: list[str], s: MeshSetti
 
 @contextlib.asynccontextmanager
 async def cluster(
-    op: OperatorStore, root: Path, wiring: list[tuple[str, list[str]]], s: MeshSettings
+    op: OperatorStore,
+    root: Path,
+    wiring: list[tuple[str, list[str]]],
+    s: MeshSettings,
+    profile_dir: Path | None = None,
 ) -> AsyncIterator[dict[str, BrokerProc]]:
     """Brokers started in order, each dialling the named earlier ones; all stopped on exit."""
     from atoll.broker.identity import issue_broker_dir
@@ -184,7 +212,9 @@ async def cluster(
     try:
         for name, peers in wiring:
             d = issue_broker_dir(op, root / name, name)  # own key, own credential, own state
-            brokers[name] = await spawn_broker(d, name, [brokers[p].url for p in peers], s)
+            prof = profile_dir / f"broker_{name}.prof" if profile_dir else None
+            urls = [brokers[p].url for p in peers]
+            brokers[name] = await spawn_broker(d, name, urls, s, prof)
         yield brokers
     finally:
         await asyncio.gather(
@@ -206,7 +236,9 @@ async def converged(brokers: dict[str, BrokerProc], timeout: float = 10.0) -> di
         await asyncio.sleep(0.05)
 
 
-def broker_child(data_dir: Path, peers: list[str], mesh_refresh: float, ping: float) -> None:
+def broker_child(
+    data_dir: Path, peers: list[str], mesh_refresh: float, ping: float, profile: Path | None
+) -> None:
     """``--broker-child``: serve until SIGTERM or stdin EOF; answer ``hops`` lines on stdout."""
     from atoll.broker.server import BrokerServer
 
@@ -240,7 +272,8 @@ def broker_child(data_dir: Path, peers: list[str], mesh_refresh: float, ping: fl
         finally:
             await server.stop()
 
-    asyncio.run(serve())
+    with profiled(profile):
+        asyncio.run(serve())
 
 
 # --- agents ------------------------------------------------------------------------------------
@@ -323,10 +356,15 @@ class CpuClock:
         return out
 
 
-async def bench_rpc(op: OperatorStore, root: Path, plan: Plan) -> dict[str, Any]:
+async def bench_rpc(
+    op: OperatorStore, root: Path, plan: Plan, profile_dir: Path | None
+) -> dict[str, Any]:
     s = RPC_SETTINGS
     wiring = [("a", []), ("b", ["a"]), ("c", ["b"])]  # a line: a—b—c
-    async with cluster(op, root, wiring, s) as brokers, agent_pool(op, s) as start:
+    async with (
+        cluster(op, root, wiring, s, profile_dir) as brokers,
+        agent_pool(op, s) as start,
+    ):
         views = await converged(brokers)
         if views["a"].get("c") != "b":
             raise RuntimeError(f"a does not route to c through b: {views['a']}")
@@ -345,6 +383,9 @@ async def bench_rpc(op: OperatorStore, root: Path, plan: Plan) -> dict[str, Any]
         cpu_s: dict[int, Counter[str]] = {n: Counter() for n in on}
         clock, cpu = time.perf_counter_ns, CpuClock(brokers)
         deadline = time.perf_counter() + plan.rpc_time_s
+        prof = cProfile.Profile() if profile_dir else None
+        if prof:
+            prof.enable()
         for r in range(plan.rpc_rounds):
             order = [1, 2, 3][r % 3 :] + [1, 2, 3][: r % 3]  # rotate: no path always first
             for n in order:
@@ -359,6 +400,9 @@ async def bench_rpc(op: OperatorStore, root: Path, plan: Plan) -> dict[str, Any]
             if time.perf_counter() > deadline:
                 log.warning("RPC time limit reached after %d rounds", r + 1)
                 break
+        if prof and profile_dir:
+            prof.disable()
+            prof.dump_stats(str(profile_dir / "agents.prof"))
     paths = {}
     for n in on:
         calls = len(samples[n])
@@ -500,7 +544,9 @@ def median_or_none(values: list[float | None]) -> float | None:
     return None if math.isinf(med) else round(med, 4)
 
 
-async def bench_failover(op: OperatorStore, root: Path, mode: str, trials: int, plan: Plan):
+async def bench_failover(
+    op: OperatorStore, root: Path, mode: str, trials: int, plan: Plan
+) -> list[dict[str, Any]]:
     out = []
     for i in range(trials):
         async with asyncio.timeout(plan.failover_limit_s + PHASE_SLACK_S):
@@ -533,7 +579,7 @@ async def timed(coro: Awaitable[Any], limit: float) -> Any:
         return await coro
 
 
-async def main(args: argparse.Namespace) -> dict[str, Any]:
+async def main(args: argparse.Namespace, profile_dir: Path | None) -> dict[str, Any]:
     from atoll.tenancy.operator import OperatorStore
 
     plan = QUICK if args.quick else Plan()
@@ -552,7 +598,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         op = OperatorStore(Path(tmp) / "operator")
         op.init()
         log.info("rpc across 1, 2, 3 brokers ...")
-        rpc = await timed(bench_rpc(op, Path(tmp) / "rpc", plan), plan.rpc_time_s + 60)
+        rpc = await timed(bench_rpc(op, Path(tmp) / "rpc", plan, profile_dir), plan.rpc_time_s + 60)
         log.info("failover (SIGKILL), %d trials ...", plan.failover_trials)
         kill = await bench_failover(op, Path(tmp), "kill", plan.failover_trials, plan)
         log.info("failover (SIGSTOP), %d trials ...", plan.stall_trials)
@@ -576,7 +622,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "failover_stall_s_trials": [t["failover_s"] for t in stall],
         "targets": {
             "per_hop_added<=0.5": per_hop <= 0.5,
-            "failover_s<=3": failover_median is not None and failover_median <= 3,
+            "failover_s<=3": (failover_median is not None and failover_median <= 3)
+            if kill_s
+            else None,  # no trials run
         },
         "settings": asdict(RPC_SETTINGS),
         "detail": {
@@ -596,7 +644,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smaller counts (a smoke run)")
     p.add_argument("--failover-trials", type=int, help="SIGKILL failover trials")
     p.add_argument("--stall-trials", type=int, help="SIGSTOP (hung broker) failover trials")
+    p.add_argument("--profile-dir", help="write cProfile stats of the RPC phase here")
     p.add_argument("--broker-child", help=argparse.SUPPRESS)  # internal: run a broker
+    p.add_argument("--child-profile", help=argparse.SUPPRESS)
     p.add_argument("--peers", default="", help=argparse.SUPPRESS)
     p.add_argument("--mesh-refresh", type=float, default=2.0, help=argparse.SUPPRESS)
     p.add_argument("--ping-interval", type=float, default=20.0, help=argparse.SUPPRESS)
@@ -620,10 +670,14 @@ if __name__ == "__main__":
             [u for u in args.peers.split(",") if u],
             args.mesh_refresh,
             args.ping_interval,
+            Path(args.child_profile) if args.child_profile else None,
         )
         sys.exit(0)
+    profile_dir = Path(args.profile_dir).resolve() if args.profile_dir else None
+    if profile_dir:
+        profile_dir.mkdir(parents=True, exist_ok=True)
     try:
-        out = asyncio.run(main(args))
+        out = asyncio.run(main(args, profile_dir))
     except asyncio.CancelledError:
         print(json.dumps({"error": "terminated"}))
         sys.exit(143)

@@ -240,27 +240,27 @@ class Mesh:
 
     # --- relaying --------------------------------------------------------------------------------
 
-    def _relay_frame(self, tenant: str, origin: str, ttl: int, inner: bytes, to: str = "") -> bytes:
-        header: dict[str, Any] = {"tenant": tenant, "origin": origin, "ttl": ttl}
-        if to:
-            header["to"] = to
-        return encode_frame(FrameType.RELAY, header, inner)
+    # A relay's header carries what routing needs (tenant, hop limit, and the inner frame's id,
+    # source and destination, subject or return address), so brokers on the way never decode
+    # the inner frame: it travels as the bytes the first broker checked and stamped.
+    _ROUTE_KEYS = ("id", "src", "dst", "subj", "keep", "to")
 
     def forward_msg(
         self,
         tenant: str,
         agent: str,
         data: bytes,
+        route: dict[str, Any],
         ttl: int = MAX_HOPS,
         origin: str | None = None,
-        to: str = "",
     ) -> bool:
+        """Send a direct frame towards the broker holding ``agent``; False if none does."""
         where = self.state.locate(tenant, agent)
         hop = self.state.next_hops().get(where) if where and where != self.me else None
         link = self.links.get(hop) if hop else None
         if link is None:
             return False
-        link.send(self._relay_frame(tenant, origin or self.me, ttl, data, to))
+        link.send(self._relay_frame(tenant, origin or self.me, ttl, route, data))
         return True
 
     def forward_pub(
@@ -268,21 +268,32 @@ class Mesh:
         tenant: str,
         subject: str,
         data: bytes,
-        keep: bool,
-        origin: str | None = None,
+        route: dict[str, Any],
         ttl: int = MAX_HOPS,
+        origin: str | None = None,
     ) -> None:
         origin = origin or self.me
         # Kept publications (discovery state) go to every broker, so any later subscriber sees
         # them; the rest only where someone listens.
-        targets = set(self.state.next_hops()) if keep else self.state.interested(tenant, subject)
+        targets = (
+            set(self.state.next_hops())
+            if route.get("keep")
+            else self.state.interested(tenant, subject)
+        )
         if not targets:
             return
-        frame = self._relay_frame(tenant, origin, ttl, data)
+        frame = self._relay_frame(tenant, origin, ttl, route, data)
         for hop in self.state.fanout(origin, targets):
             link = self.links.get(hop)
             if link is not None:
                 link.send(frame)
+
+    def _relay_frame(
+        self, tenant: str, origin: str, ttl: int, route: dict[str, Any], inner: bytes
+    ) -> bytes:
+        header = {k: route[k] for k in self._ROUTE_KEYS if k in route}
+        header.update(tenant=tenant, origin=origin, ttl=ttl)
+        return encode_frame(FrameType.RELAY, header, inner)
 
     def credential(self, tenant: str, agent: str) -> bytes | None:
         return self.state.credential(tenant, agent)
@@ -291,41 +302,39 @@ class Mesh:
         h = f.header
         tenant, origin, ttl = h["tenant"], h["origin"], h["ttl"] - 1
         check_name(tenant, "tenant name")
-        inner_frames = decode_message(f.payload, self.server.max_message)
-        if len(inner_frames) != 1:
-            raise ProtocolError("a relay carries one frame")
-        inner = inner_frames[0]
-        ih = inner.header
-        src = ih.get("src", "")
-        if inner.type in (FrameType.MSG, FrameType.PUB):
+        msg_id = h.get("id")
+        if type(msg_id) is not int:
+            raise ProtocolError("a relay names its frame's id")
+        kind = "dst" if "dst" in h else "subj" if "subj" in h else "to" if "to" in h else None
+        if kind is None:
+            raise ProtocolError("a relay names a destination, a subject or a return address")
+        src = h.get("src", "")
+        if kind != "to":
             split_address(src)  # brokers stamp it; a peer must not relay anonymous frames
-        if not self._seen.add((origin, tenant, inner.type, src, ih.get("id"))):
+        if not self._seen.add((origin, tenant, kind, src, msg_id)):
             return  # a second copy (views differed for a moment): exactly once still
         router = self.server.router
-        if inner.type is FrameType.PUB:
-            subject = ih["subj"]
+        if kind == "subj":
+            subject = h["subj"]
             check_subject(subject)
-            keep = ih.get("keep", False)
-            router.deliver_pub(tenant, subject, f.payload, keep)
+            router.deliver_pub(tenant, subject, f.payload, h.get("keep", False))
             if ttl > 0:
-                self.forward_pub(tenant, subject, f.payload, keep, origin, ttl)
-        elif inner.type is FrameType.MSG:
-            agent, _ = split_address(ih["dst"])
+                self.forward_pub(tenant, subject, f.payload, h, ttl, origin)
+        elif kind == "dst":
+            agent, _ = split_address(h["dst"])
             if router.deliver_msg(tenant, agent, f.payload):
                 return
-            if ttl > 0 and self.forward_msg(tenant, agent, f.payload, ttl, origin):
+            if ttl > 0 and self.forward_msg(tenant, agent, f.payload, h, ttl, origin):
                 return
             sender, _ = split_address(src)  # tell the sender, wherever it is
             reason = f"no agent {agent!r} in tenant {tenant!r}"
             noresp = encode_frame(
-                FrameType.NORESP, {"id": ih["id"], "dst": ih["dst"], "reason": reason}
+                FrameType.NORESP, {"id": msg_id, "dst": h["dst"], "reason": reason}
             )
             if not router.deliver_msg(tenant, sender, noresp):
-                self.forward_msg(tenant, sender, noresp, MAX_HOPS, self.me, to=sender)
-        elif inner.type is FrameType.NORESP:
-            to = h.get("to", "")
+                self.forward_msg(tenant, sender, noresp, {"id": msg_id, "to": sender})
+        else:
+            to = h["to"]
             check_name(to, "agent name")
             if not router.deliver_msg(tenant, to, f.payload) and ttl > 0:
-                self.forward_msg(tenant, to, f.payload, ttl, origin, to=to)
-        else:
-            raise ProtocolError(f"cannot relay a {inner.type.name} frame")
+                self.forward_msg(tenant, to, f.payload, h, ttl, origin)

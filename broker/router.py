@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from atoll.broker.state import BrokerState
 from atoll.logs import EventLogger
@@ -45,9 +45,11 @@ class Mesh(Protocol):
 
     def changed(self) -> None: ...
 
-    def forward_msg(self, tenant: str, agent: str, data: bytes) -> bool: ...
+    def forward_msg(self, tenant: str, agent: str, data: bytes, route: dict[str, Any]) -> bool: ...
 
-    def forward_pub(self, tenant: str, subject: str, data: bytes, keep: bool) -> None: ...
+    def forward_pub(
+        self, tenant: str, subject: str, data: bytes, route: dict[str, Any]
+    ) -> None: ...
 
     def credential(self, tenant: str, agent: str) -> bytes | None: ...
 
@@ -198,22 +200,25 @@ class Router:
             raise ProtocolError(f"source {claimed!r} is not this agent", code="spoofed")
         return claimed
 
-    def _stamped(self, s: Session, f: Frame) -> bytes:
-        """The frame as it goes out: as received when it already names its (checked) source."""
+    def _stamped(self, s: Session, f: Frame) -> tuple[str, bytes]:
+        """The frame's checked source, and the frame as it goes out: as received when it
+        already names that source."""
         src = self._src(s, f)
         if f.raw and "src" in f.header:
-            return f.raw
-        return encode_frame(f.type, {**f.header, "src": src}, f.payload)
+            return src, f.raw
+        return src, encode_frame(f.type, {**f.header, "src": src}, f.payload)
 
     def _msg(self, s: Session, f: Frame) -> None:
         h = f.header
         dst = h["dst"]
         agent, _ = split_address(dst)
         tenant = s.ident.tenant
-        data = self._stamped(s, f)
+        src, data = self._stamped(s, f)
         if self.deliver_msg(tenant, agent, data):
             return
-        if self.mesh is not None and self.mesh.forward_msg(tenant, agent, data):
+        if self.mesh is not None and self.mesh.forward_msg(
+            tenant, agent, data, {"id": h["id"], "src": src, "dst": dst}
+        ):
             return
         reason = f"no agent {agent!r} in tenant {tenant!r}"
         s.send(encode_frame(FrameType.NORESP, {"id": h["id"], "dst": dst, "reason": reason}))
@@ -226,11 +231,14 @@ class Router:
         except ProtocolError as exc:
             s.send(error_frame("bad-subject", exc.reason, id=h["id"]))
             return
-        data = self._stamped(s, f)
+        src, data = self._stamped(s, f)
         keep = h.get("keep", False)
         self.deliver_pub(s.ident.tenant, subject, data, keep)
         if self.mesh is not None:
-            self.mesh.forward_pub(s.ident.tenant, subject, data, keep)
+            route = {"id": h["id"], "src": src, "subj": subject}
+            if keep:
+                route["keep"] = True
+            self.mesh.forward_pub(s.ident.tenant, subject, data, route)
 
     def _sub(self, s: Session, f: Frame) -> None:
         sid, pattern = f.header["sid"], f.header["subj"]
