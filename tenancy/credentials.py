@@ -320,6 +320,8 @@ def _grant_claims(grant: dict[str, Any]) -> dict[str, Any]:
         _need(grant, field, kind)
     if not all(isinstance(r, str) for r in grant["roles"]) or len(grant["pub"]) != 32:
         raise AuthError("enrollment grant malformed")
+    if not grant["jti"]:  # an empty id would read as "no token" and skip the one-use check
+        raise AuthError("enrollment grant has no id")
     return grant
 
 
