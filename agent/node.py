@@ -27,6 +27,7 @@ from atoll.agent.errors import (
     NoSuchMethod,
 )
 from atoll.agent.identity import AgentKeys
+from atoll.agent.streams import StreamMux
 from atoll.logs import EventLogger
 from atoll.protocol.errors import AuthError, ProtocolError
 from atoll.protocol.frames import Frame, FrameType, encode_frame
@@ -147,6 +148,7 @@ class Agent:
             brokers, keys, self._on_frames, self._on_up, self._on_down, self.log, **link_options
         )
         self.started_at = time.time()
+        self.streams = StreamMux(self)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -169,6 +171,7 @@ class Agent:
             self.link.send(encode_frame(FrameType.SUB, {"sid": sub.sid, "subj": sub.pattern}))
 
     def _on_down(self, exc: ConnectionLost) -> None:
+        self.streams.reset_all(ConnectionLost(f"{exc.message} (stream broken)"))
         calls, self._calls = self._calls, {}
         self._by_msg.clear()
         for call in calls.values():
@@ -322,6 +325,8 @@ class Agent:
             task = self._serving.get((src, msg.get("c")))  # type: ignore[arg-type]
             if task is not None:
                 task.cancel()
+        elif isinstance(kind, str) and kind[:1] == "s":
+            self.streams.on_message(src, dst, peer, msg)
 
     def _on_pub(self, f: Frame) -> None:
         h = f.header
