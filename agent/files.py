@@ -1,0 +1,288 @@
+"""File transfers between agents: chunked over an encrypted stream, flow-controlled, verified by
+sha256, and resumable.
+
+A file being received is written under a hidden staging directory next to its destination
+(``.atoll-partial/``) and renamed into place only once its size and sha256 match: a failed or
+interrupted transfer never leaves a visible partial file. After a reconnect (a broker restart, a
+failover) the sender asks again and the receiver answers with how much it already holds; the
+transfer goes on from there. Agents serve only the directories their ``[plugins.files] dirs``
+allow-list names.
+
+Wire (on the stream, after the open parameters): the serving side writes one JSON line first —
+``{"offset": N}`` for a put, ``{"size": S, "sha256": H}`` for a get — then data flows; a put ends
+with the receiver's JSON line ``{"ok": true}`` once the file is in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from atoll.agent.errors import AtollError, ConnectionLost, Forbidden, InvalidRequest
+from atoll.agent.node import Agent, CallInfo
+from atoll.agent.plugins import Plugin, PluginContext
+from atoll.agent.streams import Stream, StreamReset
+
+STAGING = ".atoll-partial"
+READ_SIZE = 1024 * 1024
+Progress = Callable[[int, int], None]
+
+
+class TransferFailed(AtollError):
+    """A transfer that cannot succeed by retrying (bad checksum, missing file, refused path)."""
+
+
+def sha256_file(path: Path, limit: int | None = None) -> hashlib._Hash:
+    digest = hashlib.sha256()
+    remaining = limit
+    with path.open("rb") as fh:
+        while remaining is None or remaining > 0:
+            block = fh.read(READ_SIZE if remaining is None else min(READ_SIZE, remaining))
+            if not block:
+                break
+            digest.update(block)
+            if remaining is not None:
+                remaining -= len(block)
+    return digest
+
+
+def staging_paths(dest: Path) -> tuple[Path, Path]:
+    """Hidden partial file and its metadata for a destination path."""
+    key = hashlib.sha256(str(dest).encode()).hexdigest()[:32]
+    stage = dest.parent / STAGING
+    return stage / f"{key}.part", stage / f"{key}.json"
+
+
+def resume_offset(dest: Path, size: int, sha256: str) -> int:
+    """How much of this exact file (by size and hash) is already staged; resets otherwise."""
+    part, meta = staging_paths(dest)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    want = {"path": str(dest), "size": size, "sha256": sha256}
+    try:
+        if json.loads(meta.read_text()) == want and part.exists():
+            return min(part.stat().st_size, size)
+    except (OSError, ValueError):
+        pass
+    meta.write_text(json.dumps(want))
+    part.write_bytes(b"")
+    return 0
+
+
+async def _receive(
+    stream: Stream, dest: Path, size: int, sha256: str, offset: int, progress: Progress | None
+) -> None:
+    """Append the stream to the staged file from ``offset``; verify; rename into place."""
+    part, meta = staging_paths(dest)
+    digest = await asyncio.to_thread(sha256_file, part, offset) if offset else hashlib.sha256()
+    have = offset
+    with part.open("r+b") as fh:
+        fh.truncate(offset)
+        fh.seek(offset)
+        async for chunk in stream:
+            if have + len(chunk) > size:
+                raise TransferFailed(f"sender sent more than the {size} bytes it announced")
+            fh.write(chunk)
+            digest.update(chunk)
+            have += len(chunk)
+            if progress:
+                progress(have, size)
+        fh.flush()
+        os.fsync(fh.fileno())
+    if have != size:
+        raise ConnectionLost(f"stream ended at {have} of {size} bytes")  # resumable
+    if digest.hexdigest() != sha256:
+        part.unlink(missing_ok=True)
+        meta.unlink(missing_ok=True)
+        raise TransferFailed(
+            f"checksum mismatch for {dest.name}: expected {sha256}, got {digest.hexdigest()}"
+        )
+    os.replace(part, dest)
+    meta.unlink(missing_ok=True)
+
+
+async def _send(
+    stream: Stream, path: Path, offset: int, size: int, progress: Progress | None
+) -> None:
+    with path.open("rb") as fh:
+        fh.seek(offset)
+        sent = offset
+        while sent < size:
+            block = fh.read(min(READ_SIZE, size - sent))
+            if not block:
+                raise TransferFailed(f"{path} shrank while being sent")
+            await stream.write(block)
+            sent += len(block)
+            if progress:
+                progress(sent, size)
+    await stream.write_eof()
+
+
+async def _json_line(stream: Stream) -> dict[str, Any]:
+    line = bytearray()
+    while not line.endswith(b"\n"):
+        byte = await stream.read(1)
+        if not byte:
+            raise ConnectionLost("stream ended before its header")
+        line += byte
+        if len(line) > 4096:
+            raise InvalidRequest("header line too long")
+    return json.loads(line)
+
+
+async def _line(stream: Stream, obj: dict[str, Any]) -> None:
+    await stream.write(json.dumps(obj).encode() + b"\n")
+
+
+RETRYABLE = (ConnectionLost, StreamReset)
+
+
+async def _retrying(agent: Agent, attempt: Callable[[], Any], retries: int, what: str) -> Any:
+    """Run a transfer attempt; after a broken connection wait for the link and go on."""
+    for n in range(retries + 1):
+        try:
+            return await attempt()
+        except RETRYABLE as exc:
+            if n == retries:
+                raise TransferFailed(f"{what} failed after {retries} retries: {exc}") from None
+            agent.log.info("files.retrying", what=what, error=exc)
+            await agent.link.wait_connected(30)
+            await asyncio.sleep(0.05 * (n + 1))
+    raise AssertionError("unreachable")
+
+
+async def put_file(
+    agent: Agent,
+    target: str,
+    local: Path,
+    remote: str,
+    progress: Progress | None = None,
+    retries: int = 10,
+    src: str | None = None,
+) -> int:
+    """Send ``local`` to ``remote`` on agent ``target``; returns bytes actually sent."""
+    local = Path(local)
+    size = local.stat().st_size
+    sha256 = (await asyncio.to_thread(sha256_file, local)).hexdigest()
+    sent_total = 0
+
+    async def attempt() -> None:
+        nonlocal sent_total
+        stream = await agent.streams.open(
+            f"{target}/files", "put", {"path": remote, "size": size, "sha256": sha256}, src=src
+        )
+        offset = (await _json_line(stream))["offset"]
+        await _send(stream, local, offset, size, progress)
+        sent_total += size - offset
+        result = await _json_line(stream)
+        if not result.get("ok"):
+            raise TransferFailed(str(result))
+
+    await _retrying(agent, attempt, retries, f"put {local} -> {target}:{remote}")
+    return sent_total
+
+
+async def get_file(
+    agent: Agent,
+    source: str,
+    remote: str,
+    local: Path,
+    progress: Progress | None = None,
+    retries: int = 10,
+    src: str | None = None,
+) -> int:
+    """Fetch ``remote`` from agent ``source`` into ``local``; returns bytes actually received."""
+    local = Path(local).absolute()
+    received = 0
+
+    async def attempt() -> None:
+        nonlocal received
+        head = await agent.streams.open(f"{source}/files", "stat", {"path": remote}, src=src)
+        info = await _json_line(head)
+        size, sha256 = info["size"], info["sha256"]
+        offset = await asyncio.to_thread(resume_offset, local, size, sha256)
+        stream = await agent.streams.open(
+            f"{source}/files", "get", {"path": remote, "offset": offset}, src=src
+        )
+        await _receive(stream, local, size, sha256, offset, progress)
+        received += size - offset
+
+    await _retrying(agent, attempt, retries, f"get {source}:{remote} -> {local}")
+    return received
+
+
+class FilesPlugin(Plugin):
+    """Serves file puts and gets within the configured directories."""
+
+    name = "files"
+
+    async def start(self, ctx: PluginContext) -> None:
+        await super().start(ctx)
+        self.roots = [Path(d).expanduser().resolve() for d in ctx.config.get("dirs", [])]
+        for root in self.roots:
+            root.mkdir(parents=True, exist_ok=True)
+        self.received = ctx.metrics.counter("files_received_bytes", "Bytes received")
+        self.sent = ctx.metrics.counter("files_sent_bytes", "Bytes sent")
+        for service, handler in (("put", self._put), ("get", self._get), ("stat", self._stat)):
+            ctx.agent.streams.serve(self.name, service, handler)
+
+    async def stop(self) -> None:
+        assert self.ctx is not None
+        self.ctx.agent.streams.unserve(self.name)
+
+    def describe(self) -> dict[str, Any]:
+        return {"capabilities": {"file_dirs": [str(r) for r in self.roots]}}
+
+    def resolve(self, path: Any) -> Path:
+        """A path inside an allowed directory, symlinks resolved; Forbidden otherwise."""
+        if not isinstance(path, str) or not path or "\x00" in path:
+            raise InvalidRequest("a file path is required")
+        p = Path(path)
+        if not p.is_absolute() and self.roots:
+            p = self.roots[0] / p
+        p = p.parent.resolve() / p.name
+        if STAGING in p.parts or not any(p.is_relative_to(r) and p != r for r in self.roots):
+            allowed = ", ".join(map(str, self.roots)) or "nothing"
+            raise Forbidden(f"{path} is outside this agent's file allow-list ({allowed})")
+        return p
+
+    async def _put(self, stream: Stream, params: Any, call: CallInfo) -> None:
+        if (
+            not isinstance(params, dict)
+            or type(params.get("size")) is not int
+            or not isinstance(params.get("sha256"), str)
+            or params["size"] < 0
+        ):
+            raise InvalidRequest("put needs {path, size, sha256}")
+        dest = self.resolve(params.get("path"))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        size, sha256 = params["size"], params["sha256"]
+        offset = await asyncio.to_thread(resume_offset, dest, size, sha256)
+        await _line(stream, {"offset": offset})
+        await _receive(stream, dest, size, sha256, offset, None)
+        self.received.inc(size - offset)
+        await _line(stream, {"ok": True})
+        await stream.write_eof()
+
+    async def _stat(self, stream: Stream, params: Any, call: CallInfo) -> None:
+        path = self.resolve(params.get("path") if isinstance(params, dict) else None)
+        if not path.is_file():
+            raise TransferFailed(f"no file {path}")
+        digest = await asyncio.to_thread(sha256_file, path)
+        await _line(stream, {"size": path.stat().st_size, "sha256": digest.hexdigest()})
+        await stream.write_eof()
+
+    async def _get(self, stream: Stream, params: Any, call: CallInfo) -> None:
+        path = self.resolve(params.get("path") if isinstance(params, dict) else None)
+        offset = params.get("offset", 0)
+        if not path.is_file():
+            raise TransferFailed(f"no file {path}")
+        size = path.stat().st_size
+        if type(offset) is not int or not 0 <= offset <= size:
+            raise InvalidRequest(f"offset must be within 0..{size}")
+        await _send(stream, path, offset, size, None)
+        self.sent.inc(size - offset)
