@@ -16,22 +16,33 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from atoll import logs
 from atoll.agent.config import load_config
 from atoll.agent.discovery import Discovery
 from atoll.agent.errors import AtollError, ConnectionLost
+from atoll.agent.files import get_file, put_file
 from atoll.agent.identity import AgentKeys
 from atoll.agent.node import Agent
 from atoll.agent.prometheus import prometheus_text
 from atoll.agent.runtime import AgentRuntime
 from atoll.agent.top import SORT_KEYS, render_top
+from atoll.agent.tunnel import TunnelListener, parse_target
 from atoll.agent.watch import TenantWatch
 from atoll.broker.advertise import discover as discover_brokers
 from atoll.broker.identity import issue_broker_dir
 from atoll.broker.server import BrokerServer
 from atoll.protocol.errors import ProtocolError
+from atoll.protocol.subjects import check_name
 from atoll.tenancy.credentials import KNOWN_ROLES, EnrollmentToken
 from atoll.tenancy.keys import public_id
 from atoll.tenancy.operator import DEFAULT_TENANT, OperatorStore
@@ -408,6 +419,98 @@ def top(
                     live.update(render_top(watch.rows(), sort))
         finally:
             await watch.stop()
+            await agent.stop()
+
+    run_async(main())
+
+
+def remote_spec(text: str) -> tuple[str, str] | None:
+    """``AGENT:PATH`` -> (agent, path); None for a local path."""
+    agent, sep, path = text.partition(":")
+    if not sep or "/" in agent or not agent:
+        return None
+    try:
+        check_name(agent, "agent name")
+    except ProtocolError:
+        return None
+    return agent, path
+
+
+@app.command()
+def cp(
+    src: Annotated[str, typer.Argument(help="PATH or AGENT:PATH")],
+    dst: Annotated[str, typer.Argument(help="AGENT:PATH or PATH")],
+    data_dir: DataDir,
+    tenant: Tenant = DEFAULT_TENANT,
+    broker: BrokerUrl = LOCAL_BROKER,
+    retries: Annotated[int, typer.Option(help="Reconnects to ride out before giving up.")] = 10,
+) -> None:
+    """Copy a file to or from an agent (within its files plugin's dirs), encrypted end to end,
+    verified by sha256, resumed after a broken connection."""
+    remote_src, remote_dst = remote_spec(src), remote_spec(dst)
+    if (remote_src is None) == (remote_dst is None):
+        fail("exactly one side must be AGENT:PATH")
+    if remote_dst is not None and not Path(src).is_file():
+        fail(f"no file {src}")
+    op = operator_store(data_dir)
+
+    async def main() -> int:
+        agent = await admin_session(op, tenant, [broker])
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+        )
+        try:
+            with Progress(*columns, console=err) as bar:
+                task = bar.add_task(f"{src} -> {dst}", total=None)
+
+                def progress(done: int, total: int) -> None:
+                    bar.update(task, completed=done, total=total)
+
+                if remote_dst is not None:
+                    return await put_file(
+                        agent, remote_dst[0], Path(src), remote_dst[1], progress, retries
+                    )
+                assert remote_src is not None
+                return await get_file(
+                    agent, remote_src[0], remote_src[1], Path(dst), progress, retries
+                )
+        finally:
+            await agent.stop()
+
+    moved = run_async(main())
+    out.print(f"copied {src} -> {dst} ({moved} bytes transferred, sha256 verified)")
+
+
+@app.command()
+def tunnel(
+    listen: Annotated[str, typer.Option(help="Local HOST:PORT to accept connections on.")],
+    to: Annotated[str, typer.Option(help="AGENT:HOST:PORT the agent connects to.")],
+    data_dir: DataDir,
+    tenant: Tenant = DEFAULT_TENANT,
+    broker: BrokerUrl = LOCAL_BROKER,
+) -> None:
+    """Forward local TCP connections through the overlay to HOST:PORT as seen from AGENT (its
+    tunnel plugin must allow that destination)."""
+    l_host, l_port = parse_listen(listen)
+    try:
+        agent_name, host, port = parse_target(to)
+    except ValueError as exc:
+        fail(str(exc))
+    op = operator_store(data_dir)
+
+    async def main() -> None:
+        agent = await admin_session(op, tenant, [broker])
+        listener = await TunnelListener(agent, agent_name, host, port).start(l_host, l_port)
+        bound = listener.address
+        out.print(f"tunnel {bound[0]}:{bound[1]} -> {agent_name} -> {host}:{port}  (Ctrl-C stops)")
+        try:
+            await wait_for_signal(agent)
+        finally:
+            await listener.stop()
             await agent.stop()
 
     run_async(main())

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import http.server
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -264,3 +269,72 @@ def test_join_discovers_a_broker_over_mdns(tmp_path: Path, procs) -> None:
         "agent", "join", "ws://x:1", "--discover", "--token", token, "--name", "x", check=False
     )
     assert both.returncode == 1 and "not both" in both.stderr
+
+
+def test_cp_and_tunnel_commands(tmp_path: Path, procs) -> None:
+    op = str(tmp_path / "op")
+    atoll("init", "-d", op)
+    port = free_port()
+    url = f"ws://127.0.0.1:{port}"
+    procs.append(
+        spawn(
+            "broker",
+            "-d",
+            op,
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--no-advertise",
+            log=tmp_path / "b",
+        )
+    )
+    wait_for_text(tmp_path / "b", "listening on")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    web = httpd.server_address[1]
+    token = atoll("token", "create", "-d", op, "--role", "storage").stdout.strip()
+    node = tmp_path / "node"
+    atoll("agent", "join", url, "--token", token, "--name", "node", "-d", str(node))
+    store = tmp_path / "store"
+    with (node / "agent.toml").open("a") as fh:
+        fh.write(
+            f'\n[plugins.files]\ndirs = ["{store}"]\n'
+            f'\n[plugins.tunnel]\nallow = ["127.0.0.1:{web}"]\n'
+        )
+    procs.append(spawn("agent", "run", "--config", str(node / "agent.toml"), log=tmp_path / "a"))
+    wait_for_text(tmp_path / "a", "connected to")
+    try:
+        src = tmp_path / "model.bin"
+        src.write_bytes(os.urandom(3_000_000))
+        common = ["-d", op, "--broker", url]
+        up = atoll("cp", str(src), "node:model.bin", *common)
+        assert "3000000 bytes transferred, sha256 verified" in up.stdout
+        assert (store / "model.bin").read_bytes() == src.read_bytes()
+        down = tmp_path / "copy.bin"
+        atoll("cp", "node:model.bin", str(down), *common)
+        assert (
+            hashlib.sha256(down.read_bytes()).digest() == hashlib.sha256(src.read_bytes()).digest()
+        )
+        refused = atoll("cp", str(src), "node:/etc/x", *common, check=False)
+        assert refused.returncode == 1 and "outside this agent's file allow-list" in refused.stderr
+        both = atoll("cp", "a.bin", "b.bin", *common, check=False)
+        assert both.returncode == 1 and "exactly one side" in both.stderr
+
+        tport = free_port()
+        procs.append(
+            spawn(
+                "tunnel",
+                "--listen",
+                f"127.0.0.1:{tport}",
+                "--to",
+                f"node:127.0.0.1:{web}",
+                *common,
+                log=tmp_path / "t",
+            )
+        )
+        wait_for_text(tmp_path / "t", "Ctrl-C stops")
+        (tmp_path / "hello.txt").write_text("through the overlay")
+        page = urllib.request.urlopen(f"http://127.0.0.1:{tport}/hello.txt", timeout=10).read()
+        assert page == b"through the overlay"
+    finally:
+        httpd.shutdown()
