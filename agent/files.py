@@ -8,9 +8,11 @@ failover) the sender asks again and the receiver answers with how much it alread
 transfer goes on from there. Agents serve only the directories their ``[plugins.files] dirs``
 allow-list names.
 
-Wire (on the stream, after the open parameters): the serving side writes one JSON line first —
-``{"offset": N}`` for a put, ``{"size": S, "sha256": H}`` for a get — then data flows; a put ends
-with the receiver's JSON line ``{"ok": true}`` once the file is in place.
+Wire (on the stream, after the open parameters): the serving side writes a JSON line first —
+``{"offset": N}`` for a put, ``{"size": S, "version": V, "offset": N}`` for a get — then the
+sender streams bytes N..S and a trailer line ``{"sha256": H}``, hashed while sending (in a thread)
+rather than before the first byte; a put ends with the receiver's ``{"ok": true}`` once the file
+is in place. A partial file resumes only for the same source version (size and mtime).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from atoll.agent.streams import Stream, StreamReset
 
 STAGING = ".atoll-partial"
 READ_SIZE = 1024 * 1024
+TRANSFER_WINDOW = 16 * 1024 * 1024  # bulk data: a deep window keeps the pipe full
 Progress = Callable[[int, int], None]
 
 
@@ -58,11 +61,17 @@ def staging_paths(dest: Path) -> tuple[Path, Path]:
     return stage / f"{key}.part", stage / f"{key}.json"
 
 
-def resume_offset(dest: Path, size: int, sha256: str) -> int:
-    """How much of this exact file (by size and hash) is already staged; resets otherwise."""
+def version_of(path: Path) -> str:
+    """What identifies this exact content for resuming: size and modification time."""
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def resume_offset(dest: Path, size: int, version: str) -> int:
+    """How much of this version of the file is already staged; starts it afresh otherwise."""
     part, meta = staging_paths(dest)
     part.parent.mkdir(parents=True, exist_ok=True)
-    want = {"path": str(dest), "size": size, "sha256": sha256}
+    want = {"path": str(dest), "size": size, "version": version}
     try:
         if json.loads(meta.read_text()) == want and part.exists():
             return min(part.stat().st_size, size)
@@ -74,18 +83,20 @@ def resume_offset(dest: Path, size: int, sha256: str) -> int:
 
 
 async def _receive(
-    stream: Stream, dest: Path, size: int, sha256: str, offset: int, progress: Progress | None
+    stream: Stream, dest: Path, size: int, offset: int, progress: Progress | None
 ) -> None:
-    """Append the stream to the staged file from ``offset``; verify; rename into place."""
+    """Append bytes offset..size to the staged file, check the trailer's sha256 against the
+    whole file, and rename it into place."""
     part, meta = staging_paths(dest)
     digest = await asyncio.to_thread(sha256_file, part, offset) if offset else hashlib.sha256()
     have = offset
     with part.open("r+b") as fh:
         fh.truncate(offset)
         fh.seek(offset)
-        async for chunk in stream:
-            if have + len(chunk) > size:
-                raise TransferFailed(f"sender sent more than the {size} bytes it announced")
+        while have < size:
+            chunk = await stream.read(size - have)
+            if not chunk:
+                raise ConnectionLost(f"stream ended at {have} of {size} bytes")  # resumable
             fh.write(chunk)
             digest.update(chunk)
             have += len(chunk)
@@ -93,13 +104,13 @@ async def _receive(
                 progress(have, size)
         fh.flush()
         os.fsync(fh.fileno())
-    if have != size:
-        raise ConnectionLost(f"stream ended at {have} of {size} bytes")  # resumable
+    sha256 = (await _json_line(stream)).get("sha256")
     if digest.hexdigest() != sha256:
         part.unlink(missing_ok=True)
         meta.unlink(missing_ok=True)
         raise TransferFailed(
-            f"checksum mismatch for {dest.name}: expected {sha256}, got {digest.hexdigest()}"
+            f"checksum mismatch for {dest.name}: sender says {sha256}, "
+            f"received {digest.hexdigest()}"
         )
     os.replace(part, dest)
     meta.unlink(missing_ok=True)
@@ -108,18 +119,23 @@ async def _receive(
 async def _send(
     stream: Stream, path: Path, offset: int, size: int, progress: Progress | None
 ) -> None:
-    with path.open("rb") as fh:
-        fh.seek(offset)
-        sent = offset
-        while sent < size:
-            block = fh.read(min(READ_SIZE, size - sent))
-            if not block:
-                raise TransferFailed(f"{path} shrank while being sent")
-            await stream.write(block)
-            sent += len(block)
-            if progress:
-                progress(sent, size)
-    await stream.write_eof()
+    """Stream bytes offset..size, then the whole file's sha256, hashed meanwhile in a thread."""
+    hashing = asyncio.ensure_future(asyncio.to_thread(sha256_file, path, size))
+    try:
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            sent = offset
+            while sent < size:
+                block = fh.read(min(READ_SIZE, size - sent))
+                if not block:
+                    raise TransferFailed(f"{path} shrank while being sent")
+                await stream.write(block)
+                sent += len(block)
+                if progress:
+                    progress(sent, size)
+        await _line(stream, {"sha256": (await hashing).hexdigest()})
+    finally:
+        hashing.cancel()
 
 
 async def _json_line(stream: Stream) -> dict[str, Any]:
@@ -127,11 +143,17 @@ async def _json_line(stream: Stream) -> dict[str, Any]:
     while not line.endswith(b"\n"):
         byte = await stream.read(1)
         if not byte:
-            raise ConnectionLost("stream ended before its header")
+            raise ConnectionLost("stream ended before a header line")
         line += byte
         if len(line) > 4096:
             raise InvalidRequest("header line too long")
-    return json.loads(line)
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        raise InvalidRequest("malformed header line") from None
+    if not isinstance(obj, dict):
+        raise InvalidRequest("malformed header line")
+    return obj
 
 
 async def _line(stream: Stream, obj: dict[str, Any]) -> None:
@@ -166,21 +188,26 @@ async def put_file(
 ) -> int:
     """Send ``local`` to ``remote`` on agent ``target``; returns bytes actually sent."""
     local = Path(local)
-    size = local.stat().st_size
-    sha256 = (await asyncio.to_thread(sha256_file, local)).hexdigest()
+    size, version = local.stat().st_size, version_of(local)
     sent_total = 0
 
     async def attempt() -> None:
         nonlocal sent_total
         stream = await agent.streams.open(
-            f"{target}/files", "put", {"path": remote, "size": size, "sha256": sha256}, src=src
+            f"{target}/files",
+            "put",
+            {"path": remote, "size": size, "version": version},
+            src=src,
+            window=TRANSFER_WINDOW,
         )
-        offset = (await _json_line(stream))["offset"]
-        await _send(stream, local, offset, size, progress)
-        sent_total += size - offset
-        result = await _json_line(stream)
-        if not result.get("ok"):
-            raise TransferFailed(str(result))
+        try:
+            offset = (await _json_line(stream))["offset"]
+            await _send(stream, local, offset, size, progress)
+            sent_total += size - offset
+            if not (await _json_line(stream)).get("ok"):
+                raise TransferFailed("the receiver did not confirm the file")
+        finally:
+            await stream.close()
 
     await _retrying(agent, attempt, retries, f"put {local} -> {target}:{remote}")
     return sent_total
@@ -201,15 +228,25 @@ async def get_file(
 
     async def attempt() -> None:
         nonlocal received
-        head = await agent.streams.open(f"{source}/files", "stat", {"path": remote}, src=src)
-        info = await _json_line(head)
-        size, sha256 = info["size"], info["sha256"]
-        offset = await asyncio.to_thread(resume_offset, local, size, sha256)
+        part, meta = staging_paths(local)
+        hint: dict[str, Any] = {"path": remote, "offset": 0, "version": ""}
+        try:
+            staged = json.loads(meta.read_text())
+            hint.update(offset=part.stat().st_size, version=staged["version"])
+        except (OSError, ValueError, KeyError):
+            pass
         stream = await agent.streams.open(
-            f"{source}/files", "get", {"path": remote, "offset": offset}, src=src
+            f"{source}/files", "get", hint, src=src, window=TRANSFER_WINDOW
         )
-        await _receive(stream, local, size, sha256, offset, progress)
-        received += size - offset
+        try:
+            head = await _json_line(stream)
+            size, version, offset = head["size"], head["version"], head["offset"]
+            if await asyncio.to_thread(resume_offset, local, size, version) < offset:
+                raise TransferFailed("the sender resumed past what is staged here")
+            await _receive(stream, local, size, offset, progress)
+            received += size - offset
+        finally:
+            await stream.close()
 
     await _retrying(agent, attempt, retries, f"get {source}:{remote} -> {local}")
     return received
@@ -227,7 +264,7 @@ class FilesPlugin(Plugin):
             root.mkdir(parents=True, exist_ok=True)
         self.received = ctx.metrics.counter("files_received_bytes", "Bytes received")
         self.sent = ctx.metrics.counter("files_sent_bytes", "Bytes sent")
-        for service, handler in (("put", self._put), ("get", self._get), ("stat", self._stat)):
+        for service, handler in (("put", self._put), ("get", self._get)):
             ctx.agent.streams.serve(self.name, service, handler)
 
     async def stop(self) -> None:
@@ -254,35 +291,29 @@ class FilesPlugin(Plugin):
         if (
             not isinstance(params, dict)
             or type(params.get("size")) is not int
-            or not isinstance(params.get("sha256"), str)
+            or not isinstance(params.get("version"), str)
             or params["size"] < 0
         ):
-            raise InvalidRequest("put needs {path, size, sha256}")
+            raise InvalidRequest("put needs {path, size, version}")
         dest = self.resolve(params.get("path"))
         dest.parent.mkdir(parents=True, exist_ok=True)
-        size, sha256 = params["size"], params["sha256"]
-        offset = await asyncio.to_thread(resume_offset, dest, size, sha256)
+        size = params["size"]
+        offset = await asyncio.to_thread(resume_offset, dest, size, params["version"])
         await _line(stream, {"offset": offset})
-        await _receive(stream, dest, size, sha256, offset, None)
+        await _receive(stream, dest, size, offset, None)
         self.received.inc(size - offset)
         await _line(stream, {"ok": True})
-        await stream.write_eof()
-
-    async def _stat(self, stream: Stream, params: Any, call: CallInfo) -> None:
-        path = self.resolve(params.get("path") if isinstance(params, dict) else None)
-        if not path.is_file():
-            raise TransferFailed(f"no file {path}")
-        digest = await asyncio.to_thread(sha256_file, path)
-        await _line(stream, {"size": path.stat().st_size, "sha256": digest.hexdigest()})
-        await stream.write_eof()
 
     async def _get(self, stream: Stream, params: Any, call: CallInfo) -> None:
-        path = self.resolve(params.get("path") if isinstance(params, dict) else None)
-        offset = params.get("offset", 0)
+        if not isinstance(params, dict):
+            raise InvalidRequest("get needs {path, offset, version}")
+        path = self.resolve(params.get("path"))
         if not path.is_file():
             raise TransferFailed(f"no file {path}")
-        size = path.stat().st_size
-        if type(offset) is not int or not 0 <= offset <= size:
-            raise InvalidRequest(f"offset must be within 0..{size}")
+        size, version = path.stat().st_size, version_of(path)
+        offset = params.get("offset", 0)
+        if params.get("version") != version or type(offset) is not int or not 0 <= offset <= size:
+            offset = 0  # another version, or nothing staged: from the start
+        await _line(stream, {"size": size, "version": version, "offset": offset})
         await _send(stream, path, offset, size, None)
         self.sent.inc(size - offset)

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from atoll.agent.node import Agent, CallInfo, _Peer
 
 WINDOW = 4 * 1024 * 1024
-CHUNK = 256 * 1024
+CHUNK = 1024 * 1024
 RETRANSMIT_AFTER = 1.0  # seconds without progress on unconsumed data: send it again
 
 
@@ -80,6 +80,7 @@ class Stream:
         self._eof_at: int | None = None
         self._nacked_at = -1
         self._reported = 0
+        self._closed = False
         self._readable = asyncio.Event()
         self.error: BaseException | None = None
         self.accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -149,9 +150,21 @@ class Stream:
             and self._eof_delivered
             and self._consumed >= self._sent
             and self._eof_at is not None
-            and self._read >= self._eof_at
+            and (self._closed or self._read >= self._eof_at)
         ):
             self.mux.streams.pop(self.key, None)
+
+    async def close(self) -> None:
+        """Done with this stream: end our side and discard whatever else arrives."""
+        if self.error is not None:
+            self.mux.streams.pop(self.key, None)
+            return
+        await self.write_eof()
+        self._closed = True
+        self._read = self._expected
+        self._chunks.clear()
+        self._report()
+        self._maybe_done()
 
     # --- reading -----------------------------------------------------------------------------
 
@@ -170,9 +183,14 @@ class Stream:
             self._chunks.appendleft(chunk[n:])
             chunk = chunk[:n]
         self._read += len(chunk)
-        if self._read - self._granted >= self.window_in // 4 or not self._chunks:
-            self._granted = self._read  # grant credit in batches, and whenever we run dry
+        ended = self._eof_at is not None and self._read >= self._eof_at
+        if self._read - self._granted >= self.window_in // 4 or ended:
+            # Credit in batches (a writer is only ever blocked with a quarter window unreported
+            # or more), and at the end so the writer learns everything was read.
+            self._granted = self._read
             self._report()
+        if ended:
+            self._maybe_done()
         return chunk
 
     async def read_exactly(self, n: int) -> bytes:
@@ -192,6 +210,12 @@ class Stream:
     # --- from the mux ------------------------------------------------------------------------
 
     def on_data(self, offset: int, data: bytes) -> None:
+        if self._closed:  # nobody will read it: count it as read
+            if offset == self._expected:
+                self._expected += len(data)
+                self._read = self._expected
+                self._report()
+            return
         if offset == self._expected:
             if self._expected + len(data) - self._read > self.window_in + CHUNK:
                 self.abort(StreamReset("peer overran the stream window"))
@@ -213,6 +237,7 @@ class Stream:
         else:
             self._report()
         self._readable.set()
+        self._maybe_done()
 
     def _gap(self) -> None:
         """Data missing before what arrived (refused as corrupt, or dropped): ask once for it."""
@@ -380,6 +405,7 @@ class StreamMux:
     async def _run(self, handler: StreamHandler, stream: Stream, params: Any, call) -> None:
         try:
             await handler(stream, params, call)
+            await stream.close()  # the handler is done with it, whatever it left unread
         except AtollError as exc:
             stream.abort(exc)
         except asyncio.CancelledError:

@@ -2,7 +2,8 @@
 
 Direct messages use NaCl Box (X25519 + XSalsa20-Poly1305) between the two agents' keys;
 publications use SecretBox with the tenant feed key, which brokers never hold. Both go through
-``crypto_secretbox`` with a precomputed key (Box "afternm" is exactly that).
+``crypto_secretbox`` with a precomputed key (Box "afternm" is exactly that; the "easy" calls
+give the same bytes without the zero-padding copies).
 
 A sealed payload is ``nonce(24) || ciphertext``; the nonce is a per-process random epoch (16
 bytes) plus a counter (8 bytes), so it never repeats and lets the receiver reject replays with a
@@ -52,7 +53,7 @@ class Sealer:
         self._counter += 1
         nonce = self.epoch + self._counter.to_bytes(8, "big")
         sent = int(time.time() * 1000) if now_ms is None else now_ms
-        return nonce + bindings.crypto_secretbox(pack([src, to, sent, body]), nonce, key)
+        return nonce + bindings.crypto_secretbox_easy(pack([src, to, sent, body]), nonce, key)
 
 
 def open_sealed(key: bytes, data: bytes, src: str, to: str) -> tuple[bytes, int, Any]:
@@ -61,7 +62,7 @@ def open_sealed(key: bytes, data: bytes, src: str, to: str) -> tuple[bytes, int,
         raise ProtocolError("sealed payload too short")
     nonce = data[:NONCE_SIZE]
     try:
-        plain = bindings.crypto_secretbox_open(data[NONCE_SIZE:], nonce, key)
+        plain = bindings.crypto_secretbox_open_easy(data[NONCE_SIZE:], nonce, key)
     except CryptoError:
         raise ProtocolError("sealed payload failed authentication", code="tampered") from None
     try:

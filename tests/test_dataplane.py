@@ -41,7 +41,7 @@ def visible(directory: Path) -> list[str]:
 async def test_large_file_both_ways_and_allow_list(tmp_path, make_agent) -> None:
     store = tmp_path / "store"
     a = await make_agent("alpha")
-    await make_agent("beta", plugins={"files": {"dirs": [str(store)]}})
+    b = await make_agent("beta", plugins={"files": {"dirs": [str(store)]}})
     src = tmp_path / "big.bin"
     digest = random_file(src, 200 * 1024 * 1024)
     seen: list[int] = []
@@ -54,6 +54,8 @@ async def test_large_file_both_ways_and_allow_list(tmp_path, make_agent) -> None
     await get_file(a.agent, "beta", "big.bin", back)  # relative to the first allowed dir
     assert back.stat().st_size == src.stat().st_size
     assert hashlib.sha256(back.read_bytes()).hexdigest() == digest
+    # Finished transfers leave no stream behind on either side.
+    await eventually(lambda: not a.agent.streams.streams and not b.agent.streams.streams)
     with pytest.raises(Forbidden, match="outside this agent's file allow-list"):
         await put_file(a.agent, "beta", src, "/etc/evil.bin")
     with pytest.raises(Forbidden):
@@ -140,13 +142,12 @@ async def test_interrupted_transfer_leaves_nothing_visible(tmp_path, make_agent)
         await task
     await asyncio.sleep(0.3)
     assert visible(store) == []
-    # A file whose bytes do not match its announced checksum never appears either.
+    # A file whose bytes do not match the sender's checksum never appears either.
     stream = await a.agent.streams.open(
-        "beta/files", "put", {"path": str(store / "bad.bin"), "size": 4, "sha256": "0" * 64}
+        "beta/files", "put", {"path": str(store / "bad.bin"), "size": 4, "version": "v1"}
     )
-    assert await stream.read_exactly(12) == b'{"offset": 0'
-    await stream.write(b"abcd")
-    await stream.write_eof()
+    assert await stream.read_exactly(14) == b'{"offset": 0}\n'
+    await stream.write(b"abcd" + b'{"sha256": "' + b"0" * 64 + b'"}\n')
     with pytest.raises(TransferFailed, match="checksum mismatch"):
         while await stream.read():
             pass
