@@ -258,12 +258,12 @@ class WebSocket(asyncio.Protocol):
         self.queued += len(data)
         if self.queued > self.high_water:
             self._room.clear()
-            if self.queued > self.limit:
-                self._out.clear()
-                self.queued = 0
-                if self.on_overflow is not None:
-                    self.on_overflow()
-                return
+        if self.queued > self.limit:
+            self._out.clear()
+            self.queued = 0
+            if self.on_overflow is not None:
+                self.on_overflow()
+            return
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._idle.clear()
