@@ -33,6 +33,7 @@ from atoll.agent.streams import Stream, StreamReset
 STAGING = ".atoll-partial"
 READ_SIZE = 1024 * 1024
 TRANSFER_WINDOW = 16 * 1024 * 1024  # bulk data: a deep window keeps the pipe full
+SYNC_EVERY = 32 * 1024 * 1024
 Progress = Callable[[int, int], None]
 
 
@@ -90,19 +91,30 @@ async def _receive(
     part, meta = staging_paths(dest)
     digest = await asyncio.to_thread(sha256_file, part, offset) if offset else hashlib.sha256()
     have = offset
+    syncing: asyncio.Future | None = None
+    synced = offset
     with part.open("r+b") as fh:
         fh.truncate(offset)
         fh.seek(offset)
-        while have < size:
-            chunk = await stream.read(size - have)
-            if not chunk:
-                raise ConnectionLost(f"stream ended at {have} of {size} bytes")  # resumable
-            fh.write(chunk)
-            digest.update(chunk)
-            have += len(chunk)
-            if progress:
-                progress(have, size)
-        fh.flush()
+        try:
+            while have < size:
+                chunk = await stream.read(size - have)
+                if not chunk:
+                    raise ConnectionLost(f"stream ended at {have} of {size} bytes")  # resumable
+                fh.write(chunk)
+                digest.update(chunk)
+                have += len(chunk)
+                if progress:
+                    progress(have, size)
+                if have - synced >= SYNC_EVERY and (syncing is None or syncing.done()):
+                    # Write back as we go, in a thread, so the final fsync has little left.
+                    fh.flush()
+                    synced = have
+                    syncing = asyncio.ensure_future(asyncio.to_thread(os.fdatasync, fh.fileno()))
+            fh.flush()
+        finally:
+            if syncing is not None:
+                await asyncio.wait([syncing])
         os.fsync(fh.fileno())
     sha256 = (await _json_line(stream)).get("sha256")
     if digest.hexdigest() != sha256:
