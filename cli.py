@@ -47,12 +47,20 @@ from atoll.tenancy.credentials import KNOWN_ROLES, EnrollmentToken
 from atoll.tenancy.keys import public_id
 from atoll.tenancy.operator import DEFAULT_TENANT, OperatorStore
 from atoll.transport import client_tls, server_tls
+from atoll.tuning import tune_malloc
 
 ROLE_NAMES = ", ".join(sorted(KNOWN_ROLES))
 app = typer.Typer(help="Atoll: many customised LLMs across islands of GPUs.", no_args_is_help=True)
 tenant_app = typer.Typer(help="Tenants: isolation boundaries with their own keys.")
 token_app = typer.Typer(help="One-time enrollment tokens for agents.")
 agent_app = typer.Typer(help="Join, run and revoke agents.")
+
+
+@app.callback()
+def _process_setup() -> None:
+    tune_malloc()
+
+
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(token_app, name="token")
 app.add_typer(agent_app, name="agent")

@@ -50,6 +50,8 @@ from importlib.metadata import version as pkg_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from atoll.tuning import tune_malloc
+
 if TYPE_CHECKING:
     from atoll.agent.node import Agent
 
@@ -860,6 +862,7 @@ def setup_logging() -> None:
 if __name__ == "__main__":
     args = parse_args()
     setup_logging()
+    tune_malloc()  # as the atoll command does in every process it starts
     child_prof = Path(args.child_profile) if args.child_profile else None
     if args.broker_child:
         broker_child(Path(args.broker_child), child_prof)

@@ -44,6 +44,8 @@ from importlib.metadata import version as pkg_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from atoll.tuning import tune_malloc
+
 if TYPE_CHECKING:
     from atoll.agent.node import Agent
     from atoll.tenancy.operator import OperatorStore
@@ -664,6 +666,7 @@ def setup_logging() -> None:
 if __name__ == "__main__":
     args = parse_args()
     setup_logging()
+    tune_malloc()  # as the atoll command does in every process it starts
     if args.broker_child:
         broker_child(
             Path(args.broker_child),

@@ -36,6 +36,8 @@ from importlib.metadata import version as pkg_version
 from pathlib import Path
 from typing import Any
 
+from atoll.tuning import tune_malloc
+
 log = logging.getLogger("bench.overlay")
 
 HERE = Path(__file__).resolve()
@@ -630,6 +632,7 @@ def setup_logging() -> None:
 if __name__ == "__main__":
     args = parse_args()
     setup_logging()
+    tune_malloc()  # as the atoll command does in every process it starts
     if args.broker_child:
         broker_child(
             Path(args.broker_child),
