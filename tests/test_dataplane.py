@@ -72,7 +72,7 @@ async def test_transfer_resumes_across_broker_restart(operator, tmp_path, make_a
     a = await make_agent("alpha", brokers=[server.url])
     await make_agent("beta", brokers=[server.url], plugins={"files": {"dirs": [str(store)]}})
     src = tmp_path / "data.bin"
-    size = 64 * 1024 * 1024
+    size = 200 * 1024 * 1024
     digest = random_file(src, size)
     restarted = asyncio.Event()
 
