@@ -83,6 +83,11 @@ def resume_offset(dest: Path, size: int, version: str) -> int:
     return 0
 
 
+def _write_and_hash(fh: Any, digest: Any, chunk: bytes) -> None:
+    fh.write(chunk)
+    digest.update(chunk)
+
+
 async def _receive(
     stream: Stream, dest: Path, size: int, offset: int, progress: Progress | None
 ) -> None:
@@ -101,8 +106,8 @@ async def _receive(
                 chunk = await stream.read(size - have)
                 if not chunk:
                     raise ConnectionLost(f"stream ended at {have} of {size} bytes")  # resumable
-                fh.write(chunk)
-                digest.update(chunk)
+                # In a thread (both release the GIL): the loop meanwhile opens the next chunks.
+                await asyncio.to_thread(_write_and_hash, fh, digest, chunk)
                 have += len(chunk)
                 if progress:
                     progress(have, size)
