@@ -34,7 +34,7 @@ class BrokerLink:
         log: EventLogger,
         *,
         max_message: int = DEFAULT_MAX_MESSAGE,
-        ping_interval: float = 10.0,
+        ping_interval: float = 5.0,  # a silent broker is left after 2x this
         backoff_base: float = 0.05,
         backoff_max: float = 5.0,
         open_timeout: float = 5.0,

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from atoll.broker.server import BrokerServer
 
 
+PEER_PING = 2.0  # seconds: a frozen peer broker is dropped after twice this
 ADVERT_DELAY = 0.02  # seconds: coalesces a burst of connects/subscriptions into one advert
 
 
@@ -144,6 +145,7 @@ class Mesh:
                 ws.close(1000, "duplicate mesh link")
                 return False
             old.ws.close(1000, "duplicate mesh link")
+        ws.ping_interval = PEER_PING  # few links, and the mesh reroutes once one goes silent
         link = PeerLink(self, ws, name, dialled)
         self.links[name] = link
         self.log.info("mesh.linked", peer=name, dialled=dialled)

@@ -125,7 +125,7 @@ class BrokerServer:
         max_message: int = DEFAULT_MAX_MESSAGE,
         queue_limit: int = 64 * 1024 * 1024,
         handshake_timeout: float = 10.0,
-        ping_interval: float = 20.0,
+        ping_interval: float = 10.0,
         ssl_context: ssl.SSLContext | None = None,
         peers: list[str] | None = None,
         peer_ssl: ssl.SSLContext | None = None,
