@@ -50,6 +50,24 @@ def wait_for_text(path: Path, text: str, timeout: float = 30) -> str:
     raise AssertionError(f"{text!r} not in {path}:\n{path.read_text()}")
 
 
+def start_broker(op: str, tmp_path: Path, procs: list[subprocess.Popen]) -> str:
+    """`atoll broker` on a free loopback port (no mDNS); returns its URL once it listens."""
+    port = free_port()
+    procs.append(
+        spawn(
+            "broker",
+            "-d",
+            op,
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--no-advertise",
+            log=tmp_path / "b",
+        )
+    )
+    wait_for_text(tmp_path / "b", "listening on")
+    return f"ws://127.0.0.1:{port}"
+
+
 @pytest.fixture
 def procs():
     running: list[subprocess.Popen] = []
@@ -73,20 +91,7 @@ def test_operator_join_run_call_revoke(tmp_path: Path, procs) -> None:
     assert atoll("tenant", "list", "-d", op).stdout.split() == ["acme", "default"]
     assert (tmp_path / "op" / "operator.key").stat().st_mode & 0o777 == 0o600
 
-    port = free_port()
-    url = f"ws://127.0.0.1:{port}"
-    procs.append(
-        spawn(
-            "broker",
-            "-d",
-            op,
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--no-advertise",
-            log=tmp_path / "b",
-        )
-    )
-    wait_for_text(tmp_path / "b", "listening on")
+    url = start_broker(op, tmp_path, procs)
 
     token = atoll(
         "token", "create", "-d", op, "--tenant", "acme", "--role", "inference", "--ttl", "10m"
@@ -274,20 +279,7 @@ def test_join_discovers_a_broker_over_mdns(tmp_path: Path, procs) -> None:
 def test_cp_and_tunnel_commands(tmp_path: Path, procs) -> None:
     op = str(tmp_path / "op")
     atoll("init", "-d", op)
-    port = free_port()
-    url = f"ws://127.0.0.1:{port}"
-    procs.append(
-        spawn(
-            "broker",
-            "-d",
-            op,
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--no-advertise",
-            log=tmp_path / "b",
-        )
-    )
-    wait_for_text(tmp_path / "b", "listening on")
+    url = start_broker(op, tmp_path, procs)
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()

@@ -64,7 +64,9 @@ async def test_broker_never_sees_plaintext(broker, make_agent) -> None:
     assert not [f for f in relayed if SECRET in f]
 
 
-async def test_tampering_broker_is_detected(broker, make_agent) -> None:
+@pytest.fixture
+async def counting(make_agent):
+    """alpha, beta, and the list of what beta/test.count has served (it returns the count)."""
     a = await make_agent("alpha")
     b = await make_agent("beta")
     served: list[object] = []
@@ -74,6 +76,11 @@ async def test_tampering_broker_is_detected(broker, make_agent) -> None:
         return len(served)
 
     b.agent.handle("test", "count", count)
+    return a, b, served
+
+
+async def test_tampering_broker_is_detected(broker, counting) -> None:
+    a, _, served = counting
     await a.agent.call("beta/test", "count", 0)  # keys exchanged, then the broker turns bad
 
     def tamper(session, frame: Frame) -> Frame | None:
@@ -91,16 +98,8 @@ async def test_tampering_broker_is_detected(broker, make_agent) -> None:
     assert served == [0, 2]
 
 
-async def test_replayed_message_is_rejected(broker, make_agent) -> None:
-    a = await make_agent("alpha")
-    b = await make_agent("beta")
-    served: list[object] = []
-
-    async def count(params, call):
-        served.append(params)
-        return len(served)
-
-    b.agent.handle("test", "count", count)
+async def test_replayed_message_is_rejected(broker, counting) -> None:
+    a, b, served = counting
     captured: list[tuple[object, Frame]] = []
     broker.router.tap = lambda s, f: captured.append((s, f)) if f.type is FrameType.MSG else None
     assert await a.agent.call("beta/test", "count", "once") == 1
