@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import cProfile
 import json
 import logging
 import os
@@ -44,13 +43,24 @@ import tempfile
 import threading
 import time
 from asyncio.subprocess import Process
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from importlib.metadata import version as pkg_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from atoll.tuning import tune_malloc
+from harness import (
+    CpuClock,
+    broker_child,
+    die_with_parent,
+    pct,
+    profiled,
+    run_main,
+    serve_lines,
+    setup_logging,
+    stop_process,
+)
 
 if TYPE_CHECKING:
     from atoll.agent.node import Agent
@@ -103,43 +113,6 @@ QUICK = Plan(
 # --- processes ---------------------------------------------------------------------------------
 
 
-def die_with_parent() -> None:
-    """In a child before exec: get SIGTERM if we die, even by SIGKILL (Linux only)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-async def stop_process(proc: Process, name: str) -> None:
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-        try:
-            await asyncio.wait_for(proc.wait(), 5)
-        except TimeoutError:
-            log.warning("%s ignored SIGTERM; killing it", name)
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-
-
-@contextlib.contextmanager
-def profiled(path: Path | None) -> Iterator[None]:
-    if path is None:
-        yield
-        return
-    prof = cProfile.Profile()
-    prof.enable()
-    try:
-        yield
-    finally:
-        prof.disable()
-        prof.dump_stats(str(path))
-        log.warning("profile written to %s", path)
-
-
 class Child:
     """A child process speaking lines: it prints one line when ready, answers ``stats`` with a
     JSON line, and exits when its stdin closes (so it cannot outlive us) or on SIGTERM."""
@@ -184,46 +157,6 @@ async def child(name: str, *args: str, profile: Path | None = None) -> AsyncIter
         yield Child(name, proc, line.decode().strip())
     finally:
         await stop_process(proc, name)
-
-
-def serve_lines(stop: Callable[[], None], stats: Callable[[], dict[str, Any]]) -> None:
-    """In a child's event loop: answer ``stats`` lines on stdout; call ``stop`` at stdin EOF."""
-    loop = asyncio.get_running_loop()
-    buf = bytearray()
-
-    def on_stdin() -> None:
-        data = os.read(0, 4096)
-        if not data:  # EOF: the parent is gone or done
-            loop.remove_reader(0)
-            stop()
-            return
-        buf.extend(data)
-        while b"\n" in buf:
-            line, _, rest = bytes(buf).partition(b"\n")
-            buf[:] = rest
-            if line.strip() == b"stats":
-                print(json.dumps(stats()), flush=True)
-
-    loop.add_reader(0, on_stdin)
-
-
-def broker_child(op_dir: Path, profile: Path | None) -> None:
-    """``--broker-child``: serve until SIGTERM or stdin EOF."""
-    from atoll.broker.server import BrokerServer
-
-    async def serve() -> None:
-        stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        server = await BrokerServer.from_data_dir(op_dir).start("127.0.0.1", 0)
-        serve_lines(stop.set, dict)
-        print(server.port, flush=True)
-        try:
-            await stop.wait()
-        finally:
-            await server.stop()
-
-    with profiled(profile):
-        asyncio.run(serve())
 
 
 class FsyncClock:
@@ -356,27 +289,6 @@ def source_child() -> None:
 
 
 # --- measurements ------------------------------------------------------------------------------
-
-
-class CpuClock:
-    """CPU seconds of the harness (all threads) and of each child."""
-
-    def __init__(self, children: dict[str, int]) -> None:
-        import psutil
-
-        self._procs = {n: psutil.Process(pid) for n, pid in children.items()}
-
-    def read(self) -> dict[str, float]:
-        out = {"harness": time.process_time()}
-        for n, p in self._procs.items():
-            t = p.cpu_times()
-            out[n] = t.user + t.system
-        return out
-
-    def since(self, before: dict[str, float], wall: float) -> dict[str, float]:
-        """Cores busy per process over ``wall`` seconds (1.0 = one core saturated)."""
-        after = self.read()
-        return {k: round((after[k] - before[k]) / max(wall, 1e-9), 3) for k in after}
 
 
 def secretbox_rate(total_mb: int, limit: float, segments: int = 8) -> dict[str, Any]:
@@ -546,10 +458,6 @@ async def bench_downloads(
     }
 
 
-def _pct(samples: list[int], p: float) -> float:
-    return round(samples[min(len(samples) - 1, int(p / 100 * len(samples)))] / 1000, 1)
-
-
 async def bench_rtt(addr: dict[str, tuple[str, int]], plan: Plan) -> dict[str, Any]:
     """1-byte echo round trips on one kept-open connection per path, in rounds that alternate
     the paths (slow drift of a shared machine hits both alike)."""
@@ -594,9 +502,9 @@ async def bench_rtt(addr: dict[str, tuple[str, int]], plan: Plan) -> dict[str, A
         s.sort()
         result[name] = {
             "calls": len(s),
-            "p50_us": _pct(s, 50),
-            "p90_us": _pct(s, 90),
-            "p99_us": _pct(s, 99),
+            "p50_us": round(pct(s, 50), 1),
+            "p90_us": round(pct(s, 90), 1),
+            "p99_us": round(pct(s, 99), 1),
             "mean_us": round(sum(s) / len(s) / 1000, 1),
         }
     return result
@@ -851,14 +759,6 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def setup_logging() -> None:
-    logging.basicConfig(
-        stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s"
-    )
-    for name in ("atoll", "websockets", "asyncio"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 if __name__ == "__main__":
     args = parse_args()
     setup_logging()
@@ -875,16 +775,4 @@ if __name__ == "__main__":
     if args.source_child:
         source_child()
         sys.exit(0)
-    profile_dir = Path(args.profile_dir).resolve() if args.profile_dir else None
-    if profile_dir:
-        profile_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        out = asyncio.run(main(args, profile_dir))
-    except asyncio.CancelledError:
-        print(json.dumps({"error": "terminated"}))
-        sys.exit(143)
-    except Exception as exc:
-        log.exception("benchmark failed")
-        print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
-        sys.exit(1)
-    print(json.dumps(out))
+    run_main(main, args)

@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
+import functools
 import json
 import logging
 import math
@@ -38,13 +39,23 @@ import tempfile
 import time
 from asyncio.subprocess import Process
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version as pkg_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from atoll.tuning import tune_malloc
+from harness import (
+    CpuClock,
+    die_with_parent,
+    pct,
+    profiled,
+    run_main,
+    serve_lines,
+    setup_logging,
+    stop_process,
+)
 
 if TYPE_CHECKING:
     from atoll.agent.node import Agent
@@ -101,29 +112,6 @@ RPC_SETTINGS = MeshSettings()  # the RPC paths run with the same timers (their t
 # --- processes ---------------------------------------------------------------------------------
 
 
-def die_with_parent() -> None:
-    """In a child before exec: SIGKILL it when we die. SIGKILL, not SIGTERM as in overlay.py: a
-    SIGSTOPped broker (stall trials) would never act on a SIGTERM."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-async def stop_process(proc: Process, name: str) -> None:
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-        try:
-            await asyncio.wait_for(proc.wait(), 5)
-        except TimeoutError:
-            log.warning("%s ignored SIGTERM; killing it", name)
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-
-
 @dataclass
 class BrokerProc:
     """A broker child: its URL, and its routing table on request (``hops``)."""
@@ -149,21 +137,6 @@ class BrokerProc:
         return json.loads(line)
 
 
-@contextlib.contextmanager
-def profiled(path: Path | None) -> Iterator[None]:
-    if path is None:
-        yield
-        return
-    prof = cProfile.Profile()
-    prof.enable()
-    try:
-        yield
-    finally:
-        prof.disable()
-        prof.dump_stats(str(path))
-        log.warning("profile written to %s", path)
-
-
 async def spawn_broker(
     data_dir: Path, name: str, peers: list[str], s: MeshSettings, profile: Path | None = None
 ) -> BrokerProc:
@@ -186,7 +159,9 @@ async def spawn_broker(
         *cmd,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
-        preexec_fn=die_with_parent,
+        # SIGKILL, not SIGTERM as in overlay.py: a SIGSTOPped broker (stall trials) would never
+        # act on a SIGTERM
+        preexec_fn=functools.partial(die_with_parent, signal.SIGKILL),
     )
     try:
         assert proc.stdout is not None
@@ -251,23 +226,8 @@ def broker_child(
         server = BrokerServer.from_data_dir(
             data_dir, peers=peers, mesh_refresh=mesh_refresh, ping_interval=ping
         )
-        buf = bytearray()
-
-        def on_stdin() -> None:
-            data = os.read(0, 4096)
-            if not data:  # EOF: the parent is gone or done
-                loop.remove_reader(0)
-                stop.set()
-                return
-            buf.extend(data)
-            while b"\n" in buf:
-                line, _, rest = bytes(buf).partition(b"\n")
-                buf[:] = rest
-                if line.strip() == b"hops":
-                    print(json.dumps(server.mesh.state.next_hops()), flush=True)
-
         await server.start("127.0.0.1", 0)
-        loop.add_reader(0, on_stdin)
+        serve_lines(stop.set, server.mesh.state.next_hops, b"hops")
         print(server.port, flush=True)
         try:
             await stop.wait()
@@ -327,35 +287,15 @@ async def reachable(caller: Agent, dst: str, timeout: float = 10.0) -> None:
 # --- RPC across 1, 2, 3 brokers ----------------------------------------------------------------
 
 
-def _pct(samples: list[int], p: float) -> float:
-    return samples[min(len(samples) - 1, int(p / 100 * len(samples)))] / 1000
-
-
 def summarize(samples: list[int]) -> dict[str, Any]:
     samples = sorted(samples)
     return {
         "calls": len(samples),
-        "p50_us": _pct(samples, 50),
-        "p90_us": _pct(samples, 90),
-        "p99_us": _pct(samples, 99),
+        "p50_us": pct(samples, 50),
+        "p90_us": pct(samples, 90),
+        "p99_us": pct(samples, 99),
         "mean_us": round(sum(samples) / len(samples) / 1000, 1),
     }
-
-
-class CpuClock:
-    """CPU seconds of this process and of each broker child."""
-
-    def __init__(self, brokers: dict[str, BrokerProc]) -> None:
-        import psutil
-
-        self._procs = {n: psutil.Process(b.pid) for n, b in brokers.items()}
-
-    def read(self) -> dict[str, float]:
-        out = {"harness": time.process_time()}
-        for n, p in self._procs.items():
-            t = p.cpu_times()
-            out[n] = t.user + t.system
-        return out
 
 
 async def bench_rpc(
@@ -383,7 +323,7 @@ async def bench_rpc(
 
         samples: dict[int, list[int]] = {n: [] for n in on}
         cpu_s: dict[int, Counter[str]] = {n: Counter() for n in on}
-        clock, cpu = time.perf_counter_ns, CpuClock(brokers)
+        clock, cpu = time.perf_counter_ns, CpuClock({n: b.pid for n, b in brokers.items()})
         deadline = time.perf_counter() + plan.rpc_time_s
         prof = cProfile.Profile() if profile_dir else None
         if prof:
@@ -655,14 +595,6 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def setup_logging() -> None:
-    logging.basicConfig(
-        stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s"
-    )
-    for name in ("atoll", "websockets", "asyncio"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 if __name__ == "__main__":
     args = parse_args()
     setup_logging()
@@ -676,16 +608,4 @@ if __name__ == "__main__":
             Path(args.child_profile) if args.child_profile else None,
         )
         sys.exit(0)
-    profile_dir = Path(args.profile_dir).resolve() if args.profile_dir else None
-    if profile_dir:
-        profile_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        out = asyncio.run(main(args, profile_dir))
-    except asyncio.CancelledError:
-        print(json.dumps({"error": "terminated"}))
-        sys.exit(143)
-    except Exception as exc:
-        log.exception("benchmark failed")
-        print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
-        sys.exit(1)
-    print(json.dumps(out))
+    run_main(main, args)

@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import cProfile
 import functools
-import json
 import logging
 import os
 import platform
@@ -30,13 +28,21 @@ import sys
 import tempfile
 import time
 from asyncio.subprocess import Process
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from importlib.metadata import version as pkg_version
 from pathlib import Path
 from typing import Any
 
 from atoll.tuning import tune_malloc
+from harness import (
+    broker_child,
+    die_with_parent,
+    profiled,
+    run_main,
+    setup_logging,
+    stop_process,
+)
 
 log = logging.getLogger("bench.overlay")
 
@@ -232,31 +238,7 @@ async def _latency(
     }
 
 
-@contextlib.contextmanager
-def profiled(path: Path | None) -> Iterator[None]:
-    if path is None:
-        yield
-        return
-    prof = cProfile.Profile()
-    prof.enable()
-    try:
-        yield
-    finally:
-        prof.disable()
-        prof.dump_stats(str(path))
-        log.warning("profile written to %s", path)
-
-
 # --- processes ---------------------------------------------------------------------------------
-
-
-def die_with_parent() -> None:
-    """In a child before exec: get SIGTERM if we die, even by SIGKILL (Linux only)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -279,19 +261,6 @@ async def wait_port(port: int, proc: Process, timeout: float) -> None:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"nothing listens on port {port} after {timeout}s") from None
             await asyncio.sleep(0.05)
-
-
-async def stop_process(proc: Process, name: str) -> None:
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-        try:
-            await asyncio.wait_for(proc.wait(), 5)
-        except TimeoutError:
-            log.warning("%s ignored SIGTERM; killing it", name)
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
 
 
 @contextlib.asynccontextmanager
@@ -327,32 +296,6 @@ async def atoll_broker(
         yield f"ws://127.0.0.1:{int(line)}", proc.pid
     finally:
         await stop_process(proc, "atoll broker")
-
-
-def broker_child(op_dir: Path, profile: Path | None) -> None:
-    """``--broker-child``: serve until SIGTERM or until the parent closes our stdin."""
-    from atoll.broker.server import BrokerServer
-
-    async def serve() -> None:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-
-        def on_stdin() -> None:
-            if not os.read(0, 4096):  # EOF: the parent is gone or done
-                loop.remove_reader(0)
-                stop.set()
-
-        loop.add_reader(0, on_stdin)
-        server = await BrokerServer.from_data_dir(op_dir).start("127.0.0.1", 0)
-        print(server.port, flush=True)
-        try:
-            await stop.wait()
-        finally:
-            await server.stop()
-
-    with profiled(profile):
-        asyncio.run(serve())
 
 
 # --- atoll -------------------------------------------------------------------------------------
@@ -621,17 +564,9 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def setup_logging() -> None:
-    logging.basicConfig(
-        stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s"
-    )
-    for name in ("atoll", "websockets", "nats", "asyncio"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 if __name__ == "__main__":
     args = parse_args()
-    setup_logging()
+    setup_logging(("atoll", "websockets", "nats", "asyncio"))
     tune_malloc()  # as the atoll command does in every process it starts
     if args.broker_child:
         broker_child(
@@ -639,16 +574,4 @@ if __name__ == "__main__":
             Path(args.child_profile) if args.child_profile else None,
         )
         sys.exit(0)
-    profile_dir = Path(args.profile_dir).resolve() if args.profile_dir else None
-    if profile_dir:
-        profile_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        out = asyncio.run(main(args, profile_dir))
-    except asyncio.CancelledError:
-        print(json.dumps({"error": "terminated"}))
-        sys.exit(143)
-    except Exception as exc:
-        log.exception("benchmark failed")
-        print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
-        sys.exit(1)
-    print(json.dumps(out))
+    run_main(main, args)

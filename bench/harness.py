@@ -1,0 +1,165 @@
+"""Helpers shared by the benchmarks in this folder (``overlay.py``, ``mesh.py``, ``dataplane.py``).
+
+Not a benchmark: each benchmark runs as a script (``python bench/overlay.py``), which puts this
+folder on ``sys.path``, so they import it as ``from harness import ...``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import cProfile
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from asyncio.subprocess import Process
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("bench.harness")
+
+QUIET_LOGGERS = ("atoll", "websockets", "asyncio")
+
+
+def setup_logging(quiet: Iterable[str] = QUIET_LOGGERS) -> None:
+    """Logs to stderr (stdout carries the one JSON object); the ``quiet`` loggers at WARNING."""
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s"
+    )
+    for name in quiet:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def profiled(path: Path | None) -> Iterator[None]:
+    if path is None:
+        yield
+        return
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        yield
+    finally:
+        prof.disable()
+        prof.dump_stats(str(path))
+        log.warning("profile written to %s", path)
+
+
+def run_main(main: Callable[[Any, Path | None], Awaitable[dict[str, Any]]], args: Any) -> None:
+    """Run ``main(args, profile_dir)`` and print its result, or ``{"error": ...}``, as ONE JSON
+    object on stdout; exit 1 on an error, 143 when cancelled."""
+    profile_dir = Path(args.profile_dir).resolve() if args.profile_dir else None
+    if profile_dir:
+        profile_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out = asyncio.run(main(args, profile_dir))
+    except asyncio.CancelledError:
+        print(json.dumps({"error": "terminated"}))
+        sys.exit(143)
+    except Exception as exc:
+        log.exception("benchmark failed")
+        print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+        sys.exit(1)
+    print(json.dumps(out))
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """In a child before exec: get ``sig`` if we die, even by SIGKILL (Linux only)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+
+
+async def stop_process(proc: Process, name: str) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 5)
+        except TimeoutError:
+            log.warning("%s ignored SIGTERM; killing it", name)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+
+def serve_lines(
+    stop: Callable[[], None], stats: Callable[[], dict[str, Any]], command: bytes = b"stats"
+) -> None:
+    """In a child's event loop: answer ``command`` lines on stdout with ``stats()`` as JSON; call
+    ``stop`` at stdin EOF."""
+    loop = asyncio.get_running_loop()
+    buf = bytearray()
+
+    def on_stdin() -> None:
+        data = os.read(0, 4096)
+        if not data:  # EOF: the parent is gone or done
+            loop.remove_reader(0)
+            stop()
+            return
+        buf.extend(data)
+        while b"\n" in buf:
+            line, _, rest = bytes(buf).partition(b"\n")
+            buf[:] = rest
+            if line.strip() == command:
+                print(json.dumps(stats()), flush=True)
+
+    loop.add_reader(0, on_stdin)
+
+
+def broker_child(op_dir: Path, profile: Path | None) -> None:
+    """``--broker-child``: a broker on a loopback port, which it prints; serve until SIGTERM or
+    until the parent closes our stdin."""
+    from atoll.broker.server import BrokerServer
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        server = await BrokerServer.from_data_dir(op_dir).start("127.0.0.1", 0)
+        serve_lines(stop.set, dict)
+        print(server.port, flush=True)
+        try:
+            await stop.wait()
+        finally:
+            await server.stop()
+
+    with profiled(profile):
+        asyncio.run(serve())
+
+
+# --- measurements ------------------------------------------------------------------------------
+
+
+def pct(samples: list[int], p: float) -> float:
+    """The ``p``-th percentile of sorted nanosecond ``samples``, in microseconds."""
+    return samples[min(len(samples) - 1, int(p / 100 * len(samples)))] / 1000
+
+
+class CpuClock:
+    """CPU seconds of this process (``harness``, all threads) and of each child (by pid)."""
+
+    def __init__(self, children: dict[str, int]) -> None:
+        import psutil
+
+        self._procs = {n: psutil.Process(pid) for n, pid in children.items()}
+
+    def read(self) -> dict[str, float]:
+        out = {"harness": time.process_time()}
+        for n, p in self._procs.items():
+            t = p.cpu_times()
+            out[n] = t.user + t.system
+        return out
+
+    def since(self, before: dict[str, float], wall: float) -> dict[str, float]:
+        """Cores busy per process over ``wall`` seconds (1.0 = one core saturated)."""
+        after = self.read()
+        return {k: round((after[k] - before[k]) / max(wall, 1e-9), 3) for k in after}
