@@ -279,6 +279,8 @@ def agent_run(config: Annotated[Path, typer.Option(help="Agent TOML config.")]) 
             metrics_interval=cfg.agent.metrics_interval,
         )
         out.print(f"agent {rt.agent.name} connected to {rt.agent.link.url}")
+        for name, reason in rt.host.errors.items():
+            err.print(f"[yellow]plugin {name} did not start:[/yellow] {reason}", markup=True)
         try:
             await wait_for_signal(rt.agent)
         finally:

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
 from atoll.agent.errors import AtollError, ConnectionLost, Forbidden, InvalidRequest
 from atoll.agent.node import Agent, CallInfo
 from atoll.agent.plugins import Plugin, PluginContext
@@ -269,6 +271,15 @@ async def get_file(
     return received
 
 
+class FilesConfig(BaseModel):
+    """``[plugins.files]``: the directories other agents may read and write here."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    dirs: list[str] = []
+
+
 class FilesPlugin(Plugin):
     """Serves file puts and gets within the configured directories."""
 
@@ -276,7 +287,8 @@ class FilesPlugin(Plugin):
 
     async def start(self, ctx: PluginContext) -> None:
         await super().start(ctx)
-        self.roots = [Path(d).expanduser().resolve() for d in ctx.config.get("dirs", [])]
+        config = FilesConfig.model_validate(ctx.config)
+        self.roots = [Path(d).expanduser().resolve() for d in config.dirs]
         for root in self.roots:
             root.mkdir(parents=True, exist_ok=True)
         self.received = ctx.metrics.counter("files_received_bytes", "Bytes received")

@@ -123,10 +123,13 @@ class PluginHost:
         try:
             await plugin.start(ctx)
         except Exception as exc:
-            plugin.state = "failed"
+            # Not loaded: the reason stays visible in statuses(), and it may be added again.
+            del self.plugins[name]
+            self.agent.streams.unserve(name)
             self.errors[name] = f"{type(exc).__name__}: {exc}"
-            self.log.error("plugin.start_failed", plugin=name, error=exc, exc_info=True)
+            self.log.error("plugin.start_failed", plugin=name, error=exc)
             raise
+        self.errors.pop(name, None)
         for method, fn in plugin.rpc_methods().items():
             self.agent.handle(name, method, fn)
         plugin.state = "running"
@@ -172,12 +175,8 @@ class PluginHost:
         return {n: p.ctx.metrics for n, p in self.plugins.items() if p.ctx is not None}
 
     def statuses(self) -> list[dict[str, Any]]:
-        out = []
-        for name, plugin in self.plugins.items():
-            entry = {"name": name, "state": plugin.state, **plugin.status()}
-            if name in self.errors:
-                entry["error"] = self.errors[name]
-            out.append(entry)
+        out = [{"name": n, "state": p.state, **p.status()} for n, p in self.plugins.items()]
+        out += [{"name": n, "state": "failed", "error": e} for n, e in self.errors.items()]
         return out
 
 

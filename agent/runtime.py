@@ -43,7 +43,10 @@ class AgentRuntime:
         await agent.start(wait=connect_timeout)
         for name, config in (plugins or {}).items():
             if name != "system" and config.get("enabled", True):
-                await host.add(name, config)
+                try:
+                    await host.add(name, config)
+                except Exception:  # logged and shown in statuses; the agent serves on without it
+                    continue
         fixed = {"labels": dict(labels or {})}
         announcer = Announcer(agent, lambda: {**fixed, **host.describe()}, heartbeat)
         announcer.start()

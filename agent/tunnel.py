@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, field_validator
+
 from atoll.agent.errors import AtollError, Forbidden, InvalidRequest
 from atoll.agent.node import Agent, CallInfo
 from atoll.agent.plugins import Plugin, PluginContext
@@ -116,6 +118,46 @@ class TunnelListener:
             await self.server.wait_closed()
 
 
+class ListenSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    listen: str  # local HOST:PORT
+    to: str  # AGENT:HOST:PORT
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        host, _, port = v.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"listen {v!r} is not HOST:PORT")
+        return v
+
+    @field_validator("to")
+    @classmethod
+    def _to(cls, v: str) -> str:
+        parse_target(v)
+        return v
+
+
+class TunnelConfig(BaseModel):
+    """``[plugins.tunnel]``: destinations served for others, and local listeners."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    allow: list[str] = []  # "host:port" or "host:*"
+    listen: list[ListenSpec] = []
+
+    @field_validator("allow")
+    @classmethod
+    def _allow(cls, v: list[str]) -> list[str]:
+        for rule in v:
+            host, _, port = rule.rpartition(":")
+            if not host or not (port == "*" or port.isdigit()):
+                raise ValueError(f"allow rule {rule!r} is not host:port or host:*")
+        return v
+
+
 class TunnelPlugin(Plugin):
     """Serves tunnel streams to allowed destinations, and runs configured local listeners."""
 
@@ -123,13 +165,14 @@ class TunnelPlugin(Plugin):
 
     async def start(self, ctx: PluginContext) -> None:
         await super().start(ctx)
-        self.allow = [str(r) for r in ctx.config.get("allow", [])]
+        config = TunnelConfig.model_validate(ctx.config)
+        self.allow = config.allow
         self.listeners: list[TunnelListener] = []
         self.opened = ctx.metrics.counter("tunnel_connections", "Tunnel connections served")
         ctx.agent.streams.serve(self.name, SERVICE, self._serve)
-        for spec in ctx.config.get("listen", []):
-            agent, host, port = parse_target(spec["to"])
-            l_host, _, l_port = str(spec["listen"]).rpartition(":")
+        for spec in config.listen:
+            agent, host, port = parse_target(spec.to)
+            l_host, _, l_port = spec.listen.rpartition(":")
             listener = TunnelListener(ctx.agent, agent, host, port, src=ctx.address)
             self.listeners.append(await listener.start(l_host, int(l_port)))
 

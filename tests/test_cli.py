@@ -330,3 +330,18 @@ def test_cp_and_tunnel_commands(tmp_path: Path, procs) -> None:
         assert page == b"through the overlay"
     finally:
         httpd.shutdown()
+
+
+def test_agent_run_reports_a_misconfigured_plugin(tmp_path: Path, procs) -> None:
+    op = str(tmp_path / "op")
+    atoll("init", "-d", op)
+    url = start_broker(op, tmp_path, procs)
+    token = atoll("token", "create", "-d", op).stdout.strip()
+    node = tmp_path / "node"
+    atoll("agent", "join", url, "--token", token, "--name", "node", "-d", str(node))
+    with (node / "agent.toml").open("a") as fh:
+        fh.write('\n[plugins.files]\ndirs = "oops"\n')
+    procs.append(spawn("agent", "run", "--config", str(node / "agent.toml"), log=tmp_path / "a"))
+    text = wait_for_text(tmp_path / "a", "did not start")
+    assert "plugin files did not start" in text and "dirs" in text
+    assert '"pong": true' in atoll("call", "node", "ping", "-d", op, "--broker", url).stdout

@@ -68,3 +68,21 @@ async def test_plugin_lifecycle_config_and_roles(make_agent) -> None:
     assert again.count == 5
     with pytest.raises(KeyError, match="no plugin 'nope'"):
         await node.host.add("nope")
+
+
+async def test_bad_plugin_config_is_refused_clearly(make_agent) -> None:
+    from pydantic import ValidationError
+
+    node = await make_agent("node")
+    with pytest.raises(ValidationError, match="dirs"):
+        await node.host.add("files", {"dirs": "not-a-list"})
+    with pytest.raises(ValidationError, match="is not host:port"):
+        await node.host.add("tunnel", {"allow": ["nohostport"]})
+    with pytest.raises(ValidationError, match="AGENT:HOST:PORT"):
+        await node.host.add("tunnel", {"listen": [{"listen": "127.0.0.1:1", "to": "x"}]})
+    statuses = await node.agent.call("node", "plugins")
+    failed = {s["name"]: s for s in statuses if s["state"] == "failed"}
+    assert failed["tunnel"]["error"].startswith("ValidationError")
+    assert "files" in failed and (await node.agent.call("node", "ping"))["pong"] is True
+    await node.host.add("tunnel", {"allow": ["127.0.0.1:*"]})  # fixed config: it loads
+    assert "tunnel" not in node.host.errors
