@@ -87,8 +87,6 @@ class WebSocket(asyncio.Protocol):
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self._room = asyncio.Event()
         self._room.set()
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._last_seen = self._loop.time()
         self._timers: list[asyncio.TimerHandle] = []
         self.open = False  # the websocket is open and we may still send (kept as a plain flag)
@@ -155,7 +153,6 @@ class WebSocket(asyncio.Protocol):
         self._out.clear()
         self.queued = 0
         self._room.set()
-        self._idle.set()
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -266,7 +263,6 @@ class WebSocket(asyncio.Protocol):
             return
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._idle.clear()
             _dirty.append(self)
             global _flush_pending
             if not _flush_pending:
@@ -292,8 +288,6 @@ class WebSocket(asyncio.Protocol):
             self._write_protocol_data()
         if self.queued <= self.high_water:
             self._room.set()
-        if not out:
-            self._idle.set()
 
     def _write_protocol_data(self) -> None:
         transport = self.transport
@@ -310,9 +304,6 @@ class WebSocket(asyncio.Protocol):
     async def room(self) -> None:
         if not self._room.is_set():
             await self._room.wait()
-
-    async def drained(self) -> None:
-        await self._idle.wait()
 
     # --- closing ---------------------------------------------------------------------------------
 

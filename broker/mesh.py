@@ -186,18 +186,6 @@ class LinkState:
         where = self.locate(tenant, agent)
         return self.adverts[where].agents[(tenant, agent)][0] if where else None
 
-    def agents(self, tenant: str) -> list[str]:
-        reachable = self.next_hops()
-        return sorted(
-            {
-                a
-                for n, adv in self.adverts.items()
-                if n == self.me or n in reachable
-                for (t, a) in adv.agents
-                if t == tenant
-            }
-        )
-
     # --- publications ----------------------------------------------------------------------------
 
     def interested(self, tenant: str, subject: str) -> set[str]:
