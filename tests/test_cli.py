@@ -169,6 +169,14 @@ def test_up_starts_island_and_stops_on_ctrl_c(tmp_path: Path, procs) -> None:
     assert 'atoll_memory_total_bytes{agent="island"}' in prom
     frame = atoll("top", "--once", "--sort", "cpu", "-d", str(data), "--broker", url).stdout
     assert "island" in frame and "ACTIVE" in frame
+    bad = atoll("top", "--once", "--sort", "ram", "-d", str(data), "--broker", url, check=False)
+    assert bad.returncode == 1 and "unknown sort key 'ram'" in bad.stderr
+    live = spawn("top", "--refresh", "0.2", "-d", str(data), "--broker", url, log=tmp_path / "top")
+    procs.append(live)
+    time.sleep(1.5)  # a few refreshes (on a terminal they redraw in place)
+    live.send_signal(signal.SIGINT)
+    assert live.wait(10) == 0
+    assert "island" in (tmp_path / "top").read_text()  # piped: the last frame, at exit
     up.send_signal(signal.SIGINT)
     assert up.wait(15) == 0
     assert "stopped" in (tmp_path / "up").read_text()
