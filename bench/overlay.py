@@ -238,6 +238,32 @@ async def _latency(
     }
 
 
+async def measure(
+    call: Callable[[], Awaitable[Any]],
+    publish: Publish,
+    counter: Counter,
+    fan_subs: int,
+    plan: Plan,
+    cpu: CpuMeter,
+) -> dict[str, Any]:
+    """The same three figures for either system: RPC latency, 1 -> 1 and 1 -> N throughput."""
+    rpc = await latency(call, plan.rpc_warmup, plan.rpc_calls, plan.rpc_time_s, cpu)
+    one = await throughput(
+        publish, "bench.one", counter, 1, plan.pubsub_msgs, plan.pub_warmup, plan.pubsub_time_s, cpu
+    )
+    fan = await throughput(
+        publish,
+        "bench.fan",
+        counter,
+        fan_subs,
+        plan.fanout_msgs,
+        plan.pub_warmup // 4,
+        plan.fanout_time_s,
+        cpu,
+    )
+    return {"rpc": rpc, "pubsub": one, "fanout": fan}
+
+
 # --- processes ---------------------------------------------------------------------------------
 
 
@@ -340,31 +366,12 @@ async def bench_atoll(plan: Plan, inproc: bool, profile_dir: Path | None) -> dic
                 for s in subs:
                     await s.flush()  # a broker round trip: the SUBs are in place
                 with profiled(client_prof):
-                    rpc = await latency(
+                    figures = await measure(
                         functools.partial(caller.call, "rpc-b/bench", "echo", RPC_PARAMS),
-                        plan.rpc_warmup,
-                        plan.rpc_calls,
-                        plan.rpc_time_s,
-                        cpu,
-                    )
-                    one = await throughput(
                         publisher.publish,
-                        "bench.one",
-                        counter,
-                        1,
-                        plan.pubsub_msgs,
-                        plan.pub_warmup,
-                        plan.pubsub_time_s,
-                        cpu,
-                    )
-                    fan = await throughput(
-                        publisher.publish,
-                        "bench.fan",
                         counter,
                         len(subs),
-                        plan.fanout_msgs,
-                        plan.pub_warmup // 4,
-                        plan.fanout_time_s,
+                        plan,
                         cpu,
                     )
                 dropped = sum(sub.dropped for ag in agents for sub in ag._subs.values())
@@ -372,7 +379,7 @@ async def bench_atoll(plan: Plan, inproc: bool, profile_dir: Path | None) -> dic
                 for a in reversed(agents):
                     with contextlib.suppress(Exception):
                         await a.stop()
-    return {"rpc": rpc, "pubsub": one, "fanout": fan, "dropped": dropped}
+    return {**figures, "dropped": dropped}
 
 
 # --- nats --------------------------------------------------------------------------------------
@@ -441,38 +448,19 @@ async def bench_nats(plan: Plan) -> dict[str, Any]:
                 await s.subscribe("bench.fan", cb=counter.ahit)
             for nc in (server, *subs):
                 await nc.flush()  # PING/PONG: the server has the SUBs
-            rpc = await latency(
+            figures = await measure(
                 functools.partial(caller.request, "bench.rpc", RPC_PARAMS, timeout=10.0),
-                plan.rpc_warmup,
-                plan.rpc_calls,
-                plan.rpc_time_s,
-                cpu,
-            )
-            one = await throughput(
                 publisher.publish,
-                "bench.one",
-                counter,
-                1,
-                plan.pubsub_msgs,
-                plan.pub_warmup,
-                plan.pubsub_time_s,
-                cpu,
-            )
-            fan = await throughput(
-                publisher.publish,
-                "bench.fan",
                 counter,
                 len(subs),
-                plan.fanout_msgs,
-                plan.pub_warmup // 4,
-                plan.fanout_time_s,
+                plan,
                 cpu,
             )
         finally:
             for nc in reversed(conns):
                 with contextlib.suppress(Exception):
                     await nc.close()
-    return {"rpc": rpc, "pubsub": one, "fanout": fan, "errors": errors[:5]}
+    return {**figures, "errors": errors[:5]}
 
 
 # --- report ------------------------------------------------------------------------------------
