@@ -116,16 +116,23 @@ def serve_lines(
     loop.add_reader(0, on_stdin)
 
 
-def broker_child(op_dir: Path, profile: Path | None) -> None:
+def broker_child(
+    op_dir: Path,
+    profile: Path | None,
+    command: bytes = b"stats",
+    answer: Callable[[Any], Any] = lambda server: {},
+    **options: Any,
+) -> None:
     """``--broker-child``: a broker on a loopback port, which it prints; serve until SIGTERM or
-    until the parent closes our stdin."""
+    until the parent closes our stdin. A ``command`` line on stdin is answered with
+    ``answer(server)`` as JSON; ``options`` go to the BrokerServer."""
     from atoll.broker.server import BrokerServer
 
     async def serve() -> None:
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        server = await BrokerServer.from_data_dir(op_dir).start("127.0.0.1", 0)
-        serve_lines(stop.set, dict)
+        server = await BrokerServer.from_data_dir(op_dir, **options).start("127.0.0.1", 0)
+        serve_lines(stop.set, lambda: answer(server), command)
         print(server.port, flush=True)
         try:
             await stop.wait()

@@ -48,11 +48,10 @@ from typing import TYPE_CHECKING, Any
 from atoll.tuning import tune_malloc
 from harness import (
     CpuClock,
+    broker_child,
     die_with_parent,
     pct,
-    profiled,
     run_main,
-    serve_lines,
     setup_logging,
     stop_process,
 )
@@ -211,31 +210,6 @@ async def converged(brokers: dict[str, BrokerProc], timeout: float = 10.0) -> di
         if time.monotonic() > deadline:
             raise RuntimeError(f"mesh did not converge within {timeout}s: {views}")
         await asyncio.sleep(0.05)
-
-
-def broker_child(
-    data_dir: Path, peers: list[str], mesh_refresh: float, ping: float, profile: Path | None
-) -> None:
-    """``--broker-child``: serve until SIGTERM or stdin EOF; answer ``hops`` lines on stdout."""
-    from atoll.broker.server import BrokerServer
-
-    async def serve() -> None:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        server = BrokerServer.from_data_dir(
-            data_dir, peers=peers, mesh_refresh=mesh_refresh, ping_interval=ping
-        )
-        await server.start("127.0.0.1", 0)
-        serve_lines(stop.set, server.mesh.state.next_hops, b"hops")
-        print(server.port, flush=True)
-        try:
-            await stop.wait()
-        finally:
-            await server.stop()
-
-    with profiled(profile):
-        asyncio.run(serve())
 
 
 # --- agents ------------------------------------------------------------------------------------
@@ -600,12 +574,14 @@ if __name__ == "__main__":
     setup_logging()
     tune_malloc()  # as the atoll command does in every process it starts
     if args.broker_child:
-        broker_child(
+        broker_child(  # answers "hops" with its routing table, for convergence checks
             Path(args.broker_child),
-            [u for u in args.peers.split(",") if u],
-            args.mesh_refresh,
-            args.ping_interval,
             Path(args.child_profile) if args.child_profile else None,
+            b"hops",
+            lambda server: server.mesh.state.next_hops(),
+            peers=[u for u in args.peers.split(",") if u],
+            mesh_refresh=args.mesh_refresh,
+            ping_interval=args.ping_interval,
         )
         sys.exit(0)
     run_main(main, args)
