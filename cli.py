@@ -10,6 +10,7 @@ import re
 import secrets
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -291,10 +292,15 @@ def agent_run(config: Annotated[Path, typer.Option(help="Agent TOML config.")]) 
     run_async(main())
 
 
-async def admin_session(op: OperatorStore, tenant: str, brokers: list[str]) -> Agent:
+@contextlib.asynccontextmanager
+async def admin_session(op: OperatorStore, tenant: str, brokers: list[str]) -> AsyncIterator[Agent]:
     """A short-lived admin identity minted with the tenant key, for CLI actions."""
     keys = AgentKeys.issue(op, tenant, f"cli-{secrets.token_hex(4)}", ["admin"], ttl_s=600)
-    return await Agent(keys, brokers, backoff_max=0.5).start(wait=10)
+    agent = Agent(keys, brokers, backoff_max=0.5)
+    try:
+        yield await agent.start(wait=10)
+    finally:
+        await agent.stop()
 
 
 @agent_app.command("revoke")
@@ -310,12 +316,9 @@ def agent_revoke(
     out.print(f"revoked {name} in tenant {tenant} (kept in {op.tenant_dir(tenant)})")
 
     async def push() -> None:
-        agent = await admin_session(op, tenant, broker)
-        try:
+        async with admin_session(op, tenant, broker) as agent:
             await agent.send_revocation(blob)
             await agent.flush()  # a round trip: the broker has processed it
-        finally:
-            await agent.stop()
 
     if broker:
         run_async(push())
@@ -341,21 +344,15 @@ def call(
     op = operator_store(data_dir)
 
     async def main() -> Any:
-        agent = await admin_session(op, tenant, [broker])
-        try:
+        async with admin_session(op, tenant, [broker]) as agent:
             return await agent.call(address, method, json.loads(params), timeout=timeout)
-        finally:
-            await agent.stop()
 
     out.print_json(json.dumps(run_async(main()), default=str))
 
 
 async def watch_once(op: OperatorStore, tenant: str, broker: str) -> list[dict[str, Any]]:
-    agent = await admin_session(op, tenant, [broker])
-    try:
+    async with admin_session(op, tenant, [broker]) as agent:
         return (await TenantWatch(agent).start()).rows()
-    finally:
-        await agent.stop()
 
 
 @app.command()
@@ -415,9 +412,8 @@ def top(
     op = operator_store(data_dir)
 
     async def main() -> None:
-        agent = await admin_session(op, tenant, [broker])
-        watch = await TenantWatch(agent).start()
-        try:
+        async with admin_session(op, tenant, [broker]) as agent:
+            watch = await TenantWatch(agent).start()
             if once:  # piped output gets room for every column rather than 80 squeezed ones
                 wide = out if out.is_terminal else Console(width=200)
                 wide.print(render_top(watch.rows(), sort))
@@ -427,9 +423,6 @@ def top(
                 while not stop.done():
                     await asyncio.wait([stop], timeout=refresh)
                     live.update(render_top(watch.rows(), sort))
-        finally:
-            await watch.stop()
-            await agent.stop()
 
     run_async(main())
 
@@ -465,7 +458,6 @@ def cp(
     op = operator_store(data_dir)
 
     async def main() -> int:
-        agent = await admin_session(op, tenant, [broker])
         columns = (
             TextColumn("{task.description}"),
             BarColumn(),
@@ -473,7 +465,7 @@ def cp(
             TransferSpeedColumn(),
             TimeRemainingColumn(),
         )
-        try:
+        async with admin_session(op, tenant, [broker]) as agent:
             with Progress(*columns, console=err) as bar:
                 task = bar.add_task(f"{src} -> {dst}", total=None)
 
@@ -488,8 +480,6 @@ def cp(
                 return await get_file(
                     agent, remote_src[0], remote_src[1], Path(dst), progress, retries
                 )
-        finally:
-            await agent.stop()
 
     moved = run_async(main())
     out.print(f"copied {src} -> {dst} ({moved} bytes transferred, sha256 verified)")
@@ -513,15 +503,16 @@ def tunnel(
     op = operator_store(data_dir)
 
     async def main() -> None:
-        agent = await admin_session(op, tenant, [broker])
-        listener = await TunnelListener(agent, agent_name, host, port).start(l_host, l_port)
-        bound = listener.address
-        out.print(f"tunnel {bound[0]}:{bound[1]} -> {agent_name} -> {host}:{port}  (Ctrl-C stops)")
-        try:
-            await wait_for_signal(agent)
-        finally:
-            await listener.stop()
-            await agent.stop()
+        async with admin_session(op, tenant, [broker]) as agent:
+            listener = await TunnelListener(agent, agent_name, host, port).start(l_host, l_port)
+            bound = listener.address
+            out.print(
+                f"tunnel {bound[0]}:{bound[1]} -> {agent_name} -> {host}:{port}  (Ctrl-C stops)"
+            )
+            try:
+                await wait_for_signal(agent)
+            finally:
+                await listener.stop()
 
     run_async(main())
 
