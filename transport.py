@@ -34,12 +34,14 @@ CLOSE_TRY_LATER = 1013  # slow consumer
 # Connections with queued frames, flushed together: at the end of the data_received that queued
 # them (a broker routing a batch) or on the next loop iteration (frames sent from tasks).
 _dirty: list[WebSocket] = []
-_flush_pending = False
+# The loop a flush is already due on. A loop, not a flag: a loop closed with a flush still
+# scheduled (one per test, say) must not leave the next loop believing one is coming.
+_flush_pending: asyncio.AbstractEventLoop | None = None
 
 
 def flush_pending() -> None:
     global _flush_pending
-    _flush_pending = False
+    _flush_pending = None
     while _dirty:
         _dirty.pop()._flush()
 
@@ -112,7 +114,7 @@ class WebSocket(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         global _flush_pending
-        _flush_pending = True  # what handling this data queues goes out at the end, below
+        _flush_pending = self._loop  # what handling this data queues goes out at the end
         try:
             self._receive(data)
         finally:
@@ -265,8 +267,8 @@ class WebSocket(asyncio.Protocol):
             self._flush_scheduled = True
             _dirty.append(self)
             global _flush_pending
-            if not _flush_pending:
-                _flush_pending = True
+            if _flush_pending is not self._loop:
+                _flush_pending = self._loop
                 self._loop.call_soon(flush_pending)
 
     def _flush(self) -> None:
