@@ -1,0 +1,72 @@
+"""What every inference backend offers the plugin. The plugin owns the overlay side (RPC, streams,
+discovery, metrics); a backend only turns requests into tokens."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from atoll.plugins.inference.contract import (
+    AdapterInfo,
+    EmbedRequest,
+    EmbedResult,
+    FinishEvent,
+    GenerateRequest,
+    Health,
+    NodeInfo,
+    TokenEvent,
+    TranscribeRequest,
+    TranscribeResult,
+    Unsupported,
+)
+
+# Given by the plugin to backends that load adapters themselves: fetch adapter ``id`` (from the
+# storage agent over the data plane, or a local directory) into ``dest`` and return its directory.
+AdapterFetcher = Callable[[str, Path], Awaitable[Path]]
+
+
+class Backend(ABC):
+    kind: str = ""
+
+    async def start(self) -> None:
+        """Load models, open clients; raise to refuse starting."""
+
+    async def stop(self) -> None:
+        """Release what ``start`` took; requests still running end with an error."""
+
+    @abstractmethod
+    def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
+        """Token events, then exactly one finish event. Cancelling the iteration (closing the
+        async generator) frees the request's place at once."""
+
+    @abstractmethod
+    def info(self) -> NodeInfo: ...
+
+    @abstractmethod
+    async def health(self) -> Health: ...
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        raise Unsupported(f"the {self.kind} backend does not embed")
+
+    async def transcribe(self, request: TranscribeRequest) -> TranscribeResult:
+        raise Unsupported(f"the {self.kind} backend does not transcribe audio")
+
+    def adapters(self) -> list[AdapterInfo]:
+        return []
+
+    async def load_adapter(self, adapter_id: str) -> AdapterInfo:
+        raise Unsupported(f"the {self.kind} backend manages its own adapters")
+
+    async def unload_adapter(self, adapter_id: str) -> bool:
+        raise Unsupported(f"the {self.kind} backend manages its own adapters")
+
+    async def pin_adapter(self, adapter_id: str, pinned: bool) -> AdapterInfo:
+        raise Unsupported(f"the {self.kind} backend manages its own adapters")
+
+    def metrics(self) -> dict[str, Any]:
+        """Backend figures for the metrics feed (merged into the plugin's registry)."""
+        return {}
+
+

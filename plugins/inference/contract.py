@@ -1,0 +1,262 @@
+"""The inference plugin's service, as other plugins (the gateway) see it: method names, message
+schemas and errors. Importing this file pulls in no torch and no backend.
+
+Overlay surface of an agent's ``inference`` plugin:
+
+    RPC   generate        GenerateRequest          -> GenerateResult
+    RPC   embed           EmbedRequest             -> EmbedResult
+    RPC   transcribe      TranscribeRequest        -> TranscribeResult
+    RPC   adapters        {}                       -> list[AdapterInfo]
+    RPC   load_adapter    AdapterRef               -> AdapterInfo
+    RPC   unload_adapter  AdapterRef               -> {"unloaded": bool}
+    RPC   pin_adapter     AdapterRef + {pinned}    -> AdapterInfo
+    RPC   info            {}                       -> NodeInfo
+    RPC   health          {}                       -> Health
+    STREAM generate       GenerateRequest          -> one JSON line per GenerateEvent
+
+A stream's last line is always a ``finish`` event (or the stream is reset with an error).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from atoll.agent.errors import AtollError
+
+PLUGIN = "inference"
+MAX_PROMPT_CHARS = 1_000_000
+MAX_STOP_SEQUENCES = 8
+MAX_MIXTURE = 8
+MergeStrategy = Literal["linear", "ties", "dare_linear", "dare_ties", "svd"]
+FinishReason = Literal["stop", "length", "tool_calls", "abort"]
+
+
+# --- errors (rebuilt by class name on the caller's side once this module is imported) ----------
+
+
+class AdapterNotFound(AtollError):
+    """No adapter with that id exists where this node looks for adapters."""
+
+
+class AdapterRejected(AtollError):
+    """The adapter exists but this node refuses to load it (wrong base, too large, corrupt)."""
+
+
+class Overloaded(AtollError):
+    """The node's queue is full; try another node or later."""
+
+
+class BackendUnavailable(AtollError):
+    """The backend (a LoRAX or OpenAI-compatible server) cannot be reached or is unhealthy."""
+
+
+class Unsupported(AtollError):
+    """This backend does not offer that operation or option."""
+
+
+# --- requests -------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = Field(max_length=MAX_PROMPT_CHARS)
+    name: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class SamplingParams(_Strict):
+    """Sampling as transformers and LoRAX understand it; temperature 0 means greedy."""
+
+    max_new_tokens: int = Field(256, ge=1, le=32768)
+    temperature: float = Field(1.0, ge=0.0, le=10.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)  # 0: no top-k cut
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default_factory=list, max_length=MAX_STOP_SEQUENCES
+    )
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    do_sample: bool | None = None  # None: sample iff temperature > 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.do_sample is False or (self.do_sample is None and self.temperature == 0.0)
+
+
+class AdapterWeight(_Strict):
+    id: str = Field(min_length=1, max_length=256)
+    weight: float = Field(ge=-10.0, le=10.0)
+
+
+class Mixture(_Strict):
+    """A weighted combination of adapters, merged into one adapter (LoRAX ``merged_adapters``)."""
+
+    adapters: list[AdapterWeight] = Field(min_length=1, max_length=MAX_MIXTURE)
+    merge_strategy: MergeStrategy = "linear"
+    density: float = Field(1.0, gt=0.0, le=1.0)  # ties/dare: fraction of weights kept
+    majority_sign_method: Literal["total", "frequency"] = "total"
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Mixture:
+        ids = [a.id for a in self.adapters]
+        if len(set(ids)) != len(ids):
+            raise ValueError("a mixture names each adapter once")
+        return self
+
+    def key(self) -> str:
+        """The cache key: the same mixture always merges to the same adapter."""
+        body = self.model_dump(mode="json")
+        body["adapters"] = sorted(body["adapters"], key=lambda a: a["id"])
+        return "mix:" + json.dumps(body, sort_keys=True, separators=(",", ":"))
+
+
+class GenerateRequest(_Strict):
+    """One completion: a raw ``prompt`` or chat ``messages`` (rendered with the model's template),
+    on the base model, one ``adapter`` or a ``mixture``."""
+
+    prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    model: str | None = None  # a base model id; None: this node's base
+    adapter: str | None = Field(None, min_length=1, max_length=256)
+    adapter_source: Literal["storage", "local", "hub", "s3"] | None = None
+    mixture: Mixture | None = None
+    params: SamplingParams = Field(default_factory=SamplingParams)
+    # Passed to backends that support them (an OpenAI-compatible upstream); others refuse.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+    logprobs: bool = False
+    request_id: str | None = Field(None, max_length=128)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        if self.adapter is not None and self.mixture is not None:
+            raise ValueError("give an adapter or a mixture, not both")
+        return self
+
+
+class EmbedRequest(_Strict):
+    input: list[Annotated[str, Field(max_length=100_000)]] = Field(min_length=1, max_length=2048)
+    model: str | None = None
+    normalize: bool = True
+
+
+class TranscribeRequest(_Strict):
+    audio: bytes = Field(max_length=64 * 1024 * 1024)
+    filename: str = "audio.wav"
+    model: str | None = None
+    language: str | None = None
+    prompt: str | None = None
+    response_format: Literal["json", "text", "verbose_json", "srt", "vtt"] = "json"
+    temperature: float | None = None
+
+
+class AdapterRef(_Strict):
+    id: str = Field(min_length=1, max_length=256)
+    pinned: bool | None = None
+
+
+# --- replies --------------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class TokenEvent(BaseModel):
+    """Newly decoded text (possibly empty while a multi-byte character or a possible stop
+    sequence is held back) and the token it came from."""
+
+    type: Literal["token"] = "token"
+    text: str
+    token_id: int | None = None
+    logprob: float | None = None
+
+
+class FinishEvent(BaseModel):
+    type: Literal["finish"] = "finish"
+    finish_reason: FinishReason
+    usage: Usage
+    model: str
+    adapter: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+GenerateEvent = Annotated[TokenEvent | FinishEvent, Field(discriminator="type")]
+
+
+class GenerateResult(BaseModel):
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+    model: str
+    adapter: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    logprobs: list[float] | None = None
+
+
+class EmbedResult(BaseModel):
+    model: str
+    embeddings: list[list[float]]
+    usage: Usage
+
+
+class TranscribeResult(BaseModel):
+    model: str
+    text: str
+    body: Any = None  # the upstream's full reply for verbose formats
+
+
+class AdapterInfo(BaseModel):
+    id: str
+    base_model: str
+    rank: int
+    target_modules: list[str]
+    pinned: bool = False
+    loaded: bool = True
+    size_bytes: int = 0
+    load_seconds: float = 0.0
+    mixture: bool = False
+
+
+class NodeInfo(BaseModel):
+    backend: str
+    base_model: str
+    models: list[str]  # what generate accepts as ``model``
+    adapters: list[str]  # loaded now
+    max_batch: int
+    max_adapters: int  # adapters kept loaded (cache capacity)
+    queue_depth: int = 0
+    running: int = 0
+    tokens_per_s: float = 0.0
+    embeddings: str | None = None  # the embedding model, if this node embeds
+    transcription: bool = False
+
+
+class Health(BaseModel):
+    ok: bool
+    backend: str
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+def parse_event(line: bytes | str) -> TokenEvent | FinishEvent:
+    """One line of a generate stream."""
+    data = json.loads(line)
+    if data.get("type") == "finish":
+        return FinishEvent.model_validate(data)
+    return TokenEvent.model_validate(data)
