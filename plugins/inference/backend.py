@@ -22,18 +22,19 @@ from atoll.plugins.inference.contract import (
     Unsupported,
 )
 
-# Given by the plugin to backends that load adapters themselves: fetch adapter ``id`` (from the
-# storage agent over the data plane, or a local directory) into ``dest`` and return its directory.
+# Given by the plugin to backends that load adapters themselves: make adapter ``id`` available
+# under the directory ``root`` (fetched from the storage agent over the data plane, unless already
+# there or found in a configured local directory) and return the adapter's own directory.
 AdapterFetcher = Callable[[str, Path], Awaitable[Path]]
 
 
 class Backend(ABC):
     kind: str = ""
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 - an optional hook
         """Load models, open clients; raise to refuse starting."""
 
-    async def stop(self) -> None:
+    async def stop(self) -> None:  # noqa: B027 - an optional hook
         """Release what ``start`` took; requests still running end with an error."""
 
     @abstractmethod
@@ -68,5 +69,3 @@ class Backend(ABC):
     def metrics(self) -> dict[str, Any]:
         """Backend figures for the metrics feed (merged into the plugin's registry)."""
         return {}
-
-

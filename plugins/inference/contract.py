@@ -20,11 +20,16 @@ A stream's last line is always a ``finish`` event (or the stream is reset with a
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from atoll.agent.errors import AtollError
+from atoll.agent.streams import StreamReset
+
+if TYPE_CHECKING:
+    from atoll.agent.node import Agent
 
 PLUGIN = "inference"
 MAX_PROMPT_CHARS = 1_000_000
@@ -260,3 +265,33 @@ def parse_event(line: bytes | str) -> TokenEvent | FinishEvent:
     if data.get("type") == "finish":
         return FinishEvent.model_validate(data)
     return TokenEvent.model_validate(data)
+
+
+# --- calling an inference node over the overlay -------------------------------------------------
+
+
+async def stream_generate(
+    agent: Agent, address: str, request: GenerateRequest, src: str | None = None
+) -> AsyncIterator[TokenEvent | FinishEvent]:
+    """Generate on the node at ``address`` (``agent/inference``), yielding events as they come.
+    Leaving the iteration early aborts the stream, and the node stops generating."""
+    params = request.model_dump(mode="json", exclude_none=True)
+    stream = await agent.streams.open(address, "generate", params, src=src)
+    finished = False
+    try:
+        buffer = b""
+        while not finished:
+            chunk = await stream.read()
+            if not chunk:
+                raise StreamReset("the inference stream ended before its finish event")
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                event = parse_event(line)
+                finished = event.type == "finish"
+                yield event
+    finally:
+        if finished:
+            await stream.close()
+        else:
+            stream.abort(StreamReset("the caller stopped reading"))

@@ -1,0 +1,345 @@
+"""LoRA adapters on one base model: validation before loading, and an LRU cache with pinning.
+
+A bad adapter is refused before it touches the model (peft type, base model, rank, target
+modules, tensor names and shapes read from the safetensors header alone), so a refusal never
+disturbs requests being served. The cache keeps at most ``capacity`` adapters loaded; the least
+recently used one that is neither pinned nor in use by a running request is evicted first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+from safetensors import safe_open
+
+from atoll.agent.metrics import MetricsRegistry
+from atoll.plugins.inference.backend import AdapterFetcher
+from atoll.plugins.inference.contract import (
+    AdapterInfo,
+    AdapterNotFound,
+    AdapterRejected,
+    Mixture,
+    Overloaded,
+)
+
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+
+
+class AdapterLimits(BaseModel):
+    max_rank: int = Field(64, ge=1)
+    # Module names (last path component) an adapter may target.
+    allowed_targets: list[str] = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ]
+    max_bytes: int = Field(1 << 30, ge=1)
+    check_base_name: bool = True  # the adapter's base_model_name_or_path must name our base
+
+
+def validate_adapter(
+    path: Path,
+    adapter_id: str,
+    base_model: str,
+    shapes: dict[str, tuple[int, int]],
+    limits: AdapterLimits,
+) -> AdapterInfo:
+    """Check an adapter directory against this base model; AdapterRejected says why not."""
+
+    def refuse(why: str) -> AdapterRejected:
+        return AdapterRejected(f"adapter {adapter_id!r} refused: {why}")
+
+    try:
+        config = json.loads((path / CONFIG).read_text())
+    except FileNotFoundError:
+        raise refuse(f"no {CONFIG}") from None
+    except (OSError, ValueError) as exc:
+        raise refuse(f"{CONFIG} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise refuse(f"peft_type is {config.get('peft_type')!r}, only LORA is served")
+    base_name = str(config.get("base_model_name_or_path") or "")
+    if limits.check_base_name and base_name and not same_model(base_name, base_model):
+        raise refuse(f"trained for base model {base_name!r}, this node serves {base_model!r}")
+    if config.get("modules_to_save"):
+        raise refuse("modules_to_save replaces whole layers and cannot share a batch")
+    ranks = [config.get("r", 0), *(config.get("rank_pattern") or {}).values()]
+    if not all(isinstance(r, int) and r > 0 for r in ranks):
+        raise refuse("rank r must be a positive integer")
+    if max(ranks) > limits.max_rank:
+        raise refuse(f"rank {max(ranks)} is over this node's limit of {limits.max_rank}")
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise refuse(f"no {WEIGHTS} (only safetensors adapters are loaded)")
+    size = weights.stat().st_size
+    if size > limits.max_bytes:
+        raise refuse(f"{size} bytes is over this node's limit of {limits.max_bytes}")
+    targets: set[str] = set()
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
+                module, kind = _split_key(key)
+                if module is None:
+                    raise refuse(f"unexpected tensor {key!r}")
+                name = module.rsplit(".", 1)[-1]
+                if name not in limits.allowed_targets:
+                    raise refuse(f"targets {name!r}; allowed: {', '.join(limits.allowed_targets)}")
+                if module not in shapes:
+                    raise refuse(f"targets {module!r}, which this base model does not have")
+                rows, cols = fh.get_slice(key).get_shape()
+                d_in, d_out = shapes[module]
+                if (kind == "A" and cols != d_in) or (kind == "B" and rows != d_out):
+                    raise refuse(
+                        f"{key} has shape {[rows, cols]}, which does not fit this base model's "
+                        f"{module} ({d_in} -> {d_out}): it was trained for another base"
+                    )
+                if min(rows, cols) > limits.max_rank:
+                    raise refuse(f"{key} has rank {min(rows, cols)}, over {limits.max_rank}")
+                targets.add(name)
+    except AdapterRejected:
+        raise
+    except Exception as exc:  # safetensors raises several types for a damaged file
+        raise refuse(f"{WEIGHTS} is damaged ({exc})") from None
+    if not targets:
+        raise refuse(f"{WEIGHTS} holds no LoRA weights")
+    return AdapterInfo(
+        id=adapter_id,
+        base_model=base_model,
+        rank=max(ranks),
+        target_modules=sorted(targets),
+        size_bytes=size,
+        loaded=False,
+    )
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two model references name the same model (a hub id, a path or a bare name)."""
+    return Path(a.rstrip("/")).name.lower() == Path(b.rstrip("/")).name.lower()
+
+
+def _split_key(key: str) -> tuple[str | None, str]:
+    for kind in ("A", "B"):
+        suffix = f".lora_{kind}.weight"
+        if key.endswith(suffix):
+            module = key[: -len(suffix)]
+            return module.removeprefix(PEFT_PREFIX), kind
+    return None, ""
+
+
+def peft_name(adapter_id: str) -> str:
+    """A name peft accepts as a module key for any adapter id (ids hold '/' and '.')."""
+    return "a" + hashlib.sha256(adapter_id.encode()).hexdigest()[:20]
+
+
+@dataclass
+class Entry:
+    info: AdapterInfo
+    name: str  # peft adapter name
+    refs: int = 0
+    components: tuple[str, ...] = ()  # a mixture's adapter ids
+    used_at: float = field(default_factory=time.monotonic)
+
+
+class AdapterCache:
+    """Which adapters are loaded into the model, loading and evicting them as requests need.
+
+    ``load`` and ``unload`` are the model operations, run by the engine between steps;
+    ``fetch`` gets an adapter's directory (from the storage agent or a local directory).
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        root: Path,
+        fetch: AdapterFetcher,
+        validate: Callable[[Path, str], AdapterInfo],
+        load: Callable[[str, Path], Awaitable[None]],
+        merge: Callable[[str, list[str], Mixture], Awaitable[None]],
+        unload: Callable[[str], Awaitable[None]],
+        metrics: MetricsRegistry,
+    ) -> None:
+        self.capacity = capacity
+        self.root = root  # where fetched adapters are kept on disk
+        self._fetch = fetch
+        self._validate = validate
+        self._load = load
+        self._merge = merge
+        self._unload = unload
+        self.entries: OrderedDict[str, Entry] = OrderedDict()  # LRU order: oldest first
+        self._loading: dict[str, asyncio.Future[Entry]] = {}
+        self._lock = asyncio.Lock()  # one model change at a time
+        self.hits = metrics.counter("adapter_cache_hits", "Requests whose adapter was loaded")
+        self.loads = metrics.counter("adapter_loads", "Adapters loaded into the model")
+        self.refusals = metrics.counter("adapter_refusals", "Adapters refused at validation")
+        self.evictions = metrics.counter("adapter_evictions", "Adapters evicted from the cache")
+        self.load_time = metrics.histogram("adapter_load_seconds", "Fetch, check and load time")
+        self.loaded = metrics.gauge("adapters_loaded", "Adapters loaded now")
+
+    # --- requests ----------------------------------------------------------------------------
+
+    async def acquire(self, adapter_id: str) -> Entry:
+        """The loaded adapter, loading it first if needed; holds it until ``release``."""
+        entry = self.entries.get(adapter_id)
+        if entry is not None:
+            self.hits.inc()
+        else:
+            entry = await self._single_flight(adapter_id, lambda: self._load_new(adapter_id))
+        self._touch(entry)
+        entry.refs += 1
+        return entry
+
+    async def acquire_mixture(self, mixture: Mixture) -> Entry:
+        key = mixture.key()
+        entry = self.entries.get(key)
+        if entry is not None:
+            self.hits.inc()
+        else:
+            entry = await self._single_flight(key, lambda: self._merge_new(key, mixture))
+        self._touch(entry)
+        entry.refs += 1
+        return entry
+
+    def release(self, entry: Entry) -> None:
+        entry.refs -= 1
+
+    # --- administration ----------------------------------------------------------------------
+
+    async def load(self, adapter_id: str) -> AdapterInfo:
+        entry = self.entries.get(adapter_id) or await self._single_flight(
+            adapter_id, lambda: self._load_new(adapter_id)
+        )
+        self._touch(entry)
+        return entry.info
+
+    async def unload(self, adapter_id: str) -> bool:
+        async with self._lock:
+            entry = self.entries.get(adapter_id)
+            if entry is None:
+                return False
+            if entry.refs:
+                raise Overloaded(f"adapter {adapter_id!r} is serving {entry.refs} request(s)")
+            await self._drop(adapter_id, entry)
+            return True
+
+    def pin(self, adapter_id: str, pinned: bool) -> AdapterInfo:
+        entry = self.entries.get(adapter_id)
+        if entry is None:
+            raise AdapterNotFound(f"adapter {adapter_id!r} is not loaded here")
+        entry.info.pinned = pinned
+        return entry.info
+
+    def infos(self) -> list[AdapterInfo]:
+        return [e.info for e in self.entries.values()]
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _touch(self, entry: Entry) -> None:
+        entry.used_at = time.monotonic()
+        self.entries.move_to_end(entry.info.id)
+
+    async def _single_flight(self, key: str, make: Callable[[], Awaitable[Entry]]) -> Entry:
+        """Concurrent requests for one missing adapter share one load."""
+        pending = self._loading.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[Entry] = asyncio.get_running_loop().create_future()
+        self._loading[key] = fut
+        try:
+            entry = await make()
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: waiters get it, nobody else must
+            raise
+        finally:
+            del self._loading[key]
+        fut.set_result(entry)
+        return entry
+
+    async def _load_new(self, adapter_id: str) -> Entry:
+        started = time.perf_counter()
+        path = await self._fetch(adapter_id, self.root)
+        try:
+            info = await asyncio.to_thread(self._validate, path, adapter_id)
+        except AdapterRejected:
+            self.refusals.inc()
+            raise
+        async with self._lock:
+            await self._make_room()
+            name = peft_name(adapter_id)
+            await self._load(name, path)
+            info.loaded = True
+            info.load_seconds = time.perf_counter() - started
+            entry = Entry(info=info, name=name)
+            self.entries[adapter_id] = entry
+        self.loads.inc()
+        self.load_time.observe(info.load_seconds)
+        self.loaded.set(len(self.entries))
+        return entry
+
+    async def _merge_new(self, key: str, mixture: Mixture) -> Entry:
+        started = time.perf_counter()
+        parts = [await self.acquire(a.id) for a in mixture.adapters]
+        try:
+            async with self._lock:
+                await self._make_room()
+                name = peft_name(key)
+                await self._merge(name, [p.name for p in parts], mixture)
+                first = parts[0].info
+                info = AdapterInfo(
+                    id=key,
+                    base_model=first.base_model,
+                    rank=max(p.info.rank for p in parts),
+                    target_modules=sorted({t for p in parts for t in p.info.target_modules}),
+                    load_seconds=time.perf_counter() - started,
+                    mixture=True,
+                )
+                entry = Entry(info=info, name=name, components=tuple(p.info.id for p in parts))
+                self.entries[key] = entry
+        finally:
+            for p in parts:
+                self.release(p)
+        self.loaded.set(len(self.entries))
+        return entry
+
+    async def _make_room(self) -> None:
+        """Evict least recently used adapters until one more fits (caller holds the lock)."""
+        while len(self.entries) >= self.capacity:
+            victim = next(
+                (k for k, e in self.entries.items() if not e.refs and not e.info.pinned), None
+            )
+            if victim is None:
+                raise Overloaded(
+                    f"all {len(self.entries)} adapter slots are pinned or serving requests"
+                )
+            await self._drop(victim, self.entries[victim])
+            self.evictions.inc()
+
+    async def _drop(self, key: str, entry: Entry) -> None:
+        await self._unload(entry.name)
+        del self.entries[key]
+        self.loaded.set(len(self.entries))
+
+
+def describe_shapes(model: Any) -> dict[str, tuple[int, int]]:
+    """Every linear layer's (in, out) features by module path, for checking adapters."""
+    import torch
+
+    return {
+        name: (m.in_features, m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    }

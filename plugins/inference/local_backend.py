@@ -1,0 +1,324 @@
+"""The ``local`` backend: transformers + peft on this machine's CPU or GPU, many adapters on one
+base model, continuously batched (see engine.py), adapters loaded on first use (adapters.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from atoll.agent.errors import AtollError, InvalidRequest
+from atoll.agent.metrics import MetricsRegistry
+from atoll.plugins.inference.adapters import (
+    AdapterCache,
+    AdapterLimits,
+    Entry,
+    describe_shapes,
+    same_model,
+    validate_adapter,
+)
+from atoll.plugins.inference.backend import AdapterFetcher, Backend
+from atoll.plugins.inference.contract import (
+    AdapterInfo,
+    AdapterRejected,
+    EmbedRequest,
+    EmbedResult,
+    FinishEvent,
+    GenerateRequest,
+    Health,
+    Mixture,
+    NodeInfo,
+    Overloaded,
+    TokenEvent,
+    Unsupported,
+)
+from atoll.plugins.inference.engine import BASE, Engine, Row
+from atoll.plugins.inference.models import model_id, resolve_model
+from atoll.plugins.inference.sampling import Sampler
+from atoll.plugins.inference.textstream import TextStream
+
+# When a tokenizer has no chat template of its own (a bare base model).
+FALLBACK_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+class LocalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "embedded"  # "embedded", a Hugging Face model directory, or a .gguf file
+    device: str = "auto"  # "auto" picks cuda when present
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    max_batch: int = Field(16, ge=1, le=1024)
+    max_adapters_per_batch: int = Field(8, ge=1)
+    max_prefill_tokens: int = Field(4096, ge=16)
+    max_queue: int = Field(256, ge=1)
+    adapter_cache: int = Field(32, ge=1)  # adapters kept loaded
+    limits: AdapterLimits = AdapterLimits()
+    embeddings: bool = True  # serve embed() with the MiniLM model
+
+
+class LocalBackend(Backend):
+    kind = "local"
+
+    def __init__(
+        self, config: LocalConfig, data_dir: Path, fetch: AdapterFetcher, metrics: MetricsRegistry
+    ) -> None:
+        self.config = config
+        self.data_dir = data_dir
+        self.fetch = fetch
+        self.metrics = metrics
+        self.engine: Engine | None = None
+        self.cache: AdapterCache | None = None
+        self.embedder: Any = None
+        self.model_id = model_id(config.model)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        cfg = self.config
+        path = await asyncio.to_thread(resolve_model, cfg.model, self.data_dir / "models")
+        device = (
+            cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+        )
+        dtype = {
+            "auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
+            "float32": torch.float32,
+            "float16": torch.float16,
+            "bfloat16": torch.bfloat16,
+        }[cfg.dtype]
+
+        def load() -> tuple[Any, Any]:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            return model, tokenizer
+
+        model, self.tokenizer = await asyncio.to_thread(load)
+        self.device = device
+        self.context = int(getattr(model.config, "max_position_embeddings", 2048))
+        self.shapes = describe_shapes(model)
+        self.stop_ids = frozenset(_eos_ids(model, self.tokenizer))
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else min(self.stop_ids, default=0)
+        self.engine = Engine(
+            model,
+            pad_id=pad,
+            device=device,
+            max_batch=cfg.max_batch,
+            max_adapters=cfg.max_adapters_per_batch,
+            max_prefill_tokens=cfg.max_prefill_tokens,
+        )
+        self.engine.start()
+        self.cache = AdapterCache(
+            capacity=cfg.adapter_cache,
+            root=self.data_dir / "adapters",
+            fetch=self.fetch,
+            validate=lambda p, i: validate_adapter(p, i, self.model_id, self.shapes, cfg.limits),
+            load=self._load_adapter,
+            merge=self._merge_adapters,
+            unload=self._unload_adapter,
+            metrics=self.metrics,
+        )
+        self.tokens = self.metrics.counter("tokens_generated", "Completion tokens generated")
+        if cfg.embeddings:
+            from atoll.plugins.inference.embeddings import Embedder
+
+            self.embedder = Embedder()  # loads on first use
+
+    async def stop(self) -> None:
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.stop)
+
+    # --- generation --------------------------------------------------------------------------
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
+        engine, cache = self._ready()
+        if request.tools or request.tool_choice or request.response_format:
+            raise Unsupported("the local backend does not do tools or response_format")
+        if request.model is not None and not same_model(request.model, self.model_id):
+            raise InvalidRequest(f"this node serves {self.model_id!r}, not {request.model!r}")
+        if request.adapter_source not in (None, "storage", "local"):
+            raise Unsupported(
+                f"the local backend loads adapters from storage, not {request.adapter_source}"
+            )
+        if engine.queue_depth >= self.config.max_queue:
+            raise Overloaded(f"{engine.queue_depth} requests are waiting on this node")
+        prompt = await asyncio.to_thread(self._encode, request)
+        params = request.params
+        room = self.context - len(prompt)
+        if room < 1:
+            raise InvalidRequest(
+                f"the prompt has {len(prompt)} tokens; this model's context is {self.context}"
+            )
+        entry: Entry | None = None
+        if request.adapter is not None:
+            entry = await cache.acquire(request.adapter)
+        elif request.mixture is not None:
+            entry = await cache.acquire_mixture(request.mixture)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[TokenEvent | FinishEvent | AtollError] = asyncio.Queue()
+
+        def emit(event: TokenEvent | FinishEvent | AtollError) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed under a stopping node
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        row = Row(
+            prompt=prompt,
+            adapter=entry.name if entry else BASE,
+            sampler=Sampler(params),
+            text=TextStream(self.tokenizer, params.stop),
+            max_new=min(params.max_new_tokens, room),
+            stop_ids=self.stop_ids,
+            emit=emit,
+            model=self.model_id,
+            adapter_id=entry.info.id if entry else None,
+            logprobs=request.logprobs,
+        )
+        try:
+            engine.submit(row)
+            while True:
+                event = await queue.get()
+                if isinstance(event, AtollError):
+                    raise event
+                if event.type == "finish":
+                    self.tokens.inc(event.usage.completion_tokens)
+                yield event
+                if event.type == "finish":
+                    return
+        finally:
+            engine.cancel(row)
+            if entry is not None:
+                cache.release(entry)
+
+    def _encode(self, request: GenerateRequest) -> list[int]:
+        tok = self.tokenizer
+        if request.messages is None:
+            return tok(request.prompt, add_special_tokens=True)["input_ids"]
+        messages = [m.model_dump(exclude_none=True) for m in request.messages]
+        template = None if tok.chat_template else FALLBACK_TEMPLATE
+        return tok.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, chat_template=template
+        )
+
+    # --- adapters ----------------------------------------------------------------------------
+
+    async def _on_engine(self, fn: Any) -> Any:
+        engine, _ = self._ready()
+        return await asyncio.wrap_future(engine.call(fn))
+
+    async def _load_adapter(self, name: str, path: Path) -> None:
+        def load() -> None:
+            from peft import PeftModel
+
+            engine, _ = self._ready()
+            try:
+                if engine.peft is None:
+                    engine.peft = PeftModel.from_pretrained(engine.model, path, adapter_name=name)
+                else:
+                    engine.peft.load_adapter(path, adapter_name=name, is_trainable=False)
+                # Requests pick adapters per row; the active one only has to exist (peft looks
+                # it up) and stay frozen.
+                engine.peft.set_adapter(name, inference_mode=True)
+                engine.peft.eval()
+            except Exception as exc:
+                if engine.peft is not None and name in engine.peft.peft_config:
+                    engine.peft.delete_adapter(name)
+                raise AdapterRejected(f"loading failed: {exc}") from None
+
+        await self._on_engine(load)
+
+    async def _merge_adapters(self, name: str, parts: list[str], mixture: Mixture) -> None:
+        def merge() -> None:
+            engine, _ = self._ready()
+            # dare_* prune at random: seed from the mixture so one mixture is one adapter.
+            seed = int.from_bytes(hashlib.sha256(mixture.key().encode()).digest()[:8], "big")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                try:
+                    engine.peft.add_weighted_adapter(
+                        parts,
+                        [a.weight for a in mixture.adapters],
+                        name,
+                        combination_type=mixture.merge_strategy,
+                        density=mixture.density,
+                        majority_sign_method=mixture.majority_sign_method,
+                    )
+                except (ValueError, RuntimeError) as exc:
+                    if name in engine.peft.peft_config:
+                        engine.peft.delete_adapter(name)
+                    raise AdapterRejected(f"cannot merge these adapters: {exc}") from None
+            engine.peft.set_adapter(name, inference_mode=True)
+            engine.peft.eval()
+
+        await self._on_engine(merge)
+
+    async def _unload_adapter(self, name: str) -> None:
+        def unload() -> None:
+            engine, _ = self._ready()
+            engine.peft.delete_adapter(name)
+            if engine.peft.peft_config:
+                engine.peft.set_adapter(next(iter(engine.peft.peft_config)), inference_mode=True)
+
+        await self._on_engine(unload)
+
+    def adapters(self) -> list[AdapterInfo]:
+        return self.cache.infos() if self.cache else []
+
+    async def load_adapter(self, adapter_id: str) -> AdapterInfo:
+        return await self._ready()[1].load(adapter_id)
+
+    async def unload_adapter(self, adapter_id: str) -> bool:
+        return await self._ready()[1].unload(adapter_id)
+
+    async def pin_adapter(self, adapter_id: str, pinned: bool) -> AdapterInfo:
+        return self._ready()[1].pin(adapter_id, pinned)
+
+    # --- the rest ----------------------------------------------------------------------------
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        if self.embedder is None:
+            return await super().embed(request)
+        return await self.embedder.embed(request)
+
+    def info(self) -> NodeInfo:
+        engine = self.engine
+        return NodeInfo(
+            backend=self.kind,
+            base_model=self.model_id,
+            models=[self.model_id],
+            adapters=[a.id for a in self.adapters() if not a.mixture],
+            max_batch=self.config.max_batch,
+            max_adapters=self.config.adapter_cache,
+            queue_depth=engine.queue_depth if engine else 0,
+            running=engine.running if engine else 0,
+            tokens_per_s=round(engine.tokens_per_s(), 2) if engine else 0.0,
+            embeddings=self.embedder.model_id if self.embedder is not None else None,
+        )
+
+    async def health(self) -> Health:
+        alive = self.engine is not None and self.engine.alive
+        return Health(ok=alive, backend=self.kind, detail={"device": getattr(self, "device", None)})
+
+    def _ready(self) -> tuple[Engine, AdapterCache]:
+        if self.engine is None or self.cache is None:
+            raise Unsupported("the local backend has not started")
+        return self.engine, self.cache
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids

@@ -1,0 +1,553 @@
+"""The ``openai`` backend: a proxy to an OpenAI-compatible server on the island (vLLM serving each
+``--lora-modules name=path`` adapter as a model name, a Whisper server, ...). The upstream batches
+and holds its adapters; this backend maps requests, streams and errors onto the contract."""
+
+from __future__ import annotations
+
+import json
+import math
+import mimetypes
+import os
+import re
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import PurePath
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from atoll.agent.errors import AtollError, DeadlineExceeded, InvalidRequest
+from atoll.logs import EventLogger
+from atoll.plugins.inference.backend import Backend
+from atoll.plugins.inference.contract import (
+    AdapterInfo,
+    AdapterNotFound,
+    BackendUnavailable,
+    EmbedRequest,
+    EmbedResult,
+    FinishEvent,
+    FinishReason,
+    GenerateRequest,
+    Health,
+    NodeInfo,
+    Overloaded,
+    SamplingParams,
+    TokenEvent,
+    TranscribeRequest,
+    TranscribeResult,
+    Unsupported,
+    Usage,
+)
+
+API_KEY_ENV = "ATOLL_OPENAI_API_KEY"
+MAX_EVENT_CHARS = 4 * 1024 * 1024  # one SSE event; more means a broken upstream
+MAX_TOOL_CALLS = 128
+MAX_MODELS = 10_000
+MAX_ERROR_CHARS = 1000
+_MODEL_MISSING = re.compile(
+    r"model.*(does not exist|not found|not exist)", re.IGNORECASE | re.DOTALL
+)
+_FINISH: dict[str, FinishReason] = {
+    "stop": "stop",
+    "length": "length",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",
+    "abort": "abort",
+    "content_filter": "abort",  # the text was cut short by the upstream, not finished
+}
+
+
+class OpenAIConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str  # the API base, e.g. http://127.0.0.1:8000/v1
+    api_key: str | None = Field(None, repr=False)  # else env ATOLL_OPENAI_API_KEY
+    model: str | None = None  # the upstream's base model; None: the first of GET /models
+    timeout: float = Field(120.0, gt=0.0, le=3600.0)  # per connect / read / write, in seconds
+    transcription_model: str | None = None
+    embedding_model: str | None = None
+    max_batch: int = Field(256, ge=1, le=100_000)  # announced; vLLM's default max_num_seqs
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        try:
+            url = httpx.URL(value)
+        except httpx.InvalidURL as e:
+            raise ValueError(f"not a URL: {e}") from e
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError("url must be http(s)://host[:port]/..., e.g. http://127.0.0.1:8000/v1")
+        return value.rstrip("/")
+
+
+class OpenAIBackend(Backend):
+    kind = "openai"
+
+    def __init__(self, config: OpenAIConfig) -> None:
+        self.config = config
+        self._api_key = config.api_key or os.environ.get(API_KEY_ENV) or None
+        self._root = config.url.removesuffix("/v1")  # where vLLM keeps /health and /tokenize
+        self._client: httpx.AsyncClient | None = None
+        self._models: list[dict[str, Any]] = []  # the upstream's /models entries, last seen
+        self._running = 0
+        self._log = EventLogger("inference.openai", url=config.url)
+
+    # --- lifecycle and node description -------------------------------------------------------
+
+    async def start(self) -> None:
+        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        self._client = httpx.AsyncClient(
+            base_url=self.config.url + "/",
+            headers=headers,
+            timeout=httpx.Timeout(self.config.timeout),
+            limits=httpx.Limits(max_connections=self.config.max_batch),
+        )
+        try:
+            await self._refresh_models()
+        except AtollError as e:  # the upstream may still be loading its model: health will tell
+            self._log.warning("openai.upstream_not_ready", error=e.message)
+
+    async def stop(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def info(self) -> NodeInfo:
+        adapters = [a.id for a in self.adapters()]
+        return NodeInfo(
+            backend=self.kind,
+            base_model=self._known_base() or "",
+            models=[m["id"] for m in self._models],
+            adapters=adapters,
+            max_batch=self.config.max_batch,
+            max_adapters=len(adapters),  # vLLM keeps its LoRA modules; it loads no others for us
+            running=self._running,
+            embeddings=self.config.embedding_model,
+            transcription=self.config.transcription_model is not None,
+        )
+
+    def adapters(self) -> list[AdapterInfo]:
+        """The upstream's models that derive from another: vLLM lists a LoRA module with its
+        base as ``parent``; other servers may only give a ``root`` other than the base's."""
+        base = self._known_base()
+        base_root = next((m.get("root") for m in self._models if m["id"] == base), None)
+        others = {base, self.config.embedding_model, self.config.transcription_model}
+        found = []
+        for m in self._models:
+            parent, root = m.get("parent"), m.get("root")
+            derived = parent not in (None, m["id"]) or (
+                root is not None and base_root is not None and root != base_root
+            )
+            if derived and m["id"] not in others:
+                owner = parent if isinstance(parent, str) else base or ""
+                # rank and targets are the upstream's secret; 0 and [] say "unknown"
+                found.append(AdapterInfo(id=m["id"], base_model=owner, rank=0, target_modules=[]))
+        return found
+
+    async def health(self) -> Health:
+        detail: dict[str, Any] = {"url": self.config.url}
+        try:
+            await self._refresh_models()
+            with self._transport_errors("health"):
+                probe = await self._http().get(f"{self._root}/health")
+        except AtollError as e:
+            return Health(ok=False, backend=self.kind, detail={**detail, "error": e.message})
+        # vLLM answers /health 200 when its engine runs; a server without the route says 404
+        ok = probe.status_code == 200 or probe.status_code == 404
+        detail.update(
+            base_model=self._known_base(),
+            models=len(self._models),
+            adapters=len(self.adapters()),
+            health_status=probe.status_code,
+        )
+        return Health(ok=ok, backend=self.kind, detail=detail)
+
+    # --- generate -----------------------------------------------------------------------------
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
+        if request.mixture is not None:
+            raise Unsupported("the openai backend cannot merge adapters into a mixture")
+        if request.prompt is not None and (request.tools or request.tool_choice is not None):
+            raise InvalidRequest("tools and tool_choice need chat messages, not a raw prompt")
+        base = request.model or await self._base_model()
+        path, body = _generate_body(request, request.adapter or base)
+        headers = {"X-Request-Id": request.request_id} if request.request_id else None
+        fold = _StreamFold(chat=request.messages is not None, adapter=request.adapter)
+        self._running += 1
+        try:
+            with self._transport_errors("generate"):
+                async with self._http().stream("POST", path, json=body, headers=headers) as resp:
+                    if resp.status_code != 200:
+                        await resp.aread()
+                        raise _status_error(resp.status_code, _error_text(resp), request.adapter)
+                    async for data in _sse_data(resp.aiter_text()):
+                        if data.strip() == "[DONE]":
+                            fold.done = True
+                            break
+                        token = fold.feed(data)
+                        if token is not None:
+                            yield token
+            usage = fold.usage or await self._fallback_usage(body, fold.chunks)
+            yield FinishEvent(
+                finish_reason=fold.finish_reason(),
+                usage=usage,
+                model=base,
+                adapter=request.adapter,
+                tool_calls=fold.tool_calls(),
+            )
+        finally:
+            self._running -= 1
+
+    async def _fallback_usage(self, body: dict[str, Any], chunks: int) -> Usage:
+        """Usage for an upstream that ignored ``include_usage``. Such servers send one token per
+        chunk, so the chunk count is the completion's tokens. The prompt's count comes from the
+        upstream's own tokenizer (vLLM's /tokenize); without one, ~4 characters per token."""
+        query = {k: body[k] for k in ("model", "messages", "prompt") if k in body}
+        count: Any = None
+        try:
+            with self._transport_errors("tokenize"):
+                resp = await self._http().post(f"{self._root}/tokenize", json=query)
+            if resp.status_code == 200:
+                count = resp.json().get("count")
+        except (AtollError, ValueError, AttributeError):
+            count = None
+        if not isinstance(count, int) or count < 0:
+            if "messages" in query:
+                chars = sum(len(m.get("content", "")) for m in query["messages"])
+            else:
+                chars = len(query["prompt"])
+            count = math.ceil(chars / 4)
+        return Usage(prompt_tokens=count, completion_tokens=chunks)
+
+    # --- embeddings and transcription ---------------------------------------------------------
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        model = request.model or self.config.embedding_model or await self._base_model()
+        body = {"model": model, "input": request.input, "encoding_format": "float"}
+        reply = _json_object(await self._send("POST", "embeddings", "embed", json=body), "embed")
+        try:
+            rows = sorted(reply["data"], key=lambda row: row["index"])
+            vectors = [[float(x) for x in row["embedding"]] for row in rows]
+            prompt_tokens = int((reply.get("usage") or {}).get("prompt_tokens") or 0)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise BackendUnavailable(f"the upstream's embeddings reply is malformed: {e!r}") from e
+        if len(vectors) != len(request.input):
+            raise BackendUnavailable(
+                f"the upstream returned {len(vectors)} embeddings for {len(request.input)} inputs"
+            )
+        if request.normalize:
+            vectors = [_unit(v) for v in vectors]
+        return EmbedResult(
+            model=model, embeddings=vectors, usage=Usage(prompt_tokens=prompt_tokens)
+        )
+
+    async def transcribe(self, request: TranscribeRequest) -> TranscribeResult:
+        if self.config.transcription_model is None:
+            raise Unsupported("this node has no transcription model (transcription_model unset)")
+        model = request.model or self.config.transcription_model
+        form: dict[str, str] = {"model": model, "response_format": request.response_format}
+        if request.language is not None:
+            form["language"] = request.language
+        if request.prompt is not None:
+            form["prompt"] = request.prompt
+        if request.temperature is not None:
+            form["temperature"] = str(request.temperature)
+        name = PurePath(request.filename).name or "audio"
+        mime = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        files = {"file": (name, request.audio, mime)}
+        resp = await self._send(
+            "POST", "audio/transcriptions", "transcribe", data=form, files=files
+        )
+        if request.response_format not in ("json", "verbose_json"):
+            return TranscribeResult(model=model, text=resp.text)  # text, srt, vtt: the text itself
+        body = _json_object(resp, "transcription")
+        if not isinstance(body.get("text"), str):
+            raise BackendUnavailable("the upstream's transcription reply has no text")
+        return TranscribeResult(model=model, text=body["text"], body=body)
+
+    # --- plumbing -----------------------------------------------------------------------------
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise BackendUnavailable("the openai backend is not started")
+        return self._client
+
+    def _known_base(self) -> str | None:
+        if self.config.model:
+            return self.config.model
+        bases = [m["id"] for m in self._models if m.get("parent") is None]
+        return (bases or [m["id"] for m in self._models] or [None])[0]
+
+    async def _base_model(self) -> str:
+        """The base model, asking the upstream once more if it was not up at start."""
+        base = self._known_base()
+        if base is None:
+            await self._refresh_models()
+            base = self._known_base()
+        if base is None:
+            raise BackendUnavailable("the upstream lists no models and no model is configured")
+        return base
+
+    async def _refresh_models(self) -> None:
+        reply = _json_object(await self._send("GET", "models", "list models"), "models")
+        data = reply.get("data")
+        if not isinstance(data, list):
+            raise BackendUnavailable("the upstream's /models reply has no data list")
+        self._models = [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)][
+            :MAX_MODELS
+        ]
+
+    async def _send(self, method: str, path: str, what: str, **kw: Any) -> httpx.Response:
+        with self._transport_errors(what):
+            resp = await self._http().request(method, path, **kw)
+        if not 200 <= resp.status_code < 300:
+            raise _status_error(resp.status_code, _error_text(resp), None)
+        return resp
+
+    @contextmanager
+    def _transport_errors(self, what: str) -> Iterator[None]:
+        """httpx's failures as the platform's errors."""
+        try:
+            yield
+        except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+            raise BackendUnavailable(f"cannot reach the upstream at {self.config.url}: {e}") from e
+        except httpx.PoolTimeout as e:
+            raise Overloaded(
+                f"all {self.config.max_batch} upstream connections stayed busy "
+                f"for {self.config.timeout}s"
+            ) from e
+        except httpx.TimeoutException as e:
+            raise DeadlineExceeded(
+                f"the upstream went silent for {self.config.timeout}s during {what}"
+            ) from e
+        except httpx.TransportError as e:
+            raise BackendUnavailable(f"the upstream connection failed during {what}: {e!r}") from e
+
+
+class _StreamFold:
+    """Folds one completion's SSE chunks into token events, tool calls, a finish reason and
+    usage. The request asks for one choice (n=1), so only ``choices[0]`` is read."""
+
+    def __init__(self, chat: bool, adapter: str | None) -> None:
+        self.chat = chat
+        self.adapter = adapter
+        self.usage: Usage | None = None
+        self.chunks = 0  # chunks that carried output: the token count when usage never comes
+        self.done = False
+        self._finish: str | None = None
+        self._calls: dict[int, dict[str, Any]] = {}
+
+    def feed(self, data: str) -> TokenEvent | None:
+        try:
+            chunk = json.loads(data)
+        except ValueError as e:
+            raise BackendUnavailable(f"the upstream sent a malformed stream event: {e}") from e
+        if not isinstance(chunk, dict):
+            raise BackendUnavailable("the upstream sent a stream event that is not an object")
+        if "error" in chunk:
+            raise _stream_error(chunk["error"], self.adapter)
+        if isinstance(usage := chunk.get("usage"), dict):
+            self.usage = Usage(
+                prompt_tokens=_count(usage.get("prompt_tokens")),
+                completion_tokens=_count(usage.get("completion_tokens")),
+            )
+        choices = chunk.get("choices")
+        if not (isinstance(choices, list) and choices and isinstance(choices[0], dict)):
+            return None  # the usage chunk has no choices
+        choice = choices[0]
+        if isinstance(reason := choice.get("finish_reason"), str):
+            self._finish = reason
+        if self.chat:
+            delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+            text = delta.get("content")
+            had_calls = self._add_calls(delta.get("tool_calls"))
+        else:
+            text, had_calls = choice.get("text"), False
+        if not (isinstance(text, str) and text):
+            self.chunks += had_calls
+            return None
+        self.chunks += 1
+        return TokenEvent(text=text, logprob=self._logprob(choice.get("logprobs")))
+
+    def _logprob(self, logprobs: Any) -> float | None:
+        """The chunk's log-probability: the sum over its tokens (usually exactly one)."""
+        if not isinstance(logprobs, dict):
+            return None
+        if self.chat:
+            entries = logprobs.get("content") or []
+            values = [e.get("logprob") for e in entries if isinstance(e, dict)]
+        else:
+            values = logprobs.get("token_logprobs") or []
+        numbers = [float(v) for v in values if isinstance(v, int | float)]
+        return sum(numbers) if numbers else None
+
+    def _add_calls(self, deltas: Any) -> bool:
+        """Tool-call deltas by index: id, type and name once, arguments in pieces."""
+        if not isinstance(deltas, list):
+            return False
+        for d in deltas:
+            if not isinstance(d, dict):
+                continue
+            index = d.get("index", 0)
+            if not isinstance(index, int) or not 0 <= index < MAX_TOOL_CALLS:
+                raise BackendUnavailable(f"the upstream sent a tool call with index {index!r}")
+            call = self._calls.setdefault(
+                index, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+            )
+            if isinstance(d.get("id"), str):
+                call["id"] = d["id"]
+            if isinstance(d.get("type"), str):
+                call["type"] = d["type"]
+            fn = d.get("function") if isinstance(d.get("function"), dict) else {}
+            if isinstance(fn.get("name"), str) and fn["name"]:
+                call["function"]["name"] = fn["name"]
+            if isinstance(fn.get("arguments"), str):
+                call["function"]["arguments"] += fn["arguments"]
+        return bool(deltas)
+
+    def tool_calls(self) -> list[dict[str, Any]] | None:
+        return [self._calls[i] for i in sorted(self._calls)] or None
+
+    def finish_reason(self) -> FinishReason:
+        if self._finish is None and not self.done:
+            raise BackendUnavailable("the upstream's stream ended before the completion finished")
+        return _FINISH.get(self._finish or "stop", "stop")
+
+
+async def _sse_data(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The data of each server-sent event (several ``data:`` lines joined by newlines, as the SSE
+    spec says); other fields and comments carry nothing OpenAI uses. Bounded per event."""
+    pending = ""
+    parts: list[str] = []
+    size = 0
+    async for chunk in chunks:
+        *lines, pending = (pending + chunk).split("\n")
+        for line in lines:
+            line = line.removesuffix("\r")
+            if not line:  # a blank line ends the event
+                if parts:
+                    yield "\n".join(parts)
+                parts, size = [], 0
+            elif line.startswith("data:"):
+                parts.append(line[5:].removeprefix(" "))
+                size += len(parts[-1])
+        if size + len(pending) > MAX_EVENT_CHARS:
+            raise BackendUnavailable(
+                f"the upstream sent a stream event over {MAX_EVENT_CHARS} chars"
+            )
+    if pending.startswith("data:"):
+        parts.append(pending[5:].removeprefix(" ").removesuffix("\r"))
+    if parts:
+        yield "\n".join(parts)
+
+
+def _generate_body(request: GenerateRequest, model: str) -> tuple[str, dict[str, Any]]:
+    body: dict[str, Any] = {
+        "model": model,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": request.params.max_new_tokens,
+    }
+    if request.messages is not None:
+        path = "chat/completions"
+        body["messages"] = [m.model_dump(exclude_none=True) for m in request.messages]
+        if request.logprobs:
+            body["logprobs"] = True
+    else:
+        path = "completions"
+        body["prompt"] = request.prompt
+        if request.logprobs:  # the legacy API counts alternatives; the sampled token's comes too
+            body["logprobs"] = 1
+    body.update(_sampling(request.params))
+    for key in ("tools", "tool_choice", "response_format"):
+        if (value := getattr(request, key)) is not None:
+            body[key] = value
+    return path, body
+
+
+def _sampling(p: SamplingParams) -> dict[str, Any]:
+    """Only what differs from the defaults, so the upstream's own defaults (vLLM applies the
+    model's generation_config) are not overridden. top_k and repetition_penalty are vLLM's extra
+    body fields."""
+    out: dict[str, Any] = {}
+    if p.greedy:
+        out["temperature"] = 0.0
+    elif p.temperature != 1.0:
+        out["temperature"] = p.temperature
+    if p.top_p != 1.0:
+        out["top_p"] = p.top_p
+    if p.top_k != 0:
+        out["top_k"] = p.top_k
+    if p.repetition_penalty != 1.0:
+        out["repetition_penalty"] = p.repetition_penalty
+    if p.stop:
+        out["stop"] = list(p.stop)
+    if p.seed is not None:
+        out["seed"] = p.seed
+    return out
+
+
+def _status_error(status: int, message: str, adapter: str | None) -> AtollError:
+    said = f"upstream HTTP {status}: {message}"
+    if status in (401, 403):
+        return BackendUnavailable(
+            f"the upstream refused this island's API key (HTTP {status}: {message}); "
+            f"the operator must fix {API_KEY_ENV}"
+        )
+    if status == 429:
+        return Overloaded(said)
+    model_missing = status == 404 or (400 <= status < 500 and _MODEL_MISSING.search(message))
+    if model_missing and adapter is not None:
+        return AdapterNotFound(f"the upstream does not serve adapter {adapter!r}: {message}")
+    if status == 404 and not _MODEL_MISSING.search(message):
+        return Unsupported(f"the upstream does not offer this route ({said})")
+    if 400 <= status < 500:
+        return InvalidRequest(said)
+    return BackendUnavailable(said)
+
+
+def _stream_error(error: Any, adapter: str | None) -> AtollError:
+    """A ``data: {"error": ...}`` event: its code when it has one, else the upstream failed."""
+    if isinstance(error, dict):
+        code, message = error.get("code"), str(error.get("message") or error)
+    else:
+        code, message = None, str(error)
+    status = code if isinstance(code, int) and 400 <= code < 600 else 500
+    return _status_error(status, message[:MAX_ERROR_CHARS], adapter)
+
+
+def _error_text(resp: httpx.Response) -> str:
+    """The upstream's message from OpenAI's ``{"error": {"message"}}``, vLLM's flat
+    ``{"message"}``, FastAPI's ``{"detail"}``, or the raw body."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return resp.text[:MAX_ERROR_CHARS] or resp.reason_phrase
+    text: Any = body
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict):
+            text = error.get("message") or error
+        else:
+            text = error or body.get("message") or body.get("detail") or body
+    return (text if isinstance(text, str) else json.dumps(text))[:MAX_ERROR_CHARS]
+
+
+def _json_object(resp: httpx.Response, what: str) -> dict[str, Any]:
+    try:
+        body = resp.json()
+    except ValueError as e:
+        raise BackendUnavailable(f"the upstream's {what} reply is not JSON") from e
+    if not isinstance(body, dict):
+        raise BackendUnavailable(f"the upstream's {what} reply is not a JSON object")
+    return body
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and value >= 0 else 0
+
+
+def _unit(vector: list[float]) -> list[float]:
+    norm = math.sqrt(sum(x * x for x in vector))
+    return [x / norm for x in vector] if norm > 0 else vector

@@ -1,0 +1,309 @@
+"""The inference plugin: one backend (chosen by config) served on the overlay — RPC and token
+streams for the gateway, capabilities and load for discovery, figures for the metrics feed.
+
+Only callers whose credential carries one of ``callers`` roles may use it: users reach models
+through the gateway, which checks their API keys and per-adapter rights; an arbitrary agent of
+the tenant must not bypass that by calling a GPU node directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from atoll.agent.errors import Forbidden, InvalidRequest
+from atoll.agent.node import CallInfo
+from atoll.agent.plugins import Plugin, PluginContext, rpc
+from atoll.agent.streams import Stream
+from atoll.plugins.inference.backend import Backend
+from atoll.plugins.inference.contract import (
+    AdapterNotFound,
+    AdapterRef,
+    EmbedRequest,
+    GenerateRequest,
+    GenerateResult,
+    TranscribeRequest,
+)
+
+ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,255}")
+
+
+class InferenceConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["local", "lorax", "openai", "echo"] = "local"
+    # Each backend's own section, validated by that backend (so a LoRAX node never imports torch).
+    local: dict[str, Any] = {}
+    lorax: dict[str, Any] = {}
+    openai: dict[str, Any] = {}
+    echo: dict[str, Any] = {}
+    # Where adapters come from: local directories first (``<dir>/<id>/``), then the storage
+    # agent (``agent/storage``; None: any agent discovery shows offering the storage plugin).
+    adapter_dirs: list[str] = []
+    storage: str | None = None
+    callers: list[str] = Field(default_factory=lambda: ["gateway", "admin", "operator"])
+
+
+def make_backend(config: InferenceConfig, ctx: PluginContext, fetch: Any) -> Backend:
+    if config.backend == "local":
+        from atoll.plugins.inference.local_backend import LocalBackend, LocalConfig
+
+        return LocalBackend(
+            LocalConfig.model_validate(config.local), ctx.data_dir, fetch, ctx.metrics
+        )
+    if config.backend == "lorax":
+        from atoll.plugins.inference.lorax_backend import LoraxBackend, LoraxConfig
+
+        return LoraxBackend(LoraxConfig.model_validate(config.lorax), fetch)
+    if config.backend == "openai":
+        from atoll.plugins.inference.openai_backend import OpenAIBackend, OpenAIConfig
+
+        return OpenAIBackend(OpenAIConfig.model_validate(config.openai))
+    from atoll.plugins.inference.echo_backend import EchoBackend, EchoConfig
+
+    return EchoBackend(EchoConfig.model_validate(config.echo))
+
+
+class InferencePlugin(Plugin):
+    name = "inference"
+
+    async def start(self, ctx: PluginContext) -> None:
+        await super().start(ctx)
+        self.config = config = InferenceConfig.model_validate(ctx.config)
+        self.adapter_dirs = [Path(d).expanduser().resolve() for d in config.adapter_dirs]
+        self.discovery: Any = None
+        self.backend = make_backend(config, ctx, self.fetch_adapter)
+        await self.backend.start()
+        m = ctx.metrics
+        self.requests = m.counter("requests", "Generate requests served")
+        self.failures = m.counter("requests_failed", "Generate requests that failed")
+        self.latency = m.histogram("request_seconds", "Generate time, first byte to finish")
+        self.ttft = m.histogram("time_to_first_token_seconds", "Time to the first token")
+        self.queue = m.gauge("queue_depth", "Requests waiting for a batch slot")
+        self.running = m.gauge("running", "Requests in the running batch")
+        self.rate = m.gauge("tokens_per_s", "Completion tokens per second, last 10 s")
+        self._gauges = asyncio.create_task(self._refresh_gauges())
+        ctx.agent.streams.serve(self.name, "generate", self._generate_stream)
+
+    async def stop(self) -> None:
+        assert self.ctx is not None
+        self.ctx.agent.streams.unserve(self.name)
+        self._gauges.cancel()
+        if self.discovery is not None:
+            await self.discovery.stop()
+        await self.backend.stop()
+
+    def describe(self) -> dict[str, Any]:
+        info = self.backend.info()
+        return {
+            "capabilities": {
+                "backend": info.backend,
+                "base_model": info.base_model,
+                "models": info.models,
+                "adapters": info.adapters,
+                "max_batch": info.max_batch,
+                "embeddings": info.embeddings,
+                "transcription": info.transcription,
+            },
+            "load": {
+                "queue_depth": info.queue_depth,
+                "running": info.running,
+                "tokens_per_s": info.tokens_per_s,
+            },
+        }
+
+    def status(self) -> dict[str, Any]:
+        info = self.backend.info()
+        return {"backend": info.backend, "model": info.base_model, "adapters": len(info.adapters)}
+
+    async def _refresh_gauges(self) -> None:
+        while True:
+            info = self.backend.info()
+            self.queue.set(info.queue_depth)
+            self.running.set(info.running)
+            self.rate.set(info.tokens_per_s)
+            await asyncio.sleep(1.0)
+
+    # --- access ------------------------------------------------------------------------------
+
+    def _allow(self, call: CallInfo) -> None:
+        if not set(call.caller.roles) & set(self.config.callers):
+            raise Forbidden(
+                f"{call.caller.name} may not use inference directly (needs a role among "
+                f"{', '.join(self.config.callers)}; users go through the gateway)"
+            )
+
+    @staticmethod
+    def _parse(model: type[BaseModel], params: Any) -> Any:
+        try:
+            return model.model_validate(params if params is not None else {})
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors()
+            )
+            raise InvalidRequest(f"invalid {model.__name__}: {problems}") from None
+
+    # --- generation --------------------------------------------------------------------------
+
+    async def _events(self, request: GenerateRequest):
+        started = time.perf_counter()
+        first = True
+        try:
+            async for event in self.backend.generate(request):
+                if first:
+                    self.ttft.observe(time.perf_counter() - started)
+                    first = False
+                yield event
+        except BaseException:
+            self.failures.inc()
+            raise
+        self.requests.inc()
+        self.latency.observe(time.perf_counter() - started)
+
+    async def _generate_stream(self, stream: Stream, params: Any, call: CallInfo) -> None:
+        self._allow(call)
+        request = self._generate_request(params)
+        events = self._events(request)
+        try:
+            async for event in events:
+                await stream.write(event.model_dump_json(exclude_none=True).encode() + b"\n")
+        finally:
+            await events.aclose()
+
+    @rpc()
+    async def generate(self, params: Any, call: CallInfo) -> dict[str, Any]:
+        self._allow(call)
+        request = self._generate_request(params)
+        parts: list[str] = []
+        logprobs: list[float] = []
+        async for event in self._events(request):
+            if event.type == "token":
+                parts.append(event.text)
+                if event.logprob is not None:
+                    logprobs.append(event.logprob)
+                continue
+            result = GenerateResult(
+                text="".join(parts),
+                finish_reason=event.finish_reason,
+                usage=event.usage,
+                model=event.model,
+                adapter=event.adapter,
+                tool_calls=event.tool_calls,
+                logprobs=logprobs if request.logprobs else None,
+            )
+            return result.model_dump(mode="json")
+        raise InvalidRequest("the backend ended without a finish event")
+
+    @rpc()
+    async def embed(self, params: Any, call: CallInfo) -> dict[str, Any]:
+        self._allow(call)
+        result = await self.backend.embed(self._parse(EmbedRequest, params))
+        return result.model_dump(mode="json")
+
+    @rpc()
+    async def transcribe(self, params: Any, call: CallInfo) -> dict[str, Any]:
+        self._allow(call)
+        result = await self.backend.transcribe(self._parse(TranscribeRequest, params))
+        return result.model_dump(mode="json")
+
+    # --- adapters and node -------------------------------------------------------------------
+
+    @rpc()
+    async def adapters(self, params: Any, call: CallInfo) -> list[dict[str, Any]]:
+        self._allow(call)
+        return [a.model_dump(mode="json") for a in self.backend.adapters()]
+
+    @rpc()
+    async def load_adapter(self, params: Any, call: CallInfo) -> dict[str, Any]:
+        self._allow(call)
+        ref = self._ref(params)
+        info = await self.backend.load_adapter(ref.id)
+        if ref.pinned is not None:
+            info = await self.backend.pin_adapter(ref.id, ref.pinned)
+        return info.model_dump(mode="json")
+
+    @rpc()
+    async def unload_adapter(self, params: Any, call: CallInfo) -> dict[str, Any]:
+        self._allow(call)
+        return {"unloaded": await self.backend.unload_adapter(self._ref(params).id)}
+
+    @rpc()
+    async def pin_adapter(self, params: Any, call: CallInfo) -> dict[str, Any]:
+        self._allow(call)
+        ref = self._ref(params)
+        info = await self.backend.pin_adapter(ref.id, True if ref.pinned is None else ref.pinned)
+        return info.model_dump(mode="json")
+
+    @rpc()
+    async def info(self, params: Any, call: CallInfo) -> dict[str, Any]:
+        self._allow(call)
+        return self.backend.info().model_dump(mode="json")
+
+    @rpc()
+    async def health(self, params: Any, call: CallInfo) -> dict[str, Any]:
+        self._allow(call)
+        return (await self.backend.health()).model_dump(mode="json")
+
+    def _generate_request(self, params: Any) -> GenerateRequest:
+        request = self._parse(GenerateRequest, params)
+        for adapter_id in [request.adapter] if request.adapter else []:
+            check_adapter_id(adapter_id)
+        for part in request.mixture.adapters if request.mixture else []:
+            check_adapter_id(part.id)
+        return request
+
+    def _ref(self, params: Any) -> AdapterRef:
+        ref = self._parse(AdapterRef, params)
+        check_adapter_id(ref.id)
+        return ref
+
+    # --- fetching adapters -------------------------------------------------------------------
+
+    async def fetch_adapter(self, adapter_id: str, root: Path) -> Path:
+        """An adapter's directory: a configured local one, one fetched before, or fetched now
+        from the storage agent over the data plane."""
+        check_adapter_id(adapter_id)
+        for d in self.adapter_dirs:
+            candidate = d / adapter_id
+            if (candidate / "adapter_config.json").is_file():
+                return candidate
+        dest = root / adapter_id
+        if (dest / "adapter_config.json").is_file():
+            return dest
+        storage = await self._storage_address()
+        from atoll.plugins.storage.contract import fetch_adapter
+
+        assert self.ctx is not None
+        return await fetch_adapter(self.ctx.agent, storage, adapter_id, dest)
+
+    async def _storage_address(self) -> str:
+        if self.config.storage:
+            return self.config.storage
+        assert self.ctx is not None
+        if self.discovery is None:
+            from atoll.agent.discovery import Discovery
+
+            self.discovery = await Discovery(self.ctx.agent).start()
+            with contextlib.suppress(TimeoutError):  # kept announcements arrive at once
+                async with asyncio.timeout(1.0):
+                    while True:
+                        self.discovery.changed.clear()
+                        if self.discovery.select(plugin="storage"):
+                            break
+                        await self.discovery.changed.wait()
+        found = self.discovery.select(plugin="storage")
+        if not found:
+            raise AdapterNotFound("no storage agent is online to fetch adapters from")
+        return f"{found[0].name}/storage"
+
+
+def check_adapter_id(adapter_id: str) -> None:
+    if not ADAPTER_ID.fullmatch(adapter_id) or ".." in adapter_id.split("/"):
+        raise InvalidRequest(f"{json.dumps(adapter_id)} is not a valid adapter id")
