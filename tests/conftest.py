@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -87,3 +88,18 @@ async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
         if loop.time() > end:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+@pytest.fixture(scope="session")
+def embedded_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, float]:
+    """The embedded SmolLM2 converted once per test run: (its directory, a planted leftover of a
+    "crashed" conversion, seconds the conversion took)."""
+    from atoll.plugins.inference.models import cache_name, embedded_gguf, resolve_model
+
+    cache = tmp_path_factory.mktemp("model-cache")
+    leftover = cache / f".{cache_name(embedded_gguf())}.tmp-crashed"  # from a "crashed" run
+    leftover.mkdir()
+    (leftover / "config.json").write_text("{}")
+    started = time.monotonic()
+    entry = resolve_model("embedded", cache)
+    return entry, leftover, time.monotonic() - started

@@ -323,17 +323,6 @@ def test_concurrent_processes_convert_once(tiny_gguf: Path, tmp_path: Path) -> N
 # --- the embedded SmolLM2, converted once per pytest run --------------------------------------
 
 
-@pytest.fixture(scope="session")
-def embedded_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, float]:
-    cache = tmp_path_factory.mktemp("model-cache")
-    leftover = cache / f".{cache_name(embedded_gguf())}.tmp-crashed"  # from a "crashed" run
-    leftover.mkdir()
-    (leftover / "config.json").write_text("{}")
-    started = time.monotonic()
-    entry = resolve_model("embedded", cache)
-    return entry, leftover, time.monotonic() - started
-
-
 @pytest.mark.embedded
 @pytest.mark.timeout(900)
 def test_embedded_model_converts_and_answers(embedded_model: tuple[Path, Path, float]) -> None:

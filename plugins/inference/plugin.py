@@ -160,12 +160,13 @@ class InferencePlugin(Plugin):
                 if first:
                     self.ttft.observe(time.perf_counter() - started)
                     first = False
+                if event.type == "finish":  # callers may stop iterating at this event
+                    self.requests.inc()
+                    self.latency.observe(time.perf_counter() - started)
                 yield event
-        except BaseException:
+        except Exception:
             self.failures.inc()
             raise
-        self.requests.inc()
-        self.latency.observe(time.perf_counter() - started)
 
     async def _generate_stream(self, stream: Stream, params: Any, call: CallInfo) -> None:
         self._allow(call)
