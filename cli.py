@@ -586,8 +586,17 @@ def up(
     heartbeat: Annotated[float, typer.Option(help="Seconds between announcements.")] = 5.0,
     metrics_interval: Annotated[float, typer.Option(help="Seconds between metrics.")] = 5.0,
     advertise: Annotated[bool, typer.Option(help="Advertise the broker over mDNS.")] = True,
+    inference: Annotated[
+        str, typer.Option(help="Inference backend: local, echo (no model), or none.")
+    ] = "local",
+    model: Annotated[
+        str, typer.Option(help="Model of the local backend: embedded, a directory or a .gguf.")
+    ] = "embedded",
 ) -> None:
-    """Start the all-in-one island: a broker and an agent on this machine."""
+    """Start the all-in-one island: a broker and an agent with the storage and inference
+    plugins on this machine (the first run converts the embedded model, about 30 s)."""
+    if inference not in ("local", "echo", "none"):
+        fail(f"--inference must be local, echo or none, not {inference!r}")
     host, port = parse_listen(listen)
     logs.setup(os.environ.get("ATOLL_LOG_LEVEL", "WARNING"))
     op = OperatorStore(data_dir)
@@ -602,9 +611,18 @@ def up(
 
     async def main() -> None:
         server = await BrokerServer.from_data_dir(data_dir, advertise=advertise).start(host, port)
+        plugins: dict[str, dict[str, Any]] = {"storage": {}}
+        if inference != "none":
+            local = {"model": model}
+            plugins["inference"] = {
+                "backend": inference,
+                "local": local,
+                "storage": "island/storage",
+            }
         rt = await AgentRuntime.start(
             agent_dir,
             [server.url],
+            plugins,
             keys=keys,
             heartbeat=heartbeat,
             metrics_interval=metrics_interval,
@@ -614,6 +632,10 @@ def up(
         out.print(f"[bold]atoll island up[/bold] (data dir {data_dir})")
         out.print(f"  broker   {server.url}")
         out.print(f"  agent    {rt.agent.name} (tenant {rt.agent.tenant})")
+        for status in rt.host.statuses():
+            if status["name"] != "system":
+                detail = status.get("error") or status.get("model") or ""
+                out.print(f"  plugin   {status['name']}: {status['state']} {detail}".rstrip())
         out.print("  try      atoll call island ping   |   Ctrl-C to stop")
         try:
             await wait_for_signal(rt.agent)

@@ -151,17 +151,33 @@ def test_up_starts_island_and_stops_on_ctrl_c(tmp_path: Path, procs) -> None:
         f"127.0.0.1:{port}",
         "--metrics-interval",
         "1",
+        "--inference",
+        "echo",  # the embedded model's own test is marked `embedded`
         log=tmp_path / "up",
     )
     procs.append(up)
     text = wait_for_text(tmp_path / "up", "Ctrl-C to stop")
     assert f"ws://127.0.0.1:{port}" in text and "initialised" in text
+    assert "plugin   inference: running echo" in text
     url = f"ws://127.0.0.1:{port}"
     pong = atoll("call", "island", "ping", "-d", str(data), "--broker", url)
     assert '"pong": true' in pong.stdout
     listed = json.loads(atoll("agents", "--json", "-d", str(data), "--broker", url).stdout)
     assert [(a["name"], a["status"]) for a in listed] == [("island", "ACTIVE")]
-    assert listed[0]["plugins"] == ["system"] and listed[0]["age_s"] < 5
+    assert listed[0]["plugins"] == ["system", "storage", "inference"] and listed[0]["age_s"] < 5
+    request = json.dumps({"prompt": "hello island", "params": {"max_new_tokens": 4}})
+    reply = atoll(
+        "call",
+        "island/inference",
+        "generate",
+        "--params",
+        request,
+        "-d",
+        str(data),
+        "--broker",
+        url,
+    )
+    assert json.loads(reply.stdout)["text"] == "hello island"
     time.sleep(1.2)  # one metrics interval
     feeds = json.loads(atoll("metrics", "-d", str(data), "--broker", url).stdout)
     assert feeds["island"]["system"]["memory"]["total_bytes"] > 0
@@ -188,6 +204,8 @@ def test_up_starts_island_and_stops_on_ctrl_c(tmp_path: Path, procs) -> None:
         "--listen",
         f"127.0.0.1:{port}",
         "--no-advertise",
+        "--inference",
+        "none",
         log=tmp_path / "up2",
     )
     procs.append(again)

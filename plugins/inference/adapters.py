@@ -58,8 +58,10 @@ def validate_adapter(
     base_model: str,
     shapes: dict[str, tuple[int, int]],
     limits: AdapterLimits,
+    aliases: tuple[str, ...] = (),
 ) -> AdapterInfo:
-    """Check an adapter directory against this base model; AdapterRejected says why not."""
+    """Check an adapter directory against this base model (also known by ``aliases``, e.g. the
+    directory it was loaded from); AdapterRejected says why not."""
 
     def refuse(why: str) -> AdapterRejected:
         return AdapterRejected(f"adapter {adapter_id!r} refused: {why}")
@@ -73,7 +75,8 @@ def validate_adapter(
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         raise refuse(f"peft_type is {config.get('peft_type')!r}, only LORA is served")
     base_name = str(config.get("base_model_name_or_path") or "")
-    if limits.check_base_name and base_name and not same_model(base_name, base_model):
+    names = (base_model, *aliases)
+    if limits.check_base_name and base_name and not any(same_model(base_name, n) for n in names):
         raise refuse(f"trained for base model {base_name!r}, this node serves {base_model!r}")
     if config.get("modules_to_save"):
         raise refuse("modules_to_save replaces whole layers and cannot share a batch")

@@ -90,6 +90,7 @@ class SamplingParams(_Strict):
     )
     seed: int | None = Field(None, ge=0, lt=2**63)
     do_sample: bool | None = None  # None: sample iff temperature > 0
+    ignore_eos: bool = False  # decode max_new_tokens whatever the model says (benchmarks)
 
     @property
     def greedy(self) -> bool:

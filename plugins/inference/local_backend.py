@@ -122,7 +122,9 @@ class LocalBackend(Backend):
             capacity=cfg.adapter_cache,
             root=self.data_dir / "adapters",
             fetch=self.fetch,
-            validate=lambda p, i: validate_adapter(p, i, self.model_id, self.shapes, cfg.limits),
+            validate=lambda p, i: validate_adapter(
+                p, i, self.model_id, self.shapes, cfg.limits, aliases=(str(path), cfg.model)
+            ),
             load=self._load_adapter,
             merge=self._merge_adapters,
             unload=self._unload_adapter,
@@ -177,7 +179,7 @@ class LocalBackend(Backend):
             sampler=Sampler(params),
             text=TextStream(self.tokenizer, params.stop),
             max_new=min(params.max_new_tokens, room),
-            stop_ids=self.stop_ids,
+            stop_ids=frozenset() if params.ignore_eos else self.stop_ids,
             emit=emit,
             model=self.model_id,
             adapter_id=entry.info.id if entry else None,

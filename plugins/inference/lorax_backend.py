@@ -483,6 +483,8 @@ def _request_body(
 
 def _sampling(p: SamplingParams) -> dict[str, Any]:
     """Greedy sends no temperature, top_p or top_k: LoRAX samples whenever one is set."""
+    if p.ignore_eos:
+        raise Unsupported("LoRAX has no ignore_eos")
     out: dict[str, Any] = {"max_new_tokens": p.max_new_tokens, "stop": list(p.stop), "seed": p.seed}
     if p.repetition_penalty != 1.0:
         out["repetition_penalty"] = p.repetition_penalty

@@ -485,6 +485,8 @@ def _sampling(p: SamplingParams) -> dict[str, Any]:
         out["stop"] = list(p.stop)
     if p.seed is not None:
         out["seed"] = p.seed
+    if p.ignore_eos:
+        out["ignore_eos"] = True  # vLLM's extra field
     return out
 
 
