@@ -183,3 +183,27 @@ async def test_embedded_model_knows_the_capital_of_france(make_agent, embedded_m
         abs(sum(x * x for x in a) - 1) < 1e-4
         and sum(x * y for x, y in zip(a, b, strict=True)) > 0.5
     )
+
+
+async def test_adapter_fetched_from_storage_over_the_data_plane(make_agent, island) -> None:
+    from atoll.plugins.storage.contract import upload_adapter
+
+    await make_agent("store", roles=("storage",), plugins={"storage": {}})
+    # No local adapter directories: everything comes from the storage agent, found by discovery.
+    config = {"backend": "local", "local": {"model": str(island["base"]), "embeddings": False}}
+    node = await make_agent("gpu1", plugins={"inference": config})
+    gw = await make_agent("gw", roles=("gateway",))
+    await upload_adapter(gw.agent, "store/storage", island["adapters"] / "alice/ad0", "alice/ad0")
+    request = GenerateRequest(prompt="Hello", adapter="alice/ad0", params=GREEDY)
+    reply = await gw.agent.call("gpu1/inference", "generate", request.model_dump(mode="json"))
+    assert reply["adapter"] == "alice/ad0"
+    fetched = node.host.plugins["inference"].ctx.data_dir / "adapters" / "alice/ad0"
+    assert (fetched / "adapter_model.safetensors").read_bytes() == (
+        island["adapters"] / "alice/ad0" / "adapter_model.safetensors"
+    ).read_bytes()
+    # The same answer as from a local copy of the adapter.
+    await make_agent("gpu2", plugins={"inference": local_plugin(island)})
+    again = await gw.agent.call("gpu2/inference", "generate", request.model_dump(mode="json"))
+    assert again["text"] == reply["text"]
+    with pytest.raises(AdapterNotFound):
+        await gw.agent.call("gpu1/inference", "generate", {"prompt": "x", "adapter": "alice/nope"})

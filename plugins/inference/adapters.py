@@ -78,6 +78,9 @@ def validate_adapter(
     names = (base_model, *aliases)
     if limits.check_base_name and base_name and not any(same_model(base_name, n) for n in names):
         raise refuse(f"trained for base model {base_name!r}, this node serves {base_model!r}")
+    for variant in ("use_dora", "lora_bias"):
+        if config.get(variant):
+            raise refuse(f"{variant} adapters are not served (only plain LoRA batches per row)")
     if config.get("modules_to_save"):
         raise refuse("modules_to_save replaces whole layers and cannot share a batch")
     ranks = [config.get("r", 0), *(config.get("rank_pattern") or {}).values()]

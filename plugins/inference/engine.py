@@ -5,7 +5,7 @@ Between two decoding steps the engine runs queued model changes (loading, mergin
 adapters), admits waiting requests — up to ``max_batch`` rows and ``max_adapters`` distinct
 adapters per step — prefills them as one padded batch and joins them to the running batch; rows
 that finished or were cancelled leave at once. Each step is one forward pass over every running
-row, each row through its own adapter (peft ``adapter_names``). Events reach the asyncio side via
+row, each row through its own adapter (multilora.py). Events reach the asyncio side via
 each row's thread-safe ``emit``.
 """
 
@@ -18,7 +18,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
@@ -32,10 +31,10 @@ from atoll.plugins.inference.contract import (
     TokenEvent,
     Usage,
 )
+from atoll.plugins.inference.multilora import BASE, BatchedLora
 from atoll.plugins.inference.sampling import Sampler
 from atoll.plugins.inference.textstream import TextStream
 
-BASE = "__base__"  # peft's name for "no adapter" in adapter_names
 MAX_SKIPS = 8  # steps a request may be passed over by later ones before admission turns FIFO
 RATE_WINDOW = 10.0  # seconds of history behind tokens_per_s
 
@@ -77,8 +76,9 @@ class Engine:
         max_adapters: int = 8,
         max_prefill_tokens: int = 4096,
     ) -> None:
-        self.model = model  # the base model until the first adapter wraps it with peft
-        self.peft: Any = None
+        self.model = model  # peft injects LoRA layers into it in place
+        self.peft: Any = None  # the PeftModel that loads and merges adapters, once one is loaded
+        self.lora: BatchedLora | None = None  # applies them, each row its own
         self.pad_id = pad_id
         self.device = device
         self.max_batch = max_batch
@@ -216,14 +216,11 @@ class Engine:
         return chosen
 
     def _forward(self, inputs: dict[str, Any], rows: list[Row]) -> tuple[torch.Tensor, Any]:
-        if self.peft is None:
+        if self.lora is None:
             out = self.model(**inputs, logits_to_keep=1)
-            return out.logits[:, -1, :], out.past_key_values
-        try:
-            out = self.peft(**inputs, logits_to_keep=1, adapter_names=[r.adapter for r in rows])
-        except Exception:
-            _clear_adapter_hooks(self.peft)  # peft#3475: a failed call leaves its hooks behind
-            raise
+        else:
+            with self.lora.rows([r.adapter for r in rows]):
+                out = self.model(**inputs, logits_to_keep=1)
         return out.logits[:, -1, :], out.past_key_values
 
     def _prefill(self, rows: list[Row]) -> None:
@@ -307,14 +304,3 @@ class Engine:
             if not (row.done or row.cancelled):
                 row.done = True
                 row.emit(error)
-
-
-def _clear_adapter_hooks(model: Any) -> None:
-    for module in model.modules():
-        for hook_id, hook in list(module._forward_pre_hooks.items()):
-            if (
-                isinstance(hook, partial)
-                and hook.func.__name__ == "_adapter_names_pre_forward_hook"
-            ):
-                del module._forward_pre_hooks[hook_id]
-                module._forward_pre_hooks_with_kwargs.pop(hook_id, None)

@@ -38,8 +38,9 @@ from atoll.plugins.inference.contract import (
     TokenEvent,
     Unsupported,
 )
-from atoll.plugins.inference.engine import BASE, Engine, Row
+from atoll.plugins.inference.engine import Engine, Row
 from atoll.plugins.inference.models import model_id, resolve_model
+from atoll.plugins.inference.multilora import BASE, BatchedLora
 from atoll.plugins.inference.sampling import Sampler
 from atoll.plugins.inference.textstream import TextStream
 
@@ -225,16 +226,20 @@ class LocalBackend(Backend):
             try:
                 if engine.peft is None:
                     engine.peft = PeftModel.from_pretrained(engine.model, path, adapter_name=name)
+                    engine.lora = BatchedLora(engine.model)
                 else:
                     engine.peft.load_adapter(path, adapter_name=name, is_trainable=False)
-                # Requests pick adapters per row; the active one only has to exist (peft looks
-                # it up) and stay frozen.
+                # Rows pick their adapters (multilora.py); the active one only has to exist
+                # (peft looks it up) and stay frozen.
                 engine.peft.set_adapter(name, inference_mode=True)
                 engine.peft.eval()
             except Exception as exc:
                 if engine.peft is not None and name in engine.peft.peft_config:
                     engine.peft.delete_adapter(name)
                 raise AdapterRejected(f"loading failed: {exc}") from None
+            finally:
+                if engine.lora is not None:
+                    engine.lora.refresh()
 
         await self._on_engine(load)
 
@@ -260,6 +265,7 @@ class LocalBackend(Backend):
                     raise AdapterRejected(f"cannot merge these adapters: {exc}") from None
             engine.peft.set_adapter(name, inference_mode=True)
             engine.peft.eval()
+            engine.lora.refresh()
 
         await self._on_engine(merge)
 
@@ -269,6 +275,7 @@ class LocalBackend(Backend):
             engine.peft.delete_adapter(name)
             if engine.peft.peft_config:
                 engine.peft.set_adapter(next(iter(engine.peft.peft_config)), inference_mode=True)
+            engine.lora.refresh()
 
         await self._on_engine(unload)
 
