@@ -22,6 +22,7 @@ from atoll.plugins.inference.contract import (
     Overloaded,
 )
 from atoll.plugins.inference.local_backend import LocalBackend, LocalConfig
+from conftest import eventually
 from tiny_models import build_tiny_model, make_adapter
 
 N_ADAPTERS = 50
@@ -321,5 +322,40 @@ async def test_context_limit_and_cancellation(models, tmp_path):
                 break
             await asyncio.sleep(0.02)
         assert backend.engine.running == 0 and backend.engine.steps < 400
+    finally:
+        await backend.stop()
+
+
+async def test_distinct_adapters_per_step_and_queue_bounds(models, tmp_path):
+    backend = await start_backend(
+        models, tmp_path, max_batch=8, max_adapters_per_batch=2, max_queue=6
+    )
+    try:
+        engine = backend.engine
+        seen: list[int] = []
+        forward = engine._forward
+
+        def spy(inputs, rows):
+            seen.append(len({r.adapter for r in rows} - {"__base__"}))
+            return forward(inputs, rows)
+
+        engine._forward = spy
+        jobs = [f"user{i}/ad" for i in range(6)]
+        results = await asyncio.gather(
+            *(run(backend, prompt="Hello", adapter=a, params=GREEDY) for a in jobs)
+        )
+        assert [r[2].adapter for r in results] == jobs
+        assert max(seen) == 2  # never more distinct adapters in one step than allowed
+        # A full queue refuses at once rather than growing without bound.
+        engine.max_batch = 0  # a saturated node: nothing more is admitted
+        waiting = [asyncio.create_task(run(backend, prompt="Hi", params=GREEDY)) for _ in range(6)]
+        await eventually(lambda: engine.queue_depth == 6)
+        with pytest.raises(Overloaded, match="6 requests are waiting"):
+            await run(backend, prompt="Hello", params=GREEDY)
+        engine.max_batch = 8  # room again: the queued requests are served
+        with engine._cond:
+            engine._cond.notify()
+        done = await asyncio.gather(*waiting)
+        assert all(r[2].finish_reason in ("length", "stop") for r in done)
     finally:
         await backend.stop()

@@ -109,6 +109,7 @@ class InferencePlugin(Plugin):
                 "models": info.models,
                 "adapters": info.adapters,
                 "max_batch": info.max_batch,
+                "max_adapters": info.max_adapters,
                 "embeddings": info.embeddings,
                 "transcription": info.transcription,
             },
