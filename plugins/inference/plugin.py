@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import re
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -31,8 +29,7 @@ from atoll.plugins.inference.contract import (
     GenerateResult,
     TranscribeRequest,
 )
-
-ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,255}")
+from atoll.plugins.storage.contract import check_adapter_id, fetch_adapter
 
 
 class InferenceConfig(BaseModel):
@@ -280,7 +277,6 @@ class InferencePlugin(Plugin):
         if (dest / "adapter_config.json").is_file():
             return dest
         storage = await self._storage_address()
-        from atoll.plugins.storage.contract import fetch_adapter
 
         assert self.ctx is not None
         return await fetch_adapter(self.ctx.agent, storage, adapter_id, dest)
@@ -305,7 +301,3 @@ class InferencePlugin(Plugin):
             raise AdapterNotFound("no storage agent is online to fetch adapters from")
         return f"{found[0].name}/storage"
 
-
-def check_adapter_id(adapter_id: str) -> None:
-    if not ADAPTER_ID.fullmatch(adapter_id) or ".." in adapter_id.split("/"):
-        raise InvalidRequest(f"{json.dumps(adapter_id)} is not a valid adapter id")
