@@ -1,0 +1,88 @@
+"""Errors at the gateway's HTTP API, in OpenAI's shape with honest statuses, and the mapping from
+the platform's typed errors (raised by inference agents over the overlay) to them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from atoll.agent.errors import (
+    AtollError,
+    ConnectionLost,
+    DeadlineExceeded,
+    Forbidden,
+    InvalidRequest,
+    NoResponder,
+)
+from atoll.plugins.inference.contract import (
+    AdapterNotFound,
+    AdapterRejected,
+    BackendUnavailable,
+    Overloaded,
+    Unsupported,
+)
+
+TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+    504: "timeout",
+}
+
+
+class GatewayError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str | None = None,
+        code: str | None = None,
+        param: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type or TYPES.get(status, "api_error")
+        self.code = code
+        self.param = param
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, round(self.retry_after + 0.499)))}
+
+
+def from_platform(exc: AtollError) -> GatewayError:
+    """What an inference agent's error means to the API caller."""
+    message = exc.message
+    if isinstance(exc, AdapterNotFound):
+        return GatewayError(404, message, code="model_not_found")
+    if isinstance(exc, AdapterRejected):
+        return GatewayError(400, message, code="adapter_rejected")
+    if isinstance(exc, (InvalidRequest, Unsupported)):
+        return GatewayError(400, message)
+    if isinstance(exc, Overloaded):
+        return GatewayError(429, message, code="overloaded", retry_after=1)
+    if isinstance(exc, DeadlineExceeded):
+        return GatewayError(504, message)
+    if isinstance(exc, Forbidden):  # the gateway itself lacks a role on the node: not the user
+        return GatewayError(503, f"this gateway may not use that node: {message}")
+    if isinstance(exc, (BackendUnavailable, NoResponder, ConnectionLost)):
+        return GatewayError(503, message, code="no_capacity")
+    return GatewayError(503, f"inference failed: {exc}")
