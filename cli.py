@@ -649,6 +649,187 @@ def up(
         run_async(main())
 
 
+# --- gateway administration: users, projects, API keys (RPC to the gateway plugin) -----------
+
+keys_app = typer.Typer(help="Gateway API keys: shown once, stored hashed.")
+projects_app = typer.Typer(help="Gateway projects: members, policy labels, limits.")
+users_app = typer.Typer(help="Gateway users.")
+app.add_typer(keys_app, name="keys")
+app.add_typer(projects_app, name="projects")
+app.add_typer(users_app, name="users")
+Gateway = Annotated[str, typer.Option("--gateway", help="Agent running the gateway plugin.")]
+
+
+def gateway_call(
+    data_dir: Path, tenant: str, broker: str, gateway: str, method: str, params: dict[str, Any]
+) -> Any:
+    op = operator_store(data_dir)
+
+    async def main() -> Any:
+        async with admin_session(op, tenant, [broker]) as agent:
+            return await agent.call(f"{gateway}/gateway", method, params)
+
+    try:
+        return run_async(main())
+    except AtollError as exc:
+        fail(exc.message)
+
+
+def show(result: Any) -> None:
+    out.print_json(json.dumps(result, default=str))
+
+
+def limits_of(rpm: int | None, tpm: int | None, concurrent: int | None) -> dict[str, Any] | None:
+    given = {"requests_per_min": rpm, "tokens_per_min": tpm, "concurrent": concurrent}
+    return given if any(v is not None for v in given.values()) else None
+
+
+RPM = Annotated[int | None, typer.Option("--rpm", help="Requests per minute.")]
+TPM = Annotated[int | None, typer.Option("--tpm", help="Tokens per minute.")]
+Concurrent = Annotated[int | None, typer.Option(help="Requests at once.")]
+
+
+@keys_app.command("create")
+def keys_create(
+    user: str,
+    data_dir: DataDir,
+    project: Annotated[str | None, typer.Option(help="Scope the key to one project.")] = None,
+    name: Annotated[str, typer.Option(help="What the key is for.")] = "",
+    ttl: Annotated[str | None, typer.Option(help="Lifetime, e.g. 90d.")] = None,
+    rpm: RPM = None,
+    tpm: TPM = None,
+    concurrent: Concurrent = None,
+    tenant: Tenant = DEFAULT_TENANT,
+    broker: BrokerUrl = LOCAL_BROKER,
+    gateway: Gateway = ISLAND,
+) -> None:
+    """Create an API key for USER; the key is printed once and never again."""
+    params = {"user": user, "project": project, "name": name}
+    params |= {
+        "ttl_s": parse_duration(ttl) if ttl else None,
+        "limits": limits_of(rpm, tpm, concurrent),
+    }
+    result = gateway_call(data_dir, tenant, broker, gateway, "keys_create", params)
+    out.print(result["key"], highlight=False)
+    err.print(f"key id {result['record']['key_id']} for {user}: store the key now, it is not kept")
+
+
+@keys_app.command("list")
+def keys_list(
+    data_dir: DataDir,
+    user: Annotated[str | None, typer.Option()] = None,
+    project: Annotated[str | None, typer.Option()] = None,
+    tenant: Tenant = DEFAULT_TENANT,
+    broker: BrokerUrl = LOCAL_BROKER,
+    gateway: Gateway = ISLAND,
+) -> None:
+    """API keys (ids, owners, state; never the secrets)."""
+    show(
+        gateway_call(
+            data_dir, tenant, broker, gateway, "keys_list", {"user": user, "project": project}
+        )
+    )
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: str,
+    data_dir: DataDir,
+    tenant: Tenant = DEFAULT_TENANT,
+    broker: BrokerUrl = LOCAL_BROKER,
+    gateway: Gateway = ISLAND,
+) -> None:
+    """Refuse the key from its next request on."""
+    show(gateway_call(data_dir, tenant, broker, gateway, "keys_revoke", {"key_id": key_id}))
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    key_id: str,
+    data_dir: DataDir,
+    grace: Annotated[str, typer.Option(help="How long the old key keeps working.")] = "1h",
+    tenant: Tenant = DEFAULT_TENANT,
+    broker: BrokerUrl = LOCAL_BROKER,
+    gateway: Gateway = ISLAND,
+) -> None:
+    """A new key replacing KEY_ID (printed once); the old one works for the grace period."""
+    params = {"key_id": key_id, "grace_s": parse_duration(grace)}
+    result = gateway_call(data_dir, tenant, broker, gateway, "keys_rotate", params)
+    out.print(result["key"], highlight=False)
+    err.print(f"new key id {result['record']['key_id']}; {key_id} stops working after {grace}")
+
+
+@projects_app.command("create")
+def projects_create(
+    name: str,
+    data_dir: DataDir,
+    label: Annotated[list[str], typer.Option(help="Policy label KEY=VALUE, e.g. phi=true.")] = [],  # noqa: B006
+    store_prompts: Annotated[bool, typer.Option(help="Keep prompt text in the ledger.")] = False,
+    rpm: RPM = None,
+    tpm: TPM = None,
+    concurrent: Concurrent = None,
+    tenant: Tenant = DEFAULT_TENANT,
+    broker: BrokerUrl = LOCAL_BROKER,
+    gateway: Gateway = ISLAND,
+) -> None:
+    """Create a project; its label(s) restrict which inference agents serve it."""
+    labels = dict(item.partition("=")[::2] for item in label)
+    params = {"name": name, "labels": labels, "store_prompts": store_prompts}
+    params["limits"] = limits_of(rpm, tpm, concurrent)
+    show(gateway_call(data_dir, tenant, broker, gateway, "projects_create", params))
+
+
+@projects_app.command("list")
+def projects_list(
+    data_dir: DataDir,
+    tenant: Tenant = DEFAULT_TENANT,
+    broker: BrokerUrl = LOCAL_BROKER,
+    gateway: Gateway = ISLAND,
+) -> None:
+    """Projects with their members, labels and limits."""
+    show(gateway_call(data_dir, tenant, broker, gateway, "projects_list", {}))
+
+
+@projects_app.command("add-member")
+def projects_add_member(
+    project: str,
+    user: str,
+    data_dir: DataDir,
+    role: Annotated[str, typer.Option(help="owner, member or viewer.")] = "member",
+    tenant: Tenant = DEFAULT_TENANT,
+    broker: BrokerUrl = LOCAL_BROKER,
+    gateway: Gateway = ISLAND,
+) -> None:
+    """Add USER to PROJECT (or change their role)."""
+    params = {"project": project, "user": user, "role": role}
+    show(gateway_call(data_dir, tenant, broker, gateway, "projects_add_member", params))
+
+
+@users_app.command("create")
+def users_create(
+    name: str,
+    data_dir: DataDir,
+    admin: Annotated[bool, typer.Option(help="A tenant-wide administrator.")] = False,
+    tenant: Tenant = DEFAULT_TENANT,
+    broker: BrokerUrl = LOCAL_BROKER,
+    gateway: Gateway = ISLAND,
+) -> None:
+    """Create a gateway user."""
+    params = {"name": name, "admin": admin}
+    show(gateway_call(data_dir, tenant, broker, gateway, "users_create", params))
+
+
+@users_app.command("list")
+def users_list(
+    data_dir: DataDir,
+    tenant: Tenant = DEFAULT_TENANT,
+    broker: BrokerUrl = LOCAL_BROKER,
+    gateway: Gateway = ISLAND,
+) -> None:
+    """Gateway users."""
+    show(gateway_call(data_dir, tenant, broker, gateway, "users_list", {}))
+
+
 def main() -> None:  # pragma: no cover - console entry
     sys.exit(app())
 

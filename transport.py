@@ -140,6 +140,9 @@ class WebSocket(asyncio.Protocol):
             self._close_soon()
 
     def eof_received(self) -> bool | None:
+        # Nothing may be sent from here on: connection_lost comes a loop iteration later, and a
+        # broker routing to this peer meanwhile must not raise inside another connection.
+        self.open = False
         self.ws.receive_eof()
         self._write_protocol_data()
         return None

@@ -270,6 +270,8 @@ class Agent:
             self.link.last_error = h["reason"]
 
     def _on_noresp(self, f: Frame) -> None:
+        if self.streams.on_no_responder(f.header["id"], f.header["reason"]):
+            return
         call_id = self._by_msg.pop(f.header["id"], None)
         call = self._calls.get(call_id) if call_id is not None else None
         if call is not None and not call.future.done():

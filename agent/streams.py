@@ -26,7 +26,13 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from atoll.agent.errors import AtollError, ConnectionLost, InvalidRequest, NoSuchMethod
+from atoll.agent.errors import (
+    AtollError,
+    ConnectionLost,
+    InvalidRequest,
+    NoResponder,
+    NoSuchMethod,
+)
 
 if TYPE_CHECKING:
     from atoll.agent.node import Agent, CallInfo, _Peer
@@ -126,10 +132,10 @@ class Stream:
         if self.error is not None:
             raise self.error
 
-    def _send(self, body: dict[str, Any]) -> None:
+    def _send(self, body: dict[str, Any]) -> int:
         if self.accepted_side:
             body["a"] = 1
-        self.mux.agent._send_sealed(self.peer, self.local, self.remote, body)
+        return self.mux.agent._send_sealed(self.peer, self.local, self.remote, body)
 
     def _report(self) -> None:
         self._reported = self._expected
@@ -290,6 +296,7 @@ class StreamMux:
         self.agent = agent
         self.streams: dict[tuple[str, str, int], Stream] = {}
         self.services: dict[tuple[str, str], StreamHandler] = {}
+        self.opening: dict[int, Stream] = {}  # by the message id of their open
         self._ids = itertools.count(1)
         self._ticker: asyncio.Task | None = None
 
@@ -319,13 +326,27 @@ class StreamMux:
         stream = Stream(self, peer, local, dst, sid, False, window)
         self.streams[stream.key] = stream
         self._ensure_ticker()
-        stream._send({"k": "so", "s": sid, "svc": service, "p": params, "w": window})
+        msg_id = stream._send({"k": "so", "s": sid, "svc": service, "p": params, "w": window})
+        self.opening[msg_id] = stream  # a broker's "no responder" for it fails it at once
         try:
             await asyncio.wait_for(asyncio.shield(stream.accepted), timeout)
         except TimeoutError:
             stream.abort(StreamReset(f"{dst} did not accept {service!r} within {timeout}s"))
             raise stream.error from None  # type: ignore[misc]
+        except BaseException:  # refused, or the opener was cancelled: forget the stream
+            stream.abort(StreamReset(f"opening {service!r} at {dst} was abandoned"))
+            raise
+        finally:
+            self.opening.pop(msg_id, None)
         return stream
+
+    def on_no_responder(self, msg_id: int, reason: str) -> bool:
+        """The broker could not deliver message ``msg_id``: if it opened a stream, fail it."""
+        stream = self.opening.pop(msg_id, None)
+        if stream is None:
+            return False
+        stream._fail(NoResponder(reason))
+        return True
 
     def _ensure_ticker(self) -> None:
         if self._ticker is None or self._ticker.done():

@@ -58,11 +58,12 @@ class Mesh(Protocol):
 
 MAX_RETAINED_PER_TENANT = 10_000
 METRICS_PREFIX = "metrics."
-WATCH_ROLES = ("admin", "operator")
+# The gateway serves the feed to admin API keys (Prometheus /metrics, the live dashboard).
+WATCH_ROLES = ("admin", "operator", "gateway")
 
 
 def may_watch(ident: AgentIdentity, subject: str) -> bool:
-    """An agent sees its own metrics feed; only admins and operators see everyone's."""
+    """An agent sees its own metrics feed; only admins, operators and gateways see everyone's."""
     return (
         not subject.startswith(METRICS_PREFIX)
         or subject == METRICS_PREFIX + ident.name
@@ -270,7 +271,8 @@ class Router:
             and not ident.has_role(*WATCH_ROLES)
         ):
             raise ProtocolError(
-                "only admin or operator roles may watch other agents' metrics", code="forbidden"
+                "only admin, operator or gateway roles may watch other agents' metrics",
+                code="forbidden",
             )
 
     def _unsub(self, s: Session, f: Frame) -> None:

@@ -130,7 +130,7 @@ async def test_non_admin_metrics_subscription_is_refused(operator, broker) -> No
         await agent.subscribe("metrics.other")
         await agent.subscribe("metrics.nosy")  # its own feed is fine
         await agent.flush()
-        assert any("only admin or operator roles" in m for m in refusals)
+        assert any("only admin, operator or gateway roles" in m for m in refusals)
         assert sum("broker_error" in m for m in refusals) == 1
     finally:
         await agent.stop()

@@ -1,0 +1,118 @@
+"""The gateway's admin RPC over the overlay (contract.py): tenant admins and operators manage
+users, projects, keys and adapter access; every change lands in the audit log with the caller's
+agent name as its actor."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from atoll.agent.errors import Forbidden, InvalidRequest, NoSuchMethod
+from atoll.agent.node import CallInfo
+from atoll.plugins.gateway import contract as c
+from atoll.plugins.gateway.accounts import Accounts
+from atoll.plugins.gateway.errors import GatewayError
+from atoll.plugins.gateway.limits import Limits
+
+
+def plain(value: Any) -> Any:
+    """Records as msgpack-able data."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
+def _limits(params: c.LimitsParams | None) -> Limits | None:
+    return None if params is None else Limits.model_validate(params.model_dump())
+
+
+class AdminRPC:
+    def __init__(self, accounts: Accounts) -> None:
+        self.accounts = accounts
+
+    def methods(self) -> dict[str, Callable[[Any, CallInfo], Awaitable[Any]]]:
+        return {name: self._wrap(name) for name in c.METHODS}
+
+    def _wrap(self, name: str) -> Callable[[Any, CallInfo], Awaitable[Any]]:
+        schema = c.METHODS[name]
+        handler = getattr(self, name, None)
+        if handler is None:
+            raise NoSuchMethod(f"gateway admin method {name!r} is not implemented")
+
+        async def call(params: Any, info: CallInfo) -> Any:
+            if not info.caller.has_role(*c.ADMIN_ROLES):
+                raise Forbidden(f"{info.caller.name} needs an admin or operator role")
+            try:
+                args = schema.model_validate(params or {}) if schema else None
+            except ValidationError as exc:
+                raise InvalidRequest(f"{name}: {exc.errors()[0]['msg']}") from None
+            try:
+                return plain(handler(args, info.caller.name))
+            except GatewayError as exc:  # the same words the HTTP admin API would give
+                raise InvalidRequest(exc.message, {"status": exc.status}) from None
+
+        return call
+
+    def users_create(self, p: c.UserCreate, actor: str) -> Any:
+        return self.accounts.create_user(p.name, p.admin, actor=actor)
+
+    def users_list(self, _: None, actor: str) -> Any:
+        return self.accounts.list_users()
+
+    def projects_create(self, p: c.ProjectCreate, actor: str) -> Any:
+        return self.accounts.create_project(
+            p.name, p.labels, p.store_prompts, _limits(p.limits), actor=actor
+        )
+
+    def projects_list(self, _: None, actor: str) -> Any:
+        return [
+            {**plain(p), "members": plain(self.accounts.members(p.name))}
+            for p in self.accounts.list_projects()
+        ]
+
+    def projects_add_member(self, p: c.MemberChange, actor: str) -> Any:
+        self.accounts.add_member(p.project, p.user, p.role, actor=actor)
+        return self.accounts.members(p.project)
+
+    def projects_remove_member(self, p: c.MemberChange, actor: str) -> Any:
+        self.accounts.remove_member(p.project, p.user, actor=actor)
+        return self.accounts.members(p.project)
+
+    def keys_create(self, p: c.KeyCreate, actor: str) -> Any:
+        record, key = self.accounts.create_key(
+            p.user, p.project, p.name, p.ttl_s, _limits(p.limits), actor=actor
+        )
+        return {"key": key, "record": plain(record)}
+
+    def keys_list(self, p: c.KeyQuery, actor: str) -> Any:
+        return self.accounts.list_keys(p.user, p.project)
+
+    def keys_revoke(self, p: c.KeyRef, actor: str) -> Any:
+        return self.accounts.revoke_key(p.key_id, actor=actor)
+
+    def keys_rotate(self, p: c.KeyRotate, actor: str) -> Any:
+        record, key = self.accounts.rotate_key(p.key_id, p.grace_s, actor=actor)
+        return {"key": key, "record": plain(record)}
+
+    def adapters_register(self, p: c.AdapterRegister, actor: str) -> Any:
+        return self.accounts.register_adapter(
+            p.id, p.base_model, p.owner, p.project, p.public, actor=actor
+        )
+
+    def adapters_list(self, _: None, actor: str) -> Any:
+        return self.accounts.list_adapters()
+
+    def usage(self, p: c.UsageQuery, actor: str) -> Any:
+        return self.accounts.usage(p.key_id, p.project, p.user, p.since)
+
+    def audit(self, p: c.AuditQuery, actor: str) -> Any:
+        return self.accounts.audit_log(p.limit, p.since)

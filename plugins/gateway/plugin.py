@@ -1,0 +1,133 @@
+"""The gateway plugin: the platform's only door for users. It serves the HTTP API (app.py) with
+uvicorn inside the agent's event loop, keeps accounts, keys and the ledger in SQLite in its data
+dir, and reaches inference agents over the overlay (router.py).
+
+On first start it creates the tenant's ``admin`` user and writes one admin API key to
+``<plugin data dir>/admin-key`` (0600): the key is shown once, there, and never stored in clear.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import socket
+from typing import Any
+
+import uvicorn
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from atoll.agent.plugins import Plugin, PluginContext
+from atoll.agent.watch import TenantWatch
+from atoll.plugins.gateway.accounts import Accounts
+from atoll.plugins.gateway.admin import AdminRPC
+from atoll.plugins.gateway.app import create_app
+from atoll.plugins.gateway.limits import RateLimiter
+from atoll.plugins.gateway.router import Router
+from atoll.plugins.gateway.service import Gateway
+from atoll.tenancy.keys import read_secret, write_secret
+
+ADMIN_USER = "admin"
+
+
+class GatewayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    listen: str = "127.0.0.1:8000"  # HOST:PORT; port 0 picks a free one
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)  # larger bodies: 413
+    request_timeout: float = Field(120.0, gt=0)  # deadline of one request: 504 after it
+    retry_attempts: int = Field(3, ge=1, le=10)  # nodes tried before the first token
+    bootstrap_admin: bool = True
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        host, _, port = v.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError(f"{v!r} is not HOST:PORT")
+        return v
+
+
+class GatewayPlugin(Plugin):
+    name = "gateway"
+
+    async def start(self, ctx: PluginContext) -> None:
+        await super().start(ctx)
+        self.config = config = GatewayConfig.model_validate(ctx.config)
+        secret_path = ctx.data_dir / "gateway.secret"
+        if not secret_path.exists():
+            write_secret(secret_path, secrets.token_bytes(32))
+        self.accounts = Accounts(ctx.data_dir / "gateway.sqlite", read_secret(secret_path))
+        if config.bootstrap_admin:
+            self._bootstrap_admin()
+        self.watch = await TenantWatch(ctx.agent).start()
+        router = Router(
+            ctx.agent, self.watch.discovery, src=ctx.address, attempts=config.retry_attempts
+        )
+        self.gateway = Gateway(
+            accounts=self.accounts,
+            limiter=RateLimiter(),
+            router=router,
+            watch=self.watch,
+            metrics=ctx.metrics,
+            request_timeout=config.request_timeout,
+            max_body_bytes=config.max_body_bytes,
+        )
+        self.admin = AdminRPC(self.accounts)
+        host, _, port = config.listen.rpartition(":")
+        sock = socket.create_server((host.strip("[]"), int(port)), reuse_port=False)
+        sock.setblocking(False)
+        self.address = sock.getsockname()[:2]
+        server_config = uvicorn.Config(
+            create_app(self.gateway),
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+            timeout_graceful_shutdown=5,
+        )
+        self.server = uvicorn.Server(server_config)
+        self._serving = asyncio.create_task(self.server.serve(sockets=[sock]))
+        await self._wait_started()
+        ctx.log.info("gateway.listening", url=self.url)
+
+    async def _wait_started(self) -> None:
+        for _ in range(500):  # bounded: 10 s
+            if self.server.started:
+                return
+            if self._serving.done():
+                self._serving.result()  # raises why it could not start
+            await asyncio.sleep(0.02)
+        raise RuntimeError("the gateway's HTTP server did not start within 10 s")
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(self._serving, 10)
+        await self.watch.stop()
+        self.accounts.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {"endpoints": {"http": self.url}, "capabilities": {"openai": True, "lorax": True}}
+
+    def status(self) -> dict[str, Any]:
+        return {"url": self.url}
+
+    def rpc_methods(self) -> dict[str, Any]:
+        return self.admin.methods()
+
+    def _bootstrap_admin(self) -> None:
+        assert self.ctx is not None
+        if any(u.name == ADMIN_USER for u in self.accounts.list_users()):
+            return
+        self.accounts.create_user(ADMIN_USER, admin=True, actor="gateway")
+        _, key = self.accounts.create_key(ADMIN_USER, name="bootstrap", actor="gateway")
+        path = self.ctx.data_dir / "admin-key"
+        write_secret(path, key.encode())
+        os.chmod(path, 0o600)
+        self.ctx.log.warning("gateway.admin_key_written", path=str(path))

@@ -1,0 +1,356 @@
+"""Routing: which inference agent serves a request, and streaming its events back with retries.
+
+Candidates come from the discovery view: ACTIVE agents offering the ``inference`` plugin, serving
+the base model, carrying every label of the caller's routing policy. Agents that already hold the
+adapter go first (no load, no fetch); the rest are ordered by power of two choices on their load.
+
+A node that fails before its first event is skipped and the next candidate is tried (up to
+``attempts``): nothing has reached the client yet, so a retry is invisible to it. After the first
+event an error propagates, since the client already has text. Errors that are the request's fault
+are never retried elsewhere: every node would refuse the same request.
+
+Each request returns a ``Route`` naming the node that served it and the failures before it, for
+the caller's metrics and logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from atoll.agent.discovery import Discovery, Entry
+from atoll.agent.errors import AtollError, DeadlineExceeded, InvalidRequest
+from atoll.agent.node import Agent
+from atoll.plugins.gateway.errors import GatewayError, from_platform
+from atoll.plugins.inference.contract import (
+    PLUGIN,
+    AdapterNotFound,
+    AdapterRejected,
+    FinishEvent,
+    GenerateRequest,
+    TokenEvent,
+    Unsupported,
+    stream_generate,
+)
+
+# The request's own fault: another node would refuse it the same way.
+REQUEST_FAULTS = (InvalidRequest, AdapterRejected, AdapterNotFound, Unsupported)
+FIRST_EVENT_TIMEOUT = 10.0  # seconds a node may take to open the stream and send its first event
+Method = Literal["embed", "transcribe"]
+Event = TokenEvent | FinishEvent
+
+
+@dataclass
+class Route:
+    """Where a request went: the node that served it (the last one tried, if none did) and one
+    ``"node: error"`` line per node that failed before answering."""
+
+    node: str | None = None
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def retries(self) -> int:
+        """Nodes that failed before answering (each one meant trying another)."""
+        return len(self.failures)
+
+
+class RoutedStream:
+    """The events of one routed generation, with its ``route`` (filled in as it goes). Errors
+    before the first event (503, 504, the request's 4xx) come from the first ``anext``, so a
+    caller can still answer with an HTTP status."""
+
+    def __init__(self, events: AsyncGenerator[Event, None], route: Route) -> None:
+        self._events = events
+        self.route = route
+
+    def __aiter__(self) -> RoutedStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        return await self._events.__anext__()
+
+    async def aclose(self) -> None:
+        """Stop early: the node's stream is aborted and it stops generating."""
+        await self._events.aclose()
+
+
+def _num(value: Any) -> float:
+    """A load figure from an announcement (network data): anything odd counts as zero."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return number if number == number and number >= 0 else 0.0  # NaN and negatives: zero
+
+
+def _caps(entry: Entry) -> dict[str, Any]:
+    caps = entry.capabilities.get(PLUGIN)
+    return caps if isinstance(caps, dict) else {}
+
+
+def _holds(entry: Entry, adapter: str) -> bool:
+    loaded = _caps(entry).get("adapters")
+    return isinstance(loaded, list) and adapter in loaded
+
+
+def _describe_labels(labels: dict[str, str]) -> str:
+    if not labels:
+        return ""
+    return " with labels " + ", ".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+class Router:
+    def __init__(
+        self,
+        agent: Agent,
+        discovery: Discovery,
+        src: str | None = None,
+        attempts: int = 3,
+        *,
+        first_event_timeout: float = FIRST_EVENT_TIMEOUT,
+    ) -> None:
+        if attempts < 1:
+            raise ValueError("attempts must be at least 1")
+        if first_event_timeout <= 0:
+            raise ValueError("first_event_timeout must be positive")
+        self.agent = agent
+        self.discovery = discovery
+        self.src = src
+        self.attempts = attempts
+        self.first_event_timeout = first_event_timeout
+        # Requests this gateway has running per node: announced load lags a heartbeat behind,
+        # so without this a burst would all land on whichever node looked idle last.
+        self.inflight: dict[str, int] = {}
+        self._rng = random.Random()
+
+    # --- choosing ---------------------------------------------------------------------------------
+
+    def candidates(
+        self, base_model: str | None, adapter: str | None, labels: dict[str, str]
+    ) -> list[Entry]:
+        """Nodes that may serve a generation, best first."""
+        capability = {"models": base_model} if base_model else None
+        found = self.discovery.select(plugin=PLUGIN, capability=capability, labels=labels)
+        return self._order(found, adapter)
+
+    def _embedders(self, model: str | None, labels: dict[str, str]) -> list[Entry]:
+        found = self.discovery.select(plugin=PLUGIN, labels=labels)
+        if model:  # a named embedding model must be that node's; None: any embedder
+            return self._order([e for e in found if _caps(e).get("embeddings") == model], None)
+        return self._order([e for e in found if _caps(e).get("embeddings")], None)
+
+    def _transcribers(self, labels: dict[str, str]) -> list[Entry]:
+        found = self.discovery.select(plugin=PLUGIN, labels=labels)
+        return self._order([e for e in found if _caps(e).get("transcription") is True], None)
+
+    def _order(self, entries: list[Entry], adapter: str | None) -> list[Entry]:
+        holders = [e for e in entries if adapter and _holds(e, adapter)]
+        others = [e for e in entries if e not in holders]
+        return self._two_choices(holders) + self._two_choices(others)
+
+    def _two_choices(self, entries: list[Entry]) -> list[Entry]:
+        """Power of two choices, repeated: each place goes to the less loaded of two nodes drawn
+        at random from those left. Random draws keep equal nodes evenly used and spread a herd
+        of gateways acting on the same stale load figures."""
+        pool, ordered = list(entries), []
+        while pool:  # one node leaves the pool per turn
+            if len(pool) == 1:
+                pick = pool[0]
+            else:
+                a, b = self._rng.sample(pool, 2)
+                pick = a if self._load(a) <= self._load(b) else b
+            pool.remove(pick)
+            ordered.append(pick)
+        return ordered
+
+    def _load(self, entry: Entry) -> float:
+        """Waiting requests, plus the running batch's share of the node's batch capacity."""
+        max_batch = max(1.0, _num(_caps(entry).get("max_batch")))
+        running = _num(entry.load.get("running")) + self.inflight.get(entry.name, 0)
+        return _num(entry.load.get("queue_depth")) + running / max_batch
+
+    # --- generation -------------------------------------------------------------------------------
+
+    def stream(
+        self, request: GenerateRequest, labels: dict[str, str], deadline_s: float
+    ) -> RoutedStream:
+        """Generate ``request`` on the best node, yielding its events as they arrive; the whole
+        generation must end within ``deadline_s`` (else GatewayError 504, and the node stops).
+        Callers set ``request.model`` (for an adapter, its base from the registry): without it
+        every inference node is a candidate, whatever base it serves."""
+        if deadline_s <= 0:
+            raise ValueError("deadline_s must be positive")
+        route = Route()
+        return RoutedStream(self._stream(request, dict(labels), deadline_s, route), route)
+
+    async def _stream(
+        self, request: GenerateRequest, labels: dict[str, str], deadline_s: float, route: Route
+    ) -> AsyncGenerator[Event, None]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + deadline_s
+        adapter = request.adapter or (request.mixture.key() if request.mixture else None)
+        nodes = self.candidates(request.model, adapter, labels)
+        if not nodes:
+            what = request.model or request.adapter or "text generation"
+            raise GatewayError(503, f"no inference node serves {what}{_describe_labels(labels)}")
+        last: AtollError | None = None
+        for entry in nodes[: self.attempts]:
+            route.node = entry.name
+            self.inflight[entry.name] = self.inflight.get(entry.name, 0) + 1
+            events = stream_generate(self.agent, f"{entry.name}/{PLUGIN}", request, self.src)
+            try:
+                try:
+                    event = await self._first(events, deadline, deadline_s)
+                except _NodeFailed as failed:
+                    route.failures.append(f"{entry.name}: {failed.error.message}")
+                    last = failed.error
+                    continue
+                yield event
+                while event.type != "finish":
+                    event = await self._next(events, deadline, deadline_s, entry.name)
+                    yield event
+                return
+            finally:
+                await events.aclose()  # aborts the node's stream unless it finished
+                self._done(entry.name)
+        route.node = None
+        assert last is not None  # the loop ran at least once and every attempt failed
+        raise _exhausted(route, last)
+
+    async def _first(
+        self, events: AsyncIterator[Event], deadline: float, deadline_s: float
+    ) -> Event:
+        """The node's first event; _NodeFailed when another node may do better."""
+        loop = asyncio.get_running_loop()
+        limit = min(deadline, loop.time() + self.first_event_timeout)
+        try:
+            async with asyncio.timeout_at(limit):
+                return await anext(events)
+        except TimeoutError:
+            if loop.time() >= deadline:
+                raise _deadline(deadline_s) from None
+            raise _NodeFailed(
+                AtollError(f"no first event within {self.first_event_timeout}s")
+            ) from None
+        except StopAsyncIteration:  # stream_generate never ends without a finish event
+            raise _NodeFailed(AtollError("the stream ended without an event")) from None
+        except DeadlineExceeded as exc:  # the node's or the overlay's own time limit
+            if loop.time() >= deadline:
+                raise _deadline(deadline_s) from exc
+            raise _NodeFailed(exc) from exc
+        except REQUEST_FAULTS as exc:
+            raise from_platform(exc) from exc
+        except AtollError as exc:
+            raise _NodeFailed(exc) from exc
+        except ValueError as exc:  # a malformed event line: a broken node
+            raise _NodeFailed(AtollError(f"malformed event: {exc}")) from exc
+
+    async def _next(
+        self, events: AsyncIterator[Event], deadline: float, deadline_s: float, node: str
+    ) -> Event:
+        """A later event: any failure now reaches the caller (the client has text already)."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await anext(events)
+        except TimeoutError:
+            raise _deadline(deadline_s) from None
+        except StopAsyncIteration:
+            raise GatewayError(503, f"{node} ended the stream without finishing") from None
+        except AtollError as exc:
+            raise from_platform(exc) from exc
+        except ValueError as exc:
+            raise GatewayError(503, f"{node} sent a malformed event: {exc}") from exc
+
+    def _done(self, node: str) -> None:
+        left = self.inflight.get(node, 0) - 1
+        if left > 0:
+            self.inflight[node] = left
+        else:
+            self.inflight.pop(node, None)
+
+    # --- one-shot calls ---------------------------------------------------------------------------
+
+    async def call(
+        self,
+        method: Method,
+        params: dict[str, Any] | BaseModel,
+        base_model: str | None,
+        labels: dict[str, str],
+        deadline_s: float,
+    ) -> tuple[Any, Route]:
+        """RPC ``embed`` or ``transcribe`` on the best node, retried elsewhere when a node fails;
+        the reply and its route. ``base_model`` names the embedding model (None: any embedder);
+        transcription nodes announce no model name, so it is ignored there."""
+        if method == "embed":
+            nodes = self._embedders(base_model, labels)
+            what = f"embeddings ({base_model})" if base_model else "embeddings"
+        elif method == "transcribe":
+            nodes = self._transcribers(labels)
+            what = "transcription"
+        else:
+            raise ValueError(f"the router calls embed or transcribe, not {method!r}")
+        if deadline_s <= 0:
+            raise ValueError("deadline_s must be positive")
+        if isinstance(params, BaseModel):
+            params = params.model_dump(exclude_none=True)  # msgpack carries bytes (audio) as is
+        if not nodes:
+            raise GatewayError(503, f"no inference node serves {what}{_describe_labels(labels)}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + deadline_s
+        route = Route()
+        last: AtollError | None = None
+        for entry in nodes[: self.attempts]:
+            route.node = entry.name
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise _deadline(deadline_s)
+            self.inflight[entry.name] = self.inflight.get(entry.name, 0) + 1
+            try:
+                address = f"{entry.name}/{PLUGIN}"
+                result = await self.agent.call(address, method, params, remaining, self.src)
+                return result, route
+            except DeadlineExceeded as exc:
+                if loop.time() >= deadline:
+                    raise _deadline(deadline_s) from exc
+                route.failures.append(f"{entry.name}: {exc.message}")
+                last = exc
+            except REQUEST_FAULTS as exc:
+                raise from_platform(exc) from exc
+            except AtollError as exc:
+                route.failures.append(f"{entry.name}: {exc.message}")
+                last = exc
+            finally:
+                self._done(entry.name)
+        route.node = None
+        assert last is not None
+        raise _exhausted(route, last)
+
+
+class _NodeFailed(Exception):
+    """A node failed before its first event: try the next one."""
+
+    def __init__(self, error: AtollError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _deadline(deadline_s: float) -> GatewayError:
+    return GatewayError(504, f"the request did not finish within its {deadline_s:g}s deadline")
+
+
+def _exhausted(route: Route, last: AtollError) -> GatewayError:
+    """Every node tried failed: the last failure's status (429 when all were overloaded, 503
+    otherwise), naming each failure."""
+    mapped = from_platform(last)
+    tried = len(route.failures)
+    return GatewayError(
+        mapped.status,
+        f"{tried} inference node(s) failed before answering: {'; '.join(route.failures)}",
+        code=mapped.code,
+        retry_after=mapped.retry_after,
+    )

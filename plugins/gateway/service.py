@@ -1,0 +1,215 @@
+"""What the gateway does for a request, apart from HTTP: who is calling, which model and adapters
+they named and may use, limits, routing to an inference node, and the ledger. app.py only turns
+HTTP bodies into these calls and events back into HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from atoll.agent.metrics import MetricsRegistry
+from atoll.agent.watch import TenantWatch
+from atoll.plugins.gateway.accounts import Accounts, Principal, policy_labels
+from atoll.plugins.gateway.errors import GatewayError
+from atoll.plugins.gateway.limits import RateLimiter
+from atoll.plugins.gateway.router import Router
+from atoll.plugins.inference.contract import (
+    FinishEvent,
+    GenerateRequest,
+    Mixture,
+    TokenEvent,
+    Usage,
+)
+
+CLIENT_GONE = 499  # as nginx logs it: the caller closed the connection
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a request's ``model`` (and mixture) resolved to."""
+
+    model: str  # as the caller named it, echoed in responses
+    base: str | None
+    adapter: str | None = None
+    mixture: Mixture | None = None
+    labels: dict[str, str] = field(default_factory=dict)  # routing policy (phi=true, ...)
+
+    @property
+    def adapter_label(self) -> str | None:
+        return self.adapter or (self.mixture.key() if self.mixture else None)
+
+
+class Gateway:
+    def __init__(
+        self,
+        accounts: Accounts,
+        limiter: RateLimiter,
+        router: Router,
+        watch: TenantWatch,
+        metrics: MetricsRegistry,
+        request_timeout: float,
+        max_body_bytes: int,
+    ) -> None:
+        self.accounts = accounts
+        self.limiter = limiter
+        self.router = router
+        self.watch = watch
+        self.request_timeout = request_timeout
+        self.max_body_bytes = max_body_bytes
+        self.requests = metrics.counter("requests", "API requests answered")
+        self.failures = metrics.counter("requests_failed", "API requests that ended in an error")
+        self.tokens_in = metrics.counter("prompt_tokens", "Prompt tokens of answered requests")
+        self.tokens_out = metrics.counter("completion_tokens", "Completion tokens streamed")
+        self.latency = metrics.histogram("request_seconds", "Time to the last token")
+        self.ttft = metrics.histogram("time_to_first_token_seconds", "Time to the first token")
+
+    # --- who and what ------------------------------------------------------------------------
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise GatewayError(401, "missing API key: send 'Authorization: Bearer <key>'")
+        return self.accounts.authenticate(token.strip())
+
+    def base_models(self) -> dict[str, list[str]]:
+        """Base model id -> agents serving it now (from discovery)."""
+        out: dict[str, list[str]] = {}
+        for entry in self.watch.discovery.select(plugin="inference"):
+            caps = entry.capabilities.get("inference") or {}
+            for model in caps.get("models") or []:
+                out.setdefault(model, []).append(entry.name)
+        return out
+
+    def resolve(
+        self,
+        principal: Principal,
+        model: str,
+        mixture: Mixture | None = None,
+    ) -> Target:
+        """``model`` is a base id, an adapter id, or ``base:adapter``; a mixture names its base
+        in ``model``. Each adapter must be one the caller may use (403/404 otherwise), and the
+        policy labels of its project follow the request to the nodes that may serve it."""
+        if mixture is not None:
+            parts = [self.accounts.check_use(principal, a.id) for a in mixture.adapters]
+            for access in parts:
+                if access.base_model != model:
+                    raise GatewayError(
+                        400,
+                        f"adapter {access.id!r} is for {access.base_model!r}, not {model!r}",
+                        param="adapters",
+                    )
+            labels = policy_labels(principal, *parts)
+            return Target(model=model, base=model, mixture=mixture, labels=labels)
+        base, sep, adapter = model.partition(":")
+        if sep or self.accounts.adapter(model) is not None:
+            access = self.accounts.check_use(principal, adapter if sep else model)
+            if sep and access.base_model != base:
+                raise GatewayError(
+                    404,
+                    f"adapter {adapter!r} is for {access.base_model!r}, not {base!r}",
+                    code="model_not_found",
+                    param="model",
+                )
+            labels = policy_labels(principal, access)
+            return Target(model=model, base=access.base_model, adapter=access.id, labels=labels)
+        if model in self.base_models():
+            return Target(model=model, base=model, labels=policy_labels(principal))
+        raise GatewayError(
+            404,
+            f"the model {model!r} does not exist or you do not have access to it",
+            code="model_not_found",
+            param="model",
+        )
+
+    # --- running -----------------------------------------------------------------------------
+
+    async def run(
+        self,
+        principal: Principal,
+        target: Target,
+        requests: list[GenerateRequest],
+        prompt_text: str | None = None,
+    ) -> AsyncIterator[tuple[int, TokenEvent | FinishEvent]]:
+        """Events of ``requests`` (the ``n`` choices of one API request) as ``(choice, event)``,
+        tokens as they arrive. Limits apply to the whole request; its ledger row is written
+        once every choice has finished, before the caller ends its response."""
+        permit = self.limiter.admit(principal, *self.accounts.limits_for(principal))
+        request_id = requests[0].request_id or uuid.uuid4().hex
+        started = time.perf_counter()
+        usage = Usage()
+        status = 200
+        queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+        async def pump(index: int, request: GenerateRequest) -> None:
+            try:
+                async for event in self.router.stream(
+                    request.model_copy(update={"request_id": request_id}),
+                    target.labels,
+                    self.request_timeout,
+                ):
+                    await queue.put((index, event))
+                await queue.put((index, None))  # this choice is complete
+            except BaseException as exc:
+                await queue.put((index, exc))
+                raise
+
+        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+        try:
+            running = len(tasks)
+            first = True
+            while running:
+                index, item = await queue.get()
+                if item is None:
+                    running -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                if first:
+                    self.ttft.observe(time.perf_counter() - started)
+                    first = False
+                if item.type == "finish":
+                    # As OpenAI counts n choices: the prompt once, every completion.
+                    usage.prompt_tokens = item.usage.prompt_tokens
+                    usage.completion_tokens += item.usage.completion_tokens
+                yield index, item
+        except GatewayError as exc:
+            status = exc.status
+            raise
+        except asyncio.CancelledError:
+            status = CLIENT_GONE
+            raise
+        except BaseException:
+            status = 500
+            raise
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(BaseException):
+                    await t
+            permit.done(usage.total_tokens)
+            latency = time.perf_counter() - started
+            self.accounts.record_usage(
+                principal,
+                request_id=request_id,
+                model=target.base or target.model,
+                adapter=target.adapter_label,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                status=status,
+                latency_ms=round(latency * 1000, 3),
+                prompt_text=prompt_text,
+            )
+            if status == 200:
+                self.requests.inc()
+                self.latency.observe(latency)
+                self.tokens_in.inc(usage.prompt_tokens)
+                self.tokens_out.inc(usage.completion_tokens)
+            else:
+                self.failures.inc()
