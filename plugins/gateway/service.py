@@ -18,6 +18,7 @@ from atoll.agent.watch import TenantWatch
 from atoll.plugins.gateway.accounts import Accounts, Principal, policy_labels
 from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.limits import RateLimiter
+from atoll.plugins.gateway.openai_api import usage_of
 from atoll.plugins.gateway.router import Router
 from atoll.plugins.inference.contract import (
     FinishEvent,
@@ -56,6 +57,7 @@ class Gateway:
         request_timeout: float,
         max_body_bytes: int,
     ) -> None:
+        self.started = time.time()
         self.accounts = accounts
         self.limiter = limiter
         self.router = router
@@ -127,6 +129,53 @@ class Gateway:
             param="model",
         )
 
+    def default_base(self) -> str:
+        """The base model when a request names none (LoRAX's API has no model field): the only
+        one served, or a clear error naming the choices."""
+        bases = sorted(self.base_models())
+        if len(bases) == 1:
+            return bases[0]
+        if not bases:
+            raise GatewayError(503, "no inference node is online", code="no_capacity")
+        raise GatewayError(
+            400, f"several base models are served ({', '.join(bases)}): name one with an adapter"
+        )
+
+    async def call(
+        self, principal: Principal, model: str, method: str, params: Any, prompt_text: str | None
+    ) -> Any:
+        """A one-reply inference call (``embed``, ``transcribe``), with limits and ledger."""
+        permit = self.limiter.admit(principal, *self.accounts.limits_for(principal))
+        request_id = uuid.uuid4().hex
+        started = time.perf_counter()
+        status, tokens = 200, 0
+        try:
+            reply, _route = await self.router.call(
+                method, params, model, policy_labels(principal), self.request_timeout
+            )
+            tokens = int((reply.get("usage") or {}).get("prompt_tokens") or 0)
+            return reply
+        except GatewayError as exc:
+            status = exc.status
+            raise
+        except asyncio.CancelledError:
+            status = CLIENT_GONE
+            raise
+        finally:
+            permit.done(tokens)
+            self.accounts.record_usage(
+                principal,
+                request_id=request_id,
+                model=model,
+                adapter=None,
+                prompt_tokens=tokens,
+                completion_tokens=0,
+                status=status,
+                latency_ms=round((time.perf_counter() - started) * 1000, 3),
+                prompt_text=prompt_text,
+            )
+            (self.requests if status == 200 else self.failures).inc()
+
     # --- running -----------------------------------------------------------------------------
 
     async def run(
@@ -134,14 +183,17 @@ class Gateway:
         principal: Principal,
         target: Target,
         requests: list[GenerateRequest],
+        per_prompt: int = 1,
         prompt_text: str | None = None,
     ) -> AsyncIterator[tuple[int, TokenEvent | FinishEvent]]:
-        """Events of ``requests`` (the ``n`` choices of one API request) as ``(choice, event)``,
-        tokens as they arrive. Limits apply to the whole request; its ledger row is written
-        once every choice has finished, before the caller ends its response."""
+        """Events of ``requests`` (the choices of one API request, ``per_prompt`` per prompt) as
+        ``(choice, event)``, tokens as they arrive. Limits apply to the whole request; its
+        ledger row is written once every choice has finished, before the caller ends its
+        response, with the usage the response reports."""
         permit = self.limiter.admit(principal, *self.accounts.limits_for(principal))
         request_id = requests[0].request_id or uuid.uuid4().hex
         started = time.perf_counter()
+        finishes: list[tuple[int, FinishEvent]] = []
         usage = Usage()
         status = 200
         queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
@@ -174,9 +226,8 @@ class Gateway:
                     self.ttft.observe(time.perf_counter() - started)
                     first = False
                 if item.type == "finish":
-                    # As OpenAI counts n choices: the prompt once, every completion.
-                    usage.prompt_tokens = item.usage.prompt_tokens
-                    usage.completion_tokens += item.usage.completion_tokens
+                    finishes.append((index, item))
+                    usage = usage_of(finishes, per_prompt)
                 yield index, item
         except GatewayError as exc:
             status = exc.status
