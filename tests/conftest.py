@@ -103,3 +103,72 @@ def embedded_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
     started = time.monotonic()
     entry = resolve_model("embedded", cache)
     return entry, leftover, time.monotonic() - started
+
+
+class Island:
+    """A gateway agent and echo inference agents on the test broker, with the admin API key."""
+
+    def __init__(self, make_agent: AgentFactory) -> None:
+        self.make_agent = make_agent
+        self.nodes: dict[str, AgentRuntime] = {}
+        self.gateway: AgentRuntime | None = None
+
+    async def add_node(
+        self, name: str, model: str = "echo", delay: float = 0.0, **options
+    ) -> AgentRuntime:
+        config = {"backend": "echo", "echo": {"model": model, "delay": delay}}
+        options = {"heartbeat": 0.2, "metrics_interval": 0.5} | options
+        rt = await self.make_agent(
+            name, roles=("inference",), plugins={"inference": config}, **options
+        )
+        self.nodes[name] = rt
+        return rt
+
+    async def start_gateway(self, **config) -> Island:
+        gateway = {"listen": "127.0.0.1:0"} | config
+        self.gateway = await self.make_agent(
+            "gw",
+            roles=("gateway",),
+            plugins={"gateway": gateway},
+            heartbeat=0.2,
+            metrics_interval=0.5,
+        )
+        return self
+
+    @property
+    def plugin(self):
+        assert self.gateway is not None
+        return self.gateway.host.plugins["gateway"]
+
+    @property
+    def url(self) -> str:
+        return self.plugin.url
+
+    @property
+    def accounts(self):
+        return self.plugin.accounts
+
+    @property
+    def admin_key(self) -> str:
+        return (self.plugin.ctx.data_dir / "admin-key").read_text()
+
+    def key(self, user: str, project: str | None = None, **options) -> str:
+        """A fresh API key for ``user`` (created, with the user, if needed)."""
+        if user not in {u.name for u in self.accounts.list_users()}:
+            self.accounts.create_user(user, actor="test")
+        return self.accounts.create_key(user, project, actor="test", **options)[1]
+
+    async def models_seen(self, model: str, timeout: float = 5.0) -> None:
+        """Until the gateway's discovery shows a node serving ``model``."""
+        await eventually(lambda: model in self.plugin.gateway.base_models(), timeout)
+
+
+@pytest.fixture
+async def gw_island(make_agent: AgentFactory) -> Island:
+    """Two echo inference nodes (model "echo") and a started gateway."""
+    isl = Island(make_agent)
+    await isl.add_node("gpu1")
+    await isl.add_node("gpu2")
+    await isl.start_gateway()
+    await isl.models_seen("echo")
+    return isl
