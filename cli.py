@@ -592,6 +592,9 @@ def up(
     model: Annotated[
         str, typer.Option(help="Model of the local backend: embedded, a directory or a .gguf.")
     ] = "embedded",
+    gateway: Annotated[
+        str, typer.Option("--gateway", help="Gateway HOST:PORT (OpenAI-compatible API).")
+    ] = "127.0.0.1:8000",
 ) -> None:
     """Start the all-in-one island: a broker and an agent with the storage and inference
     plugins on this machine (the first run converts the embedded model, about 30 s)."""
@@ -611,7 +614,7 @@ def up(
 
     async def main() -> None:
         server = await BrokerServer.from_data_dir(data_dir, advertise=advertise).start(host, port)
-        plugins: dict[str, dict[str, Any]] = {"storage": {}}
+        plugins: dict[str, dict[str, Any]] = {"storage": {}, "gateway": {"listen": gateway}}
         if inference != "none":
             local = {"model": model}
             plugins["inference"] = {
@@ -634,8 +637,12 @@ def up(
         out.print(f"  agent    {rt.agent.name} (tenant {rt.agent.tenant})")
         for status in rt.host.statuses():
             if status["name"] != "system":
-                detail = status.get("error") or status.get("model") or ""
+                detail = status.get("error") or status.get("model") or status.get("url") or ""
                 out.print(f"  plugin   {status['name']}: {status['state']} {detail}".rstrip())
+        if "gateway" in rt.host.plugins:
+            gw = rt.host.plugins["gateway"]
+            key_file = gw.ctx.data_dir / "admin-key"
+            out.print(f"  gateway  {gw.url}/v1  (OpenAI-compatible; admin API key in {key_file})")
         out.print("  try      atoll call island ping   |   Ctrl-C to stop")
         try:
             await wait_for_signal(rt.agent)

@@ -16,6 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import httpx
 import pytest
 
 from atoll.agent.config import load_config
@@ -141,7 +142,7 @@ def test_operator_join_run_call_revoke(tmp_path: Path, procs) -> None:
 
 
 def test_up_starts_island_and_stops_on_ctrl_c(tmp_path: Path, procs) -> None:
-    port = free_port()
+    port, gw_port = free_port(), free_port()
     data = tmp_path / "island"
     up = spawn(
         "up",
@@ -153,6 +154,8 @@ def test_up_starts_island_and_stops_on_ctrl_c(tmp_path: Path, procs) -> None:
         "1",
         "--inference",
         "echo",  # the embedded model's own test is marked `embedded`
+        "--gateway",
+        f"127.0.0.1:{gw_port}",
         log=tmp_path / "up",
     )
     procs.append(up)
@@ -164,7 +167,29 @@ def test_up_starts_island_and_stops_on_ctrl_c(tmp_path: Path, procs) -> None:
     assert '"pong": true' in pong.stdout
     listed = json.loads(atoll("agents", "--json", "-d", str(data), "--broker", url).stdout)
     assert [(a["name"], a["status"]) for a in listed] == [("island", "ACTIVE")]
-    assert listed[0]["plugins"] == ["system", "storage", "inference"] and listed[0]["age_s"] < 5
+    assert listed[0]["plugins"] == ["system", "storage", "gateway", "inference"]
+    assert listed[0]["age_s"] < 5
+    # Gateway administration from the CLI, then the key at the OpenAI-compatible API.
+    admin = ["-d", str(data), "--broker", url]
+    atoll("users", "create", "alice", *admin)
+    key = atoll("keys", "create", "alice", "--name", "laptop", *admin).stdout.strip()
+    assert key.startswith("atk_")
+    listed_keys = json.loads(atoll("keys", "list", "--user", "alice", *admin).stdout)
+    assert [k["name"] for k in listed_keys] == ["laptop"] and key not in json.dumps(listed_keys)
+    chat = httpx.post(
+        f"http://127.0.0.1:{gw_port}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "echo", "messages": [{"role": "user", "content": "hi from the cli"}]},
+        timeout=10,
+    )
+    assert chat.json()["choices"][0]["message"]["content"] == "hi from the cli"
+    atoll("keys", "revoke", listed_keys[0]["key_id"], *admin)
+    refused = httpx.get(
+        f"http://127.0.0.1:{gw_port}/v1/models", headers={"Authorization": f"Bearer {key}"}
+    )
+    assert refused.status_code == 401
+    missing = atoll("keys", "create", "nobody", *admin, check=False)
+    assert missing.returncode == 1 and "nobody" in missing.stderr
     request = json.dumps({"prompt": "hello island", "params": {"max_new_tokens": 4}})
     reply = atoll(
         "call",
@@ -206,6 +231,8 @@ def test_up_starts_island_and_stops_on_ctrl_c(tmp_path: Path, procs) -> None:
         "--no-advertise",
         "--inference",
         "none",
+        "--gateway",
+        f"127.0.0.1:{free_port()}",
         log=tmp_path / "up2",
     )
     procs.append(again)
