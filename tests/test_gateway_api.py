@@ -283,3 +283,26 @@ async def test_admin_api_metrics_and_feed(gw_island: Island) -> None:
                 if line.startswith("data: "):
                     assert '"gpu1"' in line and '"gw"' in line
                     break
+
+
+async def test_prompts_kept_only_by_opt_in_and_deadline_is_504(make_agent) -> None:
+    isl = Island(make_agent)
+    await isl.add_node("slow", delay=0.2)
+    await (await isl.start_gateway(request_timeout=0.5)).models_seen("echo")
+    acc = isl.accounts
+    acc.create_user("alice", actor="test")
+    acc.create_project("research", store_prompts=True, actor="test")
+    acc.add_member("research", "alice", "member", actor="test")
+    kept = isl.key("alice", project="research")
+    plain = isl.key("alice")
+    short = [{"role": "user", "content": "hi"}]
+    await client(isl, kept).chat.completions.create(model="echo", messages=short)
+    await client(isl, plain).chat.completions.create(model="echo", messages=short)
+    rows = {r.key_id: r for r in acc.usage_rows()}
+    assert "hi" in rows[acc.authenticate(kept).key_id].prompt_text
+    assert rows[acc.authenticate(plain).key_id].prompt_text is None
+    # Five words at 0.2 s each cannot finish within the 0.5 s deadline.
+    with pytest.raises(openai.APIStatusError) as late:
+        await client(isl, plain).chat.completions.create(model="echo", messages=PROMPT)
+    assert late.value.status_code == 504
+    assert acc.usage_rows()[-1].status == 504
