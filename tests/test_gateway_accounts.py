@@ -18,8 +18,9 @@ from atoll.plugins.gateway.accounts import (
     Principal,
     policy_labels,
 )
+from atoll.plugins.gateway.contract import Limits
 from atoll.plugins.gateway.errors import GatewayError
-from atoll.plugins.gateway.limits import Limits, RateLimiter
+from atoll.plugins.gateway.limits import RateLimiter
 
 SECRET = b"s" * 32
 T0 = 1_700_000_000.0

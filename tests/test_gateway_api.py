@@ -182,7 +182,7 @@ async def test_bad_keys_and_revocation(gw_island: Island) -> None:
 async def test_limits_answer_429_with_retry_after(gw_island: Island) -> None:
     acc = gw_island.accounts
     acc.create_user("alice", actor="test")
-    from atoll.plugins.gateway.limits import Limits
+    from atoll.plugins.gateway.contract import Limits
 
     key = acc.create_key("alice", limits=Limits(requests_per_min=2), actor="test")[1]
     for _ in range(2):

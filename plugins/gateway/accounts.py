@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from atoll.plugins.gateway.contract import Limits
 from atoll.plugins.gateway.errors import GatewayError
-from atoll.plugins.gateway.limits import Limits
 from atoll.plugins.storage.contract import adapter_id_problem
 
 SCHEMA_VERSION = 1

@@ -15,7 +15,6 @@ from atoll.agent.node import CallInfo
 from atoll.plugins.gateway import contract as c
 from atoll.plugins.gateway.accounts import Accounts
 from atoll.plugins.gateway.errors import GatewayError
-from atoll.plugins.gateway.limits import Limits
 
 
 def plain(value: Any) -> Any:
@@ -29,10 +28,6 @@ def plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: plain(v) for k, v in value.items()}
     return value
-
-
-def _limits(params: c.LimitsParams | None) -> Limits | None:
-    return None if params is None else Limits.model_validate(params.model_dump())
 
 
 class AdminRPC:
@@ -70,7 +65,7 @@ class AdminRPC:
 
     def projects_create(self, p: c.ProjectCreate, actor: str) -> Any:
         return self.accounts.create_project(
-            p.name, p.labels, p.store_prompts, _limits(p.limits), actor=actor
+            p.name, p.labels, p.store_prompts, p.limits, actor=actor
         )
 
     def projects_list(self, _: None, actor: str) -> Any:
@@ -89,7 +84,7 @@ class AdminRPC:
 
     def keys_create(self, p: c.KeyCreate, actor: str) -> Any:
         record, key = self.accounts.create_key(
-            p.user, p.project, p.name, p.ttl_s, _limits(p.limits), actor=actor
+            p.user, p.project, p.name, p.ttl_s, p.limits, actor=actor
         )
         return {"key": key, "record": plain(record)}
 

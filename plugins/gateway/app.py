@@ -2,16 +2,17 @@
 /generate_stream, the admin API, Prometheus /metrics and the live feed. Bodies are parsed and
 built by openai_api.py; what a request does is service.py's."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI reads the routes' annotations, some of which
+# (User, Admin) are local to create_app.
 import asyncio
+import inspect
 import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -91,8 +92,19 @@ def create_app(gw: Gateway) -> FastAPI:
             return JSONResponse(api.lorax_error(exc), status_code=exc.status, headers=exc.headers())
         return error_response(exc)
 
+    def unauthenticated(request: Request) -> GatewayError | None:
+        """FastAPI parses and checks a body before the route's dependencies run: a request
+        without a valid key must still be told that first."""
+        try:
+            gw.authenticate(request.headers.get("authorization"))
+        except GatewayError as refused:
+            return refused
+        return None
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        if refused := unauthenticated(request):
+            return await _gateway_error(request, refused)
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
@@ -105,13 +117,18 @@ def create_app(gw: Gateway) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400 and (refused := unauthenticated(request)):
+            return await _gateway_error(request, refused)
         return error_response(GatewayError(exc.status_code, str(exc.detail), type="api_error"))
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> Response:
         log.exception("gateway request failed")  # a bug of ours: say so, keep serving
-        return error_response(GatewayError(500, f"internal error: {type(exc).__name__}"))
+        return await _gateway_error(
+            request, GatewayError(500, f"internal error: {type(exc).__name__}")
+        )
 
+    # Dependencies, so that a caller without a valid key gets 401 before any body checks.
     def caller(request: Request) -> Principal:
         return gw.authenticate(request.headers.get("authorization"))
 
@@ -121,11 +138,13 @@ def create_app(gw: Gateway) -> FastAPI:
             raise GatewayError(403, f"{principal.user!r} is not an administrator")
         return principal
 
+    User = Annotated[Principal, Depends(caller)]
+    Admin = Annotated[Principal, Depends(admin_caller)]
+
     # --- OpenAI ----------------------------------------------------------------------------
 
     @app.get("/v1/models", response_model=api.ModelList)
-    async def list_models(request: Request) -> Any:
-        principal = caller(request)
+    async def list_models(principal: User) -> Any:
         models = [
             api.Model(id=m, created=int(gw.started), owned_by="atoll", root=m)
             for m in sorted(gw.base_models())
@@ -144,8 +163,7 @@ def create_app(gw: Gateway) -> FastAPI:
         return api.ModelList(data=models)
 
     @app.post("/v1/chat/completions", response_model=api.ChatCompletion)
-    async def chat(body: api.ChatCompletionRequest, request: Request) -> Any:
-        principal = caller(request)
+    async def chat(principal: User, body: api.ChatCompletionRequest) -> Any:
         target = gw.resolve(principal, body.model, api.mixture_of(body))
         rid = uuid.uuid4().hex
         requests = _ids(api.chat_to_generate(body, target.base, target.adapter), rid)
@@ -164,8 +182,7 @@ def create_app(gw: Gateway) -> FastAPI:
         return api.chat_completion(rid, body.model, choices, logprobs=bool(body.logprobs))
 
     @app.post("/v1/completions", response_model=api.Completion)
-    async def completions(body: api.CompletionRequest, request: Request) -> Any:
-        principal = caller(request)
+    async def completions(principal: User, body: api.CompletionRequest) -> Any:
         target = gw.resolve(principal, body.model, api.mixture_of(body))
         rid = uuid.uuid4().hex
         requests = _ids(api.completion_to_generate(body, target.base, target.adapter), rid)
@@ -187,8 +204,7 @@ def create_app(gw: Gateway) -> FastAPI:
         return api.completion(rid, body.model, choices, per_prompt=per_prompt, logprobs=logprobs)
 
     @app.post("/v1/embeddings", response_model=api.CreateEmbeddingResponse)
-    async def embeddings(body: api.EmbeddingRequest, request: Request) -> Any:
-        principal = caller(request)
+    async def embeddings(principal: User, body: api.EmbeddingRequest) -> Any:
         embed = api.embedding_to_embed(body, body.model)
         reply = await gw.call(
             principal, body.model, "embed", embed, _prompt_text(principal, body.input)
@@ -198,7 +214,7 @@ def create_app(gw: Gateway) -> FastAPI:
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(
-        request: Request,
+        principal: User,
         file: Annotated[UploadFile, File()],
         model: Annotated[str, Form()],
         language: Annotated[str | None, Form()] = None,
@@ -206,7 +222,6 @@ def create_app(gw: Gateway) -> FastAPI:
         response_format: Annotated[str, Form()] = "json",
         temperature: Annotated[float | None, Form()] = None,
     ) -> Any:
-        principal = caller(request)
         try:
             params = TranscribeRequest(
                 audio=await file.read(),
@@ -227,8 +242,9 @@ def create_app(gw: Gateway) -> FastAPI:
 
     # --- LoRAX -----------------------------------------------------------------------------
 
-    async def lorax(body: api.LoraxRequest, request: Request, stream: bool, listed: bool) -> Any:
-        principal = caller(request)
+    async def lorax(
+        principal: Principal, body: api.LoraxRequest, stream: bool, listed: bool
+    ) -> Any:
         mixture = api.lorax_mixture(body)
         adapter_id = body.params.adapter_id
         model = adapter_id or gw.default_base()
@@ -250,16 +266,16 @@ def create_app(gw: Gateway) -> FastAPI:
         return [reply] if listed else reply
 
     @app.post("/", response_model=list[api.LoraxResponse])
-    async def lorax_root(body: api.LoraxRequest, request: Request) -> Any:
-        return await lorax(body, request, bool(body.stream), listed=True)
+    async def lorax_root(principal: User, body: api.LoraxRequest) -> Any:
+        return await lorax(principal, body, bool(body.stream), listed=True)
 
     @app.post("/generate", response_model=api.LoraxResponse)
-    async def lorax_generate(body: api.LoraxRequest, request: Request) -> Any:
-        return await lorax(body, request, False, listed=False)
+    async def lorax_generate(principal: User, body: api.LoraxRequest) -> Any:
+        return await lorax(principal, body, False, listed=False)
 
     @app.post("/generate_stream")
-    async def lorax_generate_stream(body: api.LoraxRequest, request: Request) -> Any:
-        return await lorax(body, request, True, listed=False)
+    async def lorax_generate_stream(principal: User, body: api.LoraxRequest) -> Any:
+        return await lorax(principal, body, True, listed=False)
 
     # --- operations ------------------------------------------------------------------------
 
@@ -268,14 +284,12 @@ def create_app(gw: Gateway) -> FastAPI:
         return {"ok": True, "models": sorted(gw.base_models())}
 
     @app.get("/metrics", response_class=PlainTextResponse)
-    async def metrics(request: Request) -> str:
-        admin_caller(request)
+    async def metrics(_: Admin) -> str:
         return prometheus_text(gw.watch.metrics)
 
     @app.get("/admin/feed")
-    async def feed(request: Request) -> StreamingResponse:
+    async def feed(_: Admin, request: Request) -> StreamingResponse:
         """Server-sent events: the tenant's agents (status, load, metrics) every second."""
-        admin_caller(request)
 
         async def frames() -> AsyncIterator[bytes]:
             while not await request.is_disconnected():
@@ -290,25 +304,22 @@ def create_app(gw: Gateway) -> FastAPI:
         schema = c.METHODS[name]
         handler = getattr(admin, name)
 
-        async def endpoint(request: Request) -> Any:
-            principal = admin_caller(request)
-            if schema is None:
-                params = None
-            elif http == "GET":
-                params = api.parse_body(schema, dict(request.query_params))
-            else:
-                params = api.parse_body(schema, await request.body() or b"{}")
-            return plain(handler(params, principal.user))
+        async def endpoint(principal: Principal, request: Request, body: Any = None) -> Any:
+            if schema is not None and http == "GET":
+                body = api.parse_body(schema, dict(request.query_params))
+            return plain(handler(body, principal.user))
 
-        extra = {}
+        # A real signature, so FastAPI checks the body and puts its schema in /openapi.json.
+        params = [
+            inspect.Parameter("principal", inspect.Parameter.KEYWORD_ONLY, annotation=Admin),
+            inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=Request),
+        ]
         if schema is not None and http == "POST":
-            extra["openapi_extra"] = {
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": schema.model_json_schema()}},
-                }
-            }
-        app.add_api_route(path, endpoint, methods=[http], name=method, **extra)
+            params.append(
+                inspect.Parameter("body", inspect.Parameter.KEYWORD_ONLY, annotation=schema)
+            )
+        endpoint.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        app.add_api_route(path, endpoint, methods=[http], name=method)
 
     admin_route("/admin/users", "create_user", "users_create")
     admin_route("/admin/users", "list_users", "users_list", "GET")

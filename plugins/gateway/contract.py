@@ -16,10 +16,14 @@ class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class LimitsParams(_Params):
-    requests_per_min: int | None = Field(None, ge=1)
-    tokens_per_min: int | None = Field(None, ge=1)
-    concurrent: int | None = Field(None, ge=1)
+class Limits(BaseModel):
+    """Limits of one key or one project; None: no limit of that kind."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    requests_per_min: int | None = Field(None, ge=1, le=10**7)
+    tokens_per_min: int | None = Field(None, ge=1, le=10**12)
+    concurrent: int | None = Field(None, ge=1, le=10**6)
 
 
 class UserCreate(_Params):
@@ -31,7 +35,7 @@ class ProjectCreate(_Params):
     name: str
     labels: dict[str, str] = {}
     store_prompts: bool = False
-    limits: LimitsParams | None = None
+    limits: Limits | None = None
 
 
 class MemberChange(_Params):
@@ -45,7 +49,7 @@ class KeyCreate(_Params):
     project: str | None = None
     name: str = ""
     ttl_s: float | None = Field(None, gt=0)
-    limits: LimitsParams | None = None
+    limits: Limits | None = None
 
 
 class KeyQuery(_Params):

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from atoll.plugins.gateway.contract import Limits
 from atoll.plugins.gateway.errors import GatewayError
 
 if TYPE_CHECKING:
@@ -23,16 +22,6 @@ if TYPE_CHECKING:
 WINDOW_S = 60.0
 SWEEP_EVERY_S = 60.0  # how often idle windows are dropped (one pass over all of them)
 BUSY_RETRY_S = 1.0  # a concurrency slot frees when some request ends: no better estimate
-
-
-class Limits(BaseModel):
-    """Limits of one key or one project; None: no limit of that kind."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    requests_per_min: int | None = Field(None, ge=1, le=10**7)
-    tokens_per_min: int | None = Field(None, ge=1, le=10**12)
-    concurrent: int | None = Field(None, ge=1, le=10**6)
 
 
 class _Sliding:

@@ -334,7 +334,10 @@ class LoraxMergedAdapters(_Body):
     ids: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
         min_length=1, max_length=MAX_MIXTURE
     )
-    weights: list[float] = Field(min_length=1, max_length=MAX_MIXTURE)
+    # The contract's bounds (AdapterWeight): out of them is the caller's error, not ours.
+    weights: list[Annotated[float, Field(ge=-10.0, le=10.0)]] = Field(
+        min_length=1, max_length=MAX_MIXTURE
+    )
     merge_strategy: MergeStrategy | None = None
     density: float | None = Field(None, gt=0.0, le=1.0)
     majority_sign_method: Literal["total", "frequency"] | None = None

@@ -77,6 +77,9 @@ class GatewayPlugin(Plugin):
         self.admin = AdminRPC(self.accounts)
         host, _, port = config.listen.rpartition(":")
         sock = socket.create_server((host.strip("[]"), int(port)), reuse_port=False)
+        # create_server leaves proto 0, and asyncio sets TCP_NODELAY only on proto 6 sockets:
+        # uvicorn writes a response's head and body apart, so Nagle + delayed ACK cost ~40 ms.
+        sock = socket.socket(sock.family, sock.type, socket.IPPROTO_TCP, fileno=sock.detach())
         sock.setblocking(False)
         self.address = sock.getsockname()[:2]
         server_config = uvicorn.Config(

@@ -81,10 +81,16 @@ class Gateway:
 
     def base_models(self) -> dict[str, list[str]]:
         """Base model id -> agents serving it now (from discovery)."""
+        return self._offered("base_model")
+
+    def embedding_models(self) -> dict[str, list[str]]:
+        return self._offered("embeddings")
+
+    def _offered(self, capability: str) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         for entry in self.watch.discovery.select(plugin="inference"):
-            caps = entry.capabilities.get("inference") or {}
-            for model in caps.get("models") or []:
+            model = (entry.capabilities.get("inference") or {}).get(capability)
+            if isinstance(model, str) and model:
                 out.setdefault(model, []).append(entry.name)
         return out
 
@@ -145,6 +151,14 @@ class Gateway:
         self, principal: Principal, model: str, method: str, params: Any, prompt_text: str | None
     ) -> Any:
         """A one-reply inference call (``embed``, ``transcribe``), with limits and ledger."""
+        if method == "embed" and model not in self.embedding_models():
+            raise GatewayError(
+                404,
+                f"no embedding model {model!r} is served (now: "
+                f"{', '.join(sorted(self.embedding_models())) or 'none'})",
+                code="model_not_found",
+                param="model",
+            )
         permit = self.limiter.admit(principal, *self.accounts.limits_for(principal))
         request_id = uuid.uuid4().hex
         started = time.perf_counter()

@@ -300,4 +300,3 @@ class InferencePlugin(Plugin):
         if not found:
             raise AdapterNotFound("no storage agent is online to fetch adapters from")
         return f"{found[0].name}/storage"
-
