@@ -28,7 +28,8 @@ from atoll.plugins.inference.contract import (
     Usage,
 )
 
-CLIENT_GONE = 499  # as nginx logs it: the caller closed the connection
+CLIENT_GONE = 499
+Event = TokenEvent | FinishEvent  # as nginx logs it: the caller closed the connection
 
 
 @dataclass(frozen=True)
@@ -210,32 +211,17 @@ class Gateway:
         finishes: list[tuple[int, FinishEvent]] = []
         usage = Usage()
         status = 200
-        queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-
-        async def pump(index: int, request: GenerateRequest) -> None:
-            try:
-                async for event in self.router.stream(
-                    request.model_copy(update={"request_id": request_id}),
-                    target.labels,
-                    self.request_timeout,
-                ):
-                    await queue.put((index, event))
-                await queue.put((index, None))  # this choice is complete
-            except BaseException as exc:
-                await queue.put((index, exc))
-                raise
-
-        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+        streams = [
+            self.router.stream(
+                r.model_copy(update={"request_id": request_id}), target.labels, self.request_timeout
+            )
+            for r in requests
+        ]
+        # One choice (the usual case) is read straight through: no task, no queue.
+        events = _tagged(streams[0]) if len(streams) == 1 else _interleaved(streams)
         try:
-            running = len(tasks)
             first = True
-            while running:
-                index, item = await queue.get()
-                if item is None:
-                    running -= 1
-                    continue
-                if isinstance(item, BaseException):
-                    raise item
+            async for index, item in events:
                 if first:
                     self.ttft.observe(time.perf_counter() - started)
                     first = False
@@ -253,11 +239,7 @@ class Gateway:
             status = 500
             raise
         finally:
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(BaseException):
-                    await t
+            await events.aclose()
             permit.done(usage.total_tokens)
             latency = time.perf_counter() - started
             self.accounts.record_usage(
@@ -278,3 +260,45 @@ class Gateway:
                 self.tokens_out.inc(usage.completion_tokens)
             else:
                 self.failures.inc()
+
+
+async def _tagged(stream: Any) -> AsyncIterator[tuple[int, Event]]:
+    try:
+        async for event in stream:
+            yield 0, event
+    finally:
+        await stream.aclose()
+
+
+async def _interleaved(streams: list[Any]) -> AsyncIterator[tuple[int, Event]]:
+    """The events of several choices as they come, each tagged with its choice."""
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+    async def pump(index: int, stream: Any) -> None:
+        try:
+            async for event in stream:
+                await queue.put((index, event))
+            await queue.put((index, None))  # this choice is complete
+        except BaseException as exc:
+            await queue.put((index, exc))
+            raise
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        for stream in streams:
+            await stream.aclose()
