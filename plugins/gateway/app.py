@@ -160,7 +160,7 @@ def create_app(gw: Gateway) -> FastAPI:
                     root=a.base_model,
                 )
             )
-        return api.ModelList(data=models)
+        return _json(api.ModelList(data=models))
 
     @app.post("/v1/chat/completions", response_model=api.ChatCompletion)
     async def chat(principal: User, body: api.ChatCompletionRequest) -> Any:
@@ -179,7 +179,7 @@ def create_app(gw: Gateway) -> FastAPI:
             )
             return await _sse(events, stream.chunks, stream.finish, stream.error)
         choices = await _collect(events, len(requests))
-        return api.chat_completion(rid, body.model, choices, logprobs=bool(body.logprobs))
+        return _json(api.chat_completion(rid, body.model, choices, logprobs=bool(body.logprobs)))
 
     @app.post("/v1/completions", response_model=api.Completion)
     async def completions(principal: User, body: api.CompletionRequest) -> Any:
@@ -201,7 +201,9 @@ def create_app(gw: Gateway) -> FastAPI:
             )
             return await _sse(events, stream.chunks, stream.finish, stream.error)
         choices = await _collect(events, len(requests))
-        return api.completion(rid, body.model, choices, per_prompt=per_prompt, logprobs=logprobs)
+        return _json(
+            api.completion(rid, body.model, choices, per_prompt=per_prompt, logprobs=logprobs)
+        )
 
     @app.post("/v1/embeddings", response_model=api.CreateEmbeddingResponse)
     async def embeddings(principal: User, body: api.EmbeddingRequest) -> Any:
@@ -210,7 +212,7 @@ def create_app(gw: Gateway) -> FastAPI:
             principal, body.model, "embed", embed, _prompt_text(principal, body.input)
         )
         result = EmbedResult.model_validate(reply)
-        return api.embedding_response(result, body.model, body.encoding_format)
+        return _json(api.embedding_response(result, body.model, body.encoding_format))
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(
@@ -337,6 +339,12 @@ def create_app(gw: Gateway) -> FastAPI:
     admin_route("/admin/audit", "audit", "audit", "GET")
 
     return BodyLimit(app, gw.max_body_bytes)  # type: ignore[return-value]
+
+
+def _json(body: Any) -> Response:
+    """Built and checked by openai_api already: serialised once, not validated again by FastAPI
+    (``response_model`` stays on the route for the OpenAPI schema)."""
+    return Response(body.model_dump_json(), media_type="application/json")
 
 
 def _is_lorax(request: Request) -> bool:
