@@ -18,17 +18,20 @@ from typing import Any
 import uvicorn
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from atoll.agent.node import Publication
 from atoll.agent.plugins import Plugin, PluginContext
 from atoll.agent.watch import TenantWatch
 from atoll.plugins.gateway.accounts import Accounts
 from atoll.plugins.gateway.admin import AdminRPC
 from atoll.plugins.gateway.app import create_app
+from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.limits import RateLimiter
 from atoll.plugins.gateway.router import Router
 from atoll.plugins.gateway.service import Gateway
 from atoll.tenancy.keys import read_secret, write_secret
 
 ADMIN_USER = "admin"
+ADAPTERS_NEW = "adapters.new"  # published by storage after an adapter upload
 
 
 class GatewayConfig(BaseModel):
@@ -75,6 +78,9 @@ class GatewayPlugin(Plugin):
             max_body_bytes=config.max_body_bytes,
         )
         self.admin = AdminRPC(self.accounts)
+        # New adapters (uploaded, or made by a training job) become usable by their owner or
+        # project at once.
+        self._adapters_sub = await ctx.subscribe(ADAPTERS_NEW, self._on_new_adapter)
         host, _, port = config.listen.rpartition(":")
         sock = socket.create_server((host.strip("[]"), int(port)), reuse_port=False)
         # create_server leaves proto 0, and asyncio sets TCP_NODELAY only on proto 6 sockets:
@@ -108,7 +114,24 @@ class GatewayPlugin(Plugin):
         host, port = self.address
         return f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
 
+    def _on_new_adapter(self, pub: Publication) -> None:
+        record = pub.data if isinstance(pub.data, dict) else {}
+        try:
+            if self.accounts.adapter(str(record.get("id"))) is None:
+                self.accounts.register_adapter(
+                    str(record.get("id")),
+                    str(record.get("base_model") or ""),
+                    owner=None if record.get("project") else record.get("owner"),
+                    project=record.get("project"),
+                    public=bool(record.get("public")),
+                    actor=pub.src,
+                )
+        except GatewayError as exc:  # e.g. an owner this gateway does not know: say so
+            assert self.ctx is not None
+            self.ctx.log.warning("gateway.adapter_not_registered", id=record.get("id"), error=exc)
+
     async def stop(self) -> None:
+        await self._adapters_sub.unsubscribe()
         self.server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(self._serving, 10)
