@@ -9,6 +9,7 @@ import hashlib
 import json
 import re
 import shutil
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,9 +20,11 @@ from safetensors.numpy import save_file
 
 from atoll.agent.errors import ConnectionLost, DeadlineExceeded, Forbidden, InvalidRequest
 from atoll.agent.files import STAGING
+from atoll.agent.node import Publication
 from atoll.agent.runtime import AgentRuntime
 from atoll.agent.streams import StreamReset
 from atoll.plugins.storage.contract import (
+    ADAPTERS_NEW,
     GET_SERVICE,
     PUT_SERVICE,
     AdapterExists,
@@ -36,7 +39,7 @@ from atoll.plugins.storage.contract import (
 )
 from atoll.plugins.storage.plugin import StoragePlugin
 from atoll.plugins.storage.store import InvalidKey, LocalStore, ObjectNotFound
-from conftest import AgentFactory, eventually
+from conftest import AgentFactory, Island, eventually
 
 BASE = "atoll-test/tiny-llama"
 
@@ -125,13 +128,15 @@ async def test_upload_then_fetch_list_describe_delete(tmp_path, make_agent, peft
         src,
         "team/tiny-v1",
         {"note": "first"},
+        owner="alice",
         progress=lambda d, t: seen.append((d, t)),
     )
     names = ["adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json"]
     assert [f.name for f in record.files] == names  # peft's README.md is left out
     assert record.base_model == BASE and record.rank == 4
     assert sorted(record.target_modules) == ["q_proj", "v_proj"]
-    assert record.owner == "trainer" and record.meta == {"note": "first"}
+    assert record.uploader == "trainer" and record.owner == "alice"
+    assert record.meta == {"note": "first"}
     assert record.size_bytes == sum((src / n).stat().st_size for n in names) == seen[-1][0]
     for entry in record.files:
         assert entry.sha256 == hashlib.sha256((src / entry.name).read_bytes()).hexdigest()
@@ -146,7 +151,7 @@ async def test_upload_then_fetch_list_describe_delete(tmp_path, make_agent, peft
 
     assert [r.id for r in await list_adapters(reader, "store")] == ["team/tiny-v1"]
     assert await list_adapters(reader, "store", base_model="other/model") == []
-    assert [r.id for r in await list_adapters(reader, "store", owner="trainer")] == ["team/tiny-v1"]
+    assert [r.id for r in await list_adapters(reader, "store", owner="alice")] == ["team/tiny-v1"]
     assert await describe_adapter(reader, "store", "team/tiny-v1") == record
     assert plugin.describe() == {"capabilities": {"adapters": 1, "store": "local"}}
     assert metrics_value(store_rt, "adapters_stored") == 1
@@ -207,6 +212,97 @@ async def test_config_root_and_bad_config(tmp_path, make_agent, peft_adapter) ->
         "adapter_config.json",
         "adapter_model.safetensors",
     ]
+
+
+# --- ownership metadata and the adapters.new announcement -----------------------------------
+
+
+async def test_metadata_is_kept_announced_and_registered_at_the_gateway(
+    tmp_path, make_agent, peft_adapter
+) -> None:
+    await start_storage(make_agent)
+    isl = await Island(make_agent).start_gateway()
+    isl.accounts.create_user("alice", actor="test")
+    isl.accounts.create_project("lab", actor="test")
+    trainer = (await make_agent("trainer", roles=("training",))).agent
+    listener = (await make_agent("listener")).agent
+    heard: list[Publication] = []
+    await listener.subscribe(ADAPTERS_NEW, heard.append)
+    await asyncio.sleep(0.2)  # the subscription reaches the broker
+
+    mine = await upload_adapter(
+        trainer, "store", peft_adapter, "alice/ft-1", owner="alice", source_job="ftjob-0123"
+    )
+    assert (mine.owner, mine.project, mine.public, mine.source_job, mine.uploader) == (
+        "alice",
+        None,
+        False,
+        "ftjob-0123",
+        "trainer",
+    )
+    ours = await upload_adapter(
+        trainer, "store", peft_adapter, "lab/ft-2", owner="alice", project="lab"
+    )
+    shared = await upload_adapter(trainer, "store", peft_adapter, "shared", public=True)
+    stray = await upload_adapter(trainer, "store", peft_adapter, "stray", owner="nobody")
+    await eventually(lambda: len(heard) == 4)
+    assert [p.data for p in heard] == [
+        r.model_dump(mode="json") for r in (mine, ours, shared, stray)
+    ]
+    assert {p.src for p in heard} == {"store/storage"}
+    assert await describe_adapter(listener, "store", "lab/ft-2") == ours
+    assert [r.id for r in await list_adapters(listener, "store", project="lab")] == ["lab/ft-2"]
+
+    # The gateway grants access at once: to the user, to the project, to everyone.
+    await eventually(lambda: isl.accounts.adapter("shared") is not None)
+    granted = {i: isl.accounts.adapter(i) for i in ("alice/ft-1", "lab/ft-2", "shared", "stray")}
+    assert (granted["alice/ft-1"].owner, granted["alice/ft-1"].project) == ("alice", None)
+    assert (granted["lab/ft-2"].owner, granted["lab/ft-2"].project) == (None, "lab")
+    assert granted["shared"].public and granted["alice/ft-1"].base_model == BASE
+    assert granted["stray"] is None  # an owner the gateway does not know: not registered
+
+    for bad, message in (
+        ({"owner": "two words"}, "owner: String should match pattern"),
+        ({"project": "../lab"}, "project: String should match pattern"),
+    ):
+        with pytest.raises(InvalidRequest, match=re.escape(message)):
+            await upload_adapter(trainer, "store", peft_adapter, "bad", **bad)
+
+
+async def test_a_first_layout_registry_is_migrated(tmp_path, make_agent, peft_adapter) -> None:
+    """A registry written before adapters had owners: its uploader column was "owner"."""
+    rt = await make_agent("store")
+    data_dir = rt.host.data_dir / "plugins" / "storage"
+    data_dir.mkdir(parents=True)
+    db = sqlite3.connect(data_dir / "registry.sqlite")
+    db.executescript(
+        """
+        CREATE TABLE adapters (id TEXT PRIMARY KEY, base_model TEXT NOT NULL,
+            rank INTEGER NOT NULL, target_modules TEXT NOT NULL, files TEXT NOT NULL,
+            size_bytes INTEGER NOT NULL, owner TEXT NOT NULL, created REAL NOT NULL,
+            meta TEXT NOT NULL);
+        CREATE INDEX adapters_base ON adapters (base_model);
+        INSERT INTO adapters VALUES ('old', 'base/m', 8, '["q_proj"]', '[]', 0, 'trainer-1',
+            1.5, '{"note": "kept"}');
+        """
+    )
+    db.close()
+    await rt.host.add("storage", {}, plugin=StoragePlugin())
+    old = await describe_adapter(rt.agent, "store", "old")
+    assert (old.uploader, old.owner, old.public, old.meta) == (
+        "trainer-1",
+        None,
+        False,
+        {"note": "kept"},
+    )
+    assert (old.rank, old.target_modules, old.created) == (8, ["q_proj"], 1.5)
+    trainer = (await make_agent("trainer", roles=("training",))).agent
+    await upload_adapter(trainer, "store", peft_adapter, "new", owner="alice")
+    assert [r.id for r in await list_adapters(trainer, "store", base_model="base/m")] == ["old"]
+    # Reopened, the migrated registry is left as it is.
+    await rt.host.remove("storage")
+    await rt.host.add("storage", {}, plugin=StoragePlugin())
+    assert [r.id for r in await list_adapters(trainer, "store")] == ["new", "old"]
 
 
 # --- refusals: each clear, each leaving nothing stored ----------------------------------------

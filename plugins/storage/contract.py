@@ -1,8 +1,8 @@
-"""The storage plugin's adapter service, as other plugins see it: names, schemas, errors, and
-thin clients that use only the agent's streams and RPC. Importing this file pulls in no torch
-(nor safetensors).
+"""The storage plugin's service, as other plugins see it: names, schemas, errors, and thin
+clients that use only the agent's streams and RPC. Importing this file pulls in no torch (nor
+safetensors). The dataset half lives in ``dataset_contract.py`` and is re-exported here.
 
-Overlay surface of an agent's ``storage`` plugin:
+Overlay surface of an agent's ``storage`` plugin (adapters):
 
     RPC    list_adapters     AdapterQuery   -> list[AdapterRecord]
     RPC    describe_adapter  AdapterId      -> AdapterRecord
@@ -11,49 +11,106 @@ Overlay surface of an agent's ``storage`` plugin:
                                             storage answers {"ok": true, "adapter": AdapterRecord}
     STREAM adapter_get       AdapterId      storage writes a header line, then the files' bytes;
                                             the fetcher answers {"ok": true} once all verify
+    PUB    adapters.new      AdapterRecord  after each successful upload (tenant pub/sub), so
+                                            the gateway can grant access at once
 
 A header line is the JSON of ``TransferHeader``: ``{"id", "files": [{"name", "size", "sha256"}],
-"meta": {...}}``; the files' bytes follow back to back in the header's order. Whoever refuses
-resets the stream with the error (InvalidAdapter, AdapterExists, Forbidden, TransferFailed...).
+"meta": {...}, "owner", "project", "public", "source_job"}``; the files' bytes follow back to
+back in the header's order. Whoever refuses resets the stream with the error (InvalidAdapter,
+AdapterExists, Forbidden, TransferFailed...).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from atoll.agent.errors import AtollError, DeadlineExceeded, InvalidRequest
-from atoll.agent.files import STAGING, TRANSFER_WINDOW, TransferFailed, sha256_file
+from atoll.agent.errors import AtollError, InvalidRequest
+from atoll.agent.files import STAGING, TransferFailed, sha256_file
 from atoll.agent.node import Agent
-from atoll.agent.streams import Stream, StreamReset
-
-# Re-exported: the inference contract owns these names (errors are registered by class name).
 from atoll.plugins.inference.contract import AdapterNotFound
+from atoll.plugins.storage.dataset_contract import (
+    DATASET_DELETE_METHOD,
+    DATASET_GET,
+    DATASET_INFO_METHOD,
+    DATASET_PUT,
+    DATASETS_METHOD,
+    DatasetFetch,
+    DatasetGetHeader,
+    DatasetInvalid,
+    DatasetNotFound,
+    DatasetPutHeader,
+    DatasetQuery,
+    DatasetRecord,
+    DatasetRef,
+    DedupInfo,
+    delete_dataset,
+    describe_dataset,
+    fetch_dataset,
+    list_datasets,
+    upload_dataset,
+)
 from atoll.plugins.storage.store import file_chunks
+from atoll.plugins.storage.wire import (
+    IDLE_TIMEOUT,
+    MAX_HEADER_BYTES,
+    PLUGIN,
+    WRITER_ROLES,
+    OwnerName,
+    Progress,
+    Reader,
+    address,
+    parse,
+    receive_file,
+    send_bytes,
+    transfer,
+    write_line,
+)
 
-__all__ = ["AdapterNotFound", "TransferFailed"]
+# Re-exported: other plugins import the storage service from this file alone (errors are
+# registered by class name, so importing it is what lets a caller rebuild them).
+__all__ = [
+    "DATASETS_METHOD",
+    "DATASET_DELETE_METHOD",
+    "DATASET_GET",
+    "DATASET_INFO_METHOD",
+    "DATASET_PUT",
+    "IDLE_TIMEOUT",
+    "PLUGIN",
+    "WRITER_ROLES",
+    "AdapterNotFound",
+    "DatasetFetch",
+    "DatasetGetHeader",
+    "DatasetInvalid",
+    "DatasetNotFound",
+    "DatasetPutHeader",
+    "DatasetQuery",
+    "DatasetRecord",
+    "DatasetRef",
+    "DedupInfo",
+    "TransferFailed",
+    "delete_dataset",
+    "describe_dataset",
+    "fetch_dataset",
+    "list_datasets",
+    "upload_dataset",
+]
 
-PLUGIN = "storage"
 PUT_SERVICE = "adapter_put"
 GET_SERVICE = "adapter_get"
 LIST_METHOD = "list_adapters"
 DESCRIBE_METHOD = "describe_adapter"
 DELETE_METHOD = "delete_adapter"
-
-# Uploading and deleting need one of these roles (a trainer holds "training"); any agent of
-# the tenant may fetch and list.
-WRITER_ROLES = frozenset({"admin", "operator", "training", "gateway"})
+ADAPTERS_NEW = "adapters.new"
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -73,10 +130,7 @@ TOKENIZER_FILES = frozenset(
 ADAPTER_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE}) | TOKENIZER_FILES
 
 ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
-MAX_HEADER_BYTES = 64 * 1024
 MAX_META_BYTES = 16 * 1024
-IDLE_TIMEOUT = 60.0  # seconds a transfer may go without progress before it is given up
-Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 
 
 # --- errors (rebuilt by class name on the caller's side once this module is imported) ----------
@@ -169,6 +223,12 @@ class TransferHeader(_Strict):
         list[AdapterFile], Field(max_length=len(ADAPTER_FILES)), AfterValidator(_distinct)
     ]
     meta: Annotated[dict[str, Any], AfterValidator(_bounded)] = Field(default_factory=dict)
+    # Who it belongs to, as the uploader (a trainer, the gateway) says: the gateway grants
+    # access by these when storage announces the adapter.
+    owner: OwnerName | None = None  # a user
+    project: OwnerName | None = None
+    public: bool = False
+    source_job: OwnerName | None = None  # the training job that made it
 
     @property
     def size(self) -> int:
@@ -184,9 +244,13 @@ class AdapterRecord(BaseModel):
     target_modules: list[str]
     files: list[AdapterFile]
     size_bytes: int
-    owner: str  # the uploading agent's name
+    uploader: str  # the uploading agent's name
     created: float  # epoch seconds
     meta: dict[str, Any] = Field(default_factory=dict)
+    owner: str | None = None  # the user it belongs to
+    project: str | None = None
+    public: bool = False  # visible to every user of the gateway
+    source_job: str | None = None
 
 
 class AdapterId(_Strict):
@@ -196,157 +260,23 @@ class AdapterId(_Strict):
 class AdapterQuery(_Strict):
     base_model: str | None = None
     owner: str | None = None
-
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def parse(model: type[M], data: Any, what: str) -> M:
-    """``data`` as ``model``, or InvalidRequest naming what is wrong."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors()
-        )
-        raise InvalidRequest(f"bad {what}: {problems}") from None
-
-
-# --- wire helpers (shared by the clients below and the plugin) --------------------------------
-
-
-class Reader:
-    """Reads JSON lines and byte runs from a stream, each read bounded by ``idle`` seconds; keeps
-    what a line read took past the newline for the reads after it."""
-
-    def __init__(self, stream: Stream, idle: float) -> None:
-        self.stream = stream
-        self.idle = idle
-        self._left = b""
-
-    async def read(self, n: int) -> bytes:
-        """Up to ``n`` bytes; b"" once the other side has ended."""
-        if self._left:
-            chunk, self._left = self._left[:n], self._left[n:]
-            return chunk
-        async with asyncio.timeout(self.idle):
-            return await self.stream.read(n)
-
-    async def line(self, limit: int) -> dict[str, Any]:
-        """One JSON object line of at most ``limit`` bytes."""
-        buf = bytearray()
-        while (end := buf.find(b"\n")) < 0:
-            if len(buf) > limit:
-                raise InvalidRequest(f"header line longer than {limit} bytes")
-            chunk = await self.read(limit + 1 - len(buf))
-            if not chunk:
-                raise StreamReset("the stream ended before a complete header line")
-            buf += chunk
-        if end > limit:
-            raise InvalidRequest(f"header line longer than {limit} bytes")
-        self._left = bytes(buf[end + 1 :]) + self._left
-        try:
-            obj = json.loads(buf[:end])
-        except ValueError:
-            raise InvalidRequest("malformed header line: not JSON") from None
-        if not isinstance(obj, dict):
-            raise InvalidRequest("malformed header line: not a JSON object")
-        return obj
-
-
-async def write_line(stream: Stream, obj: dict[str, Any], idle: float) -> None:
-    async with asyncio.timeout(idle):
-        await stream.write(json.dumps(obj).encode() + b"\n")
-
-
-async def send_bytes(
-    stream: Stream,
-    chunks: AsyncIterable[bytes],
-    size: int,
-    idle: float,
-    on_chunk: Callable[[int], None] | None = None,
-) -> None:
-    """Write exactly ``size`` bytes from ``chunks``, reporting each chunk's length."""
-    have = 0
-    iterator = aiter(chunks)
-    while True:
-        async with asyncio.timeout(idle):
-            chunk = await anext(iterator, b"")
-            if not chunk:
-                break
-            have += len(chunk)
-            if have > size:
-                raise TransferFailed(f"a file grew past its declared {size} bytes while sent")
-            await stream.write(chunk)
-        if on_chunk:
-            on_chunk(len(chunk))
-    if have != size:
-        raise TransferFailed(f"a file shrank to {have} of its declared {size} bytes while sent")
-
-
-def _write_and_hash(fh: Any, digest: hashlib._Hash, chunk: bytes) -> None:
-    fh.write(chunk)
-    digest.update(chunk)
+    project: str | None = None
 
 
 async def receive_files(
     reader: Reader, files: list[AdapterFile], directory: Path, progress: Progress | None = None
 ) -> None:
-    """Write each file's bytes into ``directory`` and check its size and sha256 (TransferFailed
-    on a mismatch). Hashing and writing run in threads."""
+    """Write each file's bytes into ``directory``, checking its size and sha256."""
     total, done = sum(f.size for f in files), 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
     for entry in files:
-        digest = hashlib.sha256()
-        with (directory / entry.name).open("wb") as fh:
-            left = entry.size
-            while left:
-                chunk = await reader.read(left)
-                if not chunk:
-                    raise StreamReset(f"the stream ended {left} bytes short in {entry.name}")
-                await asyncio.to_thread(_write_and_hash, fh, digest, chunk)
-                left -= len(chunk)
-                done += len(chunk)
-                if progress:
-                    progress(done, total)
-            fh.flush()
-            await asyncio.to_thread(os.fsync, fh.fileno())
-        if digest.hexdigest() != entry.sha256:
-            raise TransferFailed(
-                f"{entry.name}: sha256 {digest.hexdigest()} does not match the declared "
-                f"{entry.sha256}"
-            )
-
-
-def _address(storage: str) -> str:
-    """An agent name means that agent's ``storage`` plugin."""
-    return storage if "/" in storage else f"{storage}/{PLUGIN}"
-
-
-@contextlib.contextmanager
-def idle_deadline(what: str, idle: float) -> Iterator[None]:
-    """Turn the TimeoutError of a stalled step (``asyncio.timeout(idle)``) into a clear error."""
-    try:
-        yield
-    except TimeoutError:
-        raise DeadlineExceeded(f"{what} made no progress for {idle}s") from None
-
-
-@contextlib.asynccontextmanager
-async def _transfer(
-    agent: Agent, storage: str, service: str, params: Any, idle: float
-) -> AsyncIterator[Stream]:
-    """An open stream that is closed on success and reset on any failure."""
-    stream = await agent.streams.open(
-        _address(storage), service, params, timeout=idle, window=TRANSFER_WINDOW
-    )
-    try:
-        with idle_deadline(f"{service} with {storage}", idle):
-            yield stream
-    except BaseException as exc:
-        stream.abort(exc if isinstance(exc, AtollError) else None)
-        raise
-    with contextlib.suppress(AtollError):  # the exchange is complete; a late break changes nothing
-        await stream.close()
+        await receive_file(reader, directory / entry.name, entry.size, entry.sha256, advance)
 
 
 # --- clients --------------------------------------------------------------------------------
@@ -359,11 +289,16 @@ async def upload_adapter(
     adapter_id: str,
     meta: dict[str, Any] | None = None,
     *,
+    owner: str | None = None,
+    project: str | None = None,
+    public: bool = False,
+    source_job: str | None = None,
     idle_timeout: float = IDLE_TIMEOUT,
     progress: Progress | None = None,
 ) -> AdapterRecord:
     """Upload the adapter files in ``local_dir`` (others there, like peft's README.md, are left
-    out) as ``adapter_id``; the storage agent validates and registers it."""
+    out) as ``adapter_id``, belonging to user ``owner`` and/or ``project`` (or ``public``); the
+    storage agent validates and registers it, then announces it on ``adapters.new``."""
     check_adapter_id(adapter_id)
     local_dir = Path(local_dir)
     if not local_dir.is_dir():
@@ -375,8 +310,20 @@ async def upload_adapter(
         files.append(
             AdapterFile(name=path.name, size=path.stat().st_size, sha256=digest.hexdigest())
         )
-    header = parse(TransferHeader, {"id": adapter_id, "files": files, "meta": meta or {}}, "upload")
-    async with _transfer(agent, storage_address, PUT_SERVICE, None, idle_timeout) as stream:
+    header = parse(
+        TransferHeader,
+        {
+            "id": adapter_id,
+            "files": files,
+            "meta": meta or {},
+            "owner": owner,
+            "project": project,
+            "public": public,
+            "source_job": source_job,
+        },
+        "upload",
+    )
+    async with transfer(agent, storage_address, PUT_SERVICE, None, idle_timeout) as stream:
         await write_line(stream, header.model_dump(mode="json"), idle_timeout)
         done = 0
 
@@ -420,7 +367,7 @@ async def fetch_adapter(
     stage = Path(tempfile.mkdtemp(prefix=f"{dest.name}.", dir=staging_root))
     try:
         params = {"id": adapter_id}
-        async with _transfer(agent, storage_address, GET_SERVICE, params, idle_timeout) as stream:
+        async with transfer(agent, storage_address, GET_SERVICE, params, idle_timeout) as stream:
             reader = Reader(stream, idle_timeout)
             raw = await reader.line(MAX_HEADER_BYTES)
             header = parse(TransferHeader, raw, f"header from {storage_address}")
@@ -455,9 +402,10 @@ async def list_adapters(
     base_model: str | None = None,
     owner: str | None = None,
     timeout: float | None = None,
+    project: str | None = None,
 ) -> list[AdapterRecord]:
-    query = AdapterQuery(base_model=base_model, owner=owner).model_dump()
-    rows = await agent.call(_address(storage_address), LIST_METHOD, query, timeout)
+    query = AdapterQuery(base_model=base_model, owner=owner, project=project).model_dump()
+    rows = await agent.call(address(storage_address), LIST_METHOD, query, timeout)
     return [AdapterRecord.model_validate(row) for row in rows]
 
 
@@ -465,7 +413,7 @@ async def describe_adapter(
     agent: Agent, storage_address: str, adapter_id: str, timeout: float | None = None
 ) -> AdapterRecord:
     check_adapter_id(adapter_id)
-    row = await agent.call(_address(storage_address), DESCRIBE_METHOD, {"id": adapter_id}, timeout)
+    row = await agent.call(address(storage_address), DESCRIBE_METHOD, {"id": adapter_id}, timeout)
     return AdapterRecord.model_validate(row)
 
 
@@ -474,4 +422,4 @@ async def delete_adapter(
 ) -> None:
     """Remove the adapter from the registry and the store; AdapterNotFound if there is none."""
     check_adapter_id(adapter_id)
-    await agent.call(_address(storage_address), DELETE_METHOD, {"id": adapter_id}, timeout)
+    await agent.call(address(storage_address), DELETE_METHOD, {"id": adapter_id}, timeout)

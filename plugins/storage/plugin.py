@@ -1,6 +1,8 @@
-"""The storage plugin: an object store plus a registry of LoRA adapters, served over the data
-plane (see ``contract.py`` for the wire). Adapters are validated before anything is kept,
-immutable once registered, and stored under ``adapters/<id>/<file>``.
+"""The storage plugin: an object store (a local directory, or S3) plus a registry of LoRA
+adapters and training datasets, served over the data plane (see ``contract.py`` for the wire).
+Adapters are validated before anything is kept, immutable once registered, stored under
+``adapters/<id>/<file>`` and announced on ``adapters.new``; datasets are handled by
+``dataset_service.py``.
 """
 
 from __future__ import annotations
@@ -8,64 +10,69 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import sqlite3
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors import SafetensorError, safe_open
 
-from atoll.agent.errors import Forbidden
+from atoll.agent.errors import AtollError
 from atoll.agent.node import CallInfo
 from atoll.agent.plugins import Plugin, PluginContext, rpc
 from atoll.agent.streams import Stream
 from atoll.plugins.storage.contract import (
+    ADAPTERS_NEW,
     CONFIG_FILE,
+    DATASET_DELETE_METHOD,
+    DATASET_GET,
+    DATASET_INFO_METHOD,
+    DATASET_PUT,
+    DATASETS_METHOD,
     DELETE_METHOD,
     DESCRIBE_METHOD,
     GET_SERVICE,
-    IDLE_TIMEOUT,
     LIST_METHOD,
-    MAX_HEADER_BYTES,
     PUT_SERVICE,
     WEIGHTS_FILE,
-    WRITER_ROLES,
     AdapterExists,
     AdapterId,
     AdapterNotFound,
     AdapterQuery,
     AdapterRecord,
     InvalidAdapter,
-    Reader,
     TransferFailed,
     TransferHeader,
+    receive_files,
+)
+from atoll.plugins.storage.dataset_service import DatasetService
+from atoll.plugins.storage.datasets import Limits
+from atoll.plugins.storage.registry import AdapterRegistry, DatasetRegistry, open_registry
+from atoll.plugins.storage.s3 import S3Config, S3Store
+from atoll.plugins.storage.store import LocalStore, ObjectNotFound, ObjectStore
+from atoll.plugins.storage.wire import (
+    IDLE_TIMEOUT,
+    MAX_HEADER_BYTES,
+    Reader,
     idle_deadline,
     parse,
-    receive_files,
+    require_writer,
     send_bytes,
     write_line,
 )
-from atoll.plugins.storage.store import LocalStore, ObjectNotFound, ObjectStore
 
 MAX_CONFIG_BYTES = 1024 * 1024
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS adapters (
-    id TEXT PRIMARY KEY,
-    base_model TEXT NOT NULL,
-    rank INTEGER NOT NULL,
-    target_modules TEXT NOT NULL,  -- JSON list
-    files TEXT NOT NULL,           -- JSON [{name, size, sha256}]
-    size_bytes INTEGER NOT NULL,
-    owner TEXT NOT NULL,
-    created REAL NOT NULL,
-    meta TEXT NOT NULL             -- JSON object
-);
-CREATE INDEX IF NOT EXISTS adapters_base ON adapters (base_model);
-"""
-COLUMNS = "id, base_model, rank, target_modules, files, size_bytes, owner, created, meta"
+
+class DatasetLimits(BaseModel):
+    """``[plugins.storage.datasets]``: what one uploaded dataset may be."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_bytes: int = Field(Limits.max_bytes, ge=1)
+    max_rows: int = Field(Limits.max_rows, ge=1)
+    max_row_chars: int = Field(Limits.max_row_chars, ge=1)
 
 
 class StorageConfig(BaseModel):
@@ -74,75 +81,25 @@ class StorageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
+    store: Literal["local", "s3"] = "local"
     root: Path | None = None  # the local store's directory; None: <plugin data dir>/objects
+    s3: S3Config | None = None  # [plugins.storage.s3], for store = "s3"
     max_adapter_bytes: int = Field(2 * 1024**3, ge=1)
+    datasets: DatasetLimits = Field(default_factory=DatasetLimits)
+
+    @model_validator(mode="after")
+    def _store_settings(self) -> StorageConfig:
+        if self.store == "s3" and self.s3 is None:
+            raise ValueError("store = 's3' needs an [s3] section with at least the bucket")
+        if self.store == "local" and self.s3 is not None:
+            raise ValueError("an [s3] section is given but store is 'local'; set store = 's3'")
+        if self.store == "s3" and self.root is not None:
+            raise ValueError("root is the local store's directory; the s3 store has no root")
+        return self
 
 
 def adapter_key(adapter_id: str, name: str) -> str:
     return f"adapters/{adapter_id}/{name}"
-
-
-class AdapterRegistry:
-    """Registered adapters in SQLite. One connection, used only from the event loop: its
-    statements are single-row and short."""
-
-    def __init__(self, path: Path) -> None:
-        self.db = sqlite3.connect(path, isolation_level=None)  # autocommit: one row per change
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(SCHEMA)
-
-    def close(self) -> None:
-        self.db.close()
-
-    @staticmethod
-    def _record(row: tuple[Any, ...]) -> AdapterRecord:
-        keys = COLUMNS.split(", ")
-        data = dict(zip(keys, row, strict=True))
-        for key in ("target_modules", "files", "meta"):
-            data[key] = json.loads(data[key])
-        return AdapterRecord.model_validate(data)
-
-    def get(self, adapter_id: str) -> AdapterRecord | None:
-        row = self.db.execute(f"SELECT {COLUMNS} FROM adapters WHERE id = ?", (adapter_id,))
-        found = row.fetchone()
-        return None if found is None else self._record(found)
-
-    def find(self, query: AdapterQuery) -> list[AdapterRecord]:
-        sql = f"SELECT {COLUMNS} FROM adapters WHERE 1=1"
-        args: list[str] = []
-        if query.base_model is not None:
-            sql += " AND base_model = ?"
-            args.append(query.base_model)
-        if query.owner is not None:
-            sql += " AND owner = ?"
-            args.append(query.owner)
-        return [self._record(r) for r in self.db.execute(sql + " ORDER BY id", args)]
-
-    def add(self, r: AdapterRecord) -> None:
-        try:
-            self.db.execute(
-                f"INSERT INTO adapters ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    r.id,
-                    r.base_model,
-                    r.rank,
-                    json.dumps(r.target_modules),
-                    json.dumps([f.model_dump() for f in r.files]),
-                    r.size_bytes,
-                    r.owner,
-                    r.created,
-                    json.dumps(r.meta),
-                ),
-            )
-        except sqlite3.IntegrityError:
-            raise AdapterExists(f"adapter {r.id!r} already exists") from None
-
-    def remove(self, adapter_id: str) -> bool:
-        return self.db.execute("DELETE FROM adapters WHERE id = ?", (adapter_id,)).rowcount > 0
-
-    def totals(self) -> tuple[int, int]:
-        count, size = self.db.execute("SELECT COUNT(*), SUM(size_bytes) FROM adapters").fetchone()
-        return count, size or 0
 
 
 def inspect_adapter(directory: Path) -> tuple[str, int, list[str]]:
@@ -184,18 +141,32 @@ def inspect_adapter(directory: Path) -> tuple[str, int, list[str]]:
 
 
 class StoragePlugin(Plugin):
-    """Stores adapters: ``adapter_put`` / ``adapter_get`` streams and registry RPCs."""
+    """Stores adapters and datasets: their streams and registry RPCs."""
 
     name = "storage"
 
     async def start(self, ctx: PluginContext) -> None:
         await super().start(ctx)
-        self.config = StorageConfig.model_validate(ctx.config)
-        self.store: ObjectStore = LocalStore(self.config.root or ctx.data_dir / "objects")
+        self.config = config = StorageConfig.model_validate(ctx.config)
         self.incoming = ctx.data_dir / "incoming"  # uploads being received and checked
         shutil.rmtree(self.incoming, ignore_errors=True)  # left by a crash mid-upload
         self.incoming.mkdir()
-        self.registry = AdapterRegistry(ctx.data_dir / "registry.sqlite")
+        if config.s3 is not None:  # store = "s3" (the config's checks)
+            s3 = S3Store(config.s3, spool_dir=self.incoming)
+            await s3.open()
+            self.store: ObjectStore = s3
+        else:
+            self.store = LocalStore(config.root or ctx.data_dir / "objects")
+        self.db = open_registry(ctx.data_dir / "registry.sqlite")
+        self.registry = AdapterRegistry(self.db)
+        self.dataset_registry = DatasetRegistry(self.db)
+        self.datasets = DatasetService(
+            ctx,
+            self.store,
+            self.dataset_registry,
+            Limits(**config.datasets.model_dump()),
+            self.incoming,
+        )
         self.uploading: set[str] = set()
         self.adapters = ctx.metrics.gauge("adapters_stored", "Adapters in the registry")
         self.adapter_bytes = ctx.metrics.gauge("adapter_bytes_stored", "Bytes of stored adapters")
@@ -204,11 +175,13 @@ class StoragePlugin(Plugin):
         self._update_totals()
         ctx.agent.streams.serve(ctx.name, PUT_SERVICE, self._put)
         ctx.agent.streams.serve(ctx.name, GET_SERVICE, self._get)
+        ctx.agent.streams.serve(ctx.name, DATASET_PUT, self.datasets.put)
+        ctx.agent.streams.serve(ctx.name, DATASET_GET, self.datasets.get)
 
     async def stop(self) -> None:
         assert self.ctx is not None
         self.ctx.agent.streams.unserve(self.ctx.name)
-        self.registry.close()
+        self.db.close()
 
     def describe(self) -> dict[str, Any]:
         return {"capabilities": {"adapters": int(self.adapters.value), "store": self.store.kind}}
@@ -225,14 +198,6 @@ class StoragePlugin(Plugin):
             raise AdapterNotFound(f"no adapter {adapter_id!r} in storage on {self.ctx.agent.name}")
         return record
 
-    @staticmethod
-    def _require_writer(call: CallInfo, action: str) -> None:
-        if not call.caller.has_role(*WRITER_ROLES):
-            raise Forbidden(
-                f"{call.caller.name} may not {action}: that needs one of the roles "
-                f"{', '.join(sorted(WRITER_ROLES))} (it has {', '.join(call.caller.roles)})"
-            )
-
     # --- RPC --------------------------------------------------------------------------------
 
     @rpc(LIST_METHOD)
@@ -247,7 +212,7 @@ class StoragePlugin(Plugin):
 
     @rpc(DELETE_METHOD)
     async def delete_adapter(self, params: Any, call: CallInfo) -> dict[str, Any]:
-        self._require_writer(call, "delete adapters")
+        require_writer(call, "delete adapters")
         ref = parse(AdapterId, params, "delete_adapter request")
         record = self._registered(ref.id)
         self.registry.remove(ref.id)  # first: from here on nobody is offered it
@@ -256,6 +221,19 @@ class StoragePlugin(Plugin):
         self._update_totals()
         assert self.ctx is not None
         self.ctx.log.info("storage.adapter_deleted", adapter=ref.id, by=call.caller.name)
+        return {"deleted": True}
+
+    @rpc(DATASETS_METHOD)
+    async def list_datasets(self, params: Any, call: CallInfo) -> list[dict[str, Any]]:
+        return [r.model_dump(mode="json") for r in self.datasets.find(params)]
+
+    @rpc(DATASET_INFO_METHOD)
+    async def dataset_info(self, params: Any, call: CallInfo) -> dict[str, Any]:
+        return self.datasets.info(params).model_dump(mode="json")
+
+    @rpc(DATASET_DELETE_METHOD)
+    async def delete_dataset(self, params: Any, call: CallInfo) -> dict[str, Any]:
+        await self.datasets.delete(params, call)
         return {"deleted": True}
 
     # --- streams ----------------------------------------------------------------------------
@@ -281,7 +259,7 @@ class StoragePlugin(Plugin):
 
     async def _put(self, stream: Stream, params: Any, call: CallInfo) -> None:
         assert self.ctx is not None
-        self._require_writer(call, "upload adapters")
+        require_writer(call, "upload adapters")
         with idle_deadline(f"adapter upload from {call.src}", IDLE_TIMEOUT):
             reader = Reader(stream, IDLE_TIMEOUT)
             raw = await reader.line(MAX_HEADER_BYTES)
@@ -299,9 +277,13 @@ class StoragePlugin(Plugin):
                     target_modules=targets,
                     files=header.files,
                     size_bytes=header.size,
-                    owner=call.caller.name,
+                    uploader=call.caller.name,
                     created=time.time(),
                     meta=header.meta,
+                    owner=header.owner,
+                    project=header.project,
+                    public=header.public,
+                    source_job=header.source_job,
                 )
                 await self._keep(record, stage)
             finally:
@@ -309,10 +291,26 @@ class StoragePlugin(Plugin):
                 await asyncio.to_thread(shutil.rmtree, stage, True)
             self.received.inc(header.size)
             self.ctx.log.info(
-                "storage.adapter_stored", adapter=header.id, bytes=header.size, owner=record.owner
+                "storage.adapter_stored",
+                adapter=header.id,
+                bytes=header.size,
+                owner=record.owner,
+                project=record.project,
+                by=record.uploader,
             )
+            await self._announce(record)  # before the reply: the uploader's next step may need it
             reply = {"ok": True, "adapter": record.model_dump(mode="json")}
             await write_line(stream, reply, IDLE_TIMEOUT)
+
+    async def _announce(self, record: AdapterRecord) -> None:
+        """Tell the tenant: the gateway grants access by owner/project at once. The adapter is
+        stored either way; a failed announcement is logged (an admin can then register the
+        adapter at the gateway by hand)."""
+        assert self.ctx is not None
+        try:
+            await self.ctx.publish(ADAPTERS_NEW, record.model_dump(mode="json"))
+        except AtollError as exc:
+            self.ctx.log.warning("storage.announce_failed", adapter=record.id, error=exc)
 
     async def _keep(self, record: AdapterRecord, stage: Path) -> None:
         """Put the checked files into the store, then register them; on any failure remove what

@@ -1,6 +1,6 @@
 """Object stores: where the storage plugin keeps bytes, under flat ``/``-separated keys.
 
-The interface is async because its future S3 implementation (boto3) blocks on the network; a
+The interface is async because the S3 implementation (boto3, ``s3.py``) blocks on the network; a
 store does its blocking work in threads, never on the event loop. Semantics follow S3 so that one
 can replace the other: objects are whole (a reader never sees a partial object: ``put`` writes to
 a temporary name and renames), ``list`` matches a string prefix, ``delete`` of a missing key is not
@@ -60,6 +60,16 @@ def check_key(key: object) -> str:
     if parts[0] == STAGING:
         raise InvalidKey(f"object key {key!r} uses the reserved name {STAGING}")
     return key
+
+
+def check_prefix(prefix: object) -> str:
+    """``prefix`` if it lists only inside the store (its complete segments form a valid key)."""
+    if not isinstance(prefix, str) or "\x00" in prefix or "\\" in prefix:
+        raise InvalidKey(f"bad key prefix {prefix!r}")
+    base = prefix.rpartition("/")[0]
+    if base:
+        check_key(base)
+    return prefix
 
 
 class ObjectStore(ABC):
@@ -192,9 +202,7 @@ class LocalStore(ObjectStore):
         return self._path(key).is_file()
 
     async def list(self, prefix: str = "") -> list[str]:
-        if not isinstance(prefix, str) or "\x00" in prefix or "\\" in prefix:
-            raise InvalidKey(f"bad key prefix {prefix!r}")
-        base = prefix.rpartition("/")[0]
+        base = check_prefix(prefix).rpartition("/")[0]
         top = self._path(base) if base else self.root
         return await asyncio.to_thread(self._walk, top, prefix)
 

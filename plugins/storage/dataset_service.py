@@ -1,0 +1,256 @@
+"""The storage plugin's dataset half: the ``dataset_put`` / ``dataset_get`` streams and the
+registry operations behind the ``datasets``, ``dataset_info`` and ``dataset_delete`` RPCs (see
+``dataset_contract.py`` for the wire).
+
+A dataset is kept as two objects, ``datasets/<id>/original`` (the bytes as uploaded) and
+``datasets/<id>/canonical.jsonl`` (its checked, de-duplicated rows: chat for sft, text for pt),
+and one registry row. Nothing is kept until every row has passed; nothing is ever rewritten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Literal
+
+from atoll.agent.errors import InvalidRequest
+from atoll.agent.files import TransferFailed
+from atoll.agent.node import CallInfo
+from atoll.agent.plugins import PluginContext
+from atoll.agent.streams import Stream
+from atoll.plugins.storage.dataset_contract import (
+    DatasetFetch,
+    DatasetGetHeader,
+    DatasetInvalid,
+    DatasetNotFound,
+    DatasetPutHeader,
+    DatasetQuery,
+    DatasetRecord,
+    DatasetRef,
+    DedupInfo,
+)
+from atoll.plugins.storage.datasets import Kind, Limits, Prepared, convert_line, prepare
+from atoll.plugins.storage.registry import DatasetRegistry
+from atoll.plugins.storage.store import ObjectNotFound, ObjectStore, file_chunks
+from atoll.plugins.storage.wire import (
+    IDLE_TIMEOUT,
+    MAX_HEADER_BYTES,
+    Reader,
+    idle_deadline,
+    parse,
+    receive_file,
+    require_writer,
+    send_bytes,
+    write_line,
+)
+
+ORIGINAL = "original"
+CANONICAL = "canonical.jsonl"
+
+
+def dataset_key(dataset_id: str, name: str) -> str:
+    return f"datasets/{dataset_id}/{name}"
+
+
+def _prepare_file(path: Path, header: DatasetPutHeader, limits: Limits) -> Prepared:
+    """Blocking: run it in a thread."""
+    data = path.read_bytes()
+    prepared = prepare(data, header.filename, header.format, limits, header.dedup)
+    path.with_name(CANONICAL).write_bytes(prepared.canonical)
+    return prepared
+
+
+def _convert_file(src: Path, dest: Path, kind: Kind, as_: Literal["chat", "text"]) -> str:
+    """Canonical JSONL ``src`` in the ``as_`` form into ``dest``; its sha256. Blocking."""
+    digest = hashlib.sha256()
+    with src.open("rb") as fh, dest.open("wb") as out:
+        for line in fh:
+            converted = convert_line(line, kind, as_)
+            out.write(converted)
+            digest.update(converted)
+    return digest.hexdigest()
+
+
+class DatasetService:
+    def __init__(
+        self,
+        ctx: PluginContext,
+        store: ObjectStore,
+        registry: DatasetRegistry,
+        limits: Limits,
+        incoming: Path,
+    ) -> None:
+        self.ctx = ctx
+        self.store = store
+        self.registry = registry
+        self.limits = limits
+        self.incoming = incoming  # uploads being checked, conversions being sent
+        self.stored = ctx.metrics.gauge("datasets_stored", "Datasets in the registry")
+        self.stored_bytes = ctx.metrics.gauge("dataset_bytes_stored", "Uploaded dataset bytes")
+        self.served = ctx.metrics.counter("dataset_served_bytes", "Dataset bytes sent")
+        self.received = ctx.metrics.counter("dataset_received_bytes", "Dataset bytes stored")
+        self._update_totals()
+
+    def _update_totals(self) -> None:
+        count, size = self.registry.totals()
+        self.stored.set(count)
+        self.stored_bytes.set(size)
+
+    def registered(self, dataset_id: str) -> DatasetRecord:
+        record = self.registry.get(dataset_id)
+        if record is None:
+            raise DatasetNotFound(f"no dataset {dataset_id!r} in storage on {self.ctx.agent.name}")
+        return record
+
+    # --- registry operations ------------------------------------------------------------------
+
+    def find(self, params: object) -> list[DatasetRecord]:
+        return self.registry.find(parse(DatasetQuery, params or {}, "datasets query"))
+
+    def info(self, params: object) -> DatasetRecord:
+        return self.registered(parse(DatasetRef, params, "dataset_info request").id)
+
+    async def delete(self, params: object, call: CallInfo) -> None:
+        require_writer(call, "delete datasets")
+        record = self.registered(parse(DatasetRef, params, "dataset_delete request").id)
+        self.registry.remove(record.id)  # first: from here on nobody is offered it
+        for name in (ORIGINAL, CANONICAL):
+            await self.store.delete(dataset_key(record.id, name))
+        self._update_totals()
+        self.ctx.log.info("storage.dataset_deleted", dataset=record.id, by=call.caller.name)
+
+    # --- streams ------------------------------------------------------------------------------
+
+    async def put(self, stream: Stream, params: object, call: CallInfo) -> None:
+        require_writer(call, "upload datasets")
+        with idle_deadline(f"dataset upload from {call.src}", IDLE_TIMEOUT):
+            reader = Reader(stream, IDLE_TIMEOUT)
+            raw = await reader.line(MAX_HEADER_BYTES)
+            header = parse(DatasetPutHeader, raw, "dataset upload header")
+            if header.size > self.limits.max_bytes:  # refused before any byte is received
+                raise DatasetInvalid(
+                    f"{header.filename} is {header.size} bytes; this store takes datasets of at "
+                    f"most {self.limits.max_bytes}"
+                )
+            stage = Path(tempfile.mkdtemp(dir=self.incoming))
+            try:
+                await receive_file(reader, stage / ORIGINAL, header.size, header.sha256)
+                prepared = await asyncio.to_thread(
+                    _prepare_file, stage / ORIGINAL, header, self.limits
+                )
+                record = await self._keep(header, prepared, stage)
+            finally:
+                await asyncio.to_thread(shutil.rmtree, stage, True)
+            self.received.inc(header.size)
+            self.ctx.log.info(
+                "storage.dataset_stored",
+                dataset=record.id,
+                name=record.name,
+                version=record.version,
+                rows=record.rows,
+                owner=record.owner,
+            )
+            await write_line(
+                stream, {"ok": True, "record": record.model_dump(mode="json")}, IDLE_TIMEOUT
+            )
+
+    def _new_id(self) -> str:
+        for _ in range(8):  # 48 random bits: a clash is all but impossible, never looped on
+            dataset_id = f"ds-{secrets.token_hex(6)}"
+            if self.registry.get(dataset_id) is None:
+                return dataset_id
+        raise RuntimeError("could not draw an unused dataset id")
+
+    async def _keep(
+        self, header: DatasetPutHeader, prepared: Prepared, stage: Path
+    ) -> DatasetRecord:
+        """Put both objects, then register them; on any failure remove what was put, so an
+        unregistered id has no objects."""
+        record = DatasetRecord(
+            id=self._new_id(),
+            name=header.name,
+            version=0,  # the registry gives the next one of this name
+            format=prepared.format,
+            kind=prepared.kind,
+            rows=len(prepared.rows),
+            tokens=prepared.tokens,
+            tokenizer="whitespace",
+            sha256=header.sha256,
+            bytes=header.size,
+            owner=header.owner,
+            project=header.project,
+            created=time.time(),
+            dedup=DedupInfo(**vars(prepared.dedup)),
+            filename=header.filename,
+        )
+        keys: list[str] = []
+        try:
+            for name in (ORIGINAL, CANONICAL):
+                keys.append(dataset_key(record.id, name))
+                await self.store.put_file(keys[-1], stage / name)
+            stored = self.registry.add(record)
+        except BaseException:
+            for key in keys:
+                await self.store.delete(key)
+            raise
+        self._update_totals()
+        return stored
+
+    async def get(self, stream: Stream, params: object, call: CallInfo) -> None:
+        request = parse(DatasetFetch, params, "dataset_get request")
+        record = self.registered(request.id)
+        with idle_deadline(f"dataset fetch by {call.src}", IDLE_TIMEOUT):
+            if request.as_ == "original":
+                size = await self._send_object(stream, record, ORIGINAL)
+            elif request.as_ == ("chat" if record.kind == "sft" else "text"):
+                size = await self._send_object(stream, record, CANONICAL)
+            elif record.kind == "pt":
+                raise InvalidRequest(
+                    f"dataset {record.id!r} is a pt (text) dataset: it has no turns to read as "
+                    "chat; fetch it as text"
+                )
+            else:
+                size = await self._send_converted(stream, record, request.as_)
+            reply = await Reader(stream, IDLE_TIMEOUT).line(MAX_HEADER_BYTES)
+        if reply.get("ok") is not True:
+            raise TransferFailed(f"{call.src} did not confirm dataset {record.id!r}: {reply}")
+        self.served.inc(size)
+
+    async def _send_object(self, stream: Stream, record: DatasetRecord, name: str) -> int:
+        key = dataset_key(record.id, name)
+        try:
+            info = await self.store.stat(key)
+            header = DatasetGetHeader(record=record, size=info.size, sha256=info.sha256)
+            await write_line(stream, header.model_dump(mode="json"), IDLE_TIMEOUT)
+            await send_bytes(stream, self.store.read(key), info.size, IDLE_TIMEOUT)
+        except ObjectNotFound:
+            raise DatasetNotFound(f"dataset {record.id!r} was deleted while sent") from None
+        return info.size
+
+    async def _send_converted(
+        self, stream: Stream, record: DatasetRecord, as_: Literal["chat", "text"]
+    ) -> int:
+        stage = Path(tempfile.mkdtemp(dir=self.incoming))
+        try:
+            src, dest = stage / CANONICAL, stage / "converted.jsonl"
+            fh = await asyncio.to_thread(src.open, "wb")
+            try:
+                async for chunk in self.store.read(dataset_key(record.id, CANONICAL)):
+                    await asyncio.to_thread(fh.write, chunk)
+            except ObjectNotFound:
+                raise DatasetNotFound(f"dataset {record.id!r} was deleted while sent") from None
+            finally:
+                fh.close()
+            sha = await asyncio.to_thread(_convert_file, src, dest, record.kind, as_)
+            size = dest.stat().st_size
+            header = DatasetGetHeader(record=record, size=size, sha256=sha)
+            await write_line(stream, header.model_dump(mode="json"), IDLE_TIMEOUT)
+            await send_bytes(stream, file_chunks(dest), size, IDLE_TIMEOUT)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, stage, True)
+        return size
