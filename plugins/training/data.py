@@ -1,0 +1,183 @@
+"""Training examples from canonical dataset files (storage's ``chat`` and ``text`` JSONL): sft
+conversations rendered with a chat template and labelled on the assistant's tokens only; pt text
+joined and cut into blocks. Runs in the job's process (it needs a tokenizer)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+IGNORE = -100  # label of a token the loss skips
+Example = dict[str, list[int]]  # input_ids, labels
+
+TEMPLATES = {
+    "chatml": (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    ),
+    "llama3": (
+        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}"
+        "<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+        "{% endif %}"
+    ),
+    "mistral": (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] "
+        "{{ m['content'] }} [/INST]{% elif m['role'] == 'assistant' %}{{ m['content'] }}"
+        "{{ eos_token }}{% else %}{{ m['content'] }}\n\n{% endif %}{% endfor %}"
+    ),
+    "zephyr": (
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
+        "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    ),
+    "alpaca": (
+        "{% for m in messages %}{% if m['role'] == 'user' %}### Instruction:\n{{ m['content'] }}"
+        "\n\n{% elif m['role'] == 'assistant' %}### Response:\n{{ m['content'] }}{{ eos_token }}"
+        "\n\n{% else %}{{ m['content'] }}\n\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}### Response:\n{% endif %}"
+    ),
+}
+
+
+class DataError(ValueError):
+    """A dataset file or template this job cannot train on; the message says where and why."""
+
+
+def read_rows(path: Path, key: str) -> Iterator[Any]:
+    """The ``key`` field of each JSONL line of ``path``."""
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise DataError(f"{path.name} line {number}: not JSON ({exc})") from None
+            if not isinstance(row, dict) or key not in row:
+                raise DataError(f"{path.name} line {number}: no {key!r} field")
+            yield row[key]
+
+
+def chat_template(tokenizer: PreTrainedTokenizerBase, template: str) -> str:
+    if template != "default":
+        return TEMPLATES[template]
+    if not tokenizer.chat_template:
+        names = ", ".join(sorted(TEMPLATES))
+        raise DataError(f"the model's tokenizer has no chat template; name one of {names}")
+    return tokenizer.chat_template
+
+
+def _render(tokenizer: Any, template: str, messages: list[dict], prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=prompt
+    )
+
+
+def assistant_spans(
+    tokenizer: PreTrainedTokenizerBase, template: str, messages: list[dict[str, str]]
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of each assistant reply (with the
+    template's end-of-turn text after it), found by rendering the conversation up to each
+    reply: the template must render a conversation's beginning as a prefix of the whole."""
+    text = _render(tokenizer, template, messages, False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        before = _render(tokenizer, template, messages[:i], True) if i else ""
+        through = _render(tokenizer, template, messages[: i + 1], False)
+        if not (text.startswith(before) and text.startswith(through)):
+            raise DataError(
+                "the chat template does not render a conversation's beginning as a prefix of "
+                "the whole, so the assistant's tokens cannot be found; name another template"
+            )
+        spans.append((len(before), len(through)))
+    return text, spans
+
+
+def sft_example(
+    tokenizer: PreTrainedTokenizerBase,
+    template: str,
+    messages: list[dict[str, str]],
+    cutoff_len: int,
+) -> Example | None:
+    """A conversation's tokens (at most ``cutoff_len``), labelled on assistant replies only;
+    None when no assistant token is left to learn from."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise DataError("a chat row's messages must be a list of {role, content} objects")
+    text, spans = assistant_spans(tokenizer, template, messages)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = encoded["input_ids"][:cutoff_len]
+    labels = [IGNORE] * len(ids)
+    for j, (start, _end) in enumerate(encoded["offset_mapping"][: len(ids)]):
+        if any(a <= start < b for a, b in spans):
+            labels[j] = ids[j]
+    if all(label == IGNORE for label in labels):
+        return None
+    return {"input_ids": ids, "labels": labels}
+
+
+def pt_examples(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], cutoff_len: int
+) -> list[Example]:
+    """Documents joined (each ended by EOS) and cut into blocks of ``cutoff_len`` tokens."""
+    if tokenizer.eos_token_id is None:
+        raise DataError("the model's tokenizer has no end-of-sequence token to join documents")
+    stream: list[int] = []
+    for text in texts:
+        if not isinstance(text, str):
+            raise DataError("a text row's text must be a string")
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"]
+        stream.append(tokenizer.eos_token_id)
+    blocks = [stream[i : i + cutoff_len] for i in range(0, len(stream), cutoff_len)]
+    return [{"input_ids": b, "labels": list(b)} for b in blocks if len(b) > 1]
+
+
+def build_examples(
+    tokenizer: PreTrainedTokenizerBase,
+    stage: str,
+    paths: Sequence[Path],
+    template: str,
+    cutoff_len: int,
+) -> tuple[list[Example], int]:
+    """(examples, rows read) from the job's dataset files."""
+    if stage == "pt":
+        texts = [t for p in paths for t in read_rows(p, "text")]
+        return pt_examples(tokenizer, texts, cutoff_len), len(texts)
+    if not tokenizer.is_fast:
+        raise DataError("sft needs a fast tokenizer (it maps tokens back to characters)")
+    chosen = chat_template(tokenizer, template)
+    examples, rows = [], 0
+    for path in paths:
+        for number, messages in enumerate(read_rows(path, "messages"), 1):
+            rows += 1
+            try:
+                example = sft_example(tokenizer, chosen, messages, cutoff_len)
+            except DataError as exc:
+                raise DataError(f"{path.name} row {number}: {exc}") from None
+            if example is not None:
+                examples.append(example)
+    return examples, rows
+
+
+def collate(batch: list[Example], pad_id: int) -> dict[str, Any]:
+    """Right-padded tensors: padding is masked from attention and from the loss."""
+    import torch
+
+    width = max(len(e["input_ids"]) for e in batch)
+    ids, labels, mask = [], [], []
+    for e in batch:
+        pad = width - len(e["input_ids"])
+        ids.append(e["input_ids"] + [pad_id] * pad)
+        labels.append(e["labels"] + [IGNORE] * pad)
+        mask.append([1] * len(e["input_ids"]) + [0] * pad)
+    return {
+        "input_ids": torch.tensor(ids),
+        "labels": torch.tensor(labels),
+        "attention_mask": torch.tensor(mask),
+    }

@@ -1,0 +1,285 @@
+"""The training plugin: the job queue (``mode = "queue"``), a trainer (``"trainer"``), or both on
+one agent. See ``contract.py`` for the service and ``queue.py`` / ``trainer.py`` for each side.
+
+The queue checks a job's datasets with storage when it is submitted (they must exist and belong
+to the job's owner or project), and gives jobs whose trainer went quiet — no heartbeat for
+``lost_after`` seconds, or LOST in discovery — to the next trainer that asks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from atoll.agent.discovery import Discovery, Status
+from atoll.agent.errors import Forbidden, InvalidRequest, NoResponder
+from atoll.agent.node import CallInfo
+from atoll.agent.plugins import Plugin, PluginContext, rpc
+from atoll.plugins.storage.contract import describe_dataset
+from atoll.plugins.training.contract import (
+    ADMIN_ROLES,
+    CLIENT_ROLES,
+    PLUGIN,
+    TRAINER_ROLES,
+    CancelRequest,
+    ClaimRequest,
+    EventsRequest,
+    FinishRequest,
+    HeartbeatRequest,
+    JobQuery,
+    JobRef,
+    SubmitRequest,
+    parse,
+)
+from atoll.plugins.training.queue import JobQueue
+from atoll.plugins.training.trainer import TrainerWorker
+
+QUEUE_METHODS = frozenset(
+    {"submit", "jobs", "job", "cancel", "events", "claim", "heartbeat", "finish"}
+)
+DISCOVERY_WAIT = 1.0  # seconds to let kept announcements arrive before saying "none"
+DATASET_CHECK_TIMEOUT = 10.0
+
+
+class TrainingConfig(BaseModel):
+    """``[plugins.training]``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    mode: Literal["queue", "trainer", "both"] = "trainer"
+    # queue side
+    lost_after: float = Field(30.0, gt=0)  # seconds without a heartbeat before a job is re-queued
+    max_attempts: int = Field(3, ge=1, le=100)  # claims lost before the job fails
+    storage: str | None = None  # the storage agent (``agent`` or ``agent/storage``); None: found
+    # trainer side
+    queue: str | None = None  # the queue (``agent`` or ``agent/training``); None: found
+    capacity: int = Field(1, ge=1, le=64)  # jobs at once
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    heartbeat: float = Field(5.0, gt=0)  # seconds between heartbeats (keep under lost_after)
+    poll: float = Field(10.0, gt=0)  # seconds between claims while idle (jobs.queued wakes it)
+    workdir: Path | None = None  # None: <plugin data dir>/work
+    model_cache: Path | None = None  # converted GGUF models; None: <plugin data dir>/models
+    models: dict[str, str] = {}  # overlay base model id -> model spec on this trainer
+
+
+def _with_plugin(address: str, plugin: str) -> str:
+    return address if "/" in address else f"{address}/{plugin}"
+
+
+class TrainingPlugin(Plugin):
+    name = PLUGIN
+
+    async def start(self, ctx: PluginContext) -> None:
+        await super().start(ctx)
+        self.config = config = TrainingConfig.model_validate(ctx.config)
+        self.discovery: Discovery | None = None
+        self.tasks: set[asyncio.Task] = set()
+        self.queue: JobQueue | None = None
+        self.worker: TrainerWorker | None = None
+        if config.mode in ("queue", "both"):
+            self.queue = JobQueue(
+                ctx.data_dir / "jobs.sqlite", self._publish, config.lost_after, config.max_attempts
+            )
+            self.queued = ctx.metrics.gauge("jobs_queued", "Jobs waiting for a trainer")
+            self.training = ctx.metrics.gauge("jobs_training", "Jobs being trained")
+            self._watch = asyncio.create_task(self._watchdog())
+        if config.mode in ("trainer", "both"):
+            self.worker = TrainerWorker(ctx, config, self._queue_address, self._storage_address)
+            await self.worker.start()
+
+    async def stop(self) -> None:
+        if self.worker is not None:
+            await self.worker.stop()
+        if self.queue is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, *self.tasks, return_exceptions=True)
+            self.queue.close()
+        if self.discovery is not None:
+            await self.discovery.stop()
+
+    def rpc_methods(self) -> dict[str, Callable]:
+        methods = super().rpc_methods()
+        if self.queue is None:  # a trainer alone answers none of the queue's methods
+            return {k: v for k, v in methods.items() if k not in QUEUE_METHODS}
+        return methods
+
+    def describe(self) -> dict[str, Any]:
+        caps: dict[str, Any] = {}
+        load: dict[str, Any] = {}
+        if self.queue is not None:
+            caps["queue"] = True
+            load["jobs_queued"] = self.queue.counts().get("queued", 0)
+        if self.worker is not None:
+            described = self.worker.describe()
+            caps.update(described["capabilities"])
+            load.update(described["load"])
+        return {"capabilities": caps, "load": load}
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"mode": self.config.mode}
+        if self.queue is not None:
+            out["jobs"] = self.queue.counts()
+        if self.worker is not None:
+            out["training"] = sorted(self.worker.running)
+        return out
+
+    # --- finding the other services -----------------------------------------------------------
+
+    async def _view(self) -> Discovery:
+        assert self.ctx is not None
+        if self.discovery is None:
+            self.discovery = await Discovery(self.ctx.agent).start()
+        return self.discovery
+
+    async def _find(self, capability: dict[str, Any] | None, plugin: str) -> str:
+        view = await self._view()
+        with contextlib.suppress(TimeoutError):  # kept announcements arrive within moments
+            async with asyncio.timeout(DISCOVERY_WAIT):
+                while not view.select(plugin=plugin, capability=capability):
+                    view.changed.clear()
+                    await view.changed.wait()
+        found = view.select(plugin=plugin, capability=capability)
+        if not found:
+            what = "training queue" if capability else f"{plugin} plugin"
+            raise NoResponder(f"no agent offering the {what} is online")
+        return f"{found[0].name}/{plugin}"
+
+    async def _queue_address(self) -> str:
+        if self.config.queue:
+            return _with_plugin(self.config.queue, PLUGIN)
+        if self.queue is not None:
+            assert self.ctx is not None
+            return self.ctx.address
+        return await self._find({"queue": True}, PLUGIN)
+
+    async def _storage_address(self) -> str:
+        if self.config.storage:
+            return _with_plugin(self.config.storage, "storage")
+        return await self._find(None, "storage")
+
+    # --- queue upkeep -------------------------------------------------------------------------
+
+    def _publish(self, subject: str, data: dict[str, Any]) -> None:
+        assert self.ctx is not None
+        task = asyncio.create_task(self.ctx.publish(subject, data))
+        self.tasks.add(task)
+        task.add_done_callback(self._published)
+
+    def _published(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            assert self.ctx is not None  # kept in the queue's event log all the same
+            self.ctx.log.info("training.publish_failed", error=task.exception())
+
+    async def _watchdog(self) -> None:
+        assert self.queue is not None
+        view = await self._view()
+        tick = min(1.0, self.config.lost_after / 4)
+        while True:
+            lost = {n for n, e in view.entries.items() if e.status is Status.LOST}
+            for job in self.queue.sweep(lost):
+                assert self.ctx is not None
+                self.ctx.log.info("training.trainer_lost", job=job.id, state=job.state)
+            counts = self.queue.counts()
+            self.queued.set(counts.get("queued", 0))
+            self.training.set(counts.get("training", 0))
+            await asyncio.sleep(tick)
+
+    # --- RPC: users (through the gateway, the CLI) --------------------------------------------
+
+    def _client(self, call: CallInfo, what: str) -> JobQueue:
+        if not call.caller.has_role(*CLIENT_ROLES):
+            raise Forbidden(f"{call.caller.name} may not {what}: it needs one of the roles "
+                            f"{', '.join(CLIENT_ROLES)}")  # fmt: skip
+        assert self.queue is not None
+        return self.queue
+
+    async def _check_datasets(self, request: SubmitRequest) -> None:
+        """Each dataset exists and belongs to the job's owner or project."""
+        assert self.ctx is not None
+        storage = await self._storage_address()
+        for dataset in request.options.dataset:
+            # DatasetNotFound (or the storage agent being unreachable) reaches the caller as is.
+            record = await describe_dataset(self.ctx.agent, storage, dataset, DATASET_CHECK_TIMEOUT)
+            if request.options.stage == "sft" and record.kind == "pt":
+                raise InvalidRequest(
+                    f"dataset {dataset} is raw text (pt): an sft job needs conversations; "
+                    'use stage "pt" or a chat, Alpaca or ShareGPT dataset'
+                )
+            mine = record.owner == request.owner
+            ours = request.project is not None and record.project == request.project
+            if not (mine or ours):
+                raise Forbidden(
+                    f"dataset {dataset} belongs to {record.owner!r}, not to {request.owner!r}"
+                    + (f" nor to project {request.project!r}" if request.project else "")
+                )
+
+    @rpc()
+    async def submit(self, params: Any, call: CallInfo) -> dict[str, Any]:
+        queue = self._client(call, "submit training jobs")
+        request = parse(SubmitRequest, params, "job submission")
+        await self._check_datasets(request)
+        job = queue.submit(request.owner, request.project, request.options)
+        assert self.ctx is not None
+        self.ctx.log.info("training.submitted", job=job.id, owner=job.owner, by=call.caller.name)
+        return job.model_dump(mode="json")
+
+    @rpc()
+    async def jobs(self, params: Any, call: CallInfo) -> list[dict[str, Any]]:
+        queue = self._client(call, "list training jobs")
+        query = parse(JobQuery, params or {}, "job query")
+        return [j.model_dump(mode="json") for j in queue.find(query)]
+
+    @rpc()
+    async def job(self, params: Any, call: CallInfo) -> dict[str, Any]:
+        queue = self._client(call, "read training jobs")
+        return queue.get(parse(JobRef, params, "job reference").id).model_dump(mode="json")
+
+    @rpc()
+    async def cancel(self, params: Any, call: CallInfo) -> dict[str, Any]:
+        queue = self._client(call, "cancel training jobs")
+        request = parse(CancelRequest, params, "cancel request")
+        admin = call.caller.has_role(*ADMIN_ROLES)
+        job = queue.cancel(request.id, request.owner, admin)
+        assert self.ctx is not None
+        self.ctx.log.info("training.cancelled", job=job.id, by=call.caller.name)
+        return job.model_dump(mode="json")
+
+    @rpc()
+    async def events(self, params: Any, call: CallInfo) -> list[dict[str, Any]]:
+        queue = self._client(call, "read training events")
+        request = parse(EventsRequest, params, "events request")
+        return queue.events(request.id, request.after)
+
+    # --- RPC: trainers ------------------------------------------------------------------------
+
+    def _trainer(self, call: CallInfo) -> JobQueue:
+        if not call.caller.has_role(*TRAINER_ROLES):
+            raise Forbidden(f"{call.caller.name} is not a trainer (it needs the training role)")
+        assert self.queue is not None
+        return self.queue
+
+    @rpc()
+    async def claim(self, params: Any, call: CallInfo) -> dict[str, Any] | None:
+        queue = self._trainer(call)
+        request = parse(ClaimRequest, params, "claim")
+        job = queue.claim(call.caller.name, request.capacity, request.device)
+        return None if job is None else job.model_dump(mode="json")
+
+    @rpc()
+    async def heartbeat(self, params: Any, call: CallInfo) -> dict[str, Any]:
+        queue = self._trainer(call)
+        beat = parse(HeartbeatRequest, params, "heartbeat")
+        return queue.heartbeat(call.caller.name, beat).model_dump()
+
+    @rpc()
+    async def finish(self, params: Any, call: CallInfo) -> dict[str, Any]:
+        queue = self._trainer(call)
+        done = parse(FinishRequest, params, "finish report")
+        return {"accepted": queue.finish(call.caller.name, done)}
