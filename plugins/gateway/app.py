@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from atoll.agent.prometheus import prometheus_text
 from atoll.plugins.gateway import contract as c
+from atoll.plugins.gateway import finetune
 from atoll.plugins.gateway import openai_api as api
 from atoll.plugins.gateway.accounts import Principal
 from atoll.plugins.gateway.admin import AdminRPC, plain
@@ -241,6 +242,8 @@ def create_app(gw: Gateway) -> FastAPI:
         if response_format in ("text", "srt", "vtt"):
             return PlainTextResponse(result.text)
         return result.body if isinstance(result.body, dict) else {"text": result.text}
+
+    finetune.install(app, gw, User)
 
     # --- LoRAX -----------------------------------------------------------------------------
 

@@ -42,6 +42,8 @@ class GatewayConfig(BaseModel):
     request_timeout: float = Field(120.0, gt=0)  # deadline of one request: 504 after it
     retry_attempts: int = Field(3, ge=1, le=10)  # nodes tried before the first token
     bootstrap_admin: bool = True
+    storage: str | None = None  # agent of the storage plugin (files); None: discovery
+    queue: str | None = None  # agent of the training queue (fine-tuning); None: discovery
 
     @field_validator("listen")
     @classmethod
@@ -76,6 +78,8 @@ class GatewayPlugin(Plugin):
             metrics=ctx.metrics,
             request_timeout=config.request_timeout,
             max_body_bytes=config.max_body_bytes,
+            storage=config.storage,
+            queue=config.queue,
         )
         self.admin = AdminRPC(self.accounts)
         # New adapters (uploaded, or made by a training job) become usable by their owner or

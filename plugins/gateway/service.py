@@ -57,8 +57,13 @@ class Gateway:
         metrics: MetricsRegistry,
         request_timeout: float,
         max_body_bytes: int,
+        storage: str | None = None,
+        queue: str | None = None,
     ) -> None:
         self.started = time.time()
+        self.agent = router.agent
+        self.storage = storage  # the storage agent (files); None: found by discovery
+        self.queue = queue  # the training queue's agent (fine-tuning); None: discovery
         self.accounts = accounts
         self.limiter = limiter
         self.router = router
@@ -135,6 +140,20 @@ class Gateway:
             code="model_not_found",
             param="model",
         )
+
+    def storage_address(self) -> str:
+        return self.storage or self._service("storage", None, "no storage agent is online")
+
+    def queue_address(self) -> str:
+        return self.queue or self._service(
+            "training", {"queue": True}, "no training queue is online"
+        )
+
+    def _service(self, plugin: str, capability: dict[str, Any] | None, missing: str) -> str:
+        found = self.watch.discovery.select(plugin=plugin, capability=capability)
+        if not found:
+            raise GatewayError(503, missing, code="no_capacity")
+        return f"{found[0].name}/{plugin}"
 
     def default_base(self) -> str:
         """The base model when a request names none (LoRAX's API has no model field): the only

@@ -1,0 +1,341 @@
+"""OpenAI's files and fine-tuning API at the gateway: a file is a dataset in the storage agent's
+registry, a fine-tuning job is a job in the training queue, and its ``fine_tuned_model`` is the
+adapter the job registers (usable at once by its owner or project). The shapes are OpenAI's, so
+the openai SDK's ``files`` and ``fine_tuning.jobs`` work unchanged."""
+
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, File, Form, UploadFile
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from atoll.agent.errors import AtollError, InvalidRequest
+from atoll.plugins.gateway.accounts import Principal
+from atoll.plugins.gateway.errors import GatewayError, from_platform
+from atoll.plugins.gateway.service import Gateway
+from atoll.plugins.storage.contract import (
+    DatasetRecord,
+    delete_dataset,
+    describe_dataset,
+    fetch_dataset,
+    list_datasets,
+    upload_dataset,
+)
+from atoll.plugins.training.contract import (
+    JobOptions,
+    JobRecord,
+    cancel_job,
+    get_job,
+    job_events,
+    list_jobs,
+    submit_job,
+)
+
+BASE_LEARNING_RATE = 1e-4  # what learning_rate_multiplier multiplies
+STATUS = {
+    "created": "validating_files",
+    "queued": "queued",
+    "training": "running",
+    "completed": "succeeded",
+    "failed": "failed",
+    "cancelled": "cancelled",
+}
+
+
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str = "fine-tune"
+    status: str = "processed"
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileObject]
+    has_more: bool = False
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
+
+
+class Hyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: int | Literal["auto"] = "auto"
+    batch_size: int | Literal["auto"] = "auto"
+    learning_rate_multiplier: float | Literal["auto"] = "auto"
+
+
+class CreateJob(BaseModel):
+    """OpenAI's body, plus ``options``: any of Table I's training options for this platform."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+    training_file: str
+    validation_file: str | None = None
+    hyperparameters: Hyperparameters | None = None
+    suffix: str | None = None
+    seed: int | None = None
+    options: dict[str, Any] = {}
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class FineTuningJob(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    error: JobError | None = None
+    fine_tuned_model: str | None = None
+    finished_at: int | None = None
+    hyperparameters: dict[str, Any]
+    model: str
+    organization_id: str
+    result_files: list[str] = []
+    seed: int
+    status: str
+    trained_tokens: int | None = None
+    training_file: str
+    validation_file: str | None = None
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningJob]
+    has_more: bool = False
+
+
+class JobEvent(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: Literal["info", "warn", "error"] = "info"
+    message: str
+    data: dict[str, Any] | None = None
+    type: Literal["message", "metrics"] = "message"
+
+
+class EventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobEvent]
+    has_more: bool = False
+
+
+def file_object(record: DatasetRecord) -> FileObject:
+    return FileObject(
+        id=record.id, bytes=record.bytes, created_at=int(record.created), filename=record.filename
+    )
+
+
+def job_object(job: JobRecord) -> FineTuningJob:
+    o = job.options
+    error = None
+    if job.state == "failed":
+        error = JobError(code="training_failed", message=job.error or "the job failed")
+    return FineTuningJob(
+        id=job.id,
+        created_at=int(job.created_at),
+        error=error,
+        fine_tuned_model=job.adapter_id if job.state == "completed" else None,
+        finished_at=int(job.finished_at) if job.finished_at else None,
+        hyperparameters={
+            "n_epochs": o.num_train_epochs,
+            "batch_size": o.per_device_train_batch_size,
+            "learning_rate_multiplier": o.learning_rate / BASE_LEARNING_RATE,
+        },
+        model=o.model_name_or_path,
+        organization_id=job.project or job.owner,
+        seed=o.seed,
+        status=STATUS[job.state],
+        training_file=o.dataset[0],
+    )
+
+
+def event_object(job_id: str, event: dict[str, Any]) -> JobEvent:
+    kind = event.get("type")
+    at = int(event.get("at") or 0)
+    seq = event.get("seq", 0)
+    if kind == "log":
+        data = {k: event[k] for k in ("step", "epoch", "loss", "learning_rate") if k in event}
+        loss = event.get("loss")
+        message = f"Step {event.get('step')}: training loss={loss}" if loss is not None else "log"
+        return JobEvent(
+            id=f"{job_id}-{seq}", created_at=at, message=message, data=data, type="metrics"
+        )
+    level = "error" if event.get("state") == "failed" else "info"
+    message = str(event.get("message") or event.get("state") or kind or "event")
+    return JobEvent(id=f"{job_id}-{seq}", created_at=at, level=level, message=message, data=event)
+
+
+def job_options(body: CreateJob) -> JobOptions:
+    """OpenAI's hyperparameters as Table I's options (``options`` overrides and extends)."""
+    hp = body.hyperparameters or Hyperparameters()
+    opts: dict[str, Any] = {"model_name_or_path": body.model, "dataset": [body.training_file]}
+    if hp.n_epochs != "auto":
+        opts["num_train_epochs"] = float(hp.n_epochs)
+    if hp.batch_size != "auto":
+        opts["per_device_train_batch_size"] = hp.batch_size
+    if hp.learning_rate_multiplier != "auto":
+        opts["learning_rate"] = BASE_LEARNING_RATE * hp.learning_rate_multiplier
+    if body.suffix is not None:
+        opts["suffix"] = body.suffix
+    if body.seed is not None:
+        opts["seed"] = body.seed
+    opts |= body.options
+    try:
+        return JobOptions.model_validate(opts)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "options"
+        raise GatewayError(400, f"{where}: {first['msg']}", param=where) from None
+
+
+def install(app: FastAPI, gw: Gateway, user: Any) -> None:
+    """Add the routes; ``user`` is the authenticated-caller dependency of app.py."""
+
+    async def platform(call: Any) -> Any:
+        try:
+            return await call
+        except GatewayError:
+            raise
+        except AtollError as exc:
+            if isinstance(exc, InvalidRequest):
+                raise GatewayError(400, exc.message) from None
+            if type(exc).__name__ in ("DatasetNotFound", "JobNotFound"):
+                raise GatewayError(404, exc.message, code="not_found") from None
+            if type(exc).__name__ in ("DatasetInvalid", "JobFinished"):
+                raise GatewayError(400, exc.message) from None
+            raise from_platform(exc) from None
+
+    def may_see(principal: Principal, owner: str, project: str | None) -> bool:
+        if principal.admin or owner == principal.user:
+            return principal.project is None or project == principal.project
+        if project is None:
+            return False
+        members = {m.user for m in gw.accounts.members(project)}
+        return principal.user in members and principal.project in (None, project)
+
+    async def dataset(principal: Principal, file_id: str) -> DatasetRecord:
+        record = await platform(describe_dataset(gw.agent, gw.storage_address(), file_id))
+        if not may_see(principal, record.owner, record.project):
+            raise GatewayError(404, f"no file {file_id!r}", code="not_found", param="file_id")
+        return record
+
+    async def job(principal: Principal, job_id: str) -> JobRecord:
+        record = await platform(get_job(gw.agent, gw.queue_address(), job_id))
+        if not may_see(principal, record.owner, record.project):
+            raise GatewayError(404, f"no fine-tuning job {job_id!r}", code="not_found")
+        return record
+
+    @app.post("/v1/files", response_model=FileObject)
+    async def upload_file(
+        principal: user,
+        file: Annotated[UploadFile, File()],
+        purpose: Annotated[str, Form()] = "fine-tune",
+    ) -> Any:
+        if purpose != "fine-tune":
+            raise GatewayError(400, f"purpose {purpose!r}: only fine-tune files are kept")
+        filename = Path(file.filename or "dataset.jsonl").name
+        with tempfile.TemporaryDirectory(prefix="atoll-upload-") as tmp:
+            path = Path(tmp) / filename
+            with path.open("wb") as out:
+                while chunk := await file.read(1 << 20):
+                    out.write(chunk)
+            record = await platform(
+                upload_dataset(
+                    gw.agent,
+                    gw.storage_address(),
+                    path,
+                    Path(filename).stem or "dataset",
+                    principal.user,
+                    principal.project,
+                    filename=filename,
+                )
+            )
+        gw.accounts.audit(principal.user, "file.upload", record.id, {"filename": filename})
+        return file_object(record)
+
+    @app.get("/v1/files", response_model=FileList)
+    async def files(principal: user) -> Any:
+        records = await platform(list_datasets(gw.agent, gw.storage_address()))
+        visible = [r for r in records if may_see(principal, r.owner, r.project)]
+        return FileList(data=[file_object(r) for r in visible])
+
+    @app.get("/v1/files/{file_id}", response_model=FileObject)
+    async def file_info(principal: user, file_id: str) -> Any:
+        return file_object(await dataset(principal, file_id))
+
+    @app.get("/v1/files/{file_id}/content")
+    async def file_content(principal: user, file_id: str) -> Response:
+        await dataset(principal, file_id)
+        with tempfile.TemporaryDirectory(prefix="atoll-download-") as tmp:
+            dest = Path(tmp) / "content"
+            await platform(
+                fetch_dataset(gw.agent, gw.storage_address(), file_id, dest, as_="original")
+            )
+            return Response(dest.read_bytes(), media_type="application/octet-stream")
+
+    @app.delete("/v1/files/{file_id}", response_model=FileDeleted)
+    async def file_delete(principal: user, file_id: str) -> Any:
+        await dataset(principal, file_id)
+        await platform(delete_dataset(gw.agent, gw.storage_address(), file_id))
+        gw.accounts.audit(principal.user, "file.delete", file_id, {})
+        return FileDeleted(id=file_id)
+
+    @app.post("/v1/fine_tuning/jobs", response_model=FineTuningJob)
+    async def create_job(principal: user, body: CreateJob) -> Any:
+        if body.validation_file is not None:
+            raise GatewayError(400, "validation_file is not supported yet", param="validation_file")
+        options = job_options(body)
+        for file_id in options.dataset:
+            await dataset(principal, file_id)
+        record = await platform(
+            submit_job(gw.agent, gw.queue_address(), principal.user, options, principal.project)
+        )
+        gw.accounts.audit(principal.user, "fine_tuning.create", record.id, {"model": body.model})
+        return job_object(record)
+
+    @app.get("/v1/fine_tuning/jobs", response_model=JobList)
+    async def jobs(principal: user, limit: int = 20, after: str | None = None) -> Any:
+        records = await platform(list_jobs(gw.agent, gw.queue_address()))
+        visible = [r for r in records if may_see(principal, r.owner, r.project)]
+        visible.sort(key=lambda r: r.created_at, reverse=True)
+        if after is not None:
+            ids = [r.id for r in visible]
+            visible = visible[ids.index(after) + 1 :] if after in ids else []
+        limit = max(1, min(limit, 100))
+        return JobList(data=[job_object(r) for r in visible[:limit]], has_more=len(visible) > limit)
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}", response_model=FineTuningJob)
+    async def job_info(principal: user, job_id: str) -> Any:
+        return job_object(await job(principal, job_id))
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/cancel", response_model=FineTuningJob)
+    async def job_cancel(principal: user, job_id: str) -> Any:
+        record = await job(principal, job_id)
+        cancelled = await platform(
+            cancel_job(gw.agent, gw.queue_address(), job_id, owner=record.owner)
+        )
+        gw.accounts.audit(principal.user, "fine_tuning.cancel", job_id, {})
+        return job_object(cancelled)
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/events", response_model=EventList)
+    async def job_event_list(principal: user, job_id: str, limit: int = 20) -> Any:
+        await job(principal, job_id)
+        events = await platform(job_events(gw.agent, gw.queue_address(), job_id))
+        limit = max(1, min(limit, 1000))
+        newest = [event_object(job_id, e) for e in reversed(events)]  # OpenAI: newest first
+        return EventList(data=newest[:limit], has_more=len(newest) > limit)
