@@ -606,15 +606,22 @@ def up(
     if op.init():
         out.print(f"initialised {data_dir}")
     agent_dir = data_dir / "agents" / ISLAND
+    roles = ["admin", "operator", "gateway", "training"]  # the island runs every plugin
     try:
         keys = AgentKeys.load(agent_dir)
+        if set(keys.ident.roles) != set(roles):  # a data dir from an older release
+            raise FileNotFoundError
     except FileNotFoundError:
-        keys = AgentKeys.issue(op, DEFAULT_TENANT, ISLAND, ["admin", "operator"])
+        keys = AgentKeys.issue(op, DEFAULT_TENANT, ISLAND, roles)
         keys.save(agent_dir)
 
     async def main() -> None:
         server = await BrokerServer.from_data_dir(data_dir, advertise=advertise).start(host, port)
-        plugins: dict[str, dict[str, Any]] = {"storage": {}, "gateway": {"listen": gateway}}
+        plugins: dict[str, dict[str, Any]] = {
+            "storage": {},
+            "gateway": {"listen": gateway},
+            "training": {"mode": "both", "queue": f"{ISLAND}/training"},
+        }
         if inference != "none":
             local = {"model": model}
             plugins["inference"] = {
@@ -835,6 +842,224 @@ def users_list(
 ) -> None:
     """Gateway users."""
     show(gateway_call(data_dir, tenant, broker, gateway, "users_list", {}))
+
+
+# --- datasets and training jobs (storage and training plugins, as a tenant admin) -------------
+
+datasets_app = typer.Typer(help="Datasets in the storage agent's registry (immutable, versioned).")
+train_app = typer.Typer(help="LoRA training jobs on the training queue.")
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(train_app, name="train")
+Storage = Annotated[str, typer.Option("--storage", help="Agent running the storage plugin.")]
+Queue = Annotated[str, typer.Option("--queue", help="Agent running the training queue.")]
+Owner = Annotated[str, typer.Option(help="The user it belongs to.")]
+
+
+def admin_run(data_dir: Path, tenant: str, broker: str, work: Any) -> Any:
+    """``await work(agent)`` as a short-lived tenant admin; platform errors end the command."""
+    op = operator_store(data_dir)
+
+    async def main() -> Any:
+        async with admin_session(op, tenant, [broker]) as agent:
+            return await work(agent)
+
+    return run_async(main())
+
+
+@datasets_app.command("upload")
+def datasets_upload(
+    path: Path,
+    data_dir: DataDir,
+    owner: Owner,
+    name: Annotated[str | None, typer.Option(help="Dataset name (default: the file's).")] = None,
+    project: Annotated[str | None, typer.Option()] = None,
+    format: Annotated[str | None, typer.Option(help="alpaca, sharegpt, chat or text.")] = None,
+    tenant: Tenant = DEFAULT_TENANT,
+    broker: BrokerUrl = LOCAL_BROKER,
+    storage: Storage = ISLAND,
+) -> None:
+    """Upload, validate and register a dataset (a new version if NAME exists)."""
+    from atoll.plugins.storage.contract import upload_dataset
+
+    async def work(agent: Agent) -> Any:
+        return await upload_dataset(
+            agent,
+            storage,
+            path,
+            name or path.stem,
+            owner,
+            project,
+            format,  # type: ignore[arg-type]
+        )
+
+    show(admin_run(data_dir, tenant, broker, work).model_dump(mode="json"))
+
+
+@datasets_app.command("list")
+def datasets_list(
+    data_dir: DataDir,
+    owner: Annotated[str | None, typer.Option()] = None,
+    tenant: Tenant = DEFAULT_TENANT,
+    broker: BrokerUrl = LOCAL_BROKER,
+    storage: Storage = ISLAND,
+) -> None:
+    """Registered datasets: id, name, version, format, rows, tokens."""
+    from atoll.plugins.storage.contract import list_datasets
+
+    records = admin_run(data_dir, tenant, broker, lambda a: list_datasets(a, storage, owner))
+    table = Table("id", "name", "v", "format", "rows", "tokens", "owner", box=None)
+    for r in records:
+        table.add_row(r.id, r.name, str(r.version), r.format, str(r.rows), str(r.tokens), r.owner)
+    out.print(table)
+
+
+@datasets_app.command("show")
+def datasets_show(
+    dataset_id: str,
+    data_dir: DataDir,
+    tenant: Tenant = DEFAULT_TENANT,
+    broker: BrokerUrl = LOCAL_BROKER,
+    storage: Storage = ISLAND,
+) -> None:
+    """One dataset's metadata and de-duplication report."""
+    from atoll.plugins.storage.contract import describe_dataset
+
+    record = admin_run(data_dir, tenant, broker, lambda a: describe_dataset(a, storage, dataset_id))
+    show(record.model_dump(mode="json"))
+
+
+@datasets_app.command("delete")
+def datasets_delete(
+    dataset_id: str,
+    data_dir: DataDir,
+    tenant: Tenant = DEFAULT_TENANT,
+    broker: BrokerUrl = LOCAL_BROKER,
+    storage: Storage = ISLAND,
+) -> None:
+    """Delete a dataset version."""
+    from atoll.plugins.storage.contract import delete_dataset
+
+    admin_run(data_dir, tenant, broker, lambda a: delete_dataset(a, storage, dataset_id))
+    out.print(f"deleted {dataset_id}")
+
+
+@train_app.command("submit")
+def train_submit(
+    data_dir: DataDir,
+    owner: Owner,
+    model: Annotated[str, typer.Option(help="Base model (as inference nodes serve it).")],
+    dataset: Annotated[list[str], typer.Option(help="Dataset id(s).")],
+    project: Annotated[str | None, typer.Option()] = None,
+    option: Annotated[
+        list[str], typer.Option(help="Any Table I option KEY=VALUE (JSON values), repeatable.")
+    ] = [],  # noqa: B006
+    tenant: Tenant = DEFAULT_TENANT,
+    broker: BrokerUrl = LOCAL_BROKER,
+    queue: Queue = ISLAND,
+) -> None:
+    """Queue a LoRA training job; prints its id."""
+    from atoll.plugins.training.contract import submit_job
+
+    options: dict[str, Any] = {"model_name_or_path": model, "dataset": dataset}
+    for item in option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            fail(f"--option {item!r} is not KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    job = admin_run(
+        data_dir, tenant, broker, lambda a: submit_job(a, queue, owner, options, project)
+    )
+    out.print(job.id, highlight=False)
+
+
+@train_app.command("list")
+def train_list(
+    data_dir: DataDir,
+    owner: Annotated[str | None, typer.Option()] = None,
+    tenant: Tenant = DEFAULT_TENANT,
+    broker: BrokerUrl = LOCAL_BROKER,
+    queue: Queue = ISLAND,
+) -> None:
+    """Training jobs, newest first."""
+    from atoll.plugins.training.contract import list_jobs
+
+    jobs = admin_run(data_dir, tenant, broker, lambda a: list_jobs(a, queue, owner))
+    table = Table("id", "state", "owner", "model", "trainer", "adapter", box=None)
+    for j in jobs:
+        model = j.options.model_name_or_path
+        table.add_row(j.id, j.state, j.owner, model, j.trainer or "", j.adapter_id or j.error or "")
+    out.print(table)
+
+
+@train_app.command("status")
+def train_status(
+    job_id: str,
+    data_dir: DataDir,
+    tenant: Tenant = DEFAULT_TENANT,
+    broker: BrokerUrl = LOCAL_BROKER,
+    queue: Queue = ISLAND,
+) -> None:
+    """One job: state, timestamps, progress, final statistics."""
+    from atoll.plugins.training.contract import get_job
+
+    show(admin_run(data_dir, tenant, broker, lambda a: get_job(a, queue, job_id)).model_dump())
+
+
+@train_app.command("cancel")
+def train_cancel(
+    job_id: str,
+    data_dir: DataDir,
+    tenant: Tenant = DEFAULT_TENANT,
+    broker: BrokerUrl = LOCAL_BROKER,
+    queue: Queue = ISLAND,
+) -> None:
+    """Cancel a job (its training process is stopped)."""
+    from atoll.plugins.training.contract import cancel_job
+
+    job = admin_run(data_dir, tenant, broker, lambda a: cancel_job(a, queue, job_id))
+    out.print(f"{job.id}: {job.state}")
+
+
+@train_app.command("logs")
+def train_logs(
+    job_id: str,
+    data_dir: DataDir,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Until the job ends.")] = False,
+    tenant: Tenant = DEFAULT_TENANT,
+    broker: BrokerUrl = LOCAL_BROKER,
+    queue: Queue = ISLAND,
+) -> None:
+    """A job's events; with --follow, a live progress bar with the loss until it ends."""
+    from atoll.plugins.training.contract import follow_events, get_job, job_events
+
+    async def work(agent: Agent) -> str:
+        if not follow:
+            for event in await job_events(agent, queue, job_id):
+                out.print(event.get("message", event), highlight=False)
+            return (await get_job(agent, queue, job_id)).state
+        columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[loss]}"))
+        with Progress(*columns, console=err, transient=False) as bar:
+            task = bar.add_task(job_id, total=None, loss="")
+            async for event in follow_events(agent, queue, job_id):
+                if event.get("type") == "log":
+                    loss = event.get("loss")
+                    bar.update(
+                        task,
+                        total=event.get("max_steps"),
+                        completed=event.get("step", 0),
+                        loss=f"loss {loss:.4f}" if isinstance(loss, float) else "",
+                    )
+                elif event.get("message"):
+                    bar.console.print(event["message"], highlight=False)
+        return (await get_job(agent, queue, job_id)).state
+
+    state = admin_run(data_dir, tenant, broker, work)
+    out.print(f"{job_id}: {state}")
+    if follow and state != "completed":
+        raise typer.Exit(1)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -167,7 +167,7 @@ def test_up_starts_island_and_stops_on_ctrl_c(tmp_path: Path, procs) -> None:
     assert '"pong": true' in pong.stdout
     listed = json.loads(atoll("agents", "--json", "-d", str(data), "--broker", url).stdout)
     assert [(a["name"], a["status"]) for a in listed] == [("island", "ACTIVE")]
-    assert listed[0]["plugins"] == ["system", "storage", "gateway", "inference"]
+    assert listed[0]["plugins"] == ["system", "storage", "gateway", "training", "inference"]
     assert listed[0]["age_s"] < 5
     # Gateway administration from the CLI, then the key at the OpenAI-compatible API.
     admin = ["-d", str(data), "--broker", url]
@@ -190,6 +190,41 @@ def test_up_starts_island_and_stops_on_ctrl_c(tmp_path: Path, procs) -> None:
     assert refused.status_code == 401
     missing = atoll("keys", "create", "nobody", *admin, check=False)
     assert missing.returncode == 1 and "nobody" in missing.stderr
+    # Datasets and training jobs from the CLI.
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"instruction": "hi", "output": "hello"}\n{"instruction": "a"}\n')
+    refused = atoll("datasets", "upload", str(rows), "--owner", "alice", *admin, check=False)
+    assert refused.returncode == 1 and "line 2" in refused.stderr
+    rows.write_text('{"instruction": "hi", "output": "hello"}\n')
+    record = json.loads(atoll("datasets", "upload", str(rows), "--owner", "alice", *admin).stdout)
+    assert record["rows"] == 1 and record["format"] == "alpaca" and record["version"] == 1
+    assert record["id"] in atoll("datasets", "list", *admin).stdout
+    job_id = atoll(
+        "train",
+        "submit",
+        "--owner",
+        "alice",
+        "--model",
+        "no-such-model",
+        "--dataset",
+        record["id"],
+        "--option",
+        "lora_rank=4",
+        *admin,
+    ).stdout.strip()
+    assert job_id.startswith("ftjob-")
+    deadline = time.monotonic() + 60
+    while (state := json.loads(atoll("train", "status", job_id, *admin).stdout)["state"]) not in (
+        "failed",
+        "completed",
+    ):
+        assert time.monotonic() < deadline, state
+        time.sleep(0.5)
+    assert state == "failed"  # the trainer cannot find that model: failed with the reason
+    logs = atoll("train", "logs", job_id, *admin)
+    assert "no-such-model" in logs.stdout and f"{job_id}: failed" in logs.stdout
+    atoll("datasets", "delete", record["id"], *admin)
+    assert record["id"] not in atoll("datasets", "list", *admin).stdout
     request = json.dumps({"prompt": "hello island", "params": {"max_new_tokens": 4}})
     reply = atoll(
         "call",
