@@ -53,13 +53,12 @@ from atoll.tuning import tune_malloc
 from harness import (
     CpuClock,
     broker_child,
-    die_with_parent,
     pct,
     profiled,
     run_main,
+    script_child,
     serve_lines,
     setup_logging,
-    stop_process,
 )
 
 if TYPE_CHECKING:
@@ -140,23 +139,8 @@ class Child:
 
 @contextlib.asynccontextmanager
 async def child(name: str, *args: str, profile: Path | None = None) -> AsyncIterator[Child]:
-    cmd = [sys.executable, str(HERE), *args]
-    if profile is not None:
-        cmd += ["--child-profile", str(profile)]
-    proc = await asyncio.create_subprocess_exec(
-        *cmd,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        preexec_fn=die_with_parent,
-    )
-    try:
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 30)
-        if not line.strip():
-            raise RuntimeError(f"{name} child did not start (status {proc.returncode})")
-        yield Child(name, proc, line.decode().strip())
-    finally:
-        await stop_process(proc, name)
+    async with script_child(HERE, name, *args, profile=profile) as (proc, ready):
+        yield Child(name, proc, ready)
 
 
 class FsyncClock:

@@ -41,7 +41,6 @@ import secrets
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from asyncio.subprocess import Process
@@ -60,6 +59,7 @@ from harness import (
     pct,
     profiled,
     run_main,
+    script_child,
     serve_lines,
     setup_logging,
     stop_process,
@@ -259,31 +259,6 @@ async def gateway_ready(plugin: GatewayPlugin) -> dict[str, str]:
     plugin.accounts.create_user(USER, actor="bench")
     _, key = plugin.accounts.create_key(USER, name="bench", actor="bench")
     return {"url": plugin.url, "key": key}
-
-
-@contextlib.asynccontextmanager
-async def child(
-    name: str, *args: str, profile: Path | None = None, timeout: float = CHILD_START_S
-) -> AsyncIterator[tuple[Process, str]]:
-    """This script as a child; yields it and the line it prints when ready. Its stdin stays a
-    pipe: it exits when that closes, so it cannot outlive us."""
-    cmd = [sys.executable, str(HERE), *args]
-    if profile is not None:
-        cmd += ["--child-profile", str(profile)]
-    proc = await asyncio.create_subprocess_exec(
-        *cmd,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        preexec_fn=die_with_parent,
-    )
-    try:
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), timeout)
-        if not line.strip():
-            raise RuntimeError(f"{name} child did not start (status {proc.returncode})")
-        yield proc, line.decode().strip()
-    finally:
-        await stop_process(proc, name)
 
 
 # --- LiteLLM -----------------------------------------------------------------------------------
@@ -615,7 +590,7 @@ async def main(args: argparse.Namespace, profile_dir: Path | None) -> dict[str, 
 
             async def start(name: str, *flags: str) -> str:
                 proc, line = await stack.enter_async_context(
-                    child(name, *flags, profile=prof(name))
+                    script_child(HERE, name, *flags, profile=prof(name), timeout=CHILD_START_S)
                 )
                 pids[name] = proc.pid
                 return line

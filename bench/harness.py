@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from asyncio.subprocess import Process
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,31 @@ async def stop_process(proc: Process, name: str) -> None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def script_child(
+    script: Path, name: str, *args: str, profile: Path | None = None, timeout: float = 30.0
+) -> AsyncIterator[tuple[Process, str]]:
+    """``script`` run as a child with ``args``; yields the process and the line it prints when
+    ready. Its stdin stays a pipe: it exits when that closes, so it cannot outlive us."""
+    cmd = [sys.executable, str(script), *args]
+    if profile is not None:
+        cmd += ["--child-profile", str(profile)]
+    proc = await asyncio.create_subprocess_exec(
+        *cmd,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        preexec_fn=die_with_parent,
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), timeout)
+        if not line.strip():
+            raise RuntimeError(f"{name} child did not start (status {proc.returncode})")
+        yield proc, line.decode().strip()
+    finally:
+        await stop_process(proc, name)
 
 
 def serve_lines(
