@@ -14,7 +14,7 @@ import json
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -156,8 +156,6 @@ class Entry:
     info: AdapterInfo
     name: str  # peft adapter name
     refs: int = 0
-    components: tuple[str, ...] = ()  # a mixture's adapter ids
-    used_at: float = field(default_factory=time.monotonic)
 
 
 class AdapterCache:
@@ -254,7 +252,6 @@ class AdapterCache:
     # --- internals ---------------------------------------------------------------------------
 
     def _touch(self, entry: Entry) -> None:
-        entry.used_at = time.monotonic()
         self.entries.move_to_end(entry.info.id)
 
     async def _single_flight(self, key: str, make: Callable[[], Awaitable[Entry]]) -> Entry:
@@ -313,7 +310,7 @@ class AdapterCache:
                     load_seconds=time.perf_counter() - started,
                     mixture=True,
                 )
-                entry = Entry(info=info, name=name, components=tuple(p.info.id for p in parts))
+                entry = Entry(info=info, name=name)
                 self.entries[key] = entry
         finally:
             for p in parts:

@@ -91,7 +91,6 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._recent: deque[tuple[float, int]] = deque()
-        self.tokens_total = 0
         self.steps = 0
 
     # --- control (any thread) ----------------------------------------------------------------
@@ -267,7 +266,6 @@ class Engine:
                 self._finish(row, "stop")
             elif row.generated >= row.max_new:
                 self._finish(row, "length")
-        self.tokens_total += produced
         self.steps += 1
         now = time.monotonic()
         self._recent.append((now, produced))
