@@ -17,7 +17,7 @@ from atoll.agent.metrics import MetricsRegistry
 from atoll.agent.watch import TenantWatch
 from atoll.plugins.gateway.accounts import Accounts, Principal, policy_labels
 from atoll.plugins.gateway.errors import GatewayError
-from atoll.plugins.gateway.limits import RateLimiter
+from atoll.plugins.gateway.limits import Permit, RateLimiter
 from atoll.plugins.gateway.openai_api import usage_of
 from atoll.plugins.gateway.router import Router
 from atoll.plugins.inference.contract import (
@@ -196,17 +196,9 @@ class Gateway:
             status = CLIENT_GONE
             raise
         finally:
-            permit.done(tokens)
-            self.accounts.record_usage(
-                principal,
-                request_id=request_id,
-                model=model,
-                adapter=None,
-                prompt_tokens=tokens,
-                completion_tokens=0,
-                status=status,
-                latency_ms=round((time.perf_counter() - started) * 1000, 3),
-                prompt_text=prompt_text,
+            usage = Usage(prompt_tokens=tokens)
+            self._settle(
+                principal, permit, request_id, model, None, usage, status, started, prompt_text
             )
             (self.requests if status == 200 else self.failures).inc()
 
@@ -259,18 +251,17 @@ class Gateway:
             raise
         finally:
             await events.aclose()
-            permit.done(usage.total_tokens)
-            latency = time.perf_counter() - started
-            self.accounts.record_usage(
+            model = target.base or target.model
+            latency = self._settle(
                 principal,
-                request_id=request_id,
-                model=target.base or target.model,
-                adapter=target.adapter_label,
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-                status=status,
-                latency_ms=round(latency * 1000, 3),
-                prompt_text=prompt_text,
+                permit,
+                request_id,
+                model,
+                target.adapter_label,
+                usage,
+                status,
+                started,
+                prompt_text,
             )
             if status == 200:
                 self.requests.inc()
@@ -279,6 +270,34 @@ class Gateway:
                 self.tokens_out.inc(usage.completion_tokens)
             else:
                 self.failures.inc()
+
+    def _settle(
+        self,
+        principal: Principal,
+        permit: Permit,
+        request_id: str,
+        model: str,
+        adapter: str | None,
+        usage: Usage,
+        status: int,
+        started: float,
+        prompt_text: str | None,
+    ) -> float:
+        """A finished request: its tokens to the limits, its row to the ledger; its latency."""
+        permit.done(usage.total_tokens)
+        latency = time.perf_counter() - started
+        self.accounts.record_usage(
+            principal,
+            request_id=request_id,
+            model=model,
+            adapter=adapter,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            status=status,
+            latency_ms=round(latency * 1000, 3),
+            prompt_text=prompt_text,
+        )
+        return latency
 
 
 async def _tagged(stream: Any) -> AsyncIterator[tuple[int, Event]]:
