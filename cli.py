@@ -648,8 +648,14 @@ def up(
                 out.print(f"  plugin   {status['name']}: {status['state']} {detail}".rstrip())
         if "gateway" in rt.host.plugins:
             gw = rt.host.plugins["gateway"]
+            out.print(f"  gateway  {gw.url}/v1  (OpenAI- and LoRAX-compatible API)")
+            out.print(f"  web UI   {gw.url}/ui/")
             key_file = gw.ctx.data_dir / "admin-key"
-            out.print(f"  gateway  {gw.url}/v1  (OpenAI-compatible; admin API key in {key_file})")
+            if gw.new_admin_key:  # the first run: shown here once, and kept 0600 for scripts
+                key = gw.new_admin_key
+                out.print(f"  admin    API key [bold]{key}[/bold] (also in {key_file})")
+            else:
+                out.print(f"  admin    API key in {key_file}")
         out.print("  try      atoll call island ping   |   Ctrl-C to stop")
         try:
             await wait_for_signal(rt.agent)

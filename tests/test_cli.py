@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -162,6 +163,16 @@ def test_up_starts_island_and_stops_on_ctrl_c(tmp_path: Path, procs) -> None:
     text = wait_for_text(tmp_path / "up", "Ctrl-C to stop")
     assert f"ws://127.0.0.1:{port}" in text and "initialised" in text
     assert "plugin   inference: running echo" in text
+    assert f"web UI   http://127.0.0.1:{gw_port}/ui/" in text
+    # The first run shows the admin key once; it opens the UI's session and the admin API.
+    shown = re.search(r"admin    API key (atk_\S+)", text)
+    assert shown, text
+    session = httpx.get(
+        f"http://127.0.0.1:{gw_port}/ui/session",
+        headers={"Authorization": f"Bearer {shown[1]}"},
+        timeout=10,
+    ).json()
+    assert session["user"] == "admin" and session["admin"] is True
     url = f"ws://127.0.0.1:{port}"
     pong = atoll("call", "island", "ping", "-d", str(data), "--broker", url)
     assert '"pong": true' in pong.stdout
@@ -271,7 +282,9 @@ def test_up_starts_island_and_stops_on_ctrl_c(tmp_path: Path, procs) -> None:
         log=tmp_path / "up2",
     )
     procs.append(again)
-    assert "initialised" not in wait_for_text(tmp_path / "up2", "Ctrl-C to stop")
+    second = wait_for_text(tmp_path / "up2", "Ctrl-C to stop")
+    assert "initialised" not in second
+    assert shown[1] not in second and "admin    API key in" in second  # shown once only
 
 
 def test_config_env_overrides_and_errors(tmp_path: Path) -> None:

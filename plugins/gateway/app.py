@@ -8,6 +8,7 @@ import asyncio
 import inspect
 import json
 import logging
+import math
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
@@ -20,7 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from atoll.agent.prometheus import prometheus_text
 from atoll.plugins.gateway import contract as c
-from atoll.plugins.gateway import finetune
+from atoll.plugins.gateway import finetune, webui
 from atoll.plugins.gateway import openai_api as api
 from atoll.plugins.gateway.accounts import Principal
 from atoll.plugins.gateway.admin import AdminRPC, plain
@@ -298,7 +299,7 @@ def create_app(gw: Gateway) -> FastAPI:
 
         async def frames() -> AsyncIterator[bytes]:
             while not await request.is_disconnected():
-                yield api.sse({"agents": plain(gw.watch.rows())})
+                yield api.sse({"agents": finite(plain(gw.watch.rows()))})
                 await asyncio.sleep(FEED_INTERVAL)
 
         return StreamingResponse(frames(), media_type="text/event-stream")
@@ -340,6 +341,7 @@ def create_app(gw: Gateway) -> FastAPI:
     admin_route("/admin/adapters", "list_adapters", "adapters_list", "GET")
     admin_route("/admin/usage", "usage", "usage", "GET")
     admin_route("/admin/audit", "audit", "audit", "GET")
+    webui.install(app, User)
 
     return BodyLimit(app, gw.max_body_bytes)  # type: ignore[return-value]
 
@@ -348,6 +350,18 @@ def _json(body: Any) -> Response:
     """Built and checked by openai_api already: serialised once, not validated again by FastAPI
     (``response_model`` stays on the route for the OpenAPI schema)."""
     return Response(body.model_dump_json(), media_type="application/json")
+
+
+def finite(value: Any) -> Any:
+    """``value`` with NaN and infinities as null: a diverging loss is a gauge value the feed
+    carries, and JSON (the browser's JSON.parse) has no spelling for it."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    return value
 
 
 def _is_lorax(request: Request) -> bool:

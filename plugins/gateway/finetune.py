@@ -110,6 +110,9 @@ class FineTuningJob(BaseModel):
     trained_tokens: int | None = None
     training_file: str
     validation_file: str | None = None
+    # Atoll's own (clients of OpenAI's shape ignore them): the live position and final figures.
+    progress: dict[str, Any] = {}  # step, max_steps, epoch, loss
+    metrics: dict[str, float] = {}  # train_runtime, train_loss, train_samples_per_second, ...
 
 
 class JobList(BaseModel):
@@ -161,6 +164,8 @@ def job_object(job: JobRecord) -> FineTuningJob:
         seed=o.seed,
         status=STATUS[job.state],
         training_file=o.dataset[0],
+        progress=job.progress,
+        metrics=job.metrics,
     )
 
 

@@ -56,6 +56,7 @@ class GatewayConfig(BaseModel):
 
 class GatewayPlugin(Plugin):
     name = "gateway"
+    new_admin_key: str | None = None  # the admin key made at this start (a first start only)
 
     async def start(self, ctx: PluginContext) -> None:
         await super().start(ctx)
@@ -160,4 +161,5 @@ class GatewayPlugin(Plugin):
         path = self.ctx.data_dir / "admin-key"
         write_secret(path, key.encode())
         os.chmod(path, 0o600)
+        self.new_admin_key = key  # for `atoll up` to show once
         self.ctx.log.warning("gateway.admin_key_written", path=str(path))

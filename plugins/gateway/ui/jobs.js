@@ -1,0 +1,200 @@
+// Fine-tuning jobs through OpenAI's /v1/fine_tuning API: a form to start one, the jobs in tables
+// by state, and the selected job's loss / learning-rate / epoch charts, refreshed while it
+// trains, its final statistics, and a way to chat with the adapter it made.
+import { LineChart, formatNumber } from "./charts.js";
+import { cell, formatTime } from "./format.js";
+
+const $ = (id) => document.getElementById(id);
+const POLL_MS = 1500;
+const GROUPS = [
+  ["Created", ["validating_files"]],
+  ["Queued", ["queued"]],
+  ["Training", ["running"]],
+  ["Completed", ["succeeded"]],
+  ["Failed or cancelled", ["failed", "cancelled"]],
+];
+const FINISHED = ["succeeded", "failed", "cancelled"];
+const STATS = {
+  train_loss: "Final training loss",
+  train_runtime: "Training time (s)",
+  train_samples_per_second: "Samples / s",
+  train_steps_per_second: "Steps / s",
+  epoch: "Epochs",
+  total_flos: "FLOs",
+};
+
+export class Jobs {
+  constructor(api, chatWith) {
+    this.api = api;
+    this.chatWith = chatWith;
+    this.selected = null;
+    this.timer = null;
+    this.charts = {
+      loss: new LineChart($("chart-loss"), { title: "Training loss" }),
+      lr: new LineChart($("chart-lr"), { title: "Learning rate" }),
+      epoch: new LineChart($("chart-epoch"), { title: "Epoch" }),
+    };
+    $("job-form").onsubmit = (e) => {
+      e.preventDefault();
+      this.create();
+    };
+    $("job-chat").onclick = () => this.selected && this.chatWith(this.selected.fine_tuned_model);
+    $("job-cancel").onclick = () => this.cancel();
+  }
+
+  show() {
+    this.fillForm();
+    this.poll();
+  }
+
+  hide() {
+    clearTimeout(this.timer);
+    this.timer = null;
+  }
+
+  async fillForm() {
+    try {
+      const [models, files] = await Promise.all([
+        this.api.get("/v1/models"),
+        this.api.get("/v1/files"),
+      ]);
+      const keep = (select, options) => {
+        const value = select.value;
+        select.replaceChildren(...options);
+        if ([...select.options].some((o) => o.value === value)) select.value = value;
+      };
+      keep($("job-model"), models.data.filter((m) => !m.parent).map((m) => new Option(m.id, m.id)));
+      keep($("job-dataset"), files.data.map((f) => new Option(`${f.filename} (${f.id})`, f.id)));
+    } catch (err) {
+      $("job-error").textContent = err.message;
+    }
+  }
+
+  async create() {
+    $("job-error").textContent = "";
+    const body = {
+      model: $("job-model").value,
+      training_file: $("job-dataset").value,
+      hyperparameters: {
+        n_epochs: Number($("job-epochs").value),
+        learning_rate_multiplier: Number($("job-lr").value),
+      },
+      options: {
+        lora_rank: Number($("job-rank").value),
+        logging_steps: Number($("job-logging").value),
+      },
+    };
+    const suffix = $("job-suffix").value.trim();
+    if (suffix) body.suffix = suffix;
+    try {
+      const job = await this.api.post("/v1/fine_tuning/jobs", body);
+      this.select(job);
+    } catch (err) {
+      $("job-error").textContent = err.message;
+    }
+  }
+
+  async cancel() {
+    if (!this.selected) return;
+    try {
+      this.select(await this.api.post(`/v1/fine_tuning/jobs/${this.selected.id}/cancel`, {}));
+    } catch (err) {
+      $("job-error").textContent = err.message;
+    }
+  }
+
+  // Refreshes the tables and the selected job; again in POLL_MS while this tab is shown.
+  async poll() {
+    clearTimeout(this.timer);
+    try {
+      const jobs = (await this.api.get("/v1/fine_tuning/jobs?limit=100")).data;
+      this.renderTables(jobs);
+      if (this.selected) {
+        const fresh = jobs.find((j) => j.id === this.selected.id) ?? this.selected;
+        await this.renderDetail(fresh);
+      }
+    } catch (err) {
+      $("job-error").textContent = err.message;
+    }
+    this.timer = setTimeout(() => this.poll(), POLL_MS);
+  }
+
+  select(job) {
+    this.selected = job;
+    for (const chart of Object.values(this.charts)) {
+      chart.series.clear();
+      chart.draw();
+    }
+    this.poll();
+  }
+
+  renderTables(jobs) {
+    const tables = GROUPS.map(([title, states]) => {
+      const rows = jobs.filter((j) => states.includes(j.status));
+      const card = document.createElement("div");
+      card.className = "card";
+      card.dataset.group = title.toLowerCase().split(" ")[0];
+      const h = document.createElement("h2");
+      h.textContent = `${title} (${rows.length})`;
+      const table = document.createElement("table");
+      table.className = "jobs";
+      const head = table.createTHead().insertRow();
+      for (const t of ["Job", "Base model", "Dataset", "Created", "Progress", "Adapter"]) {
+        const th = document.createElement("th");
+        th.textContent = t;
+        head.append(th);
+      }
+      const body = table.createTBody();
+      for (const j of rows) {
+        const tr = body.insertRow();
+        tr.dataset.id = j.id;
+        tr.classList.toggle("active", j.id === this.selected?.id);
+        tr.onclick = () => this.select(j);
+        tr.append(
+          ...[j.id, j.model, j.training_file, formatTime(j.created_at), progress(j), j.fine_tuned_model].map(cell),
+        );
+      }
+      card.append(h, table);
+      return card;
+    });
+    $("job-tables").replaceChildren(...tables);
+  }
+
+  async renderDetail(job) {
+    this.selected = job;
+    $("job-detail").hidden = false;
+    $("job-detail").dataset.status = job.status;
+    $("job-title").textContent = job.fine_tuned_model ?? job.id;
+    const error = job.error ? ` — ${job.error.message}` : "";
+    $("job-status").textContent = `${job.id}: ${job.status} ${progress(job)}${error}`;
+    $("job-chat").hidden = job.status !== "succeeded";
+    $("job-cancel").hidden = FINISHED.includes(job.status);
+    const events = (await this.api.get(`/v1/fine_tuning/jobs/${job.id}/events?limit=1000`)).data;
+    const logs = events.filter((e) => e.type === "metrics" && e.data).reverse(); // oldest first
+    const series = (key) =>
+      logs.filter((e) => Number.isFinite(e.data[key])).map((e) => [e.data.step, e.data[key]]);
+    this.charts.loss.set("loss", series("loss"));
+    this.charts.lr.set("learning rate", series("learning_rate"));
+    this.charts.epoch.set("epoch", series("epoch"));
+    for (const chart of Object.values(this.charts)) chart.draw();
+    const stats = $("job-stats");
+    stats.replaceChildren();
+    for (const [key, label] of Object.entries(STATS)) {
+      if (!(key in job.metrics)) continue;
+      const dt = document.createElement("dt");
+      dt.textContent = label;
+      const dd = document.createElement("dd");
+      dd.dataset.stat = key;
+      dd.textContent = formatNumber(job.metrics[key]);
+      stats.append(dt, dd);
+    }
+  }
+}
+
+function progress(job) {
+  const p = job.progress || {};
+  if (p.step === undefined) return "";
+  const of = p.max_steps ? `/${p.max_steps}` : "";
+  const loss = Number.isFinite(p.loss) ? `, loss ${formatNumber(p.loss)}` : "";
+  return `step ${p.step}${of}${loss}`;
+}
