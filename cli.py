@@ -28,7 +28,7 @@ from rich.progress import (
 from rich.table import Table
 
 from atoll import logs
-from atoll.agent.config import load_config
+from atoll.agent.config import BrokerSection, load_broker_config, load_config
 from atoll.agent.discovery import Discovery
 from atoll.agent.errors import AtollError, ConnectionLost
 from atoll.agent.files import get_file, put_file
@@ -256,19 +256,7 @@ def agent_run(config: Annotated[Path, typer.Option(help="Agent TOML config.")]) 
     async def main() -> None:
         server = None
         if cfg.broker is not None:  # this agent also runs a broker for its island
-            b = cfg.broker
-            tls = server_tls(b.tls_cert, b.tls_key) if b.tls_cert and b.tls_key else None
-            server = BrokerServer.from_data_dir(
-                cfg.agent.data_dir,
-                max_message=b.max_message,
-                queue_limit=b.queue_limit,
-                ssl_context=tls,
-                peers=b.peers,
-                peer_ssl=client_tls(cfg.agent.ca_file),
-                advertise=b.advertise,
-            )
-            await server.start(*parse_listen(b.listen))
-            out.print(f"broker {server.keys.name} listening on {server.url}")
+            server = await start_broker(cfg.broker, cfg.agent.data_dir, cfg.agent.ca_file)
         rt = await AgentRuntime.start(
             cfg.agent.data_dir,
             cfg.agent.brokers,
@@ -525,10 +513,29 @@ broker_app = typer.Typer(
 app.add_typer(broker_app, name="broker")
 
 
+async def start_broker(b: BrokerSection, data_dir: Path, ca_file: Path | None) -> BrokerServer:
+    """A broker as a ``[broker]`` section says (``data_dir``/``ca_file`` where it names none)."""
+    server = BrokerServer.from_data_dir(
+        b.data_dir or data_dir,
+        max_message=b.max_message,
+        queue_limit=b.queue_limit,
+        ssl_context=server_tls(b.tls_cert, b.tls_key) if b.tls_cert and b.tls_key else None,
+        peers=b.peers,
+        peer_ssl=client_tls(b.ca_file or ca_file),
+        advertise=b.advertise,
+    )
+    await server.start(*parse_listen(b.listen))
+    out.print(f"broker {server.keys.name} listening on {server.url}")
+    return server
+
+
 @broker_app.callback()
 def broker_run(
     ctx: typer.Context,
     data_dir: DataDir,
+    config: Annotated[
+        Path | None, typer.Option(help="A file with a [broker] section, instead of the options.")
+    ] = None,
     listen: Annotated[str, typer.Option(help="HOST:PORT to listen on.")] = "127.0.0.1:7400",
     tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate: serve wss://")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key for --tls-cert")] = None,
@@ -541,28 +548,41 @@ def broker_run(
     """Run a broker until Ctrl-C."""
     if ctx.invoked_subcommand is not None:
         return
-    host, port = parse_listen(listen)
-    if (tls_cert is None) != (tls_key is None):
-        fail("--tls-cert and --tls-key go together")
-    tls = server_tls(tls_cert, tls_key) if tls_cert and tls_key else None
+    try:
+        if config is not None:
+            given = [f"--{p.replace('_', '-')}" for p in BROKER_OPTIONS if _given(ctx, p)]
+            if given:
+                fail(f"--config holds the broker's settings: drop {', '.join(given)}")
+            section = load_broker_config(config)
+        else:
+            section = BrokerSection(
+                listen=listen,
+                peers=peer or [],
+                advertise=advertise,
+                tls_cert=tls_cert,
+                tls_key=tls_key,
+                ca_file=ca_file,
+            )
+    except (OSError, ValueError) as exc:
+        fail(f"{config or 'broker'}: {exc}")
     logs.setup()
 
     async def main() -> None:
-        server = BrokerServer.from_data_dir(
-            data_dir,
-            ssl_context=tls,
-            peers=peer or [],
-            peer_ssl=client_tls(ca_file),
-            advertise=advertise,
-        )
-        await server.start(host, port)
-        out.print(f"broker {server.keys.name} listening on {server.url}")
+        server = await start_broker(section, data_dir, None)
         try:
             await wait_for_signal()
         finally:
             await server.stop()
 
     run_async(main())
+
+
+BROKER_OPTIONS = ("listen", "tls_cert", "tls_key", "advertise", "peer", "ca_file")
+
+
+def _given(ctx: typer.Context, param: str) -> bool:
+    source = ctx.get_parameter_source(param)
+    return source is not None and source.name == "COMMANDLINE"
 
 
 @broker_app.command("issue")

@@ -55,13 +55,26 @@ class AgentSection(BaseModel):
 
 
 class BrokerSection(BaseModel):
+    """``[broker]``: of an agent that also runs its island's broker, or of a standalone broker
+    (``atoll broker --config FILE``, a file with only this section)."""
+
     model_config = ConfigDict(extra="forbid")
 
+    data_dir: Path | None = None  # the broker's identity (default: the agent's or -d)
     listen: str = "127.0.0.1:7400"
     peers: list[str] = []  # other brokers to link with into the mesh
     advertise: bool = True  # announce _atoll._tcp.local. on the LAN (mDNS)
     tls_cert: Path | None = None  # both set: the broker listens on wss://
     tls_key: Path | None = None
+    ca_file: Path | None = None  # CA bundle for wss:// peers (default: the agent's)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        host, _, port = v.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError(f"{v!r} is not HOST:PORT")
+        return v
 
     @model_validator(mode="after")
     def _tls_pair(self) -> BrokerSection:
@@ -71,6 +84,12 @@ class BrokerSection(BaseModel):
 
     max_message: int = Field(8 * 1024 * 1024, ge=64 * 1024)
     queue_limit: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
+
+
+class BrokerFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    broker: BrokerSection
 
 
 class AtollConfig(BaseModel):
@@ -102,12 +121,23 @@ def apply_env(raw: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
     return raw
 
 
-def load_config(path: Path, env: dict[str, str] | None = None) -> AtollConfig:
-    path = Path(path)
+def _read(path: Path, env: dict[str, str] | None) -> dict[str, Any]:
+    """The file with the environment's overrides, paths made relative to the file."""
     with path.open("rb") as fh:
         raw = tomllib.load(fh)
     raw = apply_env(raw, dict(os.environ) if env is None else env)
-    agent = raw.get("agent")
-    if isinstance(agent, dict) and "data_dir" in agent:  # relative to the config file
-        agent["data_dir"] = str((path.parent / agent["data_dir"]).resolve())
-    return AtollConfig.model_validate(raw)
+    for section in ("agent", "broker"):
+        table = raw.get(section)
+        for key in ("data_dir", "ca_file", "tls_cert", "tls_key"):
+            if isinstance(table, dict) and isinstance(table.get(key), str):
+                table[key] = str((path.parent / table[key]).resolve())
+    return raw
+
+
+def load_config(path: Path, env: dict[str, str] | None = None) -> AtollConfig:
+    return AtollConfig.model_validate(_read(Path(path), env))
+
+
+def load_broker_config(path: Path, env: dict[str, str] | None = None) -> BrokerSection:
+    """A standalone broker's file: a ``[broker]`` section and nothing else."""
+    return BrokerFile.model_validate(_read(Path(path), env)).broker

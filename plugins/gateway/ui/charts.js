@@ -55,7 +55,7 @@ export class LineChart {
     let [x0, x1] = [Math.min(...xs), Math.max(...xs)];
     let [y0, y1] = [Math.min(...ys, 0), Math.max(...ys)];
     if (x0 === x1) [x0, x1] = [x0 - 1, x1 + 1];
-    if (y0 === y1) [y0, y1] = [y0 - 1, y1 + 1];
+    if (y0 === y1) y1 = y0 + 1; // a flat line (all zeros, say) sits on the axis
     const sx = (x) => PAD.left + ((x - x0) / (x1 - x0)) * (WIDTH - PAD.left - PAD.right);
     const sy = (y) => HEIGHT - PAD.bottom - ((y - y0) / (y1 - y0)) * (HEIGHT - PAD.top - PAD.bottom);
     const axis = document.createElementNS(SVG, "path");
