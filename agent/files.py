@@ -276,7 +276,6 @@ class FilesConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = True
     dirs: list[str] = []
 
 

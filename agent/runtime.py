@@ -43,8 +43,10 @@ class AgentRuntime:
         await agent.start(wait=connect_timeout)
         for name, config in (plugins or {}).items():
             if name != "system" and config.get("enabled", True):
+                # `enabled` is the host's switch, the same for every plugin: not theirs to check.
+                own = {k: v for k, v in config.items() if k != "enabled"}
                 try:
-                    await host.add(name, config)
+                    await host.add(name, own)
                 except Exception:  # logged and shown in statuses; the agent serves on without it
                     continue
         fixed = {"labels": dict(labels or {})}

@@ -144,7 +144,6 @@ class TunnelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = True
     allow: list[str] = []  # "host:port" or "host:*"
     listen: list[ListenSpec] = []
 

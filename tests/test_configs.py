@@ -80,7 +80,8 @@ def validate_plugins(cfg: AtollConfig, data_dir: Path) -> dict[str, BaseModel]:
         if name == "system" or not section.get("enabled", True):
             continue
         assert name in MODELS, f"no plugin {name!r}; installed: {', '.join(sorted(MODELS))}"
-        out[name] = model = MODELS[name].model_validate(section)
+        own = {k: v for k, v in section.items() if k != "enabled"}  # the host's switch
+        out[name] = model = MODELS[name].model_validate(own)
         if isinstance(model, InferenceConfig):
             ctx = SimpleNamespace(data_dir=data_dir, metrics=MetricsRegistry())
             make_backend(model, ctx, None)  # type: ignore[arg-type]

@@ -86,3 +86,15 @@ async def test_bad_plugin_config_is_refused_clearly(make_agent) -> None:
     assert "files" in failed and (await node.agent.call("node", "ping"))["pong"] is True
     await node.host.add("tunnel", {"allow": ["127.0.0.1:*"]})  # fixed config: it loads
     assert "tunnel" not in node.host.errors
+
+
+async def test_enabled_is_the_hosts_switch_for_every_plugin(make_agent) -> None:
+    node = await make_agent(
+        "node",
+        plugins={
+            "inference": {"enabled": True, "backend": "echo"},  # its model has no `enabled`
+            "files": {"enabled": False, "dirs": []},
+        },
+    )
+    assert node.host.errors == {}
+    assert set(node.host.plugins) == {"system", "inference"}

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors import safe_open
 
 from atoll.agent.metrics import MetricsRegistry
@@ -37,6 +37,8 @@ PEFT_PREFIX = "base_model.model."
 
 
 class AdapterLimits(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt limit must not be silently ignored
+
     max_rank: int = Field(64, ge=1)
     # Module names (last path component) an adapter may target.
     allowed_targets: list[str] = [

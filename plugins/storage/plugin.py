@@ -80,7 +80,6 @@ class StorageConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = True
     store: Literal["local", "s3"] = "local"
     root: Path | None = None  # the local store's directory; None: <plugin data dir>/objects
     s3: S3Config | None = None  # [plugins.storage.s3], for store = "s3"

@@ -51,7 +51,6 @@ class TrainingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = True
     mode: Literal["queue", "trainer", "both"] = "trainer"
     # queue side
     lost_after: float = Field(30.0, gt=0)  # seconds without a heartbeat before a job is re-queued
