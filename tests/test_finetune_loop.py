@@ -65,9 +65,12 @@ async def test_upload_train_and_chat_with_the_adapter(make_agent, tmp_path: Path
             await asyncio.sleep(0.5)
         assert job.status == "succeeded", job.error
         assert job.fine_tuned_model and job.fine_tuned_model.startswith("alice/colours-")
-        events = [e async for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
+        events = [e async for e in client.fine_tuning.jobs.list_events(job.id, limit=1000)]
         losses = [e.data["loss"] for e in events if e.type == "metrics" and e.data]
         assert losses and all(loss > 0 for loss in losses)
+        assert all(e.message != "log" for e in events)  # trainer messages keep their text
+        paged = [e.id async for e in client.fine_tuning.jobs.list_events(job.id, limit=3)]
+        assert paged == [e.id for e in events]  # the SDK's auto-pagination (`after`) ends
 
         # The adapter is usable at once by its owner — and only by them.
         models = {m.id async for m in client.models.list()}

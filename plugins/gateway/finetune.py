@@ -173,7 +173,7 @@ def event_object(job_id: str, event: dict[str, Any]) -> JobEvent:
     kind = event.get("type")
     at = int(event.get("at") or 0)
     seq = event.get("seq", 0)
-    if kind == "log":
+    if kind == "log" and ("loss" in event or "learning_rate" in event):  # a trainer's figures
         data = {k: event[k] for k in ("step", "epoch", "loss", "learning_rate") if k in event}
         loss = event.get("loss")
         message = f"Step {event.get('step')}: training loss={loss}" if loss is not None else "log"
@@ -338,9 +338,14 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
         return job_object(cancelled)
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/events", response_model=EventList)
-    async def job_event_list(principal: user, job_id: str, limit: int = 20) -> Any:
+    async def job_event_list(
+        principal: user, job_id: str, limit: int = 20, after: str | None = None
+    ) -> Any:
         await job(principal, job_id)
         events = await platform(job_events(gw.agent, gw.queue_address(), job_id))
         limit = max(1, min(limit, 1000))
         newest = [event_object(job_id, e) for e in reversed(events)]  # OpenAI: newest first
+        if after is not None:  # the SDK's pages: the events older than ``after``
+            ids = [e.id for e in newest]
+            newest = newest[ids.index(after) + 1 :] if after in ids else []
         return EventList(data=newest[:limit], has_more=len(newest) > limit)

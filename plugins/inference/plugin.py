@@ -31,6 +31,8 @@ from atoll.plugins.inference.contract import (
 )
 from atoll.plugins.storage.contract import check_adapter_id, fetch_adapter
 
+MAX_UNSENT_LINES = 256  # a generate stream's events held for a slow reader before generation waits
+
 
 class InferenceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -167,14 +169,51 @@ class InferencePlugin(Plugin):
             raise
 
     async def _generate_stream(self, stream: Stream, params: Any, call: CallInfo) -> None:
+        """One JSON line per event. Lines come out as soon as they are made, but the ones made
+        together (a backend yielding several events without waiting: a stop sequence released,
+        the last token and the finish, a burst of SSE chunks) leave as one stream message."""
         self._allow(call)
         request = self._generate_request(params)
+        lines: asyncio.Queue[bytes | None] = asyncio.Queue(MAX_UNSENT_LINES)
+        writer = asyncio.create_task(self._write_lines(stream, lines))
+
+        async def offer(line: bytes | None) -> bool:
+            """Queue ``line`` (waiting while a slow reader's lines fill the queue); False once
+            the writer has stopped (the caller went away)."""
+            if not lines.full():
+                lines.put_nowait(line)
+                return not writer.done()
+            put = asyncio.ensure_future(lines.put(line))
+            await asyncio.wait({put, writer}, return_when=asyncio.FIRST_COMPLETED)
+            if not put.done():
+                put.cancel()
+            return put.done() and not put.cancelled() and not writer.done()
+
         events = self._events(request)
         try:
             async for event in events:
-                await stream.write(event.model_dump_json(exclude_none=True).encode() + b"\n")
+                if not await offer(event.model_dump_json(exclude_none=True).encode() + b"\n"):
+                    break
+        except BaseException:
+            writer.cancel()
+            raise
         finally:
             await events.aclose()
+        await offer(None)
+        await writer
+
+    @staticmethod
+    async def _write_lines(stream: Stream, lines: asyncio.Queue[bytes | None]) -> None:
+        while True:
+            batch = [await lines.get()]
+            while not lines.empty():
+                batch.append(lines.get_nowait())
+            done = batch[-1] is None
+            data = b"".join(line for line in batch if line is not None)
+            if data:
+                await stream.write(data)
+            if done:
+                return
 
     @rpc()
     async def generate(self, params: Any, call: CallInfo) -> dict[str, Any]:
