@@ -86,6 +86,7 @@ class Stream:
         self._eof_at: int | None = None
         self._nacked_at = -1
         self._reported = 0
+        self._report_due = False
         self._closed = False
         self._readable = asyncio.Event()
         self.error: BaseException | None = None
@@ -138,16 +139,30 @@ class Stream:
         return self.mux.agent._send_sealed(self.peer, self.local, self.remote, body)
 
     def _report(self) -> None:
+        """Tell the writer what we hold and have read: once per turn of the event loop, however
+        often asked in it (the last data, its EOF, the final read and a close come together:
+        one message, not four, each sealed and relayed)."""
         self._reported = self._expected
-        self._send(
-            {
-                "k": "sa",
-                "s": self.sid,
-                "n": self._read,
-                "r": self._expected,
-                "e": self._eof_at is not None and self._expected >= self._eof_at,
-            }
-        )
+        if not self._report_due:
+            self._report_due = True
+            asyncio.get_running_loop().call_soon(self._send_report)
+
+    def _send_report(self) -> None:
+        self._report_due = False
+        if self.error is not None:  # aborted meanwhile: nobody is listening
+            return
+        # Lost with the connection: the writer sends its unconsumed data again, and a copy we
+        # hold already makes us report again (on_data).
+        with contextlib.suppress(ConnectionLost):
+            self._send(
+                {
+                    "k": "sa",
+                    "s": self.sid,
+                    "n": self._read,
+                    "r": self._expected,
+                    "e": self._eof_at is not None and self._expected >= self._eof_at,
+                }
+            )
 
     def _maybe_done(self) -> None:
         """Both directions ended and all data consumed: the stream is finished."""
@@ -240,7 +255,7 @@ class Stream:
         self._eof_at = offset
         if self._expected < offset:
             self._gap()
-        else:
+        elif not self._chunks:  # else the read that reaches the end reports, once for both
             self._report()
         self._readable.set()
         self._maybe_done()

@@ -130,12 +130,13 @@ def create_app(gw: Gateway) -> FastAPI:
             request, GatewayError(500, f"internal error: {type(exc).__name__}")
         )
 
-    # Dependencies, so that a caller without a valid key gets 401 before any body checks.
-    def caller(request: Request) -> Principal:
+    # Dependencies, so that a caller without a valid key gets 401 before any body checks. Async:
+    # FastAPI runs a plain def in a worker thread, a thread hop per request for a lookup.
+    async def caller(request: Request) -> Principal:
         return gw.authenticate(request.headers.get("authorization"))
 
-    def admin_caller(request: Request) -> Principal:
-        principal = caller(request)
+    async def admin_caller(request: Request) -> Principal:
+        principal = await caller(request)
         if not principal.admin:
             raise GatewayError(403, f"{principal.user!r} is not an administrator")
         return principal

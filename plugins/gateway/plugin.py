@@ -98,6 +98,10 @@ class GatewayPlugin(Plugin):
             log_level="warning",
             lifespan="off",
             access_log=False,
+            # X-Forwarded-* are not trusted (and not parsed): a proxy in front is the operator's
+            # to configure; the ledger records the key, not the address.
+            proxy_headers=False,
+            server_header=False,
             timeout_graceful_shutdown=5,
         )
         self.server = uvicorn.Server(server_config)
