@@ -87,6 +87,7 @@ class Stream:
         self._nacked_at = -1
         self._reported = 0
         self._report_due = False
+        self._last_report: dict[str, Any] | None = None
         self._closed = False
         self._readable = asyncio.Event()
         self.error: BaseException | None = None
@@ -149,20 +150,18 @@ class Stream:
 
     def _send_report(self) -> None:
         self._report_due = False
-        if self.error is not None:  # aborted meanwhile: nobody is listening
+        fields = self._report_fields()
+        if self.error is not None or fields == self._last_report:  # aborted, or said already
             return
         # Lost with the connection: the writer sends its unconsumed data again, and a copy we
         # hold already makes us report again (on_data).
         with contextlib.suppress(ConnectionLost):
-            self._send(
-                {
-                    "k": "sa",
-                    "s": self.sid,
-                    "n": self._read,
-                    "r": self._expected,
-                    "e": self._eof_at is not None and self._expected >= self._eof_at,
-                }
-            )
+            self._send({"k": "sa", "s": self.sid, **fields})
+            self._last_report = fields
+
+    def _report_fields(self) -> dict[str, Any]:
+        eof = self._eof_at is not None and self._expected >= self._eof_at
+        return {"n": self._read, "r": self._expected, "e": eof}
 
     def _maybe_done(self) -> None:
         """Both directions ended and all data consumed: the stream is finished."""
@@ -180,11 +179,17 @@ class Stream:
         if self.error is not None:
             self.mux.streams.pop(self.key, None)
             return
-        await self.write_eof()
+        self._check()
         self._closed = True
         self._read = self._expected
         self._chunks.clear()
-        self._report()
+        self._reported = self._expected
+        if self._eof_sent:
+            self._report()
+        else:  # our EOF carries our last report: one message for both
+            self._eof_sent = True
+            self._last_report = fields = self._report_fields()
+            self._send({"k": "se", "s": self.sid, "o": self._sent, **fields})
         self._maybe_done()
 
     # --- reading -----------------------------------------------------------------------------
@@ -403,6 +408,9 @@ class StreamMux:
             if type(offset) is int:
                 stream.on_resend(offset)
         elif kind == "se":
+            n, r = msg.get("n"), msg.get("r")
+            if type(n) is int and type(r) is int:  # a closing side's last report rides along
+                stream.on_report(n, r, msg.get("e") is True)
             if type(offset) is int:
                 stream.on_eof(offset)
         elif kind == "sk":
