@@ -43,6 +43,7 @@ MAX_LABELS = 32
 MAX_LABEL_VALUE = 128
 MAX_TTL_S = 10 * 366 * 86400.0
 MAX_GRACE_S = 30 * 86400.0
+MAX_CACHED_KEYS = 10_000  # keys whose lookups authenticate keeps (emptied when full)
 LAST_USED_EVERY_S = 60.0  # last_used is written at most this often per key: no write per request
 KEY_ID_TRIES = 8  # 8 hex digits of public id: a collision is rare, eight in a row impossible
 
@@ -309,6 +310,8 @@ class Accounts:
         self._secret = secret
         self._clock = clock
         self._lock = threading.Lock()  # one connection; the app may also use it from threads
+        self._keys: dict[str, dict[str, Any]] = {}  # key_id -> its authenticate row (_key_rows)
+        self._keys_version = -1  # PRAGMA data_version the cache was filled at
         # The file holds key digests and maybe prompts: owner-only from the start (its -wal and
         # -shm files take the same mode).
         os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
@@ -333,10 +336,13 @@ class Accounts:
             self._db.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, ledger: bool = False) -> Iterator[sqlite3.Connection]:
         """One write transaction; IMMEDIATE takes the write lock up front, so two processes on
-        the file never deadlock upgrading read locks."""
+        the file never deadlock upgrading read locks. Any but the ledger's (``ledger``) may
+        change a key, user, project or membership: the keys' cache goes."""
         with self._lock:
+            if not ledger:
+                self._keys.clear()
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -344,6 +350,32 @@ class Accounts:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+    def _key_rows(self, key_id: str) -> list[dict[str, Any]]:
+        """What authenticate needs of a key, from a cache that every write here (but the
+        ledger's) empties, and any commit by another connection to the file (SQLite's
+        data_version): a revocation or a membership change counts from the next request on."""
+        with self._lock:
+            (version,) = self._db.execute("PRAGMA data_version").fetchone()
+            if version != self._keys_version:
+                self._keys.clear()
+                self._keys_version = version
+            if (cached := self._keys.get(key_id)) is not None:
+                return [cached]
+            rows = self._db.execute(
+                "SELECT k.digest, k.user, k.project, k.expires_at, k.revoked_at, k.rotated_to, "
+                "k.grace_until, k.last_used, u.admin, p.labels, p.store_prompts, m.role "
+                "FROM api_keys k JOIN users u ON u.name = k.user "
+                "LEFT JOIN projects p ON p.name = k.project "
+                "LEFT JOIN members m ON m.project = k.project AND m.user = k.user "
+                "WHERE k.key_id = ?",
+                (key_id,),
+            ).fetchall()
+            if rows:  # known keys only: unknown ids must not fill memory
+                if len(self._keys) >= MAX_CACHED_KEYS:
+                    self._keys.clear()
+                self._keys[key_id] = dict(rows[0])
+            return [dict(r) for r in rows]
 
     def _read(self, sql: str, args: tuple[Any, ...] | dict[str, Any] = ()) -> list[Any]:
         with self._lock:
@@ -664,15 +696,7 @@ class Accounts:
             )
         key_id = f"k_{found.group(1)}"
         digest = self._digest(plaintext)
-        rows = self._read(
-            "SELECT k.digest, k.user, k.project, k.expires_at, k.revoked_at, k.rotated_to, "
-            "k.grace_until, k.last_used, u.admin, p.labels, p.store_prompts, m.role "
-            "FROM api_keys k JOIN users u ON u.name = k.user "
-            "LEFT JOIN projects p ON p.name = k.project "
-            "LEFT JOIN members m ON m.project = k.project AND m.user = k.user "
-            "WHERE k.key_id = ?",
-            (key_id,),
-        )
+        rows = self._key_rows(key_id)
         # Compared in constant time, and against a dummy when the id is unknown, so neither
         # timing nor message tells an attacker that a public id exists.
         stored = rows[0]["digest"] if rows else bytes(len(digest))
@@ -891,7 +915,7 @@ class Accounts:
         counts = (prompt_tokens, completion_tokens, status, float(latency_ms))
         now = self._clock()
         try:
-            with self._tx() as db:
+            with self._tx(ledger=True) as db:
                 db.execute(
                     f"INSERT INTO usage ({USAGE_COLS}) "
                     "VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
