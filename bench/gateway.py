@@ -10,13 +10,14 @@ Processes, as in dataplane.py (this script with a child flag):
   ``POST .../chat/completions`` with a chat completion echoing the prompt's words;
 * the LiteLLM proxy (``litellm --config``, from its own venv, ``--litellm-venv``; created with
   ``pip install "litellm[proxy]"`` if missing), model ``echo`` = ``openai/echo`` at the upstream;
-* the harness: the load generator (``concurrency`` workers, each with its own httpx.AsyncClient
-  holding one HTTP/1.1 keep-alive connection; non-streaming chat completions with ``max_tokens``
-  8; only 200s count) and the ``direct`` anchor: an agent with role ``gateway`` calling
+* the harness: the load generator (``concurrency`` workers, each with one HTTP/1.1 keep-alive
+  connection of a minimal asyncio client, ``KeepAlive``, as wrk is to C servers; non-streaming
+  chat completions with ``max_tokens`` 8; only 200s count; one answer per path checked whole
+  with httpx first) and the ``direct`` anchor: an agent with role ``gateway`` calling
   ``stream_generate`` on ``gpu/inference`` itself.
 
-Paths measured, all in one run: ``gateway``, ``direct``, ``litellm`` and ``upstream`` (httpx
-straight to the echo upstream: what the HTTP client and a minimal server cost, and proof the
+Paths measured, all in one run: ``gateway``, ``direct``, ``litellm`` and ``upstream`` (the
+client straight to the echo upstream: what the HTTP client and a minimal server cost, and proof the
 upstream is not LiteLLM's bottleneck). Concurrency 1 runs in rounds alternating the paths (a
 shared machine's drift hits all alike); concurrency 32 too. Added latency = gateway - direct.
 Each path also reports the CPU each process spent per answered request.
@@ -50,6 +51,7 @@ from dataclasses import asdict, dataclass
 from importlib.metadata import version as pkg_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from atoll.tuning import tune_malloc
 from harness import (
@@ -66,8 +68,6 @@ from harness import (
 )
 
 if TYPE_CHECKING:
-    import httpx
-
     from atoll.agent.node import Agent
     from atoll.plugins.gateway.plugin import GatewayPlugin
     from atoll.plugins.inference.contract import GenerateRequest
@@ -381,24 +381,55 @@ def headers(key: str) -> dict[str, str]:
     return {"authorization": f"Bearer {key}", "content-type": "application/json"}
 
 
+class KeepAlive:
+    """The load generator's HTTP/1.1 client: one keep-alive connection, a POST written in one
+    piece, the reply's status line and Content-Length body read back. A few dozen lines of
+    asyncio instead of httpx (~0.5-0.7 ms of CPU per request, measured here): on two cores the
+    load generator must not take the CPU the servers under test need (wrk's reason to exist)."""
+
+    def __init__(self, url: str, key: str) -> None:
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers(key).items())
+        self.request = (
+            f"POST {parts.path} HTTP/1.1\r\nhost: {parts.netloc}\r\n{head}"
+            f"content-length: {len(BODY)}\r\n\r\n"
+        ).encode() + BODY
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def call(self) -> int:
+        reader, writer = self.reader, self.writer
+        if reader is None or writer is None or reader.at_eof() or writer.is_closing():
+            # The first call, or the server closed the idle connection (uvicorn after 5 s).
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+            self.reader, self.writer = reader, writer
+        writer.write(self.request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        fields = dict(line.lower().split(": ", 1) for line in lines if ": " in line)
+        if "content-length" not in fields:  # chunked or close-delimited: not what we send for
+            writer.close()
+            raise RuntimeError(f"no Content-Length in the reply ({status_line})")
+        await reader.readexactly(int(fields["content-length"]))
+        if fields.get("connection") == "close":
+            writer.close()
+        return int(status_line.split(" ", 2)[1])
+
+    async def aclose(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+
+
 async def http_workers(stack: contextlib.AsyncExitStack, n: int, url: str, key: str) -> list[Call]:
-    """One call per worker, each with its own httpx client holding one keep-alive connection:
-    with one client pooling ``n`` connections httpx spends 2-4x the CPU per request (measured
-    here: ~1.3-2.2 ms against ~0.55 ms at 32), and the load generator must not be what is
-    measured."""
-    import httpx
-
+    """One call per worker, each on its own keep-alive connection."""
     calls: list[Call] = []
-    sent = headers(key)
     for _ in range(n):
-        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        client = httpx.AsyncClient(trust_env=False, timeout=30.0, limits=limits)
-        await stack.enter_async_context(client)
-
-        async def call(client: httpx.AsyncClient = client) -> int:
-            return (await client.post(url, content=BODY, headers=sent)).status_code
-
-        calls.append(call)
+        client = KeepAlive(url, key)
+        stack.push_async_callback(client.aclose)
+        calls.append(client.call)
     return calls
 
 
@@ -687,13 +718,13 @@ def report(
             "plan": asdict(plan),
             "request": json.loads(BODY),
             "notes": {
-                "gateway": "httpx -> uvicorn/FastAPI gateway (key check, limits, routing, "
+                "gateway": "HTTP -> uvicorn/FastAPI gateway (key check, limits, routing, "
                 "ledger row) -> broker -> echo inference agent, all sealed end to end",
                 "direct": "stream_generate from an agent with role gateway in the harness: "
                 "the same overlay hop with no HTTP and no gateway",
-                "upstream": "httpx -> the bench's raw asyncio echo server: the HTTP client's "
+                "upstream": "HTTP -> the bench's raw asyncio echo server: the HTTP client's "
                 "own cost, and the upstream's ceiling under LiteLLM",
-                "litellm": "httpx -> LiteLLM proxy (master key, no database) -> echo upstream",
+                "litellm": "HTTP -> LiteLLM proxy (master key, no database) -> echo upstream",
                 "added_ms": "gateway minus direct at concurrency 1; includes the HTTP client",
                 "cores_busy": "CPU seconds per wall second of each process during that path's "
                 "runs (1.0 = a core saturated); the harness holds the load generator and the "
