@@ -48,7 +48,7 @@ from atoll.tenancy.credentials import KNOWN_ROLES, EnrollmentToken
 from atoll.tenancy.keys import public_id
 from atoll.tenancy.operator import DEFAULT_TENANT, OperatorStore
 from atoll.transport import client_tls, server_tls
-from atoll.tuning import tune_malloc
+from atoll.tuning import tune_process
 
 ROLE_NAMES = ", ".join(sorted(KNOWN_ROLES))
 app = typer.Typer(help="Atoll: many customised LLMs across islands of GPUs.", no_args_is_help=True)
@@ -59,7 +59,7 @@ agent_app = typer.Typer(help="Join, run and revoke agents.")
 
 @app.callback()
 def _process_setup() -> None:
-    tune_malloc()
+    tune_process()
 
 
 app.add_typer(tenant_app, name="tenant")

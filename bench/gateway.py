@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from atoll.tuning import tune_malloc
+from atoll.tuning import tune_process
 from harness import (
     CpuClock,
     broker_child,
@@ -781,7 +781,7 @@ def parse_args() -> argparse.Namespace:
 if __name__ == "__main__":
     args = parse_args()
     setup_logging(("atoll", "websockets", "asyncio", "httpx", "uvicorn"))
-    tune_malloc()  # as the atoll command does in every process it starts
+    tune_process()  # as the atoll command does in every process it starts
     child_prof = Path(args.child_profile) if args.child_profile else None
     if args.broker_child:
         broker_child(Path(args.broker_child), child_prof)

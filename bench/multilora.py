@@ -35,7 +35,7 @@ from atoll.agent.metrics import MetricsRegistry
 from atoll.plugins.inference.contract import GenerateRequest
 from atoll.plugins.inference.local_backend import LocalBackend, LocalConfig
 from atoll.plugins.inference.models import model_id, resolve_model
-from atoll.tuning import tune_malloc
+from atoll.tuning import tune_process
 from harness import run_main, setup_logging
 
 PROMPTS = [
@@ -262,5 +262,5 @@ def parse_args() -> argparse.Namespace:
 
 if __name__ == "__main__":
     setup_logging()
-    tune_malloc()
+    tune_process()
     run_main(main, parse_args())

@@ -34,7 +34,7 @@ from importlib.metadata import version as pkg_version
 from pathlib import Path
 from typing import Any
 
-from atoll.tuning import tune_malloc
+from atoll.tuning import tune_process
 from harness import (
     broker_child,
     die_with_parent,
@@ -555,7 +555,7 @@ def parse_args() -> argparse.Namespace:
 if __name__ == "__main__":
     args = parse_args()
     setup_logging(("atoll", "websockets", "nats", "asyncio"))
-    tune_malloc()  # as the atoll command does in every process it starts
+    tune_process()  # as the atoll command does in every process it starts
     if args.broker_child:
         broker_child(
             Path(args.broker_child),

@@ -73,7 +73,7 @@ from atoll.plugins.storage.contract import describe_adapter, fetch_dataset
 from atoll.plugins.training.contract import JobRecord, get_job, job_events
 from atoll.plugins.training.runner import FINAL_METRICS, RunSpec
 from atoll.tenancy.operator import OperatorStore
-from atoll.tuning import tune_malloc
+from atoll.tuning import tune_process
 from harness import QUIET_LOGGERS, run_main, setup_logging
 
 log = logging.getLogger("bench.training")
@@ -505,5 +505,5 @@ def parse_args() -> argparse.Namespace:
 
 if __name__ == "__main__":
     setup_logging((*QUIET_LOGGERS, "httpx", "httpx2"))  # not a line per poll of the job
-    tune_malloc()
+    tune_process()
     run_main(main, parse_args())

@@ -446,3 +446,16 @@ def test_agent_run_reports_a_misconfigured_plugin(tmp_path: Path, procs) -> None
     text = wait_for_text(tmp_path / "a", "did not start")
     assert "plugin files did not start" in text and "dirs" in text
     assert '"pong": true' in atoll("call", "node", "ping", "-d", op, "--broker", url).stdout
+
+
+def test_process_tuning_collects_the_young_generation_less_often() -> None:
+    import gc
+
+    from atoll.tuning import GC_GEN0_THRESHOLD, tune_process
+
+    before = gc.get_threshold()
+    try:
+        tune_process()
+        assert gc.get_threshold() == (GC_GEN0_THRESHOLD, *before[1:])
+    finally:
+        gc.set_threshold(*before)

@@ -3,6 +3,7 @@ move by hand."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import re
@@ -21,6 +22,7 @@ from atoll.plugins.gateway.accounts import (
 from atoll.plugins.gateway.contract import Limits
 from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.limits import RateLimiter
+from atoll.plugins.gateway.service import Ledger
 
 SECRET = b"s" * 32
 T0 = 1_700_000_000.0
@@ -376,6 +378,28 @@ def test_usage_ledger_totals(acc: Accounts, clock: Clock) -> None:
     with pytest.raises(ValueError, match="HTTP status"):
         acc.record_usage(mine, "r9", "SmolLM2", None, 1, 1, 42, 1.0)
     assert acc.usage().requests == 4
+
+
+async def test_ledger_commits_a_turns_rows_at_once_and_refuses_only_a_clash(
+    acc: Accounts,
+) -> None:
+    tenant(acc)
+    mine = principal(acc, "alice")
+    commits: list[str] = []
+    acc._db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    ledger = Ledger(acc)
+
+    def row(request_id: str) -> tuple:
+        return acc.usage_row(mine, request_id, "SmolLM2", None, 2, 3, 200, 1.0)
+
+    await asyncio.gather(*(ledger.write(row(f"a{i}")) for i in range(5)))
+    assert len(commits) == 1 and acc.usage().requests == 5  # five requests, one transaction
+    results = await asyncio.gather(
+        *(ledger.write(row(rid)) for rid in ("b1", "a2", "b2")), return_exceptions=True
+    )
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], ValueError) and "already in the ledger" in str(results[1])
+    assert [r.request_id for r in acc.usage_rows()][5:] == ["b1", "b2"]
 
 
 def test_every_admin_action_is_audited(acc: Accounts, clock: Clock) -> None:

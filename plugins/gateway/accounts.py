@@ -896,9 +896,30 @@ class Accounts:
         latency_ms: float,
         prompt_text: str | None = None,
     ) -> None:
-        """One request's row. ``status`` is the HTTP status the caller got (a stream that failed
-        after its 200 records the error's status; a client that went away, 499). The prompt text
-        is kept only for a project that opted in."""
+        """One request's row, written now (see usage_row and insert_usage)."""
+        row = self.usage_row(
+            principal, request_id, model, adapter, prompt_tokens, completion_tokens, status,
+            latency_ms, prompt_text,
+        )  # fmt: skip
+        (refused,) = self.insert_usage([row])
+        if refused is not None:
+            raise refused
+
+    def usage_row(
+        self,
+        principal: Principal,
+        request_id: str,
+        model: str,
+        adapter: str | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+        status: int,
+        latency_ms: float,
+        prompt_text: str | None = None,
+    ) -> tuple[Any, ...]:
+        """One request's ledger row, checked. ``status`` is the HTTP status the caller got (a
+        stream that failed after its 200 records the error's status; a client that went away,
+        499). The prompt text is kept only for a project that opted in."""
         if not isinstance(request_id, str) or not 0 < len(request_id) <= 128:
             raise ValueError("request_id must be 1-128 characters")
         if any(type(n) is not int or n < 0 for n in (prompt_tokens, completion_tokens)):
@@ -913,16 +934,20 @@ class Accounts:
         kept = prompt_text if principal.store_prompts else None
         who = (principal.key_id, principal.user, principal.project)
         counts = (prompt_tokens, completion_tokens, status, float(latency_ms))
-        now = self._clock()
+        return (request_id, self._clock(), *who, model, adapter, *counts, kept)
+
+    def insert_usage(self, rows: list[tuple[Any, ...]]) -> list[ValueError | None]:
+        """``rows`` (from usage_row) in one transaction; if one clashes with a request already
+        in the ledger, each in its own. Per row: None, or why it was refused."""
+        sql = f"INSERT INTO usage ({USAGE_COLS}) VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         try:
             with self._tx(ledger=True) as db:
-                db.execute(
-                    f"INSERT INTO usage ({USAGE_COLS}) "
-                    "VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (request_id, now, *who, model, adapter, *counts, kept),
-                )
+                db.executemany(sql, rows)
+            return [None] * len(rows)
         except sqlite3.IntegrityError:
-            raise ValueError(f"request {request_id!r} is already in the ledger") from None
+            if len(rows) == 1:
+                return [ValueError(f"request {rows[0][0]!r} is already in the ledger")]
+        return [self.insert_usage([row])[0] for row in rows]
 
     @staticmethod
     def _usage_where(

@@ -47,6 +47,38 @@ class Target:
         return self.adapter or (self.mixture.key() if self.mixture else None)
 
 
+class Ledger:
+    """Usage rows of the requests that finish in the same turn of the event loop, committed in
+    one transaction rather than one each; each request still waits for its own row before its
+    response ends (a row whose request was cancelled meanwhile is written all the same)."""
+
+    def __init__(self, accounts: Accounts) -> None:
+        self.accounts = accounts
+        self._pending: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
+
+    async def write(self, row: tuple[Any, ...]) -> None:
+        loop = asyncio.get_running_loop()
+        written = loop.create_future()
+        self._pending.append((row, written))
+        if len(self._pending) == 1:
+            loop.call_soon(self._flush)
+        await written
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        try:
+            refusals: list[Exception | None] = [*self.accounts.insert_usage([r for r, _ in batch])]
+        except Exception as exc:  # the database itself failed: every waiting request hears it
+            refusals = [exc] * len(batch)
+        for (_, written), refused in zip(batch, refusals, strict=True):
+            if written.done():  # its request was cancelled
+                continue
+            if refused is None:
+                written.set_result(None)
+            else:
+                written.set_exception(refused)
+
+
 class Gateway:
     def __init__(
         self,
@@ -65,6 +97,7 @@ class Gateway:
         self.storage = storage  # the storage agent (files); None: found by discovery
         self.queue = queue  # the training queue's agent (fine-tuning); None: discovery
         self.accounts = accounts
+        self.ledger = Ledger(accounts)
         self.limiter = limiter
         self.router = router
         self.watch = watch
@@ -197,7 +230,7 @@ class Gateway:
             raise
         finally:
             usage = Usage(prompt_tokens=tokens)
-            self._settle(
+            await self._settle(
                 principal, permit, request_id, model, None, usage, status, started, prompt_text
             )
             (self.requests if status == 200 else self.failures).inc()
@@ -252,7 +285,7 @@ class Gateway:
         finally:
             await events.aclose()
             model = target.base or target.model
-            latency = self._settle(
+            latency = await self._settle(
                 principal,
                 permit,
                 request_id,
@@ -271,7 +304,7 @@ class Gateway:
             else:
                 self.failures.inc()
 
-    def _settle(
+    async def _settle(
         self,
         principal: Principal,
         permit: Permit,
@@ -283,10 +316,11 @@ class Gateway:
         started: float,
         prompt_text: str | None,
     ) -> float:
-        """A finished request: its tokens to the limits, its row to the ledger; its latency."""
+        """A finished request: its tokens to the limits, its row to the ledger (written when
+        this returns); its latency."""
         permit.done(usage.total_tokens)
         latency = time.perf_counter() - started
-        self.accounts.record_usage(
+        row = self.accounts.usage_row(
             principal,
             request_id=request_id,
             model=model,
@@ -297,6 +331,7 @@ class Gateway:
             latency_ms=round(latency * 1000, 3),
             prompt_text=prompt_text,
         )
+        await self.ledger.write(row)
         return latency
 
 
