@@ -16,6 +16,14 @@ from atoll.protocol.subjects import check_name
 ENV_PREFIX = "ATOLL_"
 
 
+def check_listen(v: str) -> str:
+    """``v`` if it is HOST:PORT (port 0: any free one), else ValueError saying so."""
+    host, _, port = v.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"{v!r} is not HOST:PORT")
+    return v
+
+
 class AgentSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -71,10 +79,7 @@ class BrokerSection(BaseModel):
     @field_validator("listen")
     @classmethod
     def _listen(cls, v: str) -> str:
-        host, _, port = v.rpartition(":")
-        if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-            raise ValueError(f"{v!r} is not HOST:PORT")
-        return v
+        return check_listen(v)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> BrokerSection:

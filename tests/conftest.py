@@ -163,6 +163,32 @@ class Island:
         await eventually(lambda: model in self.plugin.gateway.base_models(), timeout)
 
 
+async def training_island(make_agent: AgentFactory, tmp_path: Path) -> Island:
+    """Storage, a training queue with its trainer, an inference node serving a tiny random
+    model ("tiny-llama") and a gateway: the whole fine-tuning loop, each part an agent."""
+    from tiny_models import build_tiny_model
+
+    base = build_tiny_model(tmp_path / "tiny-llama")
+    await make_agent("store", roles=("storage",), plugins={"storage": {}}, heartbeat=0.2)
+    trainer = {
+        "mode": "both",
+        "device": "cpu",
+        "heartbeat": 0.3,
+        "poll": 0.5,
+        "models": {"tiny-llama": str(base)},  # the overlay's name for the base model
+        "model_cache": str(tmp_path / "models"),
+    }
+    await make_agent("trainer", roles=("training",), plugins={"training": trainer}, heartbeat=0.2)
+    local = {"model": str(base), "embeddings": False}
+    await make_agent(
+        "gpu", roles=("inference",), plugins={"inference": {"local": local}}, heartbeat=0.2
+    )
+    isl = Island(make_agent)
+    await (await isl.start_gateway()).models_seen("tiny-llama")
+    await eventually(lambda: bool(isl.plugin.gateway.watch.discovery.select(plugin="training")))
+    return isl
+
+
 @pytest.fixture
 async def gw_island(make_agent: AgentFactory) -> Island:
     """Two echo inference nodes (model "echo") and a started gateway."""

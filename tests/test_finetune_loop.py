@@ -11,8 +11,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from conftest import Island, eventually
-from tiny_models import build_tiny_model
+from conftest import Island, eventually, training_island
 
 ROWS = [
     {"instruction": f"Say the colour number {i}.", "output": f"The colour is blue {i}."}
@@ -22,24 +21,7 @@ ROWS = [
 
 @pytest.mark.timeout(300)
 async def test_upload_train_and_chat_with_the_adapter(make_agent, tmp_path: Path) -> None:
-    base = build_tiny_model(tmp_path / "tiny-llama")
-    await make_agent("store", roles=("storage",), plugins={"storage": {}}, heartbeat=0.2)
-    trainer = {
-        "mode": "both",
-        "device": "cpu",
-        "heartbeat": 0.3,
-        "poll": 1.0,
-        "models": {"tiny-llama": str(base)},  # the overlay's name for the base model
-        "model_cache": str(tmp_path / "models"),
-    }
-    await make_agent("trainer", roles=("training",), plugins={"training": trainer}, heartbeat=0.2)
-    local = {"model": str(base), "embeddings": False}
-    await make_agent(
-        "gpu", roles=("inference",), plugins={"inference": {"local": local}}, heartbeat=0.2
-    )
-    isl = Island(make_agent)
-    await (await isl.start_gateway()).models_seen("tiny-llama")
-    await eventually(lambda: bool(isl.plugin.gateway.watch.discovery.select(plugin="training")))
+    isl = await training_island(make_agent, tmp_path)
     client = openai.AsyncOpenAI(base_url=f"{isl.url}/v1", api_key=isl.key("alice"), max_retries=0)
     try:
         data = tmp_path / "colours.jsonl"

@@ -10,6 +10,7 @@ import re
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,6 +55,13 @@ def acc(db_path: Path, clock: Clock) -> Iterator[Accounts]:
     accounts = Accounts(db_path, SECRET, clock=clock)
     yield accounts
     accounts.close()
+
+
+def record(acc: Accounts, *row: Any, prompt_text: str | None = None) -> None:
+    """One ledger row written now, or the reason it was refused raised."""
+    (refused_row,) = acc.insert_usage([acc.usage_row(*row, prompt_text=prompt_text)])
+    if refused_row is not None:
+        raise refused_row
 
 
 def refused(
@@ -346,11 +354,11 @@ def test_usage_ledger_totals(acc: Accounts, clock: Clock) -> None:
     in_p1 = principal(acc, "alice", "p1")  # p1 keeps prompts
     mine = principal(acc, "alice")
     other = principal(acc, "carol", "p2")
-    acc.record_usage(in_p1, "r1", "SmolLM2", "p1/x", 10, 5, 200, 12.5, prompt_text="hi")
-    acc.record_usage(mine, "r2", "SmolLM2", None, 7, 3, 200, 8.0, prompt_text="secret")
+    record(acc, in_p1, "r1", "SmolLM2", "p1/x", 10, 5, 200, 12.5, prompt_text="hi")
+    record(acc, mine, "r2", "SmolLM2", None, 7, 3, 200, 8.0, prompt_text="secret")
     clock.advance(100)
-    acc.record_usage(in_p1, "r3", "SmolLM2", "p1/x", 1, 0, 503, 1.0)
-    acc.record_usage(other, "r4", "SmolLM2", "p2/y", 100, 50, 200, 30.0, prompt_text="x")
+    record(acc, in_p1, "r3", "SmolLM2", "p1/x", 1, 0, 503, 1.0)
+    record(acc, other, "r4", "SmolLM2", "p2/y", 100, 50, 200, 30.0, prompt_text="x")
     assert acc.usage(key_id=in_p1.key_id).__dict__ == {
         "requests": 2,
         "prompt_tokens": 11,
@@ -372,11 +380,11 @@ def test_usage_ledger_totals(acc: Accounts, clock: Clock) -> None:
     page = acc.usage_rows(user="alice", after=rows[0].seq, limit=1)
     assert [r.request_id for r in page] == ["r2"]
     with pytest.raises(ValueError, match="already in the ledger"):
-        acc.record_usage(mine, "r1", "SmolLM2", None, 1, 1, 200, 1.0)
+        record(acc, mine, "r1", "SmolLM2", None, 1, 1, 200, 1.0)
     with pytest.raises(ValueError, match="non-negative"):
-        acc.record_usage(mine, "r9", "SmolLM2", None, -1, 1, 200, 1.0)
+        record(acc, mine, "r9", "SmolLM2", None, -1, 1, 200, 1.0)
     with pytest.raises(ValueError, match="HTTP status"):
-        acc.record_usage(mine, "r9", "SmolLM2", None, 1, 1, 42, 1.0)
+        record(acc, mine, "r9", "SmolLM2", None, 1, 1, 42, 1.0)
     assert acc.usage().requests == 4
 
 
@@ -465,7 +473,7 @@ def test_everything_survives_a_reopen(db_path: Path, clock: Clock) -> None:
     tenant(acc)
     _, plaintext = acc.create_key("alice", "p1", limits=Limits(tokens_per_min=9), actor="root")
     p = acc.authenticate(plaintext)
-    acc.record_usage(p, "r1", "SmolLM2", "p1/x", 3, 4, 200, 5.0)
+    record(acc, p, "r1", "SmolLM2", "p1/x", 3, 4, 200, 5.0)
     acc.update_project("p1", limits=Limits(concurrent=3), actor="root")
     before = (acc.list_users(), acc.list_projects(), acc.members("p1"), acc.list_keys())
     adapters, log = acc.visible_adapters(p), acc.audit_log()

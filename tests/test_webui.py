@@ -17,8 +17,7 @@ import httpx
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
-from conftest import Island, eventually
-from tiny_models import build_tiny_model
+from conftest import Island, training_island
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Headless, and nothing that phones home: this machine (and CI) has no internet.
@@ -245,44 +244,24 @@ ROWS = [
 async def test_datasets_training_charts_and_chat_with_the_result(
     make_agent, browser: Browser, tmp_path: Path
 ) -> None:
-    base = build_tiny_model(tmp_path / "tiny-llama")
-    await make_agent("store", roles=("storage",), plugins={"storage": {}}, heartbeat=0.2)
-    trainer = {
-        "mode": "both",
-        "device": "cpu",
-        "heartbeat": 0.3,
-        "poll": 0.5,
-        "models": {"tiny-llama": str(base)},
-        "model_cache": str(tmp_path / "models"),
-    }
-    await make_agent("trainer", roles=("training",), plugins={"training": trainer}, heartbeat=0.2)
-    local = {"model": str(base), "embeddings": False}
-    await make_agent(
-        "gpu", roles=("inference",), plugins={"inference": {"local": local}}, heartbeat=0.2
-    )
-    isl = Island(make_agent)
-    await (await isl.start_gateway()).models_seen("tiny-llama")
-    await eventually(lambda: bool(isl.plugin.gateway.watch.discovery.select(plugin="training")))
+    isl = await training_island(make_agent, tmp_path)
     tab = await Tab.open(browser, isl.url)
     page = tab.page
     await tab.login(isl.key("alice"))
 
     # A bad dataset is refused with the line and the reason; nothing is kept.
     await page.click("nav a[data-tab=datasets]")
-    bad = json.dumps(ROWS[0]) + "\n" + json.dumps({"instruction": "no output"}) + "\n"
-    await page.set_input_files(
-        "#dataset-file",
-        {"name": "bad.jsonl", "mimeType": "application/jsonl", "buffer": bad.encode()},
-    )
-    await page.click("#upload-form button")
+
+    async def upload(name: str, rows: list[dict]) -> None:
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        file = {"name": name, "mimeType": "application/jsonl", "buffer": text.encode()}
+        await page.set_input_files("#dataset-file", file)
+        await page.click("#upload-form button")
+
+    await upload("bad.jsonl", [ROWS[0], {"instruction": "no output"}])
     await expect(page.locator("#upload-error")).to_contain_text("line 2")
     await expect(page.locator("#datasets-table tbody tr")).to_have_count(0)
-    good = "\n".join(json.dumps(r) for r in ROWS) + "\n"
-    await page.set_input_files(
-        "#dataset-file",
-        {"name": "colours.jsonl", "mimeType": "application/jsonl", "buffer": good.encode()},
-    )
-    await page.click("#upload-form button")
+    await upload("colours.jsonl", ROWS)
     await expect(page.locator("#upload-status")).to_contain_text("Uploaded colours.jsonl")
     await expect(page.locator("#datasets-table tbody tr")).to_have_count(1)
     await expect(page.locator("#datasets-table tbody td").nth(1)).to_have_text("colours.jsonl")

@@ -884,27 +884,6 @@ class Accounts:
 
     # --- usage ledger and audit log -------------------------------------------------------
 
-    def record_usage(
-        self,
-        principal: Principal,
-        request_id: str,
-        model: str,
-        adapter: str | None,
-        prompt_tokens: int,
-        completion_tokens: int,
-        status: int,
-        latency_ms: float,
-        prompt_text: str | None = None,
-    ) -> None:
-        """One request's row, written now (see usage_row and insert_usage)."""
-        row = self.usage_row(
-            principal, request_id, model, adapter, prompt_tokens, completion_tokens, status,
-            latency_ms, prompt_text,
-        )  # fmt: skip
-        (refused,) = self.insert_usage([row])
-        if refused is not None:
-            raise refused
-
     def usage_row(
         self,
         principal: Principal,

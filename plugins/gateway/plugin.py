@@ -18,6 +18,7 @@ from typing import Any
 import uvicorn
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from atoll.agent.config import check_listen
 from atoll.agent.node import Publication
 from atoll.agent.plugins import Plugin, PluginContext
 from atoll.agent.watch import TenantWatch
@@ -48,10 +49,7 @@ class GatewayConfig(BaseModel):
     @field_validator("listen")
     @classmethod
     def _listen(cls, v: str) -> str:
-        host, _, port = v.rpartition(":")
-        if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-            raise ValueError(f"{v!r} is not HOST:PORT")
-        return v
+        return check_listen(v)
 
 
 class GatewayPlugin(Plugin):
