@@ -17,7 +17,7 @@ import httpx
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
-from conftest import Island, training_island
+from conftest import Island, eventually, training_island
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Headless, and nothing that phones home: this machine (and CI) has no internet.
@@ -131,6 +131,19 @@ async def test_log_in_chat_stream_compare_and_keep_conversations(
     assert any(0 < len(s) < len(words) for s in seen), "the reply never showed part-way"
     await expect(page.locator("#messages .usage").last).to_contain_text("tokens")
 
+    # Stop mid-reply: the words so far stay, the composer is back, the node stopped (the
+    # ledger has the request as 499, the client went away).
+    long = " ".join(f"w{i}" for i in range(60))
+    await page.fill("#prompt", long)
+    await page.press("#prompt", "Enter")
+    streaming = page.locator("#messages .message.assistant").last.locator(".content")
+    await expect(streaming).to_have_text(re.compile(r"^w0 w1 w2"))
+    await page.click("#stop")
+    await expect(page.locator("#send")).to_be_visible()
+    stopped = (await last_reply(page))[0]
+    assert stopped.startswith("w0 w1 w2") and len(stopped) < len(long)
+    await eventually(lambda: [r.status for r in isl.accounts.usage_rows()][-1:] == [499])
+
     # Compare: the adapter's answer and the base model's, side by side.
     await page.select_option("#model", "alice/pirate")
     await page.check("#compare")
@@ -186,12 +199,22 @@ async def test_log_in_chat_stream_compare_and_keep_conversations(
     await expect(page.locator("#who")).to_have_text("alice")
     await expect(page.locator("#chat-list li")).to_have_count(2)
     await page.locator("#chat-list li span", has_text="one two three").click()
-    await expect(page.locator("#messages .message.assistant")).to_have_count(4)
+    await expect(page.locator("#messages .message.assistant")).to_have_count(5)
     bob = await Tab.open(browser, isl.url)
     await bob.login(isl.key("bob"))
     await expect(bob.page.locator("#chat-list li")).to_have_count(1)
     await expect(bob.page.locator("#messages .message")).to_have_count(0)
     await bob.close()
+
+    # A key revoked mid-session: the next call logs the tab out, saying why.
+    for record in isl.accounts.list_keys(user="alice"):
+        isl.accounts.revoke_key(record.key_id, actor="test")
+    await page.fill("#prompt", "anyone there?")
+    await page.click("#send")
+    await expect(page.locator("#login")).to_be_visible()
+    await expect(page.locator("#login-error")).to_contain_text("revoked")
+    await expect(page.locator("#tab-chat")).to_be_hidden()
+    assert await page.evaluate("sessionStorage.getItem('atoll.key')") is None
     await tab.close()
 
 

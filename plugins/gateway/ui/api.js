@@ -10,8 +10,10 @@ export class ApiError extends Error {
 }
 
 export class Api {
-  constructor(key) {
+  // `onRefused(error)`: the key stopped working (revoked, expired, rotated out): log out.
+  constructor(key, onRefused = () => {}) {
     this.key = key;
+    this.onRefused = onRefused;
   }
 
   headers(extra = {}) {
@@ -27,7 +29,11 @@ export class Api {
       init.body = form;
     }
     const response = await fetch(path, init);
-    if (!response.ok) throw await errorOf(response);
+    if (!response.ok) {
+      const error = await errorOf(response);
+      if (response.status === 401) this.onRefused(error);
+      throw error;
+    }
     return response;
   }
 

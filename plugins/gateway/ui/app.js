@@ -24,7 +24,7 @@ class App {
 
   async login(key) {
     $("login-error").textContent = "";
-    const api = new Api(key);
+    const api = new Api(key, (error) => this.refused(error));
     let session;
     try {
       session = await api.get("/ui/session");
@@ -60,6 +60,21 @@ class App {
     sessionStorage.removeItem(KEY);
     location.hash = "";
     location.reload();
+  }
+
+  // The key was refused mid-session: back to the login form, saying why.
+  refused(error) {
+    if (!this.api) return;
+    for (const view of Object.values(this.tabs)) view.hide?.();
+    this.tabs.chat?.abort?.abort(); // a reply still streaming
+    this.api = null;
+    this.tabs = {};
+    this.current = null;
+    sessionStorage.removeItem(KEY);
+    for (const id of ["nav", "who", "logout"]) $(id).hidden = true;
+    for (const tab of document.querySelectorAll(".tab")) tab.hidden = true;
+    $("login").hidden = false;
+    $("login-error").textContent = `Logged out: ${error.message}`;
   }
 
   show(name) {
