@@ -34,6 +34,8 @@ from atoll.protocol.seal import (
     Sealer,
     box_key,
     open_sealed,
+    secretbox,
+    secretbox_open,
 )
 from atoll.protocol.subjects import SubjectIndex, check_subject
 from atoll.tenancy import credentials as cred
@@ -969,3 +971,22 @@ def test_signed_non_map_claim_refused() -> None:
     blob = pack({"broker": pack([body, op.sign(body).signature])})
     with pytest.raises(AuthError, match="must be a map"):
         verify_broker(blob, pub(op))
+
+
+def test_secretbox_is_nacls_and_refuses_tampering() -> None:
+    """The direct libsodium calls give PyNaCl's (NaCl's) bytes, and open only what they sealed."""
+    from nacl import bindings
+
+    key, nonce = os.urandom(32), os.urandom(24)
+    for message in (b"", b"x", os.urandom(128), os.urandom(70_000)):
+        boxed = secretbox(message, nonce, key)
+        assert boxed == bindings.crypto_secretbox_easy(message, nonce, key)
+        assert secretbox_open(boxed, nonce, key) == message
+        flipped = bytes([boxed[0] ^ 1]) + boxed[1:]
+        assert secretbox_open(flipped, nonce, key) is None
+        assert secretbox_open(boxed, nonce, os.urandom(32)) is None
+    assert secretbox_open(b"short", nonce, key) is None
+    with pytest.raises(ProtocolError, match="32-byte key"):
+        secretbox(b"m", nonce, key[:31])
+    with pytest.raises(ProtocolError, match="24-byte nonce"):
+        secretbox_open(b"m" * 20, nonce[:8], key)
