@@ -87,7 +87,6 @@ class Stream:
         self._nacked_at = -1
         self._reported = 0
         self._report_due = False
-        self._last_report: dict[str, Any] | None = None
         self._closed = False
         self._readable = asyncio.Event()
         self.error: BaseException | None = None
@@ -149,15 +148,13 @@ class Stream:
             asyncio.get_running_loop().call_soon(self._send_report)
 
     def _send_report(self) -> None:
-        self._report_due = False
-        fields = self._report_fields()
-        if self.error is not None or fields == self._last_report:  # aborted, or said already
+        if not self._report_due or self.error is not None:  # sent with our EOF, or aborted
             return
+        self._report_due = False
         # Lost with the connection: the writer sends its unconsumed data again, and a copy we
         # hold already makes us report again (on_data).
         with contextlib.suppress(ConnectionLost):
-            self._send({"k": "sa", "s": self.sid, **fields})
-            self._last_report = fields
+            self._send({"k": "sa", "s": self.sid, **self._report_fields()})
 
     def _report_fields(self) -> dict[str, Any]:
         eof = self._eof_at is not None and self._expected >= self._eof_at
@@ -186,10 +183,10 @@ class Stream:
         self._reported = self._expected
         if self._eof_sent:
             self._report()
-        else:  # our EOF carries our last report: one message for both
+        else:  # our EOF carries our last report (and stands for one still due)
             self._eof_sent = True
-            self._last_report = fields = self._report_fields()
-            self._send({"k": "se", "s": self.sid, "o": self._sent, **fields})
+            self._report_due = False
+            self._send({"k": "se", "s": self.sid, "o": self._sent, **self._report_fields()})
         self._maybe_done()
 
     # --- reading -----------------------------------------------------------------------------
