@@ -244,6 +244,33 @@ def agent_join(
     out.print(f"run it with: atoll agent run --config {config}")
 
 
+@agent_app.command("issue")
+def agent_issue(
+    data_dir: DataDir,
+    name: Annotated[str, typer.Option(help="Agent name.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Data dir to create for that agent.")],
+    tenant: Annotated[str, typer.Option(help="Tenant of the agent.")] = DEFAULT_TENANT,
+    role: Annotated[list[str] | None, typer.Option(help=f"Role(s): {ROLE_NAMES}.")] = None,
+    region: Annotated[str, typer.Option(help="Region (island) of the agent.")] = "",
+    cred_ttl: Annotated[str, typer.Option(help="Lifetime of the credential.")] = "30d",
+    with_broker: Annotated[
+        bool, typer.Option(help="Also a broker identity of that name, for a [broker] section.")
+    ] = False,
+) -> None:
+    """Mint an agent identity with the tenant key on the operator host (as `broker issue` does
+    for brokers), for an agent that runs its own island's broker and so has none to join
+    through first. Copy DIR to the agent's host; elsewhere, prefer a token and `agent join`."""
+    op = operator_store(data_dir)
+    try:
+        ttl = parse_duration(cred_ttl)
+        AgentKeys.issue(op, tenant, name, role or ["agent"], region, ttl).save(out_dir)
+        if with_broker:
+            issue_broker_dir(op, out_dir, name)
+    except (ValueError, FileNotFoundError, ProtocolError) as exc:
+        fail(str(exc))
+    out.print(f"agent identity for {name} (tenant {tenant}) in {out_dir}")
+
+
 @agent_app.command("run")
 def agent_run(config: Annotated[Path, typer.Option(help="Agent TOML config.")]) -> None:
     """Run an agent with the plugins its config enables, until Ctrl-C."""

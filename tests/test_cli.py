@@ -459,3 +459,20 @@ def test_process_tuning_collects_the_young_generation_less_often() -> None:
         assert gc.get_threshold() == (GC_GEN0_THRESHOLD, *before[1:])
     finally:
         gc.set_threshold(*before)
+
+
+def test_agent_issue_refuses_bad_names_roles_and_tenants(tmp_path: Path) -> None:
+    op = str(tmp_path / "op")
+    atoll("init", "-d", op)
+    made = atoll("agent", "issue", "-d", op, "--name", "gw-1", "--role", "gateway", "--out",
+                 str(tmp_path / "gw-1"))  # fmt: skip
+    assert "agent identity for gw-1" in made.stdout
+    assert (tmp_path / "gw-1" / "agent.key").stat().st_mode & 0o077 == 0  # private: 0600
+    for args, reason in (
+        (["--name", "Bad Name"], "invalid agent name"),
+        (["--name", "x", "--role", "wizard"], "unknown roles ['wizard']"),
+        (["--name", "x", "--tenant", "nope"], "no tenant 'nope'"),
+    ):
+        bad = atoll("agent", "issue", "-d", op, *args, "--out", str(tmp_path / "x"), check=False)
+        assert bad.returncode == 1 and reason in bad.stderr, bad.stderr
+    assert not (tmp_path / "x").exists()

@@ -26,7 +26,6 @@ from pydantic import BaseModel
 from atoll.agent.config import AtollConfig, load_broker_config, load_config
 from atoll.agent.errors import NoResponder
 from atoll.agent.files import FilesConfig
-from atoll.agent.identity import AgentKeys
 from atoll.agent.metrics import MetricsRegistry
 from atoll.agent.node import Agent
 from atoll.agent.plugins import available_plugins
@@ -193,10 +192,16 @@ def broker_env(data_dir: Path, port: int, peer: int | None = None) -> dict[str, 
     }
 
 
-def issue(op: OperatorStore, data_dir: Path, name: str, roles: list[str]) -> None:
-    """The agent and broker identities `atoll agent join` and `atoll broker issue` would write."""
-    AgentKeys.issue(op, TENANT, name, roles).save(data_dir)
-    issue_broker_dir(op, data_dir, name)
+async def issue(op: OperatorStore, data_dir: Path, name: str, roles: list[str]) -> None:
+    """The identities an example that runs its own broker needs, made as its header says:
+    `atoll agent issue ... --with-broker`."""
+    proc = await asyncio.create_subprocess_exec(
+        *CLI, "agent", "issue", "-d", str(op.root), "--tenant", TENANT, "--name", name,
+        *(f"--role={r}" for r in roles), "--with-broker", "--out", str(data_dir),
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
 
 
 @pytest.fixture
@@ -301,8 +306,8 @@ async def test_two_broker_mesh_from_its_files(
     processes, operator: OperatorStore, make_agent: AgentFactory, tmp_path: Path
 ) -> None:
     a, b = free_port(), free_port()
-    issue(operator, tmp_path / "mesh-a", "mesh-a", ["storage"])
-    issue(operator, tmp_path / "mesh-b", "mesh-b", ["agent"])
+    await issue(operator, tmp_path / "mesh-a", "mesh-a", ["storage"])
+    await issue(operator, tmp_path / "mesh-b", "mesh-b", ["agent"])
     env_a, env_b = broker_env(tmp_path / "mesh-a", a, b), broker_env(tmp_path / "mesh-b", b, a)
     await agent_run("mesh-a.toml", env_a, tmp_path / "a.log", processes)
     await agent_run("mesh-b.toml", env_b, tmp_path / "b.log", processes)
@@ -322,7 +327,7 @@ async def test_island_from_its_file(
     processes, operator: OperatorStore, make_agent: AgentFactory, tmp_path: Path
 ) -> None:
     data, port, web = tmp_path / "island", free_port(), free_port()
-    issue(operator, data, "island", ["admin", "operator", "gateway", "training"])  # as `atoll up`
+    await issue(operator, data, "island", ["admin", "operator", "gateway", "training"])
     env = broker_env(data, port) | {
         "ATOLL_PLUGINS__GATEWAY__LISTEN": f"127.0.0.1:{web}",
         "ATOLL_PLUGINS__INFERENCE__BACKEND": "echo",  # the embedded model has its own tests
