@@ -64,7 +64,7 @@ class Mesh:
         self.links: dict[str, PeerLink] = {}
         self._seen = SeenIds()
         self._synced = SeenIds()
-        self._advert_pending = False
+        self._advert_due: asyncio.TimerHandle | None = None  # a coalesced advert, scheduled
         self._tasks: list[asyncio.Task] = []
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -74,6 +74,8 @@ class Mesh:
         self._tasks.append(asyncio.create_task(self._refresh()))
 
     async def stop(self) -> None:
+        if self._advert_due is not None:
+            self._advert_due.cancel()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -171,12 +173,13 @@ class Mesh:
     def changed(self) -> None:
         """Local agents or interest changed: advertise shortly, once for a burst of changes
         (an advert carries every local agent's credential)."""
-        if not self._advert_pending:
-            self._advert_pending = True
-            asyncio.get_running_loop().call_later(ADVERT_DELAY, self._advertise)
+        if self._advert_due is None:
+            self._advert_due = asyncio.get_running_loop().call_later(ADVERT_DELAY, self._advertise)
 
     def _advertise(self) -> None:
-        self._advert_pending = False
+        if self._advert_due is not None:
+            self._advert_due.cancel()
+            self._advert_due = None
         if not self.links:  # alone: nobody to tell (attach advertises on the first link)
             return
         agents, subs = self.server.router.local_view()
@@ -262,6 +265,10 @@ class Mesh:
         link = self.links.get(hop) if hop else None
         if link is None:
             return False
+        if self._advert_due is not None:
+            # A new local agent's first message must not overtake the advert carrying its
+            # credential: the receiver would ask for the sender's key before its broker has it.
+            self._advertise()
         link.send(self._relay_frame(tenant, origin or self.me, ttl, route, data))
         return True
 

@@ -119,6 +119,27 @@ async def test_line_of_brokers_routes_over_two_hops(operator, tmp_path) -> None:
             await b.stop()
 
 
+async def test_a_new_agents_first_message_does_not_overtake_its_advert(
+    operator, tmp_path, monkeypatch
+) -> None:
+    """A message relayed from an agent that just connected reaches a broker that must already
+    know the sender (the receiver asks it for the sender's credential to open the message)."""
+    b1 = await start_broker(operator, tmp_path, "b1", [])
+    b2 = await start_broker(operator, tmp_path, "b2", [b1.url])
+    try:
+        await converged([b1, b2])
+        x = await agent(operator, "x", [b1.url])
+        await eventually(lambda: b2.mesh.state.locate("acme", "x") is not None)
+        monkeypatch.setattr("atoll.broker.peering.ADVERT_DELAY", 30.0)  # y's advert: coalescing
+        y = await agent(operator, "y", [b2.url])
+        assert (await y.call("x", "ping", timeout=5))["agent"] == "x"
+        await x.stop()
+        await y.stop()
+    finally:
+        await b1.stop()
+        await b2.stop()
+
+
 async def test_broker_death_failover_and_reconvergence(operator, triangle) -> None:
     b1, b2, b3 = triangle
     mover = await agent(operator, "mover", [b3.url, b1.url])
