@@ -13,6 +13,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from atoll.agent.identity import AgentKeys
 from atoll.agent.runtime import AgentRuntime
 from atoll.broker.server import BrokerServer
+from atoll.plugins.storage.plugin import StoragePlugin
 from atoll.protocol.frames import decode_message
 from atoll.protocol.handshake import ClientHandshake
 from atoll.tenancy.operator import OperatorStore
@@ -161,6 +162,16 @@ class Island:
     async def models_seen(self, model: str, timeout: float = 5.0) -> None:
         """Until the gateway's discovery shows a node serving ``model``."""
         await eventually(lambda: model in self.plugin.gateway.base_models(), timeout)
+
+
+async def start_storage(
+    make_agent: AgentFactory, name: str = "store", **config: object
+) -> tuple[AgentRuntime, StoragePlugin]:
+    """An agent with a storage plugin (``config`` its section); (its runtime, the plugin)."""
+    rt = await make_agent(name)
+    plugin = StoragePlugin()
+    await rt.host.add("storage", config, plugin=plugin)
+    return rt, plugin
 
 
 async def training_island(make_agent: AgentFactory, tmp_path: Path) -> Island:

@@ -10,7 +10,6 @@ import json
 import re
 import shutil
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +37,7 @@ from atoll.plugins.storage.contract import (
     upload_adapter,
 )
 from atoll.plugins.storage.plugin import StoragePlugin
-from atoll.plugins.storage.store import InvalidKey, LocalStore, ObjectNotFound
-from conftest import AgentFactory, Island, eventually
+from conftest import Island, eventually, start_storage
 
 BASE = "atoll-test/tiny-llama"
 
@@ -94,15 +92,6 @@ def same_files(a: Path, b: Path, names: list[str]) -> bool:
 
 def visible(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
-
-
-async def start_storage(
-    make_agent: AgentFactory, name: str = "store", **config
-) -> tuple[AgentRuntime, StoragePlugin]:
-    rt = await make_agent(name)
-    plugin = StoragePlugin()
-    await rt.host.add("storage", config, plugin=plugin)
-    return rt, plugin
 
 
 async def nothing_stored(plugin: StoragePlugin) -> None:
@@ -536,108 +525,3 @@ async def test_storage_agent_dies_mid_fetch_then_returns(
 
 
 # --- LocalStore ------------------------------------------------------------------------------
-
-
-async def test_local_store_put_is_atomic(tmp_path) -> None:
-    store = LocalStore(tmp_path / "objects")
-    info = await store.put("a/b.bin", b"old content")
-    assert (info.size, info.sha256) == (11, hashlib.sha256(b"old content").hexdigest())
-    assert await store.stat("a/b.bin") == info
-
-    release = asyncio.Event()
-
-    async def slow() -> AsyncIterator[bytes]:
-        yield b"new "
-        await release.wait()
-        yield b"content!"
-
-    putting = asyncio.create_task(store.put("a/b.bin", slow()))
-    await asyncio.sleep(0.05)
-    # Half-written: readers still see the whole old object, listing shows nothing new.
-    assert await store.get("a/b.bin") == b"old content"
-    assert await store.list("") == ["a/b.bin"]
-    release.set()
-    new = await putting
-    assert await store.get("a/b.bin") == b"new content!"
-    assert new.sha256 == hashlib.sha256(b"new content!").hexdigest() != info.sha256
-
-    async def failing() -> AsyncIterator[bytes]:
-        yield b"partial"
-        raise OSError("source broke")
-
-    with pytest.raises(OSError, match="source broke"):
-        await store.put("a/b.bin", failing())
-    with pytest.raises(OSError, match="source broke"):
-        await store.put("a/c.bin", failing())
-    assert await store.get("a/b.bin") == b"new content!"  # the failed put changed nothing
-    assert not await store.exists("a/c.bin")
-    assert list((tmp_path / "objects" / ".atoll-staging").iterdir()) == []  # no temp left
-
-    file = tmp_path / "src.bin"
-    file.write_bytes(b"z" * 3_000_000)
-    assert (await store.put_file("f/z.bin", file)).size == 3_000_000
-    # A store reopened on the root finds the objects and hashes them afresh.
-    again = LocalStore(tmp_path / "objects")
-    assert (await again.stat("f/z.bin")).sha256 == hashlib.sha256(file.read_bytes()).hexdigest()
-
-
-async def test_local_store_refuses_traversal(tmp_path) -> None:
-    store = LocalStore(tmp_path / "objects")
-    (tmp_path / "secret").write_text("do not touch")
-    bad = [
-        "../secret",
-        "/etc/passwd",
-        "a/../../secret",
-        "a\\..\\secret",
-        "a\x00b",
-        "",
-        "a//b",
-        "a/./b",
-        "a/",
-        ".atoll-staging/x",
-        "x" * 1025,
-    ]
-    for key in bad:
-        with pytest.raises(InvalidKey):
-            await store.put(key, b"x")
-        with pytest.raises(InvalidKey):
-            await store.get(key)
-        with pytest.raises(InvalidKey):
-            await store.stat(key)
-        with pytest.raises(InvalidKey):
-            await store.delete(key)
-        with pytest.raises(InvalidKey):
-            await store.exists(key)
-    with pytest.raises(InvalidKey):
-        await store.list("../")
-    assert (tmp_path / "secret").read_text() == "do not touch"
-    assert await store.list("") == []
-    await store.put("a/b", b"1")
-    with pytest.raises(InvalidKey, match="collides"):
-        await store.put("a/b/c", b"2")
-    with pytest.raises(InvalidKey, match="collides"):
-        await store.put("a", b"2")
-
-
-async def test_local_store_list_and_delete(tmp_path) -> None:
-    root = tmp_path / "objects"
-    store = LocalStore(root)
-    for key in ("adapters/a/x", "adapters/ab/y", "adapters/a/deep/z", "data/z"):
-        await store.put(key, key.encode())
-    assert await store.list("") == ["adapters/a/deep/z", "adapters/a/x", "adapters/ab/y", "data/z"]
-    assert await store.list("adapters/a") == ["adapters/a/deep/z", "adapters/a/x", "adapters/ab/y"]
-    assert await store.list("adapters/a/") == ["adapters/a/deep/z", "adapters/a/x"]
-    assert await store.list("adapters/a/d") == ["adapters/a/deep/z"]
-    assert await store.list("nothing/here/") == []
-
-    assert await store.delete("adapters/a/deep/z") is True
-    assert await store.delete("adapters/a/deep/z") is False
-    assert not (root / "adapters" / "a" / "deep").exists()  # emptied directories go too
-    for key in ("adapters/a/x", "adapters/ab/y"):
-        assert await store.delete(key)
-    assert sorted(p.name for p in root.iterdir()) == [".atoll-staging", "data"]
-    with pytest.raises(ObjectNotFound, match="no object 'adapters/a/x'"):
-        await store.stat("adapters/a/x")
-    with pytest.raises(ObjectNotFound):
-        await store.get("adapters/a/x")
-    assert await store.get("data/z") == b"data/z"

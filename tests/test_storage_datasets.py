@@ -37,7 +37,7 @@ from atoll.plugins.storage.datasets import (
     prepare,
 )
 from atoll.plugins.storage.plugin import StoragePlugin
-from conftest import AgentFactory, eventually
+from conftest import eventually, start_storage
 
 
 def write(tmp_path: Path, name: str, content: str | bytes) -> Path:
@@ -324,15 +324,6 @@ def test_a_10k_row_file(tmp_path) -> None:
 
 
 # --- the dataset service between agents -----------------------------------------------------------
-
-
-async def start_storage(
-    make_agent: AgentFactory, name: str = "store", **config
-) -> tuple[AgentRuntime, StoragePlugin]:
-    rt = await make_agent(name)
-    plugin = StoragePlugin()
-    await rt.host.add("storage", config, plugin=plugin)
-    return rt, plugin
 
 
 async def nothing_stored(plugin: StoragePlugin) -> None:

@@ -232,6 +232,41 @@ async def test_keys_that_could_escape_are_refused(store: ObjectStore) -> None:
     assert await store.list("") == []
 
 
+async def test_local_store_on_disk(tmp_path) -> None:
+    """What only the directory store has to get right on top of the shared behaviour above."""
+    root = tmp_path / "objects"
+    store = LocalStore(root)
+    (tmp_path / "secret").write_text("do not touch")
+
+    async def failing() -> AsyncIterator[bytes]:
+        yield b"partial"
+        raise OSError("source broke")
+
+    with pytest.raises(OSError, match="source broke"):
+        await store.put("a/c.bin", failing())
+    assert list((root / ".atoll-staging").iterdir()) == []  # no temp file left behind
+    for key in ("../secret", "a/../../secret"):
+        with pytest.raises(InvalidKey):
+            await store.put(key, b"x")
+    assert (tmp_path / "secret").read_text() == "do not touch"
+    # A key cannot be both a file and a directory.
+    await store.put("a/b", b"1")
+    with pytest.raises(InvalidKey, match="collides"):
+        await store.put("a/b/c", b"2")
+    with pytest.raises(InvalidKey, match="collides"):
+        await store.put("a", b"2")
+    # Emptied directories go with their last object.
+    await store.put("d/deep/z", b"z")
+    assert await store.delete("d/deep/z")
+    assert not (root / "d").exists()
+    # A store reopened on the root finds the objects and hashes them afresh.
+    file = tmp_path / "src.bin"
+    file.write_bytes(b"z" * 3_000_000)
+    assert (await store.put_file("f/z.bin", file)).size == 3_000_000
+    again = LocalStore(root)
+    assert (await again.stat("f/z.bin")).sha256 == hashlib.sha256(file.read_bytes()).hexdigest()
+
+
 # --- S3 only ------------------------------------------------------------------------------------
 
 
