@@ -946,7 +946,7 @@ class _EventStream(ABC):
         model: str,
         choices: int,
         *,
-        per_prompt: int,
+        per_prompt: int | None = None,
         include_usage: bool = False,
         logprobs: bool = False,
         created: int | None = None,
@@ -954,7 +954,8 @@ class _EventStream(ABC):
         self.request_id = request_id
         self.model = model
         self.choices = choices
-        self.per_prompt = per_prompt
+        # Choices per prompt; None: they all share one prompt (the n choices of a chat).
+        self.per_prompt = choices if per_prompt is None else per_prompt
         self.include_usage = include_usage
         self.logprobs = logprobs
         self.created = int(time.time()) if created is None else created
@@ -1007,26 +1008,6 @@ class _EventStream(ABC):
 
 
 class ChatStream(_EventStream):
-    def __init__(
-        self,
-        request_id: str,
-        model: str,
-        choices: int,
-        *,
-        include_usage: bool = False,
-        logprobs: bool = False,
-        created: int | None = None,
-    ) -> None:
-        super().__init__(
-            request_id,
-            model,
-            choices,
-            per_prompt=choices,  # the n choices of a chat share its one prompt
-            include_usage=include_usage,
-            logprobs=logprobs,
-            created=created,
-        )
-
     def _chunk(self, choice: ChunkChoice) -> bytes:
         return sse(
             ChatCompletionChunk(
@@ -1070,25 +1051,9 @@ class ChatStream(_EventStream):
 
 class CompletionStream(_EventStream):
     def __init__(
-        self,
-        request_id: str,
-        model: str,
-        choices: int,
-        *,
-        per_prompt: int,
-        include_usage: bool = False,
-        logprobs: bool = False,
-        created: int | None = None,
+        self, request_id: str, model: str, choices: int, *, per_prompt: int, **options: Any
     ) -> None:
-        super().__init__(
-            request_id,
-            model,
-            choices,
-            per_prompt=per_prompt,
-            include_usage=include_usage,
-            logprobs=logprobs,
-            created=created,
-        )
+        super().__init__(request_id, model, choices, per_prompt=per_prompt, **options)
         self._offsets = [0] * choices  # text_offset of each choice's next token
 
     def _chunk(self, choice: CompletionChoice) -> bytes:
