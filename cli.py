@@ -27,7 +27,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from atoll import logs
+from atoll import eventloop, logs
 from atoll.agent.config import BrokerSection, load_broker_config, load_config
 from atoll.agent.discovery import Discovery
 from atoll.agent.errors import AtollError, ConnectionLost
@@ -42,6 +42,7 @@ from atoll.agent.watch import TenantWatch
 from atoll.broker.advertise import discover as discover_brokers
 from atoll.broker.identity import issue_broker_dir
 from atoll.broker.server import BrokerServer
+from atoll.eventloop import DEFAULT_IDLE_SPIN_US, MAX_IDLE_SPIN_US
 from atoll.protocol.errors import ProtocolError
 from atoll.protocol.subjects import check_name
 from atoll.tenancy.credentials import KNOWN_ROLES, EnrollmentToken
@@ -85,6 +86,16 @@ DataDir = Annotated[
 ]
 
 
+IdleSpin = Annotated[
+    int,
+    typer.Option(
+        min=0,
+        max=MAX_IDLE_SPIN_US,
+        help="Microseconds to busy-poll after network I/O before sleeping (0: never).",
+    ),
+]
+
+
 def fail(message: str) -> None:
     err.print(f"[red]error:[/red] {message}")
     raise typer.Exit(1)
@@ -105,9 +116,9 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def run_async(coro: Any) -> Any:
+def run_async(coro: Any, idle_spin_us: int = DEFAULT_IDLE_SPIN_US) -> Any:
     try:
-        return asyncio.run(coro)
+        return eventloop.run(coro, idle_spin_us)
     except (AtollError, ProtocolError) as exc:
         fail(str(exc))
     except FileNotFoundError as exc:
@@ -304,7 +315,7 @@ def agent_run(config: Annotated[Path, typer.Option(help="Agent TOML config.")]) 
             if server is not None:
                 await server.stop()
 
-    run_async(main())
+    run_async(main(), cfg.agent.idle_spin_us)
 
 
 @contextlib.asynccontextmanager
@@ -571,6 +582,7 @@ def broker_run(
         list[str] | None, typer.Option(help="Peer broker URL to link with (repeatable).")
     ] = None,
     ca_file: Annotated[Path | None, typer.Option(help="CA bundle for wss:// peers.")] = None,
+    idle_spin_us: IdleSpin = DEFAULT_IDLE_SPIN_US,
 ) -> None:
     """Run a broker until Ctrl-C."""
     if ctx.invoked_subcommand is not None:
@@ -589,6 +601,7 @@ def broker_run(
                 tls_cert=tls_cert,
                 tls_key=tls_key,
                 ca_file=ca_file,
+                idle_spin_us=idle_spin_us,
             )
     except (OSError, ValueError) as exc:
         fail(f"{config or 'broker'}: {exc}")
@@ -601,10 +614,10 @@ def broker_run(
         finally:
             await server.stop()
 
-    run_async(main())
+    run_async(main(), section.idle_spin_us)
 
 
-BROKER_OPTIONS = ("listen", "tls_cert", "tls_key", "advertise", "peer", "ca_file")
+BROKER_OPTIONS = ("listen", "tls_cert", "tls_key", "advertise", "peer", "ca_file", "idle_spin_us")
 
 
 def _given(ctx: typer.Context, param: str) -> bool:
@@ -642,6 +655,7 @@ def up(
     gateway: Annotated[
         str, typer.Option("--gateway", help="Gateway HOST:PORT (OpenAI-compatible API).")
     ] = "127.0.0.1:8000",
+    idle_spin_us: IdleSpin = DEFAULT_IDLE_SPIN_US,
 ) -> None:
     """Start the all-in-one island: a broker and an agent with the storage and inference
     plugins on this machine (the first run converts the embedded model, about 30 s)."""
@@ -713,7 +727,7 @@ def up(
             out.print("stopped")
 
     with contextlib.suppress(KeyboardInterrupt):
-        run_async(main())
+        run_async(main(), idle_spin_us)
 
 
 # --- gateway administration: users, projects, API keys (RPC to the gateway plugin) -----------

@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from atoll.eventloop import DEFAULT_IDLE_SPIN_US, MAX_IDLE_SPIN_US
 from atoll.protocol.errors import ProtocolError
 from atoll.protocol.subjects import check_name
 
@@ -24,6 +25,9 @@ def check_listen(v: str) -> str:
     return v
 
 
+IDLE_SPIN = Field(DEFAULT_IDLE_SPIN_US, ge=0, le=MAX_IDLE_SPIN_US)
+
+
 class AgentSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -36,6 +40,7 @@ class AgentSection(BaseModel):
     call_timeout: float = Field(30.0, gt=0)
     heartbeat: float = Field(5.0, gt=0)  # seconds between discovery announcements
     metrics_interval: float = Field(5.0, gt=0)  # seconds between metrics feed messages
+    idle_spin_us: int = IDLE_SPIN  # busy-poll after I/O before sleeping (atoll/eventloop.py)
 
     @field_validator("name")
     @classmethod
@@ -89,6 +94,7 @@ class BrokerSection(BaseModel):
 
     max_message: int = Field(8 * 1024 * 1024, ge=64 * 1024)
     queue_limit: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
+    idle_spin_us: int = IDLE_SPIN  # a standalone broker's; beside an agent, [agent]'s applies
 
 
 class BrokerFile(BaseModel):
@@ -103,6 +109,15 @@ class AtollConfig(BaseModel):
     agent: AgentSection
     broker: BrokerSection | None = None
     plugins: dict[str, dict[str, Any]] = {}
+
+    @model_validator(mode="after")
+    def _one_loop(self) -> AtollConfig:
+        if self.broker is not None and "idle_spin_us" in self.broker.model_fields_set:
+            raise ValueError(
+                "broker.idle_spin_us: the agent and its broker share one event loop; "
+                "set idle_spin_us in [agent]"
+            )
+        return self
 
 
 def _parse_env_value(text: str) -> Any:

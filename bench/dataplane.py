@@ -49,6 +49,7 @@ from importlib.metadata import version as pkg_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from atoll import eventloop
 from atoll.tuning import tune_process
 from harness import (
     CpuClock,
@@ -212,7 +213,7 @@ def agent_child(
             await rt.stop()
 
     with profiled(profile):
-        asyncio.run(run())
+        eventloop.run(run())  # as ``atoll agent run`` does
 
 
 # --- the TCP byte source / echo server (blocking, threads) -------------------------------------

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from atoll import eventloop
 from atoll.tuning import tune_process
 from harness import (
     CpuClock,
@@ -245,7 +246,7 @@ def agent_child(kind: str, data_dir: Path, broker: str, profile: Path | None) ->
             await rt.stop()
 
     with profiled(profile):
-        asyncio.run(run())
+        eventloop.run(run())  # as ``atoll agent run`` does
 
 
 async def gateway_ready(plugin: GatewayPlugin) -> dict[str, str]:
@@ -792,4 +793,4 @@ if __name__ == "__main__":
     elif args.upstream_child:
         upstream_child()
     else:
-        run_main(main, args)
+        run_main(main, args, idle_spin_us=0)  # a load generator: no agent of its own

@@ -16,9 +16,12 @@ import signal
 import sys
 import time
 from asyncio.subprocess import Process
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from atoll import eventloop
+from atoll.eventloop import DEFAULT_IDLE_SPIN_US
 
 log = logging.getLogger("bench.harness")
 
@@ -49,14 +52,19 @@ def profiled(path: Path | None) -> Iterator[None]:
         log.warning("profile written to %s", path)
 
 
-def run_main(main: Callable[[Any, Path | None], Awaitable[dict[str, Any]]], args: Any) -> None:
-    """Run ``main(args, profile_dir)`` and print its result, or ``{"error": ...}``, as ONE JSON
-    object on stdout; exit 1 on an error, 143 when cancelled."""
+def run_main(
+    main: Callable[[Any, Path | None], Coroutine[Any, Any, dict[str, Any]]],
+    args: Any,
+    idle_spin_us: int = DEFAULT_IDLE_SPIN_US,
+) -> None:
+    """Run ``main(args, profile_dir)`` on atoll's event loop and print its result, or
+    ``{"error": ...}``, as ONE JSON object on stdout; exit 1 on an error, 143 when cancelled.
+    ``idle_spin_us=0`` for a process that only drives load (no agent of its own)."""
     profile_dir = Path(args.profile_dir).resolve() if args.profile_dir else None
     if profile_dir:
         profile_dir.mkdir(parents=True, exist_ok=True)
     try:
-        out = asyncio.run(main(args, profile_dir))
+        out = eventloop.run(main(args, profile_dir), idle_spin_us)
     except asyncio.CancelledError:
         print(json.dumps({"error": "terminated"}))
         sys.exit(143)
@@ -165,7 +173,7 @@ def broker_child(
             await server.stop()
 
     with profiled(profile):
-        asyncio.run(serve())
+        eventloop.run(serve())
 
 
 # --- measurements ------------------------------------------------------------------------------
