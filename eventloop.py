@@ -51,11 +51,12 @@ class SpinningSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-ty
                     if ready:
                         self._last_io = clock()
                         return ready
-                    if clock() >= end:
+                    now = clock()
+                    if now >= end:
                         break
                     os.sched_yield()
                 if timeout is not None:
-                    timeout = max(0.0, timeout - spin)
+                    timeout = max(0.0, timeout - (now - start))
         ready = poll(timeout)
         if ready:
             self._last_io = clock()
