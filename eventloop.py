@@ -9,8 +9,12 @@ read at once. Measured with ``bench/overlay.py`` on 2 vCPUs: RPC p50 ~360 -> ~14
 
 The cost is bounded: the loop spins only when its last wake-up brought I/O less than
 ``HOT_WINDOW_S`` ago (a process that only runs timers never spins), for at most
-``idle_spin_us`` per idle period, and it yields the CPU between polls so that a process with
-work to do on the same core runs first. ``idle_spin_us = 0`` turns it off.
+``idle_spin_us`` per idle period, and it yields the core between polls: a yield that took long
+means another task needed the core, and then the loop stops spinning and sleeps, so busy
+processes sharing few cores keep their throughput (``bench/dataplane.py``). Stopping instead
+whenever the machine has more runnable tasks than cores was tried: a chain of brokers on two
+vCPUs then slept at nearly every hop and got slower than without spinning (``bench/mesh.py``).
+``idle_spin_us = 0`` turns it off.
 """
 
 from __future__ import annotations
@@ -27,15 +31,19 @@ T = TypeVar("T")
 DEFAULT_IDLE_SPIN_US = 200
 MAX_IDLE_SPIN_US = 10_000
 HOT_WINDOW_S = 0.001  # spin only if the last I/O was this recent
+YIELDED_S = 20e-6  # a sched_yield this long gave the core away: stop spinning
 
 
 class SpinningSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
     """The platform's default selector, polled for ``spin_s`` before a blocking select."""
 
-    def __init__(self, spin_s: float, hot_window_s: float = HOT_WINDOW_S) -> None:
+    def __init__(
+        self, spin_s: float, hot_window_s: float = HOT_WINDOW_S, yielded_s: float = YIELDED_S
+    ) -> None:
         super().__init__()
         self.spin_s = spin_s
         self.hot_window_s = hot_window_s
+        self.yielded_s = yielded_s
         self._last_io = -hot_window_s
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
@@ -55,6 +63,8 @@ class SpinningSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-ty
                     if now >= end:
                         break
                     os.sched_yield()
+                    if clock() - now > self.yielded_s:
+                        break  # another task needed this core: leave it to them, sleep
                 if timeout is not None:
                     timeout = max(0.0, timeout - (now - start))
         ready = poll(timeout)

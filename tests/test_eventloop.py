@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import selectors
 import socket
 import subprocess
@@ -51,7 +52,8 @@ def test_after_io_it_polls_before_sleeping_and_sleeps_only_the_rest(
     polls: list, pair: tuple
 ) -> None:
     a, b = pair
-    sel = SpinningSelector(0.005, hot_window_s=10.0)  # a slow CI machine is still "recent"
+    # a busy CI machine: the last I/O is still recent, and a yield is not taken as given away
+    sel = SpinningSelector(0.005, hot_window_s=10.0, yielded_s=10.0)
     sel.register(a, selectors.EVENT_READ)
     b.send(b"x")
     assert [key.fileobj for key, _ in sel.select(1.0)] == [a]
@@ -68,7 +70,9 @@ def test_after_io_it_polls_before_sleeping_and_sleeps_only_the_rest(
 
 def test_data_arriving_during_the_spin_is_returned_by_a_poll(polls: list, pair: tuple) -> None:
     a, b = pair
-    sel = SpinningSelector(0.5, hot_window_s=10.0)  # long enough for the write to land in it
+    # Long enough for the write to land in it; the writer is a thread of this process, and the
+    # moment it takes the GIL must not count as the core given away.
+    sel = SpinningSelector(0.5, hot_window_s=10.0, yielded_s=10.0)
     sel.register(a, selectors.EVENT_READ)
     b.send(b"x")
     sel.select(1.0)
@@ -86,7 +90,7 @@ def test_data_arriving_during_the_spin_is_returned_by_a_poll(polls: list, pair: 
 
 def test_the_spin_never_outlasts_a_shorter_timeout(polls: list, pair: tuple) -> None:
     a, b = pair
-    sel = SpinningSelector(1.0, hot_window_s=10.0)
+    sel = SpinningSelector(1.0, hot_window_s=10.0, yielded_s=10.0)
     sel.register(a, selectors.EVENT_READ)
     b.send(b"x")
     sel.select(1.0)
@@ -163,3 +167,21 @@ def test_broker_command_bounds_idle_spin_and_keeps_it_out_of_a_config_run(tmp_pa
         [*cli, "--config", str(config), "--idle-spin-us", "0"], capture_output=True, text=True
     )
     assert mixed.returncode == 1 and "drop --idle-spin-us" in mixed.stderr
+
+
+def test_a_yield_that_gave_the_core_away_ends_the_spin(
+    polls: list, pair: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = pair
+    sel = SpinningSelector(0.5, hot_window_s=10.0)
+    sel.register(a, selectors.EVENT_READ)
+    b.send(b"x")
+    sel.select(1.0)
+    a.recv(1)
+    polls.clear()
+    monkeypatch.setattr(os, "sched_yield", lambda: time.sleep(0.002))  # someone else ran
+    t0 = time.perf_counter()
+    assert sel.select(0.05) == []
+    assert polls[0] == 0 and len(polls) == 2  # one poll, one yield given away, then sleep
+    assert polls[1] == pytest.approx(0.048, abs=0.002)
+    assert time.perf_counter() - t0 >= 0.049
