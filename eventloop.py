@@ -66,7 +66,7 @@ class SpinningSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-ty
                     if clock() - now > self.yielded_s:
                         break  # another task needed this core: leave it to them, sleep
                 if timeout is not None:
-                    timeout = max(0.0, timeout - (now - start))
+                    timeout = max(0.0, timeout - (clock() - start))
         ready = poll(timeout)
         if ready:
             self._last_io = clock()

@@ -63,7 +63,7 @@ def test_after_io_it_polls_before_sleeping_and_sleeps_only_the_rest(
     assert sel.select(0.05) == []
     waited = time.perf_counter() - t0
     assert polls[:2] == [0, 0]  # non-blocking polls first
-    assert polls[-1] == pytest.approx(0.045, abs=0.003)  # then the timeout less the spin
+    assert 0 < polls[-1] <= 0.0451  # then the timeout less the time spun (5 ms or more)
     assert set(polls[:-1]) == {0}
     assert waited >= 0.049
 
@@ -183,5 +183,5 @@ def test_a_yield_that_gave_the_core_away_ends_the_spin(
     t0 = time.perf_counter()
     assert sel.select(0.05) == []
     assert polls[0] == 0 and len(polls) == 2  # one poll, one yield given away, then sleep
-    assert polls[1] == pytest.approx(0.048, abs=0.002)
+    assert 0 < polls[1] <= 0.0481  # the rest of the timeout, less the 2 ms given away
     assert time.perf_counter() - t0 >= 0.049
