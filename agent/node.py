@@ -33,7 +33,7 @@ from atoll.protocol.errors import AuthError, ProtocolError
 from atoll.protocol.frames import Frame, FrameType, encode_frame
 from atoll.protocol.seal import ReplayGuard, Sealer, box_key, open_sealed
 from atoll.protocol.subjects import SubjectIndex, check_subject, split_address
-from atoll.tenancy.credentials import AgentIdentity, verify_agent
+from atoll.tenancy.credentials import AgentIdentity, now_ms, verify_agent
 
 Handler = Callable[[Any, "CallInfo"], Awaitable[Any]]
 
@@ -234,18 +234,20 @@ class Agent:
         self._peers[name] = peer
         if fut is not None and not fut.done():
             fut.set_result(peer)
+        now = now_ms()
         for held in self._held.pop(name, []):
-            self._open_msg(peer, held)
+            self._open_msg(peer, held, now)
 
     # --- inbound -------------------------------------------------------------------------------
 
     def _on_frames(self, frames: list[Frame]) -> None:
+        now = now_ms()  # one clock reading for the replay checks of a batch
         for f in frames:
             t = f.type
             if t is FrameType.PUB:
-                self._on_pub(f)
+                self._on_pub(f, now)
             elif t is FrameType.MSG:
-                self._on_msg(f)
+                self._on_msg(f, now)
             elif t is FrameType.KEYRESP:
                 self._on_keyresp(f)
             elif t is FrameType.NORESP:
@@ -277,7 +279,7 @@ class Agent:
         if call is not None and not call.future.done():
             call.future.set_exception(NoResponder(f.header["reason"]))
 
-    def _on_msg(self, f: Frame) -> None:
+    def _on_msg(self, f: Frame, now: int) -> None:
         src = f.header.get("src", "")
         try:
             agent, _ = split_address(src)
@@ -286,7 +288,7 @@ class Agent:
             return
         peer = self._peers.get(agent)
         if peer is not None:
-            self._open_msg(peer, f)
+            self._open_msg(peer, f, now)
             return
         held = self._held.setdefault(agent, [])
         if len(held) < 1024:
@@ -299,11 +301,11 @@ class Agent:
             except ConnectionLost:
                 self._key_waiters.pop(agent, None)
 
-    def _open_msg(self, peer: _Peer, f: Frame) -> None:
+    def _open_msg(self, peer: _Peer, f: Frame, now: int) -> None:
         src, dst = f.header["src"], f.header["dst"]
         try:
             nonce, sent, msg = open_sealed(peer.key, f.payload, src, dst)
-            self._replay.check(peer.ident.pub, nonce, sent)
+            self._replay.check(peer.ident.pub, nonce, sent, now)
             if type(msg) is not dict:
                 raise ProtocolError("message body must be a map")
         except ProtocolError as exc:
@@ -330,7 +332,7 @@ class Agent:
         elif isinstance(kind, str) and kind[:1] == "s":
             self.streams.on_message(src, dst, peer, msg)
 
-    def _on_pub(self, f: Frame) -> None:
+    def _on_pub(self, f: Frame, now: int) -> None:
         h = f.header
         key = self.keys.feed_keys.get(h["kid"])
         if key is None:
@@ -339,7 +341,7 @@ class Agent:
         src = h.get("src", "")
         try:
             nonce, sent, data = open_sealed(key, f.payload, src, h["subj"])
-            self._replay.check(src, nonce, sent)  # per address: windows of one sealer epoch
+            self._replay.check(src, nonce, sent, now)  # per address: windows of one sealer epoch
         except ProtocolError as exc:
             self.log.warning(
                 "agent.pub_refused", subject=h["subj"], code=exc.code, reason=exc.reason

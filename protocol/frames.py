@@ -94,10 +94,11 @@ class Frame:
 
 _pack = msgpack.Packer(use_bin_type=True).pack  # one packer: the event loop is single-threaded
 _TYPES = {int(t): t for t in FrameType}
+_WIRE = {t: int(t) for t in FrameType}  # msgpack packs an IntEnum on a slow path (+25%)
 
 
 def encode_frame(ftype: FrameType, header: dict[str, Any], payload: bytes = b"") -> bytes:
-    return _pack([VERSION, ftype, header, payload])
+    return _pack([VERSION, _WIRE[ftype], header, payload])
 
 
 def _no_ext(code: int, data: bytes) -> Any:

@@ -139,6 +139,8 @@ class ReplayGuard:
         if counter > high:
             shift = counter - high
             st[0] = counter
+            if shift == 1 and mask == self._MASK:
+                return  # in order, nothing missing: the window stays full (no 2048-bit shifts)
             st[1] = ((mask << shift) | 1) & self._MASK if shift < WINDOW else 1
         elif high - counter >= WINDOW:
             raise ReplayError("envelope too far behind the replay window")

@@ -859,9 +859,7 @@ def test_seal_open_round_trip(src: str, to: str, body: bytes, now: int) -> None:
     assert info.value.code == "misrouted"
 
 
-@FUZZ
-@given(st.lists(st.integers(0, 3 * WINDOW), min_size=1, max_size=60))
-def test_replay_guard_matches_model(counters: list[int]) -> None:
+def check_replay_guard_against_model(counters: list[int]) -> None:
     """Model: accept unseen counters not WINDOW or more behind the highest accepted one."""
     guard = ReplayGuard()
     epoch = b"E" * EPOCH_SIZE
@@ -879,6 +877,20 @@ def test_replay_guard_matches_model(counters: list[int]) -> None:
         if ok:
             seen.add(c)
             high = c if high is None else max(high, c)
+
+
+@FUZZ
+@given(st.lists(st.integers(0, 3 * WINDOW), min_size=1, max_size=60))
+def test_replay_guard_matches_model(counters: list[int]) -> None:
+    check_replay_guard_against_model(counters)
+
+
+@FUZZ
+@given(st.integers(0, 3), st.lists(st.integers(-WINDOW - 3, 6), min_size=1, max_size=40))
+def test_replay_guard_matches_model_once_its_window_is_full(extra: int, offsets: list[int]) -> None:
+    """In-order traffic fills the window (the guard's fast path), then anything goes."""
+    high = WINDOW + extra
+    check_replay_guard_against_model(list(range(1, high + 1)) + [high + o for o in offsets])
 
 
 # --- subjects ----------------------------------------------------------------------------------
