@@ -41,6 +41,20 @@ def pair() -> tuple[socket.socket, socket.socket]:
     b.close()
 
 
+def hot_selector(
+    pair: tuple[socket.socket, socket.socket], polls: list, spin_s: float, **options: float
+) -> SpinningSelector:
+    """A selector on ``pair[0]`` that has just seen I/O; ``polls`` cleared after it."""
+    a, b = pair
+    sel = SpinningSelector(spin_s, **options)
+    sel.register(a, selectors.EVENT_READ)
+    b.send(b"x")
+    assert [key.fileobj for key, _ in sel.select(1.0)] == [a]
+    a.recv(1)
+    polls.clear()
+    return sel
+
+
 def test_a_process_without_recent_io_sleeps_at_once(polls: list, pair: tuple) -> None:
     sel = SpinningSelector(0.005)
     sel.register(pair[0], selectors.EVENT_READ)
@@ -51,14 +65,8 @@ def test_a_process_without_recent_io_sleeps_at_once(polls: list, pair: tuple) ->
 def test_after_io_it_polls_before_sleeping_and_sleeps_only_the_rest(
     polls: list, pair: tuple
 ) -> None:
-    a, b = pair
     # a busy CI machine: the last I/O is still recent, and a yield is not taken as given away
-    sel = SpinningSelector(0.005, hot_window_s=10.0, yielded_s=10.0)
-    sel.register(a, selectors.EVENT_READ)
-    b.send(b"x")
-    assert [key.fileobj for key, _ in sel.select(1.0)] == [a]
-    a.recv(1)
-    polls.clear()
+    sel = hot_selector(pair, polls, 0.005, hot_window_s=10.0, yielded_s=10.0)
     t0 = time.perf_counter()
     assert sel.select(0.05) == []
     waited = time.perf_counter() - t0
@@ -72,12 +80,7 @@ def test_data_arriving_during_the_spin_is_returned_by_a_poll(polls: list, pair: 
     a, b = pair
     # Long enough for the write to land in it; the writer is a thread of this process, and the
     # moment it takes the GIL must not count as the core given away.
-    sel = SpinningSelector(0.5, hot_window_s=10.0, yielded_s=10.0)
-    sel.register(a, selectors.EVENT_READ)
-    b.send(b"x")
-    sel.select(1.0)
-    a.recv(1)
-    polls.clear()
+    sel = hot_selector(pair, polls, 0.5, hot_window_s=10.0, yielded_s=10.0)
     writer = threading.Timer(0.01, b.send, (b"y",))
     writer.start()
     try:
@@ -89,24 +92,14 @@ def test_data_arriving_during_the_spin_is_returned_by_a_poll(polls: list, pair: 
 
 
 def test_the_spin_never_outlasts_a_shorter_timeout(polls: list, pair: tuple) -> None:
-    a, b = pair
-    sel = SpinningSelector(1.0, hot_window_s=10.0, yielded_s=10.0)
-    sel.register(a, selectors.EVENT_READ)
-    b.send(b"x")
-    sel.select(1.0)
-    a.recv(1)
+    sel = hot_selector(pair, polls, 1.0, hot_window_s=10.0, yielded_s=10.0)
     t0 = time.perf_counter()
     assert sel.select(0.01) == []
     assert time.perf_counter() - t0 < 0.5  # the timer due in 10 ms bounds the spin
 
 
 def test_spinning_stops_once_io_is_older_than_the_hot_window(polls: list, pair: tuple) -> None:
-    a, b = pair
-    sel = SpinningSelector(0.001, hot_window_s=0.01)
-    sel.register(a, selectors.EVENT_READ)
-    b.send(b"x")
-    sel.select(1.0)
-    a.recv(1)
+    sel = hot_selector(pair, polls, 0.001, hot_window_s=0.01)
     time.sleep(0.02)
     polls.clear()
     sel.select(0.01)
@@ -172,13 +165,7 @@ def test_broker_command_bounds_idle_spin_and_keeps_it_out_of_a_config_run(tmp_pa
 def test_a_yield_that_gave_the_core_away_ends_the_spin(
     polls: list, pair: tuple, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    a, b = pair
-    sel = SpinningSelector(0.5, hot_window_s=10.0)
-    sel.register(a, selectors.EVENT_READ)
-    b.send(b"x")
-    sel.select(1.0)
-    a.recv(1)
-    polls.clear()
+    sel = hot_selector(pair, polls, 0.5, hot_window_s=10.0)
     monkeypatch.setattr(os, "sched_yield", lambda: time.sleep(0.002))  # someone else ran
     t0 = time.perf_counter()
     assert sel.select(0.05) == []
