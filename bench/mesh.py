@@ -7,6 +7,10 @@ issued data dir and identity; the agents live in this process. Prints ONE JSON o
 * RPC: a line of brokers A—B—C; the caller sits on A, one callee on each of A, B and C, so a call
   crosses 1, 2 or 3 brokers. Sequential calls after a warm-up, in rounds that rotate the three
   paths (slow drift of a shared machine hits all three alike).
+* RPC in one process: the same line and calls with the brokers in the harness's own event loop
+  (``inproc_*`` figures): the hops' CPU path (Python, framing, loopback syscalls) without the
+  process wake-ups and waits for a core that dominate the process-per-broker figures when four
+  processes share two vCPUs. The target is judged on the process-per-broker figures.
 * Failover: a triangle X, Y, Z; agent M on X (broker list [X, Y]), agent C on Z calling M in a
   loop with short timeouts. X is SIGKILLed (``kill`` trials: the kernel closes its sockets, so
   peers see it at once) or SIGSTOPped (``stall`` trials: a hung host, noticed only by
@@ -58,6 +62,7 @@ from harness import (
 
 if TYPE_CHECKING:
     from atoll.agent.node import Agent
+    from atoll.broker.server import BrokerServer
     from atoll.tenancy.operator import OperatorStore
 
 log = logging.getLogger("bench.mesh")
@@ -173,6 +178,25 @@ async def spawn_broker(
     return BrokerProc(name, proc, f"ws://127.0.0.1:{int(line)}")
 
 
+@dataclass
+class InprocBroker:
+    """A broker in this process's event loop (the contention-free RPC figures)."""
+
+    name: str
+    server: BrokerServer
+    pid: None = None
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    async def hops(self) -> dict[str, str]:
+        return self.server.mesh.state.next_hops()
+
+
+Broker = BrokerProc | InprocBroker
+
+
 @contextlib.asynccontextmanager
 async def cluster(
     op: OperatorStore,
@@ -180,26 +204,43 @@ async def cluster(
     wiring: list[tuple[str, list[str]]],
     s: MeshSettings,
     profile_dir: Path | None = None,
-) -> AsyncIterator[dict[str, BrokerProc]]:
-    """Brokers started in order, each dialling the named earlier ones; all stopped on exit."""
+    inproc: bool = False,
+) -> AsyncIterator[dict[str, Broker]]:
+    """Brokers started in order, each dialling the named earlier ones; all stopped on exit.
+    Child processes, or with ``inproc`` servers in this event loop."""
     from atoll.broker.identity import issue_broker_dir
+    from atoll.broker.server import BrokerServer
 
-    brokers: dict[str, BrokerProc] = {}
+    brokers: dict[str, Broker] = {}
     try:
         for name, peers in wiring:
             d = issue_broker_dir(op, root / name, name)  # own key, own credential, own state
             prof = profile_dir / f"broker_{name}.prof" if profile_dir else None
             urls = [brokers[p].url for p in peers]
-            brokers[name] = await spawn_broker(d, name, urls, s, prof)
+            if inproc:
+                server = BrokerServer.from_data_dir(
+                    d,
+                    peers=urls,
+                    mesh_refresh=s.broker_mesh_refresh_s,
+                    ping_interval=s.broker_ping_interval_s,
+                )
+                brokers[name] = InprocBroker(name, await server.start("127.0.0.1", 0))
+            else:
+                brokers[name] = await spawn_broker(d, name, urls, s, prof)
         yield brokers
     finally:
         await asyncio.gather(
-            *(stop_process(b.proc, f"broker {b.name}") for b in brokers.values()),
+            *(
+                b.server.stop()
+                if isinstance(b, InprocBroker)
+                else stop_process(b.proc, f"broker {b.name}")
+                for b in brokers.values()
+            ),
             return_exceptions=True,
         )
 
 
-async def converged(brokers: dict[str, BrokerProc], timeout: float = 10.0) -> dict[str, Any]:
+async def converged(brokers: dict[str, Broker], timeout: float = 10.0) -> dict[str, Any]:
     """Wait until every broker reaches every other; return their next-hop tables."""
     names = set(brokers)
     deadline = time.monotonic() + timeout
@@ -273,12 +314,12 @@ def summarize(samples: list[int]) -> dict[str, Any]:
 
 
 async def bench_rpc(
-    op: OperatorStore, root: Path, plan: Plan, profile_dir: Path | None
+    op: OperatorStore, root: Path, plan: Plan, profile_dir: Path | None, inproc: bool = False
 ) -> dict[str, Any]:
     s = RPC_SETTINGS
     wiring = [("a", []), ("b", ["a"]), ("c", ["b"])]  # a line: a—b—c
     async with (
-        cluster(op, root, wiring, s, profile_dir) as brokers,
+        cluster(op, root, wiring, s, None if inproc else profile_dir, inproc) as brokers,
         agent_pool(op, s) as start,
     ):
         views = await converged(brokers)
@@ -297,9 +338,10 @@ async def bench_rpc(
 
         samples: dict[int, list[int]] = {n: [] for n in on}
         cpu_s: dict[int, Counter[str]] = {n: Counter() for n in on}
-        clock, cpu = time.perf_counter_ns, CpuClock({n: b.pid for n, b in brokers.items()})
+        pids = {n: b.pid for n, b in brokers.items() if b.pid is not None}
+        clock, cpu = time.perf_counter_ns, CpuClock(pids)
         deadline = time.perf_counter() + plan.rpc_time_s
-        prof = cProfile.Profile() if profile_dir else None
+        prof = cProfile.Profile() if profile_dir and not inproc else None
         if prof:
             prof.enable()
         for r in range(plan.rpc_rounds):
@@ -515,6 +557,10 @@ async def main(args: argparse.Namespace, profile_dir: Path | None) -> dict[str, 
         op.init()
         log.info("rpc across 1, 2, 3 brokers ...")
         rpc = await timed(bench_rpc(op, Path(tmp) / "rpc", plan, profile_dir), plan.rpc_time_s + 60)
+        log.info("rpc across 1, 2, 3 brokers, all in this process ...")
+        rpc_inproc = await timed(
+            bench_rpc(op, Path(tmp) / "rpc-inproc", plan, None, inproc=True), plan.rpc_time_s + 60
+        )
         log.info("failover (SIGKILL), %d trials ...", plan.failover_trials)
         kill = await bench_failover(op, Path(tmp), "kill", plan.failover_trials, plan)
         log.info("failover (SIGSTOP), %d trials ...", plan.stall_trials)
@@ -527,11 +573,17 @@ async def main(args: argparse.Namespace, profile_dir: Path | None) -> dict[str, 
         result[f"rpc_p99_us_{n}"] = round(rpc["paths"][n]["p99_us"], 1)
     extra = (p50[2] - p50[1]) / p50[1]
     per_hop = (p50[3] - p50[1]) / (2 * p50[1])
+    # The same calls with every broker and agent in one process: what the hops cost in CPU
+    # (Python, framing, loopback syscalls), without wake-ups and waits for a core.
+    inproc = {n: rpc_inproc["paths"][n]["p50_us"] for n in (1, 2, 3)}
+    for n in (1, 2, 3):
+        result[f"inproc_rpc_p50_us_{n}"] = round(inproc[n], 1)
     kill_s = [t["failover_s"] for t in kill]
     failover_median = median_or_none(kill_s)
     result |= {
         "extra_hop_vs_single": round(extra, 4),
         "per_hop_added_vs_single_p50": round(per_hop, 4),
+        "inproc_per_hop_added_vs_single_p50": round((inproc[3] - inproc[1]) / (2 * inproc[1]), 4),
         "failover_s_median": failover_median,
         "failover_s_trials": kill_s,
         "failover_stall_s_median": median_or_none([t["failover_s"] for t in stall]),
@@ -545,6 +597,7 @@ async def main(args: argparse.Namespace, profile_dir: Path | None) -> dict[str, 
         "settings": asdict(RPC_SETTINGS),
         "detail": {
             "rpc": rpc,
+            "rpc_inproc": rpc_inproc,
             "failover_kill": kill,
             "failover_stall": stall,
             "plan": asdict(plan),
