@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from atoll import eventloop
-from atoll.eventloop import DEFAULT_IDLE_SPIN_US
 
 log = logging.getLogger("bench.harness")
 
@@ -55,7 +54,7 @@ def profiled(path: Path | None) -> Iterator[None]:
 def run_main(
     main: Callable[[Any, Path | None], Coroutine[Any, Any, dict[str, Any]]],
     args: Any,
-    idle_spin_us: int = DEFAULT_IDLE_SPIN_US,
+    idle_spin_us: int = eventloop.DEFAULT_IDLE_SPIN_US,
 ) -> None:
     """Run ``main(args, profile_dir)`` on atoll's event loop and print its result, or
     ``{"error": ...}``, as ONE JSON object on stdout; exit 1 on an error, 143 when cancelled.
