@@ -304,6 +304,7 @@ def agent_run(config: Annotated[Path, typer.Option(help="Agent TOML config.")]) 
             labels=cfg.agent.labels,
             heartbeat=cfg.agent.heartbeat,
             metrics_interval=cfg.agent.metrics_interval,
+            config_dir=config.resolve().parent,
         )
         out.print(f"agent {rt.agent.name} connected to {rt.agent.link.url}")
         for name, reason in rt.host.errors.items():

@@ -6,9 +6,17 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from atoll.eventloop import DEFAULT_IDLE_SPIN_US, MAX_IDLE_SPIN_US
 from atoll.protocol.errors import ProtocolError
@@ -24,6 +32,16 @@ def check_listen(v: str) -> str:
         raise ValueError(f"{v!r} is not HOST:PORT")
     return v
 
+
+def from_config_dir(value: Path, info: ValidationInfo) -> Path:
+    """A relative path in a plugin's section is relative to the config file, as in ``[agent]``
+    (the plugin host passes the file's directory as validation context ``config_dir``)."""
+    value = value.expanduser()
+    base = (info.context or {}).get("config_dir")
+    return (Path(base) / value).resolve() if base is not None and not value.is_absolute() else value
+
+
+ConfigPath = Annotated[Path, AfterValidator(from_config_dir)]
 
 IDLE_SPIN = Field(DEFAULT_IDLE_SPIN_US, ge=0, le=MAX_IDLE_SPIN_US)
 

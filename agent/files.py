@@ -27,6 +27,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from atoll.agent.config import ConfigPath
 from atoll.agent.errors import AtollError, ConnectionLost, Forbidden, InvalidRequest
 from atoll.agent.node import Agent, CallInfo
 from atoll.agent.plugins import Plugin, PluginContext
@@ -276,7 +277,7 @@ class FilesConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    dirs: list[str] = []
+    dirs: list[ConfigPath] = []
 
 
 class FilesPlugin(Plugin):
@@ -286,8 +287,8 @@ class FilesPlugin(Plugin):
 
     async def start(self, ctx: PluginContext) -> None:
         await super().start(ctx)
-        config = FilesConfig.model_validate(ctx.config)
-        self.roots = [Path(d).expanduser().resolve() for d in config.dirs]
+        config = ctx.settings(FilesConfig)
+        self.roots = [d.resolve() for d in config.dirs]
         for root in self.roots:
             root.mkdir(parents=True, exist_ok=True)
         self.received = ctx.metrics.counter("files_received_bytes", "Bytes received")

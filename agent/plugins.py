@@ -12,7 +12,9 @@ import logging
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import BaseModel
 
 from atoll.agent.metrics import MetricsRegistry
 from atoll.agent.node import Agent, Publication, Subscription
@@ -31,6 +33,9 @@ def rpc(name: str | None = None) -> Callable:
     return mark
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
 class PluginContext:
     def __init__(self, host: PluginHost, name: str, config: dict[str, Any], data_dir: Path) -> None:
         self.host = host
@@ -41,6 +46,12 @@ class PluginContext:
         self.address = f"{agent.name}/{name}"
         self.log = EventLogger(f"plugin.{name}", agent=agent.name, tenant=agent.tenant)
         self.metrics = MetricsRegistry()  # rides the agent's metrics feed under this plugin
+
+    def settings(self, model: type[M], section: dict[str, Any] | None = None) -> M:
+        """The plugin's config section (or a sub-``section`` of it) validated with ``model``;
+        relative paths in ``ConfigPath`` fields are relative to the agent's config file."""
+        raw = self.config if section is None else section
+        return model.model_validate(raw, context={"config_dir": self.host.config_dir})
 
     @property
     def identity(self):
@@ -98,9 +109,10 @@ def available_plugins() -> dict[str, Any]:
 class PluginHost:
     """Loads, starts, stops and reports on an agent's plugins."""
 
-    def __init__(self, agent: Agent, data_dir: Path) -> None:
+    def __init__(self, agent: Agent, data_dir: Path, config_dir: Path | None = None) -> None:
         self.agent = agent
         self.data_dir = Path(data_dir)
+        self.config_dir = config_dir  # where the config file is (None: plugins set up in code)
         self.plugins: dict[str, Plugin] = {}
         self.errors: dict[str, str] = {}
         self.log = EventLogger("plugins", agent=agent.name)

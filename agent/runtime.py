@@ -34,11 +34,12 @@ class AgentRuntime:
         labels: dict[str, str] | None = None,
         heartbeat: float = 5.0,
         metrics_interval: float = 5.0,
+        config_dir: Path | None = None,
         **agent_options: Any,
     ) -> AgentRuntime:
         keys = keys or AgentKeys.load(data_dir)
         agent = Agent(keys, brokers, **agent_options)
-        host = PluginHost(agent, data_dir)
+        host = PluginHost(agent, data_dir, config_dir)
         await host.add("system", plugin=SystemPlugin())
         await agent.start(wait=connect_timeout)
         for name, config in (plugins or {}).items():

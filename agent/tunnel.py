@@ -164,7 +164,7 @@ class TunnelPlugin(Plugin):
 
     async def start(self, ctx: PluginContext) -> None:
         await super().start(ctx)
-        config = TunnelConfig.model_validate(ctx.config)
+        config = ctx.settings(TunnelConfig)
         self.allow = config.allow
         self.listeners: list[TunnelListener] = []
         self.opened = ctx.metrics.counter("tunnel_connections", "Tunnel connections served")

@@ -71,6 +71,9 @@ MODELS: dict[str, type[BaseModel]] = {
 SECRET_NAMES = {"api_key", "api_token", "password", "secret", "token", "access_key", "secret_key"}
 
 
+FROM_CONFIGS = {"config_dir": CONFIGS}  # relative plugin paths: as `agent run` reads these files
+
+
 def validate_plugins(cfg: AtollConfig, data_dir: Path) -> dict[str, BaseModel]:
     """Each section AgentRuntime.start would start, through its plugin's model; the inference
     backend's own section through make_backend (which builds the backend, not starting it)."""
@@ -80,9 +83,13 @@ def validate_plugins(cfg: AtollConfig, data_dir: Path) -> dict[str, BaseModel]:
             continue
         assert name in MODELS, f"no plugin {name!r}; installed: {', '.join(sorted(MODELS))}"
         own = {k: v for k, v in section.items() if k != "enabled"}  # the host's switch
-        out[name] = model = MODELS[name].model_validate(own)
+        out[name] = model = MODELS[name].model_validate(own, context=FROM_CONFIGS)
         if isinstance(model, InferenceConfig):
-            ctx = SimpleNamespace(data_dir=data_dir, metrics=MetricsRegistry())
+            ctx = SimpleNamespace(
+                data_dir=data_dir,
+                metrics=MetricsRegistry(),
+                settings=lambda m, raw: m.model_validate(raw, context=FROM_CONFIGS),
+            )
             make_backend(model, ctx, None)  # type: ignore[arg-type]
     return out
 
@@ -271,6 +278,7 @@ async def from_file(
         heartbeat=cfg.agent.heartbeat,
         metrics_interval=cfg.agent.metrics_interval,
         call_timeout=cfg.agent.call_timeout,
+        config_dir=CONFIGS,
     )
     assert rt.host.errors == {}
     assert set(rt.host.plugins) == {"system", *cfg.plugins}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -98,3 +99,53 @@ async def test_enabled_is_the_hosts_switch_for_every_plugin(make_agent) -> None:
     )
     assert node.host.errors == {}
     assert set(node.host.plugins) == {"system", "inference"}
+
+
+async def test_relative_paths_in_plugin_sections_are_relative_to_the_config_file(
+    make_agent, tmp_path: Path
+) -> None:
+    """As `atoll agent run` starts them: `[agent]` paths were always relative to the file; the
+    plugins' own path settings are too, whatever the working directory."""
+    conf = tmp_path / "etc" / "atoll"
+    elsewhere = tmp_path / "elsewhere"
+    node = await make_agent(
+        "node",
+        config_dir=conf,
+        plugins={
+            "files": {"dirs": ["shared", str(elsewhere)]},
+            "storage": {"root": "objects"},
+            "inference": {"backend": "echo", "adapter_dirs": ["adapters", "~/models"]},
+        },
+    )
+    assert node.host.errors == {}
+    files, storage, inference = (node.host.plugins[n] for n in ("files", "storage", "inference"))
+    assert files.roots == [conf / "shared", elsewhere]  # absolute paths stay as they are
+    assert (conf / "shared").is_dir() and elsewhere.is_dir()
+    assert storage.store.root == conf / "objects"
+    assert inference.adapter_dirs == [conf / "adapters", Path("~/models").expanduser()]
+
+
+def test_model_specs_and_paths_of_backend_and_trainer_sections_follow_the_config_file(
+    tmp_path: Path,
+) -> None:
+    from atoll.plugins.inference.local_backend import LocalConfig
+    from atoll.plugins.inference.lorax_backend import LoraxConfig
+    from atoll.plugins.training.plugin import TrainingConfig
+
+    where = {"config_dir": tmp_path}
+    assert LocalConfig.model_validate({}, context=where).model == "embedded"
+    local = LocalConfig.model_validate({"model": "models/tiny.gguf"}, context=where)
+    assert local.model == str(tmp_path / "models" / "tiny.gguf")
+    lorax = LoraxConfig.model_validate(
+        {"url": "http://127.0.0.1:1", "adapter_source": "storage", "adapter_dir": "lorax"},
+        context=where,
+    )
+    assert lorax.adapter_dir == tmp_path / "lorax"
+    training = TrainingConfig.model_validate(
+        {"workdir": "work", "models": {"a": "embedded", "b": "/srv/m", "c": "m/c"}},
+        context=where,
+    )
+    assert training.workdir == tmp_path / "work" and training.model_cache is None
+    assert training.models == {"a": "embedded", "b": "/srv/m", "c": str(tmp_path / "m" / "c")}
+    # Without a config file (plugins set up in code, as `atoll up` does) nothing is rewritten.
+    assert LocalConfig.model_validate({"model": "models/tiny.gguf"}).model == "models/tiny.gguf"

@@ -58,7 +58,7 @@ class GatewayPlugin(Plugin):
 
     async def start(self, ctx: PluginContext) -> None:
         await super().start(ctx)
-        self.config = config = GatewayConfig.model_validate(ctx.config)
+        self.config = config = ctx.settings(GatewayConfig)
         secret_path = ctx.data_dir / "gateway.secret"
         if not secret_path.exists():
             write_secret(secret_path, secrets.token_bytes(32))

@@ -39,7 +39,7 @@ from atoll.plugins.inference.contract import (
     Unsupported,
 )
 from atoll.plugins.inference.engine import Engine, Row
-from atoll.plugins.inference.models import model_id, resolve_model
+from atoll.plugins.inference.models import ModelSpec, model_id, resolve_model
 from atoll.plugins.inference.multilora import BASE, BatchedLora
 from atoll.plugins.inference.sampling import Sampler
 from atoll.plugins.inference.textstream import TextStream
@@ -54,7 +54,7 @@ FALLBACK_TEMPLATE = (
 class LocalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = "embedded"  # "embedded", a Hugging Face model directory, or a .gguf file
+    model: ModelSpec = "embedded"  # "embedded", a Hugging Face model directory, or a .gguf file
     device: str = "auto"  # "auto" picks cuda when present
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_batch: int = Field(16, ge=1, le=1024)

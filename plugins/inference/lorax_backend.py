@@ -33,6 +33,7 @@ from lorax import errors as lorax_errors
 from lorax import types as lorax_types
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from atoll.agent.config import ConfigPath
 from atoll.agent.errors import AtollError, DeadlineExceeded, InvalidRequest
 from atoll.logs import EventLogger
 from atoll.plugins.inference.backend import AdapterFetcher, Backend
@@ -97,7 +98,9 @@ class LoraxConfig(BaseModel):
     timeout: float = Field(60.0, gt=0.0, le=3600.0)  # seconds for a reply, or between tokens
     base_model: str | None = None  # reported while /info is unreachable
     adapter_source: Literal["hub", "local", "s3", "pbase", "storage"] = "hub"
-    adapter_dir: Path | None = None  # adapters fetched from Atoll storage go here: LoRAX reads them
+    adapter_dir: ConfigPath | None = (
+        None  # adapters fetched from Atoll storage go here: LoRAX reads
+    )
     health_interval: float = Field(30.0, gt=0.0)  # LoRAX's /health runs a one-token generation
     stream: bool = True  # False: one non-streamed reply per request (for SSE-buffering proxies)
     chat_template: Literal["chatml", "plain"] = "chatml"

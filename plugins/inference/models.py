@@ -25,8 +25,9 @@ from contextlib import contextmanager
 from hashlib import sha256
 from importlib.util import find_spec
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
+from pydantic import AfterValidator, ValidationInfo
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -37,6 +38,8 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from atoll.agent.config import from_config_dir
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -46,6 +49,14 @@ EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MANIFEST = "atoll-model.json"  # written last, inside the temporary directory, before the rename
 LOCK_TIMEOUT_S = 900.0  # how long to wait for another process's conversion of the same file
 CONVERSION_VERSION = 2  # bump when the conversion's output changes: old cache entries then miss
+
+
+def _spec_from_config_dir(spec: str, info: ValidationInfo) -> str:
+    return spec if spec == EMBEDDED else str(from_config_dir(Path(spec), info))
+
+
+# A model spec in a config file: "embedded", or a path (relative to the config file)
+ModelSpec = Annotated[str, AfterValidator(_spec_from_config_dir)]
 
 # "SmolLM2-135M-Instruct.Q4_1" -> "SmolLM2-135M-Instruct": llama.cpp's quantisation suffixes.
 _QUANT_SUFFIX = re.compile(r"[.\-_](?:I?Q\d\w*|F16|F32|BF16)$", re.IGNORECASE)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from atoll.agent.config import ConfigPath
 from atoll.agent.errors import Forbidden, InvalidRequest
 from atoll.agent.node import CallInfo
 from atoll.agent.plugins import Plugin, PluginContext, rpc
@@ -45,7 +46,7 @@ class InferenceConfig(BaseModel):
     echo: dict[str, Any] = {}
     # Where adapters come from: local directories first (``<dir>/<id>/``), then the storage
     # agent (``agent/storage``; None: any agent discovery shows offering the storage plugin).
-    adapter_dirs: list[str] = []
+    adapter_dirs: list[ConfigPath] = []
     storage: str | None = None
     callers: list[str] = Field(default_factory=lambda: ["gateway", "admin", "operator"])
 
@@ -55,19 +56,19 @@ def make_backend(config: InferenceConfig, ctx: PluginContext, fetch: Any) -> Bac
         from atoll.plugins.inference.local_backend import LocalBackend, LocalConfig
 
         return LocalBackend(
-            LocalConfig.model_validate(config.local), ctx.data_dir, fetch, ctx.metrics
+            ctx.settings(LocalConfig, config.local), ctx.data_dir, fetch, ctx.metrics
         )
     if config.backend == "lorax":
         from atoll.plugins.inference.lorax_backend import LoraxBackend, LoraxConfig
 
-        return LoraxBackend(LoraxConfig.model_validate(config.lorax), fetch)
+        return LoraxBackend(ctx.settings(LoraxConfig, config.lorax), fetch)
     if config.backend == "openai":
         from atoll.plugins.inference.openai_backend import OpenAIBackend, OpenAIConfig
 
-        return OpenAIBackend(OpenAIConfig.model_validate(config.openai))
+        return OpenAIBackend(ctx.settings(OpenAIConfig, config.openai))
     from atoll.plugins.inference.echo_backend import EchoBackend, EchoConfig
 
-    return EchoBackend(EchoConfig.model_validate(config.echo))
+    return EchoBackend(ctx.settings(EchoConfig, config.echo))
 
 
 class InferencePlugin(Plugin):
@@ -75,8 +76,8 @@ class InferencePlugin(Plugin):
 
     async def start(self, ctx: PluginContext) -> None:
         await super().start(ctx)
-        self.config = config = InferenceConfig.model_validate(ctx.config)
-        self.adapter_dirs = [Path(d).expanduser().resolve() for d in config.adapter_dirs]
+        self.config = config = ctx.settings(InferenceConfig)
+        self.adapter_dirs = [d.resolve() for d in config.adapter_dirs]
         self.discovery: Any = None
         self.backend = make_backend(config, ctx, self.fetch_adapter)
         await self.backend.start()

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors import SafetensorError, safe_open
 
+from atoll.agent.config import ConfigPath
 from atoll.agent.errors import AtollError
 from atoll.agent.node import CallInfo
 from atoll.agent.plugins import Plugin, PluginContext, rpc
@@ -81,7 +82,7 @@ class StorageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     store: Literal["local", "s3"] = "local"
-    root: Path | None = None  # the local store's directory; None: <plugin data dir>/objects
+    root: ConfigPath | None = None  # the local store's directory; None: <plugin data dir>/objects
     s3: S3Config | None = None  # [plugins.storage.s3], for store = "s3"
     max_adapter_bytes: int = Field(2 * 1024**3, ge=1)
     datasets: DatasetLimits = Field(default_factory=DatasetLimits)
@@ -146,7 +147,7 @@ class StoragePlugin(Plugin):
 
     async def start(self, ctx: PluginContext) -> None:
         await super().start(ctx)
-        self.config = config = StorageConfig.model_validate(ctx.config)
+        self.config = config = ctx.settings(StorageConfig)
         self.incoming = ctx.data_dir / "incoming"  # uploads being received and checked
         shutil.rmtree(self.incoming, ignore_errors=True)  # left by a crash mid-upload
         self.incoming.mkdir()

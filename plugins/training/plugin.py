@@ -11,15 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from atoll.agent.config import ConfigPath
 from atoll.agent.discovery import Discovery, Status
 from atoll.agent.errors import Forbidden, InvalidRequest, NoResponder
 from atoll.agent.node import CallInfo
 from atoll.agent.plugins import Plugin, PluginContext, rpc
+from atoll.plugins.inference.models import ModelSpec
 from atoll.plugins.storage.contract import describe_dataset
 from atoll.plugins.training.contract import (
     ADMIN_ROLES,
@@ -62,9 +63,9 @@ class TrainingConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     heartbeat: float = Field(5.0, gt=0)  # seconds between heartbeats (keep under lost_after)
     poll: float = Field(10.0, gt=0)  # seconds between claims while idle (jobs.queued wakes it)
-    workdir: Path | None = None  # None: <plugin data dir>/work
-    model_cache: Path | None = None  # converted GGUF models; None: <plugin data dir>/models
-    models: dict[str, str] = {}  # overlay base model id -> model spec on this trainer
+    workdir: ConfigPath | None = None  # None: <plugin data dir>/work
+    model_cache: ConfigPath | None = None  # converted GGUF models; None: <plugin data dir>/models
+    models: dict[str, ModelSpec] = {}  # overlay base model id -> model spec on this trainer
 
 
 def _with_plugin(address: str, plugin: str) -> str:
@@ -76,7 +77,7 @@ class TrainingPlugin(Plugin):
 
     async def start(self, ctx: PluginContext) -> None:
         await super().start(ctx)
-        self.config = config = TrainingConfig.model_validate(ctx.config)
+        self.config = config = ctx.settings(TrainingConfig)
         self.discovery: Discovery | None = None
         self.tasks: set[asyncio.Task] = set()
         self.queue: JobQueue | None = None
