@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -34,8 +34,9 @@ def check_listen(v: str) -> str:
 
 
 def from_config_dir(value: Path, info: ValidationInfo) -> Path:
-    """A relative path in a plugin's section is relative to the config file, as in ``[agent]``
-    (the plugin host passes the file's directory as validation context ``config_dir``)."""
+    """A relative path anywhere in a config file is relative to the file: its sections are
+    validated with the file's directory as context ``config_dir`` (the plugin host passes it on
+    to the plugins' own sections)."""
     value = value.expanduser()
     base = (info.context or {}).get("config_dir")
     return (Path(base) / value).resolve() if base is not None and not value.is_absolute() else value
@@ -50,11 +51,11 @@ class AgentSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    data_dir: Path
+    data_dir: ConfigPath
     brokers: list[str] = Field(min_length=1)
     labels: dict[str, str] = {}
     log_level: str = "INFO"
-    ca_file: Path | None = None  # CA bundle for wss:// brokers with a private CA
+    ca_file: ConfigPath | None = None  # CA bundle for wss:// brokers with a private CA
     call_timeout: float = Field(30.0, gt=0)
     heartbeat: float = Field(5.0, gt=0)  # seconds between discovery announcements
     metrics_interval: float = Field(5.0, gt=0)  # seconds between metrics feed messages
@@ -91,13 +92,13 @@ class BrokerSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    data_dir: Path | None = None  # the broker's identity (default: the agent's or -d)
+    data_dir: ConfigPath | None = None  # the broker's identity (default: the agent's or -d)
     listen: str = "127.0.0.1:7400"
     peers: list[str] = []  # other brokers to link with into the mesh
     advertise: bool = True  # announce _atoll._tcp.local. on the LAN (mDNS)
-    tls_cert: Path | None = None  # both set: the broker listens on wss://
-    tls_key: Path | None = None
-    ca_file: Path | None = None  # CA bundle for wss:// peers (default: the agent's)
+    tls_cert: ConfigPath | None = None  # both set: the broker listens on wss://
+    tls_key: ConfigPath | None = None
+    ca_file: ConfigPath | None = None  # CA bundle for wss:// peers (default: the agent's)
 
     @field_validator("listen")
     @classmethod
@@ -159,23 +160,21 @@ def apply_env(raw: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
     return raw
 
 
-def _read(path: Path, env: dict[str, str] | None) -> dict[str, Any]:
-    """The file with the environment's overrides, paths made relative to the file."""
+M = TypeVar("M", bound=BaseModel)
+
+
+def _load(model: type[M], path: Path, env: dict[str, str] | None) -> M:
+    """The file with the environment's overrides, validated; relative paths are relative to it."""
     with path.open("rb") as fh:
         raw = tomllib.load(fh)
     raw = apply_env(raw, dict(os.environ) if env is None else env)
-    for section in ("agent", "broker"):
-        table = raw.get(section)
-        for key in ("data_dir", "ca_file", "tls_cert", "tls_key"):
-            if isinstance(table, dict) and isinstance(table.get(key), str):
-                table[key] = str((path.parent / table[key]).resolve())
-    return raw
+    return model.model_validate(raw, context={"config_dir": path.resolve().parent})
 
 
 def load_config(path: Path, env: dict[str, str] | None = None) -> AtollConfig:
-    return AtollConfig.model_validate(_read(Path(path), env))
+    return _load(AtollConfig, Path(path), env)
 
 
 def load_broker_config(path: Path, env: dict[str, str] | None = None) -> BrokerSection:
     """A standalone broker's file: a ``[broker]`` section and nothing else."""
-    return BrokerFile.model_validate(_read(Path(path), env)).broker
+    return _load(BrokerFile, Path(path), env).broker
