@@ -88,7 +88,7 @@ def secretbox_open(boxed: bytes, nonce: bytes, key: bytes) -> bytes | None:
 
 def open_sealed(key: bytes, data: bytes, src: str, to: str) -> tuple[bytes, int, Any]:
     """Open a sealed payload; return (nonce, sent_ms, body). The envelope must name src and to."""
-    if len(data) < NONCE_SIZE + 16:
+    if len(data) < NONCE_SIZE + MAC_SIZE:
         raise ProtocolError("sealed payload too short")
     nonce = data[:NONCE_SIZE]
     plain = secretbox_open(data[NONCE_SIZE:], nonce, key)
