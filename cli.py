@@ -184,15 +184,35 @@ def token_create(
     ttl: Annotated[str, typer.Option(help="How long the token can be redeemed.")] = "1h",
     region: Annotated[str, typer.Option(help="Region (island) the agent must claim.")] = "",
     cred_ttl: Annotated[str, typer.Option(help="Lifetime of the credential it yields.")] = "30d",
+    label: Annotated[list[str] | None, typer.Option(help=LABEL_HELP)] = None,
 ) -> None:
-    """Create a one-time enrollment token (a secret: hand it to one operator)."""
+    """Create a one-time enrollment token (a secret: hand it to one operator). It redeems one
+    agent name with one key; its roles, region and labels are signed into the credential."""
     try:
         token = operator_store(data_dir).token(
-            tenant, role or ["agent"], parse_duration(ttl), region, parse_duration(cred_ttl)
+            tenant,
+            role or ["agent"],
+            parse_duration(ttl),
+            region,
+            parse_duration(cred_ttl),
+            parse_labels(label),
         )
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     out.print(token.encode(), soft_wrap=True)
+
+
+LABEL_HELP = "Policy label KEY=VALUE (repeatable), e.g. phi=true: signed, so routing trusts it."
+
+
+def parse_labels(items: list[str] | None) -> dict[str, str]:
+    labels = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"label {item!r}: use KEY=VALUE")
+        labels[key] = value
+    return labels
 
 
 # --- agents --------------------------------------------------------------------------------------
@@ -264,6 +284,7 @@ def agent_issue(
     role: Annotated[list[str] | None, typer.Option(help=f"Role(s): {ROLE_NAMES}.")] = None,
     region: Annotated[str, typer.Option(help="Region (island) of the agent.")] = "",
     cred_ttl: Annotated[str, typer.Option(help="Lifetime of the credential.")] = "30d",
+    label: Annotated[list[str] | None, typer.Option(help=LABEL_HELP)] = None,
     with_broker: Annotated[
         bool, typer.Option(help="Also a broker identity of that name, for a [broker] section.")
     ] = False,
@@ -274,7 +295,8 @@ def agent_issue(
     op = operator_store(data_dir)
     try:
         ttl = parse_duration(cred_ttl)
-        AgentKeys.issue(op, tenant, name, role or ["agent"], region, ttl).save(out_dir)
+        labels = parse_labels(label)
+        AgentKeys.issue(op, tenant, name, role or ["agent"], region, ttl, labels).save(out_dir)
         if with_broker:
             issue_broker_dir(op, out_dir, name)
     except (ValueError, FileNotFoundError, ProtocolError) as exc:
@@ -301,7 +323,6 @@ def agent_run(config: Annotated[Path, typer.Option(help="Agent TOML config.")]) 
             cfg.plugins,
             call_timeout=cfg.agent.call_timeout,
             ssl_context=client_tls(cfg.agent.ca_file),
-            labels=cfg.agent.labels,
             heartbeat=cfg.agent.heartbeat,
             metrics_interval=cfg.agent.metrics_interval,
             config_dir=config.resolve().parent,

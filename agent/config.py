@@ -53,7 +53,6 @@ class AgentSection(BaseModel):
     name: str
     data_dir: ConfigPath
     brokers: list[str] = Field(min_length=1)
-    labels: dict[str, str] = {}
     log_level: str = "INFO"
     ca_file: ConfigPath | None = None  # CA bundle for wss:// brokers with a private CA
     call_timeout: float = Field(30.0, gt=0)
@@ -69,12 +68,14 @@ class AgentSection(BaseModel):
         except ProtocolError as exc:
             raise ValueError(exc.reason) from None
 
-    @field_validator("labels", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _labels(cls, v: Any) -> Any:
-        # Labels are matched as strings; let `phi = true` in TOML mean "true".
-        if isinstance(v, dict):
-            return {k: str(x).lower() if isinstance(x, bool) else str(x) for k, x in v.items()}
+    def _no_labels(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "labels" in v:
+            raise ValueError(
+                "labels are signed into the agent's credential, not set in its config: "
+                "`atoll token create --label phi=true ...` (then join with that token)"
+            )
         return v
 
     @field_validator("brokers")

@@ -6,6 +6,10 @@ subscriber sees the whole tenant at once. A ``Discovery`` view turns them into e
 liveness status — ACTIVE, STALE after 3 missed heartbeats, LOST after 6 (or at once when an agent
 leaves cleanly) — tells its listeners about transitions, optionally publishes them on
 ``discovery.events.<agent>``, and answers the selection queries policy routing needs.
+
+Region and policy labels are what the agent's signed credential says, never what it announces:
+an announcement carries the credential, the view verifies it against the operator key (once per
+credential) and takes the labels from it, so no node can declare itself ``phi=true``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from atoll.agent.node import Agent, Publication, Subscription
+from atoll.protocol.errors import AuthError
+from atoll.tenancy.credentials import AgentIdentity, verify_agent
 
 ANNOUNCE = "discovery.announce"
 EVENTS = "discovery.events"
@@ -78,12 +84,12 @@ class Entry:
         return False
 
 
-def _entry(data: dict[str, Any]) -> Entry | None:
+def _entry(data: dict[str, Any], ident: AgentIdentity) -> Entry | None:
     try:
         return Entry(
-            name=str(data["name"]),
-            region=str(data.get("region", "")),
-            labels={str(k): str(v) for k, v in dict(data.get("labels", {})).items()},
+            name=ident.name,
+            region=ident.region,
+            labels=dict(ident.labels),
             plugins=[str(p) for p in data.get("plugins", [])],
             capabilities=dict(data.get("capabilities", {})),
             endpoints=dict(data.get("endpoints", {})),
@@ -111,7 +117,7 @@ class Announcer:
     def message(self, leaving: bool = False) -> dict[str, Any]:
         ident = self.agent.ident
         return {
-            "name": ident.name, "region": ident.region, "interval": self.interval,
+            "name": ident.name, "cred": ident.credential, "interval": self.interval,
             "time": time.time(), "leaving": leaving, **self.describe(),
         }  # fmt: skip
 
@@ -151,6 +157,7 @@ class Discovery:
         self.tick = tick
         self.entries: dict[str, Entry] = {}
         self.listeners: list[Callable[[dict[str, Any]], Any]] = []
+        self._idents: dict[bytes, AgentIdentity] = {}  # verified credentials, by their bytes
         self._sub: Subscription | None = None
         self._task: asyncio.Task | None = None
         self.changed = asyncio.Event()
@@ -166,12 +173,31 @@ class Discovery:
         if self._task is not None:
             self._task.cancel()
 
+    def _identity(self, blob: Any, src: str) -> AgentIdentity | None:
+        """The announcer's verified credential; None unless it is the publisher's own."""
+        if not isinstance(blob, bytes):
+            return None
+        ident = self._idents.get(blob)
+        if ident is None:
+            try:
+                ident = verify_agent(blob, self.agent.keys.operator_pub)
+            except AuthError as exc:
+                self.agent.log.warning("discovery.credential_refused", src=src, reason=exc.reason)
+                return None
+            if len(self._idents) >= 4096:
+                self._idents.clear()
+            self._idents[blob] = ident
+        # Only an agent may speak for itself: the broker stamped the source.
+        if ident.tenant != self.agent.tenant or src.partition("/")[0] != ident.name:
+            return None
+        return ident
+
     def _on_announce(self, pub: Publication) -> None:
         if not isinstance(pub.data, dict):
             return
-        entry = _entry(pub.data)
-        # Only an agent may speak for itself: the broker stamped the source.
-        if entry is None or pub.src.partition("/")[0] != entry.name:
+        ident = self._identity(pub.data.get("cred"), pub.src)
+        entry = _entry(pub.data, ident) if ident is not None else None
+        if entry is None:
             return
         old = self.entries.get(entry.name)
         if old is not None and entry.announced_at < old.announced_at:

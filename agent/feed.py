@@ -1,15 +1,18 @@
 """The live resource-metrics feed: every agent publishes system and plugin figures on
 ``metrics.<agent>`` every few seconds, kept by brokers so a new watcher sees them at once.
-Brokers let only admins and operators watch another agent's feed."""
+Brokers let only the roles the permission table names watch another agent's feed."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from atoll.agent.metrics import SystemCollector, metrics_snapshot
 from atoll.agent.node import Agent
-from atoll.agent.plugins import PluginHost
+
+if TYPE_CHECKING:
+    from atoll.agent.plugins import PluginHost
 
 METRICS = "metrics"
 

@@ -62,10 +62,11 @@ class AgentKeys:
         roles: list[str],
         region: str = "",
         ttl_s: int = 30 * 86400,
+        labels: dict[str, str] | None = None,
     ) -> AgentKeys:
         """Mint an identity directly with the tenant key (all-in-one hosts, admin tools)."""
         key = generate()
         cred = operator.agent_credential(
-            tenant, key.verify_key.encode(), name, roles, region, ttl_s
+            tenant, key.verify_key.encode(), name, roles, region, ttl_s, labels
         )
         return cls(key, cred, operator.operator_pub, operator.tenant(tenant).feed_keys)

@@ -22,17 +22,19 @@ from atoll.agent.errors import (
     AtollError,
     ConnectionLost,
     DeadlineExceeded,
+    Forbidden,
     InternalError,
     NoResponder,
     NoSuchMethod,
 )
 from atoll.agent.identity import AgentKeys
-from atoll.agent.streams import StreamMux
+from atoll.agent.streams import WINDOW, Stream, StreamMux
 from atoll.logs import EventLogger
 from atoll.protocol.errors import AuthError, ProtocolError
 from atoll.protocol.frames import Frame, FrameType, encode_frame
 from atoll.protocol.seal import ReplayGuard, Sealer, box_key, open_sealed
 from atoll.protocol.subjects import SubjectIndex, check_subject, split_address
+from atoll.tenancy import permissions
 from atoll.tenancy.credentials import AgentIdentity, now_ms, verify_agent
 
 Handler = Callable[[Any, "CallInfo"], Awaitable[Any]]
@@ -141,7 +143,8 @@ class Agent:
         self._calls: dict[int, _Call] = {}
         self._by_msg: dict[int, int] = {}
         self._serving: dict[tuple[str, int], asyncio.Task] = {}
-        self._handlers: dict[str, dict[str, Handler]] = {}
+        self._handlers: dict[str, dict[str, tuple[Handler, tuple[str, ...]]]] = {}
+        self._allowed: dict[tuple[str, str], bool] = {}  # (kind, subject) -> the table's answer
         self._subs: dict[int, Subscription] = {}
         self._sub_index = SubjectIndex()
         self.link = BrokerLink(
@@ -185,8 +188,10 @@ class Agent:
 
     # --- handlers ------------------------------------------------------------------------------
 
-    def handle(self, plugin: str, method: str, fn: Handler) -> None:
-        self._handlers.setdefault(plugin, {})[method] = fn
+    def handle(self, plugin: str, method: str, fn: Handler, roles: tuple[str, ...]) -> None:
+        """Serve ``plugin``'s ``method`` to callers with one of ``roles`` (``permissions.ANY``:
+        any agent of the tenant); the roles are checked here, before ``fn`` runs."""
+        self._handlers.setdefault(plugin, {})[method] = (fn, tuple(roles))
 
     def unhandle(self, plugin: str) -> None:
         self._handlers.pop(plugin, None)
@@ -415,7 +420,7 @@ class Agent:
 
     async def _serve(
         self,
-        handler: Handler | None,
+        handler: tuple[Handler, tuple[str, ...]] | None,
         src: str,
         dst: str,
         peer: _Peer,
@@ -427,9 +432,12 @@ class Agent:
         try:
             if handler is None:
                 raise NoSuchMethod(f"{dst} has no method {method!r}")
+            fn, roles = handler
+            if not permissions.may_call(peer.ident.roles, roles):
+                raise Forbidden(permissions.refusal(peer.ident, dst, repr(method), roles))
             limit = timeout_ms / 1000 if type(timeout_ms) is int and timeout_ms > 0 else None
             async with asyncio.timeout(limit):
-                result = await handler(params, CallInfo(src, peer.ident, method))
+                result = await fn(params, CallInfo(src, peer.ident, method))
             body = {"k": "r", "c": call_id, "r": result}
         except asyncio.CancelledError:
             return  # the caller cancelled (or we are stopping): nobody wants an answer
@@ -459,12 +467,28 @@ class Agent:
 
     # --- pub/sub -------------------------------------------------------------------------------
 
+    def _check(self, kind: str, subject: str) -> None:
+        """Fail at once, with the reason, what the broker would refuse (the same table)."""
+        hit = self._allowed.get((kind, subject))
+        if hit is None:
+            if len(self._allowed) >= 1024:
+                self._allowed.clear()
+            hit = self._allowed[(kind, subject)] = permissions.allowed(
+                self.ident.roles, self.name, kind, subject
+            )
+        if not hit:
+            raise Forbidden(
+                f"roles {', '.join(self.ident.roles)} may not {kind} {subject!r} "
+                "(atoll.tenancy.permissions)"
+            )
+
     async def publish(
         self, subject: str, data: Any, src: str | None = None, keep: bool = False
     ) -> None:
         """Publish on a tenant subject; ``keep`` asks brokers to hold it for later subscribers
         (the last one per subject, as discovery announcements)."""
         check_subject(subject)
+        self._check("keep" if keep else "publish", subject)
         src = src or self.name
         sealed = self._sealer.seal(self.keys.feed_keys[self._feed_kid], src, subject, data)
         header = {"id": next(self._ids), "src": src, "subj": subject, "kid": self._feed_kid}
@@ -478,6 +502,7 @@ class Agent:
         self, pattern: str, callback: Callable[[Publication], Any] | None = None
     ) -> Subscription:
         check_subject(pattern, pattern=True)
+        self._check("subscribe", pattern)
         sid = next(self._sids)
         sub = Subscription(self, sid, pattern, callback)
         if callback is not None and inspect.iscoroutinefunction(callback):
@@ -496,6 +521,18 @@ class Agent:
             sub._task.cancel()
         if self.link.connected.is_set():
             self.link.send(encode_frame(FrameType.UNSUB, {"sid": sub.sid}))
+
+    async def open_stream(
+        self,
+        dst: str,
+        service: str,
+        params: Any = None,
+        src: str | None = None,
+        timeout: float = 30.0,
+        window: int = WINDOW,
+    ) -> Stream:
+        """Open a stream to ``service`` at ``dst`` (``agent/plugin``)."""
+        return await self.streams.open(dst, service, params, src, timeout, window)
 
     async def send_revocation(self, blob: bytes) -> None:
         self.link.send(encode_frame(FrameType.REVOKE, {}, blob))

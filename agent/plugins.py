@@ -1,45 +1,67 @@
 """Plugins: the product features an agent hosts.
 
 A plugin is a class registered under the entry-point group ``atoll.plugins``. It gets a
-``PluginContext`` (its only door to the overlay) and exposes RPC methods marked with ``@rpc``;
-calls to ``agent/plugin`` reach them with the caller's verified identity.
+``PluginContext`` (its only door to the overlay: everything it sends carries ``agent/plugin``)
+and exposes RPC methods marked with ``@rpc(roles=...)`` and stream services served with
+``ctx.serve_stream(..., roles=...)``. The agent checks the caller's signed roles against those
+before a handler runs, so every method states who may use it and no plugin repeats the check.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel
 
+from atoll.agent.discovery import Discovery
 from atoll.agent.metrics import MetricsRegistry
 from atoll.agent.node import Agent, Publication, Subscription
+from atoll.agent.streams import WINDOW, Stream, StreamHandler
+from atoll.agent.watch import TenantWatch
 from atoll.logs import EventLogger
+from atoll.tenancy.credentials import AgentIdentity
+from atoll.tenancy.permissions import ROLES
 
 ENTRY_POINT_GROUP = "atoll.plugins"
 
+# Who may call: role names (``permissions.ANY`` for any agent of the tenant), or a function of
+# the started plugin returning them (roles its config sets, as inference's ``callers``).
+Roles = Sequence[str] | Callable[[Any], Sequence[str]]
 
-def rpc(name: str | None = None) -> Callable:
-    """Mark a plugin method ``async def m(self, params, call)`` as callable over the overlay."""
+
+def rpc(name: str | None = None, *, roles: Roles) -> Callable:
+    """Mark a plugin method ``async def m(self, params, call)`` as callable over the overlay by
+    agents holding one of ``roles``."""
 
     def mark(fn: Callable) -> Callable:
-        fn.__atoll_rpc__ = name or fn.__name__  # type: ignore[attr-defined]
+        fn.__atoll_rpc__ = (name or fn.__name__, roles)  # type: ignore[attr-defined]
         return fn
 
     return mark
+
+
+def _checked(roles: Sequence[str], where: str) -> tuple[str, ...]:
+    unknown = [r for r in roles if r != "*" and r not in ROLES]
+    if unknown or not roles:
+        raise ValueError(f"{where}: unknown roles {unknown}; choose from {sorted(ROLES)} or '*'")
+    return tuple(roles)
 
 
 M = TypeVar("M", bound=BaseModel)
 
 
 class PluginContext:
+    """A plugin's only door to the overlay: calls, streams and publications carry its address
+    ``agent/plugin``; services it offers state which roles may use them."""
+
     def __init__(self, host: PluginHost, name: str, config: dict[str, Any], data_dir: Path) -> None:
-        self.host = host
-        self.agent = agent = host.agent
+        self._host = host
+        self._agent = agent = host.agent
         self.name = name
         self.config = config
         self.data_dir = data_dir
@@ -54,21 +76,58 @@ class PluginContext:
         return model.model_validate(raw, context={"config_dir": self.host.config_dir})
 
     @property
-    def identity(self):
-        return self.agent.ident
+    def identity(self) -> AgentIdentity:
+        return self._agent.ident
 
-    async def rpc(
+    @property
+    def broker_url(self) -> str:
+        return self._agent.link.url
+
+    @property
+    def started_at(self) -> float:
+        return self._agent.started_at
+
+    async def call(
         self, dst: str, method: str, params: Any = None, timeout: float | None = None
     ) -> Any:
-        return await self.agent.call(dst, method, params, timeout, src=self.address)
+        return await self._agent.call(dst, method, params, timeout, src=self.address)
+
+    async def open_stream(
+        self,
+        dst: str,
+        service: str,
+        params: Any = None,
+        timeout: float = 30.0,
+        window: int = WINDOW,
+    ) -> Stream:
+        return await self._agent.streams.open(dst, service, params, self.address, timeout, window)
+
+    def serve_stream(self, service: str, handler: StreamHandler, *, roles: Roles) -> None:
+        """Accept streams to this plugin's ``service`` from agents holding one of ``roles``
+        (withdrawn when the plugin is removed)."""
+        accepted = roles(self._host.plugins[self.name]) if callable(roles) else roles
+        where = f"stream {self.name}/{service}"
+        self._agent.streams.serve(self.name, service, handler, _checked(accepted, where))
 
     async def publish(self, subject: str, data: Any) -> None:
-        await self.agent.publish(subject, data, src=self.address)
+        await self._agent.publish(subject, data, src=self.address)
 
     async def subscribe(
         self, pattern: str, callback: Callable[[Publication], Any] | None = None
     ) -> Subscription:
-        return await self.agent.subscribe(pattern, callback)
+        return await self._agent.subscribe(pattern, callback)
+
+    async def discovery(self, publish_events: bool = False) -> Discovery:
+        """A started live view of the tenant's agents (the plugin stops it)."""
+        return await Discovery(self._agent, publish_events).start()
+
+    async def watch(self) -> TenantWatch:
+        """A started view of discovery and every agent's metrics feed (the roles that may
+        watch other agents' metrics only; the plugin stops it)."""
+        return await TenantWatch(self._agent).start()
+
+    def plugin_statuses(self) -> list[dict[str, Any]]:
+        return self._host.statuses()
 
 
 class Plugin:
@@ -92,13 +151,17 @@ class Plugin:
         models, adapters loaded), ``endpoints`` and ``load`` (e.g. queue depth)."""
         return {}
 
-    def rpc_methods(self) -> dict[str, Callable]:
+    def rpc_methods(self) -> dict[str, tuple[Callable, tuple[str, ...]]]:
+        """Each ``@rpc`` method by its overlay name, with the roles that may call it."""
         methods = {}
         for attr in dir(type(self)):
             fn = getattr(type(self), attr)
-            rpc_name = getattr(fn, "__atoll_rpc__", None)
-            if rpc_name:
-                methods[rpc_name] = getattr(self, attr)
+            marked = getattr(fn, "__atoll_rpc__", None)
+            if marked:
+                rpc_name, roles = marked
+                accepted = roles(self) if callable(roles) else roles
+                where = f"{type(self).__name__}.{attr}"
+                methods[rpc_name] = (getattr(self, attr), _checked(accepted, where))
         return methods
 
 
@@ -142,8 +205,8 @@ class PluginHost:
             self.log.error("plugin.start_failed", plugin=name, error=exc)
             raise
         self.errors.pop(name, None)
-        for method, fn in plugin.rpc_methods().items():
-            self.agent.handle(name, method, fn)
+        for method, (fn, roles) in plugin.rpc_methods().items():
+            self.agent.handle(name, method, fn, roles)
         plugin.state = "running"
         self.log.info("plugin.started", plugin=name)
         return plugin
@@ -151,6 +214,7 @@ class PluginHost:
     async def remove(self, name: str) -> None:
         plugin = self.plugins.pop(name)
         self.agent.unhandle(name)
+        self.agent.streams.unserve(name)
         plugin.state = "stopping"
         try:
             await asyncio.wait_for(plugin.stop(), 30)

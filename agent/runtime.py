@@ -31,7 +31,6 @@ class AgentRuntime:
         *,
         keys: AgentKeys | None = None,
         connect_timeout: float = 10.0,
-        labels: dict[str, str] | None = None,
         heartbeat: float = 5.0,
         metrics_interval: float = 5.0,
         config_dir: Path | None = None,
@@ -50,8 +49,7 @@ class AgentRuntime:
                     await host.add(name, own)
                 except Exception:  # logged and shown in statuses; the agent serves on without it
                     continue
-        fixed = {"labels": dict(labels or {})}
-        announcer = Announcer(agent, lambda: {**fixed, **host.describe()}, heartbeat)
+        announcer = Announcer(agent, host.describe, heartbeat)
         announcer.start()
         feed = MetricsPublisher(agent, host, data_dir, metrics_interval)
         feed.start()

@@ -29,10 +29,12 @@ from typing import TYPE_CHECKING, Any
 from atoll.agent.errors import (
     AtollError,
     ConnectionLost,
+    Forbidden,
     InvalidRequest,
     NoResponder,
     NoSuchMethod,
 )
+from atoll.tenancy.permissions import may_call, refusal
 
 if TYPE_CHECKING:
     from atoll.agent.node import Agent, CallInfo, _Peer
@@ -312,13 +314,17 @@ class StreamMux:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self.streams: dict[tuple[str, str, int], Stream] = {}
-        self.services: dict[tuple[str, str], StreamHandler] = {}
+        self.services: dict[tuple[str, str], tuple[StreamHandler, tuple[str, ...]]] = {}
         self.opening: dict[int, Stream] = {}  # by the message id of their open
         self._ids = itertools.count(1)
         self._ticker: asyncio.Task | None = None
 
-    def serve(self, plugin: str, service: str, handler: StreamHandler) -> None:
-        self.services[(plugin, service)] = handler
+    def serve(
+        self, plugin: str, service: str, handler: StreamHandler, roles: tuple[str, ...]
+    ) -> None:
+        """Accept streams to ``plugin``'s ``service`` from callers with one of ``roles``
+        (``permissions.ANY``: any agent of the tenant); checked before the handler runs."""
+        self.services[(plugin, service)] = (handler, tuple(roles))
 
     def unserve(self, plugin: str) -> None:
         for key in [k for k in self.services if k[0] == plugin]:
@@ -427,9 +433,13 @@ class StreamMux:
         window = msg.get("w")
         stream = Stream(self, peer, dst, src, sid, True, WINDOW)
         stream.window_out = window if type(window) is int and window > 0 else CHUNK
-        handler = self.services.get((plugin or "system", service))  # type: ignore[arg-type]
-        if handler is None or not isinstance(service, str):
+        served = self.services.get((plugin or "system", service))  # type: ignore[arg-type]
+        if served is None or not isinstance(service, str):
             stream.abort(NoSuchMethod(f"{dst} serves no stream {service!r}"))
+            return
+        handler, roles = served
+        if not may_call(peer.ident.roles, roles):
+            stream.abort(Forbidden(refusal(peer.ident, dst, f"stream {service!r}", roles)))
             return
         if stream.key in self.streams:
             stream.abort(InvalidRequest(f"stream {sid} is already open"))

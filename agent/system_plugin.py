@@ -1,4 +1,5 @@
-"""The built-in ``system`` plugin every agent runs: ping, info, plugins."""
+"""The built-in ``system`` plugin every agent runs: ping (anyone of the tenant), info and
+plugins (operators' tooling)."""
 
 from __future__ import annotations
 
@@ -9,32 +10,34 @@ from typing import Any
 from atoll import __version__
 from atoll.agent.node import CallInfo
 from atoll.agent.plugins import Plugin, rpc
+from atoll.tenancy.permissions import ADMINS, ANY
 
 
 class SystemPlugin(Plugin):
     name = "system"
 
-    @rpc()
+    @rpc(roles=ANY)
     async def ping(self, params: Any, call: CallInfo) -> dict[str, Any]:
-        return {"pong": True, "agent": self.ctx.agent.name, "time": time.time(), "echo": params}
+        ident = self.ctx.identity
+        return {"pong": True, "agent": ident.name, "time": time.time(), "echo": params}
 
-    @rpc()
+    @rpc(roles=ADMINS)
     async def info(self, params: Any, call: CallInfo) -> dict[str, Any]:
-        agent = self.ctx.agent
-        ident = agent.ident
+        ident = self.ctx.identity
         return {
             "name": ident.name,
             "tenant": ident.tenant,
             "region": ident.region,
             "roles": list(ident.roles),
+            "labels": dict(ident.labels),
             "version": __version__,
             "host": platform.node(),
             "python": platform.python_version(),
-            "uptime_s": round(time.time() - agent.started_at, 3),
-            "broker": agent.link.url,
-            "plugins": [p["name"] for p in self.ctx.host.statuses()],
+            "uptime_s": round(time.time() - self.ctx.started_at, 3),
+            "broker": self.ctx.broker_url,
+            "plugins": [p["name"] for p in self.ctx.plugin_statuses()],
         }
 
-    @rpc()
+    @rpc(roles=ADMINS)
     async def plugins(self, params: Any, call: CallInfo) -> list[dict[str, Any]]:
-        return self.ctx.host.statuses()
+        return self.ctx.plugin_statuses()

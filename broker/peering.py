@@ -12,11 +12,14 @@ import random
 from typing import TYPE_CHECKING, Any
 
 from atoll.broker.mesh import MAX_HOPS, Advert, LinkState, SeenIds
+from atoll.broker.state import Binding
 from atoll.logs import EventLogger
 from atoll.protocol.errors import AuthError, ProtocolError
 from atoll.protocol.frames import Frame, FrameType, decode_message, encode_frame, pack, unpack_map
 from atoll.protocol.handshake import ClientHandshake
 from atoll.protocol.subjects import check_name, check_subject, split_address
+from atoll.tenancy import permissions
+from atoll.tenancy.credentials import AgentIdentity, verify_agent
 from atoll.transport import CLOSE_POLICY, WebSocket, connect
 
 if TYPE_CHECKING:
@@ -24,6 +27,7 @@ if TYPE_CHECKING:
 
 
 PEER_PING = 2.0  # seconds: a frozen peer broker is dropped after twice this
+_CACHE_LIMIT = 4096  # verified credentials and permission answers of remote agents
 ADVERT_DELAY = 0.02  # seconds: coalesces a burst of connects/subscriptions into one advert
 
 
@@ -65,6 +69,8 @@ class Mesh:
         self._seen = SeenIds()
         self._synced = SeenIds()
         self._advert_due: asyncio.TimerHandle | None = None  # a coalesced advert, scheduled
+        self._idents: dict[bytes, AgentIdentity] = {}  # remote agents' verified credentials
+        self._allowed: dict[tuple[bytes, str, str], bool] = {}
         self._tasks: list[asyncio.Task] = []
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -227,18 +233,23 @@ class Mesh:
                 self.server.router.apply_revocation(body.get("blob"))  # type: ignore[arg-type]
             except AuthError as exc:
                 raise ProtocolError(f"peer sent a bad revocation: {exc.reason}") from None
-        elif kind == "enroll":
+        elif kind == "bind":
             try:
-                jti, tenant, pub, name, at = (
-                    body[k] for k in ("jti", "tenant", "pub", "name", "at")
-                )
-                if not (isinstance(jti, str) and isinstance(pub, bytes) and type(at) is int):
+                b = Binding(**{k: body[k] for k in Binding.__dataclass_fields__})
+                if not (
+                    isinstance(b.jti, str)
+                    and isinstance(b.pub, bytes)
+                    and len(b.pub) == 32
+                    and type(b.at) is int
+                    and type(b.exp) is int
+                    and type(b.direct) is bool
+                ):
                     raise TypeError
-                check_name(tenant, "tenant name")
-                check_name(name, "agent name")
+                check_name(b.tenant, "tenant name")
+                check_name(b.name, "agent name")
             except (KeyError, TypeError):
-                raise ProtocolError("peer sent a malformed enrollment") from None
-            self.server.state.record_enrollment(jti, tenant, pub, name, at)
+                raise ProtocolError("peer sent a malformed name binding") from None
+            self.server.router.apply_binding(b)
         else:
             raise ProtocolError(f"unknown sync kind {kind!r}")
         self._flood(f.raw, exclude=link.name)
@@ -282,6 +293,8 @@ class Mesh:
         origin: str | None = None,
     ) -> None:
         origin = origin or self.me
+        if self._advert_due is not None:  # peers check the publisher's roles: credential first
+            self._advertise()
         # Kept publications (discovery state) go to every broker, so any later subscriber sees
         # them; the rest only where someone listens.
         targets = (
@@ -307,6 +320,31 @@ class Mesh:
     def credential(self, tenant: str, agent: str) -> bytes | None:
         return self.state.credential(tenant, agent)
 
+    def _may(self, tenant: str, agent: str, kind: str, subject: str) -> bool:
+        """Checked again here, from the publisher's own credential: a peer broker is not
+        trusted to have applied the publisher's permissions."""
+        blob = self.state.credential(tenant, agent)
+        if blob is None:
+            return False
+        ident = self._idents.get(blob)
+        if ident is None:
+            try:
+                ident = verify_agent(blob, self.server.state.operator_pub)
+            except AuthError:
+                return False
+            if ident.tenant != tenant or ident.name != agent:
+                return False
+            if len(self._idents) >= _CACHE_LIMIT:
+                self._idents.clear()
+            self._idents[blob] = ident
+        key = (blob, kind, subject)
+        hit = self._allowed.get(key)
+        if hit is None:
+            if len(self._allowed) >= _CACHE_LIMIT:
+                self._allowed.clear()
+            hit = self._allowed[key] = permissions.allowed(ident.roles, agent, kind, subject)
+        return hit
+
     def _relay(self, link: PeerLink, f: Frame) -> None:
         h = f.header
         tenant, origin, ttl = h["tenant"], h["origin"], h["ttl"] - 1
@@ -326,7 +364,18 @@ class Mesh:
         if kind == "subj":
             subject = h["subj"]
             check_subject(subject)
-            router.deliver_pub(tenant, subject, f.payload, h.get("keep", False))
+            publisher, _ = split_address(src)
+            if not self._may(tenant, publisher, "publish", subject):
+                self.log.warning("mesh.pub_refused", peer=link.name, agent=publisher, subj=subject)
+                return
+            keep = None
+            if (
+                h.get("keep")
+                and self._may(tenant, publisher, "keep", subject)
+                and router.kept_room(tenant, publisher, subject, len(f.payload)) is None
+            ):
+                keep = publisher
+            router.deliver_pub(tenant, subject, f.payload, keep)
             if ttl > 0:
                 self.forward_pub(tenant, subject, f.payload, h, ttl, origin)
         elif kind == "dst":

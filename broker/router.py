@@ -1,7 +1,10 @@
 """Routing core of the broker (sans-I/O): sessions in, frames out.
 
 Every address and subject is resolved inside the sender's tenant, so isolation does not depend
-on agents behaving. The router never opens payloads; it only reads the clear header.
+on agents behaving. Inside a tenant, what an agent may publish, subscribe to and keep follows
+from its signed roles (``atoll.tenancy.permissions``); anything else is refused with a reason and
+the connection stays up. Kept publications have a byte budget per agent and per tenant. The
+router never opens payloads; it only reads the clear header.
 """
 
 from __future__ import annotations
@@ -10,11 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from atoll.broker.state import BrokerState
+from atoll.broker.state import Binding, BrokerState
 from atoll.logs import EventLogger
 from atoll.protocol.errors import AuthError, ProtocolError
 from atoll.protocol.frames import Frame, FrameType, encode_frame
 from atoll.protocol.subjects import SubjectIndex, check_subject, matches, split_address
+from atoll.tenancy import permissions
 from atoll.tenancy.credentials import AgentIdentity, now_ms, verify_revocation
 
 MAX_SUBS_PER_SESSION = 10_000
@@ -37,7 +41,9 @@ class _TenantSpace:
     agents: dict[str, Session] = field(default_factory=dict)
     since: dict[str, int] = field(default_factory=dict)  # agent -> connected at (ms)
     subs: SubjectIndex = field(default_factory=SubjectIndex)
-    retained: dict[str, bytes] = field(default_factory=dict)  # subject -> last PUB kept
+    retained: dict[str, tuple[str, bytes]] = field(default_factory=dict)  # subject -> (by, PUB)
+    retained_bytes: int = 0
+    kept_by: dict[str, int] = field(default_factory=dict)  # agent -> bytes it keeps
 
 
 class Mesh(Protocol):
@@ -57,18 +63,11 @@ class Mesh(Protocol):
 
 
 MAX_RETAINED_PER_TENANT = 10_000
-METRICS_PREFIX = "metrics."
-# The gateway serves the feed to admin API keys (Prometheus /metrics, the live dashboard).
-WATCH_ROLES = ("admin", "operator", "gateway")
-
-
-def may_watch(ident: AgentIdentity, subject: str) -> bool:
-    """An agent sees its own metrics feed; only admins, operators and gateways see everyone's."""
-    return (
-        not subject.startswith(METRICS_PREFIX)
-        or subject == METRICS_PREFIX + ident.name
-        or ident.has_role(*WATCH_ROLES)
-    )
+# Kept publications live in broker memory until replaced: an agent keeps its announcement and
+# metrics (a few KiB each), so these bounds only bite an agent or tenant gone wrong.
+MAX_KEPT_BYTES_PER_AGENT = 1024 * 1024
+MAX_KEPT_BYTES_PER_TENANT = 256 * 1024 * 1024
+_CACHE_LIMIT = 1024  # permission answers remembered per session (subjects repeat)
 
 
 def error_frame(code: str, reason: str, **header: object) -> bytes:
@@ -81,6 +80,7 @@ class Router:
         self.log = log or EventLogger("broker")
         self.mesh: Mesh | None = None
         self._tenants: dict[str, _TenantSpace] = {}
+        self._allowed: dict[int, dict[tuple[str, str], bool]] = {}  # session id -> answers
         # Test/debug hook seeing every frame an agent sends, before routing; a Frame it returns
         # is routed instead (a test playing a compromised broker).
         self.tap: Callable[[Session, Frame], Frame | None] | None = None
@@ -102,31 +102,35 @@ class Router:
     # --- sessions ------------------------------------------------------------------------------
 
     def attach(self, s: Session) -> None:
+        """Admit an authenticated session (raises AuthError: revoked, name taken, token spent
+        or expired) and make it reachable."""
         space = self._space(s.ident.tenant)
         old = space.agents.get(s.ident.name)
+        if old is not None and old.ident.pub != s.ident.pub:
+            raise AuthError(
+                f"agent name {s.ident.name!r} is in use by another key in this tenant",
+                code="name-taken",
+            )
+        bound = self.state.admit(s.ident)
         if old is not None:
-            if old.ident.pub != s.ident.pub:
-                raise AuthError(
-                    f"agent name {s.ident.name!r} is in use by another key in this tenant",
-                    code="name-taken",
-                )
             # The same agent reconnecting: the old connection is dead or dying; replace it.
             self.detach(old)
             old.close("replaced", "a newer connection of this agent took over")
         space.agents[s.ident.name] = s
         space.since[s.ident.name] = now_ms()
-        if s.ident.grant and self.mesh is not None:  # other brokers learn the token is spent
-            self.mesh.flood_sync(
-                {
-                    "kind": "enroll",
-                    "jti": s.ident.grant,
-                    "tenant": s.ident.tenant,
-                    "pub": s.ident.pub,
-                    "name": s.ident.name,
-                    "at": s.ident.iat,
-                }
-            )
+        if bound is not None and self.mesh is not None:  # other brokers learn the binding
+            self.mesh.flood_sync({"kind": "bind", **bound.__dict__})
         self._changed()
+
+    def apply_binding(self, b: Binding) -> None:
+        """A name bound at another broker: cut a local session that lost the name to it."""
+        if not self.state.record_binding(b):
+            return
+        space = self._tenants.get(b.tenant)
+        target = space.agents.get(b.name) if space else None
+        if target is not None and target.ident.pub != b.pub:
+            self.detach(target)
+            target.close("name-taken", f"agent name {b.name!r} belongs to another key")
 
     def detach(self, s: Session) -> None:
         space = self._tenants.get(s.ident.tenant)
@@ -135,6 +139,7 @@ class Router:
         for sid in list(s.subs):
             space.subs.remove((s.id, sid))
         s.subs.clear()
+        self._allowed.pop(s.id, None)
         if space.agents.get(s.ident.name) is s:
             del space.agents[s.ident.name]
             space.since.pop(s.ident.name, None)
@@ -168,18 +173,53 @@ class Router:
         target.send(data)
         return True
 
-    def deliver_pub(self, tenant: str, subject: str, data: bytes, keep: bool) -> None:
+    def deliver_pub(self, tenant: str, subject: str, data: bytes, keep: str | None) -> None:
+        """Deliver to local subscribers; ``keep`` names the agent whose publication is kept
+        (its permission to keep already checked)."""
         space = self._space(tenant)
-        if keep:
-            if subject in space.retained or len(space.retained) < MAX_RETAINED_PER_TENANT:
-                space.retained[subject] = data
-            else:
-                self.log.warning("broker.retained_full", tenant=tenant, subject=subject)
-        targets = dict.fromkeys(space.subs.match(subject))  # one copy per connection
-        if subject.startswith(METRICS_PREFIX):
-            targets = {t: None for t in targets if may_watch(t.ident, subject)}  # type: ignore[attr-defined]
-        for target in targets:
+        if keep is not None:
+            self._keep(tenant, space, subject, keep, data)
+        for target in dict.fromkeys(space.subs.match(subject)):  # one copy per connection
             target.send(data)  # type: ignore[attr-defined]
+
+    def _keep(self, tenant: str, space: _TenantSpace, subject: str, by: str, data: bytes) -> None:
+        old = space.retained.get(subject)
+        old_size = len(old[1]) if old is not None else 0
+        if old is None and len(space.retained) >= MAX_RETAINED_PER_TENANT:
+            self.log.warning("broker.retained_full", tenant=tenant, subject=subject)
+            return
+        if old is not None:
+            space.kept_by[old[0]] -= old_size
+        space.retained_bytes -= old_size
+        space.retained[subject] = (by, data)
+        space.retained_bytes += len(data)
+        space.kept_by[by] = space.kept_by.get(by, 0) + len(data)
+
+    def kept_room(self, tenant: str, agent: str, subject: str, size: int) -> str | None:
+        """Why keeping ``size`` bytes on ``subject`` for ``agent`` would break a budget."""
+        space = self._space(tenant)
+        old = space.retained.get(subject)
+        freed = len(old[1]) if old is not None and old[0] == agent else 0
+        if space.kept_by.get(agent, 0) - freed + size > MAX_KEPT_BYTES_PER_AGENT:
+            return f"agent {agent!r} would keep over {MAX_KEPT_BYTES_PER_AGENT} bytes"
+        old_size = len(old[1]) if old is not None else 0
+        if space.retained_bytes - old_size + size > MAX_KEPT_BYTES_PER_TENANT:
+            return f"tenant {tenant!r} would keep over {MAX_KEPT_BYTES_PER_TENANT} bytes"
+        return None
+
+    def allowed(self, s: Session, kind: str, subject: str) -> bool:
+        """Does ``s``'s roles' permission table allow ``kind`` on ``subject``? (cached)"""
+        cache = self._allowed.get(s.id)
+        if cache is None:
+            cache = self._allowed[s.id] = {}
+        hit = cache.get((kind, subject))
+        if hit is None:
+            if len(cache) >= _CACHE_LIMIT:
+                cache.clear()
+            hit = cache[(kind, subject)] = permissions.allowed(
+                s.ident.roles, s.ident.name, kind, subject
+            )
+        return hit
 
     # --- frames --------------------------------------------------------------------------------
 
@@ -232,20 +272,39 @@ class Router:
         except ProtocolError as exc:
             s.send(error_frame("bad-subject", exc.reason, id=h["id"]))
             return
-        src, data = self._stamped(s, f)
         keep = h.get("keep", False)
-        self.deliver_pub(s.ident.tenant, subject, data, keep)
+        why = self._refuse_pub(s, subject, keep, len(f.payload))
+        if why is not None:
+            self.log.warning("broker.pub_refused", agent=s.ident.name, subject=subject, reason=why)
+            s.send(error_frame("forbidden", why, id=h["id"], subj=subject))
+            return
+        src, data = self._stamped(s, f)
+        self.deliver_pub(s.ident.tenant, subject, data, s.ident.name if keep else None)
         if self.mesh is not None:
             route = {"id": h["id"], "src": src, "subj": subject}
             if keep:
                 route["keep"] = True
             self.mesh.forward_pub(s.ident.tenant, subject, data, route)
 
+    def _refuse_pub(self, s: Session, subject: str, keep: bool, size: int) -> str | None:
+        ident = s.ident
+        if not self.allowed(s, "publish", subject):
+            return f"roles {','.join(ident.roles)} may not publish on {subject!r}"
+        if keep:
+            if not self.allowed(s, "keep", subject):
+                return f"roles {','.join(ident.roles)} may not keep {subject!r}"
+            return self.kept_room(ident.tenant, ident.name, subject, size)
+        return None
+
     def _sub(self, s: Session, f: Frame) -> None:
         sid, pattern = f.header["sid"], f.header["subj"]
         try:
             tokens = check_subject(pattern, pattern=True)
-            self.may_subscribe(s.ident, pattern)
+            if not self.allowed(s, "subscribe", pattern):
+                raise ProtocolError(
+                    f"roles {','.join(s.ident.roles)} may not subscribe to {pattern!r}",
+                    code="forbidden",
+                )
         except ProtocolError as exc:
             s.send(error_frame(exc.code, exc.reason, sid=sid, subj=pattern))
             return
@@ -255,25 +314,10 @@ class Router:
         s.subs[sid] = pattern
         space = self._space(s.ident.tenant)
         space.subs.add((s.id, sid), pattern, s)
-        for subject, data in space.retained.items():  # a new subscriber sees the current state
-            if matches(tokens, subject.split(".")) and may_watch(s.ident, subject):
+        for subject, (_by, data) in space.retained.items():  # a new subscriber sees the state
+            if matches(tokens, subject.split(".")):
                 s.send(data)
         self._changed()
-
-    def may_subscribe(self, ident: AgentIdentity, pattern: str) -> None:
-        """Subscription policy beyond tenant scoping (tenant scoping is structural): asking for
-        other agents' metrics by name needs a role; wider patterns are filtered on delivery."""
-        tokens = pattern.split(".")
-        if (
-            tokens[0] == "metrics"
-            and len(tokens) > 1
-            and tokens[1] != ident.name
-            and not ident.has_role(*WATCH_ROLES)
-        ):
-            raise ProtocolError(
-                "only admin, operator or gateway roles may watch other agents' metrics",
-                code="forbidden",
-            )
 
     def _unsub(self, s: Session, f: Frame) -> None:
         sid = f.header["sid"]
@@ -313,7 +357,7 @@ class Router:
             self.log.info("broker.revoked", tenant=rev.tenant, agent=rev.name or rev.pub.hex()[:16])
         space = self._tenants.get(rev.tenant)
         for target in list(space.agents.values()) if space else []:
-            if rev.covers(target.ident):
+            if self.state.revoked(target.ident) is not None:
                 self.detach(target)
                 target.close("revoked", f"credential of agent {target.ident.name!r} was revoked")
         return new

@@ -71,9 +71,8 @@ class _Session:
                 self.ws.send(self._hs.welcome(), urgent=True)  # alone: adverts follow at once
                 self.server.mesh.attach(self.ws, ident.name, dialled=False)
                 return
-            self.server.state.admit(ident)
             self.ident = ident
-            self.server.router.attach(self)
+            self.server.router.attach(self)  # admits: revocations, name bindings, tokens
         except ProtocolError as exc:
             self.log.warning(
                 "broker.auth_refused", peer=self.ws.peer, code=exc.code, reason=exc.reason

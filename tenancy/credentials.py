@@ -12,6 +12,7 @@ Times are integer milliseconds since the epoch.
 from __future__ import annotations
 
 import base64
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -24,13 +25,14 @@ from nacl.signing import SigningKey, VerifyKey
 from atoll.protocol.errors import AuthError, ProtocolError
 from atoll.protocol.frames import pack, unpack_map
 from atoll.protocol.subjects import check_name
+from atoll.tenancy.permissions import ROLES as KNOWN_ROLES
 
 TOKEN_PREFIX = "atoll1."
 CLOCK_SKEW_MS = 120_000
-KNOWN_ROLES = frozenset(
-    {"agent", "admin", "operator", "inference", "training", "storage", "gateway", "user"}
-)
 MAX_CREDENTIAL = 16 * 1024
+MAX_LABELS = 32
+_LABEL_KEY = re.compile(r"[a-z0-9][a-z0-9_.\-]{0,62}")
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9_.:\-]{0,64}")
 
 
 def now_ms() -> int:
@@ -94,6 +96,19 @@ def broker_credential(operator: SigningKey, name: str, broker_pub: bytes, ttl_s:
     return pack({"broker": sign(operator, claims)})
 
 
+def check_labels(labels: dict[str, str]) -> dict[str, str]:
+    """Policy labels (``phi=true``, ``site=eu``): signed into tokens and credentials, so policy
+    routing never trusts what an agent says of itself."""
+    if not isinstance(labels, dict) or len(labels) > MAX_LABELS:
+        raise ValueError(f"labels must be a map of at most {MAX_LABELS} entries")
+    for k, v in labels.items():
+        if not (isinstance(k, str) and _LABEL_KEY.fullmatch(k)):
+            raise ValueError(f"label name {k!r}: use a-z, 0-9, '_', '-', '.' (1-63 chars)")
+        if not (isinstance(v, str) and _LABEL_VALUE.fullmatch(v)):
+            raise ValueError(f"label {k}={v!r}: use A-Z, a-z, 0-9, '_', '-', '.', ':' (0-64 chars)")
+    return dict(sorted(labels.items()))
+
+
 def _check_roles(roles: list[str]) -> list[str]:
     bad = [r for r in roles if r not in KNOWN_ROLES]
     if bad or not roles:
@@ -109,6 +124,7 @@ def agent_claims(
     region: str,
     ttl_s: int,
     grant: str = "",
+    labels: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     check_name(name, "agent name")
     iat = now_ms()
@@ -119,6 +135,7 @@ def agent_claims(
         "tenant": tenant,
         "roles": _check_roles(roles),
         "region": region,
+        "labels": check_labels(labels or {}),
         "iat": iat,
         "exp": iat + ttl_s * 1000 if ttl_s else 0,
         "grant": grant,
@@ -134,9 +151,10 @@ def agent_credential(
     roles: list[str],
     region: str = "",
     ttl_s: int = 30 * 86400,
+    labels: dict[str, str] | None = None,
 ) -> bytes:
     """A credential signed directly by the tenant key (its holder needs no token)."""
-    claims = agent_claims(agent_pub, name, tenant, roles, region, ttl_s)
+    claims = agent_claims(agent_pub, name, tenant, roles, region, ttl_s, labels=labels)
     return pack({"tenant": tenant_claim_blob, "agent": sign(tenant_key, claims)})
 
 
@@ -154,6 +172,7 @@ class EnrollmentToken:
     region: str
     cred_ttl_s: int
     jti: str
+    labels: dict[str, str]
 
     def encode(self) -> str:
         raw = pack(
@@ -205,12 +224,21 @@ class EnrollmentToken:
             region=grant["region"],
             cred_ttl_s=grant["cred_ttl"],
             jti=grant["jti"],
+            labels=grant["labels"],
         )
 
     def redeem(self, agent_pub: bytes, name: str) -> bytes:
-        """Mint the agent credential this token allows. Brokers enforce the token's one use."""
+        """Mint the agent credential this token allows (its labels exactly the token's).
+        Brokers enforce the token's one use: one name, one key."""
         claims = agent_claims(
-            agent_pub, name, self.tenant, self.roles, self.region, self.cred_ttl_s, self.jti
+            agent_pub,
+            name,
+            self.tenant,
+            self.roles,
+            self.region,
+            self.cred_ttl_s,
+            self.jti,
+            self.labels,
         )
         return pack(
             {
@@ -231,6 +259,7 @@ def enrollment_token(
     ttl_s: int,
     region: str = "",
     cred_ttl_s: int = 30 * 86400,
+    labels: dict[str, str] | None = None,
 ) -> EnrollmentToken:
     grant_key = SigningKey.generate()
     iat = now_ms()
@@ -245,6 +274,7 @@ def enrollment_token(
         "exp": iat + ttl_s * 1000,
         "cred_ttl": cred_ttl_s,
         "jti": jti,
+        "labels": check_labels(labels or {}),
     }
     return EnrollmentToken(
         tenant_claim=tenant_claim_blob,
@@ -257,6 +287,7 @@ def enrollment_token(
         region=region,
         cred_ttl_s=cred_ttl_s,
         jti=jti,
+        labels=claims["labels"],
     )
 
 
@@ -284,6 +315,8 @@ class AgentIdentity:
     exp: int
     grant: str  # enrollment token id, "" when signed by the tenant key directly
     credential: bytes  # the verified chain, handed to peers that want to seal to this agent
+    labels: dict[str, str]  # signed policy labels (phi, site, ...)
+    grant_exp: int = 0  # when the token expires: brokers refuse a first redemption after it
 
     def has_role(self, *roles: str) -> bool:
         return any(r in self.roles for r in roles)
@@ -316,6 +349,7 @@ def _grant_claims(grant: dict[str, Any]) -> dict[str, Any]:
         ("jti", str),
         ("pub", bytes),
         ("tenant", str),
+        ("labels", dict),
     ):
         _need(grant, field, kind)
     if not all(isinstance(r, str) for r in grant["roles"]) or len(grant["pub"]) != 32:
@@ -373,6 +407,8 @@ def verify_agent(blob: Any, operator_pub: bytes, now: int | None = None) -> Agen
             raise AuthError("credential claims roles its token did not grant")
         if grant["region"] and claims.get("region") != grant["region"]:
             raise AuthError("credential claims a region its token did not grant")
+        if claims.get("labels") != grant["labels"]:
+            raise AuthError("credential claims labels its token did not grant")
     if claims.get("tenant") != tenant["name"]:
         raise AuthError("credential names another tenant")
     pub = _need(claims, "pub", bytes)
@@ -381,8 +417,11 @@ def verify_agent(blob: Any, operator_pub: bytes, now: int | None = None) -> Agen
     name = _need(claims, "name", str)
     try:
         check_name(name, "agent name")
+        labels = check_labels(_need(claims, "labels", dict))
     except ProtocolError as exc:
         raise AuthError(exc.reason) from None
+    except ValueError as exc:
+        raise AuthError(f"credential labels malformed: {exc}") from None
     return AgentIdentity(
         pub=pub,
         name=name,
@@ -395,6 +434,8 @@ def verify_agent(blob: Any, operator_pub: bytes, now: int | None = None) -> Agen
         exp=claims["exp"],
         grant=grant_id,
         credential=blob,
+        labels=labels,
+        grant_exp=grant["exp"] if grant is not None else 0,
     )
 
 

@@ -101,10 +101,20 @@ class OperatorStore:
         ttl_s: int,
         region: str = "",
         cred_ttl_s: int = 30 * 86400,
+        labels: dict[str, str] | None = None,
     ) -> cred.EnrollmentToken:
         t = self.tenant(tenant)
         return cred.enrollment_token(
-            t.key, t.claim, self.operator_pub, t.feed_keys, tenant, roles, ttl_s, region, cred_ttl_s
+            t.key,
+            t.claim,
+            self.operator_pub,
+            t.feed_keys,
+            tenant,
+            roles,
+            ttl_s,
+            region,
+            cred_ttl_s,
+            labels,
         )
 
     def agent_credential(
@@ -115,9 +125,12 @@ class OperatorStore:
         roles: list[str],
         region: str = "",
         ttl_s: int = 30 * 86400,
+        labels: dict[str, str] | None = None,
     ) -> bytes:
         t = self.tenant(tenant)
-        return cred.agent_credential(t.key, t.claim, agent_pub, name, tenant, roles, region, ttl_s)
+        return cred.agent_credential(
+            t.key, t.claim, agent_pub, name, tenant, roles, region, ttl_s, labels
+        )
 
     def broker_credential(self, name: str, broker_pub: bytes) -> bytes:
         return cred.broker_credential(self.operator_key, name, broker_pub)
