@@ -50,9 +50,10 @@ async def make_agent(
         tenant: str = "acme",
         roles: tuple[str, ...] = ("agent",),
         brokers: list[str] | None = None,
+        labels: dict[str, str] | None = None,
         **options,
     ) -> AgentRuntime:
-        keys = AgentKeys.issue(operator, tenant, name, list(roles))
+        keys = AgentKeys.issue(operator, tenant, name, list(roles), labels=labels)
         rt = await AgentRuntime.start(
             tmp_path / "agents" / tenant / name,
             brokers or [broker.url],

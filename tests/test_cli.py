@@ -294,12 +294,12 @@ def test_config_env_overrides_and_errors(tmp_path: Path) -> None:
     )
     env = {
         "ATOLL_AGENT__BROKERS": '["ws://b:2", "wss://c:3"]',
-        "ATOLL_AGENT__LABELS__PHI": "true",
         "ATOLL_PLUGINS__INFERENCE__BACKEND": "echo",
     }
     loaded = load_config(cfg, env)
     assert loaded.agent.brokers == ["ws://b:2", "wss://c:3"]
-    assert loaded.agent.labels == {"phi": "true"}
+    with pytest.raises(ValueError, match="labels are signed into the agent's credential"):
+        load_config(cfg, {"ATOLL_AGENT__LABELS__PHI": "true"})
     assert loaded.agent.data_dir == (tmp_path / "d").resolve()
     assert loaded.plugins["inference"] == {"backend": "echo"}
     with pytest.raises(ValueError, match="must start with ws://"):

@@ -274,7 +274,6 @@ async def from_file(
         roles=roles,
         brokers=cfg.agent.brokers,
         plugins=cfg.plugins,
-        labels=cfg.agent.labels,
         heartbeat=cfg.agent.heartbeat,
         metrics_interval=cfg.agent.metrics_interval,
         call_timeout=cfg.agent.call_timeout,

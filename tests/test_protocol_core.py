@@ -354,6 +354,7 @@ def test_grant_signed_for_another_tenant_refused(trust: Trust) -> None:
         "exp": cred.now_ms() + 60_000,
         "cred_ttl": 60,
         "jti": "j",
+        "labels": {},
     }
     claims = cred.agent_claims(b"\x01" * 32, "x", "acme", ["agent"], "", 60, "j")
     blob = pack(

@@ -699,6 +699,7 @@ def _enrolled_chain(grant_over: dict[str, Any], agent_over: dict[str, Any]) -> b
         "exp": now + 3_600_000,
         "cred_ttl": 60,
         "jti": "jti-1",
+        "labels": {},
     }
     claims = cred.agent_claims(b"\x01" * 32, "gamma", "acme", ["agent"], "", 60, "jti-1")
     return pack(
