@@ -216,7 +216,7 @@ class InferencePlugin(Plugin):
             if done:
                 return
 
-    @rpc()
+    @rpc(roles=lambda p: p.config.callers)
     async def generate(self, params: Any, call: CallInfo) -> dict[str, Any]:
         self._allow(call)
         request = self._generate_request(params)
@@ -240,13 +240,13 @@ class InferencePlugin(Plugin):
             return result.model_dump(mode="json")
         raise InvalidRequest("the backend ended without a finish event")
 
-    @rpc()
+    @rpc(roles=lambda p: p.config.callers)
     async def embed(self, params: Any, call: CallInfo) -> dict[str, Any]:
         self._allow(call)
         result = await self.backend.embed(self._parse(EmbedRequest, params))
         return result.model_dump(mode="json")
 
-    @rpc()
+    @rpc(roles=lambda p: p.config.callers)
     async def transcribe(self, params: Any, call: CallInfo) -> dict[str, Any]:
         self._allow(call)
         result = await self.backend.transcribe(self._parse(TranscribeRequest, params))
@@ -254,12 +254,12 @@ class InferencePlugin(Plugin):
 
     # --- adapters and node -------------------------------------------------------------------
 
-    @rpc()
+    @rpc(roles=lambda p: p.config.callers)
     async def adapters(self, params: Any, call: CallInfo) -> list[dict[str, Any]]:
         self._allow(call)
         return [a.model_dump(mode="json") for a in self.backend.adapters()]
 
-    @rpc()
+    @rpc(roles=lambda p: p.config.callers)
     async def load_adapter(self, params: Any, call: CallInfo) -> dict[str, Any]:
         self._allow(call)
         ref = self._ref(params)
@@ -268,24 +268,24 @@ class InferencePlugin(Plugin):
             info = await self.backend.pin_adapter(ref.id, ref.pinned)
         return info.model_dump(mode="json")
 
-    @rpc()
+    @rpc(roles=lambda p: p.config.callers)
     async def unload_adapter(self, params: Any, call: CallInfo) -> dict[str, Any]:
         self._allow(call)
         return {"unloaded": await self.backend.unload_adapter(self._ref(params).id)}
 
-    @rpc()
+    @rpc(roles=lambda p: p.config.callers)
     async def pin_adapter(self, params: Any, call: CallInfo) -> dict[str, Any]:
         self._allow(call)
         ref = self._ref(params)
         info = await self.backend.pin_adapter(ref.id, True if ref.pinned is None else ref.pinned)
         return info.model_dump(mode="json")
 
-    @rpc()
+    @rpc(roles=lambda p: p.config.callers)
     async def info(self, params: Any, call: CallInfo) -> dict[str, Any]:
         self._allow(call)
         return self.backend.info().model_dump(mode="json")
 
-    @rpc()
+    @rpc(roles=lambda p: p.config.callers)
     async def health(self, params: Any, call: CallInfo) -> dict[str, Any]:
         self._allow(call)
         return (await self.backend.health()).model_dump(mode="json")

@@ -62,6 +62,7 @@ from atoll.plugins.storage.wire import (
     send_bytes,
     write_line,
 )
+from atoll.tenancy.permissions import ADAPTER_READERS, CLIENTS, DATASET_READERS
 
 MAX_CONFIG_BYTES = 1024 * 1024
 
@@ -200,17 +201,17 @@ class StoragePlugin(Plugin):
 
     # --- RPC --------------------------------------------------------------------------------
 
-    @rpc(LIST_METHOD)
+    @rpc(LIST_METHOD, roles=ADAPTER_READERS)
     async def list_adapters(self, params: Any, call: CallInfo) -> list[dict[str, Any]]:
         query = parse(AdapterQuery, params or {}, "list_adapters query")
         return [r.model_dump(mode="json") for r in self.registry.find(query)]
 
-    @rpc(DESCRIBE_METHOD)
+    @rpc(DESCRIBE_METHOD, roles=ADAPTER_READERS)
     async def describe_adapter(self, params: Any, call: CallInfo) -> dict[str, Any]:
         ref = parse(AdapterId, params, "describe_adapter request")
         return self._registered(ref.id).model_dump(mode="json")
 
-    @rpc(DELETE_METHOD)
+    @rpc(DELETE_METHOD, roles=CLIENTS)
     async def delete_adapter(self, params: Any, call: CallInfo) -> dict[str, Any]:
         require_writer(call, "delete adapters")
         ref = parse(AdapterId, params, "delete_adapter request")
@@ -223,15 +224,15 @@ class StoragePlugin(Plugin):
         self.ctx.log.info("storage.adapter_deleted", adapter=ref.id, by=call.caller.name)
         return {"deleted": True}
 
-    @rpc(DATASETS_METHOD)
+    @rpc(DATASETS_METHOD, roles=DATASET_READERS)
     async def list_datasets(self, params: Any, call: CallInfo) -> list[dict[str, Any]]:
         return [r.model_dump(mode="json") for r in self.datasets.find(params)]
 
-    @rpc(DATASET_INFO_METHOD)
+    @rpc(DATASET_INFO_METHOD, roles=DATASET_READERS)
     async def dataset_info(self, params: Any, call: CallInfo) -> dict[str, Any]:
         return self.datasets.info(params).model_dump(mode="json")
 
-    @rpc(DATASET_DELETE_METHOD)
+    @rpc(DATASET_DELETE_METHOD, roles=CLIENTS)
     async def delete_dataset(self, params: Any, call: CallInfo) -> dict[str, Any]:
         await self.datasets.delete(params, call)
         return {"deleted": True}

@@ -39,6 +39,7 @@ from atoll.plugins.training.contract import (
 )
 from atoll.plugins.training.queue import JobQueue
 from atoll.plugins.training.trainer import TrainerWorker
+from atoll.tenancy.permissions import CLIENTS
 
 QUEUE_METHODS = frozenset(
     {"submit", "jobs", "job", "cancel", "events", "claim", "heartbeat", "finish"}
@@ -220,7 +221,7 @@ class TrainingPlugin(Plugin):
                     + (f" nor to project {request.project!r}" if request.project else "")
                 )
 
-    @rpc()
+    @rpc(roles=CLIENTS)
     async def submit(self, params: Any, call: CallInfo) -> dict[str, Any]:
         queue = self._client(call, "submit training jobs")
         request = parse(SubmitRequest, params, "job submission")
@@ -230,18 +231,18 @@ class TrainingPlugin(Plugin):
         self.ctx.log.info("training.submitted", job=job.id, owner=job.owner, by=call.caller.name)
         return job.model_dump(mode="json")
 
-    @rpc()
+    @rpc(roles=CLIENTS)
     async def jobs(self, params: Any, call: CallInfo) -> list[dict[str, Any]]:
         queue = self._client(call, "list training jobs")
         query = parse(JobQuery, params or {}, "job query")
         return [j.model_dump(mode="json") for j in queue.find(query)]
 
-    @rpc()
+    @rpc(roles=CLIENTS)
     async def job(self, params: Any, call: CallInfo) -> dict[str, Any]:
         queue = self._client(call, "read training jobs")
         return queue.get(parse(JobRef, params, "job reference").id).model_dump(mode="json")
 
-    @rpc()
+    @rpc(roles=CLIENTS)
     async def cancel(self, params: Any, call: CallInfo) -> dict[str, Any]:
         queue = self._client(call, "cancel training jobs")
         request = parse(CancelRequest, params, "cancel request")
@@ -251,7 +252,7 @@ class TrainingPlugin(Plugin):
         self.ctx.log.info("training.cancelled", job=job.id, by=call.caller.name)
         return job.model_dump(mode="json")
 
-    @rpc()
+    @rpc(roles=CLIENTS)
     async def events(self, params: Any, call: CallInfo) -> list[dict[str, Any]]:
         queue = self._client(call, "read training events")
         request = parse(EventsRequest, params, "events request")
@@ -265,20 +266,20 @@ class TrainingPlugin(Plugin):
         assert self.queue is not None
         return self.queue
 
-    @rpc()
+    @rpc(roles=("training",))
     async def claim(self, params: Any, call: CallInfo) -> dict[str, Any] | None:
         queue = self._trainer(call)
         request = parse(ClaimRequest, params, "claim")
         job = queue.claim(call.caller.name, request.capacity, request.device)
         return None if job is None else job.model_dump(mode="json")
 
-    @rpc()
+    @rpc(roles=("training",))
     async def heartbeat(self, params: Any, call: CallInfo) -> dict[str, Any]:
         queue = self._trainer(call)
         beat = parse(HeartbeatRequest, params, "heartbeat")
         return queue.heartbeat(call.caller.name, beat).model_dump()
 
-    @rpc()
+    @rpc(roles=("training",))
     async def finish(self, params: Any, call: CallInfo) -> dict[str, Any]:
         queue = self._trainer(call)
         done = parse(FinishRequest, params, "finish report")

@@ -134,6 +134,7 @@ async def test_real_agents_are_refused_at_once_with_the_reason(
     storage = await make_agent("store", roles=("storage",))
     gw = await make_agent("gw", roles=("gateway",))
     seen = await gw.agent.subscribe("adapters.new")
+    await gw.agent.flush()
     await storage.agent.publish("adapters.new", {"id": "alice/x"})  # the honest path
     got = await seen.next(5)
     assert got.src == "store" and got.data == {"id": "alice/x"}
@@ -220,7 +221,7 @@ async def test_a_token_redeems_one_name_with_one_key(
     await refused(broker, redeem(text, SigningKey.generate(), "gpu-1"), "already used")
     again = await admitted(broker, redeem(text, key, "gpu-1"))  # the owner reconnecting
     await again.stop()
-    assert broker.router.agents("acme") == []
+    await eventually(lambda: broker.router.agents("acme") == [])
 
 
 async def test_a_name_belongs_to_its_first_key_even_offline(
@@ -269,7 +270,7 @@ async def test_a_token_past_its_expiry_is_refused_by_the_brokers_clock(
     keys = redeem(text, SigningKey.generate(), "late")  # minted in time: verify_agent passes
     verify_agent(keys.credential, operator.operator_pub)
     await asyncio.sleep(1.2)
-    await refused(broker, keys, "expired .* by this broker's clock")
+    await refused(broker, keys, r"expired .* \(by this broker.s clock\)")
     assert broker.state._db.execute("SELECT count(*) FROM enrollments").fetchone()[0] == 0
 
 
