@@ -689,7 +689,7 @@ def up(
     if op.init():
         out.print(f"initialised {data_dir}")
     agent_dir = data_dir / "agents" / ISLAND
-    roles = ["admin", "operator", "gateway", "training"]  # the island runs every plugin
+    roles = ["admin", "operator", "gateway", "storage", "training"]  # it runs every plugin
     try:
         keys = AgentKeys.load(agent_dir)
         if set(keys.ident.roles) != set(roles):  # a data dir from an older release

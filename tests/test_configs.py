@@ -318,8 +318,8 @@ async def test_two_broker_mesh_from_its_files(
     env_a, env_b = broker_env(tmp_path / "mesh-a", a, b), broker_env(tmp_path / "mesh-b", b, a)
     await agent_run("mesh-a.toml", env_a, tmp_path / "a.log", processes)
     await agent_run("mesh-b.toml", env_b, tmp_path / "b.log", processes)
-    x = (await make_agent("x", brokers=[f"ws://127.0.0.1:{a}"])).agent
-    y = (await make_agent("y", brokers=[f"ws://127.0.0.1:{b}"])).agent
+    x = (await make_agent("x", roles=("operator",), brokers=[f"ws://127.0.0.1:{a}"])).agent
+    y = (await make_agent("y", roles=("operator",), brokers=[f"ws://127.0.0.1:{b}"])).agent
     # Each on its own broker, and RPCs cross the link both ways, to plain agents and to the
     # storage plugin that mesh-a.toml runs on campus A.
     assert x.link.url.endswith(f":{a}") and y.link.url.endswith(f":{b}")
@@ -334,7 +334,7 @@ async def test_island_from_its_file(
     processes, operator: OperatorStore, make_agent: AgentFactory, tmp_path: Path
 ) -> None:
     data, port, web = tmp_path / "island", free_port(), free_port()
-    await issue(operator, data, "island", ["admin", "operator", "gateway", "training"])
+    await issue(operator, data, "island", ["admin", "operator", "gateway", "storage", "training"])
     env = broker_env(data, port) | {
         "ATOLL_PLUGINS__GATEWAY__LISTEN": f"127.0.0.1:{web}",
         "ATOLL_PLUGINS__INFERENCE__BACKEND": "echo",  # the embedded model has its own tests
