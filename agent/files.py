@@ -29,9 +29,10 @@ from pydantic import BaseModel, ConfigDict
 
 from atoll.agent.config import ConfigPath
 from atoll.agent.errors import AtollError, ConnectionLost, Forbidden, InvalidRequest
-from atoll.agent.node import Agent, CallInfo
+from atoll.agent.node import CallInfo, Overlay
 from atoll.agent.plugins import Plugin, PluginContext
 from atoll.agent.streams import Stream, StreamReset
+from atoll.tenancy.permissions import FILE_USERS
 
 STAGING = ".atoll-partial"
 READ_SIZE = 1024 * 1024
@@ -183,7 +184,7 @@ async def _line(stream: Stream, obj: dict[str, Any]) -> None:
 RETRYABLE = (ConnectionLost, StreamReset)
 
 
-async def _retrying(agent: Agent, attempt: Callable[[], Any], retries: int, what: str) -> Any:
+async def _retrying(agent: Overlay, attempt: Callable[[], Any], retries: int, what: str) -> Any:
     """Run a transfer attempt; after a broken connection wait for the link and go on."""
     for n in range(retries + 1):
         try:
@@ -192,19 +193,18 @@ async def _retrying(agent: Agent, attempt: Callable[[], Any], retries: int, what
             if n == retries:
                 raise TransferFailed(f"{what} failed after {retries} retries: {exc}") from None
             agent.log.info("files.retrying", what=what, error=exc)
-            await agent.link.wait_connected(30)
+            await agent.wait_connected(30)
             await asyncio.sleep(0.05 * (n + 1))
     raise AssertionError("unreachable")
 
 
 async def put_file(
-    agent: Agent,
+    agent: Overlay,
     target: str,
     local: Path,
     remote: str,
     progress: Progress | None = None,
     retries: int = 10,
-    src: str | None = None,
 ) -> int:
     """Send ``local`` to ``remote`` on agent ``target``; returns bytes actually sent."""
     local = Path(local)
@@ -213,11 +213,10 @@ async def put_file(
 
     async def attempt() -> None:
         nonlocal sent_total
-        stream = await agent.streams.open(
+        stream = await agent.open_stream(
             f"{target}/files",
             "put",
             {"path": remote, "size": size, "version": version},
-            src=src,
             window=TRANSFER_WINDOW,
         )
         try:
@@ -234,13 +233,12 @@ async def put_file(
 
 
 async def get_file(
-    agent: Agent,
+    agent: Overlay,
     source: str,
     remote: str,
     local: Path,
     progress: Progress | None = None,
     retries: int = 10,
-    src: str | None = None,
 ) -> int:
     """Fetch ``remote`` from agent ``source`` into ``local``; returns bytes actually received."""
     local = Path(local).absolute()
@@ -255,9 +253,7 @@ async def get_file(
             hint.update(offset=part.stat().st_size, version=staged["version"])
         except (OSError, ValueError, KeyError):
             pass
-        stream = await agent.streams.open(
-            f"{source}/files", "get", hint, src=src, window=TRANSFER_WINDOW
-        )
+        stream = await agent.open_stream(f"{source}/files", "get", hint, window=TRANSFER_WINDOW)
         try:
             head = await _json_line(stream)
             size, version, offset = head["size"], head["version"], head["offset"]
@@ -294,11 +290,7 @@ class FilesPlugin(Plugin):
         self.received = ctx.metrics.counter("files_received_bytes", "Bytes received")
         self.sent = ctx.metrics.counter("files_sent_bytes", "Bytes sent")
         for service, handler in (("put", self._put), ("get", self._get)):
-            ctx.agent.streams.serve(self.name, service, handler)
-
-    async def stop(self) -> None:
-        assert self.ctx is not None
-        self.ctx.agent.streams.unserve(self.name)
+            ctx.serve_stream(service, handler, roles=FILE_USERS)
 
     def describe(self) -> dict[str, Any]:
         return {"capabilities": {"file_dirs": [str(r) for r in self.roots]}}

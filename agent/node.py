@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from atoll.agent.connection import BrokerLink
 from atoll.agent.errors import (
@@ -47,6 +47,34 @@ class CallInfo:
     src: str
     caller: AgentIdentity
     method: str
+
+
+class Overlay(Protocol):
+    """What code that talks over the overlay needs: an ``Agent`` (tools, the CLI) or a plugin's
+    ``PluginContext`` (which stamps ``agent/plugin`` on everything it sends)."""
+
+    log: EventLogger
+
+    async def call(
+        self, dst: str, method: str, params: Any = None, timeout: float | None = None
+    ) -> Any: ...
+
+    async def open_stream(
+        self,
+        dst: str,
+        service: str,
+        params: Any = None,
+        timeout: float = 30.0,
+        window: int = WINDOW,
+    ) -> Stream: ...
+
+    async def publish(self, subject: str, data: Any) -> None: ...
+
+    async def subscribe(
+        self, pattern: str, callback: Callable[[Publication], Any] | None = None
+    ) -> Subscription: ...
+
+    async def wait_connected(self, timeout: float) -> None: ...
 
 
 class Publication(NamedTuple):  # a tuple: built once per delivered message
@@ -522,14 +550,17 @@ class Agent:
         if self.link.connected.is_set():
             self.link.send(encode_frame(FrameType.UNSUB, {"sid": sub.sid}))
 
+    async def wait_connected(self, timeout: float) -> None:
+        await self.link.wait_connected(timeout)
+
     async def open_stream(
         self,
         dst: str,
         service: str,
         params: Any = None,
-        src: str | None = None,
         timeout: float = 30.0,
         window: int = WINDOW,
+        src: str | None = None,
     ) -> Stream:
         """Open a stream to ``service`` at ``dst`` (``agent/plugin``)."""
         return await self.streams.open(dst, service, params, src, timeout, window)

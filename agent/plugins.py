@@ -73,7 +73,7 @@ class PluginContext:
         """The plugin's config section (or a sub-``section`` of it) validated with ``model``;
         relative paths in ``ConfigPath`` fields are relative to the agent's config file."""
         raw = self.config if section is None else section
-        return model.model_validate(raw, context={"config_dir": self.host.config_dir})
+        return model.model_validate(raw, context={"config_dir": self._host.config_dir})
 
     @property
     def identity(self) -> AgentIdentity:
@@ -125,6 +125,9 @@ class PluginContext:
         """A started view of discovery and every agent's metrics feed (the roles that may
         watch other agents' metrics only; the plugin stops it)."""
         return await TenantWatch(self._agent).start()
+
+    async def wait_connected(self, timeout: float) -> None:
+        await self._agent.wait_connected(timeout)
 
     def plugin_statuses(self) -> list[dict[str, Any]]:
         return self._host.statuses()

@@ -15,9 +15,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from atoll.agent.errors import AtollError, Forbidden, InvalidRequest
-from atoll.agent.node import Agent, CallInfo
+from atoll.agent.node import CallInfo, Overlay
 from atoll.agent.plugins import Plugin, PluginContext
 from atoll.agent.streams import CHUNK, Stream, StreamReset
+from atoll.tenancy.permissions import TUNNEL_USERS
 
 SERVICE = "tcp"
 CONNECT_TIMEOUT = 10.0
@@ -76,13 +77,10 @@ async def splice(
 class TunnelListener:
     """Accepts TCP connections locally and carries each to ``host:port`` seen from ``agent``."""
 
-    def __init__(
-        self, agent: Agent, target_agent: str, host: str, port: int, src: str | None = None
-    ) -> None:
+    def __init__(self, agent: Overlay, target_agent: str, host: str, port: int) -> None:
         self.agent = agent
         self.target = f"{target_agent}/tunnel"
         self.host, self.port = host, port
-        self.src = src
         self.server: asyncio.Server | None = None
         self.errors: list[str] = []  # why recent connections were refused (for the CLI)
 
@@ -97,8 +95,8 @@ class TunnelListener:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            stream = await self.agent.streams.open(
-                self.target, SERVICE, {"host": self.host, "port": self.port}, src=self.src
+            stream = await self.agent.open_stream(
+                self.target, SERVICE, {"host": self.host, "port": self.port}
             )
         except AtollError as exc:
             self._refused(str(exc))
@@ -168,16 +166,14 @@ class TunnelPlugin(Plugin):
         self.allow = config.allow
         self.listeners: list[TunnelListener] = []
         self.opened = ctx.metrics.counter("tunnel_connections", "Tunnel connections served")
-        ctx.agent.streams.serve(self.name, SERVICE, self._serve)
+        ctx.serve_stream(SERVICE, self._serve, roles=TUNNEL_USERS)
         for spec in config.listen:
             agent, host, port = parse_target(spec.to)
             l_host, _, l_port = spec.listen.rpartition(":")
-            listener = TunnelListener(ctx.agent, agent, host, port, src=ctx.address)
+            listener = TunnelListener(ctx, agent, host, port)
             self.listeners.append(await listener.start(l_host, int(l_port)))
 
     async def stop(self) -> None:
-        assert self.ctx is not None
-        self.ctx.agent.streams.unserve(self.name)
         for listener in self.listeners:
             await listener.stop()
 
@@ -194,7 +190,7 @@ class TunnelPlugin(Plugin):
         host, port = params["host"], params["port"]
         if not allowed(self.allow, host, port):
             raise Forbidden(
-                f"destination {host}:{port} is not in agent {stream.mux.agent.name}'s tunnel "
+                f"destination {host}:{port} is not in agent {self.ctx.identity.name}'s tunnel "
                 "allow-list"
             )
         try:

@@ -49,6 +49,7 @@ from importlib.metadata import version as pkg_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from atoll.tenancy.permissions import ANY
 from atoll.tuning import tune_process
 from harness import (
     CpuClock,
@@ -272,7 +273,7 @@ async def agent_pool(op: OperatorStore, s: MeshSettings) -> AsyncIterator[Callab
     async def start(name: str, urls: list[str]) -> Agent:
         keys = AgentKeys.issue(op, DEFAULT_TENANT, name, ["agent"])
         a = Agent(keys, urls, call_timeout=10.0, **s.link_options())
-        a.handle("bench", "echo", echo)
+        a.handle("bench", "echo", echo, ANY)
         agents.append(a)  # before start: stopped on error too
         return await a.start(wait=10.0)
 

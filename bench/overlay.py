@@ -34,6 +34,7 @@ from importlib.metadata import version as pkg_version
 from pathlib import Path
 from typing import Any
 
+from atoll.tenancy.permissions import ANY
 from atoll.tuning import tune_process
 from harness import (
     broker_child,
@@ -249,11 +250,11 @@ async def measure(
     """The same three figures for either system: RPC latency, 1 -> 1 and 1 -> N throughput."""
     rpc = await latency(call, plan.rpc_warmup, plan.rpc_calls, plan.rpc_time_s, cpu)
     one = await throughput(
-        publish, "bench.one", counter, 1, plan.pubsub_msgs, plan.pub_warmup, plan.pubsub_time_s, cpu
+        publish, "app.bench.one", counter, 1, plan.pubsub_msgs, plan.pub_warmup, plan.pubsub_time_s, cpu
     )
     fan = await throughput(
         publish,
-        "bench.fan",
+        "app.bench.fan",
         counter,
         fan_subs,
         plan.fanout_msgs,
@@ -358,11 +359,11 @@ async def bench_atoll(plan: Plan, inproc: bool, profile_dir: Path | None) -> dic
                 async def echo(params: Any, call: CallInfo) -> Any:
                     return params
 
-                server.handle("bench", "echo", echo)
+                server.handle("bench", "echo", echo, ANY)
                 counter = Counter()
-                await subs[0].subscribe("bench.one", counter.hit)  # sync callback: no queue hop
+                await subs[0].subscribe("app.bench.one", counter.hit)  # sync callback: no queue hop
                 for s in subs:
-                    await s.subscribe("bench.fan", counter.hit)
+                    await s.subscribe("app.bench.fan", counter.hit)
                 for s in subs:
                     await s.flush()  # a broker round trip: the SUBs are in place
                 with profiled(client_prof):
@@ -441,15 +442,15 @@ async def bench_nats(plan: Plan) -> dict[str, Any]:
             async def echo(msg: Msg) -> None:
                 await server.publish(msg.reply, msg.data)
 
-            await server.subscribe("bench.rpc", cb=echo)
+            await server.subscribe("app.bench.rpc", cb=echo)
             counter = Counter()
-            await subs[0].subscribe("bench.one", cb=counter.ahit)
+            await subs[0].subscribe("app.bench.one", cb=counter.ahit)
             for s in subs:
-                await s.subscribe("bench.fan", cb=counter.ahit)
+                await s.subscribe("app.bench.fan", cb=counter.ahit)
             for nc in (server, *subs):
                 await nc.flush()  # PING/PONG: the server has the SUBs
             figures = await measure(
-                functools.partial(caller.request, "bench.rpc", RPC_PARAMS, timeout=10.0),
+                functools.partial(caller.request, "app.bench.rpc", RPC_PARAMS, timeout=10.0),
                 publisher.publish,
                 counter,
                 len(subs),

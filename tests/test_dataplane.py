@@ -40,7 +40,7 @@ def visible(directory: Path) -> list[str]:
 
 async def test_large_file_both_ways_and_allow_list(tmp_path, make_agent) -> None:
     store = tmp_path / "store"
-    a = await make_agent("alpha")
+    a = await make_agent("alpha", roles=("operator",))  # files serve operators
     b = await make_agent("beta", plugins={"files": {"dirs": [str(store)]}})
     src = tmp_path / "big.bin"
     digest = random_file(src, 200 * 1024 * 1024)
@@ -69,7 +69,7 @@ async def test_transfer_resumes_across_broker_restart(operator, tmp_path, make_a
     await server.start()
     port = server.port
     store = tmp_path / "store"
-    a = await make_agent("alpha", brokers=[server.url])
+    a = await make_agent("alpha", roles=("operator",), brokers=[server.url])
     await make_agent("beta", brokers=[server.url], plugins={"files": {"dirs": [str(store)]}})
     src = tmp_path / "data.bin"
     size = 200 * 1024 * 1024
@@ -100,7 +100,7 @@ async def test_transfer_resumes_across_broker_restart(operator, tmp_path, make_a
 
 async def test_tampered_chunk_is_refused_and_resent(broker, tmp_path, make_agent) -> None:
     store = tmp_path / "store"
-    a = await make_agent("alpha")
+    a = await make_agent("alpha", roles=("operator",))  # files serve operators
     await make_agent("beta", plugins={"files": {"dirs": [str(store)]}})
     src = tmp_path / "f.bin"
     digest = random_file(src, 8 * 1024 * 1024)
@@ -122,7 +122,7 @@ async def test_tampered_chunk_is_refused_and_resent(broker, tmp_path, make_agent
 
 async def test_interrupted_transfer_leaves_nothing_visible(tmp_path, make_agent) -> None:
     store = tmp_path / "store"
-    a = await make_agent("alpha")
+    a = await make_agent("alpha", roles=("operator",))  # files serve operators
     await make_agent("beta", plugins={"files": {"dirs": [str(store)]}})
     src = tmp_path / "f.bin"
     random_file(src, 32 * 1024 * 1024)
@@ -173,7 +173,7 @@ async def test_tunnel_http_concurrency_download_and_refusal(make_agent) -> None:
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     web_port = httpd.server_address[1]
     try:
-        gateway = await make_agent("gateway")
+        gateway = await make_agent("gateway", roles=("inference",))  # as a LoRAX node
         await make_agent("gpu", plugins={"tunnel": {"allow": [f"127.0.0.1:{web_port}"]}})
         listener = await TunnelListener(gateway.agent, "gpu", "127.0.0.1", web_port).start(
             "127.0.0.1", 0

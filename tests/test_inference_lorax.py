@@ -516,7 +516,7 @@ async def test_the_fake_speaks_lorax_clients_wire(lorax: FakeLorax) -> None:
 
 
 async def test_lorax_behind_an_atoll_tunnel(lorax: FakeLorax, make_agent) -> None:
-    gateway = await make_agent("gateway")
+    gateway = await make_agent("gateway", roles=("inference",))  # tunnels serve inference
     await make_agent("gpu", plugins={"tunnel": {"allow": [f"127.0.0.1:{lorax.port}"]}})
     listener = await TunnelListener(gateway.agent, "gpu", "127.0.0.1", lorax.port).start(
         "127.0.0.1", 0

@@ -14,6 +14,7 @@ from atoll.agent.errors import (
     NoSuchMethod,
 )
 from atoll.broker.server import BrokerServer
+from atoll.tenancy.permissions import ANY
 from conftest import eventually, raw_session
 
 
@@ -22,8 +23,8 @@ class QuotaExceeded(AtollError):
 
 
 async def test_rpc_between_agents(make_agent) -> None:
-    a = await make_agent("alpha")
-    b = await make_agent("beta")
+    a = await make_agent("alpha", roles=("operator",))
+    b = await make_agent("beta", roles=("admin",))
     reply = await a.agent.call("beta", "ping", {"x": 1})
     assert reply["pong"] is True and reply["agent"] == "beta" and reply["echo"] == {"x": 1}
     info = await b.agent.call("alpha/system", "info")
@@ -45,9 +46,9 @@ async def test_rpc_errors_are_typed(make_agent) -> None:
     async def quota(params, call):
         raise QuotaExceeded("over quota", {"limit": 3})
 
-    b.agent.handle("test", "boom", boom)
-    b.agent.handle("test", "quota", quota)
-    b.agent.handle("test", "slow", slow)
+    b.agent.handle("test", "boom", boom, ANY)
+    b.agent.handle("test", "quota", quota, ANY)
+    b.agent.handle("test", "slow", slow, ANY)
     with pytest.raises(NoResponder, match="no agent 'gamma' in tenant 'acme'"):
         await a.agent.call("gamma", "ping")
     with pytest.raises(NoSuchMethod):
@@ -65,17 +66,17 @@ async def test_pubsub_within_tenant_only(make_agent) -> None:
     a = await make_agent("alpha")
     b = await make_agent("beta")
     intruder = await make_agent("alpha", tenant="globex")  # same name, other tenant
-    sub_b = await b.agent.subscribe("events.>")
-    sub_x = await intruder.agent.subscribe(">")
+    sub_b = await b.agent.subscribe("app.events.>")
+    sub_x = await intruder.agent.subscribe("app.>")
     await asyncio.sleep(0.1)
-    await a.agent.publish("events.one", {"n": 1})
+    await a.agent.publish("app.events.one", {"n": 1})
     got = await sub_b.next(timeout=5)
-    assert got.subject == "events.one" and got.data == {"n": 1} and got.src == "alpha"
+    assert got.subject == "app.events.one" and got.data == {"n": 1} and got.src == "alpha"
     await asyncio.sleep(0.3)
     heard = []
     while not sub_x.queue.empty():
         heard.append(sub_x.queue.get_nowait().subject)
-    assert "events.one" not in heard  # it hears its own tenant (its own announcements) only
+    assert "app.events.one" not in heard  # it hears its own tenant (its own announcements) only
     assert all(s.startswith("discovery.") for s in heard)
     with pytest.raises(NoResponder, match="tenant 'globex'"):
         await intruder.agent.call("beta", "ping")
@@ -88,7 +89,7 @@ async def test_unsendable_result_is_an_error_not_a_hang(make_agent) -> None:
     async def weird(params, call):
         return {"obj": object()}
 
-    b.agent.handle("test", "weird", weird)
+    b.agent.handle("test", "weird", weird, ANY)
     with pytest.raises(InternalError, match="cannot be sent"):
         await a.agent.call("beta/test", "weird", timeout=5)
 

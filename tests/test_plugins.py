@@ -10,6 +10,7 @@ import pytest
 from atoll.agent.errors import Forbidden, NoSuchMethod
 from atoll.agent.node import CallInfo
 from atoll.agent.plugins import Plugin, available_plugins, rpc
+from atoll.tenancy.permissions import ANY
 
 
 class Counter(Plugin):
@@ -27,16 +28,15 @@ class Counter(Plugin):
     def status(self) -> dict[str, Any]:
         return {"count": self.count}
 
-    @rpc()
+    @rpc(roles=ANY)
     async def bump(self, params: Any, call: CallInfo) -> int:
         self.count += self.step
-        await self.ctx.publish(f"counter.{self.ctx.agent.name}", self.count)
+        await self.ctx.publish(f"app.counter.{self.ctx.identity.name}", self.count)
         return self.count
 
-    @rpc("reset")
+    @rpc("reset", roles=("admin",))  # the agent checks: the handler runs for admins only
     async def reset_(self, params: Any, call: CallInfo) -> int:
-        if not call.caller.has_role("admin"):
-            raise Forbidden(f"{call.caller.name} may not reset")
+        assert call.caller.has_role("admin")
         self.count = 0
         return 0
 
@@ -50,15 +50,17 @@ async def test_plugin_lifecycle_config_and_roles(make_agent) -> None:
     user = await make_agent("user")
     admin = await make_agent("boss", roles=("admin",))
     await node.host.add("counter", {"step": 5}, plugin=Counter())
-    sub = await user.agent.subscribe("counter.*")
+    sub = await user.agent.subscribe("app.counter.*")
     await user.agent.flush()
     assert await user.agent.call("node/counter", "bump") == 5
     pub = await sub.next(timeout=5)
-    assert (pub.subject, pub.src, pub.data) == ("counter.node", "node/counter", 5)
-    with pytest.raises(Forbidden, match="user may not reset"):
+    assert (pub.subject, pub.src, pub.data) == ("app.counter.node", "node/counter", 5)
+    with pytest.raises(Forbidden, match=r"'user' .* needs one of the roles admin"):
         await user.agent.call("node/counter", "reset")
     assert await admin.agent.call("node/counter", "reset") == 0
-    statuses = await user.agent.call("node", "plugins")
+    with pytest.raises(Forbidden, match="needs one of the roles admin, operator"):
+        await user.agent.call("node", "plugins")
+    statuses = await admin.agent.call("node", "plugins")
     assert {"name": "counter", "state": "running", "count": 0} in statuses
     await user.agent.call("node/counter", "bump")
     await node.host.remove("counter")
@@ -81,7 +83,7 @@ async def test_bad_plugin_config_is_refused_clearly(make_agent) -> None:
         await node.host.add("tunnel", {"allow": ["nohostport"]})
     with pytest.raises(ValidationError, match="AGENT:HOST:PORT"):
         await node.host.add("tunnel", {"listen": [{"listen": "127.0.0.1:1", "to": "x"}]})
-    statuses = await node.agent.call("node", "plugins")
+    statuses = node.host.statuses()
     failed = {s["name"]: s for s in statuses if s["state"] == "failed"}
     assert failed["tunnel"]["error"].startswith("ValidationError")
     assert "files" in failed and (await node.agent.call("node", "ping"))["pong"] is True

@@ -19,6 +19,7 @@ from atoll.protocol.frames import Frame, FrameType, decode_message, encode_frame
 from atoll.protocol.handshake import ClientHandshake
 from atoll.tenancy import credentials as cred
 from atoll.tenancy.operator import OperatorStore
+from atoll.tenancy.permissions import ANY
 from conftest import eventually, raw_session
 
 SECRET = b"PLAINTEXT-MARKER-7f3a9c"
@@ -54,11 +55,11 @@ async def test_broker_never_sees_plaintext(broker, make_agent) -> None:
     async def echo(params, call):
         return params
 
-    b.agent.handle("test", "echo", echo)
-    sub = await b.agent.subscribe("secrets")
+    b.agent.handle("test", "echo", echo, ANY)
+    sub = await b.agent.subscribe("app.secrets")
     await b.agent.flush()
     assert await a.agent.call("beta/test", "echo", SECRET) == SECRET
-    await a.agent.publish("secrets", {"note": SECRET})
+    await a.agent.publish("app.secrets", {"note": SECRET})
     assert (await sub.next(timeout=5)).data == {"note": SECRET}
     assert len(relayed) >= 3
     assert not [f for f in relayed if SECRET in f]
@@ -75,7 +76,7 @@ async def counting(make_agent):
         served.append(params)
         return len(served)
 
-    b.agent.handle("test", "count", count)
+    b.agent.handle("test", "count", count, ANY)
     return a, b, served
 
 
@@ -124,8 +125,8 @@ async def test_misrouted_payload_is_rejected(broker, make_agent) -> None:
     async def two(params, call):
         hits.append("two")
 
-    b.agent.handle("p1", "go", one)
-    b.agent.handle("p2", "go", two)
+    b.agent.handle("p1", "go", one, ANY)
+    b.agent.handle("p2", "go", two, ANY)
     await a.agent.call("beta/p1", "go")
 
     def relabel(session, frame: Frame) -> Frame | None:
@@ -257,14 +258,14 @@ async def test_slow_consumer_is_disconnected(operator, tmp_path, make_agent) -> 
         pub = await make_agent("pub", brokers=[server.url])
         fast = await make_agent("fast", brokers=[server.url])
         got: list[object] = []
-        await fast.agent.subscribe("flood", lambda p: got.append(p))
+        await fast.agent.subscribe("app.flood", lambda p: got.append(p))
         slow = await raw_session(operator, server, "slow")
-        await slow.send(encode_frame(FrameType.SUB, {"sid": 1, "subj": "flood"}))
+        await slow.send(encode_frame(FrameType.SUB, {"sid": 1, "subj": "app.flood"}))
         await pub.agent.flush()
         slow.transport.pause_reading()  # a consumer that stops reading
         payload = os.urandom(4096)
         for _ in range(2000):
-            await pub.agent.publish("flood", payload)
+            await pub.agent.publish("app.flood", payload)
         await eventually(lambda: "slow" not in server.router.agents("acme"), timeout=10)
         await eventually(lambda: len(got) == 2000, timeout=10)
         assert (await pub.agent.call("fast", "ping"))["pong"] is True
@@ -279,12 +280,12 @@ async def test_reconnect_resubscribe_and_fail_fast(operator, tmp_path, make_agen
     port = server.port
     a = await make_agent("alpha", brokers=[server.url])
     b = await make_agent("beta", brokers=[server.url])
-    sub = await b.agent.subscribe("news.*")
+    sub = await b.agent.subscribe("app.news.*")
 
     async def stall(params, call):
         await asyncio.sleep(30)
 
-    b.agent.handle("test", "stall", stall)
+    b.agent.handle("test", "stall", stall, ANY)
     pending = asyncio.create_task(a.agent.call("beta/test", "stall", timeout=30))
     await asyncio.sleep(0.2)
     await server.stop()
@@ -300,7 +301,7 @@ async def test_reconnect_resubscribe_and_fail_fast(operator, tmp_path, make_agen
         await a.agent.link.wait_connected(10)
         await b.agent.link.wait_connected(10)
         await b.agent.flush()
-        await a.agent.publish("news.today", "back")
+        await a.agent.publish("app.news.today", "back")
         assert (await sub.next(timeout=5)).data == "back"
         assert (await a.agent.call("beta", "ping"))["pong"] is True
     finally:
@@ -320,7 +321,7 @@ async def test_cancelled_call_cancels_the_handler(make_agent) -> None:
             cancelled.set()
             raise
 
-    b.agent.handle("test", "long", long)
+    b.agent.handle("test", "long", long, ANY)
     task = asyncio.create_task(a.agent.call("beta/test", "long"))
     await asyncio.wait_for(started.wait(), 5)
     task.cancel()

@@ -12,6 +12,7 @@ import pytest
 from atoll.agent.errors import ConnectionLost, NoSuchMethod
 from atoll.agent.streams import CHUNK, Stream, StreamReset
 from atoll.protocol.frames import Frame, FrameType
+from atoll.tenancy.permissions import ANY
 
 
 async def echo(stream: Stream, params, call) -> None:
@@ -31,7 +32,7 @@ async def sink(stream: Stream, params, call) -> None:
 async def test_echo_half_close_and_many_streams(make_agent) -> None:
     a = await make_agent("alpha")
     b = await make_agent("beta")
-    b.agent.streams.serve("test", "echo", echo)
+    b.agent.streams.serve("test", "echo", echo, ANY)
 
     async def one(size: int) -> None:
         data = os.urandom(size)
@@ -55,14 +56,14 @@ async def test_echo_half_close_and_many_streams(make_agent) -> None:
 async def test_slow_reader_stalls_only_its_stream(make_agent) -> None:
     a = await make_agent("alpha")
     b = await make_agent("beta")
-    b.agent.streams.serve("test", "echo", echo)
+    b.agent.streams.serve("test", "echo", echo, ANY)
     parked: asyncio.Queue[Stream] = asyncio.Queue()
 
     async def park(stream: Stream, params, call) -> None:
         await parked.put(stream)
         await asyncio.sleep(30)  # never reads
 
-    b.agent.streams.serve("test", "park", park)
+    b.agent.streams.serve("test", "park", park, ANY)
     stuck = await a.agent.streams.open("beta/test", "park", window=CHUNK)
     blocked = asyncio.create_task(stuck.write(os.urandom(20 * CHUNK)))
     await asyncio.sleep(0.2)
@@ -80,7 +81,7 @@ async def test_slow_reader_stalls_only_its_stream(make_agent) -> None:
 async def test_corrupted_and_dropped_chunks_are_sent_again(broker, make_agent) -> None:
     a = await make_agent("alpha")
     b = await make_agent("beta")
-    b.agent.streams.serve("test", "sink", sink)
+    b.agent.streams.serve("test", "sink", sink, ANY)
     data = os.urandom(40 * CHUNK)
     s = await a.agent.streams.open("beta/test", "sink")
     seen = {"n": 0}
@@ -114,8 +115,8 @@ async def test_reset_and_connection_loss(operator, broker, make_agent) -> None:
     async def hold(stream: Stream, params, call) -> None:
         await stream.read()
 
-    b.agent.streams.serve("test", "refuse", refuse)
-    b.agent.streams.serve("test", "hold", hold)
+    b.agent.streams.serve("test", "refuse", refuse, ANY)
+    b.agent.streams.serve("test", "hold", hold, ANY)
     s = await a.agent.streams.open("beta/test", "refuse", params="bob")
     with pytest.raises(StreamReset, match="no thanks, bob"):
         await s.read()

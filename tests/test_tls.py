@@ -12,6 +12,7 @@ from atoll.agent.errors import ConnectionLost
 from atoll.agent.identity import AgentKeys
 from atoll.agent.node import Agent
 from atoll.broker.server import BrokerServer
+from atoll.tenancy.permissions import ANY
 from atoll.transport import client_tls, server_tls
 
 
@@ -59,7 +60,7 @@ async def test_agents_over_wss(tmp_path: Path, operator) -> None:
         async def echo(params, call):
             return params
 
-        agents[1].handle("t", "echo", echo)
+        agents[1].handle("t", "echo", echo, ANY)
         assert await alpha.call("beta/t", "echo", "over tls") == "over tls"
 
         untrusting = Agent(

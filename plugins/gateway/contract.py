@@ -9,7 +9,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 PLUGIN = "gateway"
-ADMIN_ROLES = ("admin", "operator")
 
 
 class _Params(BaseModel):

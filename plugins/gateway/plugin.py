@@ -21,7 +21,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from atoll.agent.config import check_listen
 from atoll.agent.node import Publication
 from atoll.agent.plugins import Plugin, PluginContext
-from atoll.agent.watch import TenantWatch
 from atoll.plugins.gateway.accounts import Accounts
 from atoll.plugins.gateway.admin import AdminRPC
 from atoll.plugins.gateway.app import create_app
@@ -65,10 +64,8 @@ class GatewayPlugin(Plugin):
         self.accounts = Accounts(ctx.data_dir / "gateway.sqlite", read_secret(secret_path))
         if config.bootstrap_admin:
             self._bootstrap_admin()
-        self.watch = await TenantWatch(ctx.agent).start()
-        router = Router(
-            ctx.agent, self.watch.discovery, src=ctx.address, attempts=config.retry_attempts
-        )
+        self.watch = await ctx.watch()
+        router = Router(ctx, self.watch.discovery, attempts=config.retry_attempts)
         self.gateway = Gateway(
             accounts=self.accounts,
             limiter=RateLimiter(),

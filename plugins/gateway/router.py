@@ -25,7 +25,7 @@ from pydantic import BaseModel
 
 from atoll.agent.discovery import Discovery, Entry
 from atoll.agent.errors import AtollError, DeadlineExceeded, InvalidRequest
-from atoll.agent.node import Agent
+from atoll.agent.node import Overlay
 from atoll.plugins.gateway.errors import GatewayError, from_platform
 from atoll.plugins.inference.contract import (
     PLUGIN,
@@ -107,9 +107,8 @@ def _describe_labels(labels: dict[str, str]) -> str:
 class Router:
     def __init__(
         self,
-        agent: Agent,
+        agent: Overlay,
         discovery: Discovery,
-        src: str | None = None,
         attempts: int = 3,
         *,
         first_event_timeout: float = FIRST_EVENT_TIMEOUT,
@@ -120,7 +119,6 @@ class Router:
             raise ValueError("first_event_timeout must be positive")
         self.agent = agent
         self.discovery = discovery
-        self.src = src
         self.attempts = attempts
         self.first_event_timeout = first_event_timeout
         # Requests this gateway has running per node: announced load lags a heartbeat behind,
@@ -202,7 +200,7 @@ class Router:
         for entry in nodes[: self.attempts]:
             route.node = entry.name
             self.inflight[entry.name] = self.inflight.get(entry.name, 0) + 1
-            events = stream_generate(self.agent, f"{entry.name}/{PLUGIN}", request, self.src)
+            events = stream_generate(self.agent, f"{entry.name}/{PLUGIN}", request)
             try:
                 try:
                     event = await self._first(events, deadline, deadline_s)
@@ -312,7 +310,7 @@ class Router:
             self.inflight[entry.name] = self.inflight.get(entry.name, 0) + 1
             try:
                 address = f"{entry.name}/{PLUGIN}"
-                result = await self.agent.call(address, method, params, remaining, self.src)
+                result = await self.agent.call(address, method, params, remaining)
                 return result, route
             except DeadlineExceeded as exc:
                 if loop.time() >= deadline:

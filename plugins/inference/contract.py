@@ -29,7 +29,7 @@ from atoll.agent.errors import AtollError
 from atoll.agent.streams import StreamReset
 
 if TYPE_CHECKING:
-    from atoll.agent.node import Agent
+    from atoll.agent.node import Overlay
 
 PLUGIN = "inference"
 MAX_PROMPT_CHARS = 1_000_000
@@ -272,12 +272,12 @@ def parse_event(line: bytes | str) -> TokenEvent | FinishEvent:
 
 
 async def stream_generate(
-    agent: Agent, address: str, request: GenerateRequest, src: str | None = None
+    agent: Overlay, address: str, request: GenerateRequest
 ) -> AsyncIterator[TokenEvent | FinishEvent]:
     """Generate on the node at ``address`` (``agent/inference``), yielding events as they come.
     Leaving the iteration early aborts the stream, and the node stops generating."""
     params = request.model_dump(mode="json", exclude_none=True)
-    stream = await agent.streams.open(address, "generate", params, src=src)
+    stream = await agent.open_stream(address, "generate", params)
     finished = False
     try:
         buffer = b""

@@ -1,7 +1,8 @@
 """The inference plugin: one backend (chosen by config) served on the overlay — RPC and token
 streams for the gateway, capabilities and load for discovery, figures for the metrics feed.
 
-Only callers whose credential carries one of ``callers`` roles may use it: users reach models
+Only callers whose credential carries one of ``callers`` roles may use it (every method and the
+generate stream declare them; the agent checks before a handler runs): users reach models
 through the gateway, which checks their API keys and per-adapter rights; an arbitrary agent of
 the tenant must not bypass that by calling a GPU node directly.
 """
@@ -17,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from atoll.agent.config import ConfigPath
-from atoll.agent.errors import Forbidden, InvalidRequest
+from atoll.agent.errors import InvalidRequest
 from atoll.agent.node import CallInfo
 from atoll.agent.plugins import Plugin, PluginContext, rpc
 from atoll.agent.streams import Stream
@@ -90,11 +91,10 @@ class InferencePlugin(Plugin):
         self.running = m.gauge("running", "Requests in the running batch")
         self.rate = m.gauge("tokens_per_s", "Completion tokens per second, last 10 s")
         self._gauges = asyncio.create_task(self._refresh_gauges())
-        ctx.agent.streams.serve(self.name, "generate", self._generate_stream)
+        ctx.serve_stream("generate", self._generate_stream, roles=lambda p: p.config.callers)
 
     async def stop(self) -> None:
         assert self.ctx is not None
-        self.ctx.agent.streams.unserve(self.name)
         self._gauges.cancel()
         if self.discovery is not None:
             await self.discovery.stop()
@@ -134,13 +134,6 @@ class InferencePlugin(Plugin):
 
     # --- access ------------------------------------------------------------------------------
 
-    def _allow(self, call: CallInfo) -> None:
-        if not set(call.caller.roles) & set(self.config.callers):
-            raise Forbidden(
-                f"{call.caller.name} may not use inference directly (needs a role among "
-                f"{', '.join(self.config.callers)}; users go through the gateway)"
-            )
-
     @staticmethod
     def _parse(model: type[BaseModel], params: Any) -> Any:
         try:
@@ -173,7 +166,6 @@ class InferencePlugin(Plugin):
         """One JSON line per event. Lines come out as soon as they are made, but the ones made
         together (a backend yielding several events without waiting: a stop sequence released,
         the last token and the finish, a burst of SSE chunks) leave as one stream message."""
-        self._allow(call)
         request = self._generate_request(params)
         lines: asyncio.Queue[bytes | None] = asyncio.Queue(MAX_UNSENT_LINES)
         writer = asyncio.create_task(self._write_lines(stream, lines))
@@ -218,7 +210,6 @@ class InferencePlugin(Plugin):
 
     @rpc(roles=lambda p: p.config.callers)
     async def generate(self, params: Any, call: CallInfo) -> dict[str, Any]:
-        self._allow(call)
         request = self._generate_request(params)
         parts: list[str] = []
         logprobs: list[float] = []
@@ -242,13 +233,11 @@ class InferencePlugin(Plugin):
 
     @rpc(roles=lambda p: p.config.callers)
     async def embed(self, params: Any, call: CallInfo) -> dict[str, Any]:
-        self._allow(call)
         result = await self.backend.embed(self._parse(EmbedRequest, params))
         return result.model_dump(mode="json")
 
     @rpc(roles=lambda p: p.config.callers)
     async def transcribe(self, params: Any, call: CallInfo) -> dict[str, Any]:
-        self._allow(call)
         result = await self.backend.transcribe(self._parse(TranscribeRequest, params))
         return result.model_dump(mode="json")
 
@@ -256,12 +245,10 @@ class InferencePlugin(Plugin):
 
     @rpc(roles=lambda p: p.config.callers)
     async def adapters(self, params: Any, call: CallInfo) -> list[dict[str, Any]]:
-        self._allow(call)
         return [a.model_dump(mode="json") for a in self.backend.adapters()]
 
     @rpc(roles=lambda p: p.config.callers)
     async def load_adapter(self, params: Any, call: CallInfo) -> dict[str, Any]:
-        self._allow(call)
         ref = self._ref(params)
         info = await self.backend.load_adapter(ref.id)
         if ref.pinned is not None:
@@ -270,24 +257,20 @@ class InferencePlugin(Plugin):
 
     @rpc(roles=lambda p: p.config.callers)
     async def unload_adapter(self, params: Any, call: CallInfo) -> dict[str, Any]:
-        self._allow(call)
         return {"unloaded": await self.backend.unload_adapter(self._ref(params).id)}
 
     @rpc(roles=lambda p: p.config.callers)
     async def pin_adapter(self, params: Any, call: CallInfo) -> dict[str, Any]:
-        self._allow(call)
         ref = self._ref(params)
         info = await self.backend.pin_adapter(ref.id, True if ref.pinned is None else ref.pinned)
         return info.model_dump(mode="json")
 
     @rpc(roles=lambda p: p.config.callers)
     async def info(self, params: Any, call: CallInfo) -> dict[str, Any]:
-        self._allow(call)
         return self.backend.info().model_dump(mode="json")
 
     @rpc(roles=lambda p: p.config.callers)
     async def health(self, params: Any, call: CallInfo) -> dict[str, Any]:
-        self._allow(call)
         return (await self.backend.health()).model_dump(mode="json")
 
     def _generate_request(self, params: Any) -> GenerateRequest:
@@ -319,16 +302,14 @@ class InferencePlugin(Plugin):
         storage = await self._storage_address()
 
         assert self.ctx is not None
-        return await fetch_adapter(self.ctx.agent, storage, adapter_id, dest)
+        return await fetch_adapter(self.ctx, storage, adapter_id, dest)
 
     async def _storage_address(self) -> str:
         if self.config.storage:
             return self.config.storage
         assert self.ctx is not None
         if self.discovery is None:
-            from atoll.agent.discovery import Discovery
-
-            self.discovery = await Discovery(self.ctx.agent).start()
+            self.discovery = await self.ctx.discovery()
             with contextlib.suppress(TimeoutError):  # kept announcements arrive at once
                 async with asyncio.timeout(1.0):
                     while True:

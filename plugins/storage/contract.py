@@ -36,7 +36,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from atoll.agent.errors import AtollError, InvalidRequest
 from atoll.agent.files import STAGING, TransferFailed, sha256_file
-from atoll.agent.node import Agent
+from atoll.agent.node import Overlay
 from atoll.plugins.inference.contract import AdapterNotFound
 from atoll.plugins.storage.dataset_contract import (
     DATASET_DELETE_METHOD,
@@ -64,7 +64,6 @@ from atoll.plugins.storage.wire import (
     IDLE_TIMEOUT,
     MAX_HEADER_BYTES,
     PLUGIN,
-    WRITER_ROLES,
     OwnerName,
     Progress,
     Reader,
@@ -86,7 +85,6 @@ __all__ = [
     "DATASET_PUT",
     "IDLE_TIMEOUT",
     "PLUGIN",
-    "WRITER_ROLES",
     "AdapterNotFound",
     "DatasetFetch",
     "DatasetGetHeader",
@@ -283,7 +281,7 @@ async def receive_files(
 
 
 async def upload_adapter(
-    agent: Agent,
+    agent: Overlay,
     storage_address: str,
     local_dir: Path,
     adapter_id: str,
@@ -342,7 +340,7 @@ async def upload_adapter(
 
 
 async def fetch_adapter(
-    agent: Agent,
+    agent: Overlay,
     storage_address: str,
     adapter_id: str,
     dest_dir: Path,
@@ -397,7 +395,7 @@ def _move_into_place(stage: Path, dest: Path, names: list[str]) -> None:
 
 
 async def list_adapters(
-    agent: Agent,
+    agent: Overlay,
     storage_address: str,
     base_model: str | None = None,
     owner: str | None = None,
@@ -410,7 +408,7 @@ async def list_adapters(
 
 
 async def describe_adapter(
-    agent: Agent, storage_address: str, adapter_id: str, timeout: float | None = None
+    agent: Overlay, storage_address: str, adapter_id: str, timeout: float | None = None
 ) -> AdapterRecord:
     check_adapter_id(adapter_id)
     row = await agent.call(address(storage_address), DESCRIBE_METHOD, {"id": adapter_id}, timeout)
@@ -418,7 +416,7 @@ async def describe_adapter(
 
 
 async def delete_adapter(
-    agent: Agent, storage_address: str, adapter_id: str, timeout: float | None = None
+    agent: Overlay, storage_address: str, adapter_id: str, timeout: float | None = None
 ) -> None:
     """Remove the adapter from the registry and the store; AdapterNotFound if there is none."""
     check_adapter_id(adapter_id)

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from atoll.agent.errors import AtollError
 from atoll.agent.files import TransferFailed, sha256_file
-from atoll.agent.node import Agent
+from atoll.agent.node import Overlay
 from atoll.plugins.storage.datasets import AsFormat, DatasetInvalid, DedupMode, Format, Kind
 from atoll.plugins.storage.store import file_chunks
 from atoll.plugins.storage.wire import (
@@ -141,7 +141,7 @@ def _ref(dataset_id: str) -> dict[str, str]:
 
 
 async def upload_dataset(
-    agent: Agent,
+    agent: Overlay,
     storage: str,
     path: Path,
     name: str,
@@ -194,7 +194,7 @@ async def upload_dataset(
 
 
 async def fetch_dataset(
-    agent: Agent,
+    agent: Overlay,
     storage: str,
     dataset_id: str,
     dest_path: Path,
@@ -246,7 +246,7 @@ async def fetch_dataset(
 
 
 async def list_datasets(
-    agent: Agent,
+    agent: Overlay,
     storage: str,
     owner: str | None = None,
     project: str | None = None,
@@ -259,14 +259,14 @@ async def list_datasets(
 
 
 async def describe_dataset(
-    agent: Agent, storage: str, dataset_id: str, timeout: float | None = None
+    agent: Overlay, storage: str, dataset_id: str, timeout: float | None = None
 ) -> DatasetRecord:
     row = await agent.call(address(storage), DATASET_INFO_METHOD, _ref(dataset_id), timeout)
     return DatasetRecord.model_validate(row)
 
 
 async def delete_dataset(
-    agent: Agent, storage: str, dataset_id: str, timeout: float | None = None
+    agent: Overlay, storage: str, dataset_id: str, timeout: float | None = None
 ) -> None:
     """Remove the dataset's row and objects; DatasetNotFound if there is none."""
     await agent.call(address(storage), DATASET_DELETE_METHOD, _ref(dataset_id), timeout)

@@ -58,11 +58,10 @@ from atoll.plugins.storage.wire import (
     Reader,
     idle_deadline,
     parse,
-    require_writer,
     send_bytes,
     write_line,
 )
-from atoll.tenancy.permissions import ADAPTER_READERS, CLIENTS, DATASET_READERS
+from atoll.tenancy.permissions import ADAPTER_READERS, ADAPTER_WRITERS, CLIENTS, DATASET_READERS
 
 MAX_CONFIG_BYTES = 1024 * 1024
 
@@ -174,14 +173,12 @@ class StoragePlugin(Plugin):
         self.served = ctx.metrics.counter("adapter_served_bytes", "Adapter bytes sent to fetchers")
         self.received = ctx.metrics.counter("adapter_received_bytes", "Adapter bytes stored")
         self._update_totals()
-        ctx.agent.streams.serve(ctx.name, PUT_SERVICE, self._put)
-        ctx.agent.streams.serve(ctx.name, GET_SERVICE, self._get)
-        ctx.agent.streams.serve(ctx.name, DATASET_PUT, self.datasets.put)
-        ctx.agent.streams.serve(ctx.name, DATASET_GET, self.datasets.get)
+        ctx.serve_stream(PUT_SERVICE, self._put, roles=ADAPTER_WRITERS)
+        ctx.serve_stream(GET_SERVICE, self._get, roles=ADAPTER_READERS)
+        ctx.serve_stream(DATASET_PUT, self.datasets.put, roles=CLIENTS)
+        ctx.serve_stream(DATASET_GET, self.datasets.get, roles=DATASET_READERS)
 
     async def stop(self) -> None:
-        assert self.ctx is not None
-        self.ctx.agent.streams.unserve(self.ctx.name)
         self.db.close()
 
     def describe(self) -> dict[str, Any]:
@@ -196,7 +193,8 @@ class StoragePlugin(Plugin):
         record = self.registry.get(adapter_id)
         if record is None:
             assert self.ctx is not None
-            raise AdapterNotFound(f"no adapter {adapter_id!r} in storage on {self.ctx.agent.name}")
+            where = self.ctx.identity.name
+            raise AdapterNotFound(f"no adapter {adapter_id!r} in storage on {where}")
         return record
 
     # --- RPC --------------------------------------------------------------------------------
@@ -213,7 +211,6 @@ class StoragePlugin(Plugin):
 
     @rpc(DELETE_METHOD, roles=CLIENTS)
     async def delete_adapter(self, params: Any, call: CallInfo) -> dict[str, Any]:
-        require_writer(call, "delete adapters")
         ref = parse(AdapterId, params, "delete_adapter request")
         record = self._registered(ref.id)
         self.registry.remove(ref.id)  # first: from here on nobody is offered it
@@ -260,7 +257,6 @@ class StoragePlugin(Plugin):
 
     async def _put(self, stream: Stream, params: Any, call: CallInfo) -> None:
         assert self.ctx is not None
-        require_writer(call, "upload adapters")
         with idle_deadline(f"adapter upload from {call.src}", IDLE_TIMEOUT):
             reader = Reader(stream, IDLE_TIMEOUT)
             raw = await reader.line(MAX_HEADER_BYTES)

@@ -15,15 +15,14 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import AfterValidator, BaseModel, StringConstraints, ValidationError
 
-from atoll.agent.errors import AtollError, DeadlineExceeded, Forbidden, InvalidRequest
+from atoll.agent.errors import AtollError, DeadlineExceeded, InvalidRequest
 from atoll.agent.files import TRANSFER_WINDOW, TransferFailed
-from atoll.agent.node import Agent, CallInfo
+from atoll.agent.node import Overlay
 from atoll.agent.streams import Stream, StreamReset
 
 PLUGIN = "storage"
 # Uploading and deleting need one of these roles (a trainer holds "training"); any agent of
 # the tenant may fetch and list.
-WRITER_ROLES = frozenset({"admin", "operator", "training", "gateway"})
 MAX_HEADER_BYTES = 64 * 1024
 IDLE_TIMEOUT = 60.0  # seconds a transfer may go without progress before it is given up
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
@@ -58,14 +57,6 @@ def parse(model: type[M], data: Any, what: str) -> M:
             f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors()
         )
         raise InvalidRequest(f"bad {what}: {problems}") from None
-
-
-def require_writer(call: CallInfo, action: str) -> None:
-    if not call.caller.has_role(*WRITER_ROLES):
-        raise Forbidden(
-            f"{call.caller.name} may not {action}: that needs one of the roles "
-            f"{', '.join(sorted(WRITER_ROLES))} (it has {', '.join(call.caller.roles)})"
-        )
 
 
 def address(storage: str) -> str:
@@ -186,10 +177,10 @@ def idle_deadline(what: str, idle: float) -> Iterator[None]:
 
 @contextlib.asynccontextmanager
 async def transfer(
-    agent: Agent, storage: str, service: str, params: Any, idle: float
+    agent: Overlay, storage: str, service: str, params: Any, idle: float
 ) -> AsyncIterator[Stream]:
     """An open stream that is closed on success and reset on any failure."""
-    stream = await agent.streams.open(
+    stream = await agent.open_stream(
         address(storage), service, params, timeout=idle, window=TRANSFER_WINDOW
     )
     try:

@@ -38,13 +38,10 @@ from pydantic import (
 from atoll.agent.errors import AtollError, InvalidRequest
 
 if TYPE_CHECKING:
-    from atoll.agent.node import Agent
+    from atoll.agent.node import Overlay
 
 PLUGIN = "training"
 QUEUED_SUBJECT = "jobs.queued"
-CLIENT_ROLES = ("admin", "operator", "gateway")  # may submit, list and cancel (as an owner)
-ADMIN_ROLES = ("admin", "operator")  # may cancel anyone's job
-TRAINER_ROLES = ("training",)  # may claim jobs and report on them
 MAX_EVENTS_KEPT = 1000
 
 State = Literal["created", "queued", "training", "completed", "failed", "cancelled"]
@@ -269,7 +266,7 @@ def _address(queue: str) -> str:
 
 
 async def submit_job(
-    agent: Agent,
+    agent: Overlay,
     queue: str,
     owner: str,
     options: JobOptions | dict[str, Any],
@@ -283,7 +280,7 @@ async def submit_job(
 
 
 async def list_jobs(
-    agent: Agent,
+    agent: Overlay,
     queue: str,
     owner: str | None = None,
     project: str | None = None,
@@ -300,27 +297,29 @@ async def list_jobs(
     return [JobRecord.model_validate(row) for row in rows]
 
 
-async def get_job(agent: Agent, queue: str, job_id: str, timeout: float | None = None) -> JobRecord:
+async def get_job(
+    agent: Overlay, queue: str, job_id: str, timeout: float | None = None
+) -> JobRecord:
     row = await agent.call(_address(queue), "job", {"id": job_id}, timeout)
     return JobRecord.model_validate(row)
 
 
 async def cancel_job(
-    agent: Agent, queue: str, job_id: str, owner: str | None = None, timeout: float | None = None
+    agent: Overlay, queue: str, job_id: str, owner: str | None = None, timeout: float | None = None
 ) -> JobRecord:
     params = {"id": job_id, "owner": owner}
     return JobRecord.model_validate(await agent.call(_address(queue), "cancel", params, timeout))
 
 
 async def job_events(
-    agent: Agent, queue: str, job_id: str, after: int = 0, timeout: float | None = None
+    agent: Overlay, queue: str, job_id: str, after: int = 0, timeout: float | None = None
 ) -> list[dict[str, Any]]:
     """The job's kept events with a ``seq`` above ``after``, oldest first."""
     return await agent.call(_address(queue), "events", {"id": job_id, "after": after}, timeout)
 
 
 async def follow_events(
-    agent: Agent, queue: str, job_id: str, after: int = 0, poll: float = 2.0
+    agent: Overlay, queue: str, job_id: str, after: int = 0, poll: float = 2.0
 ) -> AsyncIterator[dict[str, Any]]:
     """Every event of the job from ``after`` on, as the queue records them, until the job ends
     (its final state event is the last one yielded). Publications on the job's subject only wake

@@ -23,10 +23,7 @@ from atoll.agent.plugins import Plugin, PluginContext, rpc
 from atoll.plugins.inference.models import ModelSpec
 from atoll.plugins.storage.contract import describe_dataset
 from atoll.plugins.training.contract import (
-    ADMIN_ROLES,
-    CLIENT_ROLES,
     PLUGIN,
-    TRAINER_ROLES,
     CancelRequest,
     ClaimRequest,
     EventsRequest,
@@ -39,7 +36,7 @@ from atoll.plugins.training.contract import (
 )
 from atoll.plugins.training.queue import JobQueue
 from atoll.plugins.training.trainer import TrainerWorker
-from atoll.tenancy.permissions import CLIENTS
+from atoll.tenancy.permissions import ADMINS, CLIENTS
 
 QUEUE_METHODS = frozenset(
     {"submit", "jobs", "job", "cancel", "events", "claim", "heartbeat", "finish"}
@@ -135,7 +132,7 @@ class TrainingPlugin(Plugin):
     async def _view(self) -> Discovery:
         assert self.ctx is not None
         if self.discovery is None:
-            self.discovery = await Discovery(self.ctx.agent).start()
+            self.discovery = await self.ctx.discovery()
         return self.discovery
 
     async def _find(self, capability: dict[str, Any] | None, plugin: str) -> str:
@@ -194,10 +191,7 @@ class TrainingPlugin(Plugin):
 
     # --- RPC: users (through the gateway, the CLI) --------------------------------------------
 
-    def _client(self, call: CallInfo, what: str) -> JobQueue:
-        if not call.caller.has_role(*CLIENT_ROLES):
-            raise Forbidden(f"{call.caller.name} may not {what}: it needs one of the roles "
-                            f"{', '.join(CLIENT_ROLES)}")  # fmt: skip
+    def _queue(self) -> JobQueue:
         assert self.queue is not None
         return self.queue
 
@@ -207,7 +201,7 @@ class TrainingPlugin(Plugin):
         storage = await self._storage_address()
         for dataset in request.options.dataset:
             # DatasetNotFound (or the storage agent being unreachable) reaches the caller as is.
-            record = await describe_dataset(self.ctx.agent, storage, dataset, DATASET_CHECK_TIMEOUT)
+            record = await describe_dataset(self.ctx, storage, dataset, DATASET_CHECK_TIMEOUT)
             if request.options.stage == "sft" and record.kind == "pt":
                 raise InvalidRequest(
                     f"dataset {dataset} is raw text (pt): an sft job needs conversations; "
@@ -223,7 +217,7 @@ class TrainingPlugin(Plugin):
 
     @rpc(roles=CLIENTS)
     async def submit(self, params: Any, call: CallInfo) -> dict[str, Any]:
-        queue = self._client(call, "submit training jobs")
+        queue = self._queue()
         request = parse(SubmitRequest, params, "job submission")
         await self._check_datasets(request)
         job = queue.submit(request.owner, request.project, request.options)
@@ -233,20 +227,20 @@ class TrainingPlugin(Plugin):
 
     @rpc(roles=CLIENTS)
     async def jobs(self, params: Any, call: CallInfo) -> list[dict[str, Any]]:
-        queue = self._client(call, "list training jobs")
+        queue = self._queue()
         query = parse(JobQuery, params or {}, "job query")
         return [j.model_dump(mode="json") for j in queue.find(query)]
 
     @rpc(roles=CLIENTS)
     async def job(self, params: Any, call: CallInfo) -> dict[str, Any]:
-        queue = self._client(call, "read training jobs")
+        queue = self._queue()
         return queue.get(parse(JobRef, params, "job reference").id).model_dump(mode="json")
 
     @rpc(roles=CLIENTS)
     async def cancel(self, params: Any, call: CallInfo) -> dict[str, Any]:
-        queue = self._client(call, "cancel training jobs")
+        queue = self._queue()
         request = parse(CancelRequest, params, "cancel request")
-        admin = call.caller.has_role(*ADMIN_ROLES)
+        admin = call.caller.has_role(*ADMINS)
         job = queue.cancel(request.id, request.owner, admin)
         assert self.ctx is not None
         self.ctx.log.info("training.cancelled", job=job.id, by=call.caller.name)
@@ -254,33 +248,27 @@ class TrainingPlugin(Plugin):
 
     @rpc(roles=CLIENTS)
     async def events(self, params: Any, call: CallInfo) -> list[dict[str, Any]]:
-        queue = self._client(call, "read training events")
+        queue = self._queue()
         request = parse(EventsRequest, params, "events request")
         return queue.events(request.id, request.after)
 
     # --- RPC: trainers ------------------------------------------------------------------------
 
-    def _trainer(self, call: CallInfo) -> JobQueue:
-        if not call.caller.has_role(*TRAINER_ROLES):
-            raise Forbidden(f"{call.caller.name} is not a trainer (it needs the training role)")
-        assert self.queue is not None
-        return self.queue
-
     @rpc(roles=("training",))
     async def claim(self, params: Any, call: CallInfo) -> dict[str, Any] | None:
-        queue = self._trainer(call)
+        queue = self._queue()
         request = parse(ClaimRequest, params, "claim")
         job = queue.claim(call.caller.name, request.capacity, request.device)
         return None if job is None else job.model_dump(mode="json")
 
     @rpc(roles=("training",))
     async def heartbeat(self, params: Any, call: CallInfo) -> dict[str, Any]:
-        queue = self._trainer(call)
+        queue = self._queue()
         beat = parse(HeartbeatRequest, params, "heartbeat")
         return queue.heartbeat(call.caller.name, beat).model_dump()
 
     @rpc(roles=("training",))
     async def finish(self, params: Any, call: CallInfo) -> dict[str, Any]:
-        queue = self._trainer(call)
+        queue = self._queue()
         done = parse(FinishRequest, params, "finish report")
         return {"accepted": queue.finish(call.caller.name, done)}

@@ -165,7 +165,7 @@ class TrainerWorker:
         free = self.config.capacity - len(self.running)
         try:
             queue = await self.find_queue()
-            reply = await self.ctx.rpc(queue, "claim", {"capacity": free, "device": self.device})
+            reply = await self.ctx.call(queue, "claim", {"capacity": free, "device": self.device})
         except AtollError as exc:
             if str(exc) != self._last_claim_error:  # said once, not at every poll
                 self.ctx.log.info("training.claim_failed", error=exc)
@@ -223,7 +223,7 @@ class TrainerWorker:
         for dataset in options.dataset:
             dest = workdir / f"{dataset}.jsonl"
             as_ = "chat" if options.stage == "sft" else "text"
-            record = await fetch_dataset(self.ctx.agent, storage, dataset, dest, as_=as_)
+            record = await fetch_dataset(self.ctx, storage, dataset, dest, as_=as_)
             message = f"dataset {record.id}: {record.name} v{record.version}, {record.rows} rows"
             await self._emit(run, {"type": "log", "message": message})
             paths.append(dest)
@@ -311,12 +311,12 @@ class TrainerWorker:
         }
         try:
             await upload_adapter(
-                self.ctx.agent, storage, Path(done["adapter_dir"]), adapter_id, meta,
+                self.ctx, storage, Path(done["adapter_dir"]), adapter_id, meta,
                 owner=job.owner, project=job.project, source_job=job.id,
             )  # fmt: skip
         except AdapterExists:
             # An earlier attempt of this job stored it, then lost its trainer before finishing.
-            existing = await describe_adapter(self.ctx.agent, storage, adapter_id)
+            existing = await describe_adapter(self.ctx, storage, adapter_id)
             if existing.source_job != job.id:
                 raise
         return adapter_id
@@ -357,7 +357,7 @@ class TrainerWorker:
         }
         try:
             reply = HeartbeatReply.model_validate(
-                await self.ctx.rpc(run.queue, "heartbeat", params)
+                await self.ctx.call(run.queue, "heartbeat", params)
             )
         except AtollError as exc:  # kept for the next try
             run.pending = [*events, *run.pending][-MAX_EVENTS_KEPT:]
@@ -370,7 +370,7 @@ class TrainerWorker:
         params = {"id": run.job.id, "attempt": run.job.attempt, **outcome}
         for n in range(FINISH_TRIES):
             try:
-                reply = await self.ctx.rpc(run.queue, "finish", params)
+                reply = await self.ctx.call(run.queue, "finish", params)
             except RETRYABLE as exc:
                 self.ctx.log.info("training.finish_retry", job=run.job.id, error=exc)
                 await asyncio.sleep(1.0 + n)
