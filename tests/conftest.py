@@ -169,7 +169,7 @@ async def start_storage(
     make_agent: AgentFactory, name: str = "store", **config: object
 ) -> tuple[AgentRuntime, StoragePlugin]:
     """An agent with a storage plugin (``config`` its section); (its runtime, the plugin)."""
-    rt = await make_agent(name)
+    rt = await make_agent(name, roles=("storage",))  # only storage announces adapters
     plugin = StoragePlugin()
     await rt.host.add("storage", config, plugin=plugin)
     return rt, plugin

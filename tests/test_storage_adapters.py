@@ -214,7 +214,7 @@ async def test_metadata_is_kept_announced_and_registered_at_the_gateway(
     isl.accounts.create_user("alice", actor="test")
     isl.accounts.create_project("lab", actor="test")
     trainer = (await make_agent("trainer", roles=("training",))).agent
-    listener = (await make_agent("listener")).agent
+    listener = (await make_agent("listener", roles=("gateway",))).agent
     heard: list[Publication] = []
     await listener.subscribe(ADAPTERS_NEW, heard.append)
     await asyncio.sleep(0.2)  # the subscription reaches the broker

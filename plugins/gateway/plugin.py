@@ -19,6 +19,7 @@ import uvicorn
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from atoll.agent.config import check_listen
+from atoll.agent.errors import AtollError
 from atoll.agent.node import Publication
 from atoll.agent.plugins import Plugin, PluginContext
 from atoll.plugins.gateway.accounts import Accounts
@@ -28,10 +29,11 @@ from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.limits import RateLimiter
 from atoll.plugins.gateway.router import Router
 from atoll.plugins.gateway.service import Gateway
+from atoll.plugins.storage.contract import ADAPTERS_NEW, describe_adapter
 from atoll.tenancy.keys import read_secret, write_secret
 
 ADMIN_USER = "admin"
-ADAPTERS_NEW = "adapters.new"  # published by storage after an adapter upload
+ADAPTER_LOOKUP_TIMEOUT = 10.0  # seconds to ask storage for a newly announced adapter
 
 
 class GatewayConfig(BaseModel):
@@ -118,21 +120,47 @@ class GatewayPlugin(Plugin):
         host, port = self.address
         return f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
 
-    def _on_new_adapter(self, pub: Publication) -> None:
-        record = pub.data if isinstance(pub.data, dict) else {}
+    async def _on_new_adapter(self, pub: Publication) -> None:
+        """An announcement is only a hint naming an adapter: its owner, project and visibility
+        come from the storage agent that announced it (only storage may publish there), never
+        from the publication; a registration that disagrees with storage is corrected."""
+        assert self.ctx is not None
+        log = self.ctx.log
+        adapter_id = pub.data.get("id") if isinstance(pub.data, dict) else None
+        storage = pub.src.partition("/")[0]
+        if not isinstance(adapter_id, str):
+            log.warning("gateway.adapter_hint_refused", src=pub.src, reason="no adapter id")
+            return
+        if self.config.storage and storage != self.config.storage.partition("/")[0]:
+            log.warning("gateway.adapter_hint_refused", src=pub.src, reason="not our storage")
+            return
         try:
-            if self.accounts.adapter(str(record.get("id"))) is None:
+            record = await describe_adapter(
+                self.ctx, f"{storage}/storage", adapter_id, ADAPTER_LOOKUP_TIMEOUT
+            )
+        except AtollError as exc:  # AdapterNotFound: a hint for nothing stored
+            log.warning("gateway.adapter_not_registered", id=adapter_id, src=pub.src, error=exc)
+            return
+        owner = None if record.project else record.owner
+        truth = (owner, record.project, record.public)
+        try:
+            known = self.accounts.adapter(record.id)
+            if known is None:
                 self.accounts.register_adapter(
-                    str(record.get("id")),
-                    str(record.get("base_model") or ""),
-                    owner=None if record.get("project") else record.get("owner"),
-                    project=record.get("project"),
-                    public=bool(record.get("public")),
+                    record.id, record.base_model, owner, record.project, record.public,
                     actor=pub.src,
-                )
+                )  # fmt: skip
+            elif (known.owner, known.project, known.public) != truth:
+                self.accounts.update_adapter(
+                    record.id, actor=pub.src, owner=owner, project=record.project,
+                    public=record.public,
+                )  # fmt: skip
+                log.warning(
+                    "gateway.adapter_corrected", id=record.id, owner=owner,
+                    project=record.project, public=record.public,
+                )  # fmt: skip
         except GatewayError as exc:  # e.g. an owner this gateway does not know: say so
-            assert self.ctx is not None
-            self.ctx.log.warning("gateway.adapter_not_registered", id=record.get("id"), error=exc)
+            log.warning("gateway.adapter_not_registered", id=record.id, error=exc)
 
     async def stop(self) -> None:
         await self._adapters_sub.unsubscribe()

@@ -109,5 +109,6 @@ async def test_no_member_calls_a_gpu_node_around_the_gateway(make_agent: AgentFa
             with pytest.raises(Forbidden, match="needs one of the roles gateway, admin"):
                 await member.agent.call("gpu-1/inference", method, {"prompt": "hi"})
     gw = await make_agent("gw", roles=("gateway",))
-    reply = await gw.agent.call("gpu-1/inference", "generate", {"prompt": "hi", "max_tokens": 4})
+    request = {"prompt": "hi", "params": {"max_new_tokens": 4}}
+    reply = await gw.agent.call("gpu-1/inference", "generate", request)
     assert reply["finish_reason"]
