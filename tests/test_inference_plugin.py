@@ -86,7 +86,7 @@ async def test_errors_travel_typed_and_the_node_stays_up(make_agent, island) -> 
     gw = await make_agent("gw", roles=("gateway",))
     user = await make_agent("mallory", roles=("agent",))
     ok = {"prompt": "Hello", "params": GREEDY}
-    with pytest.raises(Forbidden, match="through the gateway"):
+    with pytest.raises(Forbidden, match="needs one of the roles gateway, admin, operator"):
         await user.agent.call("gpu1/inference", "generate", ok)
     with pytest.raises(Forbidden):
         async for _ in stream_generate(user.agent, "gpu1/inference", GenerateRequest(**ok)):
@@ -191,7 +191,7 @@ async def test_adapter_fetched_from_storage_over_the_data_plane(make_agent, isla
     await make_agent("store", roles=("storage",), plugins={"storage": {}})
     # No local adapter directories: everything comes from the storage agent, found by discovery.
     config = {"backend": "local", "local": {"model": str(island["base"]), "embeddings": False}}
-    node = await make_agent("gpu1", plugins={"inference": config})
+    node = await make_agent("gpu1", roles=("inference",), plugins={"inference": config})
     gw = await make_agent("gw", roles=("gateway",))
     await upload_adapter(gw.agent, "store/storage", island["adapters"] / "alice/ad0", "alice/ad0")
     request = GenerateRequest(prompt="Hello", adapter="alice/ad0", params=GREEDY)

@@ -106,7 +106,8 @@ async def nothing_stored(plugin: StoragePlugin) -> None:
 async def test_upload_then_fetch_list_describe_delete(tmp_path, make_agent, peft_adapter) -> None:
     store_rt, plugin = await start_storage(make_agent)
     trainer = (await make_agent("trainer", roles=("training",))).agent
-    reader = (await make_agent("reader")).agent
+    reader = (await make_agent("reader", roles=("inference",))).agent
+    admin = (await make_agent("admin", roles=("admin",))).agent  # deletes: clients only
     src = adapter_copy(peft_adapter, tmp_path / "src")
     (src / "tokenizer_config.json").write_text('{"model_max_length": 64}')
     seen: list[tuple[int, int]] = []
@@ -153,20 +154,20 @@ async def test_upload_then_fetch_list_describe_delete(tmp_path, make_agent, peft
     assert await fetch_adapter(reader, "store", "team", dest.parent) == dest.parent
     assert sorted(p.name for p in dest.parent.iterdir()) == sorted([*names, "tiny-v1"])
     assert same_files(src, dest.parent, names) and same_files(src, dest, names)
-    await delete_adapter(trainer, "store", "team")
+    await delete_adapter(admin, "store", "team")
     # Only that id's files went, not those of the id nested under it.
     assert await plugin.store.list("adapters/team/") == [
         f"adapters/team/tiny-v1/{n}" for n in names
     ]
 
-    with pytest.raises(Forbidden, match="may not delete adapters"):
+    with pytest.raises(Forbidden, match=r"'reader' \(roles inference\) may not use 'delete_adapter'"):
         await delete_adapter(reader, "store", "team/tiny-v1")
-    await delete_adapter(trainer, "store", "team/tiny-v1")
+    await delete_adapter(admin, "store", "team/tiny-v1")
     await nothing_stored(plugin)
     with pytest.raises(AdapterNotFound, match="no adapter 'team/tiny-v1'"):
         await describe_adapter(reader, "store", "team/tiny-v1")
     with pytest.raises(AdapterNotFound):
-        await delete_adapter(trainer, "store", "team/tiny-v1")
+        await delete_adapter(admin, "store", "team/tiny-v1")
 
 
 def metrics_value(rt: AgentRuntime, name: str) -> float:
@@ -175,7 +176,7 @@ def metrics_value(rt: AgentRuntime, name: str) -> float:
 
 async def test_fetch_of_unknown_id_is_a_clear_not_found(tmp_path, make_agent) -> None:
     await start_storage(make_agent)
-    reader = (await make_agent("reader")).agent
+    reader = (await make_agent("reader", roles=("inference",))).agent
     dest = tmp_path / "cache" / "nope"
     with pytest.raises(AdapterNotFound, match="no adapter 'nope' in storage on store"):
         await fetch_adapter(reader, "store", "nope", dest)
@@ -185,7 +186,7 @@ async def test_fetch_of_unknown_id_is_a_clear_not_found(tmp_path, make_agent) ->
 
 
 async def test_config_root_and_bad_config(tmp_path, make_agent, peft_adapter) -> None:
-    rt = await make_agent("store")
+    rt = await make_agent("store", roles=("storage",))
     for bad, field in (
         ({"max_adapter_bytes": 0}, "max_adapter_bytes"),
         ({"bucket": "x"}, "bucket"),
@@ -260,7 +261,7 @@ async def test_metadata_is_kept_announced_and_registered_at_the_gateway(
 
 async def test_a_first_layout_registry_is_migrated(tmp_path, make_agent, peft_adapter) -> None:
     """A registry written before adapters had owners: its uploader column was "owner"."""
-    rt = await make_agent("store")
+    rt = await make_agent("store", roles=("storage",))
     data_dir = rt.host.data_dir / "plugins" / "storage"
     data_dir.mkdir(parents=True)
     db = sqlite3.connect(data_dir / "registry.sqlite")
@@ -277,7 +278,8 @@ async def test_a_first_layout_registry_is_migrated(tmp_path, make_agent, peft_ad
     )
     db.close()
     await rt.host.add("storage", {}, plugin=StoragePlugin())
-    old = await describe_adapter(rt.agent, "store", "old")
+    trainer = (await make_agent("trainer", roles=("training",))).agent
+    old = await describe_adapter(trainer, "store", "old")
     assert (old.uploader, old.owner, old.public, old.meta) == (
         "trainer-1",
         None,
@@ -285,7 +287,6 @@ async def test_a_first_layout_registry_is_migrated(tmp_path, make_agent, peft_ad
         {"note": "kept"},
     )
     assert (old.rank, old.target_modules, old.created) == (8, ["q_proj"], 1.5)
-    trainer = (await make_agent("trainer", roles=("training",))).agent
     await upload_adapter(trainer, "store", peft_adapter, "new", owner="alice")
     assert [r.id for r in await list_adapters(trainer, "store", base_model="base/m")] == ["old"]
     # Reopened, the migrated registry is left as it is.
@@ -313,13 +314,13 @@ async def test_bad_uploads_are_refused_and_nothing_is_stored(
 ) -> None:
     _, plugin = await start_storage(make_agent, max_adapter_bytes=1024 * 1024)
     trainer = (await make_agent("trainer", roles=("training",))).agent
-    reader = (await make_agent("reader")).agent
+    reader = (await make_agent("reader", roles=("inference",))).agent
     n = iter(range(100))
 
     def variant() -> Path:
         return adapter_copy(peft_adapter, tmp_path / f"v{next(n)}")
 
-    with pytest.raises(Forbidden, match="reader may not upload adapters"):
+    with pytest.raises(Forbidden, match=r"'reader' \(roles inference\) may not use stream 'adapter_put'"):
         await upload_adapter(reader, "store", variant(), "a1")
     await nothing_stored(plugin)
 
@@ -441,7 +442,7 @@ async def test_transfers_cut_mid_way_leave_nothing_and_retries_succeed(
 ) -> None:
     store_rt, plugin = await start_storage(make_agent)
     trainer = (await make_agent("trainer", roles=("training",))).agent
-    reader = (await make_agent("reader")).agent
+    reader = (await make_agent("reader", roles=("inference",))).agent
     src = big_adapter(peft_adapter, tmp_path / "src", 40)
     size = sum(p.stat().st_size for p in src.iterdir())
     sent: list[int] = []
@@ -492,7 +493,7 @@ async def test_storage_agent_dies_mid_fetch_then_returns(
     nothing visible; restarted on the same data dir it still knows the adapter."""
     store_rt, _ = await start_storage(make_agent)
     trainer = (await make_agent("trainer", roles=("training",))).agent
-    reader = (await make_agent("reader")).agent
+    reader = (await make_agent("reader", roles=("inference",))).agent
     src = big_adapter(peft_adapter, tmp_path / "src", 40)
     await upload_adapter(trainer, "store", src, "big")
     cache = tmp_path / "cache"

@@ -343,7 +343,7 @@ ALPACA = [
 async def test_upload_fetch_list_describe(tmp_path, make_agent) -> None:
     store_rt, plugin = await start_storage(make_agent)
     gateway = (await make_agent("gw", roles=("gateway",))).agent
-    trainer = (await make_agent("trainer", roles=("training",))).agent
+    trainer = (await make_agent("trainer", roles=("gateway",))).agent  # uploads for users
     src = write(tmp_path, "colours.jsonl", jsonl(*ALPACA))
     seen: list[tuple[int, int]] = []
 
@@ -403,7 +403,7 @@ async def test_upload_fetch_list_describe(tmp_path, make_agent) -> None:
     await fetch_dataset(trainer, "store", pt.id, tmp_path / "out" / "pt.jsonl", as_="text")
     assert (tmp_path / "out" / "pt.jsonl").read_text() == '{"text": "a b"}\n{"text": "c"}\n'
 
-    reader = (await make_agent("reader")).agent  # any tenant agent may read
+    reader = (await make_agent("reader", roles=("training",))).agent  # trainers read
     assert [r.id for r in await list_datasets(reader, "store")] == [record.id, pt.id]
     assert [r.id for r in await list_datasets(reader, "store", owner="bob")] == [pt.id]
     assert [r.id for r in await list_datasets(reader, "store", project="paint")] == [record.id]
@@ -431,8 +431,8 @@ def metric(rt: AgentRuntime, name: str) -> float:
 
 async def test_versions_never_overwrite_and_delete(tmp_path, make_agent) -> None:
     _, plugin = await start_storage(make_agent)
-    trainer = (await make_agent("trainer", roles=("training",))).agent
-    reader = (await make_agent("reader")).agent
+    trainer = (await make_agent("trainer", roles=("gateway",))).agent  # uploads for users
+    reader = (await make_agent("reader", roles=("training",))).agent
     first = write(tmp_path, "v1.jsonl", jsonl({"text": "first"}))
     second = write(tmp_path, "v2.jsonl", jsonl({"text": "second"}, {"text": "more"}))
 
@@ -448,7 +448,7 @@ async def test_versions_never_overwrite_and_delete(tmp_path, make_agent) -> None
         (2, 2),
     ]
 
-    with pytest.raises(Forbidden, match="reader may not delete datasets"):
+    with pytest.raises(Forbidden, match=r"'reader' \(roles training\) may not use 'dataset_delete'"):
         await delete_dataset(reader, "store", v2.id)
     await delete_dataset(trainer, "store", v2.id)
     with pytest.raises(DatasetNotFound, match=f"no dataset '{v2.id}' in storage on store"):
@@ -483,11 +483,11 @@ async def raw_put(agent, header: dict, body: bytes) -> None:
 
 async def test_refusals_keep_nothing(tmp_path, make_agent) -> None:
     _, plugin = await start_storage(make_agent, datasets={"max_bytes": 1000})
-    trainer = (await make_agent("trainer", roles=("training",))).agent
-    reader = (await make_agent("reader")).agent
+    trainer = (await make_agent("trainer", roles=("gateway",))).agent  # uploads for users
+    reader = (await make_agent("reader", roles=("training",))).agent
     good = write(tmp_path, "good.jsonl", jsonl({"instruction": "q", "output": "a"}))
 
-    with pytest.raises(Forbidden, match="reader may not upload datasets"):
+    with pytest.raises(Forbidden, match=r"'reader' \(roles training\) may not use stream 'dataset_put'"):
         await upload_dataset(reader, "store", good, "d", "alice")
     lines = [json.dumps({"instruction": "q", "output": "a"})] * 6 + ['{"instruction": "q"}']
     bad = write(tmp_path, "bad.jsonl", "\n".join(lines))

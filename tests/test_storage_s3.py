@@ -359,7 +359,7 @@ def lora_adapter(directory: Path) -> Path:
 async def start_s3_storage(
     make_agent: AgentFactory, endpoint: str
 ) -> tuple[AgentRuntime, StoragePlugin]:
-    rt = await make_agent("store")
+    rt = await make_agent("store", roles=("storage",))
     plugin = StoragePlugin()
     await rt.host.add("storage", {"store": "s3", "s3": s3_config(endpoint)}, plugin=plugin)
     return rt, plugin
@@ -372,7 +372,7 @@ async def test_adapter_and_dataset_round_trip_through_s3(
     assert plugin.describe() == {"capabilities": {"adapters": 0, "store": "s3"}}
     bucket = plugin.store.bucket  # type: ignore[attr-defined]
     trainer = (await make_agent("trainer", roles=("training",))).agent
-    reader = (await make_agent("reader")).agent
+    reader = (await make_agent("reader", roles=("inference",))).agent
     client = raw_client(s3_endpoint)
 
     def keys() -> list[str]:
@@ -394,17 +394,18 @@ async def test_adapter_and_dataset_round_trip_through_s3(
     rows = [{"instruction": f"Q{i}", "output": f"A{i}"} for i in range(50)]
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ds = await upload_dataset(trainer, "store", data, "qa", "alice")
+    gateway = (await make_agent("gw", roles=("gateway",))).agent  # datasets come from users
+    ds = await upload_dataset(gateway, "store", data, "qa", "alice")
     assert f"datasets/{ds.id}/original" in keys() and ds.rows == 50
-    got = await fetch_dataset(reader, "store", ds.id, tmp_path / "got.jsonl")
+    got = await fetch_dataset(trainer, "store", ds.id, tmp_path / "got.jsonl")
     assert got == ds
     fetched = [json.loads(line) for line in (tmp_path / "got.jsonl").read_text().splitlines()]
     assert fetched[7]["messages"][1] == {"role": "assistant", "content": "A7"}
-    await fetch_dataset(reader, "store", ds.id, tmp_path / "orig.jsonl", as_="original")
+    await fetch_dataset(trainer, "store", ds.id, tmp_path / "orig.jsonl", as_="original")
     assert (tmp_path / "orig.jsonl").read_bytes() == data.read_bytes()
-    assert [d.id for d in await list_datasets(reader, "store")] == [ds.id]
+    assert [d.id for d in await list_datasets(trainer, "store")] == [ds.id]
 
-    await delete_adapter(trainer, "store", record.id)
-    await delete_dataset(trainer, "store", ds.id)
+    await delete_adapter(gateway, "store", record.id)
+    await delete_dataset(gateway, "store", ds.id)
     assert keys() == []
     assert list(plugin.incoming.iterdir()) == []
