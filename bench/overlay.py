@@ -250,7 +250,14 @@ async def measure(
     """The same three figures for either system: RPC latency, 1 -> 1 and 1 -> N throughput."""
     rpc = await latency(call, plan.rpc_warmup, plan.rpc_calls, plan.rpc_time_s, cpu)
     one = await throughput(
-        publish, "app.bench.one", counter, 1, plan.pubsub_msgs, plan.pub_warmup, plan.pubsub_time_s, cpu
+        publish,
+        "app.bench.one",
+        counter,
+        1,
+        plan.pubsub_msgs,
+        plan.pub_warmup,
+        plan.pubsub_time_s,
+        cpu,
     )
     fan = await throughput(
         publish,

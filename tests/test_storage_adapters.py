@@ -160,7 +160,8 @@ async def test_upload_then_fetch_list_describe_delete(tmp_path, make_agent, peft
         f"adapters/team/tiny-v1/{n}" for n in names
     ]
 
-    with pytest.raises(Forbidden, match=r"'reader' \(roles inference\) may not use 'delete_adapter'"):
+    refusal = r"'reader' \(roles inference\) may not use 'delete_adapter'"
+    with pytest.raises(Forbidden, match=refusal):
         await delete_adapter(reader, "store", "team/tiny-v1")
     await delete_adapter(admin, "store", "team/tiny-v1")
     await nothing_stored(plugin)
@@ -320,7 +321,8 @@ async def test_bad_uploads_are_refused_and_nothing_is_stored(
     def variant() -> Path:
         return adapter_copy(peft_adapter, tmp_path / f"v{next(n)}")
 
-    with pytest.raises(Forbidden, match=r"'reader' \(roles inference\) may not use stream 'adapter_put'"):
+    refusal = r"'reader' \(roles inference\) may not use stream 'adapter_put'"
+    with pytest.raises(Forbidden, match=refusal):
         await upload_adapter(reader, "store", variant(), "a1")
     await nothing_stored(plugin)
 

@@ -448,7 +448,8 @@ async def test_versions_never_overwrite_and_delete(tmp_path, make_agent) -> None
         (2, 2),
     ]
 
-    with pytest.raises(Forbidden, match=r"'reader' \(roles training\) may not use 'dataset_delete'"):
+    refusal = r"'reader' \(roles training\) may not use 'dataset_delete'"
+    with pytest.raises(Forbidden, match=refusal):
         await delete_dataset(reader, "store", v2.id)
     await delete_dataset(trainer, "store", v2.id)
     with pytest.raises(DatasetNotFound, match=f"no dataset '{v2.id}' in storage on store"):
@@ -487,7 +488,8 @@ async def test_refusals_keep_nothing(tmp_path, make_agent) -> None:
     reader = (await make_agent("reader", roles=("training",))).agent
     good = write(tmp_path, "good.jsonl", jsonl({"instruction": "q", "output": "a"}))
 
-    with pytest.raises(Forbidden, match=r"'reader' \(roles training\) may not use stream 'dataset_put'"):
+    refusal = r"'reader' \(roles training\) may not use stream 'dataset_put'"
+    with pytest.raises(Forbidden, match=refusal):
         await upload_dataset(reader, "store", good, "d", "alice")
     lines = [json.dumps({"instruction": "q", "output": "a"})] * 6 + ['{"instruction": "q"}']
     bad = write(tmp_path, "bad.jsonl", "\n".join(lines))

@@ -304,7 +304,7 @@ async def test_submissions_are_checked(island: Island, make_agent: AgentFactory)
     stranger = (await make_agent("stranger")).agent
     with pytest.raises(Forbidden, match="roles"):
         await submit_job(stranger, "queue", "alice", island.options(dataset))
-    with pytest.raises(Forbidden, match="needs one of the roles training$"):
+    with pytest.raises(Forbidden, match=r"needs one of the roles training$"):
         await stranger.call("queue/training", "claim", {"capacity": 1, "device": "cpu"})
     with pytest.raises(JobNotFound):
         await get_job(island.client, "queue", "ftjob-000000000000")
