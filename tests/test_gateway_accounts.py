@@ -259,7 +259,9 @@ def test_adapter_access_rules(acc: Accounts) -> None:
         "alice@p1": ["p1/x", "pub/a"],  # a scoped key: not even alice's own adapter
         "dave@p2": ["p2/y", "pub/a"],  # the scope binds an admin's key too
     }
-    only_listed = {("bob", "p1/x")}  # a viewer sees a project's adapters, may not use them
+    # A viewer sees a project's adapters, may not use them; an administrator's key scoped to a
+    # project is a plain key of that project (dave is a viewer of p2).
+    only_listed = {("bob", "p1/x"), ("dave@p2", "p2/y")}
     for name, p in who.items():
         assert [a.id for a in acc.visible_adapters(p)] == visible[name], name
         for adapter_id in [*everything, "no/such"]:

@@ -39,6 +39,7 @@ LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
 KEY_FORMAT = re.compile(r"atk_([0-9a-f]{8})_[A-Za-z0-9_-]{32}")
 ROLES = ("owner", "member", "viewer")
 USING_ROLES = ("owner", "member")  # viewers may list a project's adapters, not use them
+WRITING_ROLES = USING_ROLES  # viewers read only: no uploads, jobs or deletions in the project
 MAX_LABELS = 32
 MAX_LABEL_VALUE = 128
 MAX_TTL_S = 10 * 366 * 86400.0
@@ -58,7 +59,8 @@ KEEP: Final = _Keep()  # "leave as it is" in update_* calls, where None is a val
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling, from an API key."""
+    """Who is calling, from an API key. ``admin`` only for an administrator's key with no
+    project scope: a project-scoped key of an admin is a plain key of that project."""
 
     key_id: str
     user: str
@@ -66,6 +68,7 @@ class Principal:
     admin: bool
     labels: dict[str, str]
     store_prompts: bool
+    role: str | None = None  # the user's role in ``project`` (owner, member, viewer)
 
 
 @dataclass(frozen=True)
@@ -310,7 +313,7 @@ class Accounts:
         self._secret = secret
         self._clock = clock
         self._lock = threading.Lock()  # one connection; the app may also use it from threads
-        self._keys: dict[str, dict[str, Any]] = {}  # key_id -> its authenticate row (_key_rows)
+        self._keys: dict[str, dict[str, Any] | None] = {}  # key_id -> its row; None: unknown
         self._keys_version = -1  # PRAGMA data_version the cache was filled at
         # The file holds key digests and maybe prompts: owner-only from the start (its -wal and
         # -shm files take the same mode).
@@ -360,8 +363,11 @@ class Accounts:
             if version != self._keys_version:
                 self._keys.clear()
                 self._keys_version = version
-            if (cached := self._keys.get(key_id)) is not None:
-                return [cached]
+            # Unknown ids are remembered like known ones (in the same bounded map), so a lookup
+            # takes the same path and time whether the id exists or not.
+            if key_id in self._keys:
+                cached = self._keys[key_id]
+                return [cached] if cached is not None else []
             rows = self._db.execute(
                 "SELECT k.digest, k.user, k.project, k.expires_at, k.revoked_at, k.rotated_to, "
                 "k.grace_until, k.last_used, u.admin, p.labels, p.store_prompts, m.role "
@@ -371,10 +377,9 @@ class Accounts:
                 "WHERE k.key_id = ?",
                 (key_id,),
             ).fetchall()
-            if rows:  # known keys only: unknown ids must not fill memory
-                if len(self._keys) >= MAX_CACHED_KEYS:
-                    self._keys.clear()
-                self._keys[key_id] = dict(rows[0])
+            if len(self._keys) >= MAX_CACHED_KEYS:  # bounded: unknown ids cannot fill memory
+                self._keys.clear()
+            self._keys[key_id] = dict(rows[0]) if rows else None
             return [dict(r) for r in rows]
 
     def _read(self, sql: str, args: tuple[Any, ...] | dict[str, Any] = ()) -> list[Any]:
@@ -729,9 +734,10 @@ class Accounts:
             key_id=key_id,
             user=user,
             project=project,
-            admin=bool(row["admin"]),
+            admin=bool(row["admin"]) and project is None,
             labels=json.loads(row["labels"]) if row["labels"] else {},
             store_prompts=bool(row["store_prompts"]),
+            role=row["role"],
         )
 
     # --- adapter access registry ----------------------------------------------------------

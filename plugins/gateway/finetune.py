@@ -12,7 +12,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from atoll.agent.errors import AtollError, InvalidRequest
-from atoll.plugins.gateway.accounts import Principal
+from atoll.plugins.gateway.accounts import WRITING_ROLES, Principal
 from atoll.plugins.gateway.errors import GatewayError, from_platform
 from atoll.plugins.gateway.service import Gateway
 from atoll.plugins.storage.contract import (
@@ -225,6 +225,31 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
                 raise GatewayError(400, exc.message) from None
             raise from_platform(exc) from None
 
+    def role_in(principal: Principal, project: str) -> str | None:
+        if principal.project is not None:
+            return principal.role if project == principal.project else None
+        return next(
+            (m.role for m in gw.accounts.members(project) if m.user == principal.user), None
+        )
+
+    def may_write(principal: Principal, project: str | None, owner: str | None = None) -> None:
+        """Create in ``project`` (owner None), or change something ``owner`` made there: viewers
+        read only; members change their own; project owners and administrators anything."""
+        if principal.admin or (project is None and owner in (None, principal.user)):
+            return
+        role = role_in(principal, project) if project is not None else None
+        if role == "owner" or (role in WRITING_ROLES and owner in (None, principal.user)):
+            return
+        what = f"project {project!r}" if project else f"{owner!r}'s files and jobs"
+        needs = "owner" if owner not in (None, principal.user) else "owner or member"
+        raise GatewayError(
+            403,
+            f"{principal.user!r} may not change {what}"
+            + (f" as a {role}" if role else "")
+            + f": that needs the project role {needs} (viewers read only)",
+            code="permission_denied",
+        )
+
     def may_see(principal: Principal, owner: str, project: str | None) -> bool:
         if principal.admin or owner == principal.user:
             return principal.project is None or project == principal.project
@@ -253,6 +278,7 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
     ) -> Any:
         if purpose != "fine-tune":
             raise GatewayError(400, f"purpose {purpose!r}: only fine-tune files are kept")
+        may_write(principal, principal.project)
         filename = Path(file.filename or "dataset.jsonl").name
         with tempfile.TemporaryDirectory(prefix="atoll-upload-") as tmp:
             path = Path(tmp) / filename
@@ -295,7 +321,8 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
 
     @app.delete("/v1/files/{file_id}", response_model=FileDeleted)
     async def file_delete(principal: user, file_id: str) -> Any:
-        await dataset(principal, file_id)
+        record = await dataset(principal, file_id)
+        may_write(principal, record.project, record.owner)
         await platform(delete_dataset(gw.agent, gw.storage_address(), file_id))
         gw.accounts.audit(principal.user, "file.delete", file_id, {})
         return FileDeleted(id=file_id)
@@ -304,6 +331,7 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
     async def create_job(principal: user, body: CreateJob) -> Any:
         if body.validation_file is not None:
             raise GatewayError(400, "validation_file is not supported yet", param="validation_file")
+        may_write(principal, principal.project)
         options = job_options(body)
         for file_id in options.dataset:
             await dataset(principal, file_id)
@@ -331,6 +359,7 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
     @app.post("/v1/fine_tuning/jobs/{job_id}/cancel", response_model=FineTuningJob)
     async def job_cancel(principal: user, job_id: str) -> Any:
         record = await job(principal, job_id)
+        may_write(principal, record.project, record.owner)
         cancelled = await platform(
             cancel_job(gw.agent, gw.queue_address(), job_id, owner=record.owner)
         )
