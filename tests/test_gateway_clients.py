@@ -389,10 +389,14 @@ queries = st.dictionaries(
 )
 
 
-def fuzz(url: str, headers: dict[str, str], examples: int) -> dict[str, dict[int, int]]:
-    """Every operation of the live schema, positive and negative cases; the statuses seen per
-    operation. Every 5xx is collected (not just the first), then reported together."""
-    schema = schemathesis.openapi.from_url(f"{url}/openapi.json", timeout=TIMEOUT)
+def fuzz(
+    url: str, headers: dict[str, str], examples: int, schema_key: str
+) -> dict[str, dict[int, int]]:
+    """Every operation of the live schema (read with ``schema_key``), positive and negative
+    cases; the statuses seen per operation. Every 5xx is collected (not just the first), then
+    reported together."""
+    document = httpx.get(f"{url}/openapi.json", headers=bearer(schema_key), timeout=TIMEOUT)
+    schema = schemathesis.openapi.from_dict(document.raise_for_status().json())
     seen: dict[str, dict[int, int]] = {}
     failures: dict[tuple[str, int], str] = {}
     config = settings(
@@ -436,7 +440,11 @@ def fuzz(url: str, headers: dict[str, str], examples: int) -> dict[str, dict[int
 async def test_openapi_schema_refs_resolve(island: Island) -> None:
     """A ``$ref`` that points nowhere makes clients and fuzzers blind to that body."""
     async with httpx.AsyncClient(timeout=TIMEOUT) as http:
-        document = (await http.get(f"{island.url}/openapi.json")).json()
+        anonymous = await http.get(f"{island.url}/openapi.json")
+        assert anonymous.status_code == 401  # the schema needs a key; /docs is not served
+        assert (await http.get(f"{island.url}/docs")).status_code in (401, 404)
+        reply = await http.get(f"{island.url}/openapi.json", headers=bearer(island.admin_key))
+        document = reply.json()
     broken = []
 
     def walk(node: Any, where: str) -> None:
@@ -461,7 +469,8 @@ async def test_openapi_schema_refs_resolve(island: Island) -> None:
 async def test_openapi_fuzz_with_the_admin_key_never_5xx(
     island: Island, upstream: FakeOpenAI
 ) -> None:
-    seen = await asyncio.to_thread(fuzz, island.url, bearer(island.admin_key), 50)
+    key = island.admin_key
+    seen = await asyncio.to_thread(fuzz, island.url, bearer(key), 50, key)
     assert len(seen) >= 20  # every route was reached
     for label in ("GET /v1/models", "POST /v1/audio/transcriptions", "GET /admin/usage"):
         assert 200 in seen[label], (label, seen[label])  # fuzzing got past validation too
@@ -485,7 +494,7 @@ VALID = {
 
 
 async def test_openapi_fuzz_without_a_key_is_refused(island: Island, upstream: FakeOpenAI) -> None:
-    seen = await asyncio.to_thread(fuzz, island.url, {}, 15)
+    seen = await asyncio.to_thread(fuzz, island.url, {}, 15, island.admin_key)
     assert set(seen.pop("GET /health")) == {200}
     for label, statuses in seen.items():
         # FastAPI validates a typed body before the route runs, so a malformed one is a 400/422

@@ -79,10 +79,15 @@ def error_response(exc: GatewayError) -> JSONResponse:
 
 
 def create_app(gw: Gateway) -> FastAPI:
+    # No /docs or /redoc: FastAPI's pages load their scripts from a CDN, on the web UI's origin.
+    # The schema itself is served below, to callers with a key.
     app = FastAPI(
         title="Atoll gateway",
         summary="OpenAI- and LoRAX-compatible API to the models of one tenant's islands",
         version="1",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     admin = AdminRPC(gw.accounts)
 
@@ -143,6 +148,11 @@ def create_app(gw: Gateway) -> FastAPI:
 
     User = Annotated[Principal, Depends(caller)]
     Admin = Annotated[Principal, Depends(admin_caller)]
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_schema(principal: User) -> JSONResponse:
+        """The OpenAPI document, for client generators and fuzzers: any valid key."""
+        return JSONResponse(app.openapi())
 
     # --- OpenAI ----------------------------------------------------------------------------
 
