@@ -97,18 +97,28 @@ def _refusals(scope: str, limits: Limits, window: _Window, now: float) -> list[_
 
 
 class Permit:
-    """One admitted request. ``done(tokens)`` (or leaving the ``with`` block) counts its tokens
-    and frees its concurrency slot; only the first call counts."""
+    """One admitted request. ``charge(n)`` counts tokens as they are spent (the prompt at
+    admission, each completion token as it is sent), so concurrent requests see them at once and
+    a client that disconnects has paid for what it got. ``done(tokens)`` (or leaving the
+    ``with`` block) settles the request at its final count and frees its concurrency slot;
+    only the first call counts."""
 
     def __init__(self, limiter: RateLimiter, windows: list[_Window]) -> None:
         self._limiter = limiter
         self._windows = windows
         self._done = False
+        self.charged = 0
 
-    def done(self, tokens: int = 0) -> None:
-        if type(tokens) is not int or tokens < 0:
+    def charge(self, tokens: int) -> None:
+        if tokens > 0 and self._windows and not self._done:
+            self._limiter._charge(self, tokens)
+        self.charged += max(0, tokens)
+
+    def done(self, tokens: int | None = None) -> None:
+        """Settle at ``tokens`` in all (None: what was charged)."""
+        if tokens is not None and (type(tokens) is not int or tokens < 0):
             raise ValueError(f"tokens must be a non-negative integer, not {tokens!r}")
-        self._limiter._release(self, tokens)
+        self._limiter._release(self, self.charged if tokens is None else tokens)
 
     def __enter__(self) -> Permit:
         return self
@@ -116,7 +126,7 @@ class Permit:
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.done(0)  # a no-op when the body already reported its tokens
+        self.done()  # a no-op when the body already reported its tokens
 
     async def __aenter__(self) -> Permit:
         return self
@@ -124,7 +134,7 @@ class Permit:
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.done(0)
+        self.done()
 
 
 class RateLimiter:
@@ -177,15 +187,25 @@ class RateLimiter:
                 window.active += 1
             return Permit(self, windows)
 
+    def _charge(self, permit: Permit, tokens: int) -> None:
+        with self._lock:
+            now = self._clock()
+            for window in permit._windows:
+                window.tokens.add(now, tokens)
+
     def _release(self, permit: Permit, tokens: int) -> None:
         with self._lock:
             if permit._done:
                 return
             permit._done = True
             now = self._clock()
+            # What was charged as it was spent stays (no refunds: a negative amount in a later
+            # bucket would outlive the charge it offsets and drift the window); the rest of the
+            # final count lands now.
+            rest = max(0, tokens - permit.charged)
             for window in permit._windows:
-                if tokens:
-                    window.tokens.add(now, tokens)
+                if rest:
+                    window.tokens.add(now, rest)
                 window.active -= 1
 
     def _sweep(self, now: float) -> None:

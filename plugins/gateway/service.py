@@ -29,6 +29,19 @@ from atoll.plugins.inference.contract import (
 )
 
 CLIENT_GONE = 499
+CHARS_PER_TOKEN = 4  # the admission estimate of prompt tokens (the gateway has no tokenizer)
+
+
+def prompt_estimate(request: GenerateRequest | dict[str, Any]) -> int:
+    """Prompt tokens charged at admission, before a node has counted them: a low estimate
+    (about 4 characters a token), so the final count rarely falls below it."""
+    if isinstance(request, dict):  # embed: its inputs
+        texts = request.get("input") or []
+        return sum(len(t) for t in texts if isinstance(t, str)) // CHARS_PER_TOKEN
+    chars = len(request.prompt or "") + sum(len(m.content) for m in request.messages or [])
+    return chars // CHARS_PER_TOKEN
+
+
 Event = TokenEvent | FinishEvent  # as nginx logs it: the caller closed the connection
 
 
@@ -213,9 +226,11 @@ class Gateway:
                 param="model",
             )
         permit = self.limiter.admit(principal, *self.accounts.limits_for(principal))
+        estimate = prompt_estimate(params) if isinstance(params, dict) else 0
+        permit.charge(estimate)
         request_id = uuid.uuid4().hex
         started = time.perf_counter()
-        status, tokens = 200, 0
+        status, tokens = 200, estimate
         try:
             reply, _route = await self.router.call(
                 method, params, model, policy_labels(principal), self.request_timeout
@@ -248,8 +263,13 @@ class Gateway:
         """Events of ``requests`` (the choices of one API request, ``per_prompt`` per prompt) as
         ``(choice, event)``, tokens as they arrive. Limits apply to the whole request; its
         ledger row is written once every choice has finished, before the caller ends its
-        response, with the usage the response reports."""
+        response, with the usage the response reports. Tokens are charged as they are spent:
+        the prompt at admission (estimated), each completion token as it is handed to the
+        response, so a client that leaves mid-stream has paid for what it got."""
         permit = self.limiter.admit(principal, *self.accounts.limits_for(principal))
+        estimate = sum(prompt_estimate(r) for r in requests[::per_prompt])
+        permit.charge(estimate)
+        sent = 0
         request_id = requests[0].request_id or uuid.uuid4().hex
         started = time.perf_counter()
         finishes: list[tuple[int, FinishEvent]] = []
@@ -272,6 +292,9 @@ class Gateway:
                 if item.type == "finish":
                     finishes.append((index, item))
                     usage = usage_of(finishes, per_prompt)
+                else:
+                    sent += 1
+                    permit.charge(1)
                 yield index, item
         except GatewayError as exc:
             status = exc.status
@@ -284,6 +307,11 @@ class Gateway:
             raise
         finally:
             await events.aclose()
+            if len(finishes) < len(streams):  # cut short: what was admitted and sent counts
+                usage = Usage(
+                    prompt_tokens=max(usage.prompt_tokens, estimate),
+                    completion_tokens=max(usage.completion_tokens, sent),
+                )
             model = target.base or target.model
             latency = await self._settle(
                 principal,
