@@ -111,6 +111,7 @@ class Island:
         config = {
             "mode": "trainer", "device": "cpu", "heartbeat": 0.3, "poll": 1.0,
             "model_cache": str(self.tmp_path / "models"),
+            "models": {"tiny": str(self.tiny_base)},  # jobs name models, never paths
         } | config  # fmt: skip
         await rt.host.add("training", config, plugin=plugin)
         self.trainers[name] = rt
@@ -118,7 +119,7 @@ class Island:
 
     def options(self, dataset: str, **changes: Any) -> dict[str, Any]:
         return {
-            "model_name_or_path": str(self.tiny_base), "dataset": [dataset], "lora_rank": 4,
+            "model_name_or_path": "tiny", "dataset": [dataset], "lora_rank": 4,
             "logging_steps": 1, "num_train_epochs": 2.0, "learning_rate": 0.01,
             "lr_scheduler_type": "constant", "suffix": "math",
         } | changes  # fmt: skip
@@ -357,9 +358,24 @@ async def test_cancel_while_training_kills_the_process(island: Island) -> None:
     assert await island.storage.store.list("adapters/") == []
 
 
-async def test_a_crashing_job_fails_with_the_process_s_reason(island: Island) -> None:
+async def test_a_job_naming_a_path_is_refused_before_anything_runs(island: Island) -> None:
+    """A job names one of the trainer's models, never a path on its host (which would train
+    on whatever is there and tell, by its error, which paths exist)."""
     worker = (await island.add_trainer("t1")).worker
-    job = await island.submit(model_name_or_path="/nowhere/model")
+    for model in (str(island.tiny_base), "/etc/passwd"):
+        job = await island.submit(model_name_or_path=model)
+        failed = await island.until(job.id, {"failed"})
+        assert failed.error == (
+            f"checking the model: ValueError: model {model!r} is not one this trainer offers "
+            "(SmolLM2-135M-Instruct, tiny)"
+        )
+    assert list(worker.workdir.iterdir()) == []
+
+
+async def test_a_crashing_job_fails_with_the_process_s_reason(island: Island) -> None:
+    # The operator mapped the model to a directory that is not there.
+    worker = (await island.add_trainer("t1", models={"tiny": "/nowhere/model"})).worker
+    job = await island.submit()
     failed = await island.until(job.id, {"failed"})
     assert "the training process exited with 1" in (failed.error or "")
     assert "ModelSpecError" in (failed.error or "") and "/nowhere/model" in (failed.error or "")
@@ -476,8 +492,10 @@ async def test_one_agent_can_be_queue_and_trainer(make_agent: AgentFactory, tmp_
     await eventually(lambda: plugin.queue.get(job.id).state == "failed", timeout=10)
     assert "solo trains on the CPU" in (plugin.queue.get(job.id).error or "")
     described = plugin.describe()
-    assert described["capabilities"] == {"queue": True, "trainer": True, "device": "cpu",
-                                         "capacity": 1}  # fmt: skip
+    assert described["capabilities"] == {
+        "queue": True, "trainer": True, "device": "cpu", "capacity": 1,
+        "models": ["SmolLM2-135M-Instruct"],
+    }  # fmt: skip
     assert described["load"] == {"jobs_queued": 0, "training_jobs": 0}
 
 

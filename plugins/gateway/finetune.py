@@ -332,6 +332,15 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
         if body.validation_file is not None:
             raise GatewayError(400, "validation_file is not supported yet", param="validation_file")
         may_write(principal, principal.project)
+        accepted = gw.trainable_models()
+        if body.model not in accepted:
+            raise GatewayError(
+                400,
+                f"model {body.model!r} cannot be fine-tuned here: choose a served or configured "
+                f"base model ({', '.join(sorted(accepted)) or 'none is online'})",
+                param="model",
+                code="model_not_found",
+            )
         options = job_options(body)
         for file_id in options.dataset:
             await dataset(principal, file_id)

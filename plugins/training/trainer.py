@@ -39,7 +39,7 @@ from atoll.plugins.training.contract import (
     adapter_id_for,
     events_subject,
 )
-from atoll.plugins.training.runner import RunSpec
+from atoll.plugins.training.runner import RunSpec, offered_models
 
 RUNNER = "atoll.plugins.training.runner"
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
@@ -119,6 +119,7 @@ class TrainerWorker:
         self.workdir = Path(config.workdir or ctx.data_dir / "work")
         self.model_cache = Path(config.model_cache or ctx.data_dir / "models")
         self.device = detect_device(config.device)
+        self.models = offered_models({name: str(spec) for name, spec in config.models.items()})
         self.running: dict[str, Running] = {}
         self.tasks: set[asyncio.Task] = set()
         self.wake = asyncio.Event()
@@ -147,6 +148,7 @@ class TrainerWorker:
                 "trainer": True,
                 "device": self.device,
                 "capacity": self.config.capacity,
+                "models": self.models,  # what jobs may name as their base model here
             },
             "load": {"training_jobs": len(self.running)},
         }
@@ -216,6 +218,12 @@ class TrainerWorker:
 
     async def _attempt(self, run: Running, workdir: Path) -> dict[str, Any]:
         job, options = run.job, run.job.options
+        run.step = "checking the model"
+        if options.model_name_or_path not in self.models:  # never a path from the job
+            raise ValueError(
+                f"model {options.model_name_or_path!r} is not one this trainer offers "
+                f"({', '.join(self.models) or 'none'})"
+            )
         workdir.mkdir(parents=True)
         run.step = "fetching datasets"
         storage = await self.find_storage()
