@@ -18,6 +18,7 @@ is in place. A partial file resumes only for the same source version (size and m
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import os
@@ -45,10 +46,25 @@ class TransferFailed(AtollError):
     """A transfer that cannot succeed by retrying (bad checksum, missing file, refused path)."""
 
 
+def open_nofollow(path: Path, mode: str = "rb") -> Any:
+    """Open without following a symbolic link in the last component (``O_NOFOLLOW``): a link
+    swapped in after a path was checked is refused instead of read or written through."""
+    flags = (
+        {"rb": os.O_RDONLY, "r+b": os.O_RDWR}[mode] | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    )
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise Forbidden(f"{path} is a symbolic link") from None
+        raise
+    return os.fdopen(fd, mode)
+
+
 def sha256_file(path: Path, limit: int | None = None) -> hashlib._Hash:
     digest = hashlib.sha256()
     remaining = limit
-    with path.open("rb") as fh:
+    with open_nofollow(path) as fh:
         while remaining is None or remaining > 0:
             block = fh.read(READ_SIZE if remaining is None else min(READ_SIZE, remaining))
             if not block:
@@ -102,7 +118,7 @@ async def _receive(
     have = offset
     syncing: asyncio.Future | None = None
     synced = offset
-    with part.open("r+b") as fh:
+    with open_nofollow(part, "r+b") as fh:
         fh.truncate(offset)
         fh.seek(offset)
         try:
@@ -143,7 +159,7 @@ async def _send(
     """Stream bytes offset..size, then the whole file's sha256, hashed meanwhile in a thread."""
     hashing = asyncio.ensure_future(asyncio.to_thread(sha256_file, path, size))
     try:
-        with path.open("rb") as fh:
+        with open_nofollow(path) as fh:
             fh.seek(offset)
             sent = offset
             while sent < size:
@@ -296,13 +312,15 @@ class FilesPlugin(Plugin):
         return {"capabilities": {"file_dirs": [str(r) for r in self.roots]}}
 
     def resolve(self, path: Any) -> Path:
-        """A path inside an allowed directory, symlinks resolved; Forbidden otherwise."""
+        """A path inside an allowed directory with every link resolved (a link anywhere in it,
+        the last component too, must land inside an allowed directory); Forbidden otherwise.
+        Files are then opened with ``O_NOFOLLOW``, so a link swapped in afterwards is refused."""
         if not isinstance(path, str) or not path or "\x00" in path:
             raise InvalidRequest("a file path is required")
         p = Path(path)
         if not p.is_absolute() and self.roots:
             p = self.roots[0] / p
-        p = p.parent.resolve() / p.name
+        p = p.resolve()
         if STAGING in p.parts or not any(p.is_relative_to(r) and p != r for r in self.roots):
             allowed = ", ".join(map(str, self.roots)) or "nothing"
             raise Forbidden(f"{path} is outside this agent's file allow-list ({allowed})")
