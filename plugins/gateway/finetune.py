@@ -208,6 +208,27 @@ def job_options(body: CreateJob) -> JobOptions:
         raise GatewayError(400, f"{where}: {first['msg']}", param=where) from None
 
 
+MAX_FILENAME_BYTES = 200
+
+
+def upload_filename(raw: str | None) -> str:
+    """The uploaded file's own name (any directories dropped), or a 400 that names it."""
+    name = Path(raw or "dataset.jsonl").name
+    if (
+        name in ("", ".", "..")
+        or not name.isprintable()
+        or "\\" in name
+        or len(name.encode()) > MAX_FILENAME_BYTES
+    ):
+        raise GatewayError(
+            400,
+            f"filename {(raw or '')[:64]!r}: give a plain file name of 1-{MAX_FILENAME_BYTES} "
+            "bytes (no '/', '\\', '..' or control characters)",
+            param="file",
+        )
+    return name
+
+
 def install(app: FastAPI, gw: Gateway, user: Any) -> None:
     """Add the routes; ``user`` is the authenticated-caller dependency of app.py."""
 
@@ -279,7 +300,7 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
         if purpose != "fine-tune":
             raise GatewayError(400, f"purpose {purpose!r}: only fine-tune files are kept")
         may_write(principal, principal.project)
-        filename = Path(file.filename or "dataset.jsonl").name
+        filename = upload_filename(file.filename)
         with tempfile.TemporaryDirectory(prefix="atoll-upload-") as tmp:
             path = Path(tmp) / filename
             with path.open("wb") as out:

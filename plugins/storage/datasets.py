@@ -143,6 +143,13 @@ def _layout(text: str, filename: str, fmt: Format | None) -> Literal["plain", "j
     return "plain"
 
 
+def _absurd(exc: RecursionError | ValueError) -> str:
+    """What a row that parses into nothing sane is told (json's own guards, as a clear line)."""
+    if isinstance(exc, RecursionError):
+        return "not valid JSON: nested too deeply"
+    return "not valid JSON: a number of more than 4300 digits"  # int conversion's own limit
+
+
 def _jsonl_records(text: str, problems: _Problems) -> Iterator[tuple[int, Any, int]]:
     first = True
     for number, raw in enumerate(text.split("\n"), 1):
@@ -154,6 +161,8 @@ def _jsonl_records(text: str, problems: _Problems) -> Iterator[tuple[int, Any, i
         except json.JSONDecodeError as exc:
             hint = " (expected one JSON object per line)" if first else ""
             problems.add(number, f"not valid JSON{hint}: {exc.msg} (column {exc.colno})")
+        except (RecursionError, ValueError) as exc:
+            problems.add(number, _absurd(exc))
         else:
             yield number, value, len(line)
         first = False
@@ -180,6 +189,9 @@ def _array_records(text: str, problems: _Problems) -> Iterator[tuple[int, Any, i
                 value, end = decoder.raw_decode(text, pos)
             except json.JSONDecodeError as exc:
                 problems.add(exc.lineno, f"not valid JSON: {exc.msg} (column {exc.colno})")
+                return
+            except (RecursionError, ValueError) as exc:
+                problems.add(line_at(pos), _absurd(exc))
                 return
             yield line_at(pos), value, end - pos
             pos = _skip_space(text, end)
