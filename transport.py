@@ -46,6 +46,17 @@ def flush_pending() -> None:
         _dirty.pop()._flush()
 
 
+class Admission:
+    """A server's rule for connections not yet admitted by the application's own handshake:
+    each must be admitted within ``timeout`` of its TCP accept (the websocket upgrade counts
+    against it), and at most ``cap`` may wait at once, so half-open sockets cannot pile up."""
+
+    def __init__(self, timeout: float, cap: int) -> None:
+        self.timeout = timeout
+        self.cap = cap
+        self.pending: set[WebSocket] = set()
+
+
 class WebSocket(asyncio.Protocol):
     """One websocket connection.
 
@@ -75,6 +86,11 @@ class WebSocket(asyncio.Protocol):
         self.on_message: Callable[[bytes | str], None] = self._inbox_put
         self.on_open: Callable[[WebSocket], None] | None = None
         self.on_overflow: Callable[[], None] | None = None
+        # Server side: the deadline from accept to ``admitted()``; when it passes, ``on_late``
+        # (set once the application has the connection) or an abort.
+        self.admission: Admission | None = None
+        self.on_late: Callable[[], None] | None = None
+        self._admit_timer: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
         self.peer: object = None
         self.queued = 0
@@ -108,6 +124,14 @@ class WebSocket(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.peer = transport.get_extra_info("peername")
+        admission = self.admission
+        if admission is not None:
+            if len(admission.pending) >= admission.cap:
+                self.admission = None  # never counted
+                transport.abort()  # type: ignore[attr-defined]
+                return
+            admission.pending.add(self)
+            self._admit_timer = self._loop.call_later(admission.timeout, self._late)
         if self._request is not None:
             self.ws.send_request(self._request)  # type: ignore[union-attr]
             self._write_protocol_data()
@@ -147,7 +171,25 @@ class WebSocket(asyncio.Protocol):
         self._write_protocol_data()
         return None
 
+    def admitted(self) -> None:
+        """The application's handshake is done: no deadline, and no longer counted as waiting."""
+        if self._admit_timer is not None:
+            self._admit_timer.cancel()
+            self._admit_timer = None
+        if self.admission is not None:
+            self.admission.pending.discard(self)
+            self.admission = None
+
+    def _late(self) -> None:
+        self._admit_timer = None
+        if self.on_late is not None:
+            self.on_late()
+        elif self.transport is not None:
+            self.transport.abort()
+        self.admitted()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self.admitted()
         self.open = False
         self.ws.receive_eof()
         for timer in self._timers:
@@ -349,8 +391,10 @@ async def serve(
     limit: int,
     ping_interval: float | None,
     ssl_context: ssl.SSLContext | None = None,
+    admission: Admission | None = None,
 ) -> asyncio.Server:
-    """Listen for websocket connections; ``on_open`` gets each one once its handshake is done."""
+    """Listen for websocket connections; ``on_open`` gets each one once its handshake is done.
+    With ``admission``, each must call ``admitted()`` in time (see Admission)."""
     loop = asyncio.get_running_loop()
 
     def factory() -> WebSocket:
@@ -362,9 +406,13 @@ async def serve(
             ping_interval=ping_interval,
         )
         ws.on_open = on_open
+        ws.admission = admission
         return ws
 
-    return await loop.create_server(factory, host, port, ssl=ssl_context)
+    tls_deadline = admission.timeout if admission is not None and ssl_context else None
+    return await loop.create_server(
+        factory, host, port, ssl=ssl_context, ssl_handshake_timeout=tls_deadline
+    )
 
 
 async def connect(

@@ -22,7 +22,7 @@ from atoll.protocol.frames import DEFAULT_MAX_MESSAGE, decode_message
 from atoll.protocol.handshake import ServerHandshake
 from atoll.tenancy.credentials import AgentIdentity, BrokerIdentity
 from atoll.tenancy.operator import OperatorStore
-from atoll.transport import CLOSE_POLICY, CLOSE_TRY_LATER, WebSocket, serve
+from atoll.transport import CLOSE_POLICY, CLOSE_TRY_LATER, Admission, WebSocket, serve
 
 _ids = itertools.count(1)
 
@@ -44,9 +44,7 @@ class _Session:
         ws.on_message = self._on_auth
         ws.on_overflow = self._overflow
         ws.send(self._hs.hello())
-        self._auth_timer = asyncio.get_running_loop().call_later(
-            server.handshake_timeout, self._auth_timeout
-        )
+        ws.on_late = self._auth_timeout  # the deadline runs from TCP accept (transport.Admission)
         ws.closed.add_done_callback(self._closed)
 
     def _refuse(self, code: str, reason: str) -> None:
@@ -58,7 +56,6 @@ class _Session:
         self._refuse("timeout", "no AUTH in time")
 
     def _on_auth(self, data: bytes | str) -> None:
-        self._auth_timer.cancel()
         self.ws.on_message = self._ignore
         try:
             frames = decode_message(data, self.server.max_message)
@@ -68,11 +65,13 @@ class _Session:
             if isinstance(ident, BrokerIdentity):  # a peer broker linking into the mesh
                 if ident.name == self.server.keys.name:
                     raise AuthError("a broker cannot peer with itself")
+                self.ws.admitted()
                 self.ws.send(self._hs.welcome(), urgent=True)  # alone: adverts follow at once
                 self.server.mesh.attach(self.ws, ident.name, dialled=False)
                 return
             self.ident = ident
             self.server.router.attach(self)  # admits: revocations, name bindings, tokens
+            self.ws.admitted()
         except ProtocolError as exc:
             self.log.warning(
                 "broker.auth_refused", peer=self.ws.peer, code=exc.code, reason=exc.reason
@@ -109,7 +108,6 @@ class _Session:
         self._refuse(code, reason)
 
     def _closed(self, _: asyncio.Future) -> None:
-        self._auth_timer.cancel()
         if self.ident is not None:
             self.server.router.detach(self)
             self.log.info("broker.agent_disconnected", reason=self.ws.close_reason or "eof")
@@ -124,6 +122,7 @@ class BrokerServer:
         max_message: int = DEFAULT_MAX_MESSAGE,
         queue_limit: int = 64 * 1024 * 1024,
         handshake_timeout: float = 10.0,
+        max_unauthenticated: int = 1024,
         ping_interval: float = 10.0,
         ssl_context: ssl.SSLContext | None = None,
         peers: list[str] | None = None,
@@ -139,7 +138,9 @@ class BrokerServer:
         self.state = state
         self.max_message = max_message
         self.queue_limit = queue_limit
-        self.handshake_timeout = handshake_timeout
+        # From TCP accept to AUTH accepted, the websocket upgrade included; at most this many
+        # connections may be on the way at once (half-open sockets cannot exhaust the broker).
+        self.admission = Admission(handshake_timeout, max_unauthenticated)
         self.ping_interval = ping_interval
         self.ssl_context = ssl_context
         self.log = EventLogger("broker", broker=keys.name)
@@ -182,6 +183,7 @@ class BrokerServer:
             limit=self.queue_limit,
             ping_interval=self.ping_interval,
             ssl_context=self.ssl_context,
+            admission=self.admission,
         )
         sock = self._server.sockets[0]
         self.host, self.port = sock.getsockname()[:2]

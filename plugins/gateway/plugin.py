@@ -26,6 +26,7 @@ from atoll.plugins.gateway.accounts import Accounts
 from atoll.plugins.gateway.admin import AdminRPC
 from atoll.plugins.gateway.app import create_app
 from atoll.plugins.gateway.errors import GatewayError
+from atoll.plugins.gateway.http_limits import HttpLimits, guarded_protocol
 from atoll.plugins.gateway.limits import RateLimiter
 from atoll.plugins.gateway.router import Router
 from atoll.plugins.gateway.service import Gateway
@@ -46,6 +47,13 @@ class GatewayConfig(BaseModel):
     bootstrap_admin: bool = True
     storage: str | None = None  # agent of the storage plugin (files); None: discovery
     queue: str | None = None  # agent of the training queue (fine-tuning); None: discovery
+    # Bounded resources: a request's head must arrive within header_timeout, its body progress
+    # every body_timeout; an idle keep-alive connection closes after idle_timeout; beyond
+    # max_connections open sockets a new one is answered 503 at once.
+    header_timeout: float = Field(10.0, gt=0, le=300)
+    body_timeout: float = Field(30.0, gt=0, le=600)
+    idle_timeout: float = Field(5.0, gt=0, le=600)
+    max_connections: int = Field(1000, ge=1, le=100_000)
 
     @field_validator("listen")
     @classmethod
@@ -100,6 +108,10 @@ class GatewayPlugin(Plugin):
             proxy_headers=False,
             server_header=False,
             timeout_graceful_shutdown=5,
+            timeout_keep_alive=config.idle_timeout,
+            http=guarded_protocol(
+                HttpLimits(config.header_timeout, config.body_timeout, config.max_connections)
+            ),
         )
         self.server = uvicorn.Server(server_config)
         self._serving = asyncio.create_task(self.server.serve(sockets=[sock]))
