@@ -296,6 +296,34 @@ async def test_name_bindings_hold_across_the_mesh(operator: OperatorStore, tmp_p
             operator.token("acme", ["inference"], 600).encode(), SigningKey.generate(), "gpu-1"
         )
         await refused(m2, impostor, "belongs to another key")
+
+        # A peer broker relaying what the publisher's roles forbid: the receiver checks again
+        # against the publisher's own credential, and drops it.
+        node = Agent(AgentKeys.issue(operator, "acme", "gpu-9", ["inference"]), [m1.url])
+        await node.start(5)
+        await eventually(lambda: m2.mesh.credential("acme", "gpu-9") is not None)
+        gw = await Agent(AgentKeys.issue(operator, "acme", "gw", ["gateway"]), [m2.url]).start(5)
+        heard = await gw.subscribe("adapters.new")
+        await gw.flush()
+
+        class Hostile:
+            name = "m1"
+
+        for i, (subject, keep) in enumerate(
+            (("adapters.new", False), (f"{ANNOUNCE}.gw", True), (f"{ANNOUNCE}.gpu-9", True))
+        ):
+            header = {"tenant": "acme", "origin": "m1", "ttl": 4, "id": 900 + i}
+            header |= {"src": "gpu-9", "subj": subject} | ({"keep": True} if keep else {})
+            inner = pub(subject, b"forged", keep=keep, mid=900 + i)
+            (frame,) = decode_message(encode_frame(FrameType.RELAY, header, inner))
+            m2.mesh._relay(Hostile(), frame)  # type: ignore[arg-type]
+        with pytest.raises(TimeoutError):
+            await heard.next(0.3)
+        kept = retained(m2)
+        assert f"{ANNOUNCE}.gw" not in kept  # another agent's announcement: never kept
+        assert kept.get(f"{ANNOUNCE}.gpu-9") == inner  # its own it may keep
+        await gw.stop()
+        await node.stop()
     finally:
         for b in brokers:
             await b.stop()

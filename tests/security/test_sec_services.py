@@ -112,3 +112,20 @@ async def test_no_member_calls_a_gpu_node_around_the_gateway(make_agent: AgentFa
     request = {"prompt": "hi", "params": {"max_new_tokens": 4}}
     reply = await gw.agent.call("gpu-1/inference", "generate", request)
     assert reply["finish_reason"]
+
+
+async def test_adapter_weights_answer_the_roles_that_serve_or_train(
+    make_agent: AgentFactory, tmp_path: Path
+) -> None:
+    from atoll.plugins.storage.contract import fetch_adapter, list_adapters
+
+    await make_agent("store", roles=("storage",), plugins={"storage": {}})
+    for roles in (("agent",), ("storage",), ("user",)):
+        member = await make_agent(f"m-{roles[0]}", roles=roles)
+        with pytest.raises(AtollError, match="needs one of the roles inference, training"):
+            await fetch_adapter(member.agent, "store", "alice/x", tmp_path / "x")
+        with pytest.raises(Forbidden, match="needs one of the roles inference, training"):
+            await list_adapters(member.agent, "store")
+    assert not (tmp_path / "x").exists()
+    gpu = await make_agent("gpu-1", roles=("inference",))
+    assert await list_adapters(gpu.agent, "store") == []
