@@ -69,10 +69,14 @@ async def make_agent(
 
 
 async def raw_session(
-    operator: OperatorStore, broker: BrokerServer, name: str, max_size: int | None = None
+    operator: OperatorStore,
+    broker: BrokerServer,
+    name: str,
+    max_size: int | None = None,
+    roles: tuple[str, ...] = ("agent",),
 ) -> ClientConnection:
     """A hand-driven authenticated websocket, to send frames no real agent would."""
-    keys = AgentKeys.issue(operator, "acme", name, ["agent"])
+    keys = AgentKeys.issue(operator, "acme", name, list(roles))
     ws = await connect(broker.url, compression=None, max_size=max_size)
     hs = ClientHandshake(keys.key, keys.credential, keys.operator_pub)
     (hello,) = decode_message(await ws.recv())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from nacl.signing import SigningKey
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 
 from atoll.agent.discovery import ANNOUNCE, Discovery
 from atoll.agent.errors import ConnectionLost, Forbidden
@@ -22,22 +22,10 @@ from atoll.broker.identity import issue_broker_dir
 from atoll.broker.server import BrokerServer
 from atoll.protocol.errors import AuthError
 from atoll.protocol.frames import Frame, FrameType, decode_message, encode_frame
-from atoll.protocol.handshake import ClientHandshake
 from atoll.tenancy import permissions
 from atoll.tenancy.credentials import EnrollmentToken, verify_agent
 from atoll.tenancy.operator import OperatorStore
-from conftest import AgentFactory, eventually
-
-
-async def session(broker: BrokerServer, keys: AgentKeys) -> ClientConnection:
-    """A hand-driven authenticated websocket: frames no real agent would send."""
-    ws = await connect(broker.url, compression=None, max_size=None)
-    hs = ClientHandshake(keys.key, keys.credential, keys.operator_pub)
-    (hello,) = decode_message(await ws.recv())
-    await ws.send(hs.receive_hello(hello))
-    (welcome,) = decode_message(await ws.recv())
-    hs.receive_welcome(welcome)
-    return ws
+from conftest import AgentFactory, eventually, raw_session
 
 
 async def next_frame(ws: ClientConnection, ftype: FrameType, timeout: float = 5.0) -> Frame:
@@ -95,10 +83,8 @@ def test_table_names_every_role_and_denies_what_it_does_not_name() -> None:
 async def test_a_member_cannot_announce_adapters_or_read_the_jobs_feed(
     operator: OperatorStore, broker: BrokerServer
 ) -> None:
-    keys = AgentKeys.issue(operator, "acme", "gpu-evil", ["inference"])
-    ws = await session(broker, keys)
-    gw_keys = AgentKeys.issue(operator, "acme", "gw", ["gateway"])
-    gw = await session(broker, gw_keys)
+    ws = await raw_session(operator, broker, "gpu-evil", roles=("inference",))
+    gw = await raw_session(operator, broker, "gw", roles=("gateway",))
     await gw.send(encode_frame(FrameType.SUB, {"sid": 1, "subj": "adapters.new"}))
     await gw.send(encode_frame(FrameType.SUB, {"sid": 2, "subj": "jobs.*.events"}))
     await still_up(gw, broker, "gw")
@@ -146,7 +132,7 @@ async def test_an_agent_keeps_only_its_own_announcement(
     await make_agent("gpu-1", roles=("inference",), heartbeat=0.2)
     subject = f"{ANNOUNCE}.gpu-1"
     await eventually(lambda: subject in retained(broker))
-    ws = await session(broker, AgentKeys.issue(operator, "acme", "mallory", ["agent"]))
+    ws = await raw_session(operator, broker, "mallory")
     for frame in (pub(subject, keep=True), pub(subject), pub("app.x", keep=True)):
         await ws.send(frame)
         err = await next_frame(ws, FrameType.ERROR)
@@ -161,7 +147,7 @@ async def test_kept_publications_have_a_byte_budget(
     operator: OperatorStore, broker: BrokerServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # 48 x 1 MiB used to stay in broker memory after the publisher left.
-    ws = await session(broker, AgentKeys.issue(operator, "acme", "fat", ["agent"]))
+    ws = await raw_session(operator, broker, "fat")
     big = b"x" * (router_module.MAX_KEPT_BYTES_PER_AGENT + 1)
     await ws.send(pub(f"{ANNOUNCE}.fat", big, keep=True))
     err = await next_frame(ws, FrameType.ERROR)
@@ -174,7 +160,7 @@ async def test_kept_publications_have_a_byte_budget(
     assert len(retained(broker)[f"{ANNOUNCE}.fat"]) > 600_000
     # the tenant's budget: many agents each within theirs
     monkeypatch.setattr(router_module, "MAX_KEPT_BYTES_PER_TENANT", 1_500_000)
-    other = await session(broker, AgentKeys.issue(operator, "acme", "fat2", ["agent"]))
+    other = await raw_session(operator, broker, "fat2")
     await other.send(pub(f"{ANNOUNCE}.fat2", b"z" * 950_000, keep=True))
     err = await next_frame(other, FrameType.ERROR)
     assert "tenant 'acme' would keep over" in err.header["reason"]
