@@ -91,6 +91,12 @@ class WebSocket(asyncio.Protocol):
         self.admission: Admission | None = None
         self.on_late: Callable[[], None] | None = None
         self._admit_timer: asyncio.TimerHandle | None = None
+        # Server side wss://: TLS is started after the accept (see _start_tls); what arrives
+        # decrypted before start_tls hands over the TLS transport waits here (None: EOF).
+        self.tls: ssl.SSLContext | None = None
+        self.tls_timeout = 60.0
+        self._tls_early: list[bytes | None] | None = None
+        self._tls_task: asyncio.Task[None] | None = None
         self.transport: asyncio.Transport | None = None
         self.peer: object = None
         self.queued = 0
@@ -132,11 +138,51 @@ class WebSocket(asyncio.Protocol):
                 return
             admission.pending.add(self)
             self._admit_timer = self._loop.call_later(admission.timeout, self._late)
+        if self.tls is not None:
+            # Paused until start_tls has put its SSL protocol in front of this one.
+            transport.pause_reading()  # type: ignore[attr-defined]
+            self._tls_early = []
+            self._tls_task = self._loop.create_task(self._start_tls(transport, self.tls))
+            return
         if self._request is not None:
             self.ws.send_request(self._request)  # type: ignore[union-attr]
             self._write_protocol_data()
 
+    async def _start_tls(self, raw: asyncio.BaseTransport, context: ssl.SSLContext) -> None:
+        """The TLS handshake of an accepted connection, inside its admission deadline: the
+        deadline's abort (or the peer going) ends it. asyncio's own ``create_server(ssl=)``
+        would show the connection only after the handshake, uncounted and uncapped."""
+        tls: asyncio.BaseTransport | None = None
+        error: Exception | None = None
+        try:
+            tls = await self._loop.start_tls(
+                raw,  # type: ignore[arg-type]
+                self,
+                context,
+                server_side=True,
+                ssl_handshake_timeout=self.tls_timeout,
+            )
+        except Exception as exc:  # a failed handshake; asyncio has closed the socket
+            error = exc
+        if tls is None:  # failed, or the socket closed mid-handshake (start_tls gives None)
+            raw.abort()  # type: ignore[attr-defined]
+            self.connection_lost(error)  # asyncio may not call it: never "connected"
+            return
+        self.transport = tls  # type: ignore[assignment]
+        early, self._tls_early = self._tls_early or [], None
+        if self.closed.done():
+            return
+        for data in early:
+            if data is None:
+                self.eof_received()
+            else:
+                self.data_received(data)
+
     def data_received(self, data: bytes) -> None:
+        if self._tls_early is not None:
+            # Decrypted data right behind the TLS handshake, before start_tls has returned.
+            self._tls_early.append(data)
+            return
         global _flush_pending
         _flush_pending = self._loop  # what handling this data queues goes out at the end
         try:
@@ -164,6 +210,9 @@ class WebSocket(asyncio.Protocol):
             self._close_soon()
 
     def eof_received(self) -> bool | None:
+        if self._tls_early is not None:
+            self._tls_early.append(None)
+            return None
         # Nothing may be sent from here on: connection_lost comes a loop iteration later, and a
         # broker routing to this peer meanwhile must not raise inside another connection.
         self.open = False
@@ -181,14 +230,17 @@ class WebSocket(asyncio.Protocol):
             self.admission = None
 
     def _late(self) -> None:
+        # Still counted as waiting until the connection is gone (connection_lost): a close
+        # that the peer does not answer holds the socket for up to close_timeout more.
         self._admit_timer = None
         if self.on_late is not None:
             self.on_late()
         elif self.transport is not None:
             self.transport.abort()
-        self.admitted()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed.done():  # a TLS handshake that failed reports its loss twice
+            return
         self.admitted()
         self.open = False
         self.ws.receive_eof()
@@ -394,7 +446,8 @@ async def serve(
     admission: Admission | None = None,
 ) -> asyncio.Server:
     """Listen for websocket connections; ``on_open`` gets each one once its handshake is done.
-    With ``admission``, each must call ``admitted()`` in time (see Admission)."""
+    With ``admission``, each must call ``admitted()`` in time (see Admission), counted from the
+    TCP accept: the TLS handshake (``ssl_context``) and the websocket upgrade are inside it."""
     loop = asyncio.get_running_loop()
 
     def factory() -> WebSocket:
@@ -407,12 +460,13 @@ async def serve(
         )
         ws.on_open = on_open
         ws.admission = admission
+        # TLS is started by the connection itself, after admission has counted it at accept.
+        ws.tls = ssl_context
+        if admission is not None:
+            ws.tls_timeout = admission.timeout
         return ws
 
-    tls_deadline = admission.timeout if admission is not None and ssl_context else None
-    return await loop.create_server(
-        factory, host, port, ssl=ssl_context, ssl_handshake_timeout=tls_deadline
-    )
+    return await loop.create_server(factory, host, port)
 
 
 async def connect(

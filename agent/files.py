@@ -22,6 +22,7 @@ import errno
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,14 +47,16 @@ class TransferFailed(AtollError):
     """A transfer that cannot succeed by retrying (bad checksum, missing file, refused path)."""
 
 
+_OPEN_FLAGS = {"rb": os.O_RDONLY, "r+b": os.O_RDWR, "xb": os.O_WRONLY | os.O_CREAT | os.O_EXCL}
+
+
 def open_nofollow(path: Path, mode: str = "rb") -> Any:
     """Open without following a symbolic link in the last component (``O_NOFOLLOW``): a link
-    swapped in after a path was checked is refused instead of read or written through."""
-    flags = (
-        {"rb": os.O_RDONLY, "r+b": os.O_RDWR}[mode] | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-    )
+    swapped in after a path was checked is refused instead of read or written through (``xb``
+    creates a new file, never through a link)."""
+    flags = _OPEN_FLAGS[mode] | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
     try:
-        fd = os.open(path, flags)
+        fd = os.open(path, flags, 0o666)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise Forbidden(f"{path} is a symbolic link") from None
@@ -89,17 +92,31 @@ def version_of(path: Path) -> str:
 
 
 def resume_offset(dest: Path, size: int, version: str) -> int:
-    """How much of this version of the file is already staged; starts it afresh otherwise."""
+    """How much of this version of the file is already staged; starts it afresh otherwise.
+    Nothing here follows a link: one planted as the staging directory, the partial file or its
+    metadata would have this write (or truncate) a file outside the allowed directories."""
     part, meta = staging_paths(dest)
     part.parent.mkdir(parents=True, exist_ok=True)
+    if not stat.S_ISDIR(os.lstat(part.parent).st_mode):  # mkdir(exist_ok) accepts a link
+        raise Forbidden(f"{part.parent} is a symbolic link")
     want = {"path": str(dest), "size": size, "version": version}
     try:
-        if json.loads(meta.read_text()) == want and part.exists():
-            return min(part.stat().st_size, size)
-    except (OSError, ValueError):
+        with open_nofollow(meta) as fh:
+            staged = json.loads(fh.read())
+        held = os.lstat(part)
+        # Resumed only from a plain file of ours (a hard link's other name would be written).
+        if staged == want and stat.S_ISREG(held.st_mode) and held.st_nlink == 1:
+            return min(held.st_size, size)
+    except (FileNotFoundError, ValueError):  # nothing staged, or unreadable metadata
         pass
-    meta.write_text(json.dumps(want))
-    part.write_bytes(b"")
+    for path in (meta, part):  # afresh, as new files: a hard link's other names keep their bytes
+        if path.is_symlink():
+            raise Forbidden(f"{path} is a symbolic link")
+        path.unlink(missing_ok=True)
+    with open_nofollow(meta, "xb") as fh:
+        fh.write(json.dumps(want).encode())
+    with open_nofollow(part, "xb"):
+        pass
     return 0
 
 

@@ -603,7 +603,8 @@ async def main(args: argparse.Namespace, profile_dir: Path | None) -> dict[str, 
                 if recv_pid is not None:
                     procs["receiver"] = recv_pid
                 cpu = CpuClock(procs)
-                keys = AgentKeys.issue(op, DEFAULT_TENANT, SENDER, ["agent"])
+                # put_file and tunnels serve operators' tooling (FILE_USERS, TUNNEL_USERS)
+                keys = AgentKeys.issue(op, DEFAULT_TENANT, SENDER, ["operator"])
                 sender = Agent(keys, [url], call_timeout=10.0)
                 listener: TunnelListener | None = None
                 try:

@@ -210,5 +210,7 @@ class BrokerServer:
             await asyncio.wait([s.ws.closed for s in sessions], timeout=2)
         for s in sessions:
             s.ws.abort()
+        for ws in list(self.admission.pending):  # still on the way in: TLS, upgrade or AUTH
+            ws.abort()
         await self._server.wait_closed()
         self._server = None

@@ -29,7 +29,7 @@ from schemathesis.core.failures import FailureGroup
 
 from atoll.plugins.inference.contract import AdapterWeight, EmbedRequest, Mixture
 from atoll.plugins.inference.echo_backend import EchoBackend, EchoConfig
-from conftest import Island, eventually
+from conftest import AgentFactory, Island, eventually
 from fake_openai import EMBEDDER, FakeOpenAI, embedding, heard
 
 UPSTREAM_KEY = "sk-upstream"
@@ -50,8 +50,14 @@ def tokens_of(words: list[str], adapter: str | None = None) -> list[str]:
 
 
 @pytest.fixture
-async def island(gw_island: Island) -> Island:
-    """The echo island with alice's two adapters, bob, and carol viewing project clinic's."""
+async def island(make_agent: AgentFactory) -> Island:
+    """Two echo nodes and a gateway serving its schema (``docs``: off by default), with alice's
+    two adapters, bob, and carol viewing project clinic's."""
+    gw_island = Island(make_agent)
+    await gw_island.add_node("gpu1")
+    await gw_island.add_node("gpu2")
+    await gw_island.start_gateway(docs=True)
+    await gw_island.models_seen("echo")
     accounts = gw_island.accounts
     gw_island.key("bob")
     gw_island.key("carol")
@@ -444,6 +450,7 @@ async def test_openapi_schema_refs_resolve(island: Island) -> None:
         assert anonymous.status_code == 401  # the schema needs a key; /docs is not served
         assert (await http.get(f"{island.url}/docs")).status_code in (401, 404)
         reply = await http.get(f"{island.url}/openapi.json", headers=bearer(island.admin_key))
+        assert reply.headers["content-security-policy"].startswith("default-src 'none'")
         document = reply.json()
     broken = []
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from atoll.agent.errors import Forbidden, NoSuchMethod
-from atoll.agent.node import CallInfo
-from atoll.agent.plugins import Plugin, available_plugins, rpc
+from atoll.agent.node import Agent, CallInfo, Overlay
+from atoll.agent.plugins import Plugin, PluginContext, available_plugins, rpc
 from atoll.tenancy.permissions import ANY
 
 
@@ -39,6 +40,19 @@ class Counter(Plugin):
         assert call.caller.has_role("admin")
         self.count = 0
         return 0
+
+
+@pytest.mark.parametrize("impl", [Agent, PluginContext])
+def test_agent_and_plugin_context_are_both_an_overlay(impl: type) -> None:
+    """Helpers typed ``Overlay`` take either (no type checker runs here): each method takes the
+    protocol's parameters in order, with the same defaults; extras (``src``) come after."""
+    for name in ("call", "open_stream", "publish", "subscribe", "wait_connected"):
+        want = list(inspect.signature(getattr(Overlay, name)).parameters.values())
+        have = list(inspect.signature(getattr(impl, name)).parameters.values())
+        assert [(p.name, p.default) for p in have[: len(want)]] == [
+            (p.name, p.default) for p in want
+        ], f"{impl.__name__}.{name}"
+        assert all(p.default is not inspect.Parameter.empty for p in have[len(want) :])
 
 
 def test_system_plugin_is_an_entry_point() -> None:

@@ -78,9 +78,18 @@ def error_response(exc: GatewayError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
 
-def create_app(gw: Gateway) -> FastAPI:
-    # No /docs or /redoc: FastAPI's pages load their scripts from a CDN, on the web UI's origin.
-    # The schema itself is served below, to callers with a key.
+# The OpenAPI document is data, never a page: nothing in it may run, load or be framed.
+SCHEMA_HEADERS = {
+    "content-security-policy": "default-src 'none'; frame-ancestors 'none'; base-uri 'none'",
+    "x-content-type-options": "nosniff",
+    "cache-control": "no-store",
+}
+
+
+def create_app(gw: Gateway, docs: bool = False) -> FastAPI:
+    """The app; ``docs`` serves ``/openapi.json`` to callers with a key (off: 404)."""
+    # Never /docs or /redoc: FastAPI's pages load their scripts from a CDN on the web UI's origin,
+    # and a browser navigating to them sends no key. With ``docs`` only the schema is served.
     app = FastAPI(
         title="Atoll gateway",
         summary="OpenAI- and LoRAX-compatible API to the models of one tenant's islands",
@@ -142,17 +151,29 @@ def create_app(gw: Gateway) -> FastAPI:
 
     async def admin_caller(request: Request) -> Principal:
         principal = await caller(request)
-        if not principal.admin:
-            raise GatewayError(403, f"{principal.user!r} is not an administrator")
-        return principal
+        if principal.admin:
+            return principal
+        if principal.project is not None:  # an admin's scoped key is a plain key of its project
+            raise GatewayError(
+                403,
+                f"API key {principal.key_id} is scoped to project {principal.project!r}, so it is "
+                "not an administrator's key: the admin API needs an administrator's key with no "
+                "project scope",
+                code="permission_denied",
+            )
+        raise GatewayError(
+            403, f"{principal.user!r} is not an administrator", code="permission_denied"
+        )
 
     User = Annotated[Principal, Depends(caller)]
     Admin = Annotated[Principal, Depends(admin_caller)]
 
-    @app.get("/openapi.json", include_in_schema=False)
-    async def openapi_schema(principal: User) -> JSONResponse:
-        """The OpenAPI document, for client generators and fuzzers: any valid key."""
-        return JSONResponse(app.openapi())
+    if docs:
+
+        @app.get("/openapi.json", include_in_schema=False)
+        async def openapi_schema(principal: User) -> JSONResponse:
+            """The OpenAPI document, for client generators and fuzzers: any valid key."""
+            return JSONResponse(app.openapi(), headers=SCHEMA_HEADERS)
 
     # --- OpenAI ----------------------------------------------------------------------------
 

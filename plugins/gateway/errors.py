@@ -20,6 +20,7 @@ from atoll.plugins.inference.contract import (
     Overloaded,
     Unsupported,
 )
+from atoll.plugins.storage.datasets import DatasetInvalid
 
 TYPES = {
     400: "invalid_request_error",
@@ -70,7 +71,7 @@ class GatewayError(Exception):
 
 
 def from_platform(exc: AtollError) -> GatewayError:
-    """What an inference agent's error means to the API caller."""
+    """What a platform error (an inference or storage agent's) means to the API caller."""
     message = exc.message
     if isinstance(exc, AdapterNotFound):
         return GatewayError(404, message, code="model_not_found")
@@ -78,6 +79,8 @@ def from_platform(exc: AtollError) -> GatewayError:
         return GatewayError(400, message, code="adapter_rejected")
     if isinstance(exc, (InvalidRequest, Unsupported)):
         return GatewayError(400, message)
+    if isinstance(exc, DatasetInvalid):  # the caller's file or rows: the message names them
+        return GatewayError(400, message, code="invalid_file")
     if isinstance(exc, Overloaded):
         return GatewayError(429, message, code="overloaded", retry_after=1)
     if isinstance(exc, DeadlineExceeded):

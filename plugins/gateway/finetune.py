@@ -23,6 +23,7 @@ from atoll.plugins.storage.contract import (
     list_datasets,
     upload_dataset,
 )
+from atoll.plugins.storage.datasets import DatasetInvalid, check_filename
 from atoll.plugins.training.contract import (
     JobOptions,
     JobRecord,
@@ -208,25 +209,13 @@ def job_options(body: CreateJob) -> JobOptions:
         raise GatewayError(400, f"{where}: {first['msg']}", param=where) from None
 
 
-MAX_FILENAME_BYTES = 200
-
-
 def upload_filename(raw: str | None) -> str:
-    """The uploaded file's own name (any directories dropped), or a 400 that names it."""
-    name = Path(raw or "dataset.jsonl").name
-    if (
-        name in ("", ".", "..")
-        or not name.isprintable()
-        or "\\" in name
-        or len(name.encode()) > MAX_FILENAME_BYTES
-    ):
-        raise GatewayError(
-            400,
-            f"filename {(raw or '')[:64]!r}: give a plain file name of 1-{MAX_FILENAME_BYTES} "
-            "bytes (no '/', '\\', '..' or control characters)",
-            param="file",
-        )
-    return name
+    """The uploaded file's name, or a 400 that names it: storage's own rule, checked before the
+    body is staged under that name (a path in it is refused, not stripped)."""
+    try:
+        return check_filename("dataset.jsonl" if raw is None else raw)
+    except DatasetInvalid as exc:
+        raise GatewayError(400, exc.message, param="file") from None
 
 
 def install(app: FastAPI, gw: Gateway, user: Any) -> None:
@@ -354,15 +343,18 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
             raise GatewayError(400, "validation_file is not supported yet", param="validation_file")
         may_write(principal, principal.project)
         accepted = gw.trainable_models()
-        if body.model not in accepted:
-            raise GatewayError(
-                400,
-                f"model {body.model!r} cannot be fine-tuned here: choose a served or configured "
-                f"base model ({', '.join(sorted(accepted)) or 'none is online'})",
-                param="model",
-                code="model_not_found",
-            )
         options = job_options(body)
+        # ``options`` may name the model too (it overrides ``model``): what is checked is what
+        # would be queued, never a path on a trainer's host.
+        for model in dict.fromkeys((body.model, options.model_name_or_path)):
+            if model not in accepted:
+                raise GatewayError(
+                    400,
+                    f"model {model[:256]!r} cannot be fine-tuned here: choose a served or "
+                    f"configured base model ({', '.join(sorted(accepted)) or 'none is online'})",
+                    param="model",
+                    code="model_not_found",
+                )
         for file_id in options.dataset:
             await dataset(principal, file_id)
         record = await platform(

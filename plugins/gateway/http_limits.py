@@ -57,6 +57,11 @@ def guarded_protocol(limits: HttpLimits) -> type[HttpToolsProtocol]:
         def data_received(self, data: bytes) -> None:
             if self._refused:
                 return
+            if self._deadline is None and (self.cycle is None or self.cycle.response_complete):
+                # Bytes between requests start the next head's deadline: uvicorn cancels its
+                # keep-alive timer on any byte, so a lone CRLF (no message begins) would
+                # otherwise hold the connection with no deadline at all.
+                self._arm(limits.header_timeout)
             super().data_received(data)
 
         def _arm(self, seconds: float) -> None:
@@ -70,8 +75,15 @@ def guarded_protocol(limits: HttpLimits) -> type[HttpToolsProtocol]:
 
         def _expired(self) -> None:
             self._deadline = None
-            if not self.transport.is_closing():
-                self.transport.close()
+            if self.transport.is_closing():
+                return
+            cycle = self.cycle
+            if self.flow.read_paused or (cycle is not None and cycle.waiting_for_100_continue):
+                # The server is not reading (the app has yet to ask for the body, or a
+                # pipelined request waits): the client cannot progress, so it is not its stall.
+                self._arm(limits.body_timeout)
+                return
+            self.transport.close()
 
         # The head: from its first byte (or the connection) to its end, one fixed deadline.
         def on_message_begin(self) -> None:
@@ -82,8 +94,12 @@ def guarded_protocol(limits: HttpLimits) -> type[HttpToolsProtocol]:
         def on_headers_complete(self) -> None:
             self._disarm()
             super().on_headers_complete()
-            if self.parser is not None and not self.parser.should_upgrade():
-                self._arm(limits.body_timeout)  # until the body ends (if there is one)
+            # Until the body ends (if there is one); not for a websocket upgrade (uvicorn hands
+            # the connection over), but an Upgrade header naming anything else is a request.
+            if self.parser is not None and not (
+                self.parser.should_upgrade() and self._should_upgrade()
+            ):
+                self._arm(limits.body_timeout)
 
         # The body: each piece resets the deadline; the whole request ends it.
         def on_body(self, body: bytes) -> None:

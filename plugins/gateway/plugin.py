@@ -35,6 +35,8 @@ from atoll.tenancy.keys import read_secret, write_secret
 
 ADMIN_USER = "admin"
 ADAPTER_LOOKUP_TIMEOUT = 10.0  # seconds to ask storage for a newly announced adapter
+DISCOVERY_POLL = 0.1  # seconds between looks at discovery for an announcing storage agent
+MAX_HINTS_WAITING = 64  # adapters.new hints from sources discovery does not list yet
 
 
 class GatewayConfig(BaseModel):
@@ -54,6 +56,9 @@ class GatewayConfig(BaseModel):
     body_timeout: float = Field(30.0, gt=0, le=600)
     idle_timeout: float = Field(5.0, gt=0, le=600)
     max_connections: int = Field(1000, ge=1, le=100_000)
+    # GET /openapi.json for callers with a key (client generators, fuzzers); off: 404. There is
+    # never a /docs or /redoc page (FastAPI's load scripts from a CDN on the web UI's origin).
+    docs: bool = False
 
     @field_validator("listen")
     @classmethod
@@ -90,6 +95,7 @@ class GatewayPlugin(Plugin):
         self.admin = AdminRPC(self.accounts)
         # New adapters (uploaded, or made by a training job) become usable by their owner or
         # project at once.
+        self._hints_waiting: set[asyncio.Task[None]] = set()
         self._adapters_sub = await ctx.subscribe(ADAPTERS_NEW, self._on_new_adapter)
         host, _, port = config.listen.rpartition(":")
         sock = socket.create_server((host.strip("[]"), int(port)), reuse_port=False)
@@ -99,7 +105,7 @@ class GatewayPlugin(Plugin):
         sock.setblocking(False)
         self.address = sock.getsockname()[:2]
         server_config = uvicorn.Config(
-            create_app(self.gateway),
+            create_app(self.gateway, docs=config.docs),
             log_level="warning",
             lifespan="off",
             access_log=False,
@@ -134,24 +140,62 @@ class GatewayPlugin(Plugin):
 
     async def _on_new_adapter(self, pub: Publication) -> None:
         """An announcement is only a hint naming an adapter: its owner, project and visibility
-        come from the storage agent that announced it (only storage may publish there), never
+        come from the storage agent that announced it (the configured one, or one discovery
+        lists: the broker lets only storage publish there, and the gateway checks again), never
         from the publication; a registration that disagrees with storage is corrected."""
         assert self.ctx is not None
         log = self.ctx.log
         adapter_id = pub.data.get("id") if isinstance(pub.data, dict) else None
-        storage = pub.src.partition("/")[0]
         if not isinstance(adapter_id, str):
             log.warning("gateway.adapter_hint_refused", src=pub.src, reason="no adapter id")
             return
-        if self.config.storage and storage != self.config.storage.partition("/")[0]:
-            log.warning("gateway.adapter_hint_refused", src=pub.src, reason="not our storage")
-            return
+        storage = pub.src.partition("/")[0]
+        if self._is_storage(storage):
+            await self._register_from_storage(storage, adapter_id, pub.src)
+        elif self.config.storage or len(self._hints_waiting) >= MAX_HINTS_WAITING:
+            log.warning("gateway.adapter_hint_refused", src=pub.src, reason="not a storage agent")
+        else:
+            # An agent that adds its storage plugin after starting shows it in discovery at its
+            # next heartbeat: wait for that aside (bounded), so that hints from other sources
+            # are not held up behind this one. Each hint reads storage's record afresh, so the
+            # order they are handled in does not matter.
+            task = asyncio.create_task(self._when_storage(storage, adapter_id, pub.src))
+            self._hints_waiting.add(task)
+            task.add_done_callback(self._hints_waiting.discard)
+
+    def _is_storage(self, agent: str) -> bool:
+        """``agent`` is the configured storage agent or, with none configured, one that
+        discovery lists with the storage plugin."""
+        if self.config.storage:
+            return agent == self.config.storage.partition("/")[0]
+        view = self.watch.discovery
+        return any(e.name == agent for e in view.select(plugin="storage", status=None))
+
+    async def _when_storage(self, storage: str, adapter_id: str, src: str) -> None:
+        assert self.ctx is not None
+        for _ in range(int(ADAPTER_LOOKUP_TIMEOUT / DISCOVERY_POLL)):  # bounded
+            await asyncio.sleep(DISCOVERY_POLL)
+            if self._is_storage(storage):
+                try:
+                    await self._register_from_storage(storage, adapter_id, src)
+                except Exception as exc:  # no subscription pump here to log it
+                    self.ctx.log.error("gateway.adapter_not_registered", id=adapter_id, error=exc)
+                return
+        self.ctx.log.warning("gateway.adapter_hint_refused", src=src, reason="not a storage agent")
+
+    async def _register_from_storage(self, storage: str, adapter_id: str, src: str) -> None:
+        """Register ``adapter_id`` (or correct its registration) from ``storage``'s record."""
+        assert self.ctx is not None
+        log = self.ctx.log
         try:
             record = await describe_adapter(
                 self.ctx, f"{storage}/storage", adapter_id, ADAPTER_LOOKUP_TIMEOUT
             )
         except AtollError as exc:  # AdapterNotFound: a hint for nothing stored
-            log.warning("gateway.adapter_not_registered", id=adapter_id, src=pub.src, error=exc)
+            log.warning("gateway.adapter_not_registered", id=adapter_id, src=src, error=exc)
+            return
+        if record.id != adapter_id:  # storage answers for the id asked, or not at all
+            log.warning("gateway.adapter_not_registered", id=adapter_id, src=src)
             return
         owner = None if record.project else record.owner
         truth = (owner, record.project, record.public)
@@ -160,22 +204,25 @@ class GatewayPlugin(Plugin):
             if known is None:
                 self.accounts.register_adapter(
                     record.id, record.base_model, owner, record.project, record.public,
-                    actor=pub.src,
+                    actor=src,
                 )  # fmt: skip
             elif (known.owner, known.project, known.public) != truth:
                 self.accounts.update_adapter(
-                    record.id, actor=pub.src, owner=owner, project=record.project,
+                    record.id, actor=src, owner=owner, project=record.project,
                     public=record.public,
                 )  # fmt: skip
                 log.warning(
                     "gateway.adapter_corrected", id=record.id, owner=owner,
                     project=record.project, public=record.public,
+                    was_owner=known.owner, was_project=known.project, was_public=known.public,
                 )  # fmt: skip
         except GatewayError as exc:  # e.g. an owner this gateway does not know: say so
             log.warning("gateway.adapter_not_registered", id=record.id, error=exc)
 
     async def stop(self) -> None:
         await self._adapters_sub.unsubscribe()
+        for task in list(self._hints_waiting):
+            task.cancel()
         self.server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(self._serving, 10)

@@ -21,6 +21,7 @@ from atoll.plugins.gateway.limits import Permit, RateLimiter
 from atoll.plugins.gateway.openai_api import usage_of
 from atoll.plugins.gateway.router import Router
 from atoll.plugins.inference.contract import (
+    EmbedRequest,
     FinishEvent,
     GenerateRequest,
     Mixture,
@@ -32,14 +33,17 @@ CLIENT_GONE = 499
 CHARS_PER_TOKEN = 4  # the admission estimate of prompt tokens (the gateway has no tokenizer)
 
 
-def prompt_estimate(request: GenerateRequest | dict[str, Any]) -> int:
+def prompt_estimate(request: GenerateRequest | EmbedRequest | dict[str, Any]) -> int:
     """Prompt tokens charged at admission, before a node has counted them: a low estimate
     (about 4 characters a token), so the final count rarely falls below it."""
-    if isinstance(request, dict):  # embed: its inputs
-        texts = request.get("input") or []
-        return sum(len(t) for t in texts if isinstance(t, str)) // CHARS_PER_TOKEN
-    chars = len(request.prompt or "") + sum(len(m.content) for m in request.messages or [])
-    return chars // CHARS_PER_TOKEN
+    if isinstance(request, GenerateRequest):
+        chars = len(request.prompt or "") + sum(len(m.content) for m in request.messages or [])
+        return chars // CHARS_PER_TOKEN
+    # embed: its inputs (the model app.py builds, or its dict form)
+    texts = request.get("input") if isinstance(request, dict) else request.input
+    if not isinstance(texts, list):
+        return 0
+    return sum(len(t) for t in texts if isinstance(t, str)) // CHARS_PER_TOKEN
 
 
 Event = TokenEvent | FinishEvent  # as nginx logs it: the caller closed the connection
@@ -236,7 +240,9 @@ class Gateway:
                 param="model",
             )
         permit = self.limiter.admit(principal, *self.accounts.limits_for(principal))
-        estimate = prompt_estimate(params) if isinstance(params, dict) else 0
+        # Charged before the node is asked (app.py hands an EmbedRequest, not a dict), so a
+        # burst of concurrent calls cannot all pass the limit; transcriptions have no text in.
+        estimate = prompt_estimate(params) if method == "embed" else 0
         permit.charge(estimate)
         request_id = uuid.uuid4().hex
         started = time.perf_counter()
@@ -245,13 +251,18 @@ class Gateway:
             reply, _route = await self.router.call(
                 method, params, model, policy_labels(principal), self.request_timeout
             )
-            tokens = int((reply.get("usage") or {}).get("prompt_tokens") or 0)
+            counted = (reply.get("usage") or {}).get("prompt_tokens")
+            if counted is not None:  # the node's count settles it; none: the estimate stays
+                tokens = int(counted)
             return reply
         except GatewayError as exc:
             status = exc.status
             raise
         except asyncio.CancelledError:
             status = CLIENT_GONE
+            raise
+        except BaseException:
+            status = 500
             raise
         finally:
             usage = Usage(prompt_tokens=tokens)
@@ -309,7 +320,9 @@ class Gateway:
         except GatewayError as exc:
             status = exc.status
             raise
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # Cancelled while waiting for a token, or closed by the response at a ``yield``
+            # (its client left while a chunk was being sent): either way the caller is gone.
             status = CLIENT_GONE
             raise
         except BaseException:

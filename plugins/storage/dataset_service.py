@@ -34,7 +34,14 @@ from atoll.plugins.storage.dataset_contract import (
     DatasetRef,
     DedupInfo,
 )
-from atoll.plugins.storage.datasets import Kind, Limits, Prepared, convert_line, prepare
+from atoll.plugins.storage.datasets import (
+    Kind,
+    Limits,
+    Prepared,
+    check_filename,
+    convert_line,
+    prepare,
+)
 from atoll.plugins.storage.registry import DatasetRegistry
 from atoll.plugins.storage.store import ObjectNotFound, ObjectStore, file_chunks
 from atoll.plugins.storage.wire import (
@@ -130,6 +137,7 @@ class DatasetService:
             reader = Reader(stream, IDLE_TIMEOUT)
             raw = await reader.line(MAX_HEADER_BYTES)
             header = parse(DatasetPutHeader, raw, "dataset upload header")
+            check_filename(header.filename)  # as prepare() does, before any byte is received
             if header.size > self.limits.max_bytes:  # refused before any byte is received
                 raise DatasetInvalid(
                     f"{header.filename} is {header.size} bytes; this store takes datasets of at "

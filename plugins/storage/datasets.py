@@ -25,6 +25,7 @@ import re
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any, Literal
 
 from atoll.agent.errors import AtollError
@@ -41,6 +42,18 @@ SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 CHAT_ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
 
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+# Bounds checked before json parses a row: its parser recurses once per level (a row nested
+# 200,000 deep is a RecursionError) and int() refuses more than 4300 digits (and is quadratic
+# below that). Training rows need 3 levels and short numbers.
+MAX_DEPTH = 64
+MAX_NUMBER_CHARS = 100
+MAX_FILENAME_BYTES = 200
+_ESCAPE = re.compile(r"\\.", re.DOTALL)  # a string's escape: dropped before strings are
+_STRING = re.compile(r'"[^"]*+"')  # with no escapes left, a string ends at the next quote
+_NOT_BRACKET = re.compile(r"[^\[\]{}]++")
+_LONG_NUMBER = re.compile(rf"-?[0-9][-+.0-9eE]{{{MAX_NUMBER_CHARS},}}+")
+_LEVEL = {"[": 1, "{": 1, "]": -1, "}": -1}
 
 
 def _skip_space(text: str, pos: int) -> int:
@@ -115,6 +128,25 @@ def kind_of(fmt: Format) -> Kind:
     return "pt" if fmt == "text" else "sft"
 
 
+def check_filename(name: str) -> str:
+    """``name`` if it is a plain file name, else DatasetInvalid naming it: it is shown and may
+    become a path where the file is staged, so no directories, ``..`` or control characters."""
+    if (
+        not name
+        or ".." in name
+        or "/" in name
+        or "\\" in name
+        or name != name.strip()
+        or not name.isprintable()  # before encode(): a lone surrogate is not printable
+        or len(name.encode()) > MAX_FILENAME_BYTES
+    ):
+        raise DatasetInvalid(
+            f"filename {name[:64]!r}: give a plain file name of 1-{MAX_FILENAME_BYTES} bytes "
+            "(no '/', '\\', '..' or control characters)"
+        )
+    return name
+
+
 # --- reading the file ---------------------------------------------------------------------------
 
 
@@ -143,11 +175,28 @@ def _layout(text: str, filename: str, fmt: Format | None) -> Literal["plain", "j
     return "plain"
 
 
+def _shape_problem(text: str, outer: int = 0) -> str | None:
+    """Why ``text`` (a row, or a whole array file: ``outer`` levels around its rows) must not
+    reach json, or None. Linear, in C loops: escapes are dropped, then strings, and what is
+    left holds the brackets and numbers."""
+    if text.count("[") + text.count("{") <= MAX_DEPTH + outer and not _LONG_NUMBER.search(text):
+        return None  # nearly every row: too few brackets to nest that deep, no long digit run
+    bare = _STRING.sub("s", _ESCAPE.sub("", text))
+    if (dangling := bare.find('"')) >= 0:
+        bare = bare[:dangling]  # an unterminated string: json says so, past it is all text
+    levels = accumulate(map(_LEVEL.__getitem__, _NOT_BRACKET.sub("", bare)))
+    if max(levels, default=0) > MAX_DEPTH + outer:
+        return f"nesting deeper than {MAX_DEPTH}"
+    if longest := max(map(len, _LONG_NUMBER.findall(bare)), default=0):
+        return f"number too long ({longest} characters; at most {MAX_NUMBER_CHARS})"
+    return None
+
+
 def _absurd(exc: RecursionError | ValueError) -> str:
-    """What a row that parses into nothing sane is told (json's own guards, as a clear line)."""
+    """What a row json itself gave up on is told (a backstop: _shape_problem comes first)."""
     if isinstance(exc, RecursionError):
-        return "not valid JSON: nested too deeply"
-    return "not valid JSON: a number of more than 4300 digits"  # int conversion's own limit
+        return f"nesting deeper than {MAX_DEPTH}"
+    return f"number too long (at most {MAX_NUMBER_CHARS} characters)"  # int()'s 4300 digits
 
 
 def _jsonl_records(text: str, problems: _Problems) -> Iterator[tuple[int, Any, int]]:
@@ -155,6 +204,10 @@ def _jsonl_records(text: str, problems: _Problems) -> Iterator[tuple[int, Any, i
     for number, raw in enumerate(text.split("\n"), 1):
         line = raw.removesuffix("\r")
         if not line.strip():
+            continue
+        if shape := _shape_problem(line):
+            problems.add(number, shape)
+            first = False
             continue
         try:
             value = json.loads(line)
@@ -181,6 +234,9 @@ def _array_records(text: str, problems: _Problems) -> Iterator[tuple[int, Any, i
         counted = at
         return line
 
+    # The whole file is checked before any of it is parsed; when it fails, each element is
+    # checked as it is read, to name the row (json's own guards stop the deepest ones).
+    suspect = _shape_problem(text, outer=1) is not None
     if text.startswith("]", pos):
         pos += 1
     else:
@@ -192,6 +248,9 @@ def _array_records(text: str, problems: _Problems) -> Iterator[tuple[int, Any, i
                 return
             except (RecursionError, ValueError) as exc:
                 problems.add(line_at(pos), _absurd(exc))
+                return
+            if suspect and (shape := _shape_problem(text[pos:end])):
+                problems.add(line_at(pos), shape)
                 return
             yield line_at(pos), value, end - pos
             pos = _skip_space(text, end)
@@ -336,6 +395,7 @@ def parse_rows(
 ) -> tuple[Format, list[Row]]:
     """Every row of the uploaded file, checked and canonical, with the format found (``fmt``
     if given). DatasetInvalid names each problem's line (up to MAX_ERRORS of them)."""
+    check_filename(filename)
     if fmt is not None and fmt not in FORMATS:
         raise DatasetInvalid(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if len(data) > limits.max_bytes:

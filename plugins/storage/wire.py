@@ -21,8 +21,6 @@ from atoll.agent.node import Overlay
 from atoll.agent.streams import Stream, StreamReset
 
 PLUGIN = "storage"
-# Uploading and deleting need one of these roles (a trainer holds "training"); any agent of
-# the tenant may fetch and list.
 MAX_HEADER_BYTES = 64 * 1024
 IDLE_TIMEOUT = 60.0  # seconds a transfer may go without progress before it is given up
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)

@@ -4,13 +4,21 @@ resolved and must land inside an allowed directory, and files are opened with O_
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 
 from atoll.agent.errors import Forbidden
-from atoll.agent.files import get_file, open_nofollow, put_file
+from atoll.agent.files import (
+    STAGING,
+    get_file,
+    open_nofollow,
+    put_file,
+    staging_paths,
+    version_of,
+)
 from conftest import AgentFactory
 
 
@@ -64,3 +72,53 @@ def test_a_link_swapped_in_after_the_check_is_not_opened(tmp_path: Path) -> None
     with open_nofollow(target) as fh:
         assert fh.read() == b"seed"
     assert os.path.islink(link)
+
+
+async def test_the_staging_area_is_never_written_through_a_link(
+    make_agent: AgentFactory, tmp_path: Path
+) -> None:
+    """A put stages its bytes in ``.atoll-partial/`` beside the destination. Links planted there
+    (for the partial file, its metadata, or the staging directory itself) would have had the
+    put truncate or write files outside the allowed directories: refused instead."""
+    shared = tmp_path / "shared"
+    (shared / "sub").mkdir(parents=True)
+    box = await make_agent("box", plugins={"files": {"dirs": [str(shared)]}})
+    box.agent.keys.save(box.host.data_dir)
+    seed = box.host.data_dir / "agent.key"
+    before = seed.read_bytes()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    notes = outside / "notes.txt"
+    notes.write_text("keep me")
+    dest = (shared / "upload.bin").resolve()
+    part, meta = staging_paths(dest)
+    part.parent.mkdir()
+    part.symlink_to(seed)  # the partial file: would be truncated, then written
+    meta.symlink_to(notes)  # its metadata: would be overwritten
+    (shared / "sub" / STAGING).symlink_to(outside)  # the whole staging directory
+    ops = await make_agent("ops", roles=("operator",))
+    payload = tmp_path / "payload"
+    payload.write_bytes(b"x" * 1000)
+    for remote in (dest, shared / "sub" / "upload.bin"):
+        with pytest.raises(Forbidden, match="symbolic link"):
+            await put_file(ops.agent, "box", payload, str(remote))
+    assert seed.read_bytes() == before
+    assert notes.read_text() == "keep me"
+    assert sorted(p.name for p in outside.iterdir()) == ["notes.txt"]
+    assert not dest.exists() and not (shared / "sub" / "upload.bin").exists()
+    # A hard link as the partial file, with metadata asking to resume it: started afresh.
+    for link in (part, meta, shared / "sub" / STAGING):
+        link.unlink()
+    victim = outside / "victim.bin"
+    victim.write_bytes(b"v" * 500)
+    os.link(victim, part)
+    want = {"path": str(dest), "size": 1000, "version": version_of(payload)}
+    meta.write_text(json.dumps(want))
+    await put_file(ops.agent, "box", payload, str(dest))
+    assert victim.read_bytes() == b"v" * 500 and dest.read_bytes() == payload.read_bytes()
+    dest.unlink()
+    # With the links gone, the same puts go through (and leave no partial file visible).
+    for remote in (dest, shared / "sub" / "upload.bin"):
+        await put_file(ops.agent, "box", payload, str(remote))
+        assert Path(remote).read_bytes() == payload.read_bytes()
+    assert not list(part.parent.iterdir())
