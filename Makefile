@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.atoll-setup
 
-.PHONY: setup run test bench lint format clean
+.PHONY: setup run test bench lint typecheck format clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,11 @@ bench: setup
 lint:
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# mypy finds the package by its name: a link `atoll` to the repository root, kept in the venv.
+typecheck: setup
+	mkdir -p $(VENV)/typecheck && ln -sfn "$(CURDIR)" $(VENV)/typecheck/atoll
+	cd $(VENV)/typecheck && "$(abspath $(VENV))/bin/mypy" --config-file "$(CURDIR)/pyproject.toml" -p atoll
 
 format:
 	$(VENV)/bin/ruff format .
