@@ -34,7 +34,7 @@ HOT_WINDOW_S = 0.001  # spin only if the last I/O was this recent
 YIELDED_S = 20e-6  # a sched_yield this long gave the core away: stop spinning
 
 
-class SpinningSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+class SpinningSelector(selectors.DefaultSelector):
     """The platform's default selector, polled for ``spin_s`` before a blocking select."""
 
     def __init__(

@@ -7,33 +7,37 @@ import sys
 from typing import Any
 
 
-class EventLogger(logging.LoggerAdapter):
-    """``log.info("agent.connected", url=...)`` -> ``agent.connected agent=a1 url=...``."""
+class EventLogger:
+    """``log.info("agent.connected", url=...)`` -> ``agent.connected agent=a1 url=...``.
+
+    Not a ``logging.LoggerAdapter``: its methods take the event's fields as keywords, which an
+    adapter's signature (``exc_info``, ``extra``, ...) does not allow."""
 
     def __init__(self, name: str, **context: Any) -> None:
-        super().__init__(logging.getLogger(f"atoll.{name}"), context)
+        self.logger = logging.getLogger(f"atoll.{name}")
+        self.context = context
 
     def bind(self, **more: Any) -> EventLogger:
-        return EventLogger(self.logger.name.removeprefix("atoll."), **{**self.extra, **more})
+        return EventLogger(self.logger.name.removeprefix("atoll."), **{**self.context, **more})
 
-    def log(self, level: int, event: object, *args: Any, **fields: Any) -> None:  # type: ignore[override]
-        if not self.isEnabledFor(level):
+    def log(self, level: int, event: object, *args: Any, **fields: Any) -> None:
+        if not self.logger.isEnabledFor(level):
             return
         exc_info = fields.pop("exc_info", None)
         parts = [str(event)]
-        parts += [f"{k}={_fmt(v)}" for k, v in {**self.extra, **fields}.items()]
+        parts += [f"{k}={_fmt(v)}" for k, v in {**self.context, **fields}.items()]
         self.logger.log(level, " ".join(parts), *args, exc_info=exc_info)
 
-    def debug(self, event: object, *args: Any, **fields: Any) -> None:  # type: ignore[override]
+    def debug(self, event: object, *args: Any, **fields: Any) -> None:
         self.log(logging.DEBUG, event, *args, **fields)
 
-    def info(self, event: object, *args: Any, **fields: Any) -> None:  # type: ignore[override]
+    def info(self, event: object, *args: Any, **fields: Any) -> None:
         self.log(logging.INFO, event, *args, **fields)
 
-    def warning(self, event: object, *args: Any, **fields: Any) -> None:  # type: ignore[override]
+    def warning(self, event: object, *args: Any, **fields: Any) -> None:
         self.log(logging.WARNING, event, *args, **fields)
 
-    def error(self, event: object, *args: Any, **fields: Any) -> None:  # type: ignore[override]
+    def error(self, event: object, *args: Any, **fields: Any) -> None:
         self.log(logging.ERROR, event, *args, **fields)
 
 

@@ -5,6 +5,9 @@ tasks and queues).
 Each received message goes to ``on_message`` synchronously from ``data_received``; frames sent
 during one loop iteration are flushed together as one websocket message (as NATS flushes its write
 buffer), which is what makes small-message throughput and latency good from Python.
+
+Over 400 lines on purpose: most of it is ``WebSocket``, one connection's lifecycle (admission,
+server-side TLS, opening, receiving, batched sending, closing) over shared buffers and timers.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import ssl
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
@@ -27,7 +31,6 @@ from atoll.protocol.frames import MAX_FRAMES_PER_MESSAGE
 
 CLOSE_NORMAL = 1000
 CLOSE_POLICY = 1008  # a frame or credential broke the rules
-CLOSE_TOO_BIG = 1009
 CLOSE_TRY_LATER = 1013  # slow consumer
 
 
@@ -74,7 +77,6 @@ class WebSocket(asyncio.Protocol):
         high_water: int = 4 * 1024 * 1024,
         ping_interval: float | None = 20.0,
         close_timeout: float = 5.0,
-        request: Request | None = None,
     ) -> None:
         self.ws = protocol
         self.max_message = max_message
@@ -82,7 +84,6 @@ class WebSocket(asyncio.Protocol):
         self.high_water = high_water
         self.ping_interval = ping_interval
         self.close_timeout = close_timeout
-        self._request = request
         self.on_message: Callable[[bytes | str], None] = self._inbox_put
         self.on_open: Callable[[WebSocket], None] | None = None
         self.on_overflow: Callable[[], None] | None = None
@@ -128,35 +129,36 @@ class WebSocket(asyncio.Protocol):
     # --- asyncio.Protocol ------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        assert isinstance(transport, asyncio.Transport)  # a stream socket's
+        self.transport = transport
         self.peer = transport.get_extra_info("peername")
         admission = self.admission
         if admission is not None:
             if len(admission.pending) >= admission.cap:
                 self.admission = None  # never counted
-                transport.abort()  # type: ignore[attr-defined]
+                transport.abort()
                 return
             admission.pending.add(self)
             self._admit_timer = self._loop.call_later(admission.timeout, self._late)
         if self.tls is not None:
             # Paused until start_tls has put its SSL protocol in front of this one.
-            transport.pause_reading()  # type: ignore[attr-defined]
+            transport.pause_reading()
             self._tls_early = []
             self._tls_task = self._loop.create_task(self._start_tls(transport, self.tls))
             return
-        if self._request is not None:
-            self.ws.send_request(self._request)  # type: ignore[union-attr]
+        if isinstance(self.ws, ClientProtocol):  # the client opens the websocket handshake
+            self.ws.send_request(self.ws.connect())
             self._write_protocol_data()
 
-    async def _start_tls(self, raw: asyncio.BaseTransport, context: ssl.SSLContext) -> None:
+    async def _start_tls(self, raw: asyncio.Transport, context: ssl.SSLContext) -> None:
         """The TLS handshake of an accepted connection, inside its admission deadline: the
         deadline's abort (or the peer going) ends it. asyncio's own ``create_server(ssl=)``
         would show the connection only after the handshake, uncounted and uncapped."""
-        tls: asyncio.BaseTransport | None = None
+        tls: asyncio.Transport | None = None
         error: Exception | None = None
         try:
             tls = await self._loop.start_tls(
-                raw,  # type: ignore[arg-type]
+                raw,
                 self,
                 context,
                 server_side=True,
@@ -165,10 +167,10 @@ class WebSocket(asyncio.Protocol):
         except Exception as exc:  # a failed handshake; asyncio has closed the socket
             error = exc
         if tls is None:  # failed, or the socket closed mid-handshake (start_tls gives None)
-            raw.abort()  # type: ignore[attr-defined]
+            raw.abort()
             self.connection_lost(error)  # asyncio may not call it: never "connected"
             return
-        self.transport = tls  # type: ignore[assignment]
+        self.transport = tls
         early, self._tls_early = self._tls_early or [], None
         if self.closed.done():
             return
@@ -202,8 +204,8 @@ class WebSocket(asyncio.Protocol):
                 break
             if isinstance(event, Frame):
                 self._frame(event)
-            elif isinstance(event, Request):
-                self._accept(event)
+            elif isinstance(event, Request) and isinstance(self.ws, ServerProtocol):
+                self._accept(self.ws, event)
             elif isinstance(event, Response):
                 self._opened(self.ws.handshake_exc)
         if self.ws.close_expected():
@@ -265,9 +267,9 @@ class WebSocket(asyncio.Protocol):
 
     # --- opening ---------------------------------------------------------------------------------
 
-    def _accept(self, request: Request) -> None:
-        response = self.ws.accept(request)  # type: ignore[union-attr]
-        self.ws.send_response(response)  # type: ignore[union-attr]
+    def _accept(self, server: ServerProtocol, request: Request) -> None:
+        response = server.accept(request)
+        server.send_response(response)
         self._write_protocol_data()
         if response.status_code == 101:
             self._opened(None)
@@ -304,14 +306,15 @@ class WebSocket(asyncio.Protocol):
     def _frame(self, frame: Frame) -> None:
         op = frame.opcode
         if op is Opcode.BINARY or op is Opcode.TEXT:
+            # Received frames hold bytes (BytesLike is the sending side's type): no copy here.
+            data = bytes(frame.data)
             if frame.fin:
-                data = frame.data
                 self.on_message(data.decode("utf-8", "replace") if op is Opcode.TEXT else data)
                 return
-            self._fragments = [frame.data]
+            self._fragments = [data]
             self._fragment_text = op is Opcode.TEXT
         elif op is Opcode.CONT:
-            self._fragments.append(frame.data)
+            self._fragments.append(bytes(frame.data))
             if frame.fin:
                 data = b"".join(self._fragments)
                 self._fragments = []
@@ -329,9 +332,8 @@ class WebSocket(asyncio.Protocol):
     async def recv(self, timeout: float) -> bytes | str:
         """The next message, for the handshake phase (before ``on_message`` is replaced)."""
         getter = asyncio.ensure_future(self._inbox.get())
-        done, _ = await asyncio.wait(
-            {getter, self.closed}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-        )
+        waiting: set[asyncio.Future[Any]] = {getter, self.closed}
+        done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if getter in done:
             return getter.result()
         getter.cancel()
@@ -479,9 +481,7 @@ async def connect(
 ) -> WebSocket:
     uri = parse_uri(url)
     protocol = ClientProtocol(uri, max_size=max_message)
-    ws = WebSocket(
-        protocol, max_message=max_message, ping_interval=ping_interval, request=protocol.connect()
-    )
+    ws = WebSocket(protocol, max_message=max_message, ping_interval=ping_interval)
     tls = (ssl_context or client_tls()) if uri.secure else None
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(open_timeout):

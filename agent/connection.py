@@ -61,7 +61,7 @@ class BrokerLink:
         self.refused = asyncio.Event()  # ... and this fires then
         self.last_error: str = ""
         self._ws: WebSocket | None = None
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="atoll-broker-link")

@@ -28,8 +28,13 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def parse(model: type[M], data: Any, what: str) -> M:
-    """``data`` as ``model``, or InvalidRequest naming each wrong field and why."""
+class NoParams(BaseModel):
+    """The parameters of a method that takes none: whatever a caller sends is ignored."""
+
+
+def parse(model: type[M], data: Any, what: str | None = None) -> M:
+    """``data`` as ``model``, or InvalidRequest naming each wrong field and why (led by ``bad
+    <what>``, or ``invalid <model name>`` when ``what`` is not given)."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -38,7 +43,8 @@ def parse(model: type[M], data: Any, what: str) -> M:
             f": {e['msg']}"
             for e in exc.errors()
         )
-        raise InvalidRequest(f"bad {what}: {problems}") from None
+        lead = f"bad {what}" if what is not None else f"invalid {model.__name__}"
+        raise InvalidRequest(f"{lead}: {problems}") from None
 
 
 def service_address(target: str, plugin: str) -> str:
@@ -46,9 +52,10 @@ def service_address(target: str, plugin: str) -> str:
     return target if "/" in target else f"{target}/{plugin}"
 
 
-def counter(total: int, progress: Progress | None) -> Callable[[int], None]:
-    """A callback that adds each step's count and reports the running sum out of ``total``."""
-    done = 0
+def counter(total: int, progress: Progress | None, start: int = 0) -> Callable[[int], None]:
+    """A callback that adds each step's count and reports the running sum (from ``start``: what
+    a resumed transfer already holds) out of ``total``."""
+    done = start
 
     def advance(n: int) -> None:
         nonlocal done
@@ -78,6 +85,12 @@ class Method(Generic[P, R]):
     name: str
     params: type[P]
     reply: Any  # a type pydantic can validate: a model, ``list[Model]``, ``dict[str, Any]``
+    what: str | None = None  # how a refusal names the parameters (see ``parse``)
+
+    def parse_params(self, data: Any) -> P:
+        """Parameters as a caller sent them (none: an empty object) as this method's model;
+        both the serving plugin and a client building a request use it, so they refuse alike."""
+        return parse(self.params, {} if data is None else data, self.what)
 
     def check_reply(self, value: Any) -> R:
         """The reply as its declared type; a reply that is not is the callee's bug, said so."""

@@ -21,9 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from atoll.agent.node import Agent, Publication, Subscription
+from atoll.agent.node import Agent, Subscription
 from atoll.protocol.errors import AuthError
-from atoll.tenancy.credentials import AgentIdentity, verify_agent
+from atoll.protocol.session import Publication
+from atoll.protocol.trust import AgentIdentity, verify_agent
 
 ANNOUNCE = "discovery.announce"
 EVENTS = "discovery.events"
@@ -112,7 +113,7 @@ class Announcer:
         self.agent = agent
         self.describe = describe
         self.interval = interval
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     def message(self, leaving: bool = False) -> dict[str, Any]:
         ident = self.agent.ident
@@ -159,7 +160,7 @@ class Discovery:
         self.listeners: list[Callable[[dict[str, Any]], Any]] = []
         self._idents: dict[bytes, AgentIdentity] = {}  # verified credentials, by their bytes
         self._sub: Subscription | None = None
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self.changed = asyncio.Event()
 
     async def start(self) -> Discovery:

@@ -3,12 +3,14 @@ is rebuilt as the same class on the caller when that class is known there."""
 
 from __future__ import annotations
 
+import builtins
 from typing import Any, ClassVar
 
 
 class AtollError(Exception):
     type: ClassVar[str] = "AtollError"
-    _registry: ClassVar[dict[str, type[AtollError]]] = {}
+    # ``builtins.type``: inside this class body ``type`` is the attribute above.
+    _registry: ClassVar[dict[str, builtins.type[AtollError]]] = {}
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from atoll.agent.metrics import SystemCollector, metrics_snapshot
+from atoll.agent.host_metrics import SystemCollector
+from atoll.agent.metrics import metrics_snapshot
 from atoll.agent.node import Agent
 
 if TYPE_CHECKING:
@@ -25,9 +26,9 @@ class MetricsPublisher:
         self.host = host
         self.interval = interval
         self.collector = SystemCollector(data_dir)
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
-    def message(self) -> dict:
+    def message(self) -> dict[str, Any]:
         return metrics_snapshot(
             agent=self.agent.name, system=self.collector.collect(), plugins=self.host.metrics()
         )

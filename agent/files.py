@@ -1,12 +1,12 @@
 """File transfers between agents: chunked over an encrypted stream, flow-controlled, verified by
 sha256, and resumable.
 
-A file being received is written under a hidden staging directory next to its destination
-(``.atoll-partial/``) and renamed into place only once its size and sha256 match: a failed or
-interrupted transfer never leaves a visible partial file. After a reconnect (a broker restart, a
-failover) the sender asks again and the receiver answers with how much it already holds; the
-transfer goes on from there. Agents serve only the directories their ``[plugins.files] dirs``
-allow-list names.
+A file being received is written under the hidden staging directory next to its destination
+(``.atoll-staging/``, see ``transfer.py``) and renamed into place only once its size and sha256
+match: a failed or interrupted transfer never leaves a visible partial file. After a reconnect (a
+broker restart, a failover) the sender asks again and the receiver answers with how much it
+already holds; the transfer goes on from there. Agents serve only the directories their
+``[plugins.files] dirs`` allow-list names.
 
 Wire (on the stream, after the open parameters): the serving side writes a JSON line first —
 ``{"offset": N}`` for a put, ``{"size": S, "version": V, "offset": N}`` for a get — then the
@@ -18,156 +18,47 @@ is in place. A partial file resumes only for the same source version (size and m
 from __future__ import annotations
 
 import asyncio
-import errno
-import hashlib
-import json
-import os
-import stat
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from atoll.agent.config import ConfigPath
-from atoll.agent.errors import AtollError, ConnectionLost, Forbidden, InvalidRequest
-from atoll.agent.node import CallInfo, Overlay
+from atoll.agent.contract import Progress, counter
+from atoll.agent.errors import ConnectionLost, Forbidden, InvalidRequest
+from atoll.agent.node import Overlay
 from atoll.agent.plugins import Plugin, PluginContext
 from atoll.agent.streams import Stream, StreamReset
+from atoll.agent.transfer import (
+    STAGING,
+    Reader,
+    TransferFailed,
+    commit_staged,
+    file_chunks,
+    open_transfer,
+    receive_staged,
+    resume_offset,
+    send_bytes,
+    sha256_file,
+    staged_so_far,
+    version_of,
+    write_line,
+)
+from atoll.protocol.session import CallInfo
 from atoll.tenancy.permissions import FILE_USERS
 
-STAGING = ".atoll-partial"
-READ_SIZE = 1024 * 1024
-TRANSFER_WINDOW = 16 * 1024 * 1024  # bulk data: a deep window keeps the pipe full
-SYNC_EVERY = 32 * 1024 * 1024
-Progress = Callable[[int, int], None]
-
-
-class TransferFailed(AtollError):
-    """A transfer that cannot succeed by retrying (bad checksum, missing file, refused path)."""
-
-
-_OPEN_FLAGS = {"rb": os.O_RDONLY, "r+b": os.O_RDWR, "xb": os.O_WRONLY | os.O_CREAT | os.O_EXCL}
-
-
-def open_nofollow(path: Path, mode: str = "rb") -> Any:
-    """Open without following a symbolic link in the last component (``O_NOFOLLOW``): a link
-    swapped in after a path was checked is refused instead of read or written through (``xb``
-    creates a new file, never through a link)."""
-    flags = _OPEN_FLAGS[mode] | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags, 0o666)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise Forbidden(f"{path} is a symbolic link") from None
-        raise
-    return os.fdopen(fd, mode)
-
-
-def sha256_file(path: Path, limit: int | None = None) -> hashlib._Hash:
-    digest = hashlib.sha256()
-    remaining = limit
-    with open_nofollow(path) as fh:
-        while remaining is None or remaining > 0:
-            block = fh.read(READ_SIZE if remaining is None else min(READ_SIZE, remaining))
-            if not block:
-                break
-            digest.update(block)
-            if remaining is not None:
-                remaining -= len(block)
-    return digest
-
-
-def staging_paths(dest: Path) -> tuple[Path, Path]:
-    """Hidden partial file and its metadata for a destination path."""
-    key = hashlib.sha256(str(dest).encode()).hexdigest()[:32]
-    stage = dest.parent / STAGING
-    return stage / f"{key}.part", stage / f"{key}.json"
-
-
-def version_of(path: Path) -> str:
-    """What identifies this exact content for resuming: size and modification time."""
-    st = path.stat()
-    return f"{st.st_size}:{st.st_mtime_ns}"
-
-
-def resume_offset(dest: Path, size: int, version: str) -> int:
-    """How much of this version of the file is already staged; starts it afresh otherwise.
-    Nothing here follows a link: one planted as the staging directory, the partial file or its
-    metadata would have this write (or truncate) a file outside the allowed directories."""
-    part, meta = staging_paths(dest)
-    part.parent.mkdir(parents=True, exist_ok=True)
-    if not stat.S_ISDIR(os.lstat(part.parent).st_mode):  # mkdir(exist_ok) accepts a link
-        raise Forbidden(f"{part.parent} is a symbolic link")
-    want = {"path": str(dest), "size": size, "version": version}
-    try:
-        with open_nofollow(meta) as fh:
-            staged = json.loads(fh.read())
-        held = os.lstat(part)
-        # Resumed only from a plain file of ours (a hard link's other name would be written).
-        if staged == want and stat.S_ISREG(held.st_mode) and held.st_nlink == 1:
-            return min(held.st_size, size)
-    except (FileNotFoundError, ValueError):  # nothing staged, or unreadable metadata
-        pass
-    for path in (meta, part):  # afresh, as new files: a hard link's other names keep their bytes
-        if path.is_symlink():
-            raise Forbidden(f"{path} is a symbolic link")
-        path.unlink(missing_ok=True)
-    with open_nofollow(meta, "xb") as fh:
-        fh.write(json.dumps(want).encode())
-    with open_nofollow(part, "xb"):
-        pass
-    return 0
-
-
-def _write_and_hash(fh: Any, digest: Any, chunk: bytes) -> None:
-    fh.write(chunk)
-    digest.update(chunk)
+HEADER_BYTES = 4096  # the longest header line either side takes: a few numbers and a version
+IDLE = None  # no idle deadline: a stalled transfer waits for the link (resumed on reconnect)
 
 
 async def _receive(
-    stream: Stream, dest: Path, size: int, offset: int, progress: Progress | None
+    reader: Reader, dest: Path, size: int, offset: int, progress: Progress | None
 ) -> None:
     """Append bytes offset..size to the staged file, check the trailer's sha256 against the
     whole file, and rename it into place."""
-    part, meta = staging_paths(dest)
-    digest = await asyncio.to_thread(sha256_file, part, offset) if offset else hashlib.sha256()
-    have = offset
-    syncing: asyncio.Future | None = None
-    synced = offset
-    with open_nofollow(part, "r+b") as fh:
-        fh.truncate(offset)
-        fh.seek(offset)
-        try:
-            while have < size:
-                chunk = await stream.read(size - have)
-                if not chunk:
-                    raise ConnectionLost(f"stream ended at {have} of {size} bytes")  # resumable
-                # In a thread (both release the GIL): the loop meanwhile opens the next chunks.
-                await asyncio.to_thread(_write_and_hash, fh, digest, chunk)
-                have += len(chunk)
-                if progress:
-                    progress(have, size)
-                if have - synced >= SYNC_EVERY and (syncing is None or syncing.done()):
-                    # Write back as we go, in a thread, so the final fsync has little left.
-                    fh.flush()
-                    synced = have
-                    syncing = asyncio.ensure_future(asyncio.to_thread(os.fdatasync, fh.fileno()))
-            fh.flush()
-        finally:
-            if syncing is not None:
-                await asyncio.wait([syncing])
-        os.fsync(fh.fileno())
-    sha256 = (await _json_line(stream)).get("sha256")
-    if digest.hexdigest() != sha256:
-        part.unlink(missing_ok=True)
-        meta.unlink(missing_ok=True)
-        raise TransferFailed(
-            f"checksum mismatch for {dest.name}: sender says {sha256}, "
-            f"received {digest.hexdigest()}"
-        )
-    os.replace(part, dest)
-    meta.unlink(missing_ok=True)
+    digest = await receive_staged(reader, dest, size, offset, counter(size, progress, offset))
+    commit_staged(dest, digest, (await reader.line(HEADER_BYTES)).get("sha256"))
 
 
 async def _send(
@@ -176,48 +67,19 @@ async def _send(
     """Stream bytes offset..size, then the whole file's sha256, hashed meanwhile in a thread."""
     hashing = asyncio.ensure_future(asyncio.to_thread(sha256_file, path, size))
     try:
-        with open_nofollow(path) as fh:
-            fh.seek(offset)
-            sent = offset
-            while sent < size:
-                block = fh.read(min(READ_SIZE, size - sent))
-                if not block:
-                    raise TransferFailed(f"{path} shrank while being sent")
-                await stream.write(block)
-                sent += len(block)
-                if progress:
-                    progress(sent, size)
-        await _line(stream, {"sha256": (await hashing).hexdigest()})
+        chunks = file_chunks(path, offset, size, nofollow=True)
+        await send_bytes(stream, chunks, size - offset, IDLE, counter(size, progress, offset))
+        await write_line(stream, {"sha256": (await hashing).hexdigest()}, IDLE)
     finally:
         hashing.cancel()
-
-
-async def _json_line(stream: Stream) -> dict[str, Any]:
-    line = bytearray()
-    while not line.endswith(b"\n"):
-        byte = await stream.read(1)
-        if not byte:
-            raise ConnectionLost("stream ended before a header line")
-        line += byte
-        if len(line) > 4096:
-            raise InvalidRequest("header line too long")
-    try:
-        obj = json.loads(line)
-    except ValueError:
-        raise InvalidRequest("malformed header line") from None
-    if not isinstance(obj, dict):
-        raise InvalidRequest("malformed header line")
-    return obj
-
-
-async def _line(stream: Stream, obj: dict[str, Any]) -> None:
-    await stream.write(json.dumps(obj).encode() + b"\n")
 
 
 RETRYABLE = (ConnectionLost, StreamReset)
 
 
-async def _retrying(agent: Overlay, attempt: Callable[[], Any], retries: int, what: str) -> Any:
+async def _retrying(
+    agent: Overlay, attempt: Callable[[], Awaitable[None]], retries: int, what: str
+) -> None:
     """Run a transfer attempt; after a broken connection wait for the link and go on."""
     for n in range(retries + 1):
         try:
@@ -228,7 +90,6 @@ async def _retrying(agent: Overlay, attempt: Callable[[], Any], retries: int, wh
             agent.log.info("files.retrying", what=what, error=exc)
             await agent.wait_connected(30)
             await asyncio.sleep(0.05 * (n + 1))
-    raise AssertionError("unreachable")
 
 
 async def put_file(
@@ -242,24 +103,18 @@ async def put_file(
     """Send ``local`` to ``remote`` on agent ``target``; returns bytes actually sent."""
     local = Path(local)
     size, version = local.stat().st_size, version_of(local)
+    params = {"path": remote, "size": size, "version": version}
     sent_total = 0
 
     async def attempt() -> None:
         nonlocal sent_total
-        stream = await agent.open_stream(
-            f"{target}/files",
-            "put",
-            {"path": remote, "size": size, "version": version},
-            window=TRANSFER_WINDOW,
-        )
-        try:
-            offset = (await _json_line(stream))["offset"]
+        async with open_transfer(agent, f"{target}/files", "put", params, IDLE) as stream:
+            reader = Reader(stream, IDLE)
+            offset = (await reader.line(HEADER_BYTES))["offset"]
             await _send(stream, local, offset, size, progress)
             sent_total += size - offset
-            if not (await _json_line(stream)).get("ok"):
+            if not (await reader.line(HEADER_BYTES)).get("ok"):
                 raise TransferFailed("the receiver did not confirm the file")
-        finally:
-            await stream.close()
 
     await _retrying(agent, attempt, retries, f"put {local} -> {target}:{remote}")
     return sent_total
@@ -279,23 +134,16 @@ async def get_file(
 
     async def attempt() -> None:
         nonlocal received
-        part, meta = staging_paths(local)
-        hint: dict[str, Any] = {"path": remote, "offset": 0, "version": ""}
-        try:
-            staged = json.loads(meta.read_text())
-            hint.update(offset=part.stat().st_size, version=staged["version"])
-        except (OSError, ValueError, KeyError):
-            pass
-        stream = await agent.open_stream(f"{source}/files", "get", hint, window=TRANSFER_WINDOW)
-        try:
-            head = await _json_line(stream)
+        offset, version = staged_so_far(local)
+        hint = {"path": remote, "offset": offset, "version": version}
+        async with open_transfer(agent, f"{source}/files", "get", hint, IDLE) as stream:
+            reader = Reader(stream, IDLE)
+            head = await reader.line(HEADER_BYTES)
             size, version, offset = head["size"], head["version"], head["offset"]
             if await asyncio.to_thread(resume_offset, local, size, version) < offset:
                 raise TransferFailed("the sender resumed past what is staged here")
-            await _receive(stream, local, size, offset, progress)
+            await _receive(reader, local, size, offset, progress)
             received += size - offset
-        finally:
-            await stream.close()
 
     await _retrying(agent, attempt, retries, f"get {source}:{remote} -> {local}")
     return received
@@ -355,10 +203,10 @@ class FilesPlugin(Plugin):
         dest.parent.mkdir(parents=True, exist_ok=True)
         size = params["size"]
         offset = await asyncio.to_thread(resume_offset, dest, size, params["version"])
-        await _line(stream, {"offset": offset})
-        await _receive(stream, dest, size, offset, None)
+        await write_line(stream, {"offset": offset}, IDLE)
+        await _receive(Reader(stream, IDLE), dest, size, offset, None)
         self.received.inc(size - offset)
-        await _line(stream, {"ok": True})
+        await write_line(stream, {"ok": True}, IDLE)
 
     async def _get(self, stream: Stream, params: Any, call: CallInfo) -> None:
         if not isinstance(params, dict):
@@ -370,6 +218,6 @@ class FilesPlugin(Plugin):
         offset = params.get("offset", 0)
         if params.get("version") != version or type(offset) is not int or not 0 <= offset <= size:
             offset = 0  # another version, or nothing staged: from the start
-        await _line(stream, {"size": size, "version": version, "offset": offset})
+        await write_line(stream, {"size": size, "version": version, "offset": offset}, IDLE)
         await _send(stream, path, offset, size, None)
         self.sent.inc(size - offset)

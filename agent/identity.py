@@ -9,7 +9,8 @@ from pathlib import Path
 import msgpack
 from nacl.signing import SigningKey
 
-from atoll.tenancy.credentials import AgentIdentity, EnrollmentToken, verify_agent
+from atoll.protocol.trust import AgentIdentity, verify_agent
+from atoll.tenancy.credentials import EnrollmentToken
 from atoll.tenancy.keys import generate, load_key, read_secret, save_key, write_secret
 from atoll.tenancy.operator import OperatorStore
 

@@ -20,25 +20,27 @@ from pydantic import BaseModel
 
 from atoll.agent.discovery import Discovery
 from atoll.agent.metrics import MetricsRegistry
-from atoll.agent.node import Agent, Publication, Subscription
-from atoll.agent.streams import WINDOW, Stream, StreamHandler
+from atoll.agent.node import Agent, Handler, Subscription
+from atoll.agent.streams import Stream, StreamHandler
 from atoll.agent.watch import TenantWatch
 from atoll.logs import EventLogger
-from atoll.tenancy.credentials import AgentIdentity
-from atoll.tenancy.permissions import ROLES
+from atoll.protocol.session import Publication
+from atoll.protocol.streams import WINDOW
+from atoll.protocol.trust import ROLES, AgentIdentity
 
 ENTRY_POINT_GROUP = "atoll.plugins"
 
 # Who may call: role names (``permissions.ANY`` for any agent of the tenant), or a function of
 # the started plugin returning them (roles its config sets, as inference's ``callers``).
 Roles = Sequence[str] | Callable[[Any], Sequence[str]]
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def rpc(name: str | None = None, *, roles: Roles) -> Callable:
+def rpc(name: str | None = None, *, roles: Roles) -> Callable[[F], F]:
     """Mark a plugin method ``async def m(self, params, call)`` as callable over the overlay by
     agents holding one of ``roles``."""
 
-    def mark(fn: Callable) -> Callable:
+    def mark(fn: F) -> F:
         fn.__atoll_rpc__ = (name or fn.__name__, roles)  # type: ignore[attr-defined]
         return fn
 
@@ -80,7 +82,7 @@ class PluginContext:
         return self._agent.ident
 
     @property
-    def broker_url(self) -> str:
+    def broker_url(self) -> str | None:
         return self._agent.link.url
 
     @property
@@ -154,17 +156,16 @@ class Plugin:
         models, adapters loaded), ``endpoints`` and ``load`` (e.g. queue depth)."""
         return {}
 
-    def rpc_methods(self) -> dict[str, tuple[Callable, tuple[str, ...]]]:
+    def rpc_methods(self) -> dict[str, tuple[Handler, tuple[str, ...]]]:
         """Each ``@rpc`` method by its overlay name, with the roles that may call it."""
-        methods = {}
+        methods: dict[str, tuple[Handler, tuple[str, ...]]] = {}
         for attr in dir(type(self)):
             fn = getattr(type(self), attr)
             marked = getattr(fn, "__atoll_rpc__", None)
             if marked:
                 rpc_name, roles = marked
                 accepted = roles(self) if callable(roles) else roles
-                where = f"{type(self).__name__}.{attr}"
-                methods[rpc_name] = (getattr(self, attr), _checked(accepted, where))
+                methods[rpc_name] = (getattr(self, attr), tuple(accepted))
         return methods
 
 
@@ -208,8 +209,11 @@ class PluginHost:
             self.log.error("plugin.start_failed", plugin=name, error=exc)
             raise
         self.errors.pop(name, None)
+        # The one check of declared roles, here so that a plugin's own rpc_methods() (the
+        # gateway's admin table) cannot skip it.
         for method, (fn, roles) in plugin.rpc_methods().items():
-            self.agent.handle(name, method, fn, roles)
+            where = f"{type(plugin).__name__} method {method}"
+            self.agent.handle(name, method, fn, _checked(roles, where))
         plugin.state = "running"
         self.log.info("plugin.started", plugin=name)
         return plugin

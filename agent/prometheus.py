@@ -19,8 +19,6 @@ from typing import Any
 
 from atoll.agent.metrics import LABEL_NAME, METRIC_NAME, QUANTILES, RESERVED_LABELS
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
 # (family, type, help, path into the feed message's "system" dict)
 _SYSTEM: list[tuple[str, str, str, tuple[str, ...]]] = [
     ("atoll_cpu_count", "gauge", "Logical CPUs.", ("cpu", "count")),
@@ -157,7 +155,8 @@ def _add_plugin(
     for name, family in snapshot.items():
         if not (isinstance(family, dict) and isinstance(name, str) and METRIC_NAME.fullmatch(name)):
             continue
-        kind = _PLUGIN_TYPES.get(family.get("kind"))  # type: ignore[arg-type]
+        kind_name = family.get("kind")  # may be anything, unhashable included
+        kind = _PLUGIN_TYPES.get(kind_name) if isinstance(kind_name, str) else None
         series = family.get("series")
         if kind is None or not isinstance(series, list):
             continue
@@ -271,9 +270,9 @@ def _number(value: Any) -> int | float | None:
     return value if isinstance(value, int | float) else None
 
 
-def _dig(data: dict[str, Any], path: tuple[str, ...]) -> Any:
+def _dig(data: Any, path: tuple[str, ...]) -> Any:
     for key in path:
         if not isinstance(data, dict):
             return None
-        data = data.get(key)  # type: ignore[assignment]
+        data = data.get(key)
     return data

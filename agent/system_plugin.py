@@ -8,8 +8,8 @@ import time
 from typing import Any
 
 from atoll import __version__
-from atoll.agent.node import CallInfo
 from atoll.agent.plugins import Plugin, rpc
+from atoll.protocol.session import CallInfo
 from atoll.tenancy.permissions import ADMINS, ANY
 
 
@@ -18,11 +18,13 @@ class SystemPlugin(Plugin):
 
     @rpc(roles=ANY)
     async def ping(self, params: Any, call: CallInfo) -> dict[str, Any]:
+        assert self.ctx is not None  # started: the host serves no method before start()
         ident = self.ctx.identity
         return {"pong": True, "agent": ident.name, "time": time.time(), "echo": params}
 
     @rpc(roles=ADMINS)
     async def info(self, params: Any, call: CallInfo) -> dict[str, Any]:
+        assert self.ctx is not None
         ident = self.ctx.identity
         return {
             "name": ident.name,
@@ -40,4 +42,5 @@ class SystemPlugin(Plugin):
 
     @rpc(roles=ADMINS)
     async def plugins(self, params: Any, call: CallInfo) -> list[dict[str, Any]]:
+        assert self.ctx is not None
         return self.ctx.plugin_statuses()

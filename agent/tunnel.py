@@ -15,9 +15,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from atoll.agent.errors import AtollError, Forbidden, InvalidRequest
-from atoll.agent.node import CallInfo, Overlay
+from atoll.agent.node import Overlay
 from atoll.agent.plugins import Plugin, PluginContext
-from atoll.agent.streams import CHUNK, Stream, StreamReset
+from atoll.agent.streams import Stream, StreamReset
+from atoll.protocol.session import CallInfo
+from atoll.protocol.streams import CHUNK
 from atoll.tenancy.permissions import TUNNEL_USERS
 
 SERVICE = "tcp"
@@ -91,7 +93,8 @@ class TunnelListener:
     @property
     def address(self) -> tuple[str, int]:
         assert self.server is not None
-        return self.server.sockets[0].getsockname()[:2]
+        host, port = self.server.sockets[0].getsockname()[:2]
+        return str(host), int(port)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -188,6 +191,7 @@ class TunnelPlugin(Plugin):
         ):
             raise InvalidRequest("a tunnel needs {host, port}")
         host, port = params["host"], params["port"]
+        assert self.ctx is not None  # serving: started
         if not allowed(self.allow, host, port):
             raise Forbidden(
                 f"destination {host}:{port} is not in agent {self.ctx.identity.name}'s tunnel "

@@ -7,7 +7,8 @@ from typing import Any
 
 from atoll.agent.discovery import Discovery
 from atoll.agent.feed import METRICS
-from atoll.agent.node import Agent, Publication, Subscription
+from atoll.agent.node import Agent, Subscription
+from atoll.protocol.session import Publication
 
 
 class TenantWatch:

@@ -179,9 +179,10 @@ class FsyncClock:
 def open_streams(agent: Agent) -> list[str]:
     """The agent's streams still in its mux, with the state that keeps each there."""
     return [
-        f"{key}: sent {st._sent} consumed {st._consumed} eof_sent {st._eof_sent} "
-        f"eof_delivered {st._eof_delivered} read {st._read} eof_at {st._eof_at} error {st.error!r}"
+        f"{key}: sent {w.sent} consumed {w.consumed} eof_sent {w.eof_sent} "
+        f"eof_delivered {w.eof_delivered} read {w.read} eof_at {w.eof_at} error {st.error!r}"
         for key, st in agent.streams.streams.items()
+        for w in [st.windows]
     ]
 
 

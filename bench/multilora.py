@@ -32,9 +32,9 @@ import torch
 from safetensors.torch import save_file
 
 from atoll.agent.metrics import MetricsRegistry
+from atoll.plugins.basemodels import model_id, resolve_model
 from atoll.plugins.inference.contract import GenerateRequest
 from atoll.plugins.inference.local_backend import LocalBackend, LocalConfig
-from atoll.plugins.inference.models import model_id, resolve_model
 from atoll.tuning import tune_process
 from harness import run_main, setup_logging
 
@@ -140,7 +140,7 @@ async def cold_load(work: Path, model_dir: Path, adapter: Path, repeats: int) ->
     from atoll.agent.identity import AgentKeys
     from atoll.agent.runtime import AgentRuntime
     from atoll.broker.server import BrokerServer
-    from atoll.plugins.storage.contract import upload_adapter
+    from atoll.plugins.storage.contract.adapters import upload_adapter
     from atoll.tenancy.operator import OperatorStore
 
     op = OperatorStore(work / "operator")

@@ -337,7 +337,8 @@ async def atoll_broker(
 
 async def bench_atoll(plan: Plan, inproc: bool, profile_dir: Path | None) -> dict[str, Any]:
     from atoll.agent.identity import AgentKeys
-    from atoll.agent.node import Agent, CallInfo
+    from atoll.agent.node import Agent
+    from atoll.protocol.session import CallInfo
     from atoll.tenancy.operator import DEFAULT_TENANT, OperatorStore
 
     with tempfile.TemporaryDirectory(prefix="atoll-bench-") as tmp:

@@ -68,8 +68,9 @@ import psutil
 from atoll.agent.identity import AgentKeys
 from atoll.agent.runtime import AgentRuntime
 from atoll.broker.server import BrokerServer
-from atoll.plugins.inference.models import model_id, resolve_model
-from atoll.plugins.storage.contract import describe_adapter, fetch_dataset
+from atoll.plugins.basemodels import model_id, resolve_model
+from atoll.plugins.storage.contract.adapters import describe_adapter
+from atoll.plugins.storage.contract.datasets import fetch_dataset
 from atoll.plugins.training.contract import JobRecord, get_job, job_events
 from atoll.plugins.training.runner import FINAL_METRICS, RunSpec
 from atoll.tenancy.operator import OperatorStore

@@ -8,7 +8,7 @@ import ipaddress
 import socket
 
 import psutil
-from zeroconf import InterfaceChoice, IPVersion, ServiceInfo, ServiceStateChange
+from zeroconf import InterfaceChoice, IPVersion, ServiceInfo, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 SERVICE = "_atoll._tcp.local."
@@ -60,7 +60,9 @@ async def discover(timeout: float = 3.0, interfaces: list[str] | None = None) ->
     names: list[str] = []
     found = asyncio.Event()
 
-    def on_change(zeroconf, service_type: str, name: str, state_change) -> None:
+    def on_change(
+        zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
+    ) -> None:
         if state_change is ServiceStateChange.Added:
             names.append(name)
             found.set()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from nacl.signing import SigningKey
 
-from atoll.tenancy.credentials import verify_broker
+from atoll.protocol.trust import verify_broker
 from atoll.tenancy.keys import generate, load_key, save_key
 from atoll.tenancy.operator import OperatorStore
 

@@ -164,8 +164,8 @@ class LinkState:
                 if node == self.me:
                     continue
                 hop = node
-                while parent[hop] != self.me:
-                    hop = parent[hop]  # type: ignore[assignment]
+                while (up := parent[hop]) is not None and up != self.me:
+                    hop = up
                 hops[node] = hop
             self._hops = hops
         return self._hops
@@ -200,7 +200,9 @@ class LinkState:
                     index.setdefault(t, SubjectIndex()).add((name, pattern), pattern, name)
             self._interest = index
         idx = self._interest.get(tenant)
-        return set(idx.match(subject)) if idx else set()  # type: ignore[arg-type]
+        if idx is None:
+            return set()
+        return set(idx.match(subject))  # type: ignore[arg-type]  # its values: broker names
 
     def fanout(self, origin: str, targets: set[str]) -> set[str]:
         """Our peers to pass a publication from ``origin`` to, for it to reach ``targets``:

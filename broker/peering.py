@@ -18,8 +18,8 @@ from atoll.protocol.errors import AuthError, ProtocolError
 from atoll.protocol.frames import Frame, FrameType, decode_message, encode_frame, pack, unpack_map
 from atoll.protocol.handshake import ClientHandshake
 from atoll.protocol.subjects import check_name, check_subject, split_address
+from atoll.protocol.trust import AgentIdentity, verify_agent
 from atoll.tenancy import permissions
-from atoll.tenancy.credentials import AgentIdentity, verify_agent
 from atoll.transport import CLOSE_POLICY, WebSocket, connect
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ ADVERT_DELAY = 0.02  # seconds: coalesces a burst of connects/subscriptions into
 
 
 class PeerLink:
-    def __init__(self, mesh: Mesh, ws: WebSocket, name: str, dialled: bool) -> None:
+    def __init__(self, mesh: PeerMesh, ws: WebSocket, name: str, dialled: bool) -> None:
         self.mesh = mesh
         self.ws = ws
         self.name = name
@@ -50,7 +50,9 @@ class PeerLink:
             self.ws.close(CLOSE_POLICY, exc.reason)
 
 
-class Mesh:
+class PeerMesh:
+    """This broker's side of the mesh: its peer links, the adverts it floods, relaying."""
+
     def __init__(
         self,
         server: BrokerServer,
@@ -71,7 +73,7 @@ class Mesh:
         self._advert_due: asyncio.TimerHandle | None = None  # a coalesced advert, scheduled
         self._idents: dict[bytes, AgentIdentity] = {}  # remote agents' verified credentials
         self._allowed: dict[tuple[bytes, str, str], bool] = {}
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -229,27 +231,15 @@ class Mesh:
         body = unpack_map(f.payload, "sync")
         kind = body.get("kind")
         if kind == "revoke":
+            blob = body.get("blob")
             try:
-                self.server.router.apply_revocation(body.get("blob"))  # type: ignore[arg-type]
+                if not isinstance(blob, bytes):
+                    raise AuthError("revocation missing")  # as verify_revocation says it
+                self.server.router.apply_revocation(blob)
             except AuthError as exc:
                 raise ProtocolError(f"peer sent a bad revocation: {exc.reason}") from None
         elif kind == "bind":
-            try:
-                b = Binding(**{k: body[k] for k in Binding.__dataclass_fields__})
-                if not (
-                    isinstance(b.jti, str)
-                    and isinstance(b.pub, bytes)
-                    and len(b.pub) == 32
-                    and type(b.at) is int
-                    and type(b.exp) is int
-                    and type(b.direct) is bool
-                ):
-                    raise TypeError
-                check_name(b.tenant, "tenant name")
-                check_name(b.name, "agent name")
-            except (KeyError, TypeError):
-                raise ProtocolError("peer sent a malformed name binding") from None
-            self.server.router.apply_binding(b)
+            self.server.router.apply_binding(Binding.from_wire(body))
         else:
             raise ProtocolError(f"unknown sync kind {kind!r}")
         self._flood(f.raw, exclude=link.name)

@@ -18,8 +18,8 @@ from atoll.logs import EventLogger
 from atoll.protocol.errors import AuthError, ProtocolError
 from atoll.protocol.frames import Frame, FrameType, encode_frame
 from atoll.protocol.subjects import SubjectIndex, check_subject, matches, split_address
+from atoll.protocol.trust import AgentIdentity, now_ms, verify_revocation
 from atoll.tenancy import permissions
-from atoll.tenancy.credentials import AgentIdentity, now_ms, verify_revocation
 
 MAX_SUBS_PER_SESSION = 10_000
 
@@ -46,7 +46,7 @@ class _TenantSpace:
     kept_by: dict[str, int] = field(default_factory=dict)  # agent -> bytes it keeps
 
 
-class Mesh(Protocol):
+class MeshRelay(Protocol):
     """What the router needs from the broker mesh (absent on a lone broker)."""
 
     def changed(self) -> None: ...
@@ -59,7 +59,7 @@ class Mesh(Protocol):
 
     def credential(self, tenant: str, agent: str) -> bytes | None: ...
 
-    def flood_sync(self, body: dict) -> None: ...
+    def flood_sync(self, body: dict[str, Any]) -> None: ...
 
 
 MAX_RETAINED_PER_TENANT = 10_000
@@ -78,13 +78,10 @@ class Router:
     def __init__(self, state: BrokerState, log: EventLogger | None = None) -> None:
         self.state = state
         self.log = log or EventLogger("broker")
-        self.mesh: Mesh | None = None
+        self.mesh: MeshRelay | None = None
         self._tenants: dict[str, _TenantSpace] = {}
         self._allowed: dict[int, dict[tuple[str, str], bool]] = {}  # session id -> answers
-        # Test/debug hook seeing every frame an agent sends, before routing; a Frame it returns
-        # is routed instead (a test playing a compromised broker).
-        self.tap: Callable[[Session, Frame], Frame | None] | None = None
-        self._handlers = {
+        self._handlers: dict[FrameType, Callable[[Session, Frame], None]] = {
             FrameType.MSG: self._msg,
             FrameType.PUB: self._pub,
             FrameType.SUB: self._sub,
@@ -155,8 +152,8 @@ class Router:
 
     def local_view(self) -> tuple[dict[tuple[str, str], tuple[bytes, int]], set[tuple[str, str]]]:
         """What this broker holds, for its mesh advert: agents (credential, since), interest."""
-        agents = {}
-        subs = set()
+        agents: dict[tuple[str, str], tuple[bytes, int]] = {}
+        subs: set[tuple[str, str]] = set()
         for tenant, space in self._tenants.items():
             for name, session in space.agents.items():
                 agents[(tenant, name)] = (session.ident.credential, space.since.get(name, 0))
@@ -180,7 +177,7 @@ class Router:
         if keep is not None:
             self._keep(tenant, space, subject, keep, data)
         for target in dict.fromkeys(space.subs.match(subject)):  # one copy per connection
-            target.send(data)  # type: ignore[attr-defined]
+            target.send(data)  # type: ignore[attr-defined]  # SubjectIndex values: Sessions
 
     def _keep(self, tenant: str, space: _TenantSpace, subject: str, by: str, data: bytes) -> None:
         old = space.retained.get(subject)
@@ -225,15 +222,13 @@ class Router:
 
     def handle(self, s: Session, f: Frame) -> None:
         """Route one frame. Raises ProtocolError for misuse that must close the connection."""
-        if self.tap is not None:
-            f = self.tap(s, f) or f
         handler = self._handlers.get(f.type)
         if handler is None:
             raise ProtocolError(f"agents may not send {f.type.name} frames")
         handler(s, f)
 
     def _src(self, s: Session, f: Frame) -> str:
-        claimed = f.header.get("src")
+        claimed: str | None = f.header.get("src")
         if claimed is None:
             return s.ident.name
         agent, _plugin = split_address(claimed)

@@ -10,34 +10,41 @@ import asyncio
 import itertools
 import ssl
 from pathlib import Path
+from typing import Any
 
 from atoll.broker.advertise import Advertiser
 from atoll.broker.identity import BrokerKeys, load_broker_keys
-from atoll.broker.peering import Mesh
+from atoll.broker.peering import PeerMesh
 from atoll.broker.router import Router, error_frame
 from atoll.broker.state import BrokerState
 from atoll.logs import EventLogger
 from atoll.protocol.errors import AuthError, ProtocolError
 from atoll.protocol.frames import DEFAULT_MAX_MESSAGE, decode_message
 from atoll.protocol.handshake import ServerHandshake
-from atoll.tenancy.credentials import AgentIdentity, BrokerIdentity
+from atoll.protocol.trust import AgentIdentity, BrokerIdentity
 from atoll.tenancy.operator import OperatorStore
 from atoll.transport import CLOSE_POLICY, CLOSE_TRY_LATER, Admission, WebSocket, serve
 
 _ids = itertools.count(1)
 
 
-class _Session:
-    """One agent connection, from HELLO to close."""
+def _refuse(ws: WebSocket, code: str, reason: str) -> None:
+    """Tell the peer why in a fatal ERROR frame, then close."""
+    ws.send(error_frame(code, reason, fatal=True))
+    ws.close(CLOSE_POLICY, reason)
+
+
+def _ignore(data: bytes | str) -> None:
+    """After a refusal, while the close completes."""
+
+
+class _Handshake:
+    """One connection from accept to AUTH accepted: an agent's becomes a ``_Session``, a peer
+    broker's a mesh link."""
 
     def __init__(self, ws: WebSocket, server: BrokerServer) -> None:
-        self.id = next(_ids)
         self.ws = ws
         self.server = server
-        self.ident: AgentIdentity | None = None
-        self.subs: dict[int, str] = {}
-        self.send = ws.send
-        self.log = server.log
         self._hs = ServerHandshake(
             server.keys.key, server.keys.credential, server.keys.operator_pub, server.max_message
         )
@@ -45,46 +52,61 @@ class _Session:
         ws.on_overflow = self._overflow
         ws.send(self._hs.hello())
         ws.on_late = self._auth_timeout  # the deadline runs from TCP accept (transport.Admission)
-        ws.closed.add_done_callback(self._closed)
-
-    def _refuse(self, code: str, reason: str) -> None:
-        self.send(error_frame(code, reason, fatal=True))
-        self.ws.close(CLOSE_POLICY, reason)
 
     def _auth_timeout(self) -> None:
-        self.log.warning("broker.auth_refused", peer=self.ws.peer, code="timeout")
-        self._refuse("timeout", "no AUTH in time")
+        self.server.log.warning("broker.auth_refused", peer=self.ws.peer, code="timeout")
+        _refuse(self.ws, "timeout", "no AUTH in time")
+
+    def _overflow(self) -> None:
+        self.ws.fail(CLOSE_TRY_LATER, "slow consumer: send queue overflow")
 
     def _on_auth(self, data: bytes | str) -> None:
-        self.ws.on_message = self._ignore
+        ws, server = self.ws, self.server
+        ws.on_message = _ignore
         try:
-            frames = decode_message(data, self.server.max_message)
+            frames = decode_message(data, server.max_message)
             if len(frames) != 1:
                 raise ProtocolError("AUTH must come alone")
             ident = self._hs.receive_auth(frames[0])
             if isinstance(ident, BrokerIdentity):  # a peer broker linking into the mesh
-                if ident.name == self.server.keys.name:
+                if ident.name == server.keys.name:
                     raise AuthError("a broker cannot peer with itself")
-                self.ws.admitted()
-                self.ws.send(self._hs.welcome(), urgent=True)  # alone: adverts follow at once
-                self.server.mesh.attach(self.ws, ident.name, dialled=False)
+                ws.admitted()
+                ws.send(self._hs.welcome(), urgent=True)  # alone: adverts follow at once
+                server.mesh.attach(ws, ident.name, dialled=False)
                 return
-            self.ident = ident
-            self.server.router.attach(self)  # admits: revocations, name bindings, tokens
-            self.ws.admitted()
+            session = _Session(ws, server, ident)
+            server.router.attach(session)  # admits: revocations, name bindings, tokens
+            ws.admitted()
         except ProtocolError as exc:
-            self.log.warning(
-                "broker.auth_refused", peer=self.ws.peer, code=exc.code, reason=exc.reason
+            server.log.warning(
+                "broker.auth_refused", peer=ws.peer, code=exc.code, reason=exc.reason
             )
-            self._refuse(exc.code, exc.reason)
+            _refuse(ws, exc.code, exc.reason)
             return
-        self.send(self._hs.welcome(), True)  # its own message: the handshake reads it alone
-        self.log = self.server.log.bind(tenant=ident.tenant, agent=ident.name)
-        self.log.info("broker.agent_connected", peer=self.ws.peer, roles=",".join(ident.roles))
-        self.ws.on_message = self._on_message
+        session.start(self._hs.welcome())
 
-    def _ignore(self, data: bytes | str) -> None:
-        """After a refusal, while the close completes."""
+
+class _Session:
+    """One authenticated agent connection, as the router routes to it (``router.Session``)."""
+
+    def __init__(self, ws: WebSocket, server: BrokerServer, ident: AgentIdentity) -> None:
+        self.id = next(_ids)
+        self.ws = ws
+        self.server = server
+        self.ident = ident
+        self.subs: dict[int, str] = {}
+        self.send = ws.send
+        self.log = server.log.bind(tenant=ident.tenant, agent=ident.name)
+
+    def start(self, welcome: bytes) -> None:
+        """Admitted by the router: welcome the agent and route what it sends."""
+        ws = self.ws
+        ws.on_overflow = self._overflow
+        ws.closed.add_done_callback(self._closed)
+        self.send(welcome, True)  # its own message: the handshake reads it alone
+        self.log.info("broker.agent_connected", peer=ws.peer, roles=",".join(self.ident.roles))
+        ws.on_message = self._on_message
 
     def _on_message(self, data: bytes | str) -> None:
         try:
@@ -93,24 +115,23 @@ class _Session:
         except ProtocolError as exc:
             self.log.warning("broker.frame_refused", code=exc.code, reason=exc.reason)
             self.server.router.detach(self)
-            self.ws.on_message = self._ignore
-            self._refuse(exc.code, exc.reason)
+            self.ws.on_message = _ignore
+            _refuse(self.ws, exc.code, exc.reason)
 
     def _overflow(self) -> None:
         self.log.warning("broker.slow_consumer")
         self.server.router.detach(self)
-        self.ws.on_message = self._ignore
+        self.ws.on_message = _ignore
         self.ws.fail(CLOSE_TRY_LATER, "slow consumer: send queue overflow")
 
     def close(self, code: str, reason: str) -> None:
         """Called by the router: tell the agent why, then close."""
-        self.ws.on_message = self._ignore
-        self._refuse(code, reason)
+        self.ws.on_message = _ignore
+        _refuse(self.ws, code, reason)
 
-    def _closed(self, _: asyncio.Future) -> None:
-        if self.ident is not None:
-            self.server.router.detach(self)
-            self.log.info("broker.agent_disconnected", reason=self.ws.close_reason or "eof")
+    def _closed(self, _: asyncio.Future[None]) -> None:
+        self.server.router.detach(self)
+        self.log.info("broker.agent_disconnected", reason=self.ws.close_reason or "eof")
 
 
 class BrokerServer:
@@ -146,17 +167,17 @@ class BrokerServer:
         self.log = EventLogger("broker", broker=keys.name)
         self.router = Router(state, self.log)
         self.peer_ssl = peer_ssl  # for wss:// peers with a private CA
-        self.mesh = Mesh(self, peers or [], refresh=mesh_refresh)
+        self.mesh = PeerMesh(self, peers or [], refresh=mesh_refresh)
         self.router.mesh = self.mesh
         self.advertise = advertise  # on the LAN over mDNS (zeroconf)
         self._advertiser: Advertiser | None = None
         self._server: asyncio.Server | None = None
-        self._sessions: set[_Session] = set()
+        self._conns: set[WebSocket] = set()  # open connections, agents' and peers'
         self.host = ""
         self.port = 0
 
     @classmethod
-    def from_data_dir(cls, data_dir: Path, **kw) -> BrokerServer:
+    def from_data_dir(cls, data_dir: Path, **kw: Any) -> BrokerServer:
         keys = load_broker_keys(data_dir)
         state = BrokerState(Path(data_dir) / "broker" / "state.sqlite", keys.operator_pub)
         op = OperatorStore(data_dir)
@@ -170,9 +191,9 @@ class BrokerServer:
         return f"{scheme}://{self.host}:{self.port}"
 
     def _open(self, ws: WebSocket) -> None:
-        session = _Session(ws, self)
-        self._sessions.add(session)
-        ws.closed.add_done_callback(lambda _: self._sessions.discard(session))
+        _Handshake(ws, self)
+        self._conns.add(ws)
+        ws.closed.add_done_callback(lambda _: self._conns.discard(ws))
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> BrokerServer:
         self._server = await serve(
@@ -203,13 +224,13 @@ class BrokerServer:
             await self._advertiser.stop()
             self._advertiser = None
         await self.mesh.stop()
-        sessions = list(self._sessions)
-        for s in sessions:
-            s.ws.close(1001, "broker shutting down")
-        if sessions:
-            await asyncio.wait([s.ws.closed for s in sessions], timeout=2)
-        for s in sessions:
-            s.ws.abort()
+        conns = list(self._conns)
+        for ws in conns:
+            ws.close(1001, "broker shutting down")
+        if conns:
+            await asyncio.wait([ws.closed for ws in conns], timeout=2)
+        for ws in conns:
+            ws.abort()
         for ws in list(self.admission.pending):  # still on the way in: TLS, upgrade or AUTH
             ws.abort()
         await self._server.wait_closed()

@@ -14,9 +14,11 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from atoll.protocol.errors import AuthError
-from atoll.tenancy.credentials import AgentIdentity, Revocation, now_ms, verify_revocation
+from atoll.protocol.errors import AuthError, ProtocolError
+from atoll.protocol.subjects import check_name
+from atoll.protocol.trust import AgentIdentity, Revocation, now_ms, verify_revocation
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,26 @@ class Binding:
     at: int
     exp: int
     direct: bool  # bound by a credential the tenant key signed itself
+
+    @classmethod
+    def from_wire(cls, body: dict[str, Any]) -> Binding:
+        """A binding another broker of the mesh flooded (ProtocolError unless well-formed)."""
+        try:
+            b = cls(**{k: body[k] for k in cls.__dataclass_fields__})
+            if not (
+                isinstance(b.jti, str)
+                and isinstance(b.pub, bytes)
+                and len(b.pub) == 32
+                and type(b.at) is int
+                and type(b.exp) is int
+                and type(b.direct) is bool
+            ):
+                raise TypeError
+            check_name(b.tenant, "tenant name")
+            check_name(b.name, "agent name")
+        except (KeyError, TypeError):
+            raise ProtocolError("peer sent a malformed name binding") from None
+        return b
 
     def live(self, now: int) -> bool:
         return not self.exp or self.exp > now
@@ -180,8 +202,12 @@ class BrokerState:
                     code="token-used",
                 )
         bound = self.binding(ident.tenant, ident.name)
-        taken = bound is not None and bound.live(now) and bound.pub != ident.pub
-        if taken and (ident.grant or ident.iat <= bound.at):  # type: ignore[union-attr]
+        if (
+            bound is not None
+            and bound.live(now)
+            and bound.pub != ident.pub  # taken by another key
+            and (ident.grant or ident.iat <= bound.at)
+        ):
             raise AuthError(
                 f"agent name {ident.name!r} belongs to another key in this tenant "
                 "(revoke it first)",

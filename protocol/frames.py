@@ -9,6 +9,7 @@ bounded and type-checked on decode so a hostile peer can only ever cause a ``Pro
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +44,7 @@ class FrameType(enum.IntEnum):
 
 # Each header field: (python type, bound). Strings are bounded in characters, bytes in length,
 # ints in absolute value.
-_FIELDS: dict[str, tuple[type, int]] = {
+_FIELDS: dict[str, tuple[type[Any], int]] = {
     "id": (int, 2**63),  # sender-chosen message id (NORESP refers to it; mesh de-duplication)
     "src": (str, MAX_STR),  # sender address, stamped by the broker, never trusted from agents
     "dst": (str, MAX_STR),  # destination address "agent" or "agent/plugin"
@@ -92,7 +93,8 @@ class Frame:
         return encode_frame(self.type, self.header, self.payload)
 
 
-_pack = msgpack.Packer(use_bin_type=True).pack  # one packer: the event loop is single-threaded
+# One packer: the event loop is single-threaded.
+_pack: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
 _TYPES = {int(t): t for t in FrameType}
 _WIRE = {t: int(t) for t in FrameType}  # msgpack packs an IntEnum on a slow path (+25%)
 
@@ -141,9 +143,12 @@ _LIMITS: dict[str, Any] = {
 
 
 def decode_message(
-    data: bytes, max_size: int = DEFAULT_MAX_MESSAGE, keep_raw: bool = True
+    data: bytes | bytearray | memoryview | str,
+    max_size: int = DEFAULT_MAX_MESSAGE,
+    keep_raw: bool = True,
 ) -> list[Frame]:
-    """Decode every frame of one websocket message; raise ProtocolError on anything off.
+    """Decode every frame of one websocket message (text messages are refused); raise
+    ProtocolError on anything off.
 
     ``keep_raw`` keeps each frame's bytes (brokers forward them); agents skip the copies.
     """
@@ -160,7 +165,9 @@ def decode_message(
     return [_to_frame(obj, bytes(data) if keep_raw else b"")]
 
 
-def _decode_many(data: bytes, max_size: int, keep_raw: bool) -> list[Frame]:
+def _decode_many(
+    data: bytes | bytearray | memoryview, max_size: int, keep_raw: bool
+) -> list[Frame]:
     unpacker = msgpack.Unpacker(max_buffer_size=max(len(data), 1), max_bin_len=max_size, **_LIMITS)
     frames: list[Frame] = []
     consumed = 0  # bytes of complete frames: tell() also counts a half-read trailing frame

@@ -14,13 +14,14 @@ from __future__ import annotations
 import os
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
 from atoll.protocol.errors import AuthError, ProtocolError
 from atoll.protocol.frames import VERSION, Frame, FrameType, encode_frame, pack, unpack_map
-from atoll.tenancy.credentials import (
+from atoll.protocol.trust import (
     AgentIdentity,
     BrokerIdentity,
     verify_agent,
@@ -32,7 +33,7 @@ AUTH_CONTEXT = b"atoll-auth-v1"
 WELCOME_CONTEXT = b"atoll-welcome-v1"
 
 
-def _expect(frame: Frame, ftype: FrameType) -> dict:
+def _expect(frame: Frame, ftype: FrameType) -> dict[str, Any]:
     if frame.type is FrameType.ERROR:
         raise AuthError(frame.header.get("reason", "refused"), code=frame.header.get("code"))
     if frame.type is not ftype:
@@ -40,7 +41,7 @@ def _expect(frame: Frame, ftype: FrameType) -> dict:
     return unpack_map(frame.payload, ftype.name, 64 * 1024)
 
 
-def _bytes(msg: dict, field: str, size: int | None = None) -> bytes:
+def _bytes(msg: dict[str, Any], field: str, size: int | None = None) -> bytes:
     value = msg.get(field)
     if not isinstance(value, bytes) or (size is not None and len(value) != size):
         raise ProtocolError(f"handshake field {field!r} missing or malformed")
@@ -134,7 +135,11 @@ class ClientHandshake:
             raise ProtocolError("broker announced no usable message size")
         self._max = max_message
         data = AUTH_CONTEXT + self._broker_nonce + self.nonce + self._broker.pub
-        body = {"cred": self.credential, "nonce": self.nonce, "sig": self.key.sign(data).signature}
+        body: dict[str, Any] = {
+            "cred": self.credential,
+            "nonce": self.nonce,
+            "sig": self.key.sign(data).signature,
+        }
         if self.as_peer:
             body["peer"] = True
         return encode_frame(FrameType.AUTH, {}, pack(body))

@@ -70,7 +70,8 @@ def secretbox(message: bytes, nonce: bytes, key: bytes) -> bytes:
     size = len(message) + MAC_SIZE
     out = _ffi.new("unsigned char[]", size)
     _sodium.crypto_secretbox_easy(out, message, len(message), nonce, key)
-    return _ffi.buffer(out, size)[:]
+    boxed: bytes = _ffi.buffer(out, size)[:]
+    return boxed
 
 
 def secretbox_open(boxed: bytes, nonce: bytes, key: bytes) -> bytes | None:
@@ -83,7 +84,8 @@ def secretbox_open(boxed: bytes, nonce: bytes, key: bytes) -> bytes | None:
     out = _ffi.new("unsigned char[]", max(size, 1))
     if _sodium.crypto_secretbox_open_easy(out, boxed, len(boxed), nonce, key) != 0:
         return None
-    return _ffi.buffer(out, size)[:]
+    message: bytes = _ffi.buffer(out, size)[:]
+    return message
 
 
 def open_sealed(key: bytes, data: bytes, src: str, to: str) -> tuple[bytes, int, Any]:

@@ -8,9 +8,12 @@ a final ``>`` for one or more. Subjects beginning with ``$`` belong to brokers. 
 from __future__ import annotations
 
 import re
+from typing import TypeVar
 
 from atoll.protocol.errors import ProtocolError
 
+K = TypeVar("K")
+V = TypeVar("V")
 MAX_SUBJECT = 256
 MAX_TOKENS = 16
 _TOKEN = re.compile(r"[A-Za-z0-9_\-:]{1,64}")
@@ -30,7 +33,7 @@ _addresses: dict[str, tuple[str, str | None]] = {}
 _subjects: dict[tuple[str, bool, bool], list[str]] = {}
 
 
-def _remember(cache: dict, key: object, value: object) -> None:
+def _remember(cache: dict[K, V], key: K, value: V) -> None:
     if len(cache) >= _CACHE_LIMIT:
         cache.clear()
     cache[key] = value

@@ -1,2 +1,3 @@
-"""Identity and trust: Ed25519 keys, the operator -> tenant -> agent credential chain,
-enrollment tokens and revocations."""
+"""Identity and trust, issued: Ed25519 key files, the operator's store, credentials, enrollment
+tokens and revocations, and the table of what each role may do. Verifying them is the protocol
+core's (``atoll.protocol.trust``); this package builds on it."""

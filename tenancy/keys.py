@@ -11,7 +11,7 @@ import os
 import stat
 from pathlib import Path
 
-from nacl.signing import SigningKey, VerifyKey
+from nacl.signing import SigningKey
 
 _HEADER = "ATOLL-ED25519-SEED-V1"
 PREFIXES = {"operator": "O", "tenant": "T", "agent": "A", "broker": "B", "enroll": "E"}
@@ -56,17 +56,3 @@ def load_key(path: Path) -> SigningKey:
 def public_id(pub: bytes, kind: str) -> str:
     """NATS-style printable public key: a kind letter then base32 without padding."""
     return PREFIXES[kind] + base64.b32encode(pub).decode().rstrip("=")
-
-
-def parse_public_id(text: str) -> tuple[str, bytes]:
-    kinds = {v: k for k, v in PREFIXES.items()}
-    kind = kinds.get(text[:1])
-    body = text[1:]
-    try:
-        pub = base64.b32decode(body + "=" * (-len(body) % 8))
-    except Exception:
-        pub = b""
-    if kind is None or len(pub) != 32:
-        raise ValueError(f"{text!r} is not an Atoll public key id")
-    VerifyKey(pub)  # rejects nothing structurally, but documents the intent
-    return kind, pub

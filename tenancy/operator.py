@@ -20,6 +20,7 @@ import msgpack
 from nacl.signing import SigningKey
 
 from atoll.protocol.subjects import check_name
+from atoll.protocol.trust import now_ms
 from atoll.tenancy import credentials as cred
 from atoll.tenancy.keys import generate, load_key, read_secret, save_key, write_secret
 
@@ -140,7 +141,7 @@ class OperatorStore:
         blob = cred.revocation(t.key, t.claim, tenant, name=name, pub=pub)
         rdir = self.tenant_dir(tenant) / "revocations"
         rdir.mkdir(exist_ok=True)
-        (rdir / f"{cred.now_ms()}-{name or pub.hex()[:16]}.rev").write_bytes(blob)
+        (rdir / f"{now_ms()}-{name or pub.hex()[:16]}.rev").write_bytes(blob)
         return blob
 
     def revocations(self) -> list[bytes]:

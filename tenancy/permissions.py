@@ -17,14 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from atoll.tenancy.credentials import AgentIdentity
+from atoll.protocol.trust import ROLES, AgentIdentity
 
-ROLES = frozenset(
-    {"agent", "admin", "operator", "inference", "training", "storage", "gateway", "user"}
-)
 ANY = ("*",)  # as an RPC's or stream service's roles: any agent of the tenant
 
 # Groups for RPC methods and stream services.

@@ -12,9 +12,10 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from atoll.agent.identity import AgentKeys
 from atoll.agent.runtime import AgentRuntime
+from atoll.broker.router import Session
 from atoll.broker.server import BrokerServer
 from atoll.plugins.storage.plugin import StoragePlugin
-from atoll.protocol.frames import decode_message
+from atoll.protocol.frames import Frame, decode_message
 from atoll.protocol.handshake import ClientHandshake
 from atoll.tenancy.operator import OperatorStore
 
@@ -86,6 +87,22 @@ async def raw_session(
     return ws
 
 
+Tap = Callable[[Session, Frame], Frame | None]
+
+
+def intercept(broker: BrokerServer, tap: Tap) -> Callable[[], None]:
+    """Play a compromised broker: ``tap`` sees every frame an agent sends before the router
+    does, and a Frame it returns is routed instead. Returns the undo."""
+    router = broker.router
+    route = router.handle
+
+    def handle(session: Session, frame: Frame) -> None:
+        route(session, tap(session, frame) or frame)
+
+    router.handle = handle
+    return lambda: delattr(router, "handle")
+
+
 async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
     """Poll ``check`` until true; bounded in time."""
     loop = asyncio.get_running_loop()
@@ -100,7 +117,7 @@ async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
 def embedded_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, float]:
     """The embedded SmolLM2 converted once per test run: (its directory, a planted leftover of a
     "crashed" conversion, seconds the conversion took)."""
-    from atoll.plugins.inference.models import cache_name, embedded_gguf, resolve_model
+    from atoll.plugins.basemodels import cache_name, embedded_gguf, resolve_model
 
     cache = tmp_path_factory.mktemp("model-cache")
     leftover = cache / f".{cache_name(embedded_gguf())}.tmp-crashed"  # from a "crashed" run

@@ -35,7 +35,7 @@ from atoll.broker.identity import issue_broker_dir
 from atoll.broker.server import BrokerServer
 from atoll.plugins.gateway.plugin import GatewayConfig
 from atoll.plugins.inference.plugin import InferenceConfig, make_backend
-from atoll.plugins.storage.contract import upload_dataset
+from atoll.plugins.storage.contract.datasets import upload_dataset
 from atoll.plugins.storage.plugin import StorageConfig
 from atoll.plugins.training.plugin import TrainingConfig
 from atoll.tenancy.operator import OperatorStore

@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 
 from atoll.agent.errors import Forbidden
-from atoll.agent.files import STAGING, TransferFailed, get_file, put_file
+from atoll.agent.files import get_file, put_file
+from atoll.agent.transfer import STAGING, TransferFailed
 from atoll.agent.tunnel import TunnelListener
 from atoll.broker.server import BrokerServer
 from atoll.protocol.frames import Frame, FrameType
-from conftest import eventually
+from conftest import eventually, intercept
 
 
 def random_file(path: Path, size: int) -> str:
@@ -115,7 +116,7 @@ async def test_tampered_chunk_is_refused_and_resent(broker, tmp_path, make_agent
                 return Frame(frame.type, frame.header, bytes(payload))
         return None
 
-    broker.router.tap = tamper
+    intercept(broker, tamper)
     await put_file(a.agent, "beta", src, str(store / "f.bin"))
     assert hashlib.sha256((store / "f.bin").read_bytes()).hexdigest() == digest
 

@@ -34,7 +34,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from atoll import cli
+from atoll.cli import main as cli
 from conftest import Island, eventually
 from tiny_models import build_tiny_model
 

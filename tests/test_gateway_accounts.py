@@ -14,16 +14,13 @@ from typing import Any
 
 import pytest
 
-from atoll.plugins.gateway.accounts import (
-    Accounts,
-    AdapterAccess,
-    Principal,
-    policy_labels,
-)
+from atoll.plugins.gateway.accounts import Accounts
+from atoll.plugins.gateway.accounts.adapters import AdapterAccess, policy_labels
+from atoll.plugins.gateway.accounts.keys import Principal
+from atoll.plugins.gateway.accounts.ledger import Ledger
 from atoll.plugins.gateway.contract import Limits
 from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.limits import RateLimiter
-from atoll.plugins.gateway.service import Ledger
 
 SECRET = b"s" * 32
 T0 = 1_700_000_000.0

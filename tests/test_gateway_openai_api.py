@@ -20,32 +20,32 @@ from openai.types import Model as SdkModel
 from openai.types.chat import ChatCompletion as SdkChatCompletion
 from openai.types.chat import ChatCompletionChunk as SdkChunk
 
+from atoll.plugins.gateway.bodies import parse_body, sse, usage_of
 from atoll.plugins.gateway.errors import GatewayError
-from atoll.plugins.gateway.openai_api import (
-    DONE,
+from atoll.plugins.gateway.lorax_api import (
     UNKNOWN_TOKEN_ID,
-    ChatCompletionRequest,
-    ChatStream,
-    CompletionRequest,
-    CompletionStream,
-    EmbeddingRequest,
     LoraxRequest,
     LoraxStream,
-    Model,
-    ModelList,
-    chat_completion,
-    chat_to_generate,
-    completion,
-    completion_to_generate,
-    embedding_response,
-    embedding_to_embed,
     lorax_error,
     lorax_response,
     lorax_to_generate,
-    parse_body,
-    sse,
-    usage_of,
 )
+from atoll.plugins.gateway.openai_requests import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    chat_to_generate,
+    completion_to_generate,
+    embedding_to_embed,
+)
+from atoll.plugins.gateway.openai_responses import (
+    Model,
+    ModelList,
+    chat_completion,
+    completion,
+    embedding_response,
+)
+from atoll.plugins.gateway.openai_streams import DONE, ChatStream, CompletionStream
 from atoll.plugins.inference.contract import (
     EmbedResult,
     FinishEvent,

@@ -15,7 +15,7 @@ from atoll.agent.discovery import Discovery
 from atoll.agent.runtime import AgentRuntime
 from atoll.broker.server import BrokerServer
 from atoll.plugins.gateway.errors import GatewayError
-from atoll.plugins.gateway.router import Route, Router
+from atoll.plugins.gateway.router import ModelRouter, Route
 from atoll.plugins.inference.contract import (
     FinishEvent,
     GenerateRequest,
@@ -49,8 +49,8 @@ class Gateway:
     rt: AgentRuntime
     view: Discovery
 
-    def router(self, **options: Any) -> Router:
-        return Router(self.rt.agent, self.view, **options)
+    def router(self, **options: Any) -> ModelRouter:
+        return ModelRouter(self.rt.agent, self.view, **options)
 
     def holds(self, node: str, adapter: str) -> bool:
         entry = self.view.entries.get(node)
@@ -79,7 +79,10 @@ async def fake() -> AsyncIterator[FakeOpenAI]:
 
 
 async def run(
-    router: Router, request: GenerateRequest, labels: dict[str, str] | None = None, deadline=10.0
+    router: ModelRouter,
+    request: GenerateRequest,
+    labels: dict[str, str] | None = None,
+    deadline=10.0,
 ) -> tuple[list[TokenEvent], FinishEvent, Route]:
     stream = router.stream(request, labels or {}, deadline)
     events = [e async for e in stream]

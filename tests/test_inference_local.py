@@ -15,13 +15,13 @@ from transformers import AutoModelForCausalLM
 
 from atoll.agent.metrics import MetricsRegistry
 from atoll.plugins.inference.contract import (
-    AdapterNotFound,
     AdapterRejected,
     GenerateRequest,
     Mixture,
     Overloaded,
 )
 from atoll.plugins.inference.local_backend import LocalBackend, LocalConfig
+from atoll.plugins.storage.contract.adapters import AdapterNotFound
 from conftest import eventually
 from tiny_models import build_tiny_model, make_adapter
 

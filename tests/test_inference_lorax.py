@@ -22,7 +22,6 @@ from atoll.agent.errors import AtollError, DeadlineExceeded, InvalidRequest
 from atoll.agent.tunnel import TunnelListener
 from atoll.plugins.inference import lorax_backend
 from atoll.plugins.inference.contract import (
-    AdapterNotFound,
     AdapterRejected,
     AdapterWeight,
     BackendUnavailable,
@@ -36,7 +35,9 @@ from atoll.plugins.inference.contract import (
     TokenEvent,
     Unsupported,
 )
-from atoll.plugins.inference.lorax_backend import LoraxBackend, LoraxConfig, render_chat
+from atoll.plugins.inference.lorax_backend import LoraxBackend, LoraxConfig
+from atoll.plugins.inference.lorax_wire import render_chat
+from atoll.plugins.storage.contract.adapters import AdapterNotFound
 from conftest import eventually
 from fake_lorax import Failure, FakeLorax, bound_socket
 

@@ -24,10 +24,8 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from atoll.agent.errors import InvalidRequest
-from atoll.plugins.inference import models
-from atoll.plugins.inference.contract import EmbedRequest
-from atoll.plugins.inference.embeddings import MAX_INPUTS, Embedder, EmbeddingModelError, minilm_dir
-from atoll.plugins.inference.models import (
+from atoll.plugins import basemodels
+from atoll.plugins.basemodels import (
     MANIFEST,
     ModelSpecError,
     cache_name,
@@ -36,6 +34,8 @@ from atoll.plugins.inference.models import (
     model_id,
     resolve_model,
 )
+from atoll.plugins.inference.contract import EmbedRequest
+from atoll.plugins.inference.embeddings import MAX_INPUTS, Embedder, EmbeddingModelError, minilm_dir
 
 LONG = " ".join(f"word{i} and some more text about topic {i % 7}" for i in range(200))
 SENTENCES = [
@@ -126,7 +126,7 @@ def forbid_conversion(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*args: Any) -> None:
         raise AssertionError("converted again instead of using the cache")
 
-    monkeypatch.setattr(models, "_convert", boom)
+    monkeypatch.setattr(basemodels, "_convert", boom)
 
 
 # --- specs ----------------------------------------------------------------------------------
@@ -229,13 +229,13 @@ def test_a_changed_gguf_is_converted_again(tiny_gguf: Path, tmp_path: Path) -> N
 def test_a_failed_conversion_leaves_nothing_that_looks_finished(
     tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_convert = models._convert
+    real_convert = basemodels._convert
 
     def convert_then_fail(gguf: Path, dest: Path, console: Console) -> None:
         real_convert(gguf, dest, console)  # every file written, manifest included
         raise OSError("disk full")
 
-    monkeypatch.setattr(models, "_convert", convert_then_fail)
+    monkeypatch.setattr(basemodels, "_convert", convert_then_fail)
     cache = tmp_path / "cache"
     with pytest.raises(ModelSpecError, match=r"cannot convert .*disk full"):
         resolve_model(str(tiny_gguf), cache, quiet())
@@ -250,13 +250,13 @@ def test_a_crashed_process_leftovers_are_not_taken_for_a_model(
     crash = (
         "import os, sys\n"
         "from pathlib import Path\n"
-        "from atoll.plugins.inference import models\n"
-        "real = models._convert\n"
+        "from atoll.plugins import basemodels\n"
+        "real = basemodels._convert\n"
         "def convert(gguf, dest, console):\n"
         "    real(gguf, dest, console)\n"
         "    os._exit(9)\n"
-        "models._convert = convert\n"
-        "models.resolve_model(sys.argv[1], Path(sys.argv[2]))\n"
+        "basemodels._convert = convert\n"
+        "basemodels.resolve_model(sys.argv[1], Path(sys.argv[2]))\n"
     )
     proc = subprocess.run(
         [sys.executable, "-c", crash, str(tiny_gguf), str(cache)],
@@ -283,13 +283,13 @@ def test_concurrent_processes_convert_once(tiny_gguf: Path, tmp_path: Path) -> N
     worker = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from atoll.plugins.inference import models\n"
-        "real = models._convert\n"
+        "from atoll.plugins import basemodels\n"
+        "real = basemodels._convert\n"
         "def convert(*args):\n"
         "    print('CONVERTING', flush=True)\n"
         "    real(*args)\n"
-        "models._convert = convert\n"
-        "print(models.resolve_model(sys.argv[1], Path(sys.argv[2])), flush=True)\n"
+        "basemodels._convert = convert\n"
+        "print(basemodels.resolve_model(sys.argv[1], Path(sys.argv[2])), flush=True)\n"
     )
     lock = cache / f".{cache_name(tiny_gguf)}.lock"
     logs = [tmp_path / "a.err", tmp_path / "b.err"]

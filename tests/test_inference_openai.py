@@ -17,7 +17,6 @@ from pydantic import ValidationError
 
 from atoll.agent.errors import DeadlineExceeded, InvalidRequest
 from atoll.plugins.inference.contract import (
-    AdapterNotFound,
     BackendUnavailable,
     EmbedRequest,
     FinishEvent,
@@ -27,12 +26,9 @@ from atoll.plugins.inference.contract import (
     TranscribeRequest,
     Unsupported,
 )
-from atoll.plugins.inference.openai_backend import (
-    MAX_EVENT_CHARS,
-    OpenAIBackend,
-    OpenAIConfig,
-    _sse_data,
-)
+from atoll.plugins.inference.openai_backend import OpenAIBackend, OpenAIConfig
+from atoll.plugins.inference.openai_wire import MAX_EVENT_CHARS, sse_data
+from atoll.plugins.storage.contract.adapters import AdapterNotFound
 from fake_openai import (
     ADAPTERS,
     BASE,
@@ -248,11 +244,11 @@ async def test_sse_parsing_across_fragments() -> None:
 
     raw = 'data: {"a":\r\n: a comment\r\nevent: x\r\ndata:1}\r\n\r\ndata: [DONE]'
     split = [raw[i : i + 3] for i in range(0, len(raw), 3)]  # cuts lines and CRLFs apart
-    got = [data async for data in _sse_data(fragments(split))]
+    got = [data async for data in sse_data(fragments(split))]
     assert got == ['{"a":\n1}', "[DONE]"]
     huge = ["data: " + "x" * 1024 * 1024] * (MAX_EVENT_CHARS // (1024 * 1024) + 1)
     with pytest.raises(BackendUnavailable, match="over"):
-        _ = [data async for data in _sse_data(fragments(huge))]
+        _ = [data async for data in sse_data(fragments(huge))]
 
 
 # --- embeddings and transcription ---------------------------------------------------------

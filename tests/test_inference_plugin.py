@@ -11,11 +11,11 @@ import pytest
 from atoll.agent.discovery import Discovery
 from atoll.agent.errors import Forbidden, InvalidRequest, NoResponder, NoSuchMethod
 from atoll.plugins.inference.contract import (
-    AdapterNotFound,
     GenerateRequest,
     Unsupported,
     stream_generate,
 )
+from atoll.plugins.storage.contract.adapters import AdapterNotFound
 from conftest import eventually
 from tiny_models import build_tiny_model, make_adapter
 
@@ -186,7 +186,7 @@ async def test_embedded_model_knows_the_capital_of_france(make_agent, embedded_m
 
 
 async def test_adapter_fetched_from_storage_over_the_data_plane(make_agent, island) -> None:
-    from atoll.plugins.storage.contract import upload_adapter
+    from atoll.plugins.storage.contract.adapters import upload_adapter
 
     await make_agent("store", roles=("storage",), plugins={"storage": {}})
     # No local adapter directories: everything comes from the storage agent, found by discovery.

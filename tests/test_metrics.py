@@ -20,12 +20,8 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
-from atoll.agent.metrics import (
-    FEED_VERSION,
-    MetricsRegistry,
-    SystemCollector,
-    metrics_snapshot,
-)
+from atoll.agent.host_metrics import SystemCollector
+from atoll.agent.metrics import FEED_VERSION, MetricsRegistry, metrics_snapshot
 from atoll.agent.prometheus import prometheus_text
 from atoll.agent.top import render_top
 

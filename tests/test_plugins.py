@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from atoll.agent.errors import Forbidden, NoSuchMethod
-from atoll.agent.node import Agent, CallInfo, Overlay
+from atoll.agent.node import Agent, Overlay
 from atoll.agent.plugins import Plugin, PluginContext, available_plugins, rpc
+from atoll.protocol.session import CallInfo
 from atoll.tenancy.permissions import ANY
 
 

@@ -16,6 +16,7 @@ import msgpack
 import pytest
 from nacl.signing import SigningKey
 
+from atoll.protocol import trust as chain
 from atoll.protocol.errors import AuthError, ProtocolError, ReplayError
 from atoll.protocol.frames import Frame, FrameType, decode_message, encode_frame, pack, unpack_map
 from atoll.protocol.handshake import (
@@ -38,8 +39,15 @@ from atoll.protocol.seal import (
     secretbox_open,
 )
 from atoll.protocol.subjects import SubjectIndex, check_subject
+from atoll.protocol.trust import (
+    CLOCK_SKEW_MS,
+    AgentIdentity,
+    now_ms,
+    verify_agent,
+    verify_broker,
+    verify_revocation,
+)
 from atoll.tenancy import credentials as cred
-from atoll.tenancy.credentials import AgentIdentity, verify_agent, verify_broker, verify_revocation
 from atoll.tenancy.keys import load_key, read_secret, save_key, write_secret
 from atoll.tenancy.operator import OperatorStore
 
@@ -131,6 +139,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
 
     def set_now(ms: int) -> None:
         monkeypatch.setattr(cred, "now_ms", lambda: ms)
+        monkeypatch.setattr(chain, "now_ms", lambda: ms)
 
     return set_now
 
@@ -270,7 +279,7 @@ def test_credential_from_another_operator_refused(trust: Trust) -> None:
 def test_expired_credential_refused_in_handshake(
     trust: Trust, clock: Callable[[int], None], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_now = cred.now_ms()
+    real_now = now_ms()
     clock(real_now - 3_600_000)  # minted an hour ago ...
     key, blob = trust.agent(ttl_s=60)  # ... for one minute
     monkeypatch.undo()
@@ -289,9 +298,9 @@ def test_credential_time_window(trust: Trust, clock: Callable[[int], None]) -> N
         verify_agent(blob, trust.op_pub, now=exp)
     assert info.value.code == "expired"
     # issued in the future: tolerated up to the clock skew, refused beyond it
-    assert verify_agent(blob, trust.op_pub, now=t1 - cred.CLOCK_SKEW_MS).name == "alpha"
+    assert verify_agent(blob, trust.op_pub, now=t1 - CLOCK_SKEW_MS).name == "alpha"
     with pytest.raises(AuthError, match="credential is issued in the future"):
-        verify_agent(blob, trust.op_pub, now=t1 - cred.CLOCK_SKEW_MS - 1)
+        verify_agent(blob, trust.op_pub, now=t1 - CLOCK_SKEW_MS - 1)
 
 
 def test_credential_without_ttl_never_expires(trust: Trust, clock: Callable[[int], None]) -> None:
@@ -350,8 +359,8 @@ def test_grant_signed_for_another_tenant_refused(trust: Trust) -> None:
         "pub": pub(gk),
         "roles": ["agent"],
         "region": "",
-        "iat": cred.now_ms(),
-        "exp": cred.now_ms() + 60_000,
+        "iat": now_ms(),
+        "exp": now_ms() + 60_000,
         "cred_ttl": 60,
         "jti": "j",
         "labels": {},
@@ -632,11 +641,11 @@ def test_token_round_trip(trust: Trust) -> None:
     back = cred.EnrollmentToken.decode(f"  {text}\n")
     assert back == token
     key = SigningKey.generate()
-    before = cred.now_ms()
+    before = now_ms()
     ident = verify_agent(back.redeem(pub(key), "gpu-1"), trust.op_pub)
     assert (ident.grant, ident.tenant, ident.region) == (token.jti, "acme", "lab")
     # iat is the grant's (the tenant's signature); the credential lives cred_ttl from redemption
-    assert before + 600_000 <= ident.exp <= cred.now_ms() + 600_000
+    assert before + 600_000 <= ident.exp <= now_ms() + 600_000
     assert ident.iat <= before
 
 

@@ -43,6 +43,15 @@ from atoll.protocol.seal import (
     open_sealed,
 )
 from atoll.protocol.subjects import SubjectIndex, check_subject, matches
+from atoll.protocol.trust import (
+    ROLES,
+    AgentIdentity,
+    BrokerIdentity,
+    now_ms,
+    verify_agent,
+    verify_broker,
+    verify_revocation,
+)
 from atoll.tenancy import credentials as cred
 
 FUZZ = settings(
@@ -435,10 +444,10 @@ def only_protocol_error(fn: Any, *args: Any, **kwargs: Any) -> Any:
 def test_world_is_sane() -> None:
     """The fuzzers below start from these; if they were broken every property would be vacuous."""
     w = world()
-    assert cred.verify_agent(w.agent_cred, w.op_pub).name == "alpha"
-    assert cred.verify_agent(w.enrolled_cred, w.op_pub).grant == w.token.jti
-    assert cred.verify_broker(w.broker_cred, w.op_pub).name == "broker-1"
-    assert cred.verify_revocation(w.revocation, w.op_pub).name == "alpha"
+    assert verify_agent(w.agent_cred, w.op_pub).name == "alpha"
+    assert verify_agent(w.enrolled_cred, w.op_pub).grant == w.token.jti
+    assert verify_broker(w.broker_cred, w.op_pub).name == "broker-1"
+    assert verify_revocation(w.revocation, w.op_pub).name == "alpha"
     assert cred.EnrollmentToken.decode(w.token.encode()).jti == w.token.jti
 
 
@@ -573,13 +582,13 @@ def test_receive_welcome_structured_hostile(msg: dict[str, Any]) -> None:
 
 # --- credentials -------------------------------------------------------------------------------
 
-VERIFIERS = [cred.verify_agent, cred.verify_broker, cred.verify_revocation]
+VERIFIERS = [verify_agent, verify_broker, verify_revocation]
 
 
 @FUZZ
 @given(st.binary(max_size=512), st.sampled_from(VERIFIERS))
-@example(b"\x80", cred.verify_agent)
-@example(b"\x92\xc4\x00\xc4\x00", cred.verify_broker)
+@example(b"\x80", verify_agent)
+@example(b"\x92\xc4\x00\xc4\x00", verify_broker)
 def test_verifiers_arbitrary_bytes(data: bytes, verify: Any) -> None:
     with pytest.raises(ProtocolError):
         verify(data, world().op_pub)
@@ -627,12 +636,12 @@ def test_verifiers_spliced_chains(chain: dict[str, Any], verify: Any) -> None:
     if isinstance(out, ProtocolError):
         return
     w = world()
-    if isinstance(out, cred.AgentIdentity):
+    if isinstance(out, AgentIdentity):
         assert (out.pub, out.name) in {
             (w.agent_key.verify_key.encode(), "alpha"),
             (w.enrolled_key.verify_key.encode(), "beta"),
         }
-    elif isinstance(out, cred.BrokerIdentity):
+    elif isinstance(out, BrokerIdentity):
         assert out.pub == w.broker_key.verify_key.encode()
     else:
         assert out.name == "alpha" and out.tenant == "acme"
@@ -644,10 +653,10 @@ def test_verifiers_mutated_credentials(which: str, data: st.DataObject) -> None:
     """Flip/insert/delete bytes in a real credential: refused, or the same identity comes out."""
     w = world()
     blob, verify = {
-        "agent": (w.agent_cred, cred.verify_agent),
-        "enrolled": (w.enrolled_cred, cred.verify_agent),
-        "broker": (w.broker_cred, cred.verify_broker),
-        "revocation": (w.revocation, cred.verify_revocation),
+        "agent": (w.agent_cred, verify_agent),
+        "enrolled": (w.enrolled_cred, verify_agent),
+        "broker": (w.broker_cred, verify_broker),
+        "revocation": (w.revocation, verify_revocation),
     }[which]
     original = verify(blob, w.op_pub)
     raw = bytearray(blob)
@@ -688,7 +697,7 @@ def _apply(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 def _enrolled_chain(grant_over: dict[str, Any], agent_over: dict[str, Any]) -> bytes:
     w = world()
     gk = SigningKey(bytes(range(32)))
-    now = cred.now_ms()
+    now = now_ms()
     grant = {
         "k": "enroll",
         "tenant": "acme",
@@ -712,7 +721,7 @@ def _enrolled_chain(grant_over: dict[str, Any], agent_over: dict[str, Any]) -> b
 
 
 def test_enrolled_chain_baseline_verifies() -> None:
-    assert cred.verify_agent(_enrolled_chain({}, {}), world().op_pub).name == "gamma"
+    assert verify_agent(_enrolled_chain({}, {}), world().op_pub).name == "gamma"
 
 
 @FUZZ
@@ -727,12 +736,10 @@ def test_enrolled_chain_baseline_verifies() -> None:
 def test_verify_agent_signed_hostile_grant_chain(
     grant_over: dict[str, Any], agent_over: dict[str, Any]
 ) -> None:
-    out = only_protocol_error(
-        cred.verify_agent, _enrolled_chain(grant_over, agent_over), world().op_pub
-    )
+    out = only_protocol_error(verify_agent, _enrolled_chain(grant_over, agent_over), world().op_pub)
     if not isinstance(out, ProtocolError):
         assert out.tenant == "acme" and out.grant == "jti-1"
-        assert all(r in cred.KNOWN_ROLES for r in out.roles)
+        assert all(r in ROLES for r in out.roles)
 
 
 @FUZZ
@@ -741,7 +748,7 @@ def test_verify_agent_signed_hostile_direct_claims(over: dict[str, Any]) -> None
     w = world()
     claims = cred.agent_claims(b"\x02" * 32, "delta", "acme", ["agent"], "", 60)
     blob = pack({"tenant": w.tenant_claim, "agent": cred.sign(w.tenant_key, _apply(claims, over))})
-    out = only_protocol_error(cred.verify_agent, blob, w.op_pub)
+    out = only_protocol_error(verify_agent, blob, w.op_pub)
     if not isinstance(out, ProtocolError):
         assert out.tenant == "acme" and isinstance(out.name, str) and len(out.pub) == 32
 
@@ -752,7 +759,7 @@ def test_verify_revocation_signed_hostile_claims(over: dict[str, Any]) -> None:
     w = world()
     claims = {"k": "revoke", "tenant": "acme", "name": "x", "pub": b"", "iat": 1, "exp": 0}
     blob = pack({"tenant": w.tenant_claim, "revoke": cred.sign(w.tenant_key, _apply(claims, over))})
-    out = only_protocol_error(cred.verify_revocation, blob, w.op_pub)
+    out = only_protocol_error(verify_revocation, blob, w.op_pub)
     if not isinstance(out, ProtocolError):
         assert out.tenant == "acme" and type(out.before) is int
 

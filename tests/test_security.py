@@ -20,7 +20,7 @@ from atoll.protocol.handshake import ClientHandshake
 from atoll.tenancy import credentials as cred
 from atoll.tenancy.operator import OperatorStore
 from atoll.tenancy.permissions import ANY
-from conftest import eventually, raw_session
+from conftest import eventually, intercept, raw_session
 
 SECRET = b"PLAINTEXT-MARKER-7f3a9c"
 
@@ -48,7 +48,7 @@ async def closed_with(ws: ClientConnection) -> list[Frame]:
 
 async def test_broker_never_sees_plaintext(broker, make_agent) -> None:
     relayed: list[bytes] = []
-    broker.router.tap = lambda s, f: relayed.append(f.encode())
+    intercept(broker, lambda s, f: relayed.append(f.encode()))
     a = await make_agent("alpha")
     b = await make_agent("beta")
 
@@ -91,10 +91,10 @@ async def test_tampering_broker_is_detected(broker, counting) -> None:
             return Frame(frame.type, frame.header, bytes(payload))
         return None
 
-    broker.router.tap = tamper
+    untap = intercept(broker, tamper)
     with pytest.raises(DeadlineExceeded):
         await a.agent.call("beta/test", "count", 1, timeout=0.5)
-    broker.router.tap = None
+    untap()
     assert await a.agent.call("beta/test", "count", 2) == 2
     assert served == [0, 2]
 
@@ -102,9 +102,11 @@ async def test_tampering_broker_is_detected(broker, counting) -> None:
 async def test_replayed_message_is_rejected(broker, counting) -> None:
     a, b, served = counting
     captured: list[tuple[object, Frame]] = []
-    broker.router.tap = lambda s, f: captured.append((s, f)) if f.type is FrameType.MSG else None
+    untap = intercept(
+        broker, lambda s, f: captured.append((s, f)) if f.type is FrameType.MSG else None
+    )
     assert await a.agent.call("beta/test", "count", "once") == 1
-    broker.router.tap = None
+    untap()
     session, request = next((s, f) for s, f in captured if f.header["dst"] == "beta/test")
     for _ in range(3):
         broker.router.handle(session, request)  # the broker replays the sealed request
@@ -134,7 +136,7 @@ async def test_misrouted_payload_is_rejected(broker, make_agent) -> None:
             return Frame(frame.type, {**frame.header, "dst": "beta/p2"}, frame.payload)
         return None
 
-    broker.router.tap = relabel
+    intercept(broker, relabel)
     with pytest.raises(DeadlineExceeded):
         await a.agent.call("beta/p1", "go", timeout=0.5)
     assert hits == ["one"]

@@ -18,18 +18,16 @@ from pydantic import ValidationError
 from safetensors.numpy import save_file
 
 from atoll.agent.errors import ConnectionLost, DeadlineExceeded, Forbidden, InvalidRequest
-from atoll.agent.files import STAGING
-from atoll.agent.node import Publication
 from atoll.agent.runtime import AgentRuntime
 from atoll.agent.streams import StreamReset
-from atoll.plugins.storage.contract import (
+from atoll.agent.transfer import STAGING, TransferFailed
+from atoll.plugins.storage.contract.adapters import (
     ADAPTERS_NEW,
     GET_SERVICE,
     PUT_SERVICE,
     AdapterExists,
     AdapterNotFound,
     InvalidAdapter,
-    TransferFailed,
     delete_adapter,
     describe_adapter,
     fetch_adapter,
@@ -37,6 +35,7 @@ from atoll.plugins.storage.contract import (
     upload_adapter,
 )
 from atoll.plugins.storage.plugin import StoragePlugin
+from atoll.protocol.session import Publication
 from conftest import Island, eventually, start_storage
 
 BASE = "atoll-test/tiny-llama"

@@ -16,11 +16,11 @@ import pytest
 
 from atoll.agent.errors import Forbidden, InvalidRequest
 from atoll.agent.runtime import AgentRuntime
-from atoll.plugins.storage.contract import (
+from atoll.agent.transfer import TransferFailed
+from atoll.plugins.storage.contract.datasets import (
     DATASET_PUT,
     DatasetInvalid,
     DatasetNotFound,
-    TransferFailed,
     delete_dataset,
     describe_dataset,
     fetch_dataset,
@@ -29,7 +29,7 @@ from atoll.plugins.storage.contract import (
 )
 from atoll.plugins.storage.datasets import (
     MAX_ERRORS,
-    Limits,
+    DatasetLimits,
     convert_line,
     count_tokens,
     deduplicate,
@@ -240,13 +240,13 @@ def test_many_bad_rows_are_reported_together_up_to_a_bound() -> None:
 def test_limits() -> None:
     data = jsonl(*({"text": f"doc {i}"} for i in range(5))).encode()
     with pytest.raises(DatasetInvalid, match=f"is {len(data)} bytes; datasets may be at most 10"):
-        prepare(data, "d.jsonl", limits=Limits(max_bytes=10))
+        prepare(data, "d.jsonl", limits=DatasetLimits(max_bytes=10))
     with pytest.raises(DatasetInvalid, match="line 4: more than 3 rows; that is the limit"):
-        prepare(data, "d.jsonl", limits=Limits(max_rows=3))
-    assert len(prepare(data, "d.jsonl", limits=Limits(max_rows=5)).rows) == 5
+        prepare(data, "d.jsonl", limits=DatasetLimits(max_rows=3))
+    assert len(prepare(data, "d.jsonl", limits=DatasetLimits(max_rows=5)).rows) == 5
     long = jsonl({"text": "short"}, {"text": "x" * 100}).encode()
     with pytest.raises(DatasetInvalid, match="line 2: the row has 112 characters; the limit is 50"):
-        prepare(long, "d.jsonl", limits=Limits(max_row_chars=50))
+        prepare(long, "d.jsonl", limits=DatasetLimits(max_row_chars=50))
 
 
 # --- dedup, tokens, conversion --------------------------------------------------------------------

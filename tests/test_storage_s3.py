@@ -22,13 +22,11 @@ from pydantic import ValidationError
 from safetensors.numpy import save_file
 
 from atoll.agent.runtime import AgentRuntime
-from atoll.plugins.storage.contract import (
-    delete_adapter,
+from atoll.plugins.storage.contract.adapters import delete_adapter, fetch_adapter, upload_adapter
+from atoll.plugins.storage.contract.datasets import (
     delete_dataset,
-    fetch_adapter,
     fetch_dataset,
     list_datasets,
-    upload_adapter,
     upload_dataset,
 )
 from atoll.plugins.storage.plugin import StorageConfig, StoragePlugin

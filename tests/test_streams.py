@@ -10,9 +10,11 @@ import os
 import pytest
 
 from atoll.agent.errors import ConnectionLost, NoSuchMethod
-from atoll.agent.streams import CHUNK, Stream, StreamReset
+from atoll.agent.streams import Stream, StreamReset
 from atoll.protocol.frames import Frame, FrameType
+from atoll.protocol.streams import CHUNK
 from atoll.tenancy.permissions import ANY
+from conftest import intercept
 
 
 async def echo(stream: Stream, params, call) -> None:
@@ -97,7 +99,7 @@ async def test_corrupted_and_dropped_chunks_are_sent_again(broker, make_agent) -
                 return Frame(frame.type, {**frame.header, "dst": "nobody"}, frame.payload)
         return None
 
-    broker.router.tap = meddle
+    intercept(broker, meddle)
     await s.write(data)
     await s.write_eof()
     digest = (await asyncio.wait_for(s.read_exactly(64), 10)).decode()

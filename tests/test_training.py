@@ -14,15 +14,12 @@ from typing import Any
 import pytest
 import torch
 
+from atoll.agent.contract import parse
 from atoll.agent.errors import Forbidden, InvalidRequest, NoSuchMethod
 from atoll.agent.node import Agent
 from atoll.agent.runtime import AgentRuntime
-from atoll.plugins.storage.contract import (
-    DatasetNotFound,
-    describe_adapter,
-    fetch_adapter,
-    upload_dataset,
-)
+from atoll.plugins.storage.contract.adapters import describe_adapter, fetch_adapter
+from atoll.plugins.storage.contract.datasets import DatasetNotFound, upload_dataset
 from atoll.plugins.storage.plugin import StoragePlugin
 from atoll.plugins.training.contract import (
     FINAL_STATES,
@@ -36,7 +33,6 @@ from atoll.plugins.training.contract import (
     get_job,
     job_events,
     list_jobs,
-    parse,
     submit_job,
 )
 from atoll.plugins.training.data import (

@@ -8,13 +8,14 @@ import dataclasses
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
+from atoll.agent.contract import NoParams
 from atoll.agent.errors import InvalidRequest, NoSuchMethod
-from atoll.agent.node import CallInfo
 from atoll.plugins.gateway import contract as c
 from atoll.plugins.gateway.accounts import Accounts
 from atoll.plugins.gateway.errors import GatewayError
+from atoll.protocol.session import CallInfo
 from atoll.tenancy.permissions import ADMINS
 
 
@@ -42,16 +43,13 @@ class AdminRPC:
         return {name: (self._wrap(name), ADMINS) for name in c.METHODS}
 
     def _wrap(self, name: str) -> Callable[[Any, CallInfo], Awaitable[Any]]:
-        schema = c.METHODS[name]
+        method = c.METHODS[name]
         handler = getattr(self, name, None)
         if handler is None:
             raise NoSuchMethod(f"gateway admin method {name!r} is not implemented")
 
         async def call(params: Any, info: CallInfo) -> Any:
-            try:
-                args = schema.model_validate(params or {}) if schema else None
-            except ValidationError as exc:
-                raise InvalidRequest(f"{name}: {exc.errors()[0]['msg']}") from None
+            args = method.parse_params(params)  # refused as the CLI's client refuses it
             try:
                 return plain(handler(args, info.caller.name))
             except GatewayError as exc:  # the same words the HTTP admin API would give
@@ -62,7 +60,7 @@ class AdminRPC:
     def users_create(self, p: c.UserCreate, actor: str) -> Any:
         return self.accounts.create_user(p.name, p.admin, actor=actor)
 
-    def users_list(self, _: None, actor: str) -> Any:
+    def users_list(self, _: NoParams, actor: str) -> Any:
         return self.accounts.list_users()
 
     def projects_create(self, p: c.ProjectCreate, actor: str) -> Any:
@@ -70,7 +68,7 @@ class AdminRPC:
             p.name, p.labels, p.store_prompts, p.limits, actor=actor
         )
 
-    def projects_list(self, _: None, actor: str) -> Any:
+    def projects_list(self, _: NoParams, actor: str) -> Any:
         return [
             {**plain(p), "members": plain(self.accounts.members(p.name))}
             for p in self.accounts.list_projects()
@@ -105,7 +103,7 @@ class AdminRPC:
             p.id, p.base_model, p.owner, p.project, p.public, actor=actor
         )
 
-    def adapters_list(self, _: None, actor: str) -> Any:
+    def adapters_list(self, _: NoParams, actor: str) -> Any:
         return self.accounts.list_adapters()
 
     def usage(self, p: c.UsageQuery, actor: str) -> Any:

@@ -1,43 +1,33 @@
-"""The gateway's HTTP API (FastAPI): OpenAI's /v1 routes, LoRAX's /, /generate and
-/generate_stream, the admin API, Prometheus /metrics and the live feed. Bodies are parsed and
-built by openai_api.py; what a request does is service.py's."""
+"""The gateway's HTTP API (FastAPI): errors in OpenAI's (or LoRAX's) shape, who is calling, the
+admin API, Prometheus /metrics and the live feed; the inference routes are inference_routes.py's,
+files and fine-tuning finetune.py's, the web UI webui.py's."""
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations, some of which
 # (User, Admin) are local to create_app.
 import asyncio
 import inspect
-import json
 import logging
 import math
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from atoll.agent.prometheus import prometheus_text
 from atoll.plugins.gateway import contract as c
-from atoll.plugins.gateway import finetune, webui
-from atoll.plugins.gateway import openai_api as api
-from atoll.plugins.gateway.accounts import Principal
+from atoll.plugins.gateway import finetune, inference_routes, webui
+from atoll.plugins.gateway.accounts.keys import Principal
 from atoll.plugins.gateway.admin import AdminRPC, plain
+from atoll.plugins.gateway.bodies import parse_body, sse
 from atoll.plugins.gateway.errors import GatewayError
+from atoll.plugins.gateway.lorax_api import lorax_error
 from atoll.plugins.gateway.service import Gateway
-from atoll.plugins.inference.contract import (
-    EmbedResult,
-    FinishEvent,
-    GenerateRequest,
-    TokenEvent,
-    TranscribeRequest,
-    TranscribeResult,
-)
 
 log = logging.getLogger(__name__)
-Event = TokenEvent | FinishEvent
 FEED_INTERVAL = 1.0  # seconds between frames of the admin live feed
 
 
@@ -58,7 +48,7 @@ class BodyLimit:
             return
         seen = 0
 
-        async def counted() -> dict[str, Any]:
+        async def counted() -> Message:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
@@ -104,8 +94,8 @@ def create_app(gw: Gateway, docs: bool = False) -> FastAPI:
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> Response:
-        if _is_lorax(request):
-            return JSONResponse(api.lorax_error(exc), status_code=exc.status, headers=exc.headers())
+        if request.url.path in inference_routes.LORAX_PATHS:
+            return JSONResponse(lorax_error(exc), status_code=exc.status, headers=exc.headers())
         return error_response(exc)
 
     def unauthenticated(request: Request) -> GatewayError | None:
@@ -175,145 +165,9 @@ def create_app(gw: Gateway, docs: bool = False) -> FastAPI:
             """The OpenAPI document, for client generators and fuzzers: any valid key."""
             return JSONResponse(app.openapi(), headers=SCHEMA_HEADERS)
 
-    # --- OpenAI ----------------------------------------------------------------------------
-
-    @app.get("/v1/models", response_model=api.ModelList)
-    async def list_models(principal: User) -> Any:
-        models = [
-            api.Model(id=m, created=int(gw.started), owned_by="atoll", root=m)
-            for m in sorted(gw.base_models())
-        ]
-        for a in gw.accounts.visible_adapters(principal):
-            owner = a.project or a.owner or "public"
-            models.append(
-                api.Model(
-                    id=a.id,
-                    created=int(a.created),
-                    owned_by=owner,
-                    parent=a.base_model,
-                    root=a.base_model,
-                )
-            )
-        return _json(api.ModelList(data=models))
-
-    @app.post("/v1/chat/completions", response_model=api.ChatCompletion)
-    async def chat(principal: User, body: api.ChatCompletionRequest) -> Any:
-        target = gw.resolve(principal, body.model, api.mixture_of(body))
-        rid = uuid.uuid4().hex
-        requests = _ids(api.chat_to_generate(body, target.base, target.adapter), rid)
-        prompt = _prompt_text(principal, [m.model_dump(mode="json") for m in body.messages])
-        events = gw.run(principal, target, requests, per_prompt=len(requests), prompt_text=prompt)
-        if body.stream:
-            stream = api.ChatStream(
-                rid,
-                body.model,
-                len(requests),
-                include_usage=body.include_usage,
-                logprobs=bool(body.logprobs),
-            )
-            return await _sse(events, stream.chunks, stream.finish, stream.error)
-        choices = await _collect(events, len(requests))
-        return _json(api.chat_completion(rid, body.model, choices, logprobs=bool(body.logprobs)))
-
-    @app.post("/v1/completions", response_model=api.Completion)
-    async def completions(principal: User, body: api.CompletionRequest) -> Any:
-        target = gw.resolve(principal, body.model, api.mixture_of(body))
-        rid = uuid.uuid4().hex
-        requests = _ids(api.completion_to_generate(body, target.base, target.adapter), rid)
-        per_prompt = body.choices_per_prompt
-        prompt = _prompt_text(principal, body.prompt)
-        events = gw.run(principal, target, requests, per_prompt=per_prompt, prompt_text=prompt)
-        logprobs = bool(body.logprobs is not None)
-        if body.stream:
-            stream = api.CompletionStream(
-                rid,
-                body.model,
-                len(requests),
-                per_prompt=per_prompt,
-                include_usage=body.include_usage,
-                logprobs=logprobs,
-            )
-            return await _sse(events, stream.chunks, stream.finish, stream.error)
-        choices = await _collect(events, len(requests))
-        return _json(
-            api.completion(rid, body.model, choices, per_prompt=per_prompt, logprobs=logprobs)
-        )
-
-    @app.post("/v1/embeddings", response_model=api.CreateEmbeddingResponse)
-    async def embeddings(principal: User, body: api.EmbeddingRequest) -> Any:
-        embed = api.embedding_to_embed(body, body.model)
-        reply = await gw.call(
-            principal, body.model, "embed", embed, _prompt_text(principal, body.input)
-        )
-        result = EmbedResult.model_validate(reply)
-        return _json(api.embedding_response(result, body.model, body.encoding_format))
-
-    @app.post("/v1/audio/transcriptions")
-    async def transcriptions(
-        principal: User,
-        file: Annotated[UploadFile, File()],
-        model: Annotated[str, Form()],
-        language: Annotated[str | None, Form()] = None,
-        prompt: Annotated[str | None, Form()] = None,
-        response_format: Annotated[str, Form()] = "json",
-        temperature: Annotated[float | None, Form()] = None,
-    ) -> Any:
-        try:
-            params = TranscribeRequest(
-                audio=await file.read(),
-                filename=file.filename or "audio",
-                model=model,
-                language=language,
-                prompt=prompt,
-                response_format=response_format,  # type: ignore[arg-type]
-                temperature=temperature,
-            )
-        except ValueError as exc:
-            raise GatewayError(422, f"invalid transcription request: {exc}") from None
-        reply = await gw.call(principal, model, "transcribe", params, None)
-        result = TranscribeResult.model_validate(reply)
-        if response_format in ("text", "srt", "vtt"):
-            return PlainTextResponse(result.text)
-        return result.body if isinstance(result.body, dict) else {"text": result.text}
-
+    inference_routes.install_openai(app, gw, User)
     finetune.install(app, gw, User)
-
-    # --- LoRAX -----------------------------------------------------------------------------
-
-    async def lorax(
-        principal: Principal, body: api.LoraxRequest, stream: bool, listed: bool
-    ) -> Any:
-        mixture = api.lorax_mixture(body)
-        adapter_id = body.params.adapter_id
-        model = adapter_id or gw.default_base()
-        target = gw.resolve(principal, model if not mixture else gw.default_base(), mixture)
-        rid = uuid.uuid4().hex
-        generate = api.lorax_to_generate(body, target.base, target.adapter)
-        events = gw.run(
-            principal,
-            target,
-            _ids([generate], rid),
-            per_prompt=1,
-            prompt_text=_prompt_text(principal, body.inputs),
-        )
-        if stream:
-            out = api.LoraxStream(body)
-            return await _sse(events, lambda _i, e: out.chunks(e), lambda: b"", out.error)
-        (choice,) = await _collect(events, 1)
-        reply = api.lorax_response(body, choice)
-        return [reply] if listed else reply
-
-    @app.post("/", response_model=list[api.LoraxResponse])
-    async def lorax_root(principal: User, body: api.LoraxRequest) -> Any:
-        return await lorax(principal, body, bool(body.stream), listed=True)
-
-    @app.post("/generate", response_model=api.LoraxResponse)
-    async def lorax_generate(principal: User, body: api.LoraxRequest) -> Any:
-        return await lorax(principal, body, False, listed=False)
-
-    @app.post("/generate_stream")
-    async def lorax_generate_stream(principal: User, body: api.LoraxRequest) -> Any:
-        return await lorax(principal, body, True, listed=False)
+    inference_routes.install_lorax(app, gw, User)
 
     # --- operations ------------------------------------------------------------------------
 
@@ -331,7 +185,7 @@ def create_app(gw: Gateway, docs: bool = False) -> FastAPI:
 
         async def frames() -> AsyncIterator[bytes]:
             while not await request.is_disconnected():
-                yield api.sse({"agents": finite(plain(gw.watch.rows()))})
+                yield sse({"agents": finite(plain(gw.watch.rows()))})
                 await asyncio.sleep(FEED_INTERVAL)
 
         return StreamingResponse(frames(), media_type="text/event-stream")
@@ -339,12 +193,12 @@ def create_app(gw: Gateway, docs: bool = False) -> FastAPI:
     # --- administration (the same operations as the overlay admin RPC) ----------------------
 
     def admin_route(path: str, method: str, name: str, http: str = "POST") -> None:
-        schema = c.METHODS[name]
+        schema = c.METHODS[name].params
         handler = getattr(admin, name)
 
         async def endpoint(principal: Principal, request: Request, body: Any = None) -> Any:
-            if schema is not None and http == "GET":
-                body = api.parse_body(schema, dict(request.query_params))
+            if http == "GET":
+                body = parse_body(schema, dict(request.query_params))
             return plain(handler(body, principal.user))
 
         # A real signature, so FastAPI checks the body and puts its schema in /openapi.json.
@@ -352,7 +206,7 @@ def create_app(gw: Gateway, docs: bool = False) -> FastAPI:
             inspect.Parameter("principal", inspect.Parameter.KEYWORD_ONLY, annotation=Admin),
             inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=Request),
         ]
-        if schema is not None and http == "POST":
+        if http == "POST":
             params.append(
                 inspect.Parameter("body", inspect.Parameter.KEYWORD_ONLY, annotation=schema)
             )
@@ -378,12 +232,6 @@ def create_app(gw: Gateway, docs: bool = False) -> FastAPI:
     return BodyLimit(app, gw.max_body_bytes)  # type: ignore[return-value]
 
 
-def _json(body: Any) -> Response:
-    """Built and checked by openai_api already: serialised once, not validated again by FastAPI
-    (``response_model`` stays on the route for the OpenAPI schema)."""
-    return Response(body.model_dump_json(), media_type="application/json")
-
-
 def finite(value: Any) -> Any:
     """``value`` with NaN and infinities as null: a diverging loss is a gauge value the feed
     carries, and JSON (the browser's JSON.parse) has no spelling for it."""
@@ -394,54 +242,3 @@ def finite(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: finite(v) for k, v in value.items()}
     return value
-
-
-def _is_lorax(request: Request) -> bool:
-    return request.url.path in ("/", "/generate", "/generate_stream")
-
-
-def _ids(requests: list[GenerateRequest], rid: str) -> list[GenerateRequest]:
-    return [r.model_copy(update={"request_id": rid}) for r in requests]
-
-
-def _prompt_text(principal: Principal, prompt: Any) -> str | None:
-    """Prompt text for the ledger, only for projects that opted in."""
-    if not principal.store_prompts:
-        return None
-    return prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)
-
-
-async def _collect(events: AsyncIterator[tuple[int, Event]], n: int) -> list[list[Event]]:
-    choices: list[list[Event]] = [[] for _ in range(n)]
-    async for index, event in events:
-        choices[index].append(event)
-    return choices
-
-
-async def _sse(
-    events: AsyncIterator[tuple[int, Event]],
-    chunks: Callable[[int, Event], bytes],
-    finish: Callable[[], bytes],
-    error: Callable[[GatewayError], bytes],
-) -> Response:
-    """A streaming response whose status is settled by the first event: an error before it is an
-    honest HTTP status; after it, an error event ends the stream."""
-    try:
-        first = await anext(events)
-    except StopAsyncIteration:
-        raise GatewayError(503, "the inference node ended without answering") from None
-
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            yield chunks(*first)
-            async for index, event in events:
-                if data := chunks(index, event):
-                    yield data
-            yield finish()  # after the ledger row: `events` has ended
-        except GatewayError as exc:
-            yield error(exc)
-        finally:
-            await events.aclose()
-
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)

@@ -1,18 +1,37 @@
-"""The gateway's administration over the overlay (what `atoll keys|projects|users|adapters` call
-as a tenant admin): method names and parameters. Replies are plain dicts of the records in
-accounts.py; a new key's secret appears once, in the reply that creates it."""
+"""The gateway's administration over the overlay (what `atoll keys|projects|users` call as a
+tenant admin): the method table the gateway serves (admin.py) and its typed client. Replies are
+plain dicts of the records in accounts; a new key's secret appears once, in the reply that
+creates it.
+
+    RPC  users_create            {name, admin?}                         -> user
+    RPC  users_list              {}                                     -> [user]
+    RPC  projects_create         {name, labels?, store_prompts?, limits?} -> project
+    RPC  projects_list           {}                                     -> [project + members]
+    RPC  projects_add_member     {project, user, role?}                 -> [member]
+    RPC  projects_remove_member  {project, user}                        -> [member]
+    RPC  keys_create             {user, project?, name?, ttl_s?, limits?} -> {key, record}
+    RPC  keys_list               {user?, project?}                      -> [key record]
+    RPC  keys_revoke             {key_id}                               -> key record
+    RPC  keys_rotate             {key_id, grace_s?}                     -> {key, record}
+    RPC  adapters_register       {id, base_model, owner?, project?, public?} -> adapter access
+    RPC  adapters_list           {}                                     -> [adapter access]
+    RPC  usage                   {key_id?, project?, user?, since?}     -> totals
+    RPC  audit                   {limit?, since?}                       -> [entry]
+
+Every method is for admin and operator agents only.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from atoll.agent.contract import Caller, Client, Method, NoParams, Strict, service_address
+
 PLUGIN = "gateway"
 
-
-class _Params(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+Record = dict[str, Any]  # an accounts record as plain data
 
 
 class Limits(BaseModel):
@@ -25,25 +44,25 @@ class Limits(BaseModel):
     concurrent: int | None = Field(None, ge=1, le=10**6)
 
 
-class UserCreate(_Params):
+class UserCreate(Strict):
     name: str
     admin: bool = False
 
 
-class ProjectCreate(_Params):
+class ProjectCreate(Strict):
     name: str
     labels: dict[str, str] = {}
     store_prompts: bool = False
     limits: Limits | None = None
 
 
-class MemberChange(_Params):
+class MemberChange(Strict):
     project: str
     user: str
     role: Literal["owner", "member", "viewer"] = "member"
 
 
-class KeyCreate(_Params):
+class KeyCreate(Strict):
     user: str
     project: str | None = None
     name: str = ""
@@ -51,21 +70,21 @@ class KeyCreate(_Params):
     limits: Limits | None = None
 
 
-class KeyQuery(_Params):
+class KeyQuery(Strict):
     user: str | None = None
     project: str | None = None
 
 
-class KeyRef(_Params):
+class KeyRef(Strict):
     key_id: str
 
 
-class KeyRotate(_Params):
+class KeyRotate(Strict):
     key_id: str
     grace_s: float = Field(3600, ge=0)
 
 
-class AdapterRegister(_Params):
+class AdapterRegister(Strict):
     id: str
     base_model: str
     owner: str | None = None
@@ -73,32 +92,131 @@ class AdapterRegister(_Params):
     public: bool = False
 
 
-class UsageQuery(_Params):
+class UsageQuery(Strict):
     key_id: str | None = None
     project: str | None = None
     user: str | None = None
     since: float | None = None
 
 
-class AuditQuery(_Params):
+class AuditQuery(Strict):
     limit: int = Field(100, ge=1, le=10_000)
     since: float | None = None
 
 
-# method name -> its parameters
-METHODS: dict[str, type[_Params] | None] = {
-    "users_create": UserCreate,
-    "users_list": None,
-    "projects_create": ProjectCreate,
-    "projects_list": None,
-    "projects_add_member": MemberChange,
-    "projects_remove_member": MemberChange,
-    "keys_create": KeyCreate,
-    "keys_list": KeyQuery,
-    "keys_revoke": KeyRef,
-    "keys_rotate": KeyRotate,
-    "adapters_register": AdapterRegister,
-    "adapters_list": None,
-    "usage": UsageQuery,
-    "audit": AuditQuery,
+class NewKey(BaseModel):
+    """A key just made: its secret (shown this once) and its record."""
+
+    key: str
+    record: Record
+
+
+# --- methods (a refusal of bad parameters names the method, as ``bad <method>: ...``) -----------
+
+USERS_CREATE = Method[UserCreate, Record]("users_create", UserCreate, Record, "users_create")
+USERS_LIST = Method[NoParams, list[Record]]("users_list", NoParams, list[Record], "users_list")
+PROJECTS_CREATE = Method[ProjectCreate, Record](
+    "projects_create", ProjectCreate, Record, "projects_create"
+)
+PROJECTS_LIST = Method[NoParams, list[Record]](
+    "projects_list", NoParams, list[Record], "projects_list"
+)
+PROJECTS_ADD_MEMBER = Method[MemberChange, list[Record]](
+    "projects_add_member", MemberChange, list[Record], "projects_add_member"
+)
+PROJECTS_REMOVE_MEMBER = Method[MemberChange, list[Record]](
+    "projects_remove_member", MemberChange, list[Record], "projects_remove_member"
+)
+KEYS_CREATE = Method[KeyCreate, NewKey]("keys_create", KeyCreate, NewKey, "keys_create")
+KEYS_LIST = Method[KeyQuery, list[Record]]("keys_list", KeyQuery, list[Record], "keys_list")
+KEYS_REVOKE = Method[KeyRef, Record]("keys_revoke", KeyRef, Record, "keys_revoke")
+KEYS_ROTATE = Method[KeyRotate, NewKey]("keys_rotate", KeyRotate, NewKey, "keys_rotate")
+ADAPTERS_REGISTER = Method[AdapterRegister, Record](
+    "adapters_register", AdapterRegister, Record, "adapters_register"
+)
+ADAPTERS_LIST = Method[NoParams, list[Record]](
+    "adapters_list", NoParams, list[Record], "adapters_list"
+)
+USAGE = Method[UsageQuery, Record]("usage", UsageQuery, Record, "usage")
+AUDIT = Method[AuditQuery, list[Record]]("audit", AuditQuery, list[Record], "audit")
+
+# Every admin method by name: what the gateway serves over the overlay and at /admin/*.
+METHODS: dict[str, Method[Any, Any]] = {
+    m.name: m
+    for m in (
+        USERS_CREATE,
+        USERS_LIST,
+        PROJECTS_CREATE,
+        PROJECTS_LIST,
+        PROJECTS_ADD_MEMBER,
+        PROJECTS_REMOVE_MEMBER,
+        KEYS_CREATE,
+        KEYS_LIST,
+        KEYS_REVOKE,
+        KEYS_ROTATE,
+        ADAPTERS_REGISTER,
+        ADAPTERS_LIST,
+        USAGE,
+        AUDIT,
+    )
 }
+
+
+class GatewayAdmin:
+    """A tenant admin's typed client of one gateway's admin methods. Each builds its request
+    through the method's model, so bad parameters are refused before they leave, in the words
+    the gateway would use."""
+
+    def __init__(self, caller: Caller, gateway: str, timeout: float | None = None) -> None:
+        """``gateway``: an agent name (its gateway plugin) or an ``agent/plugin`` address."""
+        self.client = Client(caller, service_address(gateway, PLUGIN), timeout)
+
+    async def users_create(self, name: str, admin: bool = False) -> Record:
+        request = USERS_CREATE.parse_params({"name": name, "admin": admin})
+        return await self.client.invoke(USERS_CREATE, request)
+
+    async def users_list(self) -> list[Record]:
+        return await self.client.invoke(USERS_LIST, NoParams())
+
+    async def projects_create(
+        self,
+        name: str,
+        labels: dict[str, str] | None = None,
+        store_prompts: bool = False,
+        limits: Limits | dict[str, Any] | None = None,
+    ) -> Record:
+        request = PROJECTS_CREATE.parse_params(
+            {"name": name, "labels": labels or {}, "store_prompts": store_prompts, "limits": limits}
+        )
+        return await self.client.invoke(PROJECTS_CREATE, request)
+
+    async def projects_list(self) -> list[Record]:
+        return await self.client.invoke(PROJECTS_LIST, NoParams())
+
+    async def projects_add_member(self, project: str, user: str, role: str) -> list[Record]:
+        request = PROJECTS_ADD_MEMBER.parse_params({"project": project, "user": user, "role": role})
+        return await self.client.invoke(PROJECTS_ADD_MEMBER, request)
+
+    async def keys_create(
+        self,
+        user: str,
+        project: str | None = None,
+        name: str = "",
+        ttl_s: float | None = None,
+        limits: Limits | dict[str, Any] | None = None,
+    ) -> NewKey:
+        request = KEYS_CREATE.parse_params(
+            {"user": user, "project": project, "name": name, "ttl_s": ttl_s, "limits": limits}
+        )
+        return await self.client.invoke(KEYS_CREATE, request)
+
+    async def keys_list(self, user: str | None = None, project: str | None = None) -> list[Record]:
+        request = KEYS_LIST.parse_params({"user": user, "project": project})
+        return await self.client.invoke(KEYS_LIST, request)
+
+    async def keys_revoke(self, key_id: str) -> Record:
+        return await self.client.invoke(KEYS_REVOKE, KEYS_REVOKE.parse_params({"key_id": key_id}))
+
+    async def keys_rotate(self, key_id: str, grace_s: float) -> NewKey:
+        request = KEYS_ROTATE.parse_params({"key_id": key_id, "grace_s": grace_s})
+        return await self.client.invoke(KEYS_ROTATE, request)

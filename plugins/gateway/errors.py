@@ -14,13 +14,13 @@ from atoll.agent.errors import (
     NoResponder,
 )
 from atoll.plugins.inference.contract import (
-    AdapterNotFound,
     AdapterRejected,
     BackendUnavailable,
     Overloaded,
     Unsupported,
 )
-from atoll.plugins.storage.datasets import DatasetInvalid
+from atoll.plugins.storage.contract.adapters import AdapterNotFound
+from atoll.plugins.storage.contract.datasets import DatasetInvalid
 
 TYPES = {
     400: "invalid_request_error",

@@ -17,7 +17,7 @@ from atoll.plugins.gateway.contract import Limits
 from atoll.plugins.gateway.errors import GatewayError
 
 if TYPE_CHECKING:
-    from atoll.plugins.gateway.accounts import Principal
+    from atoll.plugins.gateway.accounts.keys import Principal
 
 WINDOW_S = 60.0
 SWEEP_EVERY_S = 60.0  # how often idle windows are dropped (one pass over all of them)

@@ -20,7 +20,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from atoll.agent.config import check_listen
 from atoll.agent.errors import AtollError
-from atoll.agent.node import Publication
 from atoll.agent.plugins import Plugin, PluginContext
 from atoll.plugins.gateway.accounts import Accounts
 from atoll.plugins.gateway.admin import AdminRPC
@@ -28,9 +27,10 @@ from atoll.plugins.gateway.app import create_app
 from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.http_limits import HttpLimits, guarded_protocol
 from atoll.plugins.gateway.limits import RateLimiter
-from atoll.plugins.gateway.router import Router
+from atoll.plugins.gateway.router import ModelRouter
 from atoll.plugins.gateway.service import Gateway
-from atoll.plugins.storage.contract import ADAPTERS_NEW, describe_adapter
+from atoll.plugins.storage.contract.adapters import ADAPTERS_NEW, describe_adapter
+from atoll.protocol.session import Publication
 from atoll.tenancy.keys import read_secret, write_secret
 
 ADMIN_USER = "admin"
@@ -80,7 +80,7 @@ class GatewayPlugin(Plugin):
         if config.bootstrap_admin:
             self._bootstrap_admin()
         self.watch = await ctx.watch()
-        router = Router(ctx, self.watch.discovery, attempts=config.retry_attempts)
+        router = ModelRouter(ctx, self.watch.discovery, attempts=config.retry_attempts)
         self.gateway = Gateway(
             accounts=self.accounts,
             limiter=RateLimiter(),
@@ -114,7 +114,8 @@ class GatewayPlugin(Plugin):
             proxy_headers=False,
             server_header=False,
             timeout_graceful_shutdown=5,
-            timeout_keep_alive=config.idle_timeout,
+            # uvicorn annotates an int but hands it to call_later: a fraction of a second works.
+            timeout_keep_alive=config.idle_timeout,  # type: ignore[arg-type]
             http=guarded_protocol(
                 HttpLimits(config.header_timeout, config.body_timeout, config.max_connections)
             ),
@@ -233,7 +234,13 @@ class GatewayPlugin(Plugin):
         return {"endpoints": {"http": self.url}, "capabilities": {"openai": True, "lorax": True}}
 
     def status(self) -> dict[str, Any]:
-        return {"url": self.url}
+        assert self.ctx is not None
+        # `atoll up` shows the admin key once, read from its file, after the start that wrote it.
+        return {
+            "url": self.url,
+            "admin_key_file": str(self.ctx.data_dir / "admin-key"),
+            "new_admin_key": self.new_admin_key is not None,
+        }
 
     def rpc_methods(self) -> dict[str, Any]:
         return self.admin.methods()

@@ -29,7 +29,6 @@ from atoll.agent.node import Overlay
 from atoll.plugins.gateway.errors import GatewayError, from_platform
 from atoll.plugins.inference.contract import (
     PLUGIN,
-    AdapterNotFound,
     AdapterRejected,
     FinishEvent,
     GenerateRequest,
@@ -37,11 +36,12 @@ from atoll.plugins.inference.contract import (
     Unsupported,
     stream_generate,
 )
+from atoll.plugins.storage.contract.adapters import AdapterNotFound
 
 # The request's own fault: another node would refuse it the same way.
 REQUEST_FAULTS = (InvalidRequest, AdapterRejected, AdapterNotFound, Unsupported)
 FIRST_EVENT_TIMEOUT = 10.0  # seconds a node may take to open the stream and send its first event
-Method = Literal["embed", "transcribe"]
+ReplyMethod = Literal["embed", "transcribe"]  # inference methods that answer in one reply
 Event = TokenEvent | FinishEvent
 
 
@@ -104,7 +104,10 @@ def _describe_labels(labels: dict[str, str]) -> str:
     return " with labels " + ", ".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 
-class Router:
+class ModelRouter:
+    """Sends the gateway's inference requests to the nodes serving their model (the broker's
+    ``Router`` routes frames; this one routes requests)."""
+
     def __init__(
         self,
         agent: Overlay,
@@ -275,7 +278,7 @@ class Router:
 
     async def call(
         self,
-        method: Method,
+        method: ReplyMethod,
         params: dict[str, Any] | BaseModel,
         base_model: str | None,
         labels: dict[str, str],

@@ -1,5 +1,5 @@
 """What the gateway does for a request, apart from HTTP: who is calling, which model and adapters
-they named and may use, limits, routing to an inference node, and the ledger. app.py only turns
+they named and may use, limits, routing to an inference node, and the ledger. The routes only turn
 HTTP bodies into these calls and events back into HTTP.
 """
 
@@ -9,27 +9,29 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
 from atoll.agent.metrics import MetricsRegistry
 from atoll.agent.watch import TenantWatch
-from atoll.plugins.gateway.accounts import Accounts, Principal, policy_labels
+from atoll.plugins.gateway.accounts import Accounts
+from atoll.plugins.gateway.accounts.adapters import policy_labels
+from atoll.plugins.gateway.accounts.keys import Principal
+from atoll.plugins.gateway.accounts.ledger import Ledger
+from atoll.plugins.gateway.bodies import Event, usage_of
 from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.limits import Permit, RateLimiter
-from atoll.plugins.gateway.openai_api import usage_of
-from atoll.plugins.gateway.router import Router
+from atoll.plugins.gateway.router import ModelRouter, ReplyMethod
 from atoll.plugins.inference.contract import (
     EmbedRequest,
     FinishEvent,
     GenerateRequest,
     Mixture,
-    TokenEvent,
     Usage,
 )
 
-CLIENT_GONE = 499
+CLIENT_GONE = 499  # as nginx logs it: the caller closed the connection
 CHARS_PER_TOKEN = 4  # the admission estimate of prompt tokens (the gateway has no tokenizer)
 
 
@@ -39,14 +41,11 @@ def prompt_estimate(request: GenerateRequest | EmbedRequest | dict[str, Any]) ->
     if isinstance(request, GenerateRequest):
         chars = len(request.prompt or "") + sum(len(m.content) for m in request.messages or [])
         return chars // CHARS_PER_TOKEN
-    # embed: its inputs (the model app.py builds, or its dict form)
+    # embed: its inputs (the model inference_routes.py builds, or its dict form)
     texts = request.get("input") if isinstance(request, dict) else request.input
     if not isinstance(texts, list):
         return 0
     return sum(len(t) for t in texts if isinstance(t, str)) // CHARS_PER_TOKEN
-
-
-Event = TokenEvent | FinishEvent  # as nginx logs it: the caller closed the connection
 
 
 @dataclass(frozen=True)
@@ -64,44 +63,12 @@ class Target:
         return self.adapter or (self.mixture.key() if self.mixture else None)
 
 
-class Ledger:
-    """Usage rows of the requests that finish in the same turn of the event loop, committed in
-    one transaction rather than one each; each request still waits for its own row before its
-    response ends (a row whose request was cancelled meanwhile is written all the same)."""
-
-    def __init__(self, accounts: Accounts) -> None:
-        self.accounts = accounts
-        self._pending: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
-
-    async def write(self, row: tuple[Any, ...]) -> None:
-        loop = asyncio.get_running_loop()
-        written = loop.create_future()
-        self._pending.append((row, written))
-        if len(self._pending) == 1:
-            loop.call_soon(self._flush)
-        await written
-
-    def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        try:
-            refusals: list[Exception | None] = [*self.accounts.insert_usage([r for r, _ in batch])]
-        except Exception as exc:  # the database itself failed: every waiting request hears it
-            refusals = [exc] * len(batch)
-        for (_, written), refused in zip(batch, refusals, strict=True):
-            if written.done():  # its request was cancelled
-                continue
-            if refused is None:
-                written.set_result(None)
-            else:
-                written.set_exception(refused)
-
-
 class Gateway:
     def __init__(
         self,
         accounts: Accounts,
         limiter: RateLimiter,
-        router: Router,
+        router: ModelRouter,
         watch: TenantWatch,
         metrics: MetricsRegistry,
         request_timeout: float,
@@ -228,7 +195,12 @@ class Gateway:
         )
 
     async def call(
-        self, principal: Principal, model: str, method: str, params: Any, prompt_text: str | None
+        self,
+        principal: Principal,
+        model: str,
+        method: ReplyMethod,
+        params: Any,
+        prompt_text: str | None,
     ) -> Any:
         """A one-reply inference call (``embed``, ``transcribe``), with limits and ledger."""
         if method == "embed" and model not in self.embedding_models():
@@ -240,8 +212,9 @@ class Gateway:
                 param="model",
             )
         permit = self.limiter.admit(principal, *self.accounts.limits_for(principal))
-        # Charged before the node is asked (app.py hands an EmbedRequest, not a dict), so a
-        # burst of concurrent calls cannot all pass the limit; transcriptions have no text in.
+        # Charged before the node is asked (inference_routes.py hands an EmbedRequest, not a
+        # dict), so a burst of concurrent calls cannot all pass the limit; transcriptions have
+        # no text in.
         estimate = prompt_estimate(params) if method == "embed" else 0
         permit.charge(estimate)
         request_id = uuid.uuid4().hex
@@ -280,7 +253,7 @@ class Gateway:
         requests: list[GenerateRequest],
         per_prompt: int = 1,
         prompt_text: str | None = None,
-    ) -> AsyncIterator[tuple[int, TokenEvent | FinishEvent]]:
+    ) -> AsyncGenerator[tuple[int, Event], None]:
         """Events of ``requests`` (the choices of one API request, ``per_prompt`` per prompt) as
         ``(choice, event)``, tokens as they arrive. Limits apply to the whole request; its
         ledger row is written once every choice has finished, before the caller ends its
@@ -386,7 +359,7 @@ class Gateway:
         return latency
 
 
-async def _tagged(stream: Any) -> AsyncIterator[tuple[int, Event]]:
+async def _tagged(stream: Any) -> AsyncGenerator[tuple[int, Event], None]:
     try:
         async for event in stream:
             yield 0, event
@@ -394,7 +367,7 @@ async def _tagged(stream: Any) -> AsyncIterator[tuple[int, Event]]:
         await stream.aclose()
 
 
-async def _interleaved(streams: list[Any]) -> AsyncIterator[tuple[int, Event]]:
+async def _interleaved(streams: list[Any]) -> AsyncGenerator[tuple[int, Event], None]:
     """The events of several choices as they come, each tagged with its choice."""
     queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
 

@@ -13,7 +13,7 @@ from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from atoll.plugins.gateway.accounts import Principal
+from atoll.plugins.gateway.accounts.keys import Principal
 
 UI_DIR = files("atoll.plugins.gateway") / "ui"
 # Only our own scripts and styles, no framing (clickjacking), no inline script: model output is

@@ -25,11 +25,11 @@ from atoll.agent.metrics import MetricsRegistry
 from atoll.plugins.inference.backend import AdapterFetcher
 from atoll.plugins.inference.contract import (
     AdapterInfo,
-    AdapterNotFound,
     AdapterRejected,
     Mixture,
     Overloaded,
 )
+from atoll.plugins.storage.contract.adapters import AdapterNotFound
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -39,7 +39,7 @@ PEFT_PREFIX = "base_model.model."
 class AdapterLimits(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt limit must not be silently ignored
 
-    max_rank: int = Field(64, ge=1)
+    max_rank: int = Field(default=64, ge=1)
     # Module names (last path component) an adapter may target.
     allowed_targets: list[str] = [
         "q_proj",
@@ -50,7 +50,7 @@ class AdapterLimits(BaseModel):
         "up_proj",
         "down_proj",
     ]
-    max_bytes: int = Field(1 << 30, ge=1)
+    max_bytes: int = Field(default=1 << 30, ge=1)
     check_base_name: bool = True  # the adapter's base_model_name_or_path must name our base
 
 
@@ -154,7 +154,9 @@ def peft_name(adapter_id: str) -> str:
 
 
 @dataclass
-class Entry:
+class LoadedAdapter:
+    """An adapter in the model: what it is, its peft name, and the requests using it now."""
+
     info: AdapterInfo
     name: str  # peft adapter name
     refs: int = 0
@@ -185,8 +187,8 @@ class AdapterCache:
         self._load = load
         self._merge = merge
         self._unload = unload
-        self.entries: OrderedDict[str, Entry] = OrderedDict()  # LRU order: oldest first
-        self._loading: dict[str, asyncio.Future[Entry]] = {}
+        self.entries: OrderedDict[str, LoadedAdapter] = OrderedDict()  # LRU order: oldest first
+        self._loading: dict[str, asyncio.Future[LoadedAdapter]] = {}
         self._lock = asyncio.Lock()  # one model change at a time
         self.hits = metrics.counter("adapter_cache_hits", "Requests whose adapter was loaded")
         self.loads = metrics.counter("adapter_loads", "Adapters loaded into the model")
@@ -197,7 +199,7 @@ class AdapterCache:
 
     # --- requests ----------------------------------------------------------------------------
 
-    async def acquire(self, adapter_id: str) -> Entry:
+    async def acquire(self, adapter_id: str) -> LoadedAdapter:
         """The loaded adapter, loading it first if needed; holds it until ``release``."""
         entry = self.entries.get(adapter_id)
         if entry is not None:
@@ -208,7 +210,7 @@ class AdapterCache:
         entry.refs += 1
         return entry
 
-    async def acquire_mixture(self, mixture: Mixture) -> Entry:
+    async def acquire_mixture(self, mixture: Mixture) -> LoadedAdapter:
         key = mixture.key()
         entry = self.entries.get(key)
         if entry is not None:
@@ -219,7 +221,7 @@ class AdapterCache:
         entry.refs += 1
         return entry
 
-    def release(self, entry: Entry) -> None:
+    def release(self, entry: LoadedAdapter) -> None:
         entry.refs -= 1
 
     # --- administration ----------------------------------------------------------------------
@@ -253,15 +255,17 @@ class AdapterCache:
 
     # --- internals ---------------------------------------------------------------------------
 
-    def _touch(self, entry: Entry) -> None:
+    def _touch(self, entry: LoadedAdapter) -> None:
         self.entries.move_to_end(entry.info.id)
 
-    async def _single_flight(self, key: str, make: Callable[[], Awaitable[Entry]]) -> Entry:
+    async def _single_flight(
+        self, key: str, make: Callable[[], Awaitable[LoadedAdapter]]
+    ) -> LoadedAdapter:
         """Concurrent requests for one missing adapter share one load."""
         pending = self._loading.get(key)
         if pending is not None:
             return await asyncio.shield(pending)
-        fut: asyncio.Future[Entry] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[LoadedAdapter] = asyncio.get_running_loop().create_future()
         self._loading[key] = fut
         try:
             entry = await make()
@@ -274,7 +278,7 @@ class AdapterCache:
         fut.set_result(entry)
         return entry
 
-    async def _load_new(self, adapter_id: str) -> Entry:
+    async def _load_new(self, adapter_id: str) -> LoadedAdapter:
         started = time.perf_counter()
         path = await self._fetch(adapter_id, self.root)
         try:
@@ -288,14 +292,14 @@ class AdapterCache:
             await self._load(name, path)
             info.loaded = True
             info.load_seconds = time.perf_counter() - started
-            entry = Entry(info=info, name=name)
+            entry = LoadedAdapter(info=info, name=name)
             self.entries[adapter_id] = entry
         self.loads.inc()
         self.load_time.observe(info.load_seconds)
         self.loaded.set(len(self.entries))
         return entry
 
-    async def _merge_new(self, key: str, mixture: Mixture) -> Entry:
+    async def _merge_new(self, key: str, mixture: Mixture) -> LoadedAdapter:
         started = time.perf_counter()
         parts = [await self.acquire(a.id) for a in mixture.adapters]
         try:
@@ -312,7 +316,7 @@ class AdapterCache:
                     load_seconds=time.perf_counter() - started,
                     mixture=True,
                 )
-                entry = Entry(info=info, name=name)
+                entry = LoadedAdapter(info=info, name=name)
                 self.entries[key] = entry
         finally:
             for p in parts:
@@ -333,7 +337,7 @@ class AdapterCache:
             await self._drop(victim, self.entries[victim])
             self.evictions.inc()
 
-    async def _drop(self, key: str, entry: Entry) -> None:
+    async def _drop(self, key: str, entry: LoadedAdapter) -> None:
         await self._unload(entry.name)
         del self.entries[key]
         self.loaded.set(len(self.entries))

@@ -3,10 +3,10 @@ discovery, metrics); a backend only turns requests into tokens."""
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 from atoll.plugins.inference.contract import (
     AdapterInfo,
@@ -66,6 +66,8 @@ class Backend(ABC):
     async def pin_adapter(self, adapter_id: str, pinned: bool) -> AdapterInfo:
         raise Unsupported(f"the {self.kind} backend manages its own adapters")
 
-    def metrics(self) -> dict[str, Any]:
-        """Backend figures for the metrics feed (merged into the plugin's registry)."""
-        return {}
+
+def unit_vector(vector: list[float]) -> list[float]:
+    """``vector`` scaled to length 1 (a zero vector stays as it is)."""
+    norm = math.sqrt(sum(x * x for x in vector))
+    return [x / norm for x in vector] if norm > 0 else vector

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import CacheLayerMixin
 
 
 class PaddedBatch:
@@ -66,15 +67,17 @@ class PaddedBatch:
         self.mask = self.mask.index_select(0, index)
         self.next_ids = self.next_ids.index_select(0, index)
         for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)
-            layer.values = layer.values.index_select(0, index)
+            keys, values = _filled(layer)
+            layer.keys = keys.index_select(0, index)
+            layer.values = values.index_select(0, index)
         live = self.mask.any(dim=0).nonzero()
         start = int(live[0]) if live.numel() else self.length
         if start:
             self.mask = self.mask[:, start:]
             for layer in self.cache.layers:
-                layer.keys = layer.keys[:, :, start:]
-                layer.values = layer.values[:, :, start:]
+                keys, values = _filled(layer)
+                layer.keys = keys[:, :, start:]
+                layer.values = values[:, :, start:]
 
     def extend(self, other: PaddedBatch) -> None:
         """Append ``other``'s rows, padding the shorter cache on the left."""
@@ -83,8 +86,15 @@ class PaddedBatch:
         self.next_ids = torch.cat([self.next_ids, other.next_ids], dim=0)
         self.rows = self.rows + other.rows
         for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
-            mine.keys = torch.cat([_pad(mine.keys, length), _pad(theirs.keys, length)], dim=0)
-            mine.values = torch.cat([_pad(mine.values, length), _pad(theirs.values, length)], dim=0)
+            (keys, values), (their_keys, their_values) = _filled(mine), _filled(theirs)
+            mine.keys = torch.cat([_pad(keys, length), _pad(their_keys, length)], dim=0)
+            mine.values = torch.cat([_pad(values, length), _pad(their_values, length)], dim=0)
+
+
+def _filled(layer: CacheLayerMixin) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cache layer's keys and values: a batch's layers are filled by its prefill."""
+    assert layer.keys is not None and layer.values is not None
+    return layer.keys, layer.values
 
 
 def _pad(t: torch.Tensor, length: int) -> torch.Tensor:

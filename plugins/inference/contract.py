@@ -14,17 +14,20 @@ Overlay surface of an agent's ``inference`` plugin:
     RPC   health          {}                       -> Health
     STREAM generate       GenerateRequest          -> one JSON line per GenerateEvent
 
-A stream's last line is always a ``finish`` event (or the stream is reset with an error).
+Each RPC is a ``Method`` in the table below: the plugin serves it from there, and a caller
+calls it through ``Client(agent, "node/inference").invoke(EMBED, request)``. A stream's last
+line is always a ``finish`` event (or the stream is reset with an error).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
+from atoll.agent.contract import Method, NoParams, Strict
 from atoll.agent.errors import AtollError
 from atoll.agent.streams import StreamReset
 
@@ -40,10 +43,8 @@ FinishReason = Literal["stop", "length", "tool_calls", "abort"]
 
 
 # --- errors (rebuilt by class name on the caller's side once this module is imported) ----------
-
-
-class AdapterNotFound(AtollError):
-    """No adapter with that id exists where this node looks for adapters."""
+# A node also answers AdapterNotFound, which storage defines (storage owns adapters):
+# ``atoll.plugins.storage.contract.adapters``.
 
 
 class AdapterRejected(AtollError):
@@ -65,11 +66,7 @@ class Unsupported(AtollError):
 # --- requests -------------------------------------------------------------------------------
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ChatMessage(_Strict):
+class ChatMessage(Strict):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = Field(max_length=MAX_PROMPT_CHARS)
     name: str | None = None
@@ -77,18 +74,18 @@ class ChatMessage(_Strict):
     tool_calls: list[dict[str, Any]] | None = None
 
 
-class SamplingParams(_Strict):
+class SamplingParams(Strict):
     """Sampling as transformers and LoRAX understand it; temperature 0 means greedy."""
 
-    max_new_tokens: int = Field(256, ge=1, le=32768)
-    temperature: float = Field(1.0, ge=0.0, le=10.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)  # 0: no top-k cut
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    max_new_tokens: int = Field(default=256, ge=1, le=32768)
+    temperature: float = Field(default=1.0, ge=0.0, le=10.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)  # 0: no top-k cut
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
         default_factory=list, max_length=MAX_STOP_SEQUENCES
     )
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
     do_sample: bool | None = None  # None: sample iff temperature > 0
     ignore_eos: bool = False  # decode max_new_tokens whatever the model says (benchmarks)
 
@@ -97,12 +94,12 @@ class SamplingParams(_Strict):
         return self.do_sample is False or (self.do_sample is None and self.temperature == 0.0)
 
 
-class AdapterWeight(_Strict):
+class AdapterWeight(Strict):
     id: str = Field(min_length=1, max_length=256)
     weight: float = Field(ge=-10.0, le=10.0)
 
 
-class Mixture(_Strict):
+class Mixture(Strict):
     """A weighted combination of adapters, merged into one adapter (LoRAX ``merged_adapters``)."""
 
     adapters: list[AdapterWeight] = Field(min_length=1, max_length=MAX_MIXTURE)
@@ -124,7 +121,7 @@ class Mixture(_Strict):
         return "mix:" + json.dumps(body, sort_keys=True, separators=(",", ":"))
 
 
-class GenerateRequest(_Strict):
+class GenerateRequest(Strict):
     """One completion: a raw ``prompt`` or chat ``messages`` (rendered with the model's template),
     on the base model, one ``adapter`` or a ``mixture``."""
 
@@ -151,13 +148,13 @@ class GenerateRequest(_Strict):
         return self
 
 
-class EmbedRequest(_Strict):
+class EmbedRequest(Strict):
     input: list[Annotated[str, Field(max_length=100_000)]] = Field(min_length=1, max_length=2048)
     model: str | None = None
     normalize: bool = True
 
 
-class TranscribeRequest(_Strict):
+class TranscribeRequest(Strict):
     audio: bytes = Field(max_length=64 * 1024 * 1024)
     filename: str = "audio.wav"
     model: str | None = None
@@ -167,7 +164,7 @@ class TranscribeRequest(_Strict):
     temperature: float | None = None
 
 
-class AdapterRef(_Strict):
+class AdapterRef(Strict):
     id: str = Field(min_length=1, max_length=256)
     pinned: bool | None = None
 
@@ -260,6 +257,27 @@ class Health(BaseModel):
     detail: dict[str, Any] = Field(default_factory=dict)
 
 
+class Unloaded(BaseModel):
+    unloaded: bool  # False: it was not loaded
+
+
+# --- methods ----------------------------------------------------------------------------------
+
+# Refusals name the request model ("invalid GenerateRequest: ..."): no ``what``.
+GENERATE = Method[GenerateRequest, GenerateResult]("generate", GenerateRequest, GenerateResult)
+EMBED = Method[EmbedRequest, EmbedResult]("embed", EmbedRequest, EmbedResult)
+TRANSCRIBE = Method[TranscribeRequest, TranscribeResult](
+    "transcribe", TranscribeRequest, TranscribeResult
+)
+ADAPTERS = Method[NoParams, list[AdapterInfo]]("adapters", NoParams, list[AdapterInfo])
+LOAD_ADAPTER = Method[AdapterRef, AdapterInfo]("load_adapter", AdapterRef, AdapterInfo)
+UNLOAD_ADAPTER = Method[AdapterRef, Unloaded]("unload_adapter", AdapterRef, Unloaded)
+PIN_ADAPTER = Method[AdapterRef, AdapterInfo]("pin_adapter", AdapterRef, AdapterInfo)
+INFO = Method[NoParams, NodeInfo]("info", NoParams, NodeInfo)
+HEALTH = Method[NoParams, Health]("health", NoParams, Health)
+GENERATE_STREAM = GENERATE.name  # the stream service: the RPC's name and parameters
+
+
 def parse_event(line: bytes | str) -> TokenEvent | FinishEvent:
     """One line of a generate stream."""
     data = json.loads(line)
@@ -273,11 +291,11 @@ def parse_event(line: bytes | str) -> TokenEvent | FinishEvent:
 
 async def stream_generate(
     agent: Overlay, address: str, request: GenerateRequest
-) -> AsyncIterator[TokenEvent | FinishEvent]:
+) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
     """Generate on the node at ``address`` (``agent/inference``), yielding events as they come.
     Leaving the iteration early aborts the stream, and the node stops generating."""
     params = request.model_dump(mode="json", exclude_none=True)
-    stream = await agent.open_stream(address, "generate", params)
+    stream = await agent.open_stream(address, GENERATE_STREAM, params)
     finished = False
     try:
         buffer = b""

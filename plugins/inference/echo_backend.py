@@ -18,6 +18,7 @@ from atoll.plugins.inference.contract import (
     EmbedRequest,
     EmbedResult,
     FinishEvent,
+    FinishReason,
     GenerateRequest,
     Health,
     NodeInfo,
@@ -44,14 +45,15 @@ class EchoBackend(Backend):
         self.seen_adapters: dict[str, None] = {}  # in order of first use
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
-        source = request.prompt if request.messages is None else request.messages[-1].content
+        # A request holds exactly one of messages and prompt.
+        source = request.messages[-1].content if request.messages else request.prompt or ""
         words = source.split()
         adapter = request.adapter or (request.mixture.key() if request.mixture else None)
         if adapter:
             self.seen_adapters[adapter] = None
             words = [f"[{adapter}]", *words]
         limit = request.params.max_new_tokens
-        reason = "length" if len(words) > limit else "stop"
+        reason: FinishReason = "length" if len(words) > limit else "stop"
         text = ""
         completed = 0
         self.running += 1

@@ -95,6 +95,12 @@ class Engine:
 
     # --- control (any thread) ----------------------------------------------------------------
 
+    def refresh_lora(self) -> None:
+        """After peft loaded, merged or deleted an adapter (on the engine's thread): the batched
+        LoRA layers take the change."""
+        if self.lora is not None:
+            self.lora.refresh()
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="atoll-engine", daemon=True)
         self._thread.start()

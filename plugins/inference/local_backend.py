@@ -15,10 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from atoll.agent.errors import AtollError, InvalidRequest
 from atoll.agent.metrics import MetricsRegistry
+from atoll.plugins.basemodels import ModelSpec, model_id, resolve_model
 from atoll.plugins.inference.adapters import (
     AdapterCache,
     AdapterLimits,
-    Entry,
+    LoadedAdapter,
     describe_shapes,
     same_model,
     validate_adapter,
@@ -39,7 +40,6 @@ from atoll.plugins.inference.contract import (
     Unsupported,
 )
 from atoll.plugins.inference.engine import Engine, Row
-from atoll.plugins.inference.models import ModelSpec, model_id, resolve_model
 from atoll.plugins.inference.multilora import BASE, BatchedLora
 from atoll.plugins.inference.sampling import Sampler
 from atoll.plugins.inference.textstream import TextStream
@@ -99,7 +99,9 @@ class LocalBackend(Backend):
         }[cfg.dtype]
 
         def load() -> tuple[Any, Any]:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+            # Any: transformers wraps ``to`` so that type checkers take it for an unbound function.
+            model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model = model.to(device).eval()
             tokenizer = AutoTokenizer.from_pretrained(path)
             return model, tokenizer
 
@@ -162,7 +164,7 @@ class LocalBackend(Backend):
             raise InvalidRequest(
                 f"the prompt has {len(prompt)} tokens; this model's context is {self.context}"
             )
-        entry: Entry | None = None
+        entry: LoadedAdapter | None = None
         if request.adapter is not None:
             entry = await cache.acquire(request.adapter)
         elif request.mixture is not None:
@@ -238,8 +240,7 @@ class LocalBackend(Backend):
                     engine.peft.delete_adapter(name)
                 raise AdapterRejected(f"loading failed: {exc}") from None
             finally:
-                if engine.lora is not None:
-                    engine.lora.refresh()
+                engine.refresh_lora()
 
         await self._on_engine(load)
 
@@ -265,7 +266,7 @@ class LocalBackend(Backend):
                     raise AdapterRejected(f"cannot merge these adapters: {exc}") from None
             engine.peft.set_adapter(name, inference_mode=True)
             engine.peft.eval()
-            engine.lora.refresh()
+            engine.refresh_lora()
 
         await self._on_engine(merge)
 
@@ -275,7 +276,7 @@ class LocalBackend(Backend):
             engine.peft.delete_adapter(name)
             if engine.peft.peft_config:
                 engine.peft.set_adapter(next(iter(engine.peft.peft_config)), inference_mode=True)
-            engine.lora.refresh()
+            engine.refresh_lora()
 
         await self._on_engine(unload)
 

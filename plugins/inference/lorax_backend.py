@@ -2,11 +2,10 @@
 LoRA adapters on one base model, loads them itself (hub, S3, a local directory) and merges
 weighted mixtures (``merged_adapters``). LoRAX may sit behind an ``atoll tunnel`` listener.
 
-Requests are built and errors classified with lorax-client 0.6.3's own models (``Parameters``,
-``Request``, ``MergedAdapters``, ``parse_error``), and the wire is the client's: ``POST <url>``
-with ``"stream"`` in the body and ``Authorization: Bearer <api_token>``. The HTTP exchange is done
-here on one aiohttp session, because the client's reply models refuse what a real LoRAX sends (a
-token whose ``logprob`` is null) and the client opens a new session per call.
+The wire is lorax-client's (``lorax_wire.py``): ``POST <url>`` with ``"stream"`` in the body and
+``Authorization: Bearer <api_token>``. The HTTP exchange is done here on one aiohttp session,
+because the client's reply models refuse what a real LoRAX sends (a token whose ``logprob`` is
+null) and the client opens a new session per call.
 
 Chat messages become LoRAX's plain-text ``inputs`` through a fixed template (``chat_template``:
 ChatML, or "Role: text" lines): LoRAX's /info does not expose the model's own template.
@@ -16,14 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import math
 import os
 import re
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import aiohttp
 import pydantic
@@ -36,58 +33,38 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from atoll.agent.config import ConfigPath
 from atoll.agent.errors import AtollError, DeadlineExceeded, InvalidRequest
 from atoll.logs import EventLogger
-from atoll.plugins.inference.backend import AdapterFetcher, Backend
+from atoll.plugins.inference.backend import AdapterFetcher, Backend, unit_vector
 from atoll.plugins.inference.contract import (
-    AdapterNotFound,
-    AdapterRejected,
     BackendUnavailable,
-    ChatMessage,
     EmbedRequest,
     EmbedResult,
     FinishEvent,
-    FinishReason,
     GenerateRequest,
     Health,
     NodeInfo,
-    Overloaded,
-    SamplingParams,
     TokenEvent,
     Unsupported,
     Usage,
 )
+from atoll.plugins.inference.lorax_wire import (
+    API_TOKEN_ENV,
+    ERRORS,
+    FINISH_REASONS,
+    Reply,
+    StopTrimmer,
+    StreamReply,
+    adapter_ids,
+    json_line,
+    json_reply,
+    map_lorax_error,
+    parse_reply,
+    request_body,
+    status_error,
+)
 
-API_TOKEN_ENV = "ATOLL_LORAX_API_TOKEN"
 MAX_EVENT_BYTES = 4 * 1024 * 1024  # one SSE line; the final one carries the whole text
-MAX_ERROR_CHARS = 1000
-MAX_ERROR_BODY = 64 * 1024
 EMBED_CONCURRENCY = 8
 START_WAIT = 5.0  # seconds start() waits for LoRAX's first answer
-_FINISH: dict[str, FinishReason] = {
-    "length": "length",
-    "eos_token": "stop",
-    "stop_sequence": "stop",
-}
-# How LoRAX words a failed adapter download: HF hub 404s, missing local paths, missing S3 keys.
-_NOT_FOUND = re.compile(
-    r"not found|404|does not exist|no such file|can't find|cannot find|no local weights|nosuchkey",
-    re.IGNORECASE,
-)
-# lorax-client's error classes (from the server's error_type, else the HTTP status) -> ours.
-# A GenerationError naming the request's adapter is an adapter failure: see _adapter_failure.
-_ERRORS: dict[type[Exception], type[AtollError]] = {
-    lorax_errors.ValidationError: InvalidRequest,
-    lorax_errors.BadRequestError: InvalidRequest,
-    lorax_errors.UnprocessableEntityError: InvalidRequest,
-    lorax_errors.OverloadedError: Overloaded,
-    lorax_errors.RateLimitExceededError: Overloaded,
-    lorax_errors.ShardTimeoutError: DeadlineExceeded,
-    lorax_errors.ShardNotReadyError: BackendUnavailable,
-    lorax_errors.GenerationError: BackendUnavailable,
-    lorax_errors.IncompleteGenerationError: BackendUnavailable,
-    lorax_errors.NotFoundError: BackendUnavailable,
-    lorax_errors.UnknownError: BackendUnavailable,
-}
-M = TypeVar("M", bound=BaseModel)
 
 
 class LoraxConfig(BaseModel):
@@ -118,24 +95,6 @@ class LoraxConfig(BaseModel):
         if self.adapter_source == "storage" and self.adapter_dir is None:
             raise ValueError("adapter_source 'storage' needs an adapter_dir that LoRAX can read")
         return self
-
-
-# lorax-client 0.6.3 declares Token.logprob a float, but LoRAX sends null for some tokens.
-class _Token(lorax_types.Token):
-    logprob: float | None = None
-
-
-class _Details(lorax_types.Details):
-    prefill: list[lorax_types.InputToken] = []
-    tokens: list[_Token]
-
-
-class _Response(lorax_types.Response):
-    details: _Details | None = None
-
-
-class _StreamResponse(lorax_types.StreamResponse):
-    token: _Token
 
 
 class LoraxBackend(Backend):
@@ -201,14 +160,14 @@ class LoraxBackend(Backend):
         try:
             with self._transport_errors("health check"):
                 async with self._http().get(f"{self.config.url}/info") as resp:
-                    info = await _json_reply(resp, "info")
+                    info = await json_reply(resp, "info")
                 if not isinstance(info, dict):
                     raise BackendUnavailable("LoRAX's /info reply is not a JSON object")
                 self._info = info
                 detail.update(model_id=info.get("model_id"), version=info.get("version"))
                 async with self._http().get(f"{self.config.url}/health") as resp:
                     if resp.status != 200:
-                        raise await _status_error(resp)
+                        raise await status_error(resp)
         except AtollError as e:
             return Health(ok=False, backend=self.kind, detail={**detail, "error": e.message})
         return Health(ok=True, backend=self.kind, detail=detail)
@@ -230,10 +189,10 @@ class LoraxBackend(Backend):
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
         base = self._check_model(request.model)
         wire_ids, adapter_params = await self._adapter_params(request)
-        body = _request_body(request, adapter_params, self.config)
-        named = dict(zip(_adapter_ids(request), wire_ids, strict=True))
+        body = request_body(request, adapter_params, self.config.chat_template, self.config.stream)
+        named = dict(zip(adapter_ids(request), wire_ids, strict=True))
         mix = request.mixture
-        trimmer = _StopTrimmer(request.params.stop)
+        trimmer = StopTrimmer(request.params.stop)
         if self.config.stream:
             replies = self._stream(body, request.params.max_new_tokens)
         else:
@@ -251,9 +210,9 @@ class LoraxBackend(Backend):
                             text += trimmer.finish(end.finish_reason == "stop_sequence")
                         yield TokenEvent(text=text, token_id=token.id, logprob=token.logprob)
                         if end is not None:
-                            self._remember(_adapter_ids(request))
+                            self._remember(adapter_ids(request))
                             yield FinishEvent(
-                                finish_reason=_FINISH[end.finish_reason],
+                                finish_reason=FINISH_REASONS[end.finish_reason],
                                 usage=Usage(
                                     prompt_tokens=end.prompt_tokens,
                                     completion_tokens=end.generated_tokens,
@@ -268,7 +227,7 @@ class LoraxBackend(Backend):
 
     async def _stream(
         self, body: dict[str, Any], max_tokens: int
-    ) -> AsyncIterator[_StreamResponse]:
+    ) -> AsyncGenerator[StreamReply, None]:
         """Server-sent events, one JSON object per ``data:`` line. LoRAX reports errors met
         after the stream began (adapter load failures included) as a ``data: {"error"}`` event.
         Bounded: one event per token asked for, each within ``timeout`` (keep-alives do not
@@ -276,7 +235,7 @@ class LoraxBackend(Backend):
         loop = asyncio.get_running_loop()
         async with self._http().post(self.config.url, json=body) as resp:
             if resp.status != 200:
-                raise await _status_error(resp)
+                raise await status_error(resp)
             last_data = loop.time()
             events = 0
             while line := await resp.content.readline(max_line_length=MAX_EVENT_BYTES):
@@ -288,31 +247,31 @@ class LoraxBackend(Backend):
                 events += 1
                 if events > max_tokens + 1:
                     raise BackendUnavailable("LoRAX sent more tokens than max_new_tokens")
-                data = _json_line(line[5:])
+                data = json_line(line[5:])
                 if "error" in data:
                     raise lorax_errors.parse_error(resp.status, data)
-                yield _parse(_StreamResponse, data, "stream event")
+                yield parse_reply(StreamReply, data, "stream event")
 
-    async def _once(self, body: dict[str, Any]) -> AsyncIterator[_StreamResponse]:
+    async def _once(self, body: dict[str, Any]) -> AsyncGenerator[StreamReply, None]:
         """One non-streamed reply (``POST /`` answers a one-element list, as api-inference did),
         replayed as the stream's events so both paths share the rest."""
         async with self._http().post(self.config.url, json=body) as resp:
-            payload = await _json_reply(resp, "generate")
+            payload = await json_reply(resp, "generate")
         if not (isinstance(payload, list) and payload):
             raise BackendUnavailable("LoRAX's generate reply is not a one-element list")
-        reply = _parse(_Response, payload[0], "generate reply")
+        reply = parse_reply(Reply, payload[0], "generate reply")
         if reply.details is None or not reply.details.tokens:
             raise BackendUnavailable("LoRAX's generate reply has no token details")
         *head, last = reply.details.tokens
         for token in head:
-            yield _StreamResponse(token=token)
+            yield StreamReply(token=token)
         end = lorax_types.StreamDetails(
             finish_reason=reply.details.finish_reason,
             prompt_tokens=reply.details.prompt_tokens,
             generated_tokens=reply.details.generated_tokens,
             seed=reply.details.seed,
         )
-        yield _StreamResponse(token=last, generated_text=reply.generated_text, details=end)
+        yield StreamReply(token=last, generated_text=reply.generated_text, details=end)
 
     # --- embeddings ---------------------------------------------------------------------------
 
@@ -330,7 +289,7 @@ class LoraxBackend(Backend):
                 reply = await client.embed(text)
             if not reply.embeddings:
                 raise BackendUnavailable("LoRAX returned no embedding (is it an embedding model?)")
-            return _unit(reply.embeddings) if request.normalize else reply.embeddings
+            return unit_vector(reply.embeddings) if request.normalize else reply.embeddings
 
         with self._transport_errors("embed"):
             try:
@@ -366,7 +325,7 @@ class LoraxBackend(Backend):
     async def _adapter_params(self, request: GenerateRequest) -> tuple[list[str], dict[str, Any]]:
         """The adapter ids as LoRAX is to read them, and the Parameters fields naming them.
         Adapters from Atoll storage are fetched into adapter_dir and named by path ("local")."""
-        ids = list(_adapter_ids(request))
+        ids = list(adapter_ids(request))
         if not ids:
             return [], {}
         source = request.adapter_source or self.config.adapter_source
@@ -421,179 +380,5 @@ class LoraxBackend(Backend):
             raise BackendUnavailable(f"the connection to LoRAX failed during {what}: {e!r}") from e
         except LineTooLong as e:
             raise BackendUnavailable(f"LoRAX sent an event over {MAX_EVENT_BYTES} bytes") from e
-        except tuple(_ERRORS) as e:
-            raise _map_lorax_error(e, adapters or {}) from e
-
-
-class _StopTrimmer:
-    """LoRAX's output includes the stop sequence that ended it; the contract's (like OpenAI's)
-    does not. Text that may be the start of a stop sequence is held back until it is not, and
-    the stop sequence is dropped at the end."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = stops
-        self.held = ""
-
-    def feed(self, text: str) -> str:
-        self.held += text
-        keep = max(
-            (k for s in self.stops for k in range(1, len(s) + 1) if self.held.endswith(s[:k])),
-            default=0,
-        )
-        out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
-        return out
-
-    def finish(self, stopped: bool) -> str:
-        out, self.held = self.held, ""
-        if stopped:
-            for s in self.stops:
-                if out.endswith(s):
-                    return out[: -len(s)]
-        return out
-
-
-def render_chat(messages: list[ChatMessage], template: Literal["chatml", "plain"]) -> str:
-    """Chat messages as one prompt ending where the assistant's reply begins."""
-    if template == "chatml":
-        turns = [f"<|im_start|>{m.role}\n{m.content}<|im_end|>\n" for m in messages]
-        return "".join(turns) + "<|im_start|>assistant\n"
-    turns = [f"{m.role.capitalize()}: {m.content}\n\n" for m in messages]
-    return "".join(turns) + "Assistant:"
-
-
-def _request_body(
-    request: GenerateRequest, adapter_params: dict[str, Any], config: LoraxConfig
-) -> dict[str, Any]:
-    """lorax-client's Request, as its clients send it."""
-    if request.tools:
-        raise Unsupported("the lorax backend does not call tools")
-    if request.messages is not None:
-        inputs = render_chat(request.messages, config.chat_template)
-    else:
-        inputs = request.prompt or ""
-    try:
-        parameters = lorax_types.Parameters(
-            **adapter_params,
-            **_sampling(request.params),
-            response_format=_response_format(request.response_format),
-            details=True,
-        )
-        wire = lorax_types.Request(inputs=inputs, parameters=parameters, stream=config.stream)
-    except (lorax_errors.ValidationError, pydantic.ValidationError) as e:
-        raise InvalidRequest(f"LoRAX would refuse this request: {e}") from e
-    return wire.model_dump(mode="json", by_alias=True)
-
-
-def _sampling(p: SamplingParams) -> dict[str, Any]:
-    """Greedy sends no temperature, top_p or top_k: LoRAX samples whenever one is set."""
-    if p.ignore_eos:
-        raise Unsupported("LoRAX has no ignore_eos")
-    out: dict[str, Any] = {"max_new_tokens": p.max_new_tokens, "stop": list(p.stop), "seed": p.seed}
-    if p.repetition_penalty != 1.0:
-        out["repetition_penalty"] = p.repetition_penalty
-    if p.greedy:
-        return {**out, "do_sample": False}
-    if p.temperature == 0.0:
-        raise InvalidRequest("temperature 0 means greedy decoding; it cannot go with do_sample")
-    out.update(do_sample=True, temperature=p.temperature)
-    if p.top_p < 1.0:
-        out["top_p"] = p.top_p
-    if p.top_k > 0:
-        out["top_k"] = p.top_k
-    return out
-
-
-def _response_format(fmt: dict[str, Any] | None) -> lorax_types.ResponseFormat | None:
-    """OpenAI's ``json_schema`` / ``json_object`` (or LoRAX's own ``{type, schema}``) as LoRAX's
-    schema-constrained ``json_object``; ``text`` is no constraint."""
-    if fmt is None or fmt.get("type") == "text":
-        return None
-    if fmt.get("type") == "json_schema":
-        spec = fmt.get("json_schema")
-        schema = spec.get("schema") if isinstance(spec, dict) else None
-        if not isinstance(schema, dict):
-            raise InvalidRequest("response_format json_schema needs json_schema.schema (an object)")
-        return lorax_types.ResponseFormat(type="json_object", schema=schema)
-    if fmt.get("type") == "json_object":
-        schema = fmt.get("schema", {"type": "object"})
-        if not isinstance(schema, dict):
-            raise InvalidRequest("response_format schema must be a JSON object")
-        return lorax_types.ResponseFormat(type="json_object", schema=schema)
-    raise Unsupported(f"LoRAX has no response_format {fmt.get('type')!r}")
-
-
-def _adapter_ids(request: GenerateRequest) -> tuple[str, ...]:
-    if request.adapter is not None:
-        return (request.adapter,)
-    if request.mixture is not None:
-        return tuple(a.id for a in request.mixture.adapters)
-    return ()
-
-
-def _map_lorax_error(e: Exception, adapters: dict[str, str]) -> AtollError:
-    message = str(e)[:MAX_ERROR_CHARS] or type(e).__name__
-    if isinstance(e, lorax_errors.GenerationError) and (failed := _adapter_failure(e, adapters)):
-        return failed
-    return _ERRORS.get(type(e), BackendUnavailable)(f"LoRAX: {message}")
-
-
-def _adapter_failure(e: Exception, adapters: dict[str, str]) -> AtollError | None:
-    """LoRAX reports a failed adapter download or load as a generation error whose message
-    names the adapter (as LoRAX got it) or says "adapter"."""
-    message = str(e)[:MAX_ERROR_CHARS]
-    named = any(a in message for pair in adapters.items() for a in pair)
-    if not adapters or not (named or "adapter" in message.lower()):
-        return None
-    ids = ", ".join(adapters)
-    if _NOT_FOUND.search(message):
-        return AdapterNotFound(f"LoRAX found no adapter {ids}: {message}")
-    return AdapterRejected(f"LoRAX could not load adapter {ids}: {message}")
-
-
-async def _status_error(resp: aiohttp.ClientResponse) -> Exception:
-    """A non-200 reply as lorax-client's error for LoRAX's ``{"error", "error_type"}`` (mapped
-    by _transport_errors), or ours for a refused token."""
-    text = (await resp.content.read(MAX_ERROR_BODY)).decode(errors="replace")
-    if resp.status in (401, 403):
-        return BackendUnavailable(
-            f"LoRAX refused this island's API token (HTTP {resp.status}: "
-            f"{text[:MAX_ERROR_CHARS]}); the operator must fix {API_TOKEN_ENV}"
-        )
-    try:
-        payload = json.loads(text)
-    except ValueError:
-        payload = None
-    if not isinstance(payload, dict):
-        payload = {"error": text[:MAX_ERROR_CHARS] or resp.reason or ""}
-    return lorax_errors.parse_error(resp.status, payload)
-
-
-async def _json_reply(resp: aiohttp.ClientResponse, what: str) -> Any:
-    if resp.status != 200:
-        raise await _status_error(resp)
-    try:
-        return json.loads(await resp.read())
-    except ValueError as e:
-        raise BackendUnavailable(f"LoRAX's {what} reply is not JSON") from e
-
-
-def _json_line(raw: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(raw)
-    except ValueError as e:
-        raise BackendUnavailable(f"LoRAX sent a malformed stream event: {e}") from e
-    if not isinstance(data, dict):
-        raise BackendUnavailable("LoRAX sent a stream event that is not a JSON object")
-    return data
-
-
-def _parse(model: type[M], data: Any, what: str) -> M:
-    try:
-        return model.model_validate(data)
-    except pydantic.ValidationError as e:
-        raise BackendUnavailable(f"LoRAX's {what} is malformed: {e}") from e
-
-
-def _unit(vector: list[float]) -> list[float]:
-    norm = math.sqrt(sum(x * x for x in vector))
-    return [x / norm for x in vector] if norm > 0 else vector
+        except tuple(ERRORS) as e:
+            raise map_lorax_error(e, adapters or {}) from e

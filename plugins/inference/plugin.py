@@ -15,23 +15,36 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from atoll.agent.config import ConfigPath
+from atoll.agent.contract import Method
 from atoll.agent.errors import InvalidRequest
-from atoll.agent.node import CallInfo
 from atoll.agent.plugins import Plugin, PluginContext, rpc
 from atoll.agent.streams import Stream
 from atoll.plugins.inference.backend import Backend
 from atoll.plugins.inference.contract import (
-    AdapterNotFound,
+    ADAPTERS,
+    EMBED,
+    GENERATE,
+    GENERATE_STREAM,
+    HEALTH,
+    INFO,
+    LOAD_ADAPTER,
+    PIN_ADAPTER,
+    TRANSCRIBE,
+    UNLOAD_ADAPTER,
     AdapterRef,
-    EmbedRequest,
     GenerateRequest,
     GenerateResult,
-    TranscribeRequest,
+    Unloaded,
 )
-from atoll.plugins.storage.contract import check_adapter_id, fetch_adapter
+from atoll.plugins.storage.contract.adapters import (
+    AdapterNotFound,
+    check_adapter_id,
+    fetch_adapter,
+)
+from atoll.protocol.session import CallInfo
 
 MAX_UNSENT_LINES = 256  # a generate stream's events held for a slow reader before generation waits
 
@@ -91,7 +104,7 @@ class InferencePlugin(Plugin):
         self.running = m.gauge("running", "Requests in the running batch")
         self.rate = m.gauge("tokens_per_s", "Completion tokens per second, last 10 s")
         self._gauges = asyncio.create_task(self._refresh_gauges())
-        ctx.serve_stream("generate", self._generate_stream, roles=lambda p: p.config.callers)
+        ctx.serve_stream(GENERATE_STREAM, self._generate_stream, roles=lambda p: p.config.callers)
 
     async def stop(self) -> None:
         assert self.ctx is not None
@@ -131,18 +144,6 @@ class InferencePlugin(Plugin):
             self.running.set(info.running)
             self.rate.set(info.tokens_per_s)
             await asyncio.sleep(1.0)
-
-    # --- access ------------------------------------------------------------------------------
-
-    @staticmethod
-    def _parse(model: type[BaseModel], params: Any) -> Any:
-        try:
-            return model.model_validate(params if params is not None else {})
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors()
-            )
-            raise InvalidRequest(f"invalid {model.__name__}: {problems}") from None
 
     # --- generation --------------------------------------------------------------------------
 
@@ -208,7 +209,7 @@ class InferencePlugin(Plugin):
             if done:
                 return
 
-    @rpc(roles=lambda p: p.config.callers)
+    @rpc(GENERATE.name, roles=lambda p: p.config.callers)
     async def generate(self, params: Any, call: CallInfo) -> dict[str, Any]:
         request = self._generate_request(params)
         parts: list[str] = []
@@ -231,58 +232,61 @@ class InferencePlugin(Plugin):
             return result.model_dump(mode="json")
         raise InvalidRequest("the backend ended without a finish event")
 
-    @rpc(roles=lambda p: p.config.callers)
+    @rpc(EMBED.name, roles=lambda p: p.config.callers)
     async def embed(self, params: Any, call: CallInfo) -> dict[str, Any]:
-        result = await self.backend.embed(self._parse(EmbedRequest, params))
+        result = await self.backend.embed(EMBED.parse_params(params))
         return result.model_dump(mode="json")
 
-    @rpc(roles=lambda p: p.config.callers)
+    @rpc(TRANSCRIBE.name, roles=lambda p: p.config.callers)
     async def transcribe(self, params: Any, call: CallInfo) -> dict[str, Any]:
-        result = await self.backend.transcribe(self._parse(TranscribeRequest, params))
+        result = await self.backend.transcribe(TRANSCRIBE.parse_params(params))
         return result.model_dump(mode="json")
 
     # --- adapters and node -------------------------------------------------------------------
 
-    @rpc(roles=lambda p: p.config.callers)
+    @rpc(ADAPTERS.name, roles=lambda p: p.config.callers)
     async def adapters(self, params: Any, call: CallInfo) -> list[dict[str, Any]]:
         return [a.model_dump(mode="json") for a in self.backend.adapters()]
 
-    @rpc(roles=lambda p: p.config.callers)
+    @rpc(LOAD_ADAPTER.name, roles=lambda p: p.config.callers)
     async def load_adapter(self, params: Any, call: CallInfo) -> dict[str, Any]:
-        ref = self._ref(params)
+        ref = self._ref(LOAD_ADAPTER, params)
         info = await self.backend.load_adapter(ref.id)
         if ref.pinned is not None:
             info = await self.backend.pin_adapter(ref.id, ref.pinned)
         return info.model_dump(mode="json")
 
-    @rpc(roles=lambda p: p.config.callers)
+    @rpc(UNLOAD_ADAPTER.name, roles=lambda p: p.config.callers)
     async def unload_adapter(self, params: Any, call: CallInfo) -> dict[str, Any]:
-        return {"unloaded": await self.backend.unload_adapter(self._ref(params).id)}
+        ref = self._ref(UNLOAD_ADAPTER, params)
+        return Unloaded(unloaded=await self.backend.unload_adapter(ref.id)).model_dump()
 
-    @rpc(roles=lambda p: p.config.callers)
+    @rpc(PIN_ADAPTER.name, roles=lambda p: p.config.callers)
     async def pin_adapter(self, params: Any, call: CallInfo) -> dict[str, Any]:
-        ref = self._ref(params)
+        ref = self._ref(PIN_ADAPTER, params)
         info = await self.backend.pin_adapter(ref.id, True if ref.pinned is None else ref.pinned)
         return info.model_dump(mode="json")
 
-    @rpc(roles=lambda p: p.config.callers)
+    @rpc(INFO.name, roles=lambda p: p.config.callers)
     async def info(self, params: Any, call: CallInfo) -> dict[str, Any]:
         return self.backend.info().model_dump(mode="json")
 
-    @rpc(roles=lambda p: p.config.callers)
+    @rpc(HEALTH.name, roles=lambda p: p.config.callers)
     async def health(self, params: Any, call: CallInfo) -> dict[str, Any]:
         return (await self.backend.health()).model_dump(mode="json")
 
-    def _generate_request(self, params: Any) -> GenerateRequest:
-        request = self._parse(GenerateRequest, params)
+    @staticmethod
+    def _generate_request(params: Any) -> GenerateRequest:
+        request = GENERATE.parse_params(params)
         for adapter_id in [request.adapter] if request.adapter else []:
             check_adapter_id(adapter_id)
         for part in request.mixture.adapters if request.mixture else []:
             check_adapter_id(part.id)
         return request
 
-    def _ref(self, params: Any) -> AdapterRef:
-        ref = self._parse(AdapterRef, params)
+    @staticmethod
+    def _ref(method: Method[AdapterRef, Any], params: Any) -> AdapterRef:
+        ref = method.parse_params(params)
         check_adapter_id(ref.id)
         return ref
 

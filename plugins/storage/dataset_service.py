@@ -1,6 +1,6 @@
 """The storage plugin's dataset half: the ``dataset_put`` / ``dataset_get`` streams and the
 registry operations behind the ``datasets``, ``dataset_info`` and ``dataset_delete`` RPCs (see
-``dataset_contract.py`` for the wire).
+``contract/datasets.py`` for the wire).
 
 A dataset is kept as two objects, ``datasets/<id>/original`` (the bytes as uploaded) and
 ``datasets/<id>/canonical.jsonl`` (its checked, de-duplicated rows: chat for sft, text for pt),
@@ -18,42 +18,38 @@ import time
 from pathlib import Path
 from typing import Literal
 
+from atoll.agent.contract import parse
 from atoll.agent.errors import InvalidRequest
-from atoll.agent.files import TransferFailed
-from atoll.agent.node import CallInfo
 from atoll.agent.plugins import PluginContext
 from atoll.agent.streams import Stream
-from atoll.plugins.storage.dataset_contract import (
+from atoll.agent.transfer import (
+    IDLE_TIMEOUT,
+    Reader,
+    TransferFailed,
+    file_chunks,
+    idle_deadline,
+    receive_file,
+    send_bytes,
+    write_line,
+)
+from atoll.plugins.storage.contract.datasets import (
+    DATASET_INFO,
+    DELETE_DATASET,
+    LIST_DATASETS,
     DatasetFetch,
     DatasetGetHeader,
     DatasetInvalid,
     DatasetNotFound,
     DatasetPutHeader,
-    DatasetQuery,
     DatasetRecord,
-    DatasetRef,
     DedupInfo,
-)
-from atoll.plugins.storage.datasets import (
     Kind,
-    Limits,
-    Prepared,
     check_filename,
-    convert_line,
-    prepare,
 )
+from atoll.plugins.storage.datasets import DatasetLimits, Prepared, convert_line, prepare
 from atoll.plugins.storage.registry import DatasetRegistry
-from atoll.plugins.storage.store import ObjectNotFound, ObjectStore, file_chunks
-from atoll.plugins.storage.wire import (
-    IDLE_TIMEOUT,
-    MAX_HEADER_BYTES,
-    Reader,
-    idle_deadline,
-    parse,
-    receive_file,
-    send_bytes,
-    write_line,
-)
+from atoll.plugins.storage.store import ObjectNotFound, ObjectStore
+from atoll.protocol.session import CallInfo
 
 ORIGINAL = "original"
 CANONICAL = "canonical.jsonl"
@@ -63,7 +59,7 @@ def dataset_key(dataset_id: str, name: str) -> str:
     return f"datasets/{dataset_id}/{name}"
 
 
-def _prepare_file(path: Path, header: DatasetPutHeader, limits: Limits) -> Prepared:
+def _prepare_file(path: Path, header: DatasetPutHeader, limits: DatasetLimits) -> Prepared:
     """Blocking: run it in a thread."""
     data = path.read_bytes()
     prepared = prepare(data, header.filename, header.format, limits, header.dedup)
@@ -88,7 +84,7 @@ class DatasetService:
         ctx: PluginContext,
         store: ObjectStore,
         registry: DatasetRegistry,
-        limits: Limits,
+        limits: DatasetLimits,
         incoming: Path,
     ) -> None:
         self.ctx = ctx
@@ -117,13 +113,13 @@ class DatasetService:
     # --- registry operations ------------------------------------------------------------------
 
     def find(self, params: object) -> list[DatasetRecord]:
-        return self.registry.find(parse(DatasetQuery, params or {}, "datasets query"))
+        return self.registry.find(LIST_DATASETS.parse_params(params))
 
     def info(self, params: object) -> DatasetRecord:
-        return self.registered(parse(DatasetRef, params, "dataset_info request").id)
+        return self.registered(DATASET_INFO.parse_params(params).id)
 
     async def delete(self, params: object, call: CallInfo) -> None:
-        record = self.registered(parse(DatasetRef, params, "dataset_delete request").id)
+        record = self.registered(DELETE_DATASET.parse_params(params).id)
         self.registry.remove(record.id)  # first: from here on nobody is offered it
         for name in (ORIGINAL, CANONICAL):
             await self.store.delete(dataset_key(record.id, name))
@@ -135,7 +131,7 @@ class DatasetService:
     async def put(self, stream: Stream, params: object, call: CallInfo) -> None:
         with idle_deadline(f"dataset upload from {call.src}", IDLE_TIMEOUT):
             reader = Reader(stream, IDLE_TIMEOUT)
-            raw = await reader.line(MAX_HEADER_BYTES)
+            raw = await reader.line()
             header = parse(DatasetPutHeader, raw, "dataset upload header")
             check_filename(header.filename)  # as prepare() does, before any byte is received
             if header.size > self.limits.max_bytes:  # refused before any byte is received
@@ -222,7 +218,7 @@ class DatasetService:
                 )
             else:
                 size = await self._send_converted(stream, record, request.as_)
-            reply = await Reader(stream, IDLE_TIMEOUT).line(MAX_HEADER_BYTES)
+            reply = await Reader(stream, IDLE_TIMEOUT).line()
         if reply.get("ok") is not True:
             raise TransferFailed(f"{call.src} did not confirm dataset {record.id!r}: {reply}")
         self.served.inc(size)

@@ -1,5 +1,7 @@
 """Training datasets: parse, validate, convert and de-duplicate. Pure functions over bytes and
-rows (no I/O, no asyncio): the storage plugin runs them in a thread.
+rows (no I/O, no asyncio): the storage plugin runs them in a thread. One module past 400 lines
+because it is one pipeline read top to bottom (the file, one row per format, the whole file),
+whose steps share the row-problem bookkeeping.
 
 Formats (as uploaded):
 
@@ -26,14 +28,16 @@ import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import accumulate
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
-from atoll.agent.errors import AtollError
+from atoll.plugins.storage.contract.datasets import (
+    DatasetInvalid,
+    DedupMode,
+    Format,
+    Kind,
+    check_filename,
+)
 
-Format = Literal["alpaca", "sharegpt", "chat", "text"]
-Kind = Literal["sft", "pt"]
-AsFormat = Literal["chat", "text", "original"]
-DedupMode = Literal["none", "exact", "normalised"]
 FORMATS: tuple[Format, ...] = ("alpaca", "sharegpt", "chat", "text")
 PLAIN_SUFFIXES = (".txt", ".text")
 JSON_SUFFIXES = (".json", ".jsonl", ".ndjson")
@@ -48,7 +52,6 @@ _JSON_SPACE = re.compile(r"[ \t\n\r]*")
 # below that). Training rows need 3 levels and short numbers.
 MAX_DEPTH = 64
 MAX_NUMBER_CHARS = 100
-MAX_FILENAME_BYTES = 200
 _ESCAPE = re.compile(r"\\.", re.DOTALL)  # a string's escape: dropped before strings are
 _STRING = re.compile(r'"[^"]*+"')  # with no escapes left, a string ends at the next quote
 _NOT_BRACKET = re.compile(r"[^\[\]{}]++")
@@ -61,13 +64,10 @@ def _skip_space(text: str, pos: int) -> int:
     return _JSON_SPACE.match(text, pos).end()  # type: ignore[union-attr]  # "" matches: never None
 
 
-class DatasetInvalid(AtollError):
-    """The dataset cannot be used as uploaded; the message names each bad line and why
-    (``data``: ``{"errors": [{"line", "reason"}]}``). Nothing was kept."""
-
-
 @dataclass(frozen=True)
-class Limits:
+class DatasetLimits:
+    """What one uploaded dataset may be."""
+
     max_bytes: int = 256 * 1024 * 1024
     max_rows: int = 1_000_000
     max_row_chars: int = 1_000_000  # one row's characters as written in the file
@@ -109,15 +109,22 @@ class _Problems:
     def add(self, line: int, reason: str) -> None:
         self.items.append((line, reason))
         if len(self.items) >= MAX_ERRORS:
-            self.raise_(stopped=True)
+            raise self._error(stopped=True)
 
-    def raise_(self, stopped: bool = False) -> None:
-        if not self.items:
-            return
+    def stop(self, line: int, reason: str) -> NoReturn:
+        """Add a problem past which reading on makes no sense, and raise them all."""
+        self.items.append((line, reason))
+        raise self._error(stopped=len(self.items) >= MAX_ERRORS)
+
+    def raise_(self) -> None:
+        if self.items:
+            raise self._error(stopped=False)
+
+    def _error(self, stopped: bool) -> DatasetInvalid:
         text = "; ".join(f"line {line}: {reason}" for line, reason in self.items)
         more = f" (stopped after {MAX_ERRORS} problems)" if stopped else ""
         errors = [{"line": line, "reason": reason} for line, reason in self.items]
-        raise DatasetInvalid(f"{self.filename}: {text}{more}", {"errors": errors})
+        return DatasetInvalid(f"{self.filename}: {text}{more}", {"errors": errors})
 
 
 class _RowError(ValueError):
@@ -126,25 +133,6 @@ class _RowError(ValueError):
 
 def kind_of(fmt: Format) -> Kind:
     return "pt" if fmt == "text" else "sft"
-
-
-def check_filename(name: str) -> str:
-    """``name`` if it is a plain file name, else DatasetInvalid naming it: it is shown and may
-    become a path where the file is staged, so no directories, ``..`` or control characters."""
-    if (
-        not name
-        or ".." in name
-        or "/" in name
-        or "\\" in name
-        or name != name.strip()
-        or not name.isprintable()  # before encode(): a lone surrogate is not printable
-        or len(name.encode()) > MAX_FILENAME_BYTES
-    ):
-        raise DatasetInvalid(
-            f"filename {name[:64]!r}: give a plain file name of 1-{MAX_FILENAME_BYTES} bytes "
-            "(no '/', '\\', '..' or control characters)"
-        )
-    return name
 
 
 # --- reading the file ---------------------------------------------------------------------------
@@ -293,24 +281,31 @@ def _type_name(value: Any) -> str:
     return names.get(type(value), "a number" if isinstance(value, int | float) else "a string")
 
 
-def _string(obj: dict[str, Any], key: str, where: str = "", required: bool = True) -> str | None:
+def _optional(obj: dict[str, Any], key: str, where: str = "") -> str | None:
+    """``obj[key]`` if it is a string, None if it is missing."""
     if key not in obj:
-        if required:
-            raise _RowError(f"{where}missing {key!r}")
         return None
     value = obj[key]
     if not isinstance(value, str):
         raise _RowError(f"{where}{key!r} must be a string, not {_type_name(value)}")
-    if required and not value.strip():
+    return value
+
+
+def _string(obj: dict[str, Any], key: str, where: str = "") -> str:
+    """``obj[key]``, a string that is not blank."""
+    value = _optional(obj, key, where)
+    if value is None:
+        raise _RowError(f"{where}missing {key!r}")
+    if not value.strip():
         raise _RowError(f"{where}{key!r} is empty")
     return value
 
 
 def _alpaca(obj: dict[str, Any]) -> dict[str, Any]:
     instruction = _string(obj, "instruction")
-    extra = _string(obj, "input", required=False) or ""
+    extra = _optional(obj, "input") or ""
     output = _string(obj, "output")
-    system = _string(obj, "system", required=False)
+    system = _optional(obj, "system")
     user = f"{instruction}\n{extra}" if extra.strip() else instruction
     messages = [{"role": "system", "content": system}] if system and system.strip() else []
     messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
@@ -391,7 +386,7 @@ def detect_format(obj: dict[str, Any]) -> Format | None:
 
 
 def parse_rows(
-    data: bytes, filename: str, fmt: Format | None = None, limits: Limits = Limits()
+    data: bytes, filename: str, fmt: Format | None = None, limits: DatasetLimits = DatasetLimits()
 ) -> tuple[Format, list[Row]]:
     """Every row of the uploaded file, checked and canonical, with the format found (``fmt``
     if given). DatasetInvalid names each problem's line (up to MAX_ERRORS of them)."""
@@ -407,8 +402,7 @@ def parse_rows(
     layout = _layout(text, filename, fmt)
     if layout == "plain":
         if fmt not in (None, "text"):
-            problems.add(1, f"a plain text file is a 'text' dataset; {fmt!r} needs JSON rows")
-            problems.raise_()
+            problems.stop(1, f"a plain text file is a 'text' dataset; {fmt!r} needs JSON rows")
         fmt = "text"
         records = _plain_records(text)
     else:
@@ -427,19 +421,17 @@ def parse_rows(
             fmt = detect_format(value)
             if fmt is None:
                 keys = ", ".join(repr(k) for k in list(value)[:8]) or "none"
-                problems.add(
+                problems.stop(
                     line,
                     f"cannot tell the format from its keys ({keys}): expected 'instruction' and "
                     "'output' (alpaca), 'conversations' (sharegpt), 'messages' (chat) or 'text'",
                 )
-                problems.raise_()
         try:
             rows.append(Row(line, CONVERTERS[fmt](value)))
         except _RowError as exc:
             problems.add(line, str(exc))
         if len(rows) > limits.max_rows:
-            problems.add(line, f"more than {limits.max_rows} rows; that is the limit")
-            problems.raise_()
+            problems.stop(line, f"more than {limits.max_rows} rows; that is the limit")
     problems.raise_()
     if fmt is None or not rows:
         raise DatasetInvalid(f"{filename}: the dataset has no rows")
@@ -519,7 +511,7 @@ def prepare(
     data: bytes,
     filename: str,
     fmt: Format | None = None,
-    limits: Limits = Limits(),
+    limits: DatasetLimits = DatasetLimits(),
     dedup: DedupMode = "normalised",
 ) -> Prepared:
     """Check, convert, de-duplicate and describe an uploaded dataset."""

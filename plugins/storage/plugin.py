@@ -1,5 +1,5 @@
 """The storage plugin: an object store (a local directory, or S3) plus a registry of LoRA
-adapters and training datasets, served over the data plane (see ``contract.py`` for the wire).
+adapters and training datasets, served over the data plane (see ``contract/`` for the wire).
 Adapters are validated before anything is kept, immutable once registered, stored under
 ``adapters/<id>/<file>`` and announced on ``adapters.new``; datasets are handled by
 ``dataset_service.py``.
@@ -19,61 +19,61 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors import SafetensorError, safe_open
 
 from atoll.agent.config import ConfigPath
+from atoll.agent.contract import parse
 from atoll.agent.errors import AtollError
-from atoll.agent.node import CallInfo
 from atoll.agent.plugins import Plugin, PluginContext, rpc
 from atoll.agent.streams import Stream
-from atoll.plugins.storage.contract import (
+from atoll.agent.transfer import (
+    IDLE_TIMEOUT,
+    Reader,
+    TransferFailed,
+    idle_deadline,
+    send_bytes,
+    write_line,
+)
+from atoll.plugins.storage.contract.adapters import (
     ADAPTERS_NEW,
     CONFIG_FILE,
-    DATASET_DELETE_METHOD,
-    DATASET_GET,
-    DATASET_INFO_METHOD,
-    DATASET_PUT,
-    DATASETS_METHOD,
-    DELETE_METHOD,
-    DESCRIBE_METHOD,
+    DELETE_ADAPTER,
+    DESCRIBE_ADAPTER,
     GET_SERVICE,
-    LIST_METHOD,
+    LIST_ADAPTERS,
     PUT_SERVICE,
     WEIGHTS_FILE,
     AdapterExists,
     AdapterId,
     AdapterNotFound,
-    AdapterQuery,
     AdapterRecord,
     InvalidAdapter,
-    TransferFailed,
     TransferHeader,
     receive_files,
 )
+from atoll.plugins.storage.contract.datasets import (
+    DATASET_GET,
+    DATASET_INFO,
+    DATASET_PUT,
+    DELETE_DATASET,
+    LIST_DATASETS,
+)
 from atoll.plugins.storage.dataset_service import DatasetService
-from atoll.plugins.storage.datasets import Limits
+from atoll.plugins.storage.datasets import DatasetLimits
 from atoll.plugins.storage.registry import AdapterRegistry, DatasetRegistry, open_registry
 from atoll.plugins.storage.s3 import S3Config, S3Store
 from atoll.plugins.storage.store import LocalStore, ObjectNotFound, ObjectStore
-from atoll.plugins.storage.wire import (
-    IDLE_TIMEOUT,
-    MAX_HEADER_BYTES,
-    Reader,
-    idle_deadline,
-    parse,
-    send_bytes,
-    write_line,
-)
+from atoll.protocol.session import CallInfo
 from atoll.tenancy.permissions import ADAPTER_READERS, ADAPTER_WRITERS, CLIENTS, DATASET_READERS
 
 MAX_CONFIG_BYTES = 1024 * 1024
 
 
-class DatasetLimits(BaseModel):
+class DatasetsConfig(BaseModel):
     """``[plugins.storage.datasets]``: what one uploaded dataset may be."""
 
     model_config = ConfigDict(extra="forbid")
 
-    max_bytes: int = Field(Limits.max_bytes, ge=1)
-    max_rows: int = Field(Limits.max_rows, ge=1)
-    max_row_chars: int = Field(Limits.max_row_chars, ge=1)
+    max_bytes: int = Field(default=DatasetLimits.max_bytes, ge=1)
+    max_rows: int = Field(default=DatasetLimits.max_rows, ge=1)
+    max_row_chars: int = Field(default=DatasetLimits.max_row_chars, ge=1)
 
 
 class StorageConfig(BaseModel):
@@ -85,7 +85,7 @@ class StorageConfig(BaseModel):
     root: ConfigPath | None = None  # the local store's directory; None: <plugin data dir>/objects
     s3: S3Config | None = None  # [plugins.storage.s3], for store = "s3"
     max_adapter_bytes: int = Field(2 * 1024**3, ge=1)
-    datasets: DatasetLimits = Field(default_factory=DatasetLimits)
+    datasets: DatasetsConfig = Field(default_factory=DatasetsConfig)
 
     @model_validator(mode="after")
     def _store_settings(self) -> StorageConfig:
@@ -164,7 +164,7 @@ class StoragePlugin(Plugin):
             ctx,
             self.store,
             self.dataset_registry,
-            Limits(**config.datasets.model_dump()),
+            DatasetLimits(**config.datasets.model_dump()),
             self.incoming,
         )
         self.uploading: set[str] = set()
@@ -199,19 +199,19 @@ class StoragePlugin(Plugin):
 
     # --- RPC --------------------------------------------------------------------------------
 
-    @rpc(LIST_METHOD, roles=ADAPTER_READERS)
+    @rpc(LIST_ADAPTERS.name, roles=ADAPTER_READERS)
     async def list_adapters(self, params: Any, call: CallInfo) -> list[dict[str, Any]]:
-        query = parse(AdapterQuery, params or {}, "list_adapters query")
+        query = LIST_ADAPTERS.parse_params(params)
         return [r.model_dump(mode="json") for r in self.registry.find(query)]
 
-    @rpc(DESCRIBE_METHOD, roles=ADAPTER_READERS)
+    @rpc(DESCRIBE_ADAPTER.name, roles=ADAPTER_READERS)
     async def describe_adapter(self, params: Any, call: CallInfo) -> dict[str, Any]:
-        ref = parse(AdapterId, params, "describe_adapter request")
+        ref = DESCRIBE_ADAPTER.parse_params(params)
         return self._registered(ref.id).model_dump(mode="json")
 
-    @rpc(DELETE_METHOD, roles=CLIENTS)
+    @rpc(DELETE_ADAPTER.name, roles=CLIENTS)
     async def delete_adapter(self, params: Any, call: CallInfo) -> dict[str, Any]:
-        ref = parse(AdapterId, params, "delete_adapter request")
+        ref = DELETE_ADAPTER.parse_params(params)
         record = self._registered(ref.id)
         self.registry.remove(ref.id)  # first: from here on nobody is offered it
         for entry in record.files:
@@ -221,15 +221,15 @@ class StoragePlugin(Plugin):
         self.ctx.log.info("storage.adapter_deleted", adapter=ref.id, by=call.caller.name)
         return {"deleted": True}
 
-    @rpc(DATASETS_METHOD, roles=DATASET_READERS)
+    @rpc(LIST_DATASETS.name, roles=DATASET_READERS)
     async def list_datasets(self, params: Any, call: CallInfo) -> list[dict[str, Any]]:
         return [r.model_dump(mode="json") for r in self.datasets.find(params)]
 
-    @rpc(DATASET_INFO_METHOD, roles=DATASET_READERS)
+    @rpc(DATASET_INFO.name, roles=DATASET_READERS)
     async def dataset_info(self, params: Any, call: CallInfo) -> dict[str, Any]:
         return self.datasets.info(params).model_dump(mode="json")
 
-    @rpc(DATASET_DELETE_METHOD, roles=CLIENTS)
+    @rpc(DELETE_DATASET.name, roles=CLIENTS)
     async def delete_dataset(self, params: Any, call: CallInfo) -> dict[str, Any]:
         await self.datasets.delete(params, call)
         return {"deleted": True}
@@ -259,7 +259,7 @@ class StoragePlugin(Plugin):
         assert self.ctx is not None
         with idle_deadline(f"adapter upload from {call.src}", IDLE_TIMEOUT):
             reader = Reader(stream, IDLE_TIMEOUT)
-            raw = await reader.line(MAX_HEADER_BYTES)
+            raw = await reader.line()
             header = parse(TransferHeader, raw, "adapter upload header")
             self._check_upload(header)
             stage = Path(tempfile.mkdtemp(dir=self.incoming))
@@ -336,7 +336,7 @@ class StoragePlugin(Plugin):
                     await send_bytes(stream, chunks, entry.size, IDLE_TIMEOUT)
                 except ObjectNotFound:
                     raise AdapterNotFound(f"adapter {record.id!r} was deleted while sent") from None
-            reply = await Reader(stream, IDLE_TIMEOUT).line(MAX_HEADER_BYTES)
+            reply = await Reader(stream, IDLE_TIMEOUT).line()
         if reply.get("ok") is not True:
             raise TransferFailed(f"{call.src} did not confirm adapter {record.id!r}: {reply}")
         self.served.inc(header.size)

@@ -8,13 +8,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from atoll.plugins.storage.contract import (
-    AdapterExists,
-    AdapterQuery,
-    AdapterRecord,
-    DatasetQuery,
-    DatasetRecord,
-)
+from atoll.plugins.storage.contract.adapters import AdapterExists, AdapterQuery, AdapterRecord
+from atoll.plugins.storage.contract.datasets import DatasetQuery, DatasetRecord
 
 SCHEMA_VERSION = 2  # PRAGMA user_version; 0 with an adapters table is the first layout
 

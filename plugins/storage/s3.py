@@ -14,6 +14,7 @@ environment variables that hold them, or, left out, boto3's default chain applie
 from __future__ import annotations
 
 import asyncio
+import builtins
 import hashlib
 import os
 import tempfile
@@ -27,9 +28,8 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from atoll.agent.files import sha256_file
+from atoll.agent.transfer import READ_SIZE, sha256_file, write_and_hash
 from atoll.plugins.storage.store import (
-    READ_SIZE,
     InvalidKey,
     ObjectInfo,
     ObjectNotFound,
@@ -97,7 +97,7 @@ class S3Store(ObjectStore):
         self.config = config
         self.bucket = config.bucket
         self.prefix = config.prefix
-        self.spool_dir = spool_dir
+        self.spool_dir = None if spool_dir is None else str(spool_dir)  # tempfile's type
         self.where = f"s3 bucket {config.bucket!r}" + (
             f" at {config.endpoint_url}" if config.endpoint_url else ""
         )
@@ -160,10 +160,10 @@ class S3Store(ObjectStore):
         with tempfile.SpooledTemporaryFile(SPOOL_MEMORY, dir=self.spool_dir) as spool:
             digest = hashlib.sha256()
             if isinstance(data, bytes | bytearray | memoryview):
-                await asyncio.to_thread(_write_and_hash, spool, digest, bytes(data))
+                await asyncio.to_thread(write_and_hash, spool, digest, bytes(data))
             else:  # gathered first: a source that fails part-way leaves the old object alone
                 async for chunk in data:
-                    await asyncio.to_thread(_write_and_hash, spool, digest, chunk)
+                    await asyncio.to_thread(write_and_hash, spool, digest, chunk)
             spool.seek(0)
             await self._upload(key, self.client.upload_fileobj, spool, digest.hexdigest())
         return await self.stat(key)
@@ -251,7 +251,7 @@ class S3Store(ObjectStore):
         except (BotoCoreError, ClientError) as exc:
             raise self._fail("list", prefix, exc) from None
 
-    def _list(self, full: str) -> list[str]:
+    def _list(self, full: str) -> builtins.list[str]:  # ``list`` here is the method
         keys = []
         for page in self.client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=full
@@ -291,8 +291,3 @@ def _credentials(config: S3Config) -> dict[str, str]:
             raise S3Unavailable(f"S3 credentials: the environment variable {var} is not set")
         values[arg] = value
     return values
-
-
-def _write_and_hash(fh: IO[bytes], digest: hashlib._Hash, chunk: bytes) -> None:
-    fh.write(chunk)
-    digest.update(chunk)

@@ -10,6 +10,7 @@ an error, and there are no directories, only keys.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import hashlib
 import os
 import shutil
@@ -19,13 +20,11 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, ClassVar
+from typing import ClassVar
 
-from atoll.agent.files import sha256_file
+from atoll.agent.transfer import READ_SIZE, STAGING, file_chunks, sha256_file, write_and_hash
 
-READ_SIZE = 1024 * 1024
 MAX_KEY_CHARS = 1024
-STAGING = ".atoll-staging"  # LocalStore's temporary files; a key may not start with it
 
 
 class InvalidKey(ValueError):
@@ -106,17 +105,6 @@ class ObjectStore(ABC):
         """Remove the object; False if there was none."""
 
 
-async def file_chunks(path: Path) -> AsyncIterator[bytes]:
-    with path.open("rb") as fh:
-        while block := await asyncio.to_thread(fh.read, READ_SIZE):
-            yield block
-
-
-def _write_and_hash(fh: IO[bytes], digest: hashlib._Hash, chunk: bytes) -> None:
-    fh.write(chunk)
-    digest.update(chunk)
-
-
 class LocalStore(ObjectStore):
     """Objects as files under ``root`` (a key ``a/b`` is ``root/a/b``). Temporary files live in
     ``root/.atoll-staging`` (the same file system, so the final rename is atomic); those left by
@@ -145,10 +133,10 @@ class LocalStore(ObjectStore):
         try:
             with os.fdopen(fd, "wb") as fh:
                 if isinstance(data, bytes | bytearray | memoryview):
-                    await asyncio.to_thread(_write_and_hash, fh, digest, bytes(data))
+                    await asyncio.to_thread(write_and_hash, fh, digest, bytes(data))
                 else:
                     async for chunk in data:
-                        await asyncio.to_thread(_write_and_hash, fh, digest, chunk)
+                        await asyncio.to_thread(write_and_hash, fh, digest, chunk)
                 fh.flush()
                 await asyncio.to_thread(os.fsync, fh.fileno())
             await asyncio.to_thread(self._commit, key, tmp, dest)
@@ -206,7 +194,7 @@ class LocalStore(ObjectStore):
         top = self._path(base) if base else self.root
         return await asyncio.to_thread(self._walk, top, prefix)
 
-    def _walk(self, top: Path, prefix: str) -> list[str]:
+    def _walk(self, top: Path, prefix: str) -> builtins.list[str]:  # ``list``: the method
         keys = []
         for dirpath, dirnames, filenames in os.walk(top):
             here = Path(dirpath)

@@ -1,5 +1,5 @@
 """The training service, as other plugins (the gateway) and the CLI see it: job options, job
-records, events, method names, errors and thin clients. Importing this file pulls in no torch.
+records, events, the method table and its client, errors. Importing this file pulls in no torch.
 
 Overlay surface of the agent whose ``training`` plugin runs the queue (discovery capability
 ``{"queue": true}``):
@@ -13,6 +13,10 @@ Overlay surface of the agent whose ``training`` plugin runs the queue (discovery
     RPC  heartbeat  {id, attempt, progress, events}          -> {cancel, reason}
     RPC  finish     {id, attempt, ok, error?, adapter_id?, metrics?} -> {accepted}
 
+Each RPC is a ``Method`` in the table below, which the plugin serves; the functions at the end
+are its typed client (each builds its request through the method's model, so a bad request is
+refused before it leaves, in the words the queue would use).
+
 Publications: ``jobs.<id>.events`` (every event of a job: ``{type: "state"|"log"|"metrics", at,
 message, ...}``; log events carry step, epoch, loss, learning_rate) and ``jobs.queued`` (``{id}``
 whenever a job becomes claimable, so idle trainers claim at once).
@@ -24,18 +28,12 @@ import asyncio
 import contextlib
 import re
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-)
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
-from atoll.agent.errors import AtollError, InvalidRequest
+from atoll.agent.contract import Caller, Client, Method, Strict, service_address
+from atoll.agent.errors import AtollError
 
 if TYPE_CHECKING:
     from atoll.agent.node import Overlay
@@ -148,17 +146,13 @@ class JobOptions(BaseModel):
 # --- requests -------------------------------------------------------------------------------
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SubmitRequest(_Strict):
+class SubmitRequest(Strict):
     owner: str = Field(pattern=OWNER_NAME)
     project: str | None = Field(None, pattern=OWNER_NAME)
     options: JobOptions
 
 
-class JobQuery(_Strict):
+class JobQuery(Strict):
     """Newest first; ``after`` (a job id) pages on to the jobs submitted before it."""
 
     owner: str | None = None
@@ -168,7 +162,7 @@ class JobQuery(_Strict):
     limit: int = Field(100, ge=1, le=1000)
 
 
-class JobRef(_Strict):
+class JobRef(Strict):
     id: str = Field(pattern=JOB_ID.pattern)
 
 
@@ -180,7 +174,7 @@ class EventsRequest(JobRef):
     after: int = Field(0, ge=0)  # events with a larger seq
 
 
-class ClaimRequest(_Strict):
+class ClaimRequest(Strict):
     capacity: int = Field(ge=0, le=1024)  # free job slots on the trainer
     device: Literal["cpu", "cuda", "mps"]
 
@@ -230,20 +224,27 @@ class HeartbeatReply(BaseModel):
     reason: str | None = None
 
 
-M = TypeVar("M", bound=BaseModel)
+class FinishReply(BaseModel):
+    accepted: bool  # False: the attempt was no longer this trainer's, or the job had ended
 
 
-def parse(model: type[M], data: Any, what: str) -> M:
-    """``data`` as ``model``, or InvalidRequest naming each wrong field and why."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'] if not str(p).startswith('function-')) or 'value'}"
-            f": {e['msg']}"
-            for e in exc.errors()
-        )
-        raise InvalidRequest(f"bad {what}: {problems}") from None
+# --- methods ----------------------------------------------------------------------------------
+
+JobEvent = dict[str, Any]  # {seq, type, at, message, ...}
+
+SUBMIT = Method[SubmitRequest, JobRecord]("submit", SubmitRequest, JobRecord, "job submission")
+JOBS = Method[JobQuery, list[JobRecord]]("jobs", JobQuery, list[JobRecord], "job query")
+JOB = Method[JobRef, JobRecord]("job", JobRef, JobRecord, "job reference")
+CANCEL = Method[CancelRequest, JobRecord]("cancel", CancelRequest, JobRecord, "cancel request")
+EVENTS = Method[EventsRequest, list[JobEvent]](
+    "events", EventsRequest, list[JobEvent], "events request"
+)
+CLAIM = Method[ClaimRequest, JobRecord | None]("claim", ClaimRequest, JobRecord | None, "claim")
+HEARTBEAT = Method[HeartbeatRequest, HeartbeatReply](
+    "heartbeat", HeartbeatRequest, HeartbeatReply, "heartbeat"
+)
+FINISH = Method[FinishRequest, FinishReply]("finish", FinishRequest, FinishReply, "finish report")
+QUEUE_METHODS = (SUBMIT, JOBS, JOB, CANCEL, EVENTS, CLAIM, HEARTBEAT, FINISH)  # all the queue's
 
 
 def events_subject(job_id: str) -> str:
@@ -260,27 +261,25 @@ def adapter_id_for(job: JobRecord) -> str:
 # --- calling the queue over the overlay -----------------------------------------------------
 
 
-def _address(queue: str) -> str:
-    """An agent name means that agent's ``training`` plugin."""
-    return queue if "/" in queue else f"{queue}/{PLUGIN}"
+def _queue(caller: Caller, queue: str, timeout: float | None) -> Client:
+    """The queue's client: ``queue`` is an agent name (its training plugin) or an address."""
+    return Client(caller, service_address(queue, PLUGIN), timeout)
 
 
 async def submit_job(
-    agent: Overlay,
+    agent: Caller,
     queue: str,
     owner: str,
     options: JobOptions | dict[str, Any],
     project: str | None = None,
     timeout: float | None = None,
 ) -> JobRecord:
-    if isinstance(options, JobOptions):
-        options = options.model_dump(mode="json")
-    params = {"owner": owner, "project": project, "options": options}
-    return JobRecord.model_validate(await agent.call(_address(queue), "submit", params, timeout))
+    request = SUBMIT.parse_params({"owner": owner, "project": project, "options": options})
+    return await _queue(agent, queue, timeout).invoke(SUBMIT, request)
 
 
 async def list_jobs(
-    agent: Overlay,
+    agent: Caller,
     queue: str,
     owner: str | None = None,
     project: str | None = None,
@@ -290,37 +289,36 @@ async def list_jobs(
     timeout: float | None = None,
 ) -> list[JobRecord]:
     """Jobs matching every filter given, newest first."""
-    query = {
-        "owner": owner, "project": project, "state": state, "after": after, "limit": limit
-    }  # fmt: skip
-    rows = await agent.call(_address(queue), "jobs", query, timeout)
-    return [JobRecord.model_validate(row) for row in rows]
+    query = JOBS.parse_params(
+        {"owner": owner, "project": project, "state": state, "after": after, "limit": limit}
+    )
+    return await _queue(agent, queue, timeout).invoke(JOBS, query)
 
 
 async def get_job(
-    agent: Overlay, queue: str, job_id: str, timeout: float | None = None
+    agent: Caller, queue: str, job_id: str, timeout: float | None = None
 ) -> JobRecord:
-    row = await agent.call(_address(queue), "job", {"id": job_id}, timeout)
-    return JobRecord.model_validate(row)
+    return await _queue(agent, queue, timeout).invoke(JOB, JOB.parse_params({"id": job_id}))
 
 
 async def cancel_job(
-    agent: Overlay, queue: str, job_id: str, owner: str | None = None, timeout: float | None = None
+    agent: Caller, queue: str, job_id: str, owner: str | None = None, timeout: float | None = None
 ) -> JobRecord:
-    params = {"id": job_id, "owner": owner}
-    return JobRecord.model_validate(await agent.call(_address(queue), "cancel", params, timeout))
+    request = CANCEL.parse_params({"id": job_id, "owner": owner})
+    return await _queue(agent, queue, timeout).invoke(CANCEL, request)
 
 
 async def job_events(
-    agent: Overlay, queue: str, job_id: str, after: int = 0, timeout: float | None = None
-) -> list[dict[str, Any]]:
+    agent: Caller, queue: str, job_id: str, after: int = 0, timeout: float | None = None
+) -> list[JobEvent]:
     """The job's kept events with a ``seq`` above ``after``, oldest first."""
-    return await agent.call(_address(queue), "events", {"id": job_id, "after": after}, timeout)
+    request = EVENTS.parse_params({"id": job_id, "after": after})
+    return await _queue(agent, queue, timeout).invoke(EVENTS, request)
 
 
 async def follow_events(
     agent: Overlay, queue: str, job_id: str, after: int = 0, poll: float = 2.0
-) -> AsyncIterator[dict[str, Any]]:
+) -> AsyncIterator[JobEvent]:
     """Every event of the job from ``after`` on, as the queue records them, until the job ends
     (its final state event is the last one yielded). Publications on the job's subject only wake
     the reader early; the queue's numbered log is the source, so nothing is missed or doubled."""
@@ -341,3 +339,29 @@ async def follow_events(
                 await asyncio.wait_for(wake.wait(), poll)
     finally:
         await sub.unsubscribe()
+
+
+async def claim_job(agent: Caller, queue: str, capacity: int, device: str) -> JobRecord | None:
+    """A queued job for a trainer with ``capacity`` free slots, or None."""
+    request = CLAIM.parse_params({"capacity": capacity, "device": device})
+    return await _queue(agent, queue, None).invoke(CLAIM, request)
+
+
+async def send_heartbeat(
+    agent: Caller,
+    queue: str,
+    job: JobRecord,
+    progress: dict[str, Any],
+    events: list[JobEvent],
+) -> HeartbeatReply:
+    """A trainer's word that it still runs ``job``'s attempt, with what happened since."""
+    beat = {"id": job.id, "attempt": job.attempt, "progress": progress, "events": events}
+    return await _queue(agent, queue, None).invoke(HEARTBEAT, HEARTBEAT.parse_params(beat))
+
+
+async def finish_job(
+    agent: Caller, queue: str, job: JobRecord, outcome: dict[str, Any]
+) -> FinishReply:
+    """The outcome of ``job``'s attempt: ``{ok, error?, adapter_id?, metrics?}``."""
+    done = FINISH.parse_params({"id": job.id, "attempt": job.attempt, **outcome})
+    return await _queue(agent, queue, None).invoke(FINISH, done)

@@ -16,31 +16,31 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from atoll.agent.config import ConfigPath
+from atoll.agent.contract import service_address
 from atoll.agent.discovery import Discovery, Status
 from atoll.agent.errors import Forbidden, InvalidRequest, NoResponder
-from atoll.agent.node import CallInfo
 from atoll.agent.plugins import Plugin, PluginContext, rpc
-from atoll.plugins.inference.models import ModelSpec
-from atoll.plugins.storage.contract import describe_dataset
+from atoll.plugins.basemodels import ModelSpec
+from atoll.plugins.storage.contract.datasets import describe_dataset
 from atoll.plugins.training.contract import (
+    CANCEL,
+    CLAIM,
+    EVENTS,
+    FINISH,
+    HEARTBEAT,
+    JOB,
+    JOBS,
     PLUGIN,
-    CancelRequest,
-    ClaimRequest,
-    EventsRequest,
-    FinishRequest,
-    HeartbeatRequest,
-    JobQuery,
-    JobRef,
+    QUEUE_METHODS,
+    SUBMIT,
+    FinishReply,
     SubmitRequest,
-    parse,
 )
 from atoll.plugins.training.queue import JobQueue
 from atoll.plugins.training.trainer import TrainerWorker
+from atoll.protocol.session import CallInfo
 from atoll.tenancy.permissions import ADMINS, CLIENTS
 
-QUEUE_METHODS = frozenset(
-    {"submit", "jobs", "job", "cancel", "events", "claim", "heartbeat", "finish"}
-)
 DISCOVERY_WAIT = 1.0  # seconds to let kept announcements arrive before saying "none"
 DATASET_CHECK_TIMEOUT = 10.0
 
@@ -64,10 +64,6 @@ class TrainingConfig(BaseModel):
     workdir: ConfigPath | None = None  # None: <plugin data dir>/work
     model_cache: ConfigPath | None = None  # converted GGUF models; None: <plugin data dir>/models
     models: dict[str, ModelSpec] = {}  # overlay base model id -> model spec on this trainer
-
-
-def _with_plugin(address: str, plugin: str) -> str:
-    return address if "/" in address else f"{address}/{plugin}"
 
 
 class TrainingPlugin(Plugin):
@@ -101,10 +97,11 @@ class TrainingPlugin(Plugin):
         if self.discovery is not None:
             await self.discovery.stop()
 
-    def rpc_methods(self) -> dict[str, Callable]:
+    def rpc_methods(self) -> dict[str, tuple[Callable, tuple[str, ...]]]:
         methods = super().rpc_methods()
         if self.queue is None:  # a trainer alone answers none of the queue's methods
-            return {k: v for k, v in methods.items() if k not in QUEUE_METHODS}
+            queue_methods = {m.name for m in QUEUE_METHODS}
+            return {k: v for k, v in methods.items() if k not in queue_methods}
         return methods
 
     def describe(self) -> dict[str, Any]:
@@ -150,7 +147,7 @@ class TrainingPlugin(Plugin):
 
     async def _queue_address(self) -> str:
         if self.config.queue:
-            return _with_plugin(self.config.queue, PLUGIN)
+            return service_address(self.config.queue, PLUGIN)
         if self.queue is not None:
             assert self.ctx is not None
             return self.ctx.address
@@ -158,7 +155,7 @@ class TrainingPlugin(Plugin):
 
     async def _storage_address(self) -> str:
         if self.config.storage:
-            return _with_plugin(self.config.storage, "storage")
+            return service_address(self.config.storage, "storage")
         return await self._find(None, "storage")
 
     # --- queue upkeep -------------------------------------------------------------------------
@@ -215,60 +212,60 @@ class TrainingPlugin(Plugin):
                     + (f" nor to project {request.project!r}" if request.project else "")
                 )
 
-    @rpc(roles=CLIENTS)
+    @rpc(SUBMIT.name, roles=CLIENTS)
     async def submit(self, params: Any, call: CallInfo) -> dict[str, Any]:
         queue = self._queue()
-        request = parse(SubmitRequest, params, "job submission")
+        request = SUBMIT.parse_params(params)
         await self._check_datasets(request)
         job = queue.submit(request.owner, request.project, request.options)
         assert self.ctx is not None
         self.ctx.log.info("training.submitted", job=job.id, owner=job.owner, by=call.caller.name)
         return job.model_dump(mode="json")
 
-    @rpc(roles=CLIENTS)
+    @rpc(JOBS.name, roles=CLIENTS)
     async def jobs(self, params: Any, call: CallInfo) -> list[dict[str, Any]]:
         queue = self._queue()
-        query = parse(JobQuery, params or {}, "job query")
+        query = JOBS.parse_params(params)
         return [j.model_dump(mode="json") for j in queue.find(query)]
 
-    @rpc(roles=CLIENTS)
+    @rpc(JOB.name, roles=CLIENTS)
     async def job(self, params: Any, call: CallInfo) -> dict[str, Any]:
         queue = self._queue()
-        return queue.get(parse(JobRef, params, "job reference").id).model_dump(mode="json")
+        return queue.get(JOB.parse_params(params).id).model_dump(mode="json")
 
-    @rpc(roles=CLIENTS)
+    @rpc(CANCEL.name, roles=CLIENTS)
     async def cancel(self, params: Any, call: CallInfo) -> dict[str, Any]:
         queue = self._queue()
-        request = parse(CancelRequest, params, "cancel request")
+        request = CANCEL.parse_params(params)
         admin = call.caller.has_role(*ADMINS)
         job = queue.cancel(request.id, request.owner, admin)
         assert self.ctx is not None
         self.ctx.log.info("training.cancelled", job=job.id, by=call.caller.name)
         return job.model_dump(mode="json")
 
-    @rpc(roles=CLIENTS)
+    @rpc(EVENTS.name, roles=CLIENTS)
     async def events(self, params: Any, call: CallInfo) -> list[dict[str, Any]]:
         queue = self._queue()
-        request = parse(EventsRequest, params, "events request")
+        request = EVENTS.parse_params(params)
         return queue.events(request.id, request.after)
 
     # --- RPC: trainers ------------------------------------------------------------------------
 
-    @rpc(roles=("training",))
+    @rpc(CLAIM.name, roles=("training",))
     async def claim(self, params: Any, call: CallInfo) -> dict[str, Any] | None:
         queue = self._queue()
-        request = parse(ClaimRequest, params, "claim")
+        request = CLAIM.parse_params(params)
         job = queue.claim(call.caller.name, request.capacity, request.device)
         return None if job is None else job.model_dump(mode="json")
 
-    @rpc(roles=("training",))
+    @rpc(HEARTBEAT.name, roles=("training",))
     async def heartbeat(self, params: Any, call: CallInfo) -> dict[str, Any]:
         queue = self._queue()
-        beat = parse(HeartbeatRequest, params, "heartbeat")
+        beat = HEARTBEAT.parse_params(params)
         return queue.heartbeat(call.caller.name, beat).model_dump()
 
-    @rpc(roles=("training",))
+    @rpc(FINISH.name, roles=("training",))
     async def finish(self, params: Any, call: CallInfo) -> dict[str, Any]:
         queue = self._queue()
-        done = parse(FinishRequest, params, "finish report")
-        return {"accepted": queue.finish(call.caller.name, done)}
+        done = FINISH.parse_params(params)
+        return FinishReply(accepted=queue.finish(call.caller.name, done)).model_dump()

@@ -60,7 +60,7 @@ class Events:
 
 def offered_models(models: dict[str, str]) -> list[str]:
     """The base model ids this trainer trains on: its configured ones and the embedded model."""
-    from atoll.plugins.inference.models import EMBEDDED, ModelSpecError, model_id
+    from atoll.plugins.basemodels import EMBEDDED, ModelSpecError, model_id
 
     try:
         embedded = [model_id(EMBEDDED)]
@@ -73,7 +73,7 @@ def model_spec(name: str, models: dict[str, str]) -> str:
     """What ``resolve_model`` takes for a job's model: this trainer's mapping of overlay model
     ids, or the embedded model under its id. Never a path or name from the job itself: a job
     must not train on whatever a path on this host holds, nor learn which paths exist."""
-    from atoll.plugins.inference.models import EMBEDDED
+    from atoll.plugins.basemodels import EMBEDDED
 
     if name in models:
         return models[name]
@@ -96,7 +96,7 @@ def train(spec: RunSpec, emit: Events) -> None:
         TrainingArguments,
     )
 
-    from atoll.plugins.inference.models import model_id, resolve_model
+    from atoll.plugins.basemodels import model_id, resolve_model
     from atoll.plugins.training.data import build_examples, collate
 
     o = spec.options
@@ -116,9 +116,13 @@ def train(spec: RunSpec, emit: Events) -> None:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype[o.precision_type])
     targets = "all-linear" if o.lora_target == "all" else o.lora_target
     lora = LoraConfig(
-        r=o.lora_rank, lora_alpha=o.alpha, target_modules=targets, task_type="CAUSAL_LM"
+        r=o.lora_rank,
+        # peft declares an int, but scales by alpha / r: Table I's float goes as it is.
+        lora_alpha=o.alpha,  # type: ignore[arg-type]
+        target_modules=targets,
+        task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora)
+    peft_model = get_peft_model(model, lora)
 
     class Progress(TrainerCallback):
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
@@ -156,9 +160,9 @@ def train(spec: RunSpec, emit: Events) -> None:
         dataloader_num_workers=0,
     )
     trainer = Trainer(
-        model=model,
+        model=peft_model,
         args=args,
-        train_dataset=examples,  # type: ignore[arg-type]  # a list is a map-style dataset
+        train_dataset=examples,  # a list is a map-style dataset
         data_collator=lambda batch: collate(batch, pad_id),
         callbacks=[Progress()],
     )
@@ -168,7 +172,9 @@ def train(spec: RunSpec, emit: Events) -> None:
     metrics = {k: float(found[k]) for k in FINAL_METRICS if k in found}
     emit("metrics", f"trained in {metrics.get('train_runtime', 0):.1f}s", **metrics)
     adapter = spec.output_dir / "adapter"
-    model.save_pretrained(adapter, save_embedding_layers=False)
+    peft_model.save_pretrained(str(adapter), save_embedding_layers=False)
+    trained = peft_model.peft_config["default"]  # "all-linear" expanded to the modules found
+    assert isinstance(trained, LoraConfig)
     config_path = adapter / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config["base_model_name_or_path"] = base_model  # the id inference nodes serve it under
@@ -179,7 +185,7 @@ def train(spec: RunSpec, emit: Events) -> None:
         adapter_dir=str(adapter),
         base_model=base_model,
         rank=o.lora_rank,
-        targets=sorted(model.peft_config["default"].target_modules),
+        targets=sorted(trained.target_modules or []),
         metrics=metrics,
     )
 

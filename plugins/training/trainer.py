@@ -22,24 +22,22 @@ from pathlib import Path
 from typing import Any
 
 from atoll.agent.errors import AtollError, ConnectionLost, DeadlineExceeded, NoResponder
-from atoll.agent.node import Publication
 from atoll.agent.plugins import PluginContext
-from atoll.plugins.storage.contract import (
-    AdapterExists,
-    describe_adapter,
-    fetch_dataset,
-    upload_adapter,
-)
+from atoll.plugins.storage.contract.adapters import AdapterExists, describe_adapter, upload_adapter
+from atoll.plugins.storage.contract.datasets import AsFormat, fetch_dataset
 from atoll.plugins.training.contract import (
     FINAL_STATES,
     MAX_EVENTS_KEPT,
     QUEUED_SUBJECT,
-    HeartbeatReply,
     JobRecord,
     adapter_id_for,
+    claim_job,
     events_subject,
+    finish_job,
+    send_heartbeat,
 )
 from atoll.plugins.training.runner import RunSpec, offered_models
+from atoll.protocol.session import Publication
 
 RUNNER = "atoll.plugins.training.runner"
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
@@ -167,16 +165,15 @@ class TrainerWorker:
         free = self.config.capacity - len(self.running)
         try:
             queue = await self.find_queue()
-            reply = await self.ctx.call(queue, "claim", {"capacity": free, "device": self.device})
+            job = await claim_job(self.ctx, queue, free, self.device)
         except AtollError as exc:
             if str(exc) != self._last_claim_error:  # said once, not at every poll
                 self.ctx.log.info("training.claim_failed", error=exc)
                 self._last_claim_error = str(exc)
             return False
         self._last_claim_error = None
-        if reply is None:
+        if job is None:
             return False
-        job = JobRecord.model_validate(reply)
         run = Running(job, queue)
         self.running[job.id] = run
         self.jobs_gauge.set(len(self.running))
@@ -230,7 +227,7 @@ class TrainerWorker:
         paths = []
         for dataset in options.dataset:
             dest = workdir / f"{dataset}.jsonl"
-            as_ = "chat" if options.stage == "sft" else "text"
+            as_: AsFormat = "chat" if options.stage == "sft" else "text"
             record = await fetch_dataset(self.ctx, storage, dataset, dest, as_=as_)
             message = f"dataset {record.id}: {record.name} v{record.version}, {record.rows} rows"
             await self._emit(run, {"type": "log", "message": message})
@@ -357,16 +354,8 @@ class TrainerWorker:
     async def _beat(self, run: Running) -> None:
         run.wake.clear()
         events, run.pending = run.pending, []
-        params = {
-            "id": run.job.id,
-            "attempt": run.job.attempt,
-            "progress": run.progress,
-            "events": events,
-        }
         try:
-            reply = HeartbeatReply.model_validate(
-                await self.ctx.call(run.queue, "heartbeat", params)
-            )
+            reply = await send_heartbeat(self.ctx, run.queue, run.job, run.progress, events)
         except AtollError as exc:  # kept for the next try
             run.pending = [*events, *run.pending][-MAX_EVENTS_KEPT:]
             self.ctx.log.info("training.heartbeat_failed", job=run.job.id, error=exc)
@@ -375,10 +364,9 @@ class TrainerWorker:
             self._stop(run, reply.reason or "the queue took the job back")
 
     async def _finish(self, run: Running, outcome: dict[str, Any]) -> None:
-        params = {"id": run.job.id, "attempt": run.job.attempt, **outcome}
         for n in range(FINISH_TRIES):
             try:
-                reply = await self.ctx.call(run.queue, "finish", params)
+                reply = await finish_job(self.ctx, run.queue, run.job, outcome)
             except RETRYABLE as exc:
                 self.ctx.log.info("training.finish_retry", job=run.job.id, error=exc)
                 await asyncio.sleep(1.0 + n)
@@ -386,7 +374,9 @@ class TrainerWorker:
             except AtollError as exc:
                 self.ctx.log.error("training.finish_refused", job=run.job.id, error=exc)
                 return
-            self.ctx.log.info("training.finished", job=run.job.id, ok=outcome.get("ok"), **reply)
+            self.ctx.log.info(
+                "training.finished", job=run.job.id, ok=outcome.get("ok"), accepted=reply.accepted
+            )
             return
         # The queue will see this trainer's heartbeats stop and give the job out again.
         self.ctx.log.error("training.finish_lost", job=run.job.id)

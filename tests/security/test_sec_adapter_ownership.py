@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from atoll.agent.errors import Forbidden
-from atoll.plugins.storage.contract import ADAPTERS_NEW, upload_adapter
+from atoll.plugins.storage.contract.adapters import ADAPTERS_NEW, upload_adapter
 from conftest import AgentFactory, Island, eventually, start_storage
 
 BASE = "atoll-test/tiny-llama"

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from atoll.plugins.storage.contract import DatasetInvalid, list_datasets, upload_dataset
+from atoll.plugins.storage.contract.datasets import DatasetInvalid, list_datasets, upload_dataset
 from atoll.plugins.storage.datasets import MAX_DEPTH, prepare
 from conftest import AgentFactory, Island, eventually, start_storage
 

@@ -11,14 +11,8 @@ from pathlib import Path
 import pytest
 
 from atoll.agent.errors import Forbidden
-from atoll.agent.files import (
-    STAGING,
-    get_file,
-    open_nofollow,
-    put_file,
-    staging_paths,
-    version_of,
-)
+from atoll.agent.files import get_file, put_file
+from atoll.agent.transfer import STAGING, open_nofollow, staging_paths, version_of
 from conftest import AgentFactory
 
 
@@ -77,7 +71,7 @@ def test_a_link_swapped_in_after_the_check_is_not_opened(tmp_path: Path) -> None
 async def test_the_staging_area_is_never_written_through_a_link(
     make_agent: AgentFactory, tmp_path: Path
 ) -> None:
-    """A put stages its bytes in ``.atoll-partial/`` beside the destination. Links planted there
+    """A put stages its bytes in ``.atoll-staging/`` beside the destination. Links planted there
     (for the partial file, its metadata, or the staging directory itself) would have had the
     put truncate or write files outside the allowed directories: refused instead."""
     shared = tmp_path / "shared"

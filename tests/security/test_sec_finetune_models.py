@@ -11,7 +11,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from atoll.plugins.storage.contract import upload_dataset
+from atoll.plugins.storage.contract.datasets import upload_dataset
 from atoll.plugins.training.contract import FINAL_STATES, JobRecord, get_job, submit_job
 from conftest import AgentFactory, Island, eventually
 

@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from atoll.plugins.storage.contract import list_datasets
+from atoll.plugins.storage.contract.datasets import list_datasets
 from atoll.plugins.training.contract import list_jobs
 from conftest import AgentFactory, Island, eventually
 
@@ -223,8 +223,8 @@ def test_known_and_unknown_key_ids_take_the_same_lookup_path(
 ) -> None:
     """Structure, not timing: a known id with a wrong secret and an unknown id make the same
     database queries, the same cache lookups and one constant-time compare each."""
-    from atoll.plugins.gateway import accounts as accounts_module
     from atoll.plugins.gateway.accounts import Accounts
+    from atoll.plugins.gateway.accounts import keys as accounts_module
     from atoll.plugins.gateway.errors import GatewayError
 
     acc = Accounts(tmp_path / "gw.sqlite", b"s" * 32)

@@ -15,10 +15,10 @@ from typing import Any
 import httpx
 import pytest
 
-from atoll.agent.node import CallInfo
 from atoll.agent.runtime import AgentRuntime
 from atoll.plugins.gateway import plugin as gateway_plugin
-from atoll.plugins.storage.contract import ADAPTERS_NEW, DESCRIBE_METHOD, upload_adapter
+from atoll.plugins.storage.contract.adapters import ADAPTERS_NEW, DESCRIBE_ADAPTER, upload_adapter
+from atoll.protocol.session import CallInfo
 from conftest import AgentFactory, Island, eventually
 
 BASE = "atoll-test/tiny-llama"
@@ -63,7 +63,7 @@ async def rogue_storage(make_agent: AgentFactory) -> tuple[AgentRuntime, list[An
             "owner": "bob", "project": None, "public": True,
         }  # fmt: skip
 
-    rogue.agent.handle("storage", DESCRIBE_METHOD, forged, ("gateway",))
+    rogue.agent.handle("storage", DESCRIBE_ADAPTER.name, forged, ("gateway",))
     return rogue, asked
 
 

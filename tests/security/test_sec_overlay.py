@@ -22,8 +22,9 @@ from atoll.broker.identity import issue_broker_dir
 from atoll.broker.server import BrokerServer
 from atoll.protocol.errors import AuthError
 from atoll.protocol.frames import Frame, FrameType, decode_message, encode_frame
+from atoll.protocol.trust import verify_agent
 from atoll.tenancy import permissions
-from atoll.tenancy.credentials import EnrollmentToken, verify_agent
+from atoll.tenancy.credentials import EnrollmentToken
 from atoll.tenancy.operator import OperatorStore
 from conftest import AgentFactory, eventually, raw_session
 

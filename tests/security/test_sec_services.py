@@ -12,7 +12,7 @@ import pytest
 from atoll.agent.errors import AtollError, Forbidden
 from atoll.agent.files import get_file
 from atoll.agent.tunnel import TunnelListener
-from atoll.plugins.storage.dataset_contract import (
+from atoll.plugins.storage.contract.datasets import (
     describe_dataset,
     fetch_dataset,
     list_datasets,
@@ -117,7 +117,7 @@ async def test_no_member_calls_a_gpu_node_around_the_gateway(make_agent: AgentFa
 async def test_adapter_weights_answer_the_roles_that_serve_or_train(
     make_agent: AgentFactory, tmp_path: Path
 ) -> None:
-    from atoll.plugins.storage.contract import fetch_adapter, list_adapters
+    from atoll.plugins.storage.contract.adapters import fetch_adapter, list_adapters
 
     await make_agent("store", roles=("storage",), plugins={"storage": {}})
     for roles in (("agent",), ("storage",), ("user",)):

@@ -1,5 +1,7 @@
-"""Where the local backend's base model comes from: the embedded SmolLM2 GGUF file (converted
-once into a Hugging Face model directory and cached), another GGUF file, or a model directory.
+"""Where a base model comes from, for inference's local backend and training's trainer alike
+(both import this module, and neither the other's implementation; torch and transformers load
+only when a conversion runs): the embedded SmolLM2 GGUF file (converted once into a Hugging Face
+model directory and cached), another GGUF file, or a model directory.
 
 A conversion is written into a hidden temporary sibling of its cache entry and renamed into place
 with a manifest inside, so an interrupted conversion never looks finished; a file lock per entry
@@ -278,8 +280,12 @@ def _load_tokenizer(gguf: Path, meta: dict[str, Any]) -> PreTrainedTokenizerBase
     arch = meta.get("general.architecture")
     if isinstance(tok, LlamaTokenizerFast) and arch in _LLAMA_CONVERTED:
         # The setters rebuild the post-processor, which is what adds BOS/EOS to encodings.
-        tok.add_bos_token = bool(meta.get("tokenizer.ggml.add_bos_token", tok.add_bos_token))
-        tok.add_eos_token = bool(meta.get("tokenizer.ggml.add_eos_token", tok.add_eos_token))
+        # (transformers declares each setter apart from its getter, which mypy takes for a
+        # read-only property.)
+        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", tok.add_bos_token))
+        add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", tok.add_eos_token))
+        tok.add_bos_token = add_bos  # type: ignore[misc]
+        tok.add_eos_token = add_eos  # type: ignore[misc]
         if meta.get("tokenizer.ggml.model") == "gpt2":
             # Byte-level BPE decodes bytes only: no SentencePiece space handling (which strips
             # a leading space when the GGUF does not say add_space_prefix = false).

@@ -1,5 +1,5 @@
-"""The storage plugin's dataset service, as other plugins see it (re-exported by ``contract.py``):
-names, schemas, errors and thin clients over the agent's streams and RPC.
+"""The storage plugin's dataset service, as other plugins see it: names, schemas, errors, the
+method table and typed clients over the agent's streams and RPC.
 
 Overlay surface of an agent's ``storage`` plugin:
 
@@ -21,51 +21,81 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from atoll.agent.errors import AtollError
-from atoll.agent.files import TransferFailed, sha256_file
-from atoll.agent.node import Overlay
-from atoll.plugins.storage.datasets import AsFormat, DatasetInvalid, DedupMode, Format, Kind
-from atoll.plugins.storage.store import file_chunks
-from atoll.plugins.storage.wire import (
-    IDLE_TIMEOUT,
-    MAX_HEADER_BYTES,
-    FileName,
-    Label,
-    OwnerName,
+from atoll.agent.contract import (
+    Caller,
+    Client,
+    Method,
     Progress,
-    Reader,
-    address,
+    Strict,
+    counter,
     parse,
+    service_address,
+)
+from atoll.agent.errors import AtollError
+from atoll.agent.transfer import (
+    IDLE_TIMEOUT,
+    Opener,
+    Reader,
+    TransferFailed,
+    file_chunks,
+    open_transfer,
     receive_file,
     send_bytes,
-    transfer,
+    sha256_file,
+    staged,
     write_line,
 )
-
-__all__ = ["DatasetInvalid"]
+from atoll.plugins.storage.contract.wire import PLUGIN, Deleted, FileName, Label, OwnerName
 
 DATASET_PUT = "dataset_put"
 DATASET_GET = "dataset_get"
-DATASETS_METHOD = "datasets"
-DATASET_INFO_METHOD = "dataset_info"
-DATASET_DELETE_METHOD = "dataset_delete"
 DATASET_ID_PATTERN = r"^ds-[0-9a-f]{12}$"
+MAX_FILENAME_BYTES = 200
 
+Format = Literal["alpaca", "sharegpt", "chat", "text"]
+Kind = Literal["sft", "pt"]
+AsFormat = Literal["chat", "text", "original"]
+DedupMode = Literal["none", "exact", "normalised"]
 DatasetIdStr = Annotated[str, StringConstraints(pattern=DATASET_ID_PATTERN)]
+
+
+# --- errors (rebuilt by class name on the caller's side once this module is imported) ----------
 
 
 class DatasetNotFound(AtollError):
     """No registered dataset with that id."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class DatasetInvalid(AtollError):
+    """The dataset cannot be used as uploaded; the message names each bad line and why
+    (``data``: ``{"errors": [{"line", "reason"}]}``). Nothing was kept."""
+
+
+def check_filename(name: str) -> str:
+    """``name`` if it is a plain file name, else DatasetInvalid naming it: it is shown and may
+    become a path where the file is staged, so no directories, ``..`` or control characters."""
+    if (
+        not name
+        or ".." in name
+        or "/" in name
+        or "\\" in name
+        or name != name.strip()
+        or not name.isprintable()  # before encode(): a lone surrogate is not printable
+        or len(name.encode()) > MAX_FILENAME_BYTES
+    ):
+        raise DatasetInvalid(
+            f"filename {name[:64]!r}: give a plain file name of 1-{MAX_FILENAME_BYTES} bytes "
+            "(no '/', '\\', '..' or control characters)"
+        )
+    return name
+
+
+# --- schemas ------------------------------------------------------------------------------------
 
 
 class DedupInfo(BaseModel):
@@ -95,7 +125,7 @@ class DatasetRecord(BaseModel):
     filename: str
 
 
-class DatasetPutHeader(_Strict):
+class DatasetPutHeader(Strict):
     """The first line of a ``dataset_put`` stream; the file's bytes follow."""
 
     name: Label
@@ -108,14 +138,14 @@ class DatasetPutHeader(_Strict):
     dedup: DedupMode = "normalised"
 
 
-class DatasetFetch(_Strict):
+class DatasetFetch(Strict):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     id: DatasetIdStr
     as_: AsFormat = Field("chat", alias="as")
 
 
-class DatasetGetHeader(_Strict):
+class DatasetGetHeader(Strict):
     """The first line of a ``dataset_get`` stream; ``size`` bytes with that sha256 follow."""
 
     record: DatasetRecord
@@ -123,25 +153,34 @@ class DatasetGetHeader(_Strict):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
-class DatasetQuery(_Strict):
+class DatasetQuery(Strict):
     owner: str | None = None
     project: str | None = None
     name: str | None = None
 
 
-class DatasetRef(_Strict):
+class DatasetRef(Strict):
     id: DatasetIdStr
 
 
-def _ref(dataset_id: str) -> dict[str, str]:
-    return parse(DatasetRef, {"id": dataset_id}, "dataset id").model_dump()
+# --- methods: the plugin serves them and the clients below call them from this one table ------
+
+LIST_DATASETS: Method[DatasetQuery, list[DatasetRecord]] = Method(
+    "datasets", DatasetQuery, list[DatasetRecord], "datasets query"
+)
+DATASET_INFO: Method[DatasetRef, DatasetRecord] = Method(
+    "dataset_info", DatasetRef, DatasetRecord, "dataset_info request"
+)
+DELETE_DATASET: Method[DatasetRef, Deleted] = Method(
+    "dataset_delete", DatasetRef, Deleted, "dataset_delete request"
+)
 
 
 # --- clients ------------------------------------------------------------------------------------
 
 
 async def upload_dataset(
-    agent: Overlay,
+    agent: Opener,
     storage: str,
     path: Path,
     name: str,
@@ -176,25 +215,19 @@ async def upload_dataset(
         },
         "dataset upload",
     )
-    async with transfer(agent, storage, DATASET_PUT, None, idle_timeout) as stream:
+    where = service_address(storage, PLUGIN)
+    async with open_transfer(agent, where, DATASET_PUT, None, idle_timeout) as stream:
         await write_line(stream, header.model_dump(mode="json"), idle_timeout)
-        done = 0
-
-        def advance(n: int) -> None:
-            nonlocal done
-            done += n
-            if progress:
-                progress(done, size)
-
+        advance = counter(size, progress)
         await send_bytes(stream, file_chunks(path), size, idle_timeout, advance)
-        reply = await Reader(stream, idle_timeout).line(MAX_HEADER_BYTES)
+        reply = await Reader(stream, idle_timeout).line()
         if reply.get("ok") is not True:
             raise TransferFailed(f"{storage} did not confirm the dataset upload: {reply}")
         return parse(DatasetRecord, reply.get("record"), f"reply from {storage}")
 
 
 async def fetch_dataset(
-    agent: Overlay,
+    agent: Opener,
     storage: str,
     dataset_id: str,
     dest_path: Path,
@@ -206,67 +239,60 @@ async def fetch_dataset(
     """Fetch dataset ``dataset_id`` into the file ``dest_path`` (replacing it) and return its
     record: JSON Lines of chat rows (``as_="chat"``, sft datasets), of ``{"text"}`` rows
     (``"text"``: a pt dataset, or an sft one's turns joined), or the uploaded file
-    (``"original"``). The bytes land in a hidden temporary file next to ``dest_path``, renamed
-    into place once their size and sha256 verify: a broken transfer leaves nothing visible."""
+    (``"original"``). The bytes land in the hidden staging directory next to ``dest_path`` and
+    are renamed into place once their size and sha256 verify: a broken transfer leaves nothing
+    visible."""
     params = parse(DatasetFetch, {"id": dataset_id, "as": as_}, "dataset fetch")
     dest = Path(dest_path).absolute()
     if dest.is_dir():
         raise IsADirectoryError(f"{dest} is a directory; name the file to write")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        wire = params.model_dump(by_alias=True)
-        async with transfer(agent, storage, DATASET_GET, wire, idle_timeout) as stream:
+    where = service_address(storage, PLUGIN)
+    wire = params.model_dump(by_alias=True)
+    with staged(dest) as tmp:
+        async with open_transfer(agent, where, DATASET_GET, wire, idle_timeout) as stream:
             reader = Reader(stream, idle_timeout)
-            header = parse(
-                DatasetGetHeader, await reader.line(MAX_HEADER_BYTES), f"header from {storage}"
-            )
+            header = parse(DatasetGetHeader, await reader.line(), f"header from {storage}")
             if header.record.id != dataset_id:
                 raise TransferFailed(
                     f"asked for {dataset_id!r}, {storage} sent {header.record.id!r}"
                 )
-            done = 0
-
-            def advance(n: int) -> None:
-                nonlocal done
-                done += n
-                if progress:
-                    progress(done, header.size)
-
+            advance = counter(header.size, progress)
             await receive_file(reader, tmp, header.size, header.sha256, advance)
             os.replace(tmp, dest)
             # The file is complete and in place whether or not this last word arrives.
             with contextlib.suppress(AtollError, TimeoutError):
                 await write_line(stream, {"ok": True}, idle_timeout)
-        return header.record
-    finally:
-        tmp.unlink(missing_ok=True)
+    return header.record
+
+
+def _client(agent: Caller, storage: str, timeout: float | None) -> Client:
+    return Client(agent, service_address(storage, PLUGIN), timeout)
+
+
+def _ref(dataset_id: str) -> DatasetRef:
+    return parse(DatasetRef, {"id": dataset_id}, "dataset id")
 
 
 async def list_datasets(
-    agent: Overlay,
+    agent: Caller,
     storage: str,
     owner: str | None = None,
     project: str | None = None,
     name: str | None = None,
     timeout: float | None = None,
 ) -> list[DatasetRecord]:
-    query = DatasetQuery(owner=owner, project=project, name=name).model_dump()
-    rows = await agent.call(address(storage), DATASETS_METHOD, query, timeout)
-    return [DatasetRecord.model_validate(row) for row in rows]
+    query = DatasetQuery(owner=owner, project=project, name=name)
+    return await _client(agent, storage, timeout).invoke(LIST_DATASETS, query)
 
 
 async def describe_dataset(
-    agent: Overlay, storage: str, dataset_id: str, timeout: float | None = None
+    agent: Caller, storage: str, dataset_id: str, timeout: float | None = None
 ) -> DatasetRecord:
-    row = await agent.call(address(storage), DATASET_INFO_METHOD, _ref(dataset_id), timeout)
-    return DatasetRecord.model_validate(row)
+    return await _client(agent, storage, timeout).invoke(DATASET_INFO, _ref(dataset_id))
 
 
 async def delete_dataset(
-    agent: Overlay, storage: str, dataset_id: str, timeout: float | None = None
+    agent: Caller, storage: str, dataset_id: str, timeout: float | None = None
 ) -> None:
     """Remove the dataset's row and objects; DatasetNotFound if there is none."""
-    await agent.call(address(storage), DATASET_DELETE_METHOD, _ref(dataset_id), timeout)
+    await _client(agent, storage, timeout).invoke(DELETE_DATASET, _ref(dataset_id))

@@ -1,6 +1,5 @@
-"""The storage plugin's service, as other plugins see it: names, schemas, errors, and thin
-clients that use only the agent's streams and RPC. Importing this file pulls in no torch (nor
-safetensors). The dataset half lives in ``dataset_contract.py`` and is re-exported here.
+"""The storage plugin's adapter service, as other plugins see it: names, schemas, errors, the
+method table and typed clients over the agent's streams and RPC.
 
 Overlay surface of an agent's ``storage`` plugin (adapters):
 
@@ -27,87 +26,39 @@ import contextlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator
 
-from atoll.agent.errors import AtollError, InvalidRequest
-from atoll.agent.files import STAGING, TransferFailed, sha256_file
-from atoll.agent.node import Overlay
-from atoll.plugins.inference.contract import AdapterNotFound
-from atoll.plugins.storage.dataset_contract import (
-    DATASET_DELETE_METHOD,
-    DATASET_GET,
-    DATASET_INFO_METHOD,
-    DATASET_PUT,
-    DATASETS_METHOD,
-    DatasetFetch,
-    DatasetGetHeader,
-    DatasetInvalid,
-    DatasetNotFound,
-    DatasetPutHeader,
-    DatasetQuery,
-    DatasetRecord,
-    DatasetRef,
-    DedupInfo,
-    delete_dataset,
-    describe_dataset,
-    fetch_dataset,
-    list_datasets,
-    upload_dataset,
-)
-from atoll.plugins.storage.store import file_chunks
-from atoll.plugins.storage.wire import (
-    IDLE_TIMEOUT,
-    MAX_HEADER_BYTES,
-    PLUGIN,
-    OwnerName,
+from atoll.agent.contract import (
+    Caller,
+    Client,
+    Method,
     Progress,
-    Reader,
-    address,
+    Strict,
+    counter,
     parse,
+    service_address,
+)
+from atoll.agent.errors import AtollError, InvalidRequest
+from atoll.agent.transfer import (
+    IDLE_TIMEOUT,
+    Opener,
+    Reader,
+    TransferFailed,
+    file_chunks,
+    open_transfer,
     receive_file,
     send_bytes,
-    transfer,
+    sha256_file,
+    staged,
     write_line,
 )
-
-# Re-exported: other plugins import the storage service from this file alone (errors are
-# registered by class name, so importing it is what lets a caller rebuild them).
-__all__ = [
-    "DATASETS_METHOD",
-    "DATASET_DELETE_METHOD",
-    "DATASET_GET",
-    "DATASET_INFO_METHOD",
-    "DATASET_PUT",
-    "IDLE_TIMEOUT",
-    "PLUGIN",
-    "AdapterNotFound",
-    "DatasetFetch",
-    "DatasetGetHeader",
-    "DatasetInvalid",
-    "DatasetNotFound",
-    "DatasetPutHeader",
-    "DatasetQuery",
-    "DatasetRecord",
-    "DatasetRef",
-    "DedupInfo",
-    "TransferFailed",
-    "delete_dataset",
-    "describe_dataset",
-    "fetch_dataset",
-    "list_datasets",
-    "upload_dataset",
-]
+from atoll.plugins.storage.contract.wire import PLUGIN, Deleted, OwnerName
 
 PUT_SERVICE = "adapter_put"
 GET_SERVICE = "adapter_get"
-LIST_METHOD = "list_adapters"
-DESCRIBE_METHOD = "describe_adapter"
-DELETE_METHOD = "delete_adapter"
 ADAPTERS_NEW = "adapters.new"
 
 CONFIG_FILE = "adapter_config.json"
@@ -132,6 +83,10 @@ MAX_META_BYTES = 16 * 1024
 
 
 # --- errors (rebuilt by class name on the caller's side once this module is imported) ----------
+
+
+class AdapterNotFound(AtollError):
+    """No adapter with that id exists where this node looks for adapters."""
 
 
 class InvalidAdapter(AtollError):
@@ -165,14 +120,11 @@ def check_adapter_id(adapter_id: object) -> str:
     problem = adapter_id_problem(adapter_id)
     if problem:
         raise InvalidRequest(problem)
-    return adapter_id  # type: ignore[return-value]
+    assert isinstance(adapter_id, str)  # what adapter_id_problem checked first
+    return adapter_id
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class AdapterFile(_Strict):
+class AdapterFile(Strict):
     name: str
     size: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -213,7 +165,7 @@ def _check_id(adapter_id: str) -> str:
 AdapterIdStr = Annotated[str, AfterValidator(_check_id)]
 
 
-class TransferHeader(_Strict):
+class TransferHeader(Strict):
     """The first line of an ``adapter_put`` or ``adapter_get`` stream."""
 
     id: AdapterIdStr
@@ -251,28 +203,34 @@ class AdapterRecord(BaseModel):
     source_job: str | None = None
 
 
-class AdapterId(_Strict):
+class AdapterId(Strict):
     id: AdapterIdStr
 
 
-class AdapterQuery(_Strict):
+class AdapterQuery(Strict):
     base_model: str | None = None
     owner: str | None = None
     project: str | None = None
+
+
+# --- methods: the plugin serves them and the clients below call them from this one table ------
+
+LIST_ADAPTERS: Method[AdapterQuery, list[AdapterRecord]] = Method(
+    "list_adapters", AdapterQuery, list[AdapterRecord], "list_adapters query"
+)
+DESCRIBE_ADAPTER: Method[AdapterId, AdapterRecord] = Method(
+    "describe_adapter", AdapterId, AdapterRecord, "describe_adapter request"
+)
+DELETE_ADAPTER: Method[AdapterId, Deleted] = Method(
+    "delete_adapter", AdapterId, Deleted, "delete_adapter request"
+)
 
 
 async def receive_files(
     reader: Reader, files: list[AdapterFile], directory: Path, progress: Progress | None = None
 ) -> None:
     """Write each file's bytes into ``directory``, checking its size and sha256."""
-    total, done = sum(f.size for f in files), 0
-
-    def advance(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress:
-            progress(done, total)
-
+    advance = counter(sum(f.size for f in files), progress)
     for entry in files:
         await receive_file(reader, directory / entry.name, entry.size, entry.sha256, advance)
 
@@ -281,7 +239,7 @@ async def receive_files(
 
 
 async def upload_adapter(
-    agent: Overlay,
+    agent: Opener,
     storage_address: str,
     local_dir: Path,
     adapter_id: str,
@@ -321,26 +279,20 @@ async def upload_adapter(
         },
         "upload",
     )
-    async with transfer(agent, storage_address, PUT_SERVICE, None, idle_timeout) as stream:
+    where = service_address(storage_address, PLUGIN)
+    async with open_transfer(agent, where, PUT_SERVICE, None, idle_timeout) as stream:
         await write_line(stream, header.model_dump(mode="json"), idle_timeout)
-        done = 0
-
-        def advance(n: int) -> None:
-            nonlocal done
-            done += n
-            if progress:
-                progress(done, header.size)
-
+        advance = counter(header.size, progress)
         for entry, path in zip(header.files, paths, strict=True):
             await send_bytes(stream, file_chunks(path), entry.size, idle_timeout, advance)
-        reply = await Reader(stream, idle_timeout).line(MAX_HEADER_BYTES)
+        reply = await Reader(stream, idle_timeout).line()
         if reply.get("ok") is not True:
             raise TransferFailed(f"{storage_address} did not confirm the upload: {reply}")
         return parse(AdapterRecord, reply.get("adapter"), f"reply from {storage_address}")
 
 
 async def fetch_adapter(
-    agent: Overlay,
+    agent: Opener,
     storage_address: str,
     adapter_id: str,
     dest_dir: Path,
@@ -350,8 +302,8 @@ async def fetch_adapter(
 ) -> Path:
     """Fetch adapter ``adapter_id`` into the directory ``dest_dir`` and return it.
 
-    Files land in a hidden staging directory next to ``dest_dir`` (``.atoll-partial/``), which
-    is renamed into place only once every file's size and sha256 match the header: a broken or
+    Files land in a directory in the hidden staging directory next to ``dest_dir``, which is
+    renamed into place only once every file's size and sha256 match the header: a broken or
     stalled transfer leaves nothing visible, and calling again starts afresh. ``dest_dir`` may
     already exist only without adapter files in it (it holds nested ids: ``team/v1`` fetched
     before ``team``); the files are then moved in one by one, adapter_config.json last.
@@ -360,14 +312,12 @@ async def fetch_adapter(
     dest = Path(dest_dir).absolute()
     if dest.exists() and (not dest.is_dir() or any((dest / n).exists() for n in ADAPTER_FILES)):
         raise FileExistsError(f"{dest} already holds an adapter; fetch into a new directory")
-    staging_root = dest.parent / STAGING
-    staging_root.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f"{dest.name}.", dir=staging_root))
-    try:
-        params = {"id": adapter_id}
-        async with transfer(agent, storage_address, GET_SERVICE, params, idle_timeout) as stream:
+    where = service_address(storage_address, PLUGIN)
+    params = {"id": adapter_id}
+    with staged(dest, directory=True) as stage:
+        async with open_transfer(agent, where, GET_SERVICE, params, idle_timeout) as stream:
             reader = Reader(stream, idle_timeout)
-            raw = await reader.line(MAX_HEADER_BYTES)
+            raw = await reader.line()
             header = parse(TransferHeader, raw, f"header from {storage_address}")
             if header.id != adapter_id:
                 raise TransferFailed(
@@ -378,11 +328,7 @@ async def fetch_adapter(
             # The adapter is complete and in place whether or not this last word arrives.
             with contextlib.suppress(AtollError, TimeoutError):
                 await write_line(stream, {"ok": True}, idle_timeout)
-        return dest
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            staging_root.rmdir()  # only if no other transfer is staging there
+    return dest
 
 
 def _move_into_place(stage: Path, dest: Path, names: list[str]) -> None:
@@ -394,30 +340,32 @@ def _move_into_place(stage: Path, dest: Path, names: list[str]) -> None:
         os.rename(stage / name, dest / name)
 
 
+def _client(agent: Caller, storage_address: str, timeout: float | None) -> Client:
+    return Client(agent, service_address(storage_address, PLUGIN), timeout)
+
+
 async def list_adapters(
-    agent: Overlay,
+    agent: Caller,
     storage_address: str,
     base_model: str | None = None,
     owner: str | None = None,
     timeout: float | None = None,
     project: str | None = None,
 ) -> list[AdapterRecord]:
-    query = AdapterQuery(base_model=base_model, owner=owner, project=project).model_dump()
-    rows = await agent.call(address(storage_address), LIST_METHOD, query, timeout)
-    return [AdapterRecord.model_validate(row) for row in rows]
+    query = AdapterQuery(base_model=base_model, owner=owner, project=project)
+    return await _client(agent, storage_address, timeout).invoke(LIST_ADAPTERS, query)
 
 
 async def describe_adapter(
-    agent: Overlay, storage_address: str, adapter_id: str, timeout: float | None = None
+    agent: Caller, storage_address: str, adapter_id: str, timeout: float | None = None
 ) -> AdapterRecord:
-    check_adapter_id(adapter_id)
-    row = await agent.call(address(storage_address), DESCRIBE_METHOD, {"id": adapter_id}, timeout)
-    return AdapterRecord.model_validate(row)
+    ref = AdapterId(id=check_adapter_id(adapter_id))
+    return await _client(agent, storage_address, timeout).invoke(DESCRIBE_ADAPTER, ref)
 
 
 async def delete_adapter(
-    agent: Overlay, storage_address: str, adapter_id: str, timeout: float | None = None
+    agent: Caller, storage_address: str, adapter_id: str, timeout: float | None = None
 ) -> None:
     """Remove the adapter from the registry and the store; AdapterNotFound if there is none."""
-    check_adapter_id(adapter_id)
-    await agent.call(address(storage_address), DELETE_METHOD, {"id": adapter_id}, timeout)
+    ref = AdapterId(id=check_adapter_id(adapter_id))
+    await _client(agent, storage_address, timeout).invoke(DELETE_ADAPTER, ref)

@@ -1,0 +1,5 @@
+"""``python -m atoll.cli``: the ``atoll`` command."""
+
+from atoll.cli.main import app
+
+app(prog_name="atoll")

@@ -1,0 +1,24 @@
+"""The gateway's accounts in one SQLite file: users, projects and roles (users.py), API keys
+(keys.py), who may see and use which adapter (adapters.py), the usage ledger, one row per
+request (ledger.py), and the audit log, one row per admin action written in the same transaction
+as the change it records (audit.py). store.py holds the schema and the connection they share.
+
+``Accounts``' methods are synchronous and each runs one short statement or transaction, so the
+app may call them from the event loop (``ledger.Ledger`` batches the ledger's rows there).
+Nothing is cached but authenticate's key lookups, which any write and any other connection's
+commit empty: a revoked key, a removed member or a changed admin flag is seen by the very next
+request.
+"""
+
+from __future__ import annotations
+
+from atoll.plugins.gateway.accounts.adapters import AdapterRegistry
+from atoll.plugins.gateway.accounts.audit import AuditLog
+from atoll.plugins.gateway.accounts.keys import Keys
+from atoll.plugins.gateway.accounts.ledger import UsageTable
+from atoll.plugins.gateway.accounts.users import UsersAndProjects
+
+
+class Accounts(UsersAndProjects, Keys, AdapterRegistry, UsageTable, AuditLog):
+    """The store, as callers see it: one object over one connection, lock and clock (``Store``),
+    each concern's methods from its own module. ``Accounts(path, secret, clock=time.time)``."""

@@ -1,0 +1,308 @@
+"""API keys: minted, listed, revoked and rotated, stored only as an HMAC digest; ``authenticate``
+turns a key into the ``Principal`` a request acts as, and ``limits_for`` into its limits."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+
+from atoll.plugins.gateway.accounts.audit import write_audit
+from atoll.plugins.gateway.accounts.store import (
+    Store,
+    check_actor,
+    limits_from,
+    limits_json,
+    not_found,
+    require,
+)
+from atoll.plugins.gateway.contract import Limits
+from atoll.plugins.gateway.errors import GatewayError
+
+KEY_FORMAT = re.compile(r"atk_([0-9a-f]{8})_[A-Za-z0-9_-]{32}")
+MAX_TTL_S = 10 * 366 * 86400.0
+MAX_GRACE_S = 30 * 86400.0
+MAX_CACHED_KEYS = 10_000  # keys whose lookups authenticate keeps (emptied when full)
+LAST_USED_EVERY_S = 60.0  # last_used is written at most this often per key: no write per request
+KEY_ID_TRIES = 8  # 8 hex digits of public id: a collision is rare, eight in a row impossible
+KEY_FIELDS = (  # a KeyRecord's columns, as stored
+    "key_id", "user", "project", "name", "created", "expires_at", "revoked_at", "rotated_to",
+    "grace_until", "last_used",
+)  # fmt: skip
+KEY_COLS = ", ".join((*KEY_FIELDS, "limits"))
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling, from an API key. ``admin`` only for an administrator's key with no
+    project scope: a project-scoped key of an admin is a plain key of that project."""
+
+    key_id: str
+    user: str
+    project: str | None
+    admin: bool
+    labels: dict[str, str]
+    store_prompts: bool
+    role: str | None = None  # the user's role in ``project`` (owner, member, viewer)
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """An API key as listed: never its secret."""
+
+    key_id: str
+    user: str
+    project: str | None
+    name: str
+    created: float
+    expires_at: float | None
+    revoked_at: float | None
+    rotated_to: str | None
+    grace_until: float | None  # after a rotation: when this key stops working
+    last_used: float | None  # to the minute
+    limits: Limits | None
+    state: str  # active | revoked | rotated | expired, when it was read
+
+
+def _key_state(
+    revoked_at: float | None, grace_until: float | None, expires_at: float | None, now: float
+) -> str:
+    if revoked_at is not None:
+        return "revoked"
+    if grace_until is not None and now >= grace_until:
+        return "rotated"
+    if expires_at is not None and now >= expires_at:
+        return "expired"
+    return "active"
+
+
+def _key(row: sqlite3.Row, now: float) -> KeyRecord:
+    state = _key_state(row["revoked_at"], row["grace_until"], row["expires_at"], now)
+    stored = {name: row[name] for name in KEY_FIELDS}
+    return KeyRecord(**stored, limits=limits_from(row["limits"]), state=state)
+
+
+class Keys(Store):
+    def _digest(self, plaintext: str) -> bytes:
+        return hmac.new(self._secret, plaintext.encode(), hashlib.sha256).digest()
+
+    def _insert_key(
+        self,
+        db: sqlite3.Connection,
+        user: str,
+        project: str | None,
+        name: str,
+        ttl_s: float | None,
+        limits: Limits | None,
+        now: float,
+    ) -> tuple[KeyRecord, str]:
+        require(db, "user", user)
+        if project is not None:
+            require(db, "project", project)
+            member = db.execute(
+                "SELECT 1 FROM members WHERE project = ? AND user = ?", (project, user)
+            ).fetchone()
+            if member is None:
+                raise GatewayError(
+                    400,
+                    f"a key for project {project!r} needs {user!r} to be a member of it",
+                    code="not_a_member",
+                )
+        for _ in range(KEY_ID_TRIES):
+            public = secrets.token_hex(4)
+            key_id = f"k_{public}"
+            if not db.execute("SELECT 1 FROM api_keys WHERE key_id = ?", (key_id,)).fetchone():
+                break
+        else:
+            raise RuntimeError("no free key id found")  # 2^32 ids: only a broken RNG gets here
+        plaintext = f"atk_{public}_{secrets.token_urlsafe(24)}"
+        expires = None if ttl_s is None else now + ttl_s
+        digest, stored = self._digest(plaintext), limits_json(limits)
+        db.execute(
+            "INSERT INTO api_keys (key_id, digest, user, project, name, created, ttl_s, "
+            "expires_at, limits) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (key_id, digest, user, project, name, now, ttl_s, expires, stored),
+        )
+        record = KeyRecord(
+            key_id, user, project, name, now, expires, None, None, None, None, limits, "active"
+        )
+        return record, plaintext
+
+    def create_key(
+        self,
+        user: str,
+        project: str | None = None,
+        name: str = "",
+        ttl_s: float | None = None,
+        limits: Limits | None = None,
+        *,
+        actor: str,
+    ) -> tuple[KeyRecord, str]:
+        """A new key and its plaintext, which is shown this once and stored only as a digest."""
+        if not isinstance(name, str) or len(name) > 100 or not name.isprintable():
+            raise GatewayError(
+                400, "a key's name is at most 100 printable characters", param="name"
+            )
+        if ttl_s is not None and not (0 < ttl_s <= MAX_TTL_S):
+            raise GatewayError(
+                400, f"ttl_s must be between 0 and {MAX_TTL_S:.0f} seconds", param="ttl_s"
+            )
+        check_actor(actor)
+        now = self._clock()
+        with self._tx() as db:
+            record, plaintext = self._insert_key(db, user, project, name, ttl_s, limits, now)
+            detail = {"user": user, "project": project, "name": name, "ttl_s": ttl_s}
+            write_audit(db, now, actor, "key.create", record.key_id, detail)
+        return record, plaintext
+
+    def list_keys(self, user: str | None = None, project: str | None = None) -> list[KeyRecord]:
+        now = self._clock()
+        rows = self._read(
+            f"SELECT {KEY_COLS} FROM api_keys WHERE (:user IS NULL OR user = :user) "
+            "AND (:project IS NULL OR project = :project) ORDER BY created, key_id",
+            {"user": user, "project": project},
+        )
+        return [_key(r, now) for r in rows]
+
+    def revoke_key(self, key_id: str, *, actor: str) -> KeyRecord:
+        """Refuse the key from the next request on. Revoking a revoked key changes nothing."""
+        check_actor(actor)
+        now = self._clock()
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
+                (now, key_id),
+            )
+            if cur.rowcount:
+                write_audit(db, now, actor, "key.revoke", key_id, {})
+            row = db.execute(f"SELECT {KEY_COLS} FROM api_keys WHERE key_id = ?", (key_id,))
+            found = row.fetchone()
+            if found is None:
+                raise not_found("key", key_id)
+        return _key(found, now)
+
+    def rotate_key(
+        self, key_id: str, grace_s: float = 3600, *, actor: str
+    ) -> tuple[KeyRecord, str]:
+        """A new key for the same user, project, name, limits and lifetime; the old key keeps
+        working for ``grace_s`` seconds (0: not at all), then is refused as rotated out."""
+        if not (0 <= grace_s <= MAX_GRACE_S):
+            raise GatewayError(
+                400, f"grace_s must be between 0 and {MAX_GRACE_S:.0f} seconds", param="grace_s"
+            )
+        check_actor(actor)
+        now = self._clock()
+        with self._tx() as db:
+            row = db.execute(
+                f"SELECT {KEY_COLS}, ttl_s FROM api_keys WHERE key_id = ?", (key_id,)
+            ).fetchone()
+            if row is None:
+                raise not_found("key", key_id)
+            old, ttl_s = _key(row, now), row["ttl_s"]
+            if old.rotated_to is not None:
+                raise GatewayError(400, f"key {key_id} was already rotated to {old.rotated_to}")
+            if old.state != "active":
+                raise GatewayError(400, f"key {key_id} is {old.state}: only an active key rotates")
+            record, plaintext = self._insert_key(
+                db, old.user, old.project, old.name, ttl_s, old.limits, now
+            )
+            db.execute(
+                "UPDATE api_keys SET rotated_to = ?, grace_until = ? WHERE key_id = ?",
+                (record.key_id, now + grace_s, key_id),
+            )
+            detail = {"new_key": record.key_id, "grace_s": grace_s}
+            write_audit(db, now, actor, "key.rotate", key_id, detail)
+        return record, plaintext
+
+    def authenticate(self, plaintext: str) -> Principal:
+        """Who holds this key, or GatewayError 401 saying why not (403 for a project-scoped key
+        whose user has left the project)."""
+        found = KEY_FORMAT.fullmatch(plaintext) if isinstance(plaintext, str) else None
+        if found is None:
+            raise GatewayError(
+                401, "malformed API key: expected atk_<id>_<secret>", code="invalid_api_key"
+            )
+        key_id = f"k_{found.group(1)}"
+        digest = self._digest(plaintext)
+        rows = self._key_rows(key_id)
+        # Compared in constant time, and against a dummy when the id is unknown, so neither
+        # timing nor message tells an attacker that a public id exists.
+        stored = rows[0]["digest"] if rows else bytes(len(digest))
+        if not hmac.compare_digest(stored, digest) or not rows:
+            raise GatewayError(401, "unknown API key", code="invalid_api_key")
+        row, now = rows[0], self._clock()
+        user, project = row["user"], row["project"]
+        state = _key_state(row["revoked_at"], row["grace_until"], row["expires_at"], now)
+        if state == "revoked":
+            raise GatewayError(401, f"API key {key_id} was revoked", code="key_revoked")
+        if state == "rotated":
+            raise GatewayError(
+                401,
+                f"API key {key_id} was rotated out (replaced by {row['rotated_to']}; its grace "
+                "period ended)",
+                code="key_rotated",
+            )
+        if state == "expired":
+            raise GatewayError(401, f"API key {key_id} expired", code="key_expired")
+        if project is not None and row["role"] is None:
+            raise GatewayError(
+                403,
+                f"API key {key_id} is for project {project!r}, which {user!r} no longer belongs to",
+                code="not_a_member",
+            )
+        if row["last_used"] is None or now - row["last_used"] >= LAST_USED_EVERY_S:
+            with self._tx() as db:
+                db.execute("UPDATE api_keys SET last_used = ? WHERE key_id = ?", (now, key_id))
+        return Principal(
+            key_id=key_id,
+            user=user,
+            project=project,
+            admin=bool(row["admin"]) and project is None,
+            labels=json.loads(row["labels"]) if row["labels"] else {},
+            store_prompts=bool(row["store_prompts"]),
+            role=row["role"],
+        )
+
+    def _key_rows(self, key_id: str) -> list[dict[str, Any]]:
+        """What authenticate needs of a key, from a cache that every write here (but the
+        ledger's) empties, and any commit by another connection to the file (SQLite's
+        data_version): a revocation or a membership change counts from the next request on."""
+        with self._lock:
+            (version,) = self._db.execute("PRAGMA data_version").fetchone()
+            if version != self._keys_version:
+                self._keys.clear()
+                self._keys_version = version
+            # Unknown ids are remembered like known ones (in the same bounded map), so a lookup
+            # takes the same path and time whether the id exists or not.
+            if key_id in self._keys:
+                cached = self._keys[key_id]
+                return [cached] if cached is not None else []
+            rows = self._db.execute(
+                "SELECT k.digest, k.user, k.project, k.expires_at, k.revoked_at, k.rotated_to, "
+                "k.grace_until, k.last_used, u.admin, p.labels, p.store_prompts, m.role "
+                "FROM api_keys k JOIN users u ON u.name = k.user "
+                "LEFT JOIN projects p ON p.name = k.project "
+                "LEFT JOIN members m ON m.project = k.project AND m.user = k.user "
+                "WHERE k.key_id = ?",
+                (key_id,),
+            ).fetchall()
+            if len(self._keys) >= MAX_CACHED_KEYS:  # bounded: unknown ids cannot fill memory
+                self._keys.clear()
+            self._keys[key_id] = dict(rows[0]) if rows else None
+            return [dict(r) for r in rows]
+
+    def limits_for(self, principal: Principal) -> tuple[Limits | None, Limits | None]:
+        """(the key's limits, its project's limits) for the RateLimiter."""
+        rows = self._read(
+            "SELECT k.limits, p.limits FROM api_keys k "
+            "LEFT JOIN projects p ON p.name = k.project WHERE k.key_id = ?",
+            (principal.key_id,),
+        )
+        if not rows:
+            raise not_found("key", principal.key_id)
+        return limits_from(rows[0][0]), limits_from(rows[0][1])

@@ -1,0 +1,167 @@
+"""The usage ledger: one row per request (who, which model and adapter, tokens, status, latency,
+and the prompt for a project that opted in), with totals and paged export; ``Ledger`` writes
+the rows from the event loop, a turn's rows in one transaction."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+
+from atoll.plugins.gateway.accounts.keys import Principal
+from atoll.plugins.gateway.accounts.store import Store
+from atoll.plugins.gateway.errors import GatewayError
+
+USAGE_COLS = (
+    "seq, request_id, at, key_id, user, project, model, adapter, prompt_tokens, "
+    "completion_tokens, status, latency_ms, prompt_text"
+)
+
+
+@dataclass(frozen=True)
+class UsageTotals:
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    seq: int
+    request_id: str
+    at: float
+    key_id: str
+    user: str
+    project: str | None
+    model: str
+    adapter: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    status: int
+    latency_ms: float
+    prompt_text: str | None
+
+
+def _usage_where(
+    key_id: str | None, project: str | None, user: str | None, since: float | None
+) -> tuple[str, dict[str, Any]]:
+    where = (
+        "(:key_id IS NULL OR key_id = :key_id) AND (:project IS NULL OR project = :project) "
+        "AND (:user IS NULL OR user = :user) AND (:since IS NULL OR at >= :since)"
+    )
+    return where, {"key_id": key_id, "project": project, "user": user, "since": since}
+
+
+class UsageTable(Store):
+    def usage_row(
+        self,
+        principal: Principal,
+        request_id: str,
+        model: str,
+        adapter: str | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+        status: int,
+        latency_ms: float,
+        prompt_text: str | None = None,
+    ) -> tuple[Any, ...]:
+        """One request's ledger row, checked. ``status`` is the HTTP status the caller got (a
+        stream that failed after its 200 records the error's status; a client that went away,
+        499). The prompt text is kept only for a project that opted in."""
+        if not isinstance(request_id, str) or not 0 < len(request_id) <= 128:
+            raise ValueError("request_id must be 1-128 characters")
+        if any(type(n) is not int or n < 0 for n in (prompt_tokens, completion_tokens)):
+            raise ValueError(
+                f"token counts must be non-negative integers, not {prompt_tokens!r} and "
+                f"{completion_tokens!r}"
+            )
+        if type(status) is not int or not 100 <= status <= 599:
+            raise ValueError(f"status must be an HTTP status, not {status!r}")
+        if not latency_ms >= 0:
+            raise ValueError(f"latency_ms must be non-negative, not {latency_ms!r}")
+        kept = prompt_text if principal.store_prompts else None
+        who = (principal.key_id, principal.user, principal.project)
+        counts = (prompt_tokens, completion_tokens, status, float(latency_ms))
+        return (request_id, self._clock(), *who, model, adapter, *counts, kept)
+
+    def insert_usage(self, rows: list[tuple[Any, ...]]) -> list[ValueError | None]:
+        """``rows`` (from usage_row) in one transaction; if one clashes with a request already
+        in the ledger, each in its own. Per row: None, or why it was refused."""
+        sql = f"INSERT INTO usage ({USAGE_COLS}) VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        try:
+            with self._tx(ledger=True) as db:
+                db.executemany(sql, rows)
+            return [None] * len(rows)
+        except sqlite3.IntegrityError:
+            if len(rows) == 1:
+                return [ValueError(f"request {rows[0][0]!r} is already in the ledger")]
+        return [self.insert_usage([row])[0] for row in rows]
+
+    def usage(
+        self,
+        key_id: str | None = None,
+        project: str | None = None,
+        user: str | None = None,
+        since: float | None = None,
+    ) -> UsageTotals:
+        """Totals of the ledger rows matching every filter given (a project: its keys' rows)."""
+        where, args = _usage_where(key_id, project, user, since)
+        ((requests, prompt, completion),) = self._read(
+            "SELECT COUNT(*), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0)"
+            f" FROM usage WHERE {where}",
+            args,
+        )
+        return UsageTotals(requests, prompt, completion)
+
+    def usage_rows(
+        self,
+        key_id: str | None = None,
+        project: str | None = None,
+        user: str | None = None,
+        since: float | None = None,
+        after: int = 0,
+        limit: int = 1000,
+    ) -> list[UsageRow]:
+        """Ledger rows in order, for export: page on with ``after`` = the last row's seq."""
+        if not 1 <= limit <= 100_000:
+            raise GatewayError(400, "limit must be between 1 and 100000", param="limit")
+        where, args = _usage_where(key_id, project, user, since)
+        rows = self._read(
+            f"SELECT {USAGE_COLS} FROM usage WHERE {where} AND seq > :after "
+            "ORDER BY seq LIMIT :limit",
+            args | {"after": after, "limit": limit},
+        )
+        return [UsageRow(*r) for r in rows]
+
+
+class Ledger:
+    """Usage rows of the requests that finish in the same turn of the event loop, committed in
+    one transaction rather than one each; each request still waits for its own row before its
+    response ends (a row whose request was cancelled meanwhile is written all the same)."""
+
+    def __init__(self, accounts: UsageTable) -> None:
+        self.accounts = accounts
+        self._pending: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
+
+    async def write(self, row: tuple[Any, ...]) -> None:
+        loop = asyncio.get_running_loop()
+        written = loop.create_future()
+        self._pending.append((row, written))
+        if len(self._pending) == 1:
+            loop.call_soon(self._flush)
+        await written
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        try:
+            refusals: list[Exception | None] = [*self.accounts.insert_usage([r for r, _ in batch])]
+        except Exception as exc:  # the database itself failed: every waiting request hears it
+            refusals = [exc] * len(batch)
+        for (_, written), refused in zip(batch, refusals, strict=True):
+            if written.done():  # its request was cancelled
+                continue
+            if refused is None:
+                written.set_result(None)
+            else:
+                written.set_exception(refused)

@@ -1,0 +1,151 @@
+"""The accounts' one SQLite file: its schema, the connection every concern shares, transactions,
+and the checks and errors they all use."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Final
+
+from atoll.plugins.gateway.contract import Limits
+from atoll.plugins.gateway.errors import GatewayError
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    name TEXT PRIMARY KEY, admin INTEGER NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS projects (
+    name TEXT PRIMARY KEY, labels TEXT NOT NULL, store_prompts INTEGER NOT NULL, limits TEXT,
+    created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS members (
+    project TEXT NOT NULL REFERENCES projects(name), user TEXT NOT NULL REFERENCES users(name),
+    role TEXT NOT NULL, PRIMARY KEY (project, user));
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id TEXT PRIMARY KEY, digest BLOB NOT NULL, user TEXT NOT NULL REFERENCES users(name),
+    project TEXT REFERENCES projects(name), name TEXT NOT NULL, created REAL NOT NULL,
+    ttl_s REAL, expires_at REAL, revoked_at REAL, rotated_to TEXT, grace_until REAL,
+    last_used REAL, limits TEXT);
+CREATE TABLE IF NOT EXISTS adapters (
+    id TEXT PRIMARY KEY, base_model TEXT NOT NULL, owner TEXT REFERENCES users(name),
+    project TEXT REFERENCES projects(name), public INTEGER NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS usage (
+    seq INTEGER PRIMARY KEY, request_id TEXT NOT NULL UNIQUE, at REAL NOT NULL,
+    key_id TEXT NOT NULL, user TEXT NOT NULL, project TEXT, model TEXT NOT NULL, adapter TEXT,
+    prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, status INTEGER NOT NULL,
+    latency_ms REAL NOT NULL, prompt_text TEXT);
+CREATE INDEX IF NOT EXISTS usage_at ON usage (at);
+CREATE INDEX IF NOT EXISTS usage_key ON usage (key_id, at);
+CREATE INDEX IF NOT EXISTS usage_project ON usage (project, at);
+CREATE INDEX IF NOT EXISTS usage_user ON usage (user, at);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY, at REAL NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
+    target TEXT NOT NULL, detail TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS audit_at ON audit (at);
+"""
+
+
+class Keep:
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP: Final = Keep()  # "leave as it is" in update_* calls, where None is a value to set
+
+
+def short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_actor(actor: object) -> str:
+    if not isinstance(actor, str) or not actor or len(actor) > 128:
+        raise ValueError(f"actor must name who acts (1-128 characters), not {short(actor)}")
+    return actor
+
+
+def limits_json(limits: Limits | None) -> str | None:
+    return None if limits is None else limits.model_dump_json()
+
+
+def limits_from(text: str | None) -> Limits | None:
+    return None if text is None else Limits.model_validate_json(text)
+
+
+def not_found(kind: str, name: str) -> GatewayError:
+    return GatewayError(404, f"no {kind} {name!r}", code=f"{kind}_not_found")
+
+
+def exists(kind: str, name: str) -> GatewayError:
+    return GatewayError(
+        409, f"{kind} {name!r} already exists", "invalid_request_error", code="already_exists"
+    )
+
+
+def require(db: sqlite3.Connection, kind: str, name: str) -> None:
+    """404 unless the user or project ``name`` exists."""
+    table = {"user": "users", "project": "projects"}[kind]
+    if not db.execute(f"SELECT 1 FROM {table} WHERE name = ?", (name,)).fetchone():
+        raise not_found(kind, name)
+
+
+class Store:
+    """The connection, its lock and the clock that each concern's methods share. ``secret``
+    keys the HMAC of API keys (lose it and every key is unknown); ``clock`` (epoch seconds)
+    decides expiry, grace and the ledger's times."""
+
+    def __init__(self, path: Path, secret: bytes, clock: Callable[[], float] = time.time) -> None:
+        if not isinstance(secret, bytes) or len(secret) < 16:
+            raise ValueError("the key-hashing secret must be at least 16 bytes")
+        self._secret = secret
+        self._clock = clock
+        self._lock = threading.Lock()  # one connection; the app may also use it from threads
+        # authenticate's cache (keys.py); here because every write but the ledger's empties it.
+        self._keys: dict[str, dict[str, Any] | None] = {}  # key_id -> its row; None: unknown
+        self._keys_version = -1  # PRAGMA data_version the cache was filled at
+        # The file holds key digests and maybe prompts: owner-only from the start (its -wal and
+        # -shm files take the same mode).
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row  # rows by position or by column name
+        self._db.execute("PRAGMA busy_timeout = 5000")  # another process may hold the write lock
+        self._db.execute("PRAGMA journal_mode = WAL")
+        # WAL + NORMAL: a commit survives the process dying, with no fsync per request.
+        self._db.execute("PRAGMA synchronous = NORMAL")
+        self._db.execute("PRAGMA foreign_keys = ON")
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(f"{path} has schema {version}, newer than this gateway's")
+        with self._tx() as db:
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self, ledger: bool = False) -> Iterator[sqlite3.Connection]:
+        """One write transaction; IMMEDIATE takes the write lock up front, so two processes on
+        the file never deadlock upgrading read locks. Any but the ledger's (``ledger``) may
+        change a key, user, project or membership: the keys' cache goes."""
+        with self._lock:
+            if not ledger:
+                self._keys.clear()
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _read(self, sql: str, args: tuple[Any, ...] | dict[str, Any] = ()) -> list[Any]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()

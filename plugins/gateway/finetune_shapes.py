@@ -1,0 +1,199 @@
+"""OpenAI's file and fine-tuning job shapes, as the openai SDK's ``files`` and
+``fine_tuning.jobs`` read and send them, and their translation from and to the platform's dataset
+and job records."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from atoll.plugins.gateway.errors import GatewayError
+from atoll.plugins.storage.contract.datasets import DatasetInvalid, DatasetRecord, check_filename
+from atoll.plugins.training.contract import JobOptions, JobRecord
+
+Level = Literal["info", "warn", "error"]  # of a job event
+BASE_LEARNING_RATE = 1e-4  # what learning_rate_multiplier multiplies
+STATUS = {
+    "created": "validating_files",
+    "queued": "queued",
+    "training": "running",
+    "completed": "succeeded",
+    "failed": "failed",
+    "cancelled": "cancelled",
+}
+
+
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str = "fine-tune"
+    status: str = "processed"
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileObject]
+    has_more: bool = False
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
+
+
+class Hyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: int | Literal["auto"] = "auto"
+    batch_size: int | Literal["auto"] = "auto"
+    learning_rate_multiplier: float | Literal["auto"] = "auto"
+
+
+class CreateJob(BaseModel):
+    """OpenAI's body, plus ``options``: any of Table I's training options for this platform."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+    training_file: str
+    validation_file: str | None = None
+    hyperparameters: Hyperparameters | None = None
+    suffix: str | None = None
+    seed: int | None = None
+    options: dict[str, Any] = {}
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class FineTuningJob(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    error: JobError | None = None
+    fine_tuned_model: str | None = None
+    finished_at: int | None = None
+    hyperparameters: dict[str, Any]
+    model: str
+    organization_id: str
+    result_files: list[str] = []
+    seed: int
+    status: str
+    trained_tokens: int | None = None
+    training_file: str
+    validation_file: str | None = None
+    # Atoll's own (clients of OpenAI's shape ignore them): the live position and final figures.
+    progress: dict[str, Any] = {}  # step, max_steps, epoch, loss
+    metrics: dict[str, float] = {}  # train_runtime, train_loss, train_samples_per_second, ...
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningJob]
+    has_more: bool = False
+
+
+class JobEvent(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: Level = "info"
+    message: str
+    data: dict[str, Any] | None = None
+    type: Literal["message", "metrics"] = "message"
+
+
+class EventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobEvent]
+    has_more: bool = False
+
+
+def file_object(record: DatasetRecord) -> FileObject:
+    return FileObject(
+        id=record.id, bytes=record.bytes, created_at=int(record.created), filename=record.filename
+    )
+
+
+def job_object(job: JobRecord) -> FineTuningJob:
+    o = job.options
+    error = None
+    if job.state == "failed":
+        error = JobError(code="training_failed", message=job.error or "the job failed")
+    return FineTuningJob(
+        id=job.id,
+        created_at=int(job.created_at),
+        error=error,
+        fine_tuned_model=job.adapter_id if job.state == "completed" else None,
+        finished_at=int(job.finished_at) if job.finished_at else None,
+        hyperparameters={
+            "n_epochs": o.num_train_epochs,
+            "batch_size": o.per_device_train_batch_size,
+            "learning_rate_multiplier": o.learning_rate / BASE_LEARNING_RATE,
+        },
+        model=o.model_name_or_path,
+        organization_id=job.project or job.owner,
+        seed=o.seed,
+        status=STATUS[job.state],
+        training_file=o.dataset[0],
+        progress=job.progress,
+        metrics=job.metrics,
+    )
+
+
+def event_object(job_id: str, event: dict[str, Any]) -> JobEvent:
+    kind = event.get("type")
+    at = int(event.get("at") or 0)
+    seq = event.get("seq", 0)
+    if kind == "log" and ("loss" in event or "learning_rate" in event):  # a trainer's figures
+        data: dict[str, Any] = {
+            k: event[k] for k in ("step", "epoch", "loss", "learning_rate") if k in event
+        }
+        loss = event.get("loss")
+        message = f"Step {event.get('step')}: training loss={loss}" if loss is not None else "log"
+        return JobEvent(
+            id=f"{job_id}-{seq}", created_at=at, message=message, data=data, type="metrics"
+        )
+    level: Level = "error" if event.get("state") == "failed" else "info"
+    message = str(event.get("message") or event.get("state") or kind or "event")
+    return JobEvent(id=f"{job_id}-{seq}", created_at=at, level=level, message=message, data=event)
+
+
+def job_options(body: CreateJob) -> JobOptions:
+    """OpenAI's hyperparameters as Table I's options (``options`` overrides and extends)."""
+    hp = body.hyperparameters or Hyperparameters()
+    opts: dict[str, Any] = {"model_name_or_path": body.model, "dataset": [body.training_file]}
+    if hp.n_epochs != "auto":
+        opts["num_train_epochs"] = float(hp.n_epochs)
+    if hp.batch_size != "auto":
+        opts["per_device_train_batch_size"] = hp.batch_size
+    if hp.learning_rate_multiplier != "auto":
+        opts["learning_rate"] = BASE_LEARNING_RATE * hp.learning_rate_multiplier
+    if body.suffix is not None:
+        opts["suffix"] = body.suffix
+    if body.seed is not None:
+        opts["seed"] = body.seed
+    opts |= body.options
+    try:
+        return JobOptions.model_validate(opts)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "options"
+        raise GatewayError(400, f"{where}: {first['msg']}", param=where) from None
+
+
+def upload_filename(raw: str | None) -> str:
+    """The uploaded file's name, or a 400 that names it: storage's own rule, checked before the
+    body is staged under that name (a path in it is refused, not stripped)."""
+    try:
+        return check_filename("dataset.jsonl" if raw is None else raw)
+    except DatasetInvalid as exc:
+        raise GatewayError(400, exc.message, param="file") from None

@@ -1,0 +1,225 @@
+"""The gateway's inference routes: OpenAI's /v1 chat completions, completions, embeddings,
+transcriptions and models, and LoRAX's /, /generate and /generate_stream. Bodies are parsed and
+built by the dialect modules (openai_*.py, lorax_api.py); what a request does is service.py's."""
+
+# No `from __future__ import annotations`: FastAPI reads the routes' annotations, and ``user``
+# (the authenticated-caller dependency) is a value of app.py's.
+import json
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Annotated, Any
+
+from fastapi import FastAPI, File, Form, UploadFile
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+
+from atoll.plugins.gateway import lorax_api, openai_requests, openai_streams
+from atoll.plugins.gateway import openai_responses as responses
+from atoll.plugins.gateway.accounts.keys import Principal
+from atoll.plugins.gateway.bodies import Event
+from atoll.plugins.gateway.errors import GatewayError
+from atoll.plugins.gateway.service import Gateway
+from atoll.plugins.inference.contract import (
+    EmbedResult,
+    GenerateRequest,
+    TranscribeRequest,
+    TranscribeResult,
+)
+
+LORAX_PATHS = ("/", "/generate", "/generate_stream")  # their errors take LoRAX's shape
+
+
+def install_openai(app: FastAPI, gw: Gateway, user: Any) -> None:
+    """OpenAI's inference routes; ``user`` is the authenticated-caller dependency of app.py."""
+
+    @app.get("/v1/models", response_model=responses.ModelList)
+    async def list_models(principal: user) -> Any:
+        models = [
+            responses.Model(id=m, created=int(gw.started), owned_by="atoll", root=m)
+            for m in sorted(gw.base_models())
+        ]
+        for a in gw.accounts.visible_adapters(principal):
+            owner = a.project or a.owner or "public"
+            models.append(
+                responses.Model(
+                    id=a.id,
+                    created=int(a.created),
+                    owned_by=owner,
+                    parent=a.base_model,
+                    root=a.base_model,
+                )
+            )
+        return _json(responses.ModelList(data=models))
+
+    @app.post("/v1/chat/completions", response_model=responses.ChatCompletion)
+    async def chat(principal: user, body: openai_requests.ChatCompletionRequest) -> Any:
+        target = gw.resolve(principal, body.model, openai_requests.mixture_of(body))
+        rid = uuid.uuid4().hex
+        requests = _ids(openai_requests.chat_to_generate(body, target.base, target.adapter), rid)
+        prompt = _prompt_text(principal, [m.model_dump(mode="json") for m in body.messages])
+        events = gw.run(principal, target, requests, per_prompt=len(requests), prompt_text=prompt)
+        if body.stream:
+            stream = openai_streams.ChatStream(
+                rid,
+                body.model,
+                len(requests),
+                include_usage=body.include_usage,
+                logprobs=bool(body.logprobs),
+            )
+            return await _sse(events, stream.chunks, stream.finish, stream.error)
+        choices = await _collect(events, len(requests))
+        reply = responses.chat_completion(rid, body.model, choices, logprobs=bool(body.logprobs))
+        return _json(reply)
+
+    @app.post("/v1/completions", response_model=responses.Completion)
+    async def completions(principal: user, body: openai_requests.CompletionRequest) -> Any:
+        target = gw.resolve(principal, body.model, openai_requests.mixture_of(body))
+        rid = uuid.uuid4().hex
+        generate = openai_requests.completion_to_generate(body, target.base, target.adapter)
+        requests = _ids(generate, rid)
+        per_prompt = body.choices_per_prompt
+        prompt = _prompt_text(principal, body.prompt)
+        events = gw.run(principal, target, requests, per_prompt=per_prompt, prompt_text=prompt)
+        logprobs = bool(body.logprobs is not None)
+        if body.stream:
+            stream = openai_streams.CompletionStream(
+                rid,
+                body.model,
+                len(requests),
+                per_prompt=per_prompt,
+                include_usage=body.include_usage,
+                logprobs=logprobs,
+            )
+            return await _sse(events, stream.chunks, stream.finish, stream.error)
+        choices = await _collect(events, len(requests))
+        return _json(
+            responses.completion(rid, body.model, choices, per_prompt=per_prompt, logprobs=logprobs)
+        )
+
+    @app.post("/v1/embeddings", response_model=responses.CreateEmbeddingResponse)
+    async def embeddings(principal: user, body: openai_requests.EmbeddingRequest) -> Any:
+        embed = openai_requests.embedding_to_embed(body, body.model)
+        reply = await gw.call(
+            principal, body.model, "embed", embed, _prompt_text(principal, body.input)
+        )
+        result = EmbedResult.model_validate(reply)
+        return _json(responses.embedding_response(result, body.model, body.encoding_format))
+
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(
+        principal: user,
+        file: Annotated[UploadFile, File()],
+        model: Annotated[str, Form()],
+        language: Annotated[str | None, Form()] = None,
+        prompt: Annotated[str | None, Form()] = None,
+        response_format: Annotated[str, Form()] = "json",
+        temperature: Annotated[float | None, Form()] = None,
+    ) -> Any:
+        try:
+            params = TranscribeRequest(
+                audio=await file.read(),
+                filename=file.filename or "audio",
+                model=model,
+                language=language,
+                prompt=prompt,
+                response_format=response_format,  # type: ignore[arg-type]
+                temperature=temperature,
+            )
+        except ValueError as exc:
+            raise GatewayError(422, f"invalid transcription request: {exc}") from None
+        reply = await gw.call(principal, model, "transcribe", params, None)
+        result = TranscribeResult.model_validate(reply)
+        if response_format in ("text", "srt", "vtt"):
+            return PlainTextResponse(result.text)
+        return result.body if isinstance(result.body, dict) else {"text": result.text}
+
+
+def install_lorax(app: FastAPI, gw: Gateway, user: Any) -> None:
+    """LoRAX's routes (``LORAX_PATHS``); ``user`` as for ``install_openai``."""
+
+    async def lorax(
+        principal: Principal, body: lorax_api.LoraxRequest, stream: bool, listed: bool
+    ) -> Any:
+        mixture = lorax_api.lorax_mixture(body)
+        adapter_id = body.params.adapter_id
+        model = adapter_id or gw.default_base()
+        target = gw.resolve(principal, model if not mixture else gw.default_base(), mixture)
+        rid = uuid.uuid4().hex
+        generate = lorax_api.lorax_to_generate(body, target.base, target.adapter)
+        events = gw.run(
+            principal,
+            target,
+            _ids([generate], rid),
+            per_prompt=1,
+            prompt_text=_prompt_text(principal, body.inputs),
+        )
+        if stream:
+            out = lorax_api.LoraxStream(body)
+            return await _sse(events, lambda _i, e: out.chunks(e), lambda: b"", out.error)
+        (choice,) = await _collect(events, 1)
+        reply = lorax_api.lorax_response(body, choice)
+        return [reply] if listed else reply
+
+    @app.post("/", response_model=list[lorax_api.LoraxResponse])
+    async def lorax_root(principal: user, body: lorax_api.LoraxRequest) -> Any:
+        return await lorax(principal, body, bool(body.stream), listed=True)
+
+    @app.post("/generate", response_model=lorax_api.LoraxResponse)
+    async def lorax_generate(principal: user, body: lorax_api.LoraxRequest) -> Any:
+        return await lorax(principal, body, False, listed=False)
+
+    @app.post("/generate_stream")
+    async def lorax_generate_stream(principal: user, body: lorax_api.LoraxRequest) -> Any:
+        return await lorax(principal, body, True, listed=False)
+
+
+def _json(body: Any) -> Response:
+    """Built and checked by the dialect modules already: serialised once, not validated again by
+    FastAPI (``response_model`` stays on the route for the OpenAPI schema)."""
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
+def _ids(requests: list[GenerateRequest], rid: str) -> list[GenerateRequest]:
+    return [r.model_copy(update={"request_id": rid}) for r in requests]
+
+
+def _prompt_text(principal: Principal, prompt: Any) -> str | None:
+    """Prompt text for the ledger, only for projects that opted in."""
+    if not principal.store_prompts:
+        return None
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)
+
+
+async def _collect(events: AsyncIterator[tuple[int, Event]], n: int) -> list[list[Event]]:
+    choices: list[list[Event]] = [[] for _ in range(n)]
+    async for index, event in events:
+        choices[index].append(event)
+    return choices
+
+
+async def _sse(
+    events: AsyncGenerator[tuple[int, Event], None],
+    chunks: Callable[[int, Event], bytes],
+    finish: Callable[[], bytes],
+    error: Callable[[GatewayError], bytes],
+) -> Response:
+    """A streaming response whose status is settled by the first event: an error before it is an
+    honest HTTP status; after it, an error event ends the stream."""
+    try:
+        first = await anext(events)
+    except StopAsyncIteration:
+        raise GatewayError(503, "the inference node ended without answering") from None
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            yield chunks(*first)
+            async for index, event in events:
+                if data := chunks(index, event):
+                    yield data
+            yield finish()  # after the ledger row: `events` has ended
+        except GatewayError as exc:
+            yield error(exc)
+        finally:
+            await events.aclose()
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)

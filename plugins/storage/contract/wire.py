@@ -1,0 +1,34 @@
+"""What the adapter and dataset halves of the storage contract share: the plugin's name on the
+overlay, the field types of their headers and the reply to a delete."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, StringConstraints
+
+PLUGIN = "storage"
+
+# A user or project name (the gateway's accounts), a job id: what records say they belong to.
+OwnerName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")]
+
+
+def _label(value: str, limit: int) -> str:
+    if not 1 <= len(value) <= limit:
+        raise ValueError(f"must be 1-{limit} characters")
+    if value != value.strip():
+        raise ValueError("must not start or end with spaces")
+    if any(c in "/\\" or ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("must hold no '/', '\\' or control characters")
+    return value
+
+
+# A name people chose (a dataset's, a file's): free text within those bounds.
+Label = Annotated[str, AfterValidator(lambda v: _label(v, 128))]
+FileName = Annotated[str, AfterValidator(lambda v: _label(v, 255))]
+
+
+class Deleted(BaseModel):
+    """The reply to ``delete_adapter`` and ``dataset_delete``."""
+
+    deleted: bool
