@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 run: setup
 	$(VENV)/bin/atoll up
 
-test: setup
+test: setup typecheck
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q
 
@@ -28,7 +28,7 @@ bench: setup
 	@for b in bench/*.py; do case $$b in */harness.py) continue;; esac; \
 	  echo "== $$b"; $(PY) $$b || exit 1; done
 
-lint:
+lint: typecheck
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
