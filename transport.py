@@ -82,7 +82,8 @@ class WebSocket(asyncio.Protocol):
         self.max_message = max_message
         self.limit = limit
         self.high_water = high_water
-        self.ping_interval = ping_interval
+        self._ping_interval = ping_interval
+        self._ping_timer: asyncio.TimerHandle | None = None
         self.close_timeout = close_timeout
         self.on_message: Callable[[bytes | str], None] = self._inbox_put
         self.on_open: Callable[[WebSocket], None] | None = None
@@ -117,6 +118,29 @@ class WebSocket(asyncio.Protocol):
         self.open = False  # the websocket is open and we may still send (kept as a plain flag)
 
     # --- state -----------------------------------------------------------------------------------
+
+    @property
+    def ping_interval(self) -> float | None:
+        """Seconds between keepalive pings; a peer silent for twice this is dropped at the next
+        ping (so between 2x and 3x). Setting it reschedules the next ping at once: the new
+        interval and the deadline derived from it apply from now on."""
+        return self._ping_interval
+
+    @ping_interval.setter
+    def ping_interval(self, seconds: float | None) -> None:
+        self._ping_interval = seconds
+        if self.open:
+            # The silence so far counts against the new deadline only from now: a link that was
+            # quiet under a longer interval is not dropped for it.
+            self._last_seen = self._loop.time()
+            self._schedule_ping()
+
+    def _schedule_ping(self) -> None:
+        if self._ping_timer is not None:
+            self._ping_timer.cancel()
+            self._ping_timer = None
+        if self._ping_interval:
+            self._ping_timer = self._loop.call_later(self._ping_interval, self._keepalive)
 
     @property
     def close_code(self) -> int | None:
@@ -246,6 +270,9 @@ class WebSocket(asyncio.Protocol):
         self.admitted()
         self.open = False
         self.ws.receive_eof()
+        if self._ping_timer is not None:
+            self._ping_timer.cancel()
+            self._ping_timer = None
         for timer in self._timers:
             timer.cancel()
         if not self.opened.done():
@@ -285,21 +312,20 @@ class WebSocket(asyncio.Protocol):
             return
         self.opened.set_result(None)
         self.open = True
-        if self.ping_interval:
-            self._timers.append(self._loop.call_later(self.ping_interval, self._keepalive))
+        self._schedule_ping()
         if self.on_open is not None:
             self.on_open(self)
 
     def _keepalive(self) -> None:
-        if not self.open:
+        self._ping_timer = None
+        if not self.open or not self._ping_interval:
             return
-        assert self.ping_interval is not None
-        if self._loop.time() - self._last_seen > 2 * self.ping_interval:
+        if self._loop.time() - self._last_seen > 2 * self._ping_interval:
             self.fail(1011, "keepalive: peer silent")
             return
         self.ws.send_ping(os.urandom(4))
         self._write_protocol_data()
-        self._timers.append(self._loop.call_later(self.ping_interval, self._keepalive))
+        self._schedule_ping()
 
     # --- receiving -------------------------------------------------------------------------------
 

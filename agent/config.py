@@ -114,6 +114,8 @@ class BrokerSection(BaseModel):
 
     max_message: int = Field(8 * 1024 * 1024, ge=64 * 1024)
     queue_limit: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
+    # How long an agent's kept publications (announcement, metrics) outlive its last link.
+    kept_ttl_s: float = Field(600.0, ge=1.0)
     idle_spin_us: int = IDLE_SPIN  # a standalone broker's; beside an agent, [agent]'s applies
 
 

@@ -7,6 +7,12 @@ liveness status — ACTIVE, STALE after 3 missed heartbeats, LOST after 6 (or at
 leaves cleanly) — tells its listeners about transitions, optionally publishes them on
 ``discovery.events.<agent>``, and answers the selection queries policy routing needs.
 
+A live view receives every agent's heartbeat, so it belongs to the few that route or watch (the
+gateway, the training queue, admins): a view on every agent would cost the tenant O(agents²)
+deliveries a heartbeat. A plugin that only calls another service now and then (an inference node
+fetching adapters, a trainer claiming jobs) uses a ``Finder``: one snapshot of what brokers keep,
+remembered until the address fails.
+
 Region and policy labels are what the agent's signed credential says, never what it announces:
 an announcement carries the credential, the view verifies it against the operator key (once per
 credential) and takes the labels from it, so no node can declare itself ``phi=true``.
@@ -21,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from atoll.agent.contract import service_address
+from atoll.agent.errors import NoResponder
 from atoll.agent.node import Agent, Subscription
 from atoll.protocol.errors import AuthError
 from atoll.protocol.session import Publication
@@ -168,6 +176,18 @@ class Discovery:
         self._task = asyncio.create_task(self._watch())
         return self
 
+    @classmethod
+    async def snapshot(cls, agent: Agent) -> Discovery:
+        """The tenant's agents as brokers keep them now, without staying subscribed (statuses
+        as of their last announcement)."""
+        view = cls(agent)
+        sub = await agent.subscribe(f"{ANNOUNCE}.*", view._on_announce)
+        try:
+            await agent.flush()  # what brokers keep has arrived once this returns
+        finally:
+            await sub.unsubscribe()
+        return view
+
     async def stop(self) -> None:
         if self._sub is not None:
             await self._sub.unsubscribe()
@@ -259,3 +279,44 @@ class Discovery:
         if load_key is not None:
             found.sort(key=lambda e: float(e.load.get(load_key, 0.0) or 0.0))
         return found
+
+
+class Finder:
+    """Where a service runs (an agent offering ``plugin``, with ``capability``), found with a
+    snapshot and remembered until ``forget`` (the caller saw the address fail)."""
+
+    def __init__(
+        self,
+        agent: Agent,
+        plugin: str,
+        capability: dict[str, Any] | None = None,
+        wait: float = 1.0,
+        what: str | None = None,
+    ) -> None:
+        self.agent = agent
+        self.plugin = plugin
+        self.capability = capability
+        self.wait = wait  # a service that is just starting announces within moments
+        self.what = what or f"{plugin} plugin"
+        self.snapshots = 0  # how many were taken (each costs O(agents) deliveries)
+        self._address: str | None = None
+
+    async def address(self) -> str:
+        if self._address is None:
+            deadline = time.monotonic() + self.wait
+            while True:
+                self.snapshots += 1
+                view = await Discovery.snapshot(self.agent)
+                found = view.select(plugin=self.plugin, capability=self.capability)
+                if found:
+                    break
+                if time.monotonic() >= deadline:
+                    raise NoResponder(f"no agent offering the {self.what} is online")
+                await asyncio.sleep(min(0.2, self.wait))
+            self._address = service_address(found[0].name, self.plugin)
+        return self._address
+
+    def forget(self, address: str | None = None) -> None:
+        """Look again next time (if ``address`` is given: only if it is the one found)."""
+        if address is None or address == self._address:
+            self._address = None

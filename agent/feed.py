@@ -29,9 +29,12 @@ class MetricsPublisher:
         self._task: asyncio.Task[None] | None = None
 
     def message(self) -> dict[str, Any]:
-        return metrics_snapshot(
-            agent=self.agent.name, system=self.collector.collect(), plugins=self.host.metrics()
-        )
+        system = self.collector.collect()
+        welcome = self.agent.link.welcome
+        if welcome is not None and welcome.skew_ms is not None:
+            # Measured at the last handshake: an operator sees drift before brokers refuse it.
+            system["clock"] = {"skew_ms": welcome.skew_ms, "broker": welcome.broker.name}
+        return metrics_snapshot(agent=self.agent.name, system=system, plugins=self.host.metrics())
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())

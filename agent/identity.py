@@ -10,7 +10,7 @@ import msgpack
 from nacl.signing import SigningKey
 
 from atoll.protocol.trust import AgentIdentity, verify_agent
-from atoll.tenancy.credentials import EnrollmentToken
+from atoll.tenancy.credentials import CREDENTIAL_TTL_S, EnrollmentToken
 from atoll.tenancy.keys import generate, load_key, read_secret, save_key, write_secret
 from atoll.tenancy.operator import OperatorStore
 
@@ -62,7 +62,7 @@ class AgentKeys:
         name: str,
         roles: list[str],
         region: str = "",
-        ttl_s: int = 30 * 86400,
+        ttl_s: int = CREDENTIAL_TTL_S,
         labels: dict[str, str] | None = None,
     ) -> AgentKeys:
         """Mint an identity directly with the tenant key (all-in-one hosts, admin tools)."""

@@ -24,6 +24,7 @@ Feed message (only str/int/float/list/dict, so msgpack and JSON both carry it)::
         "gpus": [{"index": 0, "name": "NVIDIA H100", "utilization_percent": 87.0,
                   "memory_used_bytes": ..., "memory_total_bytes": ...,
                   "temperature_c": 61.0, "power_w": 402.5}],
+        "clock": {"skew_ms": 12, "broker": "campus-a"},  # vs its broker, at the handshake
       },
       "plugins": {                         # plugin name -> MetricsRegistry.snapshot()
         "inference": {

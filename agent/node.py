@@ -166,7 +166,7 @@ class Agent:
         self._handlers: dict[str, dict[str, tuple[Handler, tuple[str, ...]]]] = {}
         self._allowed: dict[tuple[str, str], bool] = {}  # (kind, subject) -> the table's answer
         self._subs: dict[int, Subscription] = {}
-        self._sub_index = SubjectIndex()
+        self._sub_index: SubjectIndex[int, Subscription] = SubjectIndex()
         self.link = BrokerLink(
             brokers, keys, self._on_frames, self._on_up, self._on_down, self.log, **link_options
         )
@@ -247,7 +247,7 @@ class Agent:
         for event in self._session.receive(frames, now_ms()):
             if type(event) is Publication:  # the hot paths, inline
                 for sub in self._sub_index.match(event.subject):
-                    sub._deliver(event)  # type: ignore[attr-defined]  # the index holds objects
+                    sub._deliver(event)
             elif type(event) is Replied:
                 fut = self._calls.get(event.call)
                 if fut is not None and not fut.done():
@@ -425,7 +425,7 @@ class Agent:
     async def subscribe(
         self, pattern: str, callback: Callable[[Publication], Any] | None = None
     ) -> Subscription:
-        check_subject(pattern, pattern=True)
+        check_subject(pattern, pattern=True, system=pattern.startswith("$"))  # brokers' notices
         self._check("subscribe", pattern)
         sid = next(self._sids)
         sub = Subscription(self, sid, pattern, callback)

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel
 
-from atoll.agent.discovery import Discovery
+from atoll.agent.discovery import Discovery, Finder
 from atoll.agent.metrics import MetricsRegistry
 from atoll.agent.node import Agent, Handler, Subscription
 from atoll.agent.streams import Stream, StreamHandler
@@ -120,8 +120,15 @@ class PluginContext:
         return await self._agent.subscribe(pattern, callback)
 
     async def discovery(self, publish_events: bool = False) -> Discovery:
-        """A started live view of the tenant's agents (the plugin stops it)."""
+        """A started live view of the tenant's agents (the plugin stops it): for plugins that
+        route or watch; one that only calls a service now and then uses ``finder``."""
         return await Discovery(self._agent, publish_events).start()
+
+    def finder(
+        self, plugin: str, capability: dict[str, Any] | None = None, what: str | None = None
+    ) -> Finder:
+        """Where a service runs, from a snapshot remembered until ``forget`` (no live view)."""
+        return Finder(self._agent, plugin, capability, what=what)
 
     async def watch(self) -> TenantWatch:
         """A started view of discovery and every agent's metrics feed (the roles that may
@@ -139,11 +146,24 @@ class Plugin:
     name: ClassVar[str] = ""
 
     def __init__(self) -> None:
-        self.ctx: PluginContext | None = None
+        self._ctx: PluginContext | None = None
         self.state = "stopped"
 
+    @property
+    def ctx(self) -> PluginContext:
+        """The plugin's context: the host binds it before ``start`` and it stays for the
+        plugin's life, so every handler, stream and task may use it."""
+        if self._ctx is None:
+            raise RuntimeError(f"plugin {type(self).__name__} has no context: it was never added")
+        return self._ctx
+
+    def bind(self, ctx: PluginContext) -> None:
+        """Give the plugin its context (``PluginHost.add`` does, before ``start``)."""
+        self._ctx = ctx
+
     async def start(self, ctx: PluginContext) -> None:
-        self.ctx = ctx
+        """Take what the plugin needs; ``self.ctx`` is ``ctx`` already."""
+        self.bind(ctx)
 
     async def stop(self) -> None:
         """Release what ``start`` took."""
@@ -197,6 +217,7 @@ class PluginHost:
         pdir = self.data_dir / "plugins" / name
         pdir.mkdir(parents=True, exist_ok=True)
         ctx = PluginContext(self, name, dict(config or {}), pdir)
+        plugin.bind(ctx)
         plugin.state = "starting"
         self.plugins[name] = plugin
         try:
@@ -255,7 +276,7 @@ class PluginHost:
         return out
 
     def metrics(self) -> dict[str, MetricsRegistry]:
-        return {n: p.ctx.metrics for n, p in self.plugins.items() if p.ctx is not None}
+        return {n: p.ctx.metrics for n, p in self.plugins.items()}  # each bound when added
 
     def statuses(self) -> list[dict[str, Any]]:
         out = [{"name": n, "state": p.state, **p.status()} for n, p in self.plugins.items()]

@@ -54,6 +54,12 @@ _SYSTEM: list[tuple[str, str, str, tuple[str, ...]]] = [
         "Bytes received since boot, all interfaces.",
         ("net", "recv_bytes"),
     ),
+    (
+        "atoll_clock_skew_milliseconds",
+        "gauge",
+        "This agent's clock minus its broker's, measured at the last handshake.",
+        ("clock", "skew_ms"),
+    ),
 ]
 _DISK: list[tuple[str, str, str]] = [  # labelled with the data dir's path
     ("atoll_disk_total_bytes", "Size of the data dir's filesystem.", "total_bytes"),

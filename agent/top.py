@@ -13,8 +13,8 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-STATUS_STYLES = {"ACTIVE": "green", "STALE": "yellow", "LOST": "red"}
-_SEVERITY = {"LOST": 2, "STALE": 1, "ACTIVE": 0}
+STATUS_STYLES = {"ACTIVE": "green", "STALE": "yellow", "LOST": "red", "REFUSED": "bold red"}
+_SEVERITY = {"REFUSED": 3, "LOST": 2, "STALE": 1, "ACTIVE": 0}
 # Plugin figures worth a glance, in display order: (metric name, short label).
 FIGURES = [
     ("requests", "req"),
@@ -120,7 +120,7 @@ def _gpu_memory(entry: dict[str, Any]) -> tuple[float, float]:
 
 
 def _status(entry: dict[str, Any]) -> float | None:
-    return _SEVERITY.get(str(entry.get("status")), 3)  # unknown statuses sort first: look at them
+    return _SEVERITY.get(str(entry.get("status")), 4)  # unknown statuses sort first: look at them
 
 
 def _age(entry_age: Any) -> str:

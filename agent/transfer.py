@@ -10,9 +10,15 @@ and dataset services move files over encrypted streams.
   ``.atoll-staging/`` directory beside its destination and is renamed into place only once its
   size and sha256 match, so a partial file is never visible. The files plugin keeps a staged
   file between attempts and resumes it for the same source version (``resume_offset``).
+- Streams: ``open_transfer`` opens one; ``put_files`` and ``fetching`` are the client ends of a
+  put (header, bodies, the receiver's ``confirmed`` reply) and a get (header and bodies read,
+  then ``{"ok": true}`` back).
 
 Nothing here writes through a symbolic link: files are opened with ``O_NOFOLLOW`` and a staging
 directory that is a link is refused.
+
+It runs past 400 lines because it is that one path whole (files, header lines, bodies, staging,
+both ends of a stream): split, the files plugin and storage could drift into two ways to move bytes.
 """
 
 from __future__ import annotations
@@ -188,6 +194,15 @@ async def write_line(
 ) -> None:
     async with asyncio.timeout(idle):
         await stream.write(json.dumps(obj).encode() + b"\n")
+
+
+async def confirmed(reader: Reader, refusal: str) -> dict[str, Any]:
+    """The other side's last line, which must say ``"ok": true``; otherwise TransferFailed led by
+    ``refusal`` (who did not confirm what)."""
+    reply = await reader.line()
+    if reply.get("ok") is not True:
+        raise TransferFailed(f"{refusal}: {reply}")
+    return reply
 
 
 # --- bodies -----------------------------------------------------------------------------------
@@ -402,3 +417,34 @@ async def open_transfer(
         raise
     with contextlib.suppress(AtollError):  # the exchange is complete; a late break changes nothing
         await stream.close()
+
+
+async def put_files(
+    overlay: Opener,
+    address: str,
+    service: str,
+    header: dict[str, Any],
+    files: list[tuple[Path, int]],
+    idle: float | None,
+    on_chunk: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """The uploading side of a put stream: ``header`` as its first line, then each ``(path,
+    size)``'s bytes back to back; the receiver's reply once it confirms it kept them."""
+    async with open_transfer(overlay, address, service, None, idle) as stream:
+        await write_line(stream, header, idle)
+        for path, size in files:
+            await send_bytes(stream, file_chunks(path), size, idle, on_chunk)
+        return await confirmed(Reader(stream, idle), f"{address} did not confirm the {service}")
+
+
+@contextlib.asynccontextmanager
+async def fetching(
+    overlay: Opener, address: str, service: str, params: Any, idle: float | None
+) -> AsyncIterator[Reader]:
+    """The fetching side of a get stream: a reader of the sender's header line and bytes. When
+    the block ends (the bytes verified and in place) the sender is told ``{"ok": true}``; the
+    fetch is complete whether or not that last word arrives."""
+    async with open_transfer(overlay, address, service, params, idle) as stream:
+        yield Reader(stream, idle)
+        with contextlib.suppress(AtollError, TimeoutError):
+            await write_line(stream, {"ok": True}, idle)

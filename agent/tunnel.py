@@ -191,7 +191,6 @@ class TunnelPlugin(Plugin):
         ):
             raise InvalidRequest("a tunnel needs {host, port}")
         host, port = params["host"], params["port"]
-        assert self.ctx is not None  # serving: started
         if not allowed(self.allow, host, port):
             raise Forbidden(
                 f"destination {host}:{port} is not in agent {self.ctx.identity.name}'s tunnel "

@@ -31,10 +31,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -42,18 +40,18 @@ import sys
 import tempfile
 import threading
 import time
-from asyncio.subprocess import Process
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
-from importlib.metadata import version as pkg_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from atoll import eventloop
-from atoll.tuning import tune_process
-from harness import (
+from atoll.bench.harness import (
     CpuClock,
+    LineChild,
+    base_environment,
     broker_child,
+    broker_url,
     pct,
     profiled,
     run_main,
@@ -61,6 +59,7 @@ from harness import (
     serve_lines,
     setup_logging,
 )
+from atoll.tuning import tune_process
 
 if TYPE_CHECKING:
     from atoll.agent.node import Agent
@@ -113,29 +112,12 @@ QUICK = Plan(
 # --- processes ---------------------------------------------------------------------------------
 
 
-class Child:
-    """A child process speaking lines: it prints one line when ready, answers ``stats`` with a
-    JSON line, and exits when its stdin closes (so it cannot outlive us) or on SIGTERM."""
-
-    def __init__(self, name: str, proc: Process, ready: str) -> None:
-        self.name = name
-        self.proc = proc
-        self.ready = ready
-        self._lock = asyncio.Lock()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
+class Child(LineChild):
+    """A child of this script: it answers ``stats`` with its figures."""
 
     async def stats(self) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        async with self._lock:
-            self.proc.stdin.write(b"stats\n")
-            await self.proc.stdin.drain()
-            line = await asyncio.wait_for(self.proc.stdout.readline(), 5)
-        if not line:
-            raise RuntimeError(f"{self.name} exited (status {self.proc.returncode})")
-        return json.loads(line)
+        stats: dict[str, Any] = await self.ask(b"stats")
+        return stats
 
 
 @contextlib.asynccontextmanager
@@ -589,7 +571,7 @@ async def main(args: argparse.Namespace, profile_dir: Path | None) -> dict[str, 
             child("broker", "--broker-child", str(op.root), profile=prof("broker")) as broker,
             child("source", "--source-child") as source,
         ):
-            url = f"ws://127.0.0.1:{int(broker.ready)}"
+            url = broker_url(broker.ready)
             source_port = int(source.ready)
             direct = ("127.0.0.1", source_port)
             log.info("loopback tcp ...")
@@ -709,20 +691,11 @@ async def main(args: argparse.Namespace, profile_dir: Path | None) -> dict[str, 
 
 
 def environment(inproc: bool, tmp: str) -> dict[str, Any]:
-    return {
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "event_loop": type(asyncio.get_running_loop()).__name__,
-        "processes": "broker, source, harness (sender)"
+    return base_environment(
+        processes="broker, source, harness (sender)"
         + (", receiver agent in the harness" if inproc else ", receiver agent"),
-        "websockets": pkg_version("websockets"),
-        "msgpack": pkg_version("msgpack"),
-        "pynacl": pkg_version("pynacl"),
-        "tmp_dir": str(Path(tmp).parent),
-    }
+        tmp_dir=str(Path(tmp).parent),
+    )
 
 
 def parse_args() -> argparse.Namespace:

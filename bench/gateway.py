@@ -40,7 +40,6 @@ import os
 import platform
 import secrets
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -54,19 +53,22 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from atoll import eventloop
-from atoll.tuning import tune_process
-from harness import (
+from atoll.bench.harness import (
     CpuClock,
     broker_child,
+    broker_url,
     die_with_parent,
+    free_port,
     pct,
     profiled,
     run_main,
+    running_plugin,
     script_child,
     serve_lines,
     setup_logging,
     stop_process,
 )
+from atoll.tuning import tune_process
 
 if TYPE_CHECKING:
     from atoll.agent.node import Agent
@@ -225,11 +227,13 @@ def agent_child(kind: str, data_dir: Path, broker: str, profile: Path | None) ->
     """``--node-child`` / ``--gateway-child``: run the agent until SIGTERM or stdin EOF. The
     gateway waits until it sees the echo model, then prints ``{"url", "key"}``."""
     from atoll.agent.runtime import AgentRuntime
+    from atoll.plugins.gateway.plugin import GatewayPlugin
 
-    plugins = {
+    configs: dict[str, dict[str, dict[str, Any]]] = {
         "node": {"inference": {"backend": "echo", "echo": {"model": MODEL}}},
         "gateway": {"gateway": {"listen": "127.0.0.1:0"}},
-    }[kind]
+    }
+    plugins = configs[kind]
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -238,7 +242,8 @@ def agent_child(kind: str, data_dir: Path, broker: str, profile: Path | None) ->
         try:
             serve_lines(stop.set, dict)
             if kind == "gateway":
-                print(json.dumps(await gateway_ready(rt.host.plugins["gateway"])), flush=True)
+                gateway = running_plugin(rt, "gateway", GatewayPlugin)
+                print(json.dumps(await gateway_ready(gateway)), flush=True)
             else:
                 print("ready", flush=True)
             await stop.wait()
@@ -346,12 +351,6 @@ async def litellm_proxy(exe: Path, work: Path, upstream_port: int) -> AsyncItera
         tail = logfile.read_text(errors="replace").strip().splitlines()[-5:]
         if tail:
             log.info("litellm's last log lines:\n%s", "\n".join(tail))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def wait_http(url: str, proc: Process, timeout: float) -> None:
@@ -632,7 +631,7 @@ async def main(args: argparse.Namespace, profile_dir: Path | None) -> dict[str, 
                 AgentKeys.issue(op, DEFAULT_TENANT, name, [role]).save(data_dir)
                 return str(data_dir)
 
-            broker = f"ws://127.0.0.1:{int(await start('broker', '--broker-child', str(op.root)))}"
+            broker = broker_url(await start("broker", "--broker-child", str(op.root)))
             upstream_port = int(await start("upstream", "--upstream-child"))
             proxy = None
             if exe is not None:  # started early: its slow start-up overlaps ours

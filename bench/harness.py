@@ -1,26 +1,40 @@
-"""Helpers shared by the benchmarks in this folder (``overlay.py``, ``mesh.py``, ``dataplane.py``).
+"""Helpers shared by the benchmarks in this folder (``overlay.py``, ``mesh.py``, ``dataplane.py``,
+``gateway.py``, ``multilora.py``, ``training.py``).
 
-Not a benchmark: each benchmark runs as a script (``python bench/overlay.py``), which puts this
-folder on ``sys.path``, so they import it as ``from harness import ...``.
+Not a benchmark: each benchmark runs as a script (``python bench/overlay.py``) and imports it as
+``atoll.bench.harness`` (the repository root is the package), so the type checker follows it.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import cProfile
+import functools
 import json
 import logging
 import os
+import platform
 import signal
+import socket
 import sys
 import time
 from asyncio.subprocess import Process
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
+from importlib.metadata import version as pkg_version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from atoll import eventloop
+from atoll.tenancy.permissions import ANY
+
+if TYPE_CHECKING:
+    from atoll.agent.node import Agent
+    from atoll.agent.plugins import Plugin
+    from atoll.agent.runtime import AgentRuntime
+
+P = TypeVar("P", bound="Plugin")
 
 log = logging.getLogger("bench.harness")
 
@@ -74,6 +88,20 @@ def run_main(
     print(json.dumps(out))
 
 
+def model_bench_args(description: str, quick_help: str) -> argparse.Namespace:
+    """The command line of a benchmark on the embedded model: ``--quick`` (a smoke run, as
+    ``quick_help`` says) and ``--model-cache`` (where the converted model is kept)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument(
+        "--model-cache",
+        default=os.environ.get("ATOLL_MODEL_CACHE", "~/.cache/atoll/models"),
+        help="where the converted embedded model is kept",
+    )
+    p.add_argument("--profile-dir", help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
 # --- processes ---------------------------------------------------------------------------------
 
 
@@ -99,12 +127,17 @@ async def stop_process(proc: Process, name: str) -> None:
             await proc.wait()
 
 
-@contextlib.asynccontextmanager
-async def script_child(
-    script: Path, name: str, *args: str, profile: Path | None = None, timeout: float = 30.0
-) -> AsyncIterator[tuple[Process, str]]:
-    """``script`` run as a child with ``args``; yields the process and the line it prints when
-    ready. Its stdin stays a pipe: it exits when that closes, so it cannot outlive us."""
+async def spawn_child(
+    script: Path,
+    name: str,
+    *args: str,
+    profile: Path | None = None,
+    timeout: float = 30.0,
+    death_signal: int = signal.SIGTERM,
+) -> tuple[Process, str]:
+    """``script`` run as a child with ``args``: the process and the line it prints when ready
+    (stopped again when it prints none). Its stdin stays a pipe: it exits when that closes,
+    and gets ``death_signal`` when we die, so it cannot outlive us."""
     cmd = [sys.executable, str(script), *args]
     if profile is not None:
         cmd += ["--child-profile", str(profile)]
@@ -112,16 +145,71 @@ async def script_child(
         *cmd,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
-        preexec_fn=die_with_parent,
+        preexec_fn=functools.partial(die_with_parent, death_signal),
     )
     try:
         assert proc.stdout is not None
         line = await asyncio.wait_for(proc.stdout.readline(), timeout)
         if not line.strip():
             raise RuntimeError(f"{name} child did not start (status {proc.returncode})")
-        yield proc, line.decode().strip()
+    except BaseException:
+        await stop_process(proc, name)
+        raise
+    return proc, line.decode().strip()
+
+
+@contextlib.asynccontextmanager
+async def script_child(
+    script: Path, name: str, *args: str, profile: Path | None = None, timeout: float = 30.0
+) -> AsyncIterator[tuple[Process, str]]:
+    """``spawn_child`` for the block: yields the process and its ready line, stopped on exit."""
+    proc, line = await spawn_child(script, name, *args, profile=profile, timeout=timeout)
+    try:
+        yield proc, line
     finally:
         await stop_process(proc, name)
+
+
+def broker_url(ready: str, name: str = "broker child") -> str:
+    """The URL of a ``broker_child`` from the line it printed when ready (its port)."""
+    if not ready.isdigit():
+        raise RuntimeError(f"{name} did not report a port (got {ready!r})")
+    return f"ws://127.0.0.1:{int(ready)}"
+
+
+class LineChild:
+    """A child process speaking lines (``spawn_child``, ``serve_lines``): it printed ``ready``
+    when it started, answers a command line with a JSON line, and exits when its stdin closes
+    or on SIGTERM."""
+
+    def __init__(self, name: str, proc: Process, ready: str) -> None:
+        self.name = name
+        self.proc = proc
+        self.ready = ready
+        self._lock = asyncio.Lock()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    async def ask(self, command: bytes) -> Any:
+        """The child's JSON answer to ``command``."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        async with self._lock:
+            self.proc.stdin.write(command + b"\n")
+            await self.proc.stdin.drain()
+            line = await asyncio.wait_for(self.proc.stdout.readline(), 5)
+        if not line:
+            raise RuntimeError(f"{self.name} exited (status {self.proc.returncode})")
+        return json.loads(line)
+
+
+def free_port() -> int:
+    """A loopback TCP port free now (for a server that takes its port as an argument)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def serve_lines(
@@ -175,7 +263,47 @@ def broker_child(
         eventloop.run(serve())
 
 
+def running_plugin(rt: AgentRuntime, name: str, kind: type[P]) -> P:
+    """``rt``'s plugin ``name`` as its own class (its Python API beyond ``Plugin``'s)."""
+    plugin = rt.host.plugins.get(name)
+    if not isinstance(plugin, kind):
+        raise RuntimeError(f"{name} is not a running {kind.__name__}: {type(plugin).__name__}")
+    return plugin
+
+
+# --- the RPC that overlay.py and mesh.py time: the wire itself, no plugin in the way ------------
+
+ECHO = "echo"  # the method, served at ``<agent>/bench``
+RPC_PARAMS = b"ping"
+
+
+async def echo(params: Any, _call: Any) -> Any:
+    return params
+
+
+def serve_echo(agent: Agent) -> None:
+    """``agent`` answers ``ECHO`` at ``<its name>/bench`` for any agent of the tenant."""
+    agent.handle("bench", ECHO, echo, ANY)
+
+
 # --- measurements ------------------------------------------------------------------------------
+
+
+def base_environment(**extra: Any) -> dict[str, Any]:
+    """Where an overlay benchmark ran: Python, platform, CPUs, event loop and the overlay's
+    libraries, then ``extra``."""
+    return {
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "event_loop": type(asyncio.get_running_loop()).__name__,
+        "websockets": pkg_version("websockets"),
+        "msgpack": pkg_version("msgpack"),
+        "pynacl": pkg_version("pynacl"),
+        **extra,
+    }
 
 
 def pct(samples: list[int], p: float) -> float:

@@ -17,11 +17,21 @@ issued data dir and identity; the agents live in this process. Prints ONE JSON o
   keepalives); the time until C's call succeeds again is the failover time. Each trial builds a
   fresh triangle.
 
+* Mesh state (``state_*`` figures, brokers in this process): a triangle A, B, C with N agents
+  already behind A (N = 1,000 and 10,000; sessions handed to A's router without sockets, as
+  many as a real broker holds): the bytes all mesh links carry for one more agent's join, and
+  the time until B and C can route to it (convergence). Anchors from the same run: the joining
+  agent's credential (what one copy must carry at least) and a loopback websocket round trip.
+  A join must cost the same at 10,000 agents as at 1,000.
+* Ring: 30 brokers in a ring (this process); agents on the two neighbours of r00 call each
+  other (two hops, through r00); r00 stops, and the time until the call gets through the long
+  way round (28 hops) is the reroute time. Anchor: the call's own latency before.
+
 ``--profile-dir D`` writes cProfile stats of the RPC phase's brokers (``broker_a.prof`` ...) and
 of the agents' side (``agents.prof``) into D (look at them with ``python -m pstats``).
 
     .venv/bin/python bench/mesh.py [--quick] [--failover-trials N] [--stall-trials N]
-                                   [--profile-dir D]
+                                   [--profile-dir D] [--state-only]
 """
 
 from __future__ import annotations
@@ -31,11 +41,10 @@ import asyncio
 import contextlib
 import cProfile
 import functools
-import json
+import itertools
 import logging
 import math
 import os
-import platform
 import signal
 import statistics
 import sys
@@ -44,32 +53,36 @@ import time
 from asyncio.subprocess import Process
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict, dataclass, field
-from importlib.metadata import version as pkg_version
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from atoll.tenancy.permissions import ANY
-from atoll.tuning import tune_process
-from harness import (
+from atoll.bench.harness import (
+    ECHO,
+    RPC_PARAMS,
     CpuClock,
+    LineChild,
+    base_environment,
     broker_child,
-    die_with_parent,
+    broker_url,
     pct,
     run_main,
+    serve_echo,
     setup_logging,
+    spawn_child,
     stop_process,
 )
+from atoll.tuning import tune_process
 
 if TYPE_CHECKING:
     from atoll.agent.node import Agent
     from atoll.broker.server import BrokerServer
+    from atoll.protocol.trust import AgentIdentity
     from atoll.tenancy.operator import OperatorStore
 
 log = logging.getLogger("bench.mesh")
 
 HERE = Path(__file__).resolve()
-RPC_PARAMS = b"ping"
 PHASE_SLACK_S = 30.0  # set-up and tear-down on top of a phase's own time limit
 
 
@@ -83,10 +96,19 @@ class Plan:
     stall_trials: int = 2
     failover_limit_s: float = 15.0  # per trial: give up when C has not got through by then
     steady_s: float = 0.2  # C calls M this long before X goes down
+    state_agents: tuple[int, ...] = (1_000, 10_000)  # behind one broker of a triangle
+    state_joins: int = 20  # measured joins at each size
+    state_limit_s: float = 60.0  # a join (or the set-up) not converged by then: failed
+    ring_size: int = 30
 
 
 QUICK = Plan(
-    rpc_warmup=100, rpc_rounds=2, rpc_calls_per_round=300, failover_trials=2, stall_trials=0
+    rpc_warmup=100,
+    rpc_rounds=2,
+    rpc_calls_per_round=300,
+    failover_trials=2,
+    stall_trials=0,
+    state_joins=10,
 )
 
 
@@ -102,7 +124,7 @@ class MeshSettings:
     agent_open_timeout_s: float = 5.0  # BrokerLink's default
     probe_timeout_s: float = 0.2  # C's RPC timeout while polling M
 
-    def link_options(self) -> dict[str, float]:
+    def link_options(self) -> dict[str, Any]:  # Agent's **link_options
         return {
             "ping_interval": self.agent_ping_interval_s,
             "backoff_base": self.agent_backoff_base_s,
@@ -117,66 +139,36 @@ RPC_SETTINGS = MeshSettings()  # the RPC paths run with the same timers (their t
 # --- processes ---------------------------------------------------------------------------------
 
 
-@dataclass
-class BrokerProc:
+class BrokerProc(LineChild):
     """A broker child: its URL, and its routing table on request (``hops``)."""
 
-    name: str
-    proc: Process
-    url: str
-    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
+    def __init__(self, name: str, proc: Process, url: str) -> None:
+        super().__init__(f"broker {name}", proc, url)
+        self.url = url
 
     async def hops(self) -> dict[str, str]:
         """The broker's next hops (reachable broker -> peer to send through)."""
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        async with self._lock:
-            self.proc.stdin.write(b"hops\n")
-            await self.proc.stdin.drain()
-            line = await asyncio.wait_for(self.proc.stdout.readline(), 5)
-        if not line:
-            raise RuntimeError(f"broker {self.name} exited (status {self.proc.returncode})")
-        return json.loads(line)
+        hops: dict[str, str] = await self.ask(b"hops")
+        return hops
 
 
 async def spawn_broker(
     data_dir: Path, name: str, peers: list[str], s: MeshSettings, profile: Path | None = None
 ) -> BrokerProc:
-    cmd = [
-        sys.executable,
-        str(HERE),
-        "--broker-child",
-        str(data_dir),
-        "--peers",
-        ",".join(peers),
-        "--mesh-refresh",
-        str(s.broker_mesh_refresh_s),
-        "--ping-interval",
-        str(s.broker_ping_interval_s),
-    ]
-    if profile is not None:
-        cmd += ["--child-profile", str(profile)]
-    # stdin stays a pipe: the child exits when it closes, so it cannot outlive us
-    proc = await asyncio.create_subprocess_exec(
-        *cmd,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        # SIGKILL, not SIGTERM as in overlay.py: a SIGSTOPped broker (stall trials) would never
-        # act on a SIGTERM
-        preexec_fn=functools.partial(die_with_parent, signal.SIGKILL),
+    args = ["--broker-child", str(data_dir), "--peers", ",".join(peers)]
+    args += ["--mesh-refresh", str(s.broker_mesh_refresh_s)]
+    args += ["--ping-interval", str(s.broker_ping_interval_s)]
+    # SIGKILL, not SIGTERM as in overlay.py: a SIGSTOPped broker (stall trials) would never act
+    # on a SIGTERM
+    proc, ready = await spawn_child(
+        HERE, f"broker {name}", *args, profile=profile, timeout=20, death_signal=signal.SIGKILL
     )
     try:
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 20)
-        if not line.strip().isdigit():
-            raise RuntimeError(f"broker child {name} did not report a port (got {line!r})")
-    except BaseException:
+        url = broker_url(ready, f"broker child {name}")
+    except RuntimeError:
         await stop_process(proc, f"broker {name}")
         raise
-    return BrokerProc(name, proc, f"ws://127.0.0.1:{int(line)}")
+    return BrokerProc(name, proc, url)
 
 
 @dataclass
@@ -232,9 +224,7 @@ async def cluster(
     finally:
         await asyncio.gather(
             *(
-                b.server.stop()
-                if isinstance(b, InprocBroker)
-                else stop_process(b.proc, f"broker {b.name}")
+                b.server.stop() if isinstance(b, InprocBroker) else stop_process(b.proc, b.name)
                 for b in brokers.values()
             ),
             return_exceptions=True,
@@ -257,10 +247,6 @@ async def converged(brokers: dict[str, Broker], timeout: float = 10.0) -> dict[s
 # --- agents ------------------------------------------------------------------------------------
 
 
-async def echo(params: Any, _call: Any) -> Any:
-    return params
-
-
 @contextlib.asynccontextmanager
 async def agent_pool(op: OperatorStore, s: MeshSettings) -> AsyncIterator[Callable[..., Any]]:
     """``start(name, urls)`` starts an echoing agent; all are stopped on exit."""
@@ -273,7 +259,7 @@ async def agent_pool(op: OperatorStore, s: MeshSettings) -> AsyncIterator[Callab
     async def start(name: str, urls: list[str]) -> Agent:
         keys = AgentKeys.issue(op, DEFAULT_TENANT, name, ["agent"])
         a = Agent(keys, urls, call_timeout=10.0, **s.link_options())
-        a.handle("bench", "echo", echo, ANY)
+        serve_echo(a)
         agents.append(a)  # before start: stopped on error too
         return await a.start(wait=10.0)
 
@@ -292,7 +278,7 @@ async def reachable(caller: Agent, dst: str, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            await caller.call(dst, "echo", RPC_PARAMS, timeout=1.0)
+            await caller.call(dst, ECHO, RPC_PARAMS, timeout=1.0)
             return
         except AtollError as exc:
             if time.monotonic() > deadline:
@@ -335,7 +321,7 @@ async def bench_rpc(
             await reachable(caller, dst[n])
         for n in on:
             for _ in range(plan.rpc_warmup):
-                await caller.call(dst[n], "echo", RPC_PARAMS)
+                await caller.call(dst[n], ECHO, RPC_PARAMS)
 
         samples: dict[int, list[int]] = {n: [] for n in on}
         cpu_s: dict[int, Counter[str]] = {n: Counter() for n in on}
@@ -352,7 +338,7 @@ async def bench_rpc(
                 before = cpu.read()
                 for _ in range(plan.rpc_calls_per_round):
                     t0 = clock()
-                    await call(dst[n], "echo", RPC_PARAMS)
+                    await call(dst[n], ECHO, RPC_PARAMS)
                     out.append(clock() - t0)
                 after = cpu.read()
                 cpu_s[n].update({k: after[k] - before[k] for k in after})
@@ -398,7 +384,7 @@ class Prober:
                 hard_stop = min(hard_stop, self.down_at + limit)
             t0 = time.perf_counter()
             try:
-                await self.caller.call(self.dst, "echo", RPC_PARAMS, timeout=self.probe_timeout)
+                await self.caller.call(self.dst, ECHO, RPC_PARAMS, timeout=self.probe_timeout)
             except AtollError as exc:
                 kind = type(exc).__name__
                 if self.down_at is None:
@@ -428,7 +414,7 @@ def watch_link(agent: Agent, events: list[tuple[str, float, str]]) -> None:
         events.append(("down", time.perf_counter(), link.url or ""))
         on_down(exc)
 
-    link.on_up, link.on_down = up, down  # type: ignore[method-assign]
+    link.on_up, link.on_down = up, down
 
 
 async def wait_stopped(pid: int, timeout: float = 2.0) -> None:
@@ -448,6 +434,8 @@ async def failover_trial(
     wiring = [("x", []), ("y", ["x"]), ("z", ["x", "y"])]  # a triangle
     async with cluster(op, root, wiring, s) as brokers, agent_pool(op, s) as start:
         x = brokers["x"]
+        if not isinstance(x, BrokerProc):  # cluster() without inproc: children all
+            raise RuntimeError("a failover trial stops a broker process")
         await converged(brokers)
         names = {b.url: n for n, b in brokers.items()}
         m = await start("m", [x.url, brokers["y"].url])
@@ -515,22 +503,270 @@ async def bench_failover(
     return out
 
 
+# --- mesh state: bytes per join, convergence, rerouting in a ring ------------------------------
+
+
+TENANT = "default"  # the operator's default tenant: the agents of these figures live there
+
+
+class QuietSession:
+    """A connected agent as the router sees it, without a socket: the router's ``Session``."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, ident: AgentIdentity) -> None:
+        self.id = next(self._ids)
+        self.ident = ident
+        self.subs: dict[int, str] = {}
+
+    def send(self, data: bytes) -> None:
+        pass
+
+    def close(self, code: str, reason: str) -> None:
+        pass
+
+
+def identities(op: OperatorStore, names: list[str]) -> list[AgentIdentity]:
+    """Verified credentials of the test operator (what a broker holds of its agents)."""
+    from nacl.signing import SigningKey
+
+    from atoll.protocol.trust import verify_agent
+    from atoll.tenancy.operator import DEFAULT_TENANT
+
+    out = []
+    for name in names:
+        pub = SigningKey.generate().verify_key.encode()
+        blob = op.agent_credential(DEFAULT_TENANT, pub, name, ["agent"])
+        out.append(verify_agent(blob, op.operator_pub))
+    return out
+
+
+class LinkBytes:
+    """Bytes sent on every mesh link of the given brokers (wraps each link's ``send``)."""
+
+    def __init__(self, servers: list[BrokerServer]) -> None:
+        self.total = 0
+        for server in servers:
+            for link in server.mesh.links.values():
+                link.send = self._counting(link.send)
+
+    def _counting(self, send: Callable[..., None]) -> Callable[..., None]:
+        def counted(data: bytes, *args: Any) -> None:
+            self.total += len(data)
+            send(data, *args)
+
+        return counted
+
+
+def located(peers: list[BrokerServer], name: str) -> bool:
+    """Every one of ``peers`` routes to agent ``name`` through broker a."""
+    return all(p.mesh.state.locate(TENANT, name) == "a" for p in peers)
+
+
+async def until(check: Callable[[], bool], timeout: float, step: float = 0.001) -> bool:
+    deadline = time.perf_counter() + timeout
+    while not check():
+        if time.perf_counter() > deadline:
+            return False
+        await asyncio.sleep(step)
+    return True
+
+
+async def loopback_rtt_us(rounds: int = 200) -> float:
+    """Median round trip of a small message over a loopback websocket (the anchor)."""
+    from atoll.transport import connect, serve
+
+    def echo_back(ws: Any) -> None:
+        ws.deliver_to(lambda m: ws.send(m, True))
+
+    server = await serve(
+        echo_back, "127.0.0.1", 0, max_message=1 << 16, limit=1 << 20, ping_interval=None
+    )
+    port = server.sockets[0].getsockname()[1]
+    ws = await connect(
+        f"ws://127.0.0.1:{port}", max_message=1 << 16, ping_interval=None, open_timeout=5
+    )
+    samples = []
+    try:
+        for _ in range(rounds):
+            t0 = time.perf_counter_ns()
+            ws.send(b"x" * 64, True)
+            await ws.recv(5)
+            samples.append(time.perf_counter_ns() - t0)
+    finally:
+        ws.abort()
+        server.close()
+    return round(statistics.median(samples) / 1000, 1)
+
+
+async def bench_join(
+    op: OperatorStore, root: Path, agents: int, joins: int, limit_s: float
+) -> dict[str, Any]:
+    """N agents behind A in a triangle, then ``joins`` more one at a time: bytes on all mesh
+    links and time until B and C route to each."""
+    s = RPC_SETTINGS
+    wiring = [("a", []), ("b", ["a"]), ("c", ["a", "b"])]
+    async with cluster(op, root, wiring, s, inproc=True) as brokers:
+        await converged(brokers)
+        servers = {n: b.server for n, b in brokers.items() if isinstance(b, InprocBroker)}
+        a, peers = servers["a"], [servers["b"], servers["c"]]
+        t0 = time.perf_counter()
+        names = [f"n{agents}-{i}" for i in range(agents + joins)]
+        idents = identities(op, names)
+        idents_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for i, ident in enumerate(idents[:agents]):
+            a.router.attach(QuietSession(ident))
+            if i % 500 == 499:
+                await asyncio.sleep(0)  # let the coalesced deltas go out
+        last = names[agents - 1]
+        ok = await until(functools.partial(located, peers, last), limit_s, 0.01)
+        setup_s = time.perf_counter() - t0
+        routable = sum(1 for n in names[:agents] if located(peers, n))
+        out: dict[str, Any] = {
+            "agents": agents,
+            "setup_converged": ok,
+            "routable_from_peers": routable,
+            "setup_s": round(setup_s, 3),
+            "identities_s": round(idents_s, 3),
+            "credential_bytes": len(idents[0].credential),
+        }
+        if not ok:  # the mesh never learnt of them: no join figures to give
+            return out
+        await asyncio.sleep(0.5)
+        counter = LinkBytes(list(servers.values()))
+        sizes, times = [], []
+        for ident, name in zip(idents[agents:], names[agents:], strict=True):
+            before = counter.total
+            t = time.perf_counter()
+            a.router.attach(QuietSession(ident))
+            if not await until(functools.partial(located, peers, name), limit_s):
+                out["join_converged"] = False
+                return out
+            times.append(time.perf_counter() - t)
+            await asyncio.sleep(0.05)  # the last copies (B and C pass it on to each other)
+            sizes.append(counter.total - before)
+        # A broker joining now pulls the whole record (in chunks) from its neighbour.
+        from atoll.broker.identity import issue_broker_dir
+        from atoll.broker.server import BrokerServer
+
+        d = issue_broker_dir(op, root / "late", "late")
+        t = time.perf_counter()
+        late = BrokerServer.from_data_dir(
+            d,
+            peers=[servers["b"].url],
+            mesh_refresh=s.broker_mesh_refresh_s,
+            ping_interval=s.broker_ping_interval_s,
+        )
+        await late.start("127.0.0.1", 0)
+        try:
+            synced = await until(functools.partial(located, [late], names[-1]), limit_s)
+            synced &= all(located([late], n) for n in names)
+            late_s = time.perf_counter() - t
+        finally:
+            await late.stop()
+        out |= {
+            "new_broker_synced": synced,
+            "new_broker_synced_s": round(late_s, 3),
+            "join_converged": True,
+            "joins": joins,
+            "join_bytes_median": statistics.median(sizes),
+            "join_bytes_max": max(sizes),
+            "convergence_ms_p50": round(statistics.median(times) * 1000, 2),
+            "convergence_ms_max": round(max(times) * 1000, 2),
+        }
+        return out
+
+
+async def bench_ring(op: OperatorStore, root: Path, size: int, limit_s: float) -> dict[str, Any]:
+    s = RPC_SETTINGS
+    names = [f"r{i:02}" for i in range(size)]
+    wiring = [(n, [names[i - 1]] if i else []) for i, n in enumerate(names)]
+    wiring[-1] = (names[-1], [names[-2], names[0]])
+    async with (
+        cluster(op, root, wiring, s, inproc=True) as brokers,
+        agent_pool(op, s) as start,
+    ):
+        t0 = time.perf_counter()
+        await converged(brokers, timeout=60)
+        converge_s = time.perf_counter() - t0
+        x = await start("x", [brokers[names[1]].url])
+        await start("y", [brokers[names[-1]].url])
+        await reachable(x, "y/bench")
+        samples = []
+        for _ in range(200):
+            t = time.perf_counter_ns()
+            await x.call("y/bench", ECHO, RPC_PARAMS)
+            samples.append(time.perf_counter_ns() - t)
+        rpc_p50_us = pct(sorted(samples), 50)
+        dead = brokers[names[0]]
+        assert isinstance(dead, InprocBroker)
+        first = brokers[names[1]]
+        assert isinstance(first, InprocBroker)
+        t0 = time.perf_counter()
+        await dead.server.stop()
+        state = first.server.mesh.state
+        around = await until(lambda: state.next_hops().get(names[-1]) == names[2], limit_s)
+        rerouted_s = time.perf_counter() - t0 if around else None
+        try:
+            await reachable(x, "y/bench", timeout=limit_s)
+            through_s: float | None = time.perf_counter() - t0
+        except RuntimeError as exc:  # never got through: a failed figure, not a failed run
+            log.warning("ring: %s", exc)
+            through_s = None
+        return {
+            "brokers": size,
+            "converge_s": round(converge_s, 3),
+            "rpc_p50_us_before": rpc_p50_us,
+            "hops_after": len(names) - 2,
+            "routes_around_s": round(rerouted_s, 4) if rerouted_s is not None else None,
+            "call_through_s": round(through_s, 4) if through_s is not None else None,
+            "call_through_vs_rpc": round(through_s * 1e6 / rpc_p50_us, 1) if through_s else None,
+        }
+
+
+async def bench_state(op: OperatorStore, root: Path, plan: Plan) -> dict[str, Any]:
+    rtt = await loopback_rtt_us()
+    joins = {}
+    for n in plan.state_agents:
+        log.info("mesh state: %d agents behind one broker ...", n)
+        joins[n] = await timed(
+            bench_join(op, root / f"join-{n}", n, plan.state_joins, plan.state_limit_s),
+            plan.state_limit_s * 3 + 120,
+        )
+    log.info("ring of %d brokers ...", plan.ring_size)
+    ring = await timed(bench_ring(op, root / "ring", plan.ring_size, 10.0), 180)
+    small, big = min(joins), max(joins)
+    out: dict[str, Any] = {"anchor_loopback_rtt_us": rtt}
+    for n, j in joins.items():
+        out[f"state_join_bytes_{n}"] = j.get("join_bytes_median")
+        out[f"state_convergence_ms_p50_{n}"] = j.get("convergence_ms_p50")
+        out[f"state_new_broker_synced_s_{n}"] = j.get("new_broker_synced_s")
+    jb_small, jb_big = joins[small].get("join_bytes_median"), joins[big].get("join_bytes_median")
+    cred = joins[big]["credential_bytes"]
+    conv_big = joins[big].get("convergence_ms_p50")
+    out |= {
+        "state_join_bytes_growth": round(jb_big / jb_small, 3) if jb_small and jb_big else None,
+        "state_join_bytes_per_credential": round(jb_big / cred, 2) if jb_big else None,
+        "state_convergence_vs_rtt": round(conv_big * 1000 / rtt, 1) if conv_big else None,
+        "ring_routes_around_s": ring["routes_around_s"],
+        "ring_call_through_s": ring["call_through_s"],
+    }
+    out["state_targets"] = {
+        "join_bytes_do_not_grow": out["state_join_bytes_growth"] is not None
+        and out["state_join_bytes_growth"] <= 1.1,
+        "convergence_s<2": conv_big is not None and conv_big < 2000,
+        "ring_reroute_s<=2": ring["call_through_s"] is not None and ring["call_through_s"] <= 2,
+    }
+    out["state_detail"] = {"joins": joins, "ring": ring}
+    return out
+
+
 # --- report ------------------------------------------------------------------------------------
 
 
 def environment() -> dict[str, Any]:
-    return {
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "event_loop": type(asyncio.get_running_loop()).__name__,
-        "websockets": pkg_version("websockets"),
-        "msgpack": pkg_version("msgpack"),
-        "pynacl": pkg_version("pynacl"),
-        "payload_bytes": len(RPC_PARAMS),
-    }
+    return base_environment(payload_bytes=len(RPC_PARAMS))
 
 
 async def timed(coro: Awaitable[Any], limit: float) -> Any:
@@ -556,6 +792,10 @@ async def main(args: argparse.Namespace, profile_dir: Path | None) -> dict[str, 
     with tempfile.TemporaryDirectory(prefix="atoll-bench-mesh-") as tmp:
         op = OperatorStore(Path(tmp) / "operator")
         op.init()
+        log.info("mesh state ...")
+        state = await bench_state(op, Path(tmp) / "state", plan)
+        if args.state_only:
+            return state | {"env": environment(), "bench_s": round(time.perf_counter() - t0, 2)}
         log.info("rpc across 1, 2, 3 brokers ...")
         rpc = await timed(bench_rpc(op, Path(tmp) / "rpc", plan, profile_dir), plan.rpc_time_s + 60)
         log.info("rpc across 1, 2, 3 brokers, all in this process ...")
@@ -568,7 +808,7 @@ async def main(args: argparse.Namespace, profile_dir: Path | None) -> dict[str, 
         stall = await bench_failover(op, Path(tmp), "stall", plan.stall_trials, plan)
 
     p50 = {n: rpc["paths"][n]["p50_us"] for n in (1, 2, 3)}
-    result: dict[str, Any] = {}
+    result: dict[str, Any] = {k: v for k, v in state.items() if k != "state_detail"}
     for n in (1, 2, 3):
         result[f"rpc_p50_us_{n}"] = round(p50[n], 1)
         result[f"rpc_p99_us_{n}"] = round(rpc["paths"][n]["p99_us"], 1)
@@ -597,6 +837,7 @@ async def main(args: argparse.Namespace, profile_dir: Path | None) -> dict[str, 
         },
         "settings": asdict(RPC_SETTINGS),
         "detail": {
+            "state": state["state_detail"],
             "rpc": rpc,
             "rpc_inproc": rpc_inproc,
             "failover_kill": kill,
@@ -615,6 +856,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--failover-trials", type=int, help="SIGKILL failover trials")
     p.add_argument("--stall-trials", type=int, help="SIGSTOP (hung broker) failover trials")
     p.add_argument("--profile-dir", help="write cProfile stats of the RPC phase here")
+    p.add_argument("--state-only", action="store_true", help="only the mesh state figures")
     p.add_argument("--broker-child", help=argparse.SUPPRESS)  # internal: run a broker
     p.add_argument("--child-profile", help=argparse.SUPPRESS)
     p.add_argument("--peers", default="", help=argparse.SUPPRESS)

@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +32,11 @@ import torch
 from safetensors.torch import save_file
 
 from atoll.agent.metrics import MetricsRegistry
+from atoll.bench.harness import model_bench_args, run_main, setup_logging
 from atoll.plugins.basemodels import model_id, resolve_model
 from atoll.plugins.inference.contract import GenerateRequest
 from atoll.plugins.inference.local_backend import LocalBackend, LocalConfig
 from atoll.tuning import tune_process
-from harness import run_main, setup_logging
 
 PROMPTS = [
     "Write a short note about the weather in Paris.",
@@ -78,7 +78,11 @@ def write_adapter(
 
 
 async def throughput(
-    backend: LocalBackend, adapters: list[str | None], concurrency: int, requests: int, tokens: int
+    backend: LocalBackend,
+    adapters: Sequence[str | None],
+    concurrency: int,
+    requests: int,
+    tokens: int,
 ) -> dict[str, Any]:
     """Completion tokens per second for ``requests`` requests, ``concurrency`` at a time."""
     gate = asyncio.Semaphore(concurrency)
@@ -86,10 +90,12 @@ async def throughput(
 
     async def one(i: int) -> None:
         nonlocal produced
-        request = GenerateRequest(
-            prompt=PROMPTS[i % len(PROMPTS)],
-            adapter=adapters[i % len(adapters)],
-            params={"temperature": 0, "max_new_tokens": tokens, "ignore_eos": True},
+        request = GenerateRequest.model_validate(
+            {
+                "prompt": PROMPTS[i % len(PROMPTS)],
+                "adapter": adapters[i % len(adapters)],
+                "params": {"temperature": 0, "max_new_tokens": tokens, "ignore_eos": True},
+            }
         )
         async with gate:
             async for event in backend.generate(request):
@@ -137,9 +143,11 @@ def naive(model_dir: Path, adapter_dirs: list[Path], requests: int, tokens: int)
 async def cold_load(work: Path, model_dir: Path, adapter: Path, repeats: int) -> dict[str, Any]:
     """Upload an adapter to a storage agent, then time ``load_adapter`` on an inference agent
     (fetch over the data plane + validation + peft load), ``repeats`` times with fresh ids."""
+    from atoll.agent.contract import Client
     from atoll.agent.identity import AgentKeys
     from atoll.agent.runtime import AgentRuntime
     from atoll.broker.server import BrokerServer
+    from atoll.plugins.inference.contract import LOAD_ADAPTER, AdapterRef
     from atoll.plugins.storage.contract.adapters import upload_adapter
     from atoll.tenancy.operator import OperatorStore
 
@@ -161,12 +169,13 @@ async def cold_load(work: Path, model_dir: Path, adapter: Path, repeats: int) ->
             "gpu", ["inference"], {"inference": {"local": local, "storage": "store/storage"}}
         )
         gw = await agent("gw", ["gateway"], {})
+        node = Client(gw.agent, "gpu/inference", timeout=60)
         times = []
         for i in range(repeats):
             adapter_id = f"bench/cold-{i}"
             await upload_adapter(gw.agent, "store/storage", adapter, adapter_id, {})
             started = time.perf_counter()
-            await gw.agent.call("gpu/inference", "load_adapter", {"id": adapter_id}, timeout=60)
+            await node.invoke(LOAD_ADAPTER, AdapterRef(id=adapter_id))
             times.append(time.perf_counter() - started)
         size = (adapter / "adapter_model.safetensors").stat().st_size
         return {
@@ -194,12 +203,14 @@ async def main(args: argparse.Namespace, profile_dir: Path | None) -> dict[str, 
         async def fetch(adapter_id: str, root: Path) -> Path:
             return fetch_dirs[adapter_id]
 
-        config = LocalConfig(
-            model=str(model_dir),
-            embeddings=False,
-            max_batch=16,
-            max_adapters_per_batch=16,
-            adapter_cache=80,
+        config = LocalConfig.model_validate(
+            {
+                "model": str(model_dir),
+                "embeddings": False,
+                "max_batch": 16,
+                "max_adapters_per_batch": 16,
+                "adapter_cache": 80,
+            }
         )
         backend = LocalBackend(config, work / "node", fetch, MetricsRegistry())
         await backend.start()
@@ -248,19 +259,7 @@ async def main(args: argparse.Namespace, profile_dir: Path | None) -> dict[str, 
     }
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
-    p.add_argument(
-        "--model-cache",
-        default=os.environ.get("ATOLL_MODEL_CACHE", "~/.cache/atoll/models"),
-        help="where the converted embedded model is kept",
-    )
-    p.add_argument("--profile-dir", help=argparse.SUPPRESS)
-    return p.parse_args()
-
-
 if __name__ == "__main__":
     setup_logging()
     tune_process()
-    run_main(main, parse_args())
+    run_main(main, model_bench_args(__doc__.splitlines()[0], "smaller sizes (a smoke run)"))

@@ -20,9 +20,7 @@ import contextlib
 import functools
 import logging
 import os
-import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,23 +32,28 @@ from importlib.metadata import version as pkg_version
 from pathlib import Path
 from typing import Any
 
-from atoll.tenancy.permissions import ANY
-from atoll.tuning import tune_process
-from harness import (
+from atoll.bench.harness import (
+    ECHO,
+    RPC_PARAMS,
+    base_environment,
     broker_child,
+    broker_url,
     die_with_parent,
+    free_port,
     profiled,
     run_main,
+    script_child,
+    serve_echo,
     setup_logging,
     stop_process,
 )
+from atoll.tuning import tune_process
 
 log = logging.getLogger("bench.overlay")
 
 HERE = Path(__file__).resolve()
 NATS_SERVER = Path(sys.executable).parent / "nats-server"
 PAYLOAD = os.urandom(128)
-RPC_PARAMS = b"ping"
 PHASE_SLACK_S = 30.0  # warm-up and draining on top of a phase's own time limit
 STALL_S = 2.0  # no delivery for this long after publishing ends: the rest is lost, stop waiting
 
@@ -275,12 +278,6 @@ async def measure(
 # --- processes ---------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def wait_port(port: int, proc: Process, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -312,24 +309,11 @@ async def atoll_broker(
         finally:
             await server.stop()
         return
-    cmd = [sys.executable, str(HERE), "--broker-child", str(op_dir)]
-    if profile is not None:
-        cmd += ["--child-profile", str(profile)]
-    # stdin stays a pipe: the child exits when it closes, so it cannot outlive us
-    proc = await asyncio.create_subprocess_exec(
-        *cmd,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        preexec_fn=die_with_parent,
+    child = script_child(
+        HERE, "atoll broker", "--broker-child", str(op_dir), profile=profile, timeout=20
     )
-    try:
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 20)
-        if not line.strip().isdigit():
-            raise RuntimeError(f"broker child did not report a port (got {line!r})")
-        yield f"ws://127.0.0.1:{int(line)}", proc.pid
-    finally:
-        await stop_process(proc, "atoll broker")
+    async with child as (proc, ready):
+        yield broker_url(ready), proc.pid
 
 
 # --- atoll -------------------------------------------------------------------------------------
@@ -338,7 +322,6 @@ async def atoll_broker(
 async def bench_atoll(plan: Plan, inproc: bool, profile_dir: Path | None) -> dict[str, Any]:
     from atoll.agent.identity import AgentKeys
     from atoll.agent.node import Agent
-    from atoll.protocol.session import CallInfo
     from atoll.tenancy.operator import DEFAULT_TENANT, OperatorStore
 
     with tempfile.TemporaryDirectory(prefix="atoll-bench-") as tmp:
@@ -364,10 +347,7 @@ async def bench_atoll(plan: Plan, inproc: bool, profile_dir: Path | None) -> dic
                 )
                 subs = [await agent(f"sub-{i}") for i in range(plan.fanout_subs)]
 
-                async def echo(params: Any, call: CallInfo) -> Any:
-                    return params
-
-                server.handle("bench", "echo", echo, ANY)
+                serve_echo(server)
                 counter = Counter()
                 await subs[0].subscribe("app.bench.one", counter.hit)  # sync callback: no queue hop
                 for s in subs:
@@ -376,7 +356,7 @@ async def bench_atoll(plan: Plan, inproc: bool, profile_dir: Path | None) -> dic
                     await s.flush()  # a broker round trip: the SUBs are in place
                 with profiled(client_prof):
                     figures = await measure(
-                        functools.partial(caller.call, "rpc-b/bench", "echo", RPC_PARAMS),
+                        functools.partial(caller.call, "rpc-b/bench", ECHO, RPC_PARAMS),
                         publisher.publish,
                         counter,
                         len(subs),
@@ -486,21 +466,12 @@ def environment(inproc: bool) -> dict[str, Any]:
             [str(NATS_SERVER), "--version"], capture_output=True, text=True, timeout=10
         )
         nats_version = out.stdout.strip()
-    return {
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "event_loop": type(asyncio.get_running_loop()).__name__,
-        "atoll_broker": "in-process" if inproc else "subprocess",
-        "websockets": pkg_version("websockets"),
-        "msgpack": pkg_version("msgpack"),
-        "pynacl": pkg_version("pynacl"),
-        "nats_py": pkg_version("nats-py"),
-        "nats_server": nats_version,
-        "payload_bytes": len(PAYLOAD),
-    }
+    return base_environment(
+        atoll_broker="in-process" if inproc else "subprocess",
+        nats_py=pkg_version("nats-py"),
+        nats_server=nats_version,
+        payload_bytes=len(PAYLOAD),
+    )
 
 
 async def main(args: argparse.Namespace, profile_dir: Path | None) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Training benchmark: LoRA fine-tuning on the embedded model (SmolLM2-135M-Instruct) through the
 whole platform, and how soon the new adapter answers at the gateway.
 
-One run, one process (as tests/test_finetune_loop.py): a broker and four agents on loopback —
-``store`` (storage), ``trainer`` (training queue and a CPU trainer; each job in its own process),
+One run, one process (as tests/training/test_finetune_loop.py): a broker and four agents on
+loopback — ``store`` (storage), ``trainer`` (training queue and a CPU trainer; each job in its own
+process),
 ``gpu`` (inference, local backend on the converted embedded model) and ``gw`` (gateway). A user
 drives it with the openai SDK: uploads ``rows`` generated Alpaca examples (instruction, input and
 output sized so a rendered sample nears ``cutoff_len`` tokens), creates a fine-tuning job (one
@@ -64,18 +65,28 @@ from typing import Any
 
 import openai
 import psutil
+from openai.types.chat import ChatCompletionMessageParam
 
+from atoll.agent.contract import Client, NoParams
 from atoll.agent.identity import AgentKeys
 from atoll.agent.runtime import AgentRuntime
+from atoll.bench.harness import (
+    QUIET_LOGGERS,
+    model_bench_args,
+    run_main,
+    running_plugin,
+    setup_logging,
+)
 from atoll.broker.server import BrokerServer
 from atoll.plugins.basemodels import model_id, resolve_model
+from atoll.plugins.gateway.plugin import GatewayPlugin
+from atoll.plugins.inference.contract import ADAPTERS
 from atoll.plugins.storage.contract.adapters import describe_adapter
 from atoll.plugins.storage.contract.datasets import fetch_dataset
 from atoll.plugins.training.contract import JobRecord, get_job, job_events
 from atoll.plugins.training.runner import FINAL_METRICS, RunSpec
 from atoll.tenancy.operator import OperatorStore
 from atoll.tuning import tune_process
-from harness import QUIET_LOGGERS, run_main, setup_logging
 
 log = logging.getLogger("bench.training")
 
@@ -87,7 +98,9 @@ POLL_S = 0.25  # the user's poll of the job
 READY_S = 60.0  # agents started and seen by the gateway
 WARM_REQUESTS = 3
 CHAT_TOKENS = 8
-PROMPT = [{"role": "user", "content": "Summarise note 3 about the river in plain words."}]
+PROMPT: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "Summarise note 3 about the river in plain words."}
+]
 # SmolLM2's chat template (default system prompt, turn markers) and the instruction's own words
 # take about this many tokens; the generated words fill the rest of ``cutoff_len``.
 TEMPLATE_TOKENS = 48
@@ -225,7 +238,7 @@ class Island:
         await self._agent(op, "gpu", "inference", {"local": local, "storage": STORAGE})
         gw = {"listen": "127.0.0.1:0", "storage": STORAGE, "queue": QUEUE}
         self.gw = await self._agent(op, "gw", "gateway", gw)
-        self.gateway = self.gw.host.plugins["gateway"]
+        self.gateway = running_plugin(self.gw, "gateway", GatewayPlugin)
         await until(lambda: model in self.gateway.gateway.base_models(), READY_S, "the model")
         self.gateway.accounts.create_user(USER, actor="bench")
         _, self.key = self.gateway.accounts.create_key(USER, name="bench", actor="bench")
@@ -348,11 +361,14 @@ async def platform_run(
     agent = island.gw.agent
     job = await get_job(agent, QUEUE, created.id)
     events = await job_events(agent, QUEUE, created.id)
-    assert job.finished_at and job.queued_at and job.adapter_id == done.fine_tuned_model
-    stored = await describe_adapter(agent, STORAGE, job.adapter_id)
-    access = island.gateway.accounts.adapter(job.adapter_id)
-    infos = await agent.call(NODE, "adapters", {})
-    loaded = next((a for a in infos if a["id"] == job.adapter_id), None)
+    adapter_id = job.adapter_id
+    assert job.finished_at and job.queued_at and adapter_id == done.fine_tuned_model
+    if adapter_id is None:  # a finished job names its adapter
+        raise RuntimeError(f"job {job.id} finished without an adapter")
+    stored = await describe_adapter(agent, STORAGE, adapter_id)
+    access = island.gateway.accounts.adapter(adapter_id)
+    infos = await Client(agent, NODE).invoke(ADAPTERS, NoParams())
+    loaded = next((a for a in infos if a.id == job.adapter_id), None)
     if loaded is None:
         raise RuntimeError(f"{NODE} does not list {job.adapter_id} as loaded after serving it")
     chat_file = work / "canonical.jsonl"  # what the trainer trained on; the anchor's input
@@ -369,8 +385,8 @@ async def platform_run(
         "completion_to_first_token": {
             "notice_s": round(seen - job.finished_at, 3),
             "request_to_first_token_s": round(to_first, 3),
-            "cold_load_s": round(loaded["load_seconds"], 3),
-            "rest_s": round(to_first - loaded["load_seconds"], 3),
+            "cold_load_s": round(loaded.load_seconds, 3),
+            "rest_s": round(to_first - loaded.load_seconds, 3),
             "adapter_stored_s": round(stored.created - job.finished_at, 3),
             "registered_s": round(access.created - job.finished_at, 3) if access else None,
             "poll_interval_s": POLL_S,
@@ -492,19 +508,8 @@ async def main(args: argparse.Namespace, profile_dir: Path | None) -> dict[str, 
     }
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="40 rows, cutoff 128 (a smoke run)")
-    p.add_argument(
-        "--model-cache",
-        default=os.environ.get("ATOLL_MODEL_CACHE", "~/.cache/atoll/models"),
-        help="where the converted embedded model is kept",
-    )
-    p.add_argument("--profile-dir", help=argparse.SUPPRESS)
-    return p.parse_args()
-
-
 if __name__ == "__main__":
     setup_logging((*QUIET_LOGGERS, "httpx", "httpx2"))  # not a line per poll of the job
     tune_process()
-    run_main(main, parse_args())
+    args = model_bench_args(__doc__.splitlines()[0], "40 rows, cutoff 128 (a smoke run)")
+    run_main(main, args)

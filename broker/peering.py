@@ -1,7 +1,16 @@
-"""The broker mesh's I/O: authenticated links to peer brokers, advert flooding, relaying.
+"""The broker mesh's I/O: authenticated links to peer brokers, mesh state exchange, relaying.
 
 A link is a websocket like an agent's, opened by either broker (``--peer URL`` dials; the other
-accepts) and authenticated with operator-signed broker credentials on both sides.
+accepts) and authenticated with operator-signed broker credentials on both sides. What travels
+on it and why is ``mesh.py``'s (deltas, digests, snapshots in chunks); this shell feeds it the
+router's changes (coalesced for ``ADVERT_DELAY``), the frames of its links and a clock
+(``refresh``: digests to every neighbour, records asked for again, unreachable brokers
+forgotten), and sends what it answers.
+
+Keepalive: a link pings every ``PEER_PING`` seconds from the moment it is attached (the
+transport reschedules its next ping when the interval changes), and a neighbour silent for
+twice that is dropped at the next ping; digests every ``refresh`` seconds keep a healthy link
+from ever being silent that long.
 """
 
 from __future__ import annotations
@@ -11,7 +20,7 @@ import contextlib
 import random
 from typing import TYPE_CHECKING, Any
 
-from atoll.broker.mesh import MAX_HOPS, Advert, LinkState, SeenIds
+from atoll.broker.mesh import LinkState, SeenIds, Send
 from atoll.broker.state import Binding
 from atoll.logs import EventLogger
 from atoll.protocol.errors import AuthError, ProtocolError
@@ -26,9 +35,9 @@ if TYPE_CHECKING:
     from atoll.broker.server import BrokerServer
 
 
-PEER_PING = 2.0  # seconds: a frozen peer broker is dropped after twice this
+PEER_PING = 2.0  # seconds: a frozen peer broker is dropped 2-3x this after its last word
 _CACHE_LIMIT = 4096  # verified credentials and permission answers of remote agents
-ADVERT_DELAY = 0.02  # seconds: coalesces a burst of connects/subscriptions into one advert
+ADVERT_DELAY = 0.02  # seconds: coalesces a burst of connects/subscriptions into fewer deltas
 
 
 class PeerLink:
@@ -38,8 +47,11 @@ class PeerLink:
         self.name = name
         self.dialled = dialled
         self.send = ws.send
-        ws.deliver_to(self._on_message)
         ws.closed.add_done_callback(lambda _: mesh.detach(self))
+
+    def start(self) -> None:
+        """Handle what the neighbour sends, starting with anything it sent already."""
+        self.ws.deliver_to(self._on_message)
 
     def _on_message(self, data: bytes | str) -> None:
         try:
@@ -70,7 +82,9 @@ class PeerMesh:
         self.links: dict[str, PeerLink] = {}
         self._seen = SeenIds()
         self._synced = SeenIds()
-        self._advert_due: asyncio.TimerHandle | None = None  # a coalesced advert, scheduled
+        self._advert_due: asyncio.TimerHandle | None = None  # coalesced deltas, scheduled
+        self._unadvertised = 0  # agents/patterns left out of our record, as last logged
+        self._refused_brokers = 0  # brokers' records not kept (MAX_BROKERS), as last logged
         self._idents: dict[bytes, AgentIdentity] = {}  # remote agents' verified credentials
         self._allowed: dict[tuple[bytes, str, str], bool] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -93,13 +107,22 @@ class PeerMesh:
             link.ws.close(1001, "broker shutting down")
 
     async def _refresh(self) -> None:
-        # Links are reliable and a new link starts with a full exchange, so adverts travel only
-        # on change; this loop just forgets brokers that stayed out of reach.
+        # Changes travel as deltas when they happen; this loop repairs what went missing (a
+        # digest to each neighbour, records asked for again) and forgets brokers that stayed
+        # out of reach.
         while True:
             await asyncio.sleep(self.refresh)
             gone = self.state.expire(30 * self.refresh)
             if gone:
                 self.log.info("mesh.expired", brokers=",".join(gone))
+            self._send_all(self.state.poll())
+            if self.state.refused_brokers > self._refused_brokers:
+                self._refused_brokers = self.state.refused_brokers
+                self.log.warning("mesh.too_many_brokers", refused=self._refused_brokers)
+            digest = self.state.digest()
+            for link in list(self.links.values()):
+                for data in digest:
+                    link.send(data)
 
     async def _dial(self, url: str) -> None:
         failures = 0
@@ -155,54 +178,68 @@ class PeerMesh:
                 ws.close(1000, "duplicate mesh link")
                 return False
             old.ws.close(1000, "duplicate mesh link")
-        ws.ping_interval = PEER_PING  # few links, and the mesh reroutes once one goes silent
+        if old is not None:  # what was asked of the old link is asked again of the new one
+            self._send_all(self.state.link_down(name))
+        # Few links, and the mesh reroutes once one goes silent. The transport reschedules its
+        # next ping at once, so the listener's longer first wait does not outlive the deadline.
+        ws.ping_interval = PEER_PING
         link = PeerLink(self, ws, name, dialled)
         self.links[name] = link
         self.log.info("mesh.linked", peer=name, dialled=dialled)
-        for advert in list(self.state.adverts.values()):  # bring the new peer up to date
-            link.send(self._advert_frame(advert))
         for blob in self.server.state.revocation_blobs():
             link.send(
                 encode_frame(
                     FrameType.SYNC, {"origin": self.me}, pack({"kind": "revoke", "blob": blob})
                 )
             )
+        self.state.set_peers(self.links)
         self._advertise()
+        for data in self.state.digest():  # the new neighbour pulls what it lacks
+            link.send(data)
+        link.start()  # only now: what it already sent may want answers on this very link
         return True
 
     def detach(self, link: PeerLink) -> None:
         if self.links.get(link.name) is link:
             del self.links[link.name]
             self.log.info("mesh.unlinked", peer=link.name)
+            self.state.set_peers(self.links)
             self._advertise()
+            self._send_all(self.state.link_down(link.name))
 
     # --- adverts ---------------------------------------------------------------------------------
 
     def changed(self) -> None:
-        """Local agents or interest changed: advertise shortly, once for a burst of changes
-        (an advert carries every local agent's credential)."""
+        """Local agents or interest changed: send the deltas shortly, together for a burst."""
         if self._advert_due is None:
             self._advert_due = asyncio.get_running_loop().call_later(ADVERT_DELAY, self._advertise)
 
     def _advertise(self) -> None:
+        """Number what changed here and flood it (alone, it is numbered all the same: the
+        first neighbour pulls our record whole)."""
         if self._advert_due is not None:
             self._advert_due.cancel()
             self._advert_due = None
-        if not self.links:  # alone: nobody to tell (attach advertises on the first link)
-            return
-        agents, subs = self.server.router.local_view()
-        advert = self.state.advertise(set(self.links), agents, subs)
-        self._flood(self._advert_frame(advert), exclude=None)
-
-    def _advert_frame(self, advert: Advert) -> bytes:
-        return encode_frame(
-            FrameType.PEER_STATE, {"origin": advert.name, "seq": advert.seq}, advert.encode()
-        )
+        self.state.local(self.server.router.local_changes())
+        for data in self.state.flush():
+            self._flood(data, exclude=None)
+        if self.state.unadvertised > self._unadvertised:
+            self._unadvertised = self.state.unadvertised
+            self.log.warning("mesh.over_bounds", left_out=self._unadvertised)
 
     def _flood(self, data: bytes, exclude: str | None) -> None:
         for name, link in self.links.items():
             if name != exclude:
                 link.send(data)
+
+    def _send_all(self, sends: list[Send]) -> None:
+        for send in sends:
+            if send.to is None:
+                self._flood(send.data, send.exclude)
+            else:
+                link = self.links.get(send.to)
+                if link is not None:
+                    link.send(send.data)
 
     # --- frames from peers -----------------------------------------------------------------------
 
@@ -210,11 +247,7 @@ class PeerMesh:
         if f.type is FrameType.RELAY:
             self._relay(link, f)
         elif f.type is FrameType.PEER_STATE:
-            advert = Advert.decode(f.payload)
-            if advert.name != f.header["origin"] or advert.seq != f.header["seq"]:
-                raise ProtocolError("advert header and body disagree")
-            if self.state.accept(advert):
-                self._flood(f.raw or self._advert_frame(advert), exclude=link.name)
+            self._send_all(self.state.receive(link.name, f))
         elif f.type is FrameType.SYNC:
             self._sync(link, f)
         else:
@@ -257,7 +290,7 @@ class PeerMesh:
         agent: str,
         data: bytes,
         route: dict[str, Any],
-        ttl: int = MAX_HOPS,
+        ttl: int | None = None,
         origin: str | None = None,
     ) -> bool:
         """Send a direct frame towards the broker holding ``agent``; False if none does."""
@@ -270,6 +303,8 @@ class PeerMesh:
             # A new local agent's first message must not overtake the advert carrying its
             # credential: the receiver would ask for the sender's key before its broker has it.
             self._advertise()
+        if ttl is None:  # entering the mesh here: as many hops as our view of it can need
+            ttl = self.state.hop_limit()
         link.send(self._relay_frame(tenant, origin or self.me, ttl, route, data))
         return True
 
@@ -279,7 +314,7 @@ class PeerMesh:
         subject: str,
         data: bytes,
         route: dict[str, Any],
-        ttl: int = MAX_HOPS,
+        ttl: int | None = None,
         origin: str | None = None,
     ) -> None:
         origin = origin or self.me
@@ -294,6 +329,8 @@ class PeerMesh:
         )
         if not targets:
             return
+        if ttl is None:
+            ttl = self.state.hop_limit()
         frame = self._relay_frame(tenant, origin, ttl, route, data)
         for hop in self.state.fanout(origin, targets):
             link = self.links.get(hop)

@@ -3,8 +3,12 @@
 Every address and subject is resolved inside the sender's tenant, so isolation does not depend
 on agents behaving. Inside a tenant, what an agent may publish, subscribe to and keep follows
 from its signed roles (``atoll.tenancy.permissions``); anything else is refused with a reason and
-the connection stays up. Kept publications have a byte budget per agent and per tenant. The
-router never opens payloads; it only reads the clear header.
+the connection stays up. Kept publications have byte and count budgets per agent and per
+tenant, refused with the reason, and outlive an agent that left the mesh only for ``kept_ttl``
+(``expire_kept``). The router never opens payloads; it only reads the clear header.
+
+Over 400 lines because it is the whole per-tenant space (sessions, interest, kept state, the
+journal the mesh advertises) that every frame handler reads and writes.
 """
 
 from __future__ import annotations
@@ -13,11 +17,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from atoll.broker.mesh import LocalChange
 from atoll.broker.state import Binding, BrokerState
 from atoll.logs import EventLogger
 from atoll.protocol.errors import AuthError, ProtocolError
-from atoll.protocol.frames import Frame, FrameType, encode_frame
-from atoll.protocol.subjects import SubjectIndex, check_subject, matches, split_address
+from atoll.protocol.frames import Frame, FrameType, encode_frame, pack
+from atoll.protocol.subjects import (
+    REFUSALS,
+    SubjectIndex,
+    SubjectTable,
+    check_subject,
+    matches,
+    split_address,
+)
 from atoll.protocol.trust import AgentIdentity, now_ms, verify_revocation
 from atoll.tenancy import permissions
 
@@ -40,14 +52,18 @@ class Session(Protocol):
 class _TenantSpace:
     agents: dict[str, Session] = field(default_factory=dict)
     since: dict[str, int] = field(default_factory=dict)  # agent -> connected at (ms)
-    subs: SubjectIndex = field(default_factory=SubjectIndex)
-    retained: dict[str, tuple[str, bytes]] = field(default_factory=dict)  # subject -> (by, PUB)
+    subs: SubjectIndex[tuple[int, int], Session] = field(default_factory=SubjectIndex)
+    retained: SubjectTable[tuple[str, bytes]] = field(default_factory=SubjectTable)  # (by, PUB)
     retained_bytes: int = 0
     kept_by: dict[str, int] = field(default_factory=dict)  # agent -> bytes it keeps
+    kept_subjects: dict[str, set[str]] = field(default_factory=dict)  # agent -> its subjects
+    gone: dict[str, int] = field(default_factory=dict)  # keeping agent -> absent since (ms)
+    interest: dict[str, int] = field(default_factory=dict)  # pattern -> subscriptions to it
 
 
 class MeshRelay(Protocol):
-    """What the router needs from the broker mesh (absent on a lone broker)."""
+    """What the router needs from the broker mesh (absent on a lone broker). ``changed`` says
+    that ``Router.local_changes`` has news for the mesh to advertise."""
 
     def changed(self) -> None: ...
 
@@ -62,9 +78,11 @@ class MeshRelay(Protocol):
     def flood_sync(self, body: dict[str, Any]) -> None: ...
 
 
+# Kept publications live in broker memory until replaced or until their agent has been gone for
+# the broker's kept_ttl: an agent keeps its announcement and metrics (a few KiB each), so these
+# bounds only bite an agent or tenant gone wrong.
 MAX_RETAINED_PER_TENANT = 10_000
-# Kept publications live in broker memory until replaced: an agent keeps its announcement and
-# metrics (a few KiB each), so these bounds only bite an agent or tenant gone wrong.
+MAX_KEPT_SUBJECTS_PER_AGENT = 64
 MAX_KEPT_BYTES_PER_AGENT = 1024 * 1024
 MAX_KEPT_BYTES_PER_TENANT = 256 * 1024 * 1024
 _CACHE_LIMIT = 1024  # permission answers remembered per session (subjects repeat)
@@ -75,10 +93,18 @@ def error_frame(code: str, reason: str, **header: object) -> bytes:
 
 
 class Router:
-    def __init__(self, state: BrokerState, log: EventLogger | None = None) -> None:
+    def __init__(
+        self, state: BrokerState, log: EventLogger | None = None, name: str = "broker"
+    ) -> None:
         self.state = state
         self.log = log or EventLogger("broker")
+        self.name = name
+        # Peer brokers this broker refused, for every tenant's admins: subject -> (at, PUB).
+        self._broker_refusals: dict[str, tuple[int, bytes]] = {}
         self.mesh: MeshRelay | None = None
+        # What the mesh has yet to hear (agents joined/left, patterns first/last here), in order;
+        # kept only while a mesh is attached, drained by it (``local_changes``).
+        self._journal: list[LocalChange] = []
         self._tenants: dict[str, _TenantSpace] = {}
         self._allowed: dict[int, dict[tuple[str, str], bool]] = {}  # session id -> answers
         self._handlers: dict[FrameType, Callable[[Session, Frame], None]] = {
@@ -114,7 +140,8 @@ class Router:
             self.detach(old)
             old.close("replaced", "a newer connection of this agent took over")
         space.agents[s.ident.name] = s
-        space.since[s.ident.name] = now_ms()
+        since = space.since[s.ident.name] = now_ms()
+        self._note(LocalChange("+agent", s.ident.tenant, s.ident.name, s.ident.credential, since))
         if bound is not None and self.mesh is not None:  # other brokers learn the binding
             self.mesh.flood_sync({"kind": "bind", **bound.__dict__})
         self._changed()
@@ -133,14 +160,38 @@ class Router:
         space = self._tenants.get(s.ident.tenant)
         if space is None:
             return
-        for sid in list(s.subs):
+        for sid, pattern in s.subs.items():
             space.subs.remove((s.id, sid))
+            self._interest(s.ident.tenant, space, pattern, -1)
         s.subs.clear()
         self._allowed.pop(s.id, None)
         if space.agents.get(s.ident.name) is s:
             del space.agents[s.ident.name]
             space.since.pop(s.ident.name, None)
+            self._note(LocalChange("-agent", s.ident.tenant, s.ident.name))
         self._changed()
+
+    def _interest(self, tenant: str, space: _TenantSpace, pattern: str, delta: int) -> None:
+        """Count subscriptions per pattern: the mesh hears of a pattern when it first appears
+        on this broker and when it last goes."""
+        if pattern.startswith("$"):
+            return  # brokers' own notices ($SYS...) are published by each broker locally
+        n = space.interest.get(pattern, 0) + delta
+        if n > 0:
+            space.interest[pattern] = n
+            if n == 1 and delta > 0:
+                self._note(LocalChange("+interest", tenant, pattern))
+        elif space.interest.pop(pattern, None) is not None:
+            self._note(LocalChange("-interest", tenant, pattern))
+
+    def _note(self, change: LocalChange) -> None:
+        if self.mesh is not None:
+            self._journal.append(change)
+
+    def local_changes(self) -> list[LocalChange]:
+        """What changed here since the mesh last asked, in order (the mesh's deltas)."""
+        out, self._journal = self._journal, []
+        return out
 
     def _changed(self) -> None:
         if self.mesh is not None:
@@ -177,25 +228,44 @@ class Router:
         if keep is not None:
             self._keep(tenant, space, subject, keep, data)
         for target in dict.fromkeys(space.subs.match(subject)):  # one copy per connection
-            target.send(data)  # type: ignore[attr-defined]  # SubjectIndex values: Sessions
+            target.send(data)
 
     def _keep(self, tenant: str, space: _TenantSpace, subject: str, by: str, data: bytes) -> None:
         old = space.retained.get(subject)
-        old_size = len(old[1]) if old is not None else 0
         if old is None and len(space.retained) >= MAX_RETAINED_PER_TENANT:
+            # Only a relayed publication gets here (a local one was refused by kept_room).
             self.log.warning("broker.retained_full", tenant=tenant, subject=subject)
             return
         if old is not None:
-            space.kept_by[old[0]] -= old_size
-        space.retained_bytes -= old_size
-        space.retained[subject] = (by, data)
+            self._unkeep(space, subject)
+        space.retained.put(subject, (by, data))
         space.retained_bytes += len(data)
         space.kept_by[by] = space.kept_by.get(by, 0) + len(data)
+        space.kept_subjects.setdefault(by, set()).add(subject)
+
+    def _unkeep(self, space: _TenantSpace, subject: str) -> None:
+        old = space.retained.pop(subject)
+        if old is None:
+            return
+        by, data = old
+        space.retained_bytes -= len(data)
+        space.kept_by[by] -= len(data)
+        mine = space.kept_subjects[by]
+        mine.discard(subject)
+        if not mine:
+            del space.kept_subjects[by], space.kept_by[by]
+            space.gone.pop(by, None)
 
     def kept_room(self, tenant: str, agent: str, subject: str, size: int) -> str | None:
-        """Why keeping ``size`` bytes on ``subject`` for ``agent`` would break a budget."""
+        """Why keeping a ``size``-byte frame on ``subject`` for ``agent`` would break a
+        budget (None: it fits)."""
         space = self._space(tenant)
         old = space.retained.get(subject)
+        if old is None:
+            if len(space.kept_subjects.get(agent, ())) >= MAX_KEPT_SUBJECTS_PER_AGENT:
+                return f"agent {agent!r} would keep over {MAX_KEPT_SUBJECTS_PER_AGENT} subjects"
+            if len(space.retained) >= MAX_RETAINED_PER_TENANT:
+                return f"tenant {tenant!r} would keep over {MAX_RETAINED_PER_TENANT} subjects"
         freed = len(old[1]) if old is not None and old[0] == agent else 0
         if space.kept_by.get(agent, 0) - freed + size > MAX_KEPT_BYTES_PER_AGENT:
             return f"agent {agent!r} would keep over {MAX_KEPT_BYTES_PER_AGENT} bytes"
@@ -203,6 +273,56 @@ class Router:
         if space.retained_bytes - old_size + size > MAX_KEPT_BYTES_PER_TENANT:
             return f"tenant {tenant!r} would keep over {MAX_KEPT_BYTES_PER_TENANT} bytes"
         return None
+
+    def refused(
+        self, tenant: str | None, kind: str, name: str, code: str, reason: str, now: int
+    ) -> None:
+        """Tell admins that this broker refused a verified agent (of ``tenant``) or peer broker
+        (``tenant`` None: every tenant's admins) at the handshake, and why: the refused side
+        cannot say so itself. A clear notice on ``$SYS.refused.<kind>.<name>``, kept for new
+        watchers until ``expire_kept`` drops it."""
+        subject = f"{REFUSALS}.{kind}.{name}"
+        body = {"kind": kind, "name": name, "code": code, "reason": reason, "at": now}
+        header = {"id": now, "subj": subject, "kid": 0}  # kid 0: not sealed
+        data = encode_frame(FrameType.PUB, header, pack({**body, "broker": self.name}))
+        if tenant is None:
+            if subject not in self._broker_refusals and len(self._broker_refusals) >= 256:
+                return  # a flood of bad peers: the first ones tell the story
+            self._broker_refusals[subject] = (now, data)
+            spaces = list(self._tenants.values())
+        else:
+            space = self._space(tenant)
+            if self.kept_room(tenant, f"${self.name}", subject, len(data)) is None:
+                self._keep(tenant, space, subject, f"${self.name}", data)
+            spaces = [space]
+        for space in spaces:
+            for target in dict.fromkeys(space.subs.match(subject)):
+                target.send(data)
+
+    def expire_kept(self, now: int, ttl_ms: int) -> int:
+        """Drop what agents reachable nowhere (here or across the mesh) for ``ttl_ms`` kept;
+        the number of subjects dropped. Called periodically: an agent that left, or whose
+        host died, must not stay visible to new watchers, nor fill the tenant's budget."""
+        dropped = 0
+        for tenant, space in self._tenants.items():
+            for agent in list(space.kept_subjects):
+                if agent in space.agents or (
+                    self.mesh is not None and self.mesh.credential(tenant, agent) is not None
+                ):
+                    space.gone.pop(agent, None)
+                    continue
+                if now - space.gone.setdefault(agent, now) < ttl_ms:
+                    continue
+                subjects = sorted(space.kept_subjects[agent])
+                for subject in subjects:
+                    self._unkeep(space, subject)
+                dropped += len(subjects)
+                self.log.info("broker.kept_expired", tenant=tenant, agent=agent, subjects=subjects)
+        for subject, (at, _data) in list(self._broker_refusals.items()):
+            if now - at >= ttl_ms:
+                del self._broker_refusals[subject]
+                dropped += 1
+        return dropped
 
     def allowed(self, s: Session, kind: str, subject: str) -> bool:
         """Does ``s``'s roles' permission table allow ``kind`` on ``subject``? (cached)"""
@@ -268,12 +388,12 @@ class Router:
             s.send(error_frame("bad-subject", exc.reason, id=h["id"]))
             return
         keep = h.get("keep", False)
-        why = self._refuse_pub(s, subject, keep, len(f.payload))
+        src, data = self._stamped(s, f)
+        why = self._refuse_pub(s, subject, keep, len(data))  # kept as stamped: its whole size
         if why is not None:
             self.log.warning("broker.pub_refused", agent=s.ident.name, subject=subject, reason=why)
             s.send(error_frame("forbidden", why, id=h["id"], subj=subject))
             return
-        src, data = self._stamped(s, f)
         self.deliver_pub(s.ident.tenant, subject, data, s.ident.name if keep else None)
         if self.mesh is not None:
             route = {"id": h["id"], "src": src, "subj": subject}
@@ -294,7 +414,7 @@ class Router:
     def _sub(self, s: Session, f: Frame) -> None:
         sid, pattern = f.header["sid"], f.header["subj"]
         try:
-            tokens = check_subject(pattern, pattern=True)
+            tokens = check_subject(pattern, pattern=True, system=pattern.startswith("$"))
             if not self.allowed(s, "subscribe", pattern):
                 raise ProtocolError(
                     f"roles {','.join(s.ident.roles)} may not subscribe to {pattern!r}",
@@ -306,18 +426,29 @@ class Router:
         if sid not in s.subs and len(s.subs) >= MAX_SUBS_PER_SESSION:
             s.send(error_frame("limit", "too many subscriptions", sid=sid, subj=pattern))
             return
+        old = s.subs.get(sid)
         s.subs[sid] = pattern
         space = self._space(s.ident.tenant)
         space.subs.add((s.id, sid), pattern, s)
-        for subject, (_by, data) in space.retained.items():  # a new subscriber sees the state
-            if matches(tokens, subject.split(".")):
-                s.send(data)
+        if old != pattern:  # a sid subscribed again moves to its new pattern
+            if old is not None:
+                self._interest(s.ident.tenant, space, old, -1)
+            self._interest(s.ident.tenant, space, pattern, +1)
+        for _by, data in space.retained.matching(pattern):  # a new subscriber sees the state
+            s.send(data)
+        if tokens[0] == REFUSALS.split(".")[0]:
+            for subject, (_at, data) in self._broker_refusals.items():
+                if matches(tokens, subject.split(".")):
+                    s.send(data)
         self._changed()
 
     def _unsub(self, s: Session, f: Frame) -> None:
         sid = f.header["sid"]
-        if s.subs.pop(sid, None) is not None:
-            self._tenants[s.ident.tenant].subs.remove((s.id, sid))
+        pattern = s.subs.pop(sid, None)
+        if pattern is not None:
+            space = self._tenants[s.ident.tenant]
+            space.subs.remove((s.id, sid))
+            self._interest(s.ident.tenant, space, pattern, -1)
             self._changed()
 
     def _keyreq(self, s: Session, f: Frame) -> None:

@@ -21,7 +21,7 @@ from atoll.logs import EventLogger
 from atoll.protocol.errors import AuthError, ProtocolError
 from atoll.protocol.frames import DEFAULT_MAX_MESSAGE, decode_message
 from atoll.protocol.handshake import ServerHandshake
-from atoll.protocol.trust import AgentIdentity, BrokerIdentity
+from atoll.protocol.trust import AgentIdentity, BrokerIdentity, now_ms
 from atoll.tenancy.operator import OperatorStore
 from atoll.transport import CLOSE_POLICY, CLOSE_TRY_LATER, Admission, WebSocket, serve
 
@@ -83,6 +83,17 @@ class _Handshake:
                 "broker.auth_refused", peer=ws.peer, code=exc.code, reason=exc.reason
             )
             _refuse(ws, exc.code, exc.reason)
+            who = self._hs.verified
+            if who is not None:  # a real agent or broker: its tenant's admins learn why
+                tenant, kind = (
+                    (who.tenant, "agent")
+                    if isinstance(who, AgentIdentity)
+                    else (
+                        None,
+                        "broker",
+                    )
+                )
+                server.router.refused(tenant, kind, who.name, exc.code, exc.reason, now_ms())
             return
         session.start(self._hs.welcome())
 
@@ -150,6 +161,7 @@ class BrokerServer:
         peer_ssl: ssl.SSLContext | None = None,
         mesh_refresh: float = 2.0,
         advertise: bool = False,
+        kept_ttl: float = 600.0,
     ) -> None:
         if queue_limit < 2 * max_message:
             # One inbound batch fans out whole into each subscriber's queue; a limit below that
@@ -165,11 +177,14 @@ class BrokerServer:
         self.ping_interval = ping_interval
         self.ssl_context = ssl_context
         self.log = EventLogger("broker", broker=keys.name)
-        self.router = Router(state, self.log)
+        self.router = Router(state, self.log, keys.name)
         self.peer_ssl = peer_ssl  # for wss:// peers with a private CA
         self.mesh = PeerMesh(self, peers or [], refresh=mesh_refresh)
         self.router.mesh = self.mesh
         self.advertise = advertise  # on the LAN over mDNS (zeroconf)
+        # How long what an agent kept (announcement, metrics) outlives the agent's last link.
+        self.kept_ttl = kept_ttl
+        self._sweeper: asyncio.Task[None] | None = None
         self._advertiser: Advertiser | None = None
         self._server: asyncio.Server | None = None
         self._conns: set[WebSocket] = set()  # open connections, agents' and peers'
@@ -209,6 +224,7 @@ class BrokerServer:
         sock = self._server.sockets[0]
         self.host, self.port = sock.getsockname()[:2]
         self.mesh.start()
+        self._sweeper = asyncio.create_task(self._sweep_kept())
         if self.advertise:
             scheme = "wss" if self.ssl_context else "ws"
             self._advertiser = Advertiser(self.keys.name, scheme, host, self.port)
@@ -220,6 +236,9 @@ class BrokerServer:
         if self._server is None:
             return
         self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self._advertiser is not None:
             await self._advertiser.stop()
             self._advertiser = None
@@ -235,3 +254,10 @@ class BrokerServer:
             ws.abort()
         await self._server.wait_closed()
         self._server = None
+
+    async def _sweep_kept(self) -> None:
+        """Expire what departed agents kept, checking a few times per ``kept_ttl``."""
+        ttl_ms = int(self.kept_ttl * 1000)
+        while True:
+            await asyncio.sleep(min(self.kept_ttl / 4, 30.0))
+            self.router.expire_kept(now_ms(), ttl_ms)

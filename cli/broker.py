@@ -35,6 +35,7 @@ async def start_broker(b: BrokerSection, data_dir: Path, ca_file: Path | None) -
         peers=b.peers,
         peer_ssl=client_tls(b.ca_file or ca_file),
         advertise=b.advertise,
+        kept_ttl=b.kept_ttl_s,
     )
     await server.start(*parse_listen(b.listen))
     return server

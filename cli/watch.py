@@ -40,14 +40,18 @@ def agents(
         show(rows)
         return
     table = Table("agent", "region", "plugins", "status", "last heartbeat", box=None)
+    refused = any("refused" in row for row in rows)
+    if refused:
+        table.add_column("refused")
     for row in rows:
-        table.add_row(
+        cells = [
             row["name"],
             row["region"] or "-",
             ",".join(row["plugins"]),
             row["status"],
             f"{row['age_s']:.1f}s ago",
-        )
+        ]
+        table.add_row(*cells, *([row.get("refused", "")] if refused else []))
     out.print(table)
 
 

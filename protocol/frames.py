@@ -51,7 +51,7 @@ _FIELDS: dict[str, tuple[type[Any], int]] = {
     "subj": (str, MAX_STR),  # pub/sub subject or pattern
     "sid": (int, 2**31),  # subscription id, per connection
     "kid": (int, 2**31),  # tenant feed key id the payload is sealed with
-    "ttl": (int, 64),  # hop limit (mesh)
+    "ttl": (int, 256),  # hop limit (mesh): brokers derive it from the mesh's diameter
     "code": (str, 64),  # error code
     "reason": (str, 1024),  # human-readable error reason
     "name": (str, MAX_STR),  # agent name (KEYREQ/KEYRESP)

@@ -28,12 +28,13 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from atoll.protocol.errors import AuthError, ProtocolError
-from atoll.protocol.frames import Frame, FrameType, encode_frame
+from atoll.protocol.frames import Frame, FrameType, encode_frame, unpack_map
 from atoll.protocol.seal import ReplayGuard, Sealer, box_key, open_sealed
 from atoll.protocol.subjects import split_address
 from atoll.protocol.trust import AgentIdentity, verify_agent
 
 MAX_HELD = 1024  # frames held per sender while its key is fetched; later ones are dropped
+MAX_KEPT_SEEN = 65536  # kept publications remembered, to tell a kept copy sent again from a replay
 
 
 @dataclass(slots=True)
@@ -199,6 +200,9 @@ class Session:
         self._feed_kid = max(feed_keys)
         self._sealer = Sealer()
         self._replay = ReplayGuard()
+        # (source, subject) -> nonce of the kept publication last opened: a broker sends the
+        # kept copy again to each new subscription, which is the current state, not a replay.
+        self._kept: dict[tuple[str, str], bytes] = {}
         self._ids = itertools.count(int.from_bytes(os.urandom(4), "big") << 20)
         self.peers: dict[str, Peer] = {}
         self._asked: set[str] = set()  # names whose key the broker was asked for
@@ -436,6 +440,15 @@ class Session:
 
     def _on_pub(self, f: Frame, now: int, events: list[Event]) -> None:
         h = f.header
+        if h["subj"].startswith("$"):  # a broker's own notice, in clear (it holds no feed key)
+            try:
+                notice = unpack_map(f.payload, "broker notice", 64 * 1024)
+            except ProtocolError as exc:
+                bad = {"subject": h["subj"], "reason": exc.reason}
+                events.append(Refused("agent.pub_refused", bad))
+                return
+            events.append(Publication(h["subj"], "", notice))
+            return
         key = self._feed_keys.get(h["kid"])
         if key is None:
             fields: dict[str, Any] = {"subject": h["subj"], "reason": "unknown feed key"}
@@ -444,7 +457,13 @@ class Session:
         src = h.get("src", "")
         try:
             nonce, sent, data = open_sealed(key, f.payload, src, h["subj"])
-            self._replay.check(src, nonce, sent, now)  # per address: windows of one sealer epoch
+            kept = (src, h["subj"]) if h.get("keep") else None
+            if kept is None or self._kept.get(kept) != nonce:
+                self._replay.check(src, nonce, sent, now)  # per address: one sealer epoch
+                if kept is not None:
+                    if len(self._kept) >= MAX_KEPT_SEEN:
+                        self._kept.clear()
+                    self._kept[kept] = nonce
         except ProtocolError as exc:
             fields = {"subject": h["subj"], "code": exc.code, "reason": exc.reason}
             events.append(Refused("agent.pub_refused", fields))

@@ -24,6 +24,7 @@ from atoll.protocol.subjects import check_name
 from atoll.protocol.trust import ROLES, check_labels, check_time, grant_claims, now_ms, open_signed
 
 TOKEN_PREFIX = "atoll1."
+CREDENTIAL_TTL_S = 30 * 86400  # an agent credential's lifetime unless the issuer says otherwise
 
 
 def sign(key: SigningKey, claims: dict[str, Any]) -> bytes:
@@ -85,7 +86,7 @@ def agent_credential(
     tenant: str,
     roles: list[str],
     region: str = "",
-    ttl_s: int = 30 * 86400,
+    ttl_s: int = CREDENTIAL_TTL_S,
     labels: dict[str, str] | None = None,
 ) -> bytes:
     """A credential signed directly by the tenant key (its holder needs no token)."""
@@ -193,7 +194,7 @@ def enrollment_token(
     roles: list[str],
     ttl_s: int,
     region: str = "",
-    cred_ttl_s: int = 30 * 86400,
+    cred_ttl_s: int = CREDENTIAL_TTL_S,
     labels: dict[str, str] | None = None,
 ) -> EnrollmentToken:
     grant_key = SigningKey.generate()

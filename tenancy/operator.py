@@ -101,7 +101,7 @@ class OperatorStore:
         roles: list[str],
         ttl_s: int,
         region: str = "",
-        cred_ttl_s: int = 30 * 86400,
+        cred_ttl_s: int = cred.CREDENTIAL_TTL_S,
         labels: dict[str, str] | None = None,
     ) -> cred.EnrollmentToken:
         t = self.tenant(tenant)
@@ -125,7 +125,7 @@ class OperatorStore:
         name: str,
         roles: list[str],
         region: str = "",
-        ttl_s: int = 30 * 86400,
+        ttl_s: int = cred.CREDENTIAL_TTL_S,
         labels: dict[str, str] | None = None,
     ) -> bytes:
         t = self.tenant(tenant)

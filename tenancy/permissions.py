@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+from atoll.protocol.subjects import REFUSALS
 from atoll.protocol.trust import ROLES, AgentIdentity
 
 ANY = ("*",)  # as an RPC's or stream service's roles: any agent of the tenant
@@ -55,11 +56,11 @@ TABLE: dict[str, Permissions] = {
     "agent": Permissions(publish=("app.>",), subscribe=("app.>",)),
     "admin": Permissions(
         publish=("discovery.events.*",),
-        subscribe=("metrics.*", JOB_EVENTS, "jobs.queued", "adapters.new"),
+        subscribe=("metrics.*", JOB_EVENTS, "jobs.queued", "adapters.new", f"{REFUSALS}.>"),
     ),
     "operator": Permissions(
         publish=("discovery.events.*",),
-        subscribe=("metrics.*", JOB_EVENTS, "jobs.queued", "adapters.new"),
+        subscribe=("metrics.*", JOB_EVENTS, "jobs.queued", "adapters.new", f"{REFUSALS}.>"),
     ),
     "gateway": Permissions(subscribe=("metrics.*", JOB_EVENTS, "adapters.new")),
     "storage": Permissions(publish=("adapters.new",)),  # only storage announces adapters

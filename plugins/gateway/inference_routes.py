@@ -19,6 +19,8 @@ from atoll.plugins.gateway.bodies import Event
 from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.service import Gateway
 from atoll.plugins.inference.contract import (
+    EMBED,
+    TRANSCRIBE,
     EmbedResult,
     GenerateRequest,
     TranscribeRequest,
@@ -99,7 +101,7 @@ def install_openai(app: FastAPI, gw: Gateway, user: Any) -> None:
     async def embeddings(principal: user, body: openai_requests.EmbeddingRequest) -> Any:
         embed = openai_requests.embedding_to_embed(body, body.model)
         reply = await gw.call(
-            principal, body.model, "embed", embed, _prompt_text(principal, body.input)
+            principal, body.model, EMBED, embed, _prompt_text(principal, body.input)
         )
         result = EmbedResult.model_validate(reply)
         return _json(responses.embedding_response(result, body.model, body.encoding_format))
@@ -126,7 +128,7 @@ def install_openai(app: FastAPI, gw: Gateway, user: Any) -> None:
             )
         except ValueError as exc:
             raise GatewayError(422, f"invalid transcription request: {exc}") from None
-        reply = await gw.call(principal, model, "transcribe", params, None)
+        reply = await gw.call(principal, model, TRANSCRIBE, params, None)
         result = TranscribeResult.model_validate(reply)
         if response_format in ("text", "srt", "vtt"):
             return PlainTextResponse(result.text)

@@ -144,7 +144,6 @@ class GatewayPlugin(Plugin):
         come from the storage agent that announced it (the configured one, or one discovery
         lists: the broker lets only storage publish there, and the gateway checks again), never
         from the publication; a registration that disagrees with storage is corrected."""
-        assert self.ctx is not None
         log = self.ctx.log
         adapter_id = pub.data.get("id") if isinstance(pub.data, dict) else None
         if not isinstance(adapter_id, str):
@@ -173,7 +172,6 @@ class GatewayPlugin(Plugin):
         return any(e.name == agent for e in view.select(plugin="storage", status=None))
 
     async def _when_storage(self, storage: str, adapter_id: str, src: str) -> None:
-        assert self.ctx is not None
         for _ in range(int(ADAPTER_LOOKUP_TIMEOUT / DISCOVERY_POLL)):  # bounded
             await asyncio.sleep(DISCOVERY_POLL)
             if self._is_storage(storage):
@@ -186,7 +184,6 @@ class GatewayPlugin(Plugin):
 
     async def _register_from_storage(self, storage: str, adapter_id: str, src: str) -> None:
         """Register ``adapter_id`` (or correct its registration) from ``storage``'s record."""
-        assert self.ctx is not None
         log = self.ctx.log
         try:
             record = await describe_adapter(
@@ -234,7 +231,6 @@ class GatewayPlugin(Plugin):
         return {"endpoints": {"http": self.url}, "capabilities": {"openai": True, "lorax": True}}
 
     def status(self) -> dict[str, Any]:
-        assert self.ctx is not None
         # `atoll up` shows the admin key once, read from its file, after the start that wrote it.
         return {
             "url": self.url,
@@ -246,7 +242,6 @@ class GatewayPlugin(Plugin):
         return self.admin.methods()
 
     def _bootstrap_admin(self) -> None:
-        assert self.ctx is not None
         if any(u.name == ADMIN_USER for u in self.accounts.list_users()):
             return
         self.accounts.create_user(ADMIN_USER, admin=True, actor="gateway")

@@ -16,6 +16,7 @@ the caller's metrics and logs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
@@ -23,16 +24,23 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from atoll.agent.contract import Method
 from atoll.agent.discovery import Discovery, Entry
-from atoll.agent.errors import AtollError, DeadlineExceeded, InvalidRequest
+from atoll.agent.errors import AtollError, ConnectionLost, DeadlineExceeded, InvalidRequest
 from atoll.agent.node import Overlay
 from atoll.plugins.gateway.errors import GatewayError, from_platform
 from atoll.plugins.inference.contract import (
+    EMBED,
     PLUGIN,
+    TRANSCRIBE,
     AdapterRejected,
+    EmbedRequest,
+    EmbedResult,
     FinishEvent,
     GenerateRequest,
     TokenEvent,
+    TranscribeRequest,
+    TranscribeResult,
     Unsupported,
     stream_generate,
 )
@@ -41,7 +49,13 @@ from atoll.plugins.storage.contract.adapters import AdapterNotFound
 # The request's own fault: another node would refuse it the same way.
 REQUEST_FAULTS = (InvalidRequest, AdapterRejected, AdapterNotFound, Unsupported)
 FIRST_EVENT_TIMEOUT = 10.0  # seconds a node may take to open the stream and send its first event
-ReplyMethod = Literal["embed", "transcribe"]  # inference methods that answer in one reply
+# After our own broker link failed a request: a moment for the agent to mark it down (its socket
+# closes a loop turn or so before it says so), so the next attempt waits for the failover.
+LINK_SETTLE = 0.05
+# The inference methods that answer in one reply, and their names.
+ReplyMethod = Method[EmbedRequest, EmbedResult] | Method[TranscribeRequest, TranscribeResult]
+ReplyName = Literal["embed", "transcribe"]
+REPLY_METHODS: dict[str, ReplyMethod] = {EMBED.name: EMBED, TRANSCRIBE.name: TRANSCRIBE}
 Event = TokenEvent | FinishEvent
 
 
@@ -201,6 +215,7 @@ class ModelRouter:
             raise GatewayError(503, f"no inference node serves {what}{_describe_labels(labels)}")
         last: AtollError | None = None
         for entry in nodes[: self.attempts]:
+            await self._link_up(deadline)
             route.node = entry.name
             self.inflight[entry.name] = self.inflight.get(entry.name, 0) + 1
             events = stream_generate(self.agent, f"{entry.name}/{PLUGIN}", request)
@@ -210,6 +225,8 @@ class ModelRouter:
                 except _NodeFailed as failed:
                     route.failures.append(f"{entry.name}: {failed.error.message}")
                     last = failed.error
+                    if isinstance(failed.error, ConnectionLost):
+                        await asyncio.sleep(LINK_SETTLE)  # then _link_up sees the link down
                     continue
                 yield event
                 while event.type != "finish":
@@ -267,6 +284,17 @@ class ModelRouter:
         except ValueError as exc:
             raise GatewayError(503, f"{node} sent a malformed event: {exc}") from exc
 
+    async def _link_up(self, deadline: float) -> None:
+        """While this gateway's own broker link is down (its broker died; the agent is failing
+        over to another), wait for it, up to the first-event timeout within the deadline: the
+        fault is ours, and trying the next node at once would fail it too, exhausting every
+        attempt in a moment. Still down after that: the attempt goes ahead and fails."""
+        loop = asyncio.get_running_loop()
+        wait = min(deadline, loop.time() + self.first_event_timeout) - loop.time()
+        if wait > 0:
+            with contextlib.suppress(AtollError):
+                await self.agent.wait_connected(wait)
+
     def _done(self, node: str) -> None:
         left = self.inflight.get(node, 0) - 1
         if left > 0:
@@ -278,23 +306,25 @@ class ModelRouter:
 
     async def call(
         self,
-        method: ReplyMethod,
+        method: ReplyMethod | ReplyName,
         params: dict[str, Any] | BaseModel,
         base_model: str | None,
         labels: dict[str, str],
         deadline_s: float,
     ) -> tuple[Any, Route]:
-        """RPC ``embed`` or ``transcribe`` on the best node, retried elsewhere when a node fails;
-        the reply and its route. ``base_model`` names the embedding model (None: any embedder);
-        transcription nodes announce no model name, so it is ignored there."""
-        if method == "embed":
+        """RPC ``EMBED`` or ``TRANSCRIBE`` (or a method named so) on the best node, retried
+        elsewhere when a node fails; the reply and its route. ``base_model`` names the embedding
+        model (None: any embedder); transcription nodes announce no model name, so it is ignored
+        there."""
+        spec = REPLY_METHODS.get(method if isinstance(method, str) else method.name)
+        if spec is None:
+            raise ValueError(f"the router calls embed or transcribe, not {method!r}")
+        if spec is EMBED:
             nodes = self._embedders(base_model, labels)
             what = f"embeddings ({base_model})" if base_model else "embeddings"
-        elif method == "transcribe":
+        else:
             nodes = self._transcribers(labels)
             what = "transcription"
-        else:
-            raise ValueError(f"the router calls embed or transcribe, not {method!r}")
         if deadline_s <= 0:
             raise ValueError("deadline_s must be positive")
         if isinstance(params, BaseModel):
@@ -306,6 +336,7 @@ class ModelRouter:
         route = Route()
         last: AtollError | None = None
         for entry in nodes[: self.attempts]:
+            await self._link_up(deadline)
             route.node = entry.name
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -313,7 +344,7 @@ class ModelRouter:
             self.inflight[entry.name] = self.inflight.get(entry.name, 0) + 1
             try:
                 address = f"{entry.name}/{PLUGIN}"
-                result = await self.agent.call(address, method, params, remaining)
+                result = await self.agent.call(address, spec.name, params, remaining)
                 return result, route
             except DeadlineExceeded as exc:
                 if loop.time() >= deadline:
@@ -325,6 +356,8 @@ class ModelRouter:
             except AtollError as exc:
                 route.failures.append(f"{entry.name}: {exc.message}")
                 last = exc
+                if isinstance(exc, ConnectionLost):
+                    await asyncio.sleep(LINK_SETTLE)
             finally:
                 self._done(entry.name)
         route.node = None

@@ -24,6 +24,7 @@ from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.limits import Permit, RateLimiter
 from atoll.plugins.gateway.router import ModelRouter, ReplyMethod
 from atoll.plugins.inference.contract import (
+    EMBED,
     EmbedRequest,
     FinishEvent,
     GenerateRequest,
@@ -46,6 +47,17 @@ def prompt_estimate(request: GenerateRequest | EmbedRequest | dict[str, Any]) ->
     if not isinstance(texts, list):
         return 0
     return sum(len(t) for t in texts if isinstance(t, str)) // CHARS_PER_TOKEN
+
+
+def _ended_status(exc: BaseException) -> int:
+    """The ledger status of a request that ended in ``exc``."""
+    if isinstance(exc, GatewayError):
+        return exc.status
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        # Cancelled while waiting for a reply or token, or (a stream) closed by the response at a
+        # ``yield`` while its client left: either way the caller is gone.
+        return CLIENT_GONE
+    return 500
 
 
 @dataclass(frozen=True)
@@ -202,8 +214,8 @@ class Gateway:
         params: Any,
         prompt_text: str | None,
     ) -> Any:
-        """A one-reply inference call (``embed``, ``transcribe``), with limits and ledger."""
-        if method == "embed" and model not in self.embedding_models():
+        """A one-reply inference call (``EMBED``, ``TRANSCRIBE``), with limits and ledger."""
+        if method is EMBED and model not in self.embedding_models():
             raise GatewayError(
                 404,
                 f"no embedding model {model!r} is served (now: "
@@ -215,7 +227,7 @@ class Gateway:
         # Charged before the node is asked (inference_routes.py hands an EmbedRequest, not a
         # dict), so a burst of concurrent calls cannot all pass the limit; transcriptions have
         # no text in.
-        estimate = prompt_estimate(params) if method == "embed" else 0
+        estimate = prompt_estimate(params) if method is EMBED else 0
         permit.charge(estimate)
         request_id = uuid.uuid4().hex
         started = time.perf_counter()
@@ -228,14 +240,8 @@ class Gateway:
             if counted is not None:  # the node's count settles it; none: the estimate stays
                 tokens = int(counted)
             return reply
-        except GatewayError as exc:
-            status = exc.status
-            raise
-        except asyncio.CancelledError:
-            status = CLIENT_GONE
-            raise
-        except BaseException:
-            status = 500
+        except BaseException as exc:
+            status = _ended_status(exc)
             raise
         finally:
             usage = Usage(prompt_tokens=tokens)
@@ -290,16 +296,8 @@ class Gateway:
                     sent += 1
                     permit.charge(1)
                 yield index, item
-        except GatewayError as exc:
-            status = exc.status
-            raise
-        except (asyncio.CancelledError, GeneratorExit):
-            # Cancelled while waiting for a token, or closed by the response at a ``yield``
-            # (its client left while a chunk was being sent): either way the caller is gone.
-            status = CLIENT_GONE
-            raise
-        except BaseException:
-            status = 500
+        except BaseException as exc:
+            status = _ended_status(exc)
             raise
         finally:
             await events.aclose()

@@ -3,13 +3,16 @@ discovery, metrics); a backend only turns requests into tokens."""
 
 from __future__ import annotations
 
+import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from atoll.plugins.inference.contract import (
     AdapterInfo,
+    BackendUnavailable,
     EmbedRequest,
     EmbedResult,
     FinishEvent,
@@ -65,6 +68,18 @@ class Backend(ABC):
 
     async def pin_adapter(self, adapter_id: str, pinned: bool) -> AdapterInfo:
         raise Unsupported(f"the {self.kind} backend manages its own adapters")
+
+
+def stream_event(raw: bytes | str, sender: str) -> dict[str, Any]:
+    """One event an upstream server (``sender``, as errors name it) streamed, as the JSON object
+    it must be; BackendUnavailable otherwise."""
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise BackendUnavailable(f"{sender} sent a malformed stream event: {e}") from e
+    if not isinstance(data, dict):
+        raise BackendUnavailable(f"{sender} sent a stream event that is not a JSON object")
+    return data
 
 
 def unit_vector(vector: list[float]) -> list[float]:

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from atoll.agent.config import ConfigPath
 from atoll.agent.errors import AtollError, DeadlineExceeded, InvalidRequest
 from atoll.logs import EventLogger
-from atoll.plugins.inference.backend import AdapterFetcher, Backend, unit_vector
+from atoll.plugins.inference.backend import AdapterFetcher, Backend, stream_event, unit_vector
 from atoll.plugins.inference.contract import (
     BackendUnavailable,
     EmbedRequest,
@@ -54,7 +54,6 @@ from atoll.plugins.inference.lorax_wire import (
     StopTrimmer,
     StreamReply,
     adapter_ids,
-    json_line,
     json_reply,
     map_lorax_error,
     parse_reply,
@@ -247,7 +246,7 @@ class LoraxBackend(Backend):
                 events += 1
                 if events > max_tokens + 1:
                     raise BackendUnavailable("LoRAX sent more tokens than max_new_tokens")
-                data = json_line(line[5:])
+                data = stream_event(line[5:], "LoRAX")
                 if "error" in data:
                     raise lorax_errors.parse_error(resp.status, data)
                 yield parse_reply(StreamReply, data, "stream event")

@@ -232,16 +232,6 @@ async def json_reply(resp: aiohttp.ClientResponse, what: str) -> Any:
         raise BackendUnavailable(f"LoRAX's {what} reply is not JSON") from e
 
 
-def json_line(raw: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(raw)
-    except ValueError as e:
-        raise BackendUnavailable(f"LoRAX sent a malformed stream event: {e}") from e
-    if not isinstance(data, dict):
-        raise BackendUnavailable("LoRAX sent a stream event that is not a JSON object")
-    return data
-
-
 def parse_reply(model: type[M], data: Any, what: str) -> M:
     try:
         return model.model_validate(data)

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 
 from atoll.agent.errors import AtollError, InvalidRequest
+from atoll.plugins.inference.backend import stream_event
 from atoll.plugins.inference.contract import (
     BackendUnavailable,
     FinishReason,
@@ -55,12 +56,7 @@ class StreamFold:
         self._calls: dict[int, dict[str, Any]] = {}
 
     def feed(self, data: str) -> TokenEvent | None:
-        try:
-            chunk = json.loads(data)
-        except ValueError as e:
-            raise BackendUnavailable(f"the upstream sent a malformed stream event: {e}") from e
-        if not isinstance(chunk, dict):
-            raise BackendUnavailable("the upstream sent a stream event that is not an object")
+        chunk = stream_event(data, "the upstream")
         if "error" in chunk:
             raise _stream_error(chunk["error"], self.adapter)
         if isinstance(usage := chunk.get("usage"), dict):

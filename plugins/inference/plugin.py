@@ -10,7 +10,6 @@ the tenant must not bypass that by calling a GPU node directly.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from atoll.agent.config import ConfigPath
 from atoll.agent.contract import Method
-from atoll.agent.errors import InvalidRequest
+from atoll.agent.errors import InvalidRequest, NoResponder
 from atoll.agent.plugins import Plugin, PluginContext, rpc
 from atoll.agent.streams import Stream
 from atoll.plugins.inference.backend import Backend
@@ -92,7 +91,7 @@ class InferencePlugin(Plugin):
         await super().start(ctx)
         self.config = config = ctx.settings(InferenceConfig)
         self.adapter_dirs = [d.resolve() for d in config.adapter_dirs]
-        self.discovery: Any = None
+        self.storage = ctx.finder("storage")  # unless configured: found when first needed
         self.backend = make_backend(config, ctx, self.fetch_adapter)
         await self.backend.start()
         m = ctx.metrics
@@ -107,10 +106,7 @@ class InferencePlugin(Plugin):
         ctx.serve_stream(GENERATE_STREAM, self._generate_stream, roles=lambda p: p.config.callers)
 
     async def stop(self) -> None:
-        assert self.ctx is not None
         self._gauges.cancel()
-        if self.discovery is not None:
-            await self.discovery.stop()
         await self.backend.stop()
 
     def describe(self) -> dict[str, Any]:
@@ -303,25 +299,16 @@ class InferencePlugin(Plugin):
         dest = root / adapter_id
         if (dest / "adapter_config.json").is_file():
             return dest
-        storage = await self._storage_address()
-
-        assert self.ctx is not None
-        return await fetch_adapter(self.ctx, storage, adapter_id, dest)
-
-    async def _storage_address(self) -> str:
         if self.config.storage:
-            return self.config.storage
-        assert self.ctx is not None
-        if self.discovery is None:
-            self.discovery = await self.ctx.discovery()
-            with contextlib.suppress(TimeoutError):  # kept announcements arrive at once
-                async with asyncio.timeout(1.0):
-                    while True:
-                        self.discovery.changed.clear()
-                        if self.discovery.select(plugin="storage"):
-                            break
-                        await self.discovery.changed.wait()
-        found = self.discovery.select(plugin="storage")
-        if not found:
-            raise AdapterNotFound("no storage agent is online to fetch adapters from")
-        return f"{found[0].name}/storage"
+            return await fetch_adapter(self.ctx, self.config.storage, adapter_id, dest)
+        try:
+            return await fetch_adapter(self.ctx, await self._storage(), adapter_id, dest)
+        except NoResponder:  # the storage agent found before is gone: look again, once
+            self.storage.forget()
+            return await fetch_adapter(self.ctx, await self._storage(), adapter_id, dest)
+
+    async def _storage(self) -> str:
+        try:
+            return await self.storage.address()
+        except NoResponder:
+            raise AdapterNotFound("no storage agent is online to fetch adapters from") from None

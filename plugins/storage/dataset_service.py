@@ -25,7 +25,7 @@ from atoll.agent.streams import Stream
 from atoll.agent.transfer import (
     IDLE_TIMEOUT,
     Reader,
-    TransferFailed,
+    confirmed,
     file_chunks,
     idle_deadline,
     receive_file,
@@ -190,16 +190,8 @@ class DatasetService:
             dedup=DedupInfo(**vars(prepared.dedup)),
             filename=header.filename,
         )
-        keys: list[str] = []
-        try:
-            for name in (ORIGINAL, CANONICAL):
-                keys.append(dataset_key(record.id, name))
-                await self.store.put_file(keys[-1], stage / name)
-            stored = self.registry.add(record)
-        except BaseException:
-            for key in keys:
-                await self.store.delete(key)
-            raise
+        files = [(dataset_key(record.id, name), stage / name) for name in (ORIGINAL, CANONICAL)]
+        stored = await self.store.put_and_register(files, lambda: self.registry.add(record))
         self._update_totals()
         return stored
 
@@ -218,9 +210,8 @@ class DatasetService:
                 )
             else:
                 size = await self._send_converted(stream, record, request.as_)
-            reply = await Reader(stream, IDLE_TIMEOUT).line()
-        if reply.get("ok") is not True:
-            raise TransferFailed(f"{call.src} did not confirm dataset {record.id!r}: {reply}")
+            refusal = f"{call.src} did not confirm dataset {record.id!r}"
+            await confirmed(Reader(stream, IDLE_TIMEOUT), refusal)
         self.served.inc(size)
 
     async def _send_object(self, stream: Stream, record: DatasetRecord, name: str) -> int:

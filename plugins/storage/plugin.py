@@ -26,7 +26,7 @@ from atoll.agent.streams import Stream
 from atoll.agent.transfer import (
     IDLE_TIMEOUT,
     Reader,
-    TransferFailed,
+    confirmed,
     idle_deadline,
     send_bytes,
     write_line,
@@ -192,7 +192,6 @@ class StoragePlugin(Plugin):
     def _registered(self, adapter_id: str) -> AdapterRecord:
         record = self.registry.get(adapter_id)
         if record is None:
-            assert self.ctx is not None
             where = self.ctx.identity.name
             raise AdapterNotFound(f"no adapter {adapter_id!r} in storage on {where}")
         return record
@@ -217,7 +216,6 @@ class StoragePlugin(Plugin):
         for entry in record.files:
             await self.store.delete(adapter_key(ref.id, entry.name))
         self._update_totals()
-        assert self.ctx is not None
         self.ctx.log.info("storage.adapter_deleted", adapter=ref.id, by=call.caller.name)
         return {"deleted": True}
 
@@ -256,7 +254,6 @@ class StoragePlugin(Plugin):
             )
 
     async def _put(self, stream: Stream, params: Any, call: CallInfo) -> None:
-        assert self.ctx is not None
         with idle_deadline(f"adapter upload from {call.src}", IDLE_TIMEOUT):
             reader = Reader(stream, IDLE_TIMEOUT)
             raw = await reader.line()
@@ -303,7 +300,6 @@ class StoragePlugin(Plugin):
         """Tell the tenant: the gateway grants access by owner/project at once. The adapter is
         stored either way; a failed announcement is logged (an admin can then register the
         adapter at the gateway by hand)."""
-        assert self.ctx is not None
         try:
             await self.ctx.publish(ADAPTERS_NEW, record.model_dump(mode="json"))
         except AtollError as exc:
@@ -312,16 +308,8 @@ class StoragePlugin(Plugin):
     async def _keep(self, record: AdapterRecord, stage: Path) -> None:
         """Put the checked files into the store, then register them; on any failure remove what
         was put, so an unregistered id has no objects."""
-        keys: list[str] = []
-        try:
-            for entry in record.files:
-                keys.append(adapter_key(record.id, entry.name))
-                await self.store.put_file(keys[-1], stage / entry.name)
-            self.registry.add(record)
-        except BaseException:
-            for key in keys:
-                await self.store.delete(key)
-            raise
+        files = [(adapter_key(record.id, f.name), stage / f.name) for f in record.files]
+        await self.store.put_and_register(files, lambda: self.registry.add(record))
         self._update_totals()
 
     async def _get(self, stream: Stream, params: Any, call: CallInfo) -> None:
@@ -336,7 +324,6 @@ class StoragePlugin(Plugin):
                     await send_bytes(stream, chunks, entry.size, IDLE_TIMEOUT)
                 except ObjectNotFound:
                     raise AdapterNotFound(f"adapter {record.id!r} was deleted while sent") from None
-            reply = await Reader(stream, IDLE_TIMEOUT).line()
-        if reply.get("ok") is not True:
-            raise TransferFailed(f"{call.src} did not confirm adapter {record.id!r}: {reply}")
+            refusal = f"{call.src} did not confirm adapter {record.id!r}"
+            await confirmed(Reader(stream, IDLE_TIMEOUT), refusal)
         self.served.inc(header.size)

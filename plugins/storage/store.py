@@ -17,14 +17,15 @@ import shutil
 import tempfile
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 from atoll.agent.transfer import READ_SIZE, STAGING, file_chunks, sha256_file, write_and_hash
 
 MAX_KEY_CHARS = 1024
+T = TypeVar("T")
 
 
 class InvalidKey(ValueError):
@@ -81,6 +82,22 @@ class ObjectStore(ABC):
     async def put_file(self, key: str, path: Path) -> ObjectInfo:
         """Store a local file's content under ``key``."""
         return await self.put(key, file_chunks(Path(path)))
+
+    async def put_and_register(
+        self, files: Iterable[tuple[str, Path]], register: Callable[[], T]
+    ) -> T:
+        """Store each ``(key, file)``, then ``register()`` them; on any failure remove what was
+        put, so an object nobody registered is never left behind."""
+        keys: builtins.list[str] = []
+        try:
+            for key, path in files:
+                keys.append(key)
+                await self.put_file(key, path)
+            return register()
+        except BaseException:
+            for key in keys:
+                await self.delete(key)
+            raise
 
     @abstractmethod
     def read(self, key: str) -> AsyncIterator[bytes]:

@@ -9,7 +9,6 @@ to the job's owner or project), and gives jobs whose trainer went quiet — no h
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -18,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from atoll.agent.config import ConfigPath
 from atoll.agent.contract import service_address
 from atoll.agent.discovery import Discovery, Status
-from atoll.agent.errors import Forbidden, InvalidRequest, NoResponder
+from atoll.agent.errors import Forbidden, InvalidRequest
 from atoll.agent.plugins import Plugin, PluginContext, rpc
 from atoll.plugins.basemodels import ModelSpec
 from atoll.plugins.storage.contract.datasets import describe_dataset
@@ -41,7 +40,6 @@ from atoll.plugins.training.trainer import TrainerWorker
 from atoll.protocol.session import CallInfo
 from atoll.tenancy.permissions import ADMINS, CLIENTS
 
-DISCOVERY_WAIT = 1.0  # seconds to let kept announcements arrive before saying "none"
 DATASET_CHECK_TIMEOUT = 10.0
 
 
@@ -72,7 +70,9 @@ class TrainingPlugin(Plugin):
     async def start(self, ctx: PluginContext) -> None:
         await super().start(ctx)
         self.config = config = ctx.settings(TrainingConfig)
-        self.discovery: Discovery | None = None
+        self.discovery: Discovery | None = None  # the queue's live view: it sees trainers go
+        self.queue_finder = ctx.finder(PLUGIN, {"queue": True}, what="training queue")
+        self.storage_finder = ctx.finder("storage")
         self.tasks: set[asyncio.Task] = set()
         self.queue: JobQueue | None = None
         self.worker: TrainerWorker | None = None
@@ -84,7 +84,9 @@ class TrainingPlugin(Plugin):
             self.training = ctx.metrics.gauge("jobs_training", "Jobs being trained")
             self._watch = asyncio.create_task(self._watchdog())
         if config.mode in ("trainer", "both"):
-            self.worker = TrainerWorker(ctx, config, self._queue_address, self._storage_address)
+            self.worker = TrainerWorker(
+                ctx, config, self._queue_address, self._storage_address, self._gone
+            )
             await self.worker.start()
 
     async def stop(self) -> None:
@@ -126,42 +128,25 @@ class TrainingPlugin(Plugin):
 
     # --- finding the other services -----------------------------------------------------------
 
-    async def _view(self) -> Discovery:
-        assert self.ctx is not None
-        if self.discovery is None:
-            self.discovery = await self.ctx.discovery()
-        return self.discovery
-
-    async def _find(self, capability: dict[str, Any] | None, plugin: str) -> str:
-        view = await self._view()
-        with contextlib.suppress(TimeoutError):  # kept announcements arrive within moments
-            async with asyncio.timeout(DISCOVERY_WAIT):
-                while not view.select(plugin=plugin, capability=capability):
-                    view.changed.clear()
-                    await view.changed.wait()
-        found = view.select(plugin=plugin, capability=capability)
-        if not found:
-            what = "training queue" if capability else f"{plugin} plugin"
-            raise NoResponder(f"no agent offering the {what} is online")
-        return f"{found[0].name}/{plugin}"
-
     async def _queue_address(self) -> str:
         if self.config.queue:
             return service_address(self.config.queue, PLUGIN)
         if self.queue is not None:
-            assert self.ctx is not None
             return self.ctx.address
-        return await self._find({"queue": True}, PLUGIN)
+        return await self.queue_finder.address()
 
     async def _storage_address(self) -> str:
         if self.config.storage:
             return service_address(self.config.storage, "storage")
-        return await self._find(None, "storage")
+        return await self.storage_finder.address()
+
+    def _gone(self, address: str) -> None:
+        self.queue_finder.forget(address)
+        self.storage_finder.forget(address)
 
     # --- queue upkeep -------------------------------------------------------------------------
 
     def _publish(self, subject: str, data: dict[str, Any]) -> None:
-        assert self.ctx is not None
         task = asyncio.create_task(self.ctx.publish(subject, data))
         self.tasks.add(task)
         task.add_done_callback(self._published)
@@ -169,17 +154,15 @@ class TrainingPlugin(Plugin):
     def _published(self, task: asyncio.Task) -> None:
         self.tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            assert self.ctx is not None  # kept in the queue's event log all the same
             self.ctx.log.info("training.publish_failed", error=task.exception())
 
     async def _watchdog(self) -> None:
         assert self.queue is not None
-        view = await self._view()
+        self.discovery = view = await self.ctx.discovery()
         tick = min(1.0, self.config.lost_after / 4)
         while True:
             lost = {n for n, e in view.entries.items() if e.status is Status.LOST}
             for job in self.queue.sweep(lost):
-                assert self.ctx is not None
                 self.ctx.log.info("training.trainer_lost", job=job.id, state=job.state)
             counts = self.queue.counts()
             self.queued.set(counts.get("queued", 0))
@@ -194,7 +177,6 @@ class TrainingPlugin(Plugin):
 
     async def _check_datasets(self, request: SubmitRequest) -> None:
         """Each dataset exists and belongs to the job's owner or project."""
-        assert self.ctx is not None
         storage = await self._storage_address()
         for dataset in request.options.dataset:
             # DatasetNotFound (or the storage agent being unreachable) reaches the caller as is.
@@ -218,7 +200,6 @@ class TrainingPlugin(Plugin):
         request = SUBMIT.parse_params(params)
         await self._check_datasets(request)
         job = queue.submit(request.owner, request.project, request.options)
-        assert self.ctx is not None
         self.ctx.log.info("training.submitted", job=job.id, owner=job.owner, by=call.caller.name)
         return job.model_dump(mode="json")
 
@@ -239,7 +220,6 @@ class TrainingPlugin(Plugin):
         request = CANCEL.parse_params(params)
         admin = call.caller.has_role(*ADMINS)
         job = queue.cancel(request.id, request.owner, admin)
-        assert self.ctx is not None
         self.ctx.log.info("training.cancelled", job=job.id, by=call.caller.name)
         return job.model_dump(mode="json")
 

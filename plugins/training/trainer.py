@@ -109,11 +109,13 @@ class TrainerWorker:
         config: Any,  # plugin.TrainingConfig
         find_queue: Locator,
         find_storage: Locator,
+        gone: Callable[[str], None],
     ) -> None:
         self.ctx = ctx
         self.config = config
         self.find_queue = find_queue
         self.find_storage = find_storage
+        self.gone = gone  # an address found before answered "no responder": find it anew
         self.workdir = Path(config.workdir or ctx.data_dir / "work")
         self.model_cache = Path(config.model_cache or ctx.data_dir / "models")
         self.device = detect_device(config.device)
@@ -163,10 +165,13 @@ class TrainerWorker:
 
     async def _claim_one(self) -> bool:
         free = self.config.capacity - len(self.running)
+        queue = None
         try:
             queue = await self.find_queue()
             job = await claim_job(self.ctx, queue, free, self.device)
         except AtollError as exc:
+            if queue is not None and isinstance(exc, NoResponder):
+                self.gone(queue)
             if str(exc) != self._last_claim_error:  # said once, not at every poll
                 self.ctx.log.info("training.claim_failed", error=exc)
                 self._last_claim_error = str(exc)
@@ -228,7 +233,11 @@ class TrainerWorker:
         for dataset in options.dataset:
             dest = workdir / f"{dataset}.jsonl"
             as_: AsFormat = "chat" if options.stage == "sft" else "text"
-            record = await fetch_dataset(self.ctx, storage, dataset, dest, as_=as_)
+            try:
+                record = await fetch_dataset(self.ctx, storage, dataset, dest, as_=as_)
+            except NoResponder:
+                self.gone(storage)
+                raise
             message = f"dataset {record.id}: {record.name} v{record.version}, {record.rows} rows"
             await self._emit(run, {"type": "log", "message": message})
             paths.append(dest)

@@ -8,39 +8,22 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import httpx
 import pytest
 
 from atoll.agent.errors import Forbidden
 from atoll.plugins.storage.contract.adapters import ADAPTERS_NEW, upload_adapter
-from conftest import AgentFactory, Island, eventually, start_storage
+from support.island import Island, models, start_storage
+from support.overlay import AgentFactory, eventually
 
 BASE = "atoll-test/tiny-llama"
-
-
-async def models(isl: Island, key: str) -> set[str]:
-    async with httpx.AsyncClient() as client:
-        reply = await client.get(f"{isl.url}/v1/models", headers={"Authorization": f"Bearer {key}"})
-    reply.raise_for_status()
-    return {m["id"] for m in reply.json()["data"]}
 
 
 @pytest.fixture
 def adapter_dir(tmp_path: Path) -> Path:
     """A real LoRA adapter as peft saves it, for a tiny random base named BASE."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from support.tiny_models import random_lora  # torch and peft: only when used
 
-    config = LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
-    )  # fmt: skip
-    model = LlamaForCausalLM(config)
-    model.name_or_path = BASE  # becomes base_model_name_or_path
-    out = tmp_path / "adapter"
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    peft_model.save_pretrained(out, save_embedding_layers=False)
-    return out
+    return random_lora(tmp_path / "adapter", BASE)
 
 
 async def test_only_storage_says_whose_an_adapter_is(

@@ -14,7 +14,8 @@ import pytest
 
 from atoll.plugins.storage.contract.datasets import DatasetInvalid, list_datasets, upload_dataset
 from atoll.plugins.storage.datasets import MAX_DEPTH, prepare
-from conftest import AgentFactory, Island, eventually, start_storage
+from support.island import Island, start_storage
+from support.overlay import AgentFactory, eventually
 
 DEEP = "[" * 200_000 + "]" * 200_000
 HUGE = "1" * 100_000

@@ -13,7 +13,7 @@ import pytest
 from atoll.agent.errors import Forbidden
 from atoll.agent.files import get_file, put_file
 from atoll.agent.transfer import STAGING, open_nofollow, staging_paths, version_of
-from conftest import AgentFactory
+from support.overlay import AgentFactory
 
 
 async def test_links_out_of_the_allowed_directories_are_refused(

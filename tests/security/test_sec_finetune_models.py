@@ -13,7 +13,8 @@ import pytest
 
 from atoll.plugins.storage.contract.datasets import upload_dataset
 from atoll.plugins.training.contract import FINAL_STATES, JobRecord, get_job, submit_job
-from conftest import AgentFactory, Island, eventually
+from support.island import Island
+from support.overlay import AgentFactory, eventually
 
 PATHS = ("/etc", "/root/.cache/huggingface/hub/models--x", "../models/other", "/nowhere/at/all")
 

@@ -20,7 +20,8 @@ import pytest
 
 from atoll.plugins.storage.contract.datasets import list_datasets
 from atoll.plugins.training.contract import list_jobs
-from conftest import AgentFactory, Island, eventually
+from support.island import Island
+from support.overlay import AgentFactory, eventually
 
 ROWS = [{"instruction": f"Say {i}.", "output": f"{i}."} for i in range(8)]
 

@@ -12,14 +12,14 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from atoll.agent.runtime import AgentRuntime
 from atoll.plugins.gateway import plugin as gateway_plugin
 from atoll.plugins.storage.contract.adapters import ADAPTERS_NEW, DESCRIBE_ADAPTER, upload_adapter
 from atoll.protocol.session import CallInfo
-from conftest import AgentFactory, Island, eventually
+from support.island import Island, models
+from support.overlay import AgentFactory, eventually
 
 BASE = "atoll-test/tiny-llama"
 
@@ -27,26 +27,9 @@ BASE = "atoll-test/tiny-llama"
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real LoRA adapter as peft saves it, for a tiny random base named BASE."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from support.tiny_models import random_lora  # torch and peft: only when used
 
-    config = LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
-    )  # fmt: skip
-    model = LlamaForCausalLM(config)
-    model.name_or_path = BASE  # becomes base_model_name_or_path
-    out = tmp_path_factory.mktemp("peft") / "adapter"
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    peft_model.save_pretrained(out, save_embedding_layers=False)
-    return out
-
-
-async def models(isl: Island, key: str) -> set[str]:
-    async with httpx.AsyncClient(base_url=isl.url) as http:
-        reply = await http.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
-    reply.raise_for_status()
-    return {m["id"] for m in reply.json()["data"]}
+    return random_lora(tmp_path_factory.mktemp("peft") / "adapter", BASE)
 
 
 async def rogue_storage(make_agent: AgentFactory) -> tuple[AgentRuntime, list[Any]]:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import httpx
 
-from conftest import AgentFactory, Island
+from support.island import Island
+from support.overlay import AgentFactory
 
 PAGES = ("/docs", "/redoc", "/docs/oauth2-redirect", "/openapi.json")
 

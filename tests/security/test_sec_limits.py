@@ -14,7 +14,6 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from test_tls import self_signed
 
 from atoll.agent.identity import AgentKeys
 from atoll.agent.node import Agent
@@ -22,7 +21,9 @@ from atoll.broker.server import BrokerServer
 from atoll.plugins.gateway.http_limits import HttpLimits, guarded_protocol
 from atoll.tenancy.operator import OperatorStore
 from atoll.transport import client_tls, server_tls
-from conftest import AgentFactory, Island, eventually
+from support.island import Island
+from support.net import self_signed
+from support.overlay import AgentFactory, eventually
 
 LIMIT = 0.5  # seconds, the deadline under test
 CLOSED_WITHIN = 5.0  # generous: CI machines are slow; never a speed assertion

@@ -11,7 +11,8 @@ import openai
 import pytest
 
 from atoll.plugins.gateway.contract import Limits
-from conftest import AgentFactory, Island, eventually
+from support.island import Island
+from support.overlay import AgentFactory, eventually
 
 WORDS = " ".join(f"w{i}" for i in range(200))  # the echo model repeats it, a token a word
 

@@ -26,7 +26,7 @@ from atoll.protocol.trust import verify_agent
 from atoll.tenancy import permissions
 from atoll.tenancy.credentials import EnrollmentToken
 from atoll.tenancy.operator import OperatorStore
-from conftest import AgentFactory, eventually, raw_session
+from support.overlay import AgentFactory, eventually, raw_session
 
 
 async def next_frame(ws: ClientConnection, ftype: FrameType, timeout: float = 5.0) -> Frame:

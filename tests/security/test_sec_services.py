@@ -18,7 +18,7 @@ from atoll.plugins.storage.contract.datasets import (
     list_datasets,
     upload_dataset,
 )
-from conftest import AgentFactory
+from support.overlay import AgentFactory
 
 MARKER = "alice's marker row 7c1e"
 

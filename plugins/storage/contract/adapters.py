@@ -22,7 +22,6 @@ AdapterExists, Forbidden, TransferFailed...).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -33,7 +32,6 @@ from pydantic import AfterValidator, BaseModel, Field, field_validator
 
 from atoll.agent.contract import (
     Caller,
-    Client,
     Method,
     Progress,
     Strict,
@@ -47,15 +45,13 @@ from atoll.agent.transfer import (
     Opener,
     Reader,
     TransferFailed,
-    file_chunks,
-    open_transfer,
+    fetching,
+    put_files,
     receive_file,
-    send_bytes,
     sha256_file,
     staged,
-    write_line,
 )
-from atoll.plugins.storage.contract.wire import PLUGIN, Deleted, OwnerName
+from atoll.plugins.storage.contract.wire import PLUGIN, Deleted, OwnerName, storage_client
 
 PUT_SERVICE = "adapter_put"
 GET_SERVICE = "adapter_get"
@@ -279,16 +275,16 @@ async def upload_adapter(
         },
         "upload",
     )
-    where = service_address(storage_address, PLUGIN)
-    async with open_transfer(agent, where, PUT_SERVICE, None, idle_timeout) as stream:
-        await write_line(stream, header.model_dump(mode="json"), idle_timeout)
-        advance = counter(header.size, progress)
-        for entry, path in zip(header.files, paths, strict=True):
-            await send_bytes(stream, file_chunks(path), entry.size, idle_timeout, advance)
-        reply = await Reader(stream, idle_timeout).line()
-        if reply.get("ok") is not True:
-            raise TransferFailed(f"{storage_address} did not confirm the upload: {reply}")
-        return parse(AdapterRecord, reply.get("adapter"), f"reply from {storage_address}")
+    reply = await put_files(
+        agent,
+        service_address(storage_address, PLUGIN),
+        PUT_SERVICE,
+        header.model_dump(mode="json"),
+        [(path, entry.size) for entry, path in zip(header.files, paths, strict=True)],
+        idle_timeout,
+        counter(header.size, progress),
+    )
+    return parse(AdapterRecord, reply.get("adapter"), f"reply from {storage_address}")
 
 
 async def fetch_adapter(
@@ -315,8 +311,7 @@ async def fetch_adapter(
     where = service_address(storage_address, PLUGIN)
     params = {"id": adapter_id}
     with staged(dest, directory=True) as stage:
-        async with open_transfer(agent, where, GET_SERVICE, params, idle_timeout) as stream:
-            reader = Reader(stream, idle_timeout)
+        async with fetching(agent, where, GET_SERVICE, params, idle_timeout) as reader:
             raw = await reader.line()
             header = parse(TransferHeader, raw, f"header from {storage_address}")
             if header.id != adapter_id:
@@ -325,9 +320,6 @@ async def fetch_adapter(
                 )
             await receive_files(reader, header.files, stage, progress)
             _move_into_place(stage, dest, [f.name for f in header.files])
-            # The adapter is complete and in place whether or not this last word arrives.
-            with contextlib.suppress(AtollError, TimeoutError):
-                await write_line(stream, {"ok": True}, idle_timeout)
     return dest
 
 
@@ -340,10 +332,6 @@ def _move_into_place(stage: Path, dest: Path, names: list[str]) -> None:
         os.rename(stage / name, dest / name)
 
 
-def _client(agent: Caller, storage_address: str, timeout: float | None) -> Client:
-    return Client(agent, service_address(storage_address, PLUGIN), timeout)
-
-
 async def list_adapters(
     agent: Caller,
     storage_address: str,
@@ -353,14 +341,14 @@ async def list_adapters(
     project: str | None = None,
 ) -> list[AdapterRecord]:
     query = AdapterQuery(base_model=base_model, owner=owner, project=project)
-    return await _client(agent, storage_address, timeout).invoke(LIST_ADAPTERS, query)
+    return await storage_client(agent, storage_address, timeout).invoke(LIST_ADAPTERS, query)
 
 
 async def describe_adapter(
     agent: Caller, storage_address: str, adapter_id: str, timeout: float | None = None
 ) -> AdapterRecord:
     ref = AdapterId(id=check_adapter_id(adapter_id))
-    return await _client(agent, storage_address, timeout).invoke(DESCRIBE_ADAPTER, ref)
+    return await storage_client(agent, storage_address, timeout).invoke(DESCRIBE_ADAPTER, ref)
 
 
 async def delete_adapter(
@@ -368,4 +356,4 @@ async def delete_adapter(
 ) -> None:
     """Remove the adapter from the registry and the store; AdapterNotFound if there is none."""
     ref = AdapterId(id=check_adapter_id(adapter_id))
-    await _client(agent, storage_address, timeout).invoke(DELETE_ADAPTER, ref)
+    await storage_client(agent, storage_address, timeout).invoke(DELETE_ADAPTER, ref)

@@ -19,7 +19,6 @@ Registered datasets are immutable: uploading a name again makes its next version
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from pathlib import Path
 from typing import Annotated, Literal
@@ -28,7 +27,6 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from atoll.agent.contract import (
     Caller,
-    Client,
     Method,
     Progress,
     Strict,
@@ -40,17 +38,21 @@ from atoll.agent.errors import AtollError
 from atoll.agent.transfer import (
     IDLE_TIMEOUT,
     Opener,
-    Reader,
     TransferFailed,
-    file_chunks,
-    open_transfer,
+    fetching,
+    put_files,
     receive_file,
-    send_bytes,
     sha256_file,
     staged,
-    write_line,
 )
-from atoll.plugins.storage.contract.wire import PLUGIN, Deleted, FileName, Label, OwnerName
+from atoll.plugins.storage.contract.wire import (
+    PLUGIN,
+    Deleted,
+    FileName,
+    Label,
+    OwnerName,
+    storage_client,
+)
 
 DATASET_PUT = "dataset_put"
 DATASET_GET = "dataset_get"
@@ -215,15 +217,16 @@ async def upload_dataset(
         },
         "dataset upload",
     )
-    where = service_address(storage, PLUGIN)
-    async with open_transfer(agent, where, DATASET_PUT, None, idle_timeout) as stream:
-        await write_line(stream, header.model_dump(mode="json"), idle_timeout)
-        advance = counter(size, progress)
-        await send_bytes(stream, file_chunks(path), size, idle_timeout, advance)
-        reply = await Reader(stream, idle_timeout).line()
-        if reply.get("ok") is not True:
-            raise TransferFailed(f"{storage} did not confirm the dataset upload: {reply}")
-        return parse(DatasetRecord, reply.get("record"), f"reply from {storage}")
+    reply = await put_files(
+        agent,
+        service_address(storage, PLUGIN),
+        DATASET_PUT,
+        header.model_dump(mode="json"),
+        [(path, size)],
+        idle_timeout,
+        counter(size, progress),
+    )
+    return parse(DatasetRecord, reply.get("record"), f"reply from {storage}")
 
 
 async def fetch_dataset(
@@ -249,8 +252,7 @@ async def fetch_dataset(
     where = service_address(storage, PLUGIN)
     wire = params.model_dump(by_alias=True)
     with staged(dest) as tmp:
-        async with open_transfer(agent, where, DATASET_GET, wire, idle_timeout) as stream:
-            reader = Reader(stream, idle_timeout)
+        async with fetching(agent, where, DATASET_GET, wire, idle_timeout) as reader:
             header = parse(DatasetGetHeader, await reader.line(), f"header from {storage}")
             if header.record.id != dataset_id:
                 raise TransferFailed(
@@ -259,14 +261,7 @@ async def fetch_dataset(
             advance = counter(header.size, progress)
             await receive_file(reader, tmp, header.size, header.sha256, advance)
             os.replace(tmp, dest)
-            # The file is complete and in place whether or not this last word arrives.
-            with contextlib.suppress(AtollError, TimeoutError):
-                await write_line(stream, {"ok": True}, idle_timeout)
     return header.record
-
-
-def _client(agent: Caller, storage: str, timeout: float | None) -> Client:
-    return Client(agent, service_address(storage, PLUGIN), timeout)
 
 
 def _ref(dataset_id: str) -> DatasetRef:
@@ -282,17 +277,17 @@ async def list_datasets(
     timeout: float | None = None,
 ) -> list[DatasetRecord]:
     query = DatasetQuery(owner=owner, project=project, name=name)
-    return await _client(agent, storage, timeout).invoke(LIST_DATASETS, query)
+    return await storage_client(agent, storage, timeout).invoke(LIST_DATASETS, query)
 
 
 async def describe_dataset(
     agent: Caller, storage: str, dataset_id: str, timeout: float | None = None
 ) -> DatasetRecord:
-    return await _client(agent, storage, timeout).invoke(DATASET_INFO, _ref(dataset_id))
+    return await storage_client(agent, storage, timeout).invoke(DATASET_INFO, _ref(dataset_id))
 
 
 async def delete_dataset(
     agent: Caller, storage: str, dataset_id: str, timeout: float | None = None
 ) -> None:
     """Remove the dataset's row and objects; DatasetNotFound if there is none."""
-    await _client(agent, storage, timeout).invoke(DELETE_DATASET, _ref(dataset_id))
+    await storage_client(agent, storage, timeout).invoke(DELETE_DATASET, _ref(dataset_id))

@@ -1,11 +1,13 @@
 """What the adapter and dataset halves of the storage contract share: the plugin's name on the
-overlay, the field types of their headers and the reply to a delete."""
+overlay, the field types of their headers, the reply to a delete and their RPC client."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, StringConstraints
+
+from atoll.agent.contract import Caller, Client, service_address
 
 PLUGIN = "storage"
 
@@ -32,3 +34,8 @@ class Deleted(BaseModel):
     """The reply to ``delete_adapter`` and ``dataset_delete``."""
 
     deleted: bool
+
+
+def storage_client(agent: Caller, storage: str, timeout: float | None) -> Client:
+    """The RPC client of the storage plugin on ``storage`` (an agent, or ``agent/plugin``)."""
+    return Client(agent, service_address(storage, PLUGIN), timeout)

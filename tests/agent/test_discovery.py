@@ -1,0 +1,144 @@
+"""Discovery over a real broker: kept announcements, liveness, selection; the metrics feed with
+real psutil figures and its access rules."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import psutil
+import pytest
+
+from atoll.agent.discovery import Discovery, Status
+from atoll.agent.errors import Forbidden
+from atoll.agent.identity import AgentKeys
+from atoll.agent.node import Agent
+from atoll.agent.plugins import Plugin
+from atoll.agent.watch import TenantWatch
+from support.overlay import eventually
+
+
+class FakeInference(Plugin):
+    name = "inference"
+
+    def __init__(self, queue: int, adapters: list[str]) -> None:
+        super().__init__()
+        self.queue, self.adapters = queue, adapters
+
+    def describe(self) -> dict:
+        return {
+            "capabilities": {"base_model": "smollm2", "adapters": self.adapters},
+            "load": {"queue_depth": self.queue},
+        }
+
+
+async def test_announcements_liveness_and_selection(operator, broker, make_agent) -> None:
+    fast = {"heartbeat": 0.2, "labels": {"phi": "true"}}
+    gpu1 = await make_agent("gpu-1", **fast)
+    await gpu1.host.add("inference", plugin=FakeInference(5, ["a1", "a2"]))
+    gpu2 = await make_agent("gpu-2", heartbeat=0.2)
+    await gpu2.host.add("inference", plugin=FakeInference(1, ["a2"]))
+    await asyncio.sleep(0.3)  # one heartbeat: announcements now carry the inference plugin
+
+    watcher = await make_agent("watcher", roles=("admin",), heartbeat=0.2)
+    events: list[dict] = []
+    view = Discovery(watcher.agent, publish_events=True, tick=0.05)
+    view.listeners.append(events.append)
+    published = await watcher.agent.subscribe("discovery.events.*")
+    await view.start()
+    await watcher.agent.flush()
+    # Kept announcements: the late subscriber knows everyone at once.
+    assert {"gpu-1", "gpu-2", "watcher"} <= set(view.entries)
+    e1 = view.entries["gpu-1"]
+    assert e1.labels == {"phi": "true"} and "inference" in e1.plugins and e1.status is Status.ACTIVE
+    await eventually(lambda: view.entries["gpu-1"].load.get("queue_depth") == 5)
+
+    assert [e.name for e in view.select("inference", load_key="queue_depth")] == ["gpu-2", "gpu-1"]
+    assert [e.name for e in view.select("inference", {"adapters": "a1"})] == ["gpu-1"]
+    assert [e.name for e in view.select(labels={"phi": "true"})] == ["gpu-1"]
+    assert view.select("inference", {"base_model": "other"}) == []
+
+    # A new agent appears within one heartbeat.
+    await make_agent("late", heartbeat=2.0)
+    await eventually(lambda: "late" in view.entries, timeout=2.0)  # within one heartbeat
+
+    # An agent that dies without a word goes STALE, then LOST.
+    gpu2.announcer._task.cancel()
+    await gpu2.agent.link.stop()
+    await eventually(lambda: view.entries["gpu-2"].status is Status.STALE, timeout=3)
+    await eventually(lambda: view.entries["gpu-2"].status is Status.LOST, timeout=3)
+    trail = [(e["before"], e["status"]) for e in events if e["agent"] == "gpu-2"]
+    assert trail == [(None, "ACTIVE"), ("ACTIVE", "STALE"), ("STALE", "LOST")]
+    assert await _seen(published, "gpu-2", "LOST")  # ... and published for the tenant
+    assert view.select("inference") == [view.entries["gpu-1"]]
+
+    # A clean stop says so: LOST at once.
+    await gpu1.stop()
+    await eventually(lambda: view.entries["gpu-1"].status is Status.LOST, timeout=1)
+    await view.stop()
+
+
+async def _seen(sub, agent: str, status: str) -> bool:
+    while True:
+        event = (await sub.next(timeout=2)).data
+        if event["agent"] == agent and event["status"] == status:
+            return True
+
+
+async def test_metrics_feed_real_values_and_access(operator, broker, make_agent) -> None:
+    worker = await make_agent("worker", metrics_interval=0.2)
+    worker.host.plugins["system"].ctx.metrics.counter("pings", "pings served").inc(3)
+    admin = await make_agent("admin", roles=("admin",))
+    plain = await make_agent("plain")
+    outsider = await make_agent("spy", tenant="globex", roles=("admin",))
+
+    watch = await TenantWatch(admin.agent).start()
+    await eventually(lambda: "worker" in watch.metrics, timeout=5)
+    feed = watch.metrics["worker"]
+    vm = psutil.virtual_memory()
+    assert feed["system"]["memory"]["total_bytes"] == vm.total
+    assert len(feed["system"]["cpu"]["per_cpu"]) == psutil.cpu_count()
+    assert feed["system"]["net"]["recv_bytes_per_s"] >= 0
+    assert feed["plugins"]["system"]["pings"]["series"][0]["value"] == 3
+    rows = {r["name"]: r for r in watch.rows()}
+    assert rows["worker"]["metrics"] is feed and rows["worker"]["status"] == "ACTIVE"
+
+    # A plain member may not ask for others' metrics, nor for a pattern wider than its roles.
+    for pattern in (">", "metrics.*", "metrics.worker"):
+        with pytest.raises(Forbidden, match=f"may not subscribe '{re.escape(pattern)}'"):
+            await plain.agent.subscribe(pattern)
+    everything = await plain.agent.subscribe("discovery.announce.*")
+    own = await plain.agent.subscribe("metrics.plain")
+    await plain.agent.flush()
+    await asyncio.sleep(0.6)
+    subjects = set()
+    while not everything.queue.empty():
+        subjects.add(everything.queue.get_nowait().subject)
+    assert "discovery.announce.worker" in subjects
+    assert own.queue.empty() or own.queue.get_nowait().src == "plain"
+    # Another tenant's admin sees nothing of this tenant at all.
+    spy_sub = await outsider.agent.subscribe("metrics.*")
+    await outsider.agent.flush()
+    await asyncio.sleep(0.5)
+    seen = set()
+    while not spy_sub.queue.empty():
+        seen.add(spy_sub.queue.get_nowait().src)
+    assert seen <= {"spy"}
+    await watch.stop()
+
+
+async def test_non_admin_metrics_subscription_is_refused(operator, broker) -> None:
+    agent = Agent(AgentKeys.issue(operator, "acme", "nosy", ["agent"]), [broker.url])
+    await agent.start(5)
+    try:
+        refusals: list[str] = []
+        agent.log.logger.addFilter(lambda r: refusals.append(r.getMessage()) or True)
+        # Past the agent's own check (the same table): the broker refuses it too.
+        agent._allowed[("subscribe", "metrics.other")] = True
+        await agent.subscribe("metrics.other")
+        await agent.subscribe("metrics.nosy")  # its own feed is fine
+        await agent.flush()
+        assert any("may not subscribe to 'metrics.other'" in m for m in refusals)
+        assert sum("broker_error" in m for m in refusals) == 1
+    finally:
+        await agent.stop()

@@ -1,0 +1,130 @@
+"""Streams between agents: echo with half-close, per-stream flow control, recovery from chunks a
+broker corrupts or drops, resets, and streams broken by a lost connection."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+
+import pytest
+
+from atoll.agent.errors import ConnectionLost, NoSuchMethod
+from atoll.agent.streams import Stream, StreamReset
+from atoll.protocol.frames import Frame, FrameType
+from atoll.protocol.streams import CHUNK
+from atoll.tenancy.permissions import ANY
+from support.overlay import intercept
+
+
+async def echo(stream: Stream, params, call) -> None:
+    async for chunk in stream:
+        await stream.write(chunk)
+    await stream.write_eof()
+
+
+async def sink(stream: Stream, params, call) -> None:
+    digest = hashlib.sha256()
+    async for chunk in stream:
+        digest.update(chunk)
+    await stream.write(digest.hexdigest().encode())
+    await stream.write_eof()
+
+
+async def test_echo_half_close_and_many_streams(make_agent) -> None:
+    a = await make_agent("alpha")
+    b = await make_agent("beta")
+    b.agent.streams.serve("test", "echo", echo, ANY)
+
+    async def one(size: int) -> None:
+        data = os.urandom(size)
+        s = await a.agent.streams.open("beta/test", "echo")
+        writer = asyncio.create_task(s.write(data))
+        got = bytearray()
+        while len(got) < size:
+            got += await s.read()
+        await writer
+        await s.write_eof()  # half-close: the echo ends its side after ours
+        assert await s.read() == b""
+        assert bytes(got) == data
+
+    await asyncio.gather(*(one(n) for n in (0, 1, 1000, 3 * CHUNK + 7, 5_000_000)))
+    await asyncio.sleep(0.1)
+    assert not a.agent.streams.streams and not b.agent.streams.streams  # all finished
+    with pytest.raises(NoSuchMethod):
+        await a.agent.streams.open("beta/test", "nothing")
+
+
+async def test_slow_reader_stalls_only_its_stream(make_agent) -> None:
+    a = await make_agent("alpha")
+    b = await make_agent("beta")
+    b.agent.streams.serve("test", "echo", echo, ANY)
+    parked: asyncio.Queue[Stream] = asyncio.Queue()
+
+    async def park(stream: Stream, params, call) -> None:
+        await parked.put(stream)
+        await asyncio.sleep(30)  # never reads
+
+    b.agent.streams.serve("test", "park", park, ANY)
+    stuck = await a.agent.streams.open("beta/test", "park", window=CHUNK)
+    blocked = asyncio.create_task(stuck.write(os.urandom(20 * CHUNK)))
+    await asyncio.sleep(0.2)
+    assert not blocked.done()  # its window is full
+    fast = await a.agent.streams.open("beta/test", "echo")
+    await fast.write(b"x" * 100_000)
+    got = b""
+    while len(got) < 100_000:
+        got += await fast.read()
+    assert (await a.agent.call("beta", "ping"))["pong"] is True  # RPC flows too
+    blocked.cancel()
+    stuck.abort()
+
+
+async def test_corrupted_and_dropped_chunks_are_sent_again(broker, make_agent) -> None:
+    a = await make_agent("alpha")
+    b = await make_agent("beta")
+    b.agent.streams.serve("test", "sink", sink, ANY)
+    data = os.urandom(40 * CHUNK)
+    s = await a.agent.streams.open("beta/test", "sink")
+    seen = {"n": 0}
+
+    def meddle(session, frame: Frame) -> Frame | None:
+        if frame.type is FrameType.MSG and frame.header["dst"] == "beta/test":
+            seen["n"] += 1
+            if seen["n"] == 5:  # corrupt one chunk in the middle
+                payload = bytearray(frame.payload)
+                payload[100] ^= 0xFF
+                return Frame(frame.type, frame.header, bytes(payload))
+            if seen["n"] == 41:  # and drop the last one (no gap after it to reveal it)
+                return Frame(frame.type, {**frame.header, "dst": "nobody"}, frame.payload)
+        return None
+
+    intercept(broker, meddle)
+    await s.write(data)
+    await s.write_eof()
+    digest = (await asyncio.wait_for(s.read_exactly(64), 10)).decode()
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert seen["n"] > 42  # resent
+
+
+async def test_reset_and_connection_loss(operator, broker, make_agent) -> None:
+    a = await make_agent("alpha")
+    b = await make_agent("beta")
+
+    async def refuse(stream: Stream, params, call) -> None:
+        raise StreamReset(f"no thanks, {params}")
+
+    async def hold(stream: Stream, params, call) -> None:
+        await stream.read()
+
+    b.agent.streams.serve("test", "refuse", refuse, ANY)
+    b.agent.streams.serve("test", "hold", hold, ANY)
+    s = await a.agent.streams.open("beta/test", "refuse", params="bob")
+    with pytest.raises(StreamReset, match="no thanks, bob"):
+        await s.read()
+    held = await a.agent.streams.open("beta/test", "hold")
+    reader = asyncio.create_task(held.read())
+    await asyncio.sleep(0.1)
+    await broker.stop()
+    with pytest.raises(ConnectionLost):
+        await asyncio.wait_for(reader, 5)

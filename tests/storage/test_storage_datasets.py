@@ -1,0 +1,538 @@
+"""Datasets: the pure parsing, conversion and de-duplication functions on real small files
+(unicode, CRLF, BOM, blank lines, a 10k-row file), then the storage plugin's dataset service
+between real agents over a real broker: round trips in every form, versions that never
+overwrite, refusals that name the line and keep nothing, delete."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from atoll.agent.errors import Forbidden, InvalidRequest
+from atoll.agent.runtime import AgentRuntime
+from atoll.agent.transfer import TransferFailed
+from atoll.plugins.storage.contract.datasets import (
+    DATASET_PUT,
+    DatasetInvalid,
+    DatasetNotFound,
+    delete_dataset,
+    describe_dataset,
+    fetch_dataset,
+    list_datasets,
+    upload_dataset,
+)
+from atoll.plugins.storage.datasets import (
+    MAX_ERRORS,
+    DatasetLimits,
+    convert_line,
+    count_tokens,
+    deduplicate,
+    parse_rows,
+    prepare,
+)
+from atoll.plugins.storage.plugin import StoragePlugin
+from support.island import start_storage
+from support.overlay import eventually
+
+
+def write(tmp_path: Path, name: str, content: str | bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    return path
+
+
+def jsonl(*rows: object) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def chat(*turns: tuple[str, str]) -> dict:
+    return {"messages": [{"role": r, "content": c} for r, c in turns]}
+
+
+def invalid(data: bytes, name: str, **kw) -> DatasetInvalid:
+    with pytest.raises(DatasetInvalid) as info:
+        prepare(data, name, **kw)
+    return info.value
+
+
+# --- formats ------------------------------------------------------------------------------------
+
+
+def test_each_format_becomes_canonical_rows(tmp_path) -> None:
+    alpaca = write(
+        tmp_path,
+        "alpaca.jsonl",
+        jsonl(
+            {"instruction": "Translate", "input": "chat", "output": "cat", "category": "x"},
+            {"instruction": "Say hi", "input": "", "output": "hi"},
+            {"instruction": "Be brief", "output": "ok", "system": "You are terse."},
+        ),
+    )
+    found = prepare(alpaca.read_bytes(), alpaca.name)
+    assert (found.format, found.kind) == ("alpaca", "sft")
+    assert [r.data for r in found.rows] == [
+        chat(("user", "Translate\nchat"), ("assistant", "cat")),
+        chat(("user", "Say hi"), ("assistant", "hi")),
+        chat(("system", "You are terse."), ("user", "Be brief"), ("assistant", "ok")),
+    ]
+    assert found.canonical.decode().splitlines()[1] == json.dumps(found.rows[1].data)
+
+    sharegpt = write(
+        tmp_path,
+        "share.json",  # a JSON array, as ShareGPT dumps usually are
+        json.dumps(
+            [
+                {
+                    "conversations": [
+                        {"from": "system", "value": "Be kind."},
+                        {"from": "human", "value": "Hello"},
+                        {"from": "gpt", "value": "Hi!"},
+                        {"from": "human", "value": "Bye"},
+                        {"from": "gpt", "value": "Bye!"},
+                    ]
+                }
+            ],
+            indent=2,
+        ),
+    )
+    found = prepare(sharegpt.read_bytes(), sharegpt.name)
+    assert found.format == "sharegpt" and found.kind == "sft"
+    assert found.rows[0].data == chat(
+        ("system", "Be kind."),
+        ("user", "Hello"),
+        ("assistant", "Hi!"),
+        ("user", "Bye"),
+        ("assistant", "Bye!"),
+    )
+
+    messages = chat(("user", "2+2?"), ("assistant", "4"))
+    openai = write(tmp_path, "train.jsonl", jsonl(messages | {"weight": 1}))
+    found = prepare(openai.read_bytes(), openai.name)
+    assert found.format == "chat" and [r.data for r in found.rows] == [messages]
+
+    texts = write(tmp_path, "corpus.jsonl", jsonl({"text": "one doc"}, {"text": "two\ndocs"}))
+    found = prepare(texts.read_bytes(), texts.name)
+    assert (found.format, found.kind) == ("text", "pt")
+    assert [r.data for r in found.rows] == [{"text": "one doc"}, {"text": "two\ndocs"}]
+
+    plain = write(tmp_path, "book.txt", "Chapter one.\nIt begins.\n\n\n  \nChapter two.\n")
+    found = prepare(plain.read_bytes(), plain.name)
+    assert found.format == "text"
+    assert [(r.line, r.data["text"]) for r in found.rows] == [
+        (1, "Chapter one.\nIt begins."),
+        (6, "Chapter two."),
+    ]
+    # Without a .txt name, text that is not JSON is plain text too.
+    assert prepare(b"just words\n", "notes").format == "text"
+    # A .txt file holding JSON lines is still plain text: the name decides.
+    assert prepare(b'{"text": "x"}\n', "odd.txt").rows[0].data == {"text": '{"text": "x"}'}
+
+
+def test_unicode_crlf_bom_and_blank_lines(tmp_path) -> None:
+    rows = [
+        {"instruction": "Übersetze „Straße“", "output": "street 🛣️"},
+        {"instruction": "日本語で", "input": "cat", "output": "猫"},
+    ]
+    text = "\r\n\r\n" + jsonl(*rows).replace("\n", "\r\n") + "\r\n   \r\n"
+    path = write(tmp_path, "utf8.jsonl", b"\xef\xbb\xbf" + text.encode())
+    found = prepare(path.read_bytes(), path.name)
+    assert [r.line for r in found.rows] == [3, 4]
+    assert found.rows[0].data["messages"][0]["content"] == "Übersetze „Straße“"
+    assert found.rows[1].data["messages"][1]["content"] == "猫"
+    assert "猫" in found.canonical.decode()  # kept as UTF-8, not \\u escapes
+    plain = write(tmp_path, "crlf.txt", "\ufeffline a\r\nline b\r\n\r\nnext\r\n".encode())
+    assert [r.data["text"] for r in prepare(plain.read_bytes(), plain.name).rows] == [
+        "line a\nline b",
+        "next",
+    ]
+
+
+def test_format_is_detected_or_given() -> None:
+    row = {"instruction": "x", "output": "y"}
+    assert prepare(jsonl(row).encode(), "d.jsonl").format == "alpaca"
+    assert prepare(jsonl(row).encode(), "d.jsonl", fmt="alpaca").format == "alpaca"
+    # Given, the format is held to: a row of another format is an error on its line.
+    error = invalid(jsonl(row).encode(), "d.jsonl", fmt="chat")
+    assert str(error) == "d.jsonl: line 1: missing 'messages'"
+    error = invalid(b"plain words\n", "notes.txt", fmt="alpaca")
+    assert "line 1: a plain text file is a 'text' dataset; 'alpaca' needs JSON rows" in str(error)
+    error = invalid(jsonl({"prompt": "a", "completion": "b"}).encode(), "d.jsonl")
+    assert "line 1: cannot tell the format from its keys ('prompt', 'completion')" in str(error)
+    with pytest.raises(DatasetInvalid, match="unknown format 'csv'"):
+        prepare(b"a,b\n", "d.csv", fmt="csv")  # type: ignore[arg-type]
+
+
+# --- errors name the line -------------------------------------------------------------------------
+
+
+def test_errors_name_the_line_and_reason(tmp_path) -> None:
+    good = {"instruction": "q", "output": "a"}
+    lines = [json.dumps(good)] * 4 + ["", json.dumps(good), json.dumps({"instruction": "q"})]
+    path = write(tmp_path, "seven.jsonl", "\n".join(lines) + "\n")
+    error = invalid(path.read_bytes(), path.name)
+    assert str(error) == "seven.jsonl: line 7: missing 'output'"
+    assert error.data == {"errors": [{"line": 7, "reason": "missing 'output'"}]}
+
+    cases = [
+        (jsonl(good, good) + "{not json\n", "line 3: not valid JSON: Expecting property name"),
+        ('{"text": "a"}\n[1, 2]\n', "line 2: a row must be a JSON object, not a list"),
+        ("[1, 2]", "line 1: a row must be a JSON object, not a number"),
+        ("{bad\n", "line 1: not valid JSON (expected one JSON object per line)"),
+        (jsonl(good, {"instruction": "q", "output": 3}), "line 2: 'output' must be a string"),
+        (jsonl(good, {"instruction": "  ", "output": "a"}), "line 2: 'instruction' is empty"),
+        (jsonl(good, {"instruction": "q", "output": "a", "input": None}), "line 2: 'input' must"),
+        (
+            jsonl(chat(("user", "a"), ("user", "b"), ("assistant", "c"))),
+            "line 1: messages[1]: expected a 'assistant' turn, got 'user'",
+        ),
+        (jsonl(chat(("user", "a"))), "line 1: the last turn must be 'assistant'"),
+        (
+            jsonl(chat(("user", "a"), ("tool", "b"))),
+            "line 1: messages[1]: 'role' is 'tool'; expected one of user, assistant, system",
+        ),
+        (
+            jsonl(chat(("user", "a"), ("assistant", "b"), ("system", "c"))),
+            "line 1: messages[2]: expected a 'user' turn, got 'system'",
+        ),
+        (jsonl({"messages": []}), "line 1: 'messages' must be a non-empty list"),
+        (jsonl({"messages": ["hi"]}), "line 1: messages[0]: a turn must be an object"),
+        (
+            jsonl({"conversations": [{"from": "bot", "value": "x"}]}),
+            "line 1: conversations[0]: 'from' is 'bot'; expected one of human, gpt, system",
+        ),
+        (
+            jsonl({"conversations": [{"from": "gpt", "value": "x"}]}),
+            "line 1: conversations[0]: expected a 'human' turn, got 'gpt'",
+        ),
+        (jsonl({"text": "a"}, {"text": ""}), "line 2: 'text' is empty"),
+        ('[{"text": "a"},\n {"text": 5}]', "line 2: 'text' must be a string, not a number"),
+        ('[\n{"text": "a"}\n{"text": "b"}]', "line 3: not valid JSON: expected ',' or ']'"),
+        ('[{"text": "a"},\n\n {"text": }]', "line 3: not valid JSON: Expecting value"),
+        ('[{"text": "a"}] trailing', "line 1: not valid JSON: text after the closing ']'"),
+        ("", "the dataset has no rows"),
+        ("\n \n", "the dataset has no rows"),
+        ("[]", "the dataset has no rows"),
+    ]
+    for content, message in cases:
+        with pytest.raises(DatasetInvalid, match=re.escape(message)):
+            prepare(content.encode(), "d.json")
+
+    bad_utf8 = jsonl(good).encode() + b'{"text": "caf\xe9"}\n'
+    with pytest.raises(DatasetInvalid, match=re.escape("line 2: not valid UTF-8 (byte 0xe9 at")):
+        prepare(bad_utf8, "d.jsonl")
+
+
+def test_many_bad_rows_are_reported_together_up_to_a_bound() -> None:
+    rows = [
+        {"instruction": "q", "output": "a"} if i % 2 else {"instruction": "q"} for i in range(40)
+    ]
+    error = invalid(jsonl(*rows).encode(), "d.jsonl")
+    lines = [e["line"] for e in error.data["errors"]]
+    assert lines == list(range(1, 2 * MAX_ERRORS, 2))
+    assert str(error).endswith(f"(stopped after {MAX_ERRORS} problems)")
+
+
+def test_limits() -> None:
+    data = jsonl(*({"text": f"doc {i}"} for i in range(5))).encode()
+    with pytest.raises(DatasetInvalid, match=f"is {len(data)} bytes; datasets may be at most 10"):
+        prepare(data, "d.jsonl", limits=DatasetLimits(max_bytes=10))
+    with pytest.raises(DatasetInvalid, match="line 4: more than 3 rows; that is the limit"):
+        prepare(data, "d.jsonl", limits=DatasetLimits(max_rows=3))
+    assert len(prepare(data, "d.jsonl", limits=DatasetLimits(max_rows=5)).rows) == 5
+    long = jsonl({"text": "short"}, {"text": "x" * 100}).encode()
+    with pytest.raises(DatasetInvalid, match="line 2: the row has 112 characters; the limit is 50"):
+        prepare(long, "d.jsonl", limits=DatasetLimits(max_row_chars=50))
+
+
+# --- dedup, tokens, conversion --------------------------------------------------------------------
+
+
+def test_exact_and_normalised_duplicates() -> None:
+    rows = [
+        {"instruction": "What is Straße?", "output": "A street."},
+        {"instruction": "What is Straße?", "output": "A street."},  # exact
+        {"instruction": "what is  STRASSE?", "output": "a street."},  # normalised (casefold ß)
+        {
+            "instruction": "\uff57\uff48\uff41\uff54 is strasse?",
+            "output": "A\tstreet.",
+        },  # NFKC: full-width "what"
+        {"instruction": "What is a road?", "output": "A street."},
+        {"instruction": "What is Straße?", "output": "A street."},  # exact again
+    ]
+    data = jsonl(*rows).encode()
+    _, parsed = parse_rows(data, "d.jsonl")
+    kept, report = deduplicate(parsed, "normalised")
+    assert (report.exact, report.normalised, report.kept) == (2, 2, 2)
+    assert [r.line for r in kept] == [1, 5]
+    kept, report = deduplicate(parsed, "exact")
+    assert (report.exact, report.normalised, report.kept) == (2, 2, 4)
+    assert [r.line for r in kept] == [1, 3, 4, 5]
+    kept, report = deduplicate(parsed, "none")
+    assert (report.exact, report.normalised, report.kept, report.mode) == (2, 2, 6, "none")
+    # A role is part of a row: the same words from another speaker are not a duplicate.
+    swapped = jsonl(
+        chat(("user", "hi"), ("assistant", "hello")),
+        chat(("system", "hi"), ("user", "hello"), ("assistant", "x")),
+        chat(("user", "hi"), ("assistant", "hello")),
+    )
+    assert prepare(swapped.encode(), "c.jsonl").dedup.exact == 1
+
+    found = prepare(data, "d.jsonl")
+    assert found.tokens == count_tokens(found.rows) == 3 + 2 + 4 + 2
+    assert count_tokens(found.rows, counter=len) == sum(
+        len(m["content"]) for r in found.rows for m in r.data["messages"]
+    )
+
+
+def test_conversion_between_forms() -> None:
+    sft = json.dumps(chat(("system", "S"), ("user", "U"), ("assistant", "A"))).encode() + b"\n"
+    assert convert_line(sft, "sft", "chat") == sft
+    assert json.loads(convert_line(sft, "sft", "text")) == {"text": "S\n\nU\n\nA"}
+    pt = b'{"text": "doc"}\n'
+    assert convert_line(pt, "pt", "text") == pt
+    with pytest.raises(DatasetInvalid, match="a pt \\(text\\) dataset has no turns"):
+        convert_line(pt, "pt", "chat")
+
+
+def test_a_10k_row_file(tmp_path) -> None:
+    rows = [
+        {
+            "instruction": f"Question {i % 9_000}?",
+            "input": "ctx" if i % 3 else "",
+            "output": f"A{i}",
+        }
+        for i in range(10_000)
+    ]
+    rows[9_999] = dict(rows[0])  # one exact duplicate
+    rows[9_998] = {k: v.upper() for k, v in rows[1].items()}  # one normalised duplicate
+    path = write(tmp_path, "big.jsonl", jsonl(*rows))
+    started = time.monotonic()
+    found = prepare(path.read_bytes(), path.name)
+    assert time.monotonic() - started < 10
+    assert (found.dedup.exact, found.dedup.normalised, found.dedup.kept) == (1, 1, 9_998)
+    assert len(found.canonical.splitlines()) == 9_998
+    broken = path.read_text().splitlines()
+    broken[8_765] = broken[8_765].replace('"output"', '"outptu"')
+    path.write_text("\n".join(broken))
+    with pytest.raises(DatasetInvalid, match=r"big\.jsonl: line 8766: missing 'output'$"):
+        prepare(path.read_bytes(), path.name)
+
+
+# --- the dataset service between agents -----------------------------------------------------------
+
+
+async def nothing_stored(plugin: StoragePlugin) -> None:
+    assert await plugin.store.list("datasets/") == []
+    assert plugin.dataset_registry.totals() == (0, 0)
+    assert list(plugin.incoming.iterdir()) == []
+
+
+ALPACA = [
+    {"instruction": "Name a colour", "output": "Blue"},
+    {"instruction": "Name a colour", "output": "Blue"},
+    {"instruction": "Add", "input": "2 and 2", "output": "4"},
+    {"instruction": "Grüße", "output": "Hallo 👋"},
+]
+
+
+async def test_upload_fetch_list_describe(tmp_path, make_agent) -> None:
+    store_rt, plugin = await start_storage(make_agent)
+    gateway = (await make_agent("gw", roles=("gateway",))).agent
+    trainer = (await make_agent("trainer", roles=("gateway",))).agent  # uploads for users
+    src = write(tmp_path, "colours.jsonl", jsonl(*ALPACA))
+    seen: list[tuple[int, int]] = []
+
+    record = await upload_dataset(
+        gateway,
+        "store",
+        src,
+        "colours",
+        "alice",
+        project="paint",
+        progress=lambda d, t: seen.append((d, t)),
+    )
+    assert re.fullmatch(r"ds-[0-9a-f]{12}", record.id)
+    assert (record.name, record.version, record.format, record.kind) == (
+        "colours",
+        1,
+        "alpaca",
+        "sft",
+    )
+    assert (record.owner, record.project, record.filename) == ("alice", "paint", "colours.jsonl")
+    assert record.sha256 == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert record.bytes == src.stat().st_size == seen[-1][0]
+    assert record.rows == 3 and record.dedup.model_dump() == {
+        "exact": 1,
+        "normalised": 0,
+        "kept": 3,
+        "mode": "normalised",
+    }
+    assert record.tokens == 3 + 1 + 4 + 1 + 1 + 2 and record.tokenizer == "whitespace"
+
+    as_chat = tmp_path / "out" / "chat.jsonl"
+    assert await fetch_dataset(trainer, "store", record.id, as_chat) == record
+    assert [json.loads(line) for line in as_chat.read_text("utf-8").splitlines()] == [
+        chat(("user", "Name a colour"), ("assistant", "Blue")),
+        chat(("user", "Add\n2 and 2"), ("assistant", "4")),
+        chat(("user", "Grüße"), ("assistant", "Hallo 👋")),
+    ]
+    as_text = tmp_path / "out" / "text.jsonl"
+    await fetch_dataset(trainer, "store/storage", record.id, as_text, as_="text")
+    assert json.loads(as_text.read_text("utf-8").splitlines()[1]) == {"text": "Add\n2 and 2\n\n4"}
+    original = tmp_path / "out" / "original.jsonl"
+    await fetch_dataset(trainer, "store", record.id, original, as_="original")
+    assert original.read_bytes() == src.read_bytes()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "chat.jsonl",
+        "original.jsonl",
+        "text.jsonl",
+    ]  # no partial files left
+
+    pt = await upload_dataset(
+        gateway, "store", write(tmp_path, "c.txt", "a b\n\nc"), "corpus", "bob"
+    )
+    assert (pt.format, pt.kind, pt.rows, pt.tokens) == ("text", "pt", 2, 3)
+    with pytest.raises(InvalidRequest, match="is a pt \\(text\\) dataset: it has no turns"):
+        await fetch_dataset(trainer, "store", pt.id, tmp_path / "out" / "pt-chat.jsonl")
+    assert not (tmp_path / "out" / "pt-chat.jsonl").exists()
+    await fetch_dataset(trainer, "store", pt.id, tmp_path / "out" / "pt.jsonl", as_="text")
+    assert (tmp_path / "out" / "pt.jsonl").read_text() == '{"text": "a b"}\n{"text": "c"}\n'
+
+    reader = (await make_agent("reader", roles=("training",))).agent  # trainers read
+    assert [r.id for r in await list_datasets(reader, "store")] == [record.id, pt.id]
+    assert [r.id for r in await list_datasets(reader, "store", owner="bob")] == [pt.id]
+    assert [r.id for r in await list_datasets(reader, "store", project="paint")] == [record.id]
+    assert await list_datasets(reader, "store", name="nothing") == []
+    assert await describe_dataset(reader, "store", record.id) == record
+    assert sorted(await plugin.store.list("datasets/")) == sorted(
+        f"datasets/{i}/{n}" for i in (record.id, pt.id) for n in ("canonical.jsonl", "original")
+    )
+    for name, value in (
+        ("datasets_stored", 2),
+        ("dataset_received_bytes", record.bytes + pt.bytes),
+    ):
+        assert metric(store_rt, name) == value
+    await eventually(lambda: metric(store_rt, "dataset_served_bytes") > 0)
+
+    # The registry survives the plugin's restart on the same data dir.
+    await store_rt.host.remove("storage")
+    await store_rt.host.add("storage", {}, plugin=StoragePlugin())
+    assert await describe_dataset(reader, "store", record.id) == record
+
+
+def metric(rt: AgentRuntime, name: str) -> float:
+    return rt.host.metrics()["storage"].snapshot()[name]["series"][0]["value"]
+
+
+async def test_versions_never_overwrite_and_delete(tmp_path, make_agent) -> None:
+    _, plugin = await start_storage(make_agent)
+    trainer = (await make_agent("trainer", roles=("gateway",))).agent  # uploads for users
+    reader = (await make_agent("reader", roles=("training",))).agent
+    first = write(tmp_path, "v1.jsonl", jsonl({"text": "first"}))
+    second = write(tmp_path, "v2.jsonl", jsonl({"text": "second"}, {"text": "more"}))
+
+    v1 = await upload_dataset(trainer, "store", first, "notes", "alice")
+    v2 = await upload_dataset(trainer, "store", second, "notes", "alice")
+    assert (v1.version, v2.version) == (1, 2) and v1.id != v2.id
+    # The same name again made a new version: the first is untouched.
+    assert await describe_dataset(reader, "store", v1.id) == v1
+    await fetch_dataset(reader, "store", v1.id, tmp_path / "got.jsonl", as_="original")
+    assert (tmp_path / "got.jsonl").read_bytes() == first.read_bytes()
+    assert [(r.version, r.rows) for r in await list_datasets(reader, "store", name="notes")] == [
+        (1, 1),
+        (2, 2),
+    ]
+
+    refusal = r"'reader' \(roles training\) may not use 'dataset_delete'"
+    with pytest.raises(Forbidden, match=refusal):
+        await delete_dataset(reader, "store", v2.id)
+    await delete_dataset(trainer, "store", v2.id)
+    with pytest.raises(DatasetNotFound, match=f"no dataset '{v2.id}' in storage on store"):
+        await describe_dataset(reader, "store", v2.id)
+    with pytest.raises(DatasetNotFound):
+        await fetch_dataset(reader, "store", v2.id, tmp_path / "gone.jsonl")
+    assert not (tmp_path / "gone.jsonl").exists()
+    with pytest.raises(DatasetNotFound):
+        await delete_dataset(trainer, "store", v2.id)
+    assert await plugin.store.list(f"datasets/{v2.id}/") == []
+    # A deleted version's number is never given to other bytes.
+    v3 = await upload_dataset(trainer, "store", second, "notes", "alice")
+    assert v3.version == 3
+
+    await delete_dataset(trainer, "store", v1.id)
+    await delete_dataset(trainer, "store", v3.id)
+    await nothing_stored(plugin)
+    with pytest.raises(InvalidRequest, match="dataset id"):
+        await describe_dataset(reader, "store", "../etc")
+
+
+async def raw_put(agent, header: dict, body: bytes) -> None:
+    """Speak dataset_put by hand, to send what the client never would; raises the refusal."""
+    stream = await agent.streams.open("store/storage", DATASET_PUT, None)
+    try:
+        await stream.write(json.dumps(header).encode() + b"\n" + body)
+        reply = await asyncio.wait_for(stream.read(), 10)
+        raise AssertionError(f"storage accepted it: {reply!r}")
+    finally:
+        await stream.close()
+
+
+async def test_refusals_keep_nothing(tmp_path, make_agent) -> None:
+    _, plugin = await start_storage(make_agent, datasets={"max_bytes": 1000})
+    trainer = (await make_agent("trainer", roles=("gateway",))).agent  # uploads for users
+    reader = (await make_agent("reader", roles=("training",))).agent
+    good = write(tmp_path, "good.jsonl", jsonl({"instruction": "q", "output": "a"}))
+
+    refusal = r"'reader' \(roles training\) may not use stream 'dataset_put'"
+    with pytest.raises(Forbidden, match=refusal):
+        await upload_dataset(reader, "store", good, "d", "alice")
+    lines = [json.dumps({"instruction": "q", "output": "a"})] * 6 + ['{"instruction": "q"}']
+    bad = write(tmp_path, "bad.jsonl", "\n".join(lines))
+    with pytest.raises(DatasetInvalid, match=r"^bad\.jsonl: line 7: missing 'output'$") as info:
+        await upload_dataset(trainer, "store", bad, "d", "alice")
+    assert info.value.data == {"errors": [{"line": 7, "reason": "missing 'output'"}]}
+    with pytest.raises(DatasetInvalid, match="line 1: missing 'messages'"):
+        await upload_dataset(trainer, "store", good, "d", "alice", format="chat")
+    big = write(tmp_path, "big.jsonl", jsonl(*({"text": "x" * 100} for _ in range(20))))
+    with pytest.raises(DatasetInvalid, match="this store takes datasets of at most 1000"):
+        await upload_dataset(trainer, "store", big, "d", "alice")
+    for kwargs, message in (
+        ({"name": "a/b"}, "name: Value error, must hold no '/'"),
+        ({"name": " padded"}, "must not start or end with spaces"),
+        ({"owner": "bad owner"}, "owner: String should match pattern"),
+        ({"format": "csv"}, "format: Input should be 'alpaca'"),
+    ):
+        args = {"name": "d", "owner": "alice"} | kwargs
+        with pytest.raises(InvalidRequest, match=re.escape(message)):
+            await upload_dataset(trainer, "store", good, **args)
+    await nothing_stored(plugin)
+
+    data = good.read_bytes()
+    header = {
+        "name": "d",
+        "filename": "good.jsonl",
+        "owner": "alice",
+        "size": len(data),
+        "sha256": "0" * 64,
+    }
+    with pytest.raises(TransferFailed, match="does not match the declared"):
+        await raw_put(trainer, header, data)
+    with pytest.raises(InvalidRequest, match="filename: Value error, must hold no '/'"):
+        await raw_put(trainer, header | {"filename": "../x"}, data)
+    with pytest.raises(InvalidRequest, match="extra: Extra inputs are not permitted"):
+        await raw_put(trainer, header | {"extra": 1}, data)
+    await eventually(lambda: not any(plugin.incoming.iterdir()))
+    await nothing_stored(plugin)
+
+    record = await upload_dataset(trainer, "store", good, "d", "alice", dedup="none")
+    assert record.dedup.mode == "none" and record.version == 1
+    with pytest.raises(IsADirectoryError):
+        await fetch_dataset(reader, "store", record.id, tmp_path)
+    with pytest.raises(InvalidRequest, match="as: Input should be 'chat', 'text' or 'original'"):
+        await fetch_dataset(reader, "store", record.id, tmp_path / "x", as_="csv")  # type: ignore[arg-type]

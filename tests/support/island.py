@@ -1,0 +1,122 @@
+"""A gateway island of real agents on the test broker: echo inference nodes, a gateway, storage,
+and the whole fine-tuning loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+
+from atoll.agent.runtime import AgentRuntime
+from atoll.plugins.storage.plugin import StoragePlugin
+from support.overlay import AgentFactory, eventually
+
+
+class Island:
+    """A gateway agent and echo inference agents on the test broker, with the admin API key."""
+
+    def __init__(self, make_agent: AgentFactory) -> None:
+        self.make_agent = make_agent
+        self.nodes: dict[str, AgentRuntime] = {}
+        self.gateway: AgentRuntime | None = None
+
+    async def add_node(
+        self, name: str, model: str = "echo", delay: float = 0.0, **options
+    ) -> AgentRuntime:
+        config = {"backend": "echo", "echo": {"model": model, "delay": delay}}
+        options = {"heartbeat": 0.2, "metrics_interval": 0.5} | options
+        rt = await self.make_agent(
+            name, roles=("inference",), plugins={"inference": config}, **options
+        )
+        self.nodes[name] = rt
+        return rt
+
+    async def start_gateway(self, **config) -> Island:
+        gateway = {"listen": "127.0.0.1:0"} | config
+        self.gateway = await self.make_agent(
+            "gw",
+            roles=("gateway",),
+            plugins={"gateway": gateway},
+            heartbeat=0.2,
+            metrics_interval=0.5,
+        )
+        return self
+
+    @property
+    def plugin(self):
+        assert self.gateway is not None
+        return self.gateway.host.plugins["gateway"]
+
+    @property
+    def url(self) -> str:
+        return self.plugin.url
+
+    @property
+    def accounts(self):
+        return self.plugin.accounts
+
+    @property
+    def admin_key(self) -> str:
+        return (self.plugin.ctx.data_dir / "admin-key").read_text()
+
+    def key(self, user: str, project: str | None = None, **options) -> str:
+        """A fresh API key for ``user`` (created, with the user, if needed)."""
+        if user not in {u.name for u in self.accounts.list_users()}:
+            self.accounts.create_user(user, actor="test")
+        return self.accounts.create_key(user, project, actor="test", **options)[1]
+
+    async def models_seen(self, model: str, timeout: float = 5.0) -> None:
+        """Until the gateway's discovery shows a node serving ``model``."""
+        await eventually(lambda: model in self.plugin.gateway.base_models(), timeout)
+
+
+async def models(isl: Island, key: str) -> set[str]:
+    """The model ids the gateway's ``/v1/models`` lists to ``key``."""
+    async with httpx.AsyncClient(base_url=isl.url) as http:
+        reply = await http.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
+    reply.raise_for_status()
+    return {m["id"] for m in reply.json()["data"]}
+
+
+async def start_storage(
+    make_agent: AgentFactory, name: str = "store", **config: object
+) -> tuple[AgentRuntime, StoragePlugin]:
+    """An agent with a storage plugin (``config`` its section); (its runtime, the plugin)."""
+    rt = await make_agent(name, roles=("storage",))  # only storage announces adapters
+    plugin = StoragePlugin()
+    await rt.host.add("storage", config, plugin=plugin)
+    return rt, plugin
+
+
+async def training_island(make_agent: AgentFactory, tmp_path: Path) -> Island:
+    """Storage, a training queue with its trainer, an inference node serving a tiny random
+    model ("tiny-llama") and a gateway: the whole fine-tuning loop, each part an agent."""
+    from support.tiny_models import build_tiny_model
+
+    base = build_tiny_model(tmp_path / "tiny-llama")
+    await make_agent("store", roles=("storage",), plugins={"storage": {}}, heartbeat=0.2)
+    trainer = {
+        "mode": "both",
+        "device": "cpu",
+        "heartbeat": 0.3,
+        "poll": 0.5,
+        "models": {"tiny-llama": str(base)},  # the overlay's name for the base model
+        "model_cache": str(tmp_path / "models"),
+    }
+    await make_agent("trainer", roles=("training",), plugins={"training": trainer}, heartbeat=0.2)
+    local = {"model": str(base), "embeddings": False}
+    await make_agent(
+        "gpu", roles=("inference",), plugins={"inference": {"local": local}}, heartbeat=0.2
+    )
+    isl = Island(make_agent)
+    await (await isl.start_gateway()).models_seen("tiny-llama")
+    await eventually(lambda: bool(isl.plugin.gateway.watch.discovery.select(plugin="training")))
+    return isl
+
+
+def colour_rows(n: int) -> list[dict[str, str]]:
+    """``n`` Alpaca rows (instruction, output) for a fine-tuning job through the gateway."""
+    return [
+        {"instruction": f"Say the colour number {i}.", "output": f"The colour is blue {i}."}
+        for i in range(n)
+    ]

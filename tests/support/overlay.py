@@ -1,0 +1,64 @@
+"""A test broker's agents driven by hand: hand-made sessions, a tapped router, bounded polling."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from websockets.asyncio.client import ClientConnection, connect
+
+from atoll.agent.identity import AgentKeys
+from atoll.agent.runtime import AgentRuntime
+from atoll.broker.router import Session
+from atoll.broker.server import BrokerServer
+from atoll.protocol.frames import Frame, decode_message
+from atoll.protocol.handshake import ClientHandshake
+from atoll.tenancy.operator import OperatorStore
+
+AgentFactory = Callable[..., Awaitable[AgentRuntime]]
+"""The ``make_agent`` fixture: ``await make_agent(name, tenant=, roles=, brokers=, labels=,
+**options)`` enrolls and starts an agent on the test broker."""
+
+
+async def raw_session(
+    operator: OperatorStore,
+    broker: BrokerServer,
+    name: str,
+    max_size: int | None = None,
+    roles: tuple[str, ...] = ("agent",),
+) -> ClientConnection:
+    """A hand-driven authenticated websocket, to send frames no real agent would."""
+    keys = AgentKeys.issue(operator, "acme", name, list(roles))
+    ws = await connect(broker.url, compression=None, max_size=max_size)
+    hs = ClientHandshake(keys.key, keys.credential, keys.operator_pub)
+    (hello,) = decode_message(await ws.recv())
+    await ws.send(hs.receive_hello(hello))
+    (welcome,) = decode_message(await ws.recv())
+    hs.receive_welcome(welcome)
+    return ws
+
+
+Tap = Callable[[Session, Frame], Frame | None]
+
+
+def intercept(broker: BrokerServer, tap: Tap) -> Callable[[], None]:
+    """Play a compromised broker: ``tap`` sees every frame an agent sends before the router
+    does, and a Frame it returns is routed instead. Returns the undo."""
+    router = broker.router
+    route = router.handle
+
+    def handle(session: Session, frame: Frame) -> None:
+        route(session, tap(session, frame) or frame)
+
+    router.handle = handle
+    return lambda: delattr(router, "handle")
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll ``check`` until true; bounded in time."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not check():
+        if loop.time() > end:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)

@@ -1,0 +1,558 @@
+"""The training plugin: a real queue, real trainers and a real storage agent on a real broker;
+each job trains a tiny Llama with transformers + peft in its own process on the CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from atoll.agent.contract import parse
+from atoll.agent.errors import Forbidden, InvalidRequest, NoSuchMethod
+from atoll.agent.node import Agent
+from atoll.agent.runtime import AgentRuntime
+from atoll.plugins.storage.contract.adapters import describe_adapter, fetch_adapter
+from atoll.plugins.storage.contract.datasets import DatasetNotFound, upload_dataset
+from atoll.plugins.storage.plugin import StoragePlugin
+from atoll.plugins.training.contract import (
+    FINAL_STATES,
+    JobFinished,
+    JobNotFound,
+    JobOptions,
+    JobRecord,
+    cancel_job,
+    events_subject,
+    follow_events,
+    get_job,
+    job_events,
+    list_jobs,
+    submit_job,
+)
+from atoll.plugins.training.data import (
+    IGNORE,
+    TEMPLATES,
+    DataError,
+    build_examples,
+    pt_examples,
+    sft_example,
+)
+from atoll.plugins.training.plugin import TrainingPlugin
+from atoll.plugins.training.runner import FINAL_METRICS
+from support.overlay import AgentFactory, eventually
+from support.tiny_models import build_tiny_model, tiny_tokenizer
+
+JOB_TIMEOUT = 90.0  # one tiny job: ~6 s of imports, under a second of training, on a free CPU
+
+
+# --- the island ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("base") / "tiny")
+
+
+def chat_rows(n: int = 24) -> list[dict[str, Any]]:
+    return [
+        {"messages": [
+            {"role": "user", "content": f"What is {i} plus {i}?"},
+            {"role": "assistant", "content": f"It is {2 * i}."},
+        ]}
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def text_rows(n: int = 24) -> list[dict[str, Any]]:
+    return [{"text": f"The quick brown fox number {i} jumps over the lazy dog."} for i in range(n)]
+
+
+class Island:
+    """A storage agent, a queue agent, a gateway-like client, and trainers added on demand."""
+
+    def __init__(self, make_agent: AgentFactory, tmp_path: Path, tiny_base: Path) -> None:
+        self.make_agent = make_agent
+        self.tmp_path = tmp_path
+        self.tiny_base = tiny_base
+        self.trainers: dict[str, AgentRuntime] = {}
+
+    async def start(self, **queue_config: Any) -> Island:
+        self.storage_rt = await self.make_agent("store", heartbeat=0.2)
+        self.storage = StoragePlugin()
+        await self.storage_rt.host.add("storage", {}, plugin=self.storage)
+        config = {"mode": "queue", "lost_after": 5.0} | queue_config
+        self.queue_rt = await self.make_agent("queue", roles=("training",), heartbeat=0.2)
+        self.queue = TrainingPlugin()
+        await self.queue_rt.host.add("training", config, plugin=self.queue)
+        self.client = (await self.make_agent("gw", roles=("gateway",))).agent
+        return self
+
+    async def add_dataset(
+        self, rows: list[dict[str, Any]], owner: str, project: str | None = None
+    ) -> str:
+        path = self.tmp_path / f"rows-{len(list(self.tmp_path.glob('rows-*')))}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        record = await upload_dataset(self.client, "store", path, "rows", owner, project)
+        return record.id
+
+    async def add_trainer(self, name: str, **config: Any) -> TrainingPlugin:
+        rt = await self.make_agent(name, roles=("training",), heartbeat=0.2)
+        plugin = TrainingPlugin()
+        config = {
+            "mode": "trainer", "device": "cpu", "heartbeat": 0.3, "poll": 1.0,
+            "model_cache": str(self.tmp_path / "models"),
+            "models": {"tiny": str(self.tiny_base)},  # jobs name models, never paths
+        } | config  # fmt: skip
+        await rt.host.add("training", config, plugin=plugin)
+        self.trainers[name] = rt
+        return plugin
+
+    def options(self, dataset: str, **changes: Any) -> dict[str, Any]:
+        return {
+            "model_name_or_path": "tiny", "dataset": [dataset], "lora_rank": 4,
+            "logging_steps": 1, "num_train_epochs": 2.0, "learning_rate": 0.01,
+            "lr_scheduler_type": "constant", "suffix": "math",
+        } | changes  # fmt: skip
+
+    async def submit(self, owner: str = "alice", **changes: Any) -> JobRecord:
+        dataset = await self.add_dataset(chat_rows(), owner)
+        return await submit_job(self.client, "queue", owner, self.options(dataset, **changes))
+
+    async def job(self, job_id: str) -> JobRecord:
+        return await get_job(self.client, "queue", job_id)
+
+    async def until(self, job_id: str, states: set[str], timeout: float = JOB_TIMEOUT) -> JobRecord:
+        """Poll the job until it is in one of ``states``; bounded in time."""
+        deadline = time.monotonic() + timeout
+        while (job := await self.job(job_id)).state not in states:
+            assert job.state not in FINAL_STATES, f"job ended {job.state}: {job.error}"
+            assert time.monotonic() < deadline, f"job still {job.state} after {timeout}s"
+            await asyncio.sleep(0.2)
+        return job
+
+
+@pytest.fixture
+async def island(make_agent: AgentFactory, tmp_path: Path, tiny_base: Path) -> Island:
+    return await Island(make_agent, tmp_path, tiny_base).start()
+
+
+async def first_loss(island: Island, job_id: str) -> None:
+    """Until the queue has a logged loss for the job (its process is training)."""
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not any("loss" in e for e in await job_events(island.client, "queue", job_id)):
+        assert time.monotonic() < deadline, "no loss logged in time"
+        await asyncio.sleep(0.2)
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # A zombie still answers kill(0) until reaped; the trainer reaps it with wait().
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    return True
+
+
+# --- the whole loop -----------------------------------------------------------------------------
+
+
+async def test_a_trainer_joining_later_trains_the_queued_job(island: Island, tmp_path) -> None:
+    published: list[dict[str, Any]] = []
+    job = await island.submit(suffix="math")
+    await island.client.subscribe(events_subject(job.id), lambda p: published.append(p.data))
+    assert job.state == "queued" and job.created_at <= job.queued_at  # type: ignore[operator]
+    assert job.id.startswith("ftjob-") and job.attempt == 0 and job.adapter_id is None
+    followed: list[dict[str, Any]] = []
+
+    async def follow() -> None:
+        async for event in follow_events(island.client, "queue", job.id, poll=0.5):
+            followed.append(event)
+
+    follower = asyncio.create_task(follow())
+    await asyncio.sleep(1.0)
+    assert (await island.job(job.id)).state == "queued"  # nobody to train it yet
+
+    await island.add_trainer("t1")
+    done = await island.until(job.id, {"completed"})
+    assert done.trainer == "t1" and done.attempt == 1 and done.error is None
+    assert done.adapter_id == f"alice/math-{job.id.removeprefix('ftjob-')}"
+    assert set(FINAL_METRICS) <= set(done.metrics), done.metrics
+    assert done.metrics["train_loss"] > 0 and done.metrics["train_runtime"] > 0
+    assert done.queued_at <= done.started_at <= done.finished_at  # type: ignore[operator]
+
+    events = await job_events(island.client, "queue", job.id)
+    seqs = [e["seq"] for e in events]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    states = [e["state"] for e in events if e["type"] == "state"]
+    assert states == ["created", "queued", "training", "completed"]
+    logs = [e for e in events if e["type"] == "log" and "loss" in e]
+    assert len(logs) == 12  # 24 rows, batch 4, 2 epochs, a log every step
+    assert {"step", "epoch", "loss", "learning_rate"} <= set(logs[0])
+    assert logs[-1]["loss"] < logs[0]["loss"]  # it learned
+    assert next(e for e in events if e["type"] == "metrics")["train_loss"] > 0
+    assert done.last_event is not None and done.last_event["state"] == "completed"
+    await asyncio.wait_for(follower, 10)
+    assert [e["seq"] for e in followed] == seqs  # every event once, in order, then it ended
+    await eventually(lambda: any(e.get("state") == "completed" for e in published))
+    assert any("loss" in e for e in published)  # live, as the trainer logged them
+
+    adapter = await describe_adapter(island.client, "store", done.adapter_id)
+    assert (adapter.owner, adapter.source_job, adapter.base_model) == ("alice", job.id, "tiny")
+    assert adapter.rank == 4
+    assert list(island.trainers["t1"].host.plugins["training"].worker.workdir.iterdir()) == []
+    await check_adapter_changes_the_model(island, done.adapter_id, tmp_path)
+
+
+async def check_adapter_changes_the_model(island: Island, adapter_id: str, tmp_path: Path) -> None:
+    """The stored adapter loads in peft on the tiny base and makes a trained answer likelier."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    directory = await fetch_adapter(island.client, "store", adapter_id, tmp_path / "fetched")
+    tok = tiny_tokenizer()
+    messages = chat_rows(3)[2]["messages"]
+    text = tok.apply_chat_template(messages, tokenize=False)
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+
+    def loss(model: Any) -> float:
+        with torch.no_grad():
+            return float(model(input_ids=ids, labels=ids).loss)
+
+    base = AutoModelForCausalLM.from_pretrained(island.tiny_base).eval()
+    before = loss(base)
+    tuned = PeftModel.from_pretrained(base, directory).eval()
+    assert loss(tuned) < before - 0.5
+
+
+# --- options ------------------------------------------------------------------------------------
+
+
+GOOD = {"model_name_or_path": "tiny", "dataset": ["ds-0123456789ab"]}
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"stage": "rl"}, "stage"),
+        ({"model_name_or_path": ""}, "model_name_or_path"),
+        ({"dataset": []}, "dataset"),
+        ({"dataset": ["train.jsonl"]}, "dataset.0"),
+        ({"dataset": ["ds-0123456789ab", "ds-0123456789ab"]}, "dataset"),
+        ({"template": "gpt5"}, "template"),
+        ({"lora_rank": 0}, "lora_rank"),
+        ({"lora_rank": 512}, "lora_rank"),
+        ({"lora_rank": "8"}, "lora_rank"),
+        ({"lora_alpha": -1.0}, "lora_alpha"),
+        ({"lora_target": ["q_proj", "q_proj"]}, "lora_target"),
+        ({"lora_target": "q_proj,bad name"}, "lora_target"),
+        ({"per_device_train_batch_size": 0}, "per_device_train_batch_size"),
+        ({"gradient_accumulation_steps": 1.5}, "gradient_accumulation_steps"),
+        ({"lr_scheduler_type": "exponential"}, "lr_scheduler_type"),
+        ({"logging_steps": 0}, "logging_steps"),
+        ({"save_steps": -5}, "save_steps"),
+        ({"learning_rate": 0}, "learning_rate"),
+        ({"learning_rate": 2.0}, "learning_rate"),
+        ({"learning_rate": "1e-4"}, "learning_rate"),
+        ({"num_train_epochs": 0}, "num_train_epochs"),
+        ({"precision_type": "int8"}, "precision_type"),
+        ({"cutoff_len": 4}, "cutoff_len"),
+        ({"seed": -1}, "seed"),
+        ({"suffix": "my adapter"}, "suffix"),
+        ({"warmup": 10}, "warmup"),
+    ],
+)
+def test_each_bad_option_is_refused_by_name(change: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        parse(JobOptions, GOOD | change, "job options")
+    assert f"{field}:" in err.value.message or f"{field}." in err.value.message, err.value.message
+
+
+def test_options_defaults_and_spellings() -> None:
+    options = parse(JobOptions, GOOD | {"lora_target": "q_proj, v_proj"}, "job options")
+    assert options.lora_target == ["q_proj", "v_proj"] and options.alpha == 16.0
+    assert options.stage == "sft" and options.cutoff_len == 256 and options.precision_type == "fp32"
+    assert parse(JobOptions, GOOD | {"num_train_epochs": 1}, "o").num_train_epochs == 1.0
+
+
+async def test_submissions_are_checked(island: Island, make_agent: AgentFactory) -> None:
+    dataset = await island.add_dataset(chat_rows(4), "alice", project="lab")
+    with pytest.raises(InvalidRequest, match="learning_rate"):
+        await submit_job(island.client, "queue", "alice", island.options(dataset, learning_rate=5))
+    with pytest.raises(DatasetNotFound, match="no dataset 'ds-000000000000'"):
+        await submit_job(island.client, "queue", "alice", island.options("ds-000000000000"))
+    with pytest.raises(Forbidden, match="belongs to 'alice', not to 'bob'"):
+        await submit_job(island.client, "queue", "bob", island.options(dataset))
+    # A project member may train on the project's dataset.
+    job = await submit_job(island.client, "queue", "bob", island.options(dataset), project="lab")
+    assert job.project == "lab" and job.state == "queued"
+    prose = await island.add_dataset(text_rows(4), "alice")
+    with pytest.raises(InvalidRequest, match="sft job needs conversations"):
+        await submit_job(island.client, "queue", "alice", island.options(prose))
+    with pytest.raises(InvalidRequest, match="owner"):
+        await submit_job(island.client, "queue", "bad owner!", island.options(dataset))
+    stranger = (await make_agent("stranger")).agent
+    with pytest.raises(Forbidden, match="roles"):
+        await submit_job(stranger, "queue", "alice", island.options(dataset))
+    with pytest.raises(Forbidden, match=r"needs one of the roles training$"):
+        await stranger.call("queue/training", "claim", {"capacity": 1, "device": "cpu"})
+    with pytest.raises(JobNotFound):
+        await get_job(island.client, "queue", "ftjob-000000000000")
+    assert [j.id for j in await list_jobs(island.client, "queue", owner="bob")] == [job.id]
+    assert await list_jobs(island.client, "queue", project="none") == []
+    second = await submit_job(island.client, "queue", "bob", island.options(dataset), project="lab")
+    newest_first = [j.id for j in await list_jobs(island.client, "queue", owner="bob")]
+    assert newest_first == [second.id, job.id]
+    page = await list_jobs(island.client, "queue", owner="bob", after=second.id, limit=5)
+    assert [j.id for j in page] == [job.id]
+    assert len(await list_jobs(island.client, "queue", limit=1)) == 1
+
+
+# --- cancelling ---------------------------------------------------------------------------------
+
+
+async def test_cancel_while_queued_only_by_its_owner_or_an_admin(
+    island: Island, make_agent: AgentFactory
+) -> None:
+    job = await island.submit()
+    with pytest.raises(Forbidden, match="only 'alice'"):
+        await cancel_job(island.client, "queue", job.id, owner="mallory")
+    with pytest.raises(Forbidden):
+        await cancel_job(island.client, "queue", job.id)  # the gateway must name the owner
+    cancelled = await cancel_job(island.client, "queue", job.id, owner="alice")
+    assert cancelled.state == "cancelled" and cancelled.finished_at is not None
+    with pytest.raises(JobFinished, match="already cancelled"):
+        await cancel_job(island.client, "queue", job.id, owner="alice")
+    other = await island.submit(owner="carol")
+    admin = (await make_agent("root", roles=("admin",))).agent
+    assert (await cancel_job(admin, "queue", other.id)).state == "cancelled"
+    await island.add_trainer("t1")  # finds nothing to claim
+    await asyncio.sleep(1.5)
+    assert {j.state for j in await list_jobs(island.client, "queue")} == {"cancelled"}
+
+
+async def test_cancel_while_training_kills_the_process(island: Island) -> None:
+    worker = (await island.add_trainer("t1")).worker
+    job = await island.submit(num_train_epochs=500.0)  # far longer than the test
+    await first_loss(island, job.id)
+    process = worker.running[job.id].process
+    assert process is not None and process.returncode is None
+    cancelled = await cancel_job(island.client, "queue", job.id, owner="alice")
+    assert cancelled.state == "cancelled"
+    await eventually(lambda: job.id not in worker.running, timeout=15)
+    assert process.returncode is not None and gone(process.pid)
+    await asyncio.sleep(1.0)  # a late finish from the trainer would change nothing
+    final = await island.job(job.id)
+    assert final.state == "cancelled" and final.adapter_id is None
+    assert await island.storage.store.list("adapters/") == []
+
+
+async def test_a_job_naming_a_path_is_refused_before_anything_runs(island: Island) -> None:
+    """A job names one of the trainer's models, never a path on its host (which would train
+    on whatever is there and tell, by its error, which paths exist)."""
+    worker = (await island.add_trainer("t1")).worker
+    for model in (str(island.tiny_base), "/etc/passwd"):
+        job = await island.submit(model_name_or_path=model)
+        failed = await island.until(job.id, {"failed"})
+        assert failed.error == (
+            f"checking the model: ValueError: model {model!r} is not one this trainer offers "
+            "(SmolLM2-135M-Instruct, tiny)"
+        )
+    assert list(worker.workdir.iterdir()) == []
+
+
+async def test_a_crashing_job_fails_with_the_process_s_reason(island: Island) -> None:
+    # The operator mapped the model to a directory that is not there.
+    worker = (await island.add_trainer("t1", models={"tiny": "/nowhere/model"})).worker
+    job = await island.submit()
+    failed = await island.until(job.id, {"failed"})
+    assert "the training process exited with 1" in (failed.error or "")
+    assert "ModelSpecError" in (failed.error or "") and "/nowhere/model" in (failed.error or "")
+    assert failed.trainer == "t1" and failed.adapter_id is None and failed.finished_at
+    await eventually(lambda: not worker.running)
+    assert list(worker.workdir.iterdir()) == []
+
+
+# --- lost trainers ------------------------------------------------------------------------------
+
+
+async def test_a_stopped_trainer_s_job_is_finished_by_another(island: Island) -> None:
+    models = {"tiny-llama": str(island.tiny_base)}  # the overlay's name for the base
+    t1 = (await island.add_trainer("t1", models=models)).worker
+    dataset = await island.add_dataset(text_rows(), "alice")
+    options = island.options(
+        dataset, stage="pt", num_train_epochs=6.0, suffix="prose", model_name_or_path="tiny-llama"
+    )
+    job = await submit_job(island.client, "queue", "alice", options)
+    await first_loss(island, job.id)
+    process = t1.running[job.id].process
+    assert process is not None
+    await island.add_trainer("t2", models=models)
+    await island.trainers["t1"].stop()  # leaves mid-job: discovery marks it LOST at once
+    assert gone(process.pid)
+    done = await island.until(job.id, {"completed"})
+    assert done.trainer == "t2" and done.attempt == 2
+    assert done.adapter_id == f"alice/prose-{job.id.removeprefix('ftjob-')}"
+    events = await job_events(island.client, "queue", job.id)
+    states = [e["state"] for e in events if e["type"] == "state"]
+    assert states == ["created", "queued", "training", "queued", "training", "completed"]
+    assert any("trainer t1 lost" in e["message"] for e in events)
+    adapter = await describe_adapter(island.client, "store", done.adapter_id)
+    assert adapter.meta["stage"] == "pt" and adapter.source_job == job.id
+    assert adapter.base_model == "tiny-llama"
+
+
+async def test_silent_trainers_fail_the_job_after_max_attempts(
+    make_agent: AgentFactory, tmp_path: Path, tiny_base: Path
+) -> None:
+    island = await Island(make_agent, tmp_path, tiny_base).start(lost_after=1.0, max_attempts=2)
+    job = await island.submit()
+    ghosts = [(await make_agent(f"ghost{i}", roles=("training",))).agent for i in (1, 2)]
+
+    async def claim(agent: Agent) -> dict[str, Any] | None:
+        return await agent.call("queue/training", "claim", {"capacity": 1, "device": "cpu"})
+
+    claimed = await claim(ghosts[0])  # and never heard from again
+    assert claimed is not None and claimed["id"] == job.id and claimed["state"] == "training"
+    requeued = await island.until(job.id, {"queued"}, timeout=10)
+    assert requeued.attempt == 1 and requeued.trainer == "ghost1"
+    assert (await claim(ghosts[1]))["attempt"] == 2  # type: ignore[index]
+    deadline = time.monotonic() + 10
+    while (failed := await island.job(job.id)).state == "training":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    assert failed.state == "failed"
+    assert failed.error == "trainers ghost1, ghost2 lost 2 times"
+    # A late word from a lost trainer changes nothing.
+    beat = {"id": job.id, "attempt": 2, "progress": {}, "events": []}
+    reply = await ghosts[1].call("queue/training", "heartbeat", beat)
+    assert reply["cancel"] is True and "failed" in reply["reason"]
+    finish = {"id": job.id, "attempt": 2, "ok": True, "adapter_id": "x/y"}
+    assert (await ghosts[1].call("queue/training", "finish", finish)) == {"accepted": False}
+    assert (await island.job(job.id)).state == "failed"
+
+
+async def test_half_precision_waits_for_a_gpu_trainer_or_is_refused(island: Island) -> None:
+    cpu, gpu = [(await island.make_agent(n, roles=("training",))).agent for n in ("cpu1", "gpu1")]
+
+    async def claim(agent: Agent, device: str, capacity: int = 1) -> dict[str, Any] | None:
+        params = {"capacity": capacity, "device": device}
+        return await agent.call("queue/training", "claim", params)
+
+    refused = await island.submit(precision_type="bf16")
+    assert await claim(cpu, "cpu") is None
+    failed = await island.job(refused.id)
+    assert failed.state == "failed" and "needs a GPU trainer" in (failed.error or "")
+    assert "cpu1 trains on the CPU" in (failed.error or "")
+
+    waiting = await island.submit(precision_type="fp16")
+    assert await claim(gpu, "cuda", capacity=0) is None  # a GPU trainer is around, but full
+    assert await claim(cpu, "cpu") is None
+    assert (await island.job(waiting.id)).state == "queued"  # left for the GPU trainer
+    taken = await claim(gpu, "cuda")
+    assert taken is not None and taken["id"] == waiting.id and taken["trainer"] == "gpu1"
+
+
+async def test_jobs_survive_a_restart_of_the_queue(island: Island) -> None:
+    job = await island.submit()
+    await island.queue_rt.host.remove("training")
+    restarted = TrainingPlugin()
+    await island.queue_rt.host.add("training", {"mode": "queue"}, plugin=restarted)
+    again = await island.job(job.id)
+    assert again.state == "queued" and again.created_at == job.created_at
+    assert len(await job_events(island.client, "queue", job.id)) == 2
+    trainer_only = await island.add_trainer("t1", queue="nowhere")
+    assert trainer_only.queue is None
+    with pytest.raises(NoSuchMethod):
+        await island.client.call("t1/training", "jobs", {})
+
+
+async def test_one_agent_can_be_queue_and_trainer(make_agent: AgentFactory, tmp_path) -> None:
+    """Mode "both": the trainer claims from the queue beside it (an RPC to its own agent)."""
+    rt = await make_agent("solo", roles=("training", "admin"), heartbeat=0.2)
+    await rt.host.add("storage", {}, plugin=StoragePlugin())
+    plugin = TrainingPlugin()
+    await rt.host.add("training", {"mode": "both", "device": "cpu", "poll": 0.5}, plugin=plugin)
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(4)))
+    dataset = (await upload_dataset(rt.agent, "solo", path, "rows", "alice")).id
+    options = {"model_name_or_path": "tiny", "dataset": [dataset], "precision_type": "bf16"}
+    job = await submit_job(rt.agent, "solo", "alice", options)
+    await eventually(lambda: plugin.queue.get(job.id).state == "failed", timeout=10)
+    assert "solo trains on the CPU" in (plugin.queue.get(job.id).error or "")
+    described = plugin.describe()
+    assert described["capabilities"] == {
+        "queue": True, "trainer": True, "device": "cpu", "capacity": 1,
+        "models": ["SmolLM2-135M-Instruct"],
+    }  # fmt: skip
+    assert described["load"] == {"jobs_queued": 0, "training_jobs": 0}
+
+
+@pytest.mark.embedded
+async def test_the_embedded_model_trains_under_its_overlay_id(
+    island: Island, embedded_model: tuple[Path, Path, float]
+) -> None:
+    entry, _, _ = embedded_model
+    await island.add_trainer("t1", model_cache=str(entry.parent))  # converted once, reused
+    dataset = await island.add_dataset(chat_rows(8), "alice")
+    options = island.options(
+        dataset, model_name_or_path="SmolLM2-135M-Instruct", num_train_epochs=1.0, cutoff_len=64,
+        lora_target=["q_proj", "v_proj"], learning_rate=1e-4,
+    )  # fmt: skip
+    job = await submit_job(island.client, "queue", "alice", options)
+    done = await island.until(job.id, {"completed"}, timeout=180)
+    assert done.metrics["train_steps_per_second"] > 0
+    adapter = await describe_adapter(island.client, "store", done.adapter_id or "")
+    assert adapter.base_model == "SmolLM2-135M-Instruct"
+    assert sorted({t.rsplit(".", 1)[-1] for t in adapter.target_modules}) == ["q_proj", "v_proj"]
+
+
+# --- training data ------------------------------------------------------------------------------
+
+
+def test_sft_labels_only_the_assistant_replies() -> None:
+    tok = tiny_tokenizer()
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "And 2?"},
+        {"role": "assistant", "content": "Two"},
+    ]
+    for name in ("default", *TEMPLATES):
+        template = tok.chat_template if name == "default" else TEMPLATES[name]
+        example = sft_example(tok, template, messages, 1024)
+        assert example is not None
+        pairs = zip(example["input_ids"], example["labels"], strict=True)
+        text = tok.decode([i for i, label in pairs if label != IGNORE])
+        assert text.startswith("Paris.") and "Two" in text, (name, text)
+        assert "France" not in text and "brief" not in text and "And 2" not in text
+    short = sft_example(tok, TEMPLATES["chatml"], messages, 8)  # cut before any reply
+    assert short is None
+
+
+def test_templates_that_do_not_render_prefixes_are_refused() -> None:
+    tok = tiny_tokenizer()
+    counting = "{{ messages|length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    with pytest.raises(DataError, match="prefix"):
+        sft_example(tok, counting, messages, 64)
+
+
+def test_pt_joins_documents_into_blocks(tmp_path: Path) -> None:
+    tok = tiny_tokenizer()
+    blocks = pt_examples(tok, ["hello world", "the quick brown fox"], 4)
+    flat = [t for b in blocks for t in b["input_ids"]]
+    assert all(len(b["input_ids"]) <= 4 for b in blocks)
+    assert flat.count(tok.eos_token_id) == 2 and blocks[0]["labels"] == blocks[0]["input_ids"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"txt": "typo"}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl line 2: no 'text' field"):
+        build_examples(tok, "pt", [bad], "default", 16)
