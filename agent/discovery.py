@@ -73,10 +73,12 @@ class Entry:
             "status": str(self.status), "age_s": round(self.age, 3),
         }  # fmt: skip
 
-    def status_now(self) -> Status:
+    def status_now(self, now: float | None = None) -> Status:
+        """``now``: the view's clock for liveness (default the wall clock)."""
         if self.leaving:
             return Status.LOST
-        missed = self.age / self.interval if self.interval > 0 else 0
+        age = self.age if now is None else max(0.0, now - max(self.announced_at, 0.0))
+        missed = age / self.interval if self.interval > 0 else 0
         if missed >= LOST_AFTER:
             return Status.LOST
         if missed >= STALE_AFTER:
@@ -223,7 +225,7 @@ class Discovery:
         old = self.entries.get(entry.name)
         if old is not None and entry.announced_at < old.announced_at:
             return  # an older kept copy arriving late
-        entry.status = entry.status_now()
+        entry.status = entry.status_now(self._clock())
         self.entries[entry.name] = entry
         if old is None or old.status is not entry.status:
             self._emit(entry, old.status if old else None)
@@ -245,12 +247,24 @@ class Discovery:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.tick)
+            now = self._clock()
             for entry in list(self.entries.values()):
-                status = entry.status_now()
+                status = entry.status_now(now)
                 if status is not entry.status:
                     before, entry.status = entry.status, status
                     self._emit(entry, before)
                     self.changed.set()
+
+    def _clock(self) -> float:
+        """The time liveness is judged at: the wall clock while this agent's own announcements
+        come back through its broker; frozen at the last one (plus a beat) when they stop. A
+        stalled link of ours is no news of anyone else: without this, a gateway whose broker
+        hangs for a few seconds would see every node go LOST and answer 404 for every model."""
+        now = time.time()
+        own = self.entries.get(self.agent.name)
+        if own is None or own.leaving:  # a bare watcher (no announcer): nothing to compare with
+            return now
+        return min(now, own.seen_at + 1.5 * own.interval)
 
     def select(
         self,

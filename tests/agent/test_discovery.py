@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
+from types import SimpleNamespace
+from typing import cast
 
 import psutil
 import pytest
 
-from atoll.agent.discovery import Discovery, Status
+from atoll.agent.discovery import Discovery, Entry, Status
 from atoll.agent.errors import Forbidden
 from atoll.agent.identity import AgentKeys
 from atoll.agent.node import Agent
@@ -142,3 +145,17 @@ async def test_non_admin_metrics_subscription_is_refused(operator, broker) -> No
         assert sum("broker_error" in m for m in refusals) == 1
     finally:
         await agent.stop()
+
+
+def test_liveness_waits_while_our_own_announcements_do_not_come_back() -> None:
+    """A stalled link of ours (our broker hung) is no news of anyone else: others stay ACTIVE
+    until our own announcement comes back; then one silent for 6 beats is LOST."""
+    t = time.time()
+    view = Discovery(cast(Agent, SimpleNamespace(name="gw")))
+    view.entries["gw"] = Entry("gw", interval=1.0, announced_at=t - 10, seen_at=t - 10)
+    gpu = view.entries["gpu"] = Entry("gpu", interval=1.0, announced_at=t - 10.5, seen_at=t - 10.5)
+    assert gpu.status_now(view._clock()) is Status.ACTIVE
+    view.entries["gw"] = Entry("gw", interval=1.0, announced_at=t, seen_at=t)  # back
+    assert gpu.status_now(view._clock()) is Status.LOST
+    bare = Discovery(cast(Agent, SimpleNamespace(name="cli")))  # announces nothing itself
+    assert gpu.status_now(bare._clock()) is Status.LOST
