@@ -289,15 +289,12 @@ class Router:
             if subject not in self._broker_refusals and len(self._broker_refusals) >= 256:
                 return  # a flood of bad peers: the first ones tell the story
             self._broker_refusals[subject] = (now, data)
-            spaces = list(self._tenants.values())
-        else:
-            space = self._space(tenant)
-            if self.kept_room(tenant, f"${self.name}", subject, len(data)) is None:
-                self._keep(tenant, space, subject, f"${self.name}", data)
-            spaces = [space]
-        for space in spaces:
-            for target in dict.fromkeys(space.subs.match(subject)):
-                target.send(data)
+            for each in list(self._tenants):
+                self.deliver_pub(each, subject, data, None)
+            return
+        by = f"${self.name}"
+        fits = self.kept_room(tenant, by, subject, len(data)) is None
+        self.deliver_pub(tenant, subject, data, by if fits else None)
 
     def expire_kept(self, now: int, ttl_ms: int) -> int:
         """Drop what agents reachable nowhere (here or across the mesh) for ``ttl_ms`` kept;
