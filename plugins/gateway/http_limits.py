@@ -12,8 +12,10 @@ every ``body_timeout``, and beyond ``max_connections`` open connections a new on
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 _BUSY_BODY = (
@@ -33,10 +35,24 @@ class HttpLimits:
     max_connections: int
 
 
+class _ReadingFlow(FlowControl):
+    """uvicorn's flow control, telling the protocol each time the app asks for body bytes
+    (``receive`` resumes reading, after sending any ``100 Continue``)."""
+
+    def __init__(self, transport: asyncio.Transport, on_read: Callable[[], None]) -> None:
+        super().__init__(transport)
+        self._on_read = on_read
+
+    def resume_reading(self) -> None:
+        super().resume_reading()
+        self._on_read()
+
+
 def guarded_protocol(limits: HttpLimits) -> type[HttpToolsProtocol]:
     class Guarded(HttpToolsProtocol):
         _deadline: asyncio.TimerHandle | None = None
         _refused = False
+        _in_body = False
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             if len(self.connections) >= limits.max_connections:
@@ -46,6 +62,7 @@ def guarded_protocol(limits: HttpLimits) -> type[HttpToolsProtocol]:
                 transport.close()
                 return
             super().connection_made(transport)
+            self.flow = _ReadingFlow(transport, self._asked_for_body)
             self._arm(limits.header_timeout)  # a silent client is cut after this
 
         def connection_lost(self, exc: Exception | None) -> None:
@@ -73,6 +90,12 @@ def guarded_protocol(limits: HttpLimits) -> type[HttpToolsProtocol]:
                 self._deadline.cancel()
                 self._deadline = None
 
+        def _asked_for_body(self) -> None:
+            # The client's clock starts when the server reads: one that waited for ``100
+            # Continue`` (or for a paused read) gets a whole deadline from that moment.
+            if self._in_body:
+                self._arm(limits.body_timeout)
+
         def _expired(self) -> None:
             self._deadline = None
             if self.transport.is_closing():
@@ -99,6 +122,7 @@ def guarded_protocol(limits: HttpLimits) -> type[HttpToolsProtocol]:
             if self.parser is not None and not (
                 self.parser.should_upgrade() and self._should_upgrade()
             ):
+                self._in_body = True
                 self._arm(limits.body_timeout)
 
         # The body: each piece resets the deadline; the whole request ends it.
@@ -107,6 +131,7 @@ def guarded_protocol(limits: HttpLimits) -> type[HttpToolsProtocol]:
             super().on_body(body)
 
         def on_message_complete(self) -> None:
+            self._in_body = False
             self._disarm()
             super().on_message_complete()
 

@@ -249,10 +249,13 @@ async def test_the_gateway_caps_open_sockets(make_agent: AgentFactory) -> None:
 
 async def test_a_body_the_server_is_not_reading_yet_is_no_stall() -> None:
     """The body deadline is the client's: while the app has yet to ask for the body (uvicorn
-    stops reading past 64 KiB; a client expecting ``100 Continue`` waits for it), it waits."""
+    stops reading past 64 KiB; a client expecting ``100 Continue`` waits for it), it waits, and
+    its clock starts when the server asks: a client that answers ``100 Continue`` just before
+    the deadline's next tick is not cut."""
 
     async def busy_app(scope: dict, receive: Callable, send: Callable) -> None:
-        await asyncio.sleep(3 * LIMIT)  # busy for longer than the body deadline
+        # Busy for longer than the body deadline, asking for the body just before its third tick.
+        await asyncio.sleep(2.9 * LIMIT)
         size = 0
         while True:
             message = await receive()
@@ -285,6 +288,7 @@ async def test_a_body_the_server_is_not_reading_yet_is_no_stall() -> None:
         w.write(b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
         async with asyncio.timeout(CLOSED_WITHIN):
             assert (await r.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 100")
+            await asyncio.sleep(0.5 * LIMIT)  # past that tick, within a deadline of the ask
             w.write(b"hello")
             assert (await r.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
         w.close()
