@@ -21,11 +21,12 @@ credential) and takes the labels from it, so no node can declare itself ``phi=tr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from atoll.agent.contract import service_address
 from atoll.agent.errors import NoResponder
@@ -38,6 +39,7 @@ ANNOUNCE = "discovery.announce"
 EVENTS = "discovery.events"
 STALE_AFTER = 3  # missed heartbeats
 LOST_AFTER = 6
+_T = TypeVar("_T")
 
 
 class Status(enum.StrEnum):
@@ -60,6 +62,7 @@ class Entry:
     seen_at: float = 0.0  # our clock, epoch seconds
     status: Status = Status.ACTIVE
     leaving: bool = False
+    blind_at: float = 0.0  # the view's blind time when this arrived (Discovery.blind)
 
     @property
     def age(self) -> float:
@@ -73,11 +76,13 @@ class Entry:
             "status": str(self.status), "age_s": round(self.age, 3),
         }  # fmt: skip
 
-    def status_now(self, now: float | None = None) -> Status:
-        """``now``: the view's clock for liveness (default the wall clock)."""
+    def status_now(self, now: float | None = None, unheard: float = 0.0) -> Status:
+        """Liveness at ``now`` (default the wall clock), not counting ``unheard`` seconds of
+        its silence: time since it arrived in which the view could hear nobody."""
         if self.leaving:
             return Status.LOST
-        age = self.age if now is None else max(0.0, now - max(self.announced_at, 0.0))
+        now = time.time() if now is None else now
+        age = max(0.0, now - max(self.announced_at, 0.0) - max(0.0, unheard))
         missed = age / self.interval if self.interval > 0 else 0
         if missed >= LOST_AFTER:
             return Status.LOST
@@ -171,7 +176,8 @@ class Discovery:
         self._idents: dict[bytes, AgentIdentity] = {}  # verified credentials, by their bytes
         self._sub: Subscription | None = None
         self._task: asyncio.Task[None] | None = None
-        self.changed = asyncio.Event()
+        self._blind = 0.0  # seconds our own announcements were overdue, in past outages
+        self._waiters: list[asyncio.Future[None]] = []
 
     async def start(self) -> Discovery:
         self._sub = await self.agent.subscribe(f"{ANNOUNCE}.*", self._on_announce)
@@ -222,14 +228,58 @@ class Discovery:
         entry = _entry(pub.data, ident) if ident is not None else None
         if entry is None:
             return
+        self.heard(entry)
+
+    def heard(self, entry: Entry) -> None:
+        """Take in a verified announcement (received at ``entry.seen_at``)."""
         old = self.entries.get(entry.name)
         if old is not None and entry.announced_at < old.announced_at:
             return  # an older kept copy arriving late
-        entry.status = entry.status_now(self._clock())
+        if entry.name == self.agent.name and old is not None and not old.leaving:
+            # Our own announcement is back: the time it was overdue was an outage of ours,
+            # never counted as anyone's silence (else all would go LOST the moment we recover).
+            self._blind += max(0.0, entry.seen_at - _overdue_from(old))
+        entry.blind_at = self.blind(entry.seen_at)
+        entry.status = self.status(entry, entry.seen_at)
         self.entries[entry.name] = entry
         if old is None or old.status is not entry.status:
             self._emit(entry, old.status if old else None)
-        self.changed.set()
+        self._changed()
+
+    def blind(self, now: float | None = None) -> float:
+        """Seconds this view could hear nobody, up to ``now``: the time its own announcements
+        were overdue (they come back through its broker, so their absence means our link
+        stalled). A bare watcher (announcing nothing) is never blind."""
+        now = time.time() if now is None else now
+        own = self.entries.get(self.agent.name)
+        if own is None or own.leaving:
+            return self._blind
+        return self._blind + max(0.0, now - _overdue_from(own))
+
+    def status(self, entry: Entry, now: float | None = None) -> Status:
+        """``entry``'s liveness as this view judges it: its silence while we were blind does
+        not count (a gateway whose broker hung for a few seconds must not see every node LOST
+        and answer 404 for every model)."""
+        now = time.time() if now is None else now
+        return entry.status_now(now, self.blind(now) - entry.blind_at)
+
+    def _changed(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def until(self, found: Callable[[], _T], timeout: float) -> _T:
+        """``found()`` once it is truthy, re-asked at each change of the view; its last answer
+        when ``timeout`` seconds pass first."""
+        loop = asyncio.get_running_loop()
+        limit = loop.time() + timeout
+        while not (answer := found()) and (left := limit - loop.time()) > 0:
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter, left)
+        return answer
 
     def _emit(self, entry: Entry, before: Status | None) -> None:
         event = {
@@ -247,24 +297,13 @@ class Discovery:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.tick)
-            now = self._clock()
+            now = time.time()
             for entry in list(self.entries.values()):
-                status = entry.status_now(now)
+                status = self.status(entry, now)
                 if status is not entry.status:
                     before, entry.status = entry.status, status
                     self._emit(entry, before)
-                    self.changed.set()
-
-    def _clock(self) -> float:
-        """The time liveness is judged at: the wall clock while this agent's own announcements
-        come back through its broker; frozen at the last one (plus a beat) when they stop. A
-        stalled link of ours is no news of anyone else: without this, a gateway whose broker
-        hangs for a few seconds would see every node go LOST and answer 404 for every model."""
-        now = time.time()
-        own = self.entries.get(self.agent.name)
-        if own is None or own.leaving:  # a bare watcher (no announcer): nothing to compare with
-            return now
-        return min(now, own.seen_at + 1.5 * own.interval)
+                    self._changed()
 
     def select(
         self,
@@ -293,6 +332,11 @@ class Discovery:
         if load_key is not None:
             found.sort(key=lambda e: float(e.load.get(load_key, 0.0) or 0.0))
         return found
+
+
+def _overdue_from(own: Entry) -> float:
+    """When our own next announcement is late (a beat and a half after the last one)."""
+    return own.seen_at + 1.5 * own.interval
 
 
 class Finder:

@@ -1,7 +1,8 @@
 """Routing: which inference agent serves a request, and streaming its events back with retries.
 
 Candidates come from the discovery view: ACTIVE agents offering the ``inference`` plugin, serving
-the base model, carrying every label of the caller's routing policy. Agents that already hold the
+the base model, carrying every label of the caller's routing policy (when the only such agents
+have gone STALE, a request waits a while for one to be heard again). Agents that already hold the
 adapter go first (no load, no fetch); the rest are ordered by power of two choices on their load.
 
 A node that fails before its first event is skipped and the next candidate is tried (up to
@@ -17,15 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel
 
 from atoll.agent.contract import Method
-from atoll.agent.discovery import Discovery, Entry
+from atoll.agent.discovery import Discovery, Entry, Status
 from atoll.agent.errors import AtollError, ConnectionLost, DeadlineExceeded, InvalidRequest
 from atoll.agent.node import Overlay
 from atoll.plugins.gateway.errors import GatewayError, from_platform
@@ -146,22 +148,42 @@ class ModelRouter:
     # --- choosing ---------------------------------------------------------------------------------
 
     def candidates(
-        self, base_model: str | None, adapter: str | None, labels: dict[str, str]
+        self,
+        base_model: str | None,
+        adapter: str | None,
+        labels: dict[str, str],
+        status: Status = Status.ACTIVE,
     ) -> list[Entry]:
         """Nodes that may serve a generation, best first."""
         capability = {"models": base_model} if base_model else None
-        found = self.discovery.select(plugin=PLUGIN, capability=capability, labels=labels)
+        found = self.discovery.select(
+            plugin=PLUGIN, capability=capability, labels=labels, status=status
+        )
         return self._order(found, adapter)
 
-    def _embedders(self, model: str | None, labels: dict[str, str]) -> list[Entry]:
-        found = self.discovery.select(plugin=PLUGIN, labels=labels)
+    def _embedders(
+        self, model: str | None, labels: dict[str, str], status: Status = Status.ACTIVE
+    ) -> list[Entry]:
+        found = self.discovery.select(plugin=PLUGIN, labels=labels, status=status)
         if model:  # a named embedding model must be that node's; None: any embedder
             return self._order([e for e in found if _caps(e).get("embeddings") == model], None)
         return self._order([e for e in found if _caps(e).get("embeddings")], None)
 
-    def _transcribers(self, labels: dict[str, str]) -> list[Entry]:
-        found = self.discovery.select(plugin=PLUGIN, labels=labels)
+    def _transcribers(self, labels: dict[str, str], status: Status = Status.ACTIVE) -> list[Entry]:
+        found = self.discovery.select(plugin=PLUGIN, labels=labels, status=status)
         return self._order([e for e in found if _caps(e).get("transcription") is True], None)
+
+    async def _awaited(self, pick: Callable[[Status], list[Entry]], deadline: float) -> list[Entry]:
+        """ACTIVE nodes ``pick`` chooses; none, but some gone STALE (silent for a few beats:
+        a broker restarting, a link failing over): wait for them to be heard again, up to the
+        first-event timeout within the deadline, rather than fail at once."""
+        nodes = pick(Status.ACTIVE)
+        if nodes or not pick(Status.STALE):
+            return nodes
+        wait = min(deadline, asyncio.get_running_loop().time() + self.first_event_timeout)
+        return await self.discovery.until(
+            lambda: pick(Status.ACTIVE), wait - asyncio.get_running_loop().time()
+        )
 
     def _order(self, entries: list[Entry], adapter: str | None) -> list[Entry]:
         holders = [e for e in entries if adapter and _holds(e, adapter)]
@@ -209,7 +231,9 @@ class ModelRouter:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + deadline_s
         adapter = request.adapter or (request.mixture.key() if request.mixture else None)
-        nodes = self.candidates(request.model, adapter, labels)
+        nodes = await self._awaited(
+            lambda status: self.candidates(request.model, adapter, labels, status), deadline
+        )
         if not nodes:
             what = request.model or request.adapter or "text generation"
             raise GatewayError(503, f"no inference node serves {what}{_describe_labels(labels)}")
@@ -319,20 +343,22 @@ class ModelRouter:
         spec = REPLY_METHODS.get(method if isinstance(method, str) else method.name)
         if spec is None:
             raise ValueError(f"the router calls embed or transcribe, not {method!r}")
-        if spec is EMBED:
-            nodes = self._embedders(base_model, labels)
-            what = f"embeddings ({base_model})" if base_model else "embeddings"
-        else:
-            nodes = self._transcribers(labels)
-            what = "transcription"
         if deadline_s <= 0:
             raise ValueError("deadline_s must be positive")
-        if isinstance(params, BaseModel):
-            params = params.model_dump(exclude_none=True)  # msgpack carries bytes (audio) as is
-        if not nodes:
-            raise GatewayError(503, f"no inference node serves {what}{_describe_labels(labels)}")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + deadline_s
+        pick: Callable[[Status], list[Entry]]
+        if spec is EMBED:
+            pick = functools.partial(self._embedders, base_model, labels)
+            what = f"embeddings ({base_model})" if base_model else "embeddings"
+        else:
+            pick = functools.partial(self._transcribers, labels)
+            what = "transcription"
+        if isinstance(params, BaseModel):
+            params = params.model_dump(exclude_none=True)  # msgpack carries bytes (audio) as is
+        nodes = await self._awaited(pick, deadline)
+        if not nodes:
+            raise GatewayError(503, f"no inference node serves {what}{_describe_labels(labels)}")
         route = Route()
         last: AtollError | None = None
         for entry in nodes[: self.attempts]:

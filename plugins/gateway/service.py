@@ -13,6 +13,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
+from atoll.agent.discovery import Status
 from atoll.agent.metrics import MetricsRegistry
 from atoll.agent.watch import TenantWatch
 from atoll.plugins.gateway.accounts import Accounts
@@ -132,8 +133,12 @@ class Gateway:
         return self._offered("embeddings")
 
     def _offered(self, capability: str) -> dict[str, list[str]]:
+        """Models by agents that are ACTIVE or only STALE (silent a few beats: a broker
+        restarting); a model is unknown once every agent serving it is LOST."""
         out: dict[str, list[str]] = {}
-        for entry in self.watch.discovery.select(plugin="inference"):
+        for entry in self.watch.discovery.select(plugin="inference", status=None):
+            if entry.status is Status.LOST:
+                continue
             model = (entry.capabilities.get("inference") or {}).get(capability)
             if isinstance(model, str) and model:
                 out.setdefault(model, []).append(entry.name)

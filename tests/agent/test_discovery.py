@@ -147,15 +147,36 @@ async def test_non_admin_metrics_subscription_is_refused(operator, broker) -> No
         await agent.stop()
 
 
-def test_liveness_waits_while_our_own_announcements_do_not_come_back() -> None:
+def test_liveness_does_not_count_the_time_we_could_not_hear() -> None:
     """A stalled link of ours (our broker hung) is no news of anyone else: others stay ACTIVE
-    until our own announcement comes back; then one silent for 6 beats is LOST."""
+    while our own announcements are overdue, and when ours come back the outage is not counted
+    as their silence; one still silent for 6 beats of our hearing time is then LOST."""
     t = time.time()
     view = Discovery(cast(Agent, SimpleNamespace(name="gw")))
-    view.entries["gw"] = Entry("gw", interval=1.0, announced_at=t - 10, seen_at=t - 10)
-    gpu = view.entries["gpu"] = Entry("gpu", interval=1.0, announced_at=t - 10.5, seen_at=t - 10.5)
-    assert gpu.status_now(view._clock()) is Status.ACTIVE
-    view.entries["gw"] = Entry("gw", interval=1.0, announced_at=t, seen_at=t)  # back
-    assert gpu.status_now(view._clock()) is Status.LOST
+    view.heard(Entry("gw", interval=1.0, announced_at=t - 10, seen_at=t - 10))
+    gpu = Entry("gpu", interval=1.0, announced_at=t - 10.5, seen_at=t - 10.5)
+    view.heard(gpu)
+    assert view.status(gpu, t) is Status.ACTIVE  # we have heard nothing for 10 s: nor them
+
+    def ours(at: float) -> None:  # our own heartbeat, heard
+        view.heard(Entry("gw", interval=1.0, announced_at=at, seen_at=at))
+
+    ours(t)  # our link is back
+    assert view.blind(t) == pytest.approx(8.5)  # overdue from 1.5 beats after the last one
+    assert view.status(gpu, t) is Status.ACTIVE  # not LOST the moment we recover
+    ours(t + 1)
+    assert view.status(gpu, t + 1.5) is Status.STALE  # 2 beats before the outage, 1.5 after
+    for beat in range(2, 5):
+        ours(t + beat)
+    assert view.blind(t + 4.5) == pytest.approx(8.5)
+    assert view.status(gpu, t + 4.5) is Status.LOST
+    fresh = Entry("gpu", interval=1.0, announced_at=t + 4, seen_at=t + 4)
+    view.heard(fresh)  # heard after the outage: its silence counts in full again
+    assert view.status(fresh, t + 4.5) is Status.ACTIVE
+    assert view.status(fresh, t + 5.4) is Status.ACTIVE  # blind again from t + 5.5
+    assert view.status(fresh, t + 20) is Status.ACTIVE  # we have been deaf since
+    for beat in range(5, 11):
+        ours(t + beat)
+    assert view.status(fresh, t + 10.1) is Status.LOST  # 6.1 beats, all heard
     bare = Discovery(cast(Agent, SimpleNamespace(name="cli")))  # announces nothing itself
-    assert gpu.status_now(bare._clock()) is Status.LOST
+    assert bare.blind(t) == 0.0 and bare.status(gpu, t) is Status.LOST

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from atoll.agent.discovery import Discovery
+from atoll.agent.discovery import Discovery, Status
 from atoll.agent.runtime import AgentRuntime
 from atoll.broker.server import BrokerServer
 from atoll.plugins.gateway.errors import GatewayError
@@ -178,6 +178,30 @@ async def test_a_stopped_node_is_routed_around(make_agent: AgentFactory, gw: Gat
     for _ in range(3):
         tokens, _, route = await run(gw.router(), prompt(adapter="alice/soap"))
         assert route.node == "a" and text(tokens).startswith("[alice/soap]")
+
+
+async def test_a_request_waits_for_a_stale_node_to_be_heard_again(
+    make_agent: AgentFactory, gw: Gateway
+) -> None:
+    """The only node of a model silent for a few beats (its broker restarting) is STALE, not
+    gone: a request waits for it to be heard again instead of failing at once."""
+    await make_agent("n1", plugins=echo(), **FAST)
+    await gw.see("n1")
+    router = gw.router(first_event_timeout=2.0)
+    entry = gw.view.entries["n1"]
+    entry.announced_at -= 1.0  # five beats of silence
+    entry.status = gw.view.status(entry)
+    assert entry.status is Status.STALE and router.candidates("m1", None, {}) == []
+    tokens, _, route = await run(router, prompt(model="m1"))
+    assert route.node == "n1" and route.retries == 0 and text(tokens) == "one two three"
+    await gw.rt.agent.link.stop()  # we hear nobody now, but n1 keeps
+    for entry in gw.view.entries.values():
+        entry.announced_at -= 60.0
+        entry.status = gw.view.status(entry)
+    assert gw.view.select(plugin="inference", status=Status.STALE) == []
+    with pytest.raises(GatewayError) as lost:  # LOST: no waiting
+        await run(router, prompt(model="m1"))
+    assert lost.value.status == 503 and "no inference node serves m1" in lost.value.message
 
 
 async def test_a_node_dead_without_a_word_is_retried_elsewhere(

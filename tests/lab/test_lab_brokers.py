@@ -21,18 +21,7 @@ pytestmark = [pytest.mark.lab, pytest.mark.timeout(300)]
         ("b", "kill", 2.0),
         ("b", "stop", 6.0),
         ("a", "kill", 2.0),
-        pytest.param(
-            "a",
-            "stop",
-            6.0,
-            marks=pytest.mark.xfail(
-                strict=False,
-                reason="known bug (issue 21): after the gateway's own broker hangs 6 s, the "
-                "gateway's discovery briefly sees no ACTIVE node and answers 404 for the model "
-                "(87-91% success on CI, 99.8% locally); a model with STALE nodes should wait "
-                "for them, not be unknown",
-            ),
-        ),
+        ("a", "stop", 6.0),
     ],
     ids=[
         "inference-broker-kill",
