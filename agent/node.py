@@ -270,7 +270,7 @@ class Agent:
             if task is not None:
                 task.cancel()
         elif isinstance(event, Undelivered):
-            self.streams.on_no_responder(event.msg, event.reason)
+            self.streams.on_no_responder(event.msg, event.dst, event.reason)
         elif isinstance(event, PeerKnown):
             waiter = self._key_waiters.pop(event.name, None)
             if waiter is not None and not waiter.done():

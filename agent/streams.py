@@ -197,6 +197,9 @@ class Stream:
             self._fail(AtollError.from_wire(msg.get("e")))
 
     def tick(self, now: float) -> None:
+        if self.windows.gone(now):
+            self._fail(NoResponder(f"{self.remote} is gone: its broker no longer has it"))
+            return
         self.windows.tick(now)
         self._flush()
 
@@ -268,11 +271,17 @@ class StreamMux:
             self.opening.pop(msg_id, None)
         return stream
 
-    def on_no_responder(self, msg_id: int, reason: str) -> None:
-        """The broker could not deliver message ``msg_id``: if it opened a stream, fail it."""
+    def on_no_responder(self, msg_id: int, dst: str, reason: str) -> None:
+        """The broker could not deliver message ``msg_id`` to ``dst``: if it opened a stream,
+        fail it; streams with ``dst`` note it is unreachable (``gone`` if it stays so)."""
         stream = self.opening.pop(msg_id, None)
         if stream is not None:
             stream._fail(NoResponder(reason))
+            return
+        now = asyncio.get_running_loop().time()
+        for stream in self.streams.values():
+            if stream.remote == dst:
+                stream.windows.undelivered(now)
 
     def _ensure_ticker(self) -> None:
         if self._ticker is None or self._ticker.done():

@@ -116,9 +116,11 @@ class StreamMessage:
 
 @dataclass(slots=True)
 class Undelivered:
-    """The broker could not deliver message ``msg`` (one that was not a call: a stream's)."""
+    """The broker could not deliver message ``msg`` (one that was not a call: a stream's) to
+    ``dst``."""
 
     msg: int
+    dst: str
     reason: str
 
 
@@ -365,7 +367,7 @@ class Session:
         msg, reason = f.header["id"], f.header["reason"]
         call = self._by_msg.get(msg)
         if call is None:
-            events.append(Undelivered(msg, reason))
+            events.append(Undelivered(msg, f.header["dst"], reason))
         elif self._end(call) is not None:
             events.append(CallFailed(call, Failure.NO_RESPONDER, reason))
 

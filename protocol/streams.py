@@ -6,7 +6,7 @@ naming its stream and byte offset:
 
     so  open     {s, svc, p: params, w: window}      sk  accepted  {s, w}
     sd  data     {s, o: offset, d: bytes}            se  end       {s, o: final offset}
-    sa  report   {s, n: bytes read, r: bytes received in order, e: end received}
+    sa  report   {s, n: bytes read, r: bytes received in order, e: end received, q: answer me}
     sn  resend   {s, o: from offset}                 sr  reset     {s, e: [type, message, data]}
 
 Messages from the accepting side carry ``a: 1`` (both sides number their own streams).
@@ -16,6 +16,13 @@ reader stalls its own stream and nothing else on the connection. Writers keep un
 until the reader has it, so a chunk a broker drops or corrupts (and the receiver therefore
 refuses) is noticed as a gap at the next offset — or by a retransmission timer at the tail — and
 sent again. Half-close: ``end`` ends one direction; the other may go on.
+
+A stream whose other side says nothing for ``PROBE_AFTER`` sends a report asking for one back
+(``q``): an idle stream stays quiet otherwise, and its far agent may have died. A broker answers
+a message for an agent it no longer has with NORESP (``undelivered``); a far side that stays
+unreachable for ``UNREACHABLE_AFTER`` (longer than an agent takes to fail over to another
+broker) is ``gone``, and the stream fails instead of waiting forever on a writer or reader that
+will never come back.
 
 ``StreamWindows`` queues the messages it calls for in ``outbox``; ``report_due`` asks for a
 report, which the caller sends (``take_report``) once per turn of its event loop however often
@@ -34,6 +41,8 @@ from atoll.protocol.errors import ProtocolError
 WINDOW = 4 * 1024 * 1024
 CHUNK = 1024 * 1024
 RETRANSMIT_AFTER = 1.0  # seconds without progress on unconsumed data: send it again
+PROBE_AFTER = 2.0  # seconds of silence from the other side: ask it for a report
+UNREACHABLE_AFTER = 5.0  # seconds the other side's broker says it has no such agent: gone
 
 Body = dict[str, Any]
 
@@ -67,6 +76,10 @@ class StreamWindows:
         self.unacked: deque[tuple[int, bytes]] = deque()
         self.eof_sent = False
         self.progress_at = now
+        # liveness of the other side
+        self.heard_at = now  # its last message (or the stream's start)
+        self.probed_at = now
+        self.unreachable_at: float | None = None  # since a broker first said it had no such agent
         # inbound
         self.expected = 0
         self.chunks: deque[bytes] = deque()
@@ -146,10 +159,22 @@ class StreamWindows:
 
     def tick(self, now: float) -> None:
         """Retransmit the tail when the reader has not received it for a while (a lost last
-        chunk or end has nothing after it to reveal the gap)."""
+        chunk or end has nothing after it to reveal the gap); probe a silent other side."""
         missing = self.received < self.sent or (self.eof_sent and not self.eof_delivered)
         if missing and now - self.progress_at > RETRANSMIT_AFTER:
             self._resend(self.received, now)
+        if now - max(self.heard_at, self.probed_at) >= PROBE_AFTER:
+            self.probed_at = now
+            self._emit({"k": "sa", "s": self.sid, **self._report_fields(), "q": True})
+
+    def undelivered(self, now: float) -> None:
+        """A broker could not deliver our message: the other side's agent is not connected."""
+        if self.unreachable_at is None:
+            self.unreachable_at = now
+
+    def gone(self, now: float) -> bool:
+        """The other side has been unreachable too long to be failing over: give up on it."""
+        return self.unreachable_at is not None and now - self.unreachable_at >= UNREACHABLE_AFTER
 
     def _resend(self, offset: int, now: float) -> None:
         for start, chunk in list(self.unacked):
@@ -207,12 +232,15 @@ class StreamWindows:
         """Take a stream message (other than ``so``) from the other side. Raises ProtocolError
         if it overran the window we gave it."""
         kind, offset = msg.get("k"), msg.get("o")
+        self.heard_at, self.unreachable_at = now, None
         if kind == "sd":
             data = msg.get("d")
             if type(offset) is int and isinstance(data, bytes):
                 return self._on_data(offset, data)
         elif kind == "sa":
             n, r = msg.get("n"), msg.get("r")
+            if msg.get("q") is True:
+                self._want_report()
             if type(n) is int and type(r) is int:
                 return self._on_report(n, r, msg.get("e") is True, now)
         elif kind == "sn":

@@ -9,8 +9,9 @@ import os
 
 import pytest
 
-from atoll.agent.errors import ConnectionLost, NoSuchMethod
+from atoll.agent.errors import ConnectionLost, NoResponder, NoSuchMethod
 from atoll.agent.streams import Stream, StreamReset
+from atoll.protocol import streams as protocol_streams
 from atoll.protocol.frames import Frame, FrameType
 from atoll.protocol.streams import CHUNK
 from atoll.tenancy.permissions import ANY
@@ -128,3 +129,39 @@ async def test_reset_and_connection_loss(operator, broker, make_agent) -> None:
     await broker.stop()
     with pytest.raises(ConnectionLost):
         await asyncio.wait_for(reader, 5)
+
+
+@pytest.fixture
+def quick_probes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Liveness probes in tenths of a second, so a test sees them at work."""
+    monkeypatch.setattr(protocol_streams, "PROBE_AFTER", 0.3)
+    monkeypatch.setattr(protocol_streams, "UNREACHABLE_AFTER", 1.0)
+
+
+async def test_a_stream_whose_far_agent_dies_fails_soon(quick_probes, broker, make_agent) -> None:
+    """A writer blocked on a dead reader's window, and a reader waiting on a dead writer, learn
+    it from their broker (probes of a silent side are answered NORESP) instead of waiting
+    forever; a live side that is only silent keeps its stream."""
+    a = await make_agent("alpha")
+    b = await make_agent("beta")
+
+    async def park(stream: Stream, params, call) -> None:
+        await asyncio.sleep(30)  # never reads nor writes
+
+    b.agent.streams.serve("test", "park", park, ANY)
+    b.agent.streams.serve("test", "echo", echo, ANY)
+    idle = await a.agent.streams.open("beta/test", "echo")
+    await asyncio.sleep(1.5)  # five probe periods of silence, the far side alive
+    await idle.write(b"still here")
+    assert await asyncio.wait_for(idle.read(), 5) == b"still here"
+    stuck = await a.agent.streams.open("beta/test", "park", window=CHUNK)
+    writing = asyncio.create_task(stuck.write(os.urandom(8 * CHUNK)))
+    waiting = await a.agent.streams.open("beta/test", "park")
+    reading = asyncio.create_task(waiting.read())
+    await asyncio.sleep(0.2)
+    assert not writing.done() and not reading.done()
+    await b.agent.link.stop()  # beta's process dies: no goodbye, no reset
+    for task in (writing, reading):
+        with pytest.raises(NoResponder, match="beta/test is gone"):
+            await asyncio.wait_for(task, 10)
+    assert not a.agent.streams.streams  # forgotten

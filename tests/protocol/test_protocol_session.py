@@ -171,7 +171,7 @@ def test_no_responder(world: World) -> None:
     ]
     # Not a pending call's message (a stream's open): reported as undelivered.
     assert alice.receive([noresp], now_ms()) == [
-        Undelivered(request.header["id"], "no agent 'bob'")
+        Undelivered(request.header["id"], "bob/x", "no agent 'bob'")
     ]
 
 

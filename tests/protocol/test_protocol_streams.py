@@ -8,7 +8,14 @@ from typing import Any
 import pytest
 
 from atoll.protocol.errors import ProtocolError
-from atoll.protocol.streams import CHUNK, RETRANSMIT_AFTER, Change, StreamWindows
+from atoll.protocol.streams import (
+    CHUNK,
+    PROBE_AFTER,
+    RETRANSMIT_AFTER,
+    UNREACHABLE_AFTER,
+    Change,
+    StreamWindows,
+)
 
 
 def pair(window: int = 4 * CHUNK) -> tuple[StreamWindows, StreamWindows]:
@@ -133,3 +140,33 @@ def test_data_after_close_is_counted_as_read() -> None:
     assert deliver(opener, acceptor) == Change.NONE
     assert acceptor.read == acceptor.expected == 7 and not acceptor.chunks
     assert report(acceptor)["n"] == 7
+
+
+def test_a_silent_side_is_probed_and_answers() -> None:
+    opener, acceptor = pair()
+    opener.tick(PROBE_AFTER - 0.1)
+    assert opener.take() == []  # not silent long enough
+    opener.tick(PROBE_AFTER)
+    [probe] = opener.take()
+    assert probe["k"] == "sa" and probe["q"] is True
+    opener.tick(PROBE_AFTER + 0.5)
+    assert opener.take() == []  # one probe per silence
+    acceptor.receive(probe, PROBE_AFTER)
+    answer = report(acceptor)
+    assert "q" not in answer and answer["a"] == 1
+    opener.receive(answer, PROBE_AFTER + 0.6)
+    opener.tick(2 * PROBE_AFTER + 0.5)
+    assert opener.take() == []  # heard again: the silence starts over
+    opener.tick(2 * PROBE_AFTER + 0.7)
+    assert [b["q"] for b in opener.take()] == [True]
+
+
+def test_a_side_its_broker_no_longer_has_is_gone_after_a_grace() -> None:
+    opener, acceptor = pair()
+    opener.undelivered(10.0)
+    opener.undelivered(12.0)  # the first NORESP starts the clock
+    assert not opener.gone(10.0 + UNREACHABLE_AFTER - 0.1)
+    assert opener.gone(10.0 + UNREACHABLE_AFTER)
+    acceptor.tick(PROBE_AFTER)  # it failed over and speaks again
+    opener.receive(acceptor.take()[0], 16.0)
+    assert not opener.gone(100.0)
