@@ -1,11 +1,15 @@
 """One training job in its own process (a crash or an OOM kill cannot take the agent down):
 
-    python -m atoll.plugins.training.runner --job job.json
+    python -m atoll.plugins.training.runner --job job.json --parent PID
 
 ``job.json`` is a ``RunSpec``. The process writes one JSON event per line on its standard output
 (anything else the libraries print goes to standard error): ``log`` events (a message, and
 step, max_steps, epoch, loss, learning_rate once training runs), one ``metrics`` event with the
 final statistics, then ``done`` naming the saved adapter — or ``error`` and exit status 1.
+
+It runs in a session of its own (the trainer stops it with its process group), so it would
+outlive a trainer killed without a word and hold the GPU for a job that is re-queued elsewhere:
+it watches its parent, the trainer's ``PID``, and ends its group when that is gone.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -23,6 +29,7 @@ from pydantic import BaseModel, ConfigDict
 
 from atoll.plugins.training.contract import JobOptions
 
+PARENT_POLL = 0.5  # seconds between looks at whether the trainer is still our parent
 FINAL_METRICS = (
     "train_runtime",
     "train_samples_per_second",
@@ -190,10 +197,29 @@ def train(spec: RunSpec, emit: Events) -> None:
     )
 
 
+def die_with_parent(parent: int) -> None:
+    """End this process's group (it and anything it started) once ``parent`` is no longer its
+    parent: a dead parent's children are handed to init or a subreaper."""
+
+    def end() -> None:
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL)
+        end()
+
+    if os.getppid() != parent:  # gone before we looked
+        end()
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run one LoRA training job.")
     parser.add_argument("--job", type=Path, required=True, help="the job's RunSpec as JSON")
+    parser.add_argument("--parent", type=int, required=True, help="the trainer's process id")
     args = parser.parse_args(argv)
+    die_with_parent(args.parent)
     emit = Events()
     try:
         spec = RunSpec.model_validate_json(args.job.read_text())

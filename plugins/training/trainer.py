@@ -258,6 +258,7 @@ class TrainerWorker:
         with log_path.open("wb") as log:
             run.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", RUNNER, "--job", str(workdir / "job.json"),
+                "--parent", str(os.getpid()),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=log,
                 cwd=workdir, start_new_session=True, limit=MAX_LINE,
             )  # fmt: skip
