@@ -1,10 +1,11 @@
 """The deployment recipes in deploy/. The systemd units pass ``systemd-analyze verify`` with their
 ExecStart rendered to this venv's ``atoll``, carry the hardening they promise at a low exposure
-score, and run as the users the sysusers file creates. The broker and the storage agent run from
-the units' own command lines and environment, inside the units' seccomp sandbox, with the shipped
-configs, under a temporary root (each host-specific value overridden as ``ATOLL_<SECTION>__<KEY>``),
-set up as docs/operators.md says: an agent joins over wss:// and answers the operator's CLI. The
-Containerfile installs with the Makefile's setup commands, so the two cannot drift apart."""
+score, and run as the users the sysusers file creates. The broker, the storage agent and the
+gateway agent run from the units' own command lines and environment, inside the units' seccomp
+sandbox, with the shipped configs, under a temporary root (each host-specific value overridden as
+``ATOLL_<SECTION>__<KEY>``), set up as docs/operators.md says: agents join over wss:// and answer
+the operator's CLI. The Containerfile installs with the Makefile's setup commands, so the two
+cannot drift apart."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import pytest
 from pydantic import BaseModel
 
@@ -352,30 +354,51 @@ async def test_broker_runs_from_its_unit(deployment: Deployment) -> None:
         assert db.execute("SELECT name FROM enrollments").fetchall() == [("probe",)]
 
 
-@systemd
-async def test_storage_agent_runs_from_its_unit(deployment: Deployment) -> None:
-    await deployment.broker()
-    token = await cli("token", "create", "-d", deployment.operator, "--role", "storage")
-    state = deployment.root / "var/lib/atoll/agents/store-1"
-    await cli("agent", "join", deployment.url, "--token", token.strip(), "--name", "store-1",
+async def enrol(deployment: Deployment, name: str, *roles: str) -> Path:
+    """As the walk-through does: a token, `atoll agent join` into the instance's state
+    directory, the config from deploy/agents/ installed. The state directory."""
+    token = await cli("token", "create", "-d", deployment.operator, *(f"--role={r}" for r in roles))
+    state = deployment.root / "var/lib/atoll/agents" / name
+    await cli("agent", "join", deployment.url, "--token", token.strip(), "--name", name,
               "-d", state, "--ca-file", deployment.cert)  # fmt: skip
-    shutil.copy(DEPLOY / "agents/store-1.toml", deployment.root / "etc/atoll/agents/store-1.toml")
+    shutil.copy(DEPLOY / f"agents/{name}.toml", deployment.root / f"etc/atoll/agents/{name}.toml")
+    return state
+
+
+@systemd
+async def test_agents_run_from_their_unit(deployment: Deployment) -> None:
+    """The storage host's agent and the operator host's gateway, as atoll-agent@store-1 and
+    atoll-agent@gateway."""
+    await deployment.broker()
     env = {
         "ATOLL_AGENT__BROKERS": json.dumps([deployment.url]),
         "ATOLL_AGENT__CA_FILE": str(deployment.cert),
     }
+    store = await enrol(deployment, "store-1", "storage")
     text = await deployment.start(AGENT_UNIT, "store-1", env, "connected to")
     assert f"agent store-1 connected to {deployment.url}" in text
     assert "did not start" not in text
-    # The operator's CLI reaches it through the broker (trusting the broker's private CA).
+    gateway = await enrol(deployment, "gateway", "gateway", "training")
+    http = free_port()
+    env["ATOLL_PLUGINS__GATEWAY__LISTEN"] = f"127.0.0.1:{http}"
+    text = await deployment.start(AGENT_UNIT, "gateway", env, "connected to")
+    assert "did not start" not in text
+    # The operator's CLI reaches them through the broker (trusting the broker's private CA).
     admin = ["-d", str(deployment.operator), "--broker", deployment.url]
     trust = {"SSL_CERT_FILE": str(deployment.cert)}
     assert json.loads(await cli("call", "store-1", "ping", *admin, env=trust))["agent"] == "store-1"
     adapters = await cli("call", "store-1/storage", "list_adapters", *admin, env=trust)
     assert json.loads(adapters) == []
-    # Its data is in the state directory, whatever data_dir the file names.
-    assert (state / "plugins" / "storage").is_dir()
-    assert await deployment.stop() == [0, 0]
+    # The gateway answers with the admin key it wrote into its state directory.
+    key = (gateway / "plugins/gateway/admin-key").read_text().strip()
+    async with httpx.AsyncClient() as client:
+        reply = await client.get(
+            f"http://127.0.0.1:{http}/v1/models", headers={"Authorization": f"Bearer {key}"}
+        )
+    assert reply.status_code == 200 and reply.json()["object"] == "list"
+    # Their data is in their state directories, whatever data_dir the files name.
+    assert (store / "plugins" / "storage").is_dir()
+    assert await deployment.stop() == [0, 0, 0]
 
 
 # --- the container recipe -------------------------------------------------------------------------
