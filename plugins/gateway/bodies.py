@@ -24,6 +24,9 @@ Event = TokenEvent | FinishEvent
 Finish = Literal["stop", "length", "tool_calls"]  # how a choice may end, but aborted
 B = TypeVar("B", bound=BaseModel)
 
+# What a model listed by /v1/models does (Atoll's field beside OpenAI's).
+ModelKind = Literal["chat", "adapter", "embedding", "transcription"]
+
 MAX_NEW_TOKENS = 32768  # SamplingParams' bound
 
 

@@ -17,7 +17,7 @@ from atoll.plugins.gateway import openai_responses as responses
 from atoll.plugins.gateway.accounts.keys import Principal
 from atoll.plugins.gateway.bodies import Event
 from atoll.plugins.gateway.errors import GatewayError
-from atoll.plugins.gateway.service import Gateway
+from atoll.plugins.gateway.service import Gateway, ModelCard
 from atoll.plugins.inference.contract import (
     EMBED,
     TRANSCRIBE,
@@ -35,22 +35,20 @@ def install_openai(app: FastAPI, gw: Gateway, user: Any) -> None:
 
     @app.get("/v1/models", response_model=responses.ModelList)
     async def list_models(principal: user) -> Any:
-        models = [
-            responses.Model(id=m, created=int(gw.started), owned_by="atoll", root=m)
-            for m in sorted(gw.base_models())
-        ]
-        for a in gw.accounts.visible_adapters(principal):
-            owner = a.project or a.owner or "public"
-            models.append(
-                responses.Model(
-                    id=a.id,
-                    created=int(a.created),
-                    owned_by=owner,
-                    parent=a.base_model,
-                    root=a.base_model,
-                )
-            )
-        return _json(responses.ModelList(data=models))
+        return _json(responses.ModelList(data=[_model(c) for c in gw.models(principal)]))
+
+    # ``:path``: adapter ids hold a slash (``alice/soap``)
+    @app.get("/v1/models/{model_id:path}", response_model=responses.Model)
+    async def retrieve_model(principal: user, model_id: str) -> Any:
+        for card in gw.models(principal):
+            if card.id == model_id:
+                return _json(_model(card))
+        raise GatewayError(  # as for a model that exists but is not the caller's
+            404,
+            f"the model {model_id!r} does not exist or you do not have access to it",
+            code="model_not_found",
+            param="model",
+        )
 
     @app.post("/v1/chat/completions", response_model=responses.ChatCompletion)
     async def chat(principal: user, body: openai_requests.ChatCompletionRequest) -> Any:
@@ -133,6 +131,17 @@ def install_openai(app: FastAPI, gw: Gateway, user: Any) -> None:
         if response_format in ("text", "srt", "vtt"):
             return PlainTextResponse(result.text)
         return result.body if isinstance(result.body, dict) else {"text": result.text}
+
+
+def _model(card: ModelCard) -> responses.Model:
+    return responses.Model(
+        id=card.id,
+        created=card.created,
+        owned_by=card.owned_by,
+        kind=card.kind,
+        parent=card.base,
+        root=card.base or card.id,
+    )
 
 
 def install_lorax(app: FastAPI, gw: Gateway, user: Any) -> None:

@@ -13,7 +13,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
-from atoll.plugins.gateway.bodies import Event, Finish, checked_finish, split_choice, usage_of
+from atoll.plugins.gateway.bodies import (
+    Event,
+    Finish,
+    ModelKind,
+    checked_finish,
+    split_choice,
+    usage_of,
+)
 from atoll.plugins.inference.contract import EmbedResult, FinishEvent, TokenEvent, Usage
 
 
@@ -156,8 +163,9 @@ class Model(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    kind: ModelKind  # Atoll's: what it does
     parent: str | None = None  # an adapter's base model
-    root: str | None = None
+    root: str | None = None  # vLLM's: the base model (the model itself for a base)
 
 
 class ModelList(BaseModel):

@@ -161,17 +161,14 @@ class ModelRouter:
         )
         return self._order(found, adapter)
 
-    def _embedders(
-        self, model: str | None, labels: dict[str, str], status: Status = Status.ACTIVE
+    def _serving(
+        self, kind: str, model: str | None, labels: dict[str, str], status: Status = Status.ACTIVE
     ) -> list[Entry]:
+        """Nodes whose ``kind`` model (embeddings, transcription) is ``model`` (None: any)."""
         found = self.discovery.select(plugin=PLUGIN, labels=labels, status=status)
-        if model:  # a named embedding model must be that node's; None: any embedder
-            return self._order([e for e in found if _caps(e).get("embeddings") == model], None)
-        return self._order([e for e in found if _caps(e).get("embeddings")], None)
-
-    def _transcribers(self, labels: dict[str, str], status: Status = Status.ACTIVE) -> list[Entry]:
-        found = self.discovery.select(plugin=PLUGIN, labels=labels, status=status)
-        return self._order([e for e in found if _caps(e).get("transcription") is True], None)
+        if model:
+            return self._order([e for e in found if _caps(e).get(kind) == model], None)
+        return self._order([e for e in found if _caps(e).get(kind)], None)
 
     async def _awaited(self, pick: Callable[[Status], list[Entry]], deadline: float) -> list[Entry]:
         """ACTIVE nodes ``pick`` chooses; none, but some gone STALE (silent for a few beats:
@@ -332,14 +329,13 @@ class ModelRouter:
         self,
         method: ReplyMethod | ReplyName,
         params: dict[str, Any] | BaseModel,
-        base_model: str | None,
+        model: str | None,
         labels: dict[str, str],
         deadline_s: float,
     ) -> tuple[Any, Route]:
         """RPC ``EMBED`` or ``TRANSCRIBE`` (or a method named so) on the best node, retried
-        elsewhere when a node fails; the reply and its route. ``base_model`` names the embedding
-        model (None: any embedder); transcription nodes announce no model name, so it is ignored
-        there."""
+        elsewhere when a node fails; the reply and its route. ``model`` names the embedding or
+        transcription model (None: any node that embeds or transcribes)."""
         spec = REPLY_METHODS.get(method if isinstance(method, str) else method.name)
         if spec is None:
             raise ValueError(f"the router calls embed or transcribe, not {method!r}")
@@ -348,12 +344,9 @@ class ModelRouter:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + deadline_s
         pick: Callable[[Status], list[Entry]]
-        if spec is EMBED:
-            pick = functools.partial(self._embedders, base_model, labels)
-            what = f"embeddings ({base_model})" if base_model else "embeddings"
-        else:
-            pick = functools.partial(self._transcribers, labels)
-            what = "transcription"
+        kind = "embeddings" if spec is EMBED else "transcription"
+        pick = functools.partial(self._serving, kind, model, labels)
+        what = f"{kind} ({model})" if model else kind
         if isinstance(params, BaseModel):
             params = params.model_dump(exclude_none=True)  # msgpack carries bytes (audio) as is
         nodes = await self._awaited(pick, deadline)

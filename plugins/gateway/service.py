@@ -20,7 +20,7 @@ from atoll.plugins.gateway.accounts import Accounts
 from atoll.plugins.gateway.accounts.adapters import policy_labels
 from atoll.plugins.gateway.accounts.keys import Principal
 from atoll.plugins.gateway.accounts.ledger import Ledger
-from atoll.plugins.gateway.bodies import Event, usage_of
+from atoll.plugins.gateway.bodies import Event, ModelKind, usage_of
 from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.limits import Permit, RateLimiter
 from atoll.plugins.gateway.router import ModelRouter, ReplyMethod
@@ -59,6 +59,18 @@ def _ended_status(exc: BaseException) -> int:
         # ``yield`` while its client left: either way the caller is gone.
         return CLIENT_GONE
     return 500
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """One model a caller may name: its kind (``chat``, ``adapter``, ``embedding``,
+    ``transcription``) and, for an adapter, the base it applies to."""
+
+    id: str
+    kind: ModelKind
+    created: int
+    owned_by: str
+    base: str | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +143,28 @@ class Gateway:
 
     def embedding_models(self) -> dict[str, list[str]]:
         return self._offered("embeddings")
+
+    def transcription_models(self) -> dict[str, list[str]]:
+        return self._offered("transcription")
+
+    def models(self, principal: Principal) -> list[ModelCard]:
+        """Every model ``principal`` may use, once each: served bases (chat), their visible
+        adapters, embedding and transcription models (a base that also embeds is listed as
+        chat)."""
+        created = int(self.started)
+        cards = [ModelCard(m, "chat", created, "atoll") for m in sorted(self.base_models())]
+        for a in self.accounts.visible_adapters(principal):
+            owner = a.project or a.owner or "public"
+            cards.append(ModelCard(a.id, "adapter", int(a.created), owner, a.base_model))
+        offered: list[tuple[ModelKind, dict[str, list[str]]]] = [
+            ("embedding", self.embedding_models()),
+            ("transcription", self.transcription_models()),
+        ]
+        listed = {c.id for c in cards}
+        for kind, served in offered:
+            cards += [ModelCard(m, kind, created, "atoll") for m in sorted(served.keys() - listed)]
+            listed |= served.keys()
+        return cards
 
     def _offered(self, capability: str) -> dict[str, list[str]]:
         """Models by agents that are ACTIVE or only STALE (silent a few beats: a broker
@@ -220,11 +254,15 @@ class Gateway:
         prompt_text: str | None,
     ) -> Any:
         """A one-reply inference call (``EMBED``, ``TRANSCRIBE``), with limits and ledger."""
-        if method is EMBED and model not in self.embedding_models():
+        kind, served = (
+            ("embedding", self.embedding_models())
+            if method is EMBED
+            else ("transcription", self.transcription_models())
+        )
+        if model not in served:
             raise GatewayError(
                 404,
-                f"no embedding model {model!r} is served (now: "
-                f"{', '.join(sorted(self.embedding_models())) or 'none'})",
+                f"no {kind} model {model!r} is served (now: {', '.join(sorted(served)) or 'none'})",
                 code="model_not_found",
                 param="model",
             )

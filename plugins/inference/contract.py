@@ -248,7 +248,7 @@ class NodeInfo(BaseModel):
     running: int = 0
     tokens_per_s: float = 0.0
     embeddings: str | None = None  # the embedding model, if this node embeds
-    transcription: bool = False
+    transcription: str | None = None  # the transcription model, if this node transcribes
 
 
 class Health(BaseModel):

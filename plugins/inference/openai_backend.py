@@ -113,7 +113,7 @@ class OpenAIBackend(Backend):
             max_adapters=len(adapters),  # vLLM keeps its LoRA modules; it loads no others for us
             running=self._running,
             embeddings=self.config.embedding_model,
-            transcription=self.config.transcription_model is not None,
+            transcription=self.config.transcription_model,
         )
 
     def adapters(self) -> list[AdapterInfo]:

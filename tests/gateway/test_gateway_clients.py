@@ -339,6 +339,33 @@ async def test_openai_sdk_unknown_embedding_model_is_not_found(island: Island) -
             await c.completions.create(model="no-such-model", prompt="a")
 
 
+async def test_openai_sdk_lists_and_retrieves_every_model_a_key_may_use(
+    island: Island, upstream: FakeOpenAI
+) -> None:
+    """Clients pick models from the list (LangChain helpers, chat front-ends): chat bases,
+    the caller's adapters, embedding and transcription models, each with its kind; another
+    user's adapter is as absent as one that does not exist."""
+    url = f"{island.url}/v1"
+    async with openai.AsyncOpenAI(base_url=url, api_key=island.key("alice"), max_retries=0) as c:
+        listed = {m.id: m for m in (await c.models.list()).data}
+        kinds = {i: (m.model_extra or {}).get("kind") for i, m in listed.items()}
+        assert kinds == {
+            "echo": "chat", "fake-base": "chat", SOAP: "adapter", SQL: "adapter",
+            EMBEDDER: "embedding", "whisper-1": "transcription",
+        }  # fmt: skip
+        soap = await c.models.retrieve(SOAP)  # an id with a slash
+        assert soap.id == SOAP and soap.owned_by == "alice"
+        assert (soap.model_extra or {})["parent"] == "echo"
+        assert (await c.models.retrieve("whisper-1")).id == "whisper-1"
+        for hidden in (CLINIC, "no-such-model"):  # carol's project's; nobody's
+            with pytest.raises(openai.NotFoundError, match="does not exist"):
+                await c.models.retrieve(hidden)
+        with pytest.raises(openai.NotFoundError, match="no transcription model 'whisper-9'"):
+            await c.audio.transcriptions.create(model="whisper-9", file=("a.wav", b"RIFF"))
+    async with openai.AsyncOpenAI(base_url=url, api_key=island.key("carol"), max_retries=0) as c:
+        assert (await c.models.retrieve(CLINIC)).owned_by == "clinic"
+
+
 async def test_openai_sdk_transcription_is_a_multipart_upload_end_to_end(
     island: Island, upstream: FakeOpenAI
 ) -> None:

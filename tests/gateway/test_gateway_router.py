@@ -329,6 +329,10 @@ async def test_calls_choose_embedders_and_transcribers(
     audio = b"RIFF" + bytes(range(256))
     reply, route = await router.call("transcribe", TranscribeRequest(audio=audio), None, {}, 5.0)
     assert route.node == "ear" and reply["text"] == heard(audio)
+    _, route = await router.call("transcribe", {"audio": audio}, "whisper-1", {}, 5.0)
+    assert route.node == "ear"
+    with pytest.raises(GatewayError, match=r"serves transcription \(whisper-9\)"):
+        await router.call("transcribe", {"audio": audio}, "whisper-9", {}, 5.0)
     fake.fail_status = 503
     with pytest.raises(GatewayError, match="1 inference node") as caught:
         await router.call("transcribe", TranscribeRequest(audio=audio), None, {}, 5.0)
