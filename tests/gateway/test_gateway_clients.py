@@ -507,8 +507,11 @@ async def test_openapi_fuzz_with_the_admin_key_never_5xx(
     key = island.admin_key
     seen = await asyncio.to_thread(fuzz, island.url, bearer(key), 50, key)
     assert len(seen) >= 20  # every route was reached
-    for label in ("GET /v1/models", "POST /v1/audio/transcriptions", "GET /admin/usage"):
+    for label in ("GET /v1/models", "GET /admin/usage"):
         assert 200 in seen[label], (label, seen[label])  # fuzzing got past validation too
+    # A made-up transcription model is a 404 from the service: past validation all the same.
+    label = "POST /v1/audio/transcriptions"
+    assert seen[label].keys() - {400, 422}, (label, seen[label])
 
 
 # One valid request per inference route: refused without a key, answered with one.
@@ -535,6 +538,8 @@ async def test_openapi_fuzz_without_a_key_is_refused(island: Island, upstream: F
         # FastAPI validates a typed body before the route runs, so a malformed one is a 400/422
         # even without a key; nothing else gets through.
         allowed = {401} if label.split()[1].startswith(("/admin", "/metrics")) else {400, 401, 422}
+        if "{" in label:  # a path parameter drawn empty or with a '/..' routes nowhere
+            allowed.add(404)
         assert set(statuses) <= allowed, (label, statuses)
     async with httpx.AsyncClient(base_url=island.url, timeout=TIMEOUT) as http:
         for path, request in VALID.items():
