@@ -33,9 +33,12 @@ lint: typecheck
 	$(VENV)/bin/ruff format --check .
 
 # mypy finds the package by its name: a link `atoll` to the repository root, kept in the venv.
+# Then tests/, by path (their modules named from tests/, as pytest's pythonpath has them: see
+# [tool.mypy] in pyproject.toml), from the same folder so `atoll` resolves and the cache is shared.
 typecheck: setup
 	mkdir -p $(VENV)/typecheck && ln -sfn "$(CURDIR)" $(VENV)/typecheck/atoll
 	cd $(VENV)/typecheck && "$(abspath $(VENV))/bin/mypy" --config-file "$(CURDIR)/pyproject.toml" -p atoll
+	cd $(VENV)/typecheck && "$(abspath $(VENV))/bin/mypy" --config-file "$(CURDIR)/pyproject.toml" "$(CURDIR)/tests"
 
 format:
 	$(VENV)/bin/ruff format .

@@ -128,15 +128,12 @@ async def test_interrupted_transfer_leaves_nothing_visible(tmp_path, make_agent)
     src = tmp_path / "f.bin"
     random_file(src, 32 * 1024 * 1024)
     half = asyncio.Event()
-    task = asyncio.create_task(
-        put_file(
-            a.agent,
-            "beta",
-            src,
-            str(store / "f.bin"),
-            progress=lambda d, t: d > t // 2 and half.set(),
-        )
-    )
+
+    def progress(done: int, total: int) -> None:
+        if done > total // 2:
+            half.set()
+
+    task = asyncio.create_task(put_file(a.agent, "beta", src, str(store / "f.bin"), progress))
     await half.wait()
     task.cancel()  # the sender gives up
     with pytest.raises(asyncio.CancelledError):

@@ -4,6 +4,7 @@ real psutil figures and its access rules."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from types import SimpleNamespace
@@ -135,7 +136,12 @@ async def test_non_admin_metrics_subscription_is_refused(operator, broker) -> No
     await agent.start(5)
     try:
         refusals: list[str] = []
-        agent.log.logger.addFilter(lambda r: refusals.append(r.getMessage()) or True)
+
+        def note(record: logging.LogRecord) -> bool:
+            refusals.append(record.getMessage())
+            return True
+
+        agent.log.logger.addFilter(note)
         # Past the agent's own check (the same table): the broker refuses it too.
         agent._allowed[("subscribe", "metrics.other")] = True
         await agent.subscribe("metrics.other")

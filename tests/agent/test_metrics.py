@@ -140,6 +140,7 @@ def test_histogram_percentile_is_nearest_rank(values: list[float], q: float) -> 
     for v in values:
         h.observe(v)
     p = h.percentile(q)
+    assert p is not None
     # Nearest rank: at least q of the data is <= p, and fewer than q is strictly below it.
     assert sum(v <= p for v in values) >= q * len(values) - 1e-9
     assert sum(v < p for v in values) < q * len(values) + 1e-9

@@ -567,7 +567,7 @@ def test_the_router_notes_joins_with_credentials_and_patterns_first_and_last(
 ) -> None:
     router = Router(BrokerState(None, operator.operator_pub))
     mesh = SimpleNamespace(changed=lambda: None, flood_sync=lambda body: None)
-    router.mesh = mesh  # type: ignore[assignment]
+    router.mesh = mesh
     alpha, beta = (FakeSession(identity(operator, n)) for n in ("alpha", "beta"))
     router.attach(alpha)
     router.attach(beta)
@@ -830,7 +830,13 @@ async def test_a_binding_flood_cuts_the_local_agent_that_lost_its_name(broker: B
     alpha = broker.local("alpha")
     broker.quiet()
     other = SigningKey.generate().verify_key.encode()
-    bind = {"kind": "bind", "tenant": "acme", "name": "alpha", "pub": other, "jti": ""}
+    bind: dict[str, object] = {
+        "kind": "bind",
+        "tenant": "acme",
+        "name": "alpha",
+        "pub": other,
+        "jti": "",
+    }
     bind |= {"at": now_ms() + 1000, "exp": 0, "direct": True}
 
     broker.receive("p1", FrameType.SYNC, {"origin": "p1"}, pack(bind))

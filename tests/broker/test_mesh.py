@@ -14,6 +14,7 @@ from atoll.agent.node import Agent
 from atoll.agent.runtime import AgentRuntime
 from atoll.broker.identity import issue_broker_dir
 from atoll.broker.server import BrokerServer
+from atoll.protocol.session import Publication
 from atoll.tenancy.operator import OperatorStore
 from support.overlay import eventually
 
@@ -63,7 +64,11 @@ async def test_triangle_rpc_and_exactly_once_pubsub(operator, triangle) -> None:
     try:
         got: dict[str, list[object]] = {a.name: [] for a in agents}
         for a in agents:
-            await a.subscribe("app.news.>", lambda p, n=a.name: got[n].append(p.data))
+
+            def note(p: Publication, n: str = a.name) -> None:
+                got[n].append(p.data)
+
+            await a.subscribe("app.news.>", note)
         await eventually(
             lambda: all(
                 b.mesh.state.interested("acme", "app.news.x")
@@ -178,7 +183,11 @@ async def test_revocation_reaches_every_broker(operator, triangle) -> None:
         await admin.send_revocation(operator.revoke("acme", name="victim"))
         await eventually(lambda: victim.link.refused.is_set(), timeout=5)
         for b in triangle:
-            await eventually(lambda b=b: len(b.state.revocation_blobs()) == 1)
+
+            def revoked(b: BrokerServer = b) -> bool:
+                return len(b.state.revocation_blobs()) == 1
+
+            await eventually(revoked)
     finally:
         await victim.stop()
         await admin.stop()

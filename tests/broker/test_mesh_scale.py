@@ -247,6 +247,7 @@ async def test_a_shorter_ping_interval_applies_at_once_and_keeps_a_healthy_idle_
 
 async def test_a_frozen_peer_is_dropped_by_the_new_deadline() -> None:
     async with ws_pair(ping_interval=10.0) as (client, theirs):
+        assert theirs.transport is not None
         theirs.transport.pause_reading()  # a hung host: pongs stop
         client.ping_interval = 0.2
         start = time.monotonic()

@@ -19,7 +19,7 @@ def folders() -> set[str]:
         text=True,
         check=True,
     ).stdout.split()
-    found = set()
+    found: set[str] = set()
     for path in listed:
         parts = path.split("/")[:-1]
         found.update("/".join(parts[: i + 1]) for i in range(len(parts)))

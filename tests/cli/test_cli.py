@@ -195,8 +195,8 @@ def test_up_starts_island_and_stops_on_ctrl_c(tmp_path: Path, procs) -> None:
     # Datasets and training jobs from the CLI.
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"instruction": "hi", "output": "hello"}\n{"instruction": "a"}\n')
-    refused = atoll("datasets", "upload", str(rows), "--owner", "alice", *admin, check=False)
-    assert refused.returncode == 1 and "line 2" in refused.stderr
+    bad_rows = atoll("datasets", "upload", str(rows), "--owner", "alice", *admin, check=False)
+    assert bad_rows.returncode == 1 and "line 2" in bad_rows.stderr
     rows.write_text('{"instruction": "hi", "output": "hello"}\n')
     record = json.loads(atoll("datasets", "upload", str(rows), "--owner", "alice", *admin).stdout)
     assert record["rows"] == 1 and record["format"] == "alpaca" and record["version"] == 1

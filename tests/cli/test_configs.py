@@ -27,14 +27,14 @@ from atoll.agent.metrics import MetricsRegistry
 from atoll.agent.node import Agent
 from atoll.agent.plugins import available_plugins
 from atoll.agent.runtime import AgentRuntime
-from atoll.agent.tunnel import TunnelConfig
+from atoll.agent.tunnel import TunnelConfig, TunnelPlugin
 from atoll.broker.identity import issue_broker_dir
 from atoll.broker.server import BrokerServer
 from atoll.plugins.gateway.plugin import GatewayConfig
 from atoll.plugins.inference.plugin import InferenceConfig, make_backend
 from atoll.plugins.storage.contract.datasets import upload_dataset
 from atoll.plugins.storage.plugin import StorageConfig
-from atoll.plugins.training.plugin import TrainingConfig
+from atoll.plugins.training.plugin import TrainingConfig, TrainingPlugin
 from atoll.tenancy.operator import OperatorStore
 from support import REPO
 from support.fake_lorax import FakeLorax
@@ -311,7 +311,8 @@ async def test_two_broker_mesh_from_its_files(
     y = (await make_agent("y", roles=("operator",), brokers=[f"ws://127.0.0.1:{b}"])).agent
     # Each on its own broker, and RPCs cross the link both ways, to plain agents and to the
     # storage plugin that mesh-a.toml runs on campus A.
-    assert x.link.url.endswith(f":{a}") and y.link.url.endswith(f":{b}")
+    assert x.link.url is not None and x.link.url.endswith(f":{a}")
+    assert y.link.url is not None and y.link.url.endswith(f":{b}")
     assert (await call_when_reachable(y, "x", "ping"))["agent"] == "x"
     assert (await call_when_reachable(x, "y", "ping"))["agent"] == "y"
     assert await call_when_reachable(y, "mesh-a/storage", "list_adapters") == []
@@ -370,7 +371,9 @@ async def test_lorax_node_reaches_lorax_through_the_hosts_tunnel(
         reply = await gateway.call("lorax-1/inference", "generate", request)
         assert reply["text"] == "".join(lorax.words)
         assert {r.headers.get("authorization") for r in lorax.requests} == {"Bearer lorax-secret"}
-        assert host.host.plugins["tunnel"].opened.value >= 1  # it went through lorax-host
+        tunnel_plugin = host.host.plugins["tunnel"]
+        assert isinstance(tunnel_plugin, TunnelPlugin)
+        assert tunnel_plugin.opened.value >= 1  # it went through lorax-host
     finally:
         await lorax.stop()
 
@@ -379,6 +382,7 @@ async def test_trainer_from_its_file(make_agent: AgentFactory, broker: BrokerSer
     env = {"ATOLL_AGENT__BROKERS": json.dumps([broker.url])}
     rt = await from_file(make_agent, "trainer.toml", env, "training")
     plugin = rt.host.plugins["training"]
+    assert isinstance(plugin, TrainingPlugin)
     assert plugin.status() == {"mode": "trainer", "training": []}
     caps = plugin.describe()["capabilities"]
     assert caps["trainer"] is True and caps["capacity"] == 1 and caps["device"] in ("cpu", "cuda")

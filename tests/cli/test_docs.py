@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pytest
 import typer
+from typer.core import TyperGroup, TyperOption
 from typer.testing import CliRunner
 
 from atoll.cli import main as cli
@@ -156,11 +157,11 @@ def check_atoll_command(args: list[str]) -> None:
         lines = [line.strip(" │╭╮╰╯─") for line in result.output.splitlines()]
         raise AssertionError(" ".join(line for line in lines if line) or repr(result.exception))
     command = typer.main.get_command(cli.app)
-    while getattr(command, "commands", None) and args and args[0] in command.commands:
+    while isinstance(command, TyperGroup) and args and args[0] in command.commands:
         command, args = command.commands[args[0]], args[1:]
-    if getattr(command, "commands", None):
+    if isinstance(command, TyperGroup) and command.commands:
         return  # a group's own options (`atoll broker --listen ...`): --help checked them
-    options = {o: p for p in command.params if p.param_type_name == "option" for o in p.opts}
+    options = {o: p for p in command.params if isinstance(p, TyperOption) for o in p.opts}
     positional = []
     words = iter(args)
     for word in words:

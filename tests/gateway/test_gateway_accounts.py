@@ -10,7 +10,6 @@ import re
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -54,7 +53,12 @@ def acc(db_path: Path, clock: Clock) -> Iterator[Accounts]:
     accounts.close()
 
 
-def record(acc: Accounts, *row: Any, prompt_text: str | None = None) -> None:
+# Ledger.usage_row's positional fields: principal, request id, model, adapter, prompt and
+# completion tokens, status, latency (ms).
+UsageFields = tuple[Principal, str, str, str | None, int, int, int, float]
+
+
+def record(acc: Accounts, *row: *UsageFields, prompt_text: str | None = None) -> None:
     """One ledger row written now, or the reason it was refused raised."""
     (refused_row,) = acc.insert_usage([acc.usage_row(*row, prompt_text=prompt_text)])
     if refused_row is not None:

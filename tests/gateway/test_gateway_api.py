@@ -10,11 +10,14 @@ import time
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from support.island import Island
 from support.overlay import eventually
 
-PROMPT = [{"role": "user", "content": "the quick brown fox jumps"}]
+PROMPT: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "the quick brown fox jumps"}
+]
 
 
 OPENED: list[openai.AsyncOpenAI] = []
@@ -37,6 +40,7 @@ async def test_sync_async_and_streaming_chat(gw_island: Island) -> None:
     key = gw_island.key("alice")
     reply = await client(gw_island, key).chat.completions.create(model="echo", messages=PROMPT)
     assert reply.choices[0].message.content == "the quick brown fox jumps"
+    assert reply.usage is not None
     assert reply.usage.prompt_tokens == 5 and reply.usage.completion_tokens == 5
     # The sync client, from a thread (the gateway shares this test's event loop).
     sync = openai.OpenAI(base_url=f"{gw_island.url}/v1", api_key=key, max_retries=0)
@@ -45,6 +49,7 @@ async def test_sync_async_and_streaming_chat(gw_island: Island) -> None:
     )
     assert [c.message.content for c in again.choices] == ["the quick"] * 2
     assert [c.finish_reason for c in again.choices] == ["length"] * 2
+    assert again.usage is not None
     assert again.usage.prompt_tokens == 5 and again.usage.completion_tokens == 4
     stream = await client(gw_island, key).chat.completions.create(
         model="echo", messages=PROMPT, stream=True, stream_options={"include_usage": True}
@@ -53,11 +58,13 @@ async def test_sync_async_and_streaming_chat(gw_island: Island) -> None:
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "the quick brown fox jumps"
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == 10
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None and last.usage.total_tokens == 10
     completion = await client(gw_island, key).completions.create(
         model="echo", prompt=["one two three", "four five"], max_tokens=2
     )
     assert [c.text for c in completion.choices] == ["one two", "four five"]
+    assert completion.usage is not None
     assert completion.usage.prompt_tokens == 5 and completion.usage.completion_tokens == 4
     emb = await client(gw_island, key).embeddings.create(model="echo", input=["a", "b c"])
     assert len(emb.data) == 2 and len(emb.data[0].embedding) == 8
@@ -97,11 +104,13 @@ async def test_adapters_by_project_and_key(gw_island: Island) -> None:
     assert await ids(alice) == {"echo", "cardio/notes", "shared/helper"}
     assert await ids(bob) == {"echo", "bob/poems", "shared/helper"}
     models = {m.id: m async for m in client(gw_island, alice).models.list()}
-    assert models["cardio/notes"].model_extra["parent"] == "echo"
+    extra = models["cardio/notes"].model_extra
+    assert extra is not None and extra["parent"] == "echo"
     reply = await client(gw_island, alice).chat.completions.create(
         model="cardio/notes", messages=PROMPT
     )
-    assert reply.choices[0].message.content.startswith("[cardio/notes] the quick")
+    content = reply.choices[0].message.content
+    assert content is not None and content.startswith("[cardio/notes] the quick")
     same = await client(gw_island, alice).chat.completions.create(
         model="echo:cardio/notes", messages=PROMPT
     )
@@ -109,7 +118,7 @@ async def test_adapters_by_project_and_key(gw_island: Island) -> None:
     # Another user's adapter: as if it did not exist (ids of other projects do not leak).
     with pytest.raises(openai.NotFoundError) as nf:
         await client(gw_island, bob).chat.completions.create(model="cardio/notes", messages=PROMPT)
-    assert nf.value.body["code"] == "model_not_found"
+    assert isinstance(nf.value.body, dict) and nf.value.body["code"] == "model_not_found"
     # A viewer sees the project's adapter but may not use it.
     assert "cardio/notes" in await ids(carol)
     with pytest.raises(openai.PermissionDeniedError):
@@ -123,7 +132,8 @@ async def test_adapters_by_project_and_key(gw_island: Island) -> None:
     mixed = await client(gw_island, alice).chat.completions.create(
         model="echo", messages=PROMPT, extra_body=mix
     )
-    assert mixed.choices[0].message.content.startswith("[mix:")
+    content = mixed.choices[0].message.content
+    assert content is not None and content.startswith("[mix:")
     with pytest.raises(openai.NotFoundError):
         await client(gw_island, bob).chat.completions.create(
             model="echo", messages=PROMPT, extra_body=mix
@@ -141,6 +151,7 @@ async def test_ledger_equals_what_clients_were_told(gw_island: Island) -> None:
         r = await client(gw_island, key).chat.completions.create(
             model="echo", messages=PROMPT, n=n, max_tokens=3
         )
+        assert r.usage is not None
         told["prompt"] += r.usage.prompt_tokens
         told["completion"] += r.usage.completion_tokens
 
@@ -167,7 +178,8 @@ async def test_bad_keys_and_revocation(gw_island: Island) -> None:
     for bad in ("", "nope", key[:-1] + ("x" if key[-1] != "x" else "y")):
         with pytest.raises(openai.AuthenticationError) as auth:
             await client(gw_island, bad or "x").models.list()
-        assert auth.value.body["type"] == "authentication_error"
+        body = auth.value.body
+        assert isinstance(body, dict) and body["type"] == "authentication_error"
     async with httpx.AsyncClient() as http:
         r = await http.get(f"{gw_island.url}/v1/models")
     assert r.status_code == 401 and "Bearer" in r.json()["error"]["message"]
@@ -177,7 +189,8 @@ async def test_bad_keys_and_revocation(gw_island: Island) -> None:
     started = time.monotonic()
     with pytest.raises(openai.AuthenticationError) as revoked:
         await client(gw_island, key).models.list()
-    assert time.monotonic() - started < 1.0 and revoked.value.body["code"] == "key_revoked"
+    assert time.monotonic() - started < 1.0
+    assert isinstance(revoked.value.body, dict) and revoked.value.body["code"] == "key_revoked"
 
 
 async def test_limits_answer_429_with_retry_after(gw_island: Island) -> None:
@@ -296,7 +309,7 @@ async def test_prompts_kept_only_by_opt_in_and_deadline_is_504(make_agent) -> No
     acc.add_member("research", "alice", "member", actor="test")
     kept = isl.key("alice", project="research")
     plain = isl.key("alice")
-    short = [{"role": "user", "content": "hi"}]
+    short: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
     await client(isl, kept).chat.completions.create(model="echo", messages=short)
     await client(isl, plain).chat.completions.create(model="echo", messages=short)
     rows = {r.key_id: r for r in acc.usage_rows()}

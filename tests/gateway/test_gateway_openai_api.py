@@ -19,8 +19,9 @@ from openai.types import CreateEmbeddingResponse as SdkEmbeddings
 from openai.types import Model as SdkModel
 from openai.types.chat import ChatCompletion as SdkChatCompletion
 from openai.types.chat import ChatCompletionChunk as SdkChunk
+from openai.types.chat import ChatCompletionMessageFunctionToolCall as SdkFunctionToolCall
 
-from atoll.plugins.gateway.bodies import parse_body, sse, usage_of
+from atoll.plugins.gateway.bodies import Event, parse_body, sse, usage_of
 from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.lorax_api import (
     UNKNOWN_TOKEN_ID,
@@ -49,6 +50,7 @@ from atoll.plugins.gateway.openai_streams import DONE, ChatStream, CompletionStr
 from atoll.plugins.inference.contract import (
     EmbedResult,
     FinishEvent,
+    FinishReason,
     SamplingParams,
     TokenEvent,
     Usage,
@@ -75,7 +77,7 @@ def tok(text: str, token_id: int | None = None, logprob: float | None = None) ->
     return TokenEvent(text=text, token_id=token_id, logprob=logprob)
 
 
-def fin(reason: str = "stop", prompt: int = 3, done: int = 2, **kw: Any) -> FinishEvent:
+def fin(reason: FinishReason = "stop", prompt: int = 3, done: int = 2, **kw: Any) -> FinishEvent:
     usage = Usage(prompt_tokens=prompt, completion_tokens=done)
     return FinishEvent(finish_reason=reason, usage=usage, model="base", **kw)
 
@@ -422,13 +424,14 @@ def test_completion_translation() -> None:
         "ad",
         False,
     )
-    for fields, param in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"echo": True}, "echo"),
         ({"suffix": "s"}, "suffix"),
         ({"best_of": 2}, "best_of"),
         ({"logprobs": 2}, "logprobs"),
         ({"frequency_penalty": 1}, "frequency_penalty"),
-    ]:
+    ]
+    for fields, param in cases:
         req = parse_body(CompletionRequest, {"model": "m", "prompt": "p", **fields})
         assert refused(completion_to_generate, req, None, None).param == param
 
@@ -551,7 +554,7 @@ def test_sse_framing() -> None:
 
 
 def test_chat_completion_parses_with_the_sdk() -> None:
-    choices = [
+    choices: list[list[Event]] = [
         [tok("Hel", 1, -0.5), tok("lo", 2, -0.25), fin("stop", prompt=4, done=2)],
         [tok("Hi", 3, -1.0), tok("", 4, None), fin("length", prompt=4, done=2)],
     ]
@@ -594,7 +597,8 @@ def test_chat_completion_with_tool_calls() -> None:
     message = sdk.choices[0].message
     assert sdk.choices[0].finish_reason == "tool_calls" and message.content is None
     assert message.tool_calls is not None
-    assert [(c.id, c.function.name, c.function.arguments) for c in message.tool_calls] == [
+    functions = [c for c in message.tool_calls if isinstance(c, SdkFunctionToolCall)]
+    assert [(c.id, c.function.name, c.function.arguments) for c in functions] == [
         ("call_r3_0_0", "f", '{"a": 1}'),
         ("call_x", "g", '{"b": 2}'),
     ]
@@ -611,7 +615,7 @@ def test_aborted_generation_is_an_error() -> None:
 def test_chat_stream_with_usage_parses_with_the_sdk() -> None:
     stream = ChatStream("r9", "m", 2, include_usage=True, logprobs=True, created=5)
     body = b""
-    events = [
+    events: list[tuple[int, Event]] = [
         (0, tok("A", 1, -0.1)),
         (1, tok("B", 2, None)),
         (0, tok("", 3, None)),
@@ -686,7 +690,7 @@ def test_mid_stream_error_reaches_the_sdk() -> None:
 
 
 def test_completion_and_its_stream_parse_with_the_sdk() -> None:
-    choices = [
+    choices: list[list[Event]] = [
         [tok("a", 1, -1.0), tok("bc", 2, -2.0), fin(prompt=2, done=2)],
         [tok("z"), fin("length", prompt=2, done=1)],
         [tok("q"), fin("tool_calls", prompt=9, done=1)],
@@ -712,16 +716,14 @@ def test_completion_and_its_stream_parse_with_the_sdk() -> None:
     )
 
     stream = CompletionStream("c2", "m", 2, per_prompt=1, include_usage=True, logprobs=True)
-    raw = b"".join(
-        stream.chunks(i, e)
-        for i, e in [
-            (0, tok("x", 0, -0.5)),
-            (1, tok("y")),
-            (0, tok("yz", 1, -0.7)),
-            (0, fin()),
-            (1, fin("length")),
-        ]
-    )
+    events: list[tuple[int, Event]] = [
+        (0, tok("x", 0, -0.5)),
+        (1, tok("y")),
+        (0, tok("yz", 1, -0.7)),
+        (0, fin()),
+        (1, fin("length")),
+    ]
+    raw = b"".join(stream.chunks(i, e) for i, e in events)
     raw += stream.finish()
     chunks = sdk_stream(
         raw, SdkCompletion, strict=False
@@ -814,9 +816,8 @@ def test_lorax_response_parses_with_lorax_types() -> None:
 def test_lorax_stream_parses_like_lorax_client() -> None:
     req = parse_body(LoraxRequest, {"inputs": "x", "parameters": {"details": True}, "stream": True})
     stream = LoraxStream(req)
-    body = b"".join(
-        stream.chunks(e) for e in [tok("He", 1, -0.1), tok("y", 2, -0.2), fin(prompt=1, done=2)]
-    )
+    events: list[Event] = [tok("He", 1, -0.1), tok("y", 2, -0.2), fin(prompt=1, done=2)]
+    body = b"".join(stream.chunks(e) for e in events)
     assert b"[DONE]" not in body
     responses = lorax_client_lines(body)
     assert [r.token.text for r in responses] == ["He", "y", ""]

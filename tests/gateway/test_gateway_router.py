@@ -23,6 +23,8 @@ from atoll.plugins.inference.contract import (
     TranscribeRequest,
     stream_generate,
 )
+from atoll.plugins.inference.echo_backend import EchoBackend
+from atoll.plugins.inference.plugin import InferencePlugin
 from support.fake_openai import BASE, FakeOpenAI, heard
 from support.overlay import AgentFactory, eventually
 
@@ -102,6 +104,13 @@ def text(tokens: list[TokenEvent]) -> str:
     return "".join(t.text for t in tokens)
 
 
+def echo_backend(node: AgentRuntime) -> EchoBackend:
+    """The echo backend of ``node``'s inference plugin."""
+    plugin = node.host.plugins["inference"]
+    assert isinstance(plugin, InferencePlugin) and isinstance(plugin.backend, EchoBackend)
+    return plugin.backend
+
+
 async def test_nodes_holding_the_adapter_come_first(make_agent: AgentFactory, gw: Gateway) -> None:
     await make_agent("n1", plugins=echo(), **FAST)
     await make_agent("n2", plugins=echo(), **FAST)
@@ -124,7 +133,7 @@ async def test_load_spreads_over_equal_nodes(make_agent: AgentFactory, gw: Gatew
         await make_agent(name, plugins=echo(), **FAST)
     await gw.see("n1", "n2")
     router = gw.router()
-    one_by_one = Counter()
+    one_by_one: Counter[str | None] = Counter()
     for _ in range(20):
         *_, route = await run(router, prompt())
         one_by_one[route.node] += 1
@@ -214,6 +223,7 @@ async def test_a_node_dead_without_a_word_is_retried_elsewhere(
     await serve_directly(gw, "dead", "alice/soap")
     await dead.announcer.announce()
     await eventually(lambda: gw.holds("dead", "alice/soap"))
+    assert dead.announcer._task is not None
     dead.announcer._task.cancel()
     await dead.agent.link.stop()
     # Once the broker has dropped its session (sending to it in the moment between its EOF and
@@ -242,11 +252,11 @@ async def test_failure_before_the_first_token_is_retried(
     stream = gw.router().stream(request, {}, 10.0)
     events = [e async for e in stream]
     assert [e.type for e in events] == ["token"] * 3 + ["finish"]  # exactly one finish
-    assert "".join(e.text for e in events[:-1]) == "[sql-lora] hello there"
+    assert text([e for e in events[:-1] if isinstance(e, TokenEvent)]) == "[sql-lora] hello there"
     route = stream.route
     assert route.node == "good" and route.retries == 1
     assert route.failures[0].startswith("flaky:") and says in route.failures[0]
-    assert list(good.host.plugins["inference"].backend.seen_adapters) == ["sql-lora"]
+    assert list(echo_backend(good).seen_adapters) == ["sql-lora"]
     # With a single attempt the failure is the caller's answer, with its honest status.
     with pytest.raises(GatewayError) as caught:
         await run(gw.router(attempts=1), request)
@@ -265,13 +275,13 @@ async def test_the_requests_own_fault_is_not_retried(
     with pytest.raises(GatewayError, match="switched to fail with 400") as caught:
         await run(gw.router(), prompt(model=BASE, adapter="sql-lora"))
     assert caught.value.status == 400
-    assert good.host.plugins["inference"].backend.seen_adapters == {}  # never tried elsewhere
+    assert echo_backend(good).seen_adapters == {}  # never tried elsewhere
 
 
 async def test_deadline_is_504_and_the_node_stops(make_agent: AgentFactory, gw: Gateway) -> None:
     slow = await make_agent("slow", plugins=echo(delay=0.05), **FAST)
     await gw.see("slow")
-    backend = slow.host.plugins["inference"].backend
+    backend = echo_backend(slow)
     words = " ".join(f"w{i}" for i in range(100))  # 5 s of tokens
     stream = gw.router().stream(prompt(words), {}, 0.5)
     got: list[Any] = []

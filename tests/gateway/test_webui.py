@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, FilePayload, Page, async_playwright, expect
 
 from support.island import Island, colour_rows, training_island
 from support.overlay import eventually
@@ -169,7 +169,9 @@ async def test_log_in_chat_stream_compare_and_keep_conversations(
     await page.fill("#prompt", "mixed")
     await page.click("#send")
     await expect(reply.locator(".content")).to_have_text(re.compile(r"^\[mix:.*\] mixed$"))
-    mixture = json.loads(re.match(r"^\[mix:(.*)\] mixed$", (await last_reply(page))[0])[1])
+    tagged = re.match(r"^\[mix:(.*)\] mixed$", (await last_reply(page))[0])
+    assert tagged is not None
+    mixture = json.loads(tagged[1])
     assert mixture["merge_strategy"] == "ties"
     assert {(a["id"], a["weight"]) for a in mixture["adapters"]} == {
         ("alice/pirate", 0.7),
@@ -275,7 +277,7 @@ async def test_datasets_training_charts_and_chat_with_the_result(
 
     async def upload(name: str, rows: list[dict]) -> None:
         text = "".join(json.dumps(r) + "\n" for r in rows)
-        file = {"name": name, "mimeType": "application/jsonl", "buffer": text.encode()}
+        file = FilePayload(name=name, mimeType="application/jsonl", buffer=text.encode())
         await page.set_input_files("#dataset-file", file)
         await page.click("#upload-form button")
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -378,6 +378,7 @@ async def test_closing_the_stream_frees_the_request(
     backend = await make_backend()
     lorax.token_delay = 1.0
     stream = backend.generate(GenerateRequest(prompt="hi"))
+    assert isinstance(stream, AsyncGenerator)  # so it can be closed
     first = await anext(stream)
     assert isinstance(first, TokenEvent) and first.text == "Hello"
     assert backend.info().running == 1
@@ -420,11 +421,11 @@ async def test_adapters_from_storage_are_fetched_once_into_adapter_dir(
 
     # Without a fetcher, storage adapters are refused, and nothing is sent.
     lorax.fail = None
-    sent = len(lorax.generations())
+    sent_before = len(lorax.generations())
     no_fetch = await make_backend(adapter_source="hub", adapter_dir=tmp_path)
     with pytest.raises(Unsupported, match="Atoll storage"):
         await run(no_fetch, GenerateRequest(prompt="hi", adapter="x", adapter_source="storage"))
-    assert len(lorax.generations()) == sent
+    assert len(lorax.generations()) == sent_before
 
 
 async def test_refusals_and_response_format(lorax: FakeLorax, make_backend: BackendFactory) -> None:

@@ -192,6 +192,7 @@ def test_tiny_gguf_converts_into_a_loadable_cached_directory(
     entry = resolve_model(str(tiny_gguf), tmp_path / "cache", console)
     assert entry.parent == tmp_path / "cache" and entry.name.startswith("Tiny-Llama.F32-")
     assert is_complete(entry)
+    assert isinstance(console.file, io.StringIO)
     assert "Tiny-Llama.F32.gguf: done" in console.file.getvalue()  # the progress display
     manifest = json.loads((entry / MANIFEST).read_text())
     assert manifest["model_id"] == "Tiny-Llama" and manifest["size"] == tiny_gguf.stat().st_size
@@ -200,7 +201,7 @@ def test_tiny_gguf_converts_into_a_loadable_cached_directory(
     model = AutoModelForCausalLM.from_pretrained(entry)
     tok = AutoTokenizer.from_pretrained(entry)
     assert model.config.num_hidden_layers == 2 and model.config.vocab_size == len(tok)
-    assert model.generation_config.eos_token_id == 2
+    assert model.generation_config is not None and model.generation_config.eos_token_id == 2
     assert tok.chat_template == CHAT_TEMPLATE
     # The repairs: transformers would say EOS is <|im_start|> and prepend BOS to everything.
     specials = (tok.bos_token, tok.eos_token, tok.pad_token)
@@ -335,7 +336,8 @@ def test_embedded_model_converts_and_answers(embedded_model: tuple[Path, Path, f
     assert model_id(str(entry)) == "SmolLM2-135M-Instruct"
     tok = AutoTokenizer.from_pretrained(entry)
     model = AutoModelForCausalLM.from_pretrained(entry)
-    assert tok.eos_token == "<|im_end|>" and model.generation_config.eos_token_id == 2
+    generation = model.generation_config
+    assert tok.eos_token == "<|im_end|>" and generation is not None and generation.eos_token_id == 2
     assert "<|im_start|>" in (tok.chat_template or "")
     inputs = tok.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],

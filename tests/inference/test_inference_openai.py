@@ -8,7 +8,7 @@ import asyncio
 import json
 import math
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -21,6 +21,7 @@ from atoll.plugins.inference.contract import (
     FinishEvent,
     GenerateRequest,
     Overloaded,
+    SamplingParams,
     TokenEvent,
     TranscribeRequest,
     Unsupported,
@@ -214,6 +215,7 @@ async def test_usage_without_the_usage_chunk(fake: FakeOpenAI, make: Make) -> No
 async def test_closing_the_stream_frees_the_request(fake: FakeOpenAI, make: Make) -> None:
     backend = await make(fake.url)
     stream = backend.generate(GenerateRequest(prompt="a b c d e f"))
+    assert isinstance(stream, AsyncGenerator)  # so it can be closed
     first = await anext(stream)
     assert isinstance(first, TokenEvent)
     assert backend.info().running == 1
@@ -223,7 +225,9 @@ async def test_closing_the_stream_frees_the_request(fake: FakeOpenAI, make: Make
 
 async def test_stop_ends_a_running_stream_with_an_error(fake: FakeOpenAI, make: Make) -> None:
     backend = await make(fake.url)
-    stream = backend.generate(GenerateRequest(prompt="w " * 900, params={"max_new_tokens": 1000}))
+    stream = backend.generate(
+        GenerateRequest(prompt="w " * 900, params=SamplingParams(max_new_tokens=1000))
+    )
     assert isinstance(await anext(stream), TokenEvent)
     await backend.stop()
     with pytest.raises(BackendUnavailable):
@@ -263,8 +267,8 @@ async def test_embeddings(fake: FakeOpenAI, make: Make) -> None:
         "input": inputs,
         "encoding_format": "float",
     }
-    raw = await backend.embed(EmbedRequest(input=["x"], model=BASE, normalize=False))
-    assert raw.embeddings == [embedding("x")] and raw.model == BASE
+    unnormalised = await backend.embed(EmbedRequest(input=["x"], model=BASE, normalize=False))
+    assert unnormalised.embeddings == [embedding("x")] and unnormalised.model == BASE
 
 
 async def test_transcription_is_a_real_multipart_upload(fake: FakeOpenAI, make: Make) -> None:
@@ -391,9 +395,11 @@ async def test_mid_stream_error_raises_after_the_tokens_so_far(
 ) -> None:
     backend = await make(fake.url)
     fake.fail_midstream = True
-    got: list[TokenEvent | FinishEvent] = []
+    got: list[TokenEvent] = []
+    request = GenerateRequest.model_validate({"messages": chat("a b c d e")})
     with pytest.raises(BackendUnavailable, match="engine died"):
-        async for event in backend.generate(GenerateRequest(messages=chat("a b c d e"))):
+        async for event in backend.generate(request):
+            assert isinstance(event, TokenEvent)  # no finish: the stream fails
             got.append(event)
     assert [e.text for e in got] == pieces(chat_reply(BASE, chat("a b c d e")))[:2]
     assert backend.info().running == 0

@@ -11,7 +11,11 @@ import pytest
 from atoll.agent.discovery import Discovery
 from atoll.agent.errors import Forbidden, InvalidRequest, NoResponder, NoSuchMethod
 from atoll.plugins.inference.contract import (
+    ChatMessage,
+    FinishEvent,
     GenerateRequest,
+    SamplingParams,
+    TokenEvent,
     Unsupported,
     stream_generate,
 )
@@ -19,7 +23,15 @@ from atoll.plugins.storage.contract.adapters import AdapterNotFound
 from support.overlay import eventually
 from support.tiny_models import build_tiny_model, make_adapter
 
-GREEDY = {"temperature": 0, "max_new_tokens": 8}
+GREEDY = {"temperature": 0, "max_new_tokens": 8}  # sampling params as an RPC carries them
+
+
+def split(events: list[TokenEvent | FinishEvent]) -> tuple[list[TokenEvent], FinishEvent]:
+    """A generation's tokens, and its finish: the last event, and only the last."""
+    *rest, finish = events
+    tokens = [e for e in rest if isinstance(e, TokenEvent)]
+    assert tokens == rest and isinstance(finish, FinishEvent)
+    return tokens, finish
 
 
 @pytest.fixture
@@ -43,10 +55,12 @@ async def test_stream_and_rpc_generate_over_the_overlay(make_agent, island) -> N
     await make_agent("gpu1", plugins={"inference": local_plugin(island)}, heartbeat=0.2)
     gw = await make_agent("gw", roles=("gateway",))
     request = GenerateRequest(
-        messages=[{"role": "user", "content": "Hello"}], adapter="alice/ad1", params=GREEDY
+        messages=[ChatMessage(role="user", content="Hello")],
+        adapter="alice/ad1",
+        params=SamplingParams.model_validate(GREEDY),
     )
     events = [e async for e in stream_generate(gw.agent, "gpu1/inference", request)]
-    tokens, finish = events[:-1], events[-1]
+    tokens, finish = split(events)
     assert finish.type == "finish" and finish.adapter == "alice/ad1"
     assert finish.usage.completion_tokens == len([t for t in tokens if t.token_id is not None])
     streamed = "".join(t.text for t in tokens)
@@ -89,7 +103,9 @@ async def test_errors_travel_typed_and_the_node_stays_up(make_agent, island) -> 
     with pytest.raises(Forbidden, match="needs one of the roles gateway, admin, operator"):
         await user.agent.call("gpu1/inference", "generate", ok)
     with pytest.raises(Forbidden):
-        async for _ in stream_generate(user.agent, "gpu1/inference", GenerateRequest(**ok)):
+        async for _ in stream_generate(
+            user.agent, "gpu1/inference", GenerateRequest.model_validate(ok)
+        ):
             pass
     bad = [
         {"params": GREEDY},  # neither prompt nor messages
@@ -116,7 +132,9 @@ async def test_caller_leaving_mid_stream_stops_generation(make_agent, island) ->
     node = await make_agent("gpu1", plugins={"inference": local_plugin(island)})
     gw = await make_agent("gw", roles=("gateway",))
     backend = node.host.plugins["inference"].backend
-    request = GenerateRequest(prompt="Hello", params={"temperature": 0, "max_new_tokens": 400})
+    request = GenerateRequest(
+        prompt="Hello", params=SamplingParams(temperature=0, max_new_tokens=400)
+    )
     events = stream_generate(gw.agent, "gpu1/inference", request)
     await anext(events)
     await events.aclose()  # the user closed the tab
@@ -148,11 +166,11 @@ async def test_echo_backend_streams_deterministic_tokens(make_agent) -> None:
     await make_agent("bench", plugins={"inference": {"backend": "echo"}})
     gw = await make_agent("gw", roles=("gateway",))
     request = GenerateRequest(
-        prompt="one two three four", adapter="x/y", params={"max_new_tokens": 3}
+        prompt="one two three four", adapter="x/y", params=SamplingParams(max_new_tokens=3)
     )
-    events = [e async for e in stream_generate(gw.agent, "bench/inference", request)]
-    assert "".join(e.text for e in events[:-1]) == "[x/y] one two"
-    assert events[-1].finish_reason == "length" and events[-1].usage.completion_tokens == 3
+    tokens, finish = split([e async for e in stream_generate(gw.agent, "bench/inference", request)])
+    assert "".join(e.text for e in tokens) == "[x/y] one two"
+    assert finish.finish_reason == "length" and finish.usage.completion_tokens == 3
     emb = await gw.agent.call("bench/inference", "embed", {"input": ["a", "b"]})
     assert len(emb["embeddings"]) == 2 and emb["embeddings"][0] != emb["embeddings"][1]
     with pytest.raises(NoResponder):
@@ -168,13 +186,13 @@ async def test_embedded_model_knows_the_capital_of_france(make_agent, embedded_m
     await make_agent("gpu1", plugins={"inference": config})
     gw = await make_agent("gw", roles=("gateway",))
     request = GenerateRequest(
-        messages=[{"role": "user", "content": "What is the capital of France?"}],
-        params={"temperature": 0, "max_new_tokens": 24},
+        messages=[ChatMessage(role="user", content="What is the capital of France?")],
+        params=SamplingParams(temperature=0, max_new_tokens=24),
     )
-    events = [e async for e in stream_generate(gw.agent, "gpu1/inference", request)]
-    answer = "".join(e.text for e in events[:-1])
+    tokens, finish = split([e async for e in stream_generate(gw.agent, "gpu1/inference", request)])
+    answer = "".join(e.text for e in tokens)
     assert "Paris" in answer, answer
-    assert events[-1].finish_reason == "stop"  # it ended its turn itself
+    assert finish.finish_reason == "stop"  # it ended its turn itself
     emb = await gw.agent.call(
         "gpu1/inference", "embed", {"input": ["Paris is in France", "The capital of France"]}
     )
@@ -194,7 +212,9 @@ async def test_adapter_fetched_from_storage_over_the_data_plane(make_agent, isla
     node = await make_agent("gpu1", roles=("inference",), plugins={"inference": config})
     gw = await make_agent("gw", roles=("gateway",))
     await upload_adapter(gw.agent, "store/storage", island["adapters"] / "alice/ad0", "alice/ad0")
-    request = GenerateRequest(prompt="Hello", adapter="alice/ad0", params=GREEDY)
+    request = GenerateRequest(
+        prompt="Hello", adapter="alice/ad0", params=SamplingParams.model_validate(GREEDY)
+    )
     reply = await gw.agent.call("gpu1/inference", "generate", request.model_dump(mode="json"))
     assert reply["adapter"] == "alice/ad0"
     fetched = node.host.plugins["inference"].ctx.data_dir / "adapters" / "alice/ad0"

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ def polls(monkeypatch: pytest.MonkeyPatch) -> list[float | None]:
     seen: list[float | None] = []
     original = selectors.DefaultSelector.select
 
-    def select(self: selectors.BaseSelector, timeout: float | None = None) -> list:
+    def select(self: selectors.DefaultSelector, timeout: float | None = None) -> list:
         seen.append(timeout)
         return original(self, timeout)
 
@@ -34,7 +35,7 @@ def polls(monkeypatch: pytest.MonkeyPatch) -> list[float | None]:
 
 
 @pytest.fixture
-def pair() -> tuple[socket.socket, socket.socket]:
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     a, b = socket.socketpair()
     yield a, b
     a.close()

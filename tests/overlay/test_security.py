@@ -15,8 +15,9 @@ from atoll.agent.identity import AgentKeys
 from atoll.agent.node import Agent
 from atoll.broker.server import BrokerServer
 from atoll.protocol.errors import AuthError
-from atoll.protocol.frames import Frame, FrameType, decode_message, encode_frame
+from atoll.protocol.frames import Frame, FrameType, decode_message, encode_frame, pack
 from atoll.protocol.handshake import ClientHandshake
+from atoll.protocol.trust import now_ms
 from atoll.tenancy import credentials as cred
 from atoll.tenancy.operator import OperatorStore
 from atoll.tenancy.permissions import ANY
@@ -181,8 +182,8 @@ async def test_expired_credential_refused(operator, broker) -> None:
     keys = AgentKeys.issue(operator, "acme", "old", ["agent"])
     claims = cred.agent_claims(keys.key.verify_key.encode(), "old", "acme", ["agent"], "", 60)
     claims["iat"] -= 3_600_000
-    claims["exp"] = cred.now_ms() - 1000
-    keys.credential = cred.pack({"tenant": tenant.claim, "agent": cred.sign(tenant.key, claims)})
+    claims["exp"] = now_ms() - 1000
+    keys.credential = pack({"tenant": tenant.claim, "agent": cred.sign(tenant.key, claims)})
     with pytest.raises(AuthError, match="credential expired"):
         Agent(keys, [broker.url])  # the agent itself says so before trying
     # ... and the broker refuses it all the same.

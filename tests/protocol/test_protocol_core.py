@@ -152,6 +152,7 @@ def one(data: bytes) -> Frame:
 def handshake(server: ServerHandshake, client: ClientHandshake) -> tuple[AgentIdentity, Welcome]:
     auth = client.receive_hello(one(server.hello()))
     ident = server.receive_auth(one(auth))
+    assert isinstance(ident, AgentIdentity)  # the clients here are agents
     return ident, client.receive_welcome(one(server.welcome()))
 
 
@@ -917,7 +918,7 @@ def test_operator_store_issues_verifiable_material(tmp_path: Path) -> None:
 
 
 def test_subject_index_wildcards() -> None:
-    idx = SubjectIndex()
+    idx: SubjectIndex[str, str] = SubjectIndex()
     for key, pattern in [
         ("star", "metrics.*"),
         ("tail", "metrics.>"),
@@ -935,12 +936,12 @@ def test_subject_index_wildcards() -> None:
 
 
 def test_subject_index_cache_invalidated_on_add_and_remove() -> None:
-    idx = SubjectIndex()
+    idx: SubjectIndex[int, str] = SubjectIndex()
     assert idx.match("a.b") == []
     idx.add(1, "a.*", "one")
     assert idx.match("a.b") == ["one"]
     idx.add(2, "a.>", "two")
-    assert sorted(idx.match("a.b")) == ["one", "two"]  # type: ignore[type-var]
+    assert sorted(idx.match("a.b")) == ["one", "two"]
     idx.remove(1)
     assert idx.match("a.b") == ["two"]
     idx.add(2, "x.y", "two")  # re-adding a key replaces its pattern
@@ -973,7 +974,7 @@ def test_subject_index_change_invalidates_only_what_it_matches() -> None:
 
 
 def test_subject_index_cache_limit() -> None:
-    idx = SubjectIndex(cache_limit=2)
+    idx: SubjectIndex[int, str] = SubjectIndex(cache_limit=2)
     idx.add(1, ">", "v")
     for i in range(10):
         assert idx.match(f"s.{i}") == ["v"]

@@ -934,7 +934,7 @@ def test_matches_agrees_with_reference(pattern: str, subject: str) -> None:
     ptoks = check_subject(pattern, pattern=True)
     stoks = check_subject(subject)
     assert matches(ptoks, stoks) == ref_match(ptoks, stoks)
-    idx = SubjectIndex()
+    idx: SubjectIndex[str, str] = SubjectIndex()
     idx.add("k", pattern, "v")
     assert idx.match(subject) == (["v"] if ref_match(ptoks, stoks) else [])
 
@@ -952,7 +952,7 @@ def test_matches_agrees_with_reference(pattern: str, subject: str) -> None:
 )
 def test_subject_index_matches_model(ops: list[tuple[str, int, str]]) -> None:
     """Interleaved add/remove/match agree with a cache-free model (the cache never goes stale)."""
-    idx = SubjectIndex(cache_limit=4)
+    idx: SubjectIndex[int, str] = SubjectIndex(cache_limit=4)
     model: dict[int, str] = {}
     for op, key, arg in ops:
         if op == "add":
@@ -965,7 +965,7 @@ def test_subject_index_matches_model(ops: list[tuple[str, int, str]]) -> None:
             want = sorted(
                 f"v{k}:{p}" for k, p in model.items() if ref_match(p.split("."), arg.split("."))
             )
-            assert sorted(idx.match(arg)) == want  # type: ignore[type-var]
+            assert sorted(idx.match(arg)) == want
         assert len(idx) == len(model)
 
 

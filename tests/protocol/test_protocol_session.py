@@ -103,7 +103,8 @@ def test_call_and_reply_are_matched(world: World) -> None:
     bob, alice = world.sessions["bob"], world.sessions["alice"]
     reply = one(bob.reply(req.peer, req.dst, req.src, req.call, {"ok": True}))
     assert alice.receive([reply], now_ms()) == [Replied(first, {"ok": True})]
-    assert alice.receive([reply], now_ms())[0].event == "agent.msg_refused"  # a replay
+    replayed = alice.receive([reply], now_ms())[0]
+    assert isinstance(replayed, Refused) and replayed.event == "agent.msg_refused"  # a replay
     error = one(bob.reply_error(req.peer, req.dst, req.src, second, ["NoSuchMethod", "no", None]))
     assert alice.receive([error], now_ms()) == [
         CallFailed(second, Failure.REMOTE, ["NoSuchMethod", "no", None])
@@ -220,6 +221,7 @@ def test_a_deadline_passing(world: World) -> None:
     ]
     assert alice.expire(T + 1.5) == []
     [expired] = alice.expire(T + 5)
+    assert isinstance(expired, CallFailed)
     assert (expired.call, expired.failure) == (slow, Failure.DEADLINE)
 
 
@@ -301,7 +303,8 @@ def test_a_kept_copy_sent_again_is_the_current_state_not_a_replay(world: World) 
     second = one(alice.publish("discovery.announce.alice", {"n": 2}, "alice", keep=True))
     assert first.header["keep"] is True
     latest = Publication("discovery.announce.alice", "alice", {"n": 2})
-    assert bob.receive([first], now_ms())[0].data == {"n": 1}
+    kept = bob.receive([first], now_ms())[0]
+    assert isinstance(kept, Publication) and kept.data == {"n": 1}
     assert bob.receive([second], now_ms()) == [latest]
     assert bob.receive([second], now_ms()) == [latest]  # a new subscription's kept copy
     [old] = bob.receive([first], now_ms())  # superseded: only a replay would bring it back

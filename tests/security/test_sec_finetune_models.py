@@ -11,8 +11,10 @@ from pathlib import Path
 import openai
 import pytest
 
+from atoll.agent.contract import Caller
 from atoll.plugins.storage.contract.datasets import upload_dataset
 from atoll.plugins.training.contract import FINAL_STATES, JobRecord, get_job, submit_job
+from atoll.plugins.training.plugin import TrainingPlugin
 from support.island import Island
 from support.overlay import AgentFactory, eventually
 
@@ -62,7 +64,7 @@ async def test_only_served_or_configured_models_are_fine_tuned(
         await client.close()
 
 
-async def until_final(agent: object, job_id: str, timeout: float = 60.0) -> JobRecord:
+async def until_final(agent: Caller, job_id: str, timeout: float = 60.0) -> JobRecord:
     deadline = time.monotonic() + timeout
     while (job := await get_job(agent, "queue", job_id)).state not in FINAL_STATES:
         assert time.monotonic() < deadline, f"job still {job.state} after {timeout}s"
@@ -86,7 +88,9 @@ async def test_a_trainer_refuses_a_path_whoever_queued_it(
         "models": {"tiny": str(configured)}, "model_cache": str(tmp_path / "cache"),
     }  # fmt: skip
     trainer_rt = await make_agent("trainer", roles=("training",), plugins={"training": config})
-    worker = trainer_rt.host.plugins["training"].worker
+    plugin = trainer_rt.host.plugins["training"]
+    assert isinstance(plugin, TrainingPlugin) and plugin.worker is not None
+    worker = plugin.worker
     client = (await make_agent("client", roles=("gateway",))).agent
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"instruction": "q", "output": "a"}\n')

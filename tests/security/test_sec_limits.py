@@ -10,6 +10,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -50,7 +51,7 @@ async def broker_with(operator: OperatorStore, **options: object) -> BrokerServe
     return await server.start("127.0.0.1", 0)
 
 
-async def agent_gets_in(operator: OperatorStore, server: BrokerServer, **options: object) -> None:
+async def agent_gets_in(operator: OperatorStore, server: BrokerServer, **options: Any) -> None:
     agent = await Agent(
         AgentKeys.issue(operator, "acme", "ok", ["agent"]), [server.url], **options
     ).start(5)

@@ -70,7 +70,7 @@ async def test_concurrent_requests_cannot_slip_under_the_limit(make_agent: Agent
                 model="echo", messages=[{"role": "user", "content": WORDS}], max_tokens=50
             )
         done = await first
-        assert done.usage.completion_tokens == 50
+        assert done.usage is not None and done.usage.completion_tokens == 50
         rows = isl.accounts.usage_rows(user="bob")
         assert [r.status for r in rows] == [200]  # the refused one reached no node
     finally:
@@ -186,7 +186,7 @@ async def test_an_honest_stream_is_charged_exactly_once(make_agent: AgentFactory
         )
         chunks = [c async for c in stream]
         usage = chunks[-1].usage
-        assert (usage.prompt_tokens, usage.completion_tokens) == (200, 200)
+        assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (200, 200)
         (row,) = isl.accounts.usage_rows(user="frank")
         assert (row.status, row.prompt_tokens, row.completion_tokens) == (200, 200, 200)
         # Charged as it went (99 estimated + 200 sent), settled to the node's 400: not more.

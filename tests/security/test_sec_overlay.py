@@ -21,8 +21,8 @@ from atoll.broker import router as router_module
 from atoll.broker.identity import issue_broker_dir
 from atoll.broker.server import BrokerServer
 from atoll.protocol.errors import AuthError
-from atoll.protocol.frames import Frame, FrameType, decode_message, encode_frame
-from atoll.protocol.trust import verify_agent
+from atoll.protocol.frames import Frame, FrameType, decode_message, encode_frame, pack
+from atoll.protocol.trust import check_labels, verify_agent
 from atoll.tenancy import permissions
 from atoll.tenancy.credentials import EnrollmentToken
 from atoll.tenancy.operator import OperatorStore
@@ -222,7 +222,8 @@ async def test_a_name_belongs_to_its_first_key_even_offline(
         operator.token("acme", ["inference"], 600).encode(), SigningKey.generate(), "gpu-1"
     )
     await refused(broker, impostor, "belongs to another key")
-    assert broker.state.binding("acme", "gpu-1").pub == owner_key.verify_key.encode()
+    binding = broker.state.binding("acme", "gpu-1")
+    assert binding is not None and binding.pub == owner_key.verify_key.encode()
     # the owner is still welcome
     back = await admitted(broker, owner_keys)
     await back.stop()
@@ -262,7 +263,7 @@ async def test_a_token_past_its_expiry_is_refused_by_the_brokers_clock(
 
 
 async def test_name_bindings_hold_across_the_mesh(operator: OperatorStore, tmp_path: Path) -> None:
-    brokers = []
+    brokers: list[BrokerServer] = []
     for name, peers in (("m1", []), ("m2", None)):
         d = tmp_path / name
         issue_broker_dir(operator, d, name)
@@ -344,7 +345,7 @@ def test_labels_come_from_the_token_and_cannot_be_changed() -> None:
     forged = cred.agent_claims(
         b"\x01" * 32, "gpu", "acme", ["inference"], "", 60, token_no.jti, {"phi": "true"}
     )
-    blob = cred.pack(
+    blob = pack(
         {
             "tenant": claim,
             "grant": token_no.grant,
@@ -354,7 +355,7 @@ def test_labels_come_from_the_token_and_cannot_be_changed() -> None:
     with pytest.raises(AuthError, match="labels its token did not grant"):
         verify_agent(blob, op_key.verify_key.encode())
     with pytest.raises(ValueError, match="label"):
-        cred.check_labels({"PHI!": "x"})
+        check_labels({"PHI!": "x"})
 
 
 async def test_discovery_takes_labels_from_the_credential_not_the_announcement(

@@ -252,13 +252,13 @@ async def test_config_and_bucket_problems_are_clear(s3_endpoint, credentials, mo
     ):
         with pytest.raises(ValidationError, match=message):
             S3Config.model_validate(s3_config(s3_endpoint) | bad)
-    for bad, message in (
+    for bad_storage, message in (
         ({"store": "s3"}, "needs an \\[s3\\] section"),
         ({"s3": s3_config(s3_endpoint)}, "store is 'local'"),
         ({"store": "s3", "s3": s3_config(s3_endpoint), "root": "/x"}, "the s3 store has no root"),
     ):
         with pytest.raises(ValidationError, match=message):
-            StorageConfig.model_validate(bad)
+            StorageConfig.model_validate(bad_storage)
 
     with pytest.raises(
         S3Unavailable, match=r"'atoll-missing' at http://127\.0\.0\.1:\d+ does not exist"

@@ -262,9 +262,10 @@ class FakeOpenAI:
                 yield chunk({"delta": {"tool_calls": [start]}, "finish_reason": None})
                 args = tool_arguments(messages, name)
                 for at in range(0, len(args), 7):
-                    part = {"index": i, "function": {"arguments": args[at : at + 7]}}
+                    fragment = args[at : at + 7]
+                    part = {"index": i, "function": {"arguments": fragment}}
                     yield chunk({"delta": {"tool_calls": [part]}, "finish_reason": None})
-                    out.append(part["function"]["arguments"])
+                    out.append(fragment)
             finish = "tool_calls"
         else:
             tokens = pieces(text)

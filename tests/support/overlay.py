@@ -50,7 +50,9 @@ def intercept(broker: BrokerServer, tap: Tap) -> Callable[[], None]:
     def handle(session: Session, frame: Frame) -> None:
         route(session, tap(session, frame) or frame)
 
-    router.handle = handle
+    # An instance attribute shadows the method until the undo deletes it (set through the
+    # instance's dict: mypy refuses assigning to a method).
+    vars(router)["handle"] = handle
     return lambda: delattr(router, "handle")
 
 

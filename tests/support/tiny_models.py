@@ -88,7 +88,7 @@ def make_adapter(
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
                 p.normal_(0, 0.3)
-    peft_model.save_pretrained(out)
+    peft_model.save_pretrained(str(out))
     cfg_path = out / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = str(base)
@@ -106,5 +106,5 @@ def random_lora(out: Path, base_name: str) -> Path:
     model = LlamaForCausalLM(config)
     model.name_or_path = base_name  # becomes base_model_name_or_path
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    peft_model.save_pretrained(out, save_embedding_layers=False)  # no hub lookup
+    peft_model.save_pretrained(str(out), save_embedding_layers=False)  # no hub lookup
     return out

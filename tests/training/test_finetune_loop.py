@@ -46,7 +46,9 @@ async def test_upload_train_and_chat_with_the_adapter(make_agent, tmp_path: Path
         assert job.status == "succeeded", job.error
         assert job.fine_tuned_model and job.fine_tuned_model.startswith("alice/colours-")
         events = [e async for e in client.fine_tuning.jobs.list_events(job.id, limit=1000)]
-        losses = [e.data["loss"] for e in events if e.type == "metrics" and e.data]
+        metrics = [e.data for e in events if e.type == "metrics" and e.data]
+        assert all(isinstance(m, dict) for m in metrics)  # the SDK types an event's data as object
+        losses = [m["loss"] for m in metrics if isinstance(m, dict)]
         assert losses and all(loss > 0 for loss in losses)
         assert all(e.message != "log" for e in events)  # trainer messages keep their text
         paged = [e.id async for e in client.fine_tuning.jobs.list_events(job.id, limit=3)]
@@ -62,7 +64,7 @@ async def test_upload_train_and_chat_with_the_adapter(make_agent, tmp_path: Path
             temperature=0,
         )
         assert reply.choices[0].finish_reason in ("stop", "length")
-        assert reply.usage.completion_tokens >= 1
+        assert reply.usage is not None and reply.usage.completion_tokens >= 1
         other = openai.AsyncOpenAI(base_url=f"{isl.url}/v1", api_key=isl.key("bob"), max_retries=0)
         with pytest.raises(openai.NotFoundError):
             await other.chat.completions.create(

@@ -17,6 +17,7 @@ import torch
 from atoll.agent.contract import parse
 from atoll.agent.errors import Forbidden, InvalidRequest, NoSuchMethod
 from atoll.agent.node import Agent
+from atoll.agent.plugins import Plugin
 from atoll.agent.runtime import AgentRuntime
 from atoll.plugins.storage.contract.adapters import describe_adapter, fetch_adapter
 from atoll.plugins.storage.contract.datasets import DatasetNotFound, upload_dataset
@@ -45,6 +46,7 @@ from atoll.plugins.training.data import (
 )
 from atoll.plugins.training.plugin import TrainingPlugin
 from atoll.plugins.training.runner import FINAL_METRICS
+from atoll.plugins.training.trainer import TrainerWorker
 from support.overlay import AgentFactory, eventually
 from support.tiny_models import build_tiny_model, tiny_tokenizer
 
@@ -150,6 +152,12 @@ async def first_loss(island: Island, job_id: str) -> None:
         await asyncio.sleep(0.2)
 
 
+def trainer_worker(plugin: Plugin) -> TrainerWorker:
+    """The worker of a training plugin that trains (mode "trainer" or "both")."""
+    assert isinstance(plugin, TrainingPlugin) and plugin.worker is not None
+    return plugin.worker
+
+
 def gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -207,7 +215,9 @@ async def test_a_trainer_joining_later_trains_the_queued_job(island: Island, tmp
     adapter = await describe_adapter(island.client, "store", done.adapter_id)
     assert (adapter.owner, adapter.source_job, adapter.base_model) == ("alice", job.id, "tiny")
     assert adapter.rank == 4
-    assert list(island.trainers["t1"].host.plugins["training"].worker.workdir.iterdir()) == []
+    assert (
+        list(trainer_worker(island.trainers["t1"].host.plugins["training"]).workdir.iterdir()) == []
+    )
     await check_adapter_changes_the_model(island, done.adapter_id, tmp_path)
 
 
@@ -339,7 +349,7 @@ async def test_cancel_while_queued_only_by_its_owner_or_an_admin(
 
 
 async def test_cancel_while_training_kills_the_process(island: Island) -> None:
-    worker = (await island.add_trainer("t1")).worker
+    worker = trainer_worker(await island.add_trainer("t1"))
     job = await island.submit(num_train_epochs=500.0)  # far longer than the test
     await first_loss(island, job.id)
     process = worker.running[job.id].process
@@ -357,7 +367,7 @@ async def test_cancel_while_training_kills_the_process(island: Island) -> None:
 async def test_a_job_naming_a_path_is_refused_before_anything_runs(island: Island) -> None:
     """A job names one of the trainer's models, never a path on its host (which would train
     on whatever is there and tell, by its error, which paths exist)."""
-    worker = (await island.add_trainer("t1")).worker
+    worker = trainer_worker(await island.add_trainer("t1"))
     for model in (str(island.tiny_base), "/etc/passwd"):
         job = await island.submit(model_name_or_path=model)
         failed = await island.until(job.id, {"failed"})
@@ -370,7 +380,7 @@ async def test_a_job_naming_a_path_is_refused_before_anything_runs(island: Islan
 
 async def test_a_crashing_job_fails_with_the_process_s_reason(island: Island) -> None:
     # The operator mapped the model to a directory that is not there.
-    worker = (await island.add_trainer("t1", models={"tiny": "/nowhere/model"})).worker
+    worker = trainer_worker(await island.add_trainer("t1", models={"tiny": "/nowhere/model"}))
     job = await island.submit()
     failed = await island.until(job.id, {"failed"})
     assert "the training process exited with 1" in (failed.error or "")
@@ -385,7 +395,7 @@ async def test_a_crashing_job_fails_with_the_process_s_reason(island: Island) ->
 
 async def test_a_stopped_trainer_s_job_is_finished_by_another(island: Island) -> None:
     models = {"tiny-llama": str(island.tiny_base)}  # the overlay's name for the base
-    t1 = (await island.add_trainer("t1", models=models)).worker
+    t1 = trainer_worker(await island.add_trainer("t1", models=models))
     dataset = await island.add_dataset(text_rows(), "alice")
     options = island.options(
         dataset, stage="pt", num_train_epochs=6.0, suffix="prose", model_name_or_path="tiny-llama"
@@ -485,8 +495,10 @@ async def test_one_agent_can_be_queue_and_trainer(make_agent: AgentFactory, tmp_
     dataset = (await upload_dataset(rt.agent, "solo", path, "rows", "alice")).id
     options = {"model_name_or_path": "tiny", "dataset": [dataset], "precision_type": "bf16"}
     job = await submit_job(rt.agent, "solo", "alice", options)
-    await eventually(lambda: plugin.queue.get(job.id).state == "failed", timeout=10)
-    assert "solo trains on the CPU" in (plugin.queue.get(job.id).error or "")
+    queue = plugin.queue
+    assert queue is not None  # mode "both": it keeps the queue
+    await eventually(lambda: queue.get(job.id).state == "failed", timeout=10)
+    assert "solo trains on the CPU" in (queue.get(job.id).error or "")
     described = plugin.describe()
     assert described["capabilities"] == {
         "queue": True, "trainer": True, "device": "cpu", "capacity": 1,
