@@ -549,7 +549,7 @@ def test_usage_counts_each_prompt_once() -> None:
 
 def test_sse_framing() -> None:
     assert sse({"a": "x\ny", "b": "é"}) == 'data: {"a":"x\\ny","b":"é"}\n\n'.encode()
-    assert sse(Model(id="m", created=1, owned_by="o")).startswith(b'data: {"id":"m"')
+    assert sse(Model(id="m", created=1, owned_by="o", kind="chat")).startswith(b'data: {"id":"m"')
     assert DONE == b"data: [DONE]\n\n"
 
 
@@ -759,8 +759,15 @@ def test_embeddings_float_and_base64() -> None:
 def test_models_parse_with_the_sdk() -> None:
     listing = ModelList(
         data=[
-            Model(id="SmolLM2", created=1, owned_by="atoll"),
-            Model(id="alice/soap", created=2, owned_by="alice", parent="SmolLM2", root="SmolLM2"),
+            Model(id="SmolLM2", created=1, owned_by="atoll", kind="chat"),
+            Model(
+                id="alice/soap",
+                created=2,
+                owned_by="alice",
+                kind="adapter",
+                parent="SmolLM2",
+                root="SmolLM2",
+            ),
         ]
     )
     data = json.loads(listing.model_dump_json())
