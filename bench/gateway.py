@@ -257,7 +257,7 @@ def agent_child(kind: str, data_dir: Path, broker: str, profile: Path | None) ->
 async def gateway_ready(plugin: GatewayPlugin) -> dict[str, str]:
     """Wait (bounded) until the gateway routes to the echo model; a user key for the bench."""
     for _ in range(int(CHILD_START_S / 0.02)):
-        if MODEL in plugin.gateway.base_models():
+        if MODEL in plugin.gateway.catalog.base_models():
             break
         await asyncio.sleep(0.02)
     else:

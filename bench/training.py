@@ -239,7 +239,9 @@ class Island:
         gw = {"listen": "127.0.0.1:0", "storage": STORAGE, "queue": QUEUE}
         self.gw = await self._agent(op, "gw", "gateway", gw)
         self.gateway = running_plugin(self.gw, "gateway", GatewayPlugin)
-        await until(lambda: model in self.gateway.gateway.base_models(), READY_S, "the model")
+        await until(
+            lambda: model in self.gateway.gateway.catalog.base_models(), READY_S, "the model"
+        )
         self.gateway.accounts.create_user(USER, actor="bench")
         _, self.key = self.gateway.accounts.create_key(USER, name="bench", actor="bench")
 

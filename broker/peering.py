@@ -1,4 +1,6 @@
 """The broker mesh's I/O: authenticated links to peer brokers, mesh state exchange, relaying.
+(Over 400 lines: one link's life, from dial or accept through authentication to keepalive and
+relaying, reads best in one place; its decisions are all ``mesh.py``'s.)
 
 A link is a websocket like an agent's, opened by either broker (``--peer URL`` dials; the other
 accepts) and authenticated with operator-signed broker credentials on both sides. What travels

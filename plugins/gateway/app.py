@@ -173,7 +173,7 @@ def create_app(gw: Gateway, docs: bool = False) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"ok": True, "models": sorted(gw.base_models())}
+        return {"ok": True, "models": sorted(gw.catalog.base_models())}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics(_: Admin) -> str:

@@ -171,7 +171,7 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
         if body.validation_file is not None:
             raise GatewayError(400, "validation_file is not supported yet", param="validation_file")
         may_write(principal, principal.project)
-        accepted = gw.trainable_models()
+        accepted = gw.catalog.trainable_models()
         options = job_options(body)
         # ``options`` may name the model too (it overrides ``model``): what is checked is what
         # would be queued, never a path on a trainer's host.

@@ -16,8 +16,9 @@ from atoll.plugins.gateway import lorax_api, openai_requests, openai_streams
 from atoll.plugins.gateway import openai_responses as responses
 from atoll.plugins.gateway.accounts.keys import Principal
 from atoll.plugins.gateway.bodies import Event
+from atoll.plugins.gateway.catalog import ModelCard
 from atoll.plugins.gateway.errors import GatewayError
-from atoll.plugins.gateway.service import Gateway, ModelCard
+from atoll.plugins.gateway.service import Gateway
 from atoll.plugins.inference.contract import (
     EMBED,
     TRANSCRIBE,
@@ -35,12 +36,12 @@ def install_openai(app: FastAPI, gw: Gateway, user: Any) -> None:
 
     @app.get("/v1/models", response_model=responses.ModelList)
     async def list_models(principal: user) -> Any:
-        return _json(responses.ModelList(data=[_model(c) for c in gw.models(principal)]))
+        return _json(responses.ModelList(data=[_model(c) for c in gw.catalog.models(principal)]))
 
     # ``:path``: adapter ids hold a slash (``alice/soap``)
     @app.get("/v1/models/{model_id:path}", response_model=responses.Model)
     async def retrieve_model(principal: user, model_id: str) -> Any:
-        for card in gw.models(principal):
+        for card in gw.catalog.models(principal):
             if card.id == model_id:
                 return _json(_model(card))
         raise GatewayError(  # as for a model that exists but is not the caller's

@@ -11,7 +11,8 @@ event an error propagates, since the client already has text. Errors that are th
 are never retried elsewhere: every node would refuse the same request.
 
 Each request returns a ``Route`` naming the node that served it and the failures before it, for
-the caller's metrics and logs.
+the caller's metrics and logs. (Just over 400 lines: streamed and one-reply requests share the
+choosing, waiting and retry rules, which belong together.)
 """
 
 from __future__ import annotations

@@ -13,14 +13,14 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
-from atoll.agent.discovery import Status
 from atoll.agent.metrics import MetricsRegistry
 from atoll.agent.watch import TenantWatch
 from atoll.plugins.gateway.accounts import Accounts
 from atoll.plugins.gateway.accounts.adapters import policy_labels
 from atoll.plugins.gateway.accounts.keys import Principal
 from atoll.plugins.gateway.accounts.ledger import Ledger
-from atoll.plugins.gateway.bodies import Event, ModelKind, usage_of
+from atoll.plugins.gateway.bodies import Event, usage_of
+from atoll.plugins.gateway.catalog import Catalog
 from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.limits import Permit, RateLimiter
 from atoll.plugins.gateway.router import ModelRouter, ReplyMethod
@@ -62,18 +62,6 @@ def _ended_status(exc: BaseException) -> int:
 
 
 @dataclass(frozen=True)
-class ModelCard:
-    """One model a caller may name: its kind (``chat``, ``adapter``, ``embedding``,
-    ``transcription``) and, for an adapter, the base it applies to."""
-
-    id: str
-    kind: ModelKind
-    created: int
-    owned_by: str
-    base: str | None = None
-
-
-@dataclass(frozen=True)
 class Target:
     """What a request's ``model`` (and mixture) resolved to."""
 
@@ -110,6 +98,7 @@ class Gateway:
         self.limiter = limiter
         self.router = router
         self.watch = watch
+        self.catalog = Catalog(watch.discovery, accounts, int(self.started))
         self.request_timeout = request_timeout
         self.max_body_bytes = max_body_bytes
         self.requests = metrics.counter("requests", "API requests answered")
@@ -126,57 +115,6 @@ class Gateway:
         if scheme.lower() != "bearer" or not token.strip():
             raise GatewayError(401, "missing API key: send 'Authorization: Bearer <key>'")
         return self.accounts.authenticate(token.strip())
-
-    def base_models(self) -> dict[str, list[str]]:
-        """Base model id -> agents serving it now (from discovery)."""
-        return self._offered("base_model")
-
-    def trainable_models(self) -> set[str]:
-        """Base models a job may name: those served now and those a trainer is configured
-        with (from discovery); never a path."""
-        out = set(self.base_models())
-        for entry in self.watch.discovery.select(plugin="training"):
-            models = (entry.capabilities.get("training") or {}).get("models")
-            if isinstance(models, list):
-                out.update(m for m in models if isinstance(m, str))
-        return out
-
-    def embedding_models(self) -> dict[str, list[str]]:
-        return self._offered("embeddings")
-
-    def transcription_models(self) -> dict[str, list[str]]:
-        return self._offered("transcription")
-
-    def models(self, principal: Principal) -> list[ModelCard]:
-        """Every model ``principal`` may use, once each: served bases (chat), their visible
-        adapters, embedding and transcription models (a base that also embeds is listed as
-        chat)."""
-        created = int(self.started)
-        cards = [ModelCard(m, "chat", created, "atoll") for m in sorted(self.base_models())]
-        for a in self.accounts.visible_adapters(principal):
-            owner = a.project or a.owner or "public"
-            cards.append(ModelCard(a.id, "adapter", int(a.created), owner, a.base_model))
-        offered: list[tuple[ModelKind, dict[str, list[str]]]] = [
-            ("embedding", self.embedding_models()),
-            ("transcription", self.transcription_models()),
-        ]
-        listed = {c.id for c in cards}
-        for kind, served in offered:
-            cards += [ModelCard(m, kind, created, "atoll") for m in sorted(served.keys() - listed)]
-            listed |= served.keys()
-        return cards
-
-    def _offered(self, capability: str) -> dict[str, list[str]]:
-        """Models by agents that are ACTIVE or only STALE (silent a few beats: a broker
-        restarting); a model is unknown once every agent serving it is LOST."""
-        out: dict[str, list[str]] = {}
-        for entry in self.watch.discovery.select(plugin="inference", status=None):
-            if entry.status is Status.LOST:
-                continue
-            model = (entry.capabilities.get("inference") or {}).get(capability)
-            if isinstance(model, str) and model:
-                out.setdefault(model, []).append(entry.name)
-        return out
 
     def resolve(
         self,
@@ -210,7 +148,7 @@ class Gateway:
                 )
             labels = policy_labels(principal, access)
             return Target(model=model, base=access.base_model, adapter=access.id, labels=labels)
-        if model in self.base_models():
+        if model in self.catalog.base_models():
             return Target(model=model, base=model, labels=policy_labels(principal))
         raise GatewayError(
             404,
@@ -236,7 +174,7 @@ class Gateway:
     def default_base(self) -> str:
         """The base model when a request names none (LoRAX's API has no model field): the only
         one served, or a clear error naming the choices."""
-        bases = sorted(self.base_models())
+        bases = sorted(self.catalog.base_models())
         if len(bases) == 1:
             return bases[0]
         if not bases:
@@ -255,9 +193,9 @@ class Gateway:
     ) -> Any:
         """A one-reply inference call (``EMBED``, ``TRANSCRIBE``), with limits and ledger."""
         kind, served = (
-            ("embedding", self.embedding_models())
+            ("embedding", self.catalog.embedding_models())
             if method is EMBED
-            else ("transcription", self.transcription_models())
+            else ("transcription", self.catalog.transcription_models())
         )
         if model not in served:
             raise GatewayError(

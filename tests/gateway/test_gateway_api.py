@@ -242,7 +242,7 @@ async def test_node_killed_is_routed_around_and_none_left_is_503(gw_island: Isla
         r = await client(gw_island, key).chat.completions.create(model="echo", messages=PROMPT)
         assert r.choices[0].finish_reason == "stop"
     await gw_island.nodes["gpu2"].stop()
-    await eventually(lambda: not gw_island.plugin.gateway.base_models(), 10)
+    await eventually(lambda: not gw_island.plugin.gateway.catalog.base_models(), 10)
     with pytest.raises(openai.NotFoundError):  # no node serves it now: an unknown model
         await client(gw_island, key).chat.completions.create(model="echo", messages=PROMPT)
 
@@ -260,7 +260,7 @@ async def test_phi_project_only_reaches_phi_nodes(make_agent) -> None:
         await client(isl, key).chat.completions.create(model="echo", messages=PROMPT)
     assert no_node.value.status_code == 503 and "phi=true" in no_node.value.message
     await isl.add_node("phi-node", labels={"phi": "true"})
-    await eventually(lambda: len(isl.plugin.gateway.base_models()["echo"]) == 2)
+    await eventually(lambda: len(isl.plugin.gateway.catalog.base_models()["echo"]) == 2)
     for _ in range(3):
         await client(isl, key).chat.completions.create(model="echo", messages=PROMPT)
     served = isl.nodes["phi-node"].host.plugins["inference"].ctx.metrics.snapshot()

@@ -56,7 +56,7 @@ async def test_only_served_or_configured_models_are_fine_tuned(
         # A model a trainer is configured with (served by no node) is accepted, as is a served one.
         trainer = {"mode": "trainer", "device": "cpu", "models": {"tiny": str(tmp_path / "m")}}
         await make_agent("trainer", roles=("training",), plugins={"training": trainer})
-        await eventually(lambda: "tiny" in isl.plugin.gateway.trainable_models())
+        await eventually(lambda: "tiny" in isl.plugin.gateway.catalog.trainable_models())
         for model in ("echo", "tiny"):
             job = await client.fine_tuning.jobs.create(model=model, training_file=upload.id)
             assert (job.model, job.status) == (model, "queued")

@@ -145,7 +145,7 @@ async def test_a_stream_cut_by_an_error_is_charged_what_it_sent(make_agent: Agen
 async def test_embeddings_are_charged_at_admission(make_agent: AgentFactory) -> None:
     """A slow embedding call holds its estimated prompt in the window while it runs."""
     isl = await island(make_agent)
-    await eventually(lambda: "echo" in isl.plugin.gateway.embedding_models())
+    await eventually(lambda: "echo" in isl.plugin.gateway.catalog.embedding_models())
     key = isl.key("erin", limits=Limits(tokens_per_min=100))
     router = isl.plugin.gateway.router
     gate = asyncio.Event()

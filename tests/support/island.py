@@ -67,7 +67,7 @@ class Island:
 
     async def models_seen(self, model: str, timeout: float = 5.0) -> None:
         """Until the gateway's discovery shows a node serving ``model``."""
-        await eventually(lambda: model in self.plugin.gateway.base_models(), timeout)
+        await eventually(lambda: model in self.plugin.gateway.catalog.base_models(), timeout)
 
 
 async def models(isl: Island, key: str) -> set[str]:
