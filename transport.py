@@ -116,6 +116,9 @@ class WebSocket(asyncio.Protocol):
         self._last_seen = self._loop.time()
         self._timers: list[asyncio.TimerHandle] = []
         self.open = False  # the websocket is open and we may still send (kept as a plain flag)
+        # Called once, at once, when ``open`` turns false (the peer closed, we closed, the
+        # socket broke): ``closed`` resolves only a loop turn or a close handshake later.
+        self.on_shut: Callable[[], None] | None = None
 
     # --- state -----------------------------------------------------------------------------------
 
@@ -220,7 +223,7 @@ class WebSocket(asyncio.Protocol):
         self._last_seen = self._loop.time()
         self.ws.receive_data(data)
         if self.open and self.ws.state is not State.OPEN:  # the peer started closing
-            self.open = False
+            self._shut()
         events = self.ws.events_received()
         self._write_protocol_data()
         for event in events:
@@ -241,7 +244,7 @@ class WebSocket(asyncio.Protocol):
             return None
         # Nothing may be sent from here on: connection_lost comes a loop iteration later, and a
         # broker routing to this peer meanwhile must not raise inside another connection.
-        self.open = False
+        self._shut()
         self.ws.receive_eof()
         self._write_protocol_data()
         return None
@@ -268,7 +271,7 @@ class WebSocket(asyncio.Protocol):
         if self.closed.done():  # a TLS handshake that failed reports its loss twice
             return
         self.admitted()
-        self.open = False
+        self._shut()
         self.ws.receive_eof()
         if self._ping_timer is not None:
             self._ping_timer.cancel()
@@ -434,18 +437,24 @@ class WebSocket(asyncio.Protocol):
 
     # --- closing ---------------------------------------------------------------------------------
 
+    def _shut(self) -> None:
+        """No more sending: tell ``on_shut`` the first time."""
+        was_open, self.open = self.open, False
+        if was_open and self.on_shut is not None:
+            self.on_shut()
+
     def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
         """Send what is queued, then the close frame; drop the TCP connection if the peer lags."""
         if self.ws.state is State.OPEN:
             self._flush()
             self.ws.send_close(code, reason[:120])
             self._write_protocol_data()
-        self.open = False
+        self._shut()
         self._close_soon()
 
     def fail(self, code: int, reason: str) -> None:
         """Give up on the peer (silent, or too slow): say why if possible, then drop it now."""
-        self.open = False
+        self._shut()
         self._out.clear()
         self.ws.fail(code, reason[:120])
         self._write_protocol_data()

@@ -174,7 +174,9 @@ class BrokerLink:
         assert self.welcome is not None
         ws.max_message = min(self.max_message, self.welcome.max_message)
         self._ws, self.url = ws, url
-        self.connected.set()
+        ws.on_shut = self.connected.clear  # at once: a caller must not see a dead link as up
+        if ws.open:
+            self.connected.set()
         ws.deliver_to(lambda data: self._on_message(ws, data))
         self.log.info("agent.connected", url=url, broker=self.welcome.broker.name)
         try:

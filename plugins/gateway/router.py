@@ -29,7 +29,7 @@ from pydantic import BaseModel
 
 from atoll.agent.contract import Method
 from atoll.agent.discovery import Discovery, Entry, Status
-from atoll.agent.errors import AtollError, ConnectionLost, DeadlineExceeded, InvalidRequest
+from atoll.agent.errors import AtollError, DeadlineExceeded, InvalidRequest
 from atoll.agent.node import Overlay
 from atoll.plugins.gateway.errors import GatewayError, from_platform
 from atoll.plugins.inference.contract import (
@@ -52,9 +52,6 @@ from atoll.plugins.storage.contract.adapters import AdapterNotFound
 # The request's own fault: another node would refuse it the same way.
 REQUEST_FAULTS = (InvalidRequest, AdapterRejected, AdapterNotFound, Unsupported)
 FIRST_EVENT_TIMEOUT = 10.0  # seconds a node may take to open the stream and send its first event
-# After our own broker link failed a request: a moment for the agent to mark it down (its socket
-# closes a loop turn or so before it says so), so the next attempt waits for the failover.
-LINK_SETTLE = 0.05
 # The inference methods that answer in one reply, and their names.
 ReplyMethod = Method[EmbedRequest, EmbedResult] | Method[TranscribeRequest, TranscribeResult]
 ReplyName = Literal["embed", "transcribe"]
@@ -247,8 +244,6 @@ class ModelRouter:
                 except _NodeFailed as failed:
                     route.failures.append(f"{entry.name}: {failed.error.message}")
                     last = failed.error
-                    if isinstance(failed.error, ConnectionLost):
-                        await asyncio.sleep(LINK_SETTLE)  # then _link_up sees the link down
                     continue
                 yield event
                 while event.type != "finish":
@@ -376,8 +371,6 @@ class ModelRouter:
             except AtollError as exc:
                 route.failures.append(f"{entry.name}: {exc.message}")
                 last = exc
-                if isinstance(exc, ConnectionLost):
-                    await asyncio.sleep(LINK_SETTLE)
             finally:
                 self._done(entry.name)
         route.node = None

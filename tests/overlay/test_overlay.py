@@ -8,6 +8,7 @@ import pytest
 
 from atoll.agent.errors import (
     AtollError,
+    ConnectionLost,
     DeadlineExceeded,
     InternalError,
     NoResponder,
@@ -101,6 +102,21 @@ async def test_failover_across_broker_list(operator, broker, make_agent) -> None
     assert a.agent.link.url == broker.url
     assert (await a.agent.call("beta", "ping"))["pong"] is True
     assert b.agent.link.url == broker.url
+
+
+async def test_a_link_is_down_the_moment_its_socket_is(make_agent) -> None:
+    """No caller may see a dead link as up: ``connected`` clears when the websocket stops
+    sending, not a loop turn (or a close handshake) later, and comes back on reconnect."""
+    a = await make_agent("alpha")
+    link = a.agent.link
+    ws = link._ws
+    assert ws is not None and link.connected.is_set()
+    ws.close()  # the close handshake has not even started to come back
+    assert not link.connected.is_set()
+    with pytest.raises(ConnectionLost):
+        link.send(b"x")
+    await link.wait_connected(10)  # reconnected, on a new socket
+    assert link._ws is not ws and link.connected.is_set()
 
 
 async def test_silent_peer_is_dropped_by_keepalive(operator) -> None:
