@@ -9,12 +9,19 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from atoll.agent.discovery import Status
-from atoll.agent.metrics import MetricsRegistry
+from atoll.agent.metrics import (
+    REQUEST_DURATION_BUCKETS,
+    TOKEN_BUCKETS,
+    TPOT_BUCKETS,
+    TTFT_BUCKETS,
+    BoundedLabel,
+    MetricsRegistry,
+)
 from atoll.agent.watch import TenantWatch
 from atoll.plugins.gateway.accounts import Accounts
 from atoll.plugins.gateway.accounts.adapters import policy_labels
@@ -33,6 +40,13 @@ from atoll.plugins.inference.contract import (
     Usage,
 )
 
+# The gateway's latency and token histograms under OpenTelemetry's GenAI semantic-convention names
+# (translated to Prometheus: dots to underscores, the unit as a suffix); docs/admins.md maps them.
+DURATION = "gen_ai_server_request_duration_seconds"
+TTFT = "gen_ai_server_time_to_first_token_seconds"
+TPOT = "gen_ai_server_time_per_output_token_seconds"
+TOKEN_USAGE = "gen_ai_client_token_usage"
+GENERATES = ("chat", "text_completion")  # gen_ai.operation.name of the routes that stream tokens
 CLIENT_GONE = 499  # as nginx logs it: the caller closed the connection
 CHARS_PER_TOKEN = 4  # the admission estimate of prompt tokens (the gateway has no tokenizer)
 
@@ -96,10 +110,12 @@ class Gateway:
         router: ModelRouter,
         watch: TenantWatch,
         metrics: MetricsRegistry,
+        own_feed: Callable[[], dict[str, Any]],
         request_timeout: float,
         max_body_bytes: int,
         storage: str | None = None,
         queue: str | None = None,
+        label_values: int = 100,
     ) -> None:
         self.started = time.time()
         self.agent = router.agent
@@ -112,12 +128,19 @@ class Gateway:
         self.watch = watch
         self.request_timeout = request_timeout
         self.max_body_bytes = max_body_bytes
-        self.requests = metrics.counter("requests", "API requests answered")
-        self.failures = metrics.counter("requests_failed", "API requests that ended in an error")
-        self.tokens_in = metrics.counter("prompt_tokens", "Prompt tokens of answered requests")
-        self.tokens_out = metrics.counter("completion_tokens", "Completion tokens streamed")
-        self.latency = metrics.histogram("request_seconds", "Time to the last token")
-        self.ttft = metrics.histogram("time_to_first_token_seconds", "Time to the first token")
+        self.metrics = metrics
+        self.own_feed = own_feed  # this agent's feed message, built on the spot
+        # Callers name models, adapters and projects: beyond `label_values` distinct values each
+        # becomes "other", so the series count stays bounded however many there are.
+        self.bounded = {k: BoundedLabel(label_values) for k in ("model", "adapter", "project")}
+
+    def feeds(self) -> dict[str, dict[str, Any]]:
+        """Every agent's metrics-feed message for /metrics: this agent's own built now and listed
+        first (there before any feed message arrived, and it wins a name clash), then the
+        tenant's others as the feed last brought them."""
+        own = self.own_feed()
+        others = {n: m for n, m in self.watch.metrics.items() if n != own["agent"]}
+        return {own["agent"]: own, **others}
 
     # --- who and what ------------------------------------------------------------------------
 
@@ -254,10 +277,10 @@ class Gateway:
         prompt_text: str | None,
     ) -> Any:
         """A one-reply inference call (``EMBED``, ``TRANSCRIBE``), with limits and ledger."""
-        kind, served = (
-            ("embedding", self.embedding_models())
+        kind, operation, served = (
+            ("embedding", "embeddings", self.embedding_models())
             if method is EMBED
-            else ("transcription", self.transcription_models())
+            else ("transcription", "transcription", self.transcription_models())
         )
         if model not in served:
             raise GatewayError(
@@ -288,10 +311,10 @@ class Gateway:
             raise
         finally:
             usage = Usage(prompt_tokens=tokens)
-            await self._settle(
+            latency = await self._settle(
                 principal, permit, request_id, model, None, usage, status, started, prompt_text
             )
-            (self.requests if status == 200 else self.failures).inc()
+            self._record(principal, operation, model, None, usage, status, latency)
 
     # --- running -----------------------------------------------------------------------------
 
@@ -302,11 +325,13 @@ class Gateway:
         requests: list[GenerateRequest],
         per_prompt: int = 1,
         prompt_text: str | None = None,
+        operation: str = "chat",
     ) -> AsyncGenerator[tuple[int, Event], None]:
         """Events of ``requests`` (the choices of one API request, ``per_prompt`` per prompt) as
         ``(choice, event)``, tokens as they arrive. Limits apply to the whole request; its
         ledger row is written once every choice has finished, before the caller ends its
-        response, with the usage the response reports. Tokens are charged as they are spent:
+        response, with the usage the response reports; ``operation`` is its
+        ``gen_ai.operation.name`` in the metrics. Tokens are charged as they are spent:
         the prompt at admission (estimated), each completion token as it is handed to the
         response, so a client that leaves mid-stream has paid for what it got."""
         permit = self.limiter.admit(principal, *self.accounts.limits_for(principal))
@@ -326,12 +351,11 @@ class Gateway:
         ]
         # One choice (the usual case) is read straight through: no task, no queue.
         events = _tagged(streams[0]) if len(streams) == 1 else _interleaved(streams)
+        ttft: float | None = None
         try:
-            first = True
             async for index, item in events:
-                if first:
-                    self.ttft.observe(time.perf_counter() - started)
-                    first = False
+                if ttft is None:
+                    ttft = time.perf_counter() - started
                 if item.type == "finish":
                     finishes.append((index, item))
                     usage = usage_of(finishes, per_prompt)
@@ -361,13 +385,85 @@ class Gateway:
                 started,
                 prompt_text,
             )
-            if status == 200:
-                self.requests.inc()
-                self.latency.observe(latency)
-                self.tokens_in.inc(usage.prompt_tokens)
-                self.tokens_out.inc(usage.completion_tokens)
-            else:
-                self.failures.inc()
+            self._record(
+                principal,
+                operation,
+                model,
+                target.adapter_label,
+                usage,
+                status,
+                latency,
+                ttft,
+                len(streams),
+            )
+
+    def _record(
+        self,
+        principal: Principal,
+        operation: str,
+        model: str,
+        adapter: str | None,
+        usage: Usage,
+        status: int,
+        latency: float,
+        ttft: float | None = None,
+        sequences: int = 1,
+    ) -> None:
+        """A finished request into the gateway's metrics: counters by model, adapter and project;
+        latency and token histograms by operation and model. A generate request's ``ttft`` and
+        its ``sequences`` (choices decoded side by side) give its time per output token."""
+        m, bounded = self.metrics, self.bounded
+        model = bounded["model"](model)
+        labels = {
+            "model": model,
+            "adapter": bounded["adapter"](adapter or ""),
+            "project": bounded["project"](principal.project or ""),
+        }
+        genai = {"gen_ai_operation_name": operation, "gen_ai_request_model": model}
+        error = "" if status == 200 else str(status)
+        m.histogram(
+            DURATION,
+            "Time from a request's admission to its end (gen_ai.server.request.duration)",
+            {**genai, "error_type": error},
+            buckets=REQUEST_DURATION_BUCKETS,
+        ).observe(latency)
+        if status != 200:
+            failed = {**labels, "status": error}
+            m.counter("requests_failed", "API requests that ended in an error", failed).inc()
+            return
+        m.counter("requests", "API requests answered", labels).inc()
+        m.counter("prompt_tokens", "Prompt tokens of answered requests", labels).inc(
+            usage.prompt_tokens
+        )
+        m.counter("completion_tokens", "Completion tokens of answered requests", labels).inc(
+            usage.completion_tokens
+        )
+        used = [("input", usage.prompt_tokens)]
+        if operation in GENERATES:
+            used.append(("output", usage.completion_tokens))
+        for kind, tokens in used:
+            m.histogram(
+                TOKEN_USAGE,
+                "Tokens per answered request, by type (gen_ai.client.token.usage)",
+                {**genai, "gen_ai_token_type": kind},
+                buckets=TOKEN_BUCKETS,
+            ).observe(tokens)
+        if ttft is None:
+            return
+        m.histogram(
+            TTFT,
+            "Time from admission to the first token (gen_ai.server.time_to_first_token)",
+            genai,
+            buckets=TTFT_BUCKETS,
+        ).observe(ttft)
+        per_sequence = usage.completion_tokens / sequences
+        if per_sequence > 1:
+            m.histogram(
+                TPOT,
+                "Time per output token after the first (gen_ai.server.time_per_output_token)",
+                genai,
+                buckets=TPOT_BUCKETS,
+            ).observe((latency - ttft) / (per_sequence - 1))
 
     async def _settle(
         self,
