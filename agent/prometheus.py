@@ -35,7 +35,7 @@ Snapshots = Mapping[str, Any]
 
 # (family, type, help, path into the feed message's "system" dict)
 _SYSTEM: list[tuple[str, str, str, tuple[str, ...]]] = [
-    ("atoll_cpu_count", "gauge", "Logical CPUs.", ("cpu", "count")),
+    ("atoll_cpus", "gauge", "Logical CPUs.", ("cpu", "count")),
     ("atoll_cpu_usage_percent", "gauge", "CPU busy percent over all cores.", ("cpu", "percent")),
     ("atoll_memory_total_bytes", "gauge", "Physical memory.", ("memory", "total_bytes")),
     ("atoll_memory_used_bytes", "gauge", "Memory in use.", ("memory", "used_bytes")),
@@ -67,12 +67,6 @@ _SYSTEM: list[tuple[str, str, str, tuple[str, ...]]] = [
         "counter",
         "Bytes received since boot, all interfaces.",
         ("net", "recv_bytes"),
-    ),
-    (
-        "atoll_clock_skew_milliseconds",
-        "gauge",
-        "This agent's clock minus its broker's, measured at the last handshake.",
-        ("clock", "skew_ms"),
     ),
 ]
 _DISK: list[tuple[str, str, str]] = [  # labelled with the data dir's path
@@ -187,6 +181,10 @@ def _add_agent(out: _Families, agent: str, msg: dict[str, Any]) -> None:
 def _add_system(out: _Families, base: dict[str, str], system: dict[str, Any]) -> None:
     for family, kind, help, path in _SYSTEM:
         out.add(family, kind, help, base, _dig(system, path))
+    skew_ms = _number(_dig(system, ("clock", "skew_ms")))
+    if skew_ms is not None:  # seconds: Prometheus' base unit
+        help = "This agent's clock minus its broker's, measured at the last handshake."
+        out.add("atoll_clock_skew_seconds", "gauge", help, base, skew_ms / 1000)
     per_cpu = _dig(system, ("cpu", "per_cpu"))
     if isinstance(per_cpu, list):
         for i, v in enumerate(per_cpu):

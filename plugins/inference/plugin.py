@@ -111,7 +111,7 @@ class InferencePlugin(Plugin):
         )
         self.queue = m.gauge("queue_depth", "Requests waiting for a batch slot")
         self.running = m.gauge("running", "Requests in the running batch")
-        self.rate = m.gauge("tokens_per_s", "Completion tokens per second, last 10 s")
+        self.rate = m.gauge("tokens_per_second", "Completion tokens per second, last 10 s")
         self._gauges = asyncio.create_task(self._refresh_gauges())
         ctx.serve_stream(GENERATE_STREAM, self._generate_stream, roles=lambda p: p.config.callers)
 

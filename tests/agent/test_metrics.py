@@ -472,6 +472,15 @@ def test_prometheus_text_parses_and_carries_values() -> None:
     assert _samples(families["atoll_gpu_power_watts"])[0].value == 402.5
     assert _samples(families["atoll_gpu_info"])[0].labels["name"] == "NVIDIA H100"
     assert _samples(families["atoll_metrics_timestamp_seconds"])[0].value == 1700000000.5
+    assert _samples(families["atoll_cpus"])[0].value == psutil.cpu_count()
+
+
+def test_prometheus_clock_skew_in_seconds() -> None:
+    msg = metrics_snapshot(
+        agent="a", system={"clock": {"skew_ms": -250, "broker": "b"}}, plugins={}
+    )
+    skew = _parse(prometheus_text({"a": msg}))["atoll_clock_skew_seconds"]
+    assert [(s.labels, s.value) for s in skew.samples] == [({"agent": "a"}, -0.25)]
 
 
 def test_prometheus_plugin_metrics() -> None:
@@ -599,7 +608,7 @@ def _entry(
     reg.counter("requests", labels={"adapter": "a"}).inc(7)
     reg.counter("requests", labels={"adapter": "b"}).inc(5)
     reg.gauge("queue_depth").set(2)
-    reg.gauge("tokens_per_s").set(35.5)
+    reg.gauge("tokens_per_second").set(35.5)
     system: dict[str, Any] = {
         "cpu": {"percent": cpu, "per_cpu": []},
         "memory": {"percent": mem},

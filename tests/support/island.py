@@ -31,14 +31,14 @@ class Island:
         self.nodes[name] = rt
         return rt
 
-    async def start_gateway(self, **config) -> Island:
+    async def start_gateway(self, metrics_interval: float = 0.5, **config) -> Island:
         gateway = {"listen": "127.0.0.1:0"} | config
         self.gateway = await self.make_agent(
             "gw",
             roles=("gateway",),
             plugins={"gateway": gateway},
             heartbeat=0.2,
-            metrics_interval=0.5,
+            metrics_interval=metrics_interval,
         )
         return self
 
