@@ -284,10 +284,13 @@ def _plugin_label(name: Any) -> bool:
     )
 
 
-def _number(value: Any) -> int | float | None:
-    if isinstance(value, bool):
-        return int(value)
-    return value if isinstance(value, int | float) else None
+def _number(value: Any) -> float | None:
+    if not isinstance(value, int | float):  # bool is an int: True is 1
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # an int past any float: no sample, rather than a failed scrape
+        return None
 
 
 def _dig(data: Any, path: tuple[str, ...]) -> Any:

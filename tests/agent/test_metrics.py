@@ -588,6 +588,7 @@ def test_prometheus_skips_malformed_and_conflicting_input() -> None:
                                 "z": {"kind": "weird", "series": [{"labels": {}, "value": 1}]},
                                 "w": {"kind": "gauge", "series": [
                                     {"labels": {"agent": "spoof"}, "value": 1},
+                                    {"labels": {}, "value": 10**400},
                                     {"labels": {}, "value": "NaN?"}, "junk"]}}}},
         "d": "not a dict",
     }  # fmt: skip
