@@ -49,9 +49,8 @@ pairs since the start, bounds increasing, the ``+Inf`` bucket left out (it is ``
 JSON has no infinity). Gauge values may be NaN or infinite (a diverging training loss is worth
 showing); msgpack carries those, strict JSON does not.
 
-Version 1 messages of agents older than ``buckets`` have histograms without it; the field was
-added, nothing changed meaning, so ``v`` stays 1 and readers take a histogram without
-``buckets`` as one with only the ``+Inf`` bucket.
+``buckets`` was added to version 1 (nothing else changed meaning, so ``v`` stays 1): readers take
+a histogram without it, from an older agent, as one with only the ``+Inf`` bucket.
 """
 
 from __future__ import annotations
@@ -74,19 +73,16 @@ RESERVED_LABELS = frozenset({"agent", "le"})
 QUANTILES = ((0.5, "p50"), (0.9, "p90"), (0.99, "p99"))
 OTHER = "other"  # what label values past a BoundedLabel's budget become
 
-# Histogram bucket upper bounds (seconds unless said). The GenAI ones follow OpenTelemetry's
-# semantic conventions for GenAI metrics (the ExplicitBucketBoundaries each metric SHOULD use) and
-# vLLM's (vllm/v1/metrics/buckets.py), so panels line up with both.
+# Histogram bucket upper bounds (seconds unless said): the GenAI ones from OpenTelemetry's GenAI
+# semantic conventions (each metric's ExplicitBucketBoundaries) and vLLM's (its metrics/buckets.py).
 DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # Prometheus'
-# gen_ai.server.request.duration: OTel's doubling series 0.01 .. 81.92 s, two more doublings so
-# the gateway's default 120 s request deadline still falls in a bucket.
+# gen_ai.server.request.duration: OTel's 0.01 .. 81.92 s doubling, two more for the 120 s deadline.
 REQUEST_DURATION_BUCKETS = tuple(0.01 * 2**i for i in range(16))
-# gen_ai.server.time_to_first_token: OTel's 0.001 .. 10 s, then vLLM's longer tail (queued
-# requests on a busy node wait minutes) up to 160 s, past the default request deadline.
+# gen_ai.server.time_to_first_token: OTel's 0.001 .. 10 s, then vLLM's tail to past the deadline.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                 7.5, 10.0, 20.0, 40.0, 80.0, 160.0)  # fmt: skip
-# gen_ai.server.time_per_output_token: OTel's and vLLM's 0.01 .. 2.5 s (vLLM goes on to 80 s for
-# stalls), with 2.5 and 5 ms first: small models on one GPU decode faster than 10 ms a token.
+# gen_ai.server.time_per_output_token: 2.5 and 5 ms (small models decode faster than 10 ms a
+# token), then OTel's and vLLM's 0.01 .. 2.5 s, and vLLM's 5 and 10 s for stalls.
 TPOT_BUCKETS = (0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
                 1.0, 2.5, 5.0, 10.0)  # fmt: skip
 # gen_ai.client.token.usage (tokens per request and type): OTel's powers of 4, 1 .. 4**13.
@@ -222,8 +218,8 @@ class Histogram:
     def buckets(self) -> list[list[float]]:
         """``[bound, observations <= bound]`` for each finite bound, as the feed carries them."""
         with self._lock:
-            counts = list(itertools.accumulate(self._in_bucket))
-        return [[b, n] for b, n in zip(self.bounds, counts, strict=True)]
+            counts = itertools.accumulate(self._in_bucket)
+            return [[b, n] for b, n in zip(self.bounds, counts, strict=True)]
 
     def window(self) -> list[float]:
         """The observations still in the window, oldest first."""
@@ -343,10 +339,9 @@ class MetricsRegistry:
 
 
 class BoundedLabel:
-    """One label's values, at most ``limit`` distinct ones: the first ``limit`` seen keep their
-    value, later ones become ``other``, so thousands of adapters or projects cannot become
-    thousands of series. First seen rather than most used, so a series keeps its identity: a
-    counter never moves to another series, which Prometheus would read as a reset."""
+    """One label's values, at most ``limit`` distinct ones: the first ``limit`` seen stay, later
+    ones become ``other``, so thousands of adapters cannot become thousands of series. First seen,
+    not most used: a counter never moves to another series (Prometheus would read a reset)."""
 
     def __init__(self, limit: int) -> None:
         if limit < 1:

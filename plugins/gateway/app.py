@@ -177,8 +177,14 @@ def create_app(gw: Gateway, docs: bool = False) -> FastAPI:
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics(_: Admin, request: Request) -> Response:
-        """Prometheus exposition of every agent of the tenant, OpenMetrics when asked for."""
-        body, content_type = exposition(gw.feeds(), request.headers.get("accept"))
+        """Prometheus exposition of every agent of the tenant, OpenMetrics when asked for. The
+        gateway's own agent is built now and listed first: there before any feed message
+        arrived, and it wins a name clash; the others are as the feed last brought them."""
+        own = gw.own_feed()
+        others = {n: m for n, m in gw.watch.metrics.items() if n != own["agent"]}
+        body, content_type = exposition(
+            {own["agent"]: own, **others}, request.headers.get("accept")
+        )
         return Response(body, media_type=content_type)
 
     @app.get("/admin/feed")

@@ -14,14 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from atoll.agent.discovery import Status
-from atoll.agent.metrics import (
-    REQUEST_DURATION_BUCKETS,
-    TOKEN_BUCKETS,
-    TPOT_BUCKETS,
-    TTFT_BUCKETS,
-    BoundedLabel,
-    MetricsRegistry,
-)
+from atoll.agent.metrics import MetricsRegistry
 from atoll.agent.watch import TenantWatch
 from atoll.plugins.gateway.accounts import Accounts
 from atoll.plugins.gateway.accounts.adapters import policy_labels
@@ -31,6 +24,7 @@ from atoll.plugins.gateway.bodies import Event, ModelKind, usage_of
 from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.limits import Permit, RateLimiter
 from atoll.plugins.gateway.router import ModelRouter, ReplyMethod
+from atoll.plugins.gateway.telemetry import GatewayMetrics
 from atoll.plugins.inference.contract import (
     EMBED,
     EmbedRequest,
@@ -40,13 +34,6 @@ from atoll.plugins.inference.contract import (
     Usage,
 )
 
-# The gateway's latency and token histograms under OpenTelemetry's GenAI semantic-convention names
-# (translated to Prometheus: dots to underscores, the unit as a suffix); docs/admins.md maps them.
-DURATION = "gen_ai_server_request_duration_seconds"
-TTFT = "gen_ai_server_time_to_first_token_seconds"
-TPOT = "gen_ai_server_time_per_output_token_seconds"
-TOKEN_USAGE = "gen_ai_client_token_usage"
-GENERATES = ("chat", "text_completion")  # gen_ai.operation.name of the routes that stream tokens
 CLIENT_GONE = 499  # as nginx logs it: the caller closed the connection
 CHARS_PER_TOKEN = 4  # the admission estimate of prompt tokens (the gateway has no tokenizer)
 
@@ -128,19 +115,8 @@ class Gateway:
         self.watch = watch
         self.request_timeout = request_timeout
         self.max_body_bytes = max_body_bytes
-        self.metrics = metrics
+        self.telemetry = GatewayMetrics(metrics, label_values)
         self.own_feed = own_feed  # this agent's feed message, built on the spot
-        # Callers name models, adapters and projects: beyond `label_values` distinct values each
-        # becomes "other", so the series count stays bounded however many there are.
-        self.bounded = {k: BoundedLabel(label_values) for k in ("model", "adapter", "project")}
-
-    def feeds(self) -> dict[str, dict[str, Any]]:
-        """Every agent's metrics-feed message for /metrics: this agent's own built now and listed
-        first (there before any feed message arrived, and it wins a name clash), then the
-        tenant's others as the feed last brought them."""
-        own = self.own_feed()
-        others = {n: m for n, m in self.watch.metrics.items() if n != own["agent"]}
-        return {own["agent"]: own, **others}
 
     # --- who and what ------------------------------------------------------------------------
 
@@ -314,7 +290,7 @@ class Gateway:
             latency = await self._settle(
                 principal, permit, request_id, model, None, usage, status, started, prompt_text
             )
-            self._record(principal, operation, model, None, usage, status, latency)
+            self.telemetry.record(principal.project, operation, model, None, usage, status, latency)
 
     # --- running -----------------------------------------------------------------------------
 
@@ -385,8 +361,8 @@ class Gateway:
                 started,
                 prompt_text,
             )
-            self._record(
-                principal,
+            self.telemetry.record(
+                principal.project,
                 operation,
                 model,
                 target.adapter_label,
@@ -396,74 +372,6 @@ class Gateway:
                 ttft,
                 len(streams),
             )
-
-    def _record(
-        self,
-        principal: Principal,
-        operation: str,
-        model: str,
-        adapter: str | None,
-        usage: Usage,
-        status: int,
-        latency: float,
-        ttft: float | None = None,
-        sequences: int = 1,
-    ) -> None:
-        """A finished request into the gateway's metrics: counters by model, adapter and project;
-        latency and token histograms by operation and model. A generate request's ``ttft`` and
-        its ``sequences`` (choices decoded side by side) give its time per output token."""
-        m, bounded = self.metrics, self.bounded
-        model = bounded["model"](model)
-        labels = {
-            "model": model,
-            "adapter": bounded["adapter"](adapter or ""),
-            "project": bounded["project"](principal.project or ""),
-        }
-        genai = {"gen_ai_operation_name": operation, "gen_ai_request_model": model}
-        error = "" if status == 200 else str(status)
-        m.histogram(
-            DURATION,
-            "Time from a request's admission to its end (gen_ai.server.request.duration)",
-            {**genai, "error_type": error},
-            buckets=REQUEST_DURATION_BUCKETS,
-        ).observe(latency)
-        if status != 200:
-            failed = {**labels, "status": error}
-            m.counter("requests_failed", "API requests that ended in an error", failed).inc()
-            return
-        m.counter("requests", "API requests answered", labels).inc()
-        m.counter("prompt_tokens", "Prompt tokens of answered requests", labels).inc(
-            usage.prompt_tokens
-        )
-        m.counter("completion_tokens", "Completion tokens of answered requests", labels).inc(
-            usage.completion_tokens
-        )
-        used = [("input", usage.prompt_tokens)]
-        if operation in GENERATES:
-            used.append(("output", usage.completion_tokens))
-        for kind, tokens in used:
-            m.histogram(
-                TOKEN_USAGE,
-                "Tokens per answered request, by type (gen_ai.client.token.usage)",
-                {**genai, "gen_ai_token_type": kind},
-                buckets=TOKEN_BUCKETS,
-            ).observe(tokens)
-        if ttft is None:
-            return
-        m.histogram(
-            TTFT,
-            "Time from admission to the first token (gen_ai.server.time_to_first_token)",
-            genai,
-            buckets=TTFT_BUCKETS,
-        ).observe(ttft)
-        per_sequence = usage.completion_tokens / sequences
-        if per_sequence > 1:
-            m.histogram(
-                TPOT,
-                "Time per output token after the first (gen_ai.server.time_per_output_token)",
-                genai,
-                buckets=TPOT_BUCKETS,
-            ).observe((latency - ttft) / (per_sequence - 1))
 
     async def _settle(
         self,
