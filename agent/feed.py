@@ -34,6 +34,7 @@ class MetricsPublisher:
         if welcome is not None and welcome.skew_ms is not None:
             # Measured at the last handshake: an operator sees drift before brokers refuse it.
             system["clock"] = {"skew_ms": welcome.skew_ms, "broker": welcome.broker.name}
+        self.host.system = system  # for a plugin's own snapshot between messages (/metrics)
         return metrics_snapshot(agent=self.agent.name, system=system, plugins=self.host.metrics())
 
     def start(self) -> None:

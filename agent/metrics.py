@@ -34,6 +34,7 @@ Feed message (only str/int/float/list/dict, so msgpack and JSON both carry it)::
               {"labels": {}, "value": 3}]},
           "latency_s": {"kind": "histogram", "help": "", "series": [
               {"labels": {}, "count": 1000, "sum": 52.1,                   # cumulative
+               "buckets": [[0.01, 12], [0.05, 700], [0.1, 950]],          # cumulative
                "window": 1000, "mean": 0.05, "p50": 0.04, "p90": 0.09, "p99": 0.2}]},
         },
       },
@@ -42,26 +43,50 @@ Feed message (only str/int/float/list/dict, so msgpack and JSON both carry it)::
 A section or field the host cannot read (no disk I/O counters in a container, no GPU, a GPU
 without power readings) is left out rather than faked; ``gpus`` is then ``[]``. Histogram
 ``mean``/``p50``/``p90``/``p99`` describe the recent window (the last 1024 observations no older
-than 60 s) and are absent while that window is empty. Gauge values may be NaN or infinite (a
-diverging training loss is worth showing); msgpack carries those, strict JSON does not.
+than 60 s) and are absent while that window is empty: they are for a glance (``atoll top``, the
+web UI). ``buckets`` are what Prometheus aggregates: ``[upper bound, observations <= bound]``
+pairs since the start, bounds increasing, the ``+Inf`` bucket left out (it is ``count``; strict
+JSON has no infinity). Gauge values may be NaN or infinite (a diverging training loss is worth
+showing); msgpack carries those, strict JSON does not.
+
+``buckets`` was added to version 1 (nothing else changed meaning, so ``v`` stays 1): readers take
+a histogram without it, from an older agent, as one with only the ``+Inf`` bucket.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 FEED_VERSION = 1
 METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
-# The Prometheus exporter adds ``agent`` to every series and ``quantile`` to histogram ones.
-RESERVED_LABELS = frozenset({"agent", "quantile"})
+# The Prometheus exporter adds ``agent`` to every series and ``le`` to histogram buckets.
+RESERVED_LABELS = frozenset({"agent", "le"})
 QUANTILES = ((0.5, "p50"), (0.9, "p90"), (0.99, "p99"))
+OTHER = "other"  # what label values past a BoundedLabel's budget become
+
+# Histogram bucket upper bounds (seconds unless said): the GenAI ones from OpenTelemetry's GenAI
+# semantic conventions (each metric's ExplicitBucketBoundaries) and vLLM's (its metrics/buckets.py).
+DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # Prometheus'
+# gen_ai.server.request.duration: OTel's 0.01 .. 81.92 s doubling, two more for the 120 s deadline.
+REQUEST_DURATION_BUCKETS = tuple(0.01 * 2**i for i in range(16))
+# gen_ai.server.time_to_first_token: OTel's 0.001 .. 10 s, then vLLM's tail to past the deadline.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0, 160.0)  # fmt: skip
+# gen_ai.server.time_per_output_token: 2.5 and 5 ms (small models decode faster than 10 ms a
+# token), then OTel's and vLLM's 0.01 .. 2.5 s, and vLLM's 5 and 10 s for stalls.
+TPOT_BUCKETS = (0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+                1.0, 2.5, 5.0, 10.0)  # fmt: skip
+# gen_ai.client.token.usage (tokens per request and type): OTel's powers of 4, 1 .. 4**13.
+TOKEN_BUCKETS = tuple(float(4**i) for i in range(14))
 
 Clock = Callable[[], float]
 LabelKey = tuple[tuple[str, str], ...]
@@ -149,9 +174,10 @@ class Gauge:
 
 
 class Histogram:
-    """Observations (latencies, sizes): cumulative count and sum, plus percentiles and mean over a
-    bounded recent window (at most ``window`` observations, none older than ``max_age_s``), so
-    memory stays fixed however many are observed."""
+    """Observations (latencies, sizes): cumulative count, sum and bucket counts (``buckets`` are
+    the finite upper bounds; +Inf is implied), plus percentiles and mean over a bounded recent
+    window (at most ``window`` observations, none older than ``max_age_s``), so memory stays
+    fixed however many are observed."""
 
     kind = "histogram"
 
@@ -161,24 +187,39 @@ class Histogram:
         clock: Clock = time.monotonic,
         window: int = 1024,
         max_age_s: float = 60.0,
+        buckets: Sequence[float] = DEFAULT_BUCKETS,
     ) -> None:
         if window < 1 or max_age_s <= 0:
             raise ValueError("a histogram needs window >= 1 and max_age_s > 0")
+        bounds = [float(b) for b in buckets]
+        if not all(math.isfinite(b) for b in bounds) or bounds != sorted(set(bounds)):
+            raise ValueError(f"bucket bounds must be finite and increasing, got {buckets!r}")
         self.labels = labels
+        self.bounds = tuple(bounds)
         self._clock = clock
         self._max_age_s = max_age_s
         self._lock = threading.Lock()
         self._recent: deque[tuple[float, float]] = deque(maxlen=window)  # (time, value)
+        self._in_bucket = [0] * len(bounds)  # observations in (previous bound, bound]
         self.count = 0
         self.sum: float = 0.0
 
     def observe(self, value: float) -> None:
         if math.isnan(value):
             raise ValueError("cannot observe NaN")
+        i = bisect.bisect_left(self.bounds, value)  # the first bound >= value (le semantics)
         with self._lock:
             self.count += 1
             self.sum += value
+            if i < len(self.bounds):
+                self._in_bucket[i] += 1
             self._recent.append((self._clock(), value))
+
+    def buckets(self) -> list[list[float]]:
+        """``[bound, observations <= bound]`` for each finite bound, as the feed carries them."""
+        with self._lock:
+            counts = itertools.accumulate(self._in_bucket)
+            return [[b, n] for b, n in zip(self.bounds, counts, strict=True)]
 
     def window(self) -> list[float]:
         """The observations still in the window, oldest first."""
@@ -198,6 +239,7 @@ class Histogram:
             "labels": dict(self.labels),
             "count": self.count,
             "sum": self.sum,
+            "buckets": self.buckets(),
             "window": len(values),
         }
         if values:
@@ -250,9 +292,13 @@ class MetricsRegistry:
         *,
         window: int = 1024,
         max_age_s: float = 60.0,
+        buckets: Sequence[float] = DEFAULT_BUCKETS,
     ) -> Histogram:
-        """``window``/``max_age_s`` apply when the series is created, not on later look-ups."""
-        return self._get(Histogram, name, help, labels, window=window, max_age_s=max_age_s)
+        """``window``/``max_age_s``/``buckets`` apply when the series is created, not on later
+        look-ups."""
+        return self._get(
+            Histogram, name, help, labels, window=window, max_age_s=max_age_s, buckets=buckets
+        )
 
     def _get(
         self, cls: type[M], name: str, help: str, labels: dict[str, str] | None, **kw: Any
@@ -290,6 +336,28 @@ class MetricsRegistry:
             name: {"kind": f.kind, "help": f.help, "series": [m._series() for m in series]}
             for name, f, series in families
         }
+
+
+class BoundedLabel:
+    """One label's values, at most ``limit`` distinct ones: the first ``limit`` seen stay, later
+    ones become ``other``, so thousands of adapters cannot become thousands of series. First seen,
+    not most used: a counter never moves to another series (Prometheus would read a reset)."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"a label needs room for at least one value, got {limit}")
+        self.limit = limit
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str) -> str:
+        with self._lock:
+            if value in self._seen:
+                return value
+            if len(self._seen) < self.limit:
+                self._seen.add(value)
+                return value
+        return OTHER
 
 
 def check_metric_name(name: str) -> None:

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, TypeVar
 from pydantic import BaseModel
 
 from atoll.agent.discovery import Discovery, Finder
-from atoll.agent.metrics import MetricsRegistry
+from atoll.agent.metrics import MetricsRegistry, metrics_snapshot
 from atoll.agent.node import Agent, Handler, Subscription
 from atoll.agent.streams import Stream, StreamHandler
 from atoll.agent.watch import TenantWatch
@@ -130,6 +130,12 @@ class PluginContext:
         """Where a service runs, from a snapshot remembered until ``forget`` (no live view)."""
         return Finder(self._agent, plugin, capability, what=what)
 
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """This agent's feed message as the feed would build it now: every plugin's metrics as
+        they are, the system section of the feed's last reading (empty before the first)."""
+        host = self._host
+        return metrics_snapshot(agent=self._agent.name, system=host.system, plugins=host.metrics())
+
     async def watch(self) -> TenantWatch:
         """A started view of discovery and every agent's metrics feed (the roles that may
         watch other agents' metrics only; the plugin stops it)."""
@@ -202,6 +208,7 @@ class PluginHost:
         self.config_dir = config_dir  # where the config file is (None: plugins set up in code)
         self.plugins: dict[str, Plugin] = {}
         self.errors: dict[str, str] = {}
+        self.system: dict[str, Any] = {}  # the metrics feed's last host reading
         self.log = EventLogger("plugins", agent=agent.name)
 
     async def add(

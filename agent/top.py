@@ -19,7 +19,7 @@ _SEVERITY = {"REFUSED": 3, "LOST": 2, "STALE": 1, "ACTIVE": 0}
 FIGURES = [
     ("requests", "req"),
     ("queue_depth", "queue"),
-    ("tokens_per_s", "tok/s"),
+    ("tokens_per_second", "tok/s"),
     ("tokens", "tok/s"),  # a counter: shown as its rate
     ("adapters_loaded", "adapters"),
     ("jobs_running", "jobs"),
@@ -152,7 +152,7 @@ def _figures(plugins: Any) -> str:
     for snapshot in plugins.values():
         if not isinstance(snapshot, dict):
             continue
-        shown: set[str] = set()  # one figure per label per plugin (tokens_per_s beats tokens)
+        shown: set[str] = set()  # one figure per label per plugin (tokens_per_second beats tokens)
         for name, label in FIGURES:
             if label in shown:
                 continue

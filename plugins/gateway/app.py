@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from atoll.agent.prometheus import prometheus_text
+from atoll.agent.prometheus import exposition
 from atoll.plugins.gateway import contract as c
 from atoll.plugins.gateway import finetune, inference_routes, webui
 from atoll.plugins.gateway.accounts.keys import Principal
@@ -176,8 +176,16 @@ def create_app(gw: Gateway, docs: bool = False) -> FastAPI:
         return {"ok": True, "models": sorted(gw.catalog.base_models())}
 
     @app.get("/metrics", response_class=PlainTextResponse)
-    async def metrics(_: Admin) -> str:
-        return prometheus_text(gw.watch.metrics)
+    async def metrics(_: Admin, request: Request) -> Response:
+        """Prometheus exposition of every agent of the tenant, OpenMetrics when asked for. The
+        gateway's own agent is built now and listed first: there before any feed message
+        arrived, and it wins a name clash; the others are as the feed last brought them."""
+        own = gw.own_feed()
+        others = {n: m for n, m in gw.watch.metrics.items() if n != own["agent"]}
+        body, content_type = exposition(
+            {own["agent"]: own, **others}, request.headers.get("accept")
+        )
+        return Response(body, media_type=content_type)
 
     @app.get("/admin/feed")
     async def feed(_: Admin, request: Request) -> StreamingResponse:

@@ -79,7 +79,14 @@ def install_openai(app: FastAPI, gw: Gateway, user: Any) -> None:
         requests = _ids(generate, rid)
         per_prompt = body.choices_per_prompt
         prompt = _prompt_text(principal, body.prompt)
-        events = gw.run(principal, target, requests, per_prompt=per_prompt, prompt_text=prompt)
+        events = gw.run(
+            principal,
+            target,
+            requests,
+            per_prompt=per_prompt,
+            prompt_text=prompt,
+            operation="text_completion",
+        )
         logprobs = bool(body.logprobs is not None)
         if body.stream:
             stream = openai_streams.CompletionStream(
@@ -163,6 +170,7 @@ def install_lorax(app: FastAPI, gw: Gateway, user: Any) -> None:
             _ids([generate], rid),
             per_prompt=1,
             prompt_text=_prompt_text(principal, body.inputs),
+            operation="text_completion",
         )
         if stream:
             out = lorax_api.LoraxStream(body)

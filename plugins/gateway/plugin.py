@@ -59,6 +59,9 @@ class GatewayConfig(BaseModel):
     # GET /openapi.json for callers with a key (client generators, fuzzers); off: 404. There is
     # never a /docs or /redoc page (FastAPI's load scripts from a CDN on the web UI's origin).
     docs: bool = False
+    # Distinct models, adapters and projects each labels the gateway's metrics with; later ones
+    # are counted as "other", so thousands of adapters cannot explode the series count.
+    metrics_label_values: int = Field(100, ge=1, le=10_000)
 
     @field_validator("listen")
     @classmethod
@@ -87,10 +90,12 @@ class GatewayPlugin(Plugin):
             router=router,
             watch=self.watch,
             metrics=ctx.metrics,
+            own_feed=ctx.metrics_snapshot,
             request_timeout=config.request_timeout,
             max_body_bytes=config.max_body_bytes,
             storage=config.storage,
             queue=config.queue,
+            label_values=config.metrics_label_values,
         )
         self.admin = AdminRPC(self.accounts)
         # New adapters (uploaded, or made by a training job) become usable by their owner or

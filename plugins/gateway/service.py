@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from atoll.plugins.gateway.catalog import Catalog
 from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.limits import Permit, RateLimiter
 from atoll.plugins.gateway.router import ModelRouter, ReplyMethod
+from atoll.plugins.gateway.telemetry import GatewayMetrics
 from atoll.plugins.inference.contract import (
     EMBED,
     EmbedRequest,
@@ -84,10 +85,12 @@ class Gateway:
         router: ModelRouter,
         watch: TenantWatch,
         metrics: MetricsRegistry,
+        own_feed: Callable[[], dict[str, Any]],
         request_timeout: float,
         max_body_bytes: int,
         storage: str | None = None,
         queue: str | None = None,
+        label_values: int = 100,
     ) -> None:
         self.started = time.time()
         self.agent = router.agent
@@ -101,12 +104,8 @@ class Gateway:
         self.catalog = Catalog(watch.discovery, accounts, int(self.started))
         self.request_timeout = request_timeout
         self.max_body_bytes = max_body_bytes
-        self.requests = metrics.counter("requests", "API requests answered")
-        self.failures = metrics.counter("requests_failed", "API requests that ended in an error")
-        self.tokens_in = metrics.counter("prompt_tokens", "Prompt tokens of answered requests")
-        self.tokens_out = metrics.counter("completion_tokens", "Completion tokens streamed")
-        self.latency = metrics.histogram("request_seconds", "Time to the last token")
-        self.ttft = metrics.histogram("time_to_first_token_seconds", "Time to the first token")
+        self.telemetry = GatewayMetrics(metrics, label_values)
+        self.own_feed = own_feed  # this agent's feed message, built on the spot
 
     # --- who and what ------------------------------------------------------------------------
 
@@ -192,10 +191,10 @@ class Gateway:
         prompt_text: str | None,
     ) -> Any:
         """A one-reply inference call (``EMBED``, ``TRANSCRIBE``), with limits and ledger."""
-        kind, served = (
-            ("embedding", self.catalog.embedding_models())
+        kind, operation, served = (
+            ("embedding", "embeddings", self.catalog.embedding_models())
             if method is EMBED
-            else ("transcription", self.catalog.transcription_models())
+            else ("transcription", "transcription", self.catalog.transcription_models())
         )
         if model not in served:
             raise GatewayError(
@@ -226,10 +225,10 @@ class Gateway:
             raise
         finally:
             usage = Usage(prompt_tokens=tokens)
-            await self._settle(
+            latency = await self._settle(
                 principal, permit, request_id, model, None, usage, status, started, prompt_text
             )
-            (self.requests if status == 200 else self.failures).inc()
+            self.telemetry.record(principal.project, operation, model, None, usage, status, latency)
 
     # --- running -----------------------------------------------------------------------------
 
@@ -240,11 +239,13 @@ class Gateway:
         requests: list[GenerateRequest],
         per_prompt: int = 1,
         prompt_text: str | None = None,
+        operation: str = "chat",
     ) -> AsyncGenerator[tuple[int, Event], None]:
         """Events of ``requests`` (the choices of one API request, ``per_prompt`` per prompt) as
         ``(choice, event)``, tokens as they arrive. Limits apply to the whole request; its
         ledger row is written once every choice has finished, before the caller ends its
-        response, with the usage the response reports. Tokens are charged as they are spent:
+        response, with the usage the response reports; ``operation`` is its
+        ``gen_ai.operation.name`` in the metrics. Tokens are charged as they are spent:
         the prompt at admission (estimated), each completion token as it is handed to the
         response, so a client that leaves mid-stream has paid for what it got."""
         permit = self.limiter.admit(principal, *self.accounts.limits_for(principal))
@@ -264,12 +265,11 @@ class Gateway:
         ]
         # One choice (the usual case) is read straight through: no task, no queue.
         events = _tagged(streams[0]) if len(streams) == 1 else _interleaved(streams)
+        ttft: float | None = None
         try:
-            first = True
             async for index, item in events:
-                if first:
-                    self.ttft.observe(time.perf_counter() - started)
-                    first = False
+                if ttft is None:
+                    ttft = time.perf_counter() - started
                 if item.type == "finish":
                     finishes.append((index, item))
                     usage = usage_of(finishes, per_prompt)
@@ -299,13 +299,17 @@ class Gateway:
                 started,
                 prompt_text,
             )
-            if status == 200:
-                self.requests.inc()
-                self.latency.observe(latency)
-                self.tokens_in.inc(usage.prompt_tokens)
-                self.tokens_out.inc(usage.completion_tokens)
-            else:
-                self.failures.inc()
+            self.telemetry.record(
+                principal.project,
+                operation,
+                model,
+                target.adapter_label,
+                usage,
+                status,
+                latency,
+                ttft,
+                len(streams),
+            )
 
     async def _settle(
         self,

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from atoll.agent.config import ConfigPath
 from atoll.agent.contract import Method
 from atoll.agent.errors import InvalidRequest, NoResponder
+from atoll.agent.metrics import REQUEST_DURATION_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS
 from atoll.agent.plugins import Plugin, PluginContext, rpc
 from atoll.agent.streams import Stream
 from atoll.plugins.inference.backend import Backend
@@ -97,11 +98,20 @@ class InferencePlugin(Plugin):
         m = ctx.metrics
         self.requests = m.counter("requests", "Generate requests served")
         self.failures = m.counter("requests_failed", "Generate requests that failed")
-        self.latency = m.histogram("request_seconds", "Generate time, first byte to finish")
-        self.ttft = m.histogram("time_to_first_token_seconds", "Time to the first token")
+        self.latency = m.histogram(
+            "request_seconds", "Generate time, request to finish", buckets=REQUEST_DURATION_BUCKETS
+        )
+        self.ttft = m.histogram(
+            "time_to_first_token_seconds", "Time to the first token", buckets=TTFT_BUCKETS
+        )
+        self.tpot = m.histogram(
+            "time_per_output_token_seconds",
+            "Generate time per output token after the first",
+            buckets=TPOT_BUCKETS,
+        )
         self.queue = m.gauge("queue_depth", "Requests waiting for a batch slot")
         self.running = m.gauge("running", "Requests in the running batch")
-        self.rate = m.gauge("tokens_per_s", "Completion tokens per second, last 10 s")
+        self.rate = m.gauge("tokens_per_second", "Completion tokens per second, last 10 s")
         self._gauges = asyncio.create_task(self._refresh_gauges())
         ctx.serve_stream(GENERATE_STREAM, self._generate_stream, roles=lambda p: p.config.callers)
 
@@ -145,15 +155,18 @@ class InferencePlugin(Plugin):
 
     async def _events(self, request: GenerateRequest):
         started = time.perf_counter()
-        first = True
+        first: float | None = None  # when the first event came
         try:
             async for event in self.backend.generate(request):
-                if first:
-                    self.ttft.observe(time.perf_counter() - started)
-                    first = False
+                now = time.perf_counter()
+                if first is None:
+                    first = now
+                    self.ttft.observe(now - started)
                 if event.type == "finish":  # callers may stop iterating at this event
                     self.requests.inc()
-                    self.latency.observe(time.perf_counter() - started)
+                    self.latency.observe(now - started)
+                    if event.usage.completion_tokens > 1:
+                        self.tpot.observe((now - first) / (event.usage.completion_tokens - 1))
                 yield event
         except Exception:
             self.failures.inc()

@@ -17,12 +17,21 @@ import psutil
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
 from atoll.agent.host_metrics import SystemCollector
-from atoll.agent.metrics import FEED_VERSION, MetricsRegistry, metrics_snapshot
-from atoll.agent.prometheus import prometheus_text
+from atoll.agent.metrics import (
+    FEED_VERSION,
+    OTHER,
+    BoundedLabel,
+    MetricsRegistry,
+    metrics_snapshot,
+)
+from atoll.agent.prometheus import exposition, prometheus_text
 from atoll.agent.top import render_top
 
 
@@ -71,7 +80,7 @@ def test_invalid_label_names(label: str) -> None:
 
 def test_reserved_labels_and_bad_values() -> None:
     reg = MetricsRegistry()
-    for name in ("agent", "quantile"):
+    for name in ("agent", "le"):
         with pytest.raises(ValueError, match="reserved"):
             reg.gauge("g", labels={name: "x"})
     with pytest.raises(ValueError, match="must be a str"):
@@ -167,6 +176,29 @@ def test_histogram_window_ages_out() -> None:
     clock.t += 60
     s = h._series()
     assert s["window"] == 0 and s["count"] == 2 and "p50" not in s and "mean" not in s
+
+
+def test_histogram_buckets_are_cumulative_with_le_bounds() -> None:
+    h = MetricsRegistry().histogram("h", buckets=(0.1, 1.0, 10.0))
+    assert h.buckets() == [[0.1, 0], [1.0, 0], [10.0, 0]]
+    for v in (0.05, 0.1, 0.5, 1.0, 2.0, 50.0, -3.0):  # a bound holds values equal to it (le)
+        h.observe(v)
+    assert h.buckets() == [[0.1, 3], [1.0, 5], [10.0, 6]]  # 50.0 is only in +Inf, the count
+    s = h._series()
+    assert s["buckets"] == h.buckets() and s["count"] == 7
+    for bad in ((1.0, 0.5), (1.0, 1.0), (0.1, math.inf), (math.nan,)):
+        with pytest.raises(ValueError, match="increasing"):
+            MetricsRegistry().histogram("b", buckets=bad)
+
+
+def test_bounded_label_folds_values_past_its_budget_into_other() -> None:
+    bounded = BoundedLabel(3)
+    seen = [bounded(f"adapter-{i}") for i in range(1000)]
+    assert seen[:3] == ["adapter-0", "adapter-1", "adapter-2"]
+    assert set(seen[3:]) == {OTHER}
+    assert bounded("adapter-1") == "adapter-1"  # the first ones keep their series
+    with pytest.raises(ValueError):
+        BoundedLabel(0)
 
 
 def test_counter_bucket_memory_is_bounded() -> None:
@@ -341,7 +373,7 @@ def _plugin_registry() -> MetricsRegistry:
     reg.counter("requests", labels={"adapter": 'we"ird\nname\\x'}).inc(2)
     reg.gauge("queue_depth", "Requests waiting.").set(3)
     reg.counter("tokens").inc(500)
-    h = reg.histogram("latency_s", "Request latency.")
+    h = reg.histogram("latency_s", "Request latency.", buckets=(0.1, 0.5, 1.0))
     for v in range(1, 101):
         h.observe(v / 100)
     reg.histogram("idle_s")  # nothing observed yet
@@ -441,6 +473,15 @@ def test_prometheus_text_parses_and_carries_values() -> None:
     assert _samples(families["atoll_gpu_power_watts"])[0].value == 402.5
     assert _samples(families["atoll_gpu_info"])[0].labels["name"] == "NVIDIA H100"
     assert _samples(families["atoll_metrics_timestamp_seconds"])[0].value == 1700000000.5
+    assert _samples(families["atoll_cpus"])[0].value == psutil.cpu_count()
+
+
+def test_prometheus_clock_skew_in_seconds() -> None:
+    msg = metrics_snapshot(
+        agent="a", system={"clock": {"skew_ms": -250, "broker": "b"}}, plugins={}
+    )
+    skew = _parse(prometheus_text({"a": msg}))["atoll_clock_skew_seconds"]
+    assert [(s.labels, s.value) for s in skew.samples] == [({"agent": "a"}, -0.25)]
 
 
 def test_prometheus_plugin_metrics() -> None:
@@ -458,18 +499,51 @@ def test_prometheus_plugin_metrics() -> None:
     assert families["atoll_inference_queue_depth"].type == "gauge"
 
     latency = families["atoll_inference_latency_s"]
-    assert latency.type == "summary"
-    quantiles = {
-        s.labels["quantile"]: s.value for s in _samples(latency, "atoll_inference_latency_s")
+    assert latency.type == "histogram"
+    buckets = {
+        s.labels["le"]: s.value for s in _samples(latency, "atoll_inference_latency_s_bucket")
     }
-    assert quantiles == {"0.5": 0.5, "0.9": 0.9, "0.99": 0.99}
+    assert buckets == {"0.1": 10, "0.5": 50, "1.0": 100, "+Inf": 100}  # 0.01 .. 1.00
     assert _samples(latency, "atoll_inference_latency_s_count")[0].value == 100
     assert _samples(latency, "atoll_inference_latency_s_sum")[0].value == pytest.approx(50.5)
-    idle = families["atoll_inference_idle_s"]  # empty window: no quantiles, still sum and count
-    assert sorted(s.name for s in idle.samples) == [
-        "atoll_inference_idle_s_count",
-        "atoll_inference_idle_s_sum",
+    idle = families["atoll_inference_idle_s"]  # nothing observed: zero buckets, count and sum
+    assert {s.value for s in idle.samples} == {0}
+    assert len(_samples(idle, "atoll_inference_idle_s_bucket")) == 12  # the 11 defaults + Inf
+
+
+def test_openmetrics_when_the_scrape_asks_for_it() -> None:
+    feeds = {"gpu-1": _feed()}
+    body, content_type = exposition(feeds, "application/openmetrics-text; version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text")
+    text = body.decode()
+    assert text.endswith("# EOF\n") and "# TYPE atoll_inference_requests counter" in text
+    families = {f.name: f for f in openmetrics_families(text)}
+    assert families["atoll_inference_latency_s"].type == "histogram"
+    assert families["atoll_gpu"].type == "info"
+    assert families["atoll_network_receive_bytes"].type == "counter"
+    assert families["atoll_memory_total_bytes"].unit == "bytes"
+    body, content_type = exposition(feeds, None)
+    assert content_type.startswith("text/plain; version=0.0.4") and b"# EOF" not in body
+
+
+def test_histograms_from_older_or_odd_feeds() -> None:
+    """A histogram without buckets (an agent older than them) or with buckets no histogram can
+    have keeps its count, sum and +Inf bucket; its finite buckets are left out."""
+    series = {"labels": {}, "count": 4, "sum": 2.0}
+    odd = [
+        [[1.0, 3], [0.5, 4]],  # bounds not increasing
+        [[0.5, 3], [1.0, 2]],  # counts falling
+        [[0.5, 9]],  # more than the count
+        [["x", 1]],
+        [[math.inf, 4]],
+        "junk",
     ]
+    plugins = {f"h{i}": {"kind": "histogram", "series": [{**series, "buckets": b}]}
+               for i, b in enumerate([None, *odd])}  # fmt: skip
+    families = _parse(prometheus_text({"a": {"plugins": {"p": plugins}}}))
+    for i in range(len(odd) + 1):
+        buckets = _samples(families[f"atoll_p_h{i}"], f"atoll_p_h{i}_bucket")
+        assert [(s.labels["le"], s.value) for s in buckets] == [("+Inf", 4)]
 
 
 def test_prometheus_escaping_of_agent_and_help() -> None:
@@ -515,6 +589,7 @@ def test_prometheus_skips_malformed_and_conflicting_input() -> None:
                                 "z": {"kind": "weird", "series": [{"labels": {}, "value": 1}]},
                                 "w": {"kind": "gauge", "series": [
                                     {"labels": {"agent": "spoof"}, "value": 1},
+                                    {"labels": {}, "value": 10**400},
                                     {"labels": {}, "value": "NaN?"}, "junk"]}}}},
         "d": "not a dict",
     }  # fmt: skip
@@ -535,7 +610,7 @@ def _entry(
     reg.counter("requests", labels={"adapter": "a"}).inc(7)
     reg.counter("requests", labels={"adapter": "b"}).inc(5)
     reg.gauge("queue_depth").set(2)
-    reg.gauge("tokens_per_s").set(35.5)
+    reg.gauge("tokens_per_second").set(35.5)
     system: dict[str, Any] = {
         "cpu": {"percent": cpu, "per_cpu": []},
         "memory": {"percent": mem},

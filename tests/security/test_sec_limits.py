@@ -172,7 +172,7 @@ async def test_tls_handshakes_count_against_the_deadline_and_the_cap(
         await server.stop()
 
 
-async def gateway(make_agent: AgentFactory, **limits: object) -> Island:
+async def gateway(make_agent: AgentFactory, **limits: Any) -> Island:
     isl = Island(make_agent)
     await isl.add_node("gpu1")
     await (await isl.start_gateway(**limits)).models_seen("echo")

@@ -4,6 +4,7 @@ and the whole fine-tuning loop."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -31,14 +32,14 @@ class Island:
         self.nodes[name] = rt
         return rt
 
-    async def start_gateway(self, **config) -> Island:
+    async def start_gateway(self, metrics_interval: float = 0.5, **config: Any) -> Island:
         gateway = {"listen": "127.0.0.1:0"} | config
         self.gateway = await self.make_agent(
             "gw",
             roles=("gateway",),
             plugins={"gateway": gateway},
             heartbeat=0.2,
-            metrics_interval=0.5,
+            metrics_interval=metrics_interval,
         )
         return self
 

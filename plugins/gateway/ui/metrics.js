@@ -67,7 +67,8 @@ function figures(a) {
   const system = a.metrics?.system ?? {};
   const gpus = system.gpus ?? [];
   const inference = a.metrics?.plugins?.inference ?? {};
-  const gauge = (name) => inference[name]?.series?.[0]?.value ?? a.load?.[name] ?? null;
+  // The feed's figure, else the announcement's (its load names differ: tokens_per_s).
+  const gauge = (name, load = name) => inference[name]?.series?.[0]?.value ?? a.load?.[load] ?? null;
   const mean = (xs) => (xs.length ? xs.reduce((s, x) => s + x, 0) / xs.length : null);
   return {
     cpu: system.cpu?.percent ?? null,
@@ -76,7 +77,7 @@ function figures(a) {
     gpuMemory: gpus.length
       ? `${formatBytes(gpus.reduce((s, g) => s + (g.memory_used_bytes ?? 0), 0))} / ${formatBytes(gpus.reduce((s, g) => s + (g.memory_total_bytes ?? 0), 0))}`
       : null,
-    tokens: gauge("tokens_per_s"),
+    tokens: gauge("tokens_per_second", "tokens_per_s"),
     queue: gauge("queue_depth"),
   };
 }
