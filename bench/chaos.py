@@ -14,6 +14,8 @@ scenario of ``tests/support/chaos.py`` against real `atoll` processes:
   dropped: chat and streaming p50/p99 against the same requests on the healthy lab (the anchor,
   same run), and a 200 MB file between islands over the data plane.
 * ``storage_kill``: storage SIGKILLed mid-upload: partial objects visible, resume.
+* ``trainer_kill``: a trainer SIGKILLed mid-job: seconds until its job process is gone, until the
+  job runs on the other trainer, until it succeeds.
 * ``soak``: 10 minutes of steady load: errors, RSS and fd growth of every process.
 
 Prints ONE JSON object on stdout (logs on stderr). ``--quick``: every scenario small (a smoke
@@ -43,7 +45,7 @@ from support.lab import Lab, cleanup_stale, unavailable  # noqa: E402
 
 log = logging.getLogger("bench.chaos")
 
-SCENARIOS = ("partition", "broker", "wan", "storage_kill", "soak")
+SCENARIOS = ("partition", "broker", "wan", "storage_kill", "trainer_kill", "soak")
 
 
 def sizes(quick: bool) -> dict[str, Any]:
@@ -120,6 +122,10 @@ async def main(args: argparse.Namespace, _profile: Path | None) -> dict[str, Any
             fail_within=10.0,
         )  # fmt: skip
 
+    async def trainer_kill(lab: Lab) -> dict[str, Any]:
+        d = await chaos.deploy(lab, training=True)
+        return await chaos.trainer_killed_mid_job(d)
+
     async def soak(lab: Lab) -> dict[str, Any]:
         d = await chaos.deploy(lab, token_delay=0.002, rtt=0.01)
         return await chaos.soak(d, seconds=n["soak_s"], samples=11)
@@ -135,6 +141,8 @@ async def main(args: argparse.Namespace, _profile: Path | None) -> dict[str, Any
         out["wan"] = await in_lab(root, "wan", wan)
     if "storage_kill" in only:
         out["storage_kill"] = await in_lab(root, "storage_kill", storage_kill)
+    if "trainer_kill" in only:
+        out["trainer_kill"] = await in_lab(root, "trainer_kill", trainer_kill)
     if "soak" in only:
         out["soak"] = await in_lab(root, "soak", soak)
     return out

@@ -8,6 +8,9 @@ The deployment (``deploy``)::
     island b: broker-b, echo inference "gpu-b"
     island c: broker-c, echo inference "gpu-c", storage "store"
 
+and with ``training``: a training queue "queue" on a, trainers "train-b" and "train-c" (a tiny
+random model, "tiny-llama") on b and c.
+
 Brokers b and c link to a (and c to b) through WAN relays in the hub; every agent lists its own
 island's broker first, then the others' (through the relays), to fail over to.
 """
@@ -32,6 +35,7 @@ from support.lab import BROKER_PORT, Island, Lab, Proc, Relay, until
 
 GATEWAY_PORT = 8000
 MODEL = "echo"
+TRAINED = "tiny-llama"  # the base model trainers fine-tune (``training`` deployments)
 PROMPT = "the quick brown fox jumps over the lazy dog"  # 9 words: 9 tokens from echo
 
 
@@ -45,6 +49,7 @@ class Deployment:
     gateway: Proc
     nodes: dict[str, Proc]  # inference agents by name
     storage: Proc | None
+    trainers: dict[str, Proc]  # by name (none without ``training``)
     portal: Relay  # 127.0.0.1 -> the gateway
     broker_portal: Relay  # 127.0.0.1 -> broker-a (for an in-process admin agent)
     admin_key: str = ""
@@ -106,6 +111,7 @@ async def deploy(
     rtt: float = 0.0,
     rate: float = 0.0,
     storage: bool = True,
+    training: bool = False,
     request_timeout: float = 30.0,
 ) -> Deployment:
     """Three islands as the module says, WAN relays with ``rtt``/``rate``; returns once the
@@ -131,13 +137,29 @@ async def deploy(
         store = {"storage": {}, "files": {"dirs": [str(lab.root / "store-files")]}}
         (lab.root / "store-files").mkdir(exist_ok=True)
         starts.append(c.agent("store", ["storage"], store, [c.broker_url, *others["c"]]))
+    if training:
+        from support.tiny_models import build_tiny_model
+
+        base = build_tiny_model(lab.root / "tiny-llama")
+        # Lost after 3 s without a heartbeat (the default 30 s would only make the test wait).
+        queue = {"training": {"mode": "queue", "lost_after": 3.0}}
+        starts.append(a.agent("queue", ["training"], queue, [a.broker_url, *others["a"]]))
+        for island in (b, c):
+            trainer = {
+                "mode": "trainer", "device": "cpu", "heartbeat": 0.5, "poll": 0.5,
+                "models": {TRAINED: str(base)}, "model_cache": str(lab.root / "models"),
+            }  # fmt: skip
+            name = f"train-{island.name}"
+            brokers = [island.broker_url, *others[island.name]]
+            starts.append(island.agent(name, ["training"], {"training": trainer}, brokers))
     procs = await asyncio.gather(*starts)
     gw, gpu_b, gpu_c = procs[:3]
+    trainers = {p.name: p for p in procs if p.name.startswith("train-")}
     portal = await lab.portal(a, GATEWAY_PORT)
     broker_portal = await lab.portal(a, BROKER_PORT)
     d = Deployment(
         lab, a, b, c, wan, gw, {"gpu-b": gpu_b, "gpu-c": gpu_c}, procs[3] if storage else None,
-        portal, broker_portal,
+        trainers, portal, broker_portal,
     )  # fmt: skip
     d.admin_key = (d.gateway_dir / "admin-key").read_text().strip()
     await until(lambda: _both_routable(d), 60, 0.3)
@@ -667,4 +689,88 @@ async def storage_killed_mid_upload(
     finally:
         link.up.rate = link.down.rate = 0.0
         await agent.stop()
+    return out
+
+
+def _runner(trainer: Proc) -> int | None:
+    """The training job process a trainer runs now (its child), if any."""
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process(trainer.pid).children():
+            if "atoll.plugins.training.runner" in " ".join(child.cmdline()):
+                return child.pid
+    return None
+
+
+async def trainer_killed_mid_job(
+    d: Deployment, *, epochs: int = 12, timeout: float = 180.0
+) -> dict[str, Any]:
+    """A fine-tuning job (through the gateway's API) whose trainer is SIGKILLed while its job
+    process runs: that process must end with it (no orphan holding the device), the queue must
+    put the job back in line once the trainer's heartbeats stop, and the other trainer must
+    finish it. Figures: seconds from the kill to the orphan's end, to the job running again,
+    and to its success."""
+    import psutil
+
+    rows = "".join(
+        json.dumps({"instruction": f"Say the colour number {i}.", "output": f"Blue {i}."}) + "\n"
+        for i in range(24)
+    )
+    out: dict[str, Any] = {}
+    async with d.client(60) as http:
+        files = {"file": ("colours.jsonl", rows.encode(), "application/jsonl")}
+        reply = await http.post("/v1/files", data={"purpose": "fine-tune"}, files=files)
+        reply.raise_for_status()
+        body = {
+            "model": TRAINED, "training_file": reply.json()["id"],
+            "hyperparameters": {"n_epochs": epochs, "batch_size": 4},
+            "options": {"lora_rank": 4, "cutoff_len": 64, "logging_steps": 1},
+        }  # fmt: skip
+        reply = await http.post("/v1/fine_tuning/jobs", json=body)
+        reply.raise_for_status()
+        job_id = reply.json()["id"]
+
+        async def job() -> dict[str, Any]:
+            got = await http.get(f"/v1/fine_tuning/jobs/{job_id}")
+            got.raise_for_status()
+            return dict(got.json())
+
+        running: list[tuple[Proc, int]] = []
+
+        def claimed() -> bool:
+            running[:] = [(t, pid) for t in d.trainers.values() if (pid := _runner(t))]
+            return bool(running)
+
+        await until(claimed, 60, 0.2)
+        victim, runner = running[0]
+        out["killed"] = victim.name
+        await asyncio.sleep(1.0)  # into its steps
+        assert (await job())["status"] == "running", "the job ended before the kill: more epochs"
+        await victim.kill()
+        killed = time.monotonic()
+
+        def orphan_gone() -> bool:
+            try:
+                return psutil.Process(runner).status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+
+        await until(orphan_gone, 30, 0.1)
+        out["orphan_gone_s"] = round(time.monotonic() - killed, 2)
+        survivor = next(t for t in d.trainers.values() if t is not victim)
+        await until(lambda: _runner(survivor) is not None, 60, 0.2)
+        out["running_again_s"] = round(time.monotonic() - killed, 2)
+        deadline = time.monotonic() + timeout
+        state = await job()
+        while state["status"] not in ("succeeded", "failed", "cancelled"):
+            assert time.monotonic() < deadline, f"job still {state['status']} after {timeout}s"
+            await asyncio.sleep(0.5)
+            state = await job()
+        out["finished_s"] = round(time.monotonic() - killed, 2)
+        out["status"] = state["status"]
+        out["error"] = state.get("error")
+        out["fine_tuned_model"] = state.get("fine_tuned_model")
+        events = (await http.get(f"/v1/fine_tuning/jobs/{job_id}/events?limit=1000")).json()
+        out["requeued"] = any("queued again" in e["message"] for e in events["data"])
     return out
