@@ -12,7 +12,8 @@ and dataset services move files over encrypted streams.
   file between attempts and resumes it for the same source version (``resume_offset``).
 - Streams: ``open_transfer`` opens one; ``put_files`` and ``fetching`` are the client ends of a
   put (header, bodies, the receiver's ``confirmed`` reply) and a get (header and bodies read,
-  then ``{"ok": true}`` back).
+  then ``{"ok": true}`` back); ``put_resumable`` is a put the receiver answers with the offset
+  it already holds (the storage plugin's dataset uploads).
 
 Nothing here writes through a symbolic link: files are opened with ``O_NOFOLLOW`` and a staging
 directory that is a link is refused.
@@ -36,6 +37,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, Literal, Protocol
 
+from atoll.agent.contract import Progress, counter
 from atoll.agent.errors import AtollError, DeadlineExceeded, Forbidden, InvalidRequest
 from atoll.agent.streams import Stream, StreamReset
 from atoll.protocol.streams import WINDOW
@@ -435,6 +437,29 @@ async def put_files(
         for path, size in files:
             await send_bytes(stream, file_chunks(path), size, idle, on_chunk)
         return await confirmed(Reader(stream, idle), f"{address} did not confirm the {service}")
+
+
+async def put_resumable(
+    overlay: Opener,
+    address: str,
+    service: str,
+    header: dict[str, Any],
+    file: tuple[Path, int],
+    idle: float | None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """A put of one file the receiver may hold part of already: it answers ``header`` with
+    ``{"offset": N}`` (the bytes it kept from an earlier attempt) and only the rest is sent."""
+    path, size = file
+    async with open_transfer(overlay, address, service, None, idle) as stream:
+        await write_line(stream, header, idle)
+        reader = Reader(stream, idle)
+        offset = (await reader.line()).get("offset")
+        if type(offset) is not int or not 0 <= offset <= size:
+            raise TransferFailed(f"{address} answered a {service} with no offset within the file")
+        chunks = file_chunks(path, offset)
+        await send_bytes(stream, chunks, size - offset, idle, counter(size, progress, offset))
+        return await confirmed(reader, f"{address} did not confirm the {service}")
 
 
 @contextlib.asynccontextmanager

@@ -5,6 +5,11 @@ registry operations behind the ``datasets``, ``dataset_info`` and ``dataset_dele
 A dataset is kept as two objects, ``datasets/<id>/original`` (the bytes as uploaded) and
 ``datasets/<id>/canonical.jsonl`` (its checked, de-duplicated rows: chat for sft, text for pt),
 and one registry row. Nothing is kept until every row has passed; nothing is ever rewritten.
+
+Uploads resume: the bytes received are kept (staged, never visible) under a key of who uploads
+what (caller, owner, project, size, sha256), and the receiver's first line tells the uploader the
+offset to go on from, so an upload cut by a broken link or a storage restart sends only the rest
+when it is tried again. Partial uploads nobody came back for are removed after ``RESUME_KEEP_S``.
 """
 
 from __future__ import annotations
@@ -24,11 +29,14 @@ from atoll.agent.plugins import PluginContext
 from atoll.agent.streams import Stream
 from atoll.agent.transfer import (
     IDLE_TIMEOUT,
+    STAGING,
     Reader,
+    commit_staged,
     confirmed,
     file_chunks,
     idle_deadline,
-    receive_file,
+    receive_staged,
+    resume_offset,
     send_bytes,
     write_line,
 )
@@ -53,6 +61,7 @@ from atoll.protocol.session import CallInfo
 
 ORIGINAL = "original"
 CANONICAL = "canonical.jsonl"
+RESUME_KEEP_S = 24 * 3600.0  # a partial upload nobody resumed within this is removed
 
 
 def dataset_key(dataset_id: str, name: str) -> str:
@@ -86,12 +95,14 @@ class DatasetService:
         registry: DatasetRegistry,
         limits: DatasetLimits,
         incoming: Path,
+        resumable: Path,
     ) -> None:
         self.ctx = ctx
         self.store = store
         self.registry = registry
         self.limits = limits
         self.incoming = incoming  # uploads being checked, conversions being sent
+        self.resumable = resumable  # uploads being received (kept across restarts)
         self.stored = ctx.metrics.gauge("datasets_stored", "Datasets in the registry")
         self.stored_bytes = ctx.metrics.gauge("dataset_bytes_stored", "Uploaded dataset bytes")
         self.served = ctx.metrics.counter("dataset_served_bytes", "Dataset bytes sent")
@@ -139,16 +150,23 @@ class DatasetService:
                     f"{header.filename} is {header.size} bytes; this store takes datasets of at "
                     f"most {self.limits.max_bytes}"
                 )
+            who = "\0".join((call.caller.name, header.owner, header.project or "", header.sha256))
+            partial = self.resumable / hashlib.sha256(who.encode()).hexdigest()[:32]
+            await asyncio.to_thread(_forget_stale, self.resumable, time.time() - RESUME_KEEP_S)
+            offset = await asyncio.to_thread(resume_offset, partial, header.size, header.sha256)
+            await write_line(stream, {"offset": offset}, IDLE_TIMEOUT)
+            digest = await receive_staged(reader, partial, header.size, offset)
+            await asyncio.to_thread(commit_staged, partial, digest, header.sha256)
             stage = Path(tempfile.mkdtemp(dir=self.incoming))
             try:
-                await receive_file(reader, stage / ORIGINAL, header.size, header.sha256)
+                partial.replace(stage / ORIGINAL)
                 prepared = await asyncio.to_thread(
                     _prepare_file, stage / ORIGINAL, header, self.limits
                 )
                 record = await self._keep(header, prepared, stage)
             finally:
                 await asyncio.to_thread(shutil.rmtree, stage, True)
-            self.received.inc(header.size)
+            self.received.inc(header.size - offset)
             self.ctx.log.info(
                 "storage.dataset_stored",
                 dataset=record.id,
@@ -156,6 +174,7 @@ class DatasetService:
                 version=record.version,
                 rows=record.rows,
                 owner=record.owner,
+                resumed_from=offset,
             )
             await write_line(
                 stream, {"ok": True, "record": record.model_dump(mode="json")}, IDLE_TIMEOUT
@@ -247,3 +266,13 @@ class DatasetService:
         finally:
             await asyncio.to_thread(shutil.rmtree, stage, True)
         return size
+
+
+def _forget_stale(resumable: Path, before: float) -> None:
+    """Remove partial uploads (and their metadata) last written before ``before``."""
+    for path in (resumable / STAGING).glob("*"):
+        try:
+            if path.lstat().st_mtime < before:
+                path.unlink()
+        except OSError:  # gone meanwhile (another upload's sweep)
+            continue

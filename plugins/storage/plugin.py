@@ -166,6 +166,7 @@ class StoragePlugin(Plugin):
             self.dataset_registry,
             DatasetLimits(**config.datasets.model_dump()),
             self.incoming,
+            ctx.data_dir / "resumable",
         )
         self.uploading: set[str] = set()
         self.adapters = ctx.metrics.gauge("adapters_stored", "Adapters in the registry")

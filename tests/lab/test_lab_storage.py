@@ -1,11 +1,10 @@
 """Scenario: the storage agent SIGKILLed mid-upload over a slow WAN link, then restarted
-(``support.chaos``): no partial object is ever visible, the dataset is not listed, uploading it
-again works; a file put through the files plugin (``atoll cp``) resumes where it stopped.
+(``support.chaos``): no partial object is ever visible, the dataset is not listed, and uploading
+it again resumes where it stopped, as a file put through the files plugin (``atoll cp``) does.
 
 An uploader whose receiver dies learns it within seconds (its stream probes the silent side; the
-broker answers that it has no such agent). Missing in the product (reported, not built here):
-the storage plugin's own uploads (datasets, adapters) do not resume; a killed upload starts over
-from the first byte."""
+broker answers that it has no such agent). Not built: adapter uploads (a few files of a few MB)
+start over."""
 
 from __future__ import annotations
 
@@ -29,6 +28,7 @@ async def test_storage_killed_mid_upload_leaves_nothing_partial(lab: Lab) -> Non
     ds, fl = f["dataset"], f["file"]
     assert ds["killed_upload"] != "completed" and ds["partial_objects_visible"] == [], f
     assert not ds["listed_after_restart"] and ds["reupload_ok"], f
+    assert ds["resumed"] and ds["resent_bytes"] < ds["bytes"], f
     assert fl["killed_put"] != "completed" and not fl["partial_visible"], f
     assert fl["resumed"] and fl["sha256_ok"], f
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from atoll.agent.errors import Forbidden, InvalidRequest
+from atoll.agent.node import Agent
 from atoll.agent.runtime import AgentRuntime
-from atoll.agent.transfer import TransferFailed
+from atoll.agent.transfer import READ_SIZE, TransferFailed
 from atoll.plugins.storage.contract.datasets import (
     DATASET_PUT,
     DatasetInvalid,
@@ -37,8 +38,9 @@ from atoll.plugins.storage.datasets import (
     prepare,
 )
 from atoll.plugins.storage.plugin import StoragePlugin
+from atoll.protocol.frames import Frame, FrameType
 from support.island import start_storage
-from support.overlay import eventually
+from support.overlay import eventually, intercept
 
 
 def write(tmp_path: Path, name: str, content: str | bytes) -> Path:
@@ -477,7 +479,11 @@ async def raw_put(agent, header: dict, body: bytes) -> None:
     stream = await agent.streams.open("store/storage", DATASET_PUT, None)
     try:
         await stream.write(json.dumps(header).encode() + b"\n" + body)
-        reply = await asyncio.wait_for(stream.read(), 10)
+        reply = b""
+        while not reply.endswith(b"\n") or reply.startswith(b'{"offset"'):  # where it resumes
+            if reply.endswith(b"\n"):
+                reply = b""
+            reply += await asyncio.wait_for(stream.read(), 10)
         raise AssertionError(f"storage accepted it: {reply!r}")
     finally:
         await stream.close()
@@ -530,6 +536,8 @@ async def test_refusals_keep_nothing(tmp_path, make_agent) -> None:
         await raw_put(trainer, header | {"extra": 1}, data)
     await eventually(lambda: not any(plugin.incoming.iterdir()))
     await nothing_stored(plugin)
+    staging = plugin.datasets.resumable / ".atoll-staging"
+    assert not any(staging.glob("*"))  # bytes that failed their checksum are not kept to resume
 
     record = await upload_dataset(trainer, "store", good, "d", "alice", dedup="none")
     assert record.dedup.mode == "none" and record.version == 1
@@ -537,3 +545,67 @@ async def test_refusals_keep_nothing(tmp_path, make_agent) -> None:
         await fetch_dataset(reader, "store", record.id, tmp_path)
     with pytest.raises(InvalidRequest, match="as: Input should be 'chat', 'text' or 'original'"):
         await fetch_dataset(reader, "store", record.id, tmp_path / "x", as_="csv")  # type: ignore[arg-type]
+
+
+async def test_a_broken_upload_resumes_where_it_stopped(tmp_path, make_agent, broker) -> None:
+    """An upload whose link dies part-way (the broker stops passing its messages; the uploader
+    gives up) sends only the rest when tried again; what arrives is the file, byte for byte.
+    Another caller's upload of the same bytes starts from nothing: a partial upload is its
+    uploader's."""
+    _, plugin = await start_storage(make_agent)
+    gateway = (await make_agent("gw", roles=("gateway",))).agent
+    other = (await make_agent("gw2", roles=("gateway",))).agent
+    rows = [{"instruction": f"q{i} " + "x" * 200, "output": f"a{i}"} for i in range(12_000)]
+    data = write(tmp_path, "big.jsonl", jsonl(*rows))
+    size = data.stat().st_size
+    staging = plugin.datasets.resumable / ".atoll-staging"
+
+    def held() -> int:
+        return sum(p.stat().st_size for p in staging.glob("*.part"))
+
+    async def broken_upload(agent: Agent) -> None:
+        """Messages to the store pass until a third of the file has, then vanish."""
+        passed = 0
+        cut = False
+
+        def swallow(session, frame: Frame) -> Frame | None:
+            nonlocal passed, cut
+            if frame.type is not FrameType.MSG or frame.header["dst"] != "store/storage":
+                return None
+            cut = cut or passed > size // 3
+            if cut:
+                return Frame(frame.type, {**frame.header, "dst": "nobody"}, frame.payload)
+            passed += len(frame.payload)
+            return None
+
+        undo = intercept(broker, swallow)
+        upload = asyncio.create_task(upload_dataset(agent, "store", data, "big", "alice"))
+        await eventually(lambda: cut, 30)
+        await asyncio.sleep(0.2)
+        upload.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await upload
+        undo()
+
+    await broken_upload(gateway)
+    await eventually(lambda: held() > size // 4)  # written out
+    kept = held()
+    assert size // 4 < kept < size
+    assert await plugin.store.list("datasets/") == []  # nothing visible
+    starts: list[int] = []
+
+    def first(done: int, total: int) -> None:
+        if not starts:
+            starts.append(done)
+
+    record = await upload_dataset(gateway, "store", data, "big", "alice", progress=first)
+    assert kept < starts[0] <= kept + READ_SIZE  # resumed from what the store held
+    fetched = tmp_path / "back.jsonl"
+    await fetch_dataset(gateway, "store", record.id, fetched, as_="original")
+    assert fetched.read_bytes() == data.read_bytes()
+    assert not any(staging.glob("*"))  # used up
+
+    await broken_upload(gateway)
+    starts.clear()
+    await upload_dataset(other, "store", data, "big", "alice", progress=first)
+    assert starts[0] <= READ_SIZE  # gw2 sent it all itself

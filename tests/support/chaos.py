@@ -584,7 +584,7 @@ async def storage_killed_mid_upload(
     ``rate`` bytes/s, then restarted; once for a dataset upload (the storage plugin) and once
     for a file put (the files plugin, ``atoll cp``). Figures: whether the upload failed, whether
     any partial object became visible, whether it then went through, and how many bytes the
-    second put had to send again (the files plugin resumes; the storage plugin starts over). An
+    second upload had to send again (both resume from what the receiver kept). An
     upload still waiting ``fail_within`` s after the kill is given up (cancelled): ``hung``."""
     import hashlib
     import os
@@ -593,6 +593,7 @@ async def storage_killed_mid_upload(
     from atoll.agent.files import put_file
     from atoll.agent.identity import AgentKeys
     from atoll.agent.node import Agent
+    from atoll.agent.transfer import READ_SIZE
     from atoll.plugins.storage.contract.datasets import list_datasets, upload_dataset
 
     assert d.storage is not None
@@ -658,7 +659,15 @@ async def storage_killed_mid_upload(
             back_s = await restart()
             listed = [r.name for r in await list_datasets(agent, "store")]
             t = time.monotonic()
-            record = await upload_dataset(agent, "store", rows, "big", "alice")
+            firsts: list[int] = []
+
+            def first(done: int, total: int) -> None:
+                if not firsts:
+                    firsts.append(done)
+
+            record = await upload_dataset(agent, "store", rows, "big", "alice", progress=first)
+            size = rows.stat().st_size
+            held = max(0, firsts[0] - min(READ_SIZE, size)) if firsts else 0
             out["dataset"] = {
                 "bytes": rows.stat().st_size,
                 "killed_upload": error,
@@ -668,7 +677,8 @@ async def storage_killed_mid_upload(
                 "listed_after_restart": "big" in listed,
                 "reupload_ok": record.name == "big",
                 "reupload_s": round(time.monotonic() - t, 2),
-                "resumed": False,  # the storage plugin's uploads start over (no resume offset)
+                "resent_bytes": size - held,
+                "resumed": held > 0,
             }
         if "file" in parts:
             error = await kill_during(put_file(agent, "store", blob, "blob.bin"))

@@ -40,7 +40,7 @@ from atoll.agent.transfer import (
     Opener,
     TransferFailed,
     fetching,
-    put_files,
+    put_resumable,
     receive_file,
     sha256_file,
     staged,
@@ -197,7 +197,8 @@ async def upload_dataset(
 ) -> DatasetRecord:
     """Upload the file at ``path`` as dataset ``name`` (its next version) for ``owner``; the
     storage agent validates, converts, de-duplicates and registers it, or refuses it with
-    DatasetInvalid naming the line and reason."""
+    DatasetInvalid naming the line and reason. Tried again after a failure, the same upload
+    sends only what the storage agent did not keep (``progress`` starts there)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no dataset file {path}")
@@ -217,14 +218,14 @@ async def upload_dataset(
         },
         "dataset upload",
     )
-    reply = await put_files(
+    reply = await put_resumable(
         agent,
         service_address(storage, PLUGIN),
         DATASET_PUT,
         header.model_dump(mode="json"),
-        [(path, size)],
+        (path, size),
         idle_timeout,
-        counter(size, progress),
+        progress,
     )
     return parse(DatasetRecord, reply.get("record"), f"reply from {storage}")
 
