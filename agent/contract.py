@@ -32,11 +32,14 @@ class NoParams(BaseModel):
     """The parameters of a method that takes none: whatever a caller sends is ignored."""
 
 
-def parse(model: type[M], data: Any, what: str | None = None) -> M:
-    """``data`` as ``model``, or InvalidRequest naming each wrong field and why (led by ``bad
-    <what>``, or ``invalid <model name>`` when ``what`` is not given)."""
+def parse(
+    model: type[M], data: Any, what: str | None = None, context: dict[str, Any] | None = None
+) -> M:
+    """``data`` as ``model`` (validated with ``context``), or InvalidRequest naming each wrong
+    field and why (led by ``bad <what>``, or ``invalid <model name>`` when ``what`` is not
+    given)."""
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=context)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'] if not str(p).startswith('function-')) or 'value'}"

@@ -161,6 +161,7 @@ class FilesPlugin(Plugin):
     """Serves file puts and gets within the configured directories."""
 
     name = "files"
+    config_model = FilesConfig
 
     async def start(self, ctx: PluginContext) -> None:
         await super().start(ctx)

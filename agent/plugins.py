@@ -5,11 +5,18 @@ A plugin is a class registered under the entry-point group ``atoll.plugins``. It
 and exposes RPC methods marked with ``@rpc(roles=...)`` and stream services served with
 ``ctx.serve_stream(..., roles=...)``. The agent checks the caller's signed roles against those
 before a handler runs, so every method states who may use it and no plugin repeats the check.
+
+Operators change an agent's plugins remotely (the ``system`` plugin's ``plugin_*`` methods): a
+config is validated by the plugin's own ``config_model`` before anything changes, a plugin that
+fails to start with a new config is started again with its previous one, and what the agent was
+told is kept in ``remote-plugins.json`` (0600: configs may hold secrets) and applied over its
+config file at the next start, so a restart comes back the same.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
@@ -18,7 +25,9 @@ from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel
 
+from atoll.agent.contract import parse
 from atoll.agent.discovery import Discovery, Finder
+from atoll.agent.errors import InvalidRequest
 from atoll.agent.metrics import MetricsRegistry, metrics_snapshot
 from atoll.agent.node import Agent, Handler, Subscription
 from atoll.agent.streams import Stream, StreamHandler
@@ -27,8 +36,11 @@ from atoll.logs import EventLogger
 from atoll.protocol.session import Publication
 from atoll.protocol.streams import WINDOW
 from atoll.protocol.trust import ROLES, AgentIdentity
+from atoll.tenancy.keys import write_secret
 
 ENTRY_POINT_GROUP = "atoll.plugins"
+# In the agent's data dir: what operators changed remotely ({plugin: config, or null: removed}).
+REMOTE_CHANGES = "remote-plugins.json"
 
 # Who may call: role names (``permissions.ANY`` for any agent of the tenant), or a function of
 # the started plugin returning them (roles its config sets, as inference's ``callers``).
@@ -150,6 +162,9 @@ class PluginContext:
 
 class Plugin:
     name: ClassVar[str] = ""
+    # The config section's model: a remote change is checked with it before anything changes
+    # (None: the plugin takes no config).
+    config_model: ClassVar[type[BaseModel] | None] = None
 
     def __init__(self) -> None:
         self._ctx: PluginContext | None = None
@@ -199,6 +214,17 @@ def available_plugins() -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
+def remote_changes(data_dir: Path) -> dict[str, dict[str, Any] | None]:
+    """What operators told the agent in ``data_dir`` (``REMOTE_CHANGES``); {} if nothing."""
+    try:
+        changes = json.loads((Path(data_dir) / REMOTE_CHANGES).read_text())
+    except FileNotFoundError:
+        return {}
+    if not isinstance(changes, dict):
+        raise ValueError(f"{REMOTE_CHANGES} in {data_dir} is not an object")
+    return changes
+
+
 class PluginHost:
     """Loads, starts, stops and reports on an agent's plugins."""
 
@@ -210,6 +236,64 @@ class PluginHost:
         self.errors: dict[str, str] = {}
         self.system: dict[str, Any] = {}  # the metrics feed's last host reading
         self.log = EventLogger("plugins", agent=agent.name)
+        self._changing = asyncio.Lock()  # one remote change at a time
+
+    # --- remote changes (the system plugin's plugin_* methods) ----------------------------------
+
+    def validate(self, name: str, config: dict[str, Any]) -> type[Plugin]:
+        """The plugin class ``name`` if ``config`` passes its ``config_model``; InvalidRequest
+        saying why otherwise (nothing has changed yet)."""
+        _changeable(name)
+        eps = available_plugins()
+        if name not in eps:
+            raise InvalidRequest(f"no plugin {name!r}; installed: {', '.join(sorted(eps))}")
+        cls: type[Plugin] = eps[name].load()
+        if cls.config_model is not None:
+            where = {"config_dir": self.config_dir}
+            parse(cls.config_model, config, f"plugin {name!r} config", context=where)
+        elif config:
+            raise InvalidRequest(f"plugin {name!r} takes no config")
+        return cls
+
+    async def change(self, name: str, config: dict[str, Any] | None) -> None:
+        """Run ``name`` with ``config`` (added, or replaced; None: removed) and remember it for
+        the next start. A plugin that fails to start with the new config is started again with
+        its previous one, and the start's error is raised."""
+        async with self._changing:
+            _changeable(name)
+            if config is not None:
+                self.validate(name, config)
+            elif name not in self.plugins:
+                raise InvalidRequest(f"plugin {name!r} is not running here")
+            old = self.plugins.get(name)
+            previous = dict(old.ctx.config) if old is not None else None
+            if old is not None:
+                await self.remove(name)
+            if config is not None:
+                try:
+                    await self.add(name, config)
+                except Exception as exc:
+                    error = self.errors.get(name, f"{type(exc).__name__}: {exc}")
+                    if previous is not None:
+                        await self.add(name, previous)
+                        self.errors[name] = error  # kept beside the running plugin: why
+                    raise InvalidRequest(
+                        f"plugin {name!r} did not start with that config ({error})"
+                        + ("; it runs on with its previous config" if previous is not None else "")
+                    ) from None
+            changes = remote_changes(self.data_dir)
+            changes[name] = config
+            write_secret(self.data_dir / REMOTE_CHANGES, json.dumps(changes, indent=1).encode())
+            self.log.info("plugin.changed", plugin=name, removed=config is None)
+
+    async def restart(self, name: str) -> None:
+        async with self._changing:
+            _changeable(name)
+            if name not in self.plugins:
+                raise InvalidRequest(f"plugin {name!r} is not running here")
+            config = dict(self.plugins[name].ctx.config)
+            await self.remove(name)
+            await self.add(name, config)
 
     async def add(
         self, name: str, config: dict[str, Any] | None = None, plugin: Plugin | None = None
@@ -286,9 +370,23 @@ class PluginHost:
         return {n: p.ctx.metrics for n, p in self.plugins.items()}  # each bound when added
 
     def statuses(self) -> list[dict[str, Any]]:
-        out = [{"name": n, "state": p.state, **p.status()} for n, p in self.plugins.items()]
-        out += [{"name": n, "state": "failed", "error": e} for n, e in self.errors.items()]
+        """Each plugin's state (and the last start error of one that failed, or of one that
+        runs on after a change it could not start with)."""
+        out = []
+        for n, p in self.plugins.items():
+            last = {"last_error": self.errors[n]} if n in self.errors else {}
+            out.append({"name": n, "state": p.state, **last, **p.status()})
+        out += [
+            {"name": n, "state": "failed", "error": e}
+            for n, e in self.errors.items()
+            if n not in self.plugins
+        ]
         return out
+
+
+def _changeable(name: str) -> None:
+    if name == "system":  # it is how operators reach the agent at all
+        raise InvalidRequest("the system plugin is part of the agent: it cannot be changed")
 
 
 logging.getLogger("websockets").setLevel(logging.WARNING)

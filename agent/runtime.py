@@ -9,7 +9,7 @@ from atoll.agent.discovery import Announcer
 from atoll.agent.feed import MetricsPublisher
 from atoll.agent.identity import AgentKeys
 from atoll.agent.node import Agent
-from atoll.agent.plugins import PluginHost
+from atoll.agent.plugins import PluginHost, remote_changes
 from atoll.agent.system_plugin import SystemPlugin
 
 
@@ -39,16 +39,25 @@ class AgentRuntime:
         keys = keys or AgentKeys.load(data_dir)
         agent = Agent(keys, brokers, **agent_options)
         host = PluginHost(agent, data_dir, config_dir)
-        await host.add("system", plugin=SystemPlugin())
+        await host.add("system", plugin=SystemPlugin(host))
         await agent.start(wait=connect_timeout)
-        for name, config in (plugins or {}).items():
-            if name != "system" and config.get("enabled", True):
-                # `enabled` is the host's switch, the same for every plugin: not theirs to check.
-                own = {k: v for k, v in config.items() if k != "enabled"}
-                try:
-                    await host.add(name, own)
-                except Exception:  # logged and shown in statuses; the agent serves on without it
-                    continue
+        configured = {
+            # `enabled` is the host's switch, the same for every plugin: not theirs to check.
+            name: {k: v for k, v in config.items() if k != "enabled"}
+            for name, config in (plugins or {}).items()
+            if name != "system" and config.get("enabled", True)
+        }
+        # What operators changed remotely wins over the config file (None: removed).
+        for name, config in remote_changes(data_dir).items():
+            if config is None:
+                configured.pop(name, None)
+            else:
+                configured[name] = config
+        for name, config in configured.items():
+            try:
+                await host.add(name, config)
+            except Exception:  # logged and shown in statuses; the agent serves on without it
+                continue
         announcer = Announcer(agent, host.describe, heartbeat)
         announcer.start()
         feed = MetricsPublisher(agent, host, data_dir, metrics_interval)

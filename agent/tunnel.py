@@ -162,6 +162,7 @@ class TunnelPlugin(Plugin):
     """Serves tunnel streams to allowed destinations, and runs configured local listeners."""
 
     name = "tunnel"
+    config_model = TunnelConfig
 
     async def start(self, ctx: PluginContext) -> None:
         await super().start(ctx)

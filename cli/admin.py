@@ -42,14 +42,15 @@ class AdminTarget:
     tenant: str
     brokers: list[str]
 
-    def run(self, work: Callable[[Agent], Awaitable[T]]) -> T:
-        """``await work(agent)`` as a short-lived admin of the tenant (an identity minted with
-        the tenant key for this command); a platform error ends the command, saying why."""
+    def run(self, work: Callable[[Agent], Awaitable[T]], role: str = "admin") -> T:
+        """``await work(agent)`` as a short-lived ``role`` (admin; operator for what only the
+        operator may do) of the tenant: an identity minted with the tenant key for this command;
+        a platform error ends the command, saying why."""
         op = operator_store(self.data_dir)
 
         async def main() -> T:
             name = f"cli-{secrets.token_hex(4)}"
-            keys = AgentKeys.issue(op, self.tenant, name, ["admin"], ttl_s=ADMIN_TTL_S)
+            keys = AgentKeys.issue(op, self.tenant, name, [role], ttl_s=ADMIN_TTL_S)
             agent = Agent(keys, self.brokers, backoff_max=0.5)
             try:
                 return await work(await agent.start(wait=10))

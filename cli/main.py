@@ -8,7 +8,7 @@ from importlib.metadata import entry_points
 
 import typer
 
-from atoll.cli import agent, broker, island, operator, overlay, watch
+from atoll.cli import agent, broker, island, operator, overlay, plugins, watch
 from atoll.tuning import tune_process
 
 COMMANDS_GROUP = "atoll.cli"
@@ -29,5 +29,6 @@ app.add_typer(overlay.commands)
 app.add_typer(watch.commands)
 app.add_typer(broker.brokers, name="broker")
 app.add_typer(island.commands)
+app.add_typer(plugins.commands, name="plugins")
 for entry in entry_points(group=COMMANDS_GROUP):
     app.add_typer(entry.load(), name=entry.name)

@@ -30,6 +30,9 @@ DATASET_READERS = ("training", *CLIENTS)  # trainers fetch what they train on
 ADAPTER_READERS = ("inference", "training", *CLIENTS)  # inference fetches weights to serve
 ADAPTER_WRITERS = ("training", *CLIENTS)
 FILE_USERS = ADMINS  # an agent's own files: operators' tooling only
+# What runs on an agent, and with what config (which directories the files plugin serves, which
+# model inference loads): the operator's call, never a tenant admin's.
+PLUGIN_MANAGERS = ("operator",)
 TUNNEL_USERS = ("inference", *ADMINS)  # an inference node reaching its LoRAX server
 
 

@@ -71,6 +71,7 @@ class GatewayConfig(BaseModel):
 
 class GatewayPlugin(Plugin):
     name = "gateway"
+    config_model = GatewayConfig
     new_admin_key: str | None = None  # the admin key made at this start (a first start only)
 
     async def start(self, ctx: PluginContext) -> None:

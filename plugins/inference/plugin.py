@@ -87,6 +87,7 @@ def make_backend(config: InferenceConfig, ctx: PluginContext, fetch: Any) -> Bac
 
 class InferencePlugin(Plugin):
     name = "inference"
+    config_model = InferenceConfig
 
     async def start(self, ctx: PluginContext) -> None:
         await super().start(ctx)

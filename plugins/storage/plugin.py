@@ -144,6 +144,7 @@ class StoragePlugin(Plugin):
     """Stores adapters and datasets: their streams and registry RPCs."""
 
     name = "storage"
+    config_model = StorageConfig
 
     async def start(self, ctx: PluginContext) -> None:
         await super().start(ctx)

@@ -66,6 +66,7 @@ class TrainingConfig(BaseModel):
 
 class TrainingPlugin(Plugin):
     name = PLUGIN
+    config_model = TrainingConfig
 
     async def start(self, ctx: PluginContext) -> None:
         await super().start(ctx)

@@ -438,7 +438,7 @@ async def test_info_and_health(fake: FakeOpenAI, make: Make) -> None:
     assert info.backend == "openai" and info.base_model == BASE
     assert info.models == [BASE, *ADAPTERS]
     assert info.adapters == list(ADAPTERS) and info.max_adapters == 2
-    assert info.embeddings == EMBEDDER and info.transcription is True
+    assert info.embeddings == EMBEDDER and info.transcription == "whisper-1"
     assert [(a.id, a.base_model) for a in backend.adapters()] == [(a, BASE) for a in ADAPTERS]
     health = await backend.health()
     assert health.ok and health.backend == "openai"
