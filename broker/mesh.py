@@ -41,7 +41,8 @@ pull the data) do it:
   most ``CHUNK_ENTRIES`` agents and patterns and about ``CHUNK_BYTES`` (peers in part 0),
   sent back to back on one link and applied once complete; ``gone`` when we lack it. Each
   link pulls at most ``MAX_PULLS_PER_LINK`` records at a time, so a new link to a big mesh
-  is brought up to date without one huge burst.
+  is brought up to date without one huge burst; one record at one seq goes to one link at most
+  once per ``WANT_COOLDOWN``, so a peer asking in a loop cannot make us stream every record.
 
 No frame grows with the number of agents: a join costs one ``+a`` op (a credential, ~0.4 KB) on
 each link, whatever the broker already holds. Credentials travel in the join op rather than
@@ -89,6 +90,10 @@ MAX_CREDENTIAL = 16 * 1024
 MAX_SEQ = 2**62  # sequence numbers received (ours may then still count up inside the header)
 MAX_PULLS_PER_LINK = 4  # records asked of one neighbour at a time
 PULL_TIMEOUT = 30.0  # seconds before a record asked for is asked again (of anyone)
+# Seconds before one record at one seq is sent to one neighbour again: an honest one asks again
+# only after PULL_TIMEOUT (or over a new link), while one asking in a loop would have us send
+# every record we hold, megabytes each, as fast as it can ask.
+WANT_COOLDOWN = 10.0
 MAX_EARLY = 32  # deltas of one broker held while an earlier one comes the long way round
 EARLY_BYTES = 16 * 1024 * 1024  # ... and of all brokers together
 GAP_GRACE = 1.0  # seconds a hole before held deltas may last before the record is pulled
@@ -279,6 +284,8 @@ class LinkState:
         self._offers: dict[str, dict[str, int]] = {}  # origin -> link -> seq it has
         self._pulls: dict[str, tuple[str, float]] = {}  # origin -> (link asked, when)
         self._assembly: dict[str, _Assembly] = {}  # link -> snapshot in parts
+        self._served: dict[tuple[str, str], tuple[int, float]] = {}  # (link, origin) -> seq, when
+        self.wants_ignored = 0  # asked again for what we had just sent that link
         # Deltas that came before the one they follow (paths of different lengths): origin ->
         # seq -> (link, frame, ops), since when, and their bytes.
         self._early: dict[str, dict[int, tuple[str, bytes, list[Op]]]] = {}
@@ -420,6 +427,8 @@ class LinkState:
         """Forget a broker's record and what the indexes hold of it."""
         self._forget_early(name)
         rec = self.origins.pop(name)
+        for key in [k for k in self._served if k[1] == name]:
+            del self._served[key]
         for key in rec.agents:
             where = self._where.get(key)
             if where is not None:
@@ -633,12 +642,18 @@ class LinkState:
         if self.me in names:  # our record with every change so far numbered
             out += [Send(None, d) for d in self.flush()]
         missing = []
+        now = self._clock()
         for name in dict.fromkeys(names):
             rec = self.origins.get(name)
             if rec is None:
                 missing.append(name)
-            else:
-                out += [Send(link, d) for d in self.snapshot(rec)]
+                continue
+            served = self._served.get((link, name))
+            if served is not None and served[0] == rec.seq and now - served[1] < WANT_COOLDOWN:
+                self.wants_ignored += 1
+                continue
+            self._served[(link, name)] = (rec.seq, now)
+            out += [Send(link, d) for d in self.snapshot(rec)]
         if missing:
             body = {"kind": "gone", "origins": missing}
             out.append(Send(link, _state_frame(self.me, 0, body)))
@@ -710,6 +725,8 @@ class LinkState:
     def link_down(self, link: str) -> list[Send]:
         """A neighbour went: what it offered or owed us, we ask of others."""
         self._assembly.pop(link, None)
+        for key in [k for k in self._served if k[0] == link]:
+            del self._served[key]
         for origin in list(self._offers):
             offers = self._offers[origin]
             offers.pop(link, None)

@@ -17,6 +17,7 @@ from atoll.broker.mesh import (
     CHUNK_BYTES,
     CHUNK_ENTRIES,
     MAX_HOPS,
+    WANT_COOLDOWN,
     LinkState,
     LocalChange,
     Origin,
@@ -248,6 +249,34 @@ def test_a_digest_ahead_of_us_pulls_and_one_behind_or_equal_does_not() -> None:
     (d,) = state.digest()
     have = dict(map(tuple, body(d)["have"]))
     assert have == {"me": state.seq, "b": 1, "c": 1}  # what we reach, ourselves included
+
+
+def test_a_want_asked_again_at_once_is_not_answered_again() -> None:
+    """A neighbour asking in a loop would have us send every record over and over: the same
+    record at the same seq goes to one link once per WANT_COOLDOWN; a newer seq, another link,
+    or the same link after it was re-made are answered at once."""
+    now = [100.0]
+    state = LinkState("me", clock=lambda: now[0])
+    state.set_peers({"b", "c"})
+    state.local(joins(10))
+    state.flush()
+
+    def snapshots(link: str) -> int:
+        want = state_frame(link, 0, {"kind": "want", "origins": ["me"]})
+        sends = state.receive(link, want)
+        return sum(1 for s in sends if s.to == link and body(s.data)["kind"] == "snapshot")
+
+    assert snapshots("b") == 1
+    assert [snapshots("b") for _ in range(50)] == [0] * 50  # asked in a loop: nothing more
+    assert state.wants_ignored == 50
+    assert snapshots("c") == 1  # another neighbour's own first ask
+    now[0] += WANT_COOLDOWN
+    assert snapshots("b") == 1  # an honest re-ask, a cooldown later
+    state.local(joins(1, start=50))
+    state.flush()
+    assert snapshots("b") == 1  # a newer record
+    state.link_down("b")
+    assert snapshots("b") == 1  # a new link starts afresh
 
 
 def test_a_want_is_answered_with_the_record_in_bounded_chunks() -> None:
