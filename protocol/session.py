@@ -266,13 +266,18 @@ class Session:
             self._by_msg.pop(pending.msg, None)
 
     def expire(self, now: float) -> list[Event]:
-        """Time is ``now``: every call whose deadline has come fails."""
+        """Time is ``now``: every call whose deadline has come fails. The callee's key is then
+        forgotten (the next call asks the broker again): an agent enrolled anew under the same
+        name has a new key, cannot open what we seal with its old one, and cannot tell us."""
         events: list[Event] = []
         heap = self._deadlines
         while heap and heap[0][0] <= now:
             _, call = heapq.heappop(heap)
             ended = self._end(call)
             if ended is not None:
+                name = ended.peer.ident.name
+                if self.peers.get(name) is ended.peer:
+                    del self.peers[name]
                 reason = f"{ended.dst} did not answer {ended.method!r} within {ended.timeout}s"
                 events.append(CallFailed(call, Failure.DEADLINE, reason))
         return events

@@ -104,6 +104,20 @@ async def test_failover_across_broker_list(operator, broker, make_agent) -> None
     assert b.agent.link.url == broker.url
 
 
+async def test_a_peer_enrolled_anew_is_reached_after_one_deadline(make_agent) -> None:
+    """A peer whose key changed (enrolled again under its name) cannot open what we seal with
+    the old key, nor tell us: the call that times out makes us ask the broker for its key again,
+    and the next call reaches it."""
+    a = await make_agent("alpha")
+    b = await make_agent("beta")
+    assert (await a.agent.call("beta", "ping"))["pong"] is True  # its key is cached now
+    await b.stop()
+    await make_agent("beta")  # new keys, same name
+    with pytest.raises(DeadlineExceeded):
+        await a.agent.call("beta", "ping", timeout=1.0)
+    assert (await a.agent.call("beta", "ping", timeout=5.0))["pong"] is True
+
+
 async def test_a_link_is_down_the_moment_its_socket_is(make_agent) -> None:
     """No caller may see a dead link as up: ``connected`` clears when the websocket stops
     sending, not a loop turn (or a close handshake) later, and comes back on reconnect."""

@@ -216,9 +216,11 @@ def test_a_deadline_passing(world: World) -> None:
     slow, _ = call(world, "slow", timeout=2.0)
     fast, _ = call(world, "fast", timeout=1.0)
     assert alice.expire(T + 0.999) == []
+    assert "bob" in alice.peers
     assert alice.expire(T + 1.0) == [
         CallFailed(fast, Failure.DEADLINE, "bob/x did not answer 'fast' within 1.0s")
     ]
+    assert "bob" not in alice.peers  # its key may have changed: asked for again next time
     assert alice.expire(T + 1.5) == []
     [expired] = alice.expire(T + 5)
     assert isinstance(expired, CallFailed)
