@@ -9,9 +9,11 @@ leaves cleanly) — tells its listeners about transitions, optionally publishes 
 
 A live view receives every agent's heartbeat, so it belongs to the few that route or watch (the
 gateway, the training queue, admins): a view on every agent would cost the tenant O(agents²)
-deliveries a heartbeat. A plugin that only calls another service now and then (an inference node
-fetching adapters, a trainer claiming jobs) uses a ``Finder``: one snapshot of what brokers keep,
-remembered until the address fails.
+deliveries a heartbeat. An agent keeps one live view however many of its plugins watch
+(``Discovery.shared``: one subscription, its users counted by ``start``/``stop``). A plugin
+that only calls another service now and then (an inference node fetching adapters, a trainer
+claiming jobs) uses a ``Finder``: one snapshot of what brokers keep, remembered until the
+address fails.
 
 Region and policy labels are what the agent's signed credential says, never what it announces:
 an announcement carries the credential, the view verifies it against the operator key (once per
@@ -24,6 +26,7 @@ import asyncio
 import contextlib
 import enum
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -178,10 +181,23 @@ class Discovery:
         self._task: asyncio.Task[None] | None = None
         self._blind = 0.0  # seconds our own announcements were overdue, in past outages
         self._waiters: list[asyncio.Future[None]] = []
+        self._users = 0  # started and not yet stopped
+
+    @classmethod
+    def shared(cls, agent: Agent, publish_events: bool = False) -> Discovery:
+        """``agent``'s one live view, made on first use: every plugin of the agent that watches
+        shares its subscription (each ``start`` it, then ``stop`` it when done)."""
+        view = _SHARED.get(agent)
+        if view is None:
+            view = _SHARED[agent] = cls(agent)
+        view.publish_events = view.publish_events or publish_events
+        return view
 
     async def start(self) -> Discovery:
-        self._sub = await self.agent.subscribe(f"{ANNOUNCE}.*", self._on_announce)
-        self._task = asyncio.create_task(self._watch())
+        self._users += 1
+        if self._users == 1:
+            self._sub = await self.agent.subscribe(f"{ANNOUNCE}.*", self._on_announce)
+            self._task = asyncio.create_task(self._watch())
         return self
 
     @classmethod
@@ -197,10 +213,16 @@ class Discovery:
         return view
 
     async def stop(self) -> None:
+        """One user done; the last one's stop ends the subscription."""
+        self._users = max(0, self._users - 1)
+        if self._users:
+            return
         if self._sub is not None:
             await self._sub.unsubscribe()
+            self._sub = None
         if self._task is not None:
             self._task.cancel()
+            self._task = None
 
     def _identity(self, blob: Any, src: str) -> AgentIdentity | None:
         """The announcer's verified credential; None unless it is the publisher's own."""
@@ -332,6 +354,9 @@ class Discovery:
         if load_key is not None:
             found.sort(key=lambda e: float(e.load.get(load_key, 0.0) or 0.0))
         return found
+
+
+_SHARED: weakref.WeakKeyDictionary[Agent, Discovery] = weakref.WeakKeyDictionary()
 
 
 def _overdue_from(own: Entry) -> float:

@@ -134,7 +134,7 @@ class PluginContext:
     async def discovery(self, publish_events: bool = False) -> Discovery:
         """A started live view of the tenant's agents (the plugin stops it): for plugins that
         route or watch; one that only calls a service now and then uses ``finder``."""
-        return await Discovery(self._agent, publish_events).start()
+        return await Discovery.shared(self._agent, publish_events).start()
 
     def finder(
         self, plugin: str, capability: dict[str, Any] | None = None, what: str | None = None

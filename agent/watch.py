@@ -20,7 +20,7 @@ REFUSED = "REFUSED"
 class TenantWatch:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
-        self.discovery = Discovery(agent)
+        self.discovery = Discovery.shared(agent)
         self.metrics: dict[str, dict[str, Any]] = {}
         self.refusals: dict[tuple[str, str], dict[str, Any]] = {}  # (kind, name) -> notice
         self._subs: list[Subscription] = []

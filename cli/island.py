@@ -163,7 +163,7 @@ def up(
             config_dir=ISLAND_CONFIG.parent,
         )
         # The island watches its tenant and publishes liveness changes on discovery.events.*
-        liveness = await Discovery(rt.agent, publish_events=True).start()
+        liveness = await Discovery.shared(rt.agent, publish_events=True).start()
         out.print(f"[bold]atoll island up[/bold] (data dir {data_dir})")
         out.print(f"  broker   {server.url}")
         out.print(f"  agent    {rt.agent.name} (tenant {rt.agent.tenant})")

@@ -186,3 +186,26 @@ def test_liveness_does_not_count_the_time_we_could_not_hear() -> None:
     assert view.status(fresh, t + 10.1) is Status.LOST  # 6.1 beats, all heard
     bare = Discovery(cast(Agent, SimpleNamespace(name="cli")))  # announces nothing itself
     assert bare.blind(t) == 0.0 and bare.status(gpu, t) is Status.LOST
+
+
+async def test_an_agents_watchers_share_one_view(make_agent) -> None:
+    """Plugins of one agent that watch (the gateway, a training queue, `atoll up`'s liveness
+    events) share one subscription to every announcement; the last to stop ends it."""
+    rt = await make_agent("gw", roles=("gateway",), heartbeat=0.2)
+    await make_agent("n1", heartbeat=0.2)
+    ctx = rt.host.plugins["system"].ctx
+    first = await ctx.discovery()
+    second = await ctx.discovery(publish_events=True)
+    watch = await ctx.watch()
+    assert first is second is watch.discovery and first.publish_events
+    subscribed = [s for s in rt.agent._subs.values() if s.pattern == "discovery.announce.*"]
+    assert len(subscribed) == 1
+    await eventually(lambda: "n1" in first.entries)
+    await watch.stop()
+    await first.stop()
+    assert first._sub is not None  # one user left
+    await second.stop()
+    assert first._sub is None and first._task is None
+    again = await ctx.discovery()  # started afresh when wanted again
+    assert again is first and again._sub is not None
+    await again.stop()
