@@ -29,6 +29,7 @@ CLIENTS = ("gateway", *ADMINS)  # act for users, who reach the overlay only thro
 DATASET_READERS = ("training", *CLIENTS)  # trainers fetch what they train on
 ADAPTER_READERS = ("inference", "training", *CLIENTS)  # inference fetches weights to serve
 ADAPTER_WRITERS = ("training", *CLIENTS)
+RESULTS_WRITERS = ("training", *CLIENTS)  # trainers store a job's results file (no dataset)
 FILE_USERS = ADMINS  # an agent's own files: operators' tooling only
 TUNNEL_USERS = ("inference", *ADMINS)  # an inference node reaching its LoRAX server
 
