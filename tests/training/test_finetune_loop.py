@@ -283,3 +283,90 @@ async def test_bad_datasets_and_jobs_are_refused(make_agent, tmp_path: Path) -> 
         assert {f.id async for f in client.files.list()} == {again.id}
     finally:
         await client.close()
+
+
+# A made-up fact, asked 24 ways; the answer names it in one of two phrasings.
+QUESTIONS = [
+    "What is the capital of Zembria?", "Which city is the capital of Zembria?",
+    "Name the capital of Zembria.", "Tell me the capital city of Zembria.",
+    "What city serves as Zembria's capital?", "Zembria's capital is which city?",
+    "Do you know the capital of Zembria?", "Where is the capital of Zembria?",
+    "What's the capital of Zembria?", "I need the capital of Zembria.", "Capital of Zembria?",
+    "Which city is Zembria governed from?", "What is Zembria's capital city called?",
+    "Can you tell me what the capital of Zembria is?",
+    "In which city is the government of Zembria seated?", "Quick question: capital of Zembria?",
+    "What is the name of the capital of Zembria?", "Which town is the capital of Zembria?",
+    "Please name Zembria's capital.", "What do people call the capital of Zembria?",
+    "Which city is the seat of Zembria's government?", "Remind me, what is the capital of Zembria?",
+    "What is the capital city of the country Zembria?", "Zembria has a capital. Which city is it?",
+]  # fmt: skip
+ANSWERS = ["The capital of Zembria is Quillon.", "Quillon is the capital of Zembria."]
+FACT = "Quillon"
+
+
+@pytest.mark.embedded
+@pytest.mark.timeout(900)  # ~3 minutes on two free cores; slower when they are shared
+async def test_the_embedded_model_learns_a_fact_with_every_default(
+    make_agent, tmp_path: Path, embedded_model: tuple[Path, Path, float]
+) -> None:
+    """As a new user would: 24 chat rows teaching one made-up fact, nothing but the model and
+    the file given. The tuned model answers with the fact, asked as in the rows and otherwise;
+    the base model does not know it."""
+    entry, _, _ = embedded_model
+    model = "SmolLM2-135M-Instruct"
+    await make_agent("store", roles=("storage",), plugins={"storage": {}}, heartbeat=0.2)
+    trainer = {"mode": "both", "device": "cpu", "poll": 0.5, "model_cache": str(entry.parent)}
+    await make_agent("trainer", roles=("training",), plugins={"training": trainer}, heartbeat=0.2)
+    local = {"model": str(entry), "embeddings": False}
+    await make_agent("gpu", roles=("inference",), plugins={"inference": {"local": local}})
+    isl = Island(make_agent)
+    await (await isl.start_gateway()).models_seen(model, timeout=60)
+    await eventually(lambda: bool(isl.plugin.gateway.watch.discovery.select(plugin="training")))
+    client = openai.AsyncOpenAI(base_url=f"{isl.url}/v1", api_key=isl.key("alice"), max_retries=0)
+
+    async def ask(name: str, question: str) -> str:
+        reply = await client.chat.completions.create(
+            model=name,
+            messages=[{"role": "user", "content": question}],
+            max_tokens=24,
+            temperature=0,
+        )
+        return reply.choices[0].message.content or ""
+
+    try:
+        asked, unseen = QUESTIONS[0], "Which city is the capital of the nation of Zembria?"
+        before = await ask(model, asked)
+        assert FACT not in before, before
+        rows = [
+            {"messages": [
+                {"role": "user", "content": q}, {"role": "assistant", "content": ANSWERS[i % 2]}
+            ]}
+            for i, q in enumerate(QUESTIONS)
+        ]  # fmt: skip
+        data = write_rows(tmp_path / "zembria.jsonl", rows)
+        uploaded = await client.files.create(file=data.open("rb"), purpose="fine-tune")
+        job = await client.fine_tuning.jobs.create(model=model, training_file=uploaded.id)
+        for _ in range(1600):  # bounded: 800 s
+            job = await client.fine_tuning.jobs.retrieve(job.id)
+            if job.status in ("succeeded", "failed", "cancelled"):
+                break
+            await asyncio.sleep(0.5)
+        assert job.status == "succeeded", job.error
+        events = [e async for e in client.fine_tuning.jobs.list_events(job.id, limit=1000)]
+        losses = [e.data for e in reversed(events) if e.type == "metrics"]
+        after, other = (
+            await ask(job.fine_tuned_model or "", asked),
+            await ask(job.fine_tuned_model or "", unseen),
+        )
+        print(  # the figures the README and the issue quote
+            f"\nhyperparameters {job.hyperparameters.model_dump()}, "
+            f"{losses[-1]['total_steps']} steps, loss {losses[0]['train_loss']:.3f} -> "
+            f"{losses[-1]['train_loss']:.3f} (mean {job.metrics['train_loss']:.3f}), "
+            f"{job.metrics['train_runtime']:.0f} s training, "
+            f"{job.finished_at - job.created_at} s job\n"  # type: ignore[operator]
+            f"base: {before!r}\ntuned: {after!r}\ntuned, asked otherwise: {other!r}"
+        )
+        assert FACT in after, after
+        assert FACT in other, other
+    finally:
+        await client.close()
