@@ -159,6 +159,7 @@ def job_object(job: JobRecord) -> FineTuningJob:
         error = JobError(code="training_failed", message=job.error or "the job failed")
     done = job.state == "completed"
     finish = job.progress.get("estimated_finish")
+    tokens = job.metrics.get("trained_tokens")
     return FineTuningJob(
         id=job.id,
         created_at=int(job.created_at),
@@ -172,9 +173,7 @@ def job_object(job: JobRecord) -> FineTuningJob:
         result_files=job.result_files,
         seed=o.seed,
         status=STATUS[job.state],
-        trained_tokens=int(job.metrics["trained_tokens"])
-        if done and "trained_tokens" in job.metrics
-        else None,
+        trained_tokens=int(tokens) if done and tokens is not None else None,
         training_file=o.dataset[0],
         validation_file=o.validation_dataset,
         progress=job.progress,
@@ -195,8 +194,11 @@ METRICS = {
     "epoch": "epoch",
     "learning_rate": "learning_rate",
 }
-LOSSES = {"loss": "training loss", "valid_loss": "validation loss", "full_valid_loss": "full "
-          "validation loss"}  # fmt: skip
+LOSSES = {
+    "loss": "training loss",
+    "valid_loss": "validation loss",
+    "full_valid_loss": "full validation loss",
+}  # what a metrics event's message names
 
 
 def event_object(job_id: str, event: dict[str, Any]) -> JobEvent:

@@ -305,7 +305,8 @@ FACT = "Quillon"
 
 
 @pytest.mark.embedded
-@pytest.mark.timeout(900)  # ~3 minutes on two free cores; slower when they are shared
+# ~2.5 minutes on two free cores (~100 s of it training); up to 14 when other work shares them.
+@pytest.mark.timeout(1500)
 async def test_the_embedded_model_learns_a_fact_with_every_default(
     make_agent, tmp_path: Path, embedded_model: tuple[Path, Path, float]
 ) -> None:
@@ -346,7 +347,7 @@ async def test_the_embedded_model_learns_a_fact_with_every_default(
         data = write_rows(tmp_path / "zembria.jsonl", rows)
         uploaded = await client.files.create(file=data.open("rb"), purpose="fine-tune")
         job = await client.fine_tuning.jobs.create(model=model, training_file=uploaded.id)
-        for _ in range(1600):  # bounded: 800 s
+        for _ in range(2800):  # bounded: 1400 s
             job = await client.fine_tuning.jobs.retrieve(job.id)
             if job.status in ("succeeded", "failed", "cancelled"):
                 break
