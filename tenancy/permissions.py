@@ -29,6 +29,7 @@ CLIENTS = ("gateway", *ADMINS)  # act for users, who reach the overlay only thro
 DATASET_READERS = ("training", *CLIENTS)  # trainers fetch what they train on
 ADAPTER_READERS = ("inference", "training", *CLIENTS)  # inference fetches weights to serve
 ADAPTER_WRITERS = ("training", *CLIENTS)
+RESULTS_WRITERS = ("training", *CLIENTS)  # trainers store a job's results file (no dataset)
 FILE_USERS = ADMINS  # an agent's own files: operators' tooling only
 # What runs on an agent, and with what config (which directories the files plugin serves, which
 # model inference loads): the operator's call, never a tenant admin's.

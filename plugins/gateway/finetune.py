@@ -97,10 +97,17 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
         members = {m.user for m in gw.accounts.members(project)}
         return principal.user in members and principal.project in (None, project)
 
-    async def dataset(principal: Principal, file_id: str) -> DatasetRecord:
-        record = await platform(describe_dataset(gw.agent, gw.storage_address(), file_id))
+    async def dataset(principal: Principal, file_id: str, param: str = "file_id") -> DatasetRecord:
+        """The file, if the caller may see it; else a 404 naming ``param``, as if it were not
+        there (another user's file included)."""
+        try:
+            record = await platform(describe_dataset(gw.agent, gw.storage_address(), file_id))
+        except GatewayError as exc:
+            if exc.status == 404:
+                exc.param = param
+            raise
         if not may_see(principal, record.owner, record.project):
-            raise GatewayError(404, f"no file {file_id!r}", code="not_found", param="file_id")
+            raise GatewayError(404, f"no file {file_id!r}", code="not_found", param=param)
         return record
 
     async def job(principal: Principal, job_id: str) -> JobRecord:
@@ -168,8 +175,6 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
 
     @app.post("/v1/fine_tuning/jobs", response_model=FineTuningJob)
     async def create_job(principal: user, body: CreateJob) -> Any:
-        if body.validation_file is not None:
-            raise GatewayError(400, "validation_file is not supported yet", param="validation_file")
         may_write(principal, principal.project)
         accepted = gw.catalog.trainable_models()
         options = job_options(body)
@@ -185,7 +190,9 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
                     code="model_not_found",
                 )
         for file_id in options.dataset:
-            await dataset(principal, file_id)
+            await dataset(principal, file_id, "training_file")
+        if options.validation_dataset is not None:
+            await dataset(principal, options.validation_dataset, "validation_file")
         record = await platform(
             submit_job(gw.agent, gw.queue_address(), principal.user, options, principal.project)
         )

@@ -10,10 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.storage.contract.datasets import DatasetInvalid, DatasetRecord, check_filename
-from atoll.plugins.training.contract import JobOptions, JobRecord
+from atoll.plugins.training.contract import BASE_LEARNING_RATE, Auto, JobOptions, JobRecord
 
 Level = Literal["info", "warn", "error"]  # of a job event
-BASE_LEARNING_RATE = 1e-4  # what learning_rate_multiplier multiplies
+Purpose = Literal["fine-tune", "fine-tune-results"]
 STATUS = {
     "created": "validating_files",
     "queued": "queued",
@@ -30,7 +30,7 @@ class FileObject(BaseModel):
     bytes: int
     created_at: int
     filename: str
-    purpose: str = "fine-tune"
+    purpose: Purpose = "fine-tune"
     status: str = "processed"
 
 
@@ -79,9 +79,10 @@ class FineTuningJob(BaseModel):
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
     created_at: int
     error: JobError | None = None
+    estimated_finish: int | None = None  # while it runs
     fine_tuned_model: str | None = None
     finished_at: int | None = None
-    hyperparameters: dict[str, Any]
+    hyperparameters: dict[str, Any]  # what "auto" resolved to, once the job's trainer says
     model: str
     organization_id: str
     result_files: list[str] = []
@@ -118,9 +119,37 @@ class EventList(BaseModel):
 
 
 def file_object(record: DatasetRecord) -> FileObject:
+    purpose: Purpose = "fine-tune-results" if record.kind == "results" else "fine-tune"
     return FileObject(
-        id=record.id, bytes=record.bytes, created_at=int(record.created), filename=record.filename
+        id=record.id,
+        bytes=record.bytes,
+        created_at=int(record.created),
+        filename=record.filename,
+        purpose=purpose,
     )
+
+
+def _whole(value: float | str) -> float | str:
+    """3.0 as 3 (OpenAI's n_epochs is a whole number); anything else as it is."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def hyperparameters(job: JobRecord) -> dict[str, Any]:
+    """OpenAI's three, as resolved by the job's runner, else as asked ("auto" or a value);
+    ``batch_size`` counts the examples of an optimizer step."""
+    o, resolved = job.options, job.hyperparameters
+    epochs: float | Auto
+    batch: int | Auto
+    rate: float | Auto
+    if resolved is not None:
+        epochs, batch, rate = resolved.n_epochs, resolved.batch_size, resolved.learning_rate
+    else:
+        epochs, batch, rate = o.num_train_epochs, o.per_device_train_batch_size, o.learning_rate
+    return {
+        "n_epochs": _whole(epochs),
+        "batch_size": batch if batch == "auto" else batch * o.gradient_accumulation_steps,
+        "learning_rate_multiplier": rate if rate == "auto" else round(rate / BASE_LEARNING_RATE, 9),
+    }
 
 
 def job_object(job: JobRecord) -> FineTuningJob:
@@ -128,43 +157,66 @@ def job_object(job: JobRecord) -> FineTuningJob:
     error = None
     if job.state == "failed":
         error = JobError(code="training_failed", message=job.error or "the job failed")
+    done = job.state == "completed"
+    finish = job.progress.get("estimated_finish")
+    tokens = job.metrics.get("trained_tokens")
     return FineTuningJob(
         id=job.id,
         created_at=int(job.created_at),
         error=error,
-        fine_tuned_model=job.adapter_id if job.state == "completed" else None,
+        estimated_finish=int(finish) if job.state == "training" and finish else None,
+        fine_tuned_model=job.adapter_id if done else None,
         finished_at=int(job.finished_at) if job.finished_at else None,
-        hyperparameters={
-            "n_epochs": o.num_train_epochs,
-            "batch_size": o.per_device_train_batch_size,
-            "learning_rate_multiplier": o.learning_rate / BASE_LEARNING_RATE,
-        },
+        hyperparameters=hyperparameters(job),
         model=o.model_name_or_path,
         organization_id=job.project or job.owner,
+        result_files=job.result_files,
         seed=o.seed,
         status=STATUS[job.state],
+        trained_tokens=int(tokens) if done and tokens is not None else None,
         training_file=o.dataset[0],
+        validation_file=o.validation_dataset,
         progress=job.progress,
         metrics=job.metrics,
     )
 
 
+# A trainer's figures of a step, under OpenAI's names (events of type "metrics").
+METRICS = {
+    "step": "step",
+    "max_steps": "total_steps",
+    "loss": "train_loss",
+    "train_mean_token_accuracy": "train_mean_token_accuracy",
+    "valid_loss": "valid_loss",
+    "valid_mean_token_accuracy": "valid_mean_token_accuracy",
+    "full_valid_loss": "full_valid_loss",
+    "full_valid_mean_token_accuracy": "full_valid_mean_token_accuracy",
+    "epoch": "epoch",
+    "learning_rate": "learning_rate",
+}
+LOSSES = {
+    "loss": "training loss",
+    "valid_loss": "validation loss",
+    "full_valid_loss": "full validation loss",
+}  # what a metrics event's message names
+
+
 def event_object(job_id: str, event: dict[str, Any]) -> JobEvent:
     kind = event.get("type")
     at = int(event.get("at") or 0)
-    seq = event.get("seq", 0)
-    if kind == "log" and ("loss" in event or "learning_rate" in event):  # a trainer's figures
-        data: dict[str, Any] = {
-            k: event[k] for k in ("step", "epoch", "loss", "learning_rate") if k in event
-        }
-        loss = event.get("loss")
-        message = f"Step {event.get('step')}: training loss={loss}" if loss is not None else "log"
-        return JobEvent(
-            id=f"{job_id}-{seq}", created_at=at, message=message, data=data, type="metrics"
-        )
+    event_id = f"{job_id}-{event.get('seq', 0)}"
+    losses = [f"{name}={event[k]:.4f}" for k, name in LOSSES.items() if _number(event.get(k))]
+    if kind == "log" and "step" in event and losses:  # a step's figures, as OpenAI's
+        data = {name: event[k] for k, name in METRICS.items() if event.get(k) is not None}
+        message = f"Step {event['step']}/{event.get('max_steps')}: {', '.join(losses)}"
+        return JobEvent(id=event_id, created_at=at, message=message, data=data, type="metrics")
     level: Level = "error" if event.get("state") == "failed" else "info"
     message = str(event.get("message") or event.get("state") or kind or "event")
-    return JobEvent(id=f"{job_id}-{seq}", created_at=at, level=level, message=message, data=event)
+    return JobEvent(id=event_id, created_at=at, level=level, message=message, data=event)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def job_options(body: CreateJob) -> JobOptions:
@@ -177,6 +229,15 @@ def job_options(body: CreateJob) -> JobOptions:
         opts["per_device_train_batch_size"] = hp.batch_size
     if hp.learning_rate_multiplier != "auto":
         opts["learning_rate"] = BASE_LEARNING_RATE * hp.learning_rate_multiplier
+    if body.validation_file is not None:
+        if "validation_split" in body.options:
+            raise GatewayError(
+                400,
+                "validation_file and options.validation_split exclude each other: name a "
+                "validation file, or hold out a share of the training file",
+                param="validation_file",
+            )
+        opts["validation_dataset"] = body.validation_file
     if body.suffix is not None:
         opts["suffix"] = body.suffix
     if body.seed is not None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from atoll.agent.contract import parse
-from atoll.agent.errors import InvalidRequest
+from atoll.agent.errors import Forbidden, InvalidRequest
 from atoll.agent.plugins import PluginContext
 from atoll.agent.streams import Stream
 from atoll.agent.transfer import (
@@ -56,8 +56,10 @@ from atoll.plugins.storage.contract.datasets import (
 )
 from atoll.plugins.storage.datasets import DatasetLimits, Prepared, convert_line, prepare
 from atoll.plugins.storage.registry import DatasetRegistry
+from atoll.plugins.storage.results import prepare_results
 from atoll.plugins.storage.store import ObjectNotFound, ObjectStore
 from atoll.protocol.session import CallInfo
+from atoll.tenancy.permissions import CLIENTS
 
 ORIGINAL = "original"
 CANONICAL = "canonical.jsonl"
@@ -71,7 +73,10 @@ def dataset_key(dataset_id: str, name: str) -> str:
 def _prepare_file(path: Path, header: DatasetPutHeader, limits: DatasetLimits) -> Prepared:
     """Blocking: run it in a thread."""
     data = path.read_bytes()
-    prepared = prepare(data, header.filename, header.format, limits, header.dedup)
+    if header.format == "csv":
+        prepared = prepare_results(data, header.filename, limits)
+    else:
+        prepared = prepare(data, header.filename, header.format, limits, header.dedup)
     path.with_name(CANONICAL).write_bytes(prepared.canonical)
     return prepared
 
@@ -144,6 +149,11 @@ class DatasetService:
             reader = Reader(stream, IDLE_TIMEOUT)
             raw = await reader.line()
             header = parse(DatasetPutHeader, raw, "dataset upload header")
+            if header.format != "csv" and not call.caller.has_role(*CLIENTS):
+                raise Forbidden(
+                    f"{call.caller.name!r} may upload a training job's results file (format "
+                    "csv), not a dataset: that takes one of the roles " + ", ".join(CLIENTS)
+                )
             check_filename(header.filename)  # as prepare() does, before any byte is received
             if header.size > self.limits.max_bytes:  # refused before any byte is received
                 raise DatasetInvalid(
@@ -217,6 +227,11 @@ class DatasetService:
     async def get(self, stream: Stream, params: object, call: CallInfo) -> None:
         request = parse(DatasetFetch, params, "dataset_get request")
         record = self.registered(request.id)
+        if record.kind == "results" and request.as_ != "original":
+            raise InvalidRequest(
+                f"{record.id!r} is a training job's results file, not a dataset: fetch it as "
+                "the original"
+            )
         with idle_deadline(f"dataset fetch by {call.src}", IDLE_TIMEOUT):
             if request.as_ == "original":
                 size = await self._send_object(stream, record, ORIGINAL)

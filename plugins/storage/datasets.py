@@ -38,6 +38,7 @@ from atoll.plugins.storage.contract.datasets import (
     check_filename,
 )
 
+# Training data's formats; "csv" (a job's results) is results.py's.
 FORMATS: tuple[Format, ...] = ("alpaca", "sharegpt", "chat", "text")
 PLAIN_SUFFIXES = (".txt", ".text")
 JSON_SUFFIXES = (".json", ".jsonl", ".ndjson")
@@ -99,7 +100,7 @@ class Prepared:
     canonical: bytes = field(repr=False)  # the kept rows as JSON Lines
 
 
-class _Problems:
+class Problems:
     """Row problems gathered up to MAX_ERRORS, then raised as one DatasetInvalid."""
 
     def __init__(self, filename: str) -> None:
@@ -138,7 +139,7 @@ def kind_of(fmt: Format) -> Kind:
 # --- reading the file ---------------------------------------------------------------------------
 
 
-def _decode(data: bytes, filename: str) -> str:
+def decode_text(data: bytes, filename: str) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -187,7 +188,7 @@ def _absurd(exc: RecursionError | ValueError) -> str:
     return f"number too long (at most {MAX_NUMBER_CHARS} characters)"  # int()'s 4300 digits
 
 
-def _jsonl_records(text: str, problems: _Problems) -> Iterator[tuple[int, Any, int]]:
+def _jsonl_records(text: str, problems: Problems) -> Iterator[tuple[int, Any, int]]:
     first = True
     for number, raw in enumerate(text.split("\n"), 1):
         line = raw.removesuffix("\r")
@@ -209,7 +210,7 @@ def _jsonl_records(text: str, problems: _Problems) -> Iterator[tuple[int, Any, i
         first = False
 
 
-def _array_records(text: str, problems: _Problems) -> Iterator[tuple[int, Any, int]]:
+def _array_records(text: str, problems: Problems) -> Iterator[tuple[int, Any, int]]:
     """Elements of a JSON array, each with the line it starts on. A syntax error ends the read:
     past it, nothing is reliably an element."""
     decoder = json.JSONDecoder()
@@ -397,8 +398,8 @@ def parse_rows(
         raise DatasetInvalid(
             f"{filename} is {len(data)} bytes; datasets may be at most {limits.max_bytes}"
         )
-    text = _decode(data, filename)
-    problems = _Problems(filename)
+    text = decode_text(data, filename)
+    problems = Problems(filename)
     layout = _layout(text, filename, fmt)
     if layout == "plain":
         if fmt not in (None, "text"):

@@ -61,7 +61,13 @@ from atoll.plugins.storage.registry import AdapterRegistry, DatasetRegistry, ope
 from atoll.plugins.storage.s3 import S3Config, S3Store
 from atoll.plugins.storage.store import LocalStore, ObjectNotFound, ObjectStore
 from atoll.protocol.session import CallInfo
-from atoll.tenancy.permissions import ADAPTER_READERS, ADAPTER_WRITERS, CLIENTS, DATASET_READERS
+from atoll.tenancy.permissions import (
+    ADAPTER_READERS,
+    ADAPTER_WRITERS,
+    CLIENTS,
+    DATASET_READERS,
+    RESULTS_WRITERS,
+)
 
 MAX_CONFIG_BYTES = 1024 * 1024
 
@@ -177,7 +183,8 @@ class StoragePlugin(Plugin):
         self._update_totals()
         ctx.serve_stream(PUT_SERVICE, self._put, roles=ADAPTER_WRITERS)
         ctx.serve_stream(GET_SERVICE, self._get, roles=ADAPTER_READERS)
-        ctx.serve_stream(DATASET_PUT, self.datasets.put, roles=CLIENTS)
+        # Trainers upload results files only: the service refuses them anything else.
+        ctx.serve_stream(DATASET_PUT, self.datasets.put, roles=RESULTS_WRITERS)
         ctx.serve_stream(DATASET_GET, self.datasets.get, roles=DATASET_READERS)
 
     async def stop(self) -> None:

@@ -99,15 +99,15 @@ def train_logs(
         with Progress(*columns, console=err, transient=False) as bar:
             task = bar.add_task(job_id, total=None, loss="")
             async for event in follow_events(agent, queue, job_id):
-                if event.get("type") == "log":
-                    loss = event.get("loss")
+                loss = event.get("loss")
+                if event.get("type") == "log" and isinstance(loss, int | float):  # a step
                     bar.update(
                         task,
                         total=event.get("max_steps"),
                         completed=event.get("step", 0),
-                        loss=f"loss {loss:.4f}" if isinstance(loss, float) else "",
+                        loss=f"loss {loss:.4f}",
                     )
-                elif event.get("message"):
+                elif event.get("message"):  # what changed, an evaluation, the settings
                     bar.console.print(event["message"], highlight=False)
         return (await get_job(agent, queue, job_id)).state
 

@@ -11,15 +11,18 @@ Overlay surface of the agent whose ``training`` plugin runs the queue (discovery
     RPC  events     {id, after?}                             -> list[event]    (the last 1000)
     RPC  claim      {capacity, device}                       -> JobRecord|None (trainers)
     RPC  heartbeat  {id, attempt, progress, events}          -> {cancel, reason}
-    RPC  finish     {id, attempt, ok, error?, adapter_id?, metrics?} -> {accepted}
+    RPC  finish     {id, attempt, ok, error?, adapter_id?, metrics?, result_files?} -> {accepted}
 
 Each RPC is a ``Method`` in the table below, which the plugin serves; the functions at the end
 are its typed client (each builds its request through the method's model, so a bad request is
 refused before it leaves, in the words the queue would use).
 
-Publications: ``jobs.<id>.events`` (every event of a job: ``{type: "state"|"log"|"metrics", at,
-message, ...}``; log events carry step, epoch, loss, learning_rate) and ``jobs.queued`` (``{id}``
-whenever a job becomes claimable, so idle trainers claim at once).
+Publications: ``jobs.<id>.events`` (every event of a job: ``{type: "state"|"log"|"hyperparameters"|
+"metrics", at, message, ...}``; a logged step carries step, max_steps, epoch, loss and
+train_mean_token_accuracy (of that step), learning_rate and estimated_finish; an evaluation
+carries step and valid_loss, valid_mean_token_accuracy, and at the end full_valid_loss,
+full_valid_mean_token_accuracy; ``hyperparameters`` says what "auto" resolved to) and
+``jobs.queued`` (``{id}`` whenever a job becomes claimable, so idle trainers claim at once).
 """
 
 from __future__ import annotations
@@ -30,7 +33,18 @@ import re
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from atoll.agent.contract import Caller, Client, Method, Strict, service_address
 from atoll.agent.errors import AtollError
@@ -42,6 +56,7 @@ PLUGIN = "training"
 QUEUED_SUBJECT = "jobs.queued"
 MAX_EVENTS_KEPT = 1000
 
+Auto = Literal["auto"]  # chosen by the runner from the job's data (auto.py)
 State = Literal["created", "queued", "training", "completed", "failed", "cancelled"]
 FINAL_STATES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 Stage = Literal["sft", "pt"]
@@ -64,6 +79,11 @@ MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 # User and project names as storage takes them (adapters are registered to them).
 OWNER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$"
 SUFFIX = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$"  # part of the adapter id
+# "auto"'s learning rate, and what OpenAI's learning_rate_multiplier multiplies: the usual LoRA
+# rate (QLoRA paper, Unsloth's and axolotl's LoRA recipes).
+BASE_LEARNING_RATE = 2e-4
+MAX_RESULT_FILES = 4
+DatasetId = Annotated[str, Field(pattern=DATASET_ID.pattern)]
 
 
 # --- errors (rebuilt by class name on the caller's side once this module is imported) ----------
@@ -93,32 +113,58 @@ def _check_module(name: str) -> str:
     return name
 
 
+def _auto_or(number_type: Any) -> PlainValidator:
+    """A value of ``number_type`` (a constrained int or float), or "auto": one error when it is
+    neither."""
+    number: TypeAdapter[Any] = TypeAdapter(number_type, config=ConfigDict(strict=True))
+
+    def check(value: Any) -> Any:
+        if value == "auto":
+            return value
+        try:
+            return number.validate_python(value)
+        except ValidationError as exc:
+            reason = exc.errors()[0]["msg"]
+            raise PydanticCustomError(
+                "auto_or_number", '{reason}, or "auto"', {"reason": reason}
+            ) from None
+
+    return PlainValidator(check)
+
+
 class JobOptions(BaseModel):
     """Table I of the paper: what a training job does. Strict: an unknown key or a value of the
-    wrong type is refused, never coerced."""
+    wrong type is refused, never coerced. Batch size, epochs and learning rate may be "auto":
+    the runner chooses them from the number of training examples (auto.py)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     stage: Stage = "sft"
     model_name_or_path: str = Field(min_length=1, max_length=512)
-    dataset: list[Annotated[str, Field(pattern=DATASET_ID.pattern)]] = Field(
-        min_length=1, max_length=16
-    )
+    dataset: list[DatasetId] = Field(min_length=1, max_length=16)
     template: Template = "default"
-    lora_rank: int = Field(8, ge=1, le=256)
+    lora_rank: int = Field(16, ge=1, le=256)
     lora_alpha: float | None = Field(None, gt=0, le=4096)  # None: twice the rank
     lora_target: Annotated[Literal["all"] | list[str], BeforeValidator(_split_targets)] = "all"
-    per_device_train_batch_size: int = Field(4, ge=1, le=1024)
+    per_device_train_batch_size: Annotated[
+        int | Auto, _auto_or(Annotated[int, Field(ge=1, le=1024)])
+    ] = "auto"
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
     lr_scheduler_type: Scheduler = "cosine"
     logging_steps: int = Field(10, ge=1, le=1_000_000)
     save_steps: int = Field(500, ge=1, le=1_000_000)
-    learning_rate: float = Field(1e-4, gt=0, le=1)
-    num_train_epochs: float = Field(3.0, gt=0, le=1000)
+    learning_rate: Annotated[float | Auto, _auto_or(Annotated[float, Field(gt=0, le=1)])] = "auto"
+    num_train_epochs: Annotated[float | Auto, _auto_or(Annotated[float, Field(gt=0, le=1000)])] = (
+        "auto"
+    )
     precision_type: Precision = "fp32"
     cutoff_len: int = Field(256, ge=8, le=32768)
     seed: int = Field(42, ge=0, lt=2**32)
     suffix: str | None = Field(None, pattern=SUFFIX)
+    # Evaluation: a dataset of its own (OpenAI's validation_file), or a share of the training
+    # examples held out (drawn with the seed); loss and token accuracy after each epoch.
+    validation_dataset: DatasetId | None = None
+    validation_split: float | None = Field(None, gt=0, le=0.5)
 
     @field_validator("lora_target")
     @classmethod
@@ -138,9 +184,40 @@ class JobOptions(BaseModel):
             raise ValueError("each dataset is named once")
         return value
 
+    @model_validator(mode="after")
+    def _one_validation_set(self) -> JobOptions:
+        if self.validation_dataset is not None and self.validation_split is not None:
+            raise PydanticCustomError(
+                "one_validation_set",
+                "validation_dataset and validation_split exclude each other: name a validation "
+                "set, or hold out a share of the training examples",
+            )
+        return self
+
     @property
     def alpha(self) -> float:
         return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_rank
+
+    @property
+    def datasets(self) -> list[str]:
+        """Every dataset the job reads: its training sets, then its validation set."""
+        return [*self.dataset, *([self.validation_dataset] if self.validation_dataset else [])]
+
+
+class Resolved(BaseModel):
+    """What a job trains with once "auto" is resolved against its data; its runner reports it
+    when training begins."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(ge=1)  # per device
+    n_epochs: float = Field(gt=0)
+    learning_rate: float = Field(gt=0)
+    lora_rank: int = Field(ge=1)
+    lora_alpha: float = Field(gt=0)
+    examples: int = Field(ge=1)  # training examples
+    validation_examples: int = Field(ge=0)
+    total_steps: int = Field(ge=0)  # optimizer steps
 
 
 # --- requests -------------------------------------------------------------------------------
@@ -191,6 +268,7 @@ class FinishRequest(JobRef):
     error: str | None = Field(None, max_length=8192)
     adapter_id: str | None = Field(None, max_length=256)
     metrics: dict[str, float] = Field(default_factory=dict)
+    result_files: list[DatasetId] = Field(default_factory=list, max_length=MAX_RESULT_FILES)
 
 
 # --- replies --------------------------------------------------------------------------------
@@ -211,7 +289,9 @@ class JobRecord(BaseModel):
     error: str | None = None
     adapter_id: str | None = None
     metrics: dict[str, float] = Field(default_factory=dict)  # train_runtime, train_loss, ...
-    progress: dict[str, Any] = Field(default_factory=dict)  # step, max_steps, epoch, loss
+    progress: dict[str, Any] = Field(default_factory=dict)  # step, max_steps, epoch, loss, ...
+    hyperparameters: Resolved | None = None  # once the current attempt's runner resolved them
+    result_files: list[str] = Field(default_factory=list)  # the metrics CSV, once completed
     last_event: dict[str, Any] | None = None
 
     @property

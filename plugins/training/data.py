@@ -5,6 +5,7 @@ joined and cut into blocks. Runs in the job's process (it needs a tokenizer)."""
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -163,6 +164,21 @@ def build_examples(
             if example is not None:
                 examples.append(example)
     return examples, rows
+
+
+def hold_out(
+    examples: list[Example], share: float, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """(training, validation): ``share`` of the examples (at least one), drawn with ``seed``,
+    held out for validation; both keep the examples' order."""
+    held = max(1, round(len(examples) * share))
+    if held >= len(examples):
+        raise DataError(
+            f"validation_split {share} of {len(examples)} examples leaves none to train on"
+        )
+    chosen = set(random.Random(seed).sample(range(len(examples)), held))
+    kept = [e for i, e in enumerate(examples) if i not in chosen]
+    return kept, [e for i, e in enumerate(examples) if i in chosen]
 
 
 def collate(batch: list[Example], pad_id: int) -> dict[str, Any]:

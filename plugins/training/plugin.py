@@ -177,11 +177,17 @@ class TrainingPlugin(Plugin):
         return self.queue
 
     async def _check_datasets(self, request: SubmitRequest) -> None:
-        """Each dataset exists and belongs to the job's owner or project."""
+        """Each dataset (the validation set too) exists, belongs to the job's owner or project,
+        and holds what the job's stage trains on."""
         storage = await self._storage_address()
-        for dataset in request.options.dataset:
+        for dataset in request.options.datasets:
             # DatasetNotFound (or the storage agent being unreachable) reaches the caller as is.
             record = await describe_dataset(self.ctx, storage, dataset, DATASET_CHECK_TIMEOUT)
+            if record.kind == "results":
+                raise InvalidRequest(
+                    f"{dataset} is a training job's results file, not a dataset to train or "
+                    "validate on"
+                )
             if request.options.stage == "sft" and record.kind == "pt":
                 raise InvalidRequest(
                     f"dataset {dataset} is raw text (pt): an sft job needs conversations; "

@@ -8,6 +8,7 @@ back to queued (its place in line kept) until ``max_attempts`` claims have all b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import sqlite3
@@ -15,6 +16,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from pydantic import ValidationError
 
 from atoll.agent.errors import Forbidden
 from atoll.plugins.training.contract import (
@@ -29,6 +32,7 @@ from atoll.plugins.training.contract import (
     JobOptions,
     JobQuery,
     JobRecord,
+    Resolved,
     events_subject,
 )
 
@@ -55,7 +59,7 @@ CREATE TABLE IF NOT EXISTS events (
 HALF_PRECISION = frozenset({"fp16", "bf16"})
 MAX_EVENT_BYTES = 4096
 MAX_PROGRESS_BYTES = 4096
-TRAINER_EVENT_TYPES = frozenset({"log", "metrics"})
+TRAINER_EVENT_TYPES = frozenset({"log", "hyperparameters", "metrics"})
 
 Emit = Callable[[str, dict[str, Any]], None]  # (subject, data): published by the plugin
 
@@ -228,6 +232,7 @@ class JobQueue:
             job.attempt += 1
             job.trainer = trainer
             job.progress = {}
+            job.hyperparameters = None  # the attempt's runner says again
             self._state(job, "training", f"attempt {job.attempt} on {trainer}", trainer=trainer)
             trainers = [*self._trainers(job.id), trainer]
             self._save(job, heartbeat_at=self.clock(), trainers=json.dumps(trainers))
@@ -249,6 +254,9 @@ class JobQueue:
         for event in beat.events:
             if event.get("type") in TRAINER_EVENT_TYPES and _small(event, MAX_EVENT_BYTES):
                 self._event(job, event)
+                if event["type"] == "hyperparameters":
+                    with contextlib.suppress(ValidationError):  # kept as an event all the same
+                        job.hyperparameters = Resolved.model_validate(event.get("hyperparameters"))
         if beat.progress and _small(beat.progress, MAX_PROGRESS_BYTES):
             job.progress = beat.progress
         self._save(job, heartbeat_at=self.clock())
@@ -263,6 +271,7 @@ class JobQueue:
         job.metrics = done.metrics
         if done.ok:
             job.adapter_id = done.adapter_id
+            job.result_files = done.result_files
             message = f"completed: adapter {done.adapter_id}"
             self._state(job, "completed", message, adapter_id=done.adapter_id)
         else:

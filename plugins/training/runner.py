@@ -3,9 +3,11 @@
     python -m atoll.plugins.training.runner --job job.json --parent PID
 
 ``job.json`` is a ``RunSpec``. The process writes one JSON event per line on its standard output
-(anything else the libraries print goes to standard error): ``log`` events (a message, and
-step, max_steps, epoch, loss, learning_rate once training runs), one ``metrics`` event with the
-final statistics, then ``done`` naming the saved adapter — or ``error`` and exit status 1.
+(anything else the libraries print goes to standard error): ``log`` events (a message, and the
+figures of a logged step or an evaluation once training runs: see the contract), one
+``hyperparameters`` event with what "auto" resolved to when training begins, one ``metrics``
+event with the final statistics, then ``done`` naming the saved adapter and the results file
+(``step_metrics.csv``) — or ``error`` and exit status 1.
 
 It runs in a session of its own (the trainer stops it with its process group), so it would
 outlive a trainer killed without a word and hold the GPU for a job that is re-queued elsewhere:
@@ -22,12 +24,17 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from atoll.plugins.training.contract import JobOptions
+from atoll.plugins.training.contract import JobOptions, Resolved
+from atoll.plugins.training.figures import StepRow, Tally
+
+if TYPE_CHECKING:
+    from atoll.plugins.training.data import Example
 
 PARENT_POLL = 0.5  # seconds between looks at whether the trainer is still our parent
 FINAL_METRICS = (
@@ -47,6 +54,7 @@ class RunSpec(BaseModel):
     models: dict[str, str] = {}  # base model ids this trainer maps to a local spec
     model_cache: Path  # where GGUF models are converted once and kept
     datasets: list[Path]  # canonical JSONL files (chat for sft, text for pt)
+    validation: Path | None = None  # the validation set's, in the same form
     output_dir: Path
     device: Literal["cpu", "cuda", "mps"] = "cpu"
 
@@ -92,6 +100,48 @@ def model_spec(name: str, models: dict[str, str]) -> str:
     )
 
 
+@dataclass
+class Bookkeeping:
+    """What the training loop's hooks keep between calls."""
+
+    rows: dict[int, StepRow] = field(default_factory=dict)  # the results file's, by step
+    step: Tally = field(default_factory=Tally)  # the optimizer step under way
+    tokens: int = 0  # trained on so far (OpenAI's trained_tokens)
+    started: float = field(default_factory=time.time)
+    evaluated_at: int = -1  # the step of the last evaluation
+    full: dict[str, float] = field(default_factory=dict)  # the validation set's, at the end
+
+    def row(self, step: int) -> StepRow:
+        return self.rows.setdefault(step, StepRow(step))
+
+
+def _examples(spec: RunSpec, tokenizer: Any, emit: Events) -> tuple[list[Example], list[Example]]:
+    """(training, validation) examples: the validation set's own, a share held out, or none."""
+    from atoll.plugins.training.data import build_examples, hold_out
+
+    o = spec.options
+    examples, rows = build_examples(tokenizer, o.stage, spec.datasets, o.template, o.cutoff_len)
+    if not examples:
+        raise ValueError(f"no training examples: {rows} rows, none with tokens to learn from")
+    validation: list[Example] = []
+    if spec.validation is not None:
+        validation, held = build_examples(
+            tokenizer, o.stage, [spec.validation], o.template, o.cutoff_len
+        )
+        if not validation:
+            raise ValueError(f"no validation examples: {held} rows, none with tokens to learn from")
+    elif o.validation_split is not None:
+        examples, validation = hold_out(examples, o.validation_split, o.seed)
+    told = f", {len(validation)} for validation" if validation else ""
+    emit(
+        "log",
+        f"{len(examples)} {o.stage} examples from {rows} rows{told}",
+        examples=len(examples),
+        validation_examples=len(validation),
+    )
+    return examples, validation
+
+
 def train(spec: RunSpec, emit: Events) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
@@ -104,7 +154,9 @@ def train(spec: RunSpec, emit: Events) -> None:
     )
 
     from atoll.plugins.basemodels import model_id, resolve_model
-    from atoll.plugins.training.data import build_examples, collate
+    from atoll.plugins.training.auto import resolve
+    from atoll.plugins.training.data import collate
+    from atoll.plugins.training.figures import RESULTS_NAME, evaluate, write_results
 
     o = spec.options
     source = model_spec(o.model_name_or_path, spec.models)
@@ -114,10 +166,8 @@ def train(spec: RunSpec, emit: Events) -> None:
     mapped = o.model_name_or_path in spec.models
     base_model = o.model_name_or_path if mapped else model_id(source)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    examples, rows = build_examples(tokenizer, o.stage, spec.datasets, o.template, o.cutoff_len)
-    if not examples:
-        raise ValueError(f"no training examples: {rows} rows, none with tokens to learn from")
-    emit("log", f"{len(examples)} {o.stage} examples from {rows} rows", examples=len(examples))
+    examples, validation = _examples(spec, tokenizer, emit)
+    settings = resolve(o, len(examples))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype[o.precision_type])
@@ -131,23 +181,103 @@ def train(spec: RunSpec, emit: Events) -> None:
     )
     peft_model = get_peft_model(model, lora)
 
+    run = Bookkeeping()
+
+    class FineTuner(Trainer):
+        """Counts each training batch's labelled tokens, hits and loss for the step's figures,
+        and every token it trains on (OpenAI's trained_tokens)."""
+
+        def compute_loss(
+            self,
+            model: Any,
+            inputs: dict[str, Any],
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+            if model.training:
+                run.step.add(outputs.logits.detach(), inputs["labels"])
+                run.tokens += int(inputs["attention_mask"].sum())
+            return (loss, outputs) if return_outputs else loss
+
+    def validate(model: Any, state: Any) -> None:
+        """The validation set's figures at this step: an event, the step's row, and the full
+        figures when it is the last step."""
+        tally = evaluate(model, validation, settings.batch_size, pad_id)
+        figures = {"valid_loss": tally.loss, "valid_mean_token_accuracy": tally.accuracy}
+        row = run.row(state.global_step)
+        row.valid_loss, row.valid_mean_token_accuracy = tally.loss, tally.accuracy
+        run.evaluated_at = state.global_step
+        if state.global_step >= state.max_steps:
+            run.full = {
+                "full_valid_loss": tally.loss,
+                "full_valid_mean_token_accuracy": tally.accuracy,
+            }
+        emit(
+            "log",
+            f"step {state.global_step}/{state.max_steps}: validation loss {tally.loss:.4f}, "
+            f"token accuracy {tally.accuracy:.3f}",
+            step=state.global_step,
+            max_steps=state.max_steps,
+            epoch=round(state.epoch or 0.0, 4),
+            **figures,
+            **run.full,
+        )
+
     class Progress(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            run.started = time.time()
+            resolved = Resolved(
+                batch_size=settings.batch_size,
+                n_epochs=settings.n_epochs,
+                learning_rate=settings.learning_rate,
+                lora_rank=o.lora_rank,
+                lora_alpha=o.alpha,
+                examples=len(examples),
+                validation_examples=len(validation),
+                total_steps=state.max_steps,
+            )
+            emit(
+                "hyperparameters",
+                f"batch size {resolved.batch_size}, {resolved.n_epochs:g} epochs, learning rate "
+                f"{resolved.learning_rate:g}, LoRA rank {resolved.lora_rank} (alpha "
+                f"{resolved.lora_alpha:g}): {resolved.total_steps} steps",
+                hyperparameters=resolved.model_dump(),
+            )
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            row = run.row(state.global_step)
+            row.train_loss, row.train_accuracy = run.step.loss, run.step.accuracy
+            run.step = Tally()
+
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
-            if logs and "loss" in logs:
-                emit(
-                    "log",
-                    f"step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}",
-                    step=state.global_step,
-                    max_steps=state.max_steps,
-                    epoch=round(state.epoch or 0.0, 4),
-                    loss=logs["loss"],
-                    learning_rate=logs.get("learning_rate"),
-                    grad_norm=logs.get("grad_norm"),
-                )
+            if not logs or "loss" not in logs:
+                return
+            row = run.row(state.global_step)
+            now = time.time()
+            per_step = (now - run.started) / max(state.global_step, 1)
+            emit(
+                "log",
+                f"step {state.global_step}/{state.max_steps}: loss {row.train_loss:.4f}",
+                step=state.global_step,
+                max_steps=state.max_steps,
+                epoch=round(state.epoch or 0.0, 4),
+                loss=row.train_loss,
+                train_mean_token_accuracy=row.train_accuracy,
+                learning_rate=logs.get("learning_rate"),
+                grad_norm=logs.get("grad_norm"),
+                estimated_finish=round(now + per_step * (state.max_steps - state.global_step)),
+            )
+
+        def on_epoch_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if validation:
+                validate(kw["model"], state)
 
     args = TrainingArguments(
         output_dir=str(spec.output_dir / "checkpoints"),
-        per_device_train_batch_size=o.per_device_train_batch_size,
+        per_device_train_batch_size=settings.batch_size,
         gradient_accumulation_steps=o.gradient_accumulation_steps,
         lr_scheduler_type=o.lr_scheduler_type,
         logging_steps=o.logging_steps,
@@ -155,8 +285,8 @@ def train(spec: RunSpec, emit: Events) -> None:
         save_steps=o.save_steps,
         save_total_limit=1,
         save_only_model=True,
-        learning_rate=o.learning_rate,
-        num_train_epochs=o.num_train_epochs,
+        learning_rate=settings.learning_rate,
+        num_train_epochs=settings.n_epochs,
         seed=o.seed,
         bf16=o.precision_type == "bf16",
         fp16=o.precision_type == "fp16",
@@ -166,7 +296,7 @@ def train(spec: RunSpec, emit: Events) -> None:
         remove_unused_columns=False,
         dataloader_num_workers=0,
     )
-    trainer = Trainer(
+    trainer = FineTuner(
         model=peft_model,
         args=args,
         train_dataset=examples,  # a list is a map-style dataset
@@ -174,14 +304,19 @@ def train(spec: RunSpec, emit: Events) -> None:
         callbacks=[Progress()],
     )
     result = trainer.train()
+    if validation and run.evaluated_at != trainer.state.global_step:
+        validate(peft_model, trainer.state)  # training stopped inside an epoch
     # Trainer.log pops total_flos from the dict it logs, which train() also returns.
     found = {**result.metrics, "total_flos": trainer.state.total_flos}
     metrics = {k: float(found[k]) for k in FINAL_METRICS if k in found}
+    metrics |= {"trained_tokens": float(run.tokens), **run.full}
     emit("metrics", f"trained in {metrics.get('train_runtime', 0):.1f}s", **metrics)
+    results = spec.output_dir / RESULTS_NAME
+    write_results(results, list(run.rows.values()))
     adapter = spec.output_dir / "adapter"
     peft_model.save_pretrained(str(adapter), save_embedding_layers=False)
-    trained = peft_model.peft_config["default"]  # "all-linear" expanded to the modules found
-    assert isinstance(trained, LoraConfig)
+    trained_config = peft_model.peft_config["default"]  # "all-linear" expanded to the modules
+    assert isinstance(trained_config, LoraConfig)
     config_path = adapter / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config["base_model_name_or_path"] = base_model  # the id inference nodes serve it under
@@ -190,9 +325,10 @@ def train(spec: RunSpec, emit: Events) -> None:
         "done",
         f"adapter saved for {base_model}",
         adapter_dir=str(adapter),
+        results=str(results),
         base_model=base_model,
         rank=o.lora_rank,
-        targets=sorted(trained.target_modules or []),
+        targets=sorted(trained_config.target_modules or []),
         metrics=metrics,
     )
 

@@ -1,6 +1,6 @@
 """The trainer: claims jobs from the queue while it has room, runs each in its own process
 (``runner.py``), relays the process's events to ``jobs.<id>.events`` and to the queue's
-heartbeat, stores the adapter and reports the outcome.
+heartbeat, stores the job's results file and adapter and reports the outcome.
 
 A job stops early when the queue says so (a heartbeat reply, or the ``cancelled`` state event
 it publishes): its process group is terminated, then killed after a grace period.
@@ -24,7 +24,7 @@ from typing import Any
 from atoll.agent.errors import AtollError, ConnectionLost, DeadlineExceeded, NoResponder
 from atoll.agent.plugins import PluginContext
 from atoll.plugins.storage.contract.adapters import AdapterExists, describe_adapter, upload_adapter
-from atoll.plugins.storage.contract.datasets import AsFormat, fetch_dataset
+from atoll.plugins.storage.contract.datasets import AsFormat, fetch_dataset, upload_dataset
 from atoll.plugins.training.contract import (
     FINAL_STATES,
     MAX_EVENTS_KEPT,
@@ -44,7 +44,8 @@ KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
 BATCH = 0.25  # seconds events gather before a heartbeat carries them
 MAX_LINE = 1024 * 1024  # longest event line read from a job's process
 FINISH_TRIES = 5
-PROGRESS_KEYS = ("step", "max_steps", "epoch", "loss", "learning_rate")
+PROGRESS_KEYS = ("step", "max_steps", "epoch", "loss", "learning_rate", "estimated_finish")
+RELAYED = frozenset({"log", "hyperparameters", "metrics"})  # the process's events the queue keeps
 RETRYABLE = (NoResponder, DeadlineExceeded, ConnectionLost)
 
 Locator = Callable[[], Awaitable[str]]
@@ -229,8 +230,8 @@ class TrainerWorker:
         workdir.mkdir(parents=True)
         run.step = "fetching datasets"
         storage = await self.find_storage()
-        paths = []
-        for dataset in options.dataset:
+        paths = {}
+        for dataset in options.datasets:
             dest = workdir / f"{dataset}.jsonl"
             as_: AsFormat = "chat" if options.stage == "sft" else "text"
             try:
@@ -238,9 +239,10 @@ class TrainerWorker:
             except NoResponder:
                 self.gone(storage)
                 raise
-            message = f"dataset {record.id}: {record.name} v{record.version}, {record.rows} rows"
+            role = "validation set" if dataset == options.validation_dataset else "dataset"
+            message = f"{role} {record.id}: {record.name} v{record.version}, {record.rows} rows"
             await self._emit(run, {"type": "log", "message": message})
-            paths.append(dest)
+            paths[dataset] = dest
         if run.stop_reason is not None:
             return {}
         run.step = "training"
@@ -249,7 +251,8 @@ class TrainerWorker:
             options=options,
             models=self.config.models,
             model_cache=self.model_cache,
-            datasets=paths,
+            datasets=[paths[d] for d in options.dataset],
+            validation=paths[v] if (v := options.validation_dataset) else None,
             output_dir=workdir / "out",
             device=self.device,  # type: ignore[arg-type]
         )
@@ -272,9 +275,12 @@ class TrainerWorker:
         await self._beat(run)  # the last events; and the last word on a cancel before storing
         if run.stop_reason is not None:
             return {}
+        run.step = "storing the results file"
+        results = await self._store_results(run, storage)
         run.step = "storing the adapter"
         adapter_id = await self._store(run, storage)
-        return {"ok": True, "adapter_id": adapter_id, "metrics": run.done.get("metrics", {})}
+        metrics = run.done.get("metrics", {})
+        return {"ok": True, "adapter_id": adapter_id, "metrics": metrics, "result_files": [results]}
 
     async def _relay(self, run: Running) -> None:
         """The process's event lines, until it closes its standard output."""
@@ -294,7 +300,7 @@ class TrainerWorker:
             if not isinstance(event, dict):
                 continue
             kind = event.get("type")
-            if kind in ("log", "metrics"):
+            if kind in RELAYED:
                 await self._emit(run, event)
             elif kind == "error":
                 run.error = str(event.get("message"))
@@ -313,6 +319,15 @@ class TrainerWorker:
         run.wake.set()
         with contextlib.suppress(AtollError):  # live view only: the queue keeps the record
             await self.ctx.publish(events_subject(run.job.id), event)
+
+    async def _store_results(self, run: Running, storage: str) -> str:
+        """The job's metrics CSV as a file of its owner (OpenAI's ``fine-tune-results``)."""
+        job, path = run.job, Path((run.done or {})["results"])
+        record = await upload_dataset(
+            self.ctx, storage, path, f"{job.id} results", job.owner, job.project, "csv",
+            filename=path.name, dedup="none",
+        )  # fmt: skip
+        return record.id
 
     async def _store(self, run: Running, storage: str) -> str:
         job, done = run.job, run.done or {}

@@ -296,6 +296,7 @@ async def test_datasets_training_charts_and_chat_with_the_result(
     # 24 epochs of 12 steps: a few seconds of training on the tiny model, several of the page's
     # 1.5 s refreshes (6 epochs could finish between two of them, and the chart jump 0 -> all)
     await page.fill("#job-epochs", "24")
+    await page.fill("#job-batch", "4")  # the learning rate stays "auto"
     await page.fill("#job-rank", "4")
     await page.fill("#job-logging", "1")
     await page.fill("#job-suffix", "colours")
@@ -321,9 +322,15 @@ async def test_datasets_training_charts_and_chat_with_the_result(
     growing = sorted({p for p in points if 0 < p < final})
     assert growing, f"the chart never showed a part of the run: {points}"
     assert int(await page.get_attribute("#chart-lr", "data-points") or 0) == final
+    assert int(await page.get_attribute("#chart-accuracy", "data-points") or 0) == final
     await expect(page.locator("#job-stats dd[data-stat=train_loss]")).to_have_text(
         re.compile(r"\d")
     )
+    stats = page.locator("#job-stats")
+    await expect(stats.locator("dd[data-stat=n_epochs]")).to_have_text("24")
+    await expect(stats.locator("dd[data-stat=batch_size]")).to_have_text("4")
+    await expect(stats.locator("dd[data-stat=learning_rate_multiplier]")).to_have_text("1")
+    await expect(stats.locator("dd[data-stat=trained_tokens]")).to_have_text(re.compile(r"\d"))
 
     # Chat with the adapter the job made.
     adapter = await page.inner_text("#job-title")

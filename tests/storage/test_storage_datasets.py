@@ -38,6 +38,7 @@ from atoll.plugins.storage.datasets import (
     prepare,
 )
 from atoll.plugins.storage.plugin import StoragePlugin
+from atoll.plugins.storage.results import prepare_results
 from atoll.protocol.frames import Frame, FrameType
 from support.island import start_storage
 from support.overlay import eventually, intercept
@@ -166,8 +167,8 @@ def test_format_is_detected_or_given() -> None:
     assert "line 1: a plain text file is a 'text' dataset; 'alpaca' needs JSON rows" in str(error)
     error = invalid(jsonl({"prompt": "a", "completion": "b"}).encode(), "d.jsonl")
     assert "line 1: cannot tell the format from its keys ('prompt', 'completion')" in str(error)
-    with pytest.raises(DatasetInvalid, match="unknown format 'csv'"):
-        prepare(b"a,b\n", "d.csv", fmt="csv")  # type: ignore[arg-type]
+    with pytest.raises(DatasetInvalid, match="unknown format 'parquet'"):
+        prepare(b"a,b\n", "d.parquet", fmt="parquet")  # type: ignore[arg-type]
 
 
 # --- errors name the line -------------------------------------------------------------------------
@@ -495,9 +496,12 @@ async def test_refusals_keep_nothing(tmp_path, make_agent) -> None:
     reader = (await make_agent("reader", roles=("training",))).agent
     good = write(tmp_path, "good.jsonl", jsonl({"instruction": "q", "output": "a"}))
 
-    refusal = r"'reader' \(roles training\) may not use stream 'dataset_put'"
+    refusal = r"^'reader' may upload a training job's results file \(format csv\), not a dataset"
     with pytest.raises(Forbidden, match=refusal):
         await upload_dataset(reader, "store", good, "d", "alice")
+    stranger = (await make_agent("stranger")).agent
+    with pytest.raises(Forbidden, match="may not use stream 'dataset_put'"):
+        await upload_dataset(stranger, "store", good, "d", "alice", format="csv")
     lines = [json.dumps({"instruction": "q", "output": "a"})] * 6 + ['{"instruction": "q"}']
     bad = write(tmp_path, "bad.jsonl", "\n".join(lines))
     with pytest.raises(DatasetInvalid, match=r"^bad\.jsonl: line 7: missing 'output'$") as info:
@@ -517,7 +521,7 @@ async def test_refusals_keep_nothing(tmp_path, make_agent) -> None:
             await upload_dataset(trainer, "store", good, name, owner)
     with pytest.raises(InvalidRequest, match=re.escape("format: Input should be 'alpaca'")):
         # Deliberately not a Format: the storage agent's check refuses it.
-        await upload_dataset(trainer, "store", good, "d", "alice", format="csv")  # type: ignore[arg-type]
+        await upload_dataset(trainer, "store", good, "d", "alice", format="parquet")  # type: ignore[arg-type]
     await nothing_stored(plugin)
 
     data = good.read_bytes()
@@ -609,3 +613,51 @@ async def test_a_broken_upload_resumes_where_it_stopped(tmp_path, make_agent, br
     starts.clear()
     await upload_dataset(other, "store", data, "big", "alice", progress=first)
     assert starts[0] <= READ_SIZE  # gw2 sent it all itself
+
+
+# --- results files ------------------------------------------------------------------------------
+
+RESULTS = "step,train_loss,valid_loss\n1,2.5,\n2,1.25,1.5\n"
+
+
+def test_a_results_file_is_a_csv_of_numbers() -> None:
+    prepared = prepare_results(RESULTS.encode(), "step_metrics.csv", DatasetLimits())
+    assert (prepared.format, prepared.kind, prepared.canonical) == (
+        "csv",
+        "results",
+        RESULTS.encode(),
+    )
+    assert [r.data for r in prepared.rows] == [
+        {"step": "1", "train_loss": "2.5", "valid_loss": ""},
+        {"step": "2", "train_loss": "1.25", "valid_loss": "1.5"},
+    ]
+    assert [r.line for r in prepared.rows] == [2, 3]
+    for body, message in (
+        ("", "line 1: the first line must name each column"),
+        ("step,step\n1,2\n", "line 1: each column is named once"),
+        ("step,loss\n1\n", "line 2: 1 cells; the header names 2 columns"),
+        ("step,loss\n1,nan\n2,x\n", "line 2: 'nan' is not a number; line 3: 'x' is not a number"),
+    ):
+        with pytest.raises(DatasetInvalid, match=re.escape(message)):
+            prepare_results(body.encode(), "r.csv", DatasetLimits())
+    with pytest.raises(DatasetInvalid, match="at most 10"):
+        prepare_results(RESULTS.encode(), "r.csv", DatasetLimits(max_bytes=10))
+
+
+async def test_trainers_store_results_files_that_are_never_training_data(
+    tmp_path, make_agent
+) -> None:
+    await start_storage(make_agent)
+    trainer = (await make_agent("trainer", roles=("training",))).agent
+    path = write(tmp_path, "step_metrics.csv", RESULTS)
+    record = await upload_dataset(trainer, "store", path, "job results", "alice", format="csv")
+    assert (record.kind, record.format, record.rows, record.tokens) == ("results", "csv", 2, 0)
+    assert record.filename == "step_metrics.csv" and record.owner == "alice"
+    fetched = await fetch_dataset(trainer, "store", record.id, tmp_path / "back", as_="original")
+    assert fetched.id == record.id and (tmp_path / "back").read_text() == RESULTS
+    for as_ in ("chat", "text"):
+        with pytest.raises(InvalidRequest, match="results file, not a dataset"):
+            await fetch_dataset(trainer, "store", record.id, tmp_path / "x", as_=as_)
+    bad = write(tmp_path, "bad.csv", "step,loss\n1,oops\n")
+    with pytest.raises(DatasetInvalid, match="line 2: 'oops' is not a number"):
+        await upload_dataset(trainer, "store", bad, "job results", "alice", format="csv")

@@ -20,9 +20,16 @@ from atoll.agent.node import Agent
 from atoll.agent.plugins import Plugin
 from atoll.agent.runtime import AgentRuntime
 from atoll.plugins.storage.contract.adapters import describe_adapter, fetch_adapter
-from atoll.plugins.storage.contract.datasets import DatasetNotFound, upload_dataset
+from atoll.plugins.storage.contract.datasets import (
+    DatasetNotFound,
+    describe_dataset,
+    fetch_dataset,
+    upload_dataset,
+)
 from atoll.plugins.storage.plugin import StoragePlugin
+from atoll.plugins.training.auto import auto_batch_size, auto_epochs, resolve
 from atoll.plugins.training.contract import (
+    BASE_LEARNING_RATE,
     FINAL_STATES,
     JobFinished,
     JobNotFound,
@@ -41,8 +48,18 @@ from atoll.plugins.training.data import (
     TEMPLATES,
     DataError,
     build_examples,
+    collate,
+    hold_out,
     pt_examples,
     sft_example,
+)
+from atoll.plugins.training.figures import (
+    RESULT_COLUMNS,
+    RESULTS_NAME,
+    StepRow,
+    Tally,
+    evaluate,
+    write_results,
 )
 from atoll.plugins.training.plugin import TrainingPlugin
 from atoll.plugins.training.runner import FINAL_METRICS
@@ -118,7 +135,8 @@ class Island:
     def options(self, dataset: str, **changes: Any) -> dict[str, Any]:
         return {
             "model_name_or_path": "tiny", "dataset": [dataset], "lora_rank": 4,
-            "logging_steps": 1, "num_train_epochs": 2.0, "learning_rate": 0.01,
+            "per_device_train_batch_size": 4, "logging_steps": 1, "num_train_epochs": 2.0,
+            "learning_rate": 0.01,
             "lr_scheduler_type": "constant", "suffix": "math",
         } | changes  # fmt: skip
 
@@ -242,6 +260,138 @@ async def check_adapter_changes_the_model(island: Island, adapter_id: str, tmp_p
     assert loss(tuned) < before - 0.5
 
 
+def read_csv(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+async def test_a_job_reports_its_figures_validation_and_results_file(island: Island) -> None:
+    """A quarter of the rows held out: the queue's job says what it trained with, its events
+    carry each step's loss and token accuracy and the validation set's after each epoch, and
+    the results file (a CSV in storage, the owner's) holds the same figures for every step."""
+    await island.add_trainer("t1")
+    job = await island.submit(validation_split=0.25)  # 18 rows train, batch 4: 5 steps an epoch
+    done = await island.until(job.id, {"completed"})
+    examples, _ = build_examples(
+        tiny_tokenizer(), "sft", [await rows_file(island, job.options.dataset[0])], "default", 256
+    )
+    trained, held = hold_out(examples, 0.25, job.options.seed)
+    assert done.hyperparameters is not None
+    assert done.hyperparameters.model_dump() == {
+        "batch_size": 4, "n_epochs": 2.0, "learning_rate": 0.01, "lora_rank": 4,
+        "lora_alpha": 8.0, "examples": 18, "validation_examples": 6, "total_steps": 10,
+    }  # fmt: skip
+    # Every token of the 18 examples, once an epoch.
+    assert done.metrics["trained_tokens"] == 2 * sum(len(e["input_ids"]) for e in trained)
+    assert len(held) == 6
+
+    events = await job_events(island.client, "queue", job.id)
+    resolved = [e for e in events if e["type"] == "hyperparameters"]
+    assert len(resolved) == 1 and resolved[0]["hyperparameters"]["total_steps"] == 10
+    steps = {e["step"]: e for e in events if e["type"] == "log" and "loss" in e}
+    assert sorted(steps) == list(range(1, 11))  # logging every step
+    assert all(0 <= e["train_mean_token_accuracy"] <= 1 for e in steps.values())
+    assert all(e["estimated_finish"] >= e["at"] - 1 for e in steps.values())
+    evals = [e for e in events if e["type"] == "log" and "valid_loss" in e]
+    assert [e["step"] for e in evals] == [5, 10]  # after each epoch
+    assert "full_valid_loss" not in evals[0]
+    final = evals[-1]
+    assert final["full_valid_loss"] == final["valid_loss"] == done.metrics["full_valid_loss"]
+    accuracy = final["full_valid_mean_token_accuracy"]
+    assert accuracy == done.metrics["full_valid_mean_token_accuracy"] and 0 <= accuracy <= 1
+    assert evals[1]["valid_loss"] < evals[0]["valid_loss"]  # it learned what it was held out of
+
+    assert len(done.result_files) == 1
+    record = await describe_dataset(island.client, "store", done.result_files[0])
+    assert (record.kind, record.owner, record.filename) == ("results", "alice", RESULTS_NAME)
+    path = island.tmp_path / "results.csv"
+    await fetch_dataset(island.client, "store", record.id, path, as_="original")
+    rows = read_csv(path)
+    assert tuple(rows[0]) == RESULT_COLUMNS
+    assert [int(r["step"]) for r in rows] == list(range(1, 11))
+    for row in rows:
+        event = steps[int(row["step"])]
+        assert float(row["train_loss"]) == pytest.approx(event["loss"], rel=1e-5)
+        assert float(row["train_accuracy"]) == pytest.approx(
+            event["train_mean_token_accuracy"], rel=1e-5
+        )
+    for row, evaluation in zip((rows[4], rows[9]), evals, strict=True):
+        assert float(row["valid_loss"]) == pytest.approx(evaluation["valid_loss"], rel=1e-5)
+        assert float(row["valid_mean_token_accuracy"]) == pytest.approx(
+            evaluation["valid_mean_token_accuracy"], rel=1e-5
+        )
+    assert {r["valid_loss"] for i, r in enumerate(rows) if i not in (4, 9)} == {""}
+
+
+async def rows_file(island: Island, dataset: str) -> Path:
+    """The dataset's canonical chat rows, as its trainer reads them."""
+    path = island.tmp_path / f"{dataset}.jsonl"
+    await fetch_dataset(island.client, "store", dataset, path)
+    return path
+
+
+async def test_auto_is_resolved_from_the_examples(island: Island) -> None:
+    """All three on "auto" for 24 rows: batch 1, 4 epochs (96 steps) at the LoRA rate."""
+    await island.add_trainer("t1")
+    auto = {"per_device_train_batch_size": "auto", "num_train_epochs": "auto"}
+    job = await island.submit(learning_rate="auto", logging_steps=24, **auto)
+    assert job.hyperparameters is None  # nothing resolved before a runner looks at the data
+    done = await island.until(job.id, {"completed"})
+    assert done.hyperparameters is not None
+    resolved = done.hyperparameters
+    assert (resolved.batch_size, resolved.n_epochs, resolved.learning_rate) == (1, 4.0, 2e-4)
+    assert (resolved.examples, resolved.validation_examples, resolved.total_steps) == (24, 0, 96)
+    logged = [e for e in await job_events(island.client, "queue", job.id) if "loss" in e]
+    assert [e["step"] for e in logged] == [24, 48, 72, 96]
+    assert all(e["max_steps"] == 96 for e in logged)
+    assert "full_valid_loss" not in done.metrics
+
+
+def test_a_share_is_held_out_by_the_seed() -> None:
+    examples = [{"input_ids": [i], "labels": [i]} for i in range(10)]
+    kept, held = hold_out(examples, 0.25, seed=7)
+    assert len(held) == 2 and len(kept) == 8  # round(2.5) == 2
+    assert sorted(e["input_ids"][0] for e in kept + held) == list(range(10))
+    assert hold_out(examples, 0.25, seed=7) == (kept, held)
+    assert hold_out(examples, 0.25, seed=8) != (kept, held)
+    assert len(hold_out(examples[:3], 0.01, seed=1)[1]) == 1  # at least one
+    with pytest.raises(DataError, match="leaves none to train on"):
+        hold_out(examples[:1], 0.5, seed=1)
+
+
+def test_figures_agree_with_the_model_s_own_loss(tiny_base: Path, tmp_path: Path) -> None:
+    """A tally's loss is the mean cross-entropy over labelled tokens, as transformers computes
+    it; accuracy the share of them the argmax predicts; the results file has OpenAI's columns."""
+    from transformers import AutoModelForCausalLM
+
+    tok = tiny_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    examples = [sft_example(tok, tok.chat_template, r["messages"], 64) for r in chat_rows(5)]
+    batch = collate([e for e in examples if e is not None], tok.pad_token_id)
+    with torch.no_grad():
+        out = model(**batch)
+    tally = Tally()
+    tally.add(out.logits, batch["labels"])
+    assert tally.loss == pytest.approx(float(out.loss), rel=1e-5)
+    shifted = batch["labels"][:, 1:]
+    mask = shifted != IGNORE
+    hits = out.logits[:, :-1].argmax(-1)[mask] == shifted[mask]
+    assert tally.tokens == int(mask.sum())
+    assert tally.accuracy == pytest.approx(float(hits.float().mean()))
+    whole = evaluate(model, [e for e in examples if e is not None], 2, tok.pad_token_id)
+    assert whole.loss == pytest.approx(tally.loss, rel=1e-5) and whole.correct == tally.correct
+    assert not model.training
+
+    path = tmp_path / RESULTS_NAME
+    write_results(path, [StepRow(2, 0.5, 0.75, 0.625, 0.5), StepRow(1, 1.0, 0.25)])
+    assert path.read_text() == (
+        "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n"
+        "1,1,0.25,,\n2,0.5,0.75,0.625,0.5\n"
+    )
+
+
 # --- options ------------------------------------------------------------------------------------
 
 
@@ -277,6 +427,11 @@ GOOD = {"model_name_or_path": "tiny", "dataset": ["ds-0123456789ab"]}
         ({"seed": -1}, "seed"),
         ({"suffix": "my adapter"}, "suffix"),
         ({"warmup": 10}, "warmup"),
+        ({"per_device_train_batch_size": "big"}, "per_device_train_batch_size"),
+        ({"num_train_epochs": "Auto"}, "num_train_epochs"),
+        ({"validation_split": 0}, "validation_split"),
+        ({"validation_split": 0.51}, "validation_split"),
+        ({"validation_dataset": "val.jsonl"}, "validation_dataset"),
     ],
 )
 def test_each_bad_option_is_refused_by_name(change: dict[str, Any], field: str) -> None:
@@ -287,9 +442,31 @@ def test_each_bad_option_is_refused_by_name(change: dict[str, Any], field: str) 
 
 def test_options_defaults_and_spellings() -> None:
     options = parse(JobOptions, GOOD | {"lora_target": "q_proj, v_proj"}, "job options")
-    assert options.lora_target == ["q_proj", "v_proj"] and options.alpha == 16.0
+    assert options.lora_target == ["q_proj", "v_proj"] and options.alpha == 32.0
     assert options.stage == "sft" and options.cutoff_len == 256 and options.precision_type == "fp32"
+    assert options.lora_rank == 16 and options.validation_split is None
+    auto = (options.per_device_train_batch_size, options.num_train_epochs, options.learning_rate)
+    assert auto == ("auto", "auto", "auto")
     assert parse(JobOptions, GOOD | {"num_train_epochs": 1}, "o").num_train_epochs == 1.0
+    both = {"validation_split": 0.2, "validation_dataset": "ds-0123456789ab"}
+    with pytest.raises(InvalidRequest, match="validation_dataset and validation_split exclude"):
+        parse(JobOptions, GOOD | both, "job options")
+
+
+def test_auto_follows_the_number_of_examples() -> None:
+    """OpenAI's epoch rule (at least 100 examples seen, at most 25,000, 3 epochs between) and
+    batches that leave at least 100 steps an epoch, up to 16."""
+    epochs = {1: 25, 3: 25, 10: 10, 24: 4, 33: 3, 34: 3, 100: 3, 8333: 3, 8334: 2, 30000: 1}
+    assert {n: auto_epochs(n) for n in epochs} == epochs
+    sizes = {1: 1, 24: 1, 199: 1, 200: 2, 399: 2, 400: 4, 800: 8, 1600: 16, 10**6: 16}
+    assert {n: auto_batch_size(n) for n in sizes} == sizes
+    for n in (24, 250, 5000):  # every auto choice leaves at least 100 optimizer steps
+        steps_per_epoch = -(-n // auto_batch_size(n))
+        assert steps_per_epoch * auto_epochs(n) >= 96, n  # 24 examples: 4 epochs of 24
+    options = parse(JobOptions, GOOD, "o")
+    assert resolve(options, 24) == (1, 4, BASE_LEARNING_RATE)
+    given = {"per_device_train_batch_size": 8, "num_train_epochs": 1.5, "learning_rate": 1e-3}
+    assert resolve(parse(JobOptions, GOOD | given, "o"), 24) == (8, 1.5, 1e-3)  # as given
 
 
 async def test_submissions_are_checked(island: Island, make_agent: AgentFactory) -> None:
@@ -306,6 +483,24 @@ async def test_submissions_are_checked(island: Island, make_agent: AgentFactory)
     prose = await island.add_dataset(text_rows(4), "alice")
     with pytest.raises(InvalidRequest, match="sft job needs conversations"):
         await submit_job(island.client, "queue", "alice", island.options(prose))
+    with pytest.raises(InvalidRequest, match="sft job needs conversations"):
+        options = island.options(dataset, validation_dataset=prose)
+        await submit_job(island.client, "queue", "alice", options, project="lab")
+    carols = await island.add_dataset(chat_rows(4), "carol")
+    with pytest.raises(Forbidden, match="belongs to 'carol', not to 'alice'"):
+        options = island.options(dataset, validation_dataset=carols)
+        await submit_job(island.client, "queue", "alice", options, project="lab")
+    results = island.tmp_path / "step_metrics.csv"
+    results.write_text("step,train_loss\n1,2.0\n")
+    record = await upload_dataset(island.client, "store", results, "r", "alice", format="csv")
+    for options in (
+        island.options(record.id),
+        island.options(dataset, validation_dataset=record.id),
+    ):
+        with pytest.raises(
+            InvalidRequest, match="results file, not a dataset to train or validate"
+        ):
+            await submit_job(island.client, "queue", "alice", options, project="lab")
     with pytest.raises(InvalidRequest, match="owner"):
         await submit_job(island.client, "queue", "bad owner!", island.options(dataset))
     stranger = (await make_agent("stranger")).agent

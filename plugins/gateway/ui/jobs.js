@@ -1,6 +1,7 @@
-// Fine-tuning jobs through OpenAI's /v1/fine_tuning API: a form to start one, the jobs in tables
-// by state, and the selected job's loss / learning-rate / epoch charts, refreshed while it
-// trains, its final statistics, and a way to chat with the adapter it made.
+// Fine-tuning jobs through OpenAI's /v1/fine_tuning API: a form to start one (a field left empty
+// is "auto"), the jobs in tables by state, and the selected job's loss / token accuracy (training
+// and validation) / learning-rate / epoch charts, refreshed while it trains, what "auto" resolved
+// to, its final statistics, and a way to chat with the adapter it made.
 import { LineChart, formatNumber } from "./charts.js";
 import { cell, formatTime } from "./format.js";
 
@@ -14,8 +15,16 @@ const GROUPS = [
   ["Failed or cancelled", ["failed", "cancelled"]],
 ];
 const FINISHED = ["succeeded", "failed", "cancelled"];
+const HYPERPARAMETERS = {
+  n_epochs: "Epochs",
+  batch_size: "Batch size",
+  learning_rate_multiplier: "Learning rate × 2e-4",
+};
 const STATS = {
   train_loss: "Final training loss",
+  full_valid_loss: "Validation loss",
+  full_valid_mean_token_accuracy: "Validation token accuracy",
+  trained_tokens: "Trained tokens",
   train_runtime: "Training time (s)",
   train_samples_per_second: "Samples / s",
   train_steps_per_second: "Steps / s",
@@ -30,7 +39,8 @@ export class Jobs {
     this.selected = null;
     this.timer = null;
     this.charts = {
-      loss: new LineChart($("chart-loss"), { title: "Training loss" }),
+      loss: new LineChart($("chart-loss"), { title: "Loss" }),
+      accuracy: new LineChart($("chart-accuracy"), { title: "Token accuracy" }),
       lr: new LineChart($("chart-lr"), { title: "Learning rate" }),
       epoch: new LineChart($("chart-epoch"), { title: "Epoch" }),
     };
@@ -64,7 +74,8 @@ export class Jobs {
         if ([...select.options].some((o) => o.value === value)) select.value = value;
       };
       keep($("job-model"), models.data.filter((m) => !m.parent).map((m) => new Option(m.id, m.id)));
-      keep($("job-dataset"), files.data.map((f) => new Option(`${f.filename} (${f.id})`, f.id)));
+      const datasets = files.data.filter((f) => f.purpose === "fine-tune");
+      keep($("job-dataset"), datasets.map((f) => new Option(`${f.filename} (${f.id})`, f.id)));
     } catch (err) {
       $("job-error").textContent = err.message;
     }
@@ -72,18 +83,23 @@ export class Jobs {
 
   async create() {
     $("job-error").textContent = "";
+    const given = (id) => ($(id).value === "" ? "auto" : Number($(id).value));
     const body = {
       model: $("job-model").value,
       training_file: $("job-dataset").value,
       hyperparameters: {
-        n_epochs: Number($("job-epochs").value),
-        learning_rate_multiplier: Number($("job-lr").value),
+        n_epochs: given("job-epochs"),
+        batch_size: given("job-batch"),
+        learning_rate_multiplier: given("job-lr"),
       },
       options: {
         lora_rank: Number($("job-rank").value),
         logging_steps: Number($("job-logging").value),
       },
     };
+    if ($("job-validation").value !== "") {
+      body.options.validation_split = Number($("job-validation").value);
+    }
     const suffix = $("job-suffix").value.trim();
     if (suffix) body.suffix = suffix;
     try {
@@ -173,20 +189,28 @@ export class Jobs {
     const logs = events.filter((e) => e.type === "metrics" && e.data).reverse(); // oldest first
     const series = (key) =>
       logs.filter((e) => Number.isFinite(e.data[key])).map((e) => [e.data.step, e.data[key]]);
-    this.charts.loss.set("loss", series("loss"));
+    this.charts.loss.set("training", series("train_loss"));
+    this.charts.loss.set("validation", series("valid_loss"));
+    this.charts.accuracy.set("training", series("train_mean_token_accuracy"));
+    this.charts.accuracy.set("validation", series("valid_mean_token_accuracy"));
     this.charts.lr.set("learning rate", series("learning_rate"));
     this.charts.epoch.set("epoch", series("epoch"));
     for (const chart of Object.values(this.charts)) chart.draw();
     const stats = $("job-stats");
     stats.replaceChildren();
-    for (const [key, label] of Object.entries(STATS)) {
-      if (!(key in job.metrics)) continue;
+    const show = (key, label, value) => {
       const dt = document.createElement("dt");
       dt.textContent = label;
       const dd = document.createElement("dd");
       dd.dataset.stat = key;
-      dd.textContent = formatNumber(job.metrics[key]);
+      dd.textContent = typeof value === "number" ? formatNumber(value) : value;
       stats.append(dt, dd);
+    };
+    for (const [key, label] of Object.entries(HYPERPARAMETERS)) {
+      show(key, label, job.hyperparameters[key]);
+    }
+    for (const [key, label] of Object.entries(STATS)) {
+      if (key in job.metrics) show(key, label, job.metrics[key]);
     }
   }
 }

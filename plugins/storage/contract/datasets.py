@@ -13,7 +13,9 @@ Overlay surface of an agent's ``storage`` plugin:
                                          the fetcher answers {"ok": true} once they verify
 
 A refused upload resets the stream with the error: DatasetInvalid names the line and reason.
-Registered datasets are immutable: uploading a name again makes its next version.
+Registered datasets are immutable: uploading a name again makes its next version. A ``csv``
+upload (never detected: it is named) is a training job's results file, not training data: kind
+``results``, a header and rows of numbers kept as uploaded, fetched only as the original.
 """
 
 from __future__ import annotations
@@ -59,8 +61,8 @@ DATASET_GET = "dataset_get"
 DATASET_ID_PATTERN = r"^ds-[0-9a-f]{12}$"
 MAX_FILENAME_BYTES = 200
 
-Format = Literal["alpaca", "sharegpt", "chat", "text"]
-Kind = Literal["sft", "pt"]
+Format = Literal["alpaca", "sharegpt", "chat", "text", "csv"]
+Kind = Literal["sft", "pt", "results"]
 AsFormat = Literal["chat", "text", "original"]
 DedupMode = Literal["none", "exact", "normalised"]
 DatasetIdStr = Annotated[str, StringConstraints(pattern=DATASET_ID_PATTERN)]
@@ -114,7 +116,7 @@ class DatasetRecord(BaseModel):
     name: str
     version: int  # 1, 2, ... per name
     format: Format  # as uploaded
-    kind: Kind  # sft (stored as chat rows) or pt (stored as text rows)
+    kind: Kind  # sft (stored as chat rows), pt (stored as text rows), or results (a csv)
     rows: int  # kept rows
     tokens: int
     tokenizer: str  # what counted the tokens: "whitespace" (words)

@@ -1,0 +1,65 @@
+"""What "auto" means for a job's batch size, epochs and learning rate: chosen from the number of
+training examples, as OpenAI's fine-tuning chooses them, so that a small set gets small batches
+and enough optimizer steps to be learned, and a large one is not trained for longer than it needs.
+
+- Epochs: OpenAI's rule (its chat fine-tuning data-preparation cookbook): 3, raised so that at
+  least 100 examples are seen (at most 25 epochs), lowered so that at most 25,000 are (at least
+  1). 24 examples: 4 epochs.
+- Batch size: the largest power of two, at most 16, that leaves at least 100 optimizer steps an
+  epoch: 1 under 200 examples (OpenAI's legacy API used ~0.2 % of the examples, which is 1 for
+  any small set), 16 from 1,600 on, about the examples per step of the usual LoRA recipes
+  (Unsloth: 2 a device, 4 accumulated; LLaMA-Factory: 1 and 8; axolotl's lora-1b: 2 and 2,
+  packed).
+- Learning rate: ``BASE_LEARNING_RATE`` (2e-4), LoRA's usual rate (the QLoRA paper for models up
+  to 13B, Unsloth's recommended start); the batch rule keeps the steps it needs.
+
+Explicit values are used as given. Pure functions: the runner calls them, tests check them.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from atoll.plugins.training.contract import BASE_LEARNING_RATE, JobOptions
+
+TARGET_EPOCHS = 3
+MIN_TARGET_EXAMPLES = 100  # examples seen over all epochs, at least ...
+MAX_TARGET_EXAMPLES = 25_000  # ... and at most
+MAX_AUTO_EPOCHS = 25
+MIN_STEPS_PER_EPOCH = 100
+MAX_AUTO_BATCH = 16
+
+
+class Settings(NamedTuple):
+    batch_size: int  # per device
+    n_epochs: float
+    learning_rate: float
+
+
+def auto_epochs(examples: int) -> int:
+    if examples * TARGET_EPOCHS < MIN_TARGET_EXAMPLES:
+        return min(MAX_AUTO_EPOCHS, MIN_TARGET_EXAMPLES // examples)
+    if examples * TARGET_EPOCHS > MAX_TARGET_EXAMPLES:
+        return max(1, MAX_TARGET_EXAMPLES // examples)
+    return TARGET_EPOCHS
+
+
+def auto_batch_size(examples: int) -> int:
+    size = 1
+    while size * 2 <= MAX_AUTO_BATCH and examples // (size * 2) >= MIN_STEPS_PER_EPOCH:
+        size *= 2
+    return size
+
+
+def resolve(options: JobOptions, examples: int) -> Settings:
+    """The job's settings for ``examples`` training examples (at least one)."""
+    o = options
+    return Settings(
+        batch_size=(
+            auto_batch_size(examples)
+            if o.per_device_train_batch_size == "auto"
+            else o.per_device_train_batch_size
+        ),
+        n_epochs=auto_epochs(examples) if o.num_train_epochs == "auto" else o.num_train_epochs,
+        learning_rate=BASE_LEARNING_RATE if o.learning_rate == "auto" else o.learning_rate,
+    )

@@ -1,0 +1,95 @@
+"""A job's figures as OpenAI reports them: each optimizer step's training loss and mean token
+accuracy, the validation set's after each epoch, and the results file (``step_metrics.csv``)
+that holds them. Losses are token-weighted means of the cross-entropy over labelled tokens;
+accuracy is the share of labelled tokens the model's argmax predicts. Runs in the job's process.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from atoll.plugins.training.data import IGNORE, Example, collate
+
+RESULTS_NAME = "step_metrics.csv"  # OpenAI's name for a job's results file
+# OpenAI's columns; a step without an evaluation leaves the validation ones empty.
+RESULT_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy")
+
+
+@dataclass
+class Tally:
+    """Cross-entropy summed over labelled tokens, how many of them were predicted, and how
+    many there were."""
+
+    loss_sum: float = 0.0
+    correct: int = 0
+    tokens: int = 0
+
+    def add(self, logits: Any, labels: Any) -> None:
+        """Count one batch: ``logits`` [batch, length, vocab] for ``labels`` [batch, length]."""
+        import torch.nn.functional as F
+
+        shifted = labels[:, 1:]
+        mask = shifted != IGNORE
+        if not bool(mask.any()):
+            return
+        picked = logits[:, :-1][mask].float()
+        targets = shifted[mask]
+        self.loss_sum += float(F.cross_entropy(picked, targets, reduction="sum"))
+        self.correct += int((picked.argmax(-1) == targets).sum())
+        self.tokens += int(mask.sum())
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.tokens if self.tokens else math.nan
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.tokens if self.tokens else math.nan
+
+
+def evaluate(model: Any, examples: Sequence[Example], batch_size: int, pad_id: int) -> Tally:
+    """The model's loss and token accuracy on ``examples``, without gradients; the model is left
+    in the mode it was in."""
+    import torch
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    tally = Tally()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(examples), batch_size):
+                batch = collate(list(examples[start : start + batch_size]), pad_id)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                tally.add(out.logits, batch["labels"])
+    finally:
+        model.train(was_training)
+    return tally
+
+
+@dataclass
+class StepRow:
+    step: int
+    train_loss: float | None = None
+    train_accuracy: float | None = None
+    valid_loss: float | None = None
+    valid_mean_token_accuracy: float | None = None
+
+
+def _cell(value: float | None) -> str:
+    return "" if value is None or math.isnan(value) else f"{value:.6g}"
+
+
+def write_results(path: Path, rows: Sequence[StepRow]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(RESULT_COLUMNS)
+        for r in sorted(rows, key=lambda r: r.step):
+            figures = (r.train_loss, r.train_accuracy, r.valid_loss, r.valid_mean_token_accuracy)
+            writer.writerow([r.step, *map(_cell, figures)])
