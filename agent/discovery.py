@@ -15,6 +15,8 @@ that only calls another service now and then (an inference node fetching adapter
 claiming jobs) uses a ``Finder``: one snapshot of what brokers keep, remembered until the
 address fails.
 
+Just over 400 lines: entries, their liveness clock and the view that keeps them belong together.
+
 Region and policy labels are what the agent's signed credential says, never what it announces:
 an announcement carries the credential, the view verifies it against the operator key (once per
 credential) and takes the labels from it, so no node can declare itself ``phi=true``.

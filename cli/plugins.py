@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -57,28 +58,31 @@ def list_(target: AdminTarget, agent: Agent_) -> None:
     _system(target, agent, "plugins", None)
 
 
-@admin_command(commands)
-def add(
-    target: AdminTarget,
-    agent: Agent_,
-    name: Name,
-    config: ConfigFile = None,
-    set_: ConfigJson = None,
-) -> None:
-    """Start plugin NAME on AGENT with a config (checked by the plugin before it starts)."""
-    _system(target, agent, "plugin_add", {"name": name, "config": _section(config, set_)})
+def _configuring(method: str, doc: str) -> Callable[..., None]:
+    """The command that sends plugin NAME's config (a file or inline JSON) with ``method``."""
+
+    def command(
+        target: AdminTarget,
+        agent: Agent_,
+        name: Name,
+        config: ConfigFile = None,
+        set_: ConfigJson = None,
+    ) -> None:
+        _system(target, agent, method, {"name": name, "config": _section(config, set_)})
+
+    command.__doc__ = doc
+    return command
 
 
-@admin_command(commands)
-def reconfigure(
-    target: AdminTarget,
-    agent: Agent_,
-    name: Name,
-    config: ConfigFile = None,
-    set_: ConfigJson = None,
-) -> None:
-    """Restart plugin NAME on AGENT with a new config; back on its old one if it fails."""
-    _system(target, agent, "plugin_reconfigure", {"name": name, "config": _section(config, set_)})
+admin_command(commands, "add")(
+    _configuring("plugin_add", "Start plugin NAME on AGENT with a config (checked first).")
+)
+admin_command(commands, "reconfigure")(
+    _configuring(
+        "plugin_reconfigure",
+        "Restart plugin NAME on AGENT with a new config; back on its old one if it fails.",
+    )
+)
 
 
 @admin_command(commands)

@@ -1,5 +1,8 @@
 """The training service, as other plugins (the gateway) and the CLI see it: job options, job
 records, events, the method table and its client, errors. Importing this file pulls in no torch.
+(Over 400 lines: it is the service's whole wire, options with their "auto" rules' inputs, the
+job record OpenAI's job object is built from, and its client; split, callers would import the
+wire from several places.)
 
 Overlay surface of the agent whose ``training`` plugin runs the queue (discovery capability
 ``{"queue": true}``):
