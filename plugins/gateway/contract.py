@@ -44,6 +44,17 @@ class Limits(BaseModel):
     concurrent: int | None = Field(None, ge=1, le=10**6)
 
 
+class Price(BaseModel):
+    """What a model's tokens cost, per million tokens of each type, in the deployment's currency:
+    ``[plugins.gateway.prices."<base model or adapter id>"]`` in the gateway's config (an
+    adapter's own price wins over its base's; to 1/1000 of a unit)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: float = Field(0.0, ge=0, le=10**6)  # prompt tokens
+    output: float = Field(0.0, ge=0, le=10**6)  # completion tokens
+
+
 class UserCreate(Strict):
     name: str
     admin: bool = False
