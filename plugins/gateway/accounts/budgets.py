@@ -287,7 +287,7 @@ class Budgets(Store):
 def _refusal(budget: BudgetRecord, need: int, why: str, now: float) -> GatewayError:
     wants = _num(_units(budget.metric, need))
     message = (
-        f"budget {budget.id} is spent: {budget.words()}; this request needs up to {wants}"
+        f"budget {budget.id} cannot cover this request: {budget.words()}; it needs up to {wants}"
         f"{f' ({why})' if why else ''}; it resets {stamp(budget.resets_at)}"
     )
     if budget.resets_at is not None:
