@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from atoll.agent.prometheus import exposition
 from atoll.plugins.gateway import contract as c
-from atoll.plugins.gateway import finetune, inference_routes, webui
+from atoll.plugins.gateway import finetune, inference_routes, self_service, webui
 from atoll.plugins.gateway.accounts.keys import Principal
 from atoll.plugins.gateway.admin import AdminRPC, plain
 from atoll.plugins.gateway.bodies import parse_body, sse
@@ -243,6 +243,7 @@ def create_app(gw: Gateway, docs: bool = False) -> FastAPI:
     admin_route("/admin/budgets", "set_budget", "budgets_set")
     admin_route("/admin/budgets", "list_budgets", "budgets_list", "GET")
     admin_route("/admin/budgets/remove", "remove_budget", "budgets_remove")
+    self_service.install(app, gw, User, usage_csv)
     webui.install(app, User)
 
     return BodyLimit(app, gw.max_body_bytes)  # type: ignore[return-value]

@@ -118,6 +118,22 @@ class UsageQuery(Strict):
     format: Literal["json", "csv"] = "json"  # csv: the groups as a spreadsheet (HTTP only)
 
 
+class OwnKeyCreate(Strict):
+    """A key a user makes for themself (``POST /me/keys``): no user field, it is the caller's."""
+
+    project: str | None = None
+    name: str = ""
+    ttl_s: float | None = Field(None, gt=0)
+    limits: Limits | None = None
+
+
+class OwnUsageQuery(Strict):
+    since: float | None = None
+    until: float | None = None
+    group_by: str = Field("model,adapter", max_length=100)
+    format: Literal["json", "csv"] = "json"
+
+
 class BudgetSet(Strict):
     scope: Literal["key", "user", "project"]
     subject: str = Field(min_length=1, max_length=128)  # a key id, user or project name
