@@ -36,6 +36,16 @@ def install(app: FastAPI, gw: Gateway, user: Any, as_csv: Any) -> None:
                 return record
         raise GatewayError(404, f"no key {key_id!r}", code="key_not_found", param="key_id")
 
+    @app.get("/me", tags=["self-service"])
+    async def whoami(principal: user) -> Any:
+        """Who the key acts for, and the projects it may make keys in (with the user's role)."""
+        p: Principal = principal
+        projects = accounts.memberships(p.user)
+        if p.project is not None:
+            projects = {p.project: projects.get(p.project, "")}
+        return {"user": p.user, "project": p.project, "admin": p.admin, "key_id": p.key_id,
+                "projects": projects}  # fmt: skip
+
     @app.get("/me/keys", tags=["self-service"])
     async def my_keys(principal: user) -> Any:
         """The caller's user's keys (a project-scoped key: its project's only), never secrets."""
