@@ -30,7 +30,7 @@ from atoll.plugins.gateway.http_limits import HttpLimits, guarded_protocol
 from atoll.plugins.gateway.limits import RateLimiter
 from atoll.plugins.gateway.router import ModelRouter
 from atoll.plugins.gateway.service import Gateway
-from atoll.plugins.gateway.spending import Spending
+from atoll.plugins.gateway.spending import TEMPLATE_TOKENS, Spending
 from atoll.plugins.storage.contract.adapters import ADAPTERS_NEW, describe_adapter
 from atoll.protocol.session import Publication
 from atoll.tenancy.keys import read_secret, write_secret
@@ -69,7 +69,7 @@ class GatewayConfig(BaseModel):
     prices: dict[str, Price] = {}
     # Tokens a chat template may add to a prompt (a default system prompt, markers), reserved
     # against budgets beside the prompt's own bytes.
-    template_tokens: int = Field(64, ge=0, le=100_000)
+    template_tokens: int = Field(TEMPLATE_TOKENS, ge=0, le=100_000)
 
     @field_validator("listen")
     @classmethod

@@ -69,7 +69,7 @@ def install(app: FastAPI, gw: Gateway, user: Any, as_csv: Any) -> None:
         limits = _narrowed(caller.limits, body.limits)
         ttl_s = body.ttl_s
         if caller.expires_at is not None:
-            left = caller.expires_at - accounts._clock()
+            left = caller.expires_at - accounts.now()
             if ttl_s is not None and ttl_s > left:
                 raise GatewayError(
                     400,

@@ -24,7 +24,7 @@ from atoll.plugins.gateway.catalog import Catalog
 from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.limits import Permit, RateLimiter
 from atoll.plugins.gateway.router import ModelRouter, ReplyMethod
-from atoll.plugins.gateway.spending import Spending, prompt_estimate
+from atoll.plugins.gateway.spending import TEMPLATE_TOKENS, Spending, prompt_estimate
 from atoll.plugins.gateway.telemetry import GatewayMetrics
 from atoll.plugins.inference.contract import (
     EMBED,
@@ -93,7 +93,7 @@ class Gateway:
         self.max_body_bytes = max_body_bytes
         self.telemetry = GatewayMetrics(metrics, label_values)
         self.own_feed = own_feed  # this agent's feed message, built on the spot
-        self.spending = spending or Spending(accounts, {}, 64, request_timeout + 60)
+        self.spending = spending or Spending(accounts, {}, TEMPLATE_TOKENS, request_timeout + 60)
 
     # --- who and what ------------------------------------------------------------------------
 

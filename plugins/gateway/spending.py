@@ -17,6 +17,7 @@ from atoll.plugins.inference.contract import EmbedRequest, GenerateRequest, Usag
 CHARS_PER_TOKEN = 4  # the rate limits' admission estimate of prompt tokens (no tokenizer here)
 TOKENS_PER_MESSAGE = 8  # what a chat template may add around each message (role markers, ends)
 NANO_PER_PRICE_UNIT = 1000  # a price per million tokens is this many nano-units per token
+TEMPLATE_TOKENS = 64  # the default of what a chat template may add to a prompt, reserved
 
 
 def prompt_estimate(request: GenerateRequest | EmbedRequest | dict[str, Any]) -> int:
@@ -84,8 +85,8 @@ class Spending:
         prompt = sum(prompt_bound(r, self.template_tokens) for r in requests[::per_prompt])
         most = sum(r.params.max_new_tokens for r in requests)
         why = f"a prompt of at most {prompt} tokens and max_tokens {most}"
-        self._reserve(principal, request_id, model, adapter, Usage(prompt_tokens=prompt,
-                      completion_tokens=most), why)  # fmt: skip
+        most_used = Usage(prompt_tokens=prompt, completion_tokens=most)
+        self._reserve(principal, request_id, model, adapter, most_used, why)
 
     def reserve_call(self, principal: Principal, request_id: str, model: str, params: Any) -> None:
         """An embedding (its inputs) or a transcription (nothing counted in or out)."""

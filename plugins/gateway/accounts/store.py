@@ -143,6 +143,10 @@ class Store:
                         db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
+    def now(self) -> float:
+        """The store's clock (epoch seconds): what expiry, grace and periods are decided by."""
+        return self._clock()
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
