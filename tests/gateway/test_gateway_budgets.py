@@ -148,6 +148,22 @@ def test_holds_of_a_request_that_never_settles_expire(acc: Accounts, clock: Cloc
     assert budget(acc, "user:alice:tokens:total").reserved == 100
 
 
+def test_a_key_budget_follows_its_rotation(acc: Accounts) -> None:
+    old = who(acc)
+    acc.set_budget("key", old.key_id, "tokens", "daily", 100, actor="root")
+    finish(acc, old, "r1", 30, 0)
+    reserve(acc, old, "r2", 20)  # in flight across the rotation
+    _, plaintext = acc.rotate_key(old.key_id, grace_s=60, actor="root")
+    new = acc.authenticate(plaintext)
+    (moved,) = acc.list_budgets()
+    assert (moved.id, moved.spent, moved.reserved) == (f"key:{new.key_id}:tokens:daily", 30, 20)
+    finish(acc, old, "r2", 10, 0)  # the old key, in its grace period, spends from it
+    reserve(acc, new, "r3", 60)
+    with pytest.raises(GatewayError, match=f"key:{new.key_id}"):
+        reserve(acc, old, "r4", 1)
+    assert budget(acc, moved.id).spent == 40
+
+
 def test_budget_changes_are_checked_and_audited(acc: Accounts) -> None:
     me = who(acc)
     set_ = acc.set_budget

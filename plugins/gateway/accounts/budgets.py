@@ -126,11 +126,30 @@ def _record(row: sqlite3.Row, now: float) -> BudgetRecord:
 
 
 def _applying(db: sqlite3.Connection, key_id: str, user: str, project: str | None) -> list[Any]:
+    """The budgets of the key (or of the key it was rotated to: a key in its grace period
+    spends from its successor's), its user and its project."""
     return db.execute(
-        f"SELECT {BUDGET_COLS} FROM budgets WHERE (scope = 'key' AND subject = ?) "
+        f"SELECT {BUDGET_COLS} FROM budgets WHERE (scope = 'key' AND subject IN "
+        "(?, (SELECT rotated_to FROM api_keys WHERE key_id = ?))) "
         "OR (scope = 'user' AND subject = ?) OR (scope = 'project' AND subject = ?) ORDER BY id",
-        (key_id, user, project),
+        (key_id, key_id, user, project),
     ).fetchall()
+
+
+def move_key_budgets(db: sqlite3.Connection, old: str, new: str) -> None:
+    """A rotated key's budgets become its successor's, with what is spent and held."""
+    rows = db.execute(
+        "SELECT id, metric, period FROM budgets WHERE scope = 'key' AND subject = ?", (old,)
+    ).fetchall()
+    for ident, metric, period in rows:
+        moved = budget_id("key", new, metric, period)
+        db.execute(
+            f"INSERT INTO budgets ({BUDGET_COLS}) SELECT ?, scope, ?, metric, period, amount, "
+            "spent, reserved, period_start, created FROM budgets WHERE id = ?",
+            (moved, new, ident),
+        )
+        db.execute("UPDATE reservations SET budget_id = ? WHERE budget_id = ?", (moved, ident))
+        db.execute("DELETE FROM budgets WHERE id = ?", (ident,))
 
 
 def _one(db: sqlite3.Connection, ident: str) -> Any:
