@@ -49,16 +49,17 @@ CREATE INDEX IF NOT EXISTS audit_at ON audit (at);
 # Each schema version after the first, in order: the statements that bring the previous one to it.
 MIGRATIONS = [
     # 2: budgets (budgets.py) and each request's cost, in nano-units of the price table's currency
+    # (BIGINT: 64-bit in PostgreSQL too; SQLite's INTEGER affinity either way)
     """
-    ALTER TABLE usage ADD COLUMN cost INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage ADD COLUMN cost BIGINT NOT NULL DEFAULT 0;
     CREATE TABLE budgets (
         id TEXT PRIMARY KEY, scope TEXT NOT NULL, subject TEXT NOT NULL, metric TEXT NOT NULL,
-        period TEXT NOT NULL, amount INTEGER NOT NULL, spent INTEGER NOT NULL,
-        reserved INTEGER NOT NULL, period_start REAL NOT NULL, created REAL NOT NULL);
+        period TEXT NOT NULL, amount BIGINT NOT NULL, spent BIGINT NOT NULL,
+        reserved BIGINT NOT NULL, period_start REAL NOT NULL, created REAL NOT NULL);
     CREATE INDEX budgets_subject ON budgets (subject);
     CREATE TABLE reservations (
         request_id TEXT NOT NULL, budget_id TEXT NOT NULL REFERENCES budgets(id),
-        amount INTEGER NOT NULL, expires REAL NOT NULL, PRIMARY KEY (request_id, budget_id));
+        amount BIGINT NOT NULL, expires REAL NOT NULL, PRIMARY KEY (request_id, budget_id));
     CREATE INDEX reservations_expires ON reservations (expires);
     """,
 ]
