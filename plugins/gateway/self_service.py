@@ -6,6 +6,7 @@ its own user, and never wider than itself:
   administrator is an admin key: a scoped key must not mint one);
 - an unscoped key may make keys for the user or for a project the user belongs to;
 - a new key keeps the calling key's limits (it may only narrow them) and does not outlive it;
+  a rotated key's successor expires when it would have;
 - another user's key id is answered 404, as an id that does not exist.
 
 Budgets are an administrator's: a user's and a project's bind every key of them, self-made ones
@@ -84,10 +85,11 @@ def install(app: FastAPI, gw: Gateway, user: Any, as_csv: Any) -> None:
 
     @app.post("/me/keys/rotate", tags=["self-service"])
     async def rotate_key(principal: user, body: c.KeyRotate) -> Any:
-        """A new key for one of the caller's own; the old one works for ``grace_s``."""
+        """A new key for one of the caller's own, expiring when it would have; the old one
+        works for ``grace_s``."""
         p: Principal = principal
         own_key(p, body.key_id)
-        record, key = accounts.rotate_key(body.key_id, body.grace_s, actor=p.user)
+        record, key = accounts.rotate_key(body.key_id, body.grace_s, actor=p.user, keep_expiry=True)
         return {"key": key, "record": plain(record)}
 
     @app.post("/me/keys/revoke", tags=["self-service"])

@@ -78,6 +78,7 @@ async def test_a_user_manages_their_own_keys_and_nobody_elses(island: Island) ->
             headers=bearer(alice),
         )  # fmt: skip
         assert rotated.status_code == 200
+        assert rotated.json()["record"]["expires_at"] == pytest.approx(record["expires_at"])
         assert (await http.get("/v1/models", headers=bearer(new["key"]))).status_code == 401
         fresh = rotated.json()["key"]
         assert (await http.get("/v1/models", headers=bearer(fresh))).status_code == 200
