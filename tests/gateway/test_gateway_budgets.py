@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -189,6 +190,39 @@ def test_budget_changes_are_checked_and_audited(acc: Accounts) -> None:
     assert acc.list_budgets() == []
     actions = [e.action for e in acc.audit_log(limit=3)]
     assert actions == ["budget.remove", "budget.set", "budget.set"]
+
+
+def test_two_handles_on_one_file_never_overspend(
+    acc: Accounts, tmp_path: Path, clock: Clock
+) -> None:
+    """Two gateways' connections (as two processes would hold) reserving from 16 threads at once:
+    the write lock serialises the check and the hold, so exactly what fits is admitted."""
+    me = who(acc)
+    acc.set_budget("user", "alice", "tokens", "total", 500, actor="root")
+    other = Accounts(tmp_path / "a.sqlite", SECRET, clock=clock)  # one clock, as hosts on NTP
+    admitted: list[str] = []
+
+    def burst(handle: Accounts, prefix: str) -> None:
+        for i in range(40):
+            try:
+                handle.reserve(f"{prefix}{i}", me.key_id, "alice", None, 10, 0, 60)
+                admitted.append(f"{prefix}{i}")
+            except GatewayError:
+                pass
+
+    try:
+        threads = [
+            threading.Thread(target=burst, args=(h, f"t{n}-"))
+            for n, h in enumerate([acc, other] * 8)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(admitted) == 50  # 500 / 10, of 640 tries
+        assert budget(acc, "user:alice:tokens:total").reserved == 500
+    finally:
+        other.close()
 
 
 def test_an_older_database_gains_budgets(tmp_path: Path, clock: Clock) -> None:
