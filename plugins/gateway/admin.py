@@ -107,7 +107,24 @@ class AdminRPC:
         return self.accounts.list_adapters()
 
     def usage(self, p: c.UsageQuery, actor: str) -> Any:
-        return self.accounts.usage(p.key_id, p.project, p.user, p.since)
+        query = (p.key_id, p.project, p.user, p.since, p.until)
+        totals: dict[str, Any] = plain(self.accounts.usage(*query))
+        if p.group_by is not None:
+            groups = [g.strip() for g in p.group_by.split(",")]
+            totals["groups"] = self.accounts.usage_report(groups, *query)
+        return totals
+
+    def budgets_set(self, p: c.BudgetSet, actor: str) -> Any:
+        return self.accounts.set_budget(
+            p.scope, p.subject, p.metric, p.period, p.limit, actor=actor
+        )
+
+    def budgets_list(self, p: c.BudgetQuery, actor: str) -> Any:
+        return self.accounts.list_budgets(p.scope, p.subject)
+
+    def budgets_remove(self, p: c.BudgetRef, actor: str) -> Any:
+        self.accounts.remove_budget(p.id, actor=actor)
+        return {"removed": p.id}
 
     def audit(self, p: c.AuditQuery, actor: str) -> Any:
         return self.accounts.audit_log(p.limit, p.since)

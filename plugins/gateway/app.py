@@ -5,7 +5,9 @@ files and fine-tuning finetune.py's, the web UI webui.py's."""
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations, some of which
 # (User, Admin) are local to create_app.
 import asyncio
+import csv
 import inspect
+import io
 import logging
 import math
 from collections.abc import AsyncIterator
@@ -19,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from atoll.agent.prometheus import exposition
 from atoll.plugins.gateway import contract as c
-from atoll.plugins.gateway import finetune, inference_routes, webui
+from atoll.plugins.gateway import finetune, inference_routes, self_service, webui
 from atoll.plugins.gateway.accounts.keys import Principal
 from atoll.plugins.gateway.admin import AdminRPC, plain
 from atoll.plugins.gateway.bodies import parse_body, sse
@@ -207,7 +209,10 @@ def create_app(gw: Gateway, docs: bool = False) -> FastAPI:
         async def endpoint(principal: Principal, request: Request, body: Any = None) -> Any:
             if http == "GET":
                 body = parse_body(schema, dict(request.query_params))
-            return plain(handler(body, principal.user))
+            result = plain(handler(body, principal.user))
+            if getattr(body, "format", None) == "csv":
+                return usage_csv(result)
+            return result
 
         # A real signature, so FastAPI checks the body and puts its schema in /openapi.json.
         params = [
@@ -235,9 +240,24 @@ def create_app(gw: Gateway, docs: bool = False) -> FastAPI:
     admin_route("/admin/adapters", "list_adapters", "adapters_list", "GET")
     admin_route("/admin/usage", "usage", "usage", "GET")
     admin_route("/admin/audit", "audit", "audit", "GET")
+    admin_route("/admin/budgets", "set_budget", "budgets_set")
+    admin_route("/admin/budgets", "list_budgets", "budgets_list", "GET")
+    admin_route("/admin/budgets/remove", "remove_budget", "budgets_remove")
+    self_service.install(app, gw, User, usage_csv)
     webui.install(app, User)
 
     return BodyLimit(app, gw.max_body_bytes)  # type: ignore[return-value]
+
+
+def usage_csv(report: dict[str, Any]) -> Response:
+    """A usage report's groups (or its totals alone) as CSV, for a spreadsheet (chargeback)."""
+    rows = report.get("groups") or [{k: v for k, v in report.items() if k != "groups"}]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    disposition = {"content-disposition": 'attachment; filename="usage.csv"'}
+    return Response(text.getvalue(), media_type="text/csv", headers=disposition)
 
 
 def finite(value: Any) -> Any:

@@ -1,9 +1,13 @@
-"""The gateway's commands (`atoll keys|projects|users`): users, projects and API keys through
-the gateway's admin methods, as a tenant admin. Registered under entry point group
-``atoll.cli``."""
+"""The gateway's commands (`atoll keys|projects|users|budgets|usage`): users, projects, API keys,
+budgets and usage reports through the gateway's admin methods, as a tenant admin. Registered
+under entry point group ``atoll.cli``; what users do with their own key is me_commands.py's."""
 
 from __future__ import annotations
 
+import csv
+import sys
+import time
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
@@ -16,6 +20,8 @@ from atoll.plugins.gateway.contract import GatewayAdmin
 keys = typer.Typer(help="Gateway API keys: shown once, stored hashed.")
 projects = typer.Typer(help="Gateway projects: members, policy labels, limits.")
 users = typer.Typer(help="Gateway users.")
+budgets = typer.Typer(help="Gateway budgets: tokens or cost per key, user or project and period.")
+usage = typer.Typer(help="Gateway usage reports (chargeback).")
 
 Gateway = Annotated[str, typer.Option("--gateway", help="Agent running the gateway plugin.")]
 RPM = Annotated[int | None, typer.Option("--rpm", help="Requests per minute.")]
@@ -135,3 +141,106 @@ def users_create(
 def users_list(target: AdminTarget, gateway: Gateway = ISLAND) -> None:
     """Gateway users."""
     show(target.run(lambda a: GatewayAdmin(a, gateway).users_list()))
+
+
+def parse_time(text: str) -> float:
+    """A date (``2026-01-31``, UTC midnight), epoch seconds, or a duration ago (``30d``)."""
+    try:
+        return datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        pass
+    if text.replace(".", "", 1).isdigit() and len(text) > 6:
+        return float(text)
+    return time.time() - parse_duration(text)
+
+
+def print_csv(rows: list[dict[str, Any]]) -> None:
+    if rows:
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+Since = Annotated[
+    str | None, typer.Option(help="From: a date (2026-01-31, UTC), epoch seconds or 30d ago.")
+]
+Until = Annotated[str | None, typer.Option(help="To (not included), as --since.")]
+By = Annotated[
+    str, typer.Option("--by", help="Total by columns: user,project,key_id,model,adapter.")
+]
+AsCsv = Annotated[bool, typer.Option("--csv", help="The groups as CSV.")]
+
+
+def subject_of(user: str | None, project: str | None, key: str | None) -> tuple[str, str]:
+    given = [(s, v) for s, v in (("user", user), ("project", project), ("key", key)) if v]
+    if len(given) != 1:
+        raise typer.BadParameter("name exactly one of --user, --project, --key")
+    return given[0]
+
+
+@admin_command(budgets, "set")
+def budgets_set(
+    target: AdminTarget,
+    user: Annotated[str | None, typer.Option(help="A user's budget.")] = None,
+    project: Annotated[str | None, typer.Option(help="A project's budget.")] = None,
+    key: Annotated[str | None, typer.Option(help="A key's budget (its k_ id).")] = None,
+    tokens: Annotated[int | None, typer.Option(help="Tokens per period.")] = None,
+    cost: Annotated[float | None, typer.Option(help="Cost per period (price table units).")] = None,
+    period: Annotated[str, typer.Option(help="daily, weekly, monthly or total.")] = "monthly",
+    gateway: Gateway = ISLAND,
+) -> None:
+    """Set a budget (a new limit for one that exists; what is spent stays)."""
+    scope, subject = subject_of(user, project, key)
+    if (tokens is None) == (cost is None):
+        raise typer.BadParameter("give exactly one of --tokens, --cost")
+    metric, limit = ("tokens", float(tokens)) if tokens is not None else ("cost", float(cost or 0))
+    show(
+        target.run(
+            lambda a: GatewayAdmin(a, gateway).budgets_set(scope, subject, metric, period, limit)
+        )
+    )
+
+
+@admin_command(budgets, "list")
+def budgets_list(
+    target: AdminTarget,
+    user: Annotated[str | None, typer.Option()] = None,
+    project: Annotated[str | None, typer.Option()] = None,
+    key: Annotated[str | None, typer.Option()] = None,
+    gateway: Gateway = ISLAND,
+) -> None:
+    """Budgets with what is spent, held by requests in flight, left, and when they reset."""
+    given = [(s, v) for s, v in (("user", user), ("project", project), ("key", key)) if v]
+    scope, subject = subject_of(user, project, key) if given else (None, None)
+    show(target.run(lambda a: GatewayAdmin(a, gateway).budgets_list(scope, subject)))
+
+
+@admin_command(budgets, "remove")
+def budgets_remove(target: AdminTarget, budget_id: str, gateway: Gateway = ISLAND) -> None:
+    """Remove a budget by its id (scope:subject:metric:period)."""
+    show(target.run(lambda a: GatewayAdmin(a, gateway).budgets_remove(budget_id)))
+
+
+@admin_command(usage, "report")
+def usage_report(
+    target: AdminTarget,
+    user: Annotated[str | None, typer.Option()] = None,
+    project: Annotated[str | None, typer.Option()] = None,
+    key: Annotated[str | None, typer.Option(help="A key id (k_...).")] = None,
+    since: Since = None,
+    until: Until = None,
+    by: By = "user,project,model,adapter",
+    as_csv: AsCsv = False,
+    gateway: Gateway = ISLAND,
+) -> None:
+    """Usage totals over a period, grouped (JSON, or the groups as CSV for chargeback)."""
+    query = {
+        "user": user, "project": project, "key_id": key, "group_by": by,
+        "since": parse_time(since) if since else None,
+        "until": parse_time(until) if until else None,
+    }  # fmt: skip
+    report = target.run(lambda a: GatewayAdmin(a, gateway).usage(**query))
+    if as_csv:
+        print_csv(report["groups"])
+    else:
+        show(report)

@@ -15,7 +15,11 @@ creates it.
     RPC  keys_rotate             {key_id, grace_s?}                     -> {key, record}
     RPC  adapters_register       {id, base_model, owner?, project?, public?} -> adapter access
     RPC  adapters_list           {}                                     -> [adapter access]
-    RPC  usage                   {key_id?, project?, user?, since?}     -> totals
+    RPC  usage                   {key_id?, project?, user?, since?, until?, group_by?}
+                                                                        -> totals (+ groups)
+    RPC  budgets_set             {scope, subject, metric?, period?, limit} -> budget
+    RPC  budgets_list            {scope?, subject?}                     -> [budget]
+    RPC  budgets_remove          {id}                                   -> {removed}
     RPC  audit                   {limit?, since?}                       -> [entry]
 
 Every method is for admin and operator agents only.
@@ -42,6 +46,17 @@ class Limits(BaseModel):
     requests_per_min: int | None = Field(None, ge=1, le=10**7)
     tokens_per_min: int | None = Field(None, ge=1, le=10**12)
     concurrent: int | None = Field(None, ge=1, le=10**6)
+
+
+class Price(BaseModel):
+    """What a model's tokens cost, per million tokens of each type, in the deployment's currency:
+    ``[plugins.gateway.prices."<base model or adapter id>"]`` in the gateway's config (an
+    adapter's own price wins over its base's; to 1/1000 of a unit)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: float = Field(0.0, ge=0, le=10**6)  # prompt tokens
+    output: float = Field(0.0, ge=0, le=10**6)  # completion tokens
 
 
 class UserCreate(Strict):
@@ -96,7 +111,44 @@ class UsageQuery(Strict):
     key_id: str | None = None
     project: str | None = None
     user: str | None = None
+    since: float | None = None  # epoch seconds, included
+    until: float | None = None  # excluded
+    # Comma-separated columns to total by (user, project, key_id, model, adapter): a report.
+    group_by: str | None = Field(None, max_length=100)
+    format: Literal["json", "csv"] = "json"  # csv: the groups as a spreadsheet (HTTP only)
+
+
+class OwnKeyCreate(Strict):
+    """A key a user makes for themself (``POST /me/keys``): no user field, it is the caller's."""
+
+    project: str | None = None
+    name: str = ""
+    ttl_s: float | None = Field(None, gt=0)
+    limits: Limits | None = None
+
+
+class OwnUsageQuery(Strict):
     since: float | None = None
+    until: float | None = None
+    group_by: str = Field("model,adapter", max_length=100)
+    format: Literal["json", "csv"] = "json"
+
+
+class BudgetSet(Strict):
+    scope: Literal["key", "user", "project"]
+    subject: str = Field(min_length=1, max_length=128)  # a key id, user or project name
+    metric: Literal["tokens", "cost"] = "tokens"
+    period: Literal["daily", "weekly", "monthly", "total"] = "monthly"
+    limit: float = Field(ge=0)  # tokens, or currency units of the price table
+
+
+class BudgetQuery(Strict):
+    scope: Literal["key", "user", "project"] | None = None
+    subject: str | None = None
+
+
+class BudgetRef(Strict):
+    id: str = Field(min_length=1, max_length=256)  # scope:subject:metric:period
 
 
 class AuditQuery(Strict):
@@ -139,6 +191,11 @@ ADAPTERS_LIST = Method[NoParams, list[Record]](
 )
 USAGE = Method[UsageQuery, Record]("usage", UsageQuery, Record, "usage")
 AUDIT = Method[AuditQuery, list[Record]]("audit", AuditQuery, list[Record], "audit")
+BUDGETS_SET = Method[BudgetSet, Record]("budgets_set", BudgetSet, Record, "budgets_set")
+BUDGETS_LIST = Method[BudgetQuery, list[Record]](
+    "budgets_list", BudgetQuery, list[Record], "budgets_list"
+)
+BUDGETS_REMOVE = Method[BudgetRef, Record]("budgets_remove", BudgetRef, Record, "budgets_remove")
 
 # Every admin method by name: what the gateway serves over the overlay and at /admin/*.
 METHODS: dict[str, Method[Any, Any]] = {
@@ -158,6 +215,9 @@ METHODS: dict[str, Method[Any, Any]] = {
         ADAPTERS_LIST,
         USAGE,
         AUDIT,
+        BUDGETS_SET,
+        BUDGETS_LIST,
+        BUDGETS_REMOVE,
     )
 }
 
@@ -220,3 +280,25 @@ class GatewayAdmin:
     async def keys_rotate(self, key_id: str, grace_s: float) -> NewKey:
         request = KEYS_ROTATE.parse_params({"key_id": key_id, "grace_s": grace_s})
         return await self.client.invoke(KEYS_ROTATE, request)
+
+    async def usage(self, **query: Any) -> Record:
+        """Totals (and with ``group_by`` the groups) of the ledger: ``UsageQuery``'s fields."""
+        return await self.client.invoke(USAGE, USAGE.parse_params(query))
+
+    async def budgets_set(
+        self, scope: str, subject: str, metric: str, period: str, limit: float
+    ) -> Record:
+        request = BUDGETS_SET.parse_params(
+            {"scope": scope, "subject": subject, "metric": metric, "period": period,
+             "limit": limit}
+        )  # fmt: skip
+        return await self.client.invoke(BUDGETS_SET, request)
+
+    async def budgets_list(
+        self, scope: str | None = None, subject: str | None = None
+    ) -> list[Record]:
+        request = BUDGETS_LIST.parse_params({"scope": scope, "subject": subject})
+        return await self.client.invoke(BUDGETS_LIST, request)
+
+    async def budgets_remove(self, budget: str) -> Record:
+        return await self.client.invoke(BUDGETS_REMOVE, BUDGETS_REMOVE.parse_params({"id": budget}))

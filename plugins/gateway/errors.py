@@ -45,7 +45,12 @@ class GatewayError(Exception):
         code: str | None = None,
         param: str | None = None,
         retry_after: float | None = None,
+        detail: dict[str, Any] | None = None,
+        retry: bool = True,
     ) -> None:
+        """``detail``: more fields of the error object (a budget refusal's figures);
+        ``retry=False`` tells clients that retrying cannot help (the openai SDK reads
+        ``x-should-retry``)."""
         super().__init__(message)
         self.status = status
         self.message = message
@@ -53,6 +58,8 @@ class GatewayError(Exception):
         self.code = code
         self.param = param
         self.retry_after = retry_after
+        self.detail = detail or {}
+        self.retry = retry
 
     def body(self) -> dict[str, Any]:
         return {
@@ -61,13 +68,15 @@ class GatewayError(Exception):
                 "type": self.type,
                 "param": self.param,
                 "code": self.code,
+                **self.detail,
             }
         }
 
     def headers(self) -> dict[str, str]:
-        if self.retry_after is None:
-            return {}
-        return {"Retry-After": str(max(1, round(self.retry_after + 0.499)))}
+        out = {} if self.retry else {"x-should-retry": "false"}
+        if self.retry_after is not None:
+            out["Retry-After"] = str(max(1, round(self.retry_after + 0.499)))
+        return out
 
 
 def from_platform(exc: AtollError) -> GatewayError:

@@ -24,11 +24,13 @@ from atoll.agent.plugins import Plugin, PluginContext
 from atoll.plugins.gateway.accounts import Accounts
 from atoll.plugins.gateway.admin import AdminRPC
 from atoll.plugins.gateway.app import create_app
+from atoll.plugins.gateway.contract import Price
 from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.http_limits import HttpLimits, guarded_protocol
 from atoll.plugins.gateway.limits import RateLimiter
 from atoll.plugins.gateway.router import ModelRouter
 from atoll.plugins.gateway.service import Gateway
+from atoll.plugins.gateway.spending import TEMPLATE_TOKENS, Spending
 from atoll.plugins.storage.contract.adapters import ADAPTERS_NEW, describe_adapter
 from atoll.protocol.session import Publication
 from atoll.tenancy.keys import read_secret, write_secret
@@ -62,6 +64,12 @@ class GatewayConfig(BaseModel):
     # Distinct models, adapters and projects each labels the gateway's metrics with; later ones
     # are counted as "other", so thousands of adapters cannot explode the series count.
     metrics_label_values: int = Field(100, ge=1, le=10_000)
+    # What tokens cost, per base model or adapter id (budgets in cost count with it); a model
+    # with no price costs nothing.
+    prices: dict[str, Price] = {}
+    # Tokens a chat template may add to a prompt (a default system prompt, markers), reserved
+    # against budgets beside the prompt's own bytes.
+    template_tokens: int = Field(TEMPLATE_TOKENS, ge=0, le=100_000)
 
     @field_validator("listen")
     @classmethod
@@ -97,6 +105,10 @@ class GatewayPlugin(Plugin):
             storage=config.storage,
             queue=config.queue,
             label_values=config.metrics_label_values,
+            # A reservation outlives its request's deadline only by the time its row takes.
+            spending=Spending(
+                self.accounts, config.prices, config.template_tokens, config.request_timeout + 60
+            ),
         )
         self.admin = AdminRPC(self.accounts)
         # New adapters (uploaded, or made by a training job) become usable by their owner or

@@ -24,10 +24,10 @@ from atoll.plugins.gateway.catalog import Catalog
 from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.limits import Permit, RateLimiter
 from atoll.plugins.gateway.router import ModelRouter, ReplyMethod
+from atoll.plugins.gateway.spending import TEMPLATE_TOKENS, Spending, prompt_estimate
 from atoll.plugins.gateway.telemetry import GatewayMetrics
 from atoll.plugins.inference.contract import (
     EMBED,
-    EmbedRequest,
     FinishEvent,
     GenerateRequest,
     Mixture,
@@ -35,20 +35,6 @@ from atoll.plugins.inference.contract import (
 )
 
 CLIENT_GONE = 499  # as nginx logs it: the caller closed the connection
-CHARS_PER_TOKEN = 4  # the admission estimate of prompt tokens (the gateway has no tokenizer)
-
-
-def prompt_estimate(request: GenerateRequest | EmbedRequest | dict[str, Any]) -> int:
-    """Prompt tokens charged at admission, before a node has counted them: a low estimate
-    (about 4 characters a token), so the final count rarely falls below it."""
-    if isinstance(request, GenerateRequest):
-        chars = len(request.prompt or "") + sum(len(m.content) for m in request.messages or [])
-        return chars // CHARS_PER_TOKEN
-    # embed: its inputs (the model inference_routes.py builds, or its dict form)
-    texts = request.get("input") if isinstance(request, dict) else request.input
-    if not isinstance(texts, list):
-        return 0
-    return sum(len(t) for t in texts if isinstance(t, str)) // CHARS_PER_TOKEN
 
 
 def _ended_status(exc: BaseException) -> int:
@@ -91,6 +77,7 @@ class Gateway:
         storage: str | None = None,
         queue: str | None = None,
         label_values: int = 100,
+        spending: Spending | None = None,
     ) -> None:
         self.started = time.time()
         self.agent = router.agent
@@ -106,6 +93,7 @@ class Gateway:
         self.max_body_bytes = max_body_bytes
         self.telemetry = GatewayMetrics(metrics, label_values)
         self.own_feed = own_feed  # this agent's feed message, built on the spot
+        self.spending = spending or Spending(accounts, {}, TEMPLATE_TOKENS, request_timeout + 60)
 
     # --- who and what ------------------------------------------------------------------------
 
@@ -203,13 +191,14 @@ class Gateway:
                 code="model_not_found",
                 param="model",
             )
-        permit = self.limiter.admit(principal, *self.accounts.limits_for(principal))
+        request_id = uuid.uuid4().hex
+        self.spending.reserve_call(principal, request_id, model, params)
+        permit = self._admit(principal, request_id)
         # Charged before the node is asked (inference_routes.py hands an EmbedRequest, not a
         # dict), so a burst of concurrent calls cannot all pass the limit; transcriptions have
         # no text in.
         estimate = prompt_estimate(params) if method is EMBED else 0
         permit.charge(estimate)
-        request_id = uuid.uuid4().hex
         started = time.perf_counter()
         status, tokens = 200, estimate
         try:
@@ -245,14 +234,19 @@ class Gateway:
         ``(choice, event)``, tokens as they arrive. Limits apply to the whole request; its
         ledger row is written once every choice has finished, before the caller ends its
         response, with the usage the response reports; ``operation`` is its
-        ``gen_ai.operation.name`` in the metrics. Tokens are charged as they are spent:
-        the prompt at admission (estimated), each completion token as it is handed to the
-        response, so a client that leaves mid-stream has paid for what it got."""
-        permit = self.limiter.admit(principal, *self.accounts.limits_for(principal))
+        ``gen_ai.operation.name`` in the metrics. Its budgets hold the most it can spend before
+        it is sent; tokens are charged to the rate limits as they are spent: the prompt at
+        admission (estimated), each completion token as it is handed to the response, so a
+        client that leaves mid-stream has paid for what it got."""
+        request_id = requests[0].request_id or uuid.uuid4().hex
+        model = target.base or target.model
+        self.spending.reserve_generate(
+            principal, request_id, model, target.adapter, requests, per_prompt
+        )
+        permit = self._admit(principal, request_id)
         estimate = sum(prompt_estimate(r) for r in requests[::per_prompt])
         permit.charge(estimate)
         sent = 0
-        request_id = requests[0].request_id or uuid.uuid4().hex
         started = time.perf_counter()
         finishes: list[tuple[int, FinishEvent]] = []
         usage = Usage()
@@ -287,7 +281,6 @@ class Gateway:
                     prompt_tokens=max(usage.prompt_tokens, estimate),
                     completion_tokens=max(usage.completion_tokens, sent),
                 )
-            model = target.base or target.model
             latency = await self._settle(
                 principal,
                 permit,
@@ -311,6 +304,14 @@ class Gateway:
                 len(streams),
             )
 
+    def _admit(self, principal: Principal, request_id: str) -> Permit:
+        """Past the rate limits, after the budgets' reservation: given back if they refuse."""
+        try:
+            return self.limiter.admit(principal, *self.accounts.limits_for(principal))
+        except BaseException:
+            self.spending.release(request_id)
+            raise
+
     async def _settle(
         self,
         principal: Principal,
@@ -323,8 +324,8 @@ class Gateway:
         started: float,
         prompt_text: str | None,
     ) -> float:
-        """A finished request: its tokens to the limits, its row to the ledger (written when
-        this returns); its latency."""
+        """A finished request: its tokens to the limits, its row and cost to the ledger and its
+        budgets (written when this returns); its latency."""
         permit.done(usage.total_tokens)
         latency = time.perf_counter() - started
         row = self.accounts.usage_row(
@@ -337,6 +338,7 @@ class Gateway:
             status=status,
             latency_ms=round(latency * 1000, 3),
             prompt_text=prompt_text,
+            cost=self.spending.cost(model, adapter, usage),
         )
         await self.ledger.write(row)
         return latency

@@ -366,6 +366,7 @@ def test_usage_ledger_totals(acc: Accounts, clock: Clock) -> None:
         "requests": 2,
         "prompt_tokens": 11,
         "completion_tokens": 5,
+        "cost": 0.0,
     }
     assert acc.usage(project="p1") == acc.usage(key_id=in_p1.key_id)
     alice = acc.usage(user="alice")

@@ -345,3 +345,59 @@ async def test_datasets_training_charts_and_chat_with_the_result(
         re.compile(r"^\d+ \+ [1-9]\d* tokens$"), timeout=60_000
     )
     await tab.close()
+
+
+async def test_my_keys_and_usage(gw_island: Island, browser: Browser) -> None:
+    """A user lists their keys, creates one (shown once), revokes it, and sees their budget and
+    their usage per model; another user's page shows nothing of theirs."""
+    isl = gw_island
+    acc = isl.accounts
+    key = isl.key("alice")
+    acc.create_project("lab", actor="t")
+    acc.add_member("lab", "alice", "member", actor="t")
+    acc.set_budget("user", "alice", "tokens", "monthly", 5000, actor="t")
+    async with httpx.AsyncClient(base_url=isl.url, timeout=30) as http:
+        body = {"model": "echo", "messages": [{"role": "user", "content": "one two three"}]}
+        chat = await http.post(
+            "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+        )
+        assert chat.status_code == 200
+    tab = await Tab.open(browser, isl.url)
+    page = tab.page
+    await tab.login(key)
+    await page.click("nav a[data-tab=account]")
+    rows = page.locator("#keys-table tbody tr")
+    await expect(rows).to_have_count(1)
+    await expect(rows.first).to_contain_text("(this one)")
+    await expect(page.locator("#usage-table tbody tr")).to_have_count(1)
+    await expect(page.locator("#usage-table tbody tr td").nth(2)).to_have_text("1")
+    await expect(page.locator("#usage-total")).to_contain_text("1 requests, 3 prompt")
+    budget = page.locator("#budgets-table tbody tr")
+    await expect(budget).to_have_count(1)
+    await expect(budget.locator("td").nth(5)).to_have_text("4994 tokens")  # 5000 - 3 - 3
+    await expect(page.locator("#key-project option")).to_have_count(2)  # personal, lab
+    await page.fill("#key-name", "notebook")
+    await page.select_option("#key-project", "lab")
+    await page.click("#key-form button")
+    await expect(page.locator("#new-key")).to_be_visible()
+    made = await page.locator("#new-key-text").inner_text()
+    assert made.startswith("atk_")
+    await expect(rows).to_have_count(2)
+    notebook = rows.filter(has_text="notebook")
+    await expect(notebook).to_contain_text("lab")
+    page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+    await notebook.locator("button").click()
+    await expect(notebook).to_contain_text("revoked")
+    async with httpx.AsyncClient(base_url=isl.url, timeout=30) as http:
+        refused = await http.get("/v1/models", headers={"Authorization": f"Bearer {made}"})
+        assert refused.status_code == 401
+    await tab.close()
+    # Bob's page: his keys only, no budget, no usage.
+    other = await Tab.open(browser, isl.url)
+    await other.login(isl.key("bob"))
+    await other.page.click("nav a[data-tab=account]")
+    await expect(other.page.locator("#keys-table tbody tr")).to_have_count(1)
+    await expect(other.page.locator("#keys-table tbody")).not_to_contain_text("notebook")
+    await expect(other.page.locator("#no-budgets")).to_be_visible()
+    await expect(other.page.locator("#usage-table tbody tr")).to_have_count(0)
+    await other.close()

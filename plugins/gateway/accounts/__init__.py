@@ -1,7 +1,9 @@
 """The gateway's accounts in one SQLite file: users, projects and roles (users.py), API keys
 (keys.py), who may see and use which adapter (adapters.py), the usage ledger, one row per
-request (ledger.py), and the audit log, one row per admin action written in the same transaction
-as the change it records (audit.py). store.py holds the schema and the connection they share.
+request (ledger.py), budgets with their reservations, settled by the ledger's own
+transaction (budgets.py), and the audit log, one row per admin action written in the same
+transaction as the change it records (audit.py). store.py holds the schema and the connection
+they share.
 
 ``Accounts``' methods are synchronous and each runs one short statement or transaction, so the
 app may call them from the event loop (``ledger.Ledger`` batches the ledger's rows there).
@@ -14,11 +16,12 @@ from __future__ import annotations
 
 from atoll.plugins.gateway.accounts.adapters import AdapterRegistry
 from atoll.plugins.gateway.accounts.audit import AuditLog
+from atoll.plugins.gateway.accounts.budgets import Budgets
 from atoll.plugins.gateway.accounts.keys import Keys
 from atoll.plugins.gateway.accounts.ledger import UsageTable
 from atoll.plugins.gateway.accounts.users import UsersAndProjects
 
 
-class Accounts(UsersAndProjects, Keys, AdapterRegistry, UsageTable, AuditLog):
+class Accounts(UsersAndProjects, Keys, AdapterRegistry, UsageTable, Budgets, AuditLog):
     """The store, as callers see it: one object over one connection, lock and clock (``Store``),
     each concern's methods from its own module. ``Accounts(path, secret, clock=time.time)``."""

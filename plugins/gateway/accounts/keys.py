@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from atoll.plugins.gateway.accounts.audit import write_audit
+from atoll.plugins.gateway.accounts.budgets import move_key_budgets
 from atoll.plugins.gateway.accounts.store import (
     Store,
     check_actor,
@@ -187,10 +188,12 @@ class Keys(Store):
         return _key(found, now)
 
     def rotate_key(
-        self, key_id: str, grace_s: float = 3600, *, actor: str
+        self, key_id: str, grace_s: float = 3600, *, actor: str, keep_expiry: bool = False
     ) -> tuple[KeyRecord, str]:
-        """A new key for the same user, project, name, limits and lifetime; the old key keeps
-        working for ``grace_s`` seconds (0: not at all), then is refused as rotated out."""
+        """A new key for the same user, project, name, limits, budgets and lifetime (with
+        ``keep_expiry``, the old key's expiry: a user's own rotation extends nothing); the old
+        key keeps working for ``grace_s`` seconds (0: not at all), spending from the new key's
+        budgets, then is refused as rotated out."""
         if not (0 <= grace_s <= MAX_GRACE_S):
             raise GatewayError(
                 400, f"grace_s must be between 0 and {MAX_GRACE_S:.0f} seconds", param="grace_s"
@@ -204,6 +207,8 @@ class Keys(Store):
             if row is None:
                 raise not_found("key", key_id)
             old, ttl_s = _key(row, now), row["ttl_s"]
+            if keep_expiry and old.expires_at is not None:
+                ttl_s = old.expires_at - now
             if old.rotated_to is not None:
                 raise GatewayError(400, f"key {key_id} was already rotated to {old.rotated_to}")
             if old.state != "active":
@@ -215,6 +220,7 @@ class Keys(Store):
                 "UPDATE api_keys SET rotated_to = ?, grace_until = ? WHERE key_id = ?",
                 (record.key_id, now + grace_s, key_id),
             )
+            move_key_budgets(db, key_id, record.key_id)
             detail = {"new_key": record.key_id, "grace_s": grace_s}
             write_audit(db, now, actor, "key.rotate", key_id, detail)
         return record, plaintext

@@ -1,6 +1,7 @@
-"""The usage ledger: one row per request (who, which model and adapter, tokens, status, latency,
-and the prompt for a project that opted in), with totals and paged export; ``Ledger`` writes
-the rows from the event loop, a turn's rows in one transaction."""
+"""The usage ledger: one row per request (who, which model and adapter, tokens, cost, status,
+latency, and the prompt for a project that opted in), with totals, grouped reports and paged
+export; ``Ledger`` writes the rows from the event loop, a turn's rows in one transaction, which
+also settles each request's budgets (budgets.py): a budget's counter moves with its rows."""
 
 from __future__ import annotations
 
@@ -9,14 +10,18 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
+from atoll.plugins.gateway.accounts.budgets import NANO, settle
 from atoll.plugins.gateway.accounts.keys import Principal
 from atoll.plugins.gateway.accounts.store import Store
 from atoll.plugins.gateway.errors import GatewayError
 
 USAGE_COLS = (
     "seq, request_id, at, key_id, user, project, model, adapter, prompt_tokens, "
-    "completion_tokens, status, latency_ms, prompt_text"
+    "completion_tokens, status, latency_ms, prompt_text, cost"
 )
+
+
+GROUPS = ("user", "project", "key_id", "model", "adapter")  # what a report may group by
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,7 @@ class UsageTotals:
     requests: int
     prompt_tokens: int
     completion_tokens: int
+    cost: float = 0.0  # in the price table's currency
 
 
 @dataclass(frozen=True)
@@ -41,16 +47,29 @@ class UsageRow:
     status: int
     latency_ms: float
     prompt_text: str | None
+    cost: int  # nano-units
 
 
 def _usage_where(
-    key_id: str | None, project: str | None, user: str | None, since: float | None
+    key_id: str | None,
+    project: str | None,
+    user: str | None,
+    since: float | None,
+    until: float | None = None,
 ) -> tuple[str, dict[str, Any]]:
     where = (
         "(:key_id IS NULL OR key_id = :key_id) AND (:project IS NULL OR project = :project) "
-        "AND (:user IS NULL OR user = :user) AND (:since IS NULL OR at >= :since)"
+        "AND (:user IS NULL OR user = :user) AND (:since IS NULL OR at >= :since) "
+        "AND (:until IS NULL OR at < :until)"
     )
-    return where, {"key_id": key_id, "project": project, "user": user, "since": since}
+    args = {"key_id": key_id, "project": project, "user": user, "since": since, "until": until}
+    return where, args
+
+
+SUMS = (
+    "COUNT(*), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
+    "COALESCE(SUM(cost), 0)"
+)
 
 
 class UsageTable(Store):
@@ -65,6 +84,7 @@ class UsageTable(Store):
         status: int,
         latency_ms: float,
         prompt_text: str | None = None,
+        cost: int = 0,
     ) -> tuple[Any, ...]:
         """One request's ledger row, checked. ``status`` is the HTTP status the caller got (a
         stream that failed after its 200 records the error's status; a client that went away,
@@ -76,6 +96,8 @@ class UsageTable(Store):
                 f"token counts must be non-negative integers, not {prompt_tokens!r} and "
                 f"{completion_tokens!r}"
             )
+        if type(cost) is not int or cost < 0:
+            raise ValueError(f"cost must be a non-negative integer (nano-units), not {cost!r}")
         if type(status) is not int or not 100 <= status <= 599:
             raise ValueError(f"status must be an HTTP status, not {status!r}")
         if not latency_ms >= 0:
@@ -83,15 +105,17 @@ class UsageTable(Store):
         kept = prompt_text if principal.store_prompts else None
         who = (principal.key_id, principal.user, principal.project)
         counts = (prompt_tokens, completion_tokens, status, float(latency_ms))
-        return (request_id, self._clock(), *who, model, adapter, *counts, kept)
+        return (request_id, self._clock(), *who, model, adapter, *counts, kept, cost)
 
     def insert_usage(self, rows: list[tuple[Any, ...]]) -> list[ValueError | None]:
         """``rows`` (from usage_row) in one transaction; if one clashes with a request already
         in the ledger, each in its own. Per row: None, or why it was refused."""
-        sql = f"INSERT INTO usage ({USAGE_COLS}) VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        sql = f"INSERT INTO usage ({USAGE_COLS}) VALUES (NULL{', ?' * 13})"
         try:
             with self._tx(ledger=True) as db:
                 db.executemany(sql, rows)
+                for rid, at, key_id, user, project, _, _, p, c, *_, cost in rows:
+                    settle(db, rid, at, key_id, user, project, p + c, cost)
             return [None] * len(rows)
         except sqlite3.IntegrityError:
             if len(rows) == 1:
@@ -104,15 +128,45 @@ class UsageTable(Store):
         project: str | None = None,
         user: str | None = None,
         since: float | None = None,
+        until: float | None = None,
     ) -> UsageTotals:
-        """Totals of the ledger rows matching every filter given (a project: its keys' rows)."""
-        where, args = _usage_where(key_id, project, user, since)
-        ((requests, prompt, completion),) = self._read(
-            "SELECT COUNT(*), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0)"
-            f" FROM usage WHERE {where}",
+        """Totals of the ledger rows matching every filter given (a project: its keys' rows),
+        ``since`` included, ``until`` not."""
+        where, args = _usage_where(key_id, project, user, since, until)
+        ((requests, prompt, completion, cost),) = self._read(
+            f"SELECT {SUMS} FROM usage WHERE {where}", args
+        )
+        return UsageTotals(requests, prompt, completion, cost / NANO)
+
+    def usage_report(
+        self,
+        group_by: list[str],
+        key_id: str | None = None,
+        project: str | None = None,
+        user: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """Totals per distinct value of the ``group_by`` columns (of ``GROUPS``), largest first."""
+        if not group_by or len(set(group_by)) != len(group_by) or set(group_by) - set(GROUPS):
+            raise GatewayError(
+                400, f"group_by names distinct columns of {', '.join(GROUPS)}", param="group_by"
+            )
+        where, args = _usage_where(key_id, project, user, since, until)
+        columns = ", ".join(group_by)  # checked against GROUPS above
+        rows = self._read(
+            f"SELECT {columns}, {SUMS} FROM usage WHERE {where} GROUP BY {columns} "
+            f"ORDER BY COUNT(*) DESC, {columns}",
             args,
         )
-        return UsageTotals(requests, prompt, completion)
+        n = len(group_by)
+        return [
+            {
+                **dict(zip(group_by, r[:n], strict=True)),
+                **UsageTotals(r[n], r[n + 1], r[n + 2], r[n + 3] / NANO).__dict__,
+            }
+            for r in rows
+        ]
 
     def usage_rows(
         self,

@@ -15,7 +15,6 @@ from typing import Any, Final
 from atoll.plugins.gateway.contract import Limits
 from atoll.plugins.gateway.errors import GatewayError
 
-SCHEMA_VERSION = 1
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
     name TEXT PRIMARY KEY, admin INTEGER NOT NULL, created REAL NOT NULL);
@@ -47,6 +46,24 @@ CREATE TABLE IF NOT EXISTS audit (
     target TEXT NOT NULL, detail TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS audit_at ON audit (at);
 """
+# Each schema version after the first, in order: the statements that bring the previous one to it.
+MIGRATIONS = [
+    # 2: budgets (budgets.py) and each request's cost, in nano-units of the price table's currency
+    # (BIGINT: 64-bit in PostgreSQL too; SQLite's INTEGER affinity either way)
+    """
+    ALTER TABLE usage ADD COLUMN cost BIGINT NOT NULL DEFAULT 0;
+    CREATE TABLE budgets (
+        id TEXT PRIMARY KEY, scope TEXT NOT NULL, subject TEXT NOT NULL, metric TEXT NOT NULL,
+        period TEXT NOT NULL, amount BIGINT NOT NULL, spent BIGINT NOT NULL,
+        reserved BIGINT NOT NULL, period_start REAL NOT NULL, created REAL NOT NULL);
+    CREATE INDEX budgets_subject ON budgets (subject);
+    CREATE TABLE reservations (
+        request_id TEXT NOT NULL, budget_id TEXT NOT NULL REFERENCES budgets(id),
+        amount BIGINT NOT NULL, expires REAL NOT NULL, PRIMARY KEY (request_id, budget_id));
+    CREATE INDEX reservations_expires ON reservations (expires);
+    """,
+]
+SCHEMA_VERSION = 1 + len(MIGRATIONS)
 
 
 class Keep:
@@ -121,10 +138,15 @@ class Store:
         if version > SCHEMA_VERSION:
             raise RuntimeError(f"{path} has schema {version}, newer than this gateway's")
         with self._tx() as db:
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
+            for step in [SCHEMA, *MIGRATIONS][version:]:  # version n has the first n steps
+                for statement in step.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def now(self) -> float:
+        """The store's clock (epoch seconds): what expiry, grace and periods are decided by."""
+        return self._clock()
 
     def close(self) -> None:
         with self._lock:

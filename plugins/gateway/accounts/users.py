@@ -205,6 +205,13 @@ class UsersAndProjects(Store):
                 )
             write_audit(db, now, actor, "member.remove", project, {"user": user})
 
+    def memberships(self, user: str) -> dict[str, str]:
+        """The projects ``user`` belongs to, with their role in each."""
+        rows = self._read(
+            "SELECT project, role FROM members WHERE user = ? ORDER BY project", (user,)
+        )
+        return dict(rows)
+
     def members(self, project: str) -> list[Member]:
         if not self._read("SELECT 1 FROM projects WHERE name = ?", (project,)):
             raise not_found("project", project)

@@ -1,4 +1,6 @@
-// The shell: log in with an API key, then the tabs (chat, datasets, jobs, metrics for admins).
+// The shell: log in with an API key, then the tabs (chat, datasets, jobs, the user's own keys
+// and usage, metrics for admins).
+import { Account } from "./account.js";
 import { Api, ApiError } from "./api.js";
 import { Chat } from "./chat.js";
 import { Datasets } from "./datasets.js";
@@ -50,6 +52,7 @@ class App {
       chat: new Chat(api, session),
       datasets: new Datasets(api),
       jobs: new Jobs(api, (model) => this.chatWith(model)),
+      account: new Account(api, session),
     };
     if (session.admin) this.tabs.metrics = new Metrics(api);
     this.show(location.hash.slice(1));
