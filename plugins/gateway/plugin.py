@@ -56,7 +56,10 @@ class GatewayConfig(BaseModel):
     # max_connections open sockets a new one is answered 503 at once.
     header_timeout: float = Field(10.0, gt=0, le=300)
     body_timeout: float = Field(30.0, gt=0, le=600)
-    idle_timeout: float = Field(5.0, gt=0, le=600)
+    # Longer than clients keep an idle pooled connection (httpx 5 s, aiohttp 15 s; nginx's own
+    # default is 75 s): a server closing first races the client's next request on that
+    # connection, which then fails with no response at all (a lab run lost a request so).
+    idle_timeout: float = Field(75.0, gt=0, le=600)
     max_connections: int = Field(1000, ge=1, le=100_000)
     # GET /openapi.json for callers with a key (client generators, fuzzers); off: 404. There is
     # never a /docs or /redoc page (FastAPI's load scripts from a CDN on the web UI's origin).
