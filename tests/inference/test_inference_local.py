@@ -336,7 +336,7 @@ async def test_distinct_adapters_per_step_and_queue_bounds(models, tmp_path):
         forward = engine._forward
 
         def spy(inputs, rows):
-            seen.append(len({r.adapter for r in rows} - {"__base__"}))
+            seen.append(len({r.slot for r in rows} - {0}))
             return forward(inputs, rows)
 
         engine._forward = spy
