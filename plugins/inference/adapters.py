@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,6 +188,7 @@ class AdapterCache:
         self._merge = merge
         self.entries: OrderedDict[str, LoadedAdapter] = OrderedDict()  # LRU order: oldest first
         self._loading: dict[str, asyncio.Future[LoadedAdapter]] = {}
+        self._room: deque[asyncio.Future[None]] = deque()  # loads waiting for a slot, in order
         self.hits = metrics.counter("adapter_cache_hits", "Requests whose adapter was loaded")
         self.misses = metrics.counter("adapter_cache_misses", "Requests that had to load it")
         self.loads = metrics.counter("adapter_loads", "Adapters loaded into the pool")
@@ -227,6 +228,8 @@ class AdapterCache:
 
     def release(self, entry: LoadedAdapter) -> None:
         entry.refs -= 1
+        if not entry.refs:
+            self._wake()
 
     # --- administration ----------------------------------------------------------------------
 
@@ -322,7 +325,7 @@ class AdapterCache:
         self, info: AdapterInfo, read: Callable[[], LoraWeights], started: float
     ) -> LoadedAdapter:
         """Take a slot (evicting if needed) and have the pool's loader fill it."""
-        self._make_room()
+        await self._make_room()
         slot = self.pool.take()
         copying = time.perf_counter()
         loaded = asyncio.wrap_future(self.pool.load(slot, read))
@@ -330,10 +333,10 @@ class AdapterCache:
             await asyncio.shield(loaded)
         except asyncio.CancelledError:
             # The loader may still be writing: the slot is free again only once it is done.
-            loaded.add_done_callback(lambda _: self.pool.give_back(slot))
+            loaded.add_done_callback(lambda _: self._give_back(slot))
             raise
         except BaseException:
-            self.pool.give_back(slot)
+            self._give_back(slot)
             raise
         now = time.perf_counter()
         info.loaded = True
@@ -345,18 +348,42 @@ class AdapterCache:
         self.loaded.set(len(self.entries))
         return entry
 
-    def _make_room(self) -> None:
-        """Evict least recently used adapters until a slot is free (in-flight loads hold theirs)."""
+    async def _make_room(self) -> None:
+        """Evict least recently used adapters until a slot is free. While every slot is held by
+        requests (running, queued or loading), wait in line for one: a request's load starts as
+        soon as a slot frees; only pinned adapters filling the pool refuse it."""
         while not self.pool.free:
             victim = next(
                 (k for k, e in self.entries.items() if not e.refs and not e.info.pinned), None
             )
-            if victim is None:
-                raise Overloaded(
-                    f"all {self.capacity} adapter slots are pinned or serving (or loading) requests"
-                )
-            self._drop(victim, self.entries[victim])
-            self.evictions.inc()
+            if victim is not None:
+                self._drop(victim, self.entries[victim])
+                self.evictions.inc()
+                continue
+            if all(e.info.pinned for e in self.entries.values()) and len(self.entries) == (
+                self.capacity
+            ):
+                raise Overloaded(f"all {self.capacity} adapter slots are pinned or serving")
+            turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._room.append(turn)
+            try:
+                await turn
+            finally:
+                if turn in self._room:
+                    self._room.remove(turn)
+        if self.pool.free > 1:
+            self._wake()  # room for the next in line too
+
+    def _wake(self) -> None:
+        while self._room:
+            turn = self._room.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+
+    def _give_back(self, slot: int) -> None:
+        self.pool.give_back(slot)
+        self._wake()
 
     def _drop(self, key: str, entry: LoadedAdapter) -> None:
         del self.entries[key]

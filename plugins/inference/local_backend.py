@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from atoll.agent.errors import AtollError, InvalidRequest
 from atoll.agent.metrics import MetricsRegistry
 from atoll.plugins.basemodels import ModelSpec, model_id, resolve_model
+from atoll.plugins.inference.adapter_metrics import LoraRequests
 from atoll.plugins.inference.adapters import (
     AdapterCache,
     AdapterLimits,
@@ -141,6 +142,7 @@ class LocalBackend(Backend):
             metrics=self.metrics,
         )
         self.tokens = self.metrics.counter("tokens_generated", "Completion tokens generated")
+        self.lora_requests = LoraRequests(self.metrics)
         if cfg.embeddings:
             from atoll.plugins.inference.embeddings import Embedder
 
@@ -173,12 +175,20 @@ class LocalBackend(Backend):
             raise InvalidRequest(
                 f"the prompt has {len(prompt)} tokens; this model's context is {self.context}"
             )
+        key = request.adapter or (request.mixture.key() if request.mixture else None)
+        tracked = self.lora_requests.arrive(key) if key else None
         entry: LoadedAdapter | None = None
-        if request.adapter is not None:
-            entry = await cache.acquire(request.adapter)
-        elif request.mixture is not None:
-            entry = await cache.acquire_mixture(request.mixture)
+        produced = 0
         loop = asyncio.get_running_loop()
+        try:
+            if request.adapter is not None:
+                entry = await cache.acquire(request.adapter)
+            elif request.mixture is not None:
+                entry = await cache.acquire_mixture(request.mixture)
+        except BaseException:
+            if tracked is not None:
+                tracked.end(0)
+            raise
         queue: asyncio.Queue[TokenEvent | FinishEvent | AtollError] = asyncio.Queue()
 
         def emit(event: TokenEvent | FinishEvent | AtollError) -> None:
@@ -196,6 +206,7 @@ class LocalBackend(Backend):
             model=self.model_id,
             adapter_id=entry.info.id if entry else None,
             logprobs=request.logprobs,
+            on_start=(lambda: loop.call_soon_threadsafe(tracked.start)) if tracked else None,
         )
         try:
             engine.submit(row)
@@ -204,12 +215,15 @@ class LocalBackend(Backend):
                 if isinstance(event, AtollError):
                     raise event
                 if event.type == "finish":
-                    self.tokens.inc(event.usage.completion_tokens)
+                    produced = event.usage.completion_tokens
+                    self.tokens.inc(produced)
                 yield event
                 if event.type == "finish":
                     return
         finally:
             engine.cancel(row)
+            if tracked is not None:
+                tracked.end(produced)
             if entry is not None:
                 cache.release(entry)
 
