@@ -16,7 +16,7 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors import safe_open
@@ -389,14 +389,3 @@ class AdapterCache:
         del self.entries[key]
         self.pool.give_back(entry.slot)
         self.loaded.set(len(self.entries))
-
-
-def describe_shapes(model: Any) -> dict[str, tuple[int, int]]:
-    """Every linear layer's (in, out) features by module path, for checking adapters."""
-    import torch
-
-    return {
-        name: (m.in_features, m.out_features)
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear)
-    }

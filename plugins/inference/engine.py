@@ -62,7 +62,7 @@ class Row:
     cancelled: bool = False
     done: bool = False
     skipped: int = 0
-    on_start: Callable[[], None] | None = None  # called (engine thread) when it joins the batch
+    on_start: Callable[[], object] | None = None  # called (engine thread) as it joins the batch
 
     def __post_init__(self) -> None:
         self.seen = list(self.prompt)

@@ -21,7 +21,6 @@ from atoll.plugins.inference.adapters import (
     AdapterCache,
     AdapterLimits,
     LoadedAdapter,
-    describe_shapes,
     same_model,
     validate_adapter,
 )
@@ -40,7 +39,7 @@ from atoll.plugins.inference.contract import (
 )
 from atoll.plugins.inference.engine import Engine, Row
 from atoll.plugins.inference.mixtures import merge
-from atoll.plugins.inference.pool import BASE, AdapterPool, read_adapter
+from atoll.plugins.inference.pool import BASE, AdapterPool, describe_shapes, read_adapter
 from atoll.plugins.inference.sampling import Sampler
 from atoll.plugins.inference.textstream import TextStream
 

@@ -249,3 +249,12 @@ def read_adapter(path: Path, dtype: torch.dtype) -> LoraWeights:
         scale = module_alpha / (math.sqrt(r) if rslora else r)
         weights[module] = (a.to(dtype), (b.float() * scale).to(dtype))
     return weights
+
+
+def describe_shapes(model: Any) -> dict[str, tuple[int, int]]:
+    """Every linear layer's (in, out) features by module path, for checking adapters."""
+    return {
+        name: (m.in_features, m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    }
