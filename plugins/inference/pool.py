@@ -98,27 +98,25 @@ class AdapterPool:
         self._free.append(slot)
 
     def load(self, slot: int, read: Callable[[], LoraWeights]) -> concurrent.futures.Future:
-        """On the loader thread: ``read()`` the weights, write them into ``slot``, then mark it
-        ready on the engine thread. The future resolves once it is ready (or with the error;
-        the slot is then still the caller's, not ready, to give back)."""
+        """On the loader thread: ``read()`` the weights, write them into ``slot``, then queue
+        the engine command that marks it ready. The future resolves once that command is queued
+        (or with the error; the slot is then still the caller's, not ready, to give back): a row
+        submitted after it finds the slot ready, or passed over until the engine's next command
+        run — no wait for a round trip through the engine."""
         done: concurrent.futures.Future = concurrent.futures.Future()
 
         def run() -> None:
             try:
                 rank = self.write(slot, read())
-            except BaseException as exc:
+
+                def ready() -> None:
+                    self.ranks[slot] = rank
+
+                self._activate(ready)
+            except BaseException as exc:  # a damaged file, or the engine is stopping
                 done.set_exception(exc)
                 return
-
-            def ready() -> None:
-                self.ranks[slot] = rank
-
-            try:
-                flip = self._activate(ready)
-            except BaseException as exc:  # the engine is stopping
-                done.set_exception(exc)
-                return
-            flip.add_done_callback(lambda f: _chain(f, done))
+            done.set_result(None)
 
         self._loader.submit(run)
         return done
@@ -205,15 +203,6 @@ class AdapterPool:
             return output + torch.bmm(low, b[index, :, :r].transpose(1, 2)).to(output.dtype)
 
         return hook
-
-
-def _chain(src: concurrent.futures.Future, dst: concurrent.futures.Future) -> None:
-    if src.cancelled():
-        dst.set_exception(AdapterRejected("the engine stopped before the adapter was ready"))
-    elif src.exception() is not None:
-        dst.set_exception(src.exception())
-    else:
-        dst.set_result(None)
 
 
 def read_adapter(path: Path, dtype: torch.dtype) -> LoraWeights:
