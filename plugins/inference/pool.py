@@ -148,6 +148,8 @@ class AdapterPool:
                 if name in weights:
                     wa, wb = weights[name]
                     r = wa.shape[0]
+                    if wa.shape != (r, layer.d_in) or wb.shape != (layer.d_out, r):
+                        raise AdapterRejected(f"{name}: A {list(wa.shape)}, B {list(wb.shape)}")
                     a[slot, :r].copy_(wa)
                     b[slot, :, :r].copy_(wb)
         if self.device.type == "cuda":
