@@ -76,6 +76,7 @@ class AdapterPool:
                 self.layers[name] = layer
                 module.register_forward_hook(self._hook(layer))
         self.ranks = [0] * (slots + 1)  # per slot: its adapter's rank once ready, else 0
+        self._lives = [0] * (slots + 1)  # per slot: bumped when freed, so a late flip is void
         self._free = list(range(slots, 0, -1))
         self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=LOADER_THREAD)
         self._index: torch.Tensor | None = None  # per row of the current step: its slot
@@ -95,6 +96,7 @@ class AdapterPool:
         """Free a slot no request holds. Unready at once: no row of a running step indexes it
         (a cancelled row reads slot 0, see engine.py), so this needs no engine round trip."""
         self.ranks[slot] = 0
+        self._lives[slot] += 1
         self._free.append(slot)
 
     def load(self, slot: int, read: Callable[[], LoraWeights]) -> concurrent.futures.Future:
@@ -104,13 +106,15 @@ class AdapterPool:
         submitted after it finds the slot ready, or passed over until the engine's next command
         run — no wait for a round trip through the engine."""
         done: concurrent.futures.Future = concurrent.futures.Future()
+        life = self._lives[slot]
 
         def run() -> None:
             try:
                 rank = self.write(slot, read())
 
                 def ready() -> None:
-                    self.ranks[slot] = rank
+                    if self._lives[slot] == life:  # not freed (cancelled, evicted) meanwhile
+                        self.ranks[slot] = rank
 
                 self._activate(ready)
             except BaseException as exc:  # a damaged file, or the engine is stopping
