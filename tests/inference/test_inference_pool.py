@@ -16,8 +16,11 @@ from peft import PeftModel
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from atoll.plugins.inference.contract import AdapterRejected, Overloaded
+from atoll.plugins.inference.contract import AdapterRejected, GenerateRequest, Overloaded
+from atoll.plugins.inference.engine import Row
 from atoll.plugins.inference.pool import BASE, LOADER_THREAD, AdapterPool, read_adapter
+from atoll.plugins.inference.sampling import Sampler
+from atoll.plugins.inference.textstream import TextStream
 from support.local_node import GREEDY, reference, run, start_backend
 from support.overlay import eventually
 from support.tiny_models import build_tiny_model, make_adapter
@@ -278,5 +281,39 @@ async def test_a_thousand_adapters_cycle_through_32_slots(models, tmp_path):
             for i in range(0, 1000, 9):  # every 9th (all ranks), against an independent path
                 assert results[i] == merged_greedy(model, root / f"u{i}", prompt, tokens), i
         assert len({tuple(r) for r in results}) > 100  # they really differ
+    finally:
+        await backend.stop()
+
+
+async def test_rows_wait_for_their_slot_without_holding_others_up(models, tmp_path):
+    backend = await start_backend(models, tmp_path, adapter_cache=2)
+    try:
+        engine, pool = backend.engine, backend.cache.pool
+        slot = pool.take()  # not ready yet: its load has not run
+        events: list[object] = []
+        params = GenerateRequest(prompt="x", params=GREEDY).params
+        row = Row(
+            prompt=backend.tokenizer("Hello")["input_ids"],
+            slot=slot,
+            sampler=Sampler(params),
+            text=TextStream(backend.tokenizer, []),
+            max_new=4,
+            stop_ids=frozenset(),
+            emit=events.append,
+            model=backend.model_id,
+            adapter_id="r4/ad",
+        )
+        engine.submit(row)
+        # Requests behind it are served meanwhile; it is passed over without counting skips
+        # (which would end in blocking everyone behind a row that cannot run yet).
+        for _ in range(3):
+            _, _, finish = await run(backend, prompt="Hello", params=GREEDY)
+            assert finish.finish_reason == "length"
+        assert not events and row.skipped == 0 and engine.queue_depth == 1
+        path = models["adapters"] / "r4/ad"
+        await asyncio.wrap_future(pool.load(slot, lambda: read_adapter(path, torch.float32)))
+        await eventually(lambda: any(getattr(e, "type", "") == "finish" for e in events))
+        ids = [e.token_id for e in events if getattr(e, "type", "") == "token"]
+        assert ids == reference(models["base"], path, row.prompt, 4)
     finally:
         await backend.stop()
