@@ -1,7 +1,8 @@
 """Thousands of adapters on the embedded model (SmolLM2-135M): throughput under cache churn, load
 times, and how long loads hold decoding up.
 
-Figures, all from one run (the anchor measured here, ratios judged):
+Figures, all from one run (the anchor measured here, ratios judged); requests of 16 to 48 tokens
+(32 on average), staggered so that loads happen while other rows decode:
 - ``one_adapter``: tokens/s at concurrency 16, every request on one adapter (the anchor);
 - ``spread_64_loaded``: round robin over 64 adapters loaded beforehand (a pool of 80 slots);
 - ``round_robin_1000``: round robin over 1,000 stored adapters with the default pool (32 slots),
@@ -36,13 +37,51 @@ import torch
 
 from atoll.agent.metrics import MetricsRegistry
 from atoll.bench.harness import run_main, setup_logging
-from atoll.bench.multilora import throughput, write_adapter
+from atoll.bench.multilora import PROMPTS, write_adapter
 from atoll.plugins.basemodels import model_id, resolve_model
+from atoll.plugins.inference.contract import GenerateRequest
 from atoll.plugins.inference.local_backend import LocalBackend, LocalConfig
 from atoll.tuning import tune_process
 
 WEIGHT_FILES = 64
 RANK = 8
+
+
+async def throughput(
+    backend: LocalBackend, adapters: list[str], concurrency: int, requests: int, tokens: int
+) -> dict[str, Any]:
+    """Completion tokens/s for ``requests`` requests, ``concurrency`` at a time, of ``tokens``
+    tokens on average: lengths staggered (half to one and a half times) so that requests end,
+    and new ones load their adapters, while others decode."""
+    gate = asyncio.Semaphore(concurrency)
+    produced = 0
+
+    async def one(i: int) -> None:
+        nonlocal produced
+        request = GenerateRequest.model_validate(
+            {
+                "prompt": PROMPTS[i % len(PROMPTS)],
+                "adapter": adapters[i % len(adapters)],
+                "params": {
+                    "temperature": 0,
+                    "max_new_tokens": tokens // 2 + (i * 11) % (tokens + 1),
+                    "ignore_eos": True,
+                },
+            }
+        )
+        async with gate:
+            async for event in backend.generate(request):
+                if event.type == "finish":
+                    produced += event.usage.completion_tokens
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(requests)))
+    elapsed = time.perf_counter() - started
+    return {
+        "tokens": produced,
+        "seconds": round(elapsed, 3),
+        "tokens_per_s": round(produced / elapsed, 1),
+    }
 
 
 class Probe:
