@@ -1,8 +1,9 @@
 """Thousands of adapters on the embedded model (SmolLM2-135M): throughput under cache churn, load
 times, and how long loads hold decoding up.
 
-Figures, all from one run (the anchor measured here, ratios judged); requests of 16 to 48 tokens
-(32 on average), staggered so that loads happen while other rows decode:
+Figures, all from one run (the anchor measured here, ratios judged); requests of 16, 27 or 38
+tokens (27 on average with the default 32), staggered so that loads happen while other rows
+decode:
 - ``one_adapter``: tokens/s at concurrency 16, every request on one adapter (the anchor);
 - ``spread_64_loaded``: round robin over 64 adapters loaded beforehand (a pool of 80 slots);
 - ``round_robin_1000``: round robin over 1,000 stored adapters with the default pool (32 slots),
@@ -51,8 +52,8 @@ async def throughput(
     backend: LocalBackend, adapters: list[str], concurrency: int, requests: int, tokens: int
 ) -> dict[str, Any]:
     """Completion tokens/s for ``requests`` requests, ``concurrency`` at a time, of ``tokens``
-    tokens on average: lengths staggered (half to one and a half times) so that requests end,
-    and new ones load their adapters, while others decode."""
+    tokens give or take: lengths staggered (``tokens // 2`` plus 0, 11 or 22 for the default 32)
+    so that requests end, and new ones load their adapters, while others decode."""
     gate = asyncio.Semaphore(concurrency)
     produced = 0
 
