@@ -1,5 +1,5 @@
 """Helpers shared by the benchmarks in this folder (``overlay.py``, ``mesh.py``, ``dataplane.py``,
-``gateway.py``, ``multilora.py``, ``training.py``).
+``gateway.py``, ``multilora.py``, ``adapters.py``, ``training.py``).
 
 Not a benchmark: each benchmark runs as a script (``python bench/overlay.py``) and imports it as
 ``atoll.bench.harness`` (the repository root is the package), so the type checker follows it.

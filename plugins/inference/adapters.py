@@ -2,21 +2,21 @@
 
 A bad adapter is refused before it touches the model (peft type, base model, rank, target
 modules, tensor names and shapes read from the safetensors header alone), so a refusal never
-disturbs requests being served. The cache keeps at most ``capacity`` adapters loaded; the least
-recently used one that is neither pinned nor in use by a running request is evicted first.
+disturbs requests being served. The cache keeps adapters in the pool's slots (pool.py), one each;
+when none is free, the least recently used one that is neither pinned nor held by a request is
+evicted first.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors import safe_open
@@ -30,6 +30,9 @@ from atoll.plugins.inference.contract import (
     Overloaded,
 )
 from atoll.plugins.storage.contract.adapters import AdapterNotFound
+
+if TYPE_CHECKING:
+    from atoll.plugins.inference.pool import AdapterPool, LoraWeights
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -100,7 +103,7 @@ def validate_adapter(
     try:
         with safe_open(str(weights), framework="pt") as fh:
             for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
-                module, kind = _split_key(key)
+                module, kind = split_key(key)
                 if module is None:
                     raise refuse(f"unexpected tensor {key!r}")
                 name = module.rsplit(".", 1)[-1]
@@ -139,7 +142,7 @@ def same_model(a: str, b: str) -> bool:
     return Path(a.rstrip("/")).name.lower() == Path(b.rstrip("/")).name.lower()
 
 
-def _split_key(key: str) -> tuple[str | None, str]:
+def split_key(key: str) -> tuple[str | None, str]:
     for kind in ("A", "B"):
         suffix = f".lora_{kind}.weight"
         if key.endswith(suffix):
@@ -148,53 +151,53 @@ def _split_key(key: str) -> tuple[str | None, str]:
     return None, ""
 
 
-def peft_name(adapter_id: str) -> str:
-    """A name peft accepts as a module key for any adapter id (ids hold '/' and '.')."""
-    return "a" + hashlib.sha256(adapter_id.encode()).hexdigest()[:20]
-
-
 @dataclass
 class LoadedAdapter:
-    """An adapter in the model: what it is, its peft name, and the requests using it now."""
+    """An adapter in a pool slot: what it is, its slot, and the requests holding it now."""
 
     info: AdapterInfo
-    name: str  # peft adapter name
+    slot: int
     refs: int = 0
 
 
 class AdapterCache:
-    """Which adapters are loaded into the model, loading and evicting them as requests need.
+    """Which adapters are in the pool's slots, loading and evicting them as requests need.
 
-    ``load`` and ``unload`` are the model operations, run by the engine between steps;
-    ``fetch`` gets an adapter's directory (from the storage agent or a local directory).
+    ``fetch`` gets an adapter's directory (from the storage agent or a local directory);
+    ``validate`` checks it (off the event loop); ``read`` (or ``merge``, for a mixture) runs on
+    the pool's loader thread, which copies the result into a slot. Evicting is giving a slot
+    back: nothing to undo in the model.
     """
 
     def __init__(
         self,
-        capacity: int,
+        pool: AdapterPool,
         root: Path,
         fetch: AdapterFetcher,
         validate: Callable[[Path, str], AdapterInfo],
-        load: Callable[[str, Path], Awaitable[None]],
-        merge: Callable[[str, list[str], Mixture], Awaitable[None]],
-        unload: Callable[[str], Awaitable[None]],
+        read: Callable[[Path], LoraWeights],
+        merge: Callable[[list[Path], Mixture], LoraWeights],
         metrics: MetricsRegistry,
     ) -> None:
-        self.capacity = capacity
+        self.pool = pool
+        self.capacity = pool.slots
         self.root = root  # where fetched adapters are kept on disk
         self._fetch = fetch
         self._validate = validate
-        self._load = load
+        self._read = read
         self._merge = merge
-        self._unload = unload
         self.entries: OrderedDict[str, LoadedAdapter] = OrderedDict()  # LRU order: oldest first
         self._loading: dict[str, asyncio.Future[LoadedAdapter]] = {}
-        self._lock = asyncio.Lock()  # one model change at a time
+        self._room: deque[asyncio.Future[None]] = deque()  # loads waiting for a slot, in order
         self.hits = metrics.counter("adapter_cache_hits", "Requests whose adapter was loaded")
-        self.loads = metrics.counter("adapter_loads", "Adapters loaded into the model")
+        self.misses = metrics.counter("adapter_cache_misses", "Requests that had to load it")
+        self.loads = metrics.counter("adapter_loads", "Adapters loaded into the pool")
         self.refusals = metrics.counter("adapter_refusals", "Adapters refused at validation")
-        self.evictions = metrics.counter("adapter_evictions", "Adapters evicted from the cache")
+        self.evictions = metrics.counter("adapter_evictions", "Adapters evicted from the pool")
         self.load_time = metrics.histogram("adapter_load_seconds", "Fetch, check and load time")
+        self.slot_time = metrics.histogram(
+            "adapter_slot_load_seconds", "Read and copy into a slot (loader thread), until ready"
+        )
         self.loaded = metrics.gauge("adapters_loaded", "Adapters loaded now")
 
     # --- requests ----------------------------------------------------------------------------
@@ -205,6 +208,7 @@ class AdapterCache:
         if entry is not None:
             self.hits.inc()
         else:
+            self.misses.inc()
             entry = await self._single_flight(adapter_id, lambda: self._load_new(adapter_id))
         self._touch(entry)
         entry.refs += 1
@@ -216,6 +220,7 @@ class AdapterCache:
         if entry is not None:
             self.hits.inc()
         else:
+            self.misses.inc()
             entry = await self._single_flight(key, lambda: self._merge_new(key, mixture))
         self._touch(entry)
         entry.refs += 1
@@ -223,6 +228,8 @@ class AdapterCache:
 
     def release(self, entry: LoadedAdapter) -> None:
         entry.refs -= 1
+        if not entry.refs:
+            self._wake()
 
     # --- administration ----------------------------------------------------------------------
 
@@ -234,14 +241,13 @@ class AdapterCache:
         return entry.info
 
     async def unload(self, adapter_id: str) -> bool:
-        async with self._lock:
-            entry = self.entries.get(adapter_id)
-            if entry is None:
-                return False
-            if entry.refs:
-                raise Overloaded(f"adapter {adapter_id!r} is serving {entry.refs} request(s)")
-            await self._drop(adapter_id, entry)
-            return True
+        entry = self.entries.get(adapter_id)
+        if entry is None:
+            return False
+        if entry.refs:
+            raise Overloaded(f"adapter {adapter_id!r} is serving {entry.refs} request(s)")
+        self._drop(adapter_id, entry)
+        return True
 
     def pin(self, adapter_id: str, pinned: bool) -> AdapterInfo:
         entry = self.entries.get(adapter_id)
@@ -278,77 +284,108 @@ class AdapterCache:
         fut.set_result(entry)
         return entry
 
-    async def _load_new(self, adapter_id: str) -> LoadedAdapter:
-        started = time.perf_counter()
+    async def _checked(self, adapter_id: str) -> tuple[Path, AdapterInfo]:
         path = await self._fetch(adapter_id, self.root)
         try:
-            info = await asyncio.to_thread(self._validate, path, adapter_id)
+            return path, await asyncio.to_thread(self._validate, path, adapter_id)
         except AdapterRejected:
             self.refusals.inc()
             raise
-        async with self._lock:
-            await self._make_room()
-            name = peft_name(adapter_id)
-            await self._load(name, path)
-            info.loaded = True
-            info.load_seconds = time.perf_counter() - started
-            entry = LoadedAdapter(info=info, name=name)
-            self.entries[adapter_id] = entry
+
+    async def _load_new(self, adapter_id: str) -> LoadedAdapter:
+        started = time.perf_counter()
+        path, info = await self._checked(adapter_id)
+
+        def read() -> LoraWeights:
+            try:
+                return self._read(path)
+            except AdapterRejected as exc:  # damaged past its header: the same clear refusal
+                raise AdapterRejected(f"adapter {adapter_id!r} refused: {exc}") from None
+
+        entry = await self._into_slot(info, read, started)
         self.loads.inc()
-        self.load_time.observe(info.load_seconds)
-        self.loaded.set(len(self.entries))
         return entry
 
     async def _merge_new(self, key: str, mixture: Mixture) -> LoadedAdapter:
         started = time.perf_counter()
-        parts = [await self.acquire(a.id) for a in mixture.adapters]
+        parts = [await self._checked(a.id) for a in mixture.adapters]
+        first = parts[0][1]
+        info = AdapterInfo(
+            id=key,
+            base_model=first.base_model,
+            rank=max(i.rank for _, i in parts),
+            target_modules=sorted({t for _, i in parts for t in i.target_modules}),
+            mixture=True,
+        )
+        return await self._into_slot(
+            info, lambda: self._merge([p for p, _ in parts], mixture), started
+        )
+
+    async def _into_slot(
+        self, info: AdapterInfo, read: Callable[[], LoraWeights], started: float
+    ) -> LoadedAdapter:
+        """Take a slot (evicting if needed) and have the pool's loader fill it."""
+        await self._make_room()
+        slot = self.pool.take()
+        copying = time.perf_counter()
+        loaded = asyncio.wrap_future(self.pool.load(slot, read))
         try:
-            async with self._lock:
-                await self._make_room()
-                name = peft_name(key)
-                await self._merge(name, [p.name for p in parts], mixture)
-                first = parts[0].info
-                info = AdapterInfo(
-                    id=key,
-                    base_model=first.base_model,
-                    rank=max(p.info.rank for p in parts),
-                    target_modules=sorted({t for p in parts for t in p.info.target_modules}),
-                    load_seconds=time.perf_counter() - started,
-                    mixture=True,
-                )
-                entry = LoadedAdapter(info=info, name=name)
-                self.entries[key] = entry
-        finally:
-            for p in parts:
-                self.release(p)
+            await asyncio.shield(loaded)
+        except asyncio.CancelledError:
+            # The loader may still be writing: the slot is free again only once it is done.
+            loaded.add_done_callback(lambda _: self._give_back(slot))
+            raise
+        except BaseException:
+            self._give_back(slot)
+            raise
+        now = time.perf_counter()
+        info.loaded = True
+        info.load_seconds = now - started
+        entry = LoadedAdapter(info=info, slot=slot)
+        self.entries[info.id] = entry
+        self.slot_time.observe(now - copying)
+        self.load_time.observe(info.load_seconds)
         self.loaded.set(len(self.entries))
         return entry
 
     async def _make_room(self) -> None:
-        """Evict least recently used adapters until one more fits (caller holds the lock)."""
-        while len(self.entries) >= self.capacity:
+        """Evict least recently used adapters until a slot is free. While every slot is held by
+        requests (running, queued or loading), wait in line for one: a request's load starts as
+        soon as a slot frees; only pinned adapters filling the pool refuse it."""
+        while not self.pool.free:
             victim = next(
                 (k for k, e in self.entries.items() if not e.refs and not e.info.pinned), None
             )
-            if victim is None:
-                raise Overloaded(
-                    f"all {len(self.entries)} adapter slots are pinned or serving requests"
-                )
-            await self._drop(victim, self.entries[victim])
-            self.evictions.inc()
+            if victim is not None:
+                self._drop(victim, self.entries[victim])
+                self.evictions.inc()
+                continue
+            if all(e.info.pinned for e in self.entries.values()) and len(self.entries) == (
+                self.capacity
+            ):
+                raise Overloaded(f"all {self.capacity} adapter slots are pinned or serving")
+            turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._room.append(turn)
+            try:
+                await turn
+            finally:
+                if turn in self._room:
+                    self._room.remove(turn)
+        if self.pool.free > 1:
+            self._wake()  # room for the next in line too
 
-    async def _drop(self, key: str, entry: LoadedAdapter) -> None:
-        await self._unload(entry.name)
+    def _wake(self) -> None:
+        while self._room:
+            turn = self._room.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+
+    def _give_back(self, slot: int) -> None:
+        self.pool.give_back(slot)
+        self._wake()
+
+    def _drop(self, key: str, entry: LoadedAdapter) -> None:
         del self.entries[key]
+        self.pool.give_back(entry.slot)
         self.loaded.set(len(self.entries))
-
-
-def describe_shapes(model: Any) -> dict[str, tuple[int, int]]:
-    """Every linear layer's (in, out) features by module path, for checking adapters."""
-    import torch
-
-    return {
-        name: (m.in_features, m.out_features)
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear)
-    }

@@ -1,12 +1,13 @@
 """The decoding engine of the ``local`` backend: one thread that owns the model and runs
 continuous batching.
 
-Between two decoding steps the engine runs queued model changes (loading, merging, evicting
-adapters), admits waiting requests — up to ``max_batch`` rows and ``max_adapters`` distinct
-adapters per step — prefills them as one padded batch and joins them to the running batch; rows
-that finished or were cancelled leave at once. Each step is one forward pass over every running
-row, each row through its own adapter (multilora.py). Events reach the asyncio side via
-each row's thread-safe ``emit``.
+Between two decoding steps the engine runs queued commands (marking an adapter's pool slot
+ready: the loading itself happens on the pool's loader thread, pool.py), admits waiting requests
+— up to ``max_batch`` rows and ``max_adapters`` distinct adapters per step, rows whose slot is not
+ready yet passed over — prefills them as one padded batch and joins them to the running batch;
+rows that finished or were cancelled leave at once. Each step is one forward pass over every
+running row, each row through its own slot. Events reach the asyncio side via each row's
+thread-safe ``emit``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from atoll.plugins.inference.contract import (
     TokenEvent,
     Usage,
 )
-from atoll.plugins.inference.multilora import BASE, BatchedLora
+from atoll.plugins.inference.pool import BASE, AdapterPool
 from atoll.plugins.inference.sampling import Sampler
 from atoll.plugins.inference.textstream import TextStream
 
@@ -47,7 +48,7 @@ class Row:
     """One request inside the engine."""
 
     prompt: list[int]
-    adapter: str  # peft adapter name, or BASE
+    slot: int  # the adapter's pool slot, or BASE
     sampler: Sampler
     text: TextStream
     max_new: int
@@ -61,6 +62,7 @@ class Row:
     cancelled: bool = False
     done: bool = False
     skipped: int = 0
+    on_start: Callable[[], object] | None = None  # called (engine thread) as it joins the batch
 
     def __post_init__(self) -> None:
         self.seen = list(self.prompt)
@@ -76,9 +78,8 @@ class Engine:
         max_adapters: int = 8,
         max_prefill_tokens: int = 4096,
     ) -> None:
-        self.model = model  # peft injects LoRA layers into it in place
-        self.peft: Any = None  # the PeftModel that loads and merges adapters, once one is loaded
-        self.lora: BatchedLora | None = None  # applies them, each row its own
+        self.model = model
+        self.pool: AdapterPool | None = None  # adapters by slot, hooked into the model's layers
         self.pad_id = pad_id
         self.device = device
         self.max_batch = max_batch
@@ -94,12 +95,6 @@ class Engine:
         self.steps = 0
 
     # --- control (any thread) ----------------------------------------------------------------
-
-    def refresh_lora(self) -> None:
-        """After peft loaded, merged or deleted an adapter (on the engine's thread): the batched
-        LoRA layers take the change."""
-        if self.lora is not None:
-            self.lora.refresh()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="atoll-engine", daemon=True)
@@ -189,7 +184,8 @@ class Engine:
     def _admit(self) -> list[Row]:
         with self._cond:
             running = self.batch.rows if self.batch else []
-            adapters = {r.adapter for r in running} - {BASE}
+            adapters = {r.slot for r in running} - {BASE}
+            ranks = self.pool.ranks if self.pool else [0]
             room = self.max_batch - len(running)
             chosen: list[Row] = []
             kept: deque[Row] = deque()
@@ -198,12 +194,15 @@ class Engine:
             for row in self.waiting:
                 if row.cancelled:
                     continue
+                if row.slot != BASE and not ranks[row.slot]:
+                    kept.append(row)  # its adapter's slot turns ready at the next command run
+                    continue
                 fits = (
                     not blocked
                     and len(chosen) < room
                     and (
-                        row.adapter in adapters
-                        or row.adapter == BASE
+                        row.slot in adapters
+                        or row.slot == BASE
                         or len(adapters) < self.max_adapters
                     )
                     and (not chosen or tokens + len(row.prompt) <= self.max_prefill_tokens)
@@ -211,20 +210,24 @@ class Engine:
                 if fits:
                     chosen.append(row)
                     tokens += len(row.prompt)
-                    if row.adapter != BASE:
-                        adapters.add(row.adapter)
+                    if row.slot != BASE:
+                        adapters.add(row.slot)
                 else:
                     row.skipped += 1
                     blocked = blocked or row.skipped > MAX_SKIPS
                     kept.append(row)
             self.waiting = kept
+        for row in chosen:
+            if row.on_start is not None:
+                row.on_start()
         return chosen
 
     def _forward(self, inputs: dict[str, Any], rows: list[Row]) -> tuple[torch.Tensor, Any]:
-        if self.lora is None:
+        if self.pool is None:
             out = self.model(**inputs, logits_to_keep=1)
         else:
-            with self.lora.rows([r.adapter for r in rows]):
+            # A cancelled row's adapter may be evicted and its slot rewritten under this step.
+            with self.pool.rows([BASE if r.cancelled else r.slot for r in rows]):
                 out = self.model(**inputs, logits_to_keep=1)
         return out.logits[:, -1, :], out.past_key_values
 

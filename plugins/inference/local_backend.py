@@ -1,11 +1,11 @@
-"""The ``local`` backend: transformers + peft on this machine's CPU or GPU, many adapters on one
-base model, continuously batched (see engine.py), adapters loaded on first use (adapters.py)."""
+"""The ``local`` backend: transformers on this machine's CPU or GPU, many adapters on one base
+model, continuously batched (see engine.py), adapters loaded on first use (adapters.py) into
+slots of an adapter pool (pool.py), mixtures merged by peft off the serving model (mixtures.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
@@ -16,31 +16,30 @@ from pydantic import BaseModel, ConfigDict, Field
 from atoll.agent.errors import AtollError, InvalidRequest
 from atoll.agent.metrics import MetricsRegistry
 from atoll.plugins.basemodels import ModelSpec, model_id, resolve_model
+from atoll.plugins.inference.adapter_metrics import LoraRequests
 from atoll.plugins.inference.adapters import (
     AdapterCache,
     AdapterLimits,
     LoadedAdapter,
-    describe_shapes,
     same_model,
     validate_adapter,
 )
 from atoll.plugins.inference.backend import AdapterFetcher, Backend
 from atoll.plugins.inference.contract import (
     AdapterInfo,
-    AdapterRejected,
     EmbedRequest,
     EmbedResult,
     FinishEvent,
     GenerateRequest,
     Health,
-    Mixture,
     NodeInfo,
     Overloaded,
     TokenEvent,
     Unsupported,
 )
 from atoll.plugins.inference.engine import Engine, Row
-from atoll.plugins.inference.multilora import BASE, BatchedLora
+from atoll.plugins.inference.mixtures import merge
+from atoll.plugins.inference.pool import BASE, AdapterPool, describe_shapes, read_adapter
 from atoll.plugins.inference.sampling import Sampler
 from atoll.plugins.inference.textstream import TextStream
 
@@ -61,7 +60,7 @@ class LocalConfig(BaseModel):
     max_adapters_per_batch: int = Field(8, ge=1)
     max_prefill_tokens: int = Field(4096, ge=16)
     max_queue: int = Field(256, ge=1)
-    adapter_cache: int = Field(32, ge=1)  # adapters kept loaded
+    adapter_cache: int = Field(32, ge=1)  # adapters kept loaded: the pool's slots
     limits: AdapterLimits = AdapterLimits()
     embeddings: bool = True  # serve embed() with the MiniLM model
 
@@ -120,20 +119,29 @@ class LocalBackend(Backend):
             max_adapters=cfg.max_adapters_per_batch,
             max_prefill_tokens=cfg.max_prefill_tokens,
         )
+        pool = AdapterPool(
+            model,
+            cfg.limits.allowed_targets,
+            slots=cfg.adapter_cache,
+            max_rank=cfg.limits.max_rank,
+            activate=self.engine.call,
+        )
+        self.engine.pool = pool
         self.engine.start()
+        targets = {m: s for m, s in self.shapes.items() if m in pool.layers}
         self.cache = AdapterCache(
-            capacity=cfg.adapter_cache,
+            pool,
             root=self.data_dir / "adapters",
             fetch=self.fetch,
             validate=lambda p, i: validate_adapter(
                 p, i, self.model_id, self.shapes, cfg.limits, aliases=(str(path), cfg.model)
             ),
-            load=self._load_adapter,
-            merge=self._merge_adapters,
-            unload=self._unload_adapter,
+            read=lambda p: read_adapter(p, pool.dtype),
+            merge=lambda parts, mixture: merge(parts, mixture, targets, pool.dtype),
             metrics=self.metrics,
         )
         self.tokens = self.metrics.counter("tokens_generated", "Completion tokens generated")
+        self.lora_requests = LoraRequests(self.metrics)
         if cfg.embeddings:
             from atoll.plugins.inference.embeddings import Embedder
 
@@ -142,6 +150,8 @@ class LocalBackend(Backend):
     async def stop(self) -> None:
         if self.engine is not None:
             await asyncio.to_thread(self.engine.stop)
+        if self.cache is not None:
+            await asyncio.to_thread(self.cache.pool.close)
 
     # --- generation --------------------------------------------------------------------------
 
@@ -164,12 +174,20 @@ class LocalBackend(Backend):
             raise InvalidRequest(
                 f"the prompt has {len(prompt)} tokens; this model's context is {self.context}"
             )
+        key = request.adapter or (request.mixture.key() if request.mixture else None)
+        tracked = self.lora_requests.arrive(key) if key else None
         entry: LoadedAdapter | None = None
-        if request.adapter is not None:
-            entry = await cache.acquire(request.adapter)
-        elif request.mixture is not None:
-            entry = await cache.acquire_mixture(request.mixture)
+        produced = 0
         loop = asyncio.get_running_loop()
+        try:
+            if request.adapter is not None:
+                entry = await cache.acquire(request.adapter)
+            elif request.mixture is not None:
+                entry = await cache.acquire_mixture(request.mixture)
+        except BaseException:
+            if tracked is not None:
+                tracked.end(0)
+            raise
         queue: asyncio.Queue[TokenEvent | FinishEvent | AtollError] = asyncio.Queue()
 
         def emit(event: TokenEvent | FinishEvent | AtollError) -> None:
@@ -178,7 +196,7 @@ class LocalBackend(Backend):
 
         row = Row(
             prompt=prompt,
-            adapter=entry.name if entry else BASE,
+            slot=entry.slot if entry else BASE,
             sampler=Sampler(params),
             text=TextStream(self.tokenizer, params.stop),
             max_new=min(params.max_new_tokens, room),
@@ -187,6 +205,7 @@ class LocalBackend(Backend):
             model=self.model_id,
             adapter_id=entry.info.id if entry else None,
             logprobs=request.logprobs,
+            on_start=(lambda: loop.call_soon_threadsafe(tracked.start)) if tracked else None,
         )
         try:
             engine.submit(row)
@@ -195,12 +214,15 @@ class LocalBackend(Backend):
                 if isinstance(event, AtollError):
                     raise event
                 if event.type == "finish":
-                    self.tokens.inc(event.usage.completion_tokens)
+                    produced = event.usage.completion_tokens
+                    self.tokens.inc(produced)
                 yield event
                 if event.type == "finish":
                     return
         finally:
             engine.cancel(row)
+            if tracked is not None:
+                tracked.end(produced)
             if entry is not None:
                 cache.release(entry)
 
@@ -215,70 +237,6 @@ class LocalBackend(Backend):
         )
 
     # --- adapters ----------------------------------------------------------------------------
-
-    async def _on_engine(self, fn: Any) -> Any:
-        engine, _ = self._ready()
-        return await asyncio.wrap_future(engine.call(fn))
-
-    async def _load_adapter(self, name: str, path: Path) -> None:
-        def load() -> None:
-            from peft import PeftModel
-
-            engine, _ = self._ready()
-            try:
-                if engine.peft is None:
-                    engine.peft = PeftModel.from_pretrained(engine.model, path, adapter_name=name)
-                    engine.lora = BatchedLora(engine.model)
-                else:
-                    engine.peft.load_adapter(path, adapter_name=name, is_trainable=False)
-                # Rows pick their adapters (multilora.py); the active one only has to exist
-                # (peft looks it up) and stay frozen.
-                engine.peft.set_adapter(name, inference_mode=True)
-                engine.peft.eval()
-            except Exception as exc:
-                if engine.peft is not None and name in engine.peft.peft_config:
-                    engine.peft.delete_adapter(name)
-                raise AdapterRejected(f"loading failed: {exc}") from None
-            finally:
-                engine.refresh_lora()
-
-        await self._on_engine(load)
-
-    async def _merge_adapters(self, name: str, parts: list[str], mixture: Mixture) -> None:
-        def merge() -> None:
-            engine, _ = self._ready()
-            # dare_* prune at random: seed from the mixture so one mixture is one adapter.
-            seed = int.from_bytes(hashlib.sha256(mixture.key().encode()).digest()[:8], "big")
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                try:
-                    engine.peft.add_weighted_adapter(
-                        parts,
-                        [a.weight for a in mixture.adapters],
-                        name,
-                        combination_type=mixture.merge_strategy,
-                        density=mixture.density,
-                        majority_sign_method=mixture.majority_sign_method,
-                    )
-                except (ValueError, RuntimeError) as exc:
-                    if name in engine.peft.peft_config:
-                        engine.peft.delete_adapter(name)
-                    raise AdapterRejected(f"cannot merge these adapters: {exc}") from None
-            engine.peft.set_adapter(name, inference_mode=True)
-            engine.peft.eval()
-            engine.refresh_lora()
-
-        await self._on_engine(merge)
-
-    async def _unload_adapter(self, name: str) -> None:
-        def unload() -> None:
-            engine, _ = self._ready()
-            engine.peft.delete_adapter(name)
-            if engine.peft.peft_config:
-                engine.peft.set_adapter(next(iter(engine.peft.peft_config)), inference_mode=True)
-            engine.refresh_lora()
-
-        await self._on_engine(unload)
 
     def adapters(self) -> list[AdapterInfo]:
         return self.cache.infos() if self.cache else []

@@ -13,15 +13,14 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from atoll.agent.metrics import MetricsRegistry
 from atoll.plugins.inference.contract import (
     AdapterRejected,
     GenerateRequest,
     Mixture,
     Overloaded,
 )
-from atoll.plugins.inference.local_backend import LocalBackend, LocalConfig
 from atoll.plugins.storage.contract.adapters import AdapterNotFound
+from support.local_node import GREEDY, reference, run, start_backend
 from support.overlay import eventually
 from support.tiny_models import build_tiny_model, make_adapter
 
@@ -50,56 +49,6 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     cfg["base_model_name_or_path"] = "meta-llama/Llama-3-8B"
     (renamed / "adapter_config.json").write_text(json.dumps(cfg))
     return {"base": base, "adapters": ads}
-
-
-async def start_backend(models: dict[str, Path], tmp_path: Path, **config) -> LocalBackend:
-    fetched: list[str] = []
-
-    async def fetch(adapter_id: str, root: Path) -> Path:
-        path = models["adapters"] / adapter_id
-        if not path.is_dir():
-            raise AdapterNotFound(f"no adapter {adapter_id}")
-        fetched.append(adapter_id)
-        return path
-
-    options = {"model": str(models["base"]), "embeddings": False, "limits": {"max_rank": 16}}
-    backend = LocalBackend(
-        LocalConfig.model_validate(options | config), tmp_path, fetch, MetricsRegistry()
-    )
-    backend.fetched = fetched  # type: ignore[attr-defined]
-    await backend.start()
-    return backend
-
-
-async def run(backend: LocalBackend, **request) -> tuple[list[int], str, object]:
-    ids, text, finish = [], "", None
-    async for event in backend.generate(GenerateRequest.model_validate(request)):
-        if event.type == "token":
-            text += event.text
-            if event.token_id is not None:
-                ids.append(event.token_id)
-        else:
-            finish = event
-    return ids, text, finish
-
-
-def reference(base: Path, adapter: Path | None, prompt: list[int], n: int) -> list[int]:
-    """Greedy tokens from plain transformers/peft ``generate``, one request alone."""
-    model = AutoModelForCausalLM.from_pretrained(base).eval()
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter).eval()
-    ids = torch.tensor([prompt])
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-    )
-    return out[0, len(prompt) :].tolist()
-
-
-GREEDY = {"temperature": 0, "max_new_tokens": 12}
 
 
 async def test_mixed_adapter_batch_equals_one_request_at_a_time(models, tmp_path):
@@ -336,7 +285,7 @@ async def test_distinct_adapters_per_step_and_queue_bounds(models, tmp_path):
         forward = engine._forward
 
         def spy(inputs, rows):
-            seen.append(len({r.adapter for r in rows} - {"__base__"}))
+            seen.append(len({r.slot for r in rows} - {0}))
             return forward(inputs, rows)
 
         engine._forward = spy

@@ -1,0 +1,258 @@
+"""Thousands of adapters on the embedded model (SmolLM2-135M): throughput under cache churn, load
+times, and how long loads hold decoding up.
+
+Figures, all from one run (the anchor measured here, ratios judged); requests of 16, 27 or 38
+tokens (27 on average with the default 32), staggered so that loads happen while other rows
+decode:
+- ``one_adapter``: tokens/s at concurrency 16, every request on one adapter (the anchor);
+- ``spread_64_loaded``: round robin over 64 adapters loaded beforehand (a pool of 80 slots);
+- ``round_robin_1000``: round robin over 1,000 stored adapters with the default pool (32 slots),
+  so nearly every request loads its adapter and evicts another (target >= 0.8x the anchor);
+- ``load_s``: a load as the request sees it (fetch + checks + copy into a slot until ready),
+  median and p99, over the 1,000 run; ``slot_write_s``: the loader thread's read + copy alone
+  (absent on code without a pool);
+- ``decode_stall``: the longest time the engine spent between two forward passes while it had
+  running rows and a load was in flight, against the median forward pass (target: the longest
+  gap <= one step's time, i.e. ``stall_vs_step <= 1``).
+
+The 1,000 adapters are distinct ids over 64 distinct weight files (fetch maps id i to file
+i % 64): every id is validated, read and copied on its own, only the disk footprint is shared.
+
+Run: ``python bench/adapters.py [--quick]`` (torch threads: ``--threads``, default 2). The
+converted model is cached under ``--model-cache`` (the first run converts it, ~30 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from atoll.agent.metrics import MetricsRegistry
+from atoll.bench.harness import run_main, setup_logging
+from atoll.bench.multilora import PROMPTS, write_adapter
+from atoll.plugins.basemodels import model_id, resolve_model
+from atoll.plugins.inference.contract import GenerateRequest
+from atoll.plugins.inference.local_backend import LocalBackend, LocalConfig
+from atoll.tuning import tune_process
+
+WEIGHT_FILES = 64
+RANK = 8
+
+
+async def throughput(
+    backend: LocalBackend, adapters: list[str], concurrency: int, requests: int, tokens: int
+) -> dict[str, Any]:
+    """Completion tokens/s for ``requests`` requests, ``concurrency`` at a time, of ``tokens``
+    tokens give or take: lengths staggered (``tokens // 2`` plus 0, 11 or 22 for the default 32)
+    so that requests end, and new ones load their adapters, while others decode."""
+    gate = asyncio.Semaphore(concurrency)
+    produced = 0
+
+    async def one(i: int) -> None:
+        nonlocal produced
+        request = GenerateRequest.model_validate(
+            {
+                "prompt": PROMPTS[i % len(PROMPTS)],
+                "adapter": adapters[i % len(adapters)],
+                "params": {
+                    "temperature": 0,
+                    "max_new_tokens": tokens // 2 + (i * 11) % (tokens + 1),
+                    "ignore_eos": True,
+                },
+            }
+        )
+        async with gate:
+            async for event in backend.generate(request):
+                if event.type == "finish":
+                    produced += event.usage.completion_tokens
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(requests)))
+    elapsed = time.perf_counter() - started
+    return {
+        "tokens": produced,
+        "seconds": round(elapsed, 3),
+        "tokens_per_s": round(produced / elapsed, 1),
+    }
+
+
+class Probe:
+    """Wraps a backend's engine and cache to time forward passes, gaps and loads."""
+
+    def __init__(self, backend: LocalBackend) -> None:
+        engine, cache = backend.engine, backend.cache
+        assert engine is not None and cache is not None
+        self.forwards: list[float] = []  # seconds per forward pass
+        self.gaps: list[tuple[float, float]] = []  # (start, end) between passes, rows waiting
+        self.loads: list[tuple[float, float]] = []  # (start, end) of each load in flight
+        self.writes: list[float] = []  # loader thread: read + copy, where there is a pool
+        self._last_end: float | None = None
+        forward, load_new = engine._forward, cache._load_new
+
+        def timed_forward(inputs: Any, rows: Any) -> Any:
+            start = time.perf_counter()
+            if engine.batch is not None and self._last_end is not None:
+                self.gaps.append((self._last_end, start))
+            try:
+                return forward(inputs, rows)
+            finally:
+                self._last_end = time.perf_counter()
+                self.forwards.append(self._last_end - start)
+
+        async def timed_load(adapter_id: str) -> Any:
+            start = time.perf_counter()
+            try:
+                return await load_new(adapter_id)
+            finally:
+                self.loads.append((start, time.perf_counter()))
+
+        engine._forward = timed_forward  # type: ignore[method-assign]
+        cache._load_new = timed_load  # type: ignore[method-assign]
+        pool = getattr(cache, "pool", None)
+        if pool is not None:
+            write = pool.write
+
+            @functools.wraps(write)
+            def timed_write(slot: int, weights: Any) -> int:
+                start = time.perf_counter()
+                try:
+                    return write(slot, weights)
+                finally:
+                    self.writes.append(time.perf_counter() - start)
+
+            pool.write = timed_write
+
+    def reset(self) -> None:
+        self.forwards.clear()
+        self.gaps.clear()
+        self.loads.clear()
+        self.writes.clear()
+        self._last_end = None
+
+    def stall(self) -> dict[str, Any]:
+        during = [
+            end - start
+            for start, end in self.gaps
+            if any(ls < end and start < le for ls, le in self.loads)
+        ]
+        step = statistics.median(self.forwards) if self.forwards else 0.0
+        longest = max(during, default=0.0)
+        return {
+            "longest_gap_during_loads_s": round(longest, 4),
+            "median_step_s": round(step, 4),
+            "stall_vs_step": round(longest / step, 2) if step else None,
+            "gaps_during_loads": len(during),
+        }
+
+
+def quantiles(samples: list[float]) -> dict[str, Any]:
+    if not samples:
+        return {"n": 0}
+    ordered = sorted(samples)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return {
+        "n": len(ordered),
+        "median": round(statistics.median(ordered), 4),
+        "p99": round(p99, 4),
+        "max": round(ordered[-1], 4),
+    }
+
+
+async def main(args: argparse.Namespace, profile_dir: Path | None) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    quick = args.quick
+    tokens = 16 if quick else 32
+    requests = 48 if quick else 96
+    stored = 1000
+    model_dir = await asyncio.to_thread(resolve_model, "embedded", Path(args.model_cache))
+    with tempfile.TemporaryDirectory(prefix="atoll-adapters-") as tmp:
+        work = Path(tmp)
+        files: list[Path] = []
+
+        async def fetch(adapter_id: str, root: Path) -> Path:
+            return files[int(adapter_id.removeprefix("user").split("/")[0]) % WEIGHT_FILES]
+
+        async def backend(cache: int) -> LocalBackend:
+            config = LocalConfig.model_validate(
+                {
+                    "model": str(model_dir),
+                    "embeddings": False,
+                    "max_batch": 16,
+                    "max_adapters_per_batch": 16,
+                    "adapter_cache": cache,
+                }
+            )
+            node = LocalBackend(config, work / f"node{cache}", fetch, MetricsRegistry())
+            await node.start()
+            return node
+
+        ids = [f"user{i}/ad" for i in range(stored)]
+        default = await backend(LocalConfig.model_fields["adapter_cache"].default)
+        try:
+            for i in range(WEIGHT_FILES):
+                files.append(write_adapter(work / f"w{i}", model_dir, default.shapes, RANK, i))
+            probe = Probe(default)
+            await throughput(default, [ids[0]], 4, 4, 4)  # warm-up
+            one = await throughput(default, [ids[0]], 16, requests, tokens)
+            probe.reset()
+            churn = await throughput(default, ids, 16, requests, tokens)
+            loads = [end - start for start, end in probe.loads]
+            writes = list(probe.writes)
+            stall = probe.stall()
+        finally:
+            await default.stop()
+        wide = await backend(80)
+        try:
+            for adapter_id in ids[:64]:
+                await wide.load_adapter(adapter_id)
+            await throughput(wide, [ids[0]], 4, 4, 4)  # warm-up
+            spread = await throughput(wide, ids[:64], 16, requests, tokens)
+        finally:
+            await wide.stop()
+    return {
+        "bench": "adapters",
+        "model": model_id("embedded"),
+        "torch_threads": torch.get_num_threads(),
+        "max_new_tokens": tokens,
+        "requests": requests,
+        "stored_adapters": stored,
+        "rank": RANK,
+        "one_adapter": one,
+        "spread_64_loaded": spread,
+        "round_robin_1000": churn,
+        "load_s": quantiles(loads),
+        "slot_write_s": quantiles(writes) if writes else None,
+        "decode_stall": stall,
+        "spread_64_vs_one": round(spread["tokens_per_s"] / one["tokens_per_s"], 3),
+        "round_robin_1000_vs_one": round(churn["tokens_per_s"] / one["tokens_per_s"], 3),
+        "targets": {"round_robin_1000_vs_one": ">= 0.8", "decode_stall.stall_vs_step": "<= 1"},
+    }
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="48 requests of 16 tokens (a smoke run)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument(
+        "--model-cache",
+        default=os.environ.get("ATOLL_MODEL_CACHE", str(Path("~/.cache/atoll/models"))),
+    )
+    p.add_argument("--profile-dir", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.model_cache = str(Path(args.model_cache).expanduser())
+    return args
+
+
+if __name__ == "__main__":
+    setup_logging()
+    tune_process()
+    run_main(main, parse_args())
