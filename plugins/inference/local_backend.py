@@ -67,6 +67,7 @@ class LocalConfig(BaseModel):
 
 class LocalBackend(Backend):
     kind = "local"
+    scores_prompts = True
 
     def __init__(
         self, config: LocalConfig, data_dir: Path, fetch: AdapterFetcher, metrics: MetricsRegistry
@@ -205,6 +206,8 @@ class LocalBackend(Backend):
             model=self.model_id,
             adapter_id=entry.info.id if entry else None,
             logprobs=request.logprobs,
+            top=request.top_logprobs,
+            echo=request.echo,
             on_start=(lambda: loop.call_soon_threadsafe(tracked.start)) if tracked else None,
         )
         try:
@@ -228,6 +231,11 @@ class LocalBackend(Backend):
 
     def _encode(self, request: GenerateRequest) -> list[int]:
         tok = self.tokenizer
+        if request.prompt_token_ids is not None:
+            vocab = len(tok)
+            if bad := [t for t in request.prompt_token_ids if t >= vocab]:
+                raise InvalidRequest(f"token id {bad[0]} is not in this model's {vocab} tokens")
+            return list(request.prompt_token_ids)
         if request.messages is None:
             return tok(request.prompt, add_special_tokens=True)["input_ids"]
         messages = [m.model_dump(exclude_none=True) for m in request.messages]
