@@ -24,6 +24,8 @@ def prompt_estimate(request: GenerateRequest | EmbedRequest | dict[str, Any]) ->
     """Prompt tokens charged at admission, before a node has counted them: a low estimate
     (about 4 characters a token), so the final count rarely falls below it."""
     if isinstance(request, GenerateRequest):
+        if request.prompt_token_ids is not None:
+            return len(request.prompt_token_ids)
         chars = len(request.prompt or "") + sum(len(m.content) for m in request.messages or [])
         return chars // CHARS_PER_TOKEN
     # embed: its inputs (the model inference_routes.py builds, or its dict form)
@@ -40,6 +42,8 @@ def prompt_bound(request: GenerateRequest | EmbedRequest, template_tokens: int) 
     markers). Tools and tool calls count as their JSON."""
     if isinstance(request, EmbedRequest):
         return sum(len(t.encode()) for t in request.input)
+    if request.prompt_token_ids is not None:  # counted exactly: the node adds none
+        return len(request.prompt_token_ids)
     if request.prompt is not None:
         return len(request.prompt.encode())
     messages = request.messages or []

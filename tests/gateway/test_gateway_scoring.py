@@ -16,6 +16,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from atoll.plugins.gateway.spending import prompt_bound, prompt_estimate
+from atoll.plugins.inference.contract import GenerateRequest
 from support.island import Island
 from support.overlay import AgentFactory
 from support.tiny_models import build_tiny_model
@@ -198,3 +200,11 @@ async def test_lm_eval_harness_runs_a_loglikelihood_task_against_the_gateway(
         right += int(max(range(len(scores)), key=scores.__getitem__) == doc["answer"])
     acc = results["results"]["atoll_tiny_choice"]["acc,none"]
     assert math.isclose(acc, right / len(QUESTIONS))
+
+
+def test_token_id_prompts_reserve_their_exact_length() -> None:
+    # Budgets reserve prompt_bound before sending: a token-id prompt counts exactly its length
+    # (not the 0 a prompt without text would otherwise count, which would let it overspend).
+    request = GenerateRequest(prompt_token_ids=[7] * 50)
+    assert prompt_bound(request, template_tokens=30) == 50
+    assert prompt_estimate(request) == 50
