@@ -128,7 +128,9 @@ class GenerateRequest(Strict):
     special tokens added) or chat ``messages`` (rendered with the model's template), on the base
     model, one ``adapter`` or a ``mixture``. ``echo`` sends the prompt's tokens back first, each
     with its logprob under the model (what lm-evaluation-harness scores with);
-    ``top_logprobs`` adds that many most likely alternatives to each token's logprob."""
+    ``top_logprobs`` adds that many most likely alternatives to each token's logprob.
+    ``continuation`` scores a text after the prompt or messages instead of generating: the
+    events are its tokens (``echo``) with their logprobs, then the finish."""
 
     prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     prompt_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
@@ -147,6 +149,7 @@ class GenerateRequest(Strict):
     logprobs: bool = False
     top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
+    continuation: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS)
     request_id: str | None = Field(None, max_length=128)
 
     @model_validator(mode="after")
@@ -158,6 +161,8 @@ class GenerateRequest(Strict):
             raise ValueError("top_logprobs needs logprobs")
         if self.echo and self.messages is not None:
             raise ValueError("echo is for prompts, not messages")
+        if self.continuation is not None and self.echo:
+            raise ValueError("a continuation is scored on its own: no echo of the prompt")
         if self.adapter is not None and self.mixture is not None:
             raise ValueError("give an adapter or a mixture, not both")
         return self

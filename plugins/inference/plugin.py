@@ -157,11 +157,14 @@ class InferencePlugin(Plugin):
 
     async def _events(self, request: GenerateRequest):
         if not self.backend.scores_prompts and (
-            request.echo or request.prompt_token_ids is not None or request.top_logprobs
+            request.echo
+            or request.prompt_token_ids is not None
+            or request.top_logprobs
+            or request.continuation is not None
         ):
             raise Unsupported(
-                f"the {self.backend.kind} backend takes no token ids, echoes no prompt and "
-                "reports no alternatives (top_logprobs)"
+                f"the {self.backend.kind} backend takes no token ids, echoes no prompt, scores "
+                "no continuation and reports no alternatives (top_logprobs)"
             )
         started = time.perf_counter()
         first: float | None = None  # when the first event came

@@ -119,3 +119,29 @@ def test_token_texts_split_the_decoded_text_without_half_characters(models) -> N
     pieces = token_texts(tok, ids)
     assert len(pieces) == len(ids) and "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+async def test_a_continuation_is_scored_after_chat_messages(models, tmp_path) -> None:
+    backend = await start_backend(models, tmp_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(models["base"])
+        messages = [{"role": "user", "content": "Name a colour"}]
+        events = await events_of(
+            backend, messages=messages, continuation="blue sky", adapter="alice/ad"
+        )
+        *tokens, finish = events
+        assert isinstance(finish, FinishEvent) and finish.usage.completion_tokens == 0
+        assert all(isinstance(e, TokenEvent) and e.echo for e in tokens)
+        # The node's own rendering of the messages, then the continuation's tokens.
+        prompt = backend._encode(GenerateRequest.model_validate({"messages": messages}))
+        tail = tok("blue sky", add_special_tokens=False)["input_ids"]
+        assert [e.token_id for e in tokens] == tail
+        assert "".join(e.text for e in tokens).strip() == "blue sky"
+        ids = prompt + tail
+        want = reference_logprobs(models["base"], models["adapters"] / "alice/ad", ids)
+        for k, event in enumerate(tokens):
+            pos = len(prompt) + k
+            assert event.logprob == pytest.approx(float(want[pos - 1, ids[pos]]), abs=1e-4)
+        assert finish.usage.prompt_tokens == len(ids)
+    finally:
+        await backend.stop()
