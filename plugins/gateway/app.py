@@ -20,9 +20,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from atoll.agent.prometheus import exposition
+from atoll.plugins.gateway import adapter_routes, finetune, inference_routes, self_service, webui
 from atoll.plugins.gateway import contract as c
 from atoll.plugins.gateway import evaluations as evaluation_routes
-from atoll.plugins.gateway import finetune, inference_routes, self_service, webui
 from atoll.plugins.gateway.accounts.keys import Principal
 from atoll.plugins.gateway.admin import AdminRPC, plain
 from atoll.plugins.gateway.bodies import parse_body, sse
@@ -172,6 +172,7 @@ def create_app(gw: Gateway, evaluations: Evaluations, docs: bool = False) -> Fas
     inference_routes.install_openai(app, gw, User)
     finetune.install(app, gw, User)
     evaluation_routes.install(app, evaluations, User)
+    adapter_routes.install(app, gw, User)
     inference_routes.install_lorax(app, gw, User)
 
     # --- operations ------------------------------------------------------------------------

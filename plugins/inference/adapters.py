@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
@@ -285,6 +286,9 @@ class AdapterCache:
             return path, await asyncio.to_thread(self._validate, path, adapter_id)
         except AdapterRejected:
             self.refusals.inc()
+            if path.is_relative_to(self.root):  # fetched, not an operator's directory
+                # Kept, a refused copy would answer for whatever takes its id next.
+                await asyncio.to_thread(shutil.rmtree, path, True)
             raise
 
     async def _load_new(self, adapter_id: str) -> LoadedAdapter:
