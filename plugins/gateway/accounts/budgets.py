@@ -16,12 +16,12 @@ currency, so sums are exact.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from atoll.plugins.gateway.accounts.audit import write_audit
+from atoll.plugins.gateway.accounts.database import Connection, Row
 from atoll.plugins.gateway.accounts.store import Store, check_actor, not_found, require
 from atoll.plugins.gateway.errors import GatewayError
 
@@ -102,7 +102,7 @@ def _units(metric: str, amount: int) -> float | int:
     return amount if metric == "tokens" else amount / NANO
 
 
-def _record(row: sqlite3.Row, now: float) -> BudgetRecord:
+def _record(row: Row, now: float) -> BudgetRecord:
     """The budget as of ``now``: a period that ended shows as reset."""
     spent, start = row["spent"], row["period_start"]
     end = period_end(row["period"], start)
@@ -125,7 +125,7 @@ def _record(row: sqlite3.Row, now: float) -> BudgetRecord:
     )
 
 
-def _applying(db: sqlite3.Connection, key_id: str, user: str, project: str | None) -> list[Any]:
+def _applying(db: Connection, key_id: str, user: str, project: str | None) -> list[Any]:
     """The budgets of the key (or of the key it was rotated to: a key in its grace period
     spends from its successor's), its user and its project."""
     return db.execute(
@@ -136,7 +136,7 @@ def _applying(db: sqlite3.Connection, key_id: str, user: str, project: str | Non
     ).fetchall()
 
 
-def move_key_budgets(db: sqlite3.Connection, old: str, new: str) -> None:
+def move_key_budgets(db: Connection, old: str, new: str) -> None:
     """A rotated key's budgets become its successor's, with what is spent and held."""
     rows = db.execute(
         "SELECT id, metric, period FROM budgets WHERE scope = 'key' AND subject = ?", (old,)
@@ -152,11 +152,11 @@ def move_key_budgets(db: sqlite3.Connection, old: str, new: str) -> None:
         db.execute("DELETE FROM budgets WHERE id = ?", (ident,))
 
 
-def _one(db: sqlite3.Connection, ident: str) -> Any:
+def _one(db: Connection, ident: str) -> Any:
     return db.execute(f"SELECT {BUDGET_COLS} FROM budgets WHERE id = ?", (ident,)).fetchone()
 
 
-def _roll_over(db: sqlite3.Connection, row: sqlite3.Row, now: float) -> int:
+def _roll_over(db: Connection, row: Row, now: float) -> int:
     """Start a new period if the budget's has ended; what is spent in the period now."""
     end = period_end(row["period"], row["period_start"])
     if end is None or now < end:
@@ -166,7 +166,7 @@ def _roll_over(db: sqlite3.Connection, row: sqlite3.Row, now: float) -> int:
     return 0
 
 
-def _release(db: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> None:
+def _release(db: Connection, where: str, args: tuple[Any, ...]) -> None:
     """Give back the holds of the reservations ``where`` selects, and forget them."""
     held = db.execute(
         f"SELECT budget_id, SUM(amount) FROM reservations WHERE {where} GROUP BY budget_id", args
@@ -177,7 +177,7 @@ def _release(db: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> None:
 
 
 def settle(
-    db: sqlite3.Connection,
+    db: Connection,
     request_id: str,
     at: float,
     key_id: str,
