@@ -1,5 +1,6 @@
-"""Budgets that never overspend: the store's reservations and settlement (a clock moved by hand),
-then the gateway under 200 concurrent openai-SDK requests aimed at a nearly spent budget."""
+"""Budgets that never overspend: the store's reservations and settlement (a clock moved by hand;
+on SQLite and on PostgreSQL), then the gateway under 200 concurrent openai-SDK requests aimed at
+a nearly spent budget."""
 
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def acc(tmp_path: Path, clock: Clock) -> Iterator[Accounts]:
-    accounts = Accounts(tmp_path / "a.sqlite", SECRET, clock=clock)
+def acc(accounts_db: Path | str, clock: Clock) -> Iterator[Accounts]:
+    accounts = Accounts(accounts_db, SECRET, clock=clock)
     accounts.create_user("alice", actor="root")
     accounts.create_project("p1", actor="root")
     accounts.add_member("p1", "alice", "member", actor="root")
@@ -192,14 +193,14 @@ def test_budget_changes_are_checked_and_audited(acc: Accounts) -> None:
     assert actions == ["budget.remove", "budget.set", "budget.set"]
 
 
-def test_two_handles_on_one_file_never_overspend(
-    acc: Accounts, tmp_path: Path, clock: Clock
+def test_two_handles_on_one_store_never_overspend(
+    acc: Accounts, accounts_db: Path | str, clock: Clock
 ) -> None:
     """Two gateways' connections (as two processes would hold) reserving from 16 threads at once:
     the write lock serialises the check and the hold, so exactly what fits is admitted."""
     me = who(acc)
     acc.set_budget("user", "alice", "tokens", "total", 500, actor="root")
-    other = Accounts(tmp_path / "a.sqlite", SECRET, clock=clock)  # one clock, as hosts on NTP
+    other = Accounts(accounts_db, SECRET, clock=clock)  # one clock, as hosts on NTP
     admitted: list[str] = []
 
     def burst(handle: Accounts, prefix: str) -> None:

@@ -37,7 +37,7 @@ def bindir() -> Path | None:
 
 needed = pytest.mark.skipif(
     bindir() is None,
-    reason="PostgreSQL's server programs come with Debian's postgresql package (.ci/run installs it)",
+    reason="PostgreSQL's server programs come with Debian's postgresql (.ci/run installs it)",
 )
 
 

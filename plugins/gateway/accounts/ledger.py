@@ -154,10 +154,10 @@ class UsageTable(Store):
             )
         where, args = _usage_where(key_id, project, user, since, until)
         columns = ", ".join(group_by)  # checked against GROUPS above
+        order = ", ".join(f"{c} NULLS FIRST" for c in group_by)  # SQLite's way, in PostgreSQL too
         rows = self._read(
             f"SELECT {columns}, {SUMS} FROM usage WHERE {where} GROUP BY {columns} "
-            # NULLS FIRST: SQLite's default, PostgreSQL's is last
-            f"ORDER BY COUNT(*) DESC, {columns.replace(',', ' NULLS FIRST,')} NULLS FIRST",
+            f"ORDER BY COUNT(*) DESC, {order}",
             args,
         )
         n = len(group_by)
