@@ -401,7 +401,12 @@ async def test_ledger_commits_a_turns_rows_at_once_and_refuses_only_a_clash(
     mine = principal(acc, "alice")
     commits: list[str] = []
     commit = acc._database.commit
-    monkeypatch.setattr(acc._database, "commit", lambda: commits.append("COMMIT") or commit())
+
+    def counted() -> None:
+        commits.append("COMMIT")
+        commit()
+
+    monkeypatch.setattr(acc._database, "commit", counted)
     ledger = Ledger(acc)
 
     def row(request_id: str) -> tuple:

@@ -46,7 +46,8 @@ class Connection(Protocol):
 class Database(Protocol):
     """A dialect: its connection, write transactions, and where it keeps the schema's version."""
 
-    connection: Connection
+    @property
+    def connection(self) -> Connection: ...
 
     def begin(self) -> None:
         """Start a write transaction holding the store's write lock (waiting for it)."""

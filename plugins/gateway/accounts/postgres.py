@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg
 from psycopg.adapt import Buffer, Loader
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from atoll.plugins.gateway.accounts.database import Args, Cursor, IntegrityError
 
@@ -111,16 +111,16 @@ class PostgresDatabase:
     the server dropped it; autocommit outside the store's write transactions."""
 
     def __init__(self, url: str) -> None:
-        params = conninfo_to_dict(url)
-        params.setdefault("connect_timeout", CONNECT_TIMEOUT_S)
-        self._params = params
+        if "connect_timeout" not in conninfo_to_dict(url):
+            url = make_conninfo(url, connect_timeout=CONNECT_TIMEOUT_S)
+        self._url = url
         self._in_tx = False
         self._conn = self._connect()
         self.connection = self
 
     def _connect(self) -> psycopg.Connection[PgRow]:
         conn = psycopg.connect(
-            **self._params,
+            self._url,
             autocommit=True,
             # Values bound client-side: an untyped NULL in ``:since IS NULL OR at >= :since``
             # needs no type inferred for it, and each statement is one round trip.
