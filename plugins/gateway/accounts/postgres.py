@@ -43,11 +43,27 @@ DDL = re.compile(r"\s*(CREATE|ALTER)\b", re.IGNORECASE)
 SQLITE_ONLY = re.compile(r"\b(INSERT\s+OR|PRAGMA|AUTOINCREMENT|GLOB)\b", re.IGNORECASE)
 USER = re.compile(r"(?<![\w:])user\b")  # a column here, a reserved word there
 NAMED = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
+# A placeholder whose first use is ``IS NULL``: the server cannot tell its type from that (and
+# a later use cannot change it), so such a statement's values are bound client-side.
+PLACEHOLDER = re.compile(r"%(\(\w+\))?s(\s+IS\s+(NOT\s+)?NULL\b)?", re.IGNORECASE)
+
+
+def _untyped(parts: list[str]) -> bool:
+    """Whether a placeholder's first use in the parts outside quotes is ``IS [NOT] NULL``."""
+    seen: set[str] = set()
+    for part in parts:
+        for found in PLACEHOLDER.finditer(part):
+            name = found.group(1) or str(found.start())  # each %s is a value of its own
+            if name not in seen and found.group(2):
+                return True
+            seen.add(name)
+    return False
 
 
 @lru_cache(maxsize=2048)
-def translate(sql: str) -> str:
-    """``sql`` as the store writes it, as psycopg takes it for PostgreSQL."""
+def translate(sql: str) -> tuple[str, bool]:
+    """``sql`` as the store writes it, as psycopg takes it for PostgreSQL; and whether its
+    values must be bound client-side."""
     ddl = DDL.match(sql) is not None
     parts = QUOTED.split(sql)
     for i in range(0, len(parts), 2):  # the parts outside quotes
@@ -62,9 +78,10 @@ def translate(sql: str) -> str:
                 part = pattern.sub(replacement, part)
         part = USER.sub('"user"', part.replace("%", "%%"))
         parts[i] = NAMED.sub(r"%(\1)s", part).replace("?", "%s")
+    client_side = _untyped(parts[::2])
     for i in range(1, len(parts), 2):
         parts[i] = parts[i].replace("%", "%%")
-    return "".join(parts)
+    return "".join(parts), client_side
 
 
 class PgRow:
@@ -108,7 +125,9 @@ class _Number(Loader):
 
 class PostgresDatabase:
     """One connection (the store's lock serialises its users, as with SQLite), reconnected when
-    the server dropped it; autocommit outside the store's write transactions."""
+    the server dropped it; autocommit outside the store's write transactions. Values are bound
+    server-side, so a statement run often is prepared once (planning a join costs more than the
+    round trip), except where translate says they cannot be."""
 
     def __init__(self, url: str) -> None:
         if "connect_timeout" not in conninfo_to_dict(url):
@@ -122,21 +141,18 @@ class PostgresDatabase:
         conn = psycopg.connect(
             self._url,
             autocommit=True,
-            # Values bound client-side: an untyped NULL in ``:since IS NULL OR at >= :since``
-            # needs no type inferred for it, and each statement is one round trip.
-            cursor_factory=psycopg.ClientCursor,
             row_factory=_rows,
         )
         conn.adapters.register_loader("numeric", _Number)
         conn.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
         return conn
 
-    def _run(self, sql: str, args: Any, many: bool = False) -> Cursor:
+    def _run(self, sql: str, args: Any, client_side: bool = False, many: bool = False) -> Cursor:
         """Run ``sql``; outside a transaction, a connection the server dropped (a restart, an
         idle timeout) is made again and the statement run once more: it never reached it."""
         for retry in (False, True):
             try:
-                cursor = self._conn.cursor()
+                cursor = psycopg.ClientCursor(self._conn) if client_side else self._conn.cursor()
                 if many:
                     cursor.executemany(sql, args)
                 else:
@@ -151,16 +167,18 @@ class PostgresDatabase:
         raise AssertionError("unreachable")  # the loop returns or raises
 
     def execute(self, sql: str, args: Args = (), /) -> Cursor:
-        return self._run(translate(sql), args)
+        statement, client_side = translate(sql)
+        return self._run(statement, args, client_side)
 
     def executemany(self, sql: str, rows: Iterable[Args], /) -> Cursor:
-        return self._run(translate(sql), rows, many=True)
+        statement, client_side = translate(sql)
+        return self._run(statement, rows, client_side, many=True)
 
     def begin(self) -> None:
-        try:
+        try:  # one round trip: no values, so sent as a simple query, two statements in one
             self._run(
                 f"BEGIN ISOLATION LEVEL READ COMMITTED; SELECT pg_advisory_xact_lock({WRITE_LOCK})",
-                (),
+                None,
             )
         except BaseException:
             self.rollback()  # a lock that timed out leaves the transaction open, failed
