@@ -8,10 +8,10 @@ refused (429 naming the budget). When it ends, the ledger's transaction that wri
 (ledger.py) also *settles* it (``settle``): its holds are released and what it actually used is
 charged, so a budget's ``spent`` is always the sum of its ledger rows since the period began.
 
-Plain SQL over rows keyed by a readable id (``user:alice:tokens:monthly``), no autoincrement and
-no SQLite-only statement but the write lock ``BEGIN IMMEDIATE`` takes (``SELECT ... FOR UPDATE``
-in PostgreSQL), so another store can follow. Costs are integers: nano-units of the price table's
-currency, so sums are exact.
+Plain SQL over rows keyed by a readable id (``user:alice:tokens:monthly``), run in the store's
+write transactions, which hold its one write lock (SQLite's ``BEGIN IMMEDIATE``, PostgreSQL's
+advisory lock: database.py), so gateways sharing a PostgreSQL database cannot overrun a budget
+either. Costs are integers: nano-units of the price table's currency, so sums are exact.
 """
 
 from __future__ import annotations
