@@ -10,13 +10,13 @@ from pathlib import Path
 
 import httpx
 import openai
-import psycopg
 import pydantic
 import pytest
 
 from atoll.plugins.gateway.accounts import Accounts
 from atoll.plugins.gateway.accounts.postgres import PostgresDatabase, translate
 from atoll.plugins.gateway.accounts.store import SCHEMA, SCHEMA_VERSION
+from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.plugin import GatewayConfig
 from atoll.tenancy.keys import read_secret, write_secret
 from support import postgres
@@ -163,11 +163,12 @@ def test_a_dropped_connection_is_made_again(pg_cluster: postgres.Cluster, pg_dat
             (pid,) = acc._read("SELECT pg_backend_pid()")[0]
             admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
             acc.create_user("bob", actor="root")  # BEGIN is safe to send again
-            with pytest.raises(psycopg.OperationalError), acc._tx() as db:
+            with pytest.raises(GatewayError) as down, acc._tx() as db:
                 db.execute("INSERT INTO users VALUES ('carol', false, 1.0)")
                 (pid,) = db.execute("SELECT pg_backend_pid()").fetchone()
                 admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
                 db.execute("SELECT 1")  # in a transaction: not sent again, the error raised
+            assert down.value.status == 503 and "unavailable" in down.value.message
         assert [u.name for u in acc.list_users()] == ["alice", "bob"]
     finally:
         acc.close()

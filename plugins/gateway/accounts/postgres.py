@@ -11,6 +11,7 @@ lock: each sees what was committed when it ran (READ COMMITTED).
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import lru_cache
@@ -21,6 +22,9 @@ from psycopg.adapt import Buffer, Loader
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from atoll.plugins.gateway.accounts.database import Args, Cursor, IntegrityError
+from atoll.plugins.gateway.errors import GatewayError
+
+log = logging.getLogger(__name__)
 
 # pg_advisory_xact_lock's key for the store's one write lock ("atoll" in ASCII); advisory locks
 # are per database, so stores in other databases of the cluster never wait on each other.
@@ -123,6 +127,15 @@ class _Number(Loader):
         return int(text) if text.lstrip(b"-").isdigit() else float(text)
 
 
+def _unavailable(exc: psycopg.OperationalError) -> GatewayError:
+    """The server gone, or the write lock not had in LOCK_TIMEOUT: 503 to the caller (the cause
+    to the log, not to them: it names the database's host)."""
+    log.warning("gateway.database_unavailable: %s", str(exc).strip().splitlines()[0])
+    return GatewayError(
+        503, "the gateway's accounts database is unavailable; try again", retry_after=1
+    )
+
+
 class PostgresDatabase:
     """One connection (the store's lock serialises its users, as with SQLite), reconnected when
     the server dropped it; autocommit outside the store's write transactions. Values are bound
@@ -160,10 +173,13 @@ class PostgresDatabase:
                 return cursor
             except psycopg.errors.IntegrityError as exc:
                 raise IntegrityError(str(exc)) from exc
-            except psycopg.OperationalError:
+            except psycopg.OperationalError as exc:
                 if retry or self._in_tx or not self._conn.closed:
-                    raise
-                self._conn = self._connect()
+                    raise _unavailable(exc) from exc
+                try:
+                    self._conn = self._connect()
+                except psycopg.OperationalError as down:
+                    raise _unavailable(down) from down
         raise AssertionError("unreachable")  # the loop returns or raises
 
     def execute(self, sql: str, args: Args = (), /) -> Cursor:
