@@ -1,7 +1,8 @@
 """Two gateways on one PostgreSQL database (a throwaway cluster): a key revoked through one is
 refused by the other at once, a budget holds across both under 200 concurrent requests, the
 ledger has one row per request; and what is PostgreSQL's alone: the SQL translated, a v1 schema
-migrated, a dropped connection made again, a bad ``database`` refused."""
+migrated, a dropped connection made again, a writer kept waiting answered 503, a bad
+``database`` refused."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pydantic
 import pytest
 
 from atoll.plugins.gateway.accounts import Accounts
+from atoll.plugins.gateway.accounts import postgres as postgres_store
 from atoll.plugins.gateway.accounts.postgres import PostgresDatabase, translate
 from atoll.plugins.gateway.accounts.store import SCHEMA, SCHEMA_VERSION
 from atoll.plugins.gateway.errors import GatewayError
@@ -170,6 +172,27 @@ def test_a_dropped_connection_is_made_again(pg_cluster: postgres.Cluster, pg_dat
                 db.execute("SELECT 1")  # in a transaction: not sent again, the error raised
             assert down.value.status == 503 and "unavailable" in down.value.message
         assert [u.name for u in acc.list_users()] == ["alice", "bob"]
+    finally:
+        acc.close()
+
+
+def test_a_writer_kept_waiting_for_the_lock_is_answered_503(
+    pg_cluster: postgres.Cluster, pg_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another gateway holding the write lock (stuck mid-transaction): a write here gives up
+    after the lock timeout (shortened for the test) with a 503, and works once it is let go."""
+    monkeypatch.setattr(postgres_store, "LOCK_TIMEOUT", "50ms")
+    acc = Accounts(pg_database, SECRET)
+    try:
+        with pg_cluster.connect(pg_database) as stuck:
+            stuck.execute("BEGIN")
+            stuck.execute("SELECT pg_advisory_xact_lock(%s)", (postgres_store.WRITE_LOCK,))
+            with pytest.raises(GatewayError) as waited:
+                acc.create_user("alice", actor="root")
+            assert waited.value.status == 503 and waited.value.headers()["Retry-After"] == "1"
+            stuck.execute("ROLLBACK")
+        acc.create_user("alice", actor="root")
+        assert [u.name for u in acc.list_users()] == ["alice"]
     finally:
         acc.close()
 

@@ -11,6 +11,7 @@ lock: each sees what was committed when it ran (READ COMMITTED).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 # are per database, so stores in other databases of the cluster never wait on each other.
 WRITE_LOCK = 0x61746F6C6C
 CONNECT_TIMEOUT_S = "10"  # libpq waits forever by default
-LOCK_TIMEOUT = "5s"  # as SQLite's busy_timeout: a writer stuck longer is an error, not a hang
+LOCK_TIMEOUT = "5s"  # as SQLite's busy_timeout: a writer stuck longer is a 503, not a hang
 # Kept as written: string literals and quoted identifiers.
 QUOTED = re.compile(r"""('(?:[^']|'')*'|"[^"]*")""")
 # SQLite's type names, in the capitals the schema writes them in, for PostgreSQL's: 64-bit
@@ -162,7 +163,8 @@ class PostgresDatabase:
 
     def _run(self, sql: str, args: Any, client_side: bool = False, many: bool = False) -> Cursor:
         """Run ``sql``; outside a transaction, a connection the server dropped (a restart, an
-        idle timeout) is made again and the statement run once more: it never reached it."""
+        idle timeout) is made again and the statement run once more: it never reached it.
+        A server that cannot be had is a 503."""
         for retry in (False, True):
             try:
                 cursor = psycopg.ClientCursor(self._conn) if client_side else self._conn.cursor()
@@ -203,32 +205,36 @@ class PostgresDatabase:
 
     def commit(self) -> None:
         self._in_tx = False
-        self._conn.execute("COMMIT")
+        try:  # never sent again: whether a lost COMMIT took is unknown, so it is an error
+            self._conn.execute("COMMIT")
+        except psycopg.OperationalError as exc:
+            raise _unavailable(exc) from exc
 
     def rollback(self) -> None:
         self._in_tx = False
         if not self._conn.closed:  # a dropped connection rolled back on the server
-            self._conn.execute("ROLLBACK")
+            with contextlib.suppress(psycopg.OperationalError):  # dropped just now: the same
+                self._conn.execute("ROLLBACK")
 
     # The schema's version, and a check of the key-hashing secret, in a table of their own.
-    def _meta(self) -> PgRow:
+    def _meta(self) -> tuple[int, bytes | None]:
         self._conn.execute(
             "CREATE TABLE IF NOT EXISTS atoll_store (version INTEGER NOT NULL, key_check BYTEA)"
         )
         row = self._conn.execute("SELECT version, key_check FROM atoll_store").fetchone()
         if row is None:
             self._conn.execute("INSERT INTO atoll_store VALUES (0, NULL)")
-            return PgRow((0, None), {"version": 0, "key_check": 1})
-        return row
+            return 0, None
+        return int(row[0]), row[1]
 
     def schema_version(self) -> int:
-        return int(self._meta()["version"])
+        return self._meta()[0]
 
     def set_schema_version(self, version: int) -> None:
         self._conn.execute("UPDATE atoll_store SET version = %s", (version,))
 
     def check_secret(self, check: bytes) -> None:
-        kept = self._meta()["key_check"]
+        kept = self._meta()[1]
         if kept is None:
             self._conn.execute("UPDATE atoll_store SET key_check = %s", (check,))
         elif bytes(kept) != check:
