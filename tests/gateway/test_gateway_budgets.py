@@ -120,6 +120,26 @@ def test_every_applying_budget_is_checked_all_or_none(acc: Accounts) -> None:
     ]
 
 
+def test_a_turns_rows_settle_together(acc: Accounts) -> None:
+    """The ledger's batch (rows of two keys, one never reserved): every hold released, every
+    applying budget charged the sum of its rows."""
+    mine, scoped = who(acc), who(acc, "p1")
+    acc.set_budget("user", "alice", "tokens", "daily", 1000, actor="root")
+    acc.set_budget("project", "p1", "cost", "daily", 1, actor="root")
+    reserve(acc, mine, "r1", 100)
+    reserve(acc, scoped, "r2", 100, cost=NANO // 10)
+    rows = [
+        acc.usage_row(mine, "r1", "m", None, 10, 5, 200, 1.0),
+        acc.usage_row(scoped, "r2", "m", None, 20, 0, 200, 1.0, cost=NANO // 100),
+        acc.usage_row(scoped, "r3", "m", None, 1, 1, 200, 1.0, cost=3),
+    ]
+    assert acc.insert_usage(rows) == [None, None, None]
+    user, project = budget(acc, "user:alice:tokens:daily"), budget(acc, "project:p1:cost:daily")
+    assert (user.spent, user.reserved) == (37, 0)
+    assert (round(project.spent * NANO), project.reserved) == (NANO // 100 + 3, 0)
+    assert acc._read("SELECT COUNT(*) FROM reservations")[0][0] == 0
+
+
 def test_periods_reset_and_in_flight_holds_carry_over(acc: Accounts, clock: Clock) -> None:
     me = who(acc)
     acc.set_budget("user", "alice", "tokens", "monthly", 100, actor="root")

@@ -16,6 +16,7 @@ either. Costs are integers: nano-units of the price table's currency, so sums ar
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -167,35 +168,44 @@ def _roll_over(db: Connection, row: Row, now: float) -> int:
 
 
 def _release(db: Connection, where: str, args: tuple[Any, ...]) -> None:
-    """Give back the holds of the reservations ``where`` selects, and forget them (one statement:
-    on PostgreSQL each is a round trip, and the ledger's turn releases once per row)."""
-    held: dict[str, int] = {}
+    """Give back the holds of the reservations ``where`` selects, and forget them."""
+    held: dict[str, int] = defaultdict(int)
     for budget, amount in db.execute(
         f"DELETE FROM reservations WHERE {where} RETURNING budget_id, amount", args
     ).fetchall():
-        held[budget] = held.get(budget, 0) + amount
+        held[budget] += amount
     for budget, amount in sorted(held.items()):
         db.execute("UPDATE budgets SET reserved = reserved - ? WHERE id = ?", (amount, budget))
 
 
-def settle(
-    db: Connection,
-    request_id: str,
-    at: float,
-    key_id: str,
-    user: str,
-    project: str | None,
-    tokens: int,
-    cost: int,
-) -> None:
-    """In the ledger's transaction that writes the request's row: release what it held, charge
-    what it used to every budget that applies to it now."""
-    _release(db, "request_id = ?", (request_id,))
-    for row in _applying(db, key_id, user, project):
-        _roll_over(db, row, at)
-        used = tokens if row["metric"] == "tokens" else cost
-        if used:
-            db.execute("UPDATE budgets SET spent = spent + ? WHERE id = ?", (used, row["id"]))
+# What settle needs of one request: its id, when its row was written, who made it (key, user,
+# project), and the tokens and cost it used.
+Usage = tuple[str, float, str, str, str | None, int, int]
+
+
+def settle(db: Connection, usages: list[Usage]) -> None:
+    """In the ledger's transaction that writes the requests' rows: release what they held,
+    charge what each used to every budget that applies to it now. A turn's requests are settled
+    together, a statement per budget touched rather than per request (each a round trip on
+    PostgreSQL), in the period that the latest of them falls in."""
+    ids = tuple(request_id for request_id, *_ in usages)
+    _release(db, f"request_id IN ({', '.join('?' * len(ids))})", ids)
+    applying: dict[tuple[str, str, str | None], list[Any]] = {}
+    budgets: dict[str, Any] = {}  # id -> its row
+    latest: dict[str, float] = {}  # id -> the latest row charged to it
+    charges: dict[str, int] = defaultdict(int)
+    for _, at, key_id, user, project, tokens, cost in usages:
+        who = (key_id, user, project)
+        if who not in applying:
+            applying[who] = _applying(db, *who)
+        for row in applying[who]:
+            ident = budgets.setdefault(row["id"], row)["id"]
+            latest[ident] = max(latest.get(ident, at), at)
+            charges[ident] += tokens if row["metric"] == "tokens" else cost
+    for ident, row in sorted(budgets.items()):
+        _roll_over(db, row, latest[ident])
+        if charges[ident]:
+            db.execute("UPDATE budgets SET spent = spent + ? WHERE id = ?", (charges[ident], ident))
 
 
 class Budgets(Store):

@@ -114,8 +114,13 @@ class UsageTable(Store):
         try:
             with self._tx(ledger=True) as db:
                 db.executemany(sql, rows)
-                for rid, at, key_id, user, project, _, _, p, c, *_, cost in rows:
-                    settle(db, rid, at, key_id, user, project, p + c, cost)
+                settle(
+                    db,
+                    [
+                        (rid, at, key_id, user, project, p + c, cost)
+                        for rid, at, key_id, user, project, _, _, p, c, *_, cost in rows
+                    ],
+                )
             return [None] * len(rows)
         except IntegrityError:
             if len(rows) == 1:
