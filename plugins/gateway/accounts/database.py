@@ -2,11 +2,14 @@
 gateways), behind one connection shape every concern writes against: ``db.execute(sql, args)``
 with ``?`` or ``:name`` placeholders, rows by position or by column name, one ``IntegrityError``.
 
-SQL is written once, in what both dialects speak: SQLite's spelling of the schema's types, and
-``INSERT ... ON CONFLICT`` rather than ``INSERT OR IGNORE``/``REPLACE``; postgres.py translates
-what differs and refuses what it cannot. A write transaction holds the whole store's write lock
-in both (SQLite's ``BEGIN IMMEDIATE``, a PostgreSQL advisory lock), so a check and the write it
-guards (a budget's reservation, a name's uniqueness) never interleave with another writer's.
+SQL is written once, in what both dialects speak: SQLite's spelling of the schema's types (in
+capitals), ``INSERT ... ON CONFLICT`` rather than ``INSERT OR IGNORE``/``REPLACE``, true/false
+columns declared BOOLEAN (SQLite keeps 0/1), an ``INTEGER PRIMARY KEY`` left out of an INSERT
+(never given NULL), ``NULLS FIRST``/``LAST`` where a nullable column is ordered by; postgres.py
+translates the rest and refuses SQLite-only statements. A write transaction holds the whole
+store's write lock in both (SQLite's ``BEGIN IMMEDIATE``, a PostgreSQL advisory lock), so a
+check and the write it guards (a budget's reservation, a name's uniqueness) never interleave
+with another writer's.
 """
 
 from __future__ import annotations
