@@ -30,7 +30,15 @@ log = logging.getLogger(__name__)
 # pg_advisory_xact_lock's key for the store's one write lock ("atoll" in ASCII); advisory locks
 # are per database, so stores in other databases of the cluster never wait on each other.
 WRITE_LOCK = 0x61746F6C6C
-CONNECT_TIMEOUT_S = "10"  # libpq waits forever by default
+# What the URL does not say otherwise: libpq would wait forever for a connection, and hours for
+# a host gone silent mid-statement (the OS's keepalive), with the gateway's event loop waiting.
+CONNECTION_DEFAULTS = {
+    "connect_timeout": "10",
+    "keepalives_idle": "15",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "30000",  # ms unacknowledged
+}
 LOCK_TIMEOUT = "5s"  # as SQLite's busy_timeout: a writer stuck longer is a 503, not a hang
 # Kept as written: string literals and quoted identifiers.
 QUOTED = re.compile(r"""('(?:[^']|'')*'|"[^"]*")""")
@@ -144,9 +152,9 @@ class PostgresDatabase:
     round trip), except where translate says they cannot be."""
 
     def __init__(self, url: str) -> None:
-        if "connect_timeout" not in conninfo_to_dict(url):
-            url = make_conninfo(url, connect_timeout=CONNECT_TIMEOUT_S)
-        self._url = url
+        given = conninfo_to_dict(url)
+        defaults = {k: v for k, v in CONNECTION_DEFAULTS.items() if k not in given}
+        self._url = make_conninfo(url, **defaults)
         self._in_tx = False
         self._conn = self._connect()
         self.connection = self
