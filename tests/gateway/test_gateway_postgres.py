@@ -71,8 +71,10 @@ async def test_a_key_revoked_through_one_gateway_is_refused_by_the_other(
 async def test_a_budget_holds_across_two_gateways(
     make_agent: AgentFactory, tmp_path: Path, pg_database: str
 ) -> None:
-    """200 concurrent requests, alternately through each gateway, at a budget with room for
-    about 40: zero overspend, the ledger's sum is the counter, one row per admitted request."""
+    """200 concurrent requests, alternately through each gateway, at a budget that 33 holds
+    fill (59 tokens each): zero overspend, the ledger's sum is the counter, one row per admitted
+    request. Both gateways share this test's event loop, so their transactions alternate;
+    test_two_handles_on_one_store_never_overspend races two connections from 16 threads."""
     a, b = await two_gateways(make_agent, tmp_path, pg_database)
     acc = a.accounts
     key = a.key("alice")
