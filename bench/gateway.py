@@ -731,7 +731,7 @@ def report(
         "direct": direct,
         "litellm": runs.get("litellm", {"skipped": "--skip-litellm"}),
         "upstream": runs["upstream"],
-        "gateway_pg": pg or {"skipped": "no --postgres"},
+        "gateway_pg": runs.get("gateway_pg", {"skipped": "no --postgres"}),
         "pg_vs_sqlite_rps": pg_vs,
         "pg_vs_litellm_rps": pg_vs_litellm,
         "added_p50_ms": added_p50,
