@@ -42,6 +42,8 @@ needed = pytest.mark.skipif(
 
 
 class Cluster:
+    """The cluster's directory (data, socket, log) and the commands that run it."""
+
     def __init__(self, bin: Path) -> None:
         self.bin = bin
         # Short, under /tmp: a unix socket's path has at most 107 bytes.
@@ -54,7 +56,9 @@ class Cluster:
         self._names = itertools.count()
 
     def _run(self, *argv: str) -> None:
-        subprocess.run([*self._as, *argv], check=True, capture_output=True)
+        done = subprocess.run([*self._as, *argv], capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(argv[:1])} failed:\n{done.stdout}{done.stderr}")
 
     def start(self) -> None:
         data = self.root / "data"
@@ -69,7 +73,7 @@ class Cluster:
         )  # fmt: skip
 
     def stop(self) -> None:
-        with contextlib.suppress(subprocess.CalledProcessError):
+        with contextlib.suppress(RuntimeError):
             self._run(str(self.bin / "pg_ctl"), "-D", str(self.root / "data"), "-m", "immediate",
                       "stop")  # fmt: skip
         shutil.rmtree(self.root, ignore_errors=True)
