@@ -220,7 +220,7 @@ async def test_a_restarted_gateway_keeps_reports_and_fails_the_interrupted(
         record = Evaluation(
             id=f"eval-{status}",
             created_at=1,
-            status=status,  # type: ignore[arg-type]
+            status=status,
             file_id="file-x",
             models=[MODEL],
             max_tokens=4,
