@@ -4,10 +4,10 @@ records (``write_audit``), read newest first."""
 from __future__ import annotations
 
 import json
-import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
+from atoll.plugins.gateway.accounts.database import Connection
 from atoll.plugins.gateway.accounts.store import Store, check_actor
 from atoll.plugins.gateway.errors import GatewayError
 
@@ -23,7 +23,7 @@ class AuditEntry:
 
 
 def write_audit(
-    db: sqlite3.Connection, at: float, actor: str, action: str, target: str, detail: dict
+    db: Connection, at: float, actor: str, action: str, target: str, detail: dict
 ) -> None:
     db.execute(
         "INSERT INTO audit (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
