@@ -23,7 +23,7 @@ from atoll.agent.prometheus import exposition
 from atoll.plugins.gateway import contract as c
 from atoll.plugins.gateway import finetune, inference_routes, self_service, webui
 from atoll.plugins.gateway.accounts.keys import Principal
-from atoll.plugins.gateway.admin import AdminRPC, plain
+from atoll.plugins.gateway.admin import AdminRPC, plain, settle
 from atoll.plugins.gateway.bodies import parse_body, sse
 from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.lorax_api import lorax_error
@@ -209,7 +209,7 @@ def create_app(gw: Gateway, docs: bool = False) -> FastAPI:
         async def endpoint(principal: Principal, request: Request, body: Any = None) -> Any:
             if http == "GET":
                 body = parse_body(schema, dict(request.query_params))
-            result = plain(handler(body, principal.user))
+            result = plain(await settle(handler(body, principal.user)))
             if getattr(body, "format", None) == "csv":
                 return usage_csv(result)
             return result
@@ -240,6 +240,7 @@ def create_app(gw: Gateway, docs: bool = False) -> FastAPI:
     admin_route("/admin/adapters", "list_adapters", "adapters_list", "GET")
     admin_route("/admin/usage", "usage", "usage", "GET")
     admin_route("/admin/audit", "audit", "audit", "GET")
+    admin_route("/admin/audit/verify", "verify_audit", "audit_verify", "GET")
     admin_route("/admin/budgets", "set_budget", "budgets_set")
     admin_route("/admin/budgets", "list_budgets", "budgets_list", "GET")
     admin_route("/admin/budgets/remove", "remove_budget", "budgets_remove")

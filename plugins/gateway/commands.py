@@ -1,5 +1,6 @@
-"""The gateway's commands (`atoll keys|projects|users|budgets|usage`): users, projects, API keys,
-budgets and usage reports through the gateway's admin methods, as a tenant admin. Registered
+"""The gateway's commands (`atoll keys|projects|users|budgets|usage|audit`): users, projects, API
+keys, budgets, usage reports and the audit log's verification through the gateway's admin
+methods, as a tenant admin. Registered
 under entry point group ``atoll.cli``; what users do with their own key is me_commands.py's."""
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ projects = typer.Typer(help="Gateway projects: members, policy labels, limits.")
 users = typer.Typer(help="Gateway users.")
 budgets = typer.Typer(help="Gateway budgets: tokens or cost per key, user or project and period.")
 usage = typer.Typer(help="Gateway usage reports (chargeback).")
+audit = typer.Typer(help="The gateway's audit log: hash-chained, its head signed.")
 
 Gateway = Annotated[str, typer.Option("--gateway", help="Agent running the gateway plugin.")]
 RPM = Annotated[int | None, typer.Option("--rpm", help="Requests per minute.")]
@@ -244,3 +246,15 @@ def usage_report(
         print_csv(report["groups"])
     else:
         show(report)
+
+
+@admin_command(audit, "verify")
+def audit_verify(target: AdminTarget, gateway: Gateway = ISLAND) -> None:
+    """Re-compute the audit log's hash chain and check its signed head; exit 1 naming the first
+    bad row if a row was edited, removed or inserted."""
+    verdict = target.run(lambda a: GatewayAdmin(a, gateway).audit_verify())
+    show(verdict)
+    if not verdict["ok"]:
+        err.print(f"audit log NOT intact: {verdict['problem']}")
+        raise typer.Exit(1)
+    err.print(f"audit log intact: {verdict['rows']} rows, head signed by {verdict['public_key']}")

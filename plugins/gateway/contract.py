@@ -21,6 +21,7 @@ creates it.
     RPC  budgets_list            {scope?, subject?}                     -> [budget]
     RPC  budgets_remove          {id}                                   -> {removed}
     RPC  audit                   {limit?, since?}                       -> [entry]
+    RPC  audit_verify            {}                                     -> verdict
 
 Every method is for admin and operator agents only.
 """
@@ -191,6 +192,7 @@ ADAPTERS_LIST = Method[NoParams, list[Record]](
 )
 USAGE = Method[UsageQuery, Record]("usage", UsageQuery, Record, "usage")
 AUDIT = Method[AuditQuery, list[Record]]("audit", AuditQuery, list[Record], "audit")
+AUDIT_VERIFY = Method[NoParams, Record]("audit_verify", NoParams, Record, "audit_verify")
 BUDGETS_SET = Method[BudgetSet, Record]("budgets_set", BudgetSet, Record, "budgets_set")
 BUDGETS_LIST = Method[BudgetQuery, list[Record]](
     "budgets_list", BudgetQuery, list[Record], "budgets_list"
@@ -215,6 +217,7 @@ METHODS: dict[str, Method[Any, Any]] = {
         ADAPTERS_LIST,
         USAGE,
         AUDIT,
+        AUDIT_VERIFY,
         BUDGETS_SET,
         BUDGETS_LIST,
         BUDGETS_REMOVE,
@@ -302,3 +305,7 @@ class GatewayAdmin:
 
     async def budgets_remove(self, budget: str) -> Record:
         return await self.client.invoke(BUDGETS_REMOVE, BUDGETS_REMOVE.parse_params({"id": budget}))
+
+    async def audit_verify(self) -> Record:
+        """The audit chain re-computed and its head's signature checked (``Verdict``'s fields)."""
+        return await self.client.invoke(AUDIT_VERIFY, NoParams())

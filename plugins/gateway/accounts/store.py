@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
+from atoll.plugins.gateway.accounts import audit_chain
 from atoll.plugins.gateway.contract import Limits
 from atoll.plugins.gateway.errors import GatewayError
 
@@ -62,7 +63,17 @@ MIGRATIONS = [
         amount BIGINT NOT NULL, expires REAL NOT NULL, PRIMARY KEY (request_id, budget_id));
     CREATE INDEX reservations_expires ON reservations (expires);
     """,
+    # 3: the audit log hash-chained under a signed head (audit_chain.py); the rows already there
+    # are chained by ``audit_chain.start`` in the same transaction
+    """
+    ALTER TABLE audit ADD COLUMN prev TEXT;
+    ALTER TABLE audit ADD COLUMN hash TEXT;
+    CREATE TABLE audit_head (
+        id TEXT PRIMARY KEY, seq BIGINT NOT NULL, count BIGINT NOT NULL, hash TEXT NOT NULL,
+        signature TEXT NOT NULL);
+    """,
 ]
+AUDIT_CHAINED = 3  # the schema version whose step chains the audit log
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 
 
@@ -112,13 +123,15 @@ def require(db: sqlite3.Connection, kind: str, name: str) -> None:
 
 class Store:
     """The connection, its lock and the clock that each concern's methods share. ``secret``
-    keys the HMAC of API keys (lose it and every key is unknown); ``clock`` (epoch seconds)
+    keys the HMAC of API keys (lose it and every key is unknown) and derives the audit head's
+    signing key (audit_chain.py); ``clock`` (epoch seconds)
     decides expiry, grace and the ledger's times."""
 
     def __init__(self, path: Path, secret: bytes, clock: Callable[[], float] = time.time) -> None:
         if not isinstance(secret, bytes) or len(secret) < 16:
             raise ValueError("the key-hashing secret must be at least 16 bytes")
         self._secret = secret
+        self._audit_key = audit_chain.signing_key(secret)
         self._clock = clock
         self._lock = threading.Lock()  # one connection; the app may also use it from threads
         # authenticate's cache (keys.py); here because every write but the ledger's empties it.
@@ -142,6 +155,8 @@ class Store:
                 for statement in step.split(";"):
                     if statement.strip():
                         db.execute(statement)
+            if version < AUDIT_CHAINED:
+                audit_chain.start(db, self._audit_key)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def now(self) -> float:
