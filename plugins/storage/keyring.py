@@ -53,7 +53,7 @@ class Keyring:
             raise ValueError(f"{path} is not a storage keyring: {exc}") from None
         if ring.tenant != tenant:
             raise ValueError(
-                f"{path} is tenant {ring.tenant!r}'s keyring, and this agent is in {tenant!r}"
+                f"{path} is the keyring of tenant {ring.tenant!r}, and this agent is in {tenant!r}"
             )
         if ring.current not in keys or any(len(k) != 32 for k in keys.values()):
             raise ValueError(f"{path} is not a storage keyring: bad keys")
