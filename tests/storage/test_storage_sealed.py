@@ -12,6 +12,7 @@ import sqlite3
 import stat
 from pathlib import Path
 
+import openai
 import pytest
 from typer import Typer
 from typer.testing import CliRunner
@@ -28,7 +29,7 @@ from atoll.plugins.storage.sealed_store import SealedStore
 from atoll.plugins.storage.sealing import HEADER, TAG, Opener, Sealer, sealed_size
 from atoll.plugins.storage.store import LocalStore
 from atoll.tenancy.operator import OperatorStore
-from support.island import lora_adapter, start_storage
+from support.island import Island, lora_adapter, start_storage
 from support.overlay import AgentFactory
 
 MARKER = "PATIENT-7731-SECRET-MARKER"
@@ -197,3 +198,31 @@ async def test_rotation_rewraps_data_keys_and_retires_the_old_kek(
         agent = (await make_agent(f"not-{role}", roles=(role,))).agent
         with pytest.raises(Forbidden):
             await rotate_keys(agent, "store")
+
+
+async def test_files_through_the_openai_sdk_are_sealed_on_disk(
+    tmp_path: Path, make_agent: AgentFactory
+) -> None:
+    _, plugin = await start_storage(make_agent)
+    isl = await Island(make_agent).start_gateway(storage="store")
+    client = openai.AsyncOpenAI(base_url=f"{isl.url}/v1", api_key=isl.key("alice"), max_retries=0)
+    data = tmp_path / "notes.jsonl"
+    rows = [
+        {"messages": [{"role": "user", "content": MARKER}, {"role": "assistant", "content": "ok"}]}
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    try:
+        uploaded = await client.files.create(file=data.open("rb"), purpose="fine-tune")
+        original = plugin.ctx.data_dir / "objects" / "datasets" / uploaded.id / "original"
+        assert MARKER.encode() not in original.read_bytes()
+        assert (await client.files.content(uploaded.id)).content == data.read_bytes()
+        sealed = bytearray(original.read_bytes())
+        sealed[-1] ^= 0x01
+        original.write_bytes(bytes(sealed))
+        with pytest.raises(openai.APIStatusError) as refused:
+            await client.files.content(uploaded.id)
+        assert refused.value.status_code == 502
+        assert "is damaged: chunk 0 fails authentication" in refused.value.message
+        assert (await client.files.retrieve(uploaded.id)).id == uploaded.id  # still serving
+    finally:
+        await client.close()
