@@ -1,6 +1,6 @@
 """The gateway's admin RPC over the overlay (contract.py): tenant admins and operators manage
-users, projects, keys and adapter access; every change lands in the audit log with the caller's
-agent name as its actor."""
+users, projects, keys, adapter access and retention, and verify the audit log; every change
+lands in the audit log with the caller's agent name as its actor."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from pydantic import BaseModel
 from atoll.agent.contract import NoParams
 from atoll.agent.errors import InvalidRequest, NoSuchMethod
 from atoll.plugins.gateway import contract as c
-from atoll.plugins.gateway.accounts import Accounts
 from atoll.plugins.gateway.errors import GatewayError
+from atoll.plugins.gateway.retention import purge
+from atoll.plugins.gateway.service import Gateway
 from atoll.protocol.session import CallInfo
 from atoll.tenancy.permissions import ADMINS
 
@@ -40,8 +41,9 @@ async def settle(result: Any) -> Any:
 
 
 class AdminRPC:
-    def __init__(self, accounts: Accounts) -> None:
-        self.accounts = accounts
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.accounts = gateway.accounts
 
     def methods(
         self,
@@ -139,3 +141,14 @@ class AdminRPC:
     def audit_verify(self, _: NoParams, actor: str) -> Any:
         # In a thread: it reads the whole log (the store's lock is taken per batch).
         return asyncio.to_thread(self.accounts.verify_audit)
+
+    def retention_set(self, p: c.RetentionSet, actor: str) -> Any:
+        return self.accounts.set_retention(
+            p.project, p.prompts_s, p.ledger_s, p.datasets_s, actor=actor
+        )
+
+    def retention_list(self, _: NoParams, actor: str) -> Any:
+        return self.accounts.list_retention()
+
+    def retention_purge(self, p: c.RetentionPurge, actor: str) -> Any:
+        return purge(self.gateway, p.dry_run, actor)

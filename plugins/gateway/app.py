@@ -90,7 +90,7 @@ def create_app(gw: Gateway, docs: bool = False) -> FastAPI:
         redoc_url=None,
         openapi_url=None,
     )
-    admin = AdminRPC(gw.accounts)
+    admin = AdminRPC(gw)
 
     # --- errors in OpenAI's shape -----------------------------------------------------------
 
@@ -241,6 +241,9 @@ def create_app(gw: Gateway, docs: bool = False) -> FastAPI:
     admin_route("/admin/usage", "usage", "usage", "GET")
     admin_route("/admin/audit", "audit", "audit", "GET")
     admin_route("/admin/audit/verify", "verify_audit", "audit_verify", "GET")
+    admin_route("/admin/retention", "set_retention", "retention_set")
+    admin_route("/admin/retention", "list_retention", "retention_list", "GET")
+    admin_route("/admin/retention/purge", "purge_retention", "retention_purge")
     admin_route("/admin/budgets", "set_budget", "budgets_set")
     admin_route("/admin/budgets", "list_budgets", "budgets_list", "GET")
     admin_route("/admin/budgets/remove", "remove_budget", "budgets_remove")

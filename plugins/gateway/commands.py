@@ -1,6 +1,6 @@
-"""The gateway's commands (`atoll keys|projects|users|budgets|usage|audit`): users, projects, API
-keys, budgets, usage reports and the audit log's verification through the gateway's admin
-methods, as a tenant admin. Registered
+"""The gateway's commands (`atoll keys|projects|users|budgets|usage|audit|retention`): users,
+projects, API keys, budgets, usage reports, the audit log's verification and retention through
+the gateway's admin methods, as a tenant admin. Registered
 under entry point group ``atoll.cli``; what users do with their own key is me_commands.py's."""
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ users = typer.Typer(help="Gateway users.")
 budgets = typer.Typer(help="Gateway budgets: tokens or cost per key, user or project and period.")
 usage = typer.Typer(help="Gateway usage reports (chargeback).")
 audit = typer.Typer(help="The gateway's audit log: hash-chained, its head signed.")
+retention = typer.Typer(help="How long projects' prompts, ledger rows and datasets are kept.")
 
 Gateway = Annotated[str, typer.Option("--gateway", help="Agent running the gateway plugin.")]
 RPM = Annotated[int | None, typer.Option("--rpm", help="Requests per minute.")]
@@ -258,3 +259,37 @@ def audit_verify(target: AdminTarget, gateway: Gateway = ISLAND) -> None:
         err.print(f"audit log NOT intact: {verdict['problem']}")
         raise typer.Exit(1)
     err.print(f"audit log intact: {verdict['rows']} rows, head signed by {verdict['public_key']}")
+
+
+Period = Annotated[str | None, typer.Option(help="Kept this long (e.g. 30d); left out: forever.")]
+
+
+@admin_command(retention, "set")
+def retention_set(
+    target: AdminTarget,
+    project: str,
+    prompts: Period = None,
+    ledger: Period = None,
+    datasets: Period = None,
+    gateway: Gateway = ISLAND,
+) -> None:
+    """Set PROJECT's periods (all three replaced): prompt text in the ledger, the ledger's rows,
+    datasets in storage from their upload. None given: the project keeps everything."""
+    periods = [parse_duration(p) if p else None for p in (prompts, ledger, datasets)]
+    show(target.run(lambda a: GatewayAdmin(a, gateway).retention_set(project, *periods)))
+
+
+@admin_command(retention, "list")
+def retention_list(target: AdminTarget, gateway: Gateway = ISLAND) -> None:
+    """Projects' retention periods (seconds)."""
+    show(target.run(lambda a: GatewayAdmin(a, gateway).retention_list()))
+
+
+@admin_command(retention, "purge")
+def retention_purge(
+    target: AdminTarget,
+    dry_run: Annotated[bool, typer.Option(help="Report what would go; change nothing.")] = False,
+    gateway: Gateway = ISLAND,
+) -> None:
+    """Purge what is past its period in every project with a policy, and report it."""
+    show(target.run(lambda a: GatewayAdmin(a, gateway).retention_purge(dry_run)))

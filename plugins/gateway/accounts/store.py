@@ -63,14 +63,18 @@ MIGRATIONS = [
         amount BIGINT NOT NULL, expires REAL NOT NULL, PRIMARY KEY (request_id, budget_id));
     CREATE INDEX reservations_expires ON reservations (expires);
     """,
-    # 3: the audit log hash-chained under a signed head (audit_chain.py); the rows already there
-    # are chained by ``audit_chain.start`` in the same transaction
+    # 3: the audit log hash-chained under a signed head (audit_chain.py; the rows already there
+    # are chained by ``audit_chain.start`` in the same transaction), and projects' retention
+    # periods in seconds, NULL: kept (retention.py)
     """
     ALTER TABLE audit ADD COLUMN prev TEXT;
     ALTER TABLE audit ADD COLUMN hash TEXT;
     CREATE TABLE audit_head (
         id TEXT PRIMARY KEY, seq BIGINT NOT NULL, count BIGINT NOT NULL, hash TEXT NOT NULL,
         signature TEXT NOT NULL);
+    CREATE TABLE retention (
+        project TEXT PRIMARY KEY REFERENCES projects(name), prompts_s REAL, ledger_s REAL,
+        datasets_s REAL, updated REAL NOT NULL);
     """,
 ]
 AUDIT_CHAINED = 3  # the schema version whose step chains the audit log
