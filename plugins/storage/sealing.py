@@ -68,10 +68,11 @@ class Sealer:
         """Sealed chunks for what is complete; a chunk is held until more follows it, since
         only the end of the stream says which chunk is last."""
         self._buffer += data
-        out = []
-        while len(self._buffer) > self._chunk:
-            out.append(self._seal(self._buffer[: self._chunk], final=False))
-            del self._buffer[: self._chunk]
+        out, at = [], 0
+        while len(self._buffer) - at > self._chunk:
+            out.append(self._seal(self._buffer[at : at + self._chunk], final=False))
+            at += self._chunk
+        del self._buffer[:at]  # once: a large feed is not shifted chunk by chunk
         return b"".join(out)
 
     def finish(self) -> bytes:
@@ -124,10 +125,11 @@ class Opener:
             if len(self._buffer) < HEADER.size:
                 return b""
             self._start()
-        out = []
-        while len(self._buffer) > self._frame:  # more follows this frame: it is not the last
-            out.append(self._open(self._buffer[: self._frame], final=False))
-            del self._buffer[: self._frame]
+        out, at = [], 0
+        while len(self._buffer) - at > self._frame:  # more follows this frame: not the last
+            out.append(self._open(self._buffer[at : at + self._frame], final=False))
+            at += self._frame
+        del self._buffer[:at]
         return b"".join(out)
 
     def finish(self) -> bytes:
