@@ -16,6 +16,9 @@ Processes, as in dataplane.py (this script with a child flag):
   with httpx first) and the ``direct`` anchor: an agent with role ``gateway`` calling
   ``stream_generate`` on ``gpu/inference`` itself.
 
+With ``--postgres URL`` (an empty database), a second gateway agent keeps its accounts there:
+path ``gateway_pg``, against ``gateway`` (SQLite) in the same run.
+
 Paths measured, all in one run: ``gateway``, ``direct``, ``litellm`` and ``upstream`` (the
 client straight to the echo upstream: what the HTTP client and a minimal server cost, and proof the
 upstream is not LiteLLM's bottleneck). Concurrency 1 runs in rounds alternating the paths (a
@@ -26,7 +29,7 @@ Prints ONE JSON object on stdout (logs go to stderr). ``--profile-dir D`` writes
 of the harness, broker, node and gateway into D (``python -m pstats``).
 
     .venv/bin/python bench/gateway.py [--quick] [--skip-litellm] [--litellm-venv DIR]
-                                      [--profile-dir D]
+                                      [--postgres URL] [--profile-dir D]
 """
 
 from __future__ import annotations
@@ -223,9 +226,12 @@ def upstream_child() -> None:
 # --- the atoll agents --------------------------------------------------------------------------
 
 
-def agent_child(kind: str, data_dir: Path, broker: str, profile: Path | None) -> None:
+def agent_child(
+    kind: str, data_dir: Path, broker: str, profile: Path | None, database: str | None = None
+) -> None:
     """``--node-child`` / ``--gateway-child``: run the agent until SIGTERM or stdin EOF. The
-    gateway waits until it sees the echo model, then prints ``{"url", "key"}``."""
+    gateway (its accounts in ``database`` if given) waits until it sees the echo model, then
+    prints ``{"url", "key"}``."""
     from atoll.agent.runtime import AgentRuntime
     from atoll.plugins.gateway.plugin import GatewayPlugin
 
@@ -234,6 +240,8 @@ def agent_child(kind: str, data_dir: Path, broker: str, profile: Path | None) ->
         "gateway": {"gateway": {"listen": "127.0.0.1:0"}},
     }
     plugins = configs[kind]
+    if database:
+        plugins["gateway"]["database"] = database
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -649,6 +657,19 @@ async def main(args: argparse.Namespace, profile_dir: Path | None) -> dict[str, 
                     broker,
                 )
             )
+            gw_pg = None
+            if args.postgres:
+                gw_pg = json.loads(
+                    await start(
+                        "gateway_pg",
+                        "--gateway-child",
+                        await agent_dir(f"{GATEWAY}-pg", "gateway"),
+                        "--broker",
+                        broker,
+                        "--database",
+                        args.postgres,
+                    )
+                )
             direct = Agent(
                 AgentKeys.issue(op, DEFAULT_TENANT, "bench", ["gateway"]), [broker], call_timeout=10
             )
@@ -661,6 +682,8 @@ async def main(args: argparse.Namespace, profile_dir: Path | None) -> dict[str, 
                 "gateway": (gw["url"] + CHAT_PATH, gw["key"]),
                 "upstream": (f"http://127.0.0.1:{upstream_port}{CHAT_PATH}", "none"),
             }
+            if gw_pg is not None:
+                urls["gateway_pg"] = (gw_pg["url"] + CHAT_PATH, gw_pg["key"])
             if proxy is not None:
                 await proxy.ready()
                 urls["litellm"] = (proxy.url + CHAT_PATH, proxy.key)
@@ -697,12 +720,20 @@ def report(
         vs = round(gw[key]["rps"] / max(runs["litellm"][key].get("rps", 0), 1e-9), 2)
         ll_cpu = serving_cpu(runs["litellm"][key], ("litellm", "upstream"))
         vs_cpu = round(ll_cpu / max(cpu, 1e-9), 2)
+    pg = runs.get("gateway_pg")
+    pg_vs = None if pg is None else round(pg[key]["rps"] / max(gw[key]["rps"], 1e-9), 2)
+    pg_vs_litellm = None
+    if pg is not None and "litellm" in runs:
+        pg_vs_litellm = round(pg[key]["rps"] / max(runs["litellm"][key].get("rps", 0), 1e-9), 2)
     return {
         "bench": "gateway",
         "gateway": gw,
         "direct": direct,
         "litellm": runs.get("litellm", {"skipped": "--skip-litellm"}),
         "upstream": runs["upstream"],
+        "gateway_pg": runs.get("gateway_pg", {"skipped": "no --postgres"}),
+        "pg_vs_sqlite_rps": pg_vs,
+        "pg_vs_litellm_rps": pg_vs_litellm,
         "added_p50_ms": added_p50,
         "added_p99_ms": added_p99,
         "vs_litellm_rps": vs,
@@ -713,6 +744,10 @@ def report(
         "targets": {
             f"vs_litellm_rps>=10 (c{plan.concurrency})": None if vs is None else vs >= 10,
             "added_p50_ms<=2 (c1)": added_p50 <= 2.0,
+            f"pg_vs_sqlite_rps>=0.7 (c{plan.concurrency})": None if pg_vs is None else pg_vs >= 0.7,
+            f"pg_vs_litellm_rps>=10 (c{plan.concurrency})": (
+                None if pg_vs_litellm is None else pg_vs_litellm >= 10
+            ),
         },
         "detail": {
             "plan": asdict(plan),
@@ -720,6 +755,8 @@ def report(
             "notes": {
                 "gateway": "HTTP -> uvicorn/FastAPI gateway (key check, limits, routing, "
                 "ledger row) -> broker -> echo inference agent, all sealed end to end",
+                "gateway_pg": "the same, by a second gateway whose accounts are in PostgreSQL "
+                "(--postgres)",
                 "direct": "stream_generate from an agent with role gateway in the harness: "
                 "the same overlay hop with no HTTP and no gateway",
                 "upstream": "HTTP -> the bench's raw asyncio echo server: the HTTP client's "
@@ -767,6 +804,7 @@ def parse_args() -> argparse.Namespace:
         default="~/.cache/atoll/litellm-venv",
         help="venv holding litellm[proxy] (created if missing)",
     )
+    p.add_argument("--postgres", help="also a gateway on this (empty) PostgreSQL database")
     p.add_argument("--profile-dir", help="write cProfile stats of harness, broker, node, gateway")
     # internal: the children
     p.add_argument("--broker-child", help=argparse.SUPPRESS)
@@ -774,6 +812,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--gateway-child", help=argparse.SUPPRESS)
     p.add_argument("--upstream-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--broker", help=argparse.SUPPRESS)
+    p.add_argument("--database", help=argparse.SUPPRESS)
     p.add_argument("--child-profile", help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -788,7 +827,7 @@ if __name__ == "__main__":
     elif args.node_child:
         agent_child("node", Path(args.node_child), args.broker, child_prof)
     elif args.gateway_child:
-        agent_child("gateway", Path(args.gateway_child), args.broker, child_prof)
+        agent_child("gateway", Path(args.gateway_child), args.broker, child_prof, args.database)
     elif args.upstream_child:
         upstream_child()
     else:

@@ -5,7 +5,7 @@ The helpers they are built on, and that tests import, are in ``support/``."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +14,7 @@ from atoll.agent.identity import AgentKeys
 from atoll.agent.runtime import AgentRuntime
 from atoll.broker.server import BrokerServer
 from atoll.tenancy.operator import OperatorStore
+from support import postgres
 from support.island import Island
 from support.overlay import AgentFactory
 
@@ -88,3 +89,25 @@ async def gw_island(make_agent: AgentFactory) -> Island:
     await isl.start_gateway()
     await isl.models_seen("echo")
     return isl
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[postgres.Cluster]:
+    """One throwaway PostgreSQL cluster for the whole run (a database per test in it)."""
+    with postgres.cluster() as started:
+        yield started
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=postgres.needed)])
+def accounts_db(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """Where a test's accounts store lives, once per dialect: a SQLite file's path, or a fresh
+    PostgreSQL database's URL."""
+    if request.param == "sqlite":
+        return tmp_path / "accounts.sqlite"
+    return request.getfixturevalue("pg_cluster").new_database()
+
+
+@pytest.fixture
+def pg_database(pg_cluster: postgres.Cluster) -> str:
+    """A fresh PostgreSQL database's URL."""
+    return pg_cluster.new_database()

@@ -1,6 +1,7 @@
 """The gateway plugin: the platform's only door for users. It serves the HTTP API (app.py) with
 uvicorn inside the agent's event loop, keeps accounts, keys and the ledger in SQLite in its data
-dir, and reaches inference agents over the overlay (router.py).
+dir (or in a PostgreSQL database that gateways share: ``database``), and reaches inference agents
+over the overlay (router.py).
 
 On first start it creates the tenant's ``admin`` user and writes one admin API key to
 ``<plugin data dir>/admin-key`` (0600): the key is shown once, there, and never stored in clear.
@@ -26,6 +27,7 @@ from atoll.plugins.gateway.admin import AdminRPC
 from atoll.plugins.gateway.app import create_app
 from atoll.plugins.gateway.contract import Price
 from atoll.plugins.gateway.errors import GatewayError
+from atoll.plugins.gateway.evaluations import Evaluations
 from atoll.plugins.gateway.http_limits import HttpLimits, guarded_protocol
 from atoll.plugins.gateway.limits import RateLimiter
 from atoll.plugins.gateway.router import ModelRouter
@@ -73,11 +75,22 @@ class GatewayConfig(BaseModel):
     # Tokens a chat template may add to a prompt (a default system prompt, markers), reserved
     # against budgets beside the prompt's own bytes.
     template_tokens: int = Field(TEMPLATE_TOKENS, ge=0, le=100_000)
+    # Where accounts, keys, budgets, the ledger and the audit log are kept: None, a SQLite file
+    # in the data dir; a postgresql:// URL, a database that several gateways may share (each
+    # with a copy of the first one's gateway.secret).
+    database: str | None = None
 
     @field_validator("listen")
     @classmethod
     def _listen(cls, v: str) -> str:
         return check_listen(v)
+
+    @field_validator("database")
+    @classmethod
+    def _database(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("postgresql://", "postgres://")):
+            raise ValueError("database is a postgresql:// URL (leave it out for SQLite)")
+        return v
 
 
 class GatewayPlugin(Plugin):
@@ -91,7 +104,9 @@ class GatewayPlugin(Plugin):
         secret_path = ctx.data_dir / "gateway.secret"
         if not secret_path.exists():
             write_secret(secret_path, secrets.token_bytes(32))
-        self.accounts = Accounts(ctx.data_dir / "gateway.sqlite", read_secret(secret_path))
+        self.accounts = Accounts(
+            config.database or ctx.data_dir / "gateway.sqlite", read_secret(secret_path)
+        )
         if config.bootstrap_admin:
             self._bootstrap_admin()
         self.watch = await ctx.watch()
@@ -114,6 +129,7 @@ class GatewayPlugin(Plugin):
             ),
         )
         self.admin = AdminRPC(self.gateway)
+        self.evaluations = Evaluations(self.gateway, ctx.data_dir / "evaluations")
         # New adapters (uploaded, or made by a training job) become usable by their owner or
         # project at once.
         self._hints_waiting: set[asyncio.Task[None]] = set()
@@ -126,7 +142,7 @@ class GatewayPlugin(Plugin):
         sock.setblocking(False)
         self.address = sock.getsockname()[:2]
         server_config = uvicorn.Config(
-            create_app(self.gateway, docs=config.docs),
+            create_app(self.gateway, self.evaluations, docs=config.docs),
             log_level="warning",
             lifespan="off",
             access_log=False,
@@ -245,6 +261,7 @@ class GatewayPlugin(Plugin):
         self.server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(self._serving, 10)
+        await self.evaluations.close()
         await self.watch.stop()
         self.accounts.close()
 
@@ -265,7 +282,12 @@ class GatewayPlugin(Plugin):
     def _bootstrap_admin(self) -> None:
         if any(u.name == ADMIN_USER for u in self.accounts.list_users()):
             return
-        self.accounts.create_user(ADMIN_USER, admin=True, actor="gateway")
+        try:
+            self.accounts.create_user(ADMIN_USER, admin=True, actor="gateway")
+        except GatewayError as exc:  # another gateway on the same database, starting too
+            if exc.code == "already_exists":
+                return
+            raise
         _, key = self.accounts.create_key(ADMIN_USER, name="bootstrap", actor="gateway")
         path = self.ctx.data_dir / "admin-key"
         write_secret(path, key.encode())

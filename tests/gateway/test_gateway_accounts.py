@@ -1,5 +1,5 @@
-"""The gateway's accounts store (real SQLite files) and its rate limiter, with a clock the tests
-move by hand."""
+"""The gateway's accounts store (real SQLite files, and real PostgreSQL databases: each store test
+runs on both) and its rate limiter, with a clock the tests move by hand."""
 
 from __future__ import annotations
 
@@ -42,13 +42,8 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "accounts.sqlite"
-
-
-@pytest.fixture
-def acc(db_path: Path, clock: Clock) -> Iterator[Accounts]:
-    accounts = Accounts(db_path, SECRET, clock=clock)
+def acc(accounts_db: Path | str, clock: Clock) -> Iterator[Accounts]:
+    accounts = Accounts(accounts_db, SECRET, clock=clock)
     yield accounts
     accounts.close()
 
@@ -99,7 +94,9 @@ def principal(acc: Accounts, user: str, project: str | None = None) -> Principal
 # --- keys ------------------------------------------------------------------------------------
 
 
-def test_key_is_shown_once_and_stored_only_as_its_hmac(acc: Accounts, db_path: Path) -> None:
+def test_key_is_shown_once_and_stored_only_as_its_hmac(
+    acc: Accounts, accounts_db: Path | str
+) -> None:
     acc.create_user("alice", actor="root")
     record, plaintext = acc.create_key("alice", name="laptop", actor="root")
     found = re.fullmatch(r"atk_([0-9a-f]{8})_([A-Za-z0-9_-]{32})", plaintext)
@@ -108,11 +105,16 @@ def test_key_is_shown_once_and_stored_only_as_its_hmac(acc: Accounts, db_path: P
     assert [k.key_id for k in listed] == [record.key_id]
     assert found.group(2) not in repr(listed) and found.group(2) not in repr(record)
     digest = hmac.new(SECRET, plaintext.encode(), hashlib.sha256).digest()
-    acc.close()  # checkpoints the WAL into the main file
-    stored = b"".join(p.read_bytes() for p in db_path.parent.glob("accounts.sqlite*"))
+    if isinstance(accounts_db, str):  # PostgreSQL: every column of the key's row
+        (row,) = acc._read("SELECT * FROM api_keys")
+        stored = b"".join(v if isinstance(v, bytes) else str(v).encode() for v in row)
+    else:
+        acc.close()  # checkpoints the WAL into the main file
+        files = accounts_db.parent.glob("accounts.sqlite*")
+        stored = b"".join(p.read_bytes() for p in files)
+        assert stat.S_IMODE(accounts_db.stat().st_mode) == 0o600
     assert plaintext.encode() not in stored and found.group(2).encode() not in stored
     assert digest in stored  # what is kept instead
-    assert stat.S_IMODE(db_path.stat().st_mode) == 0o600
 
 
 def test_authenticate_gives_the_principal(acc: Accounts) -> None:
@@ -393,12 +395,18 @@ def test_usage_ledger_totals(acc: Accounts, clock: Clock) -> None:
 
 
 async def test_ledger_commits_a_turns_rows_at_once_and_refuses_only_a_clash(
-    acc: Accounts,
+    acc: Accounts, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tenant(acc)
     mine = principal(acc, "alice")
     commits: list[str] = []
-    acc._db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    commit = acc._database.commit
+
+    def counted() -> None:
+        commits.append("COMMIT")
+        commit()
+
+    monkeypatch.setattr(acc._database, "commit", counted)
     ledger = Ledger(acc)
 
     def row(request_id: str) -> tuple:
@@ -472,8 +480,8 @@ def test_a_refused_change_leaves_nothing_behind(acc: Accounts) -> None:
     assert acc.list_keys(user="bob")[0].rotated_to is None
 
 
-def test_everything_survives_a_reopen(db_path: Path, clock: Clock) -> None:
-    acc = Accounts(db_path, SECRET, clock=clock)
+def test_everything_survives_a_reopen(accounts_db: Path | str, clock: Clock) -> None:
+    acc = Accounts(accounts_db, SECRET, clock=clock)
     tenant(acc)
     _, plaintext = acc.create_key("alice", "p1", limits=Limits(tokens_per_min=9), actor="root")
     p = acc.authenticate(plaintext)
@@ -483,7 +491,7 @@ def test_everything_survives_a_reopen(db_path: Path, clock: Clock) -> None:
     adapters, log = acc.visible_adapters(p), acc.audit_log()
     acc.close()
 
-    again = Accounts(db_path, SECRET, clock=clock)
+    again = Accounts(accounts_db, SECRET, clock=clock)
     assert (again.list_users(), again.list_projects(), again.members("p1"), again.list_keys()) == (
         before
     )
@@ -492,16 +500,23 @@ def test_everything_survives_a_reopen(db_path: Path, clock: Clock) -> None:
     assert again.usage(project="p1").completion_tokens == 4
     assert again.limits_for(p) == (Limits(tokens_per_min=9), Limits(concurrent=3))
     again.close()
-    # Digests are bound to the secret: another secret knows no key.
-    other = Accounts(db_path, b"t" * 32, clock=clock)
+    # Digests are bound to the secret: another secret knows no key. A database that gateways
+    # share refuses a gateway with another secret outright (its copy of the file is wrong).
+    if isinstance(accounts_db, str):
+        with pytest.raises(RuntimeError, match="key-hashing secret"):
+            Accounts(accounts_db, b"t" * 32, clock=clock)
+        return
+    other = Accounts(accounts_db, b"t" * 32, clock=clock)
     refused(401, other.authenticate, plaintext)
     other.close()
 
 
-def test_two_handles_on_one_file_see_each_others_changes(db_path: Path, clock: Clock) -> None:
+def test_two_handles_on_one_store_see_each_others_changes(
+    accounts_db: Path | str, clock: Clock
+) -> None:
     """A second process (here: a second connection) revoking a key: refused at once."""
-    first = Accounts(db_path, SECRET, clock=clock)
-    second = Accounts(db_path, SECRET, clock=clock)
+    first = Accounts(accounts_db, SECRET, clock=clock)
+    second = Accounts(accounts_db, SECRET, clock=clock)
     first.create_user("alice", actor="root")
     record, plaintext = second.create_key("alice", actor="root")
     first.authenticate(plaintext)

@@ -1,5 +1,6 @@
-"""Budgets that never overspend: the store's reservations and settlement (a clock moved by hand),
-then the gateway under 200 concurrent openai-SDK requests aimed at a nearly spent budget."""
+"""Budgets that never overspend: the store's reservations and settlement (a clock moved by hand;
+on SQLite and on PostgreSQL), then the gateway under 200 concurrent openai-SDK requests aimed at
+a nearly spent budget."""
 
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def acc(tmp_path: Path, clock: Clock) -> Iterator[Accounts]:
-    accounts = Accounts(tmp_path / "a.sqlite", SECRET, clock=clock)
+def acc(accounts_db: Path | str, clock: Clock) -> Iterator[Accounts]:
+    accounts = Accounts(accounts_db, SECRET, clock=clock)
     accounts.create_user("alice", actor="root")
     accounts.create_project("p1", actor="root")
     accounts.add_member("p1", "alice", "member", actor="root")
@@ -119,6 +120,26 @@ def test_every_applying_budget_is_checked_all_or_none(acc: Accounts) -> None:
     ]
 
 
+def test_a_turns_rows_settle_together(acc: Accounts) -> None:
+    """The ledger's batch (rows of two keys, one never reserved): every hold released, every
+    applying budget charged the sum of its rows."""
+    mine, scoped = who(acc), who(acc, "p1")
+    acc.set_budget("user", "alice", "tokens", "daily", 1000, actor="root")
+    acc.set_budget("project", "p1", "cost", "daily", 1, actor="root")
+    reserve(acc, mine, "r1", 100)
+    reserve(acc, scoped, "r2", 100, cost=NANO // 10)
+    rows = [
+        acc.usage_row(mine, "r1", "m", None, 10, 5, 200, 1.0),
+        acc.usage_row(scoped, "r2", "m", None, 20, 0, 200, 1.0, cost=NANO // 100),
+        acc.usage_row(scoped, "r3", "m", None, 1, 1, 200, 1.0, cost=3),
+    ]
+    assert acc.insert_usage(rows) == [None, None, None]
+    user, project = budget(acc, "user:alice:tokens:daily"), budget(acc, "project:p1:cost:daily")
+    assert (user.spent, user.reserved) == (37, 0)
+    assert (round(project.spent * NANO), project.reserved) == (NANO // 100 + 3, 0)
+    assert acc._read("SELECT COUNT(*) FROM reservations")[0][0] == 0
+
+
 def test_periods_reset_and_in_flight_holds_carry_over(acc: Accounts, clock: Clock) -> None:
     me = who(acc)
     acc.set_budget("user", "alice", "tokens", "monthly", 100, actor="root")
@@ -192,14 +213,14 @@ def test_budget_changes_are_checked_and_audited(acc: Accounts) -> None:
     assert actions == ["budget.remove", "budget.set", "budget.set"]
 
 
-def test_two_handles_on_one_file_never_overspend(
-    acc: Accounts, tmp_path: Path, clock: Clock
+def test_two_handles_on_one_store_never_overspend(
+    acc: Accounts, accounts_db: Path | str, clock: Clock
 ) -> None:
     """Two gateways' connections (as two processes would hold) reserving from 16 threads at once:
     the write lock serialises the check and the hold, so exactly what fits is admitted."""
     me = who(acc)
     acc.set_budget("user", "alice", "tokens", "total", 500, actor="root")
-    other = Accounts(tmp_path / "a.sqlite", SECRET, clock=clock)  # one clock, as hosts on NTP
+    other = Accounts(accounts_db, SECRET, clock=clock)  # one clock, as hosts on NTP
     admitted: list[str] = []
 
     def burst(handle: Accounts, prefix: str) -> None:

@@ -259,7 +259,8 @@ def test_known_and_unknown_key_ids_take_the_same_lookup_path(
         key_queries = sum("FROM api_keys" in q for q in queries)
         return key_queries, len(lookups), list(compares), exc.value
 
-    db: sqlite3.Connection = acc._db
+    db = acc._db
+    assert isinstance(db, sqlite3.Connection)  # SQLite's: its statements can be traced
     db.set_trace_callback(queries.append)
     known_wrong = f"atk_{key_id}_{'x' * 32}"
     unknown = f"atk_{'0' * len(key_id)}_{'x' * 32}"

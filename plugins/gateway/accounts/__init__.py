@@ -1,16 +1,17 @@
-"""The gateway's accounts in one SQLite file: users, projects and roles (users.py), API keys
+"""The gateway's accounts, in a SQLite file or a PostgreSQL database that gateways share
+(database.py, postgres.py): users, projects and roles (users.py), API keys
 (keys.py), who may see and use which adapter (adapters.py), the usage ledger, one row per
 request (ledger.py), budgets with their reservations, settled by the ledger's own
 transaction (budgets.py), and the audit log, one row per admin action written in the same
 transaction as the change it records and hash-chained (audit.py, audit_chain.py), and each
 project's retention periods with the ledger's purge (retention.py). store.py holds the schema and
-the connection they share.
+the database they share.
 
 ``Accounts``' methods are synchronous and each runs one short statement or transaction, so the
 app may call them from the event loop (``ledger.Ledger`` batches the ledger's rows there).
-Nothing is cached but authenticate's key lookups, which any write and any other connection's
-commit empty: a revoked key, a removed member or a changed admin flag is seen by the very next
-request.
+Nothing is cached but authenticate's key lookups on SQLite, which any write and any other
+connection's commit empty (on PostgreSQL, none): a revoked key, a removed member or a changed
+admin flag is seen by the very next request, through whichever gateway.
 """
 
 from __future__ import annotations
@@ -26,4 +27,5 @@ from atoll.plugins.gateway.accounts.users import UsersAndProjects
 
 class Accounts(UsersAndProjects, Keys, AdapterRegistry, UsageTable, Budgets, AuditLog, Retention):
     """The store, as callers see it: one object over one connection, lock and clock (``Store``),
-    each concern's methods from its own module. ``Accounts(path, secret, clock=time.time)``."""
+    each concern's methods from its own module. ``Accounts(path_or_postgresql_url, secret,
+    clock=time.time)``."""

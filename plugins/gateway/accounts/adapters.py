@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import re
-import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
 from atoll.plugins.gateway.accounts.audit import write_audit
+from atoll.plugins.gateway.accounts.database import Connection, Row
 from atoll.plugins.gateway.accounts.keys import Principal
 from atoll.plugins.gateway.accounts.store import (
     KEEP,
@@ -83,9 +83,7 @@ def _check_base_model(value: object) -> str:
     return value
 
 
-def _check_holder(
-    db: sqlite3.Connection, owner: str | None, project: str | None, public: bool
-) -> None:
+def _check_holder(db: Connection, owner: str | None, project: str | None, public: bool) -> None:
     if owner is not None and project is not None:
         raise GatewayError(400, "an adapter belongs to a user or to a project, not both")
     if owner is None and project is None and not public:
@@ -96,7 +94,7 @@ def _check_holder(
         require(db, "project", project)
 
 
-def _adapter(row: sqlite3.Row) -> AdapterAccess:
+def _adapter(row: Row) -> AdapterAccess:
     adapter_id, base, owner, project, public, labels, created = tuple(row)[:7]
     labels_map = json.loads(labels) if labels else {}
     return AdapterAccess(adapter_id, base, owner, project, bool(public), labels_map, created)

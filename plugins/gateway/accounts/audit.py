@@ -5,13 +5,13 @@ records (``write_audit``), read newest first, hash-chained under a signed head t
 from __future__ import annotations
 
 import json
-import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
 from nacl.signing import SigningKey
 
 from atoll.plugins.gateway.accounts import audit_chain
+from atoll.plugins.gateway.accounts.database import Connection
 from atoll.plugins.gateway.accounts.store import Store, check_actor
 from atoll.plugins.gateway.errors import GatewayError
 
@@ -27,7 +27,7 @@ class AuditEntry:
 
 
 def write_audit(
-    db: sqlite3.Connection,
+    db: Connection,
     key: SigningKey,
     at: float,
     actor: str,

@@ -5,8 +5,8 @@ canonical content), so editing a row breaks its own hash and removing or inserti
 next row's link. The chain's end lives in one ``audit_head`` row (last seq, row count, last hash),
 signed, and updated in the same transaction as every insert: removing rows from the end shows as
 a head that names more rows than there are, and rewriting the whole chain needs the signing key.
-Writers take the head row's lock first (an ``UPDATE``), so two gateways on one database serialise
-on it (SQLite's write lock already does; PostgreSQL's row lock does there).
+Writers take the head row's lock first (an ``UPDATE``): two gateways on one database serialise on
+it, as they already do on the store's write lock (SQLite's, or PostgreSQL's advisory lock).
 
 The head is signed with an Ed25519 key derived (HKDF) from the gateway's key-hashing secret, not
 with the agent's identity: every gateway sharing the database already shares that secret (API
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +29,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey
 
+from atoll.plugins.gateway.accounts.database import Connection
 from atoll.plugins.gateway.errors import GatewayError
 
 GENESIS = "0" * 64  # the ``prev`` of the first row
@@ -59,7 +59,7 @@ def head_message(seq: int, count: int, last: str) -> bytes:
 
 
 def append(
-    db: sqlite3.Connection, key: SigningKey, at: float, actor: str, action: str, target: str,
+    db: Connection, key: SigningKey, at: float, actor: str, action: str, target: str,
     detail: str,
 ) -> None:  # fmt: skip
     """Add one row and move the signed head, inside the caller's transaction."""
@@ -91,7 +91,7 @@ def append(
     )
 
 
-def start(db: sqlite3.Connection, key: SigningKey) -> None:
+def start(db: Connection, key: SigningKey) -> None:
     """Chain the rows written before the log was chained (all of them, in seq order) and write
     the signed head: the data half of the schema step that added the chain, in its transaction."""
     prev, seq, count = GENESIS, 0, 0

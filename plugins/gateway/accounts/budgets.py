@@ -8,20 +8,21 @@ refused (429 naming the budget). When it ends, the ledger's transaction that wri
 (ledger.py) also *settles* it (``settle``): its holds are released and what it actually used is
 charged, so a budget's ``spent`` is always the sum of its ledger rows since the period began.
 
-Plain SQL over rows keyed by a readable id (``user:alice:tokens:monthly``), no autoincrement and
-no SQLite-only statement but the write lock ``BEGIN IMMEDIATE`` takes (``SELECT ... FOR UPDATE``
-in PostgreSQL), so another store can follow. Costs are integers: nano-units of the price table's
-currency, so sums are exact.
+Plain SQL over rows keyed by a readable id (``user:alice:tokens:monthly``), run in the store's
+write transactions, which hold its one write lock (SQLite's ``BEGIN IMMEDIATE``, PostgreSQL's
+advisory lock: database.py), so gateways sharing a PostgreSQL database cannot overrun a budget
+either. Costs are integers: nano-units of the price table's currency, so sums are exact.
 """
 
 from __future__ import annotations
 
-import sqlite3
+from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from atoll.plugins.gateway.accounts.audit import write_audit
+from atoll.plugins.gateway.accounts.database import Connection, Row
 from atoll.plugins.gateway.accounts.store import Store, check_actor, not_found, require
 from atoll.plugins.gateway.errors import GatewayError
 
@@ -102,7 +103,7 @@ def _units(metric: str, amount: int) -> float | int:
     return amount if metric == "tokens" else amount / NANO
 
 
-def _record(row: sqlite3.Row, now: float) -> BudgetRecord:
+def _record(row: Row, now: float) -> BudgetRecord:
     """The budget as of ``now``: a period that ended shows as reset."""
     spent, start = row["spent"], row["period_start"]
     end = period_end(row["period"], start)
@@ -125,7 +126,7 @@ def _record(row: sqlite3.Row, now: float) -> BudgetRecord:
     )
 
 
-def _applying(db: sqlite3.Connection, key_id: str, user: str, project: str | None) -> list[Any]:
+def _applying(db: Connection, key_id: str, user: str, project: str | None) -> list[Any]:
     """The budgets of the key (or of the key it was rotated to: a key in its grace period
     spends from its successor's), its user and its project."""
     return db.execute(
@@ -136,7 +137,7 @@ def _applying(db: sqlite3.Connection, key_id: str, user: str, project: str | Non
     ).fetchall()
 
 
-def move_key_budgets(db: sqlite3.Connection, old: str, new: str) -> None:
+def move_key_budgets(db: Connection, old: str, new: str) -> None:
     """A rotated key's budgets become its successor's, with what is spent and held."""
     rows = db.execute(
         "SELECT id, metric, period FROM budgets WHERE scope = 'key' AND subject = ?", (old,)
@@ -152,11 +153,11 @@ def move_key_budgets(db: sqlite3.Connection, old: str, new: str) -> None:
         db.execute("DELETE FROM budgets WHERE id = ?", (ident,))
 
 
-def _one(db: sqlite3.Connection, ident: str) -> Any:
+def _one(db: Connection, ident: str) -> Any:
     return db.execute(f"SELECT {BUDGET_COLS} FROM budgets WHERE id = ?", (ident,)).fetchone()
 
 
-def _roll_over(db: sqlite3.Connection, row: sqlite3.Row, now: float) -> int:
+def _roll_over(db: Connection, row: Row, now: float) -> int:
     """Start a new period if the budget's has ended; what is spent in the period now."""
     end = period_end(row["period"], row["period_start"])
     if end is None or now < end:
@@ -166,34 +167,45 @@ def _roll_over(db: sqlite3.Connection, row: sqlite3.Row, now: float) -> int:
     return 0
 
 
-def _release(db: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> None:
+def _release(db: Connection, where: str, args: tuple[Any, ...]) -> None:
     """Give back the holds of the reservations ``where`` selects, and forget them."""
-    held = db.execute(
-        f"SELECT budget_id, SUM(amount) FROM reservations WHERE {where} GROUP BY budget_id", args
-    ).fetchall()
-    for budget, amount in held:
+    held: dict[str, int] = defaultdict(int)
+    for budget, amount in db.execute(
+        f"DELETE FROM reservations WHERE {where} RETURNING budget_id, amount", args
+    ).fetchall():
+        held[budget] += amount
+    for budget, amount in sorted(held.items()):
         db.execute("UPDATE budgets SET reserved = reserved - ? WHERE id = ?", (amount, budget))
-    db.execute(f"DELETE FROM reservations WHERE {where}", args)
 
 
-def settle(
-    db: sqlite3.Connection,
-    request_id: str,
-    at: float,
-    key_id: str,
-    user: str,
-    project: str | None,
-    tokens: int,
-    cost: int,
-) -> None:
-    """In the ledger's transaction that writes the request's row: release what it held, charge
-    what it used to every budget that applies to it now."""
-    _release(db, "request_id = ?", (request_id,))
-    for row in _applying(db, key_id, user, project):
-        _roll_over(db, row, at)
-        used = tokens if row["metric"] == "tokens" else cost
-        if used:
-            db.execute("UPDATE budgets SET spent = spent + ? WHERE id = ?", (used, row["id"]))
+# What settle needs of one request: its id, when its row was written, who made it (key, user,
+# project), and the tokens and cost it used.
+Usage = tuple[str, float, str, str, str | None, int, int]
+
+
+def settle(db: Connection, usages: list[Usage]) -> None:
+    """In the ledger's transaction that writes the requests' rows: release what they held,
+    charge what each used to every budget that applies to it now. A turn's requests are settled
+    together, a statement per budget touched rather than per request (each a round trip on
+    PostgreSQL), in the period that the latest of them falls in."""
+    ids = tuple(request_id for request_id, *_ in usages)
+    _release(db, f"request_id IN ({', '.join('?' * len(ids))})", ids)
+    applying: dict[tuple[str, str, str | None], list[Any]] = {}
+    budgets: dict[str, Any] = {}  # id -> its row
+    latest: dict[str, float] = {}  # id -> the latest row charged to it
+    charges: dict[str, int] = defaultdict(int)
+    for _, at, key_id, user, project, tokens, cost in usages:
+        who = (key_id, user, project)
+        if who not in applying:
+            applying[who] = _applying(db, *who)
+        for row in applying[who]:
+            ident = budgets.setdefault(row["id"], row)["id"]
+            latest[ident] = max(latest.get(ident, at), at)
+            charges[ident] += tokens if row["metric"] == "tokens" else cost
+    for ident, row in sorted(budgets.items()):
+        _roll_over(db, row, latest[ident])
+        if charges[ident]:
+            db.execute("UPDATE budgets SET spent = spent + ? WHERE id = ?", (charges[ident], ident))
 
 
 class Budgets(Store):

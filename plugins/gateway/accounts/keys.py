@@ -8,12 +8,12 @@ import hmac
 import json
 import re
 import secrets
-import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
 from atoll.plugins.gateway.accounts.audit import write_audit
 from atoll.plugins.gateway.accounts.budgets import move_key_budgets
+from atoll.plugins.gateway.accounts.database import Connection, Row
 from atoll.plugins.gateway.accounts.store import (
     Store,
     check_actor,
@@ -82,7 +82,7 @@ def _key_state(
     return "active"
 
 
-def _key(row: sqlite3.Row, now: float) -> KeyRecord:
+def _key(row: Row, now: float) -> KeyRecord:
     state = _key_state(row["revoked_at"], row["grace_until"], row["expires_at"], now)
     stored = {name: row[name] for name in KEY_FIELDS}
     return KeyRecord(**stored, limits=limits_from(row["limits"]), state=state)
@@ -94,7 +94,7 @@ class Keys(Store):
 
     def _insert_key(
         self,
-        db: sqlite3.Connection,
+        db: Connection,
         user: str,
         project: str | None,
         name: str,
@@ -277,9 +277,13 @@ class Keys(Store):
     def _key_rows(self, key_id: str) -> list[dict[str, Any]]:
         """What authenticate needs of a key, from a cache that every write here (but the
         ledger's) empties, and any commit by another connection to the file (SQLite's
-        data_version): a revocation or a membership change counts from the next request on."""
+        data_version): a revocation or a membership change counts from the next request on.
+        PostgreSQL's other gateways commit unseen, and checking a version would cost the same
+        round trip as the lookup: there, no cache."""
         with self._lock:
-            (version,) = self._db.execute("PRAGMA data_version").fetchone()
+            version = self._database.data_version()
+            if version is None:
+                return [dict(r) for r in self._lookup_key(key_id)]
             if version != self._keys_version:
                 self._keys.clear()
                 self._keys_version = version
@@ -288,19 +292,22 @@ class Keys(Store):
             if key_id in self._keys:
                 cached = self._keys[key_id]
                 return [cached] if cached is not None else []
-            rows = self._db.execute(
-                "SELECT k.digest, k.user, k.project, k.expires_at, k.revoked_at, k.rotated_to, "
-                "k.grace_until, k.last_used, u.admin, p.labels, p.store_prompts, m.role "
-                "FROM api_keys k JOIN users u ON u.name = k.user "
-                "LEFT JOIN projects p ON p.name = k.project "
-                "LEFT JOIN members m ON m.project = k.project AND m.user = k.user "
-                "WHERE k.key_id = ?",
-                (key_id,),
-            ).fetchall()
+            rows = self._lookup_key(key_id)
             if len(self._keys) >= MAX_CACHED_KEYS:  # bounded: unknown ids cannot fill memory
                 self._keys.clear()
             self._keys[key_id] = dict(rows[0]) if rows else None
             return [dict(r) for r in rows]
+
+    def _lookup_key(self, key_id: str) -> list[Row]:
+        return self._db.execute(
+            "SELECT k.digest, k.user, k.project, k.expires_at, k.revoked_at, k.rotated_to, "
+            "k.grace_until, k.last_used, u.admin, p.labels, p.store_prompts, m.role "
+            "FROM api_keys k JOIN users u ON u.name = k.user "
+            "LEFT JOIN projects p ON p.name = k.project "
+            "LEFT JOIN members m ON m.project = k.project AND m.user = k.user "
+            "WHERE k.key_id = ?",
+            (key_id,),
+        ).fetchall()
 
     def limits_for(self, principal: Principal) -> tuple[Limits | None, Limits | None]:
         """(the key's limits, its project's limits) for the RateLimiter."""

@@ -6,11 +6,11 @@ also settles each request's budgets (budgets.py): a budget's counter moves with 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
 from atoll.plugins.gateway.accounts.budgets import NANO, settle
+from atoll.plugins.gateway.accounts.database import IntegrityError
 from atoll.plugins.gateway.accounts.keys import Principal
 from atoll.plugins.gateway.accounts.store import Store
 from atoll.plugins.gateway.errors import GatewayError
@@ -110,14 +110,19 @@ class UsageTable(Store):
     def insert_usage(self, rows: list[tuple[Any, ...]]) -> list[ValueError | None]:
         """``rows`` (from usage_row) in one transaction; if one clashes with a request already
         in the ledger, each in its own. Per row: None, or why it was refused."""
-        sql = f"INSERT INTO usage ({USAGE_COLS}) VALUES (NULL{', ?' * 13})"
+        sql = f"INSERT INTO usage ({USAGE_COLS.removeprefix('seq, ')}) VALUES (?{', ?' * 12})"
         try:
             with self._tx(ledger=True) as db:
                 db.executemany(sql, rows)
-                for rid, at, key_id, user, project, _, _, p, c, *_, cost in rows:
-                    settle(db, rid, at, key_id, user, project, p + c, cost)
+                settle(
+                    db,
+                    [
+                        (rid, at, key_id, user, project, p + c, cost)
+                        for rid, at, key_id, user, project, _, _, p, c, *_, cost in rows
+                    ],
+                )
             return [None] * len(rows)
-        except sqlite3.IntegrityError:
+        except IntegrityError:
             if len(rows) == 1:
                 return [ValueError(f"request {rows[0][0]!r} is already in the ledger")]
         return [self.insert_usage([row])[0] for row in rows]
@@ -154,9 +159,10 @@ class UsageTable(Store):
             )
         where, args = _usage_where(key_id, project, user, since, until)
         columns = ", ".join(group_by)  # checked against GROUPS above
+        order = ", ".join(f"{c} NULLS FIRST" for c in group_by)  # SQLite's way, in PostgreSQL too
         rows = self._read(
             f"SELECT {columns}, {SUMS} FROM usage WHERE {where} GROUP BY {columns} "
-            f"ORDER BY COUNT(*) DESC, {columns}",
+            f"ORDER BY COUNT(*) DESC, {order}",
             args,
         )
         n = len(group_by)

@@ -1,10 +1,11 @@
-"""The accounts' one SQLite file: its schema, the connection every concern shares, transactions,
-and the checks and errors they all use."""
+"""The accounts' schema (written once for SQLite and PostgreSQL: database.py), the store every
+concern shares (its database, lock, clock and transactions), and the checks and errors they all
+use."""
 
 from __future__ import annotations
 
-import os
-import sqlite3
+import hashlib
+import hmac
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,14 +14,15 @@ from pathlib import Path
 from typing import Any, Final
 
 from atoll.plugins.gateway.accounts import audit_chain
+from atoll.plugins.gateway.accounts.database import Args, Connection, open_database
 from atoll.plugins.gateway.contract import Limits
 from atoll.plugins.gateway.errors import GatewayError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
-    name TEXT PRIMARY KEY, admin INTEGER NOT NULL, created REAL NOT NULL);
+    name TEXT PRIMARY KEY, admin BOOLEAN NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS projects (
-    name TEXT PRIMARY KEY, labels TEXT NOT NULL, store_prompts INTEGER NOT NULL, limits TEXT,
+    name TEXT PRIMARY KEY, labels TEXT NOT NULL, store_prompts BOOLEAN NOT NULL, limits TEXT,
     created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS members (
     project TEXT NOT NULL REFERENCES projects(name), user TEXT NOT NULL REFERENCES users(name),
@@ -32,7 +34,7 @@ CREATE TABLE IF NOT EXISTS api_keys (
     last_used REAL, limits TEXT);
 CREATE TABLE IF NOT EXISTS adapters (
     id TEXT PRIMARY KEY, base_model TEXT NOT NULL, owner TEXT REFERENCES users(name),
-    project TEXT REFERENCES projects(name), public INTEGER NOT NULL, created REAL NOT NULL);
+    project TEXT REFERENCES projects(name), public BOOLEAN NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS usage (
     seq INTEGER PRIMARY KEY, request_id TEXT NOT NULL UNIQUE, at REAL NOT NULL,
     key_id TEXT NOT NULL, user TEXT NOT NULL, project TEXT, model TEXT NOT NULL, adapter TEXT,
@@ -79,6 +81,7 @@ MIGRATIONS = [
 ]
 AUDIT_CHAINED = 3  # the schema version whose step chains the audit log
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
+KEY_CHECK = b"atoll gateway key check"  # HMACed with the secret: which secret made the keys
 
 
 class Keep:
@@ -118,7 +121,7 @@ def exists(kind: str, name: str) -> GatewayError:
     )
 
 
-def require(db: sqlite3.Connection, kind: str, name: str) -> None:
+def require(db: Connection, kind: str, name: str) -> None:
     """404 unless the user or project ``name`` exists."""
     table = {"user": "users", "project": "projects"}[kind]
     if not db.execute(f"SELECT 1 FROM {table} WHERE name = ?", (name,)).fetchone():
@@ -126,12 +129,14 @@ def require(db: sqlite3.Connection, kind: str, name: str) -> None:
 
 
 class Store:
-    """The connection, its lock and the clock that each concern's methods share. ``secret``
-    keys the HMAC of API keys (lose it and every key is unknown) and derives the audit head's
-    signing key (audit_chain.py); ``clock`` (epoch seconds)
-    decides expiry, grace and the ledger's times."""
+    """The database, its lock and the clock that each concern's methods share. ``database``: a
+    SQLite file's path, or a ``postgresql://`` URL (database.py). ``secret`` keys the HMAC of
+    API keys (lose it and every key is unknown) and derives the audit head's signing key
+    (audit_chain.py); ``clock`` (epoch seconds) decides expiry, grace and the ledger's times."""
 
-    def __init__(self, path: Path, secret: bytes, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, database: Path | str, secret: bytes, clock: Callable[[], float] = time.time
+    ) -> None:
         if not isinstance(secret, bytes) or len(secret) < 16:
             raise ValueError("the key-hashing secret must be at least 16 bytes")
         self._secret = secret
@@ -140,28 +145,23 @@ class Store:
         self._lock = threading.Lock()  # one connection; the app may also use it from threads
         # authenticate's cache (keys.py); here because every write but the ledger's empties it.
         self._keys: dict[str, dict[str, Any] | None] = {}  # key_id -> its row; None: unknown
-        self._keys_version = -1  # PRAGMA data_version the cache was filled at
-        # The file holds key digests and maybe prompts: owner-only from the start (its -wal and
-        # -shm files take the same mode).
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.row_factory = sqlite3.Row  # rows by position or by column name
-        self._db.execute("PRAGMA busy_timeout = 5000")  # another process may hold the write lock
-        self._db.execute("PRAGMA journal_mode = WAL")
-        # WAL + NORMAL: a commit survives the process dying, with no fsync per request.
-        self._db.execute("PRAGMA synchronous = NORMAL")
-        self._db.execute("PRAGMA foreign_keys = ON")
-        (version,) = self._db.execute("PRAGMA user_version").fetchone()
-        if version > SCHEMA_VERSION:
-            raise RuntimeError(f"{path} has schema {version}, newer than this gateway's")
+        self._keys_version = -1  # the database's data_version the cache was filled at
+        self._database = open_database(database)
+        self._db = self._database.connection
         with self._tx() as db:
+            version = self._database.schema_version()
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"the accounts database has schema {version}, newer than this gateway's"
+                )
             for step in [SCHEMA, *MIGRATIONS][version:]:  # version n has the first n steps
                 for statement in step.split(";"):
                     if statement.strip():
                         db.execute(statement)
             if version < AUDIT_CHAINED:
                 audit_chain.start(db, self._audit_key)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self._database.set_schema_version(SCHEMA_VERSION)
+            self._database.check_secret(hmac.new(secret, KEY_CHECK, hashlib.sha256).digest())
 
     def now(self) -> float:
         """The store's clock (epoch seconds): what expiry, grace and periods are decided by."""
@@ -169,24 +169,24 @@ class Store:
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            self._database.close()
 
     @contextmanager
-    def _tx(self, ledger: bool = False) -> Iterator[sqlite3.Connection]:
-        """One write transaction; IMMEDIATE takes the write lock up front, so two processes on
-        the file never deadlock upgrading read locks. Any but the ledger's (``ledger``) may
-        change a key, user, project or membership: the keys' cache goes."""
+    def _tx(self, ledger: bool = False) -> Iterator[Connection]:
+        """One write transaction, holding the store's write lock (database.py). Any but the
+        ledger's (``ledger``) may change a key, user, project or membership: the keys' cache
+        goes."""
         with self._lock:
             if not ledger:
                 self._keys.clear()
-            self._db.execute("BEGIN IMMEDIATE")
+            self._database.begin()
             try:
                 yield self._db
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._database.rollback()
                 raise
-            self._db.execute("COMMIT")
+            self._database.commit()
 
-    def _read(self, sql: str, args: tuple[Any, ...] | dict[str, Any] = ()) -> list[Any]:
+    def _read(self, sql: str, args: Args = ()) -> list[Any]:
         with self._lock:
             return self._db.execute(sql, args).fetchall()

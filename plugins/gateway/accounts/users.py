@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import re
-import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
 from atoll.plugins.gateway.accounts.audit import write_audit
+from atoll.plugins.gateway.accounts.database import Row
 from atoll.plugins.gateway.accounts.store import (
     KEEP,
     Keep,
@@ -78,7 +78,7 @@ def _check_labels(labels: object) -> dict[str, str]:
     return dict(labels)
 
 
-def _project(row: sqlite3.Row) -> ProjectRecord:
+def _project(row: Row) -> ProjectRecord:
     name, labels, store_prompts, limits, created = row
     return ProjectRecord(
         name, json.loads(labels), bool(store_prompts), limits_from(limits), created

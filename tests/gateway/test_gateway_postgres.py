@@ -1,0 +1,206 @@
+"""Two gateways on one PostgreSQL database (a throwaway cluster): a key revoked through one is
+refused by the other at once, a budget holds across both under 200 concurrent requests, the
+ledger has one row per request; and what is PostgreSQL's alone: the SQL translated, a v1 schema
+migrated, a dropped connection made again, a writer kept waiting answered 503, a bad
+``database`` refused."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import openai
+import pydantic
+import pytest
+
+from atoll.plugins.gateway.accounts import Accounts
+from atoll.plugins.gateway.accounts import postgres as postgres_store
+from atoll.plugins.gateway.accounts.postgres import PostgresDatabase, translate
+from atoll.plugins.gateway.accounts.store import SCHEMA, SCHEMA_VERSION
+from atoll.plugins.gateway.errors import GatewayError
+from atoll.plugins.gateway.plugin import GatewayConfig
+from atoll.tenancy.keys import read_secret, write_secret
+from support import postgres
+from support.island import Island
+from support.overlay import AgentFactory
+
+pytestmark = postgres.needed
+SECRET = b"s" * 32
+
+
+async def two_gateways(make_agent: AgentFactory, tmp_path: Path, database: str) -> list[Island]:
+    """An echo node and two gateways on ``database``, the second with the first's secret (as an
+    operator copies it): two Islands, one per gateway."""
+    first = Island(make_agent)
+    await first.add_node("gpu1", model="echo", delay=0.01)
+    await (await first.start_gateway(database=database)).models_seen("echo")
+    secret = read_secret(first.plugin.ctx.data_dir / "gateway.secret")
+    write_secret(tmp_path / "agents/acme/gw2/plugins/gateway/gateway.secret", secret)
+    second = Island(make_agent)
+    second.gateway = await make_agent(
+        "gw2",
+        roles=("gateway",),
+        plugins={"gateway": {"listen": "127.0.0.1:0", "database": database}},
+        heartbeat=0.2,
+    )
+    await second.models_seen("echo")
+    return [first, second]
+
+
+async def test_a_key_revoked_through_one_gateway_is_refused_by_the_other(
+    make_agent: AgentFactory, tmp_path: Path, pg_database: str
+) -> None:
+    a, b = await two_gateways(make_agent, tmp_path, pg_database)
+    key = a.key("alice")
+    assert not (b.plugin.ctx.data_dir / "admin-key").exists()  # one admin, made by the first
+    body = {"model": "echo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(headers=headers) as http:
+        for isl in (a, b):
+            reply = await http.post(f"{isl.url}/v1/chat/completions", json=body)
+            assert reply.status_code == 200, reply.text
+        (record,) = a.accounts.list_keys(user="alice")
+        a.accounts.revoke_key(record.key_id, actor="test")
+        refused = await http.post(f"{b.url}/v1/chat/completions", json=body)
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "key_revoked"
+    rows = a.accounts.usage_rows(user="alice")  # one ledger row per answered request
+    assert len(rows) == len({r.request_id for r in rows}) == 2
+
+
+async def test_a_budget_holds_across_two_gateways(
+    make_agent: AgentFactory, tmp_path: Path, pg_database: str
+) -> None:
+    """200 concurrent requests, alternately through each gateway, at a budget that 33 holds
+    fill (59 tokens each): zero overspend, the ledger's sum is the counter, one row per admitted
+    request. Both gateways share this test's event loop, so their transactions alternate;
+    test_two_handles_on_one_store_never_overspend races two connections from 16 threads."""
+    a, b = await two_gateways(make_agent, tmp_path, pg_database)
+    acc = a.accounts
+    key = a.key("alice")
+    budget = acc.set_budget("user", "alice", "tokens", "total", 2_000, actor="t")
+    prompt = " ".join(["a"] * 20)  # 20 tokens to echo: 20 in, up to 20 out, 59 reserved
+    clients = [
+        openai.AsyncOpenAI(base_url=f"{isl.url}/v1", api_key=key, max_retries=0) for isl in (a, b)
+    ]
+
+    async def one(i: int) -> str:
+        try:
+            await clients[i % 2].completions.create(model="echo", prompt=prompt, max_tokens=20)
+            return "admitted"
+        except openai.RateLimitError as exc:
+            assert "budget user:alice:tokens:total cannot" in str(exc), exc
+            return "refused"
+
+    try:
+        outcomes = await asyncio.gather(*(one(i) for i in range(200)))
+    finally:
+        for client in clients:
+            await client.close()
+    admitted = outcomes.count("admitted")
+    (now,) = b.accounts.list_budgets()
+    totals = b.accounts.usage(user="alice")
+    print(f"\ntwo gateways, 200 requests: {admitted} admitted, spent {now.spent} of 2000")
+    assert 0 < admitted < 200
+    assert now.spent <= budget.limit and now.reserved == 0  # zero overspend, nothing held
+    assert totals.prompt_tokens + totals.completion_tokens == now.spent  # to the token
+    rows = acc.usage_rows(user="alice")
+    assert len(rows) == len({r.request_id for r in rows}) == admitted == totals.requests
+
+
+def test_the_sql_is_translated_and_sqlite_only_spellings_are_refused() -> None:
+    assert translate(
+        "SELECT user, 'user?', \"x:y\" FROM members WHERE user = :user AND role LIKE '%a'"
+    ) == (
+        'SELECT "user", \'user?\', "x:y" FROM members WHERE "user" = %(user)s '
+        "AND role LIKE '%%a'",
+        False,
+    )
+    assert translate("CREATE TABLE t (seq INTEGER PRIMARY KEY, b BLOB, at REAL, s TEXT)") == (
+        "CREATE TABLE t (seq BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY, b BYTEA, "
+        'at DOUBLE PRECISION, s TEXT COLLATE "C")',
+        False,
+    )
+    assert translate("SELECT 'TEXT' FROM t WHERE a = ?") == (
+        "SELECT 'TEXT' FROM t WHERE a = %s",
+        False,
+    )
+    # A value whose first use cannot tell the server its type: bound client-side.
+    assert translate("SELECT 1 FROM t WHERE (:at IS NULL OR at >= :at)")[1] is True
+    assert translate("SELECT 1 FROM t WHERE (at >= :at OR :at IS NULL)")[1] is False
+    for sqlite_only in ("INSERT OR IGNORE INTO t VALUES (1)", "PRAGMA user_version"):
+        with pytest.raises(ValueError, match="SQLite's alone"):
+            translate(sqlite_only)
+
+
+def test_a_version_1_database_is_migrated(pg_database: str) -> None:
+    old = PostgresDatabase(pg_database)
+    old.begin()
+    assert old.schema_version() == 0  # an empty database
+    for statement in SCHEMA.split(";"):
+        if statement.strip():
+            old.execute(statement)
+    old.execute("INSERT INTO users VALUES ('alice', false, 1.0)")
+    old.set_schema_version(1)
+    old.commit()
+    old.close()
+    acc = Accounts(pg_database, SECRET)
+    try:
+        assert [u.name for u in acc.list_users()] == ["alice"]
+        acc.set_budget("user", "alice", "tokens", "daily", 10, actor="root")
+        assert acc.usage().cost == 0
+        assert acc._read("SELECT version FROM atoll_store")[0][0] == SCHEMA_VERSION
+    finally:
+        acc.close()
+
+
+def test_a_dropped_connection_is_made_again(pg_cluster: postgres.Cluster, pg_database: str) -> None:
+    """The server ends the store's connection (a restart, an idle timeout): the next call
+    connects afresh, and a write transaction cut short leaves nothing behind."""
+    acc = Accounts(pg_database, SECRET)
+    try:
+        acc.create_user("alice", actor="root")
+        with pg_cluster.connect(pg_database) as admin:
+            (pid,) = acc._read("SELECT pg_backend_pid()")[0]
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            assert [u.name for u in acc.list_users()] == ["alice"]  # a read, reconnected
+            (pid,) = acc._read("SELECT pg_backend_pid()")[0]
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            acc.create_user("bob", actor="root")  # BEGIN is safe to send again
+            with pytest.raises(GatewayError) as down, acc._tx() as db:
+                db.execute("INSERT INTO users VALUES ('carol', false, 1.0)")
+                (pid,) = db.execute("SELECT pg_backend_pid()").fetchone()
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                db.execute("SELECT 1")  # in a transaction: not sent again, the error raised
+            assert down.value.status == 503 and "unavailable" in down.value.message
+        assert [u.name for u in acc.list_users()] == ["alice", "bob"]
+    finally:
+        acc.close()
+
+
+def test_a_writer_kept_waiting_for_the_lock_is_answered_503(
+    pg_cluster: postgres.Cluster, pg_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another gateway holding the write lock (stuck mid-transaction): a write here gives up
+    after the lock timeout (shortened for the test) with a 503, and works once it is let go."""
+    monkeypatch.setattr(postgres_store, "LOCK_TIMEOUT", "50ms")
+    acc = Accounts(pg_database, SECRET)
+    try:
+        with pg_cluster.connect(pg_database) as stuck:
+            stuck.execute("BEGIN")
+            stuck.execute("SELECT pg_advisory_xact_lock(%s)", (postgres_store.WRITE_LOCK,))
+            with pytest.raises(GatewayError) as waited:
+                acc.create_user("alice", actor="root")
+            assert waited.value.status == 503 and waited.value.headers()["Retry-After"] == "1"
+            stuck.execute("ROLLBACK")
+        acc.create_user("alice", actor="root")
+        assert [u.name for u in acc.list_users()] == ["alice"]
+    finally:
+        acc.close()
+
+
+def test_database_must_be_a_postgresql_url() -> None:
+    assert GatewayConfig(database="postgresql://gw@db.example/atoll").database
+    for bad in ("/var/lib/atoll/gateway.sqlite", "mysql://gw@db/atoll", ""):
+        with pytest.raises(pydantic.ValidationError, match="postgresql:// URL"):
+            GatewayConfig(database=bad)
