@@ -1,6 +1,6 @@
 """The audit log's hash chain and signed head: rows edited, removed (middle and end) or inserted
-with sqlite3 behind the store's back are found, by the store and by `atoll audit verify` against a
-live gateway; only admins may ask."""
+behind the store's back (SQL on a connection of its own, in SQLite and PostgreSQL) are found, by
+the store and by `atoll audit verify` against a live gateway; only admins may ask."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -19,6 +20,7 @@ from atoll.agent.errors import Forbidden
 from atoll.broker.server import BrokerServer
 from atoll.plugins.gateway.accounts import Accounts
 from atoll.plugins.gateway.accounts.audit_chain import row_hash
+from atoll.plugins.gateway.accounts.database import open_database
 from atoll.plugins.gateway.accounts.store import MIGRATIONS, SCHEMA
 from atoll.plugins.gateway.commands import audit
 from atoll.plugins.gateway.contract import GatewayAdmin
@@ -31,31 +33,35 @@ ATOLL = Typer()
 ATOLL.add_typer(audit, name="audit")
 
 
-def logged(path: Path, actions: int = 5) -> Accounts:
+def logged(where: Path | str, actions: int = 5) -> Accounts:
     """Accounts with ``actions`` audited changes, rows 1..actions."""
-    acc = Accounts(path, SECRET)
+    acc = Accounts(where, SECRET)
     for i in range(actions):
         acc.create_user(f"u{i}", actor="root")
     return acc
 
 
-def behind_the_store(path: Path, *statements: str) -> None:
-    with sqlite3.connect(path) as db:
-        for statement in statements:
-            db.execute(statement)
+def behind_the_store(where: Path | str, sql: str, args: tuple[Any, ...] = ()) -> Any:
+    """Run ``sql`` on a connection of its own (committed at once); a SELECT's first row."""
+    database = open_database(where)
+    try:
+        cursor = database.connection.execute(sql, args)
+        return cursor.fetchone() if sql.startswith("SELECT") else None
+    finally:
+        database.close()
 
 
-def test_an_intact_log_verifies(tmp_path: Path) -> None:
-    acc = logged(tmp_path / "a.sqlite")
+def test_an_intact_log_verifies(accounts_db: Path | str, tmp_path: Path) -> None:
+    acc = logged(accounts_db)
     verdict = acc.verify_audit()
     assert verdict.ok and verdict.rows == 5 and verdict.head_seq == 5 and verdict.problem is None
     assert verdict.public_key == acc._audit_key.verify_key.encode().hex()
-    empty = Accounts(tmp_path / "b.sqlite", SECRET).verify_audit()
+    empty = Accounts(tmp_path / "empty.sqlite", SECRET).verify_audit()
     assert empty.ok and empty.rows == 0
 
 
-def test_an_edited_row_is_named(tmp_path: Path) -> None:
-    path = tmp_path / "a.sqlite"
+def test_an_edited_row_is_named(accounts_db: Path | str) -> None:
+    path = accounts_db
     acc = logged(path)
     behind_the_store(path, """UPDATE audit SET detail = '{"admin": true}' WHERE seq = 3""")
     verdict = acc.verify_audit()
@@ -63,17 +69,16 @@ def test_an_edited_row_is_named(tmp_path: Path) -> None:
     assert verdict.rows == 2  # the rows before it are fine
 
 
-def test_an_edited_row_with_its_hash_recomputed_breaks_the_next_link(tmp_path: Path) -> None:
-    path = tmp_path / "a.sqlite"
+def test_an_edited_row_rehashed_breaks_the_next_link(accounts_db: Path | str) -> None:
+    path = accounts_db
     acc = logged(path)
-    with sqlite3.connect(path) as db:
-        seq, at, action, target, prev = db.execute(
-            "SELECT seq, at, action, target, prev FROM audit WHERE seq = 2"
-        ).fetchone()
-        forged = row_hash(prev, seq, at, "mallory", action, target, "{}")
-        db.execute(
-            "UPDATE audit SET actor = 'mallory', detail = '{}', hash = ? WHERE seq = 2", (forged,)
-        )
+    seq, at, action, target, prev = behind_the_store(
+        path, "SELECT seq, at, action, target, prev FROM audit WHERE seq = 2"
+    )
+    forged = row_hash(prev, seq, at, "mallory", action, target, "{}")
+    behind_the_store(
+        path, "UPDATE audit SET actor = 'mallory', detail = '{}', hash = ? WHERE seq = 2", (forged,)
+    )
     verdict = acc.verify_audit()
     assert (
         not verdict.ok
@@ -82,8 +87,8 @@ def test_an_edited_row_with_its_hash_recomputed_breaks_the_next_link(tmp_path: P
     )
 
 
-def test_a_removed_middle_row_is_found(tmp_path: Path) -> None:
-    path = tmp_path / "a.sqlite"
+def test_a_removed_middle_row_is_found(accounts_db: Path | str) -> None:
+    path = accounts_db
     acc = logged(path)
     behind_the_store(path, "DELETE FROM audit WHERE seq = 3")
     verdict = acc.verify_audit()
@@ -91,8 +96,8 @@ def test_a_removed_middle_row_is_found(tmp_path: Path) -> None:
     assert "does not follow row 2" in (verdict.problem or "")
 
 
-def test_a_removed_last_row_is_found_by_the_signed_head(tmp_path: Path) -> None:
-    path = tmp_path / "a.sqlite"
+def test_a_removed_last_row_is_found_by_the_signed_head(accounts_db: Path | str) -> None:
+    path = accounts_db
     acc = logged(path)
     behind_the_store(path, "DELETE FROM audit WHERE seq = 5")
     verdict = acc.verify_audit()
@@ -100,15 +105,14 @@ def test_a_removed_last_row_is_found_by_the_signed_head(tmp_path: Path) -> None:
     assert "says 5 rows ending at row 5" in (verdict.problem or "")
     assert "removed from the end" in (verdict.problem or "")
     # Pulling the head back to row 4 as well needs the signing key.
-    with sqlite3.connect(path) as db:
-        (h4,) = db.execute("SELECT hash FROM audit WHERE seq = 4").fetchone()
-        db.execute("UPDATE audit_head SET seq = 4, count = 4, hash = ?", (h4,))
+    (h4,) = behind_the_store(path, "SELECT hash FROM audit WHERE seq = 4")
+    behind_the_store(path, "UPDATE audit_head SET seq = 4, count = 4, hash = ?", (h4,))
     verdict = acc.verify_audit()
     assert not verdict.ok and "signature does not verify" in (verdict.problem or "")
 
 
-def test_an_inserted_row_is_found(tmp_path: Path) -> None:
-    path = tmp_path / "a.sqlite"
+def test_an_inserted_row_is_found(accounts_db: Path | str) -> None:
+    path = accounts_db
     acc = logged(path)
     behind_the_store(
         path,
@@ -123,19 +127,16 @@ def test_an_inserted_row_is_found(tmp_path: Path) -> None:
     )
     # Slipped in between two rows, chained to the one before: the rows after it were renumbered
     # to make room, and each row's hash covers its seq.
+    behind_the_store(path, "DELETE FROM audit WHERE seq = 6")
+    behind_the_store(path, "UPDATE audit SET seq = seq + 100 WHERE seq >= 3")
+    behind_the_store(path, "UPDATE audit SET seq = seq - 99 WHERE seq >= 100")
+    (prev,) = behind_the_store(path, "SELECT hash FROM audit WHERE seq = 2")
+    h = row_hash(prev, 3, 1.0, "root", "user.create", "ghost", "{}")
     behind_the_store(
         path,
-        "DELETE FROM audit WHERE seq = 6",
-        "UPDATE audit SET seq = seq + 100 WHERE seq >= 3",
-        "UPDATE audit SET seq = seq - 99 WHERE seq >= 100",
+        "INSERT INTO audit VALUES (3, 1.0, 'root', 'user.create', 'ghost', '{}', ?, ?)",
+        (prev, h),
     )
-    with sqlite3.connect(path) as db:
-        (prev,) = db.execute("SELECT hash FROM audit WHERE seq = 2").fetchone()
-        h = row_hash(prev, 3, 1.0, "root", "user.create", "ghost", "{}")
-        db.execute(
-            "INSERT INTO audit VALUES (3, 1.0, 'root', 'user.create', 'ghost', '{}', ?, ?)",
-            (prev, h),
-        )
     verdict = acc.verify_audit()
     assert not verdict.ok and verdict.bad_seq == 4 and verdict.rows == 3
     # Writes go on after a failed verification, past the planted rows (which stay visible).
@@ -162,10 +163,9 @@ def test_rows_before_the_chain_are_chained_by_the_migration(tmp_path: Path) -> N
     assert [e.seq for e in acc.audit_log()] == [8, 7, 2, 1]
 
 
-def test_two_stores_on_one_file_serialise_on_the_head(tmp_path: Path) -> None:
+def test_two_stores_on_one_database_serialise_on_the_head(accounts_db: Path | str) -> None:
     """Two gateways on one database: their rows interleave into one chain."""
-    path = tmp_path / "a.sqlite"
-    one, two = Accounts(path, SECRET), Accounts(path, SECRET)
+    one, two = Accounts(accounts_db, SECRET), Accounts(accounts_db, SECRET)
 
     def write(acc: Accounts, who: str) -> None:
         for i in range(20):
@@ -179,11 +179,13 @@ def test_two_stores_on_one_file_serialise_on_the_head(tmp_path: Path) -> None:
     verdict = one.verify_audit()
     assert verdict.ok and verdict.rows == 40
     assert [e.seq for e in two.audit_log(limit=100)] == list(range(40, 0, -1))
-    # Another secret derives another key: that gateway's signature check fails.
-    other = Accounts(path, b"t" * 32)
-    assert "signature does not verify" in (other.verify_audit().problem or "")
-    for acc in (one, two, other):
+    for acc in (one, two):
         acc.close()
+    if isinstance(accounts_db, Path):  # (PostgreSQL refuses a gateway with another secret)
+        # Another secret derives another key: that gateway's signature check fails.
+        other = Accounts(accounts_db, b"t" * 32)
+        assert "signature does not verify" in (other.verify_audit().problem or "")
+        other.close()
 
 
 async def test_atoll_audit_verify_against_a_live_gateway(

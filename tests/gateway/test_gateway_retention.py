@@ -35,9 +35,9 @@ class Clock:
         return self.now
 
 
-def test_prompts_and_ledger_rows_past_their_periods_are_purged(tmp_path: Path) -> None:
+def test_prompts_and_ledger_rows_past_their_periods_are_purged(accounts_db: Path | str) -> None:
     clock = Clock()
-    acc = Accounts(tmp_path / "a.sqlite", b"s" * 32, clock=clock)
+    acc = Accounts(accounts_db, b"s" * 32, clock=clock)
     acc.create_user("alice", actor="root")
     for project in ("p", "q"):
         acc.create_project(project, store_prompts=True, actor="root")
