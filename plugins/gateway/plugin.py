@@ -128,7 +128,7 @@ class GatewayPlugin(Plugin):
                 self.accounts, config.prices, config.template_tokens, config.request_timeout + 60
             ),
         )
-        self.admin = AdminRPC(self.accounts)
+        self.admin = AdminRPC(self.gateway)
         self.evaluations = Evaluations(self.gateway, ctx.data_dir / "evaluations")
         # New adapters (uploaded, or made by a training job) become usable by their owner or
         # project at once.
