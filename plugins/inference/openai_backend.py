@@ -10,7 +10,7 @@ import contextlib
 import math
 import mimetypes
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePath
 from typing import Any
@@ -197,7 +197,9 @@ class OpenAIBackend(Backend):
             if held is not None and self.pushed is not None:
                 self.pushed.release(held)
 
-    async def _generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
+    async def _generate(
+        self, request: GenerateRequest
+    ) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
         base = request.model or await self._base_model()
         path, body = generate_body(request, request.adapter or base)
         headers = {"X-Request-Id": request.request_id} if request.request_id else None
