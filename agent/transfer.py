@@ -10,10 +10,10 @@ and dataset services move files over encrypted streams.
   ``.atoll-staging/`` directory beside its destination and is renamed into place only once its
   size and sha256 match, so a partial file is never visible. The files plugin keeps a staged
   file between attempts and resumes it for the same source version (``resume_offset``).
-- Streams: ``open_transfer`` opens one; ``put_files`` and ``fetching`` are the client ends of a
-  put (header, bodies, the receiver's ``confirmed`` reply) and a get (header and bodies read,
-  then ``{"ok": true}`` back); ``put_resumable`` is a put the receiver answers with the offset
-  it already holds (the storage plugin's dataset uploads).
+- Streams: ``open_transfer`` opens one; ``put_resumable`` and ``fetching`` are the client ends
+  of a put (header, the receiver's offsets of what it already holds, the rest of each body, its
+  ``confirmed`` reply: the storage plugin's adapter and dataset uploads resume) and a get (header
+  and bodies read, then ``{"ok": true}`` back).
 
 Nothing here writes through a symbolic link: files are opened with ``O_NOFOLLOW`` and a staging
 directory that is a link is refused.
@@ -421,44 +421,36 @@ async def open_transfer(
         await stream.close()
 
 
-async def put_files(
+async def put_resumable(
     overlay: Opener,
     address: str,
     service: str,
     header: dict[str, Any],
     files: list[tuple[Path, int]],
     idle: float | None,
-    on_chunk: Callable[[int], None] | None = None,
-) -> dict[str, Any]:
-    """The uploading side of a put stream: ``header`` as its first line, then each ``(path,
-    size)``'s bytes back to back; the receiver's reply once it confirms it kept them."""
-    async with open_transfer(overlay, address, service, None, idle) as stream:
-        await write_line(stream, header, idle)
-        for path, size in files:
-            await send_bytes(stream, file_chunks(path), size, idle, on_chunk)
-        return await confirmed(Reader(stream, idle), f"{address} did not confirm the {service}")
-
-
-async def put_resumable(
-    overlay: Opener,
-    address: str,
-    service: str,
-    header: dict[str, Any],
-    file: tuple[Path, int],
-    idle: float | None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """A put of one file the receiver may hold part of already: it answers ``header`` with
-    ``{"offset": N}`` (the bytes it kept from an earlier attempt) and only the rest is sent."""
-    path, size = file
+    """The uploading side of a put stream of ``(path, size)`` files the receiver may hold part of
+    already: it answers ``header`` with ``{"offsets": [N, ...]}`` (the bytes of each file it kept
+    from an earlier attempt), then only the rest of each is sent, back to back; its reply once it
+    confirms it kept them."""
     async with open_transfer(overlay, address, service, None, idle) as stream:
         await write_line(stream, header, idle)
         reader = Reader(stream, idle)
-        offset = (await reader.line()).get("offset")
-        if type(offset) is not int or not 0 <= offset <= size:
-            raise TransferFailed(f"{address} answered a {service} with no offset within the file")
-        chunks = file_chunks(path, offset)
-        await send_bytes(stream, chunks, size - offset, idle, counter(size, progress, offset))
+        offsets = (await reader.line()).get("offsets")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != len(files)
+            or not all(
+                type(n) is int and 0 <= n <= size
+                for n, (_, size) in zip(offsets, files, strict=True)
+            )
+        ):
+            raise TransferFailed(f"{address} answered a {service} with no offset within each file")
+        total = sum(size for _, size in files)
+        advance = counter(total, progress, sum(offsets))
+        for (path, size), offset in zip(files, offsets, strict=True):
+            await send_bytes(stream, file_chunks(path, offset), size - offset, idle, advance)
         return await confirmed(reader, f"{address} did not confirm the {service}")
 
 

@@ -164,7 +164,7 @@ class DatasetService:
             partial = self.resumable / hashlib.sha256(who.encode()).hexdigest()[:32]
             await asyncio.to_thread(_forget_stale, self.resumable, time.time() - RESUME_KEEP_S)
             offset = await asyncio.to_thread(resume_offset, partial, header.size, header.sha256)
-            await write_line(stream, {"offset": offset}, IDLE_TIMEOUT)
+            await write_line(stream, {"offsets": [offset]}, IDLE_TIMEOUT)
             digest = await receive_staged(reader, partial, header.size, offset)
             await asyncio.to_thread(commit_staged, partial, digest, header.sha256)
             stage = Path(tempfile.mkdtemp(dir=self.incoming))

@@ -8,9 +8,9 @@ Adapters are validated before anything is kept, immutable once registered, store
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -26,9 +26,13 @@ from atoll.agent.streams import Stream
 from atoll.agent.transfer import (
     IDLE_TIMEOUT,
     Reader,
+    commit_staged,
     confirmed,
     idle_deadline,
+    receive_staged,
+    resume_offset,
     send_bytes,
+    sha256_file,
     write_line,
 )
 from atoll.plugins.storage.contract.adapters import (
@@ -46,7 +50,6 @@ from atoll.plugins.storage.contract.adapters import (
     AdapterRecord,
     InvalidAdapter,
     TransferHeader,
-    receive_files,
     unservable,
 )
 from atoll.plugins.storage.contract.datasets import (
@@ -57,7 +60,7 @@ from atoll.plugins.storage.contract.datasets import (
     LIST_DATASETS,
 )
 from atoll.plugins.storage.contract.wire import ROTATE_KEYS
-from atoll.plugins.storage.dataset_service import DatasetService
+from atoll.plugins.storage.dataset_service import RESUME_KEEP_S, DatasetService
 from atoll.plugins.storage.datasets import DatasetLimits
 from atoll.plugins.storage.keyring import KEYRING_FILE, Keyring
 from atoll.plugins.storage.registry import AdapterRegistry, DatasetRegistry, open_registry
@@ -111,6 +114,23 @@ class StorageConfig(BaseModel):
         if self.store == "s3" and self.root is not None:
             raise ValueError("root is the local store's directory; the s3 store has no root")
         return self
+
+
+def _held(dest: Path, size: int, sha256: str) -> int:
+    """How much of an upload's file is already here: all of it when a previous attempt
+    committed it whole, else what its staged part holds (``resume_offset``)."""
+    whole = dest.is_file() and not dest.is_symlink() and dest.stat().st_size == size
+    if whole and sha256_file(dest).hexdigest() == sha256:
+        return size
+    return resume_offset(dest, size, sha256)
+
+
+def _forget_stale(root: Path, before: float) -> None:
+    """Remove partial adapter uploads nobody added to since ``before``."""
+    for folder in root.iterdir():
+        touched = max((p.lstat().st_mtime for p in folder.rglob("*")), default=0.0)
+        if max(touched, folder.lstat().st_mtime) < before:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def adapter_key(adapter_id: str, name: str) -> str:
@@ -185,6 +205,8 @@ class StoragePlugin(Plugin):
             ctx.data_dir / "resumable",
         )
         self.uploading: set[str] = set()
+        self.resumable = ctx.data_dir / "resumable" / "adapters"  # partial uploads (_put)
+        self.resumable.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.adapters = ctx.metrics.gauge("adapters_stored", "Adapters in the registry")
         self.adapter_bytes = ctx.metrics.gauge("adapter_bytes_stored", "Bytes of stored adapters")
         self.served = ctx.metrics.counter("adapter_served_bytes", "Adapter bytes sent to fetchers")
@@ -284,10 +306,31 @@ class StoragePlugin(Plugin):
             raw = await reader.line()
             header = parse(TransferHeader, raw, "adapter upload header")
             self._check_upload(header)
-            stage = Path(tempfile.mkdtemp(dir=self.incoming))
+            # Kept between attempts under a key of who uploads what, so a cut upload sends only
+            # the rest when tried again (and another uploader's partial is never used).
+            who = "\0".join(
+                [call.caller.name, header.id, header.owner or "", header.project or ""]
+                + [f"{f.name}:{f.sha256}" for f in header.files]
+            )
+            stage = self.resumable / hashlib.sha256(who.encode()).hexdigest()[:32]
+            await asyncio.to_thread(_forget_stale, self.resumable, time.time() - RESUME_KEEP_S)
+            stage.mkdir(mode=0o700, exist_ok=True)
+            offsets = [
+                await asyncio.to_thread(_held, stage / f.name, f.size, f.sha256)
+                for f in header.files
+            ]
+            await write_line(stream, {"offsets": offsets}, IDLE_TIMEOUT)
             self.uploading.add(header.id)
             try:
-                await receive_files(reader, header.files, stage)
+                for entry, offset in zip(header.files, offsets, strict=True):
+                    if offset == entry.size and (stage / entry.name).is_file():
+                        continue  # received whole in an earlier attempt
+                    digest = await receive_staged(reader, stage / entry.name, entry.size, offset)
+                    await asyncio.to_thread(commit_staged, stage / entry.name, digest, entry.sha256)
+            except BaseException:
+                self.uploading.discard(header.id)
+                raise  # what arrived stays staged for the next attempt
+            try:
                 base, rank, targets = await asyncio.to_thread(inspect_adapter, stage)
                 record = AdapterRecord(
                     id=header.id,
@@ -305,10 +348,10 @@ class StoragePlugin(Plugin):
                     source_job=header.source_job,
                 )
                 await self._keep(record, stage)
-            finally:
+            finally:  # kept or refused: nothing left to resume
                 self.uploading.discard(header.id)
                 await asyncio.to_thread(shutil.rmtree, stage, True)
-            self.received.inc(header.size)
+            self.received.inc(header.size - sum(offsets))
             self.ctx.log.info(
                 "storage.adapter_stored",
                 adapter=header.id,

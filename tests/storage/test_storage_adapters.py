@@ -37,7 +37,7 @@ from atoll.plugins.storage.contract.adapters import (
 from atoll.plugins.storage.plugin import StoragePlugin
 from atoll.protocol.session import Publication
 from support.island import Island, start_storage
-from support.overlay import eventually
+from support.overlay import eventually, refused_put
 
 BASE = "atoll-test/tiny-llama"
 
@@ -381,14 +381,7 @@ async def test_bad_uploads_are_refused_and_nothing_is_stored(
 
 
 async def raw_put(agent, header: bytes, body: bytes = b"") -> None:
-    """Speak adapter_put by hand, to send what the client never would; raises the refusal."""
-    stream = await agent.streams.open("store/storage", PUT_SERVICE, None)
-    try:
-        await stream.write(header + b"\n" + body)
-        reply = await asyncio.wait_for(stream.read(), 10)
-        raise AssertionError(f"storage accepted it: {reply!r}")
-    finally:
-        await stream.close()
+    await refused_put(agent, PUT_SERVICE, header, body)
 
 
 async def test_wire_refusals(tmp_path, make_agent, peft_adapter) -> None:
@@ -478,6 +471,47 @@ async def test_transfers_cut_mid_way_leave_nothing_and_retries_succeed(
     dest = await fetch_adapter(reader, "store", "big", cache / "big")
     assert same_files(src, dest, ["adapter_config.json", "adapter_model.safetensors"])
     assert visible(cache) == ["big"]
+
+
+async def test_a_cut_upload_resumes_where_it_stopped(tmp_path, make_agent, peft_adapter) -> None:
+    """An adapter upload the uploader gives up on part-way sends only the rest when tried again,
+    and what is stored is the adapter, byte for byte; another uploader's attempt at the same
+    files starts from nothing (a partial upload is its uploader's)."""
+    _, plugin = await start_storage(make_agent)
+    trainer = (await make_agent("trainer", roles=("training",))).agent
+    other = (await make_agent("trainer2", roles=("training",))).agent
+    src = big_adapter(peft_adapter, tmp_path / "src", 24)
+    size = sum(p.stat().st_size for p in src.iterdir())
+
+    async def cut_at_half(agent) -> None:
+        def give_up(done: int, total: int) -> None:
+            if done > total // 2:
+                for stream in list(agent.streams.streams.values()):
+                    stream.abort(StreamReset("the uploader gave up"))
+
+        with pytest.raises(StreamReset, match="the uploader gave up"):
+            await upload_adapter(agent, "store", src, "big", progress=give_up)
+
+    def held() -> int:
+        return sum(p.stat().st_size for p in plugin.resumable.rglob("*.part"))
+
+    await cut_at_half(trainer)
+    await eventually(lambda: held() > size // 3 and not plugin.uploading)
+    kept = held()
+    await nothing_stored(plugin)
+    starts: list[int] = []
+
+    def first(done: int, total: int) -> None:
+        if not starts:
+            starts.append(done)
+
+    await cut_at_half(other)  # its own partial, from nothing
+    record = await upload_adapter(trainer, "store", src, "big", progress=first)
+    assert kept <= starts[0] < size  # resumed from what the store held
+    assert record.size_bytes == size
+    dest = await fetch_adapter(trainer, "store", "big", tmp_path / "back")
+    assert same_files(src, dest, ["adapter_config.json", "adapter_model.safetensors"])
+    assert len(list(plugin.resumable.iterdir())) == 1  # trainer2's partial; trainer's used up
 
 
 async def test_storage_agent_dies_mid_fetch_then_returns(

@@ -41,7 +41,7 @@ from atoll.plugins.storage.plugin import StoragePlugin
 from atoll.plugins.storage.results import prepare_results
 from atoll.protocol.frames import Frame, FrameType
 from support.island import start_storage
-from support.overlay import eventually, intercept
+from support.overlay import eventually, intercept, refused_put
 
 
 def write(tmp_path: Path, name: str, content: str | bytes) -> Path:
@@ -476,18 +476,7 @@ async def test_versions_never_overwrite_and_delete(tmp_path, make_agent) -> None
 
 
 async def raw_put(agent, header: dict, body: bytes) -> None:
-    """Speak dataset_put by hand, to send what the client never would; raises the refusal."""
-    stream = await agent.streams.open("store/storage", DATASET_PUT, None)
-    try:
-        await stream.write(json.dumps(header).encode() + b"\n" + body)
-        reply = b""
-        while not reply.endswith(b"\n") or reply.startswith(b'{"offset"'):  # where it resumes
-            if reply.endswith(b"\n"):
-                reply = b""
-            reply += await asyncio.wait_for(stream.read(), 10)
-        raise AssertionError(f"storage accepted it: {reply!r}")
-    finally:
-        await stream.close()
+    await refused_put(agent, DATASET_PUT, json.dumps(header).encode(), body)
 
 
 async def test_refusals_keep_nothing(tmp_path, make_agent) -> None:

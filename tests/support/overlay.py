@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from websockets.asyncio.client import ClientConnection, connect
 
 from atoll.agent.identity import AgentKeys
+from atoll.agent.node import Agent
 from atoll.agent.runtime import AgentRuntime
 from atoll.broker.router import Session
 from atoll.broker.server import BrokerServer
@@ -64,3 +65,20 @@ async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
         if loop.time() > end:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+async def refused_put(agent: Agent, service: str, first_line: bytes, body: bytes = b"") -> None:
+    """Speak one of storage's put streams by hand (``first_line``, then ``body``), to send what
+    the client never would; raises the refusal. The offsets storage answers a header with (where
+    a resumed upload goes on from) are read past."""
+    stream = await agent.streams.open("store/storage", service, None)
+    try:
+        await stream.write(first_line + b"\n" + body)
+        reply = b""
+        while not reply.endswith(b"\n") or reply.startswith(b'{"offsets"'):
+            if reply.endswith(b"\n"):
+                reply = b""
+            reply += await asyncio.wait_for(stream.read(), 10)
+        raise AssertionError(f"storage accepted it: {reply!r}")
+    finally:
+        await stream.close()

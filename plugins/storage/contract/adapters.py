@@ -46,7 +46,7 @@ from atoll.agent.transfer import (
     Reader,
     TransferFailed,
     fetching,
-    put_files,
+    put_resumable,
     receive_file,
     sha256_file,
     staged,
@@ -298,14 +298,14 @@ async def upload_adapter(
         },
         "upload",
     )
-    reply = await put_files(
+    reply = await put_resumable(
         agent,
         service_address(storage_address, PLUGIN),
         PUT_SERVICE,
         header.model_dump(mode="json"),
         [(path, entry.size) for entry, path in zip(header.files, paths, strict=True)],
         idle_timeout,
-        counter(header.size, progress),
+        progress,
     )
     return parse(AdapterRecord, reply.get("adapter"), f"reply from {storage_address}")
 

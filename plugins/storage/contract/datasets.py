@@ -225,7 +225,7 @@ async def upload_dataset(
         service_address(storage, PLUGIN),
         DATASET_PUT,
         header.model_dump(mode="json"),
-        (path, size),
+        [(path, size)],
         idle_timeout,
         progress,
     )
