@@ -62,6 +62,7 @@ class TrainingConfig(BaseModel):
     workdir: ConfigPath | None = None  # None: <plugin data dir>/work
     model_cache: ConfigPath | None = None  # converted GGUF models; None: <plugin data dir>/models
     models: dict[str, ModelSpec] = {}  # overlay base model id -> model spec on this trainer
+    keep_checkpoints: int = Field(3, ge=1, le=100)  # a job's most recent, besides its final
 
 
 class TrainingPlugin(Plugin):

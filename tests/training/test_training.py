@@ -19,7 +19,11 @@ from atoll.agent.errors import Forbidden, InvalidRequest, NoSuchMethod
 from atoll.agent.node import Agent
 from atoll.agent.plugins import Plugin
 from atoll.agent.runtime import AgentRuntime
-from atoll.plugins.storage.contract.adapters import describe_adapter, fetch_adapter
+from atoll.plugins.storage.contract.adapters import (
+    AdapterNotFound,
+    describe_adapter,
+    fetch_adapter,
+)
 from atoll.plugins.storage.contract.datasets import (
     DatasetNotFound,
     describe_dataset,
@@ -612,6 +616,87 @@ async def test_a_stopped_trainer_s_job_is_finished_by_another(island: Island) ->
     adapter = await describe_adapter(island.client, "store", done.adapter_id)
     assert adapter.meta["stage"] == "pt" and adapter.source_job == job.id
     assert adapter.base_model == "tiny-llama"
+
+
+def attempts(events: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The job's events split at each ``training`` state: one list per attempt."""
+    split: list[list[dict[str, Any]]] = []
+    for event in events:
+        if event["type"] == "state" and event["state"] == "training":
+            split.append([])
+        elif split:
+            split[-1].append(event)
+    return split
+
+
+def logged_steps(events: list[dict[str, Any]]) -> list[int]:
+    return [e["step"] for e in events if e["type"] == "log" and "loss" in e]
+
+
+async def test_a_lost_job_resumes_from_its_last_checkpoint(island: Island) -> None:
+    """A checkpoint after each epoch, kept in storage as an adapter of its own (the last two
+    here). Its trainer lost right after the first one, the job goes on from that checkpoint on
+    another trainer: no optimizer step runs twice, and its figures are those of a job never
+    interrupted (weights, optimizer, scheduler, RNG and data order all restored)."""
+    t1 = trainer_worker(await island.add_trainer("t1", keep_checkpoints=2))
+    stored = asyncio.Event()
+    store = t1._checkpoint
+
+    async def store_then_hang(run: Any, event: dict[str, Any]) -> None:
+        await store(run, event)
+        stored.set()
+        await asyncio.Event().wait()  # the process waits for a word that never comes
+
+    t1._checkpoint = store_then_hang  # type: ignore[method-assign]
+    options = {"num_train_epochs": 4.0, "validation_split": 0.25}  # 5 steps an epoch, 20 in all
+    job = await island.submit(**options)
+    await asyncio.wait_for(stored.wait(), JOB_TIMEOUT)
+    await eventually(
+        lambda: bool(island.queue.queue and island.queue.queue.get(job.id).checkpoints)
+    )
+    first = (await island.job(job.id)).checkpoints
+    assert [c.step for c in first] == [5]
+    await island.add_trainer("t2", keep_checkpoints=2)
+    await island.trainers["t1"].stop()
+    done = await island.until(job.id, {"completed"})
+    assert done.trainer == "t2" and done.attempt == 2
+
+    events = await job_events(island.client, "queue", job.id)
+    one, two = attempts(events)
+    assert logged_steps(one) == [1, 2, 3, 4, 5]
+    assert logged_steps(two) == list(range(6, 21))  # from the checkpoint on, none twice
+    assert any(e["message"] == "resuming from the checkpoint at step 5" for e in two)
+    # Kept: the last two; the older ones are deleted from storage.
+    base = done.adapter_id
+    assert [(c.step, c.epoch, c.adapter_id) for c in done.checkpoints] == [
+        (15, 3.0, f"{base}-ckpt-step-15"), (20, 4.0, f"{base}-ckpt-step-20")
+    ]  # fmt: skip
+    for step in (5, 10):
+        with pytest.raises(AdapterNotFound):
+            await describe_adapter(island.client, "store", f"{base}-ckpt-step-{step}")
+    for kept in done.checkpoints:
+        adapter = await describe_adapter(island.client, "store", kept.adapter_id)
+        assert (adapter.owner, adapter.source_job, adapter.base_model) == ("alice", job.id, "tiny")
+        assert set(kept.metrics) == {
+            "step", "train_loss", "train_mean_token_accuracy", "valid_loss",
+            "valid_mean_token_accuracy", "full_valid_loss", "full_valid_mean_token_accuracy",
+        }  # fmt: skip
+    assert await island.storage.resume.current(job.id) is None  # dropped once the job ended
+
+    # The same job never interrupted: the same figures at every step.
+    again = await island.submit(**options)
+    whole = await island.until(again.id, {"completed"})
+    steps = {e["step"]: e["loss"] for e in events if e["type"] == "log" and "loss" in e}
+    plain = await job_events(island.client, "queue", again.id)
+    assert steps == pytest.approx({e["step"]: e["loss"] for e in plain if "loss" in e}, rel=1e-4)
+    assert done.metrics["trained_tokens"] == whole.metrics["trained_tokens"]
+    assert done.metrics["full_valid_loss"] == pytest.approx(whole.metrics["full_valid_loss"])
+    rows = []
+    for finished in (done, whole):
+        path = island.tmp_path / f"{finished.id}.csv"
+        await fetch_dataset(island.client, "store", finished.result_files[0], path, as_="original")
+        rows.append([int(r["step"]) for r in read_csv(path)])
+    assert rows[0] == rows[1] == list(range(1, 21))
 
 
 async def test_silent_trainers_fail_the_job_after_max_attempts(

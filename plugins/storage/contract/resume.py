@@ -88,7 +88,9 @@ class ResumeHeader(Strict):
     step: int = Field(ge=0)
     adapter_id: AdapterIdStr
     files: Annotated[
-        list[ResumeFile], Field(min_length=1, max_length=len(RESUME_FILES)), AfterValidator(_distinct)
+        list[ResumeFile],
+        Field(min_length=1, max_length=len(RESUME_FILES)),
+        AfterValidator(_distinct),
     ]
 
     @property
