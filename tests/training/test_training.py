@@ -13,12 +13,14 @@ from typing import Any
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from atoll.agent.contract import parse
 from atoll.agent.errors import Forbidden, InvalidRequest, NoSuchMethod
 from atoll.agent.node import Agent
 from atoll.agent.plugins import Plugin
 from atoll.agent.runtime import AgentRuntime
+from atoll.broker.server import BrokerServer
 from atoll.plugins.storage.contract.adapters import (
     AdapterNotFound,
     describe_adapter,
@@ -32,6 +34,7 @@ from atoll.plugins.storage.contract.datasets import (
 )
 from atoll.plugins.storage.plugin import StoragePlugin
 from atoll.plugins.training.auto import auto_batch_size, auto_epochs, resolve
+from atoll.plugins.training.commands import train
 from atoll.plugins.training.contract import (
     BASE_LEARNING_RATE,
     FINAL_STATES,
@@ -68,6 +71,7 @@ from atoll.plugins.training.figures import (
 from atoll.plugins.training.plugin import TrainingPlugin
 from atoll.plugins.training.runner import FINAL_METRICS
 from atoll.plugins.training.trainer import TrainerWorker
+from atoll.tenancy.operator import OperatorStore
 from support.overlay import AgentFactory, eventually
 from support.tiny_models import build_tiny_model, tiny_tokenizer
 
@@ -633,7 +637,9 @@ def logged_steps(events: list[dict[str, Any]]) -> list[int]:
     return [e["step"] for e in events if e["type"] == "log" and "loss" in e]
 
 
-async def test_a_lost_job_resumes_from_its_last_checkpoint(island: Island) -> None:
+async def test_a_lost_job_resumes_from_its_last_checkpoint(
+    island: Island, operator: OperatorStore, broker: BrokerServer
+) -> None:
     """A checkpoint after each epoch, kept in storage as an adapter of its own (the last two
     here). Its trainer lost right after the first one, the job goes on from that checkpoint on
     another trainer: no optimizer step runs twice, and its figures are those of a job never
@@ -648,7 +654,7 @@ async def test_a_lost_job_resumes_from_its_last_checkpoint(island: Island) -> No
         await asyncio.Event().wait()  # the process waits for a word that never comes
 
     t1._checkpoint = store_then_hang  # type: ignore[method-assign]
-    options = {"num_train_epochs": 4.0, "validation_split": 0.25}  # 5 steps an epoch, 20 in all
+    options: dict[str, Any] = {"num_train_epochs": 4.0, "validation_split": 0.25}  # 20 steps
     job = await island.submit(**options)
     await asyncio.wait_for(stored.wait(), JOB_TIMEOUT)
     await eventually(
@@ -682,6 +688,15 @@ async def test_a_lost_job_resumes_from_its_last_checkpoint(island: Island) -> No
             "valid_mean_token_accuracy", "full_valid_loss", "full_valid_mean_token_accuracy",
         }  # fmt: skip
     assert await island.storage.resume.current(job.id) is None  # dropped once the job ended
+    target = ["-d", str(operator.root), "--tenant", "acme", "--broker", broker.url]
+    shown = await asyncio.to_thread(
+        CliRunner().invoke, train, ["checkpoints", job.id, "--queue", "queue", *target]
+    )
+    assert shown.exit_code == 0, shown.output
+    lines = [line.split() for line in shown.stdout.splitlines()[1:]]  # newest first
+    assert [(cells[0], cells[2]) for cells in lines] == [
+        ("20", f"{base}-ckpt-step-20"), ("15", f"{base}-ckpt-step-15")
+    ]  # fmt: skip
 
     # The same job never interrupted: the same figures at every step.
     again = await island.submit(**options)
