@@ -258,6 +258,8 @@ def event_object(job_id: str, event: dict[str, Any]) -> JobEvent:
         message = f"Step {event['step']}/{event.get('max_steps')}: {', '.join(losses)}"
         return JobEvent(id=event_id, created_at=at, message=message, data=data, type="metrics")
     level: Level = "error" if event.get("state") == "failed" else "info"
+    if event.get("level") == "warn":  # a trainer's warning (a checkpoint not stored)
+        level = "warn"
     message = str(event.get("message") or event.get("state") or kind or "event")
     return JobEvent(id=event_id, created_at=at, level=level, message=message, data=event)
 

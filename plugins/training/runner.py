@@ -1,4 +1,6 @@
-"""One training job in its own process (a crash or an OOM kill cannot take the agent down):
+"""One training job in its own process (a crash or an OOM kill cannot take the agent down).
+(Over 400 lines: the training loop's hooks — figures, evaluations, checkpoints, resuming — share
+the run's bookkeeping, and read best beside the loop they hook into.)
 
     python -m atoll.plugins.training.runner --job job.json --parent PID
 

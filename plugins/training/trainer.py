@@ -6,7 +6,8 @@ checkpoint.
 
 A job stops early when the queue says so (a heartbeat reply, or the ``cancelled`` state event
 it publishes): its process group is terminated, then killed after a grace period.
-(Just over 400 lines: one job's life, claim to outcome, reads best in one place.)
+(Over 400 lines: one job's life, claim to checkpoints to outcome, reads best in one place;
+what a checkpoint is stored as, and fetched back from, is ``checkpoints.py``'s.)
 """
 
 from __future__ import annotations
