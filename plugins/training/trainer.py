@@ -228,8 +228,9 @@ class TrainerWorker:
             self.ctx.log.info("training.stopped", job=job.id, reason=run.stop_reason)
             await self._forget_if_ended(run)
             return
-        await self._finish(run, outcome)
-        if run.storage:  # ended, whichever way: nothing will resume it
+        # Ended with this outcome, whichever way: nothing will resume it. (Not taken: the job
+        # may be another trainer's now, resuming from that state.)
+        if await self._finish(run, outcome) and run.storage:
             with contextlib.suppress(AtollError):
                 await drop_resume_state(self.ctx, run.storage, job.id)
 
@@ -452,7 +453,8 @@ class TrainerWorker:
         if reply.cancel:
             self._stop(run, reply.reason or "the queue took the job back")
 
-    async def _finish(self, run: Running, outcome: dict[str, Any]) -> None:
+    async def _finish(self, run: Running, outcome: dict[str, Any]) -> bool:
+        """Report the outcome; whether the queue took it (the job ended with it)."""
         for n in range(FINISH_TRIES):
             try:
                 reply = await finish_job(self.ctx, run.queue, run.job, outcome)
@@ -462,10 +464,11 @@ class TrainerWorker:
                 continue
             except AtollError as exc:
                 self.ctx.log.error("training.finish_refused", job=run.job.id, error=exc)
-                return
+                return False
             self.ctx.log.info(
                 "training.finished", job=run.job.id, ok=outcome.get("ok"), accepted=reply.accepted
             )
-            return
+            return reply.accepted
         # The queue will see this trainer's heartbeats stop and give the job out again.
         self.ctx.log.error("training.finish_lost", job=run.job.id)
+        return False
