@@ -269,8 +269,6 @@ class TrainerWorker:
         if job.attempt > 1:  # an earlier attempt may have left a checkpoint to go on from
             run.step = "fetching the last checkpoint"
             resume = await fetch_resume(self.ctx, storage, job, workdir / "resume")
-            if resume is not None:
-                await self._emit(run, {"type": "log", "message": "resuming from a checkpoint"})
         if run.stop_reason is not None:
             return {}
         run.step = "training"
@@ -350,11 +348,9 @@ class TrainerWorker:
             message = f"checkpoint at step {event.get('step')} not stored: {exc}"
             await self._emit(run, {"type": "log", "level": "warn", "message": message})
         else:
-            run.checkpoints = [c for c in run.checkpoints if c.adapter_id not in pruned]
-            run.checkpoints = [
-                *(c for c in run.checkpoints if c.adapter_id != checkpoint.adapter_id),
-                checkpoint,
-            ]
+            gone = {*pruned, checkpoint.adapter_id}  # a step trained again replaces its record
+            run.checkpoints = [c for c in run.checkpoints if c.adapter_id not in gone]
+            run.checkpoints.append(checkpoint)
             stored = {
                 "type": "checkpoint",
                 "message": f"checkpoint {checkpoint.adapter_id} at step {checkpoint.step}",
