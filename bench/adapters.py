@@ -98,12 +98,12 @@ class Probe:
         self._last_end: float | None = None
         forward, load_new = engine._forward, cache._load_new
 
-        def timed_forward(inputs: Any, rows: Any) -> Any:
+        def timed_forward(inputs: Any, rows: Any, every_position: bool = False) -> Any:
             start = time.perf_counter()
             if engine.batch is not None and self._last_end is not None:
                 self.gaps.append((self._last_end, start))
             try:
-                return forward(inputs, rows)
+                return forward(inputs, rows, every_position)
             finally:
                 self._last_end = time.perf_counter()
                 self.forwards.append(self._last_end - start)

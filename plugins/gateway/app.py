@@ -21,11 +21,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from atoll.agent.prometheus import exposition
 from atoll.plugins.gateway import contract as c
+from atoll.plugins.gateway import evaluations as evaluation_routes
 from atoll.plugins.gateway import finetune, inference_routes, self_service, webui
 from atoll.plugins.gateway.accounts.keys import Principal
 from atoll.plugins.gateway.admin import AdminRPC, plain
 from atoll.plugins.gateway.bodies import parse_body, sse
 from atoll.plugins.gateway.errors import GatewayError
+from atoll.plugins.gateway.evaluations import Evaluations
 from atoll.plugins.gateway.lorax_api import lorax_error
 from atoll.plugins.gateway.service import Gateway
 
@@ -78,7 +80,7 @@ SCHEMA_HEADERS = {
 }
 
 
-def create_app(gw: Gateway, docs: bool = False) -> FastAPI:
+def create_app(gw: Gateway, evaluations: Evaluations, docs: bool = False) -> FastAPI:
     """The app; ``docs`` serves ``/openapi.json`` to callers with a key (off: 404)."""
     # Never /docs or /redoc: FastAPI's pages load their scripts from a CDN on the web UI's origin,
     # and a browser navigating to them sends no key. With ``docs`` only the schema is served.
@@ -169,6 +171,7 @@ def create_app(gw: Gateway, docs: bool = False) -> FastAPI:
 
     inference_routes.install_openai(app, gw, User)
     finetune.install(app, gw, User)
+    evaluation_routes.install(app, evaluations, User)
     inference_routes.install_lorax(app, gw, User)
 
     # --- operations ------------------------------------------------------------------------

@@ -3,9 +3,9 @@ pure functions translating them to the inference contract: inference_routes.py p
 resolves its ``model`` and turns it into ``GenerateRequest``s with ``*_to_generate``.
 
 Options this gateway cannot honour are refused with a 400 (``unsupported_parameter``):
-presence/frequency penalties other than 0, ``logit_bias``, ``top_logprobs`` above 0 (nodes report
-the sampled token's logprob only), ``echo``, ``suffix``, ``best_of`` above 1 and embedding
-``dimensions``.
+presence/frequency penalties other than 0, ``logit_bias``, ``suffix``, ``best_of`` above 1 and
+embedding ``dimensions``. ``echo``, token-id prompts and alternatives (``logprobs`` above 0 on
+completions, ``top_logprobs`` on chat) go to the node, whose backend may refuse them.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.inference.contract import (
     MAX_MIXTURE,
     MAX_PROMPT_CHARS,
+    MAX_PROMPT_TOKENS,
     AdapterWeight,
     ChatMessage,
     EmbedRequest,
@@ -43,6 +44,13 @@ MAX_TOOLS = 128  # OpenAI's own limit
 MAX_EMBED_INPUTS = 2048  # EmbedRequest's bounds
 MAX_EMBED_CHARS = 100_000
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default on /v1/completions; chat uses the contract's
+
+
+def _prompts(value: Any) -> Any:
+    """A completion's prompts, each text or token ids, one or many (as OpenAI takes them)."""
+    if isinstance(value, list) and value and all(type(v) is int for v in value):
+        return [value]
+    return one_or_many(value)
 
 
 def _texts(value: Any) -> Any:
@@ -73,10 +81,14 @@ def _content(value: Any) -> Any:
 Content = Annotated[
     Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | None, BeforeValidator(_content)
 ]
+TokenIds = Annotated[
+    list[Annotated[int, Field(strict=True, ge=0)]],
+    Field(min_length=1, max_length=MAX_PROMPT_TOKENS),
+]
 Prompts = Annotated[
-    list[Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]],
+    list[Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]] | list[TokenIds],
     Field(min_length=1, max_length=MAX_COMPLETION_CHOICES),
-    BeforeValidator(_texts),
+    BeforeValidator(_prompts),
 ]
 EmbedInputs = Annotated[
     list[Annotated[str, Field(min_length=1, max_length=MAX_EMBED_CHARS)]],
@@ -264,8 +276,6 @@ def chat_to_generate(
 ) -> list[GenerateRequest]:
     """One request per choice (``n``); ``base`` and ``adapter`` are what ``model`` resolved to."""
     _refuse_common(req)
-    if req.top_logprobs:
-        raise unsupported("top_logprobs", "nodes report only the sampled token's logprob")
     max_new = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
     fmt = req.response_format
     template = build(
@@ -282,6 +292,7 @@ def chat_to_generate(
         if fmt and fmt.type != "text"
         else None,
         logprobs=bool(req.logprobs),
+        top_logprobs=req.top_logprobs or 0,
     )
     return _choices(template, req.choices_per_prompt)
 
@@ -291,14 +302,10 @@ def completion_to_generate(
 ) -> list[GenerateRequest]:
     """One request per choice: ``n`` for each prompt in turn, as OpenAI numbers the choices."""
     _refuse_common(req)
-    if req.echo:
-        raise unsupported("echo", "the prompt is not returned with the completion")
     if req.suffix is not None:
         raise unsupported("suffix", "there is no insertion mode")
     if req.best_of is not None and req.best_of > 1:
         raise unsupported("best_of", "use n to get several completions")
-    if req.logprobs:
-        raise unsupported("logprobs", "only 0 (the sampled token's logprob) is available")
     max_new = COMPLETION_DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
     mixture = _mixture(req, adapter)
     params = _sampling(req, max_new)
@@ -306,12 +313,14 @@ def completion_to_generate(
     for prompt in req.prompt:
         template = build(
             GenerateRequest,
-            prompt=prompt,
+            **({"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": prompt}),
             model=base,
             adapter=adapter,
             mixture=mixture,
             params=params,
             logprobs=req.logprobs is not None,
+            top_logprobs=req.logprobs or 0,
+            echo=bool(req.echo),
         )
         out += _choices(template, req.choices_per_prompt)
     return out

@@ -38,11 +38,17 @@ class CompletionUsage(BaseModel):
         )
 
 
+class TopLogprob(BaseModel):
+    token: str
+    bytes: list[int] | None
+    logprob: float
+
+
 class TokenLogprob(BaseModel):
     token: str
     bytes: list[int] | None
     logprob: float
-    top_logprobs: list[dict[str, Any]] = Field(default_factory=list)  # never asked for
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)  # empty unless asked for
 
 
 class ChoiceLogprobs(BaseModel):
@@ -115,9 +121,12 @@ class ChatCompletionChunk(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
+    """A choice's tokens; with ``echo`` the prompt's come first, the very first one with no
+    logprob and no alternatives (null), as OpenAI and vLLM give it."""
+
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None = None
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None = None
     text_offset: list[int]
 
 
@@ -179,7 +188,10 @@ class ModelList(BaseModel):
 def token_logprob(event: TokenEvent) -> TokenLogprob | None:
     if event.logprob is None:
         return None
-    return TokenLogprob(token=event.text, bytes=list(event.text.encode()), logprob=event.logprob)
+    top = [TopLogprob(token=t, bytes=list(t.encode()), logprob=v) for t, v in event.top or []]
+    return TokenLogprob(
+        token=event.text, bytes=list(event.text.encode()), logprob=event.logprob, top_logprobs=top
+    )
 
 
 def _chat_logprobs(events: Iterable[TokenEvent]) -> ChoiceLogprobs | None:
@@ -207,17 +219,25 @@ def tool_calls(finish: FinishEvent, tag: str) -> list[ToolCall]:
 
 def completion_logprobs(events: Iterable[TokenEvent], offset: int) -> CompletionLogprobs | None:
     tokens: list[str] = []
-    values: list[float] = []
+    values: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
     offsets: list[int] = []
     for event in events:
-        if event.logprob is not None:
+        if event.logprob is not None or event.echo:
             tokens.append(event.text)
             values.append(event.logprob)
+            # Two tokens may read the same (parts of one character): the likelier one stays.
+            tops.append(None if event.top is None else dict(reversed(event.top)))
             offsets.append(offset)
         offset += len(event.text)
     if not tokens:
         return None
-    return CompletionLogprobs(tokens=tokens, token_logprobs=values, text_offset=offsets)
+    return CompletionLogprobs(
+        tokens=tokens,
+        token_logprobs=values,
+        top_logprobs=tops if any(t is not None for t in tops) else None,
+        text_offset=offsets,
+    )
 
 
 def chat_completion(

@@ -26,6 +26,7 @@ from atoll.plugins.gateway.admin import AdminRPC
 from atoll.plugins.gateway.app import create_app
 from atoll.plugins.gateway.contract import Price
 from atoll.plugins.gateway.errors import GatewayError
+from atoll.plugins.gateway.evaluations import Evaluations
 from atoll.plugins.gateway.http_limits import HttpLimits, guarded_protocol
 from atoll.plugins.gateway.limits import RateLimiter
 from atoll.plugins.gateway.router import ModelRouter
@@ -119,6 +120,7 @@ class GatewayPlugin(Plugin):
             ),
         )
         self.admin = AdminRPC(self.accounts)
+        self.evaluations = Evaluations(self.gateway, ctx.data_dir / "evaluations")
         # New adapters (uploaded, or made by a training job) become usable by their owner or
         # project at once.
         self._hints_waiting: set[asyncio.Task[None]] = set()
@@ -132,7 +134,7 @@ class GatewayPlugin(Plugin):
         sock.setblocking(False)
         self.address = sock.getsockname()[:2]
         server_config = uvicorn.Config(
-            create_app(self.gateway, docs=config.docs),
+            create_app(self.gateway, self.evaluations, docs=config.docs),
             log_level="warning",
             lifespan="off",
             access_log=False,
@@ -274,6 +276,7 @@ class GatewayPlugin(Plugin):
         self.server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(self._serving, 10)
+        await self.evaluations.close()
         await self.watch.stop()
         self.accounts.close()
 

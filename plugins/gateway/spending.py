@@ -25,7 +25,8 @@ def prompt_estimate(request: GenerateRequest | EmbedRequest | dict[str, Any]) ->
     (about 4 characters a token), so the final count rarely falls below it."""
     if isinstance(request, GenerateRequest):
         chars = len(request.prompt or "") + sum(len(m.content) for m in request.messages or [])
-        return chars // CHARS_PER_TOKEN
+        chars += len(request.continuation or "")
+        return len(request.prompt_token_ids or ()) + chars // CHARS_PER_TOKEN
     # embed: its inputs (the model inference_routes.py builds, or its dict form)
     texts = request.get("input") if isinstance(request, dict) else request.input
     if not isinstance(texts, list):
@@ -40,15 +41,19 @@ def prompt_bound(request: GenerateRequest | EmbedRequest, template_tokens: int) 
     markers). Tools and tool calls count as their JSON."""
     if isinstance(request, EmbedRequest):
         return sum(len(t.encode()) for t in request.input)
+    scored = len((request.continuation or "").encode())  # a continuation is prompt too
+    if request.prompt_token_ids is not None:  # counted exactly: the node adds none
+        return len(request.prompt_token_ids) + scored
     if request.prompt is not None:
-        return len(request.prompt.encode())
+        return len(request.prompt.encode()) + scored
     messages = request.messages or []
     size = sum(
         len(m.content.encode()) + len((m.name or "").encode()) + TOKENS_PER_MESSAGE
         for m in messages
     )
     extras = [m.tool_calls for m in messages if m.tool_calls] + [request.tools or []]
-    return size + template_tokens + sum(len(json.dumps(e).encode()) for e in extras if e)
+    extra = sum(len(json.dumps(e).encode()) for e in extras if e)
+    return size + template_tokens + extra + scored
 
 
 class Spending:

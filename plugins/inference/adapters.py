@@ -29,7 +29,7 @@ from atoll.plugins.inference.contract import (
     Mixture,
     Overloaded,
 )
-from atoll.plugins.storage.contract.adapters import AdapterNotFound
+from atoll.plugins.storage.contract.adapters import AdapterNotFound, unservable
 
 if TYPE_CHECKING:
     from atoll.plugins.inference.pool import AdapterPool, LoraWeights
@@ -77,20 +77,15 @@ def validate_adapter(
         raise refuse(f"no {CONFIG}") from None
     except (OSError, ValueError) as exc:
         raise refuse(f"{CONFIG} is not valid JSON ({exc})") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        raise refuse(f"peft_type is {config.get('peft_type')!r}, only LORA is served")
+    if not isinstance(config, dict):
+        raise refuse(f"{CONFIG} must hold a JSON object")
+    if problem := unservable(config):
+        raise refuse(problem)
     base_name = str(config.get("base_model_name_or_path") or "")
     names = (base_model, *aliases)
     if limits.check_base_name and base_name and not any(same_model(base_name, n) for n in names):
         raise refuse(f"trained for base model {base_name!r}, this node serves {base_model!r}")
-    for variant in ("use_dora", "lora_bias"):
-        if config.get(variant):
-            raise refuse(f"{variant} adapters are not served (only plain LoRA batches per row)")
-    if config.get("modules_to_save"):
-        raise refuse("modules_to_save replaces whole layers and cannot share a batch")
     ranks = [config.get("r", 0), *(config.get("rank_pattern") or {}).values()]
-    if not all(isinstance(r, int) and r > 0 for r in ranks):
-        raise refuse("rank r must be a positive integer")
     if max(ranks) > limits.max_rank:
         raise refuse(f"rank {max(ranks)} is over this node's limit of {limits.max_rank}")
     weights = path / WEIGHTS

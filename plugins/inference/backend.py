@@ -33,6 +33,9 @@ AdapterFetcher = Callable[[str, Path], Awaitable[Path]]
 
 class Backend(ABC):
     kind: str = ""
+    # Whether ``generate`` takes prompt token ids, echoes prompts with their logprobs and reports
+    # alternatives (``top_logprobs``); the plugin refuses those requests for backends that don't.
+    scores_prompts: bool = False
 
     async def start(self) -> None:  # noqa: B027 - an optional hook
         """Load models, open clients; raise to refuse starting."""

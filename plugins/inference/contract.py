@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 PLUGIN = "inference"
 MAX_PROMPT_CHARS = 1_000_000
+MAX_PROMPT_TOKENS = 131_072  # a prompt given as token ids
+MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI's chat API allows
 MAX_STOP_SEQUENCES = 8
 MAX_MIXTURE = 8
 MergeStrategy = Literal["linear", "ties", "dare_linear", "dare_ties", "svd"]
@@ -122,10 +124,18 @@ class Mixture(Strict):
 
 
 class GenerateRequest(Strict):
-    """One completion: a raw ``prompt`` or chat ``messages`` (rendered with the model's template),
-    on the base model, one ``adapter`` or a ``mixture``."""
+    """One completion: a raw ``prompt``, the same as ``prompt_token_ids`` (used as given: no
+    special tokens added) or chat ``messages`` (rendered with the model's template), on the base
+    model, one ``adapter`` or a ``mixture``. ``echo`` sends the prompt's tokens back first, each
+    with its logprob under the model (what lm-evaluation-harness scores with);
+    ``top_logprobs`` adds that many most likely alternatives to each token's logprob.
+    ``continuation`` scores a text after the prompt or messages instead of generating: the
+    events are its tokens (``echo``) with their logprobs, then the finish."""
 
     prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    prompt_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, min_length=1, max_length=MAX_PROMPT_TOKENS
+    )
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     model: str | None = None  # a base model id; None: this node's base
     adapter: str | None = Field(None, min_length=1, max_length=256)
@@ -137,12 +147,22 @@ class GenerateRequest(Strict):
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
     logprobs: bool = False
+    top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
+    continuation: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS)
     request_id: str | None = Field(None, max_length=128)
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of prompt or messages")
+        given = [x is not None for x in (self.prompt, self.prompt_token_ids, self.messages)]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of prompt, prompt_token_ids or messages")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs")
+        if self.echo and self.messages is not None:
+            raise ValueError("echo is for prompts, not messages")
+        if self.continuation is not None and self.echo:
+            raise ValueError("a continuation is scored on its own: no echo of the prompt")
         if self.adapter is not None and self.mixture is not None:
             raise ValueError("give an adapter or a mixture, not both")
         return self
@@ -188,7 +208,9 @@ class TokenEvent(BaseModel):
     type: Literal["token"] = "token"
     text: str
     token_id: int | None = None
-    logprob: float | None = None
+    logprob: float | None = None  # None for a prompt's first token: nothing comes before it
+    top: list[tuple[str, float]] | None = None  # the most likely tokens there, best first
+    echo: bool = False  # a token of the prompt (GenerateRequest.echo), not a generated one
 
 
 class FinishEvent(BaseModel):

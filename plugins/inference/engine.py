@@ -34,7 +34,7 @@ from atoll.plugins.inference.contract import (
 )
 from atoll.plugins.inference.pool import BASE, AdapterPool
 from atoll.plugins.inference.sampling import Sampler
-from atoll.plugins.inference.textstream import TextStream
+from atoll.plugins.inference.textstream import TextStream, token_texts
 
 MAX_SKIPS = 8  # steps a request may be passed over by later ones before admission turns FIFO
 RATE_WINDOW = 10.0  # seconds of history behind tokens_per_s
@@ -57,6 +57,8 @@ class Row:
     model: str
     adapter_id: str | None
     logprobs: bool = False
+    top: int = 0  # alternatives reported with each logprob
+    echo: bool = False  # the prompt's tokens go out first (with their logprobs if asked)
     generated: int = 0
     seen: list[int] = field(default_factory=list)
     cancelled: bool = False
@@ -222,20 +224,29 @@ class Engine:
                 row.on_start()
         return chosen
 
-    def _forward(self, inputs: dict[str, Any], rows: list[Row]) -> tuple[torch.Tensor, Any]:
+    def _forward(
+        self, inputs: dict[str, Any], rows: list[Row], every_position: bool = False
+    ) -> tuple[torch.Tensor, Any]:
+        """Logits ([rows, positions, vocab]: the last position only unless ``every_position``)
+        and the cache."""
+        keep = 0 if every_position else 1  # transformers' 0: keep them all
         if self.pool is None:
-            out = self.model(**inputs, logits_to_keep=1)
+            out = self.model(**inputs, logits_to_keep=keep)
         else:
             # A cancelled row's adapter may be evicted and its slot rewritten under this step.
             with self.pool.rows([BASE if r.cancelled else r.slot for r in rows]):
-                out = self.model(**inputs, logits_to_keep=1)
-        return out.logits[:, -1, :], out.past_key_values
+                out = self.model(**inputs, logits_to_keep=keep)
+        return out.logits, out.past_key_values
 
     def _prefill(self, rows: list[Row]) -> None:
         inputs = prefill_inputs([r.prompt for r in rows], self.pad_id, self.device)
-        logits, cache = self._forward(inputs, rows)
+        scoring = any(r.echo and r.logprobs for r in rows)
+        logits, cache = self._forward(inputs, rows, every_position=scoring)
+        for i, row in enumerate(rows):
+            if row.echo:
+                self._echo(row, logits[i, -len(row.prompt) : -1] if row.logprobs else None)
         joined = PaddedBatch(cache, inputs["attention_mask"], torch.empty(0), rows)
-        joined.advance(inputs["attention_mask"], cache, self._sample(rows, logits))
+        joined.advance(inputs["attention_mask"], cache, self._sample(rows, logits[:, -1, :]))
         if self.batch is None:
             self.batch = joined
         else:
@@ -247,8 +258,40 @@ class Engine:
         assert batch is not None
         inputs = batch.step_inputs()
         logits, cache = self._forward(inputs, batch.rows)
-        batch.advance(inputs["attention_mask"], cache, self._sample(batch.rows, logits))
+        batch.advance(inputs["attention_mask"], cache, self._sample(batch.rows, logits[:, -1, :]))
         self._retire()
+
+    def _echo(self, row: Row, logits: torch.Tensor | None) -> None:
+        """The prompt's tokens as events; ``logits`` (the positions before each token after the
+        first, left padding already cut off) give their logprobs."""
+        texts = token_texts(row.text.tokenizer, row.prompt)
+        if logits is None:
+            for token, text in zip(row.prompt, texts, strict=True):
+                row.emit(TokenEvent(text=text, token_id=token, echo=True))
+            return
+        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        targets = torch.tensor(row.prompt[1:], dtype=torch.long)
+        picked = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+        row.emit(TokenEvent(text=texts[0], token_id=row.prompt[0], echo=True))
+        for k in range(1, len(row.prompt)):
+            row.emit(
+                TokenEvent(
+                    text=texts[k],
+                    token_id=row.prompt[k],
+                    logprob=picked[k - 1],
+                    top=self._top(row, logprobs[k - 1]),
+                    echo=True,
+                )
+            )
+
+    @staticmethod
+    def _top(row: Row, logprobs: torch.Tensor) -> list[tuple[str, float]] | None:
+        """The row's ``top`` likeliest tokens under ``logprobs`` (one position's), best first."""
+        if not row.top:
+            return None
+        values, ids = torch.topk(logprobs, row.top)
+        decode = row.text.tokenizer.decode
+        return [(decode([i]), v) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
 
     def _sample(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
         chosen = []
@@ -264,13 +307,24 @@ class Engine:
             row.generated += 1
             row.seen.append(token)
             produced += 1
-            if token in row.stop_ids:
+            stop = token in row.stop_ids
+            # A stop token has no text, but a caller scoring tokens counts it (lm-eval's last).
+            if stop and not row.logprobs:
                 self._finish(row, "stop")
                 continue
-            delta = row.text.push(token)
+            delta = "" if stop else row.text.push(token)
+            top = self._top(row, torch.log_softmax(logits[i], dim=-1)) if row.top else None
             row.emit(
-                TokenEvent(text=delta, token_id=token, logprob=logprob if row.logprobs else None)
+                TokenEvent(
+                    text=delta,
+                    token_id=token,
+                    logprob=logprob if row.logprobs else None,
+                    top=top,
+                )
             )
+            if stop:
+                self._finish(row, "stop")
+                continue
             if row.text.stopped:
                 self._finish(row, "stop")
             elif row.generated >= row.max_new:

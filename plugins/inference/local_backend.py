@@ -67,6 +67,7 @@ class LocalConfig(BaseModel):
 
 class LocalBackend(Backend):
     kind = "local"
+    scores_prompts = True
 
     def __init__(
         self, config: LocalConfig, data_dir: Path, fetch: AdapterFetcher, metrics: MetricsRegistry
@@ -168,6 +169,10 @@ class LocalBackend(Backend):
         if engine.queue_depth >= self.config.max_queue:
             raise Overloaded(f"{engine.queue_depth} requests are waiting on this node")
         prompt = await asyncio.to_thread(self._encode, request)
+        scoring = request.continuation is not None
+        before = len(prompt)  # with a continuation: its tokens come after these
+        if request.continuation is not None:
+            prompt += self.tokenizer(request.continuation, add_special_tokens=False)["input_ids"]
         params = request.params
         room = self.context - len(prompt)
         if room < 1:
@@ -199,21 +204,31 @@ class LocalBackend(Backend):
             slot=entry.slot if entry else BASE,
             sampler=Sampler(params),
             text=TextStream(self.tokenizer, params.stop),
-            max_new=min(params.max_new_tokens, room),
+            max_new=1 if scoring else min(params.max_new_tokens, room),
             stop_ids=frozenset() if params.ignore_eos else self.stop_ids,
             emit=emit,
             model=self.model_id,
             adapter_id=entry.info.id if entry else None,
-            logprobs=request.logprobs,
+            logprobs=request.logprobs or scoring,
+            top=request.top_logprobs,
+            echo=request.echo or scoring,
             on_start=(lambda: loop.call_soon_threadsafe(tracked.start)) if tracked else None,
         )
+        echoed = 0
         try:
             engine.submit(row)
             while True:
                 event = await queue.get()
                 if isinstance(event, AtollError):
                     raise event
+                if scoring and event.type == "token":
+                    echoed += event.echo
+                    if event.echo and echoed > before:
+                        yield event  # a continuation token; the prompt's and the one made stay
+                    continue
                 if event.type == "finish":
+                    if scoring:  # the token made to end the row is nobody's answer
+                        event.usage.completion_tokens = 0
                     produced = event.usage.completion_tokens
                     self.tokens.inc(produced)
                 yield event
@@ -228,6 +243,11 @@ class LocalBackend(Backend):
 
     def _encode(self, request: GenerateRequest) -> list[int]:
         tok = self.tokenizer
+        if request.prompt_token_ids is not None:
+            vocab = len(tok)
+            if bad := [t for t in request.prompt_token_ids if t >= vocab]:
+                raise InvalidRequest(f"token id {bad[0]} is not in this model's {vocab} tokens")
+            return list(request.prompt_token_ids)
         if request.messages is None:
             return tok(request.prompt, add_special_tokens=True)["input_ids"]
         messages = [m.model_dump(exclude_none=True) for m in request.messages]

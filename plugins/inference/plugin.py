@@ -38,6 +38,7 @@ from atoll.plugins.inference.contract import (
     GenerateRequest,
     GenerateResult,
     Unloaded,
+    Unsupported,
 )
 from atoll.plugins.storage.contract.adapters import (
     AdapterNotFound,
@@ -155,6 +156,16 @@ class InferencePlugin(Plugin):
     # --- generation --------------------------------------------------------------------------
 
     async def _events(self, request: GenerateRequest):
+        if not self.backend.scores_prompts and (
+            request.echo
+            or request.prompt_token_ids is not None
+            or request.top_logprobs
+            or request.continuation is not None
+        ):
+            raise Unsupported(
+                f"the {self.backend.kind} backend takes no token ids, echoes no prompt, scores "
+                "no continuation and reports no alternatives (top_logprobs)"
+            )
         started = time.perf_counter()
         first: float | None = None  # when the first event came
         try:

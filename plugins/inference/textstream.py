@@ -51,3 +51,20 @@ class TextStream:
         out = self.text[self.emitted : upto]
         self.emitted = upto
         return out
+
+
+def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:
+    """Each token's share of the text ``ids`` decode to (empty while a multi-byte character is
+    still incomplete, or for a special token). Decodes a short window at a time, as vLLM's
+    incremental detokenizer does, so a long echoed prompt costs linear time."""
+    out: list[str] = []
+    start = done = 0  # the window decoded from; the tokens up to ``done`` are handed out
+    for i in range(len(ids)):
+        before = tokenizer.decode(ids[start:done], skip_special_tokens=True)
+        now = tokenizer.decode(ids[start : i + 1], skip_special_tokens=True)
+        if len(now) <= len(before) or now.endswith("\ufffd"):
+            out.append("")
+            continue
+        out.append(now[len(before) :])
+        start, done = done, i + 1
+    return out

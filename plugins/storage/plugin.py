@@ -48,6 +48,7 @@ from atoll.plugins.storage.contract.adapters import (
     InvalidAdapter,
     TransferHeader,
     receive_files,
+    unservable,
 )
 from atoll.plugins.storage.contract.datasets import (
     DATASET_GET,
@@ -122,10 +123,8 @@ def inspect_adapter(directory: Path) -> tuple[str, int, list[str]]:
         raise InvalidAdapter(f"{CONFIG_FILE} is not valid JSON: {exc}") from None
     if not isinstance(config, dict):
         raise InvalidAdapter(f"{CONFIG_FILE} must hold a JSON object")
-    if config.get("peft_type") != "LORA":
-        raise InvalidAdapter(
-            f"{CONFIG_FILE}: peft_type is {config.get('peft_type')!r}; only LORA adapters are kept"
-        )
+    if problem := unservable(config):
+        raise InvalidAdapter(f"{CONFIG_FILE}: {problem}; nothing was kept")
     base = config.get("base_model_name_or_path")
     if not isinstance(base, str) or not base:
         raise InvalidAdapter(f"{CONFIG_FILE}: base_model_name_or_path is missing")

@@ -216,10 +216,15 @@ def test_body_level_errors() -> None:
     assert two.message.endswith("(and 1 more)")
 
 
-def test_completion_and_embedding_refuse_token_arrays() -> None:
-    for prompt in ([1, 2, 3], [[1, 2]]):
+def test_completion_takes_token_arrays_and_embedding_refuses_them() -> None:
+    for prompt, expected in (([1, 2, 3], [[1, 2, 3]]), ([[1, 2], [7]], [[1, 2], [7]])):
+        req = parse_body(CompletionRequest, {"model": "m", "prompt": prompt})
+        gens = completion_to_generate(req, None, None)
+        assert [(g.prompt, g.prompt_token_ids) for g in gens] == [(None, e) for e in expected]
+    bad: list[Any] = [[[1, -2]], [["a"], [1]], [[]], [[1.5]]]
+    for prompt in bad:
         err = invalid(CompletionRequest, {"model": "m", "prompt": prompt})
-        assert err.param == "prompt" and "token arrays are not supported" in err.message
+        assert err.status == 422 and (err.param or "").startswith("prompt"), prompt
     err = invalid(EmbeddingRequest, {"model": "e", "input": [[5, 6]]})
     assert err.param == "input" and "token arrays" in err.message
     err = invalid(EmbeddingRequest, {"model": "e", "input": ["ok", ""]})
@@ -338,10 +343,11 @@ def test_chat_passes_tools_formats_logprobs_and_messages() -> None:
             "tool_choice": {"type": "function", "function": {"name": "f"}},
             "response_format": {"type": "json_schema", "json_schema": schema},
             "logprobs": True,
-            "top_logprobs": 0,
+            "top_logprobs": 3,
         },
     )
     [gen] = chat_to_generate(req, "b", None)
+    assert gen.top_logprobs == 3
     assert gen.tools == tools
     assert gen.tool_choice == {"type": "function", "function": {"name": "f"}}
     assert gen.response_format == {"type": "json_schema", "json_schema": schema}
@@ -384,7 +390,6 @@ def test_chat_mixture() -> None:
         ({"frequency_penalty": 0.5}, "frequency_penalty"),
         ({"presence_penalty": -1.0}, "presence_penalty"),
         ({"logit_bias": {"42": 5.0}}, "logit_bias"),
-        ({"logprobs": True, "top_logprobs": 3}, "top_logprobs"),
     ],
 )
 def test_chat_unsupported_options_are_refused(fields: dict, param: str) -> None:
@@ -424,11 +429,15 @@ def test_completion_translation() -> None:
         "ad",
         False,
     )
+    [scored] = completion_to_generate(
+        parse_body(CompletionRequest, {"model": "m", "prompt": "p", "echo": True, "logprobs": 2}),
+        None,
+        None,
+    )
+    assert (scored.echo, scored.logprobs, scored.top_logprobs) == (True, True, 2)
     cases: list[tuple[dict[str, Any], str]] = [
-        ({"echo": True}, "echo"),
         ({"suffix": "s"}, "suffix"),
         ({"best_of": 2}, "best_of"),
-        ({"logprobs": 2}, "logprobs"),
         ({"frequency_penalty": 1}, "frequency_penalty"),
     ]
     for fields, param in cases:

@@ -352,6 +352,23 @@ async def test_datasets_training_charts_and_chat_with_the_result(
     await expect(page.locator("#messages .usage").last).to_have_text(
         re.compile(r"^\d+ \+ [1-9]\d* tokens$"), timeout=60_000
     )
+
+    # Evaluate the base model and the adapter on the dataset, side by side.
+    await page.click("nav a[data-tab=evaluations]")
+    await expect(page.locator("#eval-dataset option")).to_have_count(1)
+    await page.check("#eval-models input[value='tiny-llama']")
+    await page.check(f"#eval-models input[value='{adapter}']")
+    await page.fill("#eval-max-tokens", "8")
+    await page.click("#eval-form button")
+    await expect(page.locator("#eval-status")).to_contain_text(
+        f"succeeded, {len(ROWS)} of {len(ROWS)} rows", timeout=120_000
+    )
+    results = page.locator("#eval-results tbody tr")
+    await expect(results).to_have_count(2)
+    await expect(results.nth(1).locator("td").first).to_have_text(adapter)
+    await expect(results.nth(1).locator("td").nth(4)).to_have_text(re.compile(r"^-?\d+\.\d{3}$"))
+    await expect(page.locator("#eval-examples .example")).to_have_count(3)
+    await expect(page.locator("#eval-table tbody tr")).to_have_count(1)
     await tab.close()
 
 

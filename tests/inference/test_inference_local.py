@@ -284,9 +284,9 @@ async def test_distinct_adapters_per_step_and_queue_bounds(models, tmp_path):
         seen: list[int] = []
         forward = engine._forward
 
-        def spy(inputs, rows):
+        def spy(inputs, rows, **options):
             seen.append(len({r.slot for r in rows} - {0}))
-            return forward(inputs, rows)
+            return forward(inputs, rows, **options)
 
         engine._forward = spy
         jobs = [f"user{i}/ad" for i in range(6)]

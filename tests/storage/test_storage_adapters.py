@@ -313,6 +313,11 @@ async def test_bad_uploads_are_refused_and_nothing_is_stored(
 
     not_lora = variant()
     edit_config(not_lora, peft_type="PREFIX_TUNING")
+    # What no node could serve is refused at upload, not at first use.
+    saves_modules = variant()
+    edit_config(saves_modules, modules_to_save=["lm_head"])
+    dora = variant()
+    edit_config(dora, use_dora=True)
     no_base = variant()
     edit_config(no_base, base_model_name_or_path=None)
     no_rank = variant()
@@ -334,9 +339,11 @@ async def test_bad_uploads_are_refused_and_nothing_is_stored(
     save_file({"w": np.zeros((4, 4), np.float32)}, str(no_lora / "adapter_model.safetensors"))
     too_big = big_adapter(peft_adapter, tmp_path / "big", 2)
     cases = [
-        (not_lora, InvalidAdapter, "peft_type is 'PREFIX_TUNING'; only LORA"),
+        (not_lora, InvalidAdapter, "peft_type is 'PREFIX_TUNING', only LORA"),
+        (saves_modules, InvalidAdapter, "modules_to_save replaces whole layers"),
+        (dora, InvalidAdapter, "DoRA adapters are not served"),
         (no_base, InvalidAdapter, "base_model_name_or_path is missing"),
-        (no_rank, InvalidAdapter, "r \\(the LoRA rank\\) must be a positive integer"),
+        (no_rank, InvalidAdapter, "rank r must be a positive integer"),
         (no_targets, InvalidAdapter, "target_modules must name"),
         (not_json, InvalidAdapter, "adapter_config.json is not valid JSON"),
         (no_weights, InvalidAdapter, "lacks adapter_model.safetensors"),

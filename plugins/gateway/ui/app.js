@@ -1,9 +1,10 @@
-// The shell: log in with an API key, then the tabs (chat, datasets, jobs, the user's own keys
-// and usage, metrics for admins).
+// The shell: log in with an API key, then the tabs (chat, datasets, jobs, evaluations, the user's
+// own keys and usage, metrics for admins).
 import { Account } from "./account.js";
 import { Api, ApiError } from "./api.js";
 import { Chat } from "./chat.js";
 import { Datasets } from "./datasets.js";
+import { Evaluations } from "./evaluations.js";
 import { Jobs } from "./jobs.js";
 import { Metrics } from "./metrics.js";
 
@@ -52,6 +53,7 @@ class App {
       chat: new Chat(api, session),
       datasets: new Datasets(api),
       jobs: new Jobs(api, (model) => this.chatWith(model)),
+      evaluations: new Evaluations(api),
       account: new Account(api, session),
     };
     if (session.admin) this.tabs.metrics = new Metrics(api);

@@ -82,6 +82,29 @@ ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,159}")
 MAX_META_BYTES = 16 * 1024
 
 
+# What no inference engine of Atoll serves (each row of a batch goes through its own LoRA
+# matrices beside the shared base): storage refuses these at upload, nodes at load.
+UNSERVABLE = {
+    "use_dora": "DoRA adapters are not served (only plain LoRA batches per row)",
+    "lora_bias": "LoRA bias adapters are not served (only plain LoRA batches per row)",
+    "modules_to_save": "modules_to_save replaces whole layers and cannot share a batch",
+}
+
+
+def unservable(config: dict[str, Any]) -> str | None:
+    """Why the adapter configured by ``config`` (its adapter_config.json) cannot be served
+    anywhere, or None."""
+    if config.get("peft_type") != "LORA":
+        return f"peft_type is {config.get('peft_type')!r}, only LORA is served"
+    for key, why in UNSERVABLE.items():
+        if config.get(key):
+            return why
+    ranks = [config.get("r", 0), *(config.get("rank_pattern") or {}).values()]
+    if not all(type(r) is int and r > 0 for r in ranks):
+        return "rank r must be a positive integer"
+    return None
+
+
 # --- errors (rebuilt by class name on the caller's side once this module is imported) ----------
 
 

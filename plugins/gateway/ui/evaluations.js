@@ -1,0 +1,136 @@
+// Evaluations through Atoll's /v1/evaluations: a form (a held-out dataset, the models to
+// compare), the caller's evaluations, and the selected one's figures side by side with a few
+// rows' answers, refreshed while it runs.
+import { cell, formatTime } from "./format.js";
+
+const $ = (id) => document.getElementById(id);
+const POLL_MS = 1500;
+const RUNNING = ["queued", "running"];
+const FIGURES = ["exact_match", "contains", "rouge_l", "mean_logprob"];
+
+export class Evaluations {
+  constructor(api) {
+    this.api = api;
+    this.selected = null;
+    this.timer = null;
+    $("eval-form").onsubmit = (e) => {
+      e.preventDefault();
+      this.create();
+    };
+  }
+
+  show() {
+    this.fillForm();
+    this.poll();
+  }
+
+  hide() {
+    clearTimeout(this.timer);
+    this.timer = null;
+  }
+
+  async fillForm() {
+    try {
+      const [files, models] = await Promise.all([
+        this.api.get("/v1/files"),
+        this.api.get("/v1/models"),
+      ]);
+      $("eval-dataset").replaceChildren(
+        ...files.data
+          .filter((f) => f.purpose === "fine-tune") // not a job's results file
+          .map((f) => new Option(`${f.filename} (${f.id})`, f.id)),
+      );
+      const boxes = models.data
+        .filter((m) => m.kind === "chat" || m.kind === "adapter")
+        .map((m) => {
+          const label = document.createElement("label");
+          label.className = "check";
+          const box = document.createElement("input");
+          box.type = "checkbox";
+          box.value = m.id;
+          label.append(box, ` ${m.id}`);
+          return label;
+        });
+      $("eval-models").replaceChildren(...boxes);
+    } catch (err) {
+      $("eval-error").textContent = `Could not load datasets and models: ${err.message}`;
+    }
+  }
+
+  async create() {
+    $("eval-error").textContent = "";
+    const models = [...$("eval-models").querySelectorAll("input:checked")].map((b) => b.value);
+    const body = {
+      file_id: $("eval-dataset").value,
+      models,
+      max_tokens: Number($("eval-max-tokens").value),
+    };
+    try {
+      this.selected = await this.api.post("/v1/evaluations", body);
+      this.poll();
+    } catch (err) {
+      $("eval-error").textContent = err.message;
+    }
+  }
+
+  async poll() {
+    clearTimeout(this.timer);
+    try {
+      const list = (await this.api.get("/v1/evaluations?limit=100")).data;
+      $("eval-table").tBodies[0].replaceChildren(...list.map((e) => this.row(e)));
+      if (this.selected) {
+        this.selected = await this.api.get(`/v1/evaluations/${this.selected.id}`);
+        this.detail(this.selected);
+      }
+      if (list.some((e) => RUNNING.includes(e.status))) {
+        this.timer = setTimeout(() => this.poll(), POLL_MS);
+      }
+    } catch (err) {
+      $("eval-error").textContent = `Could not list evaluations: ${err.message}`;
+    }
+  }
+
+  row(e) {
+    const tr = document.createElement("tr");
+    tr.dataset.id = e.id;
+    const done = `${e.rows_done}/${e.rows}`;
+    tr.append(...[e.id, e.status, e.models.join(", "), done, formatTime(e.created_at)].map(cell));
+    tr.onclick = () => {
+      this.selected = e;
+      this.detail(e);
+    };
+    return tr;
+  }
+
+  detail(e) {
+    $("eval-detail").hidden = false;
+    $("eval-title").textContent = e.id;
+    const why = e.error ? `: ${e.error.message}` : "";
+    $("eval-status").textContent = `${e.status}, ${e.rows_done} of ${e.rows} rows${why}`;
+    $("eval-results").tBodies[0].replaceChildren(
+      ...e.results.map((r) => {
+        const tr = document.createElement("tr");
+        tr.append(cell(r.model), ...FIGURES.map((f) => cell(r[f].toFixed(3))));
+        return tr;
+      }),
+    );
+    $("eval-examples").replaceChildren(
+      ...e.examples.map((x) => {
+        const div = document.createElement("div");
+        div.className = "example";
+        const question = document.createElement("p");
+        question.textContent = x.messages.map((m) => `${m.role}: ${m.content}`).join("\n");
+        const reference = document.createElement("p");
+        reference.textContent = `reference: ${x.reference}`;
+        const answers = document.createElement("ul");
+        for (const [model, text] of Object.entries(x.answers)) {
+          const li = document.createElement("li");
+          li.textContent = `${model}: ${text}`;
+          answers.append(li);
+        }
+        div.append(question, reference, answers);
+        return div;
+      }),
+    );
+  }
+}
