@@ -29,7 +29,6 @@ from atoll.agent.errors import AtollError, ConnectionLost, DeadlineExceeded, NoR
 from atoll.agent.plugins import PluginContext
 from atoll.plugins.storage.contract.adapters import AdapterExists, describe_adapter, upload_adapter
 from atoll.plugins.storage.contract.datasets import AsFormat, fetch_dataset, upload_dataset
-from atoll.plugins.storage.contract.resume import drop_resume_state
 from atoll.plugins.training.checkpoints import fetch_resume, store_checkpoint
 from atoll.plugins.training.contract import (
     FINAL_STATES,
@@ -41,7 +40,6 @@ from atoll.plugins.training.contract import (
     claim_job,
     events_subject,
     finish_job,
-    get_job,
     send_heartbeat,
 )
 from atoll.plugins.training.runner import RunSpec, offered_models
@@ -226,20 +224,8 @@ class TrainerWorker:
             self.wake.set()  # a slot is free
         if run.stop_reason is not None:
             self.ctx.log.info("training.stopped", job=job.id, reason=run.stop_reason)
-            await self._forget_if_ended(run)
             return
-        # Ended with this outcome, whichever way: nothing will resume it. (Not taken: the job
-        # may be another trainer's now, resuming from that state.)
-        if await self._finish(run, outcome) and run.storage:
-            with contextlib.suppress(AtollError):
-                await drop_resume_state(self.ctx, run.storage, job.id)
-
-    async def _forget_if_ended(self, run: Running) -> None:
-        """Drop the resume state of a job stopped for good (cancelled); one lost to another
-        trainer keeps it."""
-        with contextlib.suppress(AtollError):
-            if run.storage and (await get_job(self.ctx, run.queue, run.job.id)).final:
-                await drop_resume_state(self.ctx, run.storage, run.job.id)
+        await self._finish(run, outcome)
 
     async def _attempt(self, run: Running, workdir: Path) -> dict[str, Any]:
         job, options = run.job, run.job.options
@@ -449,8 +435,7 @@ class TrainerWorker:
         if reply.cancel:
             self._stop(run, reply.reason or "the queue took the job back")
 
-    async def _finish(self, run: Running, outcome: dict[str, Any]) -> bool:
-        """Report the outcome; whether the queue took it (the job ended with it)."""
+    async def _finish(self, run: Running, outcome: dict[str, Any]) -> None:
         for n in range(FINISH_TRIES):
             try:
                 reply = await finish_job(self.ctx, run.queue, run.job, outcome)
@@ -460,11 +445,10 @@ class TrainerWorker:
                 continue
             except AtollError as exc:
                 self.ctx.log.error("training.finish_refused", job=run.job.id, error=exc)
-                return False
+                return
             self.ctx.log.info(
                 "training.finished", job=run.job.id, ok=outcome.get("ok"), accepted=reply.accepted
             )
-            return reply.accepted
+            return
         # The queue will see this trainer's heartbeats stop and give the job out again.
         self.ctx.log.error("training.finish_lost", job=run.job.id)
-        return False

@@ -32,6 +32,7 @@ from atoll.plugins.storage.contract.datasets import (
     fetch_dataset,
     upload_dataset,
 )
+from atoll.plugins.storage.contract.resume import upload_resume_state
 from atoll.plugins.storage.plugin import StoragePlugin
 from atoll.plugins.training.auto import auto_batch_size, auto_epochs, resolve
 from atoll.plugins.training.commands import train
@@ -539,8 +540,11 @@ async def test_cancel_while_queued_only_by_its_owner_or_an_admin(
         await cancel_job(island.client, "queue", job.id, owner="mallory")
     with pytest.raises(Forbidden):
         await cancel_job(island.client, "queue", job.id)  # the gateway must name the owner
+    lost = (await make_agent("lost", roles=("training",))).agent  # left a resume state, then died
+    await upload_resume_state(lost, "store", job.id, 5, "alice/x", resume_files(island.tmp_path))
     cancelled = await cancel_job(island.client, "queue", job.id, owner="alice")
     assert cancelled.state == "cancelled" and cancelled.finished_at is not None
+    await no_resume_state(island, job.id)  # nothing will resume it
     with pytest.raises(JobFinished, match="already cancelled"):
         await cancel_job(island.client, "queue", job.id, owner="alice")
     other = await island.submit(owner="carol")
@@ -622,6 +626,22 @@ async def test_a_stopped_trainer_s_job_is_finished_by_another(island: Island) ->
     assert adapter.base_model == "tiny-llama"
 
 
+def resume_files(tmp_path: Path) -> Path:
+    """A resume state's files, as a trainer would upload them."""
+    directory = tmp_path / "resume-state"
+    directory.mkdir(exist_ok=True)
+    (directory / "trainer_state.json").write_text('{"global_step": 5}')
+    return directory
+
+
+async def no_resume_state(island: Island, job_id: str) -> None:
+    """Until storage holds no resume state for the job (the queue drops it aside); bounded."""
+    deadline = time.monotonic() + 10
+    while await island.storage.resume.current(job_id) is not None:
+        assert time.monotonic() < deadline, "the job's resume state is still kept"
+        await asyncio.sleep(0.1)
+
+
 def attempts(events: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     """The job's events split at each ``training`` state: one list per attempt."""
     split: list[list[dict[str, Any]]] = []
@@ -687,7 +707,7 @@ async def test_a_lost_job_resumes_from_its_last_checkpoint(
             "step", "train_loss", "train_mean_token_accuracy", "valid_loss",
             "valid_mean_token_accuracy", "full_valid_loss", "full_valid_mean_token_accuracy",
         }  # fmt: skip
-    assert await island.storage.resume.current(job.id) is None  # dropped once the job ended
+    await no_resume_state(island, job.id)  # dropped once the job ended
     target = ["-d", str(operator.root), "--tenant", "acme", "--broker", broker.url]
     shown = await asyncio.to_thread(
         CliRunner().invoke, train, ["checkpoints", job.id, "--queue", "queue", *target]
@@ -726,6 +746,7 @@ async def test_silent_trainers_fail_the_job_after_max_attempts(
 
     claimed = await claim(ghosts[0])  # and never heard from again
     assert claimed is not None and claimed["id"] == job.id and claimed["state"] == "training"
+    await upload_resume_state(ghosts[0], "store", job.id, 5, "alice/x", resume_files(tmp_path))
     requeued = await island.until(job.id, {"queued"}, timeout=10)
     assert requeued.attempt == 1 and requeued.trainer == "ghost1"
     assert (await claim(ghosts[1]))["attempt"] == 2  # type: ignore[index]
@@ -735,6 +756,7 @@ async def test_silent_trainers_fail_the_job_after_max_attempts(
         await asyncio.sleep(0.1)
     assert failed.state == "failed"
     assert failed.error == "trainers ghost1, ghost2 lost 2 times"
+    await no_resume_state(island, job.id)
     # A late word from a lost trainer changes nothing.
     beat = {"id": job.id, "attempt": 2, "progress": {}, "events": []}
     reply = await ghosts[1].call("queue/training", "heartbeat", beat)
