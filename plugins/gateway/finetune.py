@@ -1,7 +1,8 @@
 """OpenAI's files and fine-tuning API at the gateway: a file is a dataset in the storage agent's
 registry, a fine-tuning job is a job in the training queue, and its ``fine_tuned_model`` is the
-adapter the job registers (usable at once by its owner or project). The shapes are OpenAI's
-(finetune_shapes.py), so the openai SDK's ``files`` and ``fine_tuning.jobs`` work unchanged."""
+adapter the job registers (usable at once by its owner or project), as is each checkpoint it
+keeps. The shapes are OpenAI's (finetune_shapes.py), so the openai SDK's ``files`` and
+``fine_tuning.jobs`` (``checkpoints`` too) work unchanged."""
 
 import tempfile
 from pathlib import Path
