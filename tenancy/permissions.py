@@ -30,6 +30,7 @@ DATASET_READERS = ("training", *CLIENTS)  # trainers fetch what they train on
 ADAPTER_READERS = ("inference", "training", *CLIENTS)  # inference fetches weights to serve
 ADAPTER_WRITERS = ("training", *CLIENTS)
 RESULTS_WRITERS = ("training", *CLIENTS)  # trainers store a job's results file (no dataset)
+TRAINERS = ("training",)  # a job's resume state: only trainers write and read it
 FILE_USERS = ADMINS  # an agent's own files: operators' tooling only
 # What runs on an agent, and with what config (which directories the files plugin serves, which
 # model inference loads): the operator's call, never a tenant admin's.
@@ -60,14 +61,15 @@ TABLE: dict[str, Permissions] = {
     "agent": Permissions(publish=("app.>",), subscribe=("app.>",)),
     "admin": Permissions(
         publish=("discovery.events.*",),
-        subscribe=("metrics.*", JOB_EVENTS, "jobs.queued", "adapters.new", f"{REFUSALS}.>"),
+        subscribe=("metrics.*", JOB_EVENTS, "jobs.queued", "adapters.*", f"{REFUSALS}.>"),
     ),
     "operator": Permissions(
         publish=("discovery.events.*",),
-        subscribe=("metrics.*", JOB_EVENTS, "jobs.queued", "adapters.new", f"{REFUSALS}.>"),
+        subscribe=("metrics.*", JOB_EVENTS, "jobs.queued", "adapters.*", f"{REFUSALS}.>"),
     ),
-    "gateway": Permissions(subscribe=("metrics.*", JOB_EVENTS, "adapters.new")),
-    "storage": Permissions(publish=("adapters.new",)),  # only storage announces adapters
+    "gateway": Permissions(subscribe=("metrics.*", JOB_EVENTS, "adapters.*")),
+    # Only storage announces adapters (new and deleted).
+    "storage": Permissions(publish=("adapters.new", "adapters.deleted")),
     # Only the training queue and its trainers publish job events.
     "training": Permissions(
         publish=("jobs.queued", JOB_EVENTS), subscribe=("jobs.queued", JOB_EVENTS)

@@ -1,7 +1,8 @@
 """OpenAI's files and fine-tuning API at the gateway: a file is a dataset in the storage agent's
 registry, a fine-tuning job is a job in the training queue, and its ``fine_tuned_model`` is the
-adapter the job registers (usable at once by its owner or project). The shapes are OpenAI's
-(finetune_shapes.py), so the openai SDK's ``files`` and ``fine_tuning.jobs`` work unchanged."""
+adapter the job registers (usable at once by its owner or project), as is each checkpoint it
+keeps. The shapes are OpenAI's (finetune_shapes.py), so the openai SDK's ``files`` and
+``fine_tuning.jobs`` (``checkpoints`` too) work unchanged."""
 
 import tempfile
 from pathlib import Path
@@ -15,6 +16,7 @@ from atoll.plugins.gateway.accounts.keys import Principal
 from atoll.plugins.gateway.accounts.users import WRITING_ROLES
 from atoll.plugins.gateway.errors import GatewayError, from_platform
 from atoll.plugins.gateway.finetune_shapes import (
+    CheckpointList,
     CreateJob,
     EventList,
     FileDeleted,
@@ -22,6 +24,7 @@ from atoll.plugins.gateway.finetune_shapes import (
     FileObject,
     FineTuningJob,
     JobList,
+    checkpoint_object,
     event_object,
     file_object,
     job_object,
@@ -223,6 +226,25 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
         )
         gw.accounts.audit(principal.user, "fine_tuning.cancel", job_id, {})
         return job_object(cancelled)
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints", response_model=CheckpointList)
+    async def job_checkpoints(
+        principal: user, job_id: str, limit: int = 10, after: str | None = None
+    ) -> Any:
+        """The job's kept checkpoints, newest first; whoever may see the job (its owner, its
+        project's members, admins) may list them, anyone else gets the job's own 404."""
+        record = await job(principal, job_id)
+        newest = [checkpoint_object(record, c) for c in reversed(record.checkpoints)]
+        if after is not None:  # the SDK's pages: the checkpoints older than ``after``
+            ids = [c.id for c in newest]
+            newest = newest[ids.index(after) + 1 :] if after in ids else []
+        page = newest[: max(1, min(limit, 100))]
+        return CheckpointList(
+            data=page,
+            has_more=len(newest) > len(page),
+            first_id=page[0].id if page else None,
+            last_id=page[-1].id if page else None,
+        )
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/events", response_model=EventList)
     async def job_event_list(

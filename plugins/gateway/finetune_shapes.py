@@ -10,7 +10,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.storage.contract.datasets import DatasetInvalid, DatasetRecord, check_filename
-from atoll.plugins.training.contract import BASE_LEARNING_RATE, Auto, JobOptions, JobRecord
+from atoll.plugins.training.contract import (
+    BASE_LEARNING_RATE,
+    Auto,
+    Checkpoint,
+    JobOptions,
+    JobRecord,
+)
 
 Level = Literal["info", "warn", "error"]  # of a job event
 Purpose = Literal["fine-tune", "fine-tune-results"]
@@ -118,6 +124,47 @@ class EventList(BaseModel):
     has_more: bool = False
 
 
+class CheckpointMetrics(BaseModel):
+    step: float | None = None
+    train_loss: float | None = None
+    train_mean_token_accuracy: float | None = None
+    valid_loss: float | None = None
+    valid_mean_token_accuracy: float | None = None
+    full_valid_loss: float | None = None
+    full_valid_mean_token_accuracy: float | None = None
+
+
+class JobCheckpoint(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str  # a model id: chat with it as with fine_tuned_model
+    fine_tuning_job_id: str
+    metrics: CheckpointMetrics
+    step_number: int
+
+
+class CheckpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobCheckpoint]
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+def checkpoint_object(job: JobRecord, checkpoint: Checkpoint) -> JobCheckpoint:
+    known = CheckpointMetrics.model_fields
+    metrics = {k: v for k, v in checkpoint.metrics.items() if k in known}
+    return JobCheckpoint(
+        id=f"ftckpt-{job.id.removeprefix('ftjob-')}-{checkpoint.step}",
+        created_at=int(checkpoint.created_at),
+        fine_tuned_model_checkpoint=checkpoint.adapter_id,
+        fine_tuning_job_id=job.id,
+        metrics=CheckpointMetrics(**metrics),
+        step_number=checkpoint.step,
+    )
+
+
 def file_object(record: DatasetRecord) -> FileObject:
     purpose: Purpose = "fine-tune-results" if record.kind == "results" else "fine-tune"
     return FileObject(
@@ -211,6 +258,8 @@ def event_object(job_id: str, event: dict[str, Any]) -> JobEvent:
         message = f"Step {event['step']}/{event.get('max_steps')}: {', '.join(losses)}"
         return JobEvent(id=event_id, created_at=at, message=message, data=data, type="metrics")
     level: Level = "error" if event.get("state") == "failed" else "info"
+    if event.get("level") == "warn":  # a trainer's warning (a checkpoint not stored)
+        level = "warn"
     message = str(event.get("message") or event.get("state") or kind or "event")
     return JobEvent(id=event_id, created_at=at, level=level, message=message, data=event)
 

@@ -33,7 +33,12 @@ from atoll.plugins.gateway.limits import RateLimiter
 from atoll.plugins.gateway.router import ModelRouter
 from atoll.plugins.gateway.service import Gateway
 from atoll.plugins.gateway.spending import TEMPLATE_TOKENS, Spending
-from atoll.plugins.storage.contract.adapters import ADAPTERS_NEW, describe_adapter
+from atoll.plugins.storage.contract.adapters import (
+    ADAPTERS_DELETED,
+    ADAPTERS_NEW,
+    AdapterNotFound,
+    describe_adapter,
+)
 from atoll.protocol.session import Publication
 from atoll.tenancy.keys import read_secret, write_secret
 
@@ -134,6 +139,7 @@ class GatewayPlugin(Plugin):
         # project at once.
         self._hints_waiting: set[asyncio.Task[None]] = set()
         self._adapters_sub = await ctx.subscribe(ADAPTERS_NEW, self._on_new_adapter)
+        self._deleted_sub = await ctx.subscribe(ADAPTERS_DELETED, self._on_deleted_adapter)
         host, _, port = config.listen.rpartition(":")
         sock = socket.create_server((host.strip("[]"), int(port)), reuse_port=False)
         # create_server leaves proto 0, and asyncio sets TCP_NODELAY only on proto 6 sockets:
@@ -254,8 +260,31 @@ class GatewayPlugin(Plugin):
         except GatewayError as exc:  # e.g. an owner this gateway does not know: say so
             log.warning("gateway.adapter_not_registered", id=record.id, error=exc)
 
+    async def _on_deleted_adapter(self, pub: Publication) -> None:
+        """A deletion is a hint too: access is taken back only once the storage agent that
+        announced it (as for ``adapters.new``) answers that it holds no such adapter."""
+        adapter_id = pub.data.get("id") if isinstance(pub.data, dict) else None
+        storage = pub.src.partition("/")[0]
+        if not isinstance(adapter_id, str) or not self._is_storage(storage):
+            self.ctx.log.warning("gateway.adapter_hint_refused", src=pub.src, reason="deletion")
+            return
+        try:
+            await describe_adapter(
+                self.ctx, f"{storage}/storage", adapter_id, ADAPTER_LOOKUP_TIMEOUT
+            )
+            return  # still stored: nothing to take back
+        except AdapterNotFound:
+            pass
+        except AtollError as exc:  # unreachable: keep access rather than guess
+            self.ctx.log.warning("gateway.adapter_not_unregistered", id=adapter_id, error=exc)
+            return
+        if self.accounts.adapter(adapter_id) is not None:
+            self.accounts.unregister_adapter(adapter_id, actor=pub.src)
+            self.ctx.log.info("gateway.adapter_unregistered", id=adapter_id, src=pub.src)
+
     async def stop(self) -> None:
         await self._adapters_sub.unsubscribe()
+        await self._deleted_sub.unsubscribe()
         for task in list(self._hints_waiting):
             task.cancel()
         self.server.should_exit = True

@@ -1,8 +1,9 @@
 """The storage plugin: an object store (a local directory, or S3) plus a registry of LoRA
 adapters and training datasets, served over the data plane (see ``contract/`` for the wire).
 Adapters are validated before anything is kept, immutable once registered, stored under
-``adapters/<id>/<file>`` and announced on ``adapters.new``; datasets are handled by
-``dataset_service.py``. Every object is sealed at rest (sealed_store.py) unless ``encrypt`` is off.
+``adapters/<id>/<file>`` and announced on ``adapters.new`` (a deletion on ``adapters.deleted``);
+datasets are handled by ``dataset_service.py``, training jobs' resume states by ``resume.py``.
+Every object is sealed at rest (sealed_store.py) unless ``encrypt`` is off.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from atoll.agent.config import ConfigPath
 from atoll.agent.contract import parse
-from atoll.agent.errors import AtollError
+from atoll.agent.errors import AtollError, Forbidden
 from atoll.agent.plugins import Plugin, PluginContext, rpc
 from atoll.agent.streams import Stream
 from atoll.agent.transfer import (
@@ -36,6 +37,7 @@ from atoll.agent.transfer import (
     write_line,
 )
 from atoll.plugins.storage.contract.adapters import (
+    ADAPTERS_DELETED,
     ADAPTERS_NEW,
     CONFIG_FILE,
     DELETE_ADAPTER,
@@ -59,11 +61,13 @@ from atoll.plugins.storage.contract.datasets import (
     DELETE_DATASET,
     LIST_DATASETS,
 )
+from atoll.plugins.storage.contract.resume import RESUME_DROP, RESUME_GET, RESUME_PUT
 from atoll.plugins.storage.contract.wire import ROTATE_KEYS
 from atoll.plugins.storage.dataset_service import RESUME_KEEP_S, DatasetService
 from atoll.plugins.storage.datasets import DatasetLimits
 from atoll.plugins.storage.keyring import KEYRING_FILE, Keyring
 from atoll.plugins.storage.registry import AdapterRegistry, DatasetRegistry, open_registry
+from atoll.plugins.storage.resume import ResumeStates
 from atoll.plugins.storage.s3 import S3Config, S3Store
 from atoll.plugins.storage.sealed_store import SealedStore
 from atoll.plugins.storage.store import LocalStore, ObjectNotFound, ObjectStore
@@ -75,6 +79,7 @@ from atoll.tenancy.permissions import (
     CLIENTS,
     DATASET_READERS,
     RESULTS_WRITERS,
+    TRAINERS,
 )
 
 MAX_CONFIG_BYTES = 1024 * 1024
@@ -103,6 +108,7 @@ class StorageConfig(BaseModel):
     # the tenant's key (sealed_store.py). On by default: the cost is a ChaCha20 pass over the
     # bytes, and the keyring file to back up. Off: new objects are plaintext; sealed ones read.
     encrypt: bool = True
+    max_resume_bytes: int = Field(6 * 1024**3, ge=1)  # a job's optimizer, scheduler, RNG state
     datasets: DatasetsConfig = Field(default_factory=DatasetsConfig)
 
     @model_validator(mode="after")
@@ -204,6 +210,7 @@ class StoragePlugin(Plugin):
             self.incoming,
             ctx.data_dir / "resumable",
         )
+        self.resume = ResumeStates(ctx, self.store, self.incoming, config.max_resume_bytes)
         self.uploading: set[str] = set()
         self.resumable = ctx.data_dir / "resumable" / "adapters"  # partial uploads (_put)
         self.resumable.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -217,6 +224,8 @@ class StoragePlugin(Plugin):
         # Trainers upload results files only: the service refuses them anything else.
         ctx.serve_stream(DATASET_PUT, self.datasets.put, roles=RESULTS_WRITERS)
         ctx.serve_stream(DATASET_GET, self.datasets.get, roles=DATASET_READERS)
+        ctx.serve_stream(RESUME_PUT, self.resume.put, roles=TRAINERS)
+        ctx.serve_stream(RESUME_GET, self.resume.get, roles=TRAINERS)
 
     async def stop(self) -> None:
         self.db.close()
@@ -248,15 +257,25 @@ class StoragePlugin(Plugin):
         ref = DESCRIBE_ADAPTER.parse_params(params)
         return self._registered(ref.id).model_dump(mode="json")
 
-    @rpc(DELETE_ADAPTER.name, roles=CLIENTS)
+    @rpc(DELETE_ADAPTER.name, roles=ADAPTER_WRITERS)
     async def delete_adapter(self, params: Any, call: CallInfo) -> dict[str, Any]:
+        """Clients delete any adapter; trainers only a training job's checkpoints (those past
+        the number kept)."""
         ref = DELETE_ADAPTER.parse_params(params)
         record = self._registered(ref.id)
+        if not call.caller.has_role(*CLIENTS) and not (
+            record.source_job and "checkpoint" in record.meta
+        ):
+            raise Forbidden(f"a trainer deletes only training checkpoints; {ref.id!r} is not one")
         self.registry.remove(ref.id)  # first: from here on nobody is offered it
         for entry in record.files:
             await self.store.delete(adapter_key(ref.id, entry.name))
         self._update_totals()
         self.ctx.log.info("storage.adapter_deleted", adapter=ref.id, by=call.caller.name)
+        try:  # the gateway then takes back its access (it asks storage first)
+            await self.ctx.publish(ADAPTERS_DELETED, {"id": ref.id})
+        except AtollError as exc:
+            self.ctx.log.warning("storage.announce_failed", adapter=ref.id, error=exc)
         return {"deleted": True}
 
     @rpc(ROTATE_KEYS.name, roles=ADMINS)
@@ -265,6 +284,11 @@ class StoragePlugin(Plugin):
         rotated = self.store.rotate()
         self.ctx.log.info("storage.keys_rotated", by=call.caller.name, **rotated)
         return rotated
+
+    @rpc(RESUME_DROP.name, roles=TRAINERS)
+    async def resume_drop(self, params: Any, call: CallInfo) -> dict[str, Any]:
+        ref = RESUME_DROP.parse_params(params)
+        return {"deleted": await self.resume.drop(ref.job)}
 
     @rpc(LIST_DATASETS.name, roles=DATASET_READERS)
     async def list_datasets(self, params: Any, call: CallInfo) -> list[dict[str, Any]]:

@@ -74,6 +74,18 @@ def train_status(target: AdminTarget, job_id: str, queue: Queue = ISLAND) -> Non
     show(target.run(lambda a: get_job(a, queue, job_id)).model_dump())
 
 
+@admin_command(train, "checkpoints")
+def train_checkpoints(target: AdminTarget, job_id: str, queue: Queue = ISLAND) -> None:
+    """A job's kept checkpoints, newest first: each a model id to chat with, and its figures."""
+    job = target.run(lambda a: get_job(a, queue, job_id))
+    table = Table("step", "epoch", "model", "train_loss", "valid_loss", box=None)
+    for c in reversed(job.checkpoints):
+        losses = [c.metrics.get(k) for k in ("train_loss", "valid_loss")]
+        cells = [f"{v:.4f}" if v is not None else "" for v in losses]
+        table.add_row(str(c.step), f"{c.epoch:g}", c.adapter_id, *cells)
+    out.print(table)
+
+
 @admin_command(train, "cancel")
 def train_cancel(target: AdminTarget, job_id: str, queue: Queue = ISLAND) -> None:
     """Cancel a job (its training process is stopped)."""

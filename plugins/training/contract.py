@@ -21,7 +21,8 @@ are its typed client (each builds its request through the method's model, so a b
 refused before it leaves, in the words the queue would use).
 
 Publications: ``jobs.<id>.events`` (every event of a job: ``{type: "state"|"log"|"hyperparameters"|
-"metrics", at, message, ...}``; a logged step carries step, max_steps, epoch, loss and
+"metrics"|"checkpoint", at, message, ...}``; a checkpoint carries a ``Checkpoint`` and the ids
+of those pruned past the number kept; a logged step carries step, max_steps, epoch, loss and
 train_mean_token_accuracy (of that step), learning_rate and estimated_finish; an evaluation
 carries step and valid_loss, valid_mean_token_accuracy, and at the end full_valid_loss,
 full_valid_mean_token_accuracy; ``hyperparameters`` says what "auto" resolved to) and
@@ -277,6 +278,17 @@ class FinishRequest(JobRef):
 # --- replies --------------------------------------------------------------------------------
 
 
+class Checkpoint(BaseModel):
+    """An adapter stored at the end of an epoch (or every ``save_steps``), servable as a model
+    under its own id, with the figures of its step (OpenAI's checkpoint metrics)."""
+
+    adapter_id: str
+    step: int = Field(ge=0)
+    epoch: float = Field(ge=0)
+    created_at: float
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
 class JobRecord(BaseModel):
     id: str
     owner: str
@@ -295,6 +307,7 @@ class JobRecord(BaseModel):
     progress: dict[str, Any] = Field(default_factory=dict)  # step, max_steps, epoch, loss, ...
     hyperparameters: Resolved | None = None  # once the current attempt's runner resolved them
     result_files: list[str] = Field(default_factory=list)  # the metrics CSV, once completed
+    checkpoints: list[Checkpoint] = Field(default_factory=list)  # those kept, oldest first
     last_event: dict[str, Any] | None = None
 
     @property
@@ -339,6 +352,12 @@ def adapter_id_for(job: JobRecord) -> str:
     owner's characters that adapter ids lack, like ``@``, become ``-``)."""
     owner = re.sub(r"[^A-Za-z0-9._-]", "-", job.owner)[:64]
     return f"{owner}/{job.options.suffix or 'ft'}-{job.id.removeprefix('ftjob-')}"
+
+
+def checkpoint_id(job: JobRecord, step: int) -> str:
+    """The adapter of ``job``'s checkpoint at optimizer step ``step``: its final adapter's id
+    with ``-ckpt-step-<step>`` (OpenAI's ``:ckpt-step-<step>``; ids hold no ``:``)."""
+    return f"{adapter_id_for(job)}-ckpt-step-{step}"
 
 
 # --- calling the queue over the overlay -----------------------------------------------------

@@ -3,7 +3,8 @@ one agent. See ``contract.py`` for the service and ``queue.py`` / ``trainer.py``
 
 The queue checks a job's datasets with storage when it is submitted (they must exist and belong
 to the job's owner or project), and gives jobs whose trainer went quiet — no heartbeat for
-``lost_after`` seconds, or LOST in discovery — to the next trainer that asks.
+``lost_after`` seconds, or LOST in discovery — to the next trainer that asks (which resumes it
+from its last checkpoint). Once a job ends, whichever way, the queue drops its resume state.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from atoll.agent.config import ConfigPath
 from atoll.agent.contract import service_address
 from atoll.agent.discovery import Discovery, Status
-from atoll.agent.errors import Forbidden, InvalidRequest
+from atoll.agent.errors import AtollError, Forbidden, InvalidRequest
 from atoll.agent.plugins import Plugin, PluginContext, rpc
 from atoll.plugins.basemodels import ModelSpec
 from atoll.plugins.storage.contract.datasets import describe_dataset
+from atoll.plugins.storage.contract.resume import drop_resume_state
 from atoll.plugins.training.contract import (
     CANCEL,
     CLAIM,
@@ -62,6 +64,7 @@ class TrainingConfig(BaseModel):
     workdir: ConfigPath | None = None  # None: <plugin data dir>/work
     model_cache: ConfigPath | None = None  # converted GGUF models; None: <plugin data dir>/models
     models: dict[str, ModelSpec] = {}  # overlay base model id -> model spec on this trainer
+    keep_checkpoints: int = Field(3, ge=1, le=100)  # a job's most recent, besides its final
 
 
 class TrainingPlugin(Plugin):
@@ -157,6 +160,20 @@ class TrainingPlugin(Plugin):
         if not task.cancelled() and task.exception() is not None:
             self.ctx.log.info("training.publish_failed", error=task.exception())
 
+    def _ended(self, job_id: str) -> None:
+        """A job ended: nothing will resume it, so storage forgets its resume state (aside)."""
+
+        async def drop() -> None:
+            try:
+                storage = await self._storage_address()
+                await drop_resume_state(self.ctx, storage, job_id, DATASET_CHECK_TIMEOUT)
+            except AtollError as exc:  # left behind: logged
+                self.ctx.log.warning("training.resume_state_kept", job=job_id, error=exc)
+
+        task = asyncio.create_task(drop())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
     async def _watchdog(self) -> None:
         assert self.queue is not None
         self.discovery = view = await self.ctx.discovery()
@@ -165,6 +182,8 @@ class TrainingPlugin(Plugin):
             lost = {n for n, e in view.entries.items() if e.status is Status.LOST}
             for job in self.queue.sweep(lost):
                 self.ctx.log.info("training.trainer_lost", job=job.id, state=job.state)
+                if job.final:  # lost max_attempts times
+                    self._ended(job.id)
             counts = self.queue.counts()
             self.queued.set(counts.get("queued", 0))
             self.training.set(counts.get("training", 0))
@@ -228,6 +247,7 @@ class TrainingPlugin(Plugin):
         admin = call.caller.has_role(*ADMINS)
         job = queue.cancel(request.id, request.owner, admin)
         self.ctx.log.info("training.cancelled", job=job.id, by=call.caller.name)
+        self._ended(job.id)
         return job.model_dump(mode="json")
 
     @rpc(EVENTS.name, roles=CLIENTS)
@@ -255,4 +275,7 @@ class TrainingPlugin(Plugin):
     async def finish(self, params: Any, call: CallInfo) -> dict[str, Any]:
         queue = self._queue()
         done = FINISH.parse_params(params)
-        return FinishReply(accepted=queue.finish(call.caller.name, done)).model_dump()
+        accepted = queue.finish(call.caller.name, done)
+        if accepted:
+            self._ended(done.id)
+        return FinishReply(accepted=accepted).model_dump()

@@ -24,6 +24,7 @@ from atoll.plugins.training.contract import (
     FINAL_STATES,
     MAX_EVENTS_KEPT,
     QUEUED_SUBJECT,
+    Checkpoint,
     FinishRequest,
     HeartbeatReply,
     HeartbeatRequest,
@@ -59,7 +60,7 @@ CREATE TABLE IF NOT EXISTS events (
 HALF_PRECISION = frozenset({"fp16", "bf16"})
 MAX_EVENT_BYTES = 4096
 MAX_PROGRESS_BYTES = 4096
-TRAINER_EVENT_TYPES = frozenset({"log", "hyperparameters", "metrics"})
+TRAINER_EVENT_TYPES = frozenset({"log", "hyperparameters", "metrics", "checkpoint"})
 
 Emit = Callable[[str, dict[str, Any]], None]  # (subject, data): published by the plugin
 
@@ -69,6 +70,18 @@ def _small(obj: Any, limit: int) -> bool:
         return len(json.dumps(obj)) <= limit
     except (TypeError, ValueError):
         return False
+
+
+def _kept(job: JobRecord, event: dict[str, Any]) -> None:
+    """A checkpoint event's new checkpoint joins the job's list, and those it pruned leave."""
+    pruned = event.get("pruned")
+    gone = {p for p in pruned if isinstance(p, str)} if isinstance(pruned, list) else set()
+    try:
+        new = Checkpoint.model_validate(event.get("checkpoint"))
+    except ValidationError:
+        return  # kept as an event all the same
+    gone.add(new.adapter_id)  # a step trained again (after a lost trainer) replaces its record
+    job.checkpoints = [c for c in job.checkpoints if c.adapter_id not in gone] + [new]
 
 
 class JobQueue:
@@ -257,6 +270,8 @@ class JobQueue:
                 if event["type"] == "hyperparameters":
                     with contextlib.suppress(ValidationError):  # kept as an event all the same
                         job.hyperparameters = Resolved.model_validate(event.get("hyperparameters"))
+                elif event["type"] == "checkpoint":
+                    _kept(job, event)
         if beat.progress and _small(beat.progress, MAX_PROGRESS_BYTES):
             job.progress = beat.progress
         self._save(job, heartbeat_at=self.clock())

@@ -1,13 +1,23 @@
-"""One training job in its own process (a crash or an OOM kill cannot take the agent down):
+"""One training job in its own process (a crash or an OOM kill cannot take the agent down).
+(Over 400 lines: the training loop's hooks — figures, evaluations, checkpoints, resuming — share
+the run's bookkeeping, and read best beside the loop they hook into.)
 
     python -m atoll.plugins.training.runner --job job.json --parent PID
 
 ``job.json`` is a ``RunSpec``. The process writes one JSON event per line on its standard output
 (anything else the libraries print goes to standard error): ``log`` events (a message, and the
 figures of a logged step or an evaluation once training runs: see the contract), one
-``hyperparameters`` event with what "auto" resolved to when training begins, one ``metrics``
-event with the final statistics, then ``done`` naming the saved adapter and the results file
-(``step_metrics.csv``) — or ``error`` and exit status 1.
+``hyperparameters`` event with what "auto" resolved to when training begins, a ``checkpoint``
+event at each epoch's end (and every ``save_steps`` steps) naming a checkpoint directory, one
+``metrics`` event with the final statistics, then ``done`` naming the saved adapter and the
+results file (``step_metrics.csv``) — or ``error`` and exit status 1.
+
+After a ``checkpoint`` event it waits for a line on its standard input: the trainer has stored
+the checkpoint (adapter and resume state) and removed the directory. Training never runs ahead
+of what storage holds by more than one checkpoint, and one checkpoint at a time is on disk.
+A ``RunSpec`` with ``resume`` goes on from such a checkpoint: adapter weights, optimizer,
+scheduler, RNG and step as transformers' Trainer restores them (the data order of each epoch
+follows from the seed and the epoch), and the figures so far from ``atoll_state.json``.
 
 It runs in a session of its own (the trainer stops it with its process group), so it would
 outlive a trainer killed without a word and hold the GPU for a job that is re-queued elsewhere:
@@ -18,13 +28,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
@@ -37,6 +48,7 @@ if TYPE_CHECKING:
     from atoll.plugins.training.data import Example
 
 PARENT_POLL = 0.5  # seconds between looks at whether the trainer is still our parent
+STATE_NAME = "atoll_state.json"  # a checkpoint's figures so far, for a resumed run
 FINAL_METRICS = (
     "train_runtime",
     "train_samples_per_second",
@@ -57,6 +69,7 @@ class RunSpec(BaseModel):
     validation: Path | None = None  # the validation set's, in the same form
     output_dir: Path
     device: Literal["cpu", "cuda", "mps"] = "cpu"
+    resume: Path | None = None  # a checkpoint directory to go on from
 
 
 class Events:
@@ -110,9 +123,35 @@ class Bookkeeping:
     started: float = field(default_factory=time.time)
     evaluated_at: int = -1  # the step of the last evaluation
     full: dict[str, float] = field(default_factory=dict)  # the validation set's, at the end
+    saved_at: int = -1  # the step of the last checkpoint
 
     def row(self, step: int) -> StepRow:
         return self.rows.setdefault(step, StepRow(step))
+
+    def save(self, path: Path) -> None:
+        rows = [asdict(r) for r in self.rows.values()]
+        state = {"rows": rows, "tokens": self.tokens, "evaluated_at": self.evaluated_at}
+        path.write_text(json.dumps(state))
+
+    def restore(self, path: Path) -> None:
+        state = json.loads(path.read_text())
+        self.rows = {r["step"]: StepRow(**r) for r in state["rows"]}
+        self.tokens, self.evaluated_at = state["tokens"], state["evaluated_at"]
+
+    def checkpoint_metrics(self, step: int) -> dict[str, float]:
+        """OpenAI's checkpoint metrics at ``step``: the step's training figures and, when the
+        validation set was evaluated there, its figures (the whole set: valid and full alike)."""
+        row = self.row(step)
+        figures = {
+            "step": float(step),
+            "train_loss": row.train_loss,
+            "train_mean_token_accuracy": row.train_accuracy,
+            "valid_loss": row.valid_loss,
+            "valid_mean_token_accuracy": row.valid_mean_token_accuracy,
+            "full_valid_loss": row.valid_loss,
+            "full_valid_mean_token_accuracy": row.valid_mean_token_accuracy,
+        }
+        return {k: v for k, v in figures.items() if v is not None and not math.isnan(v)}
 
 
 def _examples(spec: RunSpec, tokenizer: Any, emit: Events) -> tuple[list[Example], list[Example]]:
@@ -151,6 +190,7 @@ def train(spec: RunSpec, emit: Events) -> None:
         Trainer,
         TrainerCallback,
         TrainingArguments,
+        set_seed,
     )
 
     from atoll.plugins.basemodels import model_id, resolve_model
@@ -179,9 +219,15 @@ def train(spec: RunSpec, emit: Events) -> None:
         target_modules=targets,
         task_type="CAUSAL_LM",
     )
+    set_seed(o.seed)  # the LoRA weights' initial values too: a job's seed makes it reproducible
     peft_model = get_peft_model(model, lora)
+    trained_config = peft_model.peft_config["default"]  # "all-linear" expanded to the modules
+    assert isinstance(trained_config, LoraConfig)
+    targets = sorted(trained_config.target_modules or [])
 
     run = Bookkeeping()
+    if spec.resume is not None:
+        run.restore(spec.resume / STATE_NAME)
 
     class FineTuner(Trainer):
         """Counts each training batch's labelled tokens, hits and loss for the step's figures,
@@ -251,6 +297,8 @@ def train(spec: RunSpec, emit: Events) -> None:
             row = run.row(state.global_step)
             row.train_loss, row.train_accuracy = run.step.loss, run.step.accuracy
             run.step = Tally()
+            if state.global_step % o.save_steps == 0:
+                control.should_save = True
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
             if not logs or "loss" not in logs:
@@ -274,6 +322,29 @@ def train(spec: RunSpec, emit: Events) -> None:
         def on_epoch_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             if validation:
                 validate(kw["model"], state)
+            if run.saved_at != state.global_step:  # not saved at this step already
+                control.should_save = True
+
+        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            """The checkpoint transformers just wrote: named for inference, then handed to the
+            trainer, which stores it; training goes on once it says so."""
+            step = state.global_step
+            directory = Path(args.output_dir) / f"checkpoint-{step}"
+            name_base(directory, base_model)
+            run.save(directory / STATE_NAME)
+            run.saved_at = step
+            emit(
+                "checkpoint",
+                f"checkpoint at step {step}",
+                dir=str(directory),
+                step=step,
+                epoch=round(state.epoch or 0.0, 4),
+                metrics=run.checkpoint_metrics(step),
+                base_model=base_model,
+                targets=targets,
+            )
+            if not sys.stdin.readline():
+                raise RuntimeError("the trainer stopped taking checkpoints")
 
     args = TrainingArguments(
         output_dir=str(spec.output_dir / "checkpoints"),
@@ -281,10 +352,7 @@ def train(spec: RunSpec, emit: Events) -> None:
         gradient_accumulation_steps=o.gradient_accumulation_steps,
         lr_scheduler_type=o.lr_scheduler_type,
         logging_steps=o.logging_steps,
-        save_strategy="steps",
-        save_steps=o.save_steps,
-        save_total_limit=1,
-        save_only_model=True,
+        save_strategy="no",  # Progress asks for checkpoints: each epoch's end, every save_steps
         learning_rate=settings.learning_rate,
         num_train_epochs=settings.n_epochs,
         seed=o.seed,
@@ -303,7 +371,10 @@ def train(spec: RunSpec, emit: Events) -> None:
         data_collator=lambda batch: collate(batch, pad_id),
         callbacks=[Progress()],
     )
-    result = trainer.train()
+    if spec.resume is not None:
+        run.saved_at = json.loads((spec.resume / "trainer_state.json").read_text())["global_step"]
+        emit("log", f"resuming from the checkpoint at step {run.saved_at}")
+    result = trainer.train(resume_from_checkpoint=str(spec.resume) if spec.resume else None)
     if validation and run.evaluated_at != trainer.state.global_step:
         validate(peft_model, trainer.state)  # training stopped inside an epoch
     # Trainer.log pops total_flos from the dict it logs, which train() also returns.
@@ -315,12 +386,7 @@ def train(spec: RunSpec, emit: Events) -> None:
     write_results(results, list(run.rows.values()))
     adapter = spec.output_dir / "adapter"
     peft_model.save_pretrained(str(adapter), save_embedding_layers=False)
-    trained_config = peft_model.peft_config["default"]  # "all-linear" expanded to the modules
-    assert isinstance(trained_config, LoraConfig)
-    config_path = adapter / "adapter_config.json"
-    config = json.loads(config_path.read_text())
-    config["base_model_name_or_path"] = base_model  # the id inference nodes serve it under
-    config_path.write_text(json.dumps(config, indent=2))
+    name_base(adapter, base_model)
     emit(
         "done",
         f"adapter saved for {base_model}",
@@ -328,9 +394,17 @@ def train(spec: RunSpec, emit: Events) -> None:
         results=str(results),
         base_model=base_model,
         rank=o.lora_rank,
-        targets=sorted(trained_config.target_modules or []),
+        targets=targets,
         metrics=metrics,
     )
+
+
+def name_base(adapter: Path, base_model: str) -> None:
+    """Name the adapter's base as inference nodes serve it (peft wrote a local path)."""
+    config_path = adapter / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = base_model
+    config_path.write_text(json.dumps(config, indent=2))
 
 
 def die_with_parent(parent: int) -> None:

@@ -1,10 +1,13 @@
 """The trainer: claims jobs from the queue while it has room, runs each in its own process
 (``runner.py``), relays the process's events to ``jobs.<id>.events`` and to the queue's
-heartbeat, stores the job's results file and adapter and reports the outcome.
+heartbeat, stores each checkpoint as it is made (``checkpoints.py``), then the job's results
+file and adapter, and reports the outcome. A job given out again goes on from its last
+checkpoint.
 
 A job stops early when the queue says so (a heartbeat reply, or the ``cancelled`` state event
 it publishes): its process group is terminated, then killed after a grace period.
-(Just over 400 lines: one job's life, claim to outcome, reads best in one place.)
+(Over 400 lines: one job's life, claim to checkpoints to outcome, reads best in one place;
+what a checkpoint is stored as, and fetched back from, is ``checkpoints.py``'s.)
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ from atoll.agent.errors import AtollError, ConnectionLost, DeadlineExceeded, NoR
 from atoll.agent.plugins import PluginContext
 from atoll.plugins.storage.contract.adapters import AdapterExists, describe_adapter, upload_adapter
 from atoll.plugins.storage.contract.datasets import AsFormat, fetch_dataset, upload_dataset
+from atoll.plugins.training.checkpoints import fetch_resume, store_checkpoint
 from atoll.plugins.training.contract import (
     FINAL_STATES,
     MAX_EVENTS_KEPT,
     QUEUED_SUBJECT,
+    Checkpoint,
     JobRecord,
     adapter_id_for,
     claim_job,
@@ -102,6 +107,8 @@ class Running:
     error: str | None = None  # the process's own account of its failure
     done: dict[str, Any] | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    checkpoints: list[Checkpoint] = field(default_factory=list)  # kept in storage, oldest first
+    storage: str = ""  # the storage agent this attempt uses
 
 
 class TrainerWorker:
@@ -181,7 +188,7 @@ class TrainerWorker:
         self._last_claim_error = None
         if job is None:
             return False
-        run = Running(job, queue)
+        run = Running(job, queue, checkpoints=list(job.checkpoints))
         self.running[job.id] = run
         self.jobs_gauge.set(len(self.running))
         task = asyncio.create_task(self._run(run))
@@ -230,7 +237,7 @@ class TrainerWorker:
             )
         workdir.mkdir(parents=True)
         run.step = "fetching datasets"
-        storage = await self.find_storage()
+        storage = run.storage = await self.find_storage()
         paths = {}
         for dataset in options.datasets:
             dest = workdir / f"{dataset}.jsonl"
@@ -244,6 +251,10 @@ class TrainerWorker:
             message = f"{role} {record.id}: {record.name} v{record.version}, {record.rows} rows"
             await self._emit(run, {"type": "log", "message": message})
             paths[dataset] = dest
+        resume = None
+        if job.attempt > 1:  # an earlier attempt may have left a checkpoint to go on from
+            run.step = "fetching the last checkpoint"
+            resume = await fetch_resume(self.ctx, storage, job, workdir / "resume")
         if run.stop_reason is not None:
             return {}
         run.step = "training"
@@ -256,6 +267,7 @@ class TrainerWorker:
             validation=paths[v] if (v := options.validation_dataset) else None,
             output_dir=workdir / "out",
             device=self.device,  # type: ignore[arg-type]
+            resume=resume,
         )
         (workdir / "job.json").write_text(spec.model_dump_json())
         log_path = workdir / "runner.log"
@@ -263,7 +275,7 @@ class TrainerWorker:
             run.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", RUNNER, "--job", str(workdir / "job.json"),
                 "--parent", str(os.getpid()),
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=log,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
                 cwd=workdir, start_new_session=True, limit=MAX_LINE,
             )  # fmt: skip
         await self._relay(run)
@@ -303,10 +315,40 @@ class TrainerWorker:
             kind = event.get("type")
             if kind in RELAYED:
                 await self._emit(run, event)
+            elif kind == "checkpoint":
+                await self._checkpoint(run, event)
             elif kind == "error":
                 run.error = str(event.get("message"))
             elif kind == "done":
                 run.done = event
+
+    async def _checkpoint(self, run: Running, event: dict[str, Any]) -> None:
+        """Store the checkpoint the process just wrote, tell the queue, remove it from disk,
+        and let the process go on. One not stored is said as a warning: training goes on."""
+        try:
+            checkpoint, pruned = await store_checkpoint(
+                self.ctx, run.storage, run.job, event, self._adapter_meta(run, event),
+                run.checkpoints, self.config.keep_checkpoints,
+            )  # fmt: skip
+        except (AtollError, OSError, KeyError, ValueError) as exc:
+            message = f"checkpoint at step {event.get('step')} not stored: {exc}"
+            await self._emit(run, {"type": "log", "level": "warn", "message": message})
+        else:
+            gone = {*pruned, checkpoint.adapter_id}  # a step trained again replaces its record
+            run.checkpoints = [c for c in run.checkpoints if c.adapter_id not in gone]
+            run.checkpoints.append(checkpoint)
+            stored = {
+                "type": "checkpoint",
+                "message": f"checkpoint {checkpoint.adapter_id} at step {checkpoint.step}",
+                "checkpoint": checkpoint.model_dump(mode="json"),
+                "pruned": pruned,
+            }
+            await self._emit(run, stored)
+        await asyncio.to_thread(shutil.rmtree, str(event.get("dir")), True)
+        assert run.process is not None and run.process.stdin is not None
+        with contextlib.suppress(ConnectionError):  # the process ended meanwhile
+            run.process.stdin.write(b"stored\n")
+            await run.process.stdin.drain()
 
     async def _emit(self, run: Running, event: dict[str, Any]) -> None:
         """Publish a job event now; the queue gets it with the next heartbeat."""
@@ -330,16 +372,20 @@ class TrainerWorker:
         )  # fmt: skip
         return record.id
 
+    @staticmethod
+    def _adapter_meta(run: Running, outcome: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "base_model": outcome.get("base_model"),
+            "rank": run.job.options.lora_rank,
+            "targets": outcome.get("targets"),
+            "stage": run.job.options.stage,
+            "metrics": outcome.get("metrics", {}),
+        }
+
     async def _store(self, run: Running, storage: str) -> str:
         job, done = run.job, run.done or {}
         adapter_id = adapter_id_for(job)
-        meta = {
-            "base_model": done.get("base_model"),
-            "rank": done.get("rank"),
-            "targets": done.get("targets"),
-            "stage": job.options.stage,
-            "metrics": done.get("metrics", {}),
-        }
+        meta = self._adapter_meta(run, done)
         try:
             await upload_adapter(
                 self.ctx, storage, Path(done["adapter_dir"]), adapter_id, meta,

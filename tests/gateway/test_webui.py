@@ -335,6 +335,14 @@ async def test_datasets_training_charts_and_chat_with_the_result(
     # Chat with the adapter the job made.
     adapter = await page.inner_text("#job-title")
     assert adapter.startswith("alice/colours-")
+    # Its last three epochs' checkpoints, newest first, each a model to chat with.
+    checkpoints = page.locator("#job-checkpoints tbody tr")
+    await expect(checkpoints).to_have_count(3)
+    for row, step in zip(await checkpoints.all(), (288, 276, 264), strict=True):
+        await expect(row.locator("td").nth(1)).to_have_text(f"{adapter}-ckpt-step-{step}")
+    await checkpoints.nth(2).locator("button").click()
+    await expect(page.locator("#model")).to_have_value(f"{adapter}-ckpt-step-264")
+    await page.click("nav a[data-tab=jobs]")
     await page.click("#job-chat")
     await expect(page.locator("#tab-chat")).to_be_visible()
     await expect(page.locator("#model")).to_have_value(adapter)

@@ -71,6 +71,11 @@ def test_table_names_every_role_and_denies_what_it_does_not_name() -> None:
     assert not permissions.allowed(inference, "gpu", "publish", "anything.else")
     assert permissions.allowed(("storage",), "s", "publish", "adapters.new")
     assert not permissions.allowed(("storage",), "s", "keep", "adapters.new")
+    assert permissions.allowed(("storage",), "s", "publish", "adapters.deleted")
+    for role in ("training", "inference", "gateway", "admin"):  # only storage takes access back
+        assert not permissions.allowed((role,), "x", "publish", "adapters.deleted")
+    assert permissions.allowed(("gateway",), "gw", "subscribe", "adapters.deleted")
+    assert not permissions.may_call(("gateway",), permissions.TRAINERS)  # resume states
     assert permissions.allowed(("gateway",), "gw", "subscribe", "jobs.*.events")
     assert not permissions.allowed(("gateway",), "gw", "subscribe", "jobs.>")
     assert permissions.allowed(("training",), "t", "publish", "jobs.ftjob-1.events")

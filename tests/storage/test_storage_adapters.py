@@ -364,7 +364,7 @@ async def test_bad_uploads_are_refused_and_nothing_is_stored(
         "a1/../../x",
         "-lead",
         "a//b",
-        "x" * 129,
+        "x" * 161,
         "a\\b",
         "a/adapter_config.json",
     ):

@@ -216,6 +216,86 @@ async def test_auto_hyperparameters_are_resolved_from_the_data(make_agent, tmp_p
         await client.close()
 
 
+@pytest.mark.timeout(300)
+async def test_checkpoints_are_listed_and_each_is_a_model(make_agent, tmp_path: Path) -> None:
+    """Four epochs: a checkpoint after each, the last three kept (the trainer's default), listed
+    through the SDK in OpenAI's shape and each usable as a model by the job's owner alone; the
+    pruned one is a model no more."""
+    isl = await training_island(make_agent, tmp_path)
+    client = openai.AsyncOpenAI(base_url=f"{isl.url}/v1", api_key=isl.key("alice"), max_retries=0)
+    bob = openai.AsyncOpenAI(base_url=f"{isl.url}/v1", api_key=isl.key("bob"), max_retries=0)
+    try:
+        data = write_rows(tmp_path / "colours.jsonl", ROWS)
+        uploaded = await client.files.create(file=data.open("rb"), purpose="fine-tune")
+        held_out = write_rows(tmp_path / "held.jsonl", colour_rows(32)[24:])
+        validation = await client.files.create(file=held_out.open("rb"), purpose="fine-tune")
+        job = await client.fine_tuning.jobs.create(
+            model="tiny-llama",
+            training_file=uploaded.id,
+            validation_file=validation.id,
+            hyperparameters={"n_epochs": 4, "batch_size": 8},  # 3 steps an epoch
+            extra_body={"options": {"lora_rank": 4, "cutoff_len": 64}},
+        )
+        job, _ = await until_done(client, job.id)
+        assert job.status == "succeeded", job.error
+        model = job.fine_tuned_model
+        checkpoints = [c async for c in client.fine_tuning.jobs.checkpoints.list(job.id)]
+        assert [c.step_number for c in checkpoints] == [12, 9, 6]  # newest first
+        for c in checkpoints:
+            assert c.object == "fine_tuning.job.checkpoint" and c.fine_tuning_job_id == job.id
+            assert c.fine_tuned_model_checkpoint == f"{model}-ckpt-step-{c.step_number}"
+            assert job.created_at <= c.created_at <= (job.finished_at or 0)
+            m = c.metrics
+            assert m.step == c.step_number
+            assert m.train_loss and m.valid_loss and m.full_valid_loss == m.valid_loss
+            assert (
+                m.train_mean_token_accuracy is not None and m.valid_mean_token_accuracy is not None
+            )
+        assert checkpoints[0].metrics.full_valid_loss == pytest.approx(
+            job.metrics["full_valid_loss"]
+        )
+        paged = [c.id async for c in client.fine_tuning.jobs.checkpoints.list(job.id, limit=1)]
+        assert paged == [c.id for c in checkpoints] and len(set(paged)) == 3
+
+        # Each kept checkpoint is a model of alice's: "chat with epoch 2".
+        epoch_two = checkpoints[-1].fine_tuned_model_checkpoint
+        models = {m.id async for m in client.models.list()}
+        assert {c.fine_tuned_model_checkpoint for c in checkpoints} | {model} <= models
+        reply = await client.chat.completions.create(
+            model=epoch_two,
+            messages=[{"role": "user", "content": "Say the colour number 3."}],
+            max_tokens=8,
+            temperature=0,
+        )
+        assert reply.usage is not None and reply.usage.completion_tokens >= 1
+        # Epoch one's was pruned: deleted from storage, then no longer a model.
+        pruned = f"{model}-ckpt-step-3"
+        await eventually(lambda: isl.accounts.adapter(pruned) is None)
+        taken = {(e.action, e.actor) for e in isl.accounts.audit_log(1000) if e.target == pruned}
+        assert taken == {
+            ("adapter.register", "store/storage"),
+            ("adapter.unregister", "store/storage"),
+        }
+        with pytest.raises(openai.NotFoundError):
+            await client.chat.completions.create(
+                model=pruned, messages=[{"role": "user", "content": "hi"}]
+            )
+
+        # Nobody else lists them or uses them.
+        with pytest.raises(openai.NotFoundError):
+            await bob.fine_tuning.jobs.checkpoints.list(job.id)
+        with pytest.raises(openai.NotFoundError):
+            await bob.chat.completions.create(
+                model=epoch_two, messages=[{"role": "user", "content": "hi"}]
+            )
+        assert not {c.fine_tuned_model_checkpoint for c in checkpoints} & {
+            m.id async for m in bob.models.list()
+        }
+    finally:
+        await client.close()
+        await bob.close()
+
+
 async def test_bad_datasets_and_jobs_are_refused(make_agent, tmp_path: Path) -> None:
     await make_agent("store", roles=("storage",), plugins={"storage": {}}, heartbeat=0.2)
     await make_agent(

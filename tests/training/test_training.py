@@ -13,21 +13,29 @@ from typing import Any
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from atoll.agent.contract import parse
 from atoll.agent.errors import Forbidden, InvalidRequest, NoSuchMethod
 from atoll.agent.node import Agent
 from atoll.agent.plugins import Plugin
 from atoll.agent.runtime import AgentRuntime
-from atoll.plugins.storage.contract.adapters import describe_adapter, fetch_adapter
+from atoll.broker.server import BrokerServer
+from atoll.plugins.storage.contract.adapters import (
+    AdapterNotFound,
+    describe_adapter,
+    fetch_adapter,
+)
 from atoll.plugins.storage.contract.datasets import (
     DatasetNotFound,
     describe_dataset,
     fetch_dataset,
     upload_dataset,
 )
+from atoll.plugins.storage.contract.resume import upload_resume_state
 from atoll.plugins.storage.plugin import StoragePlugin
 from atoll.plugins.training.auto import auto_batch_size, auto_epochs, resolve
+from atoll.plugins.training.commands import train
 from atoll.plugins.training.contract import (
     BASE_LEARNING_RATE,
     FINAL_STATES,
@@ -64,6 +72,7 @@ from atoll.plugins.training.figures import (
 from atoll.plugins.training.plugin import TrainingPlugin
 from atoll.plugins.training.runner import FINAL_METRICS
 from atoll.plugins.training.trainer import TrainerWorker
+from atoll.tenancy.operator import OperatorStore
 from support.overlay import AgentFactory, eventually
 from support.tiny_models import build_tiny_model, tiny_tokenizer
 
@@ -531,8 +540,11 @@ async def test_cancel_while_queued_only_by_its_owner_or_an_admin(
         await cancel_job(island.client, "queue", job.id, owner="mallory")
     with pytest.raises(Forbidden):
         await cancel_job(island.client, "queue", job.id)  # the gateway must name the owner
+    lost = (await make_agent("lost", roles=("training",))).agent  # left a resume state, then died
+    await upload_resume_state(lost, "store", job.id, 5, "alice/x", resume_files(island.tmp_path))
     cancelled = await cancel_job(island.client, "queue", job.id, owner="alice")
     assert cancelled.state == "cancelled" and cancelled.finished_at is not None
+    await no_resume_state(island, job.id)  # nothing will resume it
     with pytest.raises(JobFinished, match="already cancelled"):
         await cancel_job(island.client, "queue", job.id, owner="alice")
     other = await island.submit(owner="carol")
@@ -614,6 +626,114 @@ async def test_a_stopped_trainer_s_job_is_finished_by_another(island: Island) ->
     assert adapter.base_model == "tiny-llama"
 
 
+def resume_files(tmp_path: Path) -> Path:
+    """A resume state's files, as a trainer would upload them."""
+    directory = tmp_path / "resume-state"
+    directory.mkdir(exist_ok=True)
+    (directory / "trainer_state.json").write_text('{"global_step": 5}')
+    return directory
+
+
+async def no_resume_state(island: Island, job_id: str) -> None:
+    """Until storage holds no resume state for the job (the queue drops it aside); bounded."""
+    deadline = time.monotonic() + 10
+    while await island.storage.resume.current(job_id) is not None:
+        assert time.monotonic() < deadline, "the job's resume state is still kept"
+        await asyncio.sleep(0.1)
+
+
+def attempts(events: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The job's events split at each ``training`` state: one list per attempt."""
+    split: list[list[dict[str, Any]]] = []
+    for event in events:
+        if event["type"] == "state" and event["state"] == "training":
+            split.append([])
+        elif split:
+            split[-1].append(event)
+    return split
+
+
+def logged_steps(events: list[dict[str, Any]]) -> list[int]:
+    return [e["step"] for e in events if e["type"] == "log" and "loss" in e]
+
+
+async def test_a_lost_job_resumes_from_its_last_checkpoint(
+    island: Island, operator: OperatorStore, broker: BrokerServer
+) -> None:
+    """A checkpoint after each epoch, kept in storage as an adapter of its own (the last two
+    here). Its trainer lost right after the first one, the job goes on from that checkpoint on
+    another trainer: no optimizer step runs twice, and its figures are those of a job never
+    interrupted (weights, optimizer, scheduler, RNG and data order all restored)."""
+    t1 = trainer_worker(await island.add_trainer("t1", keep_checkpoints=2))
+    stored = asyncio.Event()
+    store = t1._checkpoint
+
+    async def store_then_hang(run: Any, event: dict[str, Any]) -> None:
+        await store(run, event)
+        stored.set()
+        await asyncio.Event().wait()  # the process waits for a word that never comes
+
+    t1._checkpoint = store_then_hang  # type: ignore[method-assign]
+    options: dict[str, Any] = {"num_train_epochs": 4.0, "validation_split": 0.25}  # 20 steps
+    job = await island.submit(**options)
+    await asyncio.wait_for(stored.wait(), JOB_TIMEOUT)
+    await eventually(
+        lambda: bool(island.queue.queue and island.queue.queue.get(job.id).checkpoints)
+    )
+    first = (await island.job(job.id)).checkpoints
+    assert [c.step for c in first] == [5]
+    await island.add_trainer("t2", keep_checkpoints=2)
+    await island.trainers["t1"].stop()
+    done = await island.until(job.id, {"completed"})
+    assert done.trainer == "t2" and done.attempt == 2
+
+    events = await job_events(island.client, "queue", job.id)
+    one, two = attempts(events)
+    assert logged_steps(one) == [1, 2, 3, 4, 5]
+    assert logged_steps(two) == list(range(6, 21))  # from the checkpoint on, none twice
+    assert any(e["message"] == "resuming from the checkpoint at step 5" for e in two)
+    # Kept: the last two; the older ones are deleted from storage.
+    base = done.adapter_id
+    assert [(c.step, c.epoch, c.adapter_id) for c in done.checkpoints] == [
+        (15, 3.0, f"{base}-ckpt-step-15"), (20, 4.0, f"{base}-ckpt-step-20")
+    ]  # fmt: skip
+    for step in (5, 10):
+        with pytest.raises(AdapterNotFound):
+            await describe_adapter(island.client, "store", f"{base}-ckpt-step-{step}")
+    for kept in done.checkpoints:
+        adapter = await describe_adapter(island.client, "store", kept.adapter_id)
+        assert (adapter.owner, adapter.source_job, adapter.base_model) == ("alice", job.id, "tiny")
+        assert set(kept.metrics) == {
+            "step", "train_loss", "train_mean_token_accuracy", "valid_loss",
+            "valid_mean_token_accuracy", "full_valid_loss", "full_valid_mean_token_accuracy",
+        }  # fmt: skip
+    await no_resume_state(island, job.id)  # dropped once the job ended
+    target = ["-d", str(operator.root), "--tenant", "acme", "--broker", broker.url]
+    shown = await asyncio.to_thread(
+        CliRunner().invoke, train, ["checkpoints", job.id, "--queue", "queue", *target]
+    )
+    assert shown.exit_code == 0, shown.output
+    lines = [line.split() for line in shown.stdout.splitlines()[1:]]  # newest first
+    assert [(cells[0], cells[2]) for cells in lines] == [
+        ("20", f"{base}-ckpt-step-20"), ("15", f"{base}-ckpt-step-15")
+    ]  # fmt: skip
+
+    # The same job never interrupted: the same figures at every step.
+    again = await island.submit(**options)
+    whole = await island.until(again.id, {"completed"})
+    steps = {e["step"]: e["loss"] for e in events if e["type"] == "log" and "loss" in e}
+    plain = await job_events(island.client, "queue", again.id)
+    assert steps == pytest.approx({e["step"]: e["loss"] for e in plain if "loss" in e}, rel=1e-4)
+    assert done.metrics["trained_tokens"] == whole.metrics["trained_tokens"]
+    assert done.metrics["full_valid_loss"] == pytest.approx(whole.metrics["full_valid_loss"])
+    rows = []
+    for finished in (done, whole):
+        path = island.tmp_path / f"{finished.id}.csv"
+        await fetch_dataset(island.client, "store", finished.result_files[0], path, as_="original")
+        rows.append([int(r["step"]) for r in read_csv(path)])
+    assert rows[0] == rows[1] == list(range(1, 21))
+
+
 async def test_silent_trainers_fail_the_job_after_max_attempts(
     make_agent: AgentFactory, tmp_path: Path, tiny_base: Path
 ) -> None:
@@ -626,6 +746,7 @@ async def test_silent_trainers_fail_the_job_after_max_attempts(
 
     claimed = await claim(ghosts[0])  # and never heard from again
     assert claimed is not None and claimed["id"] == job.id and claimed["state"] == "training"
+    await upload_resume_state(ghosts[0], "store", job.id, 5, "alice/x", resume_files(tmp_path))
     requeued = await island.until(job.id, {"queued"}, timeout=10)
     assert requeued.attempt == 1 and requeued.trainer == "ghost1"
     assert (await claim(ghosts[1]))["attempt"] == 2  # type: ignore[index]
@@ -635,6 +756,7 @@ async def test_silent_trainers_fail_the_job_after_max_attempts(
         await asyncio.sleep(0.1)
     assert failed.state == "failed"
     assert failed.error == "trainers ghost1, ghost2 lost 2 times"
+    await no_resume_state(island, job.id)
     # A late word from a lost trainer changes nothing.
     beat = {"id": job.id, "attempt": 2, "progress": {}, "events": []}
     reply = await ghosts[1].call("queue/training", "heartbeat", beat)

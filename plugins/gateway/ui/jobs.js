@@ -1,7 +1,7 @@
 // Fine-tuning jobs through OpenAI's /v1/fine_tuning API: a form to start one (a field left empty
 // is "auto"), the jobs in tables by state, and the selected job's loss / token accuracy (training
 // and validation) / learning-rate / epoch charts, refreshed while it trains, what "auto" resolved
-// to, its final statistics, and a way to chat with the adapter it made.
+// to, its final statistics, and a way to chat with the adapter it made or any kept checkpoint.
 import { LineChart, formatNumber } from "./charts.js";
 import { cell, formatTime } from "./format.js";
 
@@ -212,6 +212,28 @@ export class Jobs {
     for (const [key, label] of Object.entries(STATS)) {
       if (key in job.metrics) show(key, label, job.metrics[key]);
     }
+    await this.renderCheckpoints(job);
+  }
+
+  async renderCheckpoints(job) {
+    const kept = (await this.api.get(`/v1/fine_tuning/jobs/${job.id}/checkpoints?limit=100`)).data;
+    const rows = kept.map((c) => {
+      const tr = document.createElement("tr");
+      const figure = (value) => (Number.isFinite(value) ? formatNumber(value) : null);
+      tr.append(
+        ...[c.step_number, c.fine_tuned_model_checkpoint, figure(c.metrics.train_loss), figure(c.metrics.valid_loss)].map(cell),
+      );
+      const chat = document.createElement("button");
+      chat.textContent = "Chat";
+      chat.className = "quiet";
+      chat.onclick = () => this.chatWith(c.fine_tuned_model_checkpoint);
+      const td = document.createElement("td");
+      td.append(chat);
+      tr.append(td);
+      return tr;
+    });
+    $("job-checkpoints").tBodies[0].replaceChildren(...rows);
+    $("job-checkpoints").hidden = rows.length === 0;
   }
 }
 

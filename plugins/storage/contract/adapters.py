@@ -5,13 +5,15 @@ Overlay surface of an agent's ``storage`` plugin (adapters):
 
     RPC    list_adapters     AdapterQuery   -> list[AdapterRecord]
     RPC    describe_adapter  AdapterId      -> AdapterRecord
-    RPC    delete_adapter    AdapterId      -> {"deleted": true}       (a writer role)
+    RPC    delete_adapter    AdapterId      -> {"deleted": true}       (clients; trainers only
+                                                                         a job's checkpoints)
     STREAM adapter_put       (no params)    uploader writes a header line, then the files' bytes;
                                             storage answers {"ok": true, "adapter": AdapterRecord}
     STREAM adapter_get       AdapterId      storage writes a header line, then the files' bytes;
                                             the fetcher answers {"ok": true} once all verify
     PUB    adapters.new      AdapterRecord  after each successful upload (tenant pub/sub), so
                                             the gateway can grant access at once
+    PUB    adapters.deleted  {id}           after each deletion: the gateway takes access back
 
 A header line is the JSON of ``TransferHeader``: ``{"id", "files": [{"name", "size", "sha256"}],
 "meta": {...}, "owner", "project", "public", "source_job"}``; the files' bytes follow back to
@@ -56,6 +58,7 @@ from atoll.plugins.storage.contract.wire import PLUGIN, Deleted, OwnerName, stor
 PUT_SERVICE = "adapter_put"
 GET_SERVICE = "adapter_get"
 ADAPTERS_NEW = "adapters.new"
+ADAPTERS_DELETED = "adapters.deleted"
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -74,7 +77,8 @@ TOKENIZER_FILES = frozenset(
 )
 ADAPTER_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE}) | TOKENIZER_FILES
 
-ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
+# 160: a training checkpoint's id is its job's adapter id (up to 118) and "-ckpt-step-<N>".
+ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,159}")
 MAX_META_BYTES = 16 * 1024
 
 
@@ -123,7 +127,7 @@ def adapter_id_problem(adapter_id: object) -> str | None:
     """Why ``adapter_id`` is not a valid adapter id, or None if it is."""
     if not isinstance(adapter_id, str) or not ADAPTER_ID.fullmatch(adapter_id):
         return (
-            f"adapter id {adapter_id!r} must be 1-128 characters of letters, digits and ._/-, "
+            f"adapter id {adapter_id!r} must be 1-160 characters of letters, digits and ._/-, "
             "starting with a letter or digit"
         )
     segments = adapter_id.split("/")
