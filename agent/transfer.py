@@ -10,10 +10,11 @@ and dataset services move files over encrypted streams.
   ``.atoll-staging/`` directory beside its destination and is renamed into place only once its
   size and sha256 match, so a partial file is never visible. The files plugin keeps a staged
   file between attempts and resumes it for the same source version (``resume_offset``).
-- Streams: ``open_transfer`` opens one; ``put_resumable`` and ``fetching`` are the client ends
-  of a put (header, the receiver's offsets of what it already holds, the rest of each body, its
-  ``confirmed`` reply: the storage plugin's adapter and dataset uploads resume) and a get (header
-  and bodies read, then ``{"ok": true}`` back).
+- Streams: ``open_transfer`` opens one; ``put_files`` and ``fetching`` are the client ends of a
+  put (header, bodies, the receiver's ``confirmed`` reply: training jobs' resume states, replaced
+  whole) and a get (header and bodies read, then ``{"ok": true}`` back); ``put_resumable`` is a
+  put the receiver answers with what it already holds of each file, so only the rest is sent
+  (the storage plugin's adapter and dataset uploads).
 
 Nothing here writes through a symbolic link: files are opened with ``O_NOFOLLOW`` and a staging
 directory that is a link is refused.
@@ -419,6 +420,24 @@ async def open_transfer(
         raise
     with contextlib.suppress(AtollError):  # the exchange is complete; a late break changes nothing
         await stream.close()
+
+
+async def put_files(
+    overlay: Opener,
+    address: str,
+    service: str,
+    header: dict[str, Any],
+    files: list[tuple[Path, int]],
+    idle: float | None,
+    on_chunk: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """The uploading side of a put stream: ``header`` as its first line, then each ``(path,
+    size)``'s bytes back to back; the receiver's reply once it confirms it kept them."""
+    async with open_transfer(overlay, address, service, None, idle) as stream:
+        await write_line(stream, header, idle)
+        for path, size in files:
+            await send_bytes(stream, file_chunks(path), size, idle, on_chunk)
+        return await confirmed(Reader(stream, idle), f"{address} did not confirm the {service}")
 
 
 async def put_resumable(
