@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import tarfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -343,6 +344,15 @@ async def test_datasets_training_charts_and_chat_with_the_result(
     await checkpoints.nth(2).locator("button").click()
     await expect(page.locator("#model")).to_have_value(f"{adapter}-ckpt-step-264")
     await page.click("nav a[data-tab=jobs]")
+    # Download it: the tar of its files, as the API sends them.
+    async with page.expect_download() as download_info:
+        await page.click("#job-download")
+    download = await download_info.value
+    assert download.suggested_filename == f"{adapter.replace('/', '--')}.tar"
+    saved = tmp_path / "downloaded.tar"
+    await download.save_as(saved)
+    with tarfile.open(saved) as tar:
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= set(tar.getnames())
     await page.click("#job-chat")
     await expect(page.locator("#tab-chat")).to_be_visible()
     await expect(page.locator("#model")).to_have_value(adapter)

@@ -49,6 +49,18 @@ export class Api {
     return (await this.request("POST", path, { form })).json();
   }
 
+  // Saves the response body as a file named `filename` (the key goes in a header, so a plain
+  // link cannot fetch it).
+  async download(path, filename) {
+    const blob = await (await this.request("GET", path)).blob();
+    const url = URL.createObjectURL(blob);
+    const link = document.createElement("a");
+    link.href = url;
+    link.download = filename;
+    link.click();
+    setTimeout(() => URL.revokeObjectURL(url), 60_000);
+  }
+
   async delete(path) {
     return (await this.request("DELETE", path)).json();
   }

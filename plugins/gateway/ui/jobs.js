@@ -50,6 +50,7 @@ export class Jobs {
     };
     $("job-chat").onclick = () => this.selected && this.chatWith(this.selected.fine_tuned_model);
     $("job-cancel").onclick = () => this.cancel();
+    $("job-download").onclick = () => this.download();
   }
 
   show() {
@@ -114,6 +115,18 @@ export class Jobs {
     if (!this.selected) return;
     try {
       this.select(await this.api.post(`/v1/fine_tuning/jobs/${this.selected.id}/cancel`, {}));
+    } catch (err) {
+      $("job-error").textContent = err.message;
+    }
+  }
+
+  // The adapter the job made, as the tar of its files /v1/adapters/{id}/content sends.
+  async download() {
+    const model = this.selected?.fine_tuned_model;
+    if (!model) return;
+    try {
+      const path = `/v1/adapters/${model.split("/").map(encodeURIComponent).join("/")}/content`;
+      await this.api.download(path, `${model.replaceAll("/", "--")}.tar`);
     } catch (err) {
       $("job-error").textContent = err.message;
     }
@@ -184,6 +197,7 @@ export class Jobs {
     const error = job.error ? ` — ${job.error.message}` : "";
     $("job-status").textContent = `${job.id}: ${job.status} ${progress(job)}${error}`;
     $("job-chat").hidden = job.status !== "succeeded";
+    $("job-download").hidden = job.status !== "succeeded";
     $("job-cancel").hidden = FINISHED.includes(job.status);
     const events = (await this.api.get(`/v1/fine_tuning/jobs/${job.id}/events?limit=1000`)).data;
     const logs = events.filter((e) => e.type === "metrics" && e.data).reverse(); // oldest first
