@@ -3,6 +3,7 @@ registry, a fine-tuning job is a job in the training queue, and its ``fine_tuned
 adapter the job registers (usable at once by its owner or project). The shapes are OpenAI's
 (finetune_shapes.py), so the openai SDK's ``files`` and ``fine_tuning.jobs`` work unchanged."""
 
+import asyncio
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any
@@ -13,6 +14,7 @@ from fastapi.responses import Response
 from atoll.agent.errors import AtollError, InvalidRequest
 from atoll.plugins.gateway.accounts.keys import Principal
 from atoll.plugins.gateway.accounts.users import WRITING_ROLES
+from atoll.plugins.gateway.batch_shapes import check_bodies
 from atoll.plugins.gateway.errors import GatewayError, from_platform
 from atoll.plugins.gateway.finetune_shapes import (
     CreateJob,
@@ -122,8 +124,12 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
         file: Annotated[UploadFile, File()],
         purpose: Annotated[str, Form()] = "fine-tune",
     ) -> Any:
-        if purpose != "fine-tune":
-            raise GatewayError(400, f"purpose {purpose!r}: only fine-tune files are kept")
+        if purpose not in ("fine-tune", "batch"):
+            raise GatewayError(
+                400,
+                f"purpose {purpose!r}: only fine-tune and batch files are kept",
+                param="purpose",
+            )
         may_write(principal, principal.project)
         filename = upload_filename(file.filename)
         with tempfile.TemporaryDirectory(prefix="atoll-upload-") as tmp:
@@ -131,6 +137,8 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
             with path.open("wb") as out:
                 while chunk := await file.read(1 << 20):
                     out.write(chunk)
+            if purpose == "batch":
+                await asyncio.to_thread(check_bodies, path)
             record = await platform(
                 upload_dataset(
                     gw.agent,
@@ -139,6 +147,7 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
                     Path(filename).stem or "dataset",
                     principal.user,
                     principal.project,
+                    "batch" if purpose == "batch" else None,
                     filename=filename,
                 )
             )

@@ -13,7 +13,12 @@ from atoll.plugins.storage.contract.datasets import DatasetInvalid, DatasetRecor
 from atoll.plugins.training.contract import BASE_LEARNING_RATE, Auto, JobOptions, JobRecord
 
 Level = Literal["info", "warn", "error"]  # of a job event
-Purpose = Literal["fine-tune", "fine-tune-results"]
+Purpose = Literal["fine-tune", "fine-tune-results", "batch", "batch_output"]
+PURPOSES: dict[str, Purpose] = {  # by the dataset's kind
+    "results": "fine-tune-results",
+    "batch": "batch",
+    "batch_output": "batch_output",
+}
 STATUS = {
     "created": "validating_files",
     "queued": "queued",
@@ -119,7 +124,7 @@ class EventList(BaseModel):
 
 
 def file_object(record: DatasetRecord) -> FileObject:
-    purpose: Purpose = "fine-tune-results" if record.kind == "results" else "fine-tune"
+    purpose = PURPOSES.get(record.kind, "fine-tune")
     return FileObject(
         id=record.id,
         bytes=record.bytes,
