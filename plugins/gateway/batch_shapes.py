@@ -128,7 +128,9 @@ def request_body(url: str, body: dict[str, Any]) -> Any:
 
 def check_bodies(path: Path) -> None:
     """Each request body of a batch file at upload: 400 naming the first bad line. Lines whose
-    envelope is wrong are left to storage's check, which names them all."""
+    envelope is wrong (a url not the first line's included) are left to storage's check, which
+    names them all."""
+    first: str | None = None
     with path.open("rb") as lines:
         for n, raw in enumerate(lines, start=1):
             try:
@@ -136,6 +138,9 @@ def check_bodies(path: Path) -> None:
             except (ValueError, RecursionError):  # storage names the line
                 continue
             if not isinstance(obj, dict) or obj.get("url") not in REQUEST_MODELS:
+                continue
+            first = first or obj["url"]
+            if obj["url"] != first:
                 continue
             if not isinstance(body := obj.get("body"), dict):
                 continue
