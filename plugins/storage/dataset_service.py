@@ -233,7 +233,7 @@ class DatasetService:
         record = self.registered(request.id)
         if record.kind in ORIGINAL_ONLY and request.as_ != "original":
             raise InvalidRequest(
-                f"{record.id!r} is a {record.kind} file, not training data: fetch it as the "
+                f"{record.id!r} is {ORIGINAL_ONLY[record.kind]}, not a dataset: fetch it as the "
                 "original"
             )
         with idle_deadline(f"dataset fetch by {call.src}", IDLE_TIMEOUT):

@@ -65,7 +65,12 @@ MAX_FILENAME_BYTES = 200
 
 Format = Literal["alpaca", "sharegpt", "chat", "text", "csv", "batch", "batch_output"]
 Kind = Literal["sft", "pt", "results", "batch", "batch_output"]
-ORIGINAL_ONLY: tuple[Kind, ...] = ("results", "batch", "batch_output")  # no rows to convert
+# Kinds kept as uploaded and fetched only so: never training data.
+ORIGINAL_ONLY: dict[Kind, str] = {
+    "results": "a training job's results file",
+    "batch": "a batch's requests file",
+    "batch_output": "a batch's results file",
+}
 # A batch file's requests (OpenAI's bounds: 50,000 lines; its bytes are the store's and the
 # gateway's body limit's): each names one of these URLs, the same one on every line.
 BATCH_URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
