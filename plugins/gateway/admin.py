@@ -1,10 +1,12 @@
 """The gateway's admin RPC over the overlay (contract.py): tenant admins and operators manage
-users, projects, keys and adapter access; every change lands in the audit log with the caller's
-agent name as its actor."""
+users, projects, keys, adapter access and retention, and verify the audit log; every change
+lands in the audit log with the caller's agent name as its actor."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -13,8 +15,9 @@ from pydantic import BaseModel
 from atoll.agent.contract import NoParams
 from atoll.agent.errors import InvalidRequest, NoSuchMethod
 from atoll.plugins.gateway import contract as c
-from atoll.plugins.gateway.accounts import Accounts
 from atoll.plugins.gateway.errors import GatewayError
+from atoll.plugins.gateway.retention import purge
+from atoll.plugins.gateway.service import Gateway
 from atoll.protocol.session import CallInfo
 from atoll.tenancy.permissions import ADMINS
 
@@ -32,9 +35,15 @@ def plain(value: Any) -> Any:
     return value
 
 
+async def settle(result: Any) -> Any:
+    """A handler's result, awaited where it is work done off the event loop."""
+    return await result if inspect.isawaitable(result) else result
+
+
 class AdminRPC:
-    def __init__(self, accounts: Accounts) -> None:
-        self.accounts = accounts
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.accounts = gateway.accounts
 
     def methods(
         self,
@@ -51,7 +60,7 @@ class AdminRPC:
         async def call(params: Any, info: CallInfo) -> Any:
             args = method.parse_params(params)  # refused as the CLI's client refuses it
             try:
-                return plain(handler(args, info.caller.name))
+                return plain(await settle(handler(args, info.caller.name)))
             except GatewayError as exc:  # the same words the HTTP admin API would give
                 raise InvalidRequest(exc.message, {"status": exc.status}) from None
 
@@ -128,3 +137,18 @@ class AdminRPC:
 
     def audit(self, p: c.AuditQuery, actor: str) -> Any:
         return self.accounts.audit_log(p.limit, p.since)
+
+    def audit_verify(self, _: NoParams, actor: str) -> Any:
+        # In a thread: it reads the whole log (the store's lock is taken per batch).
+        return asyncio.to_thread(self.accounts.verify_audit)
+
+    def retention_set(self, p: c.RetentionSet, actor: str) -> Any:
+        return self.accounts.set_retention(
+            p.project, p.prompts_s, p.ledger_s, p.datasets_s, actor=actor
+        )
+
+    def retention_list(self, _: NoParams, actor: str) -> Any:
+        return self.accounts.list_retention()
+
+    def retention_purge(self, p: c.RetentionPurge, actor: str) -> Any:
+        return purge(self.gateway, p.dry_run, actor)

@@ -25,7 +25,7 @@ from atoll.plugins.gateway import batches as batch_routes
 from atoll.plugins.gateway import contract as c
 from atoll.plugins.gateway import evaluations as evaluation_routes
 from atoll.plugins.gateway.accounts.keys import Principal
-from atoll.plugins.gateway.admin import AdminRPC, plain
+from atoll.plugins.gateway.admin import AdminRPC, plain, settle
 from atoll.plugins.gateway.batches import Batches
 from atoll.plugins.gateway.bodies import parse_body, sse
 from atoll.plugins.gateway.errors import GatewayError
@@ -96,7 +96,7 @@ def create_app(
         redoc_url=None,
         openapi_url=None,
     )
-    admin = AdminRPC(gw.accounts)
+    admin = AdminRPC(gw)
 
     # --- errors in OpenAI's shape -----------------------------------------------------------
 
@@ -218,7 +218,7 @@ def create_app(
         async def endpoint(principal: Principal, request: Request, body: Any = None) -> Any:
             if http == "GET":
                 body = parse_body(schema, dict(request.query_params))
-            result = plain(handler(body, principal.user))
+            result = plain(await settle(handler(body, principal.user)))
             if getattr(body, "format", None) == "csv":
                 return usage_csv(result)
             return result
@@ -249,6 +249,10 @@ def create_app(
     admin_route("/admin/adapters", "list_adapters", "adapters_list", "GET")
     admin_route("/admin/usage", "usage", "usage", "GET")
     admin_route("/admin/audit", "audit", "audit", "GET")
+    admin_route("/admin/audit/verify", "verify_audit", "audit_verify", "GET")
+    admin_route("/admin/retention", "set_retention", "retention_set")
+    admin_route("/admin/retention", "list_retention", "retention_list", "GET")
+    admin_route("/admin/retention/purge", "purge_retention", "retention_purge")
     admin_route("/admin/budgets", "set_budget", "budgets_set")
     admin_route("/admin/budgets", "list_budgets", "budgets_list", "GET")
     admin_route("/admin/budgets/remove", "remove_budget", "budgets_remove")

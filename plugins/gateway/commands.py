@@ -1,5 +1,6 @@
-"""The gateway's commands (`atoll keys|projects|users|budgets|usage`): users, projects, API keys,
-budgets and usage reports through the gateway's admin methods, as a tenant admin. Registered
+"""The gateway's commands (`atoll keys|projects|users|budgets|usage|audit|retention`): users,
+projects, API keys, budgets, usage reports, the audit log's verification and retention through
+the gateway's admin methods, as a tenant admin. Registered
 under entry point group ``atoll.cli``; what users do with their own key is me_commands.py's."""
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ projects = typer.Typer(help="Gateway projects: members, policy labels, limits.")
 users = typer.Typer(help="Gateway users.")
 budgets = typer.Typer(help="Gateway budgets: tokens or cost per key, user or project and period.")
 usage = typer.Typer(help="Gateway usage reports (chargeback).")
+audit = typer.Typer(help="The gateway's audit log: hash-chained, its head signed.")
+retention = typer.Typer(help="How long projects' prompts, ledger rows and datasets are kept.")
 
 Gateway = Annotated[str, typer.Option("--gateway", help="Agent running the gateway plugin.")]
 RPM = Annotated[int | None, typer.Option("--rpm", help="Requests per minute.")]
@@ -244,3 +247,49 @@ def usage_report(
         print_csv(report["groups"])
     else:
         show(report)
+
+
+@admin_command(audit, "verify")
+def audit_verify(target: AdminTarget, gateway: Gateway = ISLAND) -> None:
+    """Re-compute the audit log's hash chain and check its signed head; exit 1 naming the first
+    bad row if a row was edited, removed or inserted."""
+    verdict = target.run(lambda a: GatewayAdmin(a, gateway).audit_verify())
+    show(verdict)
+    if not verdict["ok"]:
+        err.print(f"audit log NOT intact: {verdict['problem']}")
+        raise typer.Exit(1)
+    err.print(f"audit log intact: {verdict['rows']} rows, head signed by {verdict['public_key']}")
+
+
+Period = Annotated[str | None, typer.Option(help="Kept this long (e.g. 30d); left out: forever.")]
+
+
+@admin_command(retention, "set")
+def retention_set(
+    target: AdminTarget,
+    project: str,
+    prompts: Period = None,
+    ledger: Period = None,
+    datasets: Period = None,
+    gateway: Gateway = ISLAND,
+) -> None:
+    """Set PROJECT's periods (all three replaced): prompt text in the ledger, the ledger's rows,
+    datasets in storage from their upload. None given: the project keeps everything."""
+    periods = [parse_duration(p) if p else None for p in (prompts, ledger, datasets)]
+    show(target.run(lambda a: GatewayAdmin(a, gateway).retention_set(project, *periods)))
+
+
+@admin_command(retention, "list")
+def retention_list(target: AdminTarget, gateway: Gateway = ISLAND) -> None:
+    """Projects' retention periods (seconds)."""
+    show(target.run(lambda a: GatewayAdmin(a, gateway).retention_list()))
+
+
+@admin_command(retention, "purge")
+def retention_purge(
+    target: AdminTarget,
+    dry_run: Annotated[bool, typer.Option(help="Report what would go; change nothing.")] = False,
+    gateway: Gateway = ISLAND,
+) -> None:
+    """Purge what is past its period in every project with a policy, and report it."""
+    show(target.run(lambda a: GatewayAdmin(a, gateway).retention_purge(dry_run)))

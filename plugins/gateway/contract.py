@@ -21,6 +21,10 @@ creates it.
     RPC  budgets_list            {scope?, subject?}                     -> [budget]
     RPC  budgets_remove          {id}                                   -> {removed}
     RPC  audit                   {limit?, since?}                       -> [entry]
+    RPC  audit_verify            {}                                     -> verdict
+    RPC  retention_set           {project, prompts_s?, ledger_s?, datasets_s?} -> policy
+    RPC  retention_list          {}                                     -> [policy]
+    RPC  retention_purge         {dry_run?}                             -> purge report
 
 Every method is for admin and operator agents only.
 """
@@ -156,6 +160,19 @@ class AuditQuery(Strict):
     since: float | None = None
 
 
+class RetentionSet(Strict):
+    """A project's retention periods in seconds; a period left out (None) keeps those forever."""
+
+    project: str
+    prompts_s: float | None = Field(None, gt=0)  # prompt text in the ledger
+    ledger_s: float | None = Field(None, gt=0)  # the ledger's rows
+    datasets_s: float | None = Field(None, gt=0)  # datasets in storage, from their upload
+
+
+class RetentionPurge(Strict):
+    dry_run: bool = False  # True: report what would go, change nothing
+
+
 class NewKey(BaseModel):
     """A key just made: its secret (shown this once) and its record."""
 
@@ -191,6 +208,14 @@ ADAPTERS_LIST = Method[NoParams, list[Record]](
 )
 USAGE = Method[UsageQuery, Record]("usage", UsageQuery, Record, "usage")
 AUDIT = Method[AuditQuery, list[Record]]("audit", AuditQuery, list[Record], "audit")
+AUDIT_VERIFY = Method[NoParams, Record]("audit_verify", NoParams, Record, "audit_verify")
+RETENTION_SET = Method[RetentionSet, Record]("retention_set", RetentionSet, Record, "retention_set")
+RETENTION_LIST = Method[NoParams, list[Record]](
+    "retention_list", NoParams, list[Record], "retention_list"
+)
+RETENTION_PURGE = Method[RetentionPurge, Record](
+    "retention_purge", RetentionPurge, Record, "retention_purge"
+)
 BUDGETS_SET = Method[BudgetSet, Record]("budgets_set", BudgetSet, Record, "budgets_set")
 BUDGETS_LIST = Method[BudgetQuery, list[Record]](
     "budgets_list", BudgetQuery, list[Record], "budgets_list"
@@ -215,6 +240,10 @@ METHODS: dict[str, Method[Any, Any]] = {
         ADAPTERS_LIST,
         USAGE,
         AUDIT,
+        AUDIT_VERIFY,
+        RETENTION_SET,
+        RETENTION_LIST,
+        RETENTION_PURGE,
         BUDGETS_SET,
         BUDGETS_LIST,
         BUDGETS_REMOVE,
@@ -302,3 +331,27 @@ class GatewayAdmin:
 
     async def budgets_remove(self, budget: str) -> Record:
         return await self.client.invoke(BUDGETS_REMOVE, BUDGETS_REMOVE.parse_params({"id": budget}))
+
+    async def audit_verify(self) -> Record:
+        """The audit chain re-computed and its head's signature checked (``Verdict``'s fields)."""
+        return await self.client.invoke(AUDIT_VERIFY, NoParams())
+
+    async def retention_set(
+        self,
+        project: str,
+        prompts_s: float | None = None,
+        ledger_s: float | None = None,
+        datasets_s: float | None = None,
+    ) -> Record:
+        request = RETENTION_SET.parse_params(
+            {"project": project, "prompts_s": prompts_s, "ledger_s": ledger_s,
+             "datasets_s": datasets_s}
+        )  # fmt: skip
+        return await self.client.invoke(RETENTION_SET, request)
+
+    async def retention_list(self) -> list[Record]:
+        return await self.client.invoke(RETENTION_LIST, NoParams())
+
+    async def retention_purge(self, dry_run: bool) -> Record:
+        request = RETENTION_PURGE.parse_params({"dry_run": dry_run})
+        return await self.client.invoke(RETENTION_PURGE, request)

@@ -21,6 +21,7 @@ from atoll.plugins.inference.contract import (
 )
 from atoll.plugins.storage.contract.adapters import AdapterNotFound
 from atoll.plugins.storage.contract.datasets import DatasetInvalid
+from atoll.plugins.storage.contract.wire import ObjectDamaged
 
 TYPES = {
     400: "invalid_request_error",
@@ -90,6 +91,8 @@ def from_platform(exc: AtollError) -> GatewayError:
         return GatewayError(400, message)
     if isinstance(exc, DatasetInvalid):  # the caller's file or rows: the message names them
         return GatewayError(400, message, code="invalid_file")
+    if isinstance(exc, ObjectDamaged):  # storage refused what it holds: no retry helps
+        return GatewayError(502, message, "api_error", code="stored_object_damaged")
     if isinstance(exc, Overloaded):
         return GatewayError(429, message, code="overloaded", retry_after=1)
     if isinstance(exc, DeadlineExceeded):

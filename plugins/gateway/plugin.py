@@ -132,7 +132,7 @@ class GatewayPlugin(Plugin):
                 self.accounts, config.prices, config.template_tokens, config.request_timeout + 60
             ),
         )
-        self.admin = AdminRPC(self.accounts)
+        self.admin = AdminRPC(self.gateway)
         self.evaluations = Evaluations(self.gateway, ctx.data_dir / "evaluations")
         self.batches = Batches(self.gateway, ctx.data_dir / "batches", config.batch_concurrency)
         # New adapters (uploaded, or made by a training job) become usable by their owner or

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors import safe_open
 
 from atoll.agent.metrics import MetricsRegistry
+from atoll.plugins.inference.adapter_tiers import TIERS, DiskTier, HostTier
 from atoll.plugins.inference.backend import AdapterFetcher
 from atoll.plugins.inference.contract import (
     AdapterInfo,
@@ -174,10 +175,14 @@ class AdapterCache:
         read: Callable[[Path], LoraWeights],
         merge: Callable[[list[Path], Mixture], LoraWeights],
         metrics: MetricsRegistry,
+        host: HostTier,
+        disk: DiskTier,
     ) -> None:
         self.pool = pool
         self.capacity = pool.slots
         self.root = root  # where fetched adapters are kept on disk
+        self.host = host
+        self.disk = disk
         self._fetch = fetch
         self._validate = validate
         self._read = read
@@ -195,6 +200,26 @@ class AdapterCache:
             "adapter_slot_load_seconds", "Read and copy into a slot (loader thread), until ready"
         )
         self.loaded = metrics.gauge("adapters_loaded", "Adapters loaded now")
+        self.found = {
+            tier: metrics.counter(
+                "adapter_tier_hits",
+                "Requests by the highest tier their adapter was in",
+                {"tier": tier},
+            )
+            for tier in TIERS
+        }
+        self.tier_time = {
+            tier: metrics.histogram(
+                "adapter_tier_load_seconds",
+                "Load time by the tier loaded from",
+                labels={"tier": tier},
+            )
+            for tier in TIERS[1:]
+        }
+        self.tier_bytes = {
+            tier: metrics.gauge("adapter_tier_bytes", "Bytes each tier holds", {"tier": tier})
+            for tier in ("host", "disk")
+        }
 
     # --- requests ----------------------------------------------------------------------------
 
@@ -203,6 +228,7 @@ class AdapterCache:
         entry = self.entries.get(adapter_id)
         if entry is not None:
             self.hits.inc()
+            self.found["slots"].inc()
         else:
             self.misses.inc()
             entry = await self._single_flight(adapter_id, lambda: self._load_new(adapter_id))
@@ -280,29 +306,54 @@ class AdapterCache:
         fut.set_result(entry)
         return entry
 
-    async def _checked(self, adapter_id: str) -> tuple[Path, AdapterInfo]:
+    async def _checked(self, adapter_id: str) -> tuple[Path, AdapterInfo, str]:
+        """The adapter's directory, what checking it found, and the tier it came from."""
+        on_disk = self.disk.holds(adapter_id)
         path = await self._fetch(adapter_id, self.root)
+        fetched = not on_disk and path.is_relative_to(self.root)
         try:
-            return path, await asyncio.to_thread(self._validate, path, adapter_id)
+            info = await asyncio.to_thread(self._validate, path, adapter_id)
         except AdapterRejected:
             self.refusals.inc()
             if path.is_relative_to(self.root):  # fetched, not an operator's directory
                 # Kept, a refused copy would answer for whatever takes its id next.
+                self.disk.forget(adapter_id)
                 await asyncio.to_thread(shutil.rmtree, path, True)
             raise
+        self.disk.used(adapter_id, path)
+        if fetched:  # the disk tier grew: the least recently used others may go
+            keep = {*self.entries, *self._loading, adapter_id}
+            await asyncio.to_thread(self.disk.trim, keep)
+        self.tier_bytes["disk"].set(self.disk.bytes)
+        return path, info, "storage" if fetched else "disk"
 
     async def _load_new(self, adapter_id: str) -> LoadedAdapter:
         started = time.perf_counter()
-        path, info = await self._checked(adapter_id)
+        held = self.host.get(adapter_id)
+        if held is not None:  # decoded before: no file to read, check or decode
+            info, weights = held
+            tier = "host"
 
-        def read() -> LoraWeights:
-            try:
-                return self._read(path)
-            except AdapterRejected as exc:  # damaged past its header: the same clear refusal
-                raise AdapterRejected(f"adapter {adapter_id!r} refused: {exc}") from None
+            def read() -> LoraWeights:
+                return weights
+
+        else:
+            path, info, tier = await self._checked(adapter_id)
+            checked = info.model_copy()
+
+            def read() -> LoraWeights:
+                try:
+                    decoded = self._read(path)
+                except AdapterRejected as exc:  # damaged past its header: the same refusal
+                    raise AdapterRejected(f"adapter {adapter_id!r} refused: {exc}") from None
+                self.host.put(checked, decoded)
+                return decoded
 
         entry = await self._into_slot(info, read, started)
         self.loads.inc()
+        self.found[tier].inc()
+        self.tier_time[tier].observe(time.perf_counter() - started)
+        self.tier_bytes["host"].set(self.host.bytes)
         return entry
 
     async def _merge_new(self, key: str, mixture: Mixture) -> LoadedAdapter:
@@ -312,12 +363,12 @@ class AdapterCache:
         info = AdapterInfo(
             id=key,
             base_model=first.base_model,
-            rank=max(i.rank for _, i in parts),
-            target_modules=sorted({t for _, i in parts for t in i.target_modules}),
+            rank=max(i.rank for _, i, _ in parts),
+            target_modules=sorted({t for _, i, _ in parts for t in i.target_modules}),
             mixture=True,
         )
         return await self._into_slot(
-            info, lambda: self._merge([p for p, _ in parts], mixture), started
+            info, lambda: self._merge([p for p, _, _ in parts], mixture), started
         )
 
     async def _into_slot(

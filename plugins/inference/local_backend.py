@@ -17,6 +17,7 @@ from atoll.agent.errors import AtollError, InvalidRequest
 from atoll.agent.metrics import MetricsRegistry
 from atoll.plugins.basemodels import ModelSpec, model_id, resolve_model
 from atoll.plugins.inference.adapter_metrics import LoraRequests
+from atoll.plugins.inference.adapter_tiers import DiskTier, HostTier, pinnable
 from atoll.plugins.inference.adapters import (
     AdapterCache,
     AdapterLimits,
@@ -61,6 +62,10 @@ class LocalConfig(BaseModel):
     max_prefill_tokens: int = Field(4096, ge=16)
     max_queue: int = Field(256, ge=1)
     adapter_cache: int = Field(32, ge=1)  # adapters kept loaded: the pool's slots
+    # The tiers below the slots (adapter_tiers.py), in bytes: decoded adapters in host memory,
+    # then adapter directories fetched to this node's disk.
+    host_cache_bytes: int = Field(1 << 30, ge=0)
+    disk_cache_bytes: int = Field(20 << 30, ge=0)
     limits: AdapterLimits = AdapterLimits()
     embeddings: bool = True  # serve embed() with the MiniLM model
 
@@ -140,6 +145,8 @@ class LocalBackend(Backend):
             read=lambda p: read_adapter(p, pool.dtype),
             merge=lambda parts, mixture: merge(parts, mixture, targets, pool.dtype),
             metrics=self.metrics,
+            host=HostTier(cfg.host_cache_bytes, pin=device.startswith("cuda") and pinnable()),
+            disk=DiskTier(self.data_dir / "adapters", cfg.disk_cache_bytes),
         )
         self.tokens = self.metrics.counter("tokens_generated", "Completion tokens generated")
         self.lora_requests = LoraRequests(self.metrics)

@@ -1,23 +1,27 @@
 """The ``openai`` backend: a proxy to an OpenAI-compatible server on the island (vLLM serving each
 ``--lora-modules name=path`` adapter as a model name, a Whisper server, ...). The upstream batches
-and holds its adapters; this backend maps requests, streams and errors onto the contract."""
+and holds its adapters; this backend maps requests, streams and errors onto the contract. With
+``push_adapters`` it also loads Atoll-stored adapters into a vLLM upstream on demand
+(runtime_loras.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mimetypes
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import contextmanager
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from atoll.agent.config import ConfigPath
 from atoll.agent.errors import AtollError, DeadlineExceeded, InvalidRequest
 from atoll.logs import EventLogger
-from atoll.plugins.inference.backend import Backend, unit_vector
+from atoll.plugins.inference.backend import AdapterFetcher, Backend, unit_vector
 from atoll.plugins.inference.contract import (
     AdapterInfo,
     BackendUnavailable,
@@ -43,6 +47,7 @@ from atoll.plugins.inference.openai_wire import (
     sse_data,
     status_error,
 )
+from atoll.plugins.inference.runtime_loras import RuntimeLoras
 
 MAX_MODELS = 10_000
 
@@ -57,6 +62,12 @@ class OpenAIConfig(BaseModel):
     transcription_model: str | None = None
     embedding_model: str | None = None
     max_batch: int = Field(256, ge=1, le=100_000)  # announced; vLLM's default max_num_seqs
+    # vLLM's runtime LoRA API: adapters from Atoll's storage fetched into ``adapter_root`` (which
+    # the vLLM server must read at the same path; default: the plugin's data dir) and loaded on
+    # first use, at most ``max_loaded`` at once.
+    push_adapters: bool = False
+    adapter_root: ConfigPath | None = None
+    max_loaded: int = Field(64, ge=1, le=100_000)
 
     @field_validator("url")
     @classmethod
@@ -73,8 +84,16 @@ class OpenAIConfig(BaseModel):
 class OpenAIBackend(Backend):
     kind = "openai"
 
-    def __init__(self, config: OpenAIConfig) -> None:
+    def __init__(
+        self, config: OpenAIConfig, fetch: AdapterFetcher | None = None, data_dir: Path = Path()
+    ) -> None:
         self.config = config
+        self.pushed: RuntimeLoras | None = None
+        if config.push_adapters:
+            if fetch is None:
+                raise ValueError("push_adapters needs the plugin's adapter fetcher")
+            root = Path(config.adapter_root or data_dir / "adapters").resolve()
+            self.pushed = RuntimeLoras(fetch, root, config.max_loaded, self._post_json)
         self._api_key = config.api_key or os.environ.get(API_KEY_ENV) or None
         self._root = config.url.removesuffix("/v1")  # where vLLM keeps /health and /tokenize
         self._client: httpx.AsyncClient | None = None
@@ -132,6 +151,12 @@ class OpenAIBackend(Backend):
                 owner = parent if isinstance(parent, str) else base or ""
                 # rank and targets are the upstream's secret; 0 and [] say "unknown"
                 found.append(AdapterInfo(id=m["id"], base_model=owner, rank=0, target_modules=[]))
+        listed = {a.id for a in found}
+        for pushed in self.pushed.loaded if self.pushed else []:  # before /models shows them
+            if pushed not in listed:
+                found.append(
+                    AdapterInfo(id=pushed, base_model=base or "", rank=0, target_modules=[])
+                )
         return found
 
     async def health(self) -> Health:
@@ -159,6 +184,22 @@ class OpenAIBackend(Backend):
             raise Unsupported("the openai backend cannot merge adapters into a mixture")
         if request.prompt is not None and (request.tools or request.tool_choice is not None):
             raise InvalidRequest("tools and tool_choice need chat messages, not a raw prompt")
+        held = None  # an adapter pushed into the upstream, held there while this runs
+        if self.pushed is not None and request.adapter and not self._serves(request.adapter):
+            held = request.adapter
+            await self.pushed.acquire(held)
+        try:
+            # Closed with this generator, so a caller leaving frees the upstream request at once.
+            async with contextlib.aclosing(self._generate(request)) as events:
+                async for event in events:
+                    yield event
+        finally:
+            if held is not None and self.pushed is not None:
+                self.pushed.release(held)
+
+    async def _generate(
+        self, request: GenerateRequest
+    ) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
         base = request.model or await self._base_model()
         path, body = generate_body(request, request.adapter or base)
         headers = {"X-Request-Id": request.request_id} if request.request_id else None
@@ -254,6 +295,31 @@ class OpenAIBackend(Backend):
         if not isinstance(body.get("text"), str):
             raise BackendUnavailable("the upstream's transcription reply has no text")
         return TranscribeResult(model=model, text=body["text"], body=body)
+
+    # --- adapters pushed into the upstream -----------------------------------------------------
+
+    def _serves(self, adapter_id: str) -> bool:
+        """The upstream's own adapter (its --lora-modules), not one this node pushes."""
+        pushed = self.pushed.loaded if self.pushed else []
+        return adapter_id not in pushed and any(m["id"] == adapter_id for m in self._models)
+
+    async def load_adapter(self, adapter_id: str) -> AdapterInfo:
+        if self.pushed is None:
+            return await super().load_adapter(adapter_id)
+        await self.pushed.acquire(adapter_id)
+        self.pushed.release(adapter_id)
+        await self._refresh_models()
+        base = await self._base_model()
+        return AdapterInfo(id=adapter_id, base_model=base, rank=0, target_modules=[])
+
+    async def unload_adapter(self, adapter_id: str) -> bool:
+        if self.pushed is None:
+            return await super().unload_adapter(adapter_id)
+        return await self.pushed.unload(adapter_id)
+
+    async def _post_json(self, path: str, body: dict[str, str]) -> httpx.Response:
+        with self._transport_errors(path):
+            return await self._http().post(path, json=body)
 
     # --- plumbing -----------------------------------------------------------------------------
 

@@ -80,7 +80,7 @@ def make_backend(config: InferenceConfig, ctx: PluginContext, fetch: Any) -> Bac
     if config.backend == "openai":
         from atoll.plugins.inference.openai_backend import OpenAIBackend, OpenAIConfig
 
-        return OpenAIBackend(ctx.settings(OpenAIConfig, config.openai))
+        return OpenAIBackend(ctx.settings(OpenAIConfig, config.openai), fetch, ctx.data_dir)
     from atoll.plugins.inference.echo_backend import EchoBackend, EchoConfig
 
     return EchoBackend(ctx.settings(EchoConfig, config.echo))

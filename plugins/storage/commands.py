@@ -1,5 +1,6 @@
-"""The storage plugin's commands (`atoll datasets`): datasets in a storage agent's registry, as
-a tenant admin. Registered under entry point group ``atoll.cli``."""
+"""The storage plugin's commands (`atoll datasets`, `atoll storage`): datasets in a storage
+agent's registry and the keys its objects are sealed with, as a tenant admin. Registered under
+entry point group ``atoll.cli``."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from atoll.plugins.storage.contract.datasets import (
     list_datasets,
     upload_dataset,
 )
+from atoll.plugins.storage.contract.wire import rotate_keys
 
 datasets = typer.Typer(help="Datasets in the storage agent's registry (immutable, versioned).")
+storage = typer.Typer(help="The storage agent's encryption at rest.")
 
 Storage = Annotated[str, typer.Option("--storage", help="Agent running the storage plugin.")]
 
@@ -67,3 +70,10 @@ def datasets_delete(target: AdminTarget, dataset_id: str, storage: Storage = ISL
     """Delete a dataset version."""
     target.run(lambda a: delete_dataset(a, storage, dataset_id))
     out.print(f"deleted {dataset_id}")
+
+
+@admin_command(storage, "rotate-keys")
+def storage_rotate_keys(target: AdminTarget, storage_agent: Storage = ISLAND) -> None:
+    """A new key-encryption key: every object's data key re-wrapped under it (no object is
+    rewritten), the old keys dropped from the keyring."""
+    show(target.run(lambda a: rotate_keys(a, storage_agent)).model_dump(mode="json"))

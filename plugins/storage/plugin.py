@@ -2,7 +2,7 @@
 adapters and training datasets, served over the data plane (see ``contract/`` for the wire).
 Adapters are validated before anything is kept, immutable once registered, stored under
 ``adapters/<id>/<file>`` and announced on ``adapters.new``; datasets are handled by
-``dataset_service.py``.
+``dataset_service.py``. Every object is sealed at rest (sealed_store.py) unless ``encrypt`` is off.
 """
 
 from __future__ import annotations
@@ -56,15 +56,19 @@ from atoll.plugins.storage.contract.datasets import (
     DELETE_DATASET,
     LIST_DATASETS,
 )
+from atoll.plugins.storage.contract.wire import ROTATE_KEYS
 from atoll.plugins.storage.dataset_service import DatasetService
 from atoll.plugins.storage.datasets import DatasetLimits
+from atoll.plugins.storage.keyring import KEYRING_FILE, Keyring
 from atoll.plugins.storage.registry import AdapterRegistry, DatasetRegistry, open_registry
 from atoll.plugins.storage.s3 import S3Config, S3Store
+from atoll.plugins.storage.sealed_store import SealedStore
 from atoll.plugins.storage.store import LocalStore, ObjectNotFound, ObjectStore
 from atoll.protocol.session import CallInfo
 from atoll.tenancy.permissions import (
     ADAPTER_READERS,
     ADAPTER_WRITERS,
+    ADMINS,
     CLIENTS,
     DATASET_READERS,
     RESULTS_WRITERS,
@@ -92,6 +96,10 @@ class StorageConfig(BaseModel):
     root: ConfigPath | None = None  # the local store's directory; None: <plugin data dir>/objects
     s3: S3Config | None = None  # [plugins.storage.s3], for store = "s3"
     max_adapter_bytes: int = Field(2 * 1024**3, ge=1)
+    # Seal new objects (adapters, datasets, results files) with per-object data keys wrapped by
+    # the tenant's key (sealed_store.py). On by default: the cost is a ChaCha20 pass over the
+    # bytes, and the keyring file to back up. Off: new objects are plaintext; sealed ones read.
+    encrypt: bool = True
     datasets: DatasetsConfig = Field(default_factory=DatasetsConfig)
 
     @model_validator(mode="after")
@@ -160,10 +168,12 @@ class StoragePlugin(Plugin):
         if config.s3 is not None:  # store = "s3" (the config's checks)
             s3 = S3Store(config.s3, spool_dir=self.incoming)
             await s3.open()
-            self.store: ObjectStore = s3
+            inner: ObjectStore = s3
         else:
-            self.store = LocalStore(config.root or ctx.data_dir / "objects")
+            inner = LocalStore(config.root or ctx.data_dir / "objects")
         self.db = open_registry(ctx.data_dir / "registry.sqlite")
+        keyring = Keyring.open(ctx.data_dir / KEYRING_FILE, ctx.identity.tenant)
+        self.store = SealedStore(inner, keyring, self.db, seal=config.encrypt)
         self.registry = AdapterRegistry(self.db)
         self.dataset_registry = DatasetRegistry(self.db)
         self.datasets = DatasetService(
@@ -190,7 +200,7 @@ class StoragePlugin(Plugin):
         self.db.close()
 
     def describe(self) -> dict[str, Any]:
-        return {"capabilities": {"adapters": int(self.adapters.value), "store": self.store.kind}}
+        return {"capabilities": {"adapters": int(self.adapters.value), "store": self.config.store}}
 
     def _update_totals(self) -> None:
         count, size = self.registry.totals()
@@ -226,6 +236,13 @@ class StoragePlugin(Plugin):
         self._update_totals()
         self.ctx.log.info("storage.adapter_deleted", adapter=ref.id, by=call.caller.name)
         return {"deleted": True}
+
+    @rpc(ROTATE_KEYS.name, roles=ADMINS)
+    async def keys_rotate(self, params: Any, call: CallInfo) -> dict[str, Any]:
+        ROTATE_KEYS.parse_params(params)
+        rotated = self.store.rotate()
+        self.ctx.log.info("storage.keys_rotated", by=call.caller.name, **rotated)
+        return rotated
 
     @rpc(LIST_DATASETS.name, roles=DATASET_READERS)
     async def list_datasets(self, params: Any, call: CallInfo) -> list[dict[str, Any]]:

@@ -1,5 +1,5 @@
-"""The storage plugin's registry in SQLite: adapters and datasets. One connection, used only from
-the event loop: its statements are single-row and short."""
+"""The storage plugin's registry in SQLite: adapters, datasets, and sealed objects' data keys.
+One connection, used only from the event loop: its statements are single-row and short."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 from atoll.plugins.storage.contract.adapters import AdapterExists, AdapterQuery, AdapterRecord
 from atoll.plugins.storage.contract.datasets import DatasetQuery, DatasetRecord
 
-SCHEMA_VERSION = 2  # PRAGMA user_version; 0 with an adapters table is the first layout
+SCHEMA_VERSION = 3  # PRAGMA user_version; 0 with an adapters table is the first layout
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS adapters (
@@ -50,6 +50,16 @@ CREATE TABLE IF NOT EXISTS datasets (
 );
 -- The last version given per name: deleting a version never frees its number for other bytes.
 CREATE TABLE IF NOT EXISTS dataset_versions (name TEXT PRIMARY KEY, last INTEGER NOT NULL);
+-- Each sealed object's data key, wrapped by a KEK of the keyring (sealed_store.py).
+CREATE TABLE IF NOT EXISTS object_keys (
+    key TEXT PRIMARY KEY,          -- the object's key in the store
+    object_id BLOB NOT NULL,       -- the id in its sealed header
+    kek TEXT NOT NULL,             -- the KEK that wraps its data key
+    wrapped BLOB NOT NULL,         -- its data key, wrapped
+    size INTEGER NOT NULL,         -- plaintext bytes
+    sha256 TEXT NOT NULL,          -- of the plaintext
+    created REAL NOT NULL
+);
 """
 
 # The first layout's adapters table had no visibility columns and called the uploader "owner".

@@ -6,6 +6,9 @@ matches a string prefix, ``delete`` of a missing key answers False. Every boto3 
 each runs in a thread. The sha256 of an object travels as its user metadata ``sha256``; objects
 written by other tools without it are hashed once when first asked.
 
+``sse`` (and ``kms_key_id``) ask S3 to encrypt each object on its side as well; Atoll's own sealing
+(sealed_store.py) happens before the bytes leave the host either way.
+
 Credentials never sit in config files: ``access_key_env`` / ``secret_key_env`` name the
 environment variables that hold them, or, left out, boto3's default chain applies
 (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profiles, instance roles).
@@ -59,6 +62,11 @@ class S3Config(BaseModel):
     create_bucket: bool = False  # create the bucket at start if it is missing
     multipart_threshold: int = Field(64 * 1024 * 1024, ge=MIN_PART)
     multipart_chunksize: int = Field(16 * 1024 * 1024, ge=MIN_PART)
+    # Server-side encryption S3 applies too (objects are sealed before they leave the host
+    # anyway, see sealed_store.py): "AES256" with S3's keys, or "aws:kms" with kms_key_id (a
+    # KMS key id or ARN; left out, the account's default KMS key).
+    sse: Literal["AES256", "aws:kms"] | None = None
+    kms_key_id: str | None = Field(None, min_length=1, max_length=2048)
 
     @model_validator(mode="before")
     @classmethod
@@ -75,6 +83,8 @@ class S3Config(BaseModel):
     def _check(self) -> S3Config:
         if (self.access_key_env is None) != (self.secret_key_env is None):
             raise ValueError("set both access_key_env and secret_key_env, or neither")
+        if self.kms_key_id is not None and self.sse != "aws:kms":
+            raise ValueError('kms_key_id is for sse = "aws:kms"')
         if self.prefix:
             check_key(self.prefix.removesuffix("/"))
             if not self.prefix.endswith("/"):
@@ -122,6 +132,11 @@ class S3Store(ObjectStore):
             multipart_chunksize=config.multipart_chunksize,
         )
         self._digests: dict[str, tuple[str, str]] = {}  # key -> (etag, sha256), for foreign ones
+        self.encryption: dict[str, str] = {}  # boto3's ExtraArgs for server-side encryption
+        if config.sse:
+            self.encryption["ServerSideEncryption"] = config.sse
+        if config.kms_key_id:
+            self.encryption["SSEKMSKeyId"] = config.kms_key_id
 
     async def open(self) -> None:
         """Check the bucket can be reached (creating it if configured to); S3Unavailable with
@@ -185,7 +200,7 @@ class S3Store(ObjectStore):
                 source,
                 self.bucket,
                 self._name(key),
-                ExtraArgs={"Metadata": {"sha256": sha}},
+                ExtraArgs={"Metadata": {"sha256": sha}, **self.encryption},
                 Config=self.transfer,
             )
         except (BotoCoreError, ClientError) as exc:

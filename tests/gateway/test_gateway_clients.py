@@ -525,6 +525,7 @@ async def test_openapi_schema_refs_resolve(island: Island) -> None:
     assert not broken, json.dumps(broken, indent=1)
 
 
+@pytest.mark.timeout(300)  # a hang guard: 50 cases for each of the ~45 routes, on a busy machine
 async def test_openapi_fuzz_with_the_admin_key_never_5xx(
     island: Island, upstream: FakeOpenAI
 ) -> None:

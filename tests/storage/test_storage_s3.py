@@ -10,13 +10,11 @@ import hashlib
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import boto3
 import numpy as np
 import pytest
 from pydantic import ValidationError
-from safetensors.numpy import save_file
 
 from atoll.agent.runtime import AgentRuntime
 from atoll.plugins.storage.contract.adapters import delete_adapter, fetch_adapter, upload_adapter
@@ -29,6 +27,7 @@ from atoll.plugins.storage.contract.datasets import (
 from atoll.plugins.storage.plugin import StorageConfig, StoragePlugin
 from atoll.plugins.storage.s3 import S3Config, S3Store, S3Unavailable
 from atoll.plugins.storage.store import InvalidKey, LocalStore, ObjectNotFound, ObjectStore
+from support.island import lora_adapter
 from support.net import moto_server
 from support.overlay import AgentFactory
 
@@ -249,6 +248,9 @@ async def test_config_and_bucket_problems_are_clear(s3_endpoint, credentials, mo
         ({"bucket": "Bad_Bucket"}, "bucket"),
         ({"prefix": "../up"}, "'..' segment"),
         ({"multipart_chunksize": MIB}, "multipart_chunksize"),
+        ({"kms_key_id": "k"}, 'kms_key_id is for sse = "aws:kms"'),
+        ({"sse": "aws:kms", "kms_key_id": ""}, "kms_key_id"),
+        ({"sse": "des"}, "sse"),
     ):
         with pytest.raises(ValidationError, match=message):
             S3Config.model_validate(s3_config(s3_endpoint) | bad)
@@ -306,42 +308,22 @@ async def test_default_credential_chain_prefix_and_foreign_objects(
 # --- a storage plugin on S3 ---------------------------------------------------------------------
 
 
-def lora_adapter(directory: Path) -> Path:
-    """A minimal LoRA adapter as peft lays it out: a config and lora_A/lora_B tensors."""
-    directory.mkdir()
-    config = {
-        "peft_type": "LORA",
-        "base_model_name_or_path": "atoll-test/tiny-llama",
-        "r": 4,
-        "target_modules": ["q_proj", "v_proj"],
-    }
-    (directory / "adapter_config.json").write_text(json.dumps(config))
-    rng = np.random.default_rng(1)
-    save_file(
-        {
-            "base_model.model.layers.0.q_proj.lora_A.weight": rng.random((4, 32), np.float32),
-            "base_model.model.layers.0.q_proj.lora_B.weight": rng.random((32, 4), np.float32),
-        },
-        str(directory / "adapter_model.safetensors"),
-    )
-    return directory
-
-
 async def start_s3_storage(
-    make_agent: AgentFactory, endpoint: str
+    make_agent: AgentFactory, endpoint: str, **s3: object
 ) -> tuple[AgentRuntime, StoragePlugin]:
     rt = await make_agent("store", roles=("storage",))
     plugin = StoragePlugin()
-    await rt.host.add("storage", {"store": "s3", "s3": s3_config(endpoint)}, plugin=plugin)
+    await rt.host.add("storage", {"store": "s3", "s3": s3_config(endpoint, **s3)}, plugin=plugin)
     return rt, plugin
 
 
 async def test_adapter_and_dataset_round_trip_through_s3(
     tmp_path, make_agent, s3_endpoint, credentials
 ) -> None:
-    _, plugin = await start_s3_storage(make_agent, s3_endpoint)
+    kms_key = "arn:aws:kms:us-east-1:123456789012:key/atoll-test"
+    _, plugin = await start_s3_storage(make_agent, s3_endpoint, sse="aws:kms", kms_key_id=kms_key)
     assert plugin.describe() == {"capabilities": {"adapters": 0, "store": "s3"}}
-    bucket = plugin.store.bucket  # type: ignore[attr-defined]
+    bucket = plugin.store.inner.bucket  # type: ignore[attr-defined]
     trainer = (await make_agent("trainer", roles=("training",))).agent
     reader = (await make_agent("reader", roles=("inference",))).agent
     client = raw_client(s3_endpoint)
@@ -356,8 +338,14 @@ async def test_adapter_and_dataset_round_trip_through_s3(
         "adapters/alice/ft-1/adapter_model.safetensors",
     ]
     head = client.head_object(Bucket=bucket, Key="adapters/alice/ft-1/adapter_model.safetensors")
+    # Sealed before it left the host (the sha256 is of what S3 holds), and S3's own
+    # encryption asked for as configured.
     weights = (src / "adapter_model.safetensors").read_bytes()
-    assert head["Metadata"]["sha256"] == hashlib.sha256(weights).hexdigest()
+    held = client.get_object(Bucket=bucket, Key="adapters/alice/ft-1/adapter_model.safetensors")
+    body = held["Body"].read()
+    assert head["Metadata"]["sha256"] == hashlib.sha256(body).hexdigest()
+    assert weights[-64:] not in body and len(body) > len(weights)
+    assert (head["ServerSideEncryption"], head["SSEKMSKeyId"]) == ("aws:kms", kms_key)
     dest = await fetch_adapter(reader, "store", record.id, tmp_path / "cache" / "ft-1")
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert (dest / name).read_bytes() == (src / name).read_bytes()

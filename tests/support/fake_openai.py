@@ -1,7 +1,9 @@
 """A fake OpenAI-compatible server shaped like vLLM serving one base model with two
 ``--lora-modules`` and a Whisper-style transcription route: a real HTTP server (FastAPI + uvicorn)
 on 127.0.0.1 whose replies derive from the request, so tests can predict them. It checks the
-Bearer key on /v1, records what it was sent, and has switches that make it fail."""
+Bearer key on /v1, records what it was sent, and has switches that make it fail. With
+``runtime_lora`` it has vLLM's runtime LoRA API (load_lora_adapter / unload_lora_adapter), with
+vLLM's answers: it reads the adapter directory it is given, as vLLM does."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -79,6 +82,9 @@ class FakeOpenAI:
         self.tokenize = True  # False: no /tokenize route
         self.health_status = 200
         self.missing: set[str] = set()  # /v1 paths answered with FastAPI's 404 "Not Found"
+        self.runtime_lora = False  # VLLM_ALLOW_RUNTIME_LORA_UPDATING: the load/unload routes
+        self.loaded: dict[str, str] = {}  # adapters loaded at run time: name -> path
+        self.load_refusal: str | None = None  # a load answers 400 with this message
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
         self.app = self._build()
@@ -151,19 +157,45 @@ class FakeOpenAI:
         async def models() -> dict[str, Any]:
             cards = [card(BASE, f"/models/{BASE}", None)]
             cards += [card(a, f"/adapters/{a}", BASE) for a in ADAPTERS]
+            cards += [card(a, path, BASE) for a, path in self.loaded.items()]
             return {"object": "list", "data": cards}
+
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora(request: Request) -> Response:
+            if not self.runtime_lora:
+                return JSONResponse({"detail": "Not Found"}, status_code=404)
+            body = await self._record(request)
+            name, path = body.get("lora_name"), str(body.get("lora_path"))
+            if name in ADAPTERS or name in self.loaded:
+                return error(400, f"The lora adapter '{name}' has already been loaded.")
+            if not (Path(path) / "adapter_config.json").is_file():
+                return error(400, f"No adapter found for {path}")
+            if self.load_refusal is not None:
+                return error(400, self.load_refusal)
+            self.loaded[str(name)] = path
+            return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora(request: Request) -> Response:
+            if not self.runtime_lora:
+                return JSONResponse({"detail": "Not Found"}, status_code=404)
+            body = await self._record(request)
+            name = body.get("lora_name")
+            if self.loaded.pop(str(name), None) is None:
+                return error(404, f"The lora adapter '{name}' cannot be found.")
+            return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
         @app.post("/v1/chat/completions")
         async def chat(request: Request) -> Response:
             body = await self._record(request)
-            if (bad := check(body, chat=True)) is not None:
+            if (bad := check(body, True, self.loaded)) is not None:
                 return bad
             return self._stream(body, chat=True)
 
         @app.post("/v1/completions")
         async def completions(request: Request) -> Response:
             body = await self._record(request)
-            if (bad := check(body, chat=False)) is not None:
+            if (bad := check(body, False, self.loaded)) is not None:
                 return bad
             return self._stream(body, chat=False)
 
@@ -334,9 +366,9 @@ def missing_model(model: Any) -> JSONResponse:
     return error(404, f"The model `{model}` does not exist.")
 
 
-def check(body: dict[str, Any], chat: bool) -> JSONResponse | None:
+def check(body: dict[str, Any], chat: bool, loaded: dict[str, str]) -> JSONResponse | None:
     """vLLM's answers to a bad request: unknown model 404, over-long max_tokens 400."""
-    if body.get("model") not in (BASE, *ADAPTERS):
+    if body.get("model") not in (BASE, *ADAPTERS, *loaded):
         return missing_model(body.get("model"))
     if not body.get("stream"):
         return error(400, "this fake streams only")

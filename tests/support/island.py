@@ -3,10 +3,13 @@ and the whole fine-tuning loop."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
+from safetensors.numpy import save_file
 
 from atoll.agent.runtime import AgentRuntime
 from atoll.plugins.storage.plugin import StoragePlugin
@@ -77,6 +80,27 @@ async def models(isl: Island, key: str) -> set[str]:
         reply = await http.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
     reply.raise_for_status()
     return {m["id"] for m in reply.json()["data"]}
+
+
+def lora_adapter(directory: Path) -> Path:
+    """A minimal LoRA adapter as peft lays it out: a config and lora_A/lora_B tensors."""
+    directory.mkdir()
+    config = {
+        "peft_type": "LORA",
+        "base_model_name_or_path": "atoll-test/tiny-llama",
+        "r": 4,
+        "target_modules": ["q_proj", "v_proj"],
+    }
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    rng = np.random.default_rng(1)
+    save_file(
+        {
+            "base_model.model.layers.0.q_proj.lora_A.weight": rng.random((4, 32), np.float32),
+            "base_model.model.layers.0.q_proj.lora_B.weight": rng.random((32, 4), np.float32),
+        },
+        str(directory / "adapter_model.safetensors"),
+    )
+    return directory
 
 
 async def start_storage(

@@ -3,8 +3,9 @@
 (keys.py), who may see and use which adapter (adapters.py), the usage ledger, one row per
 request (ledger.py), budgets with their reservations, settled by the ledger's own
 transaction (budgets.py), and the audit log, one row per admin action written in the same
-transaction as the change it records (audit.py). store.py holds the schema and the database
-they share.
+transaction as the change it records and hash-chained (audit.py, audit_chain.py), and each
+project's retention periods with the ledger's purge (retention.py). store.py holds the schema and
+the database they share.
 
 ``Accounts``' methods are synchronous and each runs one short statement or transaction, so the
 app may call them from the event loop (``ledger.Ledger`` batches the ledger's rows there).
@@ -20,10 +21,11 @@ from atoll.plugins.gateway.accounts.audit import AuditLog
 from atoll.plugins.gateway.accounts.budgets import Budgets
 from atoll.plugins.gateway.accounts.keys import Keys
 from atoll.plugins.gateway.accounts.ledger import UsageTable
+from atoll.plugins.gateway.accounts.retention import Retention
 from atoll.plugins.gateway.accounts.users import UsersAndProjects
 
 
-class Accounts(UsersAndProjects, Keys, AdapterRegistry, UsageTable, Budgets, AuditLog):
+class Accounts(UsersAndProjects, Keys, AdapterRegistry, UsageTable, Budgets, AuditLog, Retention):
     """The store, as callers see it: one object over one connection, lock and clock (``Store``),
     each concern's methods from its own module. ``Accounts(path_or_postgresql_url, secret,
     clock=time.time)``."""

@@ -133,7 +133,7 @@ class AdapterRegistry(Store):
                 "project": project,
                 "public": bool(public),
             }
-            write_audit(db, now, actor, "adapter.register", id, detail)
+            write_audit(db, self._audit_key, now, actor, "adapter.register", id, detail)
             row = db.execute(f"SELECT {ADAPTER_COLS} FROM {ADAPTER_FROM} WHERE a.id = ?", (id,))
             return _adapter(row.fetchone())
 
@@ -171,7 +171,7 @@ class AdapterRegistry(Store):
             _check_holder(db, after["owner"], after["project"], bool(after["public"]))
             sets = ", ".join(f"{column} = ?" for column in changes)
             db.execute(f"UPDATE adapters SET {sets} WHERE id = ?", (*changes.values(), id))
-            write_audit(db, now, actor, "adapter.update", id, changes)
+            write_audit(db, self._audit_key, now, actor, "adapter.update", id, changes)
             row = db.execute(f"SELECT {ADAPTER_COLS} FROM {ADAPTER_FROM} WHERE a.id = ?", (id,))
             return _adapter(row.fetchone())
 
@@ -181,7 +181,7 @@ class AdapterRegistry(Store):
         with self._tx() as db:
             if db.execute("DELETE FROM adapters WHERE id = ?", (id,)).rowcount == 0:
                 raise not_found("adapter", id)
-            write_audit(db, now, actor, "adapter.unregister", id, {})
+            write_audit(db, self._audit_key, now, actor, "adapter.unregister", id, {})
 
     def adapter(self, id: str) -> AdapterAccess | None:
         rows = self._read(f"SELECT {ADAPTER_COLS} FROM {ADAPTER_FROM} WHERE a.id = ?", (id,))

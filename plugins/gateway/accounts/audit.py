@@ -1,5 +1,6 @@
 """The audit log: one row per admin action, written in the same transaction as the change it
-records (``write_audit``), read newest first."""
+records (``write_audit``), read newest first, hash-chained under a signed head that
+``verify_audit`` checks (audit_chain.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from nacl.signing import SigningKey
+
+from atoll.plugins.gateway.accounts import audit_chain
 from atoll.plugins.gateway.accounts.database import Connection
 from atoll.plugins.gateway.accounts.store import Store, check_actor
 from atoll.plugins.gateway.errors import GatewayError
@@ -23,12 +27,15 @@ class AuditEntry:
 
 
 def write_audit(
-    db: Connection, at: float, actor: str, action: str, target: str, detail: dict
+    db: Connection,
+    key: SigningKey,
+    at: float,
+    actor: str,
+    action: str,
+    target: str,
+    detail: dict[str, Any],
 ) -> None:
-    db.execute(
-        "INSERT INTO audit (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
-        (at, actor, action, target, json.dumps(detail, sort_keys=True)),
-    )
+    audit_chain.append(db, key, at, actor, action, target, json.dumps(detail, sort_keys=True))
 
 
 class AuditLog(Store):
@@ -41,7 +48,7 @@ class AuditLog(Store):
             raise ValueError("target must be at most 256 characters")
         now = self._clock()
         with self._tx() as db:
-            write_audit(db, now, actor, action, target, detail)
+            write_audit(db, self._audit_key, now, actor, action, target, detail)
 
     def audit_log(self, limit: int = 100, since: float | None = None) -> list[AuditEntry]:
         """The newest ``limit`` entries (at or after ``since``), newest first."""
@@ -53,3 +60,7 @@ class AuditLog(Store):
             {"since": since, "limit": limit},
         )
         return [AuditEntry(s, at, a, act, t, json.loads(d)) for s, at, a, act, t, d in rows]
+
+    def verify_audit(self) -> audit_chain.Verdict:
+        """Re-compute the chain and check the head's signature: the first bad row, if any."""
+        return audit_chain.verify(self._read, self._audit_key)

@@ -241,7 +241,7 @@ class Budgets(Store):
                  period_start(period, now, now), now),
             )  # fmt: skip
             detail = {"limit": limit}
-            write_audit(db, now, actor, "budget.set", ident, detail)
+            write_audit(db, self._audit_key, now, actor, "budget.set", ident, detail)
             return _record(_one(db, ident), now)
 
     def remove_budget(self, budget: str, *, actor: str) -> None:
@@ -251,7 +251,7 @@ class Budgets(Store):
             db.execute("DELETE FROM reservations WHERE budget_id = ?", (budget,))
             if db.execute("DELETE FROM budgets WHERE id = ?", (budget,)).rowcount == 0:
                 raise not_found("budget", budget)
-            write_audit(db, now, actor, "budget.remove", budget, {})
+            write_audit(db, self._audit_key, now, actor, "budget.remove", budget, {})
 
     def list_budgets(
         self, scope: str | None = None, subject: str | None = None

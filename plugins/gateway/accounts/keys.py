@@ -158,7 +158,7 @@ class Keys(Store):
         with self._tx() as db:
             record, plaintext = self._insert_key(db, user, project, name, ttl_s, limits, now)
             detail = {"user": user, "project": project, "name": name, "ttl_s": ttl_s}
-            write_audit(db, now, actor, "key.create", record.key_id, detail)
+            write_audit(db, self._audit_key, now, actor, "key.create", record.key_id, detail)
         return record, plaintext
 
     def list_keys(self, user: str | None = None, project: str | None = None) -> list[KeyRecord]:
@@ -180,7 +180,7 @@ class Keys(Store):
                 (now, key_id),
             )
             if cur.rowcount:
-                write_audit(db, now, actor, "key.revoke", key_id, {})
+                write_audit(db, self._audit_key, now, actor, "key.revoke", key_id, {})
             row = db.execute(f"SELECT {KEY_COLS} FROM api_keys WHERE key_id = ?", (key_id,))
             found = row.fetchone()
             if found is None:
@@ -222,7 +222,7 @@ class Keys(Store):
             )
             move_key_budgets(db, key_id, record.key_id)
             detail = {"new_key": record.key_id, "grace_s": grace_s}
-            write_audit(db, now, actor, "key.rotate", key_id, detail)
+            write_audit(db, self._audit_key, now, actor, "key.rotate", key_id, detail)
         return record, plaintext
 
     def authenticate(self, plaintext: str) -> Principal:

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
+from atoll.plugins.gateway.accounts import audit_chain
 from atoll.plugins.gateway.accounts.database import Args, Connection, open_database
 from atoll.plugins.gateway.contract import Limits
 from atoll.plugins.gateway.errors import GatewayError
@@ -64,7 +65,21 @@ MIGRATIONS = [
         amount BIGINT NOT NULL, expires REAL NOT NULL, PRIMARY KEY (request_id, budget_id));
     CREATE INDEX reservations_expires ON reservations (expires);
     """,
+    # 3: the audit log hash-chained under a signed head (audit_chain.py; the rows already there
+    # are chained by ``audit_chain.start`` in the same transaction), and projects' retention
+    # periods in seconds, NULL: kept (retention.py)
+    """
+    ALTER TABLE audit ADD COLUMN prev TEXT;
+    ALTER TABLE audit ADD COLUMN hash TEXT;
+    CREATE TABLE audit_head (
+        id TEXT PRIMARY KEY, seq BIGINT NOT NULL, count BIGINT NOT NULL, hash TEXT NOT NULL,
+        signature TEXT NOT NULL);
+    CREATE TABLE retention (
+        project TEXT PRIMARY KEY REFERENCES projects(name), prompts_s REAL, ledger_s REAL,
+        datasets_s REAL, updated REAL NOT NULL);
+    """,
 ]
+AUDIT_CHAINED = 3  # the schema version whose step chains the audit log
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 KEY_CHECK = b"atoll gateway key check"  # HMACed with the secret: which secret made the keys
 
@@ -116,8 +131,8 @@ def require(db: Connection, kind: str, name: str) -> None:
 class Store:
     """The database, its lock and the clock that each concern's methods share. ``database``: a
     SQLite file's path, or a ``postgresql://`` URL (database.py). ``secret`` keys the HMAC of
-    API keys (lose it and every key is unknown); ``clock`` (epoch seconds) decides expiry, grace
-    and the ledger's times."""
+    API keys (lose it and every key is unknown) and derives the audit head's signing key
+    (audit_chain.py); ``clock`` (epoch seconds) decides expiry, grace and the ledger's times."""
 
     def __init__(
         self, database: Path | str, secret: bytes, clock: Callable[[], float] = time.time
@@ -125,6 +140,7 @@ class Store:
         if not isinstance(secret, bytes) or len(secret) < 16:
             raise ValueError("the key-hashing secret must be at least 16 bytes")
         self._secret = secret
+        self._audit_key = audit_chain.signing_key(secret)
         self._clock = clock
         self._lock = threading.Lock()  # one connection; the app may also use it from threads
         # authenticate's cache (keys.py); here because every write but the ledger's empties it.
@@ -142,6 +158,8 @@ class Store:
                 for statement in step.split(";"):
                     if statement.strip():
                         db.execute(statement)
+            if version < AUDIT_CHAINED:
+                audit_chain.start(db, self._audit_key)
             self._database.set_schema_version(SCHEMA_VERSION)
             self._database.check_secret(hmac.new(secret, KEY_CHECK, hashlib.sha256).digest())
 

@@ -94,7 +94,9 @@ class UsersAndProjects(Store):
             if db.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone():
                 raise exists("user", name)
             db.execute("INSERT INTO users VALUES (?, ?, ?)", (name, bool(admin), now))
-            write_audit(db, now, actor, "user.create", name, {"admin": bool(admin)})
+            write_audit(
+                db, self._audit_key, now, actor, "user.create", name, {"admin": bool(admin)}
+            )
         return UserRecord(name, bool(admin), now)
 
     def list_users(self) -> list[UserRecord]:
@@ -108,7 +110,9 @@ class UsersAndProjects(Store):
             cur = db.execute("UPDATE users SET admin = ? WHERE name = ?", (bool(admin), name))
             if cur.rowcount == 0:
                 raise not_found("user", name)
-            write_audit(db, now, actor, "user.set_admin", name, {"admin": bool(admin)})
+            write_audit(
+                db, self._audit_key, now, actor, "user.set_admin", name, {"admin": bool(admin)}
+            )
 
     def create_project(
         self,
@@ -135,7 +139,7 @@ class UsersAndProjects(Store):
                 "store_prompts": bool(store_prompts),
                 "limits": None if limits is None else limits.model_dump(),
             }
-            write_audit(db, now, actor, "project.create", name, detail)
+            write_audit(db, self._audit_key, now, actor, "project.create", name, detail)
         return ProjectRecord(name, labels, bool(store_prompts), limits, now)
 
     def update_project(
@@ -169,7 +173,7 @@ class UsersAndProjects(Store):
             )
             if cur.rowcount == 0:
                 raise not_found("project", name)
-            write_audit(db, now, actor, "project.update", name, detail)
+            write_audit(db, self._audit_key, now, actor, "project.update", name, detail)
             row = db.execute(f"SELECT {PROJECT_COLS} FROM projects WHERE name = ?", (name,))
             return _project(row.fetchone())
 
@@ -192,7 +196,7 @@ class UsersAndProjects(Store):
                 (project, user, role),
             )
             detail = {"user": user, "role": role}
-            write_audit(db, now, actor, "member.add", project, detail)
+            write_audit(db, self._audit_key, now, actor, "member.add", project, detail)
 
     def remove_member(self, project: str, user: str, *, actor: str) -> None:
         check_actor(actor)
@@ -203,7 +207,7 @@ class UsersAndProjects(Store):
                 raise GatewayError(
                     404, f"{user!r} is not a member of project {project!r}", code="not_a_member"
                 )
-            write_audit(db, now, actor, "member.remove", project, {"user": user})
+            write_audit(db, self._audit_key, now, actor, "member.remove", project, {"user": user})
 
     def memberships(self, user: str) -> dict[str, str]:
         """The projects ``user`` belongs to, with their role in each."""

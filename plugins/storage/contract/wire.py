@@ -1,5 +1,6 @@
 """What the adapter and dataset halves of the storage contract share: the plugin's name on the
-overlay, the field types of their headers, the reply to a delete and their RPC client."""
+overlay, the field types of their headers, the reply to a delete, their RPC client, the error a
+damaged stored object gives, and the rotation of the keys objects are sealed with."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, StringConstraints
 
-from atoll.agent.contract import Caller, Client, service_address
+from atoll.agent.contract import Caller, Client, Method, NoParams, service_address
+from atoll.agent.errors import AtollError
 
 PLUGIN = "storage"
 
@@ -39,3 +41,27 @@ class Deleted(BaseModel):
 def storage_client(agent: Caller, storage: str, timeout: float | None) -> Client:
     """The RPC client of the storage plugin on ``storage`` (an agent, or ``agent/plugin``)."""
     return Client(agent, service_address(storage, PLUGIN), timeout)
+
+
+class ObjectDamaged(AtollError):
+    """A stored object fails its checks (altered, cut short, replaced, or its key is gone): it is
+    refused, never served as wrong bytes."""
+
+
+class KeysRotated(BaseModel):
+    """The reply to ``keys_rotate``: the new current KEK, the data keys re-wrapped under it, the
+    KEKs dropped from the keyring."""
+
+    kek: str
+    rewrapped: int
+    retired: list[str]
+
+
+ROTATE_KEYS: Method[NoParams, KeysRotated] = Method(
+    "keys_rotate", NoParams, KeysRotated, "keys_rotate request"
+)
+
+
+async def rotate_keys(agent: Caller, storage: str, timeout: float | None = None) -> KeysRotated:
+    """Rotate the storage agent's key-encryption key (admins and operators only)."""
+    return await storage_client(agent, storage, timeout).invoke(ROTATE_KEYS, NoParams())
