@@ -17,6 +17,7 @@ from openai.types import Batch
 from atoll.agent.runtime import AgentRuntime
 from atoll.broker.server import BrokerServer
 from atoll.plugins.gateway.batch_gate import Gate
+from atoll.plugins.gateway.contract import Limits
 from support.island import Island, start_storage
 from support.overlay import AgentFactory, eventually
 
@@ -290,3 +291,20 @@ async def test_batch_lines_yield_to_interactive_requests(make_agent: AgentFactor
     assert not await gate.enter("echo", {}, lambda: True)  # a stopped batch stops waiting
     gate.leave(overloaded=True)  # refused as overloaded: every start pauses a while
     assert not gate.open("echo", {})
+
+
+async def test_a_line_refused_for_load_is_tried_again(island: Island, tmp_path: Path) -> None:
+    """The gateway starts two lines at once, the key allows one request at a time: the second
+    is refused (429) each time, and runs later, not as an error."""
+    dave = island.key("dave", limits=Limits(concurrent=1))
+    rows = [chat_line(f"r{i}", "five words in each line") for i in range(6)]
+    async with sdk(island, dave) as client:
+        file_id = await upload(client, jsonl(tmp_path / "in.jsonl", rows))
+        made = await client.batches.create(
+            input_file_id=file_id, endpoint=CHAT, completion_window="24h"
+        )
+        batch = await ended(client, made.id)
+        assert batch.request_counts is not None
+        assert (batch.request_counts.completed, batch.request_counts.failed) == (6, 0)
+        assert batch.error_file_id is None
+    assert island.accounts.usage(user="dave").requests == 6
