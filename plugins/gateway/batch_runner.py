@@ -218,8 +218,14 @@ class BatchRunner:
         ok = [r for r in results if r["response"]["status_code"] == 200]
         errors = [r for r in results if r["response"]["status_code"] != 200]
         errors += [unrun_line(_line_id(), line.custom_id, code, why) for line in undone]
-        batch.output_file_id = await self._keep_file(kept, "output", ok) if ok else None
-        batch.error_file_id = await self._keep_file(kept, "error", errors) if errors else None
+        # Each id is saved once its file is stored: a gateway stopped meanwhile stores only the
+        # other one when it resumes.
+        if ok and batch.output_file_id is None:
+            batch.output_file_id = await self._keep_file(kept, "output", ok)
+            self.store.save(kept)
+        if errors and batch.error_file_id is None:
+            batch.error_file_id = await self._keep_file(kept, "error", errors)
+            self.store.save(kept)
         batch.request_counts = RequestCounts(
             total=len(lines), completed=len(ok), failed=len(errors)
         )
