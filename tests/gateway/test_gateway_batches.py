@@ -272,6 +272,12 @@ async def test_batch_lines_yield_to_interactive_requests(make_agent: AgentFactor
     gw = isl.plugin.gateway
     gate: Gate = isl.plugin.batches.runner.gate
     assert gate.open("echo", {})
+    # Every node serving the model has a queue (as announced): no batch line starts.
+    [node] = gw.watch.discovery.select(plugin="inference")
+    node.load["queue_depth"] = 2
+    assert not gate.open("echo", {}) and gate.open("other-model", {})
+    node.load["queue_depth"] = 0
+    assert gate.open("echo", {})
     async with sdk(isl, isl.key("carol")) as client:
         asking = asyncio.create_task(
             client.chat.completions.create(
