@@ -1,6 +1,6 @@
 """The gateway's HTTP API (FastAPI): errors in OpenAI's (or LoRAX's) shape, who is calling, the
 admin API, Prometheus /metrics and the live feed; the inference routes are inference_routes.py's,
-files and fine-tuning finetune.py's, the web UI webui.py's."""
+files and fine-tuning finetune.py's, batches batches.py's, the web UI webui.py's."""
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations, some of which
 # (User, Admin) are local to create_app.
@@ -21,10 +21,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from atoll.agent.prometheus import exposition
 from atoll.plugins.gateway import adapter_routes, finetune, inference_routes, self_service, webui
+from atoll.plugins.gateway import batches as batch_routes
 from atoll.plugins.gateway import contract as c
 from atoll.plugins.gateway import evaluations as evaluation_routes
 from atoll.plugins.gateway.accounts.keys import Principal
 from atoll.plugins.gateway.admin import AdminRPC, plain, settle
+from atoll.plugins.gateway.batches import Batches
 from atoll.plugins.gateway.bodies import parse_body, sse
 from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.evaluations import Evaluations
@@ -80,7 +82,9 @@ SCHEMA_HEADERS = {
 }
 
 
-def create_app(gw: Gateway, evaluations: Evaluations, docs: bool = False) -> FastAPI:
+def create_app(
+    gw: Gateway, evaluations: Evaluations, batches: Batches, docs: bool = False
+) -> FastAPI:
     """The app; ``docs`` serves ``/openapi.json`` to callers with a key (off: 404)."""
     # Never /docs or /redoc: FastAPI's pages load their scripts from a CDN on the web UI's origin,
     # and a browser navigating to them sends no key. With ``docs`` only the schema is served.
@@ -172,6 +176,7 @@ def create_app(gw: Gateway, evaluations: Evaluations, docs: bool = False) -> Fas
     inference_routes.install_openai(app, gw, User)
     finetune.install(app, gw, User)
     evaluation_routes.install(app, evaluations, User)
+    batch_routes.install(app, batches, User)
     adapter_routes.install(app, gw, User)
     inference_routes.install_lorax(app, gw, User)
 

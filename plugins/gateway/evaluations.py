@@ -16,7 +16,6 @@ see it, as for fine-tuning jobs; others get a 404.
 # is install()'s parameter, not a global it could resolve from a string.
 import asyncio
 import json
-import os
 import tempfile
 import time
 import uuid
@@ -40,6 +39,7 @@ from atoll.plugins.gateway.evaluation_shapes import (
     ModelScores,
 )
 from atoll.plugins.gateway.file_access import may_see
+from atoll.plugins.gateway.json_files import write_json
 from atoll.plugins.gateway.service import Gateway
 from atoll.plugins.inference.contract import (
     ChatMessage,
@@ -247,15 +247,9 @@ class Evaluations:
         self._save(record.id)
 
     def _save(self, evaluation_id: str) -> None:
-        """Write the record whole to a temporary file, then rename it: never half a file."""
         record, owner, project = self.records[evaluation_id]
         data = {"evaluation": record.model_dump(mode="json"), "owner": owner, "project": project}
-        path = self.root / f"{evaluation_id}.json"
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
+        write_json(self.root / f"{evaluation_id}.json", data)
 
     def _forget_old(self) -> None:
         finished = sorted(

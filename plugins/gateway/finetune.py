@@ -4,6 +4,7 @@ adapter the job registers (usable at once by its owner or project), as is each c
 keeps. The shapes are OpenAI's (finetune_shapes.py), so the openai SDK's ``files`` and
 ``fine_tuning.jobs`` (``checkpoints`` too) work unchanged."""
 
+import asyncio
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,6 +15,7 @@ from fastapi.responses import Response
 from atoll.agent.errors import AtollError, InvalidRequest
 from atoll.plugins.gateway.accounts.keys import Principal
 from atoll.plugins.gateway.accounts.users import WRITING_ROLES
+from atoll.plugins.gateway.batch_shapes import check_bodies
 from atoll.plugins.gateway.errors import GatewayError, from_platform
 from atoll.plugins.gateway.finetune_shapes import (
     CheckpointList,
@@ -125,8 +127,12 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
         file: Annotated[UploadFile, File()],
         purpose: Annotated[str, Form()] = "fine-tune",
     ) -> Any:
-        if purpose != "fine-tune":
-            raise GatewayError(400, f"purpose {purpose!r}: only fine-tune files are kept")
+        if purpose not in ("fine-tune", "batch"):
+            raise GatewayError(
+                400,
+                f"purpose {purpose!r}: only fine-tune and batch files are kept",
+                param="purpose",
+            )
         may_write(principal, principal.project)
         filename = upload_filename(file.filename)
         with tempfile.TemporaryDirectory(prefix="atoll-upload-") as tmp:
@@ -134,6 +140,8 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
             with path.open("wb") as out:
                 while chunk := await file.read(1 << 20):
                     out.write(chunk)
+            if purpose == "batch":
+                await asyncio.to_thread(check_bodies, path)
             record = await platform(
                 upload_dataset(
                     gw.agent,
@@ -142,6 +150,7 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
                     Path(filename).stem or "dataset",
                     principal.user,
                     principal.project,
+                    "batch" if purpose == "batch" else None,
                     filename=filename,
                 )
             )

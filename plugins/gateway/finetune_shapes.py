@@ -19,7 +19,12 @@ from atoll.plugins.training.contract import (
 )
 
 Level = Literal["info", "warn", "error"]  # of a job event
-Purpose = Literal["fine-tune", "fine-tune-results"]
+Purpose = Literal["fine-tune", "fine-tune-results", "batch", "batch_output"]
+PURPOSES: dict[str, Purpose] = {  # by the dataset's kind
+    "results": "fine-tune-results",
+    "batch": "batch",
+    "batch_output": "batch_output",
+}
 STATUS = {
     "created": "validating_files",
     "queued": "queued",
@@ -166,7 +171,7 @@ def checkpoint_object(job: JobRecord, checkpoint: Checkpoint) -> JobCheckpoint:
 
 
 def file_object(record: DatasetRecord) -> FileObject:
-    purpose: Purpose = "fine-tune-results" if record.kind == "results" else "fine-tune"
+    purpose = PURPOSES.get(record.kind, "fine-tune")
     return FileObject(
         id=record.id,
         bytes=record.bytes,

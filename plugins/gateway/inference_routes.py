@@ -53,64 +53,34 @@ def install_openai(app: FastAPI, gw: Gateway, user: Any) -> None:
 
     @app.post("/v1/chat/completions", response_model=responses.ChatCompletion)
     async def chat(principal: user, body: openai_requests.ChatCompletionRequest) -> Any:
-        target = gw.resolve(principal, body.model, openai_requests.mixture_of(body))
         rid = uuid.uuid4().hex
-        requests = _ids(openai_requests.chat_to_generate(body, target.base, target.adapter), rid)
-        prompt = _prompt_text(principal, [m.model_dump(mode="json") for m in body.messages])
-        events = gw.run(principal, target, requests, per_prompt=len(requests), prompt_text=prompt)
-        if body.stream:
-            stream = openai_streams.ChatStream(
-                rid,
-                body.model,
-                len(requests),
-                include_usage=body.include_usage,
-                logprobs=bool(body.logprobs),
-            )
-            return await _sse(events, stream.chunks, stream.finish, stream.error)
-        choices = await _collect(events, len(requests))
-        reply = responses.chat_completion(rid, body.model, choices, logprobs=bool(body.logprobs))
-        return _json(reply)
+        if not body.stream:
+            return _json(await chat_reply(gw, principal, body, rid))
+        events, n = _chat_events(gw, principal, body, rid, background=False)
+        stream = openai_streams.ChatStream(
+            rid, body.model, n, include_usage=body.include_usage, logprobs=bool(body.logprobs)
+        )
+        return await _sse(events, stream.chunks, stream.finish, stream.error)
 
     @app.post("/v1/completions", response_model=responses.Completion)
     async def completions(principal: user, body: openai_requests.CompletionRequest) -> Any:
-        target = gw.resolve(principal, body.model, openai_requests.mixture_of(body))
         rid = uuid.uuid4().hex
-        generate = openai_requests.completion_to_generate(body, target.base, target.adapter)
-        requests = _ids(generate, rid)
-        per_prompt = body.choices_per_prompt
-        prompt = _prompt_text(principal, body.prompt)
-        events = gw.run(
-            principal,
-            target,
-            requests,
-            per_prompt=per_prompt,
-            prompt_text=prompt,
-            operation="text_completion",
+        if not body.stream:
+            return _json(await completion_reply(gw, principal, body, rid))
+        events, n = _completion_events(gw, principal, body, rid, background=False)
+        stream = openai_streams.CompletionStream(
+            rid,
+            body.model,
+            n,
+            per_prompt=body.choices_per_prompt,
+            include_usage=body.include_usage,
+            logprobs=body.logprobs is not None,
         )
-        logprobs = bool(body.logprobs is not None)
-        if body.stream:
-            stream = openai_streams.CompletionStream(
-                rid,
-                body.model,
-                len(requests),
-                per_prompt=per_prompt,
-                include_usage=body.include_usage,
-                logprobs=logprobs,
-            )
-            return await _sse(events, stream.chunks, stream.finish, stream.error)
-        choices = await _collect(events, len(requests))
-        return _json(
-            responses.completion(rid, body.model, choices, per_prompt=per_prompt, logprobs=logprobs)
-        )
+        return await _sse(events, stream.chunks, stream.finish, stream.error)
 
     @app.post("/v1/embeddings", response_model=responses.CreateEmbeddingResponse)
     async def embeddings(principal: user, body: openai_requests.EmbeddingRequest) -> Any:
-        embed = openai_requests.embedding_to_embed(body, body.model)
-        reply = await gw.call(
-            principal, body.model, EMBED, embed, _prompt_text(principal, body.input)
-        )
-        result = EmbedResult.model_validate(reply)
-        return _json(responses.embedding_response(result, body.model, body.encoding_format))
+        return _json(await embedding_reply(gw, principal, body))
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(
@@ -139,6 +109,95 @@ def install_openai(app: FastAPI, gw: Gateway, user: Any) -> None:
         if response_format in ("text", "srt", "vtt"):
             return PlainTextResponse(result.text)
         return result.body if isinstance(result.body, dict) else {"text": result.text}
+
+
+# --- OpenAI's requests answered whole: the routes' and a batch's lines' (batches.py) ---------
+
+
+def _chat_events(
+    gw: Gateway,
+    principal: Principal,
+    body: openai_requests.ChatCompletionRequest,
+    rid: str,
+    background: bool,
+) -> tuple[AsyncGenerator[tuple[int, Event], None], int]:
+    target = gw.resolve(principal, body.model, openai_requests.mixture_of(body))
+    requests = _ids(openai_requests.chat_to_generate(body, target.base, target.adapter), rid)
+    prompt = _prompt_text(principal, [m.model_dump(mode="json") for m in body.messages])
+    events = gw.run(
+        principal,
+        target,
+        requests,
+        per_prompt=len(requests),
+        prompt_text=prompt,
+        background=background,
+    )
+    return events, len(requests)
+
+
+def _completion_events(
+    gw: Gateway,
+    principal: Principal,
+    body: openai_requests.CompletionRequest,
+    rid: str,
+    background: bool,
+) -> tuple[AsyncGenerator[tuple[int, Event], None], int]:
+    target = gw.resolve(principal, body.model, openai_requests.mixture_of(body))
+    generate = openai_requests.completion_to_generate(body, target.base, target.adapter)
+    requests = _ids(generate, rid)
+    events = gw.run(
+        principal,
+        target,
+        requests,
+        per_prompt=body.choices_per_prompt,
+        prompt_text=_prompt_text(principal, body.prompt),
+        operation="text_completion",
+        background=background,
+    )
+    return events, len(requests)
+
+
+async def chat_reply(
+    gw: Gateway,
+    principal: Principal,
+    body: openai_requests.ChatCompletionRequest,
+    rid: str,
+    background: bool = False,
+) -> responses.ChatCompletion:
+    events, n = _chat_events(gw, principal, body, rid, background)
+    choices = await _collect(events, n)
+    return responses.chat_completion(rid, body.model, choices, logprobs=bool(body.logprobs))
+
+
+async def completion_reply(
+    gw: Gateway,
+    principal: Principal,
+    body: openai_requests.CompletionRequest,
+    rid: str,
+    background: bool = False,
+) -> responses.Completion:
+    events, n = _completion_events(gw, principal, body, rid, background)
+    choices = await _collect(events, n)
+    return responses.completion(
+        rid,
+        body.model,
+        choices,
+        per_prompt=body.choices_per_prompt,
+        logprobs=body.logprobs is not None,
+    )
+
+
+async def embedding_reply(
+    gw: Gateway,
+    principal: Principal,
+    body: openai_requests.EmbeddingRequest,
+    background: bool = False,
+) -> responses.CreateEmbeddingResponse:
+    embed = openai_requests.embedding_to_embed(body, body.model)
+    prompt = _prompt_text(principal, body.input)
+    reply = await gw.call(principal, body.model, EMBED, embed, prompt, background=background)
+    result = EmbedResult.model_validate(reply)
+    return responses.embedding_response(result, body.model, body.encoding_format)
 
 
 def _model(card: ModelCard) -> responses.Model:

@@ -25,6 +25,7 @@ from atoll.agent.plugins import Plugin, PluginContext
 from atoll.plugins.gateway.accounts import Accounts
 from atoll.plugins.gateway.admin import AdminRPC
 from atoll.plugins.gateway.app import create_app
+from atoll.plugins.gateway.batches import Batches
 from atoll.plugins.gateway.contract import Price
 from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.evaluations import Evaluations
@@ -84,6 +85,9 @@ class GatewayConfig(BaseModel):
     # in the data dir; a postgresql:// URL, a database that several gateways may share (each
     # with a copy of the first one's gateway.secret).
     database: str | None = None
+    # Batch API lines this gateway runs at once (all batches together), below interactive
+    # requests' priority (batch_gate.py).
+    batch_concurrency: int = Field(4, ge=1, le=256)
 
     @field_validator("listen")
     @classmethod
@@ -135,6 +139,7 @@ class GatewayPlugin(Plugin):
         )
         self.admin = AdminRPC(self.gateway)
         self.evaluations = Evaluations(self.gateway, ctx.data_dir / "evaluations")
+        self.batches = Batches(self.gateway, ctx.data_dir / "batches", config.batch_concurrency)
         # New adapters (uploaded, or made by a training job) become usable by their owner or
         # project at once.
         self._hints_waiting: set[asyncio.Task[None]] = set()
@@ -148,7 +153,7 @@ class GatewayPlugin(Plugin):
         sock.setblocking(False)
         self.address = sock.getsockname()[:2]
         server_config = uvicorn.Config(
-            create_app(self.gateway, self.evaluations, docs=config.docs),
+            create_app(self.gateway, self.evaluations, self.batches, docs=config.docs),
             log_level="warning",
             lifespan="off",
             access_log=False,
@@ -166,6 +171,7 @@ class GatewayPlugin(Plugin):
         self.server = uvicorn.Server(server_config)
         self._serving = asyncio.create_task(self.server.serve(sockets=[sock]))
         await self._wait_started()
+        self.batches.start()  # those a stopped gateway left unfinished
         ctx.log.info("gateway.listening", url=self.url)
 
     async def _wait_started(self) -> None:
@@ -291,6 +297,7 @@ class GatewayPlugin(Plugin):
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(self._serving, 10)
         await self.evaluations.close()
+        await self.batches.close()
         await self.watch.stop()
         self.accounts.close()
 

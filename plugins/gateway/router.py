@@ -159,6 +159,12 @@ class ModelRouter:
         )
         return self._order(found, adapter)
 
+    def saturated(self, base_model: str | None, labels: dict[str, str]) -> bool:
+        """Every ACTIVE node that could serve ``base_model`` (None: any) has requests waiting,
+        as last announced: background work (batches) waits rather than queue behind them."""
+        nodes = self.candidates(base_model, None, labels)
+        return bool(nodes) and all(_num(e.load.get("queue_depth")) > 0 for e in nodes)
+
     def _serving(
         self, kind: str, model: str | None, labels: dict[str, str], status: Status = Status.ACTIVE
     ) -> list[Entry]:

@@ -94,6 +94,8 @@ class Gateway:
         self.telemetry = GatewayMetrics(metrics, label_values)
         self.own_feed = own_feed  # this agent's feed message, built on the spot
         self.spending = spending or Spending(accounts, {}, TEMPLATE_TOKENS, request_timeout + 60)
+        # Interactive requests not answering yet (no first event): batch_gate.py waits for none.
+        self.interactive_waiting = 0
 
     # --- who and what ------------------------------------------------------------------------
 
@@ -177,8 +179,10 @@ class Gateway:
         method: ReplyMethod,
         params: Any,
         prompt_text: str | None,
+        background: bool = False,
     ) -> Any:
-        """A one-reply inference call (``EMBED``, ``TRANSCRIBE``), with limits and ledger."""
+        """A one-reply inference call (``EMBED``, ``TRANSCRIBE``), with limits and ledger;
+        ``background`` for a batch's (not counted as interactive traffic waiting)."""
         kind, operation, served = (
             ("embedding", "embeddings", self.catalog.embedding_models())
             if method is EMBED
@@ -201,6 +205,8 @@ class Gateway:
         permit.charge(estimate)
         started = time.perf_counter()
         status, tokens = 200, estimate
+        waiting = not background
+        self.interactive_waiting += waiting
         try:
             reply, _route = await self.router.call(
                 method, params, model, policy_labels(principal), self.request_timeout
@@ -213,6 +219,7 @@ class Gateway:
             status = _ended_status(exc)
             raise
         finally:
+            self.interactive_waiting -= waiting
             usage = Usage(prompt_tokens=tokens)
             latency = await self._settle(
                 principal, permit, request_id, model, None, usage, status, started, prompt_text
@@ -229,6 +236,7 @@ class Gateway:
         per_prompt: int = 1,
         prompt_text: str | None = None,
         operation: str = "chat",
+        background: bool = False,
     ) -> AsyncGenerator[tuple[int, Event], None]:
         """Events of ``requests`` (the choices of one API request, ``per_prompt`` per prompt) as
         ``(choice, event)``, tokens as they arrive. Limits apply to the whole request; its
@@ -237,7 +245,8 @@ class Gateway:
         ``gen_ai.operation.name`` in the metrics. Its budgets hold the most it can spend before
         it is sent; tokens are charged to the rate limits as they are spent: the prompt at
         admission (estimated), each completion token as it is handed to the response, so a
-        client that leaves mid-stream has paid for what it got."""
+        client that leaves mid-stream has paid for what it got. ``background``: a batch's
+        request, which interactive ones waiting for their first event hold back."""
         request_id = requests[0].request_id or uuid.uuid4().hex
         model = target.base or target.model
         self.spending.reserve_generate(
@@ -260,10 +269,14 @@ class Gateway:
         # One choice (the usual case) is read straight through: no task, no queue.
         events = _tagged(streams[0]) if len(streams) == 1 else _interleaved(streams)
         ttft: float | None = None
+        waiting = not background
+        self.interactive_waiting += waiting
         try:
             async for index, item in events:
                 if ttft is None:
                     ttft = time.perf_counter() - started
+                    self.interactive_waiting -= waiting
+                    waiting = False
                 if item.type == "finish":
                     finishes.append((index, item))
                     usage = usage_of(finishes, per_prompt)
@@ -275,6 +288,7 @@ class Gateway:
             status = _ended_status(exc)
             raise
         finally:
+            self.interactive_waiting -= waiting
             await events.aclose()
             if len(finishes) < len(streams):  # cut short: what was admitted and sent counts
                 usage = Usage(

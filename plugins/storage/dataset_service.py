@@ -40,10 +40,12 @@ from atoll.agent.transfer import (
     send_bytes,
     write_line,
 )
+from atoll.plugins.storage.batch_files import prepare_batch
 from atoll.plugins.storage.contract.datasets import (
     DATASET_INFO,
     DELETE_DATASET,
     LIST_DATASETS,
+    ORIGINAL_ONLY,
     DatasetFetch,
     DatasetGetHeader,
     DatasetInvalid,
@@ -75,6 +77,8 @@ def _prepare_file(path: Path, header: DatasetPutHeader, limits: DatasetLimits) -
     data = path.read_bytes()
     if header.format == "csv":
         prepared = prepare_results(data, header.filename, limits)
+    elif header.format in ("batch", "batch_output"):
+        prepared = prepare_batch(data, header.filename, header.format, limits)
     else:
         prepared = prepare(data, header.filename, header.format, limits, header.dedup)
     path.with_name(CANONICAL).write_bytes(prepared.canonical)
@@ -227,10 +231,10 @@ class DatasetService:
     async def get(self, stream: Stream, params: object, call: CallInfo) -> None:
         request = parse(DatasetFetch, params, "dataset_get request")
         record = self.registered(request.id)
-        if record.kind == "results" and request.as_ != "original":
+        if record.kind in ORIGINAL_ONLY and request.as_ != "original":
             raise InvalidRequest(
-                f"{record.id!r} is a training job's results file, not a dataset: fetch it as "
-                "the original"
+                f"{record.id!r} is {ORIGINAL_ONLY[record.kind]}, not a dataset: fetch it as the "
+                "original"
             )
         with idle_deadline(f"dataset fetch by {call.src}", IDLE_TIMEOUT):
             if request.as_ == "original":

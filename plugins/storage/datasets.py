@@ -38,7 +38,8 @@ from atoll.plugins.storage.contract.datasets import (
     check_filename,
 )
 
-# Training data's formats; "csv" (a job's results) is results.py's.
+# Training data's formats; "csv" (a job's results) is results.py's, "batch" and "batch_output"
+# batch_files.py's.
 FORMATS: tuple[Format, ...] = ("alpaca", "sharegpt", "chat", "text")
 PLAIN_SUFFIXES = (".txt", ".text")
 JSON_SUFFIXES = (".json", ".jsonl", ".ndjson")
@@ -188,7 +189,7 @@ def _absurd(exc: RecursionError | ValueError) -> str:
     return f"number too long (at most {MAX_NUMBER_CHARS} characters)"  # int()'s 4300 digits
 
 
-def _jsonl_records(text: str, problems: Problems) -> Iterator[tuple[int, Any, int]]:
+def jsonl_records(text: str, problems: Problems) -> Iterator[tuple[int, Any, int]]:
     first = True
     for number, raw in enumerate(text.split("\n"), 1):
         line = raw.removesuffix("\r")
@@ -407,7 +408,7 @@ def parse_rows(
         fmt = "text"
         records = _plain_records(text)
     else:
-        records = (_jsonl_records if layout == "jsonl" else _array_records)(text, problems)
+        records = (jsonl_records if layout == "jsonl" else _array_records)(text, problems)
     rows: list[Row] = []
     for line, value, chars in records:
         if chars > limits.max_row_chars:

@@ -21,7 +21,7 @@ from atoll.agent.discovery import Discovery, Status
 from atoll.agent.errors import AtollError, Forbidden, InvalidRequest
 from atoll.agent.plugins import Plugin, PluginContext, rpc
 from atoll.plugins.basemodels import ModelSpec
-from atoll.plugins.storage.contract.datasets import describe_dataset
+from atoll.plugins.storage.contract.datasets import ORIGINAL_ONLY, describe_dataset
 from atoll.plugins.storage.contract.resume import drop_resume_state
 from atoll.plugins.training.contract import (
     CANCEL,
@@ -202,9 +202,9 @@ class TrainingPlugin(Plugin):
         for dataset in request.options.datasets:
             # DatasetNotFound (or the storage agent being unreachable) reaches the caller as is.
             record = await describe_dataset(self.ctx, storage, dataset, DATASET_CHECK_TIMEOUT)
-            if record.kind == "results":
+            if record.kind in ORIGINAL_ONLY:
                 raise InvalidRequest(
-                    f"{dataset} is a training job's results file, not a dataset to train or "
+                    f"{dataset} is {ORIGINAL_ONLY[record.kind]}, not a dataset to train or "
                     "validate on"
                 )
             if request.options.stage == "sft" and record.kind == "pt":

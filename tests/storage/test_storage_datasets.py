@@ -18,6 +18,7 @@ from atoll.agent.errors import Forbidden, InvalidRequest
 from atoll.agent.node import Agent
 from atoll.agent.runtime import AgentRuntime
 from atoll.agent.transfer import READ_SIZE, TransferFailed
+from atoll.plugins.storage.batch_files import prepare_batch
 from atoll.plugins.storage.contract.datasets import (
     DATASET_PUT,
     DatasetInvalid,
@@ -650,3 +651,57 @@ async def test_trainers_store_results_files_that_are_never_training_data(
     bad = write(tmp_path, "bad.csv", "step,loss\n1,oops\n")
     with pytest.raises(DatasetInvalid, match="line 2: 'oops' is not a number"):
         await upload_dataset(trainer, "store", bad, "job results", "alice", format="csv")
+
+
+# --- batch files --------------------------------------------------------------------------------
+
+
+def batch_request(custom_id: object, url: str = "/v1/completions", **extra: object) -> dict:
+    body = {"model": "m", "prompt": "p"}
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": body} | extra
+
+
+def test_batch_files_are_checked_line_by_line_and_kept_as_uploaded() -> None:
+    data = jsonl(batch_request("a"), batch_request("b")).encode()
+    prepared = prepare_batch(data, "in.jsonl", "batch", DatasetLimits())
+    assert (prepared.kind, prepared.canonical, len(prepared.rows)) == ("batch", data, 2)
+    for rows, message in (
+        ([batch_request("a"), batch_request("a")], "line 2: custom_id 'a' is also on line 1"),
+        ([batch_request(7)], "line 1: custom_id must be a string of 1-512 characters"),
+        ([batch_request("a", method="GET")], 'line 1: method must be "POST"'),
+        ([batch_request("a", url="/v1/images")], "line 1: url must be one of"),
+        (
+            [batch_request("a"), batch_request("b", url="/v1/embeddings")],
+            "line 2: url '/v1/embeddings' differs from the first line's '/v1/completions'",
+        ),
+        ([batch_request("a", body=[1])], "line 1: body must be a JSON object"),
+        ([[1, 2]], "line 1: each line is a JSON object"),
+        ([], "line 1: no requests"),
+    ):
+        with pytest.raises(DatasetInvalid, match=re.escape(message)):
+            prepare_batch(jsonl(*rows).encode(), "in.jsonl", "batch", DatasetLimits())
+    long = jsonl(batch_request("a"), batch_request("b")).encode()
+    with pytest.raises(DatasetInvalid, match="line 2: 101 characters; a line may have 100;"):
+        prepare_batch(b"\n" + long, "in.jsonl", "batch", DatasetLimits(max_row_chars=100))
+    result = {"id": "batch_req_1", "custom_id": "a", "response": None, "error": {"code": "x"}}
+    kept = prepare_batch(jsonl(result).encode(), "out.jsonl", "batch_output", DatasetLimits())
+    assert kept.kind == "batch_output"
+    with pytest.raises(DatasetInvalid, match="line 1: response and error are each"):
+        bad = jsonl(result | {"response": "no"}).encode()
+        prepare_batch(bad, "out.jsonl", "batch_output", DatasetLimits())
+
+
+async def test_batch_files_are_never_training_data(tmp_path, make_agent) -> None:
+    await start_storage(make_agent)
+    gateway = (await make_agent("gw", roles=("gateway",))).agent
+    path = write(tmp_path, "in.jsonl", jsonl(batch_request("a")))
+    record = await upload_dataset(gateway, "store", path, "in", "alice", format="batch")
+    assert (record.kind, record.rows) == ("batch", 1)
+    fetched = await fetch_dataset(gateway, "store", record.id, tmp_path / "back", as_="original")
+    assert fetched.id == record.id and (tmp_path / "back").read_bytes() == path.read_bytes()
+    with pytest.raises(InvalidRequest, match="a batch's requests file, not a dataset"):
+        await fetch_dataset(gateway, "store", record.id, tmp_path / "x", as_="chat")
+    with pytest.raises(DatasetInvalid, match="line 1: method"):  # nothing kept
+        bad = write(tmp_path, "bad.jsonl", jsonl(batch_request("a", method="PUT")))
+        await upload_dataset(gateway, "store", bad, "in", "alice", format="batch")
+    assert [r.id for r in await list_datasets(gateway, "store")] == [record.id]

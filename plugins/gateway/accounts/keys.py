@@ -241,7 +241,18 @@ class Keys(Store):
         stored = rows[0]["digest"] if rows else bytes(len(digest))
         if not hmac.compare_digest(stored, digest) or not rows:
             raise GatewayError(401, "unknown API key", code="invalid_api_key")
-        row, now = rows[0], self._clock()
+        return self._principal(key_id, rows[0])
+
+    def key_principal(self, key_id: str) -> Principal:
+        """The rights key ``key_id`` has now, for work it started that goes on without it (a
+        batch): the same refusals as ``authenticate`` (revoked, expired, left the project)."""
+        rows = self._key_rows(key_id)
+        if not rows:
+            raise GatewayError(401, f"API key {key_id} no longer exists", code="invalid_api_key")
+        return self._principal(key_id, rows[0])
+
+    def _principal(self, key_id: str, row: dict[str, Any]) -> Principal:
+        now = self._clock()
         user, project = row["user"], row["project"]
         state = _key_state(row["revoked_at"], row["grace_until"], row["expires_at"], now)
         if state == "revoked":

@@ -15,7 +15,9 @@ Overlay surface of an agent's ``storage`` plugin:
 A refused upload resets the stream with the error: DatasetInvalid names the line and reason.
 Registered datasets are immutable: uploading a name again makes its next version. A ``csv``
 upload (never detected: it is named) is a training job's results file, not training data: kind
-``results``, a header and rows of numbers kept as uploaded, fetched only as the original.
+``results``, a header and rows of numbers kept as uploaded, fetched only as the original. So
+are the gateway's Batch API files (also named, never detected): ``batch`` (requests, one JSON
+object a line) and ``batch_output`` (their results or errors), checked line by line.
 """
 
 from __future__ import annotations
@@ -61,8 +63,19 @@ DATASET_GET = "dataset_get"
 DATASET_ID_PATTERN = r"^ds-[0-9a-f]{12}$"
 MAX_FILENAME_BYTES = 200
 
-Format = Literal["alpaca", "sharegpt", "chat", "text", "csv"]
-Kind = Literal["sft", "pt", "results"]
+Format = Literal["alpaca", "sharegpt", "chat", "text", "csv", "batch", "batch_output"]
+Kind = Literal["sft", "pt", "results", "batch", "batch_output"]
+# Kinds kept as uploaded and fetched only so: never training data.
+ORIGINAL_ONLY: dict[Kind, str] = {
+    "results": "a training job's results file",
+    "batch": "a batch's requests file",
+    "batch_output": "a batch's results file",
+}
+# A batch file's requests (OpenAI's bounds: 50,000 lines; its bytes are the store's and the
+# gateway's body limit's): each names one of these URLs, the same one on every line.
+BATCH_URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+MAX_BATCH_LINES = 50_000
+MAX_CUSTOM_ID_CHARS = 512
 AsFormat = Literal["chat", "text", "original"]
 DedupMode = Literal["none", "exact", "normalised"]
 DatasetIdStr = Annotated[str, StringConstraints(pattern=DATASET_ID_PATTERN)]
@@ -116,8 +129,8 @@ class DatasetRecord(BaseModel):
     name: str
     version: int  # 1, 2, ... per name
     format: Format  # as uploaded
-    kind: Kind  # sft (stored as chat rows), pt (stored as text rows), or results (a csv)
-    rows: int  # kept rows
+    kind: Kind  # sft (stored as chat rows), pt (stored as text rows), or kept as uploaded
+    rows: int  # kept rows (a batch file's: its requests or results)
     tokens: int
     tokenizer: str  # what counted the tokens: "whitespace" (words)
     sha256: str  # of the uploaded bytes
