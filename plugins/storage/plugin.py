@@ -318,7 +318,12 @@ class StoragePlugin(Plugin):
             )
         if next(f.size for f in header.files if f.name == CONFIG_FILE) > MAX_CONFIG_BYTES:
             raise InvalidAdapter(f"{CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes")
-        if header.id in self.uploading or self.registry.get(header.id) is not None:
+        if header.id in self.uploading:  # a cut transfer whose end this side has not seen yet
+            raise AdapterExists(
+                f"adapter {header.id!r} is being uploaded by another transfer right now; "
+                "try again once it ends (a cut upload then resumes where it stopped)"
+            )
+        if self.registry.get(header.id) is not None:
             raise AdapterExists(
                 f"adapter {header.id!r} already exists; adapters are immutable, "
                 "so upload a new version under a new id"

@@ -506,6 +506,7 @@ async def test_a_cut_upload_resumes_where_it_stopped(tmp_path, make_agent, peft_
             starts.append(done)
 
     await cut_at_half(other)  # its own partial, from nothing
+    await eventually(lambda: not plugin.uploading)  # storage has seen that transfer end
     record = await upload_adapter(trainer, "store", src, "big", progress=first)
     assert kept <= starts[0] < size  # resumed from what the store held
     assert record.size_bytes == size
