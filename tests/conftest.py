@@ -14,7 +14,7 @@ from atoll.agent.identity import AgentKeys
 from atoll.agent.runtime import AgentRuntime
 from atoll.broker.server import BrokerServer
 from atoll.tenancy.operator import OperatorStore
-from support import postgres
+from support import oidc, postgres
 from support.island import Island
 from support.overlay import AgentFactory
 
@@ -111,3 +111,10 @@ def accounts_db(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
 def pg_database(pg_cluster: postgres.Cluster) -> str:
     """A fresh PostgreSQL database's URL."""
     return pg_cluster.new_database()
+
+
+@pytest.fixture
+def oidc_provider() -> Iterator[oidc.Provider]:
+    """A real OpenID Connect provider on a loopback port (single sign-on tests)."""
+    with oidc.provider() as started:
+        yield started

@@ -33,6 +33,7 @@ from atoll.plugins.gateway.limits import RateLimiter
 from atoll.plugins.gateway.router import ModelRouter
 from atoll.plugins.gateway.service import Gateway
 from atoll.plugins.gateway.spending import TEMPLATE_TOKENS, Spending
+from atoll.plugins.gateway.sso import OidcConfig, Sso, read_client_secret
 from atoll.plugins.storage.contract.adapters import ADAPTERS_NEW, describe_adapter
 from atoll.protocol.session import Publication
 from atoll.tenancy.keys import read_secret, write_secret
@@ -79,6 +80,8 @@ class GatewayConfig(BaseModel):
     # in the data dir; a postgresql:// URL, a database that several gateways may share (each
     # with a copy of the first one's gateway.secret).
     database: str | None = None
+    # Single sign-on for the web UI (sso.py); None: the UI logs in with an API key only.
+    oidc: OidcConfig | None = None
 
     @field_validator("listen")
     @classmethod
@@ -97,6 +100,7 @@ class GatewayPlugin(Plugin):
     name = "gateway"
     config_model = GatewayConfig
     new_admin_key: str | None = None  # the admin key made at this start (a first start only)
+    sso: Sso | None = None  # single sign-on for the web UI, when configured
 
     async def start(self, ctx: PluginContext) -> None:
         await super().start(ctx)
@@ -104,9 +108,11 @@ class GatewayPlugin(Plugin):
         secret_path = ctx.data_dir / "gateway.secret"
         if not secret_path.exists():
             write_secret(secret_path, secrets.token_bytes(32))
-        self.accounts = Accounts(
-            config.database or ctx.data_dir / "gateway.sqlite", read_secret(secret_path)
-        )
+        secret = read_secret(secret_path)
+        self.accounts = Accounts(config.database or ctx.data_dir / "gateway.sqlite", secret)
+        if config.oidc is not None:
+            client_secret = read_client_secret(config.oidc.client_secret_file)
+            self.sso = Sso(config.oidc, client_secret, secret, self.accounts)
         if config.bootstrap_admin:
             self._bootstrap_admin()
         self.watch = await ctx.watch()
@@ -142,7 +148,7 @@ class GatewayPlugin(Plugin):
         sock.setblocking(False)
         self.address = sock.getsockname()[:2]
         server_config = uvicorn.Config(
-            create_app(self.gateway, self.evaluations, docs=config.docs),
+            create_app(self.gateway, self.evaluations, docs=config.docs, sso=self.sso),
             log_level="warning",
             lifespan="off",
             access_log=False,

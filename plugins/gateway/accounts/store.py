@@ -64,6 +64,13 @@ MIGRATIONS = [
         amount BIGINT NOT NULL, expires REAL NOT NULL, PRIMARY KEY (request_id, budget_id));
     CREATE INDEX reservations_expires ON reservations (expires);
     """,
+    # 3: single sign-on: which Atoll user each identity provider's subject is (identities.py)
+    """
+    CREATE TABLE identities (
+        issuer TEXT NOT NULL, subject TEXT NOT NULL, user TEXT NOT NULL REFERENCES users(name),
+        created REAL NOT NULL, last_login REAL NOT NULL, PRIMARY KEY (issuer, subject));
+    CREATE UNIQUE INDEX identities_user ON identities (issuer, user);
+    """,
 ]
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 KEY_CHECK = b"atoll gateway key check"  # HMACed with the secret: which secret made the keys

@@ -1,0 +1,176 @@
+"""Single sign-on over HTTP, against a real OpenID Connect provider (oidc-provider-mock): claims
+mapped to users, projects and roles, memberships synced at each login, and every refusal a page
+with an honest status that changes nothing. The browser's side is in test_webui_sso.py."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import httpx
+import pytest
+from pydantic import ValidationError
+
+from atoll.plugins.gateway.sso import FLOW_COOKIE, OidcConfig, read_client_secret
+from support.island import Island
+from support.oidc import Provider, authorize, oidc_config, sso_key
+from support.overlay import AgentFactory
+
+
+async def sso_island(make_agent: AgentFactory, issuer: str, tmp_path: Path, **options: Any) -> Island:
+    secret = tmp_path / "oidc-client-secret"
+    secret.write_text("s3cret\n")
+    isl = Island(make_agent)
+    config = oidc_config(issuer, client_secret_file=str(secret), **options)
+    return await isl.start_gateway(oidc=config)
+
+
+async def me(isl: Island, key: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=isl.url) as http:
+        answer = await http.get("/me", headers={"Authorization": f"Bearer {key}"})
+        assert answer.status_code == 200, answer.text
+        return dict(answer.json())
+
+
+def snapshot(isl: Island) -> tuple[Any, ...]:
+    acc = isl.accounts
+    members = {p.name: acc.members(p.name) for p in acc.list_projects()}
+    return acc.list_users(), acc.list_keys(), acc.list_projects(), members
+
+
+async def test_groups_map_to_projects_and_roles_and_each_login_syncs_them(
+    make_agent: AgentFactory, oidc_provider: Provider, tmp_path: Path
+) -> None:
+    isl = await sso_island(make_agent, oidc_provider.url, tmp_path)
+    acc = isl.accounts
+    oidc_provider.set_user("u-1", preferred_username="Alice", groups=["lab-users", "ml-leads"])
+    async with httpx.AsyncClient() as http:
+        key = await sso_key(http, isl.url, "u-1")
+    who = await me(isl, key)
+    assert (who["user"], who["admin"], who["project"]) == ("alice", False, None)
+    assert who["projects"] == {"lab": "member", "ml": "owner"}  # both projects made at login
+    session = next(k for k in acc.list_keys("alice") if k.key_id == who["key_id"])
+    assert session.name == "web session" and session.project is None
+    assert session.expires_at is not None
+    assert session.expires_at - session.created == pytest.approx(8 * 3600)
+    acc.create_project("other", actor="t")
+    acc.add_member("other", "alice", "member", actor="t")  # not mapped: SSO leaves it alone
+
+    # The groups changed at the provider, and so did her user name: the subject keeps her user;
+    # lab is now a viewer's, ml is gone, she is an admin; the first session still works.
+    oidc_provider.set_user(
+        "u-1", preferred_username="alice2", groups=["lab-viewers", "atoll-admins"]
+    )
+    async with httpx.AsyncClient() as http:
+        second = await sso_key(http, isl.url, "u-1")
+    who = await me(isl, second)
+    assert (who["user"], who["admin"]) == ("alice", True)
+    assert who["projects"] == {"lab": "viewer", "other": "member"}
+    assert "alice2" not in {u.name for u in acc.list_users()}
+    assert (await me(isl, key))["user"] == "alice"
+
+    # Several groups for one project: the highest role. Out of the admin group: no admin.
+    oidc_provider.set_user("u-1", preferred_username="alice", groups=["lab-viewers", "lab-users"])
+    async with httpx.AsyncClient() as http:
+        third = await sso_key(http, isl.url, "u-1")
+    who = await me(isl, third)
+    assert who["admin"] is False and who["projects"]["lab"] == "member"
+    actions = {(e.actor, e.action) for e in acc.audit_log()}
+    for action in ("user.create", "identity.link", "project.create", "member.add",
+                   "member.remove", "user.set_admin", "key.create"):  # fmt: skip
+        assert ("sso", action) in actions, action
+
+
+async def test_refused_logins_say_why_and_change_nothing(
+    make_agent: AgentFactory, oidc_provider: Provider, tmp_path: Path
+) -> None:
+    isl = await sso_island(make_agent, oidc_provider.url, tmp_path, require_group=True)
+    oidc_provider.set_user("u-ok", preferred_username="bob", groups=["lab-users"])
+    oidc_provider.set_user("u-none", preferred_username="carol", groups=["unmapped"])
+    oidc_provider.set_user("u-admin", preferred_username="admin", groups=["lab-users"])
+    oidc_provider.set_user("u-mail", preferred_username="dave@uni.example", groups=["lab-users"])
+    before = snapshot(isl)
+
+    async def refused(http: httpx.AsyncClient, url: str, status: int, says: str) -> None:
+        answer = await http.get(url)
+        assert answer.status_code == status, answer.text
+        assert answer.headers["content-type"].startswith("text/html")
+        assert says in answer.text, answer.text
+        assert "script-src 'self'" in answer.headers["content-security-policy"]
+
+    async with httpx.AsyncClient() as http:
+        # The provider's refusal (the user pressed Deny there).
+        started = await http.get(f"{isl.url}/ui/login")
+        denied = await http.post(started.headers["location"], data={"action": "deny"})
+        await refused(http, denied.headers["location"], 403, "refused the log-in (access_denied)")
+        # A state that is not this browser's.
+        back = urlsplit(await authorize(http, isl.url, "u-ok"))
+        query = parse_qs(back.query)
+        query["state"] = ["forged"]
+        forged = back._replace(query=urlencode(query, doseq=True)).geturl()
+        await refused(http, forged, 400, "state is not this browser")
+        # The flow is over once its callback came back: the real answer now finds no log-in.
+        await refused(http, back.geturl(), 400, "no log-in is in progress")
+        # A nonce that is not the one sent (a flow cookie sealed with the gateway's secret).
+        url = await authorize(http, isl.url, "u-ok")
+        reseal_flow(isl, http, nonce="other")
+        await refused(http, url, 401, "ID token was refused: Invalid claim: &#x27;nonce&#x27;")
+        # A log-in that took too long.
+        url = await authorize(http, isl.url, "u-ok")
+        reseal_flow(isl, http, exp=time.time() - 1)
+        await refused(http, url, 400, "no log-in is in progress")
+        # Users the config refuses: in no mapped group; a name a local user has; no valid name.
+        await refused(http, await authorize(http, isl.url, "u-none"), 403, "none of the")
+        await refused(http, await authorize(http, isl.url, "u-admin"), 403, "already exists")
+        await refused(http, await authorize(http, isl.url, "u-mail"), 403, "not a valid Atoll")
+        # No session waits to be claimed.
+        claim = await http.post(f"{isl.url}/ui/claim")
+        assert claim.status_code == 401
+        assert "no single sign-on session" in claim.json()["error"]["message"]
+    assert snapshot(isl) == before
+
+    # And a good login claims its key once.
+    async with httpx.AsyncClient() as http:
+        key = await sso_key(http, isl.url, "u-ok")
+        assert (await http.post(f"{isl.url}/ui/claim")).status_code == 401
+    assert (await me(isl, key))["projects"] == {"lab": "member"}
+
+
+def reseal_flow(isl: Island, http: httpx.AsyncClient, **changes: Any) -> None:
+    """Change the flow cookie ``http`` holds, sealed again with the gateway's key."""
+    cookie = next(c for c in http.cookies.jar if c.name == FLOW_COOKIE)
+    flow = isl.plugin.sso.unseal(cookie.value)
+    assert flow is not None
+    sealed = isl.plugin.sso.seal(flow | changes)
+    http.cookies.set(FLOW_COOKIE, sealed, domain=cookie.domain, path=cookie.path)
+
+
+async def test_without_oidc_the_ui_offers_api_keys_only(make_agent: AgentFactory) -> None:
+    isl = await Island(make_agent).start_gateway()
+    async with httpx.AsyncClient(base_url=isl.url) as http:
+        for method, path in (("GET", "/ui/sso"), ("GET", "/ui/login"), ("GET", "/ui/callback"),
+                             ("POST", "/ui/claim")):  # fmt: skip
+            answer = await http.request(method, path)
+            assert answer.status_code in (404, 405), (path, answer.status_code)
+
+
+def test_the_config_is_checked(tmp_path: Path) -> None:
+    good = {"issuer": "https://idp.example/realms/uni/", "client_id": "atoll"}
+    assert OidcConfig.model_validate(good).issuer == "https://idp.example/realms/uni"
+    assert OidcConfig.model_validate(good | {"issuer": "http://localhost:8080"})
+    for bad, says in (
+        ({"issuer": "http://idp.example"}, "https://"),
+        ({"scopes": ["profile"]}, "openid"),
+        ({"groups": {"g": {"project": "Not A Name"}}}, "project name"),
+        ({"groups": {"g": {"project": "lab", "role": "boss"}}}, "role"),
+        ({"client_secret": "inline"}, "Extra inputs"),
+    ):
+        with pytest.raises(ValidationError, match=says):
+            OidcConfig.model_validate(good | bad)
+    with pytest.raises(ValueError, match="No such file"):
+        read_client_secret(tmp_path / "missing")
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ValueError, match="is empty"):
+        read_client_secret(tmp_path / "empty")
