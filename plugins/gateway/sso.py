@@ -290,9 +290,7 @@ class Sso:
                 f"another browser, or took over {FLOW_TTL_S // 60} minutes): log in again",
             )
         if not ours:
-            raise GatewayError(
-                400, "the answer's state is not this browser's log-in: log in again"
-            )
+            raise GatewayError(400, "the answer's state is not this browser's log-in: log in again")
         code = params.get("code")
         if not code:
             raise GatewayError(400, "the identity provider's answer has no code")

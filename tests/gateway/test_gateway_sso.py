@@ -19,7 +19,9 @@ from support.oidc import Provider, authorize, oidc_config, sso_key
 from support.overlay import AgentFactory
 
 
-async def sso_island(make_agent: AgentFactory, issuer: str, tmp_path: Path, **options: Any) -> Island:
+async def sso_island(
+    make_agent: AgentFactory, issuer: str, tmp_path: Path, **options: Any
+) -> Island:
     secret = tmp_path / "oidc-client-secret"
     secret.write_text("s3cret\n")
     isl = Island(make_agent)

@@ -25,9 +25,7 @@ from atoll.plugins.gateway.accounts.ledger import UsageTable
 from atoll.plugins.gateway.accounts.users import UsersAndProjects
 
 
-class Accounts(
-    UsersAndProjects, Identities, Keys, AdapterRegistry, UsageTable, Budgets, AuditLog
-):
+class Accounts(UsersAndProjects, Identities, Keys, AdapterRegistry, UsageTable, Budgets, AuditLog):
     """The store, as callers see it: one object over one connection, lock and clock (``Store``),
     each concern's methods from its own module. ``Accounts(path_or_postgresql_url, secret,
     clock=time.time)``."""

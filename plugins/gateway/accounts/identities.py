@@ -44,9 +44,7 @@ class Identities(Keys):
                     write_audit(db, now, ACTOR, "user.set_admin", user, {"admin": login.admin})
             for project, role in sorted(login.roles.items()):
                 _sync_member(db, project, user, role, now)
-            record, key = self._insert_key(
-                db, user, None, SESSION_KEY_NAME, login.ttl_s, None, now
-            )
+            record, key = self._insert_key(db, user, None, SESSION_KEY_NAME, login.ttl_s, None, now)
             detail = {"user": user, "project": None, "name": SESSION_KEY_NAME,
                       "ttl_s": login.ttl_s}  # fmt: skip
             write_audit(db, now, ACTOR, "key.create", record.key_id, detail)
@@ -120,9 +118,7 @@ def _sync_member(db: Connection, project: str, user: str, role: str | None, now:
         write_audit(db, now, ACTOR, "member.remove", project, {"user": user})
         return
     if not db.execute("SELECT 1 FROM projects WHERE name = ?", (project,)).fetchone():
-        db.execute(
-            "INSERT INTO projects VALUES (?, ?, ?, ?, ?)", (project, "{}", False, None, now)
-        )
+        db.execute("INSERT INTO projects VALUES (?, ?, ?, ?, ?)", (project, "{}", False, None, now))
         detail = {"labels": {}, "store_prompts": False, "limits": None}
         write_audit(db, now, ACTOR, "project.create", project, detail)
     db.execute(
