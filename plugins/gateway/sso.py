@@ -73,9 +73,9 @@ class OidcConfig(BaseModel):
 
     issuer: str  # its discovery document is <issuer>/.well-known/openid-configuration
     client_id: str = Field(min_length=1)
-    # A file holding the client secret (never the secret in the TOML); None: a public client,
-    # PKCE alone (the provider must allow it).
-    client_secret_file: Path | None = None
+    # A file holding the client secret (never the secret in the TOML): the gateway is a
+    # confidential client, authenticated at the token endpoint besides PKCE.
+    client_secret_file: Path
     name: str = Field("single sign-on", min_length=1, max_length=64)  # "Log in with <name>"
     scopes: list[str] = ["openid", "profile", "email"]
     username_claim: str = "preferred_username"  # lowercased; names a new user
@@ -111,9 +111,7 @@ class OidcConfig(BaseModel):
         return v
 
 
-def read_client_secret(path: Path | None) -> str | None:
-    if path is None:
-        return None
+def read_client_secret(path: Path) -> str:
     try:
         secret = path.read_text().strip()
     except OSError as exc:
@@ -128,7 +126,7 @@ class Sso:
     flow cookie."""
 
     def __init__(
-        self, config: OidcConfig, client_secret: str | None, secret: bytes, accounts: Accounts
+        self, config: OidcConfig, client_secret: str, secret: bytes, accounts: Accounts
     ) -> None:
         self.config = config
         self.accounts = accounts
@@ -142,7 +140,6 @@ class Sso:
             client_kwargs={
                 "scope": " ".join(config.scopes),
                 "code_challenge_method": "S256",
-                "token_endpoint_auth_method": "client_secret_basic" if client_secret else "none",
                 "timeout": PROVIDER_TIMEOUT_S,
             },
         )

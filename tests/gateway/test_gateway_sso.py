@@ -22,11 +22,7 @@ from support.overlay import AgentFactory
 async def sso_island(
     make_agent: AgentFactory, issuer: str, tmp_path: Path, **options: Any
 ) -> Island:
-    secret = tmp_path / "oidc-client-secret"
-    secret.write_text("s3cret\n")
-    isl = Island(make_agent)
-    config = oidc_config(issuer, client_secret_file=str(secret), **options)
-    return await isl.start_gateway(oidc=config)
+    return await Island(make_agent).start_gateway(oidc=oidc_config(issuer, tmp_path, **options))
 
 
 async def me(isl: Island, key: str) -> dict[str, Any]:
@@ -159,7 +155,11 @@ async def test_without_oidc_the_ui_offers_api_keys_only(make_agent: AgentFactory
 
 
 def test_the_config_is_checked(tmp_path: Path) -> None:
-    good = {"issuer": "https://idp.example/realms/uni/", "client_id": "atoll"}
+    good = {
+        "issuer": "https://idp.example/realms/uni/",
+        "client_id": "atoll",
+        "client_secret_file": "/run/credentials/atoll/oidc",
+    }
     assert OidcConfig.model_validate(good).issuer == "https://idp.example/realms/uni"
     assert OidcConfig.model_validate(good | {"issuer": "http://localhost:8080"})
     for bad, says in (

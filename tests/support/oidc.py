@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -33,11 +34,15 @@ def provider() -> Iterator[Provider]:
         yield Provider(f"http://localhost:{server.server_port}")
 
 
-def oidc_config(issuer: str, **options: Any) -> dict[str, Any]:
-    """The gateway's ``oidc`` section for ``issuer``: projects lab and ml mapped from groups."""
+def oidc_config(issuer: str, here: Path, **options: Any) -> dict[str, Any]:
+    """The gateway's ``oidc`` section for ``issuer``: projects lab and ml mapped from groups,
+    the client secret in a file in ``here``."""
+    secret = here / "oidc-client-secret"
+    secret.write_text("s3cret\n")
     return {
         "issuer": issuer,
         "client_id": "atoll-test",
+        "client_secret_file": str(secret),
         "name": "Test IdP",
         "groups": {
             "lab-users": {"project": "lab", "role": "member"},
