@@ -5,6 +5,7 @@ with an honest status that changes nothing. The browser's side is in test_webui_
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -13,6 +14,9 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
+from atoll.plugins.gateway.accounts import Accounts
+from atoll.plugins.gateway.accounts.identities import SignIn
+from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.sso import FLOW_COOKIE, OidcConfig, read_client_secret
 from support.island import Island
 from support.oidc import Provider, authorize, oidc_config, sso_key
@@ -152,6 +156,41 @@ async def test_without_oidc_the_ui_offers_api_keys_only(make_agent: AgentFactory
                              ("POST", "/ui/claim")):  # fmt: skip
             answer = await http.request(method, path)
             assert answer.status_code in (404, 405), (path, answer.status_code)
+
+
+def test_a_subject_keeps_its_user_and_names_are_never_taken_over(
+    accounts_db: Path | str,
+) -> None:
+    """The store's side, on SQLite and PostgreSQL: a provider's subject is linked to one user
+    at its first login; a name that is another's (a local user, another subject) is refused
+    unless the config matches existing users, and then only an unlinked one."""
+    acc = Accounts(accounts_db, b"s" * 32)
+    login = SignIn(
+        issuer="https://idp.example", subject="s-1", username="erin", admin=None,
+        roles={"lab": "member"}, create_users=True, match_existing_users=False, ttl_s=600,
+    )  # fmt: skip
+    record, key = acc.sign_in(login)
+    assert acc.authenticate(key).user == "erin" and record.expires_at == record.created + 600
+    acc.sign_in(replace(login, username="renamed"))
+    assert [u.name for u in acc.list_users()] == ["erin"]
+    acc.create_user("frank", actor="t")
+    before = (acc.list_users(), acc.list_keys())
+    changes: dict[str, Any]
+    for changes, code in (
+        ({"subject": "s-2"}, "user_not_linked"),  # erin is s-1's
+        ({"subject": "s-2", "match_existing_users": True}, "user_not_linked"),
+        ({"subject": "s-3", "username": "frank"}, "user_not_linked"),  # a local user
+        ({"subject": "s-4", "username": "gina", "create_users": False}, "user_not_found"),
+    ):
+        with pytest.raises(GatewayError) as refused:
+            acc.sign_in(replace(login, **changes))
+        assert (refused.value.status, refused.value.code) == (403, code)
+    assert (acc.list_users(), acc.list_keys()) == before
+    # Matching existing users links frank to s-3 once; from then on s-3 is frank.
+    linked = replace(login, subject="s-3", username="frank", match_existing_users=True)
+    assert acc.authenticate(acc.sign_in(linked)[1]).user == "frank"
+    assert acc.memberships("frank") == {"lab": "member"}
+    acc.close()
 
 
 def test_the_config_is_checked(tmp_path: Path) -> None:
