@@ -4,7 +4,9 @@ with an honest status that changes nothing. The browser's side is in test_webui_
 
 from __future__ import annotations
 
+import re
 import time
+import tomllib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,9 @@ from pydantic import ValidationError
 from atoll.plugins.gateway.accounts import Accounts
 from atoll.plugins.gateway.accounts.identities import SignIn
 from atoll.plugins.gateway.errors import GatewayError
-from atoll.plugins.gateway.sso import FLOW_COOKIE, OidcConfig, read_client_secret
+from atoll.plugins.gateway.plugin import GatewayConfig
+from atoll.plugins.gateway.sso import FLOW_COOKIE, GroupRole, OidcConfig, read_client_secret
+from support import REPO
 from support.island import Island
 from support.oidc import Provider, authorize, oidc_config, sso_key
 from support.overlay import AgentFactory
@@ -215,3 +219,13 @@ def test_the_config_is_checked(tmp_path: Path) -> None:
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(ValueError, match="is empty"):
         read_client_secret(tmp_path / "empty")
+
+
+def test_the_admins_example_config_is_valid() -> None:
+    """docs/admins.md's ``[plugins.gateway.oidc]`` example, as the gateway would read it."""
+    text = (REPO / "docs" / "admins.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", text, re.S)
+    (example,) = [b for b in blocks if "[plugins.gateway.oidc]" in b]
+    config = GatewayConfig.model_validate(tomllib.loads(example)["plugins"]["gateway"])
+    assert config.oidc is not None and config.oidc.require_group
+    assert config.oidc.groups["radiology-leads"] == GroupRole(project="radiology", role="owner")
