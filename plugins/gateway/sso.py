@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import httpx
+import httpx2  # authlib's HTTP client (it falls back to httpx, deprecated, without it)
 from authlib.integrations.base_client import OAuthError
 from authlib.integrations.starlette_client import StarletteOAuth2App
 from fastapi import FastAPI, Request
@@ -82,7 +82,7 @@ class OidcConfig(BaseModel):
     groups_claim: str = "groups"
     groups: dict[str, GroupRole] = {}  # provider group -> (project, role); the truth for those
     admin_groups: list[str] = []  # set: admin exactly when in one; empty: admin left alone
-    require_group: bool = False  # refuse a user in no group of ``groups`` or ``admin_groups``
+    require_group: bool = False  # refuse a user in none of ``groups`` and ``admin_groups``
     create_users: bool = True  # an unknown user is created at their first login
     # An existing Atoll user not yet linked to this provider is linked by name at first login
     # (off: refused): only where the username claim cannot be chosen by the user.
@@ -158,11 +158,15 @@ class Sso:
         data = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
         return data if isinstance(data, dict) and data.get("exp", 0) > time.time() else None
 
+    def redirect_uri(self, request: Request) -> str:
+        """Where the provider sends the browser back: as configured, or this gateway's own."""
+        return self.config.redirect_url or f"{request.base_url}ui/callback"
+
     async def metadata(self) -> dict[str, Any]:
         """The provider's discovery document (authlib keeps it), its issuer checked."""
         try:
             metadata: dict[str, Any] = await self.provider.load_server_metadata()
-        except (httpx.HTTPError, ValueError) as exc:
+        except (httpx2.HTTPError, ValueError) as exc:
             raise GatewayError(
                 502, f"the identity provider at {self.config.issuer} did not answer: {exc}"
             ) from exc
@@ -185,9 +189,12 @@ class Sso:
                 "(username_claim) to name the user by",
             )
         found = claims.get(cfg.groups_claim, [])
-        groups = {found} if isinstance(found, str) else set(found)
-        if not all(isinstance(g, str) for g in groups):
-            raise GatewayError(502, f"the ID token's {cfg.groups_claim!r} claim is not names")
+        found = [found] if isinstance(found, str) else found
+        if not isinstance(found, list) or not all(isinstance(g, str) for g in found):
+            raise GatewayError(
+                502, f"the ID token's {cfg.groups_claim!r} claim is not a list of group names"
+            )
+        groups = set(found)
         roles: dict[str, str | None] = {m.project: None for m in cfg.groups.values()}
         for group, mapped in cfg.groups.items():
             have = roles[mapped.project]
@@ -221,7 +228,7 @@ class Sso:
         async def login(request: Request) -> Response:
             try:
                 await self.metadata()
-                redirect_uri = self.config.redirect_url or f"{request.base_url}ui/callback"
+                redirect_uri = self.redirect_uri(request)
                 flow = await self.provider.create_authorization_url(redirect_uri)
             except GatewayError as exc:
                 return page(exc.status, exc.message)
@@ -248,7 +255,8 @@ class Sso:
                 response = RedirectResponse("/ui/#claim", status_code=303)
                 response.set_cookie(
                     KEY_COOKIE, record_key, max_age=CLAIM_TTL_S, path="/ui/claim",
-                    secure=request.url.scheme == "https", httponly=True, samesite="strict",
+                    secure=self.redirect_uri(request).startswith("https:"), httponly=True,
+                    samesite="strict",
                 )  # fmt: skip
             response.delete_cookie(FLOW_COOKIE, path="/ui/callback")  # one try per login
             return response
@@ -304,7 +312,7 @@ class Sso:
             raise GatewayError(
                 401, f"the identity provider's ID token was refused: {exc.description or exc}"
             ) from exc
-        except (httpx.HTTPError, ValueError) as exc:
+        except (httpx2.HTTPError, ValueError) as exc:
             raise GatewayError(502, f"the identity provider did not answer: {exc}") from exc
         if claims is None:
             raise GatewayError(502, "the identity provider sent no ID token")

@@ -5,6 +5,7 @@ with an honest status that changes nothing. The browser's side is in test_webui_
 from __future__ import annotations
 
 import re
+import socket
 import time
 import tomllib
 from dataclasses import replace
@@ -97,6 +98,8 @@ async def test_refused_logins_say_why_and_change_nothing(
     oidc_provider.set_user("u-none", preferred_username="carol", groups=["unmapped"])
     oidc_provider.set_user("u-admin", preferred_username="admin", groups=["lab-users"])
     oidc_provider.set_user("u-mail", preferred_username="dave@uni.example", groups=["lab-users"])
+    oidc_provider.set_user("u-anon", groups=["lab-users"])
+    oidc_provider.set_user("u-odd", preferred_username="odd", groups={"lab-users": True})
     before = snapshot(isl)
 
     async def refused(http: httpx.AsyncClient, url: str, status: int, says: str) -> None:
@@ -131,6 +134,10 @@ async def test_refused_logins_say_why_and_change_nothing(
         await refused(http, await authorize(http, isl.url, "u-none"), 403, "none of the")
         await refused(http, await authorize(http, isl.url, "u-admin"), 403, "already exists")
         await refused(http, await authorize(http, isl.url, "u-mail"), 403, "not a valid Atoll")
+        # Claims the gateway cannot use.
+        no_name = "has no &#x27;preferred_username&#x27; claim"
+        await refused(http, await authorize(http, isl.url, "u-anon"), 502, no_name)
+        await refused(http, await authorize(http, isl.url, "u-odd"), 502, "not a list of group")
         # No session waits to be claimed.
         claim = await http.post(f"{isl.url}/ui/claim")
         assert claim.status_code == 401
@@ -160,6 +167,19 @@ async def test_without_oidc_the_ui_offers_api_keys_only(make_agent: AgentFactory
                              ("POST", "/ui/claim")):  # fmt: skip
             answer = await http.request(method, path)
             assert answer.status_code in (404, 405), (path, answer.status_code)
+
+
+async def test_a_provider_that_does_not_answer_is_said(
+    make_agent: AgentFactory, tmp_path: Path
+) -> None:
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        issuer = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    isl = await sso_island(make_agent, issuer, tmp_path)
+    async with httpx.AsyncClient() as http:
+        answer = await http.get(f"{isl.url}/ui/login")
+    assert answer.status_code == 502
+    assert f"the identity provider at {issuer} did not answer" in answer.text
 
 
 def test_a_subject_keeps_its_user_and_names_are_never_taken_over(
