@@ -4,6 +4,7 @@ login driven over HTTP as a browser would, for the tests that need no browser.""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,9 +26,11 @@ class Provider:
 
 @contextmanager
 def provider() -> Iterator[Provider]:
-    # Imported here, in a test, where pytest's filter hides its deprecation warning about
-    # authlib's older interfaces (authlib's own filter would show it at collection).
-    from oidc_provider_mock import run_server_in_thread
+    # It imports authlib's deprecated jose module, and authlib installs a filter that shows
+    # that warning always: quiet here (it is the provider's, not the gateway's).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from oidc_provider_mock import run_server_in_thread
 
     # require_nonce: the provider refuses a login the gateway sent without one.
     with run_server_in_thread(require_nonce=True) as server:
