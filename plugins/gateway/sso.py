@@ -322,11 +322,12 @@ class Sso:
 
 def page(status: int, message: str) -> Response:
     """A refused login, said on a page of the UI's look (the same strict headers)."""
+    sentence = message[:1].upper() + message[1:]
     body = (
         '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Log-in failed · '
         'Atoll</title><link rel="stylesheet" href="/ui/style.css"></head><body><main>'
         '<section class="card narrow"><h1>Log-in failed</h1>'
-        f'<p id="sso-error" class="error" role="alert">{html.escape(message)}</p>'
+        f'<p id="sso-error" class="error" role="alert">{html.escape(sentence)}</p>'
         '<p><a href="/ui/">Back to the log-in page</a></p></section></main></body></html>'
     )
     return Response(body, status_code=status, media_type="text/html", headers=HEADERS)

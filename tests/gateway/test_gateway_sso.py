@@ -179,7 +179,7 @@ async def test_a_provider_that_does_not_answer_is_said(
     async with httpx.AsyncClient() as http:
         answer = await http.get(f"{isl.url}/ui/login")
     assert answer.status_code == 502
-    assert f"the identity provider at {issuer} did not answer" in answer.text
+    assert f"The identity provider at {issuer} did not answer" in answer.text
 
 
 def test_a_subject_keeps_its_user_and_names_are_never_taken_over(
