@@ -121,7 +121,7 @@ async def test_refused_logins_say_why_and_change_nothing(
         forged = back._replace(query=urlencode(query, doseq=True)).geturl()
         await refused(http, forged, 400, "state is not this browser")
         # The flow is over once its callback came back: the real answer now finds no log-in.
-        await refused(http, back.geturl(), 400, "no log-in is in progress")
+        await refused(http, back.geturl(), 400, "No log-in is in progress")
         # A nonce that is not the one sent (a flow cookie sealed with the gateway's secret).
         url = await authorize(http, isl.url, "u-ok")
         reseal_flow(isl, http, nonce="other")
@@ -129,7 +129,7 @@ async def test_refused_logins_say_why_and_change_nothing(
         # A log-in that took too long.
         url = await authorize(http, isl.url, "u-ok")
         reseal_flow(isl, http, exp=time.time() - 1)
-        await refused(http, url, 400, "no log-in is in progress")
+        await refused(http, url, 400, "No log-in is in progress")
         # Users the config refuses: in no mapped group; a name a local user has; no valid name.
         await refused(http, await authorize(http, isl.url, "u-none"), 403, "none of the")
         await refused(http, await authorize(http, isl.url, "u-admin"), 403, "already exists")
