@@ -4,6 +4,8 @@ with an honest status that changes nothing. The browser's side is in test_webui_
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 import socket
 import time
@@ -21,7 +23,13 @@ from atoll.plugins.gateway.accounts import Accounts
 from atoll.plugins.gateway.accounts.identities import SignIn
 from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.plugin import GatewayConfig
-from atoll.plugins.gateway.sso import FLOW_COOKIE, GroupRole, OidcConfig, read_client_secret
+from atoll.plugins.gateway.sso import (
+    FLOW_COOKIE,
+    KEY_COOKIE,
+    GroupRole,
+    OidcConfig,
+    read_client_secret,
+)
 from support import REPO
 from support.island import Island
 from support.oidc import Provider, authorize, oidc_config, sso_key
@@ -39,6 +47,33 @@ async def me(isl: Island, key: str) -> dict[str, Any]:
         answer = await http.get("/me", headers={"Authorization": f"Bearer {key}"})
         assert answer.status_code == 200, answer.text
         return dict(answer.json())
+
+
+async def test_the_request_carries_pkce_and_a_nonce_and_the_cookies_are_narrow(
+    make_agent: AgentFactory, oidc_provider: Provider, tmp_path: Path
+) -> None:
+    isl = await sso_island(make_agent, oidc_provider.url, tmp_path)
+    oidc_provider.set_user("u-1", preferred_username="alice")
+    async with httpx.AsyncClient() as http:
+        started = await http.get(f"{isl.url}/ui/login")
+        asked = parse_qs(urlsplit(started.headers["location"]).query)
+        flow = isl.plugin.sso.unseal(http.cookies.get(FLOW_COOKIE))
+        challenge = hashlib.sha256(flow["verifier"].encode()).digest()
+        assert asked["code_challenge"] == [base64.urlsafe_b64encode(challenge).decode().strip("=")]
+        assert asked["code_challenge_method"] == ["S256"]
+        assert asked["nonce"] == [flow["nonce"]] and asked["state"] == [flow["state"]]
+        assert asked["redirect_uri"] == [f"{isl.url}/ui/callback"]
+        assert asked["scope"] == ["openid profile email"]
+        cookie = started.headers["set-cookie"]
+        for attribute in ("HttpOnly", "Path=/ui/callback", "SameSite=lax", "Max-Age=600"):
+            assert attribute in cookie, cookie
+        answered = await http.post(started.headers["location"], data={"sub": "u-1"})
+        back = await http.get(answered.headers["location"])
+        cookies = back.headers.get_list("set-cookie")
+        (handoff,) = [c for c in cookies if c.startswith(f"{KEY_COOKIE}=")]
+        for attribute in ("HttpOnly", "Path=/ui/claim", "SameSite=strict", "Max-Age=60"):
+            assert attribute in handoff, handoff
+        assert any(c.startswith(f'{FLOW_COOKIE}=""') for c in cookies)  # one try per login
 
 
 def snapshot(isl: Island) -> tuple[Any, ...]:
