@@ -30,6 +30,7 @@ from atoll.plugins.gateway.sso import (
     OidcConfig,
     read_client_secret,
 )
+from atoll.tenancy.keys import read_secret, write_secret
 from support import REPO
 from support.island import Island
 from support.oidc import Provider, authorize, oidc_config, sso_key
@@ -202,6 +203,26 @@ async def test_without_oidc_the_ui_offers_api_keys_only(make_agent: AgentFactory
                              ("POST", "/ui/claim")):  # fmt: skip
             answer = await http.request(method, path)
             assert answer.status_code in (404, 405), (path, answer.status_code)
+
+
+async def test_a_login_begun_at_one_gateway_finishes_at_another_with_its_secret(
+    make_agent: AgentFactory, oidc_provider: Provider, tmp_path: Path
+) -> None:
+    """The flow lives in the browser's sealed cookie, not in a gateway: behind a load balancer,
+    the callback may reach another gateway that has the first one's ``gateway.secret``."""
+    first = await sso_island(make_agent, oidc_provider.url, tmp_path)
+    secret = read_secret(first.plugin.ctx.data_dir / "gateway.secret")
+    write_secret(tmp_path / "agents/acme/gw2/plugins/gateway/gateway.secret", secret)
+    second = Island(make_agent)
+    gateway = {"listen": "127.0.0.1:0", "oidc": oidc_config(oidc_provider.url, tmp_path)}
+    second.gateway = await make_agent("gw2", roles=("gateway",), plugins={"gateway": gateway})
+    oidc_provider.set_user("u-1", preferred_username="alice")
+    async with httpx.AsyncClient() as http:
+        back = urlsplit(await authorize(http, first.url, "u-1"))
+        elsewhere = back._replace(netloc=urlsplit(second.url).netloc).geturl()
+        assert (await http.get(elsewhere)).status_code == 303  # cookies ignore the port
+        key = (await http.post(f"{second.url}/ui/claim")).json()["key"]
+    assert (await me(second, key))["user"] == "alice"
 
 
 async def test_a_provider_that_does_not_answer_is_said(
