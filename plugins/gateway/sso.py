@@ -248,13 +248,13 @@ class Sso:
         @app.get("/ui/callback", include_in_schema=False)
         async def callback(request: Request) -> Response:
             try:
-                record_key = await self._finish(request)
+                key = await self._finish(request)
             except GatewayError as exc:
                 response = page(exc.status, exc.message)
             else:
                 response = RedirectResponse("/ui/#claim", status_code=303)
                 response.set_cookie(
-                    KEY_COOKIE, record_key, max_age=CLAIM_TTL_S, path="/ui/claim",
+                    KEY_COOKIE, key, max_age=CLAIM_TTL_S, path="/ui/claim",
                     secure=self.redirect_uri(request).startswith("https:"), httponly=True,
                     samesite="strict",
                 )  # fmt: skip

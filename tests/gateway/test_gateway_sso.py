@@ -182,9 +182,17 @@ async def test_refused_logins_say_why_and_change_nothing(
 
     # And a good login claims its key once.
     async with httpx.AsyncClient() as http:
-        key = await sso_key(http, isl.url, "u-ok")
+        url = await authorize(http, isl.url, "u-ok")
+        flow = next(c for c in http.cookies.jar if c.name == FLOW_COOKIE)
+        assert (await http.get(url)).status_code == 303
+        claimed = await http.post(f"{isl.url}/ui/claim")
         assert (await http.post(f"{isl.url}/ui/claim")).status_code == 401
-    assert (await me(isl, key))["projects"] == {"lab": "member"}
+        # Its answer and cookie, captured and replayed: the provider refuses the used code.
+        http.cookies.set(FLOW_COOKIE, flow.value or "", domain=flow.domain, path=flow.path)
+        made = snapshot(isl)
+        await refused(http, url, 400, "refused the code")
+        assert snapshot(isl) == made
+    assert (await me(isl, claimed.json()["key"]))["projects"] == {"lab": "member"}
 
 
 def reseal_flow(isl: Island, http: httpx.AsyncClient, **changes: Any) -> None:
