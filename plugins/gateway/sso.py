@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import html
 import json
+import logging
 import re
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ from atoll.plugins.gateway.accounts.users import NAME
 from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.webui import HEADERS
 
+log = logging.getLogger(__name__)
 FLOW_COOKIE = "atoll_sso_flow"
 KEY_COOKIE = "atoll_sso_key"
 FLOW_TTL_S = 600  # a login must come back from the provider within this
@@ -249,7 +251,8 @@ class Sso:
         async def callback(request: Request) -> Response:
             try:
                 key = await self._finish(request)
-            except GatewayError as exc:
+            except GatewayError as exc:  # the operator sees it too: a provider misconfigured
+                log.warning("single sign-on refused (%d): %s", exc.status, exc.message)
                 response = page(exc.status, exc.message)
             else:
                 response = RedirectResponse("/ui/#claim", status_code=303)
