@@ -1,5 +1,5 @@
-// The shell: log in with an API key or through single sign-on, then the tabs (chat, datasets, jobs, evaluations, the user's
-// own keys and usage, metrics for admins).
+// The shell: log in with an API key or through single sign-on, then the tabs (chat, datasets,
+// jobs, evaluations, the user's own keys and usage, metrics for admins).
 import { Account } from "./account.js";
 import { Api, ApiError, errorOf } from "./api.js";
 import { Chat } from "./chat.js";
