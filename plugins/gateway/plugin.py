@@ -109,10 +109,12 @@ class GatewayPlugin(Plugin):
         if not secret_path.exists():
             write_secret(secret_path, secrets.token_bytes(32))
         secret = read_secret(secret_path)
+        # Read first: a missing file stops the start before the database is opened.
+        oidc = config.oidc
+        oidc_secret = read_client_secret(oidc.client_secret_file) if oidc else None
         self.accounts = Accounts(config.database or ctx.data_dir / "gateway.sqlite", secret)
-        if config.oidc is not None:
-            client_secret = read_client_secret(config.oidc.client_secret_file)
-            self.sso = Sso(config.oidc, client_secret, secret, self.accounts)
+        if oidc is not None and oidc_secret is not None:
+            self.sso = Sso(oidc, oidc_secret, secret, self.accounts)
         if config.bootstrap_admin:
             self._bootstrap_admin()
         self.watch = await ctx.watch()
