@@ -150,6 +150,19 @@ async def test_refused_logins_say_why_and_change_nothing(
         started = await http.get(f"{isl.url}/ui/login")
         denied = await http.post(started.headers["location"], data={"action": "deny"})
         await refused(http, denied.headers["location"], 403, "refused the log-in (access_denied)")
+        # A link anyone could send: the provider's free text is shown for the browser's own
+        # login only, and an error that is no OAuth code is not repeated.
+        lure = "error=access_denied&error_description=Call+555-0100+to+unlock"
+        answer = await http.get(f"{isl.url}/ui/callback?{lure}")
+        assert answer.status_code == 403 and "555" not in answer.text
+        answer = await http.get(f"{isl.url}/ui/callback?error=Call+555-0100")
+        assert answer.status_code == 400 and "555" not in answer.text
+        assert "refused the log-in (error)" in answer.text
+        started = await http.get(f"{isl.url}/ui/login")  # this browser's own: said in full
+        state = parse_qs(urlsplit(started.headers["location"]).query)["state"][0]
+        own = urlencode({"error": "temporarily_unavailable", "error_description": "Try later",
+                         "state": state})  # fmt: skip
+        await refused(http, f"{isl.url}/ui/callback?{own}", 400, "unavailable: Try later")
         # A state that is not this browser's.
         back = urlsplit(await authorize(http, isl.url, "u-ok"))
         query = parse_qs(back.query)
