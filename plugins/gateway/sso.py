@@ -155,7 +155,7 @@ class Sso:
         """The data ``seal`` made, unless altered or expired."""
         body, _, mac = (text or "").partition(".")
         good = hmac.new(self._seal_key, body.encode(), hashlib.sha256).hexdigest()
-        if not body or not hmac.compare_digest(mac, good):
+        if not body or not hmac.compare_digest(mac.encode(), good.encode()):
             return None
         data = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
         return data if isinstance(data, dict) and data.get("exp", 0) > time.time() else None
@@ -282,7 +282,8 @@ class Sso:
         """The callback's work: the session key's plaintext, or GatewayError saying why not."""
         params = request.query_params
         flow = self.unseal(request.cookies.get(FLOW_COOKIE))
-        ours = flow is not None and hmac.compare_digest(params.get("state", ""), flow["state"])
+        state = params.get("state", "").encode()
+        ours = flow is not None and hmac.compare_digest(state, flow["state"].encode())
         if error := params.get("error"):
             # Anyone can link here with an error: its free text is shown only for this
             # browser's own login (some providers leave the state out of an error).

@@ -166,7 +166,7 @@ async def test_refused_logins_say_why_and_change_nothing(
         # A state that is not this browser's.
         back = urlsplit(await authorize(http, isl.url, "u-ok"))
         query = parse_qs(back.query)
-        query["state"] = ["forged"]
+        query["state"] = ["gefälscht"]  # not ASCII either: compared as bytes, no 500
         forged = back._replace(query=urlencode(query, doseq=True)).geturl()
         await refused(http, forged, 400, "state is not this browser")
         # The flow is over once its callback came back: the real answer now finds no log-in.
