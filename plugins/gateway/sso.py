@@ -51,6 +51,7 @@ CLAIM_TTL_S = 60  # the page claims its key at once after the redirect
 PROVIDER_TIMEOUT_S = 10.0
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
 ERROR_CODE = re.compile(r"[a-z_]{1,64}")  # OAuth's error codes (RFC 6749 4.1.2.1)
+ENDPOINTS = ("authorization_endpoint", "token_endpoint", "jwks_uri")  # what the flow uses
 ROLE_RANK = {"viewer": 0, "member": 1, "owner": 2}  # a user in several groups gets the highest
 
 
@@ -167,16 +168,21 @@ class Sso:
     async def metadata(self) -> dict[str, Any]:
         """The provider's discovery document (authlib keeps it), its issuer checked."""
         try:
-            metadata: dict[str, Any] = await self.provider.load_server_metadata()
+            metadata = dict(await self.provider.load_server_metadata())  # a copy: see below
         except (httpx2.HTTPError, ValueError) as exc:
             raise GatewayError(
                 502, f"the identity provider at {self.config.issuer} did not answer: {exc}"
             ) from exc
-        if str(metadata.get("issuer", "")).rstrip("/") != self.config.issuer:
+        lacking = [k for k in ENDPOINTS if not isinstance(metadata.get(k), str)]
+        issuer = str(metadata.get("issuer", "")).rstrip("/")
+        if lacking or issuer != self.config.issuer:
+            self.provider.server_metadata.clear()  # authlib keeps it: fetched again next time
             raise GatewayError(
                 502,
-                f"the identity provider says its issuer is {metadata.get('issuer')!r}, not "
-                f"{self.config.issuer!r} as configured",
+                f"the identity provider's discovery document lacks {', '.join(lacking)}"
+                if lacking
+                else f"the identity provider says its issuer is {metadata.get('issuer')!r}, "
+                f"not {self.config.issuer!r} as configured",
             )
         return metadata
 

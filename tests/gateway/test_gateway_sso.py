@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import re
-import socket
+import threading
 import time
 import tomllib
 from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -246,17 +248,47 @@ async def test_a_login_begun_at_one_gateway_finishes_at_another_with_its_secret(
     assert (await me(second, key))["user"] == "alice"
 
 
-async def test_a_provider_that_does_not_answer_is_said(
+async def test_a_provider_that_does_not_answer_or_answers_wrong_is_said(
     make_agent: AgentFactory, tmp_path: Path
 ) -> None:
-    with socket.socket() as probe:  # a loopback port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        issuer = f"http://127.0.0.1:{probe.getsockname()[1]}"
-    isl = await sso_island(make_agent, issuer, tmp_path)
-    async with httpx.AsyncClient() as http:
-        answer = await http.get(f"{isl.url}/ui/login")
-    assert answer.status_code == 502
-    assert f"The identity provider at {issuer} did not answer" in answer.text
+    """A provider failing, then a discovery document without the endpoints the flow needs, then
+    another issuer's: each said, and the document fetched again at the next login (a fixed
+    provider is seen without a restart)."""
+    document: dict[str, Any] = {}
+
+    class Discovery(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps(document).encode()
+            self.send_response(200 if document else 500)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Discovery)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    issuer = f"http://127.0.0.1:{server.server_port}"
+    try:
+        isl = await sso_island(make_agent, issuer, tmp_path)
+        async with httpx.AsyncClient() as http:
+
+            async def login_says(says: str) -> None:
+                answer = await http.get(f"{isl.url}/ui/login")
+                assert answer.status_code == 502 and says in answer.text, answer.text
+
+            await login_says(f"The identity provider at {issuer} did not answer")
+            document.update(issuer=issuer, authorization_endpoint=f"{issuer}/authorize")
+            await login_says("lacks token_endpoint, jwks_uri")
+            endpoints = {"token_endpoint": f"{issuer}/token", "jwks_uri": f"{issuer}/jwks"}
+            document.update(endpoints, issuer="https://other.example")
+            await login_says("says its issuer is &#x27;https://other.example&#x27;")
+            document["issuer"] = issuer
+            answer = await http.get(f"{isl.url}/ui/login")
+            assert answer.status_code == 303
+            assert answer.headers["location"].startswith(f"{issuer}/authorize?")
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_a_subject_keeps_its_user_and_names_are_never_taken_over(
