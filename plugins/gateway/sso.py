@@ -13,6 +13,8 @@ issuer, audience, nonce, expiry).
   saying why, with an honest status, and changes nothing.
 - ``POST /ui/claim`` (the browser holding that cookie): the key, once; the page then calls the
   API with it as a Bearer token like any key, so no API route accepts a cookie (no CSRF).
+- ``GET /ui/logout`` (anyone): after the page revoked its key, on to the provider's
+  end-session endpoint and back to the log-in page.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations.
@@ -26,7 +28,7 @@ import re
 import time
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import httpx2  # authlib's HTTP client (it falls back to httpx, deprecated, without it)
 from authlib.integrations.base_client import OAuthError
@@ -269,6 +271,22 @@ class Sso:
                 )  # fmt: skip
             response.delete_cookie(FLOW_COOKIE, path="/ui/callback")  # one try per login
             return response
+
+        @app.get("/ui/logout", include_in_schema=False)
+        async def logout(request: Request) -> Response:
+            # Where the page goes once it revoked its session's key: the provider's end-session
+            # endpoint, if it has one, so that the next "Log in with" on a shared computer asks
+            # who is there (RP-initiated logout), then back to the log-in page.
+            back = self.redirect_uri(request).removesuffix("callback")
+            try:
+                end = (await self.metadata()).get("end_session_endpoint")
+            except GatewayError:  # logged out of Atoll all the same
+                end = None
+            if not isinstance(end, str):
+                return RedirectResponse(back, status_code=303)
+            query = urlencode({"client_id": self.config.client_id,
+                               "post_logout_redirect_uri": back})  # fmt: skip
+            return RedirectResponse(f"{end}{'&' if '?' in end else '?'}{query}", status_code=303)
 
         @app.post("/ui/claim", include_in_schema=False)
         async def claim(request: Request) -> Response:

@@ -223,7 +223,7 @@ async def test_without_oidc_the_ui_offers_api_keys_only(make_agent: AgentFactory
     isl = await Island(make_agent).start_gateway()
     async with httpx.AsyncClient(base_url=isl.url) as http:
         for method, path in (("GET", "/ui/sso"), ("GET", "/ui/login"), ("GET", "/ui/callback"),
-                             ("POST", "/ui/claim")):  # fmt: skip
+                             ("POST", "/ui/claim"), ("GET", "/ui/logout")):  # fmt: skip
             answer = await http.request(method, path)
             assert answer.status_code in (404, 405), (path, answer.status_code)
 
@@ -286,6 +286,9 @@ async def test_a_provider_that_does_not_answer_or_answers_wrong_is_said(
             answer = await http.get(f"{isl.url}/ui/login")
             assert answer.status_code == 303
             assert answer.headers["location"].startswith(f"{issuer}/authorize?")
+            # This provider has no end-session endpoint: a logout goes straight back.
+            answer = await http.get(f"{isl.url}/ui/logout")
+            assert (answer.status_code, answer.headers["location"]) == (303, f"{isl.url}/ui/")
     finally:
         server.shutdown()
         server.server_close()

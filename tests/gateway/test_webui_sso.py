@@ -5,7 +5,7 @@ logging out revokes the session's key; refusals are shown as pages that say why.
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 import httpx
 from playwright.async_api import Browser, Page, expect
@@ -73,7 +73,12 @@ async def test_log_in_through_the_provider_with_groups_then_out(
         auth = {"Authorization": f"Bearer {key}"}
         assert (await http.get("/v1/models", headers=auth)).status_code == 200
         await page.click("#logout")
+        # On through the provider's end-session page (the next login there asks again), back.
+        await expect(page.locator("h1")).to_have_text("End Session")
+        assert f"post_logout_redirect_uri={quote(isl.url, safe='')}%2Fui%2F" in page.url
+        await page.click("button[type=submit]")
         await expect(page.locator("#login")).to_be_visible()
+        assert page.url == f"{isl.url}/ui/"
         refused = await http.get("/v1/models", headers=auth)
         assert refused.status_code == 401 and "revoked" in refused.text
     assert await page.evaluate("sessionStorage.getItem('atoll.key')") is None

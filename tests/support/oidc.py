@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import authlib.deprecate  # noqa: F401 (imported first: see provider())
 import httpx
 
 
@@ -26,8 +27,9 @@ class Provider:
 
 @contextmanager
 def provider() -> Iterator[Provider]:
-    # It imports authlib's deprecated jose module, and authlib installs a filter that shows
-    # that warning always: quiet here (it is the provider's, not the gateway's).
+    # It imports authlib's deprecated jose module (its warning is the provider's, not the
+    # gateway's): quiet, by a filter put in front of the "always" that authlib.deprecate adds
+    # when it is first imported (above).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         from oidc_provider_mock import run_server_in_thread

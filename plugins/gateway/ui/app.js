@@ -88,12 +88,17 @@ class App {
 
   async logout() {
     this.current?.hide?.();
-    if (sessionStorage.getItem(SSO)) {
+    const sso = sessionStorage.getItem(SSO);
+    if (sso) {
       // The session's key was made for this tab alone: revoked, a copy of it stops working too.
       await this.api.post("/me/keys/revoke", { key_id: this.session.key_id }).catch(() => {});
     }
     sessionStorage.removeItem(KEY);
     sessionStorage.removeItem(SSO);
+    if (sso) {
+      location.assign("/ui/logout"); // and out of the identity provider, where it can
+      return;
+    }
     location.hash = "";
     location.reload();
   }
