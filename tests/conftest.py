@@ -9,12 +9,14 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from playwright.async_api import Browser
 
 from atoll.agent.identity import AgentKeys
 from atoll.agent.runtime import AgentRuntime
 from atoll.broker.server import BrokerServer
 from atoll.tenancy.operator import OperatorStore
-from support import postgres
+from support import oidc, postgres
+from support.browser import chromium
 from support.island import Island
 from support.overlay import AgentFactory
 
@@ -111,3 +113,17 @@ def accounts_db(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
 def pg_database(pg_cluster: postgres.Cluster) -> str:
     """A fresh PostgreSQL database's URL."""
     return pg_cluster.new_database()
+
+
+@pytest.fixture
+def oidc_provider() -> Iterator[oidc.Provider]:
+    """A real OpenID Connect provider on a loopback port (single sign-on tests)."""
+    with oidc.provider() as started:
+        yield started
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    """Debian's chromium, headless (web UI tests)."""
+    async with chromium() as started:
+        yield started

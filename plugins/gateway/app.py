@@ -1,6 +1,7 @@
 """The gateway's HTTP API (FastAPI): errors in OpenAI's (or LoRAX's) shape, who is calling, the
 admin API, Prometheus /metrics and the live feed; the inference routes are inference_routes.py's,
-files and fine-tuning finetune.py's, batches batches.py's, the web UI webui.py's."""
+files and fine-tuning finetune.py's, batches batches.py's, the web UI webui.py's, its single
+sign-on sso.py's."""
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations, some of which
 # (User, Admin) are local to create_app.
@@ -32,6 +33,7 @@ from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.evaluations import Evaluations
 from atoll.plugins.gateway.lorax_api import lorax_error
 from atoll.plugins.gateway.service import Gateway
+from atoll.plugins.gateway.sso import Sso
 
 log = logging.getLogger(__name__)
 FEED_INTERVAL = 1.0  # seconds between frames of the admin live feed
@@ -83,9 +85,14 @@ SCHEMA_HEADERS = {
 
 
 def create_app(
-    gw: Gateway, evaluations: Evaluations, batches: Batches, docs: bool = False
+    gw: Gateway,
+    evaluations: Evaluations,
+    batches: Batches,
+    docs: bool = False,
+    sso: Sso | None = None,
 ) -> FastAPI:
-    """The app; ``docs`` serves ``/openapi.json`` to callers with a key (off: 404)."""
+    """The app; ``docs`` serves ``/openapi.json`` to callers with a key (off: 404); ``sso``
+    logs the web UI in through an OpenID Connect provider (None: API keys only)."""
     # Never /docs or /redoc: FastAPI's pages load their scripts from a CDN on the web UI's origin,
     # and a browser navigating to them sends no key. With ``docs`` only the schema is served.
     app = FastAPI(
@@ -257,6 +264,8 @@ def create_app(
     admin_route("/admin/budgets", "list_budgets", "budgets_list", "GET")
     admin_route("/admin/budgets/remove", "remove_budget", "budgets_remove")
     self_service.install(app, gw, User, usage_csv)
+    if sso is not None:
+        sso.install(app)  # before the UI's static files, which would answer its paths 404
     webui.install(app, User)
 
     return BodyLimit(app, gw.max_body_bytes)  # type: ignore[return-value]

@@ -34,6 +34,7 @@ from atoll.plugins.gateway.limits import RateLimiter
 from atoll.plugins.gateway.router import ModelRouter
 from atoll.plugins.gateway.service import Gateway
 from atoll.plugins.gateway.spending import TEMPLATE_TOKENS, Spending
+from atoll.plugins.gateway.sso import OidcConfig, Sso, read_client_secret
 from atoll.plugins.storage.contract.adapters import (
     ADAPTERS_DELETED,
     ADAPTERS_NEW,
@@ -88,6 +89,8 @@ class GatewayConfig(BaseModel):
     # Batch API lines this gateway runs at once (all batches together), below interactive
     # requests' priority (batch_gate.py).
     batch_concurrency: int = Field(4, ge=1, le=256)
+    # Single sign-on for the web UI (sso.py); None: the UI logs in with an API key only.
+    oidc: OidcConfig | None = None
 
     @field_validator("listen")
     @classmethod
@@ -106,6 +109,7 @@ class GatewayPlugin(Plugin):
     name = "gateway"
     config_model = GatewayConfig
     new_admin_key: str | None = None  # the admin key made at this start (a first start only)
+    sso: Sso | None = None  # single sign-on for the web UI, when configured
 
     async def start(self, ctx: PluginContext) -> None:
         await super().start(ctx)
@@ -113,9 +117,13 @@ class GatewayPlugin(Plugin):
         secret_path = ctx.data_dir / "gateway.secret"
         if not secret_path.exists():
             write_secret(secret_path, secrets.token_bytes(32))
-        self.accounts = Accounts(
-            config.database or ctx.data_dir / "gateway.sqlite", read_secret(secret_path)
-        )
+        secret = read_secret(secret_path)
+        # Read first: a missing file stops the start before the database is opened.
+        oidc = config.oidc
+        oidc_secret = read_client_secret(oidc.client_secret_file) if oidc else None
+        self.accounts = Accounts(config.database or ctx.data_dir / "gateway.sqlite", secret)
+        if oidc is not None and oidc_secret is not None:
+            self.sso = Sso(oidc, oidc_secret, secret, self.accounts)
         if config.bootstrap_admin:
             self._bootstrap_admin()
         self.watch = await ctx.watch()
@@ -153,7 +161,9 @@ class GatewayPlugin(Plugin):
         sock.setblocking(False)
         self.address = sock.getsockname()[:2]
         server_config = uvicorn.Config(
-            create_app(self.gateway, self.evaluations, self.batches, docs=config.docs),
+            create_app(
+                self.gateway, self.evaluations, self.batches, docs=config.docs, sso=self.sso
+            ),
             log_level="warning",
             lifespan="off",
             access_log=False,

@@ -1,6 +1,7 @@
 """The web UI: static files under ``/ui/`` (no build step, no third-party script) and the one
-route only the UI needs, ``GET /ui/session`` (who the key belongs to). Everything else the UI
-shows comes from the public API (/v1/..., /admin/feed), with the key the user logged in with.
+route only the UI needs, ``GET /ui/session`` (who the key belongs to); single sign-on's routes
+are sso.py's. Everything else the UI shows comes from the public API (/v1/..., /admin/feed),
+with the key the user logged in with.
 
 Conversations stay in the browser (localStorage, per user): the gateway stores no prompt text
 unless a project opts in, and the playground does not get round that."""

@@ -1,6 +1,7 @@
 """The gateway's accounts, in a SQLite file or a PostgreSQL database that gateways share
 (database.py, postgres.py): users, projects and roles (users.py), API keys
-(keys.py), who may see and use which adapter (adapters.py), the usage ledger, one row per
+(keys.py), which user an identity provider's account is and what a single sign-on changes
+(identities.py), who may see and use which adapter (adapters.py), the usage ledger, one row per
 request (ledger.py), budgets with their reservations, settled by the ledger's own
 transaction (budgets.py), and the audit log, one row per admin action written in the same
 transaction as the change it records and hash-chained (audit.py, audit_chain.py), and each
@@ -19,13 +20,16 @@ from __future__ import annotations
 from atoll.plugins.gateway.accounts.adapters import AdapterRegistry
 from atoll.plugins.gateway.accounts.audit import AuditLog
 from atoll.plugins.gateway.accounts.budgets import Budgets
+from atoll.plugins.gateway.accounts.identities import Identities
 from atoll.plugins.gateway.accounts.keys import Keys
 from atoll.plugins.gateway.accounts.ledger import UsageTable
 from atoll.plugins.gateway.accounts.retention import Retention
 from atoll.plugins.gateway.accounts.users import UsersAndProjects
 
 
-class Accounts(UsersAndProjects, Keys, AdapterRegistry, UsageTable, Budgets, AuditLog, Retention):
+class Accounts(
+    UsersAndProjects, Identities, Keys, AdapterRegistry, UsageTable, Budgets, AuditLog, Retention
+):
     """The store, as callers see it: one object over one connection, lock and clock (``Store``),
     each concern's methods from its own module. ``Accounts(path_or_postgresql_url, secret,
     clock=time.time)``."""

@@ -78,6 +78,13 @@ MIGRATIONS = [
         project TEXT PRIMARY KEY REFERENCES projects(name), prompts_s REAL, ledger_s REAL,
         datasets_s REAL, updated REAL NOT NULL);
     """,
+    # 4: single sign-on: which Atoll user each identity provider's subject is (identities.py)
+    """
+    CREATE TABLE identities (
+        issuer TEXT NOT NULL, subject TEXT NOT NULL, user TEXT NOT NULL REFERENCES users(name),
+        created REAL NOT NULL, last_login REAL NOT NULL, PRIMARY KEY (issuer, subject));
+    CREATE UNIQUE INDEX identities_user ON identities (issuer, user);
+    """,
 ]
 AUDIT_CHAINED = 3  # the schema version whose step chains the audit log
 SCHEMA_VERSION = 1 + len(MIGRATIONS)

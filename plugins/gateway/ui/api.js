@@ -98,7 +98,7 @@ export class Api {
   }
 }
 
-async function errorOf(response) {
+export async function errorOf(response) {
   let body = null;
   let message = `${response.status} ${response.statusText}`;
   try {

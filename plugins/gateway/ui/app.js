@@ -1,7 +1,7 @@
-// The shell: log in with an API key, then the tabs (chat, datasets, jobs, evaluations, the user's
-// own keys and usage, metrics for admins).
+// The shell: log in with an API key or through single sign-on, then the tabs (chat, datasets,
+// jobs, evaluations, the user's own keys and usage, metrics for admins).
 import { Account } from "./account.js";
-import { Api, ApiError } from "./api.js";
+import { Api, ApiError, errorOf } from "./api.js";
 import { Chat } from "./chat.js";
 import { Datasets } from "./datasets.js";
 import { Evaluations } from "./evaluations.js";
@@ -9,6 +9,7 @@ import { Jobs } from "./jobs.js";
 import { Metrics } from "./metrics.js";
 
 const KEY = "atoll.key"; // sessionStorage: the key lives as long as the tab, never on disk
+const SSO = "atoll.sso"; // set when the key is a single sign-on session's: revoked at log-out
 const $ = (id) => document.getElementById(id);
 
 class App {
@@ -21,8 +22,32 @@ class App {
     });
     $("logout").addEventListener("click", () => this.logout());
     window.addEventListener("hashchange", () => this.show(location.hash.slice(1)));
+    this.offerSso();
     const saved = sessionStorage.getItem(KEY);
-    if (saved) this.login(saved);
+    if (location.hash === "#claim") this.claim();
+    else if (saved) this.login(saved);
+  }
+
+  async offerSso() {
+    const response = await fetch("/ui/sso");
+    if (!response.ok) return; // this gateway has no single sign-on
+    const { name } = await response.json();
+    $("sso-login").textContent = `Log in with ${name}`;
+    $("sso").hidden = false;
+  }
+
+  // Back from the identity provider: the session's key waits in a cookie that only
+  // POST /ui/claim reads, once.
+  async claim() {
+    history.replaceState(null, "", location.pathname);
+    const response = await fetch("/ui/claim", { method: "POST" });
+    if (!response.ok) {
+      $("login-error").textContent = `Refused: ${(await errorOf(response)).message}`;
+      return;
+    }
+    const { key } = await response.json();
+    sessionStorage.setItem(SSO, "1");
+    await this.login(key);
   }
 
   async login(key) {
@@ -33,6 +58,7 @@ class App {
       session = await api.get("/ui/session");
     } catch (err) {
       sessionStorage.removeItem(KEY);
+      sessionStorage.removeItem(SSO);
       $("login-error").textContent =
         err instanceof ApiError && err.status === 401 ? `Refused: ${err.message}` : String(err);
       return;
@@ -60,9 +86,19 @@ class App {
     this.show(location.hash.slice(1));
   }
 
-  logout() {
+  async logout() {
     this.current?.hide?.();
+    const sso = sessionStorage.getItem(SSO);
+    if (sso) {
+      // The session's key was made for this tab alone: revoked, a copy of it stops working too.
+      await this.api.post("/me/keys/revoke", { key_id: this.session.key_id }).catch(() => {});
+    }
     sessionStorage.removeItem(KEY);
+    sessionStorage.removeItem(SSO);
+    if (sso) {
+      location.assign("/ui/logout"); // and out of the identity provider, where it can
+      return;
+    }
     location.hash = "";
     location.reload();
   }
@@ -76,6 +112,7 @@ class App {
     this.tabs = {};
     this.current = null;
     sessionStorage.removeItem(KEY);
+    sessionStorage.removeItem(SSO);
     for (const id of ["nav", "who", "logout"]) $(id).hidden = true;
     for (const tab of document.querySelectorAll(".tab")) tab.hidden = true;
     $("login").hidden = false;
