@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from nacl.signing import SigningKey
+
 from atoll.plugins.gateway.accounts.audit import write_audit
 from atoll.plugins.gateway.accounts.database import Connection
 from atoll.plugins.gateway.accounts.keys import KeyRecord, Keys
@@ -41,13 +43,14 @@ class Identities(Keys):
                 row = db.execute("SELECT admin FROM users WHERE name = ?", (user,)).fetchone()
                 if bool(row[0]) != login.admin:
                     db.execute("UPDATE users SET admin = ? WHERE name = ?", (login.admin, user))
-                    write_audit(db, now, ACTOR, "user.set_admin", user, {"admin": login.admin})
+                    admin = {"admin": login.admin}
+                    write_audit(db, self._audit_key, now, ACTOR, "user.set_admin", user, admin)
             for project, role in sorted(login.roles.items()):
-                _sync_member(db, project, user, role, now)
+                _sync_member(db, self._audit_key, project, user, role, now)
             record, key = self._insert_key(db, user, None, SESSION_KEY_NAME, login.ttl_s, None, now)
             detail = {"user": user, "project": None, "name": SESSION_KEY_NAME,
                       "ttl_s": login.ttl_s}  # fmt: skip
-            write_audit(db, now, ACTOR, "key.create", record.key_id, detail)
+            write_audit(db, self._audit_key, now, ACTOR, "key.create", record.key_id, detail)
         return record, key
 
     def _user_of(self, db: Connection, login: SignIn, now: float) -> str:
@@ -94,17 +97,19 @@ class Identities(Keys):
             )
         else:
             db.execute("INSERT INTO users VALUES (?, ?, ?)", (name, False, now))
-            write_audit(db, now, ACTOR, "user.create", name, {"admin": False})
+            write_audit(db, self._audit_key, now, ACTOR, "user.create", name, {"admin": False})
         db.execute(
             "INSERT INTO identities VALUES (?, ?, ?, ?, ?)",
             (login.issuer, login.subject, name, now, now),
         )
         detail = {"issuer": login.issuer, "subject": login.subject}
-        write_audit(db, now, ACTOR, "identity.link", name, detail)
+        write_audit(db, self._audit_key, now, ACTOR, "identity.link", name, detail)
         return name
 
 
-def _sync_member(db: Connection, project: str, user: str, role: str | None, now: float) -> None:
+def _sync_member(
+    db: Connection, key: SigningKey, project: str, user: str, role: str | None, now: float
+) -> None:
     """Make ``user``'s role in ``project`` be ``role`` (None: not a member): the provider's
     groups are the truth for the projects they map to. A mapped project is made if missing."""
     row = db.execute(
@@ -115,15 +120,15 @@ def _sync_member(db: Connection, project: str, user: str, role: str | None, now:
         return
     if role is None:
         db.execute("DELETE FROM members WHERE project = ? AND user = ?", (project, user))
-        write_audit(db, now, ACTOR, "member.remove", project, {"user": user})
+        write_audit(db, key, now, ACTOR, "member.remove", project, {"user": user})
         return
     if not db.execute("SELECT 1 FROM projects WHERE name = ?", (project,)).fetchone():
         db.execute("INSERT INTO projects VALUES (?, ?, ?, ?, ?)", (project, "{}", False, None, now))
         detail = {"labels": {}, "store_prompts": False, "limits": None}
-        write_audit(db, now, ACTOR, "project.create", project, detail)
+        write_audit(db, key, now, ACTOR, "project.create", project, detail)
     db.execute(
         "INSERT INTO members VALUES (?, ?, ?) "
         "ON CONFLICT (project, user) DO UPDATE SET role = excluded.role",
         (project, user, role),
     )
-    write_audit(db, now, ACTOR, "member.add", project, {"user": user, "role": role})
+    write_audit(db, key, now, ACTOR, "member.add", project, {"user": user, "role": role})
