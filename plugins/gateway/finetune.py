@@ -13,6 +13,7 @@ from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.responses import Response
 
 from atoll.agent.errors import AtollError, InvalidRequest
+from atoll.plugins.gateway import file_access
 from atoll.plugins.gateway.accounts.keys import Principal
 from atoll.plugins.gateway.accounts.users import WRITING_ROLES
 from atoll.plugins.gateway.batch_shapes import check_bodies
@@ -95,12 +96,7 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
         )
 
     def may_see(principal: Principal, owner: str, project: str | None) -> bool:
-        if principal.admin or owner == principal.user:
-            return principal.project is None or project == principal.project
-        if project is None:
-            return False
-        members = {m.user for m in gw.accounts.members(project)}
-        return principal.user in members and principal.project in (None, project)
+        return file_access.may_see(gw.accounts, principal, owner, project)
 
     async def dataset(principal: Principal, file_id: str, param: str = "file_id") -> DatasetRecord:
         """The file, if the caller may see it; else a 404 naming ``param``, as if it were not

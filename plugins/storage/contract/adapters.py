@@ -53,7 +53,13 @@ from atoll.agent.transfer import (
     sha256_file,
     staged,
 )
-from atoll.plugins.storage.contract.wire import PLUGIN, Deleted, OwnerName, storage_client
+from atoll.plugins.storage.contract.wire import (
+    PLUGIN,
+    Deleted,
+    FileEntry,
+    OwnerName,
+    storage_client,
+)
 
 PUT_SERVICE = "adapter_put"
 GET_SERVICE = "adapter_get"
@@ -147,11 +153,7 @@ def check_adapter_id(adapter_id: object) -> str:
     return adapter_id
 
 
-class AdapterFile(Strict):
-    name: str
-    size: int = Field(ge=0)
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-
+class AdapterFile(FileEntry):
     @field_validator("name")
     @classmethod
     def _allowed(cls, name: str) -> str:

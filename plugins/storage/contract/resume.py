@@ -39,7 +39,7 @@ from atoll.agent.transfer import (
     staged,
 )
 from atoll.plugins.storage.contract.adapters import AdapterIdStr
-from atoll.plugins.storage.contract.wire import PLUGIN, Deleted, storage_client
+from atoll.plugins.storage.contract.wire import PLUGIN, Deleted, FileEntry, storage_client
 
 RESUME_PUT = "resume_put"
 RESUME_GET = "resume_get"
@@ -62,11 +62,7 @@ class ResumeStateNotFound(AtollError):
     """The job has no resume state in this storage."""
 
 
-class ResumeFile(Strict):
-    name: str
-    size: int = Field(ge=0)
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-
+class ResumeFile(FileEntry):
     @field_validator("name")
     @classmethod
     def _allowed(cls, name: str) -> str:

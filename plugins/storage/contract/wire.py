@@ -1,14 +1,15 @@
-"""What the adapter and dataset halves of the storage contract share: the plugin's name on the
-overlay, the field types of their headers, the reply to a delete, their RPC client, the error a
-damaged stored object gives, and the rotation of the keys objects are sealed with."""
+"""What the halves of the storage contract share: the plugin's name on the overlay, the field
+types of their headers, a multi-file upload's file entry, the reply to a delete, their RPC
+client, the error a damaged stored object gives, and the rotation of the keys objects are sealed
+with."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, StringConstraints
+from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
-from atoll.agent.contract import Caller, Client, Method, NoParams, service_address
+from atoll.agent.contract import Caller, Client, Method, NoParams, Strict, service_address
 from atoll.agent.errors import AtollError
 
 PLUGIN = "storage"
@@ -30,6 +31,15 @@ def _label(value: str, limit: int) -> str:
 # A name people chose (a dataset's, a file's): free text within those bounds.
 Label = Annotated[str, AfterValidator(lambda v: _label(v, 128))]
 FileName = Annotated[str, AfterValidator(lambda v: _label(v, 255))]
+
+
+class FileEntry(Strict):
+    """One file of a multi-file upload's header (an adapter's, a resume state's): its name (each
+    kind checks it is one of its own), size and sha256."""
+
+    name: str
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
 class Deleted(BaseModel):
