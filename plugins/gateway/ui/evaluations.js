@@ -2,14 +2,16 @@
 // compare), the caller's evaluations, and the selected one's figures side by side with a few
 // rows' answers, refreshed while it runs.
 import { cell, formatTime } from "./format.js";
+import { PollingTab, datasetOptions } from "./tab.js";
 
 const $ = (id) => document.getElementById(id);
 const POLL_MS = 1500;
 const RUNNING = ["queued", "running"];
 const FIGURES = ["exact_match", "contains", "rouge_l", "mean_logprob"];
 
-export class Evaluations {
+export class Evaluations extends PollingTab {
   constructor(api) {
+    super();
     this.api = api;
     this.selected = null;
     this.timer = null;
@@ -19,27 +21,13 @@ export class Evaluations {
     };
   }
 
-  show() {
-    this.fillForm();
-    this.poll();
-  }
-
-  hide() {
-    clearTimeout(this.timer);
-    this.timer = null;
-  }
-
   async fillForm() {
     try {
       const [files, models] = await Promise.all([
         this.api.get("/v1/files"),
         this.api.get("/v1/models"),
       ]);
-      $("eval-dataset").replaceChildren(
-        ...files.data
-          .filter((f) => f.purpose === "fine-tune") // not a job's results file
-          .map((f) => new Option(`${f.filename} (${f.id})`, f.id)),
-      );
+      $("eval-dataset").replaceChildren(...datasetOptions(files));
       const boxes = models.data
         .filter((m) => m.kind === "chat" || m.kind === "adapter")
         .map((m) => {

@@ -4,6 +4,7 @@
 // to, its final statistics, and a way to chat with the adapter it made or any kept checkpoint.
 import { LineChart, formatNumber } from "./charts.js";
 import { cell, formatTime } from "./format.js";
+import { PollingTab, datasetOptions } from "./tab.js";
 
 const $ = (id) => document.getElementById(id);
 const POLL_MS = 1500;
@@ -32,8 +33,9 @@ const STATS = {
   total_flos: "FLOs",
 };
 
-export class Jobs {
+export class Jobs extends PollingTab {
   constructor(api, chatWith) {
+    super();
     this.api = api;
     this.chatWith = chatWith;
     this.selected = null;
@@ -53,16 +55,6 @@ export class Jobs {
     $("job-download").onclick = () => this.download();
   }
 
-  show() {
-    this.fillForm();
-    this.poll();
-  }
-
-  hide() {
-    clearTimeout(this.timer);
-    this.timer = null;
-  }
-
   async fillForm() {
     try {
       const [models, files] = await Promise.all([
@@ -75,8 +67,7 @@ export class Jobs {
         if ([...select.options].some((o) => o.value === value)) select.value = value;
       };
       keep($("job-model"), models.data.filter((m) => !m.parent).map((m) => new Option(m.id, m.id)));
-      const datasets = files.data.filter((f) => f.purpose === "fine-tune");
-      keep($("job-dataset"), datasets.map((f) => new Option(`${f.filename} (${f.id})`, f.id)));
+      keep($("job-dataset"), datasetOptions(files));
     } catch (err) {
       $("job-error").textContent = err.message;
     }
