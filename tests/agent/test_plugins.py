@@ -138,7 +138,7 @@ async def test_relative_paths_in_plugin_sections_are_relative_to_the_config_file
     files, storage, inference = (node.host.plugins[n] for n in ("files", "storage", "inference"))
     assert files.roots == [conf / "shared", elsewhere]  # absolute paths stay as they are
     assert (conf / "shared").is_dir() and elsewhere.is_dir()
-    assert storage.store.root == conf / "objects"
+    assert storage.store.inner.root == conf / "objects"  # under the sealing layer
     assert inference.adapter_dirs == [conf / "adapters", Path("~/models").expanduser()]
 
 
