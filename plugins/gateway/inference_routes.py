@@ -1,6 +1,7 @@
 """The gateway's inference routes: OpenAI's /v1 chat completions, completions, embeddings,
-transcriptions and models, and LoRAX's /, /generate and /generate_stream. Bodies are parsed and
-built by the dialect modules (openai_*.py, lorax_api.py); what a request does is service.py's."""
+transcriptions, translations and models, and LoRAX's /, /generate and /generate_stream. Bodies
+are parsed and built by the dialect modules (openai_*.py, lorax_api.py); what a request does is
+service.py's."""
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations, and ``user``
 # (the authenticated-caller dependency) is a value of app.py's.
@@ -21,6 +22,7 @@ from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.service import Gateway
 from atoll.plugins.inference.contract import (
     EMBED,
+    MAX_AUDIO_BYTES,
     TRANSCRIBE,
     EmbedResult,
     GenerateRequest,
@@ -92,23 +94,51 @@ def install_openai(app: FastAPI, gw: Gateway, user: Any) -> None:
         response_format: Annotated[str, Form()] = "json",
         temperature: Annotated[float | None, Form()] = None,
     ) -> Any:
-        try:
-            params = TranscribeRequest(
-                audio=await file.read(),
-                filename=file.filename or "audio",
-                model=model,
-                language=language,
-                prompt=prompt,
-                response_format=response_format,  # type: ignore[arg-type]
-                temperature=temperature,
-            )
-        except ValueError as exc:
-            raise GatewayError(422, f"invalid transcription request: {exc}") from None
-        reply = await gw.call(principal, model, TRANSCRIBE, params, None)
-        result = TranscribeResult.model_validate(reply)
-        if response_format in ("text", "srt", "vtt"):
-            return PlainTextResponse(result.text)
-        return result.body if isinstance(result.body, dict) else {"text": result.text}
+        options = {"language": language, "prompt": prompt, "temperature": temperature}
+        return await audio_reply(gw, principal, file, model, "transcribe", response_format, options)
+
+    @app.post("/v1/audio/translations")
+    async def translations(
+        principal: user,
+        file: Annotated[UploadFile, File()],
+        model: Annotated[str, Form()],
+        prompt: Annotated[str | None, Form()] = None,
+        response_format: Annotated[str, Form()] = "json",
+        temperature: Annotated[float | None, Form()] = None,
+    ) -> Any:
+        options = {"prompt": prompt, "temperature": temperature}
+        return await audio_reply(gw, principal, file, model, "translate", response_format, options)
+
+
+async def audio_reply(
+    gw: Gateway,
+    principal: Principal,
+    file: UploadFile,
+    model: str,
+    task: str,
+    response_format: str,
+    options: dict[str, Any],
+) -> Any:
+    """A transcription or translation: the uploaded file to a node (over the data plane, in
+    chunks), its reply in the format asked for."""
+    if file.size is not None and file.size > MAX_AUDIO_BYTES:
+        raise GatewayError(413, f"the audio file is over {MAX_AUDIO_BYTES} bytes", param="file")
+    try:
+        params = TranscribeRequest(
+            audio=await file.read(),
+            filename=file.filename or "audio",
+            model=model,
+            task=task,  # type: ignore[arg-type]
+            response_format=response_format,  # type: ignore[arg-type]
+            **options,
+        )
+    except ValueError as exc:
+        raise GatewayError(422, f"invalid {task} request: {exc}") from None
+    reply = await gw.call(principal, model, TRANSCRIBE, params, None)
+    result = TranscribeResult.model_validate(reply)
+    if response_format in ("text", "srt", "vtt"):
+        return PlainTextResponse(result.text)
+    return result.body if isinstance(result.body, dict) else {"text": result.text}
 
 
 # --- OpenAI's requests answered whole: the routes' and a batch's lines' (batches.py) ---------

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from atoll.agent.config import ConfigPath
 from atoll.agent.errors import AtollError, InvalidRequest
 from atoll.agent.metrics import MetricsRegistry
 from atoll.plugins.basemodels import ModelSpec, model_id, resolve_model
@@ -36,6 +37,8 @@ from atoll.plugins.inference.contract import (
     NodeInfo,
     Overloaded,
     TokenEvent,
+    TranscribeRequest,
+    TranscribeResult,
     Unsupported,
 )
 from atoll.plugins.inference.engine import Engine, Row
@@ -43,6 +46,7 @@ from atoll.plugins.inference.mixtures import merge
 from atoll.plugins.inference.pool import BASE, AdapterPool, describe_shapes, read_adapter
 from atoll.plugins.inference.sampling import Sampler
 from atoll.plugins.inference.textstream import TextStream
+from atoll.plugins.inference.whisper import Transcriber
 
 # When a tokenizer has no chat template of its own (a bare base model).
 FALLBACK_TEMPLATE = (
@@ -68,6 +72,9 @@ class LocalConfig(BaseModel):
     disk_cache_bytes: int = Field(20 << 30, ge=0)
     limits: AdapterLimits = AdapterLimits()
     embeddings: bool = True  # serve embed() with the MiniLM model
+    # A transformers Whisper directory (model, processor): transcription and translation,
+    # loaded on first use; None: this node does not transcribe.
+    transcription: ConfigPath | None = None
 
 
 class LocalBackend(Backend):
@@ -84,6 +91,7 @@ class LocalBackend(Backend):
         self.engine: Engine | None = None
         self.cache: AdapterCache | None = None
         self.embedder: Any = None
+        self.transcriber: Transcriber | None = None
         self.model_id = model_id(config.model)
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -154,6 +162,10 @@ class LocalBackend(Backend):
             from atoll.plugins.inference.embeddings import Embedder
 
             self.embedder = Embedder()  # loads on first use
+        if cfg.transcription is not None:
+            if not (cfg.transcription / "config.json").is_file():
+                raise ValueError(f"transcription: {cfg.transcription} holds no model (config.json)")
+            self.transcriber = Transcriber(cfg.transcription, device, dtype)
 
     async def stop(self) -> None:
         if self.engine is not None:
@@ -284,6 +296,11 @@ class LocalBackend(Backend):
             return await super().embed(request)
         return await self.embedder.embed(request)
 
+    async def transcribe(self, request: TranscribeRequest) -> TranscribeResult:
+        if self.transcriber is None:
+            return await super().transcribe(request)
+        return await self.transcriber.transcribe(request)
+
     def info(self) -> NodeInfo:
         engine = self.engine
         return NodeInfo(
@@ -297,6 +314,7 @@ class LocalBackend(Backend):
             running=engine.running if engine else 0,
             tokens_per_s=round(engine.tokens_per_s(), 2) if engine else 0.0,
             embeddings=self.embedder.model_id if self.embedder is not None else None,
+            transcription=self.transcriber.model_id if self.transcriber is not None else None,
         )
 
     async def health(self) -> Health:

@@ -1,0 +1,166 @@
+"""The local backend's transcription model: a transformers Whisper from a directory the operator
+gives (model, processor, generation config), loaded on first use and run on a worker thread, one
+file at a time. Audio is cut into 30 s windows (audio.py), decoded a few windows per batch;
+segments take their times from Whisper's timestamp tokens, offset by their window's start."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from atoll.agent.errors import InvalidRequest
+from atoll.plugins.inference.audio import (
+    RATE,
+    WINDOW_S,
+    Segment,
+    decode_wav,
+    joined,
+    subtitles,
+    verbose,
+    windows,
+)
+from atoll.plugins.inference.contract import TranscribeRequest, TranscribeResult
+
+BATCH = 8  # windows decoded together
+TIMED = ("verbose_json", "srt", "vtt")  # the formats that need timestamps
+
+
+class Transcriber:
+    def __init__(self, path: Path, device: str, dtype: torch.dtype) -> None:
+        self.path = path
+        self.model_id = path.name
+        self.device = device
+        self.dtype = dtype
+        self._loaded: tuple[Any, Any] | None = None
+        self._load_lock = threading.Lock()
+        self._turn = asyncio.Lock()  # one file at a time: the model is one
+
+    async def transcribe(self, request: TranscribeRequest) -> TranscribeResult:
+        if request.model is not None and request.model != self.model_id:
+            raise InvalidRequest(
+                f"this node transcribes with {self.model_id!r}, not {request.model!r}"
+            )
+        samples = await asyncio.to_thread(decode_wav, request.audio)
+        async with self._turn:
+            return await asyncio.to_thread(self._run, request, samples)
+
+    def _load(self) -> tuple[Any, Any]:
+        with self._load_lock:
+            if self._loaded is None:
+                from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+                model: Any = WhisperForConditionalGeneration.from_pretrained(
+                    self.path, dtype=self.dtype
+                )
+                processor = WhisperProcessor.from_pretrained(self.path)
+                self._loaded = model.to(self.device).eval(), processor
+            return self._loaded
+
+    def _run(self, request: TranscribeRequest, samples: np.ndarray) -> TranscribeResult:
+        model, processor = self._load()
+        options = self._options(model, processor, request)
+        language = request.language or self._detected(model, processor, samples)
+        timed = request.response_format in TIMED
+        parts = windows(samples)
+        segments: list[Segment] = []
+        for first in range(0, len(parts), BATCH):
+            group = parts[first : first + BATCH]
+            features = processor.feature_extractor(
+                [np.asarray(w) for w in group], sampling_rate=RATE, return_tensors="pt"
+            ).input_features.to(self.device, self.dtype)
+            try:
+                with torch.inference_mode():
+                    out = model.generate(
+                        features, return_timestamps=timed, return_dict_in_generate=timed, **options
+                    )
+            except ValueError as exc:  # options the model cannot take (a prompt too long, ...)
+                raise InvalidRequest(
+                    f"the transcription model refused the request: {exc}"
+                ) from None
+            for i, window in enumerate(group):
+                offset = (first + i) * WINDOW_S
+                end = offset + len(window) / RATE
+                if timed:
+                    segments += self._timed(processor, model, out["segments"][i], offset, end)
+                else:
+                    text = self._text(processor, model, out[i].tolist())
+                    segments.append(Segment(offset, end, text, []))
+        duration = len(samples) / RATE
+        if request.response_format == "verbose_json":
+            body = verbose(request.task, language, duration, segments)
+            return TranscribeResult(model=self.model_id, text=body["text"], body=body)
+        if request.response_format in ("srt", "vtt"):
+            return TranscribeResult(
+                model=self.model_id, text=subtitles(segments, request.response_format)
+            )
+        text = joined(segments)
+        if request.response_format == "text":
+            return TranscribeResult(model=self.model_id, text=text + "\n")
+        return TranscribeResult(model=self.model_id, text=text, body={"text": text})
+
+    def _options(self, model: Any, processor: Any, request: TranscribeRequest) -> dict[str, Any]:
+        """generate's keyword arguments for ``request``; InvalidRequest for what the model
+        cannot do (a language it does not know, translating with an English-only model)."""
+        config = model.generation_config
+        multilingual = bool(getattr(config, "is_multilingual", False))
+        options: dict[str, Any] = {"do_sample": bool(request.temperature)}
+        if request.temperature:
+            options["temperature"] = request.temperature
+        if request.language is not None:
+            known = sorted(k.strip("<|>") for k in (getattr(config, "lang_to_id", None) or {}))
+            if not multilingual or request.language not in known:
+                raise InvalidRequest(
+                    f"{self.model_id!r} does not know the language {request.language!r} "
+                    f"(it knows: {', '.join(known) or 'none: it is English-only'})"
+                )
+            options["language"] = request.language
+        if multilingual:
+            options["task"] = request.task
+        elif request.task == "translate":
+            raise InvalidRequest(f"{self.model_id!r} is English-only: it does not translate")
+        if request.prompt:
+            options["prompt_ids"] = processor.get_prompt_ids(
+                request.prompt, return_tensors="pt"
+            ).to(self.device)
+        return options
+
+    def _detected(self, model: Any, processor: Any, samples: np.ndarray) -> str:
+        """The language Whisper hears in the first window (English for an English-only model)."""
+        config = model.generation_config
+        if not getattr(config, "is_multilingual", False):
+            return "en"
+        features = processor.feature_extractor(
+            np.asarray(samples[: RATE * WINDOW_S]), sampling_rate=RATE, return_tensors="pt"
+        ).input_features.to(self.device, self.dtype)
+        with torch.inference_mode():
+            token = int(model.detect_language(features)[0])
+        names = {v: k.strip("<|>") for k, v in config.lang_to_id.items()}
+        return names.get(token, "unknown")
+
+    def _timed(
+        self, processor: Any, model: Any, found: list[dict[str, Any]], offset: float, end: float
+    ) -> list[Segment]:
+        """Whisper's segments of one window, in the file's time: times past the window's real
+        end (Whisper hears a short last window padded to 30 s) are held at that end."""
+        return [
+            Segment(
+                min(offset + float(s["start"]), end),
+                min(offset + float(s["end"]), end),
+                self._text(processor, model, s["tokens"].tolist()),
+                s["tokens"].tolist(),
+            )
+            for s in found
+        ]
+
+    @staticmethod
+    def _text(processor: Any, model: Any, ids: list[int]) -> str:
+        """The words of ``ids``: timestamp tokens (those after ``<|notimestamps|>``) and special
+        tokens dropped."""
+        stamps = model.generation_config.no_timestamps_token_id + 1
+        words = [t for t in ids if t < stamps]
+        return str(processor.tokenizer.decode(words, skip_special_tokens=True))
