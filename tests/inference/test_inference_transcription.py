@@ -18,8 +18,7 @@ from atoll.agent.errors import InvalidRequest
 from atoll.plugins.inference.audio import RATE, Segment, decode_wav, subtitles, windows
 from atoll.protocol.frames import DEFAULT_MAX_MESSAGE
 from support.island import Island
-from support.overlay import AgentFactory, eventually
-from support.tiny_models import build_tiny_model, build_tiny_whisper
+from support.overlay import AgentFactory
 
 WHISPER = "tiny-whisper"
 
@@ -89,16 +88,9 @@ def test_subtitles_number_and_time_each_segment() -> None:
 
 @pytest.fixture
 async def island(make_agent: AgentFactory, tmp_path: Path) -> Island:
-    base = build_tiny_model(tmp_path / "tiny-llama")
-    whisper = build_tiny_whisper(tmp_path / WHISPER)
-    local = {"model": str(base), "embeddings": False, "transcription": str(whisper)}
     isl = Island(make_agent)
-    await make_agent(
-        "ear", roles=("inference",), plugins={"inference": {"local": local}}, heartbeat=0.2
-    )
     await isl.start_gateway()
-    catalog = isl.plugin.gateway.catalog
-    await eventually(lambda: WHISPER in catalog.transcription_models(), 10.0)
+    assert await isl.add_transcriber(tmp_path) == WHISPER
     return isl
 
 
