@@ -3,7 +3,7 @@ files as a tar archive, and import a PEFT LoRA adapter trained elsewhere (LLaMA-
 axolotl, Unsloth, peft itself).
 
 An import is checked where it will run, before the caller is told it worked: the storage agent
-refuses what no node can serve (storage's ``inspect_adapter`` and the shared ``unservable``),
+refuses what no node can serve (``inspect_adapter`` and the shared ``unservable``),
 then a node serving its base loads it from storage (validate_adapter: its modules and their
 shapes against that base model) for one token. A refusal at either step removes it again and
 says why, so an adapter is never refused at its first use instead.

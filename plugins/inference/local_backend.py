@@ -17,15 +17,10 @@ from atoll.agent.config import ConfigPath
 from atoll.agent.errors import AtollError, InvalidRequest
 from atoll.agent.metrics import MetricsRegistry
 from atoll.plugins.basemodels import ModelSpec, model_id, resolve_model
+from atoll.plugins.inference.adapter_checks import AdapterLimits, same_model, validate_adapter
 from atoll.plugins.inference.adapter_metrics import LoraRequests
 from atoll.plugins.inference.adapter_tiers import DiskTier, HostTier, pinnable
-from atoll.plugins.inference.adapters import (
-    AdapterCache,
-    AdapterLimits,
-    LoadedAdapter,
-    same_model,
-    validate_adapter,
-)
+from atoll.plugins.inference.adapters import AdapterCache, LoadedAdapter
 from atoll.plugins.inference.backend import AdapterFetcher, Backend
 from atoll.plugins.inference.contract import (
     AdapterInfo,

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from atoll.plugins.inference.adapters import CONFIG, WEIGHTS, split_key
+from atoll.plugins.inference.adapter_checks import CONFIG, WEIGHTS, split_key
 from atoll.plugins.inference.contract import AdapterRejected
 
 BASE = 0  # the slot of rows without an adapter

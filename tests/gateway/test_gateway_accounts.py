@@ -498,7 +498,8 @@ def test_everything_survives_a_reopen(accounts_db: Path | str, clock: Clock) -> 
     assert again.visible_adapters(p) == adapters and again.audit_log() == log
     assert again.authenticate(plaintext) == p
     assert again.usage(project="p1").completion_tokens == 4
-    assert again.limits_for(p) == (Limits(tokens_per_min=9), Limits(concurrent=3))
+    now = again.authenticate(plaintext)  # limits as read for a request made now
+    assert again.limits_for(now) == (Limits(tokens_per_min=9), Limits(concurrent=3))
     again.close()
     # Digests are bound to the secret: another secret knows no key. A database that gateways
     # share refuses a gateway with another secret outright (its copy of the file is wrong).

@@ -13,9 +13,11 @@ from typing import Any, Literal
 import openai
 import pytest
 from openai.types import Batch
+from typer.testing import CliRunner
 
 from atoll.agent.runtime import AgentRuntime
 from atoll.broker.server import BrokerServer
+from atoll.plugins.gateway.batch_commands import batches
 from atoll.plugins.gateway.batch_gate import Gate
 from atoll.plugins.gateway.contract import Limits
 from support.island import Island, start_storage
@@ -314,3 +316,28 @@ async def test_a_line_refused_for_load_is_tried_again(island: Island, tmp_path: 
         assert (batch.request_counts.completed, batch.request_counts.failed) == (6, 0)
         assert batch.error_file_id is None
     assert island.accounts.usage(user="dave").requests == 6
+
+
+async def test_atoll_batch_from_the_command_line(island: Island, tmp_path: Path) -> None:
+    env = {"ATOLL_GATEWAY_URL": island.url, "ATOLL_API_KEY": island.key("alice")}
+
+    async def atoll(*args: str) -> Any:
+        return await asyncio.to_thread(CliRunner().invoke, batches, list(args), env=env)
+
+    lines = jsonl(tmp_path / "in.jsonl", [chat_line(f"q{i}", f"hello {i}") for i in range(3)])
+    made = await atoll("create", str(lines))
+    assert made.exit_code == 0, made.output
+    batch_id = json.loads(made.stdout)["id"]
+    async with sdk(island, island.key("alice")) as client:
+        assert (await ended(client, batch_id)).status == "completed"
+    out = tmp_path / "out.jsonl"
+    got = await atoll("results", batch_id, "--to", str(out))
+    assert got.exit_code == 0, got.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["custom_id"] for r in rows) == ["q0", "q1", "q2"]
+    assert all(r["response"]["status_code"] == 200 for r in rows)
+    no_errors = await atoll("results", batch_id, "--errors", "--to", str(tmp_path / "e.jsonl"))
+    assert no_errors.exit_code == 1 and "has no errors file" in no_errors.output
+    assert [b["id"] for b in json.loads((await atoll("list")).stdout)] == [batch_id]
+    wrong = await atoll("create", str(lines), "--endpoint", "/v1/nope")
+    assert wrong.exit_code == 1 and "--endpoint must be one of" in wrong.output

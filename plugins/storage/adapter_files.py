@@ -1,0 +1,76 @@
+"""An adapter upload's files on the storage agent: what a cut upload already holds (to resume
+from), partial uploads nobody came back for, where each file is kept, and what the adapter is
+(read from its files before anything is kept)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+
+from atoll.agent.transfer import resume_offset, sha256_file
+from atoll.plugins.storage.contract.adapters import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    InvalidAdapter,
+    unservable,
+)
+
+
+def held(dest: Path, size: int, sha256: str) -> int:
+    """How much of an upload's file is already here: all of it when a previous attempt
+    committed it whole, else what its staged part holds (``resume_offset``)."""
+    whole = dest.is_file() and not dest.is_symlink() and dest.stat().st_size == size
+    if whole and sha256_file(dest).hexdigest() == sha256:
+        return size
+    return resume_offset(dest, size, sha256)
+
+
+def forget_stale(root: Path, before: float) -> None:
+    """Remove partial adapter uploads nobody added to since ``before``."""
+    for folder in root.iterdir():
+        touched = max((p.lstat().st_mtime for p in folder.rglob("*")), default=0.0)
+        if max(touched, folder.lstat().st_mtime) < before:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def adapter_key(adapter_id: str, name: str) -> str:
+    return f"adapters/{adapter_id}/{name}"
+
+
+def inspect_adapter(directory: Path) -> tuple[str, int, list[str]]:
+    """(base model, rank, target modules) of the LoRA adapter in ``directory``; InvalidAdapter
+    saying what is wrong otherwise. Blocking: run it in a thread."""
+    try:
+        config = json.loads((directory / CONFIG_FILE).read_text("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidAdapter(f"{CONFIG_FILE} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise InvalidAdapter(f"{CONFIG_FILE} must hold a JSON object")
+    if problem := unservable(config):
+        raise InvalidAdapter(f"{CONFIG_FILE}: {problem}; nothing was kept")
+    base = config.get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise InvalidAdapter(f"{CONFIG_FILE}: base_model_name_or_path is missing")
+    rank = config.get("r")
+    if type(rank) is not int or rank < 1:
+        raise InvalidAdapter(f"{CONFIG_FILE}: r (the LoRA rank) must be a positive integer")
+    targets = config.get("target_modules")
+    if isinstance(targets, str):  # peft also takes one regex or "all-linear"
+        targets = [targets]
+    if (
+        not isinstance(targets, list)
+        or not targets
+        or not all(isinstance(t, str) and t for t in targets)
+    ):
+        raise InvalidAdapter(f"{CONFIG_FILE}: target_modules must name the adapted modules")
+    try:
+        with safe_open(str(directory / WEIGHTS_FILE), framework="numpy") as fh:
+            tensors = list(fh.keys())
+    except SafetensorError as exc:
+        raise InvalidAdapter(f"{WEIGHTS_FILE} is not a valid safetensors file: {exc}") from None
+    if not any(".lora_A." in t for t in tensors) or not any(".lora_B." in t for t in tensors):
+        raise InvalidAdapter(f"{WEIGHTS_FILE} holds no LoRA tensors (lora_A and lora_B)")
+    return base, rank, targets
