@@ -4,6 +4,7 @@ gateway and a ``local`` node with a tiny random Whisper, sent a WAV larger than 
 
 from __future__ import annotations
 
+import asyncio
 import io
 import struct
 import wave
@@ -14,8 +15,16 @@ import numpy as np
 import openai
 import pytest
 
-from atoll.agent.errors import InvalidRequest
+from atoll.agent.errors import Forbidden, InvalidRequest
+from atoll.agent.transfer import open_transfer
+from atoll.plugins.gateway.app import AUDIO_BODY_BYTES
 from atoll.plugins.inference.audio import RATE, Segment, decode_wav, subtitles, windows
+from atoll.plugins.inference.contract import (
+    MAX_AUDIO_BYTES,
+    TRANSCRIBE,
+    TranscribeRequest,
+    transcribe,
+)
 from atoll.protocol.frames import DEFAULT_MAX_MESSAGE
 from support.island import Island
 from support.overlay import AgentFactory
@@ -94,9 +103,11 @@ async def island(make_agent: AgentFactory, tmp_path: Path) -> Island:
     return isl
 
 
+@pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")  # the SDK's translations
 async def test_a_wav_over_8_mib_is_transcribed_through_the_openai_sdk(island: Island) -> None:
-    audio = wav(50.0, 48_000, channels=2)  # two 30 s windows once at 16 kHz
-    assert len(audio) > DEFAULT_MAX_MESSAGE
+    audio = wav(50.0, 96_000, channels=2)  # two 30 s windows once at 16 kHz
+    # Over the broker's message limit, and over the gateway's body limit for other routes.
+    assert len(audio) > DEFAULT_MAX_MESSAGE and len(audio) > island.plugin.gateway.max_body_bytes
     url = f"{island.url}/v1"
     async with openai.AsyncOpenAI(base_url=url, api_key=island.key("alice"), max_retries=0) as c:
         assert WHISPER in {m.id for m in (await c.models.list()).data}
@@ -147,3 +158,41 @@ async def test_bad_audio_and_options_are_4xx_and_the_node_stays_up(island: Islan
             await c.audio.transcriptions.create(model=WHISPER, file=("odd.wav", body))
         text = await c.audio.transcriptions.create(model=WHISPER, file=clip, response_format="text")
         assert isinstance(text, str) and text.endswith("\n")
+
+
+async def test_the_transcribe_stream_checks_its_caller_and_the_audio_size(island: Island) -> None:
+    """Straight to the node: only the gateway's roles may open the stream, and audio that ends
+    before its declared size is refused, the node answering the next request."""
+    gw = island.gateway
+    assert gw is not None
+    clip = TranscribeRequest(audio=wav(1.0, RATE), model=WHISPER)
+    user = await island.make_agent("mallory", roles=("agent",))
+    with pytest.raises(Forbidden, match="needs one of the roles gateway"):
+        await transcribe(user.agent, "ear/inference", clip, 10.0)
+    header = {"model": WHISPER, "size": 1000}
+    async with open_transfer(gw.agent, "ear/inference", TRANSCRIBE.name, header, 10.0) as stream:
+        await stream.write(bytes(10))
+        await stream.write_eof()
+        with pytest.raises(InvalidRequest, match="ended 990 bytes short of 1000"):
+            await stream.read()
+    too_big = {"model": WHISPER, "size": MAX_AUDIO_BYTES + 1}
+    with pytest.raises(InvalidRequest, match="size: Input should be less than or equal"):
+        async with open_transfer(gw.agent, "ear/inference", TRANSCRIBE.name, too_big, 10.0) as s:
+            await s.read()
+    result = await transcribe(gw.agent, "ear/inference", clip, 10.0)
+    assert result.model == WHISPER and result.body == {"text": result.text}
+
+
+async def test_audio_over_its_limit_is_a_413(island: Island) -> None:
+    """Refused by its declared length, before a byte of the body is read."""
+    host, port = island.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + island.key("a").encode()
+        + b"\r\nContent-Length: %d\r\n\r\n" % (AUDIO_BODY_BYTES + 1)
+    )
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 413 ")
