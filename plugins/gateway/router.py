@@ -336,11 +336,13 @@ class ModelRouter:
         model: str | None,
         labels: dict[str, str],
         deadline_s: float,
+        on_delta: Callable[[str], None] | None = None,
     ) -> tuple[Any, Route]:
         """RPC ``EMBED``, or ``TRANSCRIBE`` (a stream carrying the audio: ``params`` is a
         TranscribeRequest), on the best node (or a method named so), retried elsewhere when a
         node fails; the reply and its route. ``model`` names the embedding or transcription
-        model (None: any node that embeds or transcribes)."""
+        model (None: any node that embeds or transcribes). ``on_delta`` takes a streamed
+        transcription's partial text; once some has gone, a failure is not retried."""
         spec = REPLY_METHODS.get(method if isinstance(method, str) else method.name)
         if spec is None:
             raise ValueError(f"the router calls embed or transcribe, not {method!r}")
@@ -352,6 +354,14 @@ class ModelRouter:
         kind = "embeddings" if spec is EMBED else "transcription"
         pick = functools.partial(self._serving, kind, model, labels)
         what = f"{kind} ({model})" if model else kind
+        delivered = False
+
+        def delta(text: str) -> None:
+            nonlocal delivered
+            delivered = True
+            if on_delta is not None:
+                on_delta(text)
+
         if spec is TRANSCRIBE:
             audio = TranscribeRequest.model_validate(params)
         elif isinstance(params, BaseModel):
@@ -372,7 +382,7 @@ class ModelRouter:
                 address = f"{entry.name}/{PLUGIN}"
                 if spec is TRANSCRIBE:
                     async with asyncio.timeout(remaining):
-                        heard = await transcribe(self.agent, address, audio, remaining)
+                        heard = await transcribe(self.agent, address, audio, remaining, delta)
                     return heard.model_dump(mode="json"), route
                 result = await self.agent.call(address, spec.name, params, remaining)
                 return result, route
@@ -386,6 +396,8 @@ class ModelRouter:
             except REQUEST_FAULTS as exc:
                 raise from_platform(exc) from exc
             except AtollError as exc:
+                if delivered:  # the caller has text already: no second node's from the start
+                    raise from_platform(exc) from exc
                 route.failures.append(f"{entry.name}: {exc.message}")
                 last = exc
             finally:

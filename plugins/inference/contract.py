@@ -12,8 +12,10 @@ Overlay surface of an agent's ``inference`` plugin:
     RPC   info            {}                       -> NodeInfo
     RPC   health          {}                       -> Health
     STREAM generate       GenerateRequest          -> one JSON line per GenerateEvent
-    STREAM transcribe     TranscribeHeader         -> the audio's ``size`` bytes in, one JSON
-                                                      line (TranscribeResult) out
+    STREAM transcribe     TranscribeHeader         -> the audio's ``size`` bytes in; out, with
+                                                      ``stream``, one ``{"delta": text}`` line as
+                                                      each part is heard, then one JSON line
+                                                      (TranscribeResult)
 
 Each RPC is a ``Method`` in the table below: the plugin serves it from there, and a caller
 calls it through ``Client(agent, "node/inference").invoke(EMBED, request)``. A stream's last
@@ -25,7 +27,7 @@ would be refused past the broker's 8 MiB.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
@@ -191,6 +193,7 @@ class TranscribeOptions(Strict):
     prompt: str | None = Field(None, max_length=4096)
     response_format: Literal["json", "text", "verbose_json", "srt", "vtt"] = "json"
     temperature: float | None = Field(None, ge=0.0, le=1.0)
+    stream: bool = False  # partial text as it is heard (backends that can: the local one)
 
 
 class TranscribeRequest(TranscribeOptions):
@@ -361,17 +364,26 @@ async def stream_generate(
 
 
 async def transcribe(
-    agent: Overlay, address: str, request: TranscribeRequest, idle: float
+    agent: Overlay,
+    address: str,
+    request: TranscribeRequest,
+    idle: float,
+    on_delta: Callable[[str], None] | None = None,
 ) -> TranscribeResult:
     """Transcribe on the node at ``address``: the options open a transcribe stream, the audio
-    follows in chunks, and the node's one JSON line is the result (an error resets the stream).
+    follows in chunks, and the node's last JSON line is the result (an error resets the stream);
+    ``on_delta`` is given each partial text line before it (sent when ``request.stream``).
     ``idle``: the longest any step (sending, or the node working) may take."""
     header = TranscribeHeader(**request.model_dump(exclude={"audio"}), size=len(request.audio))
     params = header.model_dump(mode="json", exclude_none=True)
     async with open_transfer(agent, address, TRANSCRIBE.name, params, idle) as stream:
         await send_bytes(stream, _pieces(request.audio), len(request.audio), idle)
         await stream.write_eof()
-        return TRANSCRIBE.check_reply(await Reader(stream, idle).line(MAX_RESULT_BYTES))
+        reader = Reader(stream, idle)
+        while isinstance(delta := (line := await reader.line(MAX_RESULT_BYTES)).get("delta"), str):
+            if on_delta is not None:
+                on_delta(delta)
+        return TRANSCRIBE.check_reply(line)
 
 
 async def _pieces(data: bytes, size: int = 1024 * 1024) -> AsyncGenerator[bytes, None]:
@@ -380,6 +392,11 @@ async def _pieces(data: bytes, size: int = 1024 * 1024) -> AsyncGenerator[bytes,
         yield bytes(view[start : start + size])
 
 
+async def reply_delta(stream: Stream, text: str) -> None:
+    """The node's side of a transcribe stream: one partial text."""
+    await write_line(stream, {"delta": text})
+
+
 async def reply_transcription(stream: Stream, result: TranscribeResult) -> None:
-    """The node's side of a transcribe stream's end: the result as its one line."""
+    """The node's side of a transcribe stream's end: the result as its last line."""
     await write_line(stream, result.model_dump(mode="json"))

@@ -21,7 +21,7 @@ from atoll.plugins.inference.adapter_checks import AdapterLimits, same_model, va
 from atoll.plugins.inference.adapter_metrics import LoraRequests
 from atoll.plugins.inference.adapter_tiers import DiskTier, HostTier, pinnable
 from atoll.plugins.inference.adapters import AdapterCache, LoadedAdapter
-from atoll.plugins.inference.backend import AdapterFetcher, Backend
+from atoll.plugins.inference.backend import AdapterFetcher, Backend, Partial
 from atoll.plugins.inference.contract import (
     AdapterInfo,
     EmbedRequest,
@@ -291,10 +291,12 @@ class LocalBackend(Backend):
             return await super().embed(request)
         return await self.embedder.embed(request)
 
-    async def transcribe(self, request: TranscribeRequest) -> TranscribeResult:
+    async def transcribe(
+        self, request: TranscribeRequest, partial: Partial | None = None
+    ) -> TranscribeResult:
         if self.transcriber is None:
             return await super().transcribe(request)
-        return await self.transcriber.transcribe(request)
+        return await self.transcriber.transcribe(request, partial if request.stream else None)
 
     def info(self) -> NodeInfo:
         engine = self.engine

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from atoll.agent.config import ConfigPath
 from atoll.agent.errors import AtollError, DeadlineExceeded, InvalidRequest
 from atoll.logs import EventLogger
-from atoll.plugins.inference.backend import AdapterFetcher, Backend, unit_vector
+from atoll.plugins.inference.backend import AdapterFetcher, Backend, Partial, unit_vector
 from atoll.plugins.inference.contract import (
     AdapterInfo,
     BackendUnavailable,
@@ -272,7 +272,10 @@ class OpenAIBackend(Backend):
             model=model, embeddings=vectors, usage=Usage(prompt_tokens=prompt_tokens)
         )
 
-    async def transcribe(self, request: TranscribeRequest) -> TranscribeResult:
+    async def transcribe(
+        self, request: TranscribeRequest, partial: Partial | None = None
+    ) -> TranscribeResult:
+        """The upstream's reply whole (no partial text: it is asked for no stream)."""
         if self.config.transcription_model is None:
             raise Unsupported("this node has no transcription model (transcription_model unset)")
         model = request.model or self.config.transcription_model

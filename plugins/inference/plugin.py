@@ -41,6 +41,7 @@ from atoll.plugins.inference.contract import (
     TranscribeRequest,
     Unloaded,
     Unsupported,
+    reply_delta,
     reply_transcription,
 )
 from atoll.plugins.storage.contract.adapters import (
@@ -278,7 +279,21 @@ class InferencePlugin(Plugin):
                 left -= len(chunk)
         options = header.model_dump(exclude={"size"})
         request = TranscribeRequest(**options, audio=b"".join(parts))
-        await reply_transcription(stream, await self.backend.transcribe(request))
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()  # a few, one per 30 s window
+
+        async def send_pieces() -> None:
+            while (piece := await pieces.get()) is not None:
+                await reply_delta(stream, piece)
+
+        sender = asyncio.create_task(send_pieces())
+        try:
+            result = await self.backend.transcribe(request, pieces.put_nowait)
+        except BaseException:
+            sender.cancel()
+            raise
+        pieces.put_nowait(None)
+        await sender
+        await reply_transcription(stream, result)
 
     # --- adapters and node -------------------------------------------------------------------
 

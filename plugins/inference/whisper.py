@@ -1,7 +1,8 @@
 """The local backend's transcription model: a transformers Whisper from a directory the operator
 gives (model, processor, generation config), loaded on first use and run on a worker thread, one
 file at a time. Audio is cut into 30 s windows (audio.py), decoded a few windows per batch;
-segments take their times from Whisper's timestamp tokens, offset by their window's start."""
+every format is decoded with timestamps (Whisper's timestamp rules also keep its text in
+well-formed segments), each segment's times offset by its window's start."""
 
 from __future__ import annotations
 
@@ -24,10 +25,10 @@ from atoll.plugins.inference.audio import (
     verbose,
     windows,
 )
+from atoll.plugins.inference.backend import Partial
 from atoll.plugins.inference.contract import TranscribeRequest, TranscribeResult
 
-BATCH = 8  # windows decoded together
-TIMED = ("verbose_json", "srt", "vtt")  # the formats that need timestamps
+BATCH = 8  # windows decoded together (one at a time when streamed)
 
 
 class Transcriber:
@@ -40,14 +41,23 @@ class Transcriber:
         self._load_lock = threading.Lock()
         self._turn = asyncio.Lock()  # one file at a time: the model is one
 
-    async def transcribe(self, request: TranscribeRequest) -> TranscribeResult:
+    async def transcribe(
+        self, request: TranscribeRequest, partial: Partial | None = None
+    ) -> TranscribeResult:
+        """``partial``: each window's text as it is decoded (a batch's windows at once)."""
         if request.model is not None and request.model != self.model_id:
             raise InvalidRequest(
                 f"this node transcribes with {self.model_id!r}, not {request.model!r}"
             )
         samples = await asyncio.to_thread(decode_wav, request.audio)
+        loop = asyncio.get_running_loop()
+
+        def heard(text: str) -> None:  # on the worker thread
+            if partial is not None and text:
+                loop.call_soon_threadsafe(partial, text)
+
         async with self._turn:
-            return await asyncio.to_thread(self._run, request, samples)
+            return await asyncio.to_thread(self._run, request, samples, heard)
 
     def _load(self) -> tuple[Any, Any]:
         with self._load_lock:
@@ -61,22 +71,25 @@ class Transcriber:
                 self._loaded = model.to(self.device).eval(), processor
             return self._loaded
 
-    def _run(self, request: TranscribeRequest, samples: np.ndarray) -> TranscribeResult:
+    def _run(
+        self, request: TranscribeRequest, samples: np.ndarray, heard: Partial
+    ) -> TranscribeResult:
         model, processor = self._load()
         options = self._options(model, processor, request)
         language = request.language or self._detected(model, processor, samples)
-        timed = request.response_format in TIMED
         parts = windows(samples)
         segments: list[Segment] = []
-        for first in range(0, len(parts), BATCH):
-            group = parts[first : first + BATCH]
+        done = 0  # segments handed to ``heard``
+        batch = 1 if request.stream else BATCH  # streamed: each window's text as it is heard
+        for first in range(0, len(parts), batch):
+            group = parts[first : first + batch]
             features = processor.feature_extractor(
                 [np.asarray(w) for w in group], sampling_rate=RATE, return_tensors="pt"
             ).input_features.to(self.device, self.dtype)
             try:
                 with torch.inference_mode():
                     out = model.generate(
-                        features, return_timestamps=timed, return_dict_in_generate=timed, **options
+                        features, return_timestamps=True, return_dict_in_generate=True, **options
                     )
             except ValueError as exc:  # options the model cannot take (a prompt too long, ...)
                 raise InvalidRequest(
@@ -85,11 +98,10 @@ class Transcriber:
             for i, window in enumerate(group):
                 offset = (first + i) * WINDOW_S
                 end = offset + len(window) / RATE
-                if timed:
-                    segments += self._timed(processor, model, out["segments"][i], offset, end)
-                else:
-                    text = self._text(processor, model, out[i].tolist())
-                    segments.append(Segment(offset, end, text, []))
+                segments += self._timed(processor, model, out["segments"][i], offset, end)
+            piece = "".join(t.text for t in segments[done:])
+            heard(piece if done else piece.lstrip())  # as the text starts: no leading space
+            done = len(segments)
         duration = len(samples) / RATE
         if request.response_format == "verbose_json":
             body = verbose(request.task, language, duration, segments)

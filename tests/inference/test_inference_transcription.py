@@ -141,6 +141,31 @@ async def test_a_wav_over_8_mib_is_transcribed_through_the_openai_sdk(island: Is
         assert reply.json()["task"] == "translate" and reply.json()["duration"] == 3.0
 
 
+async def test_a_streamed_transcription_sends_each_window_as_it_is_heard(island: Island) -> None:
+    audio = ("long.wav", wav(65.0, RATE))  # three windows: three pieces
+    url = f"{island.url}/v1"
+    async with openai.AsyncOpenAI(base_url=url, api_key=island.key("alice"), max_retries=0) as c:
+        whole = await c.audio.transcriptions.create(model=WHISPER, file=audio, language="de")
+        events = await c.audio.transcriptions.create(
+            model=WHISPER, file=audio, language="de", stream=True
+        )
+        seen = [event async for event in events]
+        *deltas, done = seen
+        assert [e.type for e in deltas] == ["transcript.text.delta"] * 3
+        assert done.type == "transcript.text.done" and done.text == whole.text
+        assert "".join(e.delta for e in deltas if e.type == "transcript.text.delta").strip() == (
+            whole.text
+        )
+        with pytest.raises(openai.BadRequestError, match="streamed transcription is json or"):
+            await c.audio.transcriptions.create(
+                model=WHISPER, file=audio, stream=True, response_format="srt"
+            )
+        with pytest.raises(openai.BadRequestError, match="MP3"):  # before any text: a status
+            await c.audio.transcriptions.create(
+                model=WHISPER, file=("a.mp3", b"ID3" + bytes(99)), stream=True
+            )
+
+
 async def test_bad_audio_and_options_are_4xx_and_the_node_stays_up(island: Island) -> None:
     url = f"{island.url}/v1"
     clip = ("clip.wav", wav(1.0, RATE))
