@@ -44,7 +44,8 @@ class Transcriber:
     async def transcribe(
         self, request: TranscribeRequest, partial: Partial | None = None
     ) -> TranscribeResult:
-        """``partial``: each window's text as it is decoded (a batch's windows at once)."""
+        """``partial``: each window's text as it is decoded (``request.stream``). A cancelled
+        request stops after the batch being decoded, and the next file waits for that."""
         if request.model is not None and request.model != self.model_id:
             raise InvalidRequest(
                 f"this node transcribes with {self.model_id!r}, not {request.model!r}"
@@ -56,8 +57,16 @@ class Transcriber:
             if partial is not None and text:
                 loop.call_soon_threadsafe(partial, text)
 
+        stop = threading.Event()
         async with self._turn:
-            return await asyncio.to_thread(self._run, request, samples, heard)
+            job = asyncio.ensure_future(asyncio.to_thread(self._run, request, samples, heard, stop))
+            try:
+                return await asyncio.shield(job)
+            except asyncio.CancelledError:
+                stop.set()
+                await asyncio.wait([job])  # the model is free again once it has stopped
+                job.exception()  # retrieved: its error was for nobody
+                raise
 
     def _load(self) -> tuple[Any, Any]:
         with self._load_lock:
@@ -72,16 +81,18 @@ class Transcriber:
             return self._loaded
 
     def _run(
-        self, request: TranscribeRequest, samples: np.ndarray, heard: Partial
+        self, request: TranscribeRequest, samples: np.ndarray, heard: Partial, stop: threading.Event
     ) -> TranscribeResult:
         model, processor = self._load()
         options = self._options(model, processor, request)
         language = request.language or self._detected(model, processor, samples)
         parts = windows(samples)
         segments: list[Segment] = []
-        done = 0  # segments handed to ``heard``
+        done, said = 0, False  # segments handed to ``heard``; whether any had words
         batch = 1 if request.stream else BATCH  # streamed: each window's text as it is heard
         for first in range(0, len(parts), batch):
+            if stop.is_set():
+                raise InvalidRequest("the transcription was abandoned")  # nobody reads it
             group = parts[first : first + batch]
             features = processor.feature_extractor(
                 [np.asarray(w) for w in group], sampling_rate=RATE, return_tensors="pt"
@@ -100,7 +111,8 @@ class Transcriber:
                 end = offset + len(window) / RATE
                 segments += self._timed(processor, model, out["segments"][i], offset, end)
             piece = "".join(t.text for t in segments[done:])
-            heard(piece if done else piece.lstrip())  # as the text starts: no leading space
+            heard(piece if said else piece.lstrip())  # as the text starts: no leading space
+            said = said or bool(piece.strip())
             done = len(segments)
         duration = len(samples) / RATE
         if request.response_format == "verbose_json":
