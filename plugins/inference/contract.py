@@ -12,10 +12,8 @@ Overlay surface of an agent's ``inference`` plugin:
     RPC   info            {}                       -> NodeInfo
     RPC   health          {}                       -> Health
     STREAM generate       GenerateRequest          -> one JSON line per GenerateEvent
-    STREAM transcribe     TranscribeHeader         -> the audio's ``size`` bytes in; out, with
-                                                      ``stream``, one ``{"delta": text}`` line as
-                                                      each part is heard, then one JSON line
-                                                      (TranscribeResult)
+    STREAM transcribe     TranscribeHeader         -> ``size`` audio bytes in; ``{"delta": text}``
+                                                      lines (``stream``), a TranscribeResult line
 
 Each RPC is a ``Method`` in the table below: the plugin serves it from there, and a caller
 calls it through ``Client(agent, "node/inference").invoke(EMBED, request)``. A stream's last
