@@ -34,13 +34,19 @@ from atoll.plugins.gateway.evaluations import Evaluations
 from atoll.plugins.gateway.lorax_api import lorax_error
 from atoll.plugins.gateway.service import Gateway
 from atoll.plugins.gateway.sso import Sso
+from atoll.plugins.inference.contract import MAX_AUDIO_BYTES
 
 log = logging.getLogger(__name__)
 FEED_INTERVAL = 1.0  # seconds between frames of the admin live feed
 
 
+# An audio upload's body: the file (MAX_AUDIO_BYTES) and its multipart form around it.
+AUDIO_BODY_BYTES = MAX_AUDIO_BYTES + 1024 * 1024
+
+
 class BodyLimit:
-    """413 for a body over ``limit`` bytes, before it is read whole (Content-Length or not)."""
+    """413 for a body over ``limit`` bytes (an audio upload: ``AUDIO_BODY_BYTES``), before it is
+    read whole (Content-Length or not)."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -50,9 +56,10 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = AUDIO_BODY_BYTES if scope["path"].startswith("/v1/audio/") else self.limit
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await _too_large(self.limit)(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _too_large(limit)(scope, receive, send)
             return
         seen = 0
 
@@ -60,8 +67,8 @@ class BodyLimit:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise GatewayError(413, f"the request body is over {self.limit} bytes")
+            if seen > limit:
+                raise GatewayError(413, f"the request body is over {limit} bytes")
             return message
 
         await self.app(scope, counted, send)

@@ -1,9 +1,11 @@
 """The gateway's inference routes: OpenAI's /v1 chat completions, completions, embeddings,
-transcriptions and models, and LoRAX's /, /generate and /generate_stream. Bodies are parsed and
-built by the dialect modules (openai_*.py, lorax_api.py); what a request does is service.py's."""
+transcriptions, translations and models, and LoRAX's /, /generate and /generate_stream. Bodies
+are parsed and built by the dialect modules (openai_*.py, lorax_api.py); what a request does is
+service.py's."""
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations, and ``user``
 # (the authenticated-caller dependency) is a value of app.py's.
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -15,12 +17,13 @@ from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from atoll.plugins.gateway import lorax_api, openai_requests, openai_streams
 from atoll.plugins.gateway import openai_responses as responses
 from atoll.plugins.gateway.accounts.keys import Principal
-from atoll.plugins.gateway.bodies import Event
+from atoll.plugins.gateway.bodies import Event, sse
 from atoll.plugins.gateway.catalog import ModelCard
 from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.service import Gateway
 from atoll.plugins.inference.contract import (
     EMBED,
+    MAX_AUDIO_BYTES,
     TRANSCRIBE,
     EmbedResult,
     GenerateRequest,
@@ -91,24 +94,116 @@ def install_openai(app: FastAPI, gw: Gateway, user: Any) -> None:
         prompt: Annotated[str | None, Form()] = None,
         response_format: Annotated[str, Form()] = "json",
         temperature: Annotated[float | None, Form()] = None,
+        stream: Annotated[bool, Form()] = False,
     ) -> Any:
-        try:
-            params = TranscribeRequest(
-                audio=await file.read(),
-                filename=file.filename or "audio",
-                model=model,
-                language=language,
-                prompt=prompt,
-                response_format=response_format,  # type: ignore[arg-type]
-                temperature=temperature,
+        options = {"language": language, "prompt": prompt, "temperature": temperature}
+        if stream:
+            return await streamed_transcription(
+                gw, principal, file, model, response_format, options
             )
-        except ValueError as exc:
-            raise GatewayError(422, f"invalid transcription request: {exc}") from None
-        reply = await gw.call(principal, model, TRANSCRIBE, params, None)
-        result = TranscribeResult.model_validate(reply)
-        if response_format in ("text", "srt", "vtt"):
-            return PlainTextResponse(result.text)
-        return result.body if isinstance(result.body, dict) else {"text": result.text}
+        return await audio_reply(gw, principal, file, model, "transcribe", response_format, options)
+
+    @app.post("/v1/audio/translations")
+    async def translations(
+        principal: user,
+        file: Annotated[UploadFile, File()],
+        model: Annotated[str, Form()],
+        prompt: Annotated[str | None, Form()] = None,
+        response_format: Annotated[str, Form()] = "json",
+        temperature: Annotated[float | None, Form()] = None,
+    ) -> Any:
+        options = {"prompt": prompt, "temperature": temperature}
+        return await audio_reply(gw, principal, file, model, "translate", response_format, options)
+
+
+async def _audio_request(
+    file: UploadFile, model: str, task: str, response_format: str, options: dict[str, Any]
+) -> TranscribeRequest:
+    if file.size is not None and file.size > MAX_AUDIO_BYTES:
+        raise GatewayError(413, f"the audio file is over {MAX_AUDIO_BYTES} bytes", param="file")
+    try:
+        return TranscribeRequest(
+            audio=await file.read(),
+            filename=file.filename or "audio",
+            model=model,
+            task=task,  # type: ignore[arg-type]
+            response_format=response_format,  # type: ignore[arg-type]
+            **options,
+        )
+    except ValueError as exc:
+        raise GatewayError(422, f"invalid {task} request: {exc}") from None
+
+
+async def audio_reply(
+    gw: Gateway,
+    principal: Principal,
+    file: UploadFile,
+    model: str,
+    task: str,
+    response_format: str,
+    options: dict[str, Any],
+) -> Any:
+    """A transcription or translation: the uploaded file to a node (over the data plane, in
+    chunks), its reply in the format asked for."""
+    params = await _audio_request(file, model, task, response_format, options)
+    reply = await gw.call(principal, model, TRANSCRIBE, params, None)
+    result = TranscribeResult.model_validate(reply)
+    if response_format in ("text", "srt", "vtt"):
+        return PlainTextResponse(result.text)
+    return result.body if isinstance(result.body, dict) else {"text": result.text}
+
+
+async def streamed_transcription(
+    gw: Gateway,
+    principal: Principal,
+    file: UploadFile,
+    model: str,
+    response_format: str,
+    options: dict[str, Any],
+) -> Response:
+    """OpenAI's transcription stream: a ``transcript.text.delta`` event per piece of text as
+    the node hears it, then ``transcript.text.done``. A failure before the first piece is an
+    honest HTTP status; after it, an error event ends the stream."""
+    if response_format not in ("json", "text"):
+        raise GatewayError(400, "a streamed transcription is json or text", param="response_format")
+    stream = options | {"stream": True}
+    params = await _audio_request(file, model, "transcribe", response_format, stream)
+    pieces: asyncio.Queue[str] = asyncio.Queue()
+    call = asyncio.ensure_future(
+        gw.call(principal, model, TRANSCRIBE, params, None, on_delta=pieces.put_nowait)
+    )
+    first = asyncio.ensure_future(pieces.get())
+    try:
+        await asyncio.wait({call, first}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        call.cancel()
+        raise
+    finally:
+        first.cancel()
+    head = [first.result()] if first.done() and not first.cancelled() else []
+    if not head:
+        call.result()  # failed before any text: its status, as an HTTP one
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            for piece in head:
+                yield sse({"type": "transcript.text.delta", "delta": piece})
+            while not (call.done() and pieces.empty()):
+                get = asyncio.ensure_future(pieces.get())
+                await asyncio.wait({call, get}, return_when=asyncio.FIRST_COMPLETED)
+                if get.done():
+                    yield sse({"type": "transcript.text.delta", "delta": get.result()})
+                else:
+                    get.cancel()
+            result = TranscribeResult.model_validate(call.result())
+            yield sse({"type": "transcript.text.done", "text": result.text.strip()})
+        except GatewayError as exc:
+            yield sse(exc.body())
+        finally:
+            call.cancel()
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
 
 # --- OpenAI's requests answered whole: the routes' and a batch's lines' (batches.py) ---------

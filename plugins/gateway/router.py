@@ -42,10 +42,12 @@ from atoll.plugins.inference.contract import (
     FinishEvent,
     GenerateRequest,
     TokenEvent,
+    TranscribeHeader,
     TranscribeRequest,
     TranscribeResult,
     Unsupported,
     stream_generate,
+    transcribe,
 )
 from atoll.plugins.storage.contract.adapters import AdapterNotFound
 
@@ -53,7 +55,7 @@ from atoll.plugins.storage.contract.adapters import AdapterNotFound
 REQUEST_FAULTS = (InvalidRequest, AdapterRejected, AdapterNotFound, Unsupported)
 FIRST_EVENT_TIMEOUT = 10.0  # seconds a node may take to open the stream and send its first event
 # The inference methods that answer in one reply, and their names.
-ReplyMethod = Method[EmbedRequest, EmbedResult] | Method[TranscribeRequest, TranscribeResult]
+ReplyMethod = Method[EmbedRequest, EmbedResult] | Method[TranscribeHeader, TranscribeResult]
 ReplyName = Literal["embed", "transcribe"]
 REPLY_METHODS: dict[str, ReplyMethod] = {EMBED.name: EMBED, TRANSCRIBE.name: TRANSCRIBE}
 Event = TokenEvent | FinishEvent
@@ -334,10 +336,13 @@ class ModelRouter:
         model: str | None,
         labels: dict[str, str],
         deadline_s: float,
+        on_delta: Callable[[str], None] | None = None,
     ) -> tuple[Any, Route]:
-        """RPC ``EMBED`` or ``TRANSCRIBE`` (or a method named so) on the best node, retried
-        elsewhere when a node fails; the reply and its route. ``model`` names the embedding or
-        transcription model (None: any node that embeds or transcribes)."""
+        """RPC ``EMBED``, or ``TRANSCRIBE`` (a stream carrying the audio: ``params`` is a
+        TranscribeRequest), on the best node (or a method named so), retried elsewhere when a
+        node fails; the reply and its route. ``model`` names the embedding or transcription
+        model (None: any node that embeds or transcribes). ``on_delta`` takes a streamed
+        transcription's partial text; once some has gone, a failure is not retried."""
         spec = REPLY_METHODS.get(method if isinstance(method, str) else method.name)
         if spec is None:
             raise ValueError(f"the router calls embed or transcribe, not {method!r}")
@@ -349,8 +354,18 @@ class ModelRouter:
         kind = "embeddings" if spec is EMBED else "transcription"
         pick = functools.partial(self._serving, kind, model, labels)
         what = f"{kind} ({model})" if model else kind
-        if isinstance(params, BaseModel):
-            params = params.model_dump(exclude_none=True)  # msgpack carries bytes (audio) as is
+        delivered = False
+
+        def delta(text: str) -> None:
+            nonlocal delivered
+            delivered = True
+            if on_delta is not None:
+                on_delta(text)
+
+        if spec is TRANSCRIBE:
+            audio = TranscribeRequest.model_validate(params)
+        elif isinstance(params, BaseModel):
+            params = params.model_dump(exclude_none=True)
         nodes = await self._awaited(pick, deadline)
         if not nodes:
             raise GatewayError(503, f"no inference node serves {what}{_describe_labels(labels)}")
@@ -365,8 +380,14 @@ class ModelRouter:
             self.inflight[entry.name] = self.inflight.get(entry.name, 0) + 1
             try:
                 address = f"{entry.name}/{PLUGIN}"
+                if spec is TRANSCRIBE:
+                    async with asyncio.timeout(remaining):
+                        heard = await transcribe(self.agent, address, audio, remaining, delta)
+                    return heard.model_dump(mode="json"), route
                 result = await self.agent.call(address, spec.name, params, remaining)
                 return result, route
+            except TimeoutError as exc:  # the transcribe stream's whole deadline
+                raise _deadline(deadline_s) from exc
             except DeadlineExceeded as exc:
                 if loop.time() >= deadline:
                     raise _deadline(deadline_s) from exc
@@ -375,6 +396,8 @@ class ModelRouter:
             except REQUEST_FAULTS as exc:
                 raise from_platform(exc) from exc
             except AtollError as exc:
+                if delivered:  # the caller has text already: no second node's from the start
+                    raise from_platform(exc) from exc
                 route.failures.append(f"{entry.name}: {exc.message}")
                 last = exc
             finally:

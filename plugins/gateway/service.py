@@ -180,9 +180,11 @@ class Gateway:
         params: Any,
         prompt_text: str | None,
         background: bool = False,
+        on_delta: Callable[[str], None] | None = None,
     ) -> Any:
         """A one-reply inference call (``EMBED``, ``TRANSCRIBE``), with limits and ledger;
-        ``background`` for a batch's (not counted as interactive traffic waiting)."""
+        ``background`` for a batch's (not counted as interactive traffic waiting);
+        ``on_delta``: a streamed transcription's partial text, as it comes."""
         kind, operation, served = (
             ("embedding", "embeddings", self.catalog.embedding_models())
             if method is EMBED
@@ -209,7 +211,7 @@ class Gateway:
         self.interactive_waiting += waiting
         try:
             reply, _route = await self.router.call(
-                method, params, model, policy_labels(principal), self.request_timeout
+                method, params, model, policy_labels(principal), self.request_timeout, on_delta
             )
             counted = (reply.get("usage") or {}).get("prompt_tokens")
             if counted is not None:  # the node's count settles it; none: the estimate stays

@@ -29,6 +29,7 @@ from atoll.plugins.inference.contract import (
 # under the directory ``root`` (fetched from the storage agent over the data plane, unless already
 # there or found in a configured local directory) and return the adapter's own directory.
 AdapterFetcher = Callable[[str, Path], Awaitable[Path]]
+Partial = Callable[[str], None]  # a piece of a transcription's text, as soon as it is heard
 
 
 class Backend(ABC):
@@ -57,7 +58,11 @@ class Backend(ABC):
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         raise Unsupported(f"the {self.kind} backend does not embed")
 
-    async def transcribe(self, request: TranscribeRequest) -> TranscribeResult:
+    async def transcribe(
+        self, request: TranscribeRequest, partial: Partial | None = None
+    ) -> TranscribeResult:
+        """The whole transcription; with ``request.stream``, a backend that can hands
+        ``partial`` each piece of text as it is heard (on the event loop)."""
         raise Unsupported(f"the {self.kind} backend does not transcribe audio")
 
     def adapters(self) -> list[AdapterInfo]:

@@ -5,7 +5,6 @@ Overlay surface of an agent's ``inference`` plugin:
 
     RPC   generate        GenerateRequest          -> GenerateResult
     RPC   embed           EmbedRequest             -> EmbedResult
-    RPC   transcribe      TranscribeRequest        -> TranscribeResult
     RPC   adapters        {}                       -> list[AdapterInfo]
     RPC   load_adapter    AdapterRef               -> AdapterInfo
     RPC   unload_adapter  AdapterRef               -> {"unloaded": bool}
@@ -13,23 +12,28 @@ Overlay surface of an agent's ``inference`` plugin:
     RPC   info            {}                       -> NodeInfo
     RPC   health          {}                       -> Health
     STREAM generate       GenerateRequest          -> one JSON line per GenerateEvent
+    STREAM transcribe     TranscribeHeader         -> ``size`` audio bytes in; ``{"delta": text}``
+                                                      lines (``stream``), a TranscribeResult line
 
 Each RPC is a ``Method`` in the table below: the plugin serves it from there, and a caller
 calls it through ``Client(agent, "node/inference").invoke(EMBED, request)``. A stream's last
-line is always a ``finish`` event (or the stream is reset with an error).
+line is always a ``finish`` event (or the stream is reset with an error). Audio rides the data
+plane as a transcribe stream's body, in chunks under the window's flow control: one RPC message
+would be refused past the broker's 8 MiB.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
 from atoll.agent.contract import Method, NoParams, Strict
 from atoll.agent.errors import AtollError
-from atoll.agent.streams import StreamReset
+from atoll.agent.streams import Stream, StreamReset
+from atoll.agent.transfer import Reader, open_transfer, send_bytes, write_line
 
 if TYPE_CHECKING:
     from atoll.agent.node import Overlay
@@ -40,6 +44,8 @@ MAX_PROMPT_TOKENS = 131_072  # a prompt given as token ids
 MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI's chat API allows
 MAX_STOP_SEQUENCES = 8
 MAX_MIXTURE = 8
+MAX_AUDIO_BYTES = 200 * 1024 * 1024  # one transcription's audio file
+MAX_RESULT_BYTES = 64 * 1024 * 1024  # a transcription's reply line (a verbose_json of hours)
 MergeStrategy = Literal["linear", "ties", "dare_linear", "dare_ties", "svd"]
 FinishReason = Literal["stop", "length", "tool_calls", "abort"]
 
@@ -174,14 +180,30 @@ class EmbedRequest(Strict):
     normalize: bool = True
 
 
-class TranscribeRequest(Strict):
-    audio: bytes = Field(max_length=64 * 1024 * 1024)
-    filename: str = "audio.wav"
-    model: str | None = None
-    language: str | None = None
-    prompt: str | None = None
+class TranscribeOptions(Strict):
+    """What to do with an audio file: ``task`` transcribe keeps its language, translate gives
+    English (``/v1/audio/translations``)."""
+
+    filename: str = Field("audio.wav", max_length=256)
+    model: str | None = Field(None, max_length=256)
+    task: Literal["transcribe", "translate"] = "transcribe"
+    language: str | None = Field(None, min_length=2, max_length=32)
+    prompt: str | None = Field(None, max_length=4096)
     response_format: Literal["json", "text", "verbose_json", "srt", "vtt"] = "json"
-    temperature: float | None = None
+    temperature: float | None = Field(None, ge=0.0, le=1.0)
+    stream: bool = False  # partial text as it is heard (backends that can: the local one)
+
+
+class TranscribeRequest(TranscribeOptions):
+    """The options and the audio, as a backend takes them."""
+
+    audio: bytes = Field(min_length=1, max_length=MAX_AUDIO_BYTES)
+
+
+class TranscribeHeader(TranscribeOptions):
+    """A transcribe stream's parameters: the options and how many audio bytes follow."""
+
+    size: int = Field(ge=1, le=MAX_AUDIO_BYTES)
 
 
 class AdapterRef(Strict):
@@ -243,8 +265,8 @@ class EmbedResult(BaseModel):
 
 class TranscribeResult(BaseModel):
     model: str
-    text: str
-    body: Any = None  # the upstream's full reply for verbose formats
+    text: str  # for text, srt and vtt: the whole reply
+    body: Any = None  # json and verbose_json: the reply's object (segments, duration, ...)
 
 
 class AdapterInfo(BaseModel):
@@ -288,8 +310,9 @@ class Unloaded(BaseModel):
 # Refusals name the request model ("invalid GenerateRequest: ..."): no ``what``.
 GENERATE = Method[GenerateRequest, GenerateResult]("generate", GenerateRequest, GenerateResult)
 EMBED = Method[EmbedRequest, EmbedResult]("embed", EmbedRequest, EmbedResult)
-TRANSCRIBE = Method[TranscribeRequest, TranscribeResult](
-    "transcribe", TranscribeRequest, TranscribeResult
+# Served as a stream, not an RPC: the audio is its body (``transcribe`` below).
+TRANSCRIBE = Method[TranscribeHeader, TranscribeResult](
+    "transcribe", TranscribeHeader, TranscribeResult
 )
 ADAPTERS = Method[NoParams, list[AdapterInfo]]("adapters", NoParams, list[AdapterInfo])
 LOAD_ADAPTER = Method[AdapterRef, AdapterInfo]("load_adapter", AdapterRef, AdapterInfo)
@@ -336,3 +359,42 @@ async def stream_generate(
             await stream.close()
         else:
             stream.abort(StreamReset("the caller stopped reading"))
+
+
+async def transcribe(
+    agent: Overlay,
+    address: str,
+    request: TranscribeRequest,
+    idle: float,
+    on_delta: Callable[[str], None] | None = None,
+) -> TranscribeResult:
+    """Transcribe on the node at ``address``: the options open a transcribe stream, the audio
+    follows in chunks, and the node's last JSON line is the result (an error resets the stream);
+    ``on_delta`` is given each partial text line before it (sent when ``request.stream``).
+    ``idle``: the longest any step (sending, or the node working) may take."""
+    header = TranscribeHeader(**request.model_dump(exclude={"audio"}), size=len(request.audio))
+    params = header.model_dump(mode="json", exclude_none=True)
+    async with open_transfer(agent, address, TRANSCRIBE.name, params, idle) as stream:
+        await send_bytes(stream, _pieces(request.audio), len(request.audio), idle)
+        await stream.write_eof()
+        reader = Reader(stream, idle)
+        while isinstance(delta := (line := await reader.line(MAX_RESULT_BYTES)).get("delta"), str):
+            if on_delta is not None:
+                on_delta(delta)
+        return TRANSCRIBE.check_reply(line)
+
+
+async def _pieces(data: bytes, size: int = 1024 * 1024) -> AsyncGenerator[bytes, None]:
+    view = memoryview(data)
+    for start in range(0, len(view), size):
+        yield bytes(view[start : start + size])
+
+
+async def reply_delta(stream: Stream, text: str) -> None:
+    """The node's side of a transcribe stream: one partial text."""
+    await write_line(stream, {"delta": text})
+
+
+async def reply_transcription(stream: Stream, result: TranscribeResult) -> None:
+    """The node's side of a transcribe stream's end: the result as its last line."""
+    await write_line(stream, result.model_dump(mode="json"))

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from atoll.agent.config import ConfigPath
 from atoll.agent.errors import AtollError, InvalidRequest
 from atoll.agent.metrics import MetricsRegistry
 from atoll.plugins.basemodels import ModelSpec, model_id, resolve_model
@@ -20,7 +21,7 @@ from atoll.plugins.inference.adapter_checks import AdapterLimits, same_model, va
 from atoll.plugins.inference.adapter_metrics import LoraRequests
 from atoll.plugins.inference.adapter_tiers import DiskTier, HostTier, pinnable
 from atoll.plugins.inference.adapters import AdapterCache, LoadedAdapter
-from atoll.plugins.inference.backend import AdapterFetcher, Backend
+from atoll.plugins.inference.backend import AdapterFetcher, Backend, Partial
 from atoll.plugins.inference.contract import (
     AdapterInfo,
     EmbedRequest,
@@ -31,6 +32,8 @@ from atoll.plugins.inference.contract import (
     NodeInfo,
     Overloaded,
     TokenEvent,
+    TranscribeRequest,
+    TranscribeResult,
     Unsupported,
 )
 from atoll.plugins.inference.engine import Engine, Row
@@ -38,6 +41,7 @@ from atoll.plugins.inference.mixtures import merge
 from atoll.plugins.inference.pool import BASE, AdapterPool, describe_shapes, read_adapter
 from atoll.plugins.inference.sampling import Sampler
 from atoll.plugins.inference.textstream import TextStream
+from atoll.plugins.inference.whisper import Transcriber
 
 # When a tokenizer has no chat template of its own (a bare base model).
 FALLBACK_TEMPLATE = (
@@ -63,6 +67,9 @@ class LocalConfig(BaseModel):
     disk_cache_bytes: int = Field(20 << 30, ge=0)
     limits: AdapterLimits = AdapterLimits()
     embeddings: bool = True  # serve embed() with the MiniLM model
+    # A transformers Whisper directory (model, processor): transcription and translation,
+    # loaded on first use; None: this node does not transcribe.
+    transcription: ConfigPath | None = None
 
 
 class LocalBackend(Backend):
@@ -79,6 +86,7 @@ class LocalBackend(Backend):
         self.engine: Engine | None = None
         self.cache: AdapterCache | None = None
         self.embedder: Any = None
+        self.transcriber: Transcriber | None = None
         self.model_id = model_id(config.model)
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -149,6 +157,10 @@ class LocalBackend(Backend):
             from atoll.plugins.inference.embeddings import Embedder
 
             self.embedder = Embedder()  # loads on first use
+        if cfg.transcription is not None:
+            if not (cfg.transcription / "config.json").is_file():
+                raise ValueError(f"transcription: {cfg.transcription} holds no model (config.json)")
+            self.transcriber = Transcriber(cfg.transcription, device, dtype)
 
     async def stop(self) -> None:
         if self.engine is not None:
@@ -279,6 +291,13 @@ class LocalBackend(Backend):
             return await super().embed(request)
         return await self.embedder.embed(request)
 
+    async def transcribe(
+        self, request: TranscribeRequest, partial: Partial | None = None
+    ) -> TranscribeResult:
+        if self.transcriber is None:
+            return await super().transcribe(request)
+        return await self.transcriber.transcribe(request, partial if request.stream else None)
+
     def info(self) -> NodeInfo:
         engine = self.engine
         return NodeInfo(
@@ -292,6 +311,7 @@ class LocalBackend(Backend):
             running=engine.running if engine else 0,
             tokens_per_s=round(engine.tokens_per_s(), 2) if engine else 0.0,
             embeddings=self.embedder.model_id if self.embedder is not None else None,
+            transcription=self.transcriber.model_id if self.transcriber is not None else None,
         )
 
     async def health(self) -> Health:

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from atoll.agent.config import ConfigPath
 from atoll.agent.errors import AtollError, DeadlineExceeded, InvalidRequest
 from atoll.logs import EventLogger
-from atoll.plugins.inference.backend import AdapterFetcher, Backend, unit_vector
+from atoll.plugins.inference.backend import AdapterFetcher, Backend, Partial, unit_vector
 from atoll.plugins.inference.contract import (
     AdapterInfo,
     BackendUnavailable,
@@ -272,12 +272,16 @@ class OpenAIBackend(Backend):
             model=model, embeddings=vectors, usage=Usage(prompt_tokens=prompt_tokens)
         )
 
-    async def transcribe(self, request: TranscribeRequest) -> TranscribeResult:
+    async def transcribe(
+        self, request: TranscribeRequest, partial: Partial | None = None
+    ) -> TranscribeResult:
+        """The upstream's reply whole (no partial text: it is asked for no stream)."""
         if self.config.transcription_model is None:
             raise Unsupported("this node has no transcription model (transcription_model unset)")
         model = request.model or self.config.transcription_model
         form: dict[str, str] = {"model": model, "response_format": request.response_format}
-        if request.language is not None:
+        translate = request.task == "translate"
+        if request.language is not None and not translate:  # a translation's is always English
             form["language"] = request.language
         if request.prompt is not None:
             form["prompt"] = request.prompt
@@ -286,9 +290,8 @@ class OpenAIBackend(Backend):
         name = PurePath(request.filename).name or "audio"
         mime = mimetypes.guess_type(name)[0] or "application/octet-stream"
         files = {"file": (name, request.audio, mime)}
-        resp = await self._send(
-            "POST", "audio/transcriptions", "transcribe", data=form, files=files
-        )
+        route = "audio/translations" if translate else "audio/transcriptions"
+        resp = await self._send("POST", route, request.task, data=form, files=files)
         if request.response_format not in ("json", "verbose_json"):
             return TranscribeResult(model=model, text=resp.text)  # text, srt, vtt: the text itself
         body = json_object(resp, "transcription")

@@ -22,6 +22,7 @@ from atoll.agent.errors import InvalidRequest, NoResponder
 from atoll.agent.metrics import REQUEST_DURATION_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS
 from atoll.agent.plugins import Plugin, PluginContext, rpc
 from atoll.agent.streams import Stream
+from atoll.agent.transfer import Reader, idle_deadline
 from atoll.plugins.inference.backend import Backend
 from atoll.plugins.inference.contract import (
     ADAPTERS,
@@ -37,8 +38,11 @@ from atoll.plugins.inference.contract import (
     AdapterRef,
     GenerateRequest,
     GenerateResult,
+    TranscribeRequest,
     Unloaded,
     Unsupported,
+    reply_delta,
+    reply_transcription,
 )
 from atoll.plugins.storage.contract.adapters import (
     AdapterNotFound,
@@ -116,6 +120,7 @@ class InferencePlugin(Plugin):
         self.rate = m.gauge("tokens_per_second", "Completion tokens per second, last 10 s")
         self._gauges = asyncio.create_task(self._refresh_gauges())
         ctx.serve_stream(GENERATE_STREAM, self._generate_stream, roles=lambda p: p.config.callers)
+        ctx.serve_stream(TRANSCRIBE.name, self._transcribe_stream, roles=lambda p: p.config.callers)
 
     async def stop(self) -> None:
         self._gauges.cancel()
@@ -258,10 +263,37 @@ class InferencePlugin(Plugin):
         result = await self.backend.embed(EMBED.parse_params(params))
         return result.model_dump(mode="json")
 
-    @rpc(TRANSCRIBE.name, roles=lambda p: p.config.callers)
-    async def transcribe(self, params: Any, call: CallInfo) -> dict[str, Any]:
-        result = await self.backend.transcribe(TRANSCRIBE.parse_params(params))
-        return result.model_dump(mode="json")
+    async def _transcribe_stream(self, stream: Stream, params: Any, call: CallInfo) -> None:
+        """The options came with the open; the audio follows (exactly ``size`` bytes, each
+        chunk within the idle deadline), then the result goes back as one line."""
+        header = TRANSCRIBE.parse_params(params)
+        reader = Reader(stream)
+        parts: list[bytes] = []
+        left = header.size
+        with idle_deadline("receiving audio", reader.idle):
+            while left:
+                chunk = await reader.read(left)
+                if not chunk:
+                    raise InvalidRequest(f"the audio ended {left} bytes short of {header.size}")
+                parts.append(chunk)
+                left -= len(chunk)
+        options = header.model_dump(exclude={"size"})
+        request = TranscribeRequest(**options, audio=b"".join(parts))
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()  # a few, one per 30 s window
+
+        async def send_pieces() -> None:
+            while (piece := await pieces.get()) is not None:
+                await reply_delta(stream, piece)
+
+        sender = asyncio.create_task(send_pieces())
+        try:
+            result = await self.backend.transcribe(request, pieces.put_nowait)
+        except BaseException:
+            sender.cancel()
+            raise
+        pieces.put_nowait(None)
+        await sender
+        await reply_transcription(stream, result)
 
     # --- adapters and node -------------------------------------------------------------------
 

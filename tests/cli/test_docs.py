@@ -15,7 +15,9 @@ real typer app: its command path, options and arguments.
 A ``<!-- needs: ... -->`` comment on the line before a fence says what the block needs beyond
 the echo island: ``files`` (a storage agent and a training queue), ``training`` (those and a
 trainer that trains a tiny model under the name "echo", whose adapters the echo nodes then
-serve), ``interactive`` (runs until stopped: not run, only its ``atoll`` commands checked).
+serve), ``transcription`` (a local node transcribing with a tiny random Whisper, its name in
+``ATOLL_TRANSCRIBE_MODEL``), ``interactive`` (runs until stopped: not run, only its ``atoll``
+commands checked).
 """
 
 from __future__ import annotations
@@ -47,7 +49,10 @@ PAGES = ("users.md", "admins.md")
 COMMAND_PAGES = ("operators.md", "security.md", "../README.md", "../configs/README.md")
 FENCE = re.compile(r"^```([\w-]*)\s*$")
 NEEDS = re.compile(r"^<!--\s*needs:\s*([a-z, ]+?)\s*-->$")
-KNOWN_NEEDS = {"python": {"files", "training"}, "sh": {"files", "training", "interactive"}}
+KNOWN_NEEDS = {
+    "python": {"files", "training", "transcription"},
+    "sh": {"files", "training", "interactive"},
+}
 USER = "alice"
 ADAPTERS = ("alice/soap-notes", "alice/sql")  # what the users' page names, alice's here
 LOCAL_MODEL = "echo"
@@ -245,6 +250,8 @@ async def environment(island: Island, block: Block, tmp_path: Path) -> dict[str,
         await eventually(lambda: "gpu1" in island.plugin.gateway.watch.metrics)
     if block.needs & {"files", "training"}:
         await add_services(island, tmp_path, trainer="training" in block.needs)
+    if "transcription" in block.needs:
+        env["ATOLL_TRANSCRIBE_MODEL"] = await island.add_transcriber(tmp_path / "models")
     return env
 
 

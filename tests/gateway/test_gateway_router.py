@@ -4,6 +4,7 @@ OpenAI-compatible backend in front of a real fake upstream that can be switched 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from atoll.plugins.inference.contract import (
 )
 from atoll.plugins.inference.echo_backend import EchoBackend
 from atoll.plugins.inference.plugin import InferencePlugin
+from atoll.protocol.frames import DEFAULT_MAX_MESSAGE
 from support.fake_openai import BASE, FakeOpenAI, heard
 from support.overlay import AgentFactory, eventually
 
@@ -341,6 +343,10 @@ async def test_calls_choose_embedders_and_transcribers(
     assert route.node == "ear" and reply["text"] == heard(audio)
     _, route = await router.call("transcribe", {"audio": audio}, "whisper-1", {}, 5.0)
     assert route.node == "ear"
+    # Past the broker's message limit: the audio crosses the data plane as a stream.
+    big = os.urandom(DEFAULT_MAX_MESSAGE + 1)
+    reply, _ = await router.call("transcribe", TranscribeRequest(audio=big), None, {}, 20.0)
+    assert reply["text"] == heard(big)
     with pytest.raises(GatewayError, match=r"serves transcription \(whisper-9\)"):
         await router.call("transcribe", {"audio": audio}, "whisper-9", {}, 5.0)
     fake.fail_status = 503

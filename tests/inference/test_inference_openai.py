@@ -306,6 +306,14 @@ async def test_transcription_is_a_real_multipart_upload(fake: FakeOpenAI, make: 
     assert srt.body is None
     text = await backend.transcribe(TranscribeRequest(audio=audio, response_format="text"))
     assert text.text == heard(audio) + "\n"
+    # A translation goes to the upstream's translations route, with no language (English out).
+    english = await backend.transcribe(
+        TranscribeRequest(
+            audio=audio, task="translate", language="de", response_format="verbose_json"
+        )
+    )
+    assert english.body["task"] == "translate" and english.text == heard(audio)
+    assert fake.last("/v1/audio/translations").body["language"] is None
 
 
 async def test_no_transcription_model_is_unsupported(fake: FakeOpenAI, make: Make) -> None:

@@ -215,6 +215,7 @@ class FakeOpenAI:
             return JSONResponse({"object": "list", "data": data[::-1], "usage": usage})
 
         @app.post("/v1/audio/transcriptions")
+        @app.post("/v1/audio/translations")  # the same form, without language
         async def transcriptions(
             request: Request,
             file: UploadFile,
@@ -243,7 +244,7 @@ class FakeOpenAI:
                 segment = {"id": 0, "start": 0.0, "end": 1.0, "text": text}
                 return JSONResponse(
                     {
-                        "task": "transcribe",
+                        "task": "translate" if "translations" in request.url.path else "transcribe",
                         "language": language or "en",
                         "duration": 1.0,
                         "text": text,

@@ -35,6 +35,21 @@ class Island:
         self.nodes[name] = rt
         return rt
 
+    async def add_transcriber(self, models: Path, name: str = "ear") -> str:
+        """A ``local`` node transcribing with a tiny random Whisper (and a tiny Llama, its
+        chat model), built under ``models``; the Whisper's name, once the gateway lists it."""
+        from support.tiny_models import build_tiny_model, build_tiny_whisper  # torch: on demand
+
+        base = build_tiny_model(models / "tiny-llama")
+        whisper = build_tiny_whisper(models / "tiny-whisper")
+        local = {"model": str(base), "embeddings": False, "transcription": str(whisper)}
+        self.nodes[name] = await self.make_agent(
+            name, roles=("inference",), plugins={"inference": {"local": local}}, heartbeat=0.2
+        )
+        catalog = self.plugin.gateway.catalog
+        await eventually(lambda: whisper.name in catalog.transcription_models(), 10.0)
+        return whisper.name
+
     async def start_gateway(self, metrics_interval: float = 0.5, **config: Any) -> Island:
         gateway = {"listen": "127.0.0.1:0"} | config
         self.gateway = await self.make_agent(

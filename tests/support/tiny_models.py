@@ -108,3 +108,67 @@ def random_lora(out: Path, base_name: str) -> Path:
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     peft_model.save_pretrained(str(out), save_embedding_layers=False)  # no hub lookup
     return out
+
+
+WHISPER_LANGUAGES = ("en", "de", "fr")
+
+
+def build_tiny_whisper(path: Path, seed: int = 0) -> Path:
+    """A saved tiny multilingual Whisper (config, weights, generation config, feature extractor,
+    tokenizer) at ``path``: a byte-level BPE like ``tiny_tokenizer``'s, then Whisper's special
+    tokens and its 1501 timestamp tokens after them, in Whisper's order (the tokenizer and the
+    timestamp logic find them by position). Its generations are at most ``max_length`` tokens
+    per 30 s window, so a long file stays quick."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperTokenizerFast,
+    )
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    eot = "<|endoftext|>"
+    tok.add_special_tokens([eot])
+    specials = [
+        "<|startoftranscript|>",
+        *(f"<|{lang}|>" for lang in WHISPER_LANGUAGES),
+        "<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>",
+        "<|notimestamps|>",
+    ]  # fmt: skip
+    tokenizer = WhisperTokenizerFast(
+        tokenizer_object=tok, unk_token=eot, bos_token=eot, eos_token=eot, pad_token=eot
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    tokenizer.add_tokens([f"<|{i * 0.02:.2f}|>" for i in range(1501)])
+    ids = tokenizer.convert_tokens_to_ids
+    torch.manual_seed(seed)
+    config = WhisperConfig(
+        vocab_size=len(tokenizer), num_mel_bins=80, d_model=16,
+        encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=32, decoder_ffn_dim=32, max_source_positions=1500,
+        max_target_positions=448, pad_token_id=ids(eot), bos_token_id=ids(eot),
+        eos_token_id=ids(eot), decoder_start_token_id=ids("<|startoftranscript|>"),
+        begin_suppress_tokens=None, suppress_tokens=None,
+    )  # fmt: skip
+    model = WhisperForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=ids("<|startoftranscript|>"),
+        eos_token_id=ids(eot), pad_token_id=ids(eot), bos_token_id=ids(eot),
+        no_timestamps_token_id=ids("<|notimestamps|>"),
+        prev_sot_token_id=ids("<|startofprev|>"),
+        lang_to_id={f"<|{lang}|>": ids(f"<|{lang}|>") for lang in WHISPER_LANGUAGES},
+        task_to_id={"transcribe": ids("<|transcribe|>"), "translate": ids("<|translate|>")},
+        is_multilingual=True, max_initial_timestamp_index=50, max_length=24,
+    )  # fmt: skip
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(path)
+    return path
