@@ -63,7 +63,9 @@ MAX_EVENTS_KEPT = 1000
 Auto = Literal["auto"]  # chosen by the runner from the job's data (auto.py)
 State = Literal["created", "queued", "training", "completed", "failed", "cancelled"]
 FINAL_STATES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
-Stage = Literal["sft", "pt"]
+# dpo: preference pairs, by direct preference optimisation (the base, adapter off, is the
+# reference model)
+Stage = Literal["sft", "pt", "dpo"]
 Precision = Literal["fp32", "bf16", "fp16"]
 # Chat templates a job may name; "default" is the tokenizer's own.
 Template = Literal["default", "chatml", "llama3", "mistral", "zephyr", "alpaca"]
@@ -169,6 +171,9 @@ class JobOptions(BaseModel):
     # examples held out (drawn with the seed); loss and token accuracy after each epoch.
     validation_dataset: DatasetId | None = None
     validation_split: float | None = Field(None, gt=0, le=0.5)
+    # dpo's beta: how far the adapter may move from the reference (LLaMA-Factory's name, TRL's
+    # default).
+    pref_beta: float = Field(0.1, gt=0, le=10)
 
     @field_validator("lora_target")
     @classmethod
@@ -195,6 +200,11 @@ class JobOptions(BaseModel):
                 "one_validation_set",
                 "validation_dataset and validation_split exclude each other: name a validation "
                 "set, or hold out a share of the training examples",
+            )
+        if self.stage == "dpo" and (self.validation_dataset or self.validation_split):
+            raise PydanticCustomError(
+                "dpo_validation",
+                "a dpo job takes no validation set: its figures are the training pairs' rewards",
             )
         return self
 
