@@ -25,7 +25,8 @@ Publications: ``jobs.<id>.events`` (every event of a job: ``{type: "state"|"log"
 of those pruned past the number kept; a logged step carries step, max_steps, epoch, loss and
 train_mean_token_accuracy (of that step), learning_rate and estimated_finish; an evaluation
 carries step and valid_loss, valid_mean_token_accuracy, and at the end full_valid_loss,
-full_valid_mean_token_accuracy; ``hyperparameters`` says what "auto" resolved to) and
+full_valid_mean_token_accuracy; a dpo job's step carries ``PAIR_FIGURES`` instead of the token
+accuracy; ``hyperparameters`` says what "auto" resolved to) and
 ``jobs.queued`` (``{id}`` whenever a job becomes claimable, so idle trainers claim at once).
 """
 
@@ -89,6 +90,8 @@ SUFFIX = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$"  # part of the adapter id
 # rate (QLoRA paper, Unsloth's and axolotl's LoRA recipes).
 BASE_LEARNING_RATE = 2e-4
 MAX_RESULT_FILES = 4
+# A dpo job's step figures (TRL's names), in its events and results file beside the loss.
+PAIR_FIGURES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 DatasetId = Annotated[str, Field(pattern=DATASET_ID.pattern)]
 
 

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from atoll.plugins.training.contract import PAIR_FIGURES
 from atoll.plugins.training.data import IGNORE, Example, collate
 
 RESULTS_NAME = "step_metrics.csv"  # OpenAI's name for a job's results file
 # OpenAI's columns; a step without an evaluation leaves the validation ones empty.
 RESULT_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy")
-PAIR_FIGURES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 DPO_COLUMNS = ("step", "train_loss", *PAIR_FIGURES)
 
 
@@ -129,8 +129,8 @@ def write_results(path: Path, rows: Sequence[StepRow], dpo: bool = False) -> Non
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(DPO_COLUMNS if dpo else RESULT_COLUMNS)
         for r in sorted(rows, key=lambda r: r.step):
-            figures: tuple[float | None, ...] = (r.train_loss, r.train_accuracy, r.valid_loss)
-            figures += (r.valid_mean_token_accuracy,)
+            valid = (r.valid_loss, r.valid_mean_token_accuracy)
+            figures: tuple[float | None, ...] = (r.train_loss, r.train_accuracy, *valid)
             if dpo:
                 figures = (r.train_loss, *((r.pairs or {}).get(k) for k in PAIR_FIGURES))
             writer.writerow([r.step, *map(_cell, figures)])

@@ -321,6 +321,8 @@ def train(spec: RunSpec, emit: Events) -> None:
             if not logs or "loss" not in logs:
                 return
             row = run.row(state.global_step)
+            step_figures: dict[str, float | None] = {**row.pairs} if row.pairs else {}
+            step_figures = step_figures or {"train_mean_token_accuracy": row.train_accuracy}
             now = time.time()
             per_step = (now - run.started) / max(state.global_step, 1)
             emit(
@@ -330,7 +332,7 @@ def train(spec: RunSpec, emit: Events) -> None:
                 max_steps=state.max_steps,
                 epoch=round(state.epoch or 0.0, 4),
                 loss=row.train_loss,
-                **(row.pairs or {"train_mean_token_accuracy": row.train_accuracy}),
+                **step_figures,
                 learning_rate=logs.get("learning_rate"),
                 grad_norm=logs.get("grad_norm"),
                 estimated_finish=round(now + per_step * (state.max_steps - state.global_step)),
