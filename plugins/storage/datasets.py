@@ -550,6 +550,8 @@ def convert_line(line: bytes, kind: Kind, as_: Literal["chat", "text"]) -> bytes
         return line
     if kind == "pt":
         raise DatasetInvalid("a pt (text) dataset has no turns: it cannot be read as chat")
+    if kind == "preference":  # two replies to one prompt: neither one conversation nor text
+        raise DatasetInvalid(f"a preference dataset's pairs cannot be read as {as_}")
     return json.dumps(chat_to_text(json.loads(line)), ensure_ascii=False).encode() + b"\n"
 
 
