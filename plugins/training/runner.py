@@ -321,8 +321,9 @@ def train(spec: RunSpec, emit: Events) -> None:
             if not logs or "loss" not in logs:
                 return
             row = run.row(state.global_step)
-            step_figures: dict[str, float | None] = {**row.pairs} if row.pairs else {}
-            step_figures = step_figures or {"train_mean_token_accuracy": row.train_accuracy}
+            step_figures: dict[str, float | None] = (
+                {**row.pairs} if row.pairs else {"train_mean_token_accuracy": row.train_accuracy}
+            )
             now = time.time()
             per_step = (now - run.started) / max(state.global_step, 1)
             emit(
