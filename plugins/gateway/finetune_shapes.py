@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.storage.contract.datasets import DatasetInvalid, DatasetRecord, check_filename
 from atoll.plugins.training.contract import (
     BASE_LEARNING_RATE,
+    MAX_BETA,
     PAIR_FIGURES,
     Auto,
     Checkpoint,
@@ -68,6 +69,13 @@ class Hyperparameters(BaseModel):
 
 class DpoHyperparameters(Hyperparameters):
     beta: float | Literal["auto"] = "auto"  # "auto": JobOptions' pref_beta default
+
+    @field_validator("beta")
+    @classmethod
+    def _beta(cls, value: float | str) -> float | str:
+        if value != "auto" and not 0 < float(value) <= MAX_BETA:
+            raise ValueError(f"beta must be more than 0 and at most {MAX_BETA:g}")
+        return value
 
 
 class SupervisedMethod(BaseModel):

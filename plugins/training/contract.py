@@ -90,6 +90,7 @@ SUFFIX = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$"  # part of the adapter id
 # rate (QLoRA paper, Unsloth's and axolotl's LoRA recipes).
 BASE_LEARNING_RATE = 2e-4
 MAX_RESULT_FILES = 4
+MAX_BETA = 10.0  # dpo's beta: far past any recipe's (0.01 to 0.5)
 # A dpo job's step figures (TRL's names), in its events and results file beside the loss.
 PAIR_FIGURES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 DatasetId = Annotated[str, Field(pattern=DATASET_ID.pattern)]
@@ -176,7 +177,7 @@ class JobOptions(BaseModel):
     validation_split: float | None = Field(None, gt=0, le=0.5)
     # dpo's beta: how far the adapter may move from the reference (LLaMA-Factory's name, TRL's
     # default).
-    pref_beta: float = Field(0.1, gt=0, le=10)
+    pref_beta: float = Field(0.1, gt=0, le=MAX_BETA)
 
     @field_validator("lora_target")
     @classmethod
