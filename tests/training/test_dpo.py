@@ -95,11 +95,11 @@ async def test_a_dpo_job_moves_the_margin_toward_the_preferred_reply(
                 model="tiny-llama", training_file=pairs.id, validation_file=pairs.id, method=dpo
             )
         bad: Any = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}
-        with pytest.raises(openai.UnprocessableEntityError, match="more than 0") as info:
+        with pytest.raises(openai.UnprocessableEntityError, match="more than 0") as refused:
             await client.fine_tuning.jobs.create(
                 model="tiny-llama", training_file=pairs.id, method=bad
             )
-        assert info.value.body["param"] == "method.dpo.hyperparameters.beta"  # type: ignore[index]
+        assert refused.value.body["param"] == "method.dpo.hyperparameters.beta"  # type: ignore[index]
         with pytest.raises(openai.BadRequestError, match="contradicts method"):
             await client.fine_tuning.jobs.create(
                 model="tiny-llama", training_file=pairs.id, method=dpo,
