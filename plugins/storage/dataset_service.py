@@ -250,7 +250,7 @@ class DatasetService:
             elif "preference" in (record.kind, request.as_):
                 # A preference pair has two replies to one prompt: no one conversation or text.
                 raise InvalidRequest(
-                    f"dataset {record.id!r} is a {record.kind} dataset: it cannot be read as "
+                    f"dataset {record.id!r} holds {record.kind} rows: they cannot be read as "
                     f"{request.as_}"
                 )
             else:

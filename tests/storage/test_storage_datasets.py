@@ -537,8 +537,25 @@ async def test_refusals_keep_nothing(tmp_path, make_agent) -> None:
     assert record.dedup.mode == "none" and record.version == 1
     with pytest.raises(IsADirectoryError):
         await fetch_dataset(reader, "store", record.id, tmp_path)
-    with pytest.raises(InvalidRequest, match="as: Input should be 'chat', 'text' or 'original'"):
+    with pytest.raises(InvalidRequest, match="as: Input should be 'chat', 'text', 'preference'"):
         await fetch_dataset(reader, "store", record.id, tmp_path / "x", as_="csv")  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest, match="holds sft rows: they cannot be read as preference"):
+        await fetch_dataset(reader, "store", record.id, tmp_path / "x", as_="preference")
+    pairs = write(tmp_path, "pairs.jsonl", jsonl(preference("Say a colour.", "blue", "red")))
+    stored = await upload_dataset(trainer, "store", pairs, "p", "alice")
+    assert stored.kind == "preference"
+    for as_ in ("chat", "text"):
+        with pytest.raises(
+            InvalidRequest, match=f"holds preference rows: they cannot be read as {as_}"
+        ):
+            await fetch_dataset(reader, "store", stored.id, tmp_path / "x", as_=as_)
+    await fetch_dataset(reader, "store", stored.id, tmp_path / "p.jsonl", as_="preference")
+    fetched = json.loads((tmp_path / "p.jsonl").read_text())
+    assert fetched == {
+        "messages": [{"role": "user", "content": "Say a colour."}],
+        "chosen": "blue",
+        "rejected": "red",
+    }
 
 
 async def test_a_broken_upload_resumes_where_it_stopped(tmp_path, make_agent, broker) -> None:
