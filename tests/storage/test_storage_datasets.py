@@ -545,9 +545,7 @@ async def test_refusals_keep_nothing(tmp_path, make_agent) -> None:
     stored = await upload_dataset(trainer, "store", pairs, "p", "alice")
     assert stored.kind == "preference"
     for as_ in ("chat", "text"):
-        with pytest.raises(
-            InvalidRequest, match=f"holds preference rows: they cannot be read as {as_}"
-        ):
+        with pytest.raises(InvalidRequest, match=f"they cannot be read as {as_}"):
             await fetch_dataset(reader, "store", stored.id, tmp_path / "x", as_=as_)
     await fetch_dataset(reader, "store", stored.id, tmp_path / "p.jsonl", as_="preference")
     fetched = json.loads((tmp_path / "p.jsonl").read_text())
