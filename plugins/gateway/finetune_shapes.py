@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.storage.contract.datasets import DatasetInvalid, DatasetRecord, check_filename
 from atoll.plugins.training.contract import (
     BASE_LEARNING_RATE,
+    MAX_BETA,
+    PAIR_FIGURES,
     Auto,
     Checkpoint,
     JobOptions,
@@ -65,6 +67,39 @@ class Hyperparameters(BaseModel):
     learning_rate_multiplier: float | Literal["auto"] = "auto"
 
 
+class DpoHyperparameters(Hyperparameters):
+    beta: float | Literal["auto"] = "auto"  # "auto": JobOptions' pref_beta default
+
+    @field_validator("beta")
+    @classmethod
+    def _beta(cls, value: float | str) -> float | str:
+        if value != "auto" and not 0 < float(value) <= MAX_BETA:
+            raise ValueError(f"beta must be more than 0 and at most {MAX_BETA:g}")
+        return value
+
+
+class SupervisedMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hyperparameters: Hyperparameters = Hyperparameters()
+
+
+class DpoMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hyperparameters: DpoHyperparameters = DpoHyperparameters()
+
+
+class JobMethod(BaseModel):
+    """OpenAI's ``method``: supervised (the default) or dpo, each with its hyperparameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["supervised", "dpo"]
+    supervised: SupervisedMethod | None = None
+    dpo: DpoMethod | None = None
+
+
 class CreateJob(BaseModel):
     """OpenAI's body, plus ``options``: any of Table I's training options for this platform."""
 
@@ -73,7 +108,8 @@ class CreateJob(BaseModel):
     model: str = Field(min_length=1)
     training_file: str
     validation_file: str | None = None
-    hyperparameters: Hyperparameters | None = None
+    hyperparameters: Hyperparameters | None = None  # OpenAI's older place for the method's
+    method: JobMethod | None = None
     suffix: str | None = None
     seed: int | None = None
     options: dict[str, Any] = {}
@@ -94,6 +130,7 @@ class FineTuningJob(BaseModel):
     fine_tuned_model: str | None = None
     finished_at: int | None = None
     hyperparameters: dict[str, Any]  # what "auto" resolved to, once the job's trainer says
+    method: dict[str, Any] | None = None  # the same, under the method's type (None: pt)
     model: str
     organization_id: str
     result_files: list[str] = []
@@ -204,6 +241,17 @@ def hyperparameters(job: JobRecord) -> dict[str, Any]:
     }
 
 
+def method_object(job: JobRecord) -> dict[str, Any] | None:
+    """OpenAI's ``method`` with the hyperparameters as resolved; pt is none of OpenAI's."""
+    o = job.options
+    if o.stage == "pt":
+        return None
+    if o.stage == "dpo":
+        dpo = {"hyperparameters": {**hyperparameters(job), "beta": o.pref_beta}}
+        return {"type": "dpo", "dpo": dpo}
+    return {"type": "supervised", "supervised": {"hyperparameters": hyperparameters(job)}}
+
+
 def job_object(job: JobRecord) -> FineTuningJob:
     o = job.options
     error = None
@@ -220,6 +268,7 @@ def job_object(job: JobRecord) -> FineTuningJob:
         fine_tuned_model=job.adapter_id if done else None,
         finished_at=int(job.finished_at) if job.finished_at else None,
         hyperparameters=hyperparameters(job),
+        method=method_object(job),
         model=o.model_name_or_path,
         organization_id=job.project or job.owner,
         result_files=job.result_files,
@@ -245,6 +294,7 @@ METRICS = {
     "full_valid_mean_token_accuracy": "full_valid_mean_token_accuracy",
     "epoch": "epoch",
     "learning_rate": "learning_rate",
+    **{name: name for name in PAIR_FIGURES},  # a dpo step's, TRL's names
 }
 LOSSES = {
     "loss": "training loss",
@@ -273,10 +323,44 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _method(body: CreateJob) -> tuple[str, Hyperparameters]:
+    """(stage, hyperparameters): the method's, or the top level's for a supervised job."""
+    method = body.method or JobMethod(type="supervised")
+    detail = method.dpo if method.type == "dpo" else method.supervised
+    other = "supervised" if method.type == "dpo" else "dpo"
+    if getattr(method, other) is not None:
+        raise GatewayError(
+            400, f"method.{other} given for a {method.type} job", param=f"method.{other}"
+        )
+    if detail is not None and body.hyperparameters is not None:
+        raise GatewayError(
+            400,
+            f"hyperparameters and method.{method.type}.hyperparameters exclude each other: "
+            "give them under the method",
+            param="hyperparameters",
+        )
+    if detail is not None:
+        return ("dpo" if method.type == "dpo" else "sft"), detail.hyperparameters
+    if method.type == "dpo":
+        return "dpo", body.hyperparameters or DpoHyperparameters()
+    return "sft", body.hyperparameters or Hyperparameters()
+
+
 def job_options(body: CreateJob) -> JobOptions:
-    """OpenAI's hyperparameters as Table I's options (``options`` overrides and extends)."""
-    hp = body.hyperparameters or Hyperparameters()
+    """OpenAI's method and hyperparameters as Table I's options (``options`` overrides and
+    extends, but may not change the method)."""
+    stage, hp = _method(body)
     opts: dict[str, Any] = {"model_name_or_path": body.model, "dataset": [body.training_file]}
+    if stage == "dpo":
+        opts["stage"] = "dpo"
+        if isinstance(hp, DpoHyperparameters) and hp.beta != "auto":
+            opts["pref_beta"] = hp.beta
+    if body.method is not None and body.options.get("stage", stage) != stage:
+        raise GatewayError(
+            400,
+            f"options.stage {body.options['stage']!r} contradicts method.type {body.method.type!r}",
+            param="options.stage",
+        )
     if hp.n_epochs != "auto":
         opts["num_train_epochs"] = float(hp.n_epochs)
     if hp.batch_size != "auto":

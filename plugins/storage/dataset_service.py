@@ -42,6 +42,7 @@ from atoll.agent.transfer import (
 )
 from atoll.plugins.storage.batch_files import prepare_batch
 from atoll.plugins.storage.contract.datasets import (
+    CANONICAL_FORM,
     DATASET_INFO,
     DELETE_DATASET,
     LIST_DATASETS,
@@ -239,14 +240,21 @@ class DatasetService:
         with idle_deadline(f"dataset fetch by {call.src}", IDLE_TIMEOUT):
             if request.as_ == "original":
                 size = await self._send_object(stream, record, ORIGINAL)
-            elif request.as_ == ("chat" if record.kind == "sft" else "text"):
+            elif request.as_ == CANONICAL_FORM.get(record.kind):
                 size = await self._send_object(stream, record, CANONICAL)
             elif record.kind == "pt":
                 raise InvalidRequest(
                     f"dataset {record.id!r} is a pt (text) dataset: it has no turns to read as "
                     "chat; fetch it as text"
                 )
+            elif "preference" in (record.kind, request.as_):
+                # A preference pair has two replies to one prompt: no one conversation or text.
+                raise InvalidRequest(
+                    f"dataset {record.id!r} holds {record.kind} rows: they cannot be read as "
+                    f"{request.as_}"
+                )
             else:
+                assert request.as_ in ("chat", "text")
                 size = await self._send_converted(stream, record, request.as_)
             refusal = f"{call.src} did not confirm dataset {record.id!r}"
             await confirmed(Reader(stream, IDLE_TIMEOUT), refusal)

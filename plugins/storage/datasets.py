@@ -9,13 +9,17 @@ Formats (as uploaded):
 - ``sharegpt``: ``{"conversations": [{"from": "human" | "gpt" | "system", "value"}]}``;
 - ``chat``: OpenAI's fine-tuning JSONL, ``{"messages": [{"role", "content"}]}``;
 - ``text``: JSONL ``{"text"}`` rows, or a plain text file with one document per block of lines
-  separated by blank lines.
+  separated by blank lines;
+- ``preference``: OpenAI's DPO rows, ``{"input": {"messages": [...]}, "preferred_output":
+  [{"role": "assistant", "content"}], "non_preferred_output": [...]}``.
 
 Rows come as JSON Lines (blank lines skipped) or as one JSON array; a ``.txt`` file, or one
 that does not start with ``{`` or ``[``, is plain text. The format is detected from the first
 row's keys unless given. Every row is checked and turned into the canonical form: ``chat`` rows
 (``{"messages": [...]}``, turns alternating user/assistant after an optional system message and
-ending with the assistant's) for sft datasets, ``{"text"}`` rows for pt. Errors name the
+ending with the assistant's) for sft datasets, ``{"text"}`` rows for pt, and ``{"messages",
+"chosen", "rejected"}`` rows for preference datasets (the prompt's turns ending with the user's,
+then the two replies). Errors name the
 1-based line of the file where the row starts and the reason.
 """
 
@@ -31,6 +35,7 @@ from itertools import accumulate
 from typing import Any, Literal, NoReturn
 
 from atoll.plugins.storage.contract.datasets import (
+    CANONICAL_FORM,
     DatasetInvalid,
     DedupMode,
     Format,
@@ -40,7 +45,7 @@ from atoll.plugins.storage.contract.datasets import (
 
 # Training data's formats; "csv" (a job's results) is results.py's, "batch" and "batch_output"
 # batch_files.py's.
-FORMATS: tuple[Format, ...] = ("alpaca", "sharegpt", "chat", "text")
+FORMATS: tuple[Format, ...] = ("alpaca", "sharegpt", "chat", "text", "preference")
 PLAIN_SUFFIXES = (".txt", ".text")
 JSON_SUFFIXES = (".json", ".jsonl", ".ndjson")
 MAX_ERRORS = 10  # problems gathered before giving up: enough to fix a file in few rounds
@@ -134,7 +139,9 @@ class _RowError(ValueError):
 
 
 def kind_of(fmt: Format) -> Kind:
-    return "pt" if fmt == "text" else "sft"
+    if fmt == "text":
+        return "pt"
+    return "preference" if fmt == "preference" else "sft"
 
 
 # --- reading the file ---------------------------------------------------------------------------
@@ -315,9 +322,15 @@ def _alpaca(obj: dict[str, Any]) -> dict[str, Any]:
 
 
 def _turns(
-    obj: dict[str, Any], key: str, role_key: str, text_key: str, roles: dict[str, str]
+    obj: dict[str, Any],
+    key: str,
+    role_key: str,
+    text_key: str,
+    roles: dict[str, str],
+    last: str = "assistant",
 ) -> dict[str, Any]:
-    """Turns under ``obj[key]`` as chat messages, checked for the shape training needs."""
+    """Turns under ``obj[key]`` as chat messages, checked for the shape training needs: ending
+    with the ``last`` role's turn (a preference row's prompt ends with the user's)."""
     turns = obj.get(key)
     if turns is None:
         raise _RowError(f"missing {key!r}")
@@ -344,10 +357,9 @@ def _turns(
                 f"(an optional {shown['system']!r} turn first, then {shown['user']!r} and "
                 f"{shown['assistant']!r} turns alternating)"
             )
-    if messages[-1]["role"] != "assistant":
-        raise _RowError(
-            f"the last turn must be {shown['assistant']!r}: it is what the model learns"
-        )
+    if messages[-1]["role"] != last:
+        why = "it is what the model learns" if last == "assistant" else "the replies answer it"
+        raise _RowError(f"the last turn must be {shown[last]!r}: {why}")
     return {"messages": messages}
 
 
@@ -363,16 +375,45 @@ def _text(obj: dict[str, Any]) -> dict[str, Any]:
     return {"text": _string(obj, "text")}
 
 
+def _reply(obj: dict[str, Any], key: str) -> str:
+    """The one assistant message under ``obj[key]`` (OpenAI's list of one)."""
+    value = obj.get(key)
+    if value is None:
+        raise _RowError(f"missing {key!r}")
+    if not isinstance(value, list) or len(value) != 1 or not isinstance(value[0], dict):
+        raise _RowError(f"{key!r} must be a list of one assistant message")
+    where = f"{key}[0]: "
+    role = _string(value[0], "role", where)
+    if role != "assistant":
+        raise _RowError(f"{where}'role' is {role!r}; expected 'assistant'")
+    return _string(value[0], "content", where)
+
+
+def _preference(obj: dict[str, Any]) -> dict[str, Any]:
+    prompt = obj.get("input")
+    if not isinstance(prompt, dict):
+        raise _RowError("'input' must be an object with the prompt's 'messages'")
+    messages = _turns(prompt, "messages", "role", "content", CHAT_ROLES, last="user")
+    chosen = _reply(obj, "preferred_output")
+    rejected = _reply(obj, "non_preferred_output")
+    if chosen == rejected:
+        raise _RowError("the preferred and non-preferred outputs are the same")
+    return {**messages, "chosen": chosen, "rejected": rejected}
+
+
 CONVERTERS: dict[Format, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "alpaca": _alpaca,
     "sharegpt": _sharegpt,
     "chat": _chat,
     "text": _text,
+    "preference": _preference,
 }
 
 
 def detect_format(obj: dict[str, Any]) -> Format | None:
     """The format a row's keys suggest, or None."""
+    if "preferred_output" in obj or "non_preferred_output" in obj:
+        return "preference"
     if "messages" in obj:
         return "chat"
     if "conversations" in obj:
@@ -426,7 +467,8 @@ def parse_rows(
                 problems.stop(
                     line,
                     f"cannot tell the format from its keys ({keys}): expected 'instruction' and "
-                    "'output' (alpaca), 'conversations' (sharegpt), 'messages' (chat) or 'text'",
+                    "'output' (alpaca), 'conversations' (sharegpt), 'messages' (chat), 'text' or "
+                    "'preferred_output' (preference)",
                 )
         try:
             rows.append(Row(line, CONVERTERS[fmt](value)))
@@ -450,6 +492,8 @@ def _strings(row: dict[str, Any]) -> Iterator[str]:
     else:
         for message in row["messages"]:
             yield message["content"]
+        if "chosen" in row:
+            yield from (row["chosen"], row["rejected"])
 
 
 def _digest(parts: Iterable[str]) -> bytes:
@@ -501,11 +545,13 @@ def to_jsonl(rows: Iterable[dict[str, Any]]) -> bytes:
 
 
 def convert_line(line: bytes, kind: Kind, as_: Literal["chat", "text"]) -> bytes:
-    """One canonical JSONL line of a ``kind`` dataset in the ``as_`` form."""
-    if as_ == ("chat" if kind == "sft" else "text"):
+    """One canonical JSONL line of an sft or pt dataset in the ``as_`` form."""
+    if as_ == CANONICAL_FORM[kind]:
         return line
     if kind == "pt":
         raise DatasetInvalid("a pt (text) dataset has no turns: it cannot be read as chat")
+    if kind == "preference":  # two replies to one prompt: neither one conversation nor text
+        raise DatasetInvalid(f"a preference dataset's pairs cannot be read as {as_}")
     return json.dumps(chat_to_text(json.loads(line)), ensure_ascii=False).encode() + b"\n"
 
 

@@ -25,7 +25,8 @@ Publications: ``jobs.<id>.events`` (every event of a job: ``{type: "state"|"log"
 of those pruned past the number kept; a logged step carries step, max_steps, epoch, loss and
 train_mean_token_accuracy (of that step), learning_rate and estimated_finish; an evaluation
 carries step and valid_loss, valid_mean_token_accuracy, and at the end full_valid_loss,
-full_valid_mean_token_accuracy; ``hyperparameters`` says what "auto" resolved to) and
+full_valid_mean_token_accuracy; a dpo job's step carries ``PAIR_FIGURES`` instead of the token
+accuracy; ``hyperparameters`` says what "auto" resolved to) and
 ``jobs.queued`` (``{id}`` whenever a job becomes claimable, so idle trainers claim at once).
 """
 
@@ -63,7 +64,9 @@ MAX_EVENTS_KEPT = 1000
 Auto = Literal["auto"]  # chosen by the runner from the job's data (auto.py)
 State = Literal["created", "queued", "training", "completed", "failed", "cancelled"]
 FINAL_STATES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
-Stage = Literal["sft", "pt"]
+# dpo: preference pairs, by direct preference optimisation (the base, adapter off, is the
+# reference model)
+Stage = Literal["sft", "pt", "dpo"]
 Precision = Literal["fp32", "bf16", "fp16"]
 # Chat templates a job may name; "default" is the tokenizer's own.
 Template = Literal["default", "chatml", "llama3", "mistral", "zephyr", "alpaca"]
@@ -87,6 +90,9 @@ SUFFIX = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$"  # part of the adapter id
 # rate (QLoRA paper, Unsloth's and axolotl's LoRA recipes).
 BASE_LEARNING_RATE = 2e-4
 MAX_RESULT_FILES = 4
+MAX_BETA = 10.0  # dpo's beta: far past any recipe's (0.01 to 0.5)
+# A dpo job's step figures (TRL's names), in its events and results file beside the loss.
+PAIR_FIGURES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 DatasetId = Annotated[str, Field(pattern=DATASET_ID.pattern)]
 
 
@@ -169,6 +175,9 @@ class JobOptions(BaseModel):
     # examples held out (drawn with the seed); loss and token accuracy after each epoch.
     validation_dataset: DatasetId | None = None
     validation_split: float | None = Field(None, gt=0, le=0.5)
+    # dpo's beta: how far the adapter may move from the reference (LLaMA-Factory's name, TRL's
+    # default).
+    pref_beta: float = Field(0.1, gt=0, le=MAX_BETA)
 
     @field_validator("lora_target")
     @classmethod
@@ -195,6 +204,11 @@ class JobOptions(BaseModel):
                 "one_validation_set",
                 "validation_dataset and validation_split exclude each other: name a validation "
                 "set, or hold out a share of the training examples",
+            )
+        if self.stage == "dpo" and (self.validation_dataset or self.validation_split):
+            raise PydanticCustomError(
+                "dpo_validation",
+                "a dpo job takes no validation set: its figures are the training pairs' rewards",
             )
         return self
 

@@ -1,6 +1,7 @@
-"""Training examples from canonical dataset files (storage's ``chat`` and ``text`` JSONL): sft
-conversations rendered with a chat template and labelled on the assistant's tokens only; pt text
-joined and cut into blocks. Runs in the job's process (it needs a tokenizer)."""
+"""Training examples from canonical dataset files (storage's ``chat``, ``text`` and
+``preference`` JSONL): sft conversations rendered with a chat template and labelled on the
+assistant's tokens only; pt text joined and cut into blocks; dpo pairs as the prompt with each
+reply, labelled on that reply. Runs in the job's process (it needs a tokenizer)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 IGNORE = -100  # label of a token the loss skips
-Example = dict[str, list[int]]  # input_ids, labels
+Example = dict[str, list[int]]  # input_ids, labels (dpo: chosen_ and rejected_ of each)
 
 TEMPLATES = {
     "chatml": (
@@ -51,6 +52,12 @@ class DataError(ValueError):
 
 def read_rows(path: Path, key: str) -> Iterator[Any]:
     """The ``key`` field of each JSONL line of ``path``."""
+    for row in read_objects(path, key):
+        yield row[key]
+
+
+def read_objects(path: Path, key: str) -> Iterator[dict[str, Any]]:
+    """Each JSONL line of ``path``, an object with a ``key`` field."""
     with path.open(encoding="utf-8") as fh:
         for number, line in enumerate(fh, 1):
             if not line.strip():
@@ -61,7 +68,7 @@ def read_rows(path: Path, key: str) -> Iterator[Any]:
                 raise DataError(f"{path.name} line {number}: not JSON ({exc})") from None
             if not isinstance(row, dict) or key not in row:
                 raise DataError(f"{path.name} line {number}: no {key!r} field")
-            yield row[key]
+            yield row
 
 
 def chat_template(tokenizer: PreTrainedTokenizerBase, template: str) -> str:
@@ -106,12 +113,14 @@ def sft_example(
     template: str,
     messages: list[dict[str, str]],
     cutoff_len: int,
+    last_only: bool = False,
 ) -> Example | None:
-    """A conversation's tokens (at most ``cutoff_len``), labelled on assistant replies only;
-    None when no assistant token is left to learn from."""
+    """A conversation's tokens (at most ``cutoff_len``), labelled on assistant replies only
+    (``last_only``: the last one); None when no assistant token is left to learn from."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise DataError("a chat row's messages must be a list of {role, content} objects")
     text, spans = assistant_spans(tokenizer, template, messages)
+    spans = spans[-1:] if last_only else spans
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = encoded["input_ids"][:cutoff_len]
     labels = [IGNORE] * len(ids)
@@ -139,6 +148,26 @@ def pt_examples(
     return [{"input_ids": b, "labels": list(b)} for b in blocks if len(b) > 1]
 
 
+def preference_example(
+    tokenizer: PreTrainedTokenizerBase, template: str, row: dict[str, Any], cutoff_len: int
+) -> Example | None:
+    """A pair: the prompt with the chosen reply and with the rejected one, each labelled on its
+    reply; None when either reply is cut off entirely."""
+    prompt = row.get("messages")
+    if not isinstance(prompt, list) or not all(
+        isinstance(row.get(k), str) for k in ("chosen", "rejected")
+    ):
+        raise DataError("a preference row needs messages, chosen and rejected")
+    pair: Example = {}
+    for side in ("chosen", "rejected"):
+        messages = [*prompt, {"role": "assistant", "content": row[side]}]
+        example = sft_example(tokenizer, template, messages, cutoff_len, last_only=True)
+        if example is None:
+            return None
+        pair |= {f"{side}_{k}": v for k, v in example.items()}
+    return pair
+
+
 def build_examples(
     tokenizer: PreTrainedTokenizerBase,
     stage: str,
@@ -151,14 +180,17 @@ def build_examples(
         texts = [t for p in paths for t in read_rows(p, "text")]
         return pt_examples(tokenizer, texts, cutoff_len), len(texts)
     if not tokenizer.is_fast:
-        raise DataError("sft needs a fast tokenizer (it maps tokens back to characters)")
+        raise DataError(f"{stage} needs a fast tokenizer (it maps tokens back to characters)")
     chosen = chat_template(tokenizer, template)
     examples, rows = [], 0
     for path in paths:
-        for number, messages in enumerate(read_rows(path, "messages"), 1):
+        for number, row in enumerate(read_objects(path, "messages"), 1):
             rows += 1
             try:
-                example = sft_example(tokenizer, chosen, messages, cutoff_len)
+                if stage == "dpo":
+                    example = preference_example(tokenizer, chosen, row, cutoff_len)
+                else:
+                    example = sft_example(tokenizer, chosen, row["messages"], cutoff_len)
             except DataError as exc:
                 raise DataError(f"{path.name} row {number}: {exc}") from None
             if example is not None:
@@ -179,6 +211,16 @@ def hold_out(
     chosen = set(random.Random(seed).sample(range(len(examples)), held))
     kept = [e for i, e in enumerate(examples) if i not in chosen]
     return kept, [e for i, e in enumerate(examples) if i in chosen]
+
+
+def collate_pairs(batch: list[Example], pad_id: int) -> dict[str, Any]:
+    """Pairs as one batch: the chosen sequences, then the rejected ones in the same order."""
+    sides = [
+        {"input_ids": e[f"{side}_input_ids"], "labels": e[f"{side}_labels"]}
+        for side in ("chosen", "rejected")
+        for e in batch
+    ]
+    return collate(sides, pad_id)
 
 
 def collate(batch: list[Example], pad_id: int) -> dict[str, Any]:

@@ -1,7 +1,10 @@
 """A job's figures as OpenAI reports them: each optimizer step's training loss and mean token
 accuracy, the validation set's after each epoch, and the results file (``step_metrics.csv``)
 that holds them. Losses are token-weighted means of the cross-entropy over labelled tokens;
-accuracy is the share of labelled tokens the model's argmax predicts. Runs in the job's process.
+accuracy is the share of labelled tokens the model's argmax predicts. A dpo job's steps have
+TRL's figures instead: the loss, the rewards of chosen and rejected replies (beta times the
+log-probability the adapter adds to the reference's), their margin, and the share of pairs whose
+chosen reward is the larger. Runs in the job's process.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from atoll.plugins.training.contract import PAIR_FIGURES
 from atoll.plugins.training.data import IGNORE, Example, collate
 
 RESULTS_NAME = "step_metrics.csv"  # OpenAI's name for a job's results file
 # OpenAI's columns; a step without an evaluation leaves the validation ones empty.
 RESULT_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy")
+DPO_COLUMNS = ("step", "train_loss", *PAIR_FIGURES)
 
 
 @dataclass
@@ -52,6 +57,37 @@ class Tally:
         return self.correct / self.tokens if self.tokens else math.nan
 
 
+@dataclass
+class PairTally:
+    """A dpo step's pairs: loss and rewards summed, pairs ranked right, pairs."""
+
+    loss_sum: float = 0.0
+    chosen_sum: float = 0.0
+    rejected_sum: float = 0.0
+    right: int = 0
+    pairs: int = 0
+
+    def add(self, losses: Any, chosen: Any, rejected: Any) -> None:
+        """One batch's per-pair losses and rewards (tensors of one value a pair)."""
+        self.loss_sum += float(losses.sum())
+        self.chosen_sum += float(chosen.sum())
+        self.rejected_sum += float(rejected.sum())
+        self.right += int((chosen > rejected).sum())
+        self.pairs += len(losses)
+
+    def figures(self) -> dict[str, float]:
+        """TRL's names, each a mean over the step's pairs."""
+        n = self.pairs or math.nan
+        chosen, rejected = self.chosen_sum / n, self.rejected_sum / n
+        return {
+            "loss": self.loss_sum / n,
+            "rewards/chosen": chosen,
+            "rewards/rejected": rejected,
+            "rewards/margins": chosen - rejected,
+            "rewards/accuracies": self.right / n,
+        }
+
+
 def evaluate(model: Any, examples: Sequence[Example], batch_size: int, pad_id: int) -> Tally:
     """The model's loss and token accuracy on ``examples``, without gradients; the model is left
     in the mode it was in."""
@@ -80,16 +116,21 @@ class StepRow:
     train_accuracy: float | None = None
     valid_loss: float | None = None
     valid_mean_token_accuracy: float | None = None
+    pairs: dict[str, float] | None = None  # a dpo step's PAIR_FIGURES
 
 
 def _cell(value: float | None) -> str:
     return "" if value is None or math.isnan(value) else f"{value:.6g}"
 
 
-def write_results(path: Path, rows: Sequence[StepRow]) -> None:
+def write_results(path: Path, rows: Sequence[StepRow], dpo: bool = False) -> None:
+    """OpenAI's columns; a dpo job's are the loss and its pairs' figures."""
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(RESULT_COLUMNS)
+        writer.writerow(DPO_COLUMNS if dpo else RESULT_COLUMNS)
         for r in sorted(rows, key=lambda r: r.step):
-            figures = (r.train_loss, r.train_accuracy, r.valid_loss, r.valid_mean_token_accuracy)
+            valid = (r.valid_loss, r.valid_mean_token_accuracy)
+            figures: tuple[float | None, ...] = (r.train_loss, r.train_accuracy, *valid)
+            if dpo:
+                figures = (r.train_loss, *((r.pairs or {}).get(k) for k in PAIR_FIGURES))
             writer.writerow([r.step, *map(_cell, figures)])

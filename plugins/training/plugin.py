@@ -207,10 +207,19 @@ class TrainingPlugin(Plugin):
                     f"{dataset} is {ORIGINAL_ONLY[record.kind]}, not a dataset to train or "
                     "validate on"
                 )
-            if request.options.stage == "sft" and record.kind == "pt":
+            stage = request.options.stage
+            if stage == "sft" and record.kind == "pt":
                 raise InvalidRequest(
                     f"dataset {dataset} is raw text (pt): an sft job needs conversations; "
                     'use stage "pt" or a chat, Alpaca or ShareGPT dataset'
+                )
+            if (stage == "dpo") != (record.kind == "preference"):
+                raise InvalidRequest(
+                    f"dataset {dataset} holds preference pairs: a {stage} job cannot train on "
+                    'them; use method "dpo"'
+                    if record.kind == "preference"
+                    else f"dataset {dataset} holds {record.kind} rows: a dpo job needs "
+                    "preference pairs (input, preferred_output, non_preferred_output)"
                 )
             mine = record.owner == request.owner
             ours = request.project is not None and record.project == request.project

@@ -42,7 +42,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from atoll.plugins.training.contract import JobOptions, Resolved
-from atoll.plugins.training.figures import StepRow, Tally
+from atoll.plugins.training.figures import PairTally, StepRow, Tally
 
 if TYPE_CHECKING:
     from atoll.plugins.training.data import Example
@@ -119,6 +119,7 @@ class Bookkeeping:
 
     rows: dict[int, StepRow] = field(default_factory=dict)  # the results file's, by step
     step: Tally = field(default_factory=Tally)  # the optimizer step under way
+    pairs: PairTally = field(default_factory=PairTally)  # the same, of a dpo job
     tokens: int = 0  # trained on so far (OpenAI's trained_tokens)
     started: float = field(default_factory=time.time)
     evaluated_at: int = -1  # the step of the last evaluation
@@ -195,10 +196,12 @@ def train(spec: RunSpec, emit: Events) -> None:
 
     from atoll.plugins.basemodels import model_id, resolve_model
     from atoll.plugins.training.auto import resolve
-    from atoll.plugins.training.data import collate
+    from atoll.plugins.training.data import collate, collate_pairs
+    from atoll.plugins.training.dpo import dpo_loss
     from atoll.plugins.training.figures import RESULTS_NAME, evaluate, write_results
 
     o = spec.options
+    dpo = o.stage == "dpo"
     source = model_spec(o.model_name_or_path, spec.models)
     emit("log", f"resolving model {o.model_name_or_path}")
     path = resolve_model(source, spec.model_cache)
@@ -231,7 +234,12 @@ def train(spec: RunSpec, emit: Events) -> None:
 
     class FineTuner(Trainer):
         """Counts each training batch's labelled tokens, hits and loss for the step's figures,
-        and every token it trains on (OpenAI's trained_tokens)."""
+        and every token it trains on (OpenAI's trained_tokens); a dpo job's loss is dpo.py's."""
+
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, **kw)
+            if dpo:  # the loss is a mean over pairs: Trainer scales it for accumulation
+                self.model_accepts_loss_kwargs = False
 
         def compute_loss(
             self,
@@ -240,6 +248,11 @@ def train(spec: RunSpec, emit: Events) -> None:
             return_outputs: bool = False,
             num_items_in_batch: Any = None,
         ) -> Any:
+            if dpo:
+                losses, chosen, rejected = dpo_loss(peft_model, inputs, o.pref_beta)
+                run.pairs.add(losses.detach(), chosen, rejected)
+                run.tokens += int(inputs["attention_mask"].sum())
+                return losses.mean()
             loss, outputs = super().compute_loss(
                 model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
             )
@@ -295,8 +308,12 @@ def train(spec: RunSpec, emit: Events) -> None:
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             row = run.row(state.global_step)
-            row.train_loss, row.train_accuracy = run.step.loss, run.step.accuracy
-            run.step = Tally()
+            if dpo:
+                figures = run.pairs.figures()
+                row.train_loss, row.pairs = figures.pop("loss"), figures
+            else:
+                row.train_loss, row.train_accuracy = run.step.loss, run.step.accuracy
+            run.step, run.pairs = Tally(), PairTally()
             if state.global_step % o.save_steps == 0:
                 control.should_save = True
 
@@ -304,6 +321,9 @@ def train(spec: RunSpec, emit: Events) -> None:
             if not logs or "loss" not in logs:
                 return
             row = run.row(state.global_step)
+            step_figures: dict[str, float | None] = (
+                {**row.pairs} if row.pairs else {"train_mean_token_accuracy": row.train_accuracy}
+            )
             now = time.time()
             per_step = (now - run.started) / max(state.global_step, 1)
             emit(
@@ -313,7 +333,7 @@ def train(spec: RunSpec, emit: Events) -> None:
                 max_steps=state.max_steps,
                 epoch=round(state.epoch or 0.0, 4),
                 loss=row.train_loss,
-                train_mean_token_accuracy=row.train_accuracy,
+                **step_figures,
                 learning_rate=logs.get("learning_rate"),
                 grad_norm=logs.get("grad_norm"),
                 estimated_finish=round(now + per_step * (state.max_steps - state.global_step)),
@@ -368,7 +388,7 @@ def train(spec: RunSpec, emit: Events) -> None:
         model=peft_model,
         args=args,
         train_dataset=examples,  # a list is a map-style dataset
-        data_collator=lambda batch: collate(batch, pad_id),
+        data_collator=lambda batch: (collate_pairs if dpo else collate)(batch, pad_id),
         callbacks=[Progress()],
     )
     if spec.resume is not None:
@@ -383,7 +403,7 @@ def train(spec: RunSpec, emit: Events) -> None:
     metrics |= {"trained_tokens": float(run.tokens), **run.full}
     emit("metrics", f"trained in {metrics.get('train_runtime', 0):.1f}s", **metrics)
     results = spec.output_dir / RESULTS_NAME
-    write_results(results, list(run.rows.values()))
+    write_results(results, list(run.rows.values()), dpo)
     adapter = spec.output_dir / "adapter"
     peft_model.save_pretrained(str(adapter), save_embedding_layers=False)
     name_base(adapter, base_model)

@@ -53,6 +53,7 @@ FINISH_TRIES = 5
 PROGRESS_KEYS = ("step", "max_steps", "epoch", "loss", "learning_rate", "estimated_finish")
 RELAYED = frozenset({"log", "hyperparameters", "metrics"})  # the process's events the queue keeps
 RETRYABLE = (NoResponder, DeadlineExceeded, ConnectionLost)
+STAGE_FORMS: dict[str, AsFormat] = {"sft": "chat", "pt": "text", "dpo": "preference"}
 
 Locator = Callable[[], Awaitable[str]]
 
@@ -241,7 +242,7 @@ class TrainerWorker:
         paths = {}
         for dataset in options.datasets:
             dest = workdir / f"{dataset}.jsonl"
-            as_: AsFormat = "chat" if options.stage == "sft" else "text"
+            as_: AsFormat = STAGE_FORMS[options.stage]
             try:
                 record = await fetch_dataset(self.ctx, storage, dataset, dest, as_=as_)
             except NoResponder:

@@ -537,8 +537,23 @@ async def test_refusals_keep_nothing(tmp_path, make_agent) -> None:
     assert record.dedup.mode == "none" and record.version == 1
     with pytest.raises(IsADirectoryError):
         await fetch_dataset(reader, "store", record.id, tmp_path)
-    with pytest.raises(InvalidRequest, match="as: Input should be 'chat', 'text' or 'original'"):
+    with pytest.raises(InvalidRequest, match="as: Input should be 'chat', 'text', 'preference'"):
         await fetch_dataset(reader, "store", record.id, tmp_path / "x", as_="csv")  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest, match="holds sft rows: they cannot be read as preference"):
+        await fetch_dataset(reader, "store", record.id, tmp_path / "x", as_="preference")
+    pairs = write(tmp_path, "pairs.jsonl", jsonl(preference("Say a colour.", "blue", "red")))
+    stored = await upload_dataset(trainer, "store", pairs, "p", "alice")
+    assert stored.kind == "preference"
+    for as_ in ("chat", "text"):
+        with pytest.raises(InvalidRequest, match=f"they cannot be read as {as_}"):
+            await fetch_dataset(reader, "store", stored.id, tmp_path / "x", as_=as_)
+    await fetch_dataset(reader, "store", stored.id, tmp_path / "p.jsonl", as_="preference")
+    fetched = json.loads((tmp_path / "p.jsonl").read_text())
+    assert fetched == {
+        "messages": [{"role": "user", "content": "Say a colour."}],
+        "chosen": "blue",
+        "rejected": "red",
+    }
 
 
 async def test_a_broken_upload_resumes_where_it_stopped(tmp_path, make_agent, broker) -> None:
@@ -705,3 +720,49 @@ async def test_batch_files_are_never_training_data(tmp_path, make_agent) -> None
         bad = write(tmp_path, "bad.jsonl", jsonl(batch_request("a", method="PUT")))
         await upload_dataset(gateway, "store", bad, "in", "alice", format="batch")
     assert [r.id for r in await list_datasets(gateway, "store")] == [record.id]
+
+
+def preference(prompt: str, preferred: str, rejected: str) -> dict:
+    return {
+        "input": {"messages": [{"role": "user", "content": prompt}]},
+        "preferred_output": [{"role": "assistant", "content": preferred}],
+        "non_preferred_output": [{"role": "assistant", "content": rejected}],
+    }
+
+
+def test_preference_rows_are_their_own_kind_checked_row_by_row() -> None:
+    """OpenAI's DPO rows: detected, canonical as the prompt's turns and the two replies, never
+    read as chat or text; each bad row is named by its line."""
+    good = preference("Say a colour.", "blue", "red")
+    prepared = prepare(jsonl(good, preference("Again.", "blue", "green")).encode(), "p.jsonl")
+    assert (prepared.format, prepared.kind) == ("preference", "preference")
+    assert prepared.rows[0].data == {
+        "messages": [{"role": "user", "content": "Say a colour."}],
+        "chosen": "blue",
+        "rejected": "red",
+    }
+    assert prepared.tokens == 3 + 1 + 1 + 1 + 1 + 1  # the prompts' words and every reply
+    with pytest.raises(DatasetInvalid, match="cannot be read as"):
+        convert_line(prepared.canonical.splitlines()[0], "preference", "chat")
+
+    def reply(role: str, content: object) -> list[dict]:
+        return [{"role": role, "content": content}]
+
+    cases = [
+        ({**good, "preferred_output": None}, "line 2: missing 'preferred_output'"),
+        ({**good, "preferred_output": []}, "must be a list of one assistant message"),
+        ({**good, "non_preferred_output": reply("user", "x")}, "'role' is 'user'; expected"),
+        ({**good, "non_preferred_output": reply("assistant", 3)}, "'content' must be a string"),
+        ({**good, "non_preferred_output": reply("assistant", "blue")}, "are the same"),
+        ({**good, "input": "hi"}, "line 2: 'input' must be an object"),
+        (
+            {**good, "input": chat(("user", "a"), ("assistant", "b"))},
+            "line 2: the last turn must be 'user': the replies answer it",
+        ),
+    ]
+    for row, reason in cases:
+        error = invalid(jsonl(good, row).encode(), "p.jsonl")
+        assert str(error).startswith("p.jsonl: line 2: ") and reason in str(error), row
+    # Detected from the first row, the format holds for the rest: a chat row is refused.
+    error = invalid(jsonl(good, chat(("user", "a"), ("assistant", "b"))).encode(), "p.jsonl")
+    assert "line 2: 'input' must be an object" in str(error)

@@ -3,12 +3,15 @@ and the whole fine-tuning loop."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
+import openai
+from openai.types.fine_tuning import FineTuningJobEvent
 from safetensors.numpy import save_file
 
 from atoll.agent.runtime import AgentRuntime
@@ -160,3 +163,26 @@ def colour_rows(n: int) -> list[dict[str, str]]:
         {"instruction": f"Say the colour number {i}.", "output": f"The colour is blue {i}."}
         for i in range(n)
     ]
+
+
+def metric_figures(events: list[FineTuningJobEvent]) -> list[dict[str, Any]]:
+    """The figures of each metrics event (the SDK types an event's data as object)."""
+    return [e.data for e in events if e.type == "metrics" and isinstance(e.data, dict)]
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+async def until_done(client: openai.AsyncOpenAI, job_id: str) -> tuple[Any, list[Any]]:
+    """Poll the job until it ends (bounded: 120 s); (the final job, what was seen running)."""
+    running = []
+    for _ in range(600):
+        job = await client.fine_tuning.jobs.retrieve(job_id)
+        if job.status == "running":
+            running.append(job)
+        if job.status in ("succeeded", "failed", "cancelled"):
+            return job, running
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"job {job_id} still {job.status} after 120 s")

@@ -10,41 +10,23 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Any
 
 import openai
 import pytest
-from openai.types.fine_tuning import FineTuningJobEvent
 
 from atoll.plugins.training.data import sft_example
-from support.island import Island, colour_rows, training_island
+from support.island import (
+    Island,
+    colour_rows,
+    metric_figures,
+    training_island,
+    until_done,
+    write_rows,
+)
 from support.overlay import eventually
 from support.tiny_models import tiny_tokenizer
 
 ROWS = colour_rows(24)
-
-
-def metric_figures(events: list[FineTuningJobEvent]) -> list[dict[str, Any]]:
-    """The figures of each metrics event (the SDK types an event's data as object)."""
-    return [e.data for e in events if e.type == "metrics" and isinstance(e.data, dict)]
-
-
-def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
-
-
-async def until_done(client: openai.AsyncOpenAI, job_id: str) -> tuple[Any, list[Any]]:
-    """Poll the job until it ends (bounded: 120 s); (the final job, what was seen running)."""
-    running = []
-    for _ in range(600):
-        job = await client.fine_tuning.jobs.retrieve(job_id)
-        if job.status == "running":
-            running.append(job)
-        if job.status in ("succeeded", "failed", "cancelled"):
-            return job, running
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"job {job_id} still {job.status} after 120 s")
 
 
 def tokens_of(rows: list[dict[str, str]], cutoff_len: int) -> int:

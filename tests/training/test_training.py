@@ -58,6 +58,7 @@ from atoll.plugins.training.data import (
     build_examples,
     collate,
     hold_out,
+    preference_example,
     pt_examples,
     sft_example,
 )
@@ -865,6 +866,29 @@ def test_sft_labels_only_the_assistant_replies() -> None:
         assert "France" not in text and "brief" not in text and "And 2" not in text
     short = sft_example(tok, TEMPLATES["chatml"], messages, 8)  # cut before any reply
     assert short is None
+
+
+def test_a_preference_pair_is_labelled_on_its_reply_only() -> None:
+    """Each side of a dpo pair is the whole prompt (earlier answers too) with its reply, and only
+    the reply (with its end of turn) is scored; a pair whose reply is cut off is dropped."""
+    tok = tiny_tokenizer()
+    row = {
+        "messages": [
+            {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": "Paris."},
+            {"role": "user", "content": "And of Peru?"},
+        ],
+        "chosen": "Lima.",
+        "rejected": "Quito.",
+    }
+    pair = preference_example(tok, tok.chat_template, row, 1024)
+    assert pair is not None
+    for side, reply in (("chosen", "Lima."), ("rejected", "Quito.")):
+        ids, labels = pair[f"{side}_input_ids"], pair[f"{side}_labels"]
+        assert "Capital of France?" in tok.decode(ids) and "Paris." in tok.decode(ids)
+        scored = tok.decode([i for i, label in zip(ids, labels, strict=True) if label != IGNORE])
+        assert scored.strip() == f"{reply}<|im_end|>", scored
+    assert preference_example(tok, tok.chat_template, row, 16) is None
 
 
 def test_templates_that_do_not_render_prefixes_are_refused() -> None:

@@ -63,8 +63,9 @@ DATASET_GET = "dataset_get"
 DATASET_ID_PATTERN = r"^ds-[0-9a-f]{12}$"
 MAX_FILENAME_BYTES = 200
 
-Format = Literal["alpaca", "sharegpt", "chat", "text", "csv", "batch", "batch_output"]
-Kind = Literal["sft", "pt", "results", "batch", "batch_output"]
+Format = Literal["alpaca", "sharegpt", "chat", "text", "preference", "csv", "batch", "batch_output"]
+# preference: OpenAI's DPO rows, a prompt with a preferred and a non-preferred reply.
+Kind = Literal["sft", "pt", "preference", "results", "batch", "batch_output"]
 # Kinds kept as uploaded and fetched only so: never training data.
 ORIGINAL_ONLY: dict[Kind, str] = {
     "results": "a training job's results file",
@@ -76,7 +77,9 @@ ORIGINAL_ONLY: dict[Kind, str] = {
 BATCH_URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 MAX_BATCH_LINES = 50_000
 MAX_CUSTOM_ID_CHARS = 512
-AsFormat = Literal["chat", "text", "original"]
+AsFormat = Literal["chat", "text", "preference", "original"]
+# The form each training kind is stored in (and fetched as, unconverted).
+CANONICAL_FORM: dict[Kind, AsFormat] = {"sft": "chat", "pt": "text", "preference": "preference"}
 DedupMode = Literal["none", "exact", "normalised"]
 DatasetIdStr = Annotated[str, StringConstraints(pattern=DATASET_ID_PATTERN)]
 
