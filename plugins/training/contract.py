@@ -332,6 +332,7 @@ class JobRecord(BaseModel):
 class HeartbeatReply(BaseModel):
     cancel: bool = False  # stop the job's process: cancelled, or no longer this trainer's
     reason: str | None = None
+    state: str | None = None  # with cancel: the job's state now (cancelled: keep nothing of it)
 
 
 class FinishReply(BaseModel):

@@ -10,7 +10,8 @@ from its last checkpoint). Once a job ends, whichever way, the queue drops its r
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,6 +22,7 @@ from atoll.agent.discovery import Discovery, Status
 from atoll.agent.errors import AtollError, Forbidden, InvalidRequest
 from atoll.agent.plugins import Plugin, PluginContext, rpc
 from atoll.plugins.basemodels import ModelSpec
+from atoll.plugins.storage.contract.adapters import AdapterNotFound, delete_adapter
 from atoll.plugins.storage.contract.datasets import ORIGINAL_ONLY, describe_dataset
 from atoll.plugins.storage.contract.resume import drop_resume_state
 from atoll.plugins.training.contract import (
@@ -160,13 +162,17 @@ class TrainingPlugin(Plugin):
         if not task.cancelled() and task.exception() is not None:
             self.ctx.log.info("training.publish_failed", error=task.exception())
 
-    def _ended(self, job_id: str) -> None:
-        """A job ended: nothing will resume it, so storage forgets its resume state (aside)."""
+    def _ended(self, job_id: str, checkpoints: Sequence[str] = ()) -> None:
+        """A job ended: nothing will resume it, so storage forgets its resume state (aside), and
+        the ``checkpoints`` of one cancelled."""
 
         async def drop() -> None:
             try:
                 storage = await self._storage_address()
                 await drop_resume_state(self.ctx, storage, job_id, DATASET_CHECK_TIMEOUT)
+                for adapter_id in checkpoints:
+                    with contextlib.suppress(AdapterNotFound):
+                        await delete_adapter(self.ctx, storage, adapter_id, DATASET_CHECK_TIMEOUT)
             except AtollError as exc:  # left behind: logged
                 self.ctx.log.warning("training.resume_state_kept", job=job_id, error=exc)
 
@@ -256,8 +262,8 @@ class TrainingPlugin(Plugin):
         admin = call.caller.has_role(*ADMINS)
         job = queue.cancel(request.id, request.owner, admin)
         self.ctx.log.info("training.cancelled", job=job.id, by=call.caller.name)
-        self._ended(job.id)
-        return job.model_dump(mode="json")
+        self._ended(job.id, queue.forget_checkpoints(job.id))
+        return queue.get(job.id).model_dump(mode="json")
 
     @rpc(EVENTS.name, roles=CLIENTS)
     async def events(self, params: Any, call: CallInfo) -> list[dict[str, Any]]:

@@ -210,6 +210,13 @@ class JobQueue:
         self._save(job)
         return job
 
+    def forget_checkpoints(self, job_id: str) -> list[str]:
+        """A cancelled job keeps no checkpoint: the ids to delete from storage."""
+        job = self.get(job_id)
+        gone, job.checkpoints = [c.adapter_id for c in job.checkpoints], []
+        self._save(job)
+        return gone
+
     # --- trainers -----------------------------------------------------------------------------
 
     def _gpu_trainer_around(self) -> bool:
@@ -263,7 +270,7 @@ class JobQueue:
             why = f"job {job.id} is {job.state}"
             if job.state == "training":
                 why += f" on attempt {job.attempt} by {job.trainer}"
-            return HeartbeatReply(cancel=True, reason=why)
+            return HeartbeatReply(cancel=True, reason=why, state=job.state)
         for event in beat.events:
             if event.get("type") in TRAINER_EVENT_TYPES and _small(event, MAX_EVENT_BYTES):
                 self._event(job, event)

@@ -27,7 +27,12 @@ from typing import Any
 
 from atoll.agent.errors import AtollError, ConnectionLost, DeadlineExceeded, NoResponder
 from atoll.agent.plugins import PluginContext
-from atoll.plugins.storage.contract.adapters import AdapterExists, describe_adapter, upload_adapter
+from atoll.plugins.storage.contract.adapters import (
+    AdapterExists,
+    delete_adapter,
+    describe_adapter,
+    upload_adapter,
+)
 from atoll.plugins.storage.contract.datasets import AsFormat, fetch_dataset, upload_dataset
 from atoll.plugins.training.checkpoints import fetch_resume, store_checkpoint
 from atoll.plugins.training.contract import (
@@ -105,6 +110,7 @@ class Running:
     pending: list[dict[str, Any]] = field(default_factory=list)  # events for the next heartbeat
     progress: dict[str, Any] = field(default_factory=dict)
     stop_reason: str | None = None  # set when the queue takes the job back (cancel, lost)
+    cancelled: bool = False  # the job was cancelled: the checkpoints this attempt stored go
     error: str | None = None  # the process's own account of its failure
     done: dict[str, Any] | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -220,6 +226,8 @@ class TrainerWorker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(run.process.wait(), KILL_GRACE + 2)
             await asyncio.to_thread(shutil.rmtree, workdir, True)
+            if run.cancelled:  # those the queue never heard of too (stored as the cancel came)
+                await self._forget_checkpoints(run)
             del self.running[job.id]
             self.jobs_gauge.set(len(self.running))
             self.wake.set()  # a slot is free
@@ -409,7 +417,13 @@ class TrainerWorker:
             and data.get("type") == "state"
             and data.get("state") in FINAL_STATES
         ):
+            run.cancelled = run.cancelled or data.get("state") == "cancelled"
             self._stop(run, str(data.get("message") or data.get("state")))
+
+    async def _forget_checkpoints(self, run: Running) -> None:
+        for checkpoint in run.checkpoints:
+            with contextlib.suppress(AtollError):  # gone already (the queue deleted it)
+                await delete_adapter(self.ctx, run.storage, checkpoint.adapter_id)
 
     def _stop(self, run: Running, reason: str) -> None:
         if run.stop_reason is None:
@@ -434,6 +448,7 @@ class TrainerWorker:
             self.ctx.log.info("training.heartbeat_failed", job=run.job.id, error=exc)
             return
         if reply.cancel:
+            run.cancelled = run.cancelled or reply.state == "cancelled"
             self._stop(run, reply.reason or "the queue took the job back")
 
     async def _finish(self, run: Running, outcome: dict[str, Any]) -> None:

@@ -569,6 +569,13 @@ async def test_cancel_while_training_kills_the_process(island: Island) -> None:
     await asyncio.sleep(1.0)  # a late finish from the trainer would change nothing
     final = await island.job(job.id)
     assert final.state == "cancelled" and final.adapter_id is None
+    # A cancelled job keeps nothing: no adapter, no checkpoint (not even one stored as the cancel
+    # came), no resume state.
+    assert final.checkpoints == []
+    for _ in range(100):  # bounded: the trainer and the queue delete them aside
+        if not await island.storage.store.list("adapters/"):
+            break
+        await asyncio.sleep(0.1)
     assert await island.storage.store.list("adapters/") == []
 
 
