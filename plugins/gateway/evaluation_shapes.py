@@ -8,13 +8,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from atoll.plugins.gateway.bodies import RequestBody
+from atoll.plugins.gateway.kept_runs import RunRecord
 from atoll.plugins.gateway.openai_requests import ModelName
 
 MAX_MODELS = 8
 MAX_ROWS = 1000  # rows of one evaluation: each runs once per model, twice (answer and score)
 MAX_EXAMPLES = 20
-
-Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 class CreateEvaluation(RequestBody):
@@ -45,16 +44,8 @@ class Example(BaseModel):
     answers: dict[str, str]  # model -> its greedy answer
 
 
-class EvaluationError(BaseModel):
-    message: str
-
-
-class Evaluation(BaseModel):
-    id: str
+class Evaluation(RunRecord):
     object: Literal["evaluation"] = "evaluation"
-    created_at: int
-    finished_at: int | None = None
-    status: Status
     file_id: str
     models: list[str]
     max_tokens: int
@@ -62,7 +53,6 @@ class Evaluation(BaseModel):
     rows_done: int = 0
     results: list[ModelScores] = Field(default_factory=list)
     examples: list[Example] = Field(default_factory=list)
-    error: EvaluationError | None = None
 
 
 class EvaluationList(BaseModel):

@@ -22,7 +22,8 @@ from typer.testing import CliRunner, Result
 from atoll.plugins.gateway.eval_commands import evaluations
 from atoll.plugins.gateway.eval_metrics import contains, exact_match, normalize, rouge_l
 from atoll.plugins.gateway.evaluation_shapes import Evaluation
-from atoll.plugins.gateway.evaluations import STOPPED, Evaluations
+from atoll.plugins.gateway.evaluations import Evaluations
+from atoll.plugins.gateway.kept_runs import STOPPED
 from atoll.plugins.inference.local_backend import FALLBACK_TEMPLATE
 from support.island import Island
 from support.overlay import AgentFactory
@@ -227,7 +228,7 @@ async def test_a_restarted_gateway_keeps_reports_and_fails_the_interrupted(
             rows=1,
         )
         store.records[record.id] = (record, "alice", None)
-        store._save(record.id)
+        store.save(record)
     assert not list(root.glob("*.tmp"))
     again = Evaluations(island.plugin.gateway, root)
     running = again.records["eval-running"][0]
