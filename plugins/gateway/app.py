@@ -21,7 +21,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from atoll.agent.prometheus import exposition
-from atoll.plugins.gateway import adapter_routes, finetune, inference_routes, self_service, webui
+from atoll.plugins.gateway import (
+    adapter_routes,
+    finetune,
+    inference_routes,
+    mixture_routes,
+    self_service,
+    webui,
+)
 from atoll.plugins.gateway import batches as batch_routes
 from atoll.plugins.gateway import contract as c
 from atoll.plugins.gateway import evaluations as evaluation_routes
@@ -32,6 +39,7 @@ from atoll.plugins.gateway.bodies import parse_body, sse
 from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.evaluations import Evaluations
 from atoll.plugins.gateway.lorax_api import lorax_error
+from atoll.plugins.gateway.mixture_routes import MixtureSearches
 from atoll.plugins.gateway.service import Gateway
 from atoll.plugins.gateway.sso import Sso
 from atoll.plugins.inference.contract import MAX_AUDIO_BYTES
@@ -95,6 +103,7 @@ def create_app(
     gw: Gateway,
     evaluations: Evaluations,
     batches: Batches,
+    mixtures: MixtureSearches,
     docs: bool = False,
     sso: Sso | None = None,
 ) -> FastAPI:
@@ -190,6 +199,7 @@ def create_app(
     inference_routes.install_openai(app, gw, User)
     finetune.install(app, gw, User)
     evaluation_routes.install(app, evaluations, User)
+    mixture_routes.install(app, mixtures, User)
     batch_routes.install(app, batches, User)
     adapter_routes.install(app, gw, User)
     inference_routes.install_lorax(app, gw, User)

@@ -25,7 +25,7 @@ Finish = Literal["stop", "length", "tool_calls"]  # how a choice may end, but ab
 B = TypeVar("B", bound=BaseModel)
 
 # What a model listed by /v1/models does (Atoll's field beside OpenAI's).
-ModelKind = Literal["chat", "adapter", "embedding", "transcription"]
+ModelKind = Literal["chat", "adapter", "mixture", "embedding", "transcription"]
 
 MAX_NEW_TOKENS = 32768  # SamplingParams' bound
 

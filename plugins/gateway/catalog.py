@@ -55,12 +55,15 @@ class Catalog:
 
     def models(self, principal: Principal) -> list[ModelCard]:
         """Every model ``principal`` may use, once each: served bases (chat), their visible
-        adapters, embedding and transcription models (a base that also embeds is listed as
-        chat)."""
+        adapters and named mixtures, embedding and transcription models (a base that also
+        embeds is listed as chat)."""
         cards = [ModelCard(m, "chat", self.created, "atoll") for m in sorted(self.base_models())]
         for a in self.accounts.visible_adapters(principal):
             owner = a.project or a.owner or "public"
             cards.append(ModelCard(a.id, "adapter", int(a.created), owner, a.base_model))
+        for m in self.accounts.visible_mixtures(principal):
+            owner = m.project or m.owner
+            cards.append(ModelCard(m.id, "mixture", int(m.created), owner, m.base_model))
         offered: list[tuple[ModelKind, dict[str, list[str]]]] = [
             ("embedding", self.embedding_models()),
             ("transcription", self.transcription_models()),

@@ -15,7 +15,6 @@ from fastapi.responses import Response
 from atoll.agent.errors import AtollError, InvalidRequest
 from atoll.plugins.gateway import file_access
 from atoll.plugins.gateway.accounts.keys import Principal
-from atoll.plugins.gateway.accounts.users import WRITING_ROLES
 from atoll.plugins.gateway.batch_shapes import check_bodies
 from atoll.plugins.gateway.errors import GatewayError, from_platform
 from atoll.plugins.gateway.finetune_shapes import (
@@ -70,30 +69,8 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
                 raise GatewayError(400, exc.message) from None
             raise from_platform(exc) from None
 
-    def role_in(principal: Principal, project: str) -> str | None:
-        if principal.project is not None:
-            return principal.role if project == principal.project else None
-        return next(
-            (m.role for m in gw.accounts.members(project) if m.user == principal.user), None
-        )
-
     def may_write(principal: Principal, project: str | None, owner: str | None = None) -> None:
-        """Create in ``project`` (owner None), or change something ``owner`` made there: viewers
-        read only; members change their own; project owners and administrators anything."""
-        if principal.admin or (project is None and owner in (None, principal.user)):
-            return
-        role = role_in(principal, project) if project is not None else None
-        if role == "owner" or (role in WRITING_ROLES and owner in (None, principal.user)):
-            return
-        what = f"project {project!r}" if project else f"{owner!r}'s files and jobs"
-        needs = "owner" if owner not in (None, principal.user) else "owner or member"
-        raise GatewayError(
-            403,
-            f"{principal.user!r} may not change {what}"
-            + (f" as a {role}" if role else "")
-            + f": that needs the project role {needs} (viewers read only)",
-            code="permission_denied",
-        )
+        file_access.may_write(gw.accounts, principal, project, owner)
 
     def may_see(principal: Principal, owner: str, project: str | None) -> bool:
         return file_access.may_see(gw.accounts, principal, owner, project)

@@ -31,6 +31,7 @@ from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.evaluations import Evaluations
 from atoll.plugins.gateway.http_limits import HttpLimits, guarded_protocol
 from atoll.plugins.gateway.limits import RateLimiter
+from atoll.plugins.gateway.mixture_routes import MixtureSearches
 from atoll.plugins.gateway.router import ModelRouter
 from atoll.plugins.gateway.service import Gateway
 from atoll.plugins.gateway.spending import TEMPLATE_TOKENS, Spending
@@ -147,6 +148,7 @@ class GatewayPlugin(Plugin):
         )
         self.admin = AdminRPC(self.gateway)
         self.evaluations = Evaluations(self.gateway, ctx.data_dir / "evaluations")
+        self.mixtures = MixtureSearches(self.gateway, ctx.data_dir / "mixture_searches")
         self.batches = Batches(self.gateway, ctx.data_dir / "batches", config.batch_concurrency)
         # New adapters (uploaded, or made by a training job) become usable by their owner or
         # project at once.
@@ -162,7 +164,12 @@ class GatewayPlugin(Plugin):
         self.address = sock.getsockname()[:2]
         server_config = uvicorn.Config(
             create_app(
-                self.gateway, self.evaluations, self.batches, docs=config.docs, sso=self.sso
+                self.gateway,
+                self.evaluations,
+                self.batches,
+                self.mixtures,
+                docs=config.docs,
+                sso=self.sso,
             ),
             log_level="warning",
             lifespan="off",
@@ -307,6 +314,7 @@ class GatewayPlugin(Plugin):
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(self._serving, 10)
         await self.evaluations.close()
+        await self.mixtures.close()
         await self.batches.close()
         await self.watch.stop()
         self.accounts.close()

@@ -10,7 +10,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from atoll.agent.metrics import MetricsRegistry
@@ -111,9 +111,10 @@ class Gateway:
         model: str,
         mixture: Mixture | None = None,
     ) -> Target:
-        """``model`` is a base id, an adapter id, or ``base:adapter``; a mixture names its base
-        in ``model``. Each adapter must be one the caller may use (403/404 otherwise), and the
-        policy labels of its project follow the request to the nodes that may serve it."""
+        """``model`` is a base id, an adapter id, ``base:adapter`` or a named mixture; a mixture
+        names its base in ``model``. Each adapter must be one the caller may use (403/404
+        otherwise), and the policy labels of its project follow the request to the nodes that
+        may serve it."""
         if mixture is not None:
             parts = [self.accounts.check_use(principal, a.id) for a in mixture.adapters]
             for access in parts:
@@ -139,6 +140,9 @@ class Gateway:
             return Target(model=model, base=access.base_model, adapter=access.id, labels=labels)
         if model in self.catalog.base_models():
             return Target(model=model, base=model, labels=policy_labels(principal))
+        saved = self.accounts.visible_mixture(principal, model)
+        if saved is not None:  # its adapters checked as any mixture's, for this caller
+            return replace(self.resolve(principal, saved.base_model, saved.mixture), model=model)
         raise GatewayError(
             404,
             f"the model {model!r} does not exist or you do not have access to it",

@@ -1,7 +1,8 @@
 """The gateway's accounts, in a SQLite file or a PostgreSQL database that gateways share
 (database.py, postgres.py): users, projects and roles (users.py), API keys
 (keys.py), which user an identity provider's account is and what a single sign-on changes
-(identities.py), who may see and use which adapter (adapters.py), the usage ledger, one row per
+(identities.py), who may see and use which adapter (adapters.py) and which named mixture of
+adapters (mixtures.py), the usage ledger, one row per
 request (ledger.py), budgets with their reservations, settled by the ledger's own
 transaction (budgets.py), and the audit log, one row per admin action written in the same
 transaction as the change it records and hash-chained (audit.py, audit_chain.py), and each
@@ -23,12 +24,21 @@ from atoll.plugins.gateway.accounts.budgets import Budgets
 from atoll.plugins.gateway.accounts.identities import Identities
 from atoll.plugins.gateway.accounts.keys import Keys
 from atoll.plugins.gateway.accounts.ledger import UsageTable
+from atoll.plugins.gateway.accounts.mixtures import MixtureRegistry
 from atoll.plugins.gateway.accounts.retention import Retention
 from atoll.plugins.gateway.accounts.users import UsersAndProjects
 
 
 class Accounts(
-    UsersAndProjects, Identities, Keys, AdapterRegistry, UsageTable, Budgets, AuditLog, Retention
+    UsersAndProjects,
+    Identities,
+    Keys,
+    AdapterRegistry,
+    MixtureRegistry,
+    UsageTable,
+    Budgets,
+    AuditLog,
+    Retention,
 ):
     """The store, as callers see it: one object over one connection, lock and clock (``Store``),
     each concern's methods from its own module. ``Accounts(path_or_postgresql_url, secret,

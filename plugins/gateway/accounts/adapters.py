@@ -123,6 +123,8 @@ class AdapterRegistry(Store):
             _check_holder(db, owner, project, public)
             if db.execute("SELECT 1 FROM adapters WHERE id = ?", (id,)).fetchone():
                 raise exists("adapter", id)
+            if db.execute("SELECT 1 FROM mixtures WHERE id = ?", (id,)).fetchone():
+                raise exists("model", id)  # a named mixture's: one name is one model
             db.execute(
                 "INSERT INTO adapters VALUES (?, ?, ?, ?, ?, ?)",
                 (id, base_model, owner, project, bool(public), now),

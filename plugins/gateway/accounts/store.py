@@ -85,6 +85,14 @@ MIGRATIONS = [
         created REAL NOT NULL, last_login REAL NOT NULL, PRIMARY KEY (issuer, subject));
     CREATE UNIQUE INDEX identities_user ON identities (issuer, user);
     """,
+    # 5: named mixtures of adapters, called like a model (mixtures.py); ``spec`` is the mixture
+    # (contract.Mixture) as JSON, ``search`` the mixture search that found it, if one did
+    """
+    CREATE TABLE mixtures (
+        id TEXT PRIMARY KEY, base_model TEXT NOT NULL, owner TEXT NOT NULL REFERENCES users(name),
+        project TEXT REFERENCES projects(name), spec TEXT NOT NULL, search TEXT,
+        created REAL NOT NULL);
+    """,
 ]
 AUDIT_CHAINED = 3  # the schema version whose step chains the audit log
 SCHEMA_VERSION = 1 + len(MIGRATIONS)

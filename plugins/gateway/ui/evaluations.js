@@ -29,7 +29,7 @@ export class Evaluations extends PollingTab {
       ]);
       $("eval-dataset").replaceChildren(...datasetOptions(files));
       const boxes = models.data
-        .filter((m) => m.kind === "chat" || m.kind === "adapter")
+        .filter((m) => m.kind !== "embedding" && m.kind !== "transcription")
         .map((m) => {
           const label = document.createElement("label");
           label.className = "check";
