@@ -23,7 +23,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from atoll.plugins.gateway.accounts.keys import Principal
-from atoll.plugins.gateway.accounts.mixtures import SavedMixture
+from atoll.plugins.gateway.accounts.mixtures import SavedMixture, check_mixture_name
 from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.eval_metrics import RowScore
 from atoll.plugins.gateway.eval_rows import Row, held_out_rows, score, summarize
@@ -97,6 +97,7 @@ class MixtureSearches(KeptRuns[MixtureSearch]):
         self.gw.accounts.delete_mixture(mixture_id, actor=principal.user)
 
     def _check_name(self, principal: Principal, name: str) -> None:
+        check_mixture_name(name)
         may_write(self.gw.accounts, principal, principal.project)
         if self.gw.accounts.adapter(name) or self.gw.accounts.visible_mixture(principal, name):
             raise GatewayError(409, f"a model named {name!r} exists already", param="name")

@@ -42,6 +42,12 @@ class SavedMixture:
     created: float
 
 
+def check_mixture_name(name: str) -> None:
+    problem = adapter_id_problem(name)  # one id space with adapters: the same rule
+    if problem:
+        raise GatewayError(400, problem.replace("adapter", "mixture"), param="name")
+
+
 def _saved(row: Row) -> SavedMixture:
     mixture_id, base, owner, project, spec, search, created = tuple(row)[:7]
     return SavedMixture(
@@ -65,9 +71,7 @@ class MixtureRegistry(Store):
         *,
         actor: str,
     ) -> SavedMixture:
-        problem = adapter_id_problem(id)  # one id space with adapters: the same rule
-        if problem:
-            raise GatewayError(400, problem.replace("adapter", "mixture"), param="name")
+        check_mixture_name(id)
         check_actor(actor)
         now = self._clock()
         spec = mixture.model_dump_json()
