@@ -20,6 +20,7 @@ from atoll.plugins.gateway.accounts.ledger import Ledger
 from atoll.plugins.gateway.contract import Limits
 from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.limits import RateLimiter
+from atoll.plugins.inference.contract import AdapterWeight, Mixture
 
 SECRET = b"s" * 32
 T0 = 1_700_000_000.0
@@ -310,6 +311,29 @@ def test_adapter_registry_changes(acc: Accounts) -> None:
     refused(400, acc.register_adapter, "ok/id", "m", actor="root")  # no holder
     refused(404, acc.register_adapter, "ok/id", "m", owner="zed", actor="root")
     refused(404, acc.register_adapter, "ok/id", "m", project="nope", actor="root")
+
+
+def test_named_mixtures_are_seen_as_files_are(acc: Accounts) -> None:
+    tenant(acc)
+    mix = Mixture(adapters=[AdapterWeight(id="p1/x", weight=0.5)], merge_strategy="ties")
+    saved = acc.save_mixture("p1/mix", "SmolLM2-135M-Instruct", mix, "alice", "p1", actor="alice")
+    acc.save_mixture("alice/mine", "SmolLM2-135M-Instruct", mix, "alice", None, actor="alice")
+    assert acc.visible_mixture(principal(acc, "alice"), "p1/mix") == saved
+    assert acc.visible_mixture(principal(acc, "bob"), "p1/mix") == saved  # a p1 viewer sees it
+    assert acc.visible_mixture(principal(acc, "bob"), "alice/mine") is None
+    assert acc.visible_mixture(principal(acc, "carol"), "p1/mix") is None
+    assert acc.visible_mixture(principal(acc, "alice", "p1"), "alice/mine") is None  # scoped
+    assert [m.id for m in acc.visible_mixtures(principal(acc, "dave"))] == ["alice/mine", "p1/mix"]
+    assert saved.mixture == mix and saved.created == T0
+    refused(409, acc.save_mixture, "p1/mix", "m", mix, "alice", None, actor="alice")
+    refused(409, acc.save_mixture, "p2/y", "m", mix, "carol", None, actor="carol")  # an adapter's
+    refused(409, acc.register_adapter, "p1/mix", "m", public=True, actor="root")  # a mixture's
+    refused(400, acc.save_mixture, "a/../b", "m", mix, "alice", None, actor="alice")
+    acc.delete_mixture("p1/mix", actor="alice")
+    assert acc.visible_mixture(principal(acc, "dave"), "p1/mix") is None
+    refused(404, acc.delete_mixture, "p1/mix", actor="alice")
+    actions = [e.action for e in acc.audit_log()]
+    assert actions.count("mixture.save") == 2 and "mixture.delete" in actions
 
 
 def test_policy_labels_follow_the_adapters_project(acc: Accounts) -> None:
