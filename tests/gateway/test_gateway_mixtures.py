@@ -80,32 +80,36 @@ async def finished(client: httpx.AsyncClient, path: str) -> dict[str, Any]:
     raise AssertionError(f"{path} still running: {report}")
 
 
-async def test_a_search_finds_the_references_adapter_and_saves_a_callable_mixture(
+async def test_a_searched_mixture_beats_each_adapter_and_is_called_like_a_model(
     island: Island, tmp_path: Path
 ) -> None:
     alice = island.key("alice")
     async with openai.AsyncOpenAI(base_url=f"{island.url}/v1", api_key=alice, max_retries=0) as sdk:
         references = []
-        for q in QUESTIONS:  # what adapter A says: the labelled set teaches A's answers
+        # The constructed task: half the rows answered as adapter A answers, half as B does, so
+        # neither alone knows the whole set.
+        for q, teacher in zip(QUESTIONS, (A, A, B, B), strict=True):
             reply = await sdk.chat.completions.create(
-                model=A, messages=[{"role": "user", "content": q}], max_tokens=8, temperature=0
-            )
+                model=teacher, messages=[{"role": "user", "content": q}], max_tokens=8,
+                temperature=0,
+            )  # fmt: skip
             references.append(reply.choices[0].message.content or "")
     file_id = await upload_rows(island, alice, tmp_path / "labelled.jsonl", references)
     async with http(island, alice) as client:
-        body = {"model": MODEL, "adapters": [A, B], "file_id": file_id, "trials": 10}
+        body = {"model": MODEL, "adapters": [A, B], "file_id": file_id, "trials": 12}
         created = await client.post("/v1/mixture_searches", json=body | {"name": "alice/mix"})
         assert created.status_code == 200, created.text
         report = await finished(client, f"/v1/mixture_searches/{created.json()['id']}")
         assert report["status"] == "succeeded", report
         trials = report["trials"]
-        assert 3 <= len(trials) <= 10 and report["rows"] == len(QUESTIONS)
+        assert 3 <= len(trials) <= 12 and report["rows"] == len(QUESTIONS)
         scores = [t["score"] for t in trials]
         curve = [t["best_score"] for t in trials]
         assert curve == [max(scores[: i + 1]) for i in range(len(scores))]  # the running best
         best = report["best"]
         assert best["score"] == max(scores) and best["figures"]["reference_tokens"] > 0
-        assert best["weights"][A] > best["weights"][B]  # the references are A's answers
+        alone = [t["score"] for t in trials if sorted(t["weights"].values()) == [0.0, 1.0]]
+        assert len(alone) == 2 and best["score"] > max(alone)  # the search improved on them
         assert all(0 <= w <= HIGH for t in trials for w in t["weights"].values())
         assert report["mixture"] == "alice/mix"
         saved = (await client.get("/v1/mixtures/alice/mix")).json()
@@ -116,14 +120,18 @@ async def test_a_search_finds_the_references_adapter_and_saves_a_callable_mixtur
         listed = (await client.get("/v1/models")).json()["data"]
         card = next(m for m in listed if m["id"] == "alice/mix")
         assert (card["kind"], card["parent"]) == ("mixture", MODEL)
-        # Called like a model: chat, and an evaluation that scores it as the search did.
+        # Called like a model: chat, and an evaluation that scores it as the search did, and
+        # better than each adapter on its own.
+        models = ["alice/mix", A, B]
         evaluation = await client.post(
-            "/v1/evaluations", json={"file_id": file_id, "models": ["alice/mix"], "max_tokens": 4}
+            "/v1/evaluations", json={"file_id": file_id, "models": models, "max_tokens": 4}
         )
         assert evaluation.status_code == 200, evaluation.text
         scored = await finished(client, f"/v1/evaluations/{evaluation.json()['id']}")
         assert scored["status"] == "succeeded", scored
-        assert scored["results"][0]["mean_logprob"] == pytest.approx(best["score"], abs=1e-4)
+        figures = {r["model"]: r["mean_logprob"] for r in scored["results"]}
+        assert figures["alice/mix"] == pytest.approx(best["score"], abs=1e-4)
+        assert figures["alice/mix"] > max(figures[A], figures[B]), figures
     async with openai.AsyncOpenAI(base_url=f"{island.url}/v1", api_key=alice, max_retries=0) as sdk:
         reply = await sdk.chat.completions.create(
             model="alice/mix", messages=[{"role": "user", "content": "hi"}], max_tokens=4
