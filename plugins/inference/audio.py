@@ -1,13 +1,16 @@
-"""Audio for the local transcription model: WAV files decoded to 16 kHz mono float samples, cut
+"""Audio for the local transcription model: files decoded to 16 kHz mono float samples, cut
 into Whisper's 30 s windows, and a transcription's segments written as OpenAI's reply formats.
 
-Only WAV (16-bit PCM, any rate and channel count) is decoded: no library installed here reads
-mp3, flac or ogg, and a file in another container is refused with a clear InvalidRequest.
+Decoding is FFmpeg's, through PyAV (its wheels carry FFmpeg): the formats OpenAI's API accepts —
+WAV, MP3, FLAC, Ogg (Opus, Vorbis), MP4/M4A (AAC) and WebM/Matroska. The container is picked
+from the file's first bytes and only that demuxer is run, so FFmpeg's other parsers never see a
+caller's bytes; anything else is refused with a clear InvalidRequest, as is audio longer than
+``MAX_SECONDS`` once decoded (a small compressed file can hold hours of silence).
 """
 
 from __future__ import annotations
 
-import struct
+import io
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -19,81 +22,64 @@ from atoll.agent.errors import InvalidRequest
 RATE = 16_000  # what Whisper's feature extractor takes
 WINDOW_S = 30  # Whisper hears 30 s at a time
 WINDOW = RATE * WINDOW_S
-_PCM = 1
-_EXTENSIBLE = 0xFFFE
-_PCM_GUID_TAIL = b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
+MAX_SECONDS = 4 * 3600  # decoded: 4 h of 16 kHz float32 is 0.9 GB
+# (first bytes, or None: bytes 4-8 are "ftyp") -> FFmpeg's demuxer, and what to call it.
+CONTAINERS: list[tuple[bytes | None, str, str]] = [
+    (b"RIFF", "wav", "WAV"),
+    (b"ID3", "mp3", "MP3"),
+    (b"\xff\xfb", "mp3", "MP3"),
+    (b"\xff\xf3", "mp3", "MP3"),
+    (b"\xff\xf2", "mp3", "MP3"),
+    (b"fLaC", "flac", "FLAC"),
+    (b"OggS", "ogg", "Ogg"),
+    (b"\x1aE\xdf\xa3", "matroska", "WebM/Matroska"),
+    (None, "mp4", "MP4/M4A"),
+]
 
 
-def decode_wav(data: bytes) -> np.ndarray:
-    """The samples of a 16-bit PCM WAV file, as float32 in [-1, 1], mono (channels averaged) and
-    resampled to 16 kHz. Anything else is an InvalidRequest saying what it is."""
-    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
-        kind = _container(data)
-        raise InvalidRequest(
-            f"the audio is {kind}, not a WAV file: the local transcription backend decodes "
-            "WAV (16-bit PCM) only"
-        )
-    fmt: tuple[int, int, int, int] | None = None
-    samples: bytes | None = None
-    at = 12
-    while at + 8 <= len(data) and samples is None:
-        chunk, size = data[at : at + 4], struct.unpack_from("<I", data, at + 4)[0]
-        body = data[at + 8 : at + 8 + size]
-        if chunk == b"fmt ":
-            if len(body) < 16:
-                raise InvalidRequest("the WAV file's fmt chunk is truncated")
-            tag, channels, rate, _, _, bits = struct.unpack_from("<HHIIHH", body)
-            if tag == _EXTENSIBLE and len(body) >= 40 and body[26:40] == _PCM_GUID_TAIL:
-                tag = struct.unpack_from("<H", body, 24)[0]
-            fmt = (tag, channels, rate, bits)
-        elif chunk == b"data":
-            samples = body
-        at += 8 + size + (size & 1)  # chunks are padded to an even length
-    if fmt is None or samples is None:
-        raise InvalidRequest("the WAV file has no fmt or no data chunk")
-    tag, channels, rate, bits = fmt
-    if tag != _PCM or bits != 16:
-        raise InvalidRequest(
-            f"the WAV file holds {bits}-bit samples of format {tag}; only 16-bit PCM is decoded"
-        )
-    if not 1 <= channels <= 16 or not 1000 <= rate <= 384_000:
-        raise InvalidRequest(f"the WAV file declares {channels} channels at {rate} Hz")
-    frames = len(samples) // (2 * channels)
-    if frames == 0:
-        raise InvalidRequest("the WAV file holds no samples")
-    pcm = np.frombuffer(samples, dtype="<i2", count=frames * channels).reshape(frames, channels)
-    mono = pcm.astype(np.float32).mean(axis=1) / 32768.0
-    return resample(mono, rate)
+def decode_audio(data: bytes) -> np.ndarray:
+    """The samples of an audio file, as float32 in [-1, 1], mono (channels mixed) at 16 kHz.
+    What cannot be decoded is an InvalidRequest saying why."""
+    import av
+
+    demuxer, kind = _container(data)
+    samples: list[np.ndarray] = []
+    total = 0
+    to_mono = av.AudioResampler(format="flt", layout="mono", rate=RATE)
+    try:
+        with av.open(io.BytesIO(data), mode="r", format=demuxer) as container:
+            if not container.streams.audio:
+                raise InvalidRequest(f"the {kind} file holds no audio stream")
+            stream = container.streams.audio[0]
+            for frame in container.decode(stream):
+                for out in to_mono.resample(frame):
+                    samples.append(out.to_ndarray().reshape(-1))
+                    total += out.samples
+                if total > MAX_SECONDS * RATE:
+                    raise InvalidRequest(
+                        f"the audio is longer than {MAX_SECONDS // 3600} hours: split it"
+                    )
+            for out in to_mono.resample(None):  # what the resampler still holds
+                samples.append(out.to_ndarray().reshape(-1))
+    except av.FFmpegError as exc:
+        raise InvalidRequest(f"the {kind} file could not be decoded: {exc.strerror}") from None
+    if not samples or not sum(len(s) for s in samples):
+        raise InvalidRequest(f"the {kind} file holds no samples")
+    return np.clip(np.concatenate(samples), -1.0, 1.0).astype(np.float32, copy=False)
 
 
-def resample(samples: np.ndarray, rate: int) -> np.ndarray:
-    """``samples`` at ``rate`` Hz as 16 kHz, by linear interpolation (speech sits well below
-    the 8 kHz a 16 kHz signal carries, so no filter is worth its cost here)."""
-    if rate == RATE:
-        return samples
-    n = max(1, round(len(samples) * RATE / rate))
-    at = np.arange(n, dtype=np.float64) * (rate / RATE)
-    return np.interp(at, np.arange(len(samples)), samples).astype(np.float32)
+def _container(data: bytes) -> tuple[str, str]:
+    for magic, demuxer, kind in CONTAINERS:
+        if data.startswith(magic) if magic else data[4:8] == b"ftyp":
+            return demuxer, kind
+    raise InvalidRequest(
+        "the audio is not in a recognised format: send WAV, MP3, FLAC, Ogg, MP4/M4A or WebM"
+    )
 
 
 def windows(samples: np.ndarray) -> list[np.ndarray]:
     """30 s windows, the last one shorter (the feature extractor pads it)."""
     return [samples[i : i + WINDOW] for i in range(0, len(samples), WINDOW)]
-
-
-def _container(data: bytes) -> str:
-    for magic, name in (
-        (b"ID3", "MP3"),
-        (b"\xff\xfb", "MP3"),
-        (b"fLaC", "FLAC"),
-        (b"OggS", "Ogg"),
-        (b"\x1aE\xdf\xa3", "WebM/Matroska"),
-    ):
-        if data.startswith(magic):
-            return name
-    if data[4:8] == b"ftyp":
-        return "MP4/M4A"
-    return "not a recognised audio format"
 
 
 # --- replies ------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from atoll.plugins.inference.audio import (
     RATE,
     WINDOW_S,
     Segment,
-    decode_wav,
+    decode_audio,
     joined,
     subtitles,
     verbose,
@@ -50,7 +50,7 @@ class Transcriber:
             raise InvalidRequest(
                 f"this node transcribes with {self.model_id!r}, not {request.model!r}"
             )
-        samples = await asyncio.to_thread(decode_wav, request.audio)
+        samples = await asyncio.to_thread(decode_audio, request.audio)
         loop = asyncio.get_running_loop()
 
         def heard(text: str) -> None:  # on the worker thread

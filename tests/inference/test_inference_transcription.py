@@ -1,4 +1,5 @@
-"""Transcription on the island: WAV decoding and the reply formats, then the openai SDK against a
+"""Transcription on the island: decoding every format OpenAI's API takes (files encoded by
+FFmpeg here) and the reply formats, then the openai SDK against a
 gateway and a ``local`` node with a tiny random Whisper, sent a WAV larger than the broker's
 8 MiB message limit (the audio crosses the data plane as a stream in chunks)."""
 
@@ -10,6 +11,7 @@ import struct
 import wave
 from pathlib import Path
 
+import av
 import httpx
 import numpy as np
 import openai
@@ -18,7 +20,7 @@ import pytest
 from atoll.agent.errors import Forbidden, InvalidRequest
 from atoll.agent.transfer import open_transfer
 from atoll.plugins.gateway.app import AUDIO_BODY_BYTES
-from atoll.plugins.inference.audio import RATE, Segment, decode_wav, subtitles, windows
+from atoll.plugins.inference.audio import RATE, Segment, decode_audio, subtitles, windows
 from atoll.plugins.inference.contract import (
     MAX_AUDIO_BYTES,
     TRANSCRIBE,
@@ -36,11 +38,14 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+def sweep(seconds: float, rate: int) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return 0.5 * np.sin(2 * np.pi * (200 + 50 * t) * t)
+
+
 def wav(seconds: float, rate: int, channels: int = 1, bits: int = 16) -> bytes:
     """A sine sweep as a PCM WAV file (the stdlib's writer)."""
-    n = int(seconds * rate)
-    t = np.arange(n) / rate
-    tone = 0.5 * np.sin(2 * np.pi * (200 + 50 * t) * t)
+    tone = sweep(seconds, rate)
     pcm = (np.repeat(tone[:, None], channels, axis=1) * 32767).astype("<i2")
     if bits == 8:
         pcm = ((tone + 1) * 127).astype(np.uint8)[:, None]
@@ -56,32 +61,78 @@ def wav(seconds: float, rate: int, channels: int = 1, bits: int = 16) -> bytes:
 # --- decoding and formats -----------------------------------------------------------------------
 
 
+def encoded(container: str, codec: str, seconds: float = 2.0, rate: int = 48_000) -> bytes:
+    """The sweep in stereo, encoded by FFmpeg (PyAV) as ``codec`` in ``container``."""
+    tone = np.ascontiguousarray(np.repeat(sweep(seconds, rate)[None, :], 2, axis=0), np.float32)
+    out = io.BytesIO()
+    with av.open(out, "w", format=container) as muxer:
+        stream = muxer.add_stream(codec, rate=rate, layout="stereo")
+        assert isinstance(stream, av.AudioStream)
+        step = stream.codec_context.frame_size or 1024
+        for at in range(0, tone.shape[1], step):
+            frame = av.AudioFrame.from_ndarray(
+                np.ascontiguousarray(tone[:, at : at + step]), format="fltp", layout="stereo"
+            )
+            frame.sample_rate = rate
+            muxer.mux(stream.encode(frame))
+        muxer.mux(stream.encode(None))
+    return out.getvalue()
+
+
 def test_a_wav_of_any_rate_and_channels_becomes_16khz_mono() -> None:
-    stereo = decode_wav(wav(2.0, 48_000, channels=2))
+    stereo = decode_audio(wav(2.0, 48_000, channels=2))
     assert stereo.dtype == np.float32 and len(stereo) == 2 * RATE
-    assert 0.45 < float(np.abs(stereo).max()) <= 0.5
-    same = decode_wav(wav(2.0, RATE))
-    assert np.allclose(stereo[100:-100], same[100:-100], atol=0.02)  # the same sweep, resampled
+    same = decode_audio(wav(2.0, RATE))
+    assert 0.45 < float(np.abs(same).max()) <= 0.5
+    assert np.corrcoef(stereo, same)[0, 1] > 0.99  # the same sweep, resampled and mixed
+    eight_bit = decode_audio(wav(2.0, 8000, bits=8))
+    assert len(eight_bit) == 2 * RATE and np.corrcoef(eight_bit, same)[0, 1] > 0.9
     assert [len(w) for w in windows(np.zeros(RATE * 65, np.float32))] == [RATE * 30] * 2 + [
         RATE * 5
     ]
 
 
 @pytest.mark.parametrize(
-    ("data", "said"),
+    ("container", "codec"),
     [
-        (b"ID3\x04" + bytes(100), "MP3"),
-        (b"fLaC" + bytes(100), "FLAC"),
-        (b"OggS" + bytes(100), "Ogg"),
-        (bytes(12), "not a recognised audio format"),
-        (wav(0.1, 8000, bits=8), "8-bit samples"),
-        (b"RIFF\x04\x00\x00\x00WAVE", "no fmt or no data chunk"),
-        (wav(0.1, 8000)[:44], "holds no samples"),
+        ("mp3", "libmp3lame"),
+        ("flac", "flac"),
+        ("ogg", "libopus"),
+        ("ipod", "aac"),  # an .m4a file
+        ("mp4", "aac"),
+        ("webm", "libopus"),
     ],
 )
-def test_other_audio_is_refused_saying_what_it_is(data: bytes, said: str) -> None:
+def test_every_format_openai_takes_is_decoded(container: str, codec: str) -> None:
+    samples = decode_audio(encoded(container, codec))
+    assert samples.dtype == np.float32
+    assert abs(len(samples) / RATE - 2.0) < 0.1  # a codec's priming samples at most
+    assert 0.25 < float(np.sqrt(np.mean(samples**2))) < 0.6  # the sweep, not silence or noise
+
+
+@pytest.mark.parametrize(
+    ("data", "said"),
+    [
+        (b"ID3\x04" + bytes(100), "MP3 file could not be decoded"),
+        (b"fLaC" + bytes(100), "FLAC file could not be decoded"),
+        (b"OggS" + bytes(100), "Ogg file could not be decoded"),
+        (b"\x00\x00\x00\x1cftypM4A " + bytes(50), "MP4/M4A file could not be decoded"),
+        (bytes(12), "not in a recognised format"),
+        (b"%PDF-1.7" + bytes(100), "not in a recognised format"),
+        (b"RIFF\x04\x00\x00\x00WAVE", "WAV file could not be decoded"),
+        (wav(0.1, 8000)[:44], "holds no samples"),
+        (encoded("mp3", "libmp3lame")[:2000], None),  # cut short: what there is, or refused
+    ],
+)
+def test_other_audio_is_refused_saying_what_it_is(data: bytes, said: str | None) -> None:
+    if said is None:
+        try:
+            assert len(decode_audio(data)) < RATE
+        except InvalidRequest as exc:
+            assert "could not be decoded" in exc.message or "no samples" in exc.message
+        return
     with pytest.raises(InvalidRequest, match=said):
-        decode_wav(data)
+        decode_audio(data)
 
 
 def test_subtitles_number_and_time_each_segment() -> None:
@@ -170,7 +221,7 @@ async def test_bad_audio_and_options_are_4xx_and_the_node_stays_up(island: Islan
     url = f"{island.url}/v1"
     clip = ("clip.wav", wav(1.0, RATE))
     async with openai.AsyncOpenAI(base_url=url, api_key=island.key("alice"), max_retries=0) as c:
-        with pytest.raises(openai.BadRequestError, match="MP3, not a WAV file"):
+        with pytest.raises(openai.BadRequestError, match="MP3 file could not be decoded"):
             await c.audio.transcriptions.create(model=WHISPER, file=("a.mp3", b"ID3" + bytes(99)))
         with pytest.raises(openai.BadRequestError, match="does not know the language 'xx'"):
             await c.audio.transcriptions.create(model=WHISPER, file=clip, language="xx")
@@ -179,8 +230,16 @@ async def test_bad_audio_and_options_are_4xx_and_the_node_stays_up(island: Islan
         with pytest.raises(openai.UnprocessableEntityError):
             await c.audio.transcriptions.create(model=WHISPER, file=("empty.wav", b""))
         body = struct.pack("<4sI4s", b"RIFF", 0, b"WAVE")
-        with pytest.raises(openai.BadRequestError, match="no fmt or no data chunk"):
+        with pytest.raises(openai.BadRequestError, match="WAV file could not be decoded"):
             await c.audio.transcriptions.create(model=WHISPER, file=("odd.wav", body))
+        with pytest.raises(openai.BadRequestError, match="not in a recognised format"):
+            await c.audio.transcriptions.create(model=WHISPER, file=("a.pdf", b"%PDF" + bytes(9)))
+        song = await c.audio.transcriptions.create(
+            model=WHISPER,
+            file=("a.mp3", encoded("mp3", "libmp3lame")),
+            response_format="verbose_json",
+        )
+        assert abs(song.duration - 2.0) < 0.1
         text = await c.audio.transcriptions.create(model=WHISPER, file=clip, response_format="text")
         assert isinstance(text, str) and text.endswith("\n")
 
