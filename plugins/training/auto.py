@@ -12,6 +12,10 @@ and enough optimizer steps to be learned, and a large one is not trained for lon
   packed).
 - Learning rate: ``BASE_LEARNING_RATE`` (2e-4), LoRA's usual rate (the QLoRA paper for models up
   to 13B, Unsloth's recommended start); the batch rule keeps the steps it needs.
+- Packed examples (``packing``): the batch rule counts the packed rows, which are the batches'
+  units; epochs still count the examples.
+- Precision: bf16 where the device has it (a GPU of compute capability 8 or more: the usual LoRA
+  recipes' default), else fp32; bf16 keeps fp32's range, so no loss scaling is needed.
 
 Explicit values are used as given. Pure functions: the runner calls them, tests check them.
 """
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from atoll.plugins.training.contract import BASE_LEARNING_RATE, JobOptions
+from atoll.plugins.training.contract import BASE_LEARNING_RATE, JobOptions, Precision
 
 TARGET_EPOCHS = 3
 MIN_TARGET_EXAMPLES = 100  # examples seen over all epochs, at least ...
@@ -34,6 +38,7 @@ class Settings(NamedTuple):
     batch_size: int  # per device
     n_epochs: float
     learning_rate: float
+    precision: Precision
 
 
 def auto_epochs(examples: int) -> int:
@@ -51,15 +56,22 @@ def auto_batch_size(examples: int) -> int:
     return size
 
 
-def resolve(options: JobOptions, examples: int) -> Settings:
-    """The job's settings for ``examples`` training examples (at least one)."""
+def resolve(
+    options: JobOptions, examples: int, rows: int | None = None, bf16: bool = False
+) -> Settings:
+    """The job's settings for ``examples`` training examples (at least one), packed into
+    ``rows`` rows if they were, on a device that has bf16 or not."""
     o = options
+    precision: Precision = o.precision_type if o.precision_type != "auto" else "fp32"
+    if o.precision_type == "auto" and bf16:
+        precision = "bf16"
     return Settings(
         batch_size=(
-            auto_batch_size(examples)
+            auto_batch_size(rows or examples)
             if o.per_device_train_batch_size == "auto"
             else o.per_device_train_batch_size
         ),
         n_epochs=auto_epochs(examples) if o.num_train_epochs == "auto" else o.num_train_epochs,
         learning_rate=BASE_LEARNING_RATE if o.learning_rate == "auto" else o.learning_rate,
+        precision=precision,
     )

@@ -46,6 +46,7 @@ from pydantic import (
     PlainValidator,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -167,8 +168,12 @@ class JobOptions(BaseModel):
     num_train_epochs: Annotated[float | Auto, _auto_or(Annotated[float, Field(gt=0, le=1000)])] = (
         "auto"
     )
-    precision_type: Precision = "fp32"
+    # auto: bf16 on a GPU that has it (the runner asks torch), else fp32.
+    precision_type: Precision | Auto = "auto"
     cutoff_len: int = Field(256, ge=8, le=32768)
+    # sft and pt: examples laid end to end in rows of cutoff_len tokens, none seeing another
+    # (data.pack): fewer, fuller rows for the same examples.
+    packing: bool = False
     seed: int = Field(42, ge=0, lt=2**32)
     suffix: str | None = Field(None, pattern=SUFFIX)
     # Evaluation: a dataset of its own (OpenAI's validation_file), or a share of the training
@@ -189,6 +194,13 @@ class JobOptions(BaseModel):
         if len(set(value)) != len(value):
             raise ValueError("each module is named once")
         return [_check_module(name) for name in value]
+
+    @field_validator("packing")
+    @classmethod
+    def _packs(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("stage") == "dpo":
+            raise ValueError("a dpo job's pairs are not packed: packing is for sft and pt")
+        return value
 
     @field_validator("dataset")
     @classmethod
@@ -236,6 +248,8 @@ class Resolved(BaseModel):
     examples: int = Field(ge=1)  # training examples
     validation_examples: int = Field(ge=0)
     total_steps: int = Field(ge=0)  # optimizer steps
+    precision_type: Precision = "fp32"
+    packed_rows: int | None = Field(None, ge=1)  # rows the examples were packed into
 
 
 # --- requests -------------------------------------------------------------------------------

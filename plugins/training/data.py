@@ -5,6 +5,7 @@ reply, labelled on that reply. Runs in the job's process (it needs a tokenizer).
 
 from __future__ import annotations
 
+import bisect
 import json
 import random
 from collections.abc import Iterator, Sequence
@@ -15,7 +16,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 IGNORE = -100  # label of a token the loss skips
-Example = dict[str, list[int]]  # input_ids, labels (dpo: chosen_ and rejected_ of each)
+# input_ids, labels (dpo: chosen_ and rejected_ of each; packed: and position_ids)
+Example = dict[str, list[int]]
 
 TEMPLATES = {
     "chatml": (
@@ -223,19 +225,58 @@ def collate_pairs(batch: list[Example], pad_id: int) -> dict[str, Any]:
     return collate(sides, pad_id)
 
 
+def pack(examples: list[Example], width: int) -> list[Example]:
+    """sft and pt examples laid end to end in rows of at most ``width`` tokens (best fit,
+    longest first), each with its own ``position_ids`` from 0: transformers then masks attention
+    by them (its packed-sequence mask: a token sees only earlier tokens of its own example, as
+    FlashAttention's variable-length kernels do). An example's first token is never a label, so
+    none learns to continue the one before it."""
+    rows: list[Example] = []
+    rooms: list[tuple[int, int]] = []  # (room left, row), sorted
+    for e in sorted(examples, key=lambda e: -len(e["input_ids"])):
+        n = len(e["input_ids"])
+        at = bisect.bisect_left(rooms, (n, -1))
+        if at == len(rooms):
+            rows.append({"input_ids": [], "labels": [], "position_ids": []})
+            room, row = width, len(rows) - 1
+        else:
+            room, row = rooms.pop(at)
+        packed = rows[row]
+        packed["input_ids"] += e["input_ids"]
+        packed["labels"] += [IGNORE, *e["labels"][1:]]
+        packed["position_ids"] += range(n)
+        if room - n > 0:
+            bisect.insort(rooms, (room - n, row))
+    return rows
+
+
 def collate(batch: list[Example], pad_id: int) -> dict[str, Any]:
-    """Right-padded tensors: padding is masked from attention and from the loss."""
+    """Right-padded tensors: padding is masked from the loss, and from attention by the mask
+    or, for packed rows, by positions of its own (0, 1, ...: a sequence of its own). ``tokens``
+    counts the real ones (the trainer pops it before the model sees the batch)."""
     import torch
 
     width = max(len(e["input_ids"]) for e in batch)
-    ids, labels, mask = [], [], []
+    packed = "position_ids" in batch[0]
+    ids, labels, mask, positions = [], [], [], []
     for e in batch:
         pad = width - len(e["input_ids"])
         ids.append(e["input_ids"] + [pad_id] * pad)
         labels.append(e["labels"] + [IGNORE] * pad)
-        mask.append([1] * len(e["input_ids"]) + [0] * pad)
-    return {
+        if packed:
+            positions.append(e["position_ids"] + list(range(pad)))
+        else:
+            mask.append([1] * len(e["input_ids"]) + [0] * pad)
+    out: dict[str, Any] = {
         "input_ids": torch.tensor(ids),
         "labels": torch.tensor(labels),
-        "attention_mask": torch.tensor(mask),
+        "tokens": torch.tensor(sum(len(e["input_ids"]) for e in batch)),
     }
+    if packed:
+        out["position_ids"] = torch.tensor(positions)
+        # transformers derives the packed-sequence mask only when no cache is made: with one
+        # (its default, even in training) every token would see the whole row.
+        out["use_cache"] = False
+    else:
+        out["attention_mask"] = torch.tensor(mask)
+    return out

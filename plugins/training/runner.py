@@ -196,7 +196,7 @@ def train(spec: RunSpec, emit: Events) -> None:
 
     from atoll.plugins.basemodels import model_id, resolve_model
     from atoll.plugins.training.auto import resolve
-    from atoll.plugins.training.data import collate, collate_pairs
+    from atoll.plugins.training.data import collate, collate_pairs, pack
     from atoll.plugins.training.dpo import dpo_loss
     from atoll.plugins.training.figures import RESULTS_NAME, evaluate, write_results
 
@@ -210,10 +210,14 @@ def train(spec: RunSpec, emit: Events) -> None:
     base_model = o.model_name_or_path if mapped else model_id(source)
     tokenizer = AutoTokenizer.from_pretrained(path)
     examples, validation = _examples(spec, tokenizer, emit)
-    settings = resolve(o, len(examples))
+    rows = pack(examples, o.cutoff_len) if o.packing else examples
+    if o.packing:
+        emit("log", f"{len(examples)} examples packed into {len(rows)} rows of {o.cutoff_len}")
+    bf16 = spec.device == "cuda" and torch.cuda.is_bf16_supported()
+    settings = resolve(o, len(examples), len(rows) if o.packing else None, bf16)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype[o.precision_type])
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype[settings.precision])
     targets = "all-linear" if o.lora_target == "all" else o.lora_target
     lora = LoraConfig(
         r=o.lora_rank,
@@ -248,17 +252,18 @@ def train(spec: RunSpec, emit: Events) -> None:
             return_outputs: bool = False,
             num_items_in_batch: Any = None,
         ) -> Any:
+            tokens = int(inputs.pop("tokens"))  # collate's count: not the model's input
             if dpo:
                 losses, chosen, rejected = dpo_loss(peft_model, inputs, o.pref_beta)
                 run.pairs.add(losses.detach(), chosen, rejected)
-                run.tokens += int(inputs["attention_mask"].sum())
+                run.tokens += tokens
                 return losses.mean()
             loss, outputs = super().compute_loss(
                 model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
             )
             if model.training:
                 run.step.add(outputs.logits.detach(), inputs["labels"])
-                run.tokens += int(inputs["attention_mask"].sum())
+                run.tokens += tokens
             return (loss, outputs) if return_outputs else loss
 
     def validate(model: Any, state: Any) -> None:
@@ -297,6 +302,8 @@ def train(spec: RunSpec, emit: Events) -> None:
                 examples=len(examples),
                 validation_examples=len(validation),
                 total_steps=state.max_steps,
+                precision_type=settings.precision,
+                packed_rows=len(rows) if o.packing else None,
             )
             emit(
                 "hyperparameters",
@@ -376,8 +383,8 @@ def train(spec: RunSpec, emit: Events) -> None:
         learning_rate=settings.learning_rate,
         num_train_epochs=settings.n_epochs,
         seed=o.seed,
-        bf16=o.precision_type == "bf16",
-        fp16=o.precision_type == "fp16",
+        bf16=settings.precision == "bf16",
+        fp16=settings.precision == "fp16",
         use_cpu=spec.device == "cpu",
         report_to=[],
         disable_tqdm=True,
@@ -387,7 +394,7 @@ def train(spec: RunSpec, emit: Events) -> None:
     trainer = FineTuner(
         model=peft_model,
         args=args,
-        train_dataset=examples,  # a list is a map-style dataset
+        train_dataset=rows,  # a list is a map-style dataset
         data_collator=lambda batch: (collate_pairs if dpo else collate)(batch, pad_id),
         callbacks=[Progress()],
     )

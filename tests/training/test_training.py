@@ -58,6 +58,7 @@ from atoll.plugins.training.data import (
     build_examples,
     collate,
     hold_out,
+    pack,
     preference_example,
     pt_examples,
     sft_example,
@@ -292,6 +293,7 @@ async def test_a_job_reports_its_figures_validation_and_results_file(island: Isl
     assert done.hyperparameters.model_dump() == {
         "batch_size": 4, "n_epochs": 2.0, "learning_rate": 0.01, "lora_rank": 4,
         "lora_alpha": 8.0, "examples": 18, "validation_examples": 6, "total_steps": 10,
+        "precision_type": "fp32", "packed_rows": None,
     }  # fmt: skip
     # Every token of the 18 examples, once an epoch.
     assert done.metrics["trained_tokens"] == 2 * sum(len(e["input_ids"]) for e in trained)
@@ -357,6 +359,50 @@ async def test_auto_is_resolved_from_the_examples(island: Island) -> None:
     assert [e["step"] for e in logged] == [24, 48, 72, 96]
     assert all(e["max_steps"] == 96 for e in logged)
     assert "full_valid_loss" not in done.metrics
+
+
+async def test_a_packed_job_trains_on_fewer_fuller_rows(island: Island) -> None:
+    await island.add_trainer("t1")
+    job = await island.submit(
+        packing=True, cutoff_len=256, num_train_epochs=1, per_device_train_batch_size=1
+    )
+    done = await island.until(job.id, {"completed"})
+    resolved = done.hyperparameters
+    assert resolved is not None and resolved.examples == 24 and resolved.precision_type == "fp32"
+    assert resolved.packed_rows is not None and resolved.packed_rows < 24
+    assert resolved.total_steps == resolved.packed_rows  # batch 1: a row a step
+    assert done.metrics["trained_tokens"] > 0
+
+
+def test_packing_keeps_each_example_to_itself(tiny_base: Path) -> None:
+    """A packed row's losses and logits are those of its examples run one by one: no token
+    attends to another example, none is labelled from the one before it."""
+    from transformers import AutoModelForCausalLM
+
+    tok = tiny_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, attn_implementation="sdpa").eval()
+    examples = [sft_example(tok, tok.chat_template, r["messages"], 64) for r in chat_rows(7)]
+    kept = [e for e in examples if e is not None]
+    width = 2 * max(len(e["input_ids"]) for e in kept) + 3
+    rows = pack(kept, width)
+    assert len(rows) < len(kept) and all(len(r["input_ids"]) <= width for r in rows)
+    assert sum(len(r["input_ids"]) for r in rows) == sum(len(e["input_ids"]) for e in kept)
+    alone = collate(kept, tok.pad_token_id)
+    packed = collate(rows, tok.pad_token_id)
+    assert "attention_mask" not in packed and int(packed["tokens"]) == int(alone["tokens"])
+    with torch.no_grad():
+        one_by_one = model(**{k: v for k, v in alone.items() if k != "tokens"})
+        together = model(**{k: v for k, v in packed.items() if k != "tokens"})
+    assert float(together.loss) == pytest.approx(float(one_by_one.loss), rel=1e-4)
+    # Each example's logits, found in its row by its positions restarting at 0.
+    for r, row in enumerate(rows):
+        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
+        for start, end in zip(starts, [*starts[1:], len(row["input_ids"])], strict=True):
+            ids = row["input_ids"][start:end]
+            e = next(i for i, x in enumerate(kept) if x["input_ids"] == ids)
+            want = one_by_one.logits[e, : end - start]
+            assert torch.allclose(together.logits[r, start:end], want, atol=1e-4)
+            assert row["labels"][start] == IGNORE
 
 
 def test_a_share_is_held_out_by_the_seed() -> None:
@@ -433,6 +479,8 @@ GOOD = {"model_name_or_path": "tiny", "dataset": ["ds-0123456789ab"]}
         ({"learning_rate": "1e-4"}, "learning_rate"),
         ({"num_train_epochs": 0}, "num_train_epochs"),
         ({"precision_type": "int8"}, "precision_type"),
+        ({"packing": "yes"}, "packing"),
+        ({"packing": True, "stage": "dpo"}, "packing"),
         ({"cutoff_len": 4}, "cutoff_len"),
         ({"seed": -1}, "seed"),
         ({"suffix": "my adapter"}, "suffix"),
@@ -453,7 +501,8 @@ def test_each_bad_option_is_refused_by_name(change: dict[str, Any], field: str) 
 def test_options_defaults_and_spellings() -> None:
     options = parse(JobOptions, GOOD | {"lora_target": "q_proj, v_proj"}, "job options")
     assert options.lora_target == ["q_proj", "v_proj"] and options.alpha == 32.0
-    assert options.stage == "sft" and options.cutoff_len == 256 and options.precision_type == "fp32"
+    assert options.stage == "sft" and options.cutoff_len == 256 and options.precision_type == "auto"
+    assert options.packing is False
     assert options.lora_rank == 16 and options.validation_split is None
     auto = (options.per_device_train_batch_size, options.num_train_epochs, options.learning_rate)
     assert auto == ("auto", "auto", "auto")
@@ -474,9 +523,13 @@ def test_auto_follows_the_number_of_examples() -> None:
         steps_per_epoch = -(-n // auto_batch_size(n))
         assert steps_per_epoch * auto_epochs(n) >= 96, n  # 24 examples: 4 epochs of 24
     options = parse(JobOptions, GOOD, "o")
-    assert resolve(options, 24) == (1, 4, BASE_LEARNING_RATE)
-    given = {"per_device_train_batch_size": 8, "num_train_epochs": 1.5, "learning_rate": 1e-3}
-    assert resolve(parse(JobOptions, GOOD | given, "o"), 24) == (8, 1.5, 1e-3)  # as given
+    assert resolve(options, 24) == (1, 4, BASE_LEARNING_RATE, "fp32")
+    assert resolve(options, 24, bf16=True).precision == "bf16"  # a GPU that has it
+    # Packed: batches count the rows (400 examples in 100 rows: 1 a step), epochs the examples.
+    assert resolve(options, 400, rows=100)[:2] == (1, 3)
+    given: dict[str, Any] = {"per_device_train_batch_size": 8, "num_train_epochs": 1.5}
+    given |= {"learning_rate": 1e-3, "precision_type": "fp32"}
+    assert resolve(parse(JobOptions, GOOD | given, "o"), 24, bf16=True) == (8, 1.5, 1e-3, "fp32")
 
 
 async def test_submissions_are_checked(island: Island, make_agent: AgentFactory) -> None:
