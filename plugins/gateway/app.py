@@ -1,7 +1,7 @@
 """The gateway's HTTP API (FastAPI): errors in OpenAI's (or LoRAX's) shape, who is calling, the
 admin API, Prometheus /metrics and the live feed; the inference routes are inference_routes.py's,
-files and fine-tuning finetune.py's, batches batches.py's, the web UI webui.py's, its single
-sign-on sso.py's."""
+files and fine-tuning finetune.py's, batches batches.py's, vector stores vector_stores.py's, the
+web UI webui.py's, its single sign-on sso.py's."""
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations, some of which
 # (User, Admin) are local to create_app.
@@ -21,7 +21,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from atoll.agent.prometheus import exposition
-from atoll.plugins.gateway import adapter_routes, finetune, inference_routes, self_service, webui
+from atoll.plugins.gateway import (
+    adapter_routes,
+    finetune,
+    inference_routes,
+    self_service,
+    vector_stores,
+    webui,
+)
 from atoll.plugins.gateway import batches as batch_routes
 from atoll.plugins.gateway import contract as c
 from atoll.plugins.gateway import evaluations as evaluation_routes
@@ -191,6 +198,7 @@ def create_app(
     finetune.install(app, gw, User)
     evaluation_routes.install(app, evaluations, User)
     batch_routes.install(app, batches, User)
+    vector_stores.install(app, vector_stores.VectorStores(gw), User)
     adapter_routes.install(app, gw, User)
     inference_routes.install_lorax(app, gw, User)
 

@@ -37,6 +37,7 @@ from atoll.plugins.gateway.finetune_shapes import (
 from atoll.plugins.gateway.service import Gateway
 from atoll.plugins.storage.contract.datasets import (
     DatasetRecord,
+    Format,
     delete_dataset,
     describe_dataset,
     fetch_dataset,
@@ -51,6 +52,13 @@ from atoll.plugins.training.contract import (
     list_jobs,
     submit_job,
 )
+
+# The purposes an upload may name, and the format storage keeps each as (None: detected).
+UPLOAD_FORMATS: dict[str, Format | None] = {
+    "fine-tune": None,
+    "batch": "batch",
+    "assistants": "document",
+}
 
 
 def install(app: FastAPI, gw: Gateway, user: Any) -> None:
@@ -123,10 +131,10 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
         file: Annotated[UploadFile, File()],
         purpose: Annotated[str, Form()] = "fine-tune",
     ) -> Any:
-        if purpose not in ("fine-tune", "batch"):
+        if purpose not in UPLOAD_FORMATS:
             raise GatewayError(
                 400,
-                f"purpose {purpose!r}: only fine-tune and batch files are kept",
+                f"purpose {purpose!r}: only fine-tune, batch and assistants files are kept",
                 param="purpose",
             )
         may_write(principal, principal.project)
@@ -146,7 +154,7 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
                     Path(filename).stem or "dataset",
                     principal.user,
                     principal.project,
-                    "batch" if purpose == "batch" else None,
+                    UPLOAD_FORMATS[purpose],
                     filename=filename,
                 )
             )

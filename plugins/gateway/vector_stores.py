@@ -1,0 +1,497 @@
+"""OpenAI's Vector Stores API at the gateway: stores, files attached to them, and search, kept by
+the storage plugin's vector index (``storage/contract/vectors.py``); the gateway chunks a file's
+text, has an inference node embed the chunks (vector_ingest.py) and says whose they are.
+
+Who reads what: every attached file, and so each of its chunks, carries labels (owner, project,
+policy): ``private`` its owner only, ``project`` the members of its project, ``tenant`` every
+user. The policy defaults from the attaching key (a project's key: ``project``; else
+``private``); the reserved attribute ``atoll_policy`` sets it. A store is labelled the same way
+(its metadata's ``atoll_policy``). A search embeds the query and passes the caller's scope (user,
+projects, whether the key reaches beyond one project); storage ranks only the chunks that scope
+may read. A store the caller may not read is a 404, as if it were not there; changing or
+deleting a store takes its owner, an owner of its project or an administrator; detaching a file
+its attacher or whoever may change the store.
+
+The embedding model is chosen when a store is created (the first served embedding model, by
+name) and kept: a store's vectors all come from one model.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the routes' annotations.
+import re
+import time
+import uuid
+from typing import Any, Literal, get_args
+
+from fastapi import FastAPI
+
+from atoll.agent.errors import AtollError
+from atoll.plugins.gateway import file_access
+from atoll.plugins.gateway.accounts.keys import Principal
+from atoll.plugins.gateway.accounts.users import WRITING_ROLES
+from atoll.plugins.gateway.errors import GatewayError, from_platform
+from atoll.plugins.gateway.service import Gateway
+from atoll.plugins.gateway.vector_ingest import check_payload, chunk, embed, file_text
+from atoll.plugins.gateway.vector_shapes import (
+    AttachFile,
+    ChunkingObject,
+    ChunkingStrategy,
+    CreateVectorStore,
+    FileCounts,
+    SearchResult,
+    SearchResultsPage,
+    SearchVectorStore,
+    TextContent,
+    UpdateVectorStore,
+    VectorStore,
+    VectorStoreDeleted,
+    VectorStoreFile,
+    VectorStoreFileDeleted,
+    VectorStoreFileList,
+    VectorStoreList,
+    chunking_of,
+)
+from atoll.plugins.storage.contract.datasets import describe_dataset
+from atoll.plugins.storage.contract.vectors import (
+    Chunking,
+    Labels,
+    Policy,
+    ReadScope,
+    VectorFileAdd,
+    VectorFileInfo,
+    VectorIndexClient,
+    VectorSearch,
+    VectorStoreInfo,
+    VectorStoreSpec,
+)
+
+POLICY_KEY = "atoll_policy"  # in a store's metadata or a file's attributes
+STORE_ID = re.compile(r"^vs_[0-9a-f]{24}$")
+FILE_ID = re.compile(r"^ds-[0-9a-f]{12}$")
+DAY_S = 86400
+
+
+def _platform(exc: AtollError, param: str | None = None) -> GatewayError:
+    if type(exc).__name__ in ("VectorStoreNotFound", "VectorFileNotFound", "DatasetNotFound"):
+        return GatewayError(404, exc.message, code="not_found", param=param)
+    return from_platform(exc)
+
+
+def _policy(value: object, principal: Principal, param: str) -> Policy:
+    """The policy asked for (None: the key's default); a 400 for one it cannot have."""
+    if value is None:
+        return "project" if principal.project is not None else "private"
+    if value not in get_args(Policy):
+        raise GatewayError(
+            400, f"{POLICY_KEY} is one of private, project, tenant; not {value!r}", param=param
+        )
+    if value == "project" and principal.project is None:
+        raise GatewayError(400, f"{POLICY_KEY} 'project' needs a key of that project", param=param)
+    return value  # type: ignore[return-value]
+
+
+class VectorStores:
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    def index(self) -> VectorIndexClient:
+        return VectorIndexClient(self.gw.agent, self.gw.storage_address(), self.gw.request_timeout)
+
+    async def _call(self, call: Any, param: str | None = None) -> Any:
+        try:
+            return await call
+        except AtollError as exc:
+            raise _platform(exc, param) from None
+
+    # --- who -------------------------------------------------------------------------------
+
+    def scope(self, principal: Principal) -> ReadScope:
+        if principal.project is not None:
+            projects = [principal.project]
+        else:
+            projects = list(self.gw.accounts.memberships(principal.user))
+        personal = principal.project is None
+        return ReadScope(
+            user=principal.user, projects=projects, personal=personal, admin=principal.admin
+        )
+
+    def labels(self, principal: Principal, policy: Policy) -> Labels:
+        if principal.project is not None and principal.role not in WRITING_ROLES:
+            raise GatewayError(
+                403,
+                f"{principal.user!r} is a {principal.role} of project {principal.project!r}: "
+                "viewers read only",
+                code="permission_denied",
+            )
+        return Labels(owner=principal.user, project=principal.project, policy=policy)
+
+    def may_change(self, principal: Principal, labels: Labels) -> bool:
+        if principal.admin or labels.owner == principal.user:
+            return True
+        if labels.project is None or principal.project not in (None, labels.project):
+            return False
+        return self.gw.accounts.memberships(principal.user).get(labels.project) == "owner"
+
+    async def _store(self, principal: Principal, store_id: str) -> VectorStoreInfo:
+        missing = GatewayError(404, f"no vector store {store_id!r}", code="not_found")
+        if not STORE_ID.match(store_id):
+            raise missing
+        info: VectorStoreInfo = await self._call(self.index().store(store_id))
+        if not self.scope(principal).reads(info.labels):
+            raise missing
+        return info
+
+    # --- stores ----------------------------------------------------------------------------
+
+    async def create(self, principal: Principal, body: CreateVectorStore) -> VectorStore:
+        policy = _policy((body.metadata or {}).get(POLICY_KEY), principal, "metadata")
+        labels = self.labels(principal, policy)
+        served = sorted(self.gw.catalog.embedding_models())
+        if not served:
+            raise GatewayError(503, "no embedding model is served: a vector store needs one")
+        store_id = f"vs_{uuid.uuid4().hex[:24]}"
+        spec = VectorStoreSpec(
+            id=store_id,
+            name=body.name,
+            description=body.description,
+            metadata=body.metadata,
+            expires_after_days=body.expires_after.days if body.expires_after else None,
+            labels=labels,
+            model=served[0],
+        )
+        # The files first: one the caller may not attach leaves no store behind.
+        ready = [
+            await self._prepare(principal, spec, f, None, body.chunking_strategy)
+            for f in body.file_ids
+        ]
+        info = await self._call(self.index().put_store(spec))
+        for add in ready:
+            await self._call(self.index().add_file(add), "file_ids")
+        self.gw.accounts.audit(principal.user, "vector_store.create", store_id, {})
+        return store_object(await self._call(self.index().store(store_id)) if ready else info)
+
+    async def get(self, principal: Principal, store_id: str) -> VectorStore:
+        return store_object(await self._store(principal, store_id))
+
+    async def listing(
+        self, principal: Principal, order: str, after: str | None, limit: int
+    ) -> VectorStoreList:
+        scope = self.scope(principal)
+        infos: list[VectorStoreInfo] = await self._call(self.index().stores())
+        seen = sorted(
+            (store_object(i) for i in infos if scope.reads(i.labels)),
+            key=lambda s: (s.created_at, s.id),
+            reverse=order == "desc",
+        )
+        if after is not None:
+            ids = [s.id for s in seen]
+            seen = seen[ids.index(after) + 1 :] if after in ids else []
+        page = seen[:limit]
+        return VectorStoreList(
+            data=page,
+            first_id=page[0].id if page else None,
+            last_id=page[-1].id if page else None,
+            has_more=len(seen) > limit,
+        )
+
+    async def update(
+        self, principal: Principal, store_id: str, body: UpdateVectorStore
+    ) -> VectorStore:
+        info = await self._changeable(principal, store_id)
+        spec = VectorStoreSpec.model_validate(
+            info.model_dump(include=set(VectorStoreSpec.model_fields))
+        )
+        if body.name is not None:
+            spec.name = body.name
+        if body.metadata is not None:
+            spec.metadata = body.metadata
+        if body.expires_after is not None:
+            spec.expires_after_days = body.expires_after.days
+        updated = await self._call(self.index().put_store(spec))
+        self.gw.accounts.audit(principal.user, "vector_store.update", store_id, {})
+        return store_object(updated)
+
+    async def delete(self, principal: Principal, store_id: str) -> VectorStoreDeleted:
+        await self._changeable(principal, store_id)
+        await self._call(self.index().delete_store(store_id))
+        self.gw.accounts.audit(principal.user, "vector_store.delete", store_id, {})
+        return VectorStoreDeleted(id=store_id)
+
+    async def _changeable(self, principal: Principal, store_id: str) -> VectorStoreInfo:
+        info = await self._store(principal, store_id)
+        if not self.may_change(principal, info.labels):
+            raise GatewayError(
+                403,
+                f"{principal.user!r} may not change vector store {store_id}: that takes its "
+                "owner, an owner of its project or an administrator",
+                code="permission_denied",
+            )
+        return info
+
+    # --- files -----------------------------------------------------------------------------
+
+    async def _prepare(
+        self,
+        principal: Principal,
+        store: VectorStoreSpec,
+        file_id: str,
+        attributes: dict[str, Any] | None,
+        strategy: ChunkingStrategy | None,
+    ) -> VectorFileAdd:
+        """The file's chunks and vectors, labelled for the caller."""
+        missing = GatewayError(404, f"no file {file_id!r}", code="not_found", param="file_id")
+        if not FILE_ID.match(file_id):
+            raise missing
+        record = await self._call(
+            describe_dataset(self.gw.agent, self.gw.storage_address(), file_id), "file_id"
+        )
+        if not file_access.may_see(self.gw.accounts, principal, record.owner, record.project):
+            raise missing
+        labels = self.labels(
+            principal, _policy((attributes or {}).get(POLICY_KEY), principal, "attributes")
+        )
+        sizes = chunking_of(strategy)
+        chunks = chunk(await file_text(self.gw, record), sizes)
+        vectors = await embed(self.gw, principal, store.model, chunks)
+        check_payload(chunks, vectors)
+        return VectorFileAdd(
+            store_id=store.id,
+            file_id=file_id,
+            filename=record.filename,
+            attributes=attributes,
+            labels=labels,
+            chunking=Chunking(**sizes.model_dump()),
+            chunks=chunks,
+            vectors=b"".join(vectors),
+        )
+
+    async def attach(
+        self, principal: Principal, store_id: str, body: AttachFile
+    ) -> VectorStoreFile:
+        info = await self._store(principal, store_id)
+        kept = await self._files(store_id)
+        if body.file_id in kept and not self._may_detach(principal, info, kept[body.file_id]):
+            raise GatewayError(
+                409,
+                f"file {body.file_id} is already in vector store {store_id}, attached by another "
+                "user",
+                code="already_exists",
+                param="file_id",
+            )
+        add = await self._prepare(
+            principal, info, body.file_id, body.attributes, body.chunking_strategy
+        )
+        added = await self._call(self.index().add_file(add), "file_id")
+        self.gw.accounts.audit(
+            principal.user, "vector_store.file_add", store_id, {"file": add.file_id}
+        )
+        return file_object(added)
+
+    async def files(
+        self, principal: Principal, store_id: str, order: str, after: str | None, limit: int
+    ) -> VectorStoreFileList:
+        await self._store(principal, store_id)
+        scope = self.scope(principal)
+        seen = sorted(
+            (
+                file_object(f)
+                for f in (await self._files(store_id)).values()
+                if scope.reads(f.labels)
+            ),
+            key=lambda f: (f.created_at, f.id),
+            reverse=order == "desc",
+        )
+        if after is not None:
+            ids = [f.id for f in seen]
+            seen = seen[ids.index(after) + 1 :] if after in ids else []
+        page = seen[:limit]
+        return VectorStoreFileList(
+            data=page,
+            first_id=page[0].id if page else None,
+            last_id=page[-1].id if page else None,
+            has_more=len(seen) > limit,
+        )
+
+    async def file(self, principal: Principal, store_id: str, file_id: str) -> VectorFileInfo:
+        await self._store(principal, store_id)
+        found = (await self._files(store_id)).get(file_id)
+        if found is None or not self.scope(principal).reads(found.labels):
+            raise GatewayError(
+                404, f"no file {file_id!r} in vector store {store_id}", code="not_found"
+            )
+        return found
+
+    async def detach(
+        self, principal: Principal, store_id: str, file_id: str
+    ) -> VectorStoreFileDeleted:
+        info = await self._store(principal, store_id)
+        found = await self.file(principal, store_id, file_id)
+        if not self._may_detach(principal, info, found):
+            raise GatewayError(
+                403,
+                f"{principal.user!r} may not remove file {file_id} from vector store {store_id}: "
+                "that takes whoever attached it or may change the store",
+                code="permission_denied",
+            )
+        await self._call(self.index().delete_file(store_id, file_id))
+        self.gw.accounts.audit(
+            principal.user, "vector_store.file_delete", store_id, {"file": file_id}
+        )
+        return VectorStoreFileDeleted(id=file_id)
+
+    def _may_detach(self, principal: Principal, info: VectorStoreInfo, f: VectorFileInfo) -> bool:
+        return f.labels.owner == principal.user or self.may_change(principal, info.labels)
+
+    async def _files(self, store_id: str) -> dict[str, VectorFileInfo]:
+        found: list[VectorFileInfo] = await self._call(self.index().files(store_id))
+        return {f.file_id: f for f in found}
+
+    # --- search ----------------------------------------------------------------------------
+
+    async def search(
+        self, principal: Principal, store_id: str, body: SearchVectorStore
+    ) -> SearchResultsPage:
+        info = await self._store(principal, store_id)
+        queries = [body.query] if isinstance(body.query, str) else body.query
+        (vector,) = await embed(self.gw, principal, info.model, [" ".join(queries)])
+        threshold = body.ranking_options.score_threshold if body.ranking_options else None
+        query = VectorSearch(
+            store_id=store_id,
+            vector=list(memoryview(vector).cast("f")),
+            scope=self.scope(principal),
+            max_results=body.max_num_results,
+            filters=body.filters,
+            score_threshold=threshold,
+        )
+        hits = await self._call(self.index().search(query))
+        data = [
+            SearchResult(
+                file_id=h.file_id,
+                filename=h.filename,
+                score=h.score,
+                attributes=h.attributes,
+                content=[TextContent(text=h.text)],
+            )
+            for h in hits
+        ]
+        return SearchResultsPage(search_query=queries, data=data)
+
+
+def store_object(info: VectorStoreInfo) -> VectorStore:
+    expires_at = (
+        int(info.last_active_at) + info.expires_after_days * DAY_S
+        if info.expires_after_days
+        else None
+    )
+    expired = expires_at is not None and expires_at < time.time()
+    return VectorStore(
+        id=info.id,
+        created_at=int(info.created_at),
+        name=info.name,
+        description=info.description,
+        usage_bytes=info.usage_bytes,
+        file_counts=FileCounts(completed=info.files, total=info.files),
+        status="expired" if expired else "completed",
+        expires_after=(
+            {"anchor": "last_active_at", "days": info.expires_after_days}  # type: ignore[arg-type]
+            if info.expires_after_days
+            else None
+        ),
+        expires_at=expires_at,
+        last_active_at=int(info.last_active_at),
+        metadata=info.metadata,
+    )
+
+
+def file_object(f: VectorFileInfo) -> VectorStoreFile:
+    return VectorStoreFile(
+        id=f.file_id,
+        created_at=int(f.created_at),
+        vector_store_id=f.store_id,
+        usage_bytes=f.usage_bytes,
+        attributes=f.attributes,
+        chunking_strategy=ChunkingObject(static=f.chunking.model_dump()),  # type: ignore[arg-type]
+    )
+
+
+Order = Literal["asc", "desc"]
+
+
+def install(app: FastAPI, stores: VectorStores, user: Any) -> None:
+    """The vector store routes; ``user`` is app.py's authenticated-caller dependency."""
+
+    def bounded(limit: int) -> int:
+        if not 1 <= limit <= 100:
+            raise GatewayError(400, "limit must be between 1 and 100", param="limit")
+        return limit
+
+    @app.post("/v1/vector_stores", response_model=VectorStore, tags=["vector_stores"])
+    async def create(principal: user, body: CreateVectorStore) -> Any:
+        return await stores.create(principal, body)
+
+    @app.get("/v1/vector_stores", response_model=VectorStoreList, tags=["vector_stores"])
+    async def listing(
+        principal: user, order: Order = "desc", after: str | None = None, limit: int = 20
+    ) -> Any:
+        return await stores.listing(principal, order, after, bounded(limit))
+
+    @app.get("/v1/vector_stores/{store_id}", response_model=VectorStore, tags=["vector_stores"])
+    async def one(principal: user, store_id: str) -> Any:
+        return await stores.get(principal, store_id)
+
+    @app.post("/v1/vector_stores/{store_id}", response_model=VectorStore, tags=["vector_stores"])
+    async def update(principal: user, store_id: str, body: UpdateVectorStore) -> Any:
+        return await stores.update(principal, store_id, body)
+
+    @app.delete(
+        "/v1/vector_stores/{store_id}", response_model=VectorStoreDeleted, tags=["vector_stores"]
+    )
+    async def delete(principal: user, store_id: str) -> Any:
+        return await stores.delete(principal, store_id)
+
+    @app.post(
+        "/v1/vector_stores/{store_id}/files", response_model=VectorStoreFile, tags=["vector_stores"]
+    )
+    async def attach(principal: user, store_id: str, body: AttachFile) -> Any:
+        return await stores.attach(principal, store_id, body)
+
+    @app.get(
+        "/v1/vector_stores/{store_id}/files",
+        response_model=VectorStoreFileList,
+        tags=["vector_stores"],
+    )
+    async def files(
+        principal: user,
+        store_id: str,
+        order: Order = "desc",
+        after: str | None = None,
+        limit: int = 20,
+        filter: Literal["in_progress", "completed", "failed", "cancelled"] | None = None,
+    ) -> Any:
+        found = await stores.files(principal, store_id, order, after, bounded(limit))
+        if filter not in (None, "completed"):  # every kept file is completed
+            found.data, found.has_more = [], False
+        return found
+
+    @app.get(
+        "/v1/vector_stores/{store_id}/files/{file_id}",
+        response_model=VectorStoreFile,
+        tags=["vector_stores"],
+    )
+    async def file(principal: user, store_id: str, file_id: str) -> Any:
+        return file_object(await stores.file(principal, store_id, file_id))
+
+    @app.delete(
+        "/v1/vector_stores/{store_id}/files/{file_id}",
+        response_model=VectorStoreFileDeleted,
+        tags=["vector_stores"],
+    )
+    async def detach(principal: user, store_id: str, file_id: str) -> Any:
+        return await stores.detach(principal, store_id, file_id)
+
+    @app.post(
+        "/v1/vector_stores/{store_id}/search",
+        response_model=SearchResultsPage,
+        tags=["vector_stores"],
+    )
+    async def search(principal: user, store_id: str, body: SearchVectorStore) -> Any:
+        return await stores.search(principal, store_id, body)
