@@ -1,6 +1,6 @@
 """The gateway's HTTP API (FastAPI): errors in OpenAI's (or LoRAX's) shape, who is calling, the
 admin API, Prometheus /metrics and the live feed; the inference routes are inference_routes.py's,
-files and fine-tuning finetune.py's, batches batches.py's, vector stores vector_stores.py's, the
+files and fine-tuning finetune.py's, batches batches.py's, vector stores vector_routes.py's, the
 web UI webui.py's, its single sign-on sso.py's."""
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations, some of which
@@ -26,7 +26,7 @@ from atoll.plugins.gateway import (
     finetune,
     inference_routes,
     self_service,
-    vector_stores,
+    vector_routes,
     webui,
 )
 from atoll.plugins.gateway import batches as batch_routes
@@ -41,6 +41,7 @@ from atoll.plugins.gateway.evaluations import Evaluations
 from atoll.plugins.gateway.lorax_api import lorax_error
 from atoll.plugins.gateway.service import Gateway
 from atoll.plugins.gateway.sso import Sso
+from atoll.plugins.gateway.vector_stores import VectorStores
 from atoll.plugins.inference.contract import MAX_AUDIO_BYTES
 
 log = logging.getLogger(__name__)
@@ -198,7 +199,7 @@ def create_app(
     finetune.install(app, gw, User)
     evaluation_routes.install(app, evaluations, User)
     batch_routes.install(app, batches, User)
-    vector_stores.install(app, vector_stores.VectorStores(gw), User)
+    vector_routes.install(app, VectorStores(gw), User)
     adapter_routes.install(app, gw, User)
     inference_routes.install_lorax(app, gw, User)
 

@@ -1,19 +1,27 @@
 """OpenAI's Vector Stores API shapes, as the openai SDK's ``vector_stores`` sends and reads them:
 the create, update, attach and search bodies, chunking strategies, the VectorStore,
-VectorStoreFile and search-result objects and their lists. Filters are storage's own models
+VectorStoreFile and search-result objects and their lists, and those objects made from what
+storage keeps. Filters are storage's own models
 (``contract/vectors.py``): storage applies them inside the index search."""
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
 from atoll.plugins.gateway.bodies import RequestBody
-from atoll.plugins.storage.contract.vectors import Attributes, Filter
+from atoll.plugins.storage.contract.vectors import (
+    Attributes,
+    Filter,
+    VectorFileInfo,
+    VectorStoreInfo,
+)
 
 # OpenAI's "auto" strategy: 800-token chunks overlapping by 400.
 AUTO_MAX_TOKENS, AUTO_OVERLAP_TOKENS = 800, 400
+DAY_S = 86400
 Metadata = Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)]
 
 
@@ -175,3 +183,40 @@ class SearchResultsPage(BaseModel):
     data: list[SearchResult]
     has_more: bool = False
     next_page: str | None = None
+
+
+def store_object(info: VectorStoreInfo) -> VectorStore:
+    expires_at = (
+        int(info.last_active_at) + info.expires_after_days * DAY_S
+        if info.expires_after_days
+        else None
+    )
+    expired = expires_at is not None and expires_at < time.time()
+    return VectorStore(
+        id=info.id,
+        created_at=int(info.created_at),
+        name=info.name,
+        description=info.description,
+        usage_bytes=info.usage_bytes,
+        file_counts=FileCounts(completed=info.files, total=info.files),
+        status="expired" if expired else "completed",
+        expires_after=(
+            {"anchor": "last_active_at", "days": info.expires_after_days}  # type: ignore[arg-type]
+            if info.expires_after_days
+            else None
+        ),
+        expires_at=expires_at,
+        last_active_at=int(info.last_active_at),
+        metadata=info.metadata,
+    )
+
+
+def file_object(f: VectorFileInfo) -> VectorStoreFile:
+    return VectorStoreFile(
+        id=f.file_id,
+        created_at=int(f.created_at),
+        vector_store_id=f.store_id,
+        usage_bytes=f.usage_bytes,
+        attributes=f.attributes,
+        chunking_strategy=ChunkingObject(static=f.chunking.model_dump()),  # type: ignore[arg-type]
+    )

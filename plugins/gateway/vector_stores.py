@@ -18,11 +18,8 @@ name) and kept: a store's vectors all come from one model.
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations.
 import re
-import time
 import uuid
-from typing import Any, Literal, get_args
-
-from fastapi import FastAPI
+from typing import Any, get_args
 
 from atoll.agent.errors import AtollError
 from atoll.plugins.gateway import file_access
@@ -33,10 +30,8 @@ from atoll.plugins.gateway.service import Gateway
 from atoll.plugins.gateway.vector_ingest import check_payload, chunk, embed, file_text
 from atoll.plugins.gateway.vector_shapes import (
     AttachFile,
-    ChunkingObject,
     ChunkingStrategy,
     CreateVectorStore,
-    FileCounts,
     SearchResult,
     SearchResultsPage,
     SearchVectorStore,
@@ -49,6 +44,8 @@ from atoll.plugins.gateway.vector_shapes import (
     VectorStoreFileList,
     VectorStoreList,
     chunking_of,
+    file_object,
+    store_object,
 )
 from atoll.plugins.storage.contract.datasets import describe_dataset
 from atoll.plugins.storage.contract.vectors import (
@@ -374,124 +371,3 @@ class VectorStores:
             for h in hits
         ]
         return SearchResultsPage(search_query=queries, data=data)
-
-
-def store_object(info: VectorStoreInfo) -> VectorStore:
-    expires_at = (
-        int(info.last_active_at) + info.expires_after_days * DAY_S
-        if info.expires_after_days
-        else None
-    )
-    expired = expires_at is not None and expires_at < time.time()
-    return VectorStore(
-        id=info.id,
-        created_at=int(info.created_at),
-        name=info.name,
-        description=info.description,
-        usage_bytes=info.usage_bytes,
-        file_counts=FileCounts(completed=info.files, total=info.files),
-        status="expired" if expired else "completed",
-        expires_after=(
-            {"anchor": "last_active_at", "days": info.expires_after_days}  # type: ignore[arg-type]
-            if info.expires_after_days
-            else None
-        ),
-        expires_at=expires_at,
-        last_active_at=int(info.last_active_at),
-        metadata=info.metadata,
-    )
-
-
-def file_object(f: VectorFileInfo) -> VectorStoreFile:
-    return VectorStoreFile(
-        id=f.file_id,
-        created_at=int(f.created_at),
-        vector_store_id=f.store_id,
-        usage_bytes=f.usage_bytes,
-        attributes=f.attributes,
-        chunking_strategy=ChunkingObject(static=f.chunking.model_dump()),  # type: ignore[arg-type]
-    )
-
-
-Order = Literal["asc", "desc"]
-
-
-def install(app: FastAPI, stores: VectorStores, user: Any) -> None:
-    """The vector store routes; ``user`` is app.py's authenticated-caller dependency."""
-
-    def bounded(limit: int) -> int:
-        if not 1 <= limit <= 100:
-            raise GatewayError(400, "limit must be between 1 and 100", param="limit")
-        return limit
-
-    @app.post("/v1/vector_stores", response_model=VectorStore, tags=["vector_stores"])
-    async def create(principal: user, body: CreateVectorStore) -> Any:
-        return await stores.create(principal, body)
-
-    @app.get("/v1/vector_stores", response_model=VectorStoreList, tags=["vector_stores"])
-    async def listing(
-        principal: user, order: Order = "desc", after: str | None = None, limit: int = 20
-    ) -> Any:
-        return await stores.listing(principal, order, after, bounded(limit))
-
-    @app.get("/v1/vector_stores/{store_id}", response_model=VectorStore, tags=["vector_stores"])
-    async def one(principal: user, store_id: str) -> Any:
-        return await stores.get(principal, store_id)
-
-    @app.post("/v1/vector_stores/{store_id}", response_model=VectorStore, tags=["vector_stores"])
-    async def update(principal: user, store_id: str, body: UpdateVectorStore) -> Any:
-        return await stores.update(principal, store_id, body)
-
-    @app.delete(
-        "/v1/vector_stores/{store_id}", response_model=VectorStoreDeleted, tags=["vector_stores"]
-    )
-    async def delete(principal: user, store_id: str) -> Any:
-        return await stores.delete(principal, store_id)
-
-    @app.post(
-        "/v1/vector_stores/{store_id}/files", response_model=VectorStoreFile, tags=["vector_stores"]
-    )
-    async def attach(principal: user, store_id: str, body: AttachFile) -> Any:
-        return await stores.attach(principal, store_id, body)
-
-    @app.get(
-        "/v1/vector_stores/{store_id}/files",
-        response_model=VectorStoreFileList,
-        tags=["vector_stores"],
-    )
-    async def files(
-        principal: user,
-        store_id: str,
-        order: Order = "desc",
-        after: str | None = None,
-        limit: int = 20,
-        filter: Literal["in_progress", "completed", "failed", "cancelled"] | None = None,
-    ) -> Any:
-        found = await stores.files(principal, store_id, order, after, bounded(limit))
-        if filter not in (None, "completed"):  # every kept file is completed
-            found.data, found.has_more = [], False
-        return found
-
-    @app.get(
-        "/v1/vector_stores/{store_id}/files/{file_id}",
-        response_model=VectorStoreFile,
-        tags=["vector_stores"],
-    )
-    async def file(principal: user, store_id: str, file_id: str) -> Any:
-        return file_object(await stores.file(principal, store_id, file_id))
-
-    @app.delete(
-        "/v1/vector_stores/{store_id}/files/{file_id}",
-        response_model=VectorStoreFileDeleted,
-        tags=["vector_stores"],
-    )
-    async def detach(principal: user, store_id: str, file_id: str) -> Any:
-        return await stores.detach(principal, store_id, file_id)
-
-    @app.post(
-        "/v1/vector_stores/{store_id}/search",
-        response_model=SearchResultsPage,
-        tags=["vector_stores"],
-    )
-    async def search(principal: user, store_id: str, body: SearchVectorStore) -> Any:
-        return await stores.search(principal, store_id, body)

@@ -255,7 +255,9 @@ class VectorIndex:
         faiss.normalize_L2(vector)
         selector = faiss.IDSelectorBatch(np.array(ids, dtype=np.int64))
         k = min(query.max_results, len(ids))
-        scores, found = kept.index.search(vector, k, params=faiss.SearchParameters(sel=selector))
+        params = faiss.SearchParameters()
+        params.sel = selector  # FAISS ranks only these ids
+        scores, found = kept.index.search(vector, k, params=params)
         hits = []
         for score, chunk in zip(scores[0], found[0], strict=True):
             if chunk < 0 or (query.score_threshold is not None and score < query.score_threshold):

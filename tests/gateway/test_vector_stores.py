@@ -10,6 +10,7 @@ from typing import Any
 
 import openai
 import pytest
+from openai.types import StaticFileChunkingStrategyObjectParam
 
 from atoll.agent.errors import Forbidden
 from atoll.plugins.gateway import vector_ingest
@@ -18,7 +19,10 @@ from atoll.plugins.storage.plugin import StoragePlugin
 from support.island import Island, start_storage
 from support.overlay import AgentFactory
 
-STATIC = {"type": "static", "static": {"max_chunk_size_tokens": 100, "chunk_overlap_tokens": 0}}
+STATIC: StaticFileChunkingStrategyObjectParam = {
+    "type": "static",
+    "static": {"max_chunk_size_tokens": 100, "chunk_overlap_tokens": 0},
+}
 
 
 def sdk(isl: Island, key: str) -> openai.AsyncOpenAI:
@@ -110,9 +114,10 @@ async def test_each_user_reads_only_what_they_may(island: Island, tmp_path: Path
         red = await upload(client, tmp_path / "red.txt", texts["red"])
         await client.vector_stores.files.create(store.id, file_id=red, chunking_strategy=STATIC)
     ids = {"red": red}
+    tenant_wide: dict[str, str | float | bool] = {"atoll_policy": "tenant"}
     for who, key, name, attributes in (
         ("blue", bob, "blue.txt", None),
-        ("tenant", carol_all, "tenant.txt", {"atoll_policy": "tenant"}),
+        ("tenant", carol_all, "tenant.txt", tenant_wide),
         ("dave", dave, "dave.txt", None),
     ):
         async with sdk(island, key) as client:
