@@ -16,7 +16,9 @@ may read, never fewer because other users' chunks rank higher.
 At rest: ``vectors/<store id>`` holds a 4-byte length, the store's JSON (its spec, files,
 chunks' text) and the serialised index, sealed like every object (sealed_store.py) and written
 whole by the object store (temporary name, then rename): a crash leaves the old store or the
-new one. Every change rewrites the store's object, under the store's lock.
+new one. Every change is made to a copy (a cloned index), written, and only then swapped in, one
+writer per store at a time: a search never sees a change that was not kept. A change rewrites
+the whole store: fine for the thousands to a few hundred thousand chunks a flat index serves.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import asyncio
 import json
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import faiss
 import numpy as np
@@ -58,6 +61,7 @@ from atoll.protocol.session import CallInfo
 from atoll.tenancy.permissions import CLIENTS
 
 PREFIX = "vectors/"
+T = TypeVar("T")
 
 
 def _key(store_id: str) -> str:
@@ -87,7 +91,18 @@ class Kept:
     chunks: dict[int, tuple[str, str]] = field(default_factory=dict)
     index: Any = None  # faiss.IndexIDMap, made when the first vectors come (their size)
     next_id: int = 0
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def copy(self) -> Kept:
+        index = None if self.index is None else faiss.clone_index(self.index)
+        return Kept(
+            self.spec,
+            self.created_at,
+            self.last_active_at,
+            dict(self.files),
+            dict(self.chunks),
+            index,
+            self.next_id,
+        )
 
     def info(self) -> VectorStoreInfo:
         return VectorStoreInfo(
@@ -135,6 +150,7 @@ class VectorIndex:
     def __init__(self, store: ObjectStore) -> None:
         self.objects = store
         self.kept: dict[str, Kept] = {}
+        self.locks: dict[str, asyncio.Lock] = {}  # a store's writers, one at a time
 
     async def load(self) -> None:
         for key in await self.objects.list(PREFIX):
@@ -147,26 +163,33 @@ class VectorIndex:
             raise VectorStoreNotFound(f"no vector store {store_id!r}")
         return kept
 
-    async def _save(self, kept: Kept) -> None:
-        await self.objects.put(_key(kept.spec.id), await asyncio.to_thread(kept.to_bytes))
+    async def _change(self, store_id: str, change: Callable[[Kept], T]) -> T:
+        """``change`` made to a copy of the store, saved, then put in its place: a reader sees
+        the store before or after, and a change that fails (refused, or not saved) is none."""
+        async with self.locks.setdefault(store_id, asyncio.Lock()):
+            new = self._kept(store_id).copy()
+            result = change(new)
+            new.last_active_at = time.time()
+            await self.objects.put(_key(store_id), await asyncio.to_thread(new.to_bytes))
+            self.kept[store_id] = new
+            return result
 
     async def put_store(self, spec: VectorStoreSpec) -> VectorStoreInfo:
         """Create the store, or change what may change of it (its labels and model stay)."""
-        now = time.time()
-        kept = self.kept.get(spec.id)
-        if kept is None:
+        if spec.id not in self.kept:
+            now = time.time()
             kept = Kept(spec, now, now)
-            async with kept.lock:
-                await self._save(kept)
+            await self.objects.put(_key(spec.id), kept.to_bytes())
             self.kept[spec.id] = kept
             return kept.info()
-        async with kept.lock:
+
+        def rename(kept: Kept) -> None:
             kept.spec = spec.model_copy(
                 update={"labels": kept.spec.labels, "model": kept.spec.model}
             )
-            kept.last_active_at = now
-            await self._save(kept)
-        return kept.info()
+
+        await self._change(spec.id, rename)
+        return self.kept[spec.id].info()
 
     def stores(self) -> list[VectorStoreInfo]:
         return [k.info() for k in self.kept.values()]
@@ -175,16 +198,28 @@ class VectorIndex:
         return self._kept(store_id).info()
 
     async def delete_store(self, store_id: str) -> None:
-        kept = self._kept(store_id)
-        async with kept.lock:
+        self._kept(store_id)
+        async with self.locks.setdefault(store_id, asyncio.Lock()):
             del self.kept[store_id]  # first: from here on no search finds it
             await self.objects.delete(_key(store_id))
+        self.locks.pop(store_id, None)
 
     async def add_file(self, add: VectorFileAdd) -> VectorFileInfo:
-        """The file's chunks in the store, replacing any earlier attachment of it, in one save."""
-        kept = self._kept(add.store_id)
+        """The file's chunks in the store, replacing any earlier attachment of it."""
         vectors = matrix(add)
-        async with kept.lock:
+        info = VectorFileInfo(
+            store_id=add.store_id,
+            file_id=add.file_id,
+            filename=add.filename,
+            attributes=add.attributes,
+            labels=add.labels,
+            chunking=add.chunking,
+            chunks=len(add.chunks),
+            usage_bytes=sum(len(t.encode()) for t in add.chunks) + len(add.vectors),
+            created_at=time.time(),
+        )
+
+        def attach(kept: Kept) -> None:
             if kept.index is None:
                 kept.index = faiss.IndexIDMap(faiss.IndexFlatIP(vectors.shape[1]))
             elif kept.index.d != vectors.shape[1]:
@@ -198,34 +233,22 @@ class VectorIndex:
             new = zip(ids.tolist(), add.chunks, strict=True)
             kept.chunks.update((i, (add.file_id, t)) for i, t in new)
             kept.next_id += len(add.chunks)
-            text_bytes = sum(len(t.encode()) for t in add.chunks)
-            info = VectorFileInfo(
-                store_id=add.store_id,
-                file_id=add.file_id,
-                filename=add.filename,
-                attributes=add.attributes,
-                labels=add.labels,
-                chunking=add.chunking,
-                chunks=len(add.chunks),
-                usage_bytes=text_bytes + len(add.vectors),
-                created_at=time.time(),
-            )
             kept.files[add.file_id] = info
-            kept.last_active_at = info.created_at
-            await self._save(kept)
+
+        await self._change(add.store_id, attach)
         return info
 
     def files(self, store_id: str) -> list[VectorFileInfo]:
         return list(self._kept(store_id).files.values())
 
     async def delete_file(self, store_id: str, file_id: str) -> None:
-        kept = self._kept(store_id)
-        async with kept.lock:
+        def detach(kept: Kept) -> None:
             if file_id not in kept.files:
                 raise VectorFileNotFound(f"vector store {store_id} holds no file {file_id!r}")
             self._drop_chunks(kept, file_id)
             del kept.files[file_id]
-            await self._save(kept)
+
+        await self._change(store_id, detach)
 
     @staticmethod
     def _drop_chunks(kept: Kept, file_id: str) -> None:
