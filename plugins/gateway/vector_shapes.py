@@ -22,6 +22,7 @@ from atoll.plugins.storage.contract.vectors import (
 # OpenAI's "auto" strategy: 800-token chunks overlapping by 400.
 AUTO_MAX_TOKENS, AUTO_OVERLAP_TOKENS = 800, 400
 DAY_S = 86400
+Query = Annotated[str, Field(min_length=1, max_length=16_384)]
 Metadata = Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)]
 
 
@@ -89,7 +90,7 @@ class RankingOptions(RequestBody):
 
 
 class SearchVectorStore(RequestBody):
-    query: str | Annotated[list[str], Field(min_length=1, max_length=16)]
+    query: Query | Annotated[list[Query], Field(min_length=1, max_length=16)]
     filters: Filter | None = None
     max_num_results: int = Field(10, ge=1, le=50)
     ranking_options: RankingOptions | None = None

@@ -25,6 +25,7 @@ from atoll.agent.errors import AtollError
 from atoll.plugins.gateway import file_access
 from atoll.plugins.gateway.accounts.keys import Principal
 from atoll.plugins.gateway.accounts.users import WRITING_ROLES
+from atoll.plugins.gateway.bodies import unsupported
 from atoll.plugins.gateway.errors import GatewayError, from_platform
 from atoll.plugins.gateway.service import Gateway
 from atoll.plugins.gateway.vector_ingest import check_payload, chunk, embed, file_text
@@ -348,6 +349,8 @@ class VectorStores:
         self, principal: Principal, store_id: str, body: SearchVectorStore
     ) -> SearchResultsPage:
         info = await self._store(principal, store_id)
+        if body.rewrite_query:
+            raise unsupported("rewrite_query", "the query is searched as written")
         queries = [body.query] if isinstance(body.query, str) else body.query
         (vector,) = await embed(self.gw, principal, info.model, [" ".join(queries)])
         threshold = body.ranking_options.score_threshold if body.ranking_options else None

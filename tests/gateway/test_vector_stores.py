@@ -243,6 +243,10 @@ async def test_every_bad_input_is_a_clear_4xx(
             await files.delete(text, vector_store_id=store)  # not attached
         with pytest.raises(openai.UnprocessableEntityError):
             await client.vector_stores.search(store, query="x", max_num_results=0)
+        with pytest.raises(openai.UnprocessableEntityError):
+            await client.vector_stores.search(store, query="")
+        with pytest.raises(openai.BadRequestError, match="rewrite_query is not supported"):
+            await client.vector_stores.search(store, query="x", rewrite_query=True)
 
 
 async def test_the_index_survives_a_storage_restart_sealed(
