@@ -201,6 +201,14 @@ class VectorStores:
         if body.name is not None:
             spec.name = body.name
         if body.metadata is not None:
+            asked = body.metadata.get(POLICY_KEY, spec.labels.policy)
+            if asked != spec.labels.policy:
+                raise GatewayError(
+                    400,
+                    f"vector store {store_id} is {spec.labels.policy}: its {POLICY_KEY} is set "
+                    "when it is created",
+                    param="metadata",
+                )
             spec.metadata = body.metadata
         if body.expires_after is not None:
             spec.expires_after_days = body.expires_after.days

@@ -239,6 +239,8 @@ async def test_every_bad_input_is_a_clear_4xx(
             await files.create(store, file_id=text, attributes={"atoll_policy": "project"})
         with pytest.raises(openai.BadRequestError, match="atoll_policy"):
             await client.vector_stores.create(metadata={"atoll_policy": "world"})
+        with pytest.raises(openai.BadRequestError, match="set when it is created"):
+            await client.vector_stores.update(store, metadata={"atoll_policy": "tenant"})
         with pytest.raises(openai.NotFoundError):
             await files.delete(text, vector_store_id=store)  # not attached
         with pytest.raises(openai.UnprocessableEntityError):
