@@ -36,6 +36,7 @@ from atoll.plugins.gateway.accounts.keys import Principal
 from atoll.plugins.gateway.admin import AdminRPC, plain, settle
 from atoll.plugins.gateway.batches import Batches
 from atoll.plugins.gateway.bodies import parse_body, sse
+from atoll.plugins.gateway.dataset_features import DatasetFeatures
 from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.evaluations import Evaluations
 from atoll.plugins.gateway.lorax_api import lorax_error
@@ -196,10 +197,12 @@ def create_app(
             return JSONResponse(app.openapi(), headers=SCHEMA_HEADERS)
 
     inference_routes.install_openai(app, gw, User)
-    finetune.install(app, gw, User)
+    stores = VectorStores(gw)
+    features = DatasetFeatures(stores)
+    finetune.install(app, gw, User, features)
     evaluation_routes.install(app, evaluations, User)
     batch_routes.install(app, batches, User)
-    vector_routes.install(app, VectorStores(gw), User)
+    vector_routes.install(app, stores, features, User)
     adapter_routes.install(app, gw, User)
     inference_routes.install_lorax(app, gw, User)
 

@@ -17,6 +17,7 @@ from atoll.plugins.gateway import file_access
 from atoll.plugins.gateway.accounts.keys import Principal
 from atoll.plugins.gateway.accounts.users import WRITING_ROLES
 from atoll.plugins.gateway.batch_shapes import check_bodies
+from atoll.plugins.gateway.dataset_features import DatasetFeatures
 from atoll.plugins.gateway.errors import GatewayError, from_platform
 from atoll.plugins.gateway.finetune_shapes import (
     CheckpointList,
@@ -61,8 +62,9 @@ UPLOAD_FORMATS: dict[str, Format | None] = {
 }
 
 
-def install(app: FastAPI, gw: Gateway, user: Any) -> None:
-    """Add the routes; ``user`` is the authenticated-caller dependency of app.py."""
+def install(app: FastAPI, gw: Gateway, user: Any, features: DatasetFeatures) -> None:
+    """Add the routes; ``user`` is the authenticated-caller dependency of app.py; an uploaded
+    training file's rows are embedded by ``features``, which a deleted file's leave."""
 
     async def platform(call: Any) -> Any:
         try:
@@ -159,6 +161,7 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
                 )
             )
         gw.accounts.audit(principal.user, "file.upload", record.id, {"filename": filename})
+        features.start(principal, record)
         return file_object(record)
 
     @app.get("/v1/files", response_model=FileList)
@@ -186,6 +189,7 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
         record = await dataset(principal, file_id)
         may_write(principal, record.project, record.owner)
         await platform(delete_dataset(gw.agent, gw.storage_address(), file_id))
+        await platform(features.forget(file_id))
         gw.accounts.audit(principal.user, "file.delete", file_id, {})
         return FileDeleted(id=file_id)
 

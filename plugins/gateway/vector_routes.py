@@ -1,4 +1,5 @@
-"""The Vector Stores API's routes (vector_stores.py is the service behind them)."""
+"""The Vector Stores API's routes (vector_stores.py is the service behind them), and Atoll's
+dataset-features routes beside the files (dataset_features.py)."""
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations, and ``user``
 # is install()'s parameter, not a global it could resolve from a string.
@@ -6,6 +7,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI
 
+from atoll.plugins.gateway.dataset_features import DatasetFeatures, FileFeatures, SearchFiles
 from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.vector_shapes import (
     AttachFile,
@@ -26,8 +28,19 @@ from atoll.plugins.gateway.vector_stores import VectorStores
 Order = Literal["asc", "desc"]
 
 
-def install(app: FastAPI, stores: VectorStores, user: Any) -> None:
-    """The vector store routes; ``user`` is app.py's authenticated-caller dependency."""
+def install(app: FastAPI, stores: VectorStores, features: DatasetFeatures, user: Any) -> None:
+    """The vector store and dataset-features routes; ``user`` is app.py's authenticated-caller
+    dependency."""
+
+    @app.post("/v1/files/search", response_model=SearchResultsPage, tags=["files"])
+    async def search_files(principal: user, body: SearchFiles) -> Any:
+        """Rows of the training files the caller may read, nearest the query (Atoll's)."""
+        return await features.search(principal, body)
+
+    @app.get("/v1/files/{file_id}/features", response_model=FileFeatures, tags=["files"])
+    async def file_features(principal: user, file_id: str) -> Any:
+        """A training file's rows embedded, and those near-duplicating an earlier row (Atoll's)."""
+        return await features.features(principal, file_id)
 
     def bounded(limit: int) -> int:
         if not 1 <= limit <= 100:

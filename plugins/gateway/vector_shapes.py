@@ -219,5 +219,9 @@ def file_object(f: VectorFileInfo) -> VectorStoreFile:
         vector_store_id=f.store_id,
         usage_bytes=f.usage_bytes,
         attributes=f.attributes,
-        chunking_strategy=ChunkingObject(static=f.chunking.model_dump()),  # type: ignore[arg-type]
+        chunking_strategy=(
+            ChunkingObject(static=f.chunking.model_dump())  # type: ignore[arg-type]
+            if f.chunking
+            else None
+        ),
     )

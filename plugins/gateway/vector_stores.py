@@ -94,7 +94,7 @@ class VectorStores:
     def index(self) -> VectorIndexClient:
         return VectorIndexClient(self.gw.agent, self.gw.storage_address(), self.gw.request_timeout)
 
-    async def _call(self, call: Any, param: str | None = None) -> Any:
+    async def call(self, call: Any, param: str | None = None) -> Any:
         try:
             return await call
         except AtollError as exc:
@@ -133,7 +133,7 @@ class VectorStores:
         missing = GatewayError(404, f"no vector store {store_id!r}", code="not_found")
         if not STORE_ID.match(store_id):
             raise missing
-        info: VectorStoreInfo = await self._call(self.index().store(store_id))
+        info: VectorStoreInfo = await self.call(self.index().store(store_id))
         if not self.scope(principal).reads(info.labels):
             raise missing
         return info
@@ -161,11 +161,11 @@ class VectorStores:
             await self._prepare(principal, spec, f, None, body.chunking_strategy)
             for f in body.file_ids
         ]
-        info = await self._call(self.index().put_store(spec))
+        info = await self.call(self.index().put_store(spec))
         for add in ready:
-            await self._call(self.index().add_file(add), "file_ids")
+            await self.call(self.index().add_file(add), "file_ids")
         self.gw.accounts.audit(principal.user, "vector_store.create", store_id, {})
-        return store_object(await self._call(self.index().store(store_id)) if ready else info)
+        return store_object(await self.call(self.index().store(store_id)) if ready else info)
 
     async def get(self, principal: Principal, store_id: str) -> VectorStore:
         return store_object(await self._store(principal, store_id))
@@ -174,7 +174,7 @@ class VectorStores:
         self, principal: Principal, order: str, after: str | None, limit: int
     ) -> VectorStoreList:
         scope = self.scope(principal)
-        infos: list[VectorStoreInfo] = await self._call(self.index().stores())
+        infos: list[VectorStoreInfo] = await self.call(self.index().stores())
         seen = sorted(
             (store_object(i) for i in infos if scope.reads(i.labels)),
             key=lambda s: (s.created_at, s.id),
@@ -212,13 +212,13 @@ class VectorStores:
             spec.metadata = body.metadata
         if body.expires_after is not None:
             spec.expires_after_days = body.expires_after.days
-        updated = await self._call(self.index().put_store(spec))
+        updated = await self.call(self.index().put_store(spec))
         self.gw.accounts.audit(principal.user, "vector_store.update", store_id, {})
         return store_object(updated)
 
     async def delete(self, principal: Principal, store_id: str) -> VectorStoreDeleted:
         await self._changeable(principal, store_id)
-        await self._call(self.index().delete_store(store_id))
+        await self.call(self.index().delete_store(store_id))
         self.gw.accounts.audit(principal.user, "vector_store.delete", store_id, {})
         return VectorStoreDeleted(id=store_id)
 
@@ -247,7 +247,7 @@ class VectorStores:
         missing = GatewayError(404, f"no file {file_id!r}", code="not_found", param="file_id")
         if not FILE_ID.match(file_id):
             raise missing
-        record = await self._call(
+        record = await self.call(
             describe_dataset(self.gw.agent, self.gw.storage_address(), file_id), "file_id"
         )
         if not file_access.may_see(self.gw.accounts, principal, record.owner, record.project):
@@ -286,7 +286,7 @@ class VectorStores:
         add = await self._prepare(
             principal, info, body.file_id, body.attributes, body.chunking_strategy
         )
-        added = await self._call(self.index().add_file(add), "file_id")
+        added = await self.call(self.index().add_file(add), "file_id")
         self.gw.accounts.audit(
             principal.user, "vector_store.file_add", store_id, {"file": add.file_id}
         )
@@ -319,11 +319,19 @@ class VectorStores:
 
     async def file(self, principal: Principal, store_id: str, file_id: str) -> VectorFileInfo:
         await self._store(principal, store_id)
-        found = (await self._files(store_id)).get(file_id)
-        if found is None or not self.scope(principal).reads(found.labels):
-            raise GatewayError(
-                404, f"no file {file_id!r} in vector store {store_id}", code="not_found"
-            )
+        missing = GatewayError(
+            404, f"no file {file_id!r} in vector store {store_id}", code="not_found"
+        )
+        if not FILE_ID.match(file_id):
+            raise missing
+        try:
+            found = await self.index().file(store_id, file_id)
+        except AtollError as exc:
+            raise (
+                missing if type(exc).__name__ == "VectorFileNotFound" else _platform(exc)
+            ) from None
+        if not self.scope(principal).reads(found.labels):
+            raise missing
         return found
 
     async def detach(
@@ -338,7 +346,7 @@ class VectorStores:
                 "that takes whoever attached it or may change the store",
                 code="permission_denied",
             )
-        await self._call(self.index().delete_file(store_id, file_id))
+        await self.call(self.index().delete_file(store_id, file_id))
         self.gw.accounts.audit(
             principal.user, "vector_store.file_delete", store_id, {"file": file_id}
         )
@@ -348,7 +356,7 @@ class VectorStores:
         return f.labels.owner == principal.user or self.may_change(principal, info.labels)
 
     async def _files(self, store_id: str) -> dict[str, VectorFileInfo]:
-        found: list[VectorFileInfo] = await self._call(self.index().files(store_id))
+        found: list[VectorFileInfo] = await self.call(self.index().files(store_id))
         return {f.file_id: f for f in found}
 
     # --- search ----------------------------------------------------------------------------
@@ -370,7 +378,7 @@ class VectorStores:
             filters=body.filters,
             score_threshold=threshold,
         )
-        hits = await self._call(self.index().search(query))
+        hits = await self.call(self.index().search(query))
         data = [
             SearchResult(
                 file_id=h.file_id,

@@ -39,6 +39,7 @@ from atoll.agent.errors import InvalidRequest
 from atoll.agent.plugins import rpc
 from atoll.plugins.storage.contract.vectors import (
     MAX_DIMS,
+    VECTOR_FILE,
     VECTOR_FILE_ADD,
     VECTOR_FILE_DELETE,
     VECTOR_FILES,
@@ -47,6 +48,7 @@ from atoll.plugins.storage.contract.vectors import (
     VECTOR_STORE_INFO,
     VECTOR_STORE_PUT,
     VECTOR_STORES,
+    NearDuplicate,
     VectorFileAdd,
     VectorFileInfo,
     VectorFileNotFound,
@@ -66,6 +68,29 @@ T = TypeVar("T")
 
 def _key(store_id: str) -> str:
     return PREFIX + store_id
+
+
+def near_duplicates(
+    vectors: np.ndarray, threshold: float, limit: int = 1000
+) -> list[NearDuplicate]:
+    """Each row's nearest earlier row at ``threshold`` or closer (at most ``limit`` rows):
+    FAISS's range search over the rows themselves."""
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    bounds, scores, found = index.range_search(vectors, threshold)
+    flagged = []
+    for row in range(len(vectors)):
+        near = [
+            (float(scores[at]), int(found[at]))
+            for at in range(bounds[row], bounds[row + 1])
+            if found[at] < row
+        ]
+        if near:
+            score, of = max(near)
+            flagged.append(NearDuplicate(chunk=row, of=of, score=score))
+            if len(flagged) == limit:
+                break
+    return flagged
 
 
 def matrix(add: VectorFileAdd) -> np.ndarray:
@@ -207,6 +232,9 @@ class VectorIndex:
     async def add_file(self, add: VectorFileAdd) -> VectorFileInfo:
         """The file's chunks in the store, replacing any earlier attachment of it."""
         vectors = matrix(add)
+        flagged = None
+        if add.near_duplicates is not None:
+            flagged = await asyncio.to_thread(near_duplicates, vectors, add.near_duplicates)
         info = VectorFileInfo(
             store_id=add.store_id,
             file_id=add.file_id,
@@ -217,6 +245,7 @@ class VectorIndex:
             chunks=len(add.chunks),
             usage_bytes=sum(len(t.encode()) for t in add.chunks) + len(add.vectors),
             created_at=time.time(),
+            near_duplicates=flagged,
         )
 
         def attach(kept: Kept) -> None:
@@ -233,18 +262,23 @@ class VectorIndex:
             new = zip(ids.tolist(), add.chunks, strict=True)
             kept.chunks.update((i, (add.file_id, t)) for i, t in new)
             kept.next_id += len(add.chunks)
-            kept.files[add.file_id] = info
+            kept.files[add.file_id] = info.model_copy(update={"first_chunk": int(ids[0])})
 
         await self._change(add.store_id, attach)
-        return info
+        return self.file(add.store_id, add.file_id)
 
     def files(self, store_id: str) -> list[VectorFileInfo]:
         return list(self._kept(store_id).files.values())
 
+    def file(self, store_id: str, file_id: str) -> VectorFileInfo:
+        found = self._kept(store_id).files.get(file_id)
+        if found is None:
+            raise VectorFileNotFound(f"vector store {store_id} holds no file {file_id!r}")
+        return found
+
     async def delete_file(self, store_id: str, file_id: str) -> None:
         def detach(kept: Kept) -> None:
-            if file_id not in kept.files:
-                raise VectorFileNotFound(f"vector store {store_id} holds no file {file_id!r}")
+            self.file(store_id, file_id)  # there, or VectorFileNotFound
             self._drop_chunks(kept, file_id)
             del kept.files[file_id]
 
@@ -294,6 +328,7 @@ class VectorIndex:
                     score=float(score),
                     attributes=f.attributes,
                     text=text,
+                    chunk=int(chunk) - f.first_chunk,
                 )
             )
         return hits
@@ -334,6 +369,11 @@ class VectorRPC:
     async def vector_files(self, params: Any, call: CallInfo) -> list[dict[str, Any]]:
         ref = VECTOR_FILES.parse_params(params)
         return [f.model_dump(mode="json") for f in self.vectors.files(ref.id)]
+
+    @rpc(VECTOR_FILE.name, roles=CLIENTS)
+    async def vector_file(self, params: Any, call: CallInfo) -> dict[str, Any]:
+        ref = VECTOR_FILE.parse_params(params)
+        return self.vectors.file(ref.store_id, ref.file_id).model_dump(mode="json")
 
     @rpc(VECTOR_FILE_DELETE.name, roles=CLIENTS)
     async def vector_file_delete(self, params: Any, call: CallInfo) -> dict[str, Any]:

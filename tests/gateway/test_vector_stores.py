@@ -1,13 +1,18 @@
 """OpenAI's Vector Stores API through the gateway, driven by the openai SDK on an echo node's
 embeddings (a hash of each text: a query equal to a chunk's text scores 1 against it): a store's
 life, per-record permissions across projects, filters, score threshold, deletion, a storage
-restart keeping the index, and a clear 4xx for each bad input."""
+restart keeping the index, a clear 4xx for each bad input, and a training file's rows embedded
+(searched, near-duplicates flagged)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from openai.types import StaticFileChunkingStrategyObjectParam
@@ -18,6 +23,15 @@ from atoll.plugins.storage.contract.vectors import ReadScope, VectorIndexClient,
 from atoll.plugins.storage.plugin import StoragePlugin
 from support.island import Island, start_storage
 from support.overlay import AgentFactory
+
+
+async def eventually_async(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if await check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("not reached in time")
+
 
 STATIC: StaticFileChunkingStrategyObjectParam = {
     "type": "static",
@@ -284,3 +298,59 @@ async def test_only_gateways_and_admins_use_the_index(
     admin = await make_agent("ops", roles=("admin",))
     assert await VectorIndexClient(admin.agent, "store").search(query) == []
     assert [s.id for s in await VectorIndexClient(admin.agent, "store").stores()] == [store]
+
+
+def chat_row(*turns: tuple[str, str]) -> str:
+    return json.dumps({"messages": [{"role": r, "content": c} for r, c in turns]}) + "\n"
+
+
+async def test_a_training_files_rows_are_embedded_searched_and_near_duplicates_flagged(
+    island: Island, tmp_path: Path
+) -> None:
+    for project, user in (("red", "alice"), ("blue", "bob")):
+        island.accounts.create_project(project, actor="test")
+        island.key(user)
+        island.accounts.add_member(project, user, "member", actor="test")
+    alice, bob = island.key("alice", "red"), island.key("bob", "blue")
+    path = tmp_path / "train.jsonl"
+    path.write_text(
+        chat_row(("system", "be brief"), ("user", "hi"), ("assistant", "hello"))
+        # The same text in other turns: kept by de-duplication, flagged by its embedding.
+        + chat_row(("user", "be brief\nhi"), ("assistant", "hello"))
+        + chat_row(("user", "what is the capital of France?"), ("assistant", "Paris"))
+    )
+    async with sdk(island, alice) as client:
+        file_id = (await client.files.create(file=path.open("rb"), purpose="fine-tune")).id
+
+    async def features(key: str) -> httpx.Response:
+        async with httpx.AsyncClient(base_url=island.url) as http:
+            auth = {"Authorization": f"Bearer {key}"}
+            return await http.get(f"/v1/files/{file_id}/features", headers=auth)
+
+    async def search(key: str, query: str) -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(base_url=island.url) as http:
+            auth = {"Authorization": f"Bearer {key}"}
+            reply = await http.post("/v1/files/search", json={"query": query}, headers=auth)
+        assert reply.status_code == 200, reply.text
+        data: list[dict[str, Any]] = reply.json()["data"]
+        return data
+
+    async def completed() -> bool:
+        return (await features(alice)).json()["status"] == "completed"
+
+    await eventually_async(completed)
+    report = (await features(alice)).json()
+    assert report["rows"] == 3 and report["model"] == "echo"
+    (near,) = report["near_duplicates"]
+    assert (near["row"], near["duplicate_of"]) == (1, 0) and near["score"] == pytest.approx(1)
+
+    question = "what is the capital of France?\nParis"
+    best = (await search(alice, question))[0]
+    assert (best["file_id"], best["attributes"]["row"]) == (file_id, 2)
+    assert best["content"][0]["text"] == question and best["score"] == pytest.approx(1)
+    assert await search(bob, question) == []  # another project's rows: none
+    assert (await features(bob)).status_code == 404
+
+    async with sdk(island, alice) as client:
+        await client.files.delete(file_id)
+    assert await search(alice, question) == []  # a deleted file leaves no rows behind

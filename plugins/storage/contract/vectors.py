@@ -10,6 +10,7 @@ Overlay surface of an agent's ``storage`` plugin (gateways and admins only: ``CL
     RPC vector_store_delete  VectorStoreRef    -> {"deleted": true}
     RPC vector_file_add      VectorFileAdd     -> VectorFileInfo    (chunks and their vectors)
     RPC vector_files         VectorStoreRef    -> list[VectorFileInfo]
+    RPC vector_file          VectorFileRef     -> VectorFileInfo
     RPC vector_file_delete   VectorFileRef     -> {"deleted": bool}
     RPC vector_search        VectorSearch      -> list[VectorHit]
 
@@ -183,11 +184,21 @@ class VectorFileAdd(Strict):
     filename: str = Field(min_length=1, max_length=255)
     attributes: Attributes | None = None
     labels: Labels
-    chunking: Chunking
+    chunking: Chunking | None = None  # None: the chunks as the caller cut them (rows)
     chunks: list[Annotated[str, Field(max_length=200_000)]] = Field(
         min_length=1, max_length=MAX_CHUNKS
     )
     vectors: Packed
+    # Flag each chunk whose vector is this close (cosine) to an earlier chunk's of the file.
+    near_duplicates: float | None = Field(None, gt=0.0, le=1.0)
+
+
+class NearDuplicate(BaseModel):
+    """Chunk ``chunk`` of a file is ``score`` (cosine) from its earlier chunk ``of``."""
+
+    chunk: int
+    of: int
+    score: float
 
 
 class VectorFileInfo(BaseModel):
@@ -196,10 +207,12 @@ class VectorFileInfo(BaseModel):
     filename: str
     attributes: dict[str, Any] | None
     labels: Labels
-    chunking: Chunking
+    chunking: Chunking | None
     chunks: int
     usage_bytes: int
     created_at: float
+    first_chunk: int = 0  # the index's id of its chunk 0 (its chunks' ids follow on)
+    near_duplicates: list[NearDuplicate] | None = None  # when the add asked for them
 
 
 class VectorFileRef(Strict):
@@ -225,6 +238,7 @@ class VectorHit(BaseModel):
     score: float
     attributes: dict[str, Any] | None
     text: str
+    chunk: int  # its place in its file, from 0
 
 
 VECTOR_STORE_PUT: Method[VectorStoreSpec, VectorStoreInfo] = Method(
@@ -244,6 +258,9 @@ VECTOR_FILE_ADD: Method[VectorFileAdd, VectorFileInfo] = Method(
 )
 VECTOR_FILES: Method[VectorStoreRef, list[VectorFileInfo]] = Method(
     "vector_files", VectorStoreRef, list[VectorFileInfo], "vector_files request"
+)
+VECTOR_FILE: Method[VectorFileRef, VectorFileInfo] = Method(
+    "vector_file", VectorFileRef, VectorFileInfo, "vector_file request"
 )
 VECTOR_FILE_DELETE: Method[VectorFileRef, Deleted] = Method(
     "vector_file_delete", VectorFileRef, Deleted, "vector_file_delete request"
@@ -276,6 +293,10 @@ class VectorIndexClient:
 
     async def files(self, store_id: str) -> list[VectorFileInfo]:
         return await self.client.invoke(VECTOR_FILES, VectorStoreRef(id=store_id))
+
+    async def file(self, store_id: str, file_id: str) -> VectorFileInfo:
+        ref = VectorFileRef(store_id=store_id, file_id=file_id)
+        return await self.client.invoke(VECTOR_FILE, ref)
 
     async def delete_file(self, store_id: str, file_id: str) -> bool:
         ref = VectorFileRef(store_id=store_id, file_id=file_id)
