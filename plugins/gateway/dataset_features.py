@@ -104,7 +104,7 @@ class DatasetFeatures:
         try:
             model = await self._model()
             rows = await self._rows(record)
-            vectors = await embed(self.gw, principal, model, rows)
+            vectors = await embed(self.gw, principal, model, rows, background=True)
             check_payload(rows, vectors)
             policy: Policy = "project" if record.project is not None else "private"
             add = VectorFileAdd(

@@ -82,13 +82,16 @@ def chunk(text: str, sizes: StaticChunking) -> list[str]:
     return [text[spans[i][0] : spans[min(i + size, len(spans)) - 1][1]] for i in starts]
 
 
-async def embed(gw: Gateway, principal: Principal, model: str, texts: list[str]) -> list[bytes]:
-    """Each text's embedding as little-endian float32 bytes, from a node serving ``model``."""
+async def embed(
+    gw: Gateway, principal: Principal, model: str, texts: list[str], background: bool = False
+) -> list[bytes]:
+    """Each text's embedding as little-endian float32 bytes, from a node serving ``model``;
+    ``background``: below interactive traffic, as a batch's lines."""
     vectors: list[bytes] = []
     for at in range(0, len(texts), EMBED_BATCH):
         batch = texts[at : at + EMBED_BATCH]
         request = EmbedRequest(input=batch, model=model)
-        reply = await gw.call(principal, model, EMBED, request, None)
+        reply = await gw.call(principal, model, EMBED, request, None, background=background)
         result = EmbedResult.model_validate(reply)
         vectors += [struct.pack(f"<{len(v)}f", *v) for v in result.embeddings]
     return vectors
