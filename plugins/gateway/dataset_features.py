@@ -5,7 +5,7 @@ storage's index, a file per dataset and a chunk per row, labelled as the dataset
 project's members, else its owner). So rows can be searched across the datasets a caller may
 read (``POST /v1/files/search``), and rows whose embedding lies within ``NEAR`` of an earlier
 row's are flagged (``GET /v1/files/{id}/features``): the paraphrases that exact and normalised
-de-duplication keep. Deleting the file removes its features.
+de-duplication keep. Deleting the file removes its features (and its chunks in any vector store).
 
 Bounds: the first ``MAX_ROWS`` rows, each's first ``MAX_ROW_CHARS`` characters (the rows and
 their vectors travel to storage in one message)."""
@@ -155,14 +155,10 @@ class DatasetFeatures:
         return [row_text(json.loads(line))[:MAX_ROW_CHARS] for line in lines]
 
     async def forget(self, file_id: str) -> None:
-        """The file is deleted: so are its features (no trace of its rows stays searchable)."""
+        """The file is deleted: its features go, as do its chunks in any vector store."""
         if task := self.running.get(file_id):
             task.cancel()
-        try:
-            await self.stores.index().delete_file(FEATURES_STORE, file_id)
-        except AtollError as exc:
-            if type(exc).__name__ not in ("VectorStoreNotFound", "VectorFileNotFound"):
-                raise
+        await self.stores.forget_file(file_id)
         self.failed.pop(file_id, None)
 
     async def features(self, principal: Principal, file_id: str) -> FileFeatures:

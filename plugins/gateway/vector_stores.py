@@ -355,6 +355,17 @@ class VectorStores:
     def _may_detach(self, principal: Principal, info: VectorStoreInfo, f: VectorFileInfo) -> bool:
         return f.labels.owner == principal.user or self.may_change(principal, info.labels)
 
+    async def forget_file(self, file_id: str) -> None:
+        """The file is deleted: its chunks leave every store that holds them (no text of a
+        deleted file stays searchable)."""
+        index = self.index()
+        for store in await index.stores():
+            try:
+                await index.delete_file(store.id, file_id)
+            except AtollError as exc:
+                if type(exc).__name__ not in ("VectorStoreNotFound", "VectorFileNotFound"):
+                    raise
+
     async def _files(self, store_id: str) -> dict[str, VectorFileInfo]:
         found: list[VectorFileInfo] = await self.call(self.index().files(store_id))
         return {f.file_id: f for f in found}

@@ -352,5 +352,8 @@ async def test_a_training_files_rows_are_embedded_searched_and_near_duplicates_f
     assert (await features(bob)).status_code == 404
 
     async with sdk(island, alice) as client:
+        store = await client.vector_stores.create(name="train", file_ids=[file_id])
+        assert await found(client, store.id, question)
         await client.files.delete(file_id)
-    assert await search(alice, question) == []  # a deleted file leaves no rows behind
+        assert await found(client, store.id, question) == []  # its chunks went with it
+    assert await search(alice, question) == []  # and its rows' features
