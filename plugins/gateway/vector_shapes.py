@@ -15,6 +15,7 @@ from atoll.plugins.gateway.bodies import RequestBody
 from atoll.plugins.storage.contract.vectors import (
     Attributes,
     Filter,
+    Metadata,
     VectorFileInfo,
     VectorStoreInfo,
 )
@@ -23,7 +24,6 @@ from atoll.plugins.storage.contract.vectors import (
 AUTO_MAX_TOKENS, AUTO_OVERLAP_TOKENS = 800, 400
 DAY_S = 86400
 Query = Annotated[str, Field(min_length=1, max_length=16_384)]
-Metadata = Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)]
 
 
 class StaticChunking(BaseModel):

@@ -44,6 +44,9 @@ FileId = Annotated[str, StringConstraints(pattern=r"^ds-[0-9a-f]{12}$")]
 AttrKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 AttrValue = Annotated[str, StringConstraints(max_length=512)] | bool | float
 Attributes = Annotated[dict[AttrKey, AttrValue], Field(max_length=16)]
+Metadata = Annotated[
+    dict[AttrKey, Annotated[str, StringConstraints(max_length=512)]], Field(max_length=16)
+]
 MAX_CHUNKS = 4096  # per file
 # Bytes that travel as base64 in JSON (the RPC's form) and are bytes in Python.
 Packed = Annotated[
@@ -152,7 +155,7 @@ class VectorStoreSpec(Strict):
     id: VectorStoreId
     name: str = Field("", max_length=256)
     description: str | None = Field(None, max_length=512)
-    metadata: dict[str, str] | None = None
+    metadata: Metadata | None = None
     expires_after_days: int | None = Field(None, ge=1, le=365)
     labels: Labels
     model: str = Field(min_length=1, max_length=256)
