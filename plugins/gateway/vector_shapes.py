@@ -187,6 +187,8 @@ class SearchResultsPage(BaseModel):
 
 
 def store_object(info: VectorStoreInfo) -> VectorStore:
+    """The store as OpenAI's object; ``expires_after`` counts from the store's last change
+    (attaching or removing a file, an update): a search writes nothing."""
     expires_at = (
         int(info.last_active_at) + info.expires_after_days * DAY_S
         if info.expires_after_days
@@ -202,7 +204,7 @@ def store_object(info: VectorStoreInfo) -> VectorStore:
         file_counts=FileCounts(completed=info.files, total=info.files),
         status="expired" if expired else "completed",
         expires_after=(
-            {"anchor": "last_active_at", "days": info.expires_after_days}  # type: ignore[arg-type]
+            ExpiresAfter(anchor="last_active_at", days=info.expires_after_days)
             if info.expires_after_days
             else None
         ),
@@ -220,8 +222,6 @@ def file_object(f: VectorFileInfo) -> VectorStoreFile:
         usage_bytes=f.usage_bytes,
         attributes=f.attributes,
         chunking_strategy=(
-            ChunkingObject(static=f.chunking.model_dump())  # type: ignore[arg-type]
-            if f.chunking
-            else None
+            ChunkingObject(static=StaticChunking(**f.chunking.model_dump())) if f.chunking else None
         ),
     )

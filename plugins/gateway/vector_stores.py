@@ -16,7 +16,8 @@ The embedding model is chosen when a store is created (the first served embeddin
 name) and kept: a store's vectors all come from one model.
 """
 
-# No `from __future__ import annotations`: FastAPI reads the routes' annotations.
+from __future__ import annotations
+
 import re
 import uuid
 from typing import Any, get_args
@@ -65,7 +66,6 @@ from atoll.plugins.storage.contract.vectors import (
 POLICY_KEY = "atoll_policy"  # in a store's metadata or a file's attributes
 STORE_ID = re.compile(r"^vs_[0-9a-f]{24}$")
 FILE_ID = re.compile(r"^ds-[0-9a-f]{12}$")
-DAY_S = 86400
 
 
 def _platform(exc: AtollError, param: str | None = None) -> GatewayError:
@@ -378,6 +378,11 @@ class VectorStores:
         info = await self._store(principal, store_id)
         if body.rewrite_query:
             raise unsupported("rewrite_query", "the query is searched as written")
+        if store_object(info).status == "expired":
+            raise GatewayError(
+                400,
+                f"vector store {store_id} has expired: update its expires_after to use it again",
+            )
         queries = [body.query] if isinstance(body.query, str) else body.query
         (vector,) = await embed(self.gw, principal, info.model, [" ".join(queries)])
         threshold = body.ranking_options.score_threshold if body.ranking_options else None

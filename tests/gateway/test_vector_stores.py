@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -18,7 +20,7 @@ import pytest
 from openai.types import StaticFileChunkingStrategyObjectParam
 
 from atoll.agent.errors import Forbidden
-from atoll.plugins.gateway import vector_ingest
+from atoll.plugins.gateway import vector_ingest, vector_shapes
 from atoll.plugins.storage.contract.vectors import ReadScope, VectorIndexClient, VectorSearch
 from atoll.plugins.storage.plugin import StoragePlugin
 from support.island import Island, start_storage
@@ -357,3 +359,21 @@ async def test_a_training_files_rows_are_embedded_searched_and_near_duplicates_f
         await client.files.delete(file_id)
         assert await found(client, store.id, question) == []  # its chunks went with it
     assert await search(alice, question) == []  # and its rows' features
+
+
+async def test_a_store_expires_after_its_last_change(
+    island: Island, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with sdk(island, island.key("alice")) as client:
+        file_id = await upload(client, tmp_path / "a.txt", words("a", 10))
+        store = await client.vector_stores.create(
+            file_ids=[file_id], expires_after={"anchor": "last_active_at", "days": 1}
+        )
+        assert store.expires_at == store.last_active_at + 86400  # type: ignore[operator]
+        later = time.time() + 2 * 86400
+        monkeypatch.setattr(vector_shapes, "time", SimpleNamespace(time=lambda: later))
+        assert (await client.vector_stores.retrieve(store.id)).status == "expired"
+        with pytest.raises(openai.BadRequestError, match="has expired"):
+            await client.vector_stores.search(store.id, query="a0")
+        monkeypatch.undo()
+        assert (await client.vector_stores.retrieve(store.id)).status == "completed"
