@@ -23,7 +23,9 @@ MAX_FILE_BYTES = 2 * 1024 * 1024  # of a file attached to a vector store
 EMBED_BATCH = 256  # chunks embedded per inference call
 # A file's chunks and vectors travel to storage in one RPC message, under the broker's 8 MiB.
 MAX_PAYLOAD_BYTES = 6 * 1024 * 1024
-_WORD = re.compile(r"\S+")
+MAX_CHUNK_CHARS = 100_000  # an embedding request's bound on one input
+# A token: a run of non-space characters, cut every 100 (minified text has long runs).
+_WORD = re.compile(r"\S{1,100}")
 
 
 async def file_text(gw: Gateway, record: DatasetRecord) -> str:
@@ -79,7 +81,15 @@ def chunk(text: str, sizes: StaticChunking) -> list[str]:
             "(use larger chunks or a smaller file)",
             param="chunking_strategy",
         )
-    return [text[spans[i][0] : spans[min(i + size, len(spans)) - 1][1]] for i in starts]
+    chunks = [text[spans[i][0] : spans[min(i + size, len(spans)) - 1][1]] for i in starts]
+    if (longest := max(map(len, chunks))) > MAX_CHUNK_CHARS:
+        raise GatewayError(
+            400,
+            f"a chunk of {longest} characters; at most {MAX_CHUNK_CHARS} are kept (use smaller "
+            "chunks)",
+            param="chunking_strategy",
+        )
+    return chunks
 
 
 async def embed(
@@ -89,7 +99,8 @@ async def embed(
     ``background``: below interactive traffic, as a batch's lines."""
     vectors: list[bytes] = []
     for at in range(0, len(texts), EMBED_BATCH):
-        batch = texts[at : at + EMBED_BATCH]
+        # The model reads far fewer characters than that bound: a longer query loses nothing.
+        batch = [t[:MAX_CHUNK_CHARS] for t in texts[at : at + EMBED_BATCH]]
         request = EmbedRequest(input=batch, model=model)
         reply = await gw.call(principal, model, EMBED, request, None, background=background)
         result = EmbedResult.model_validate(reply)

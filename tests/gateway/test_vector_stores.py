@@ -251,6 +251,9 @@ async def test_every_bad_input_is_a_clear_4xx(
         for chunking in (bad_chunking, {"type": "static"}, {"type": "other"}):
             with pytest.raises(openai.UnprocessableEntityError):
                 await files.create(store, file_id=text, chunking_strategy=chunking)  # type: ignore[arg-type]
+        spaced = await upload(client, tmp_path / "spaced.txt", "a" + " " * 200_000 + "b")
+        with pytest.raises(openai.BadRequestError, match="at most 100000"):
+            await files.create(store, file_id=spaced)
         with pytest.raises(openai.BadRequestError, match="needs a key of that project"):
             await files.create(store, file_id=text, attributes={"atoll_policy": "project"})
         with pytest.raises(openai.BadRequestError, match="atoll_policy"):
