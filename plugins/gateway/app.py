@@ -1,7 +1,7 @@
 """The gateway's HTTP API (FastAPI): errors in OpenAI's (or LoRAX's) shape, who is calling, the
 admin API, Prometheus /metrics and the live feed; the inference routes are inference_routes.py's,
-files and fine-tuning finetune.py's, batches batches.py's, the web UI webui.py's, its single
-sign-on sso.py's."""
+files and fine-tuning finetune.py's, batches batches.py's, vector stores vector_routes.py's, the
+web UI webui.py's, its single sign-on sso.py's."""
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations, some of which
 # (User, Admin) are local to create_app.
@@ -27,6 +27,7 @@ from atoll.plugins.gateway import (
     inference_routes,
     mixture_routes,
     self_service,
+    vector_routes,
     webui,
 )
 from atoll.plugins.gateway import batches as batch_routes
@@ -36,12 +37,14 @@ from atoll.plugins.gateway.accounts.keys import Principal
 from atoll.plugins.gateway.admin import AdminRPC, plain, settle
 from atoll.plugins.gateway.batches import Batches
 from atoll.plugins.gateway.bodies import parse_body, sse
+from atoll.plugins.gateway.dataset_features import DatasetFeatures
 from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.evaluations import Evaluations
 from atoll.plugins.gateway.lorax_api import lorax_error
 from atoll.plugins.gateway.mixture_routes import MixtureSearches
 from atoll.plugins.gateway.service import Gateway
 from atoll.plugins.gateway.sso import Sso
+from atoll.plugins.gateway.vector_stores import VectorStores
 from atoll.plugins.inference.contract import MAX_AUDIO_BYTES
 
 log = logging.getLogger(__name__)
@@ -197,10 +200,13 @@ def create_app(
             return JSONResponse(app.openapi(), headers=SCHEMA_HEADERS)
 
     inference_routes.install_openai(app, gw, User)
-    finetune.install(app, gw, User)
+    stores = VectorStores(gw)
+    features = DatasetFeatures(stores)
+    finetune.install(app, gw, User, features)
     evaluation_routes.install(app, evaluations, User)
     mixture_routes.install(app, mixtures, User)
     batch_routes.install(app, batches, User)
+    vector_routes.install(app, stores, features, User)
     adapter_routes.install(app, gw, User)
     inference_routes.install_lorax(app, gw, User)
 

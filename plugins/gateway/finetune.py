@@ -16,6 +16,7 @@ from atoll.agent.errors import AtollError, InvalidRequest
 from atoll.plugins.gateway import file_access
 from atoll.plugins.gateway.accounts.keys import Principal
 from atoll.plugins.gateway.batch_shapes import check_bodies
+from atoll.plugins.gateway.dataset_features import DatasetFeatures
 from atoll.plugins.gateway.errors import GatewayError, from_platform
 from atoll.plugins.gateway.finetune_shapes import (
     CheckpointList,
@@ -36,6 +37,7 @@ from atoll.plugins.gateway.finetune_shapes import (
 from atoll.plugins.gateway.service import Gateway
 from atoll.plugins.storage.contract.datasets import (
     DatasetRecord,
+    Format,
     delete_dataset,
     describe_dataset,
     fetch_dataset,
@@ -51,9 +53,17 @@ from atoll.plugins.training.contract import (
     submit_job,
 )
 
+# The purposes an upload may name, and the format storage keeps each as (None: detected).
+UPLOAD_FORMATS: dict[str, Format | None] = {
+    "fine-tune": None,
+    "batch": "batch",
+    "assistants": "document",
+}
 
-def install(app: FastAPI, gw: Gateway, user: Any) -> None:
-    """Add the routes; ``user`` is the authenticated-caller dependency of app.py."""
+
+def install(app: FastAPI, gw: Gateway, user: Any, features: DatasetFeatures) -> None:
+    """Add the routes; ``user`` is the authenticated-caller dependency of app.py; an uploaded
+    training file's rows are embedded by ``features``, which a deleted file's leave."""
 
     async def platform(call: Any) -> Any:
         try:
@@ -100,10 +110,10 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
         file: Annotated[UploadFile, File()],
         purpose: Annotated[str, Form()] = "fine-tune",
     ) -> Any:
-        if purpose not in ("fine-tune", "batch"):
+        if purpose not in UPLOAD_FORMATS:
             raise GatewayError(
                 400,
-                f"purpose {purpose!r}: only fine-tune and batch files are kept",
+                f"purpose {purpose!r}: only fine-tune, batch and assistants files are kept",
                 param="purpose",
             )
         may_write(principal, principal.project)
@@ -123,11 +133,12 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
                     Path(filename).stem or "dataset",
                     principal.user,
                     principal.project,
-                    "batch" if purpose == "batch" else None,
+                    UPLOAD_FORMATS[purpose],
                     filename=filename,
                 )
             )
         gw.accounts.audit(principal.user, "file.upload", record.id, {"filename": filename})
+        features.start(principal, record)
         return file_object(record)
 
     @app.get("/v1/files", response_model=FileList)
@@ -155,6 +166,7 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
         record = await dataset(principal, file_id)
         may_write(principal, record.project, record.owner)
         await platform(delete_dataset(gw.agent, gw.storage_address(), file_id))
+        await platform(features.forget(file_id))
         gw.accounts.audit(principal.user, "file.delete", file_id, {})
         return FileDeleted(id=file_id)
 

@@ -21,10 +21,11 @@ from atoll.plugins.training.contract import (
 )
 
 Level = Literal["info", "warn", "error"]  # of a job event
-Purpose = Literal["fine-tune", "fine-tune-results", "batch", "batch_output"]
+Purpose = Literal["fine-tune", "fine-tune-results", "batch", "batch_output", "assistants"]
 PURPOSES: dict[str, Purpose] = {  # by the dataset's kind
     "results": "fine-tune-results",
     "batch": "batch",
+    "document": "assistants",
     "batch_output": "batch_output",
 }
 STATUS = {

@@ -1,7 +1,8 @@
 """A retention purge: for each project with a policy (accounts/retention.py), the ledger's prompt
 texts and rows past their periods, then the project's datasets in storage past theirs (deleted
-there, which also deletes their data keys: no copy of them can be read after). Every purge is in
-the audit log; a dry run reports the same and changes nothing."""
+there, which also deletes their data keys: no copy of them can be read after; their chunks leave
+every vector store, their rows' features too). Every purge is in the audit log; a dry run reports
+the same and changes nothing."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 from atoll.agent.errors import AtollError
 from atoll.plugins.gateway.errors import from_platform
 from atoll.plugins.gateway.service import Gateway
+from atoll.plugins.gateway.vector_stores import VectorStores
 from atoll.plugins.storage.contract.datasets import DatasetNotFound, delete_dataset, list_datasets
 
 
@@ -35,6 +37,7 @@ async def purge(gw: Gateway, dry_run: bool, actor: str) -> dict[str, Any]:
                     await delete_dataset(gw.agent, storage, dataset_id)
                 except DatasetNotFound:  # deleted meanwhile: gone either way
                     continue
+                await VectorStores(gw).forget_file(dataset_id)  # its chunks and features too
                 detail = {"project": policy.project}
                 gw.accounts.audit(actor, "retention.purge_dataset", dataset_id, detail)
         except AtollError as exc:

@@ -58,6 +58,7 @@ from atoll.plugins.storage.contract.datasets import (
     check_filename,
 )
 from atoll.plugins.storage.datasets import DatasetLimits, Prepared, convert_line, prepare
+from atoll.plugins.storage.documents import prepare_document
 from atoll.plugins.storage.registry import DatasetRegistry
 from atoll.plugins.storage.results import prepare_results
 from atoll.plugins.storage.store import ObjectNotFound, ObjectStore
@@ -80,6 +81,8 @@ def _prepare_file(path: Path, header: DatasetPutHeader, limits: DatasetLimits) -
         prepared = prepare_results(data, header.filename, limits)
     elif header.format in ("batch", "batch_output"):
         prepared = prepare_batch(data, header.filename, header.format, limits)
+    elif header.format == "document":
+        prepared = prepare_document(data, header.filename, limits)
     else:
         prepared = prepare(data, header.filename, header.format, limits, header.dedup)
     path.with_name(CANONICAL).write_bytes(prepared.canonical)

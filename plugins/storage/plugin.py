@@ -2,7 +2,8 @@
 adapters and training datasets, served over the data plane (see ``contract/`` for the wire).
 Adapters are validated before anything is kept, immutable once registered, stored under
 ``adapters/<id>/<file>`` and announced on ``adapters.new`` (a deletion on ``adapters.deleted``);
-datasets are handled by ``dataset_service.py``, training jobs' resume states by ``resume.py``.
+datasets are handled by ``dataset_service.py``, training jobs' resume states by ``resume.py``,
+vector stores by ``vectors.py``.
 Every object is sealed at rest (sealed_store.py) unless ``encrypt`` is off.
 """
 
@@ -67,6 +68,7 @@ from atoll.plugins.storage.resume import ResumeStates
 from atoll.plugins.storage.s3 import S3Config, S3Store
 from atoll.plugins.storage.sealed_store import SealedStore
 from atoll.plugins.storage.store import LocalStore, ObjectNotFound, ObjectStore
+from atoll.plugins.storage.vectors import VectorIndex, VectorRPC
 from atoll.protocol.session import CallInfo
 from atoll.tenancy.permissions import (
     ADAPTER_READERS,
@@ -118,8 +120,9 @@ class StorageConfig(BaseModel):
         return self
 
 
-class StoragePlugin(Plugin):
-    """Stores adapters and datasets: their streams and registry RPCs."""
+class StoragePlugin(VectorRPC, Plugin):
+    """Stores adapters and datasets: their streams and registry RPCs; vector stores (the
+    RPCs of ``VectorRPC``)."""
 
     name = "storage"
     config_model = StorageConfig
@@ -150,6 +153,8 @@ class StoragePlugin(Plugin):
             ctx.data_dir / "resumable",
         )
         self.resume = ResumeStates(ctx, self.store, self.incoming, config.max_resume_bytes)
+        self.vectors = VectorIndex(self.store)
+        await self.vectors.load()
         self.uploading: set[str] = set()
         self.resumable = ctx.data_dir / "resumable" / "adapters"  # partial uploads (_put)
         self.resumable.mkdir(mode=0o700, parents=True, exist_ok=True)

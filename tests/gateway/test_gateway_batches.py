@@ -156,7 +156,7 @@ async def test_files_and_errors_in_openai_shape(island: Island, tmp_path: Path) 
             with pytest.raises(openai.BadRequestError) as refused:
                 await upload(client, jsonl(tmp_path / "bad.jsonl", rows))
             assert said in str(refused.value), refused.value
-        bad_purpose = client.files.create(file=b"x", purpose="assistants")
+        bad_purpose = client.files.create(file=b"x", purpose="vision")
         with pytest.raises(openai.BadRequestError, match="purpose"):
             await bad_purpose
 

@@ -124,10 +124,12 @@ def lora_adapter(directory: Path) -> Path:
 async def start_storage(
     make_agent: AgentFactory, name: str = "store", **config: object
 ) -> tuple[AgentRuntime, StoragePlugin]:
-    """An agent with a storage plugin (``config`` its section); (its runtime, the plugin)."""
+    """An agent with a storage plugin (``config`` its section); (its runtime, the plugin),
+    announced at once (not at the next heartbeat: the plugin may start after the first)."""
     rt = await make_agent(name, roles=("storage",))  # only storage announces adapters
     plugin = StoragePlugin()
     await rt.host.add("storage", config, plugin=plugin)
+    await rt.announcer.announce()
     return rt, plugin
 
 

@@ -17,7 +17,8 @@ Registered datasets are immutable: uploading a name again makes its next version
 upload (never detected: it is named) is a training job's results file, not training data: kind
 ``results``, a header and rows of numbers kept as uploaded, fetched only as the original. So
 are the gateway's Batch API files (also named, never detected): ``batch`` (requests, one JSON
-object a line) and ``batch_output`` (their results or errors), checked line by line.
+object a line) and ``batch_output`` (their results or errors), checked line by line; and
+``document``, a file for vector stores, kept as uploaded whatever it holds.
 """
 
 from __future__ import annotations
@@ -63,14 +64,18 @@ DATASET_GET = "dataset_get"
 DATASET_ID_PATTERN = r"^ds-[0-9a-f]{12}$"
 MAX_FILENAME_BYTES = 200
 
-Format = Literal["alpaca", "sharegpt", "chat", "text", "preference", "csv", "batch", "batch_output"]
+Format = Literal[
+    "alpaca", "sharegpt", "chat", "text", "preference", "csv", "batch", "batch_output", "document"
+]
 # preference: OpenAI's DPO rows, a prompt with a preferred and a non-preferred reply.
-Kind = Literal["sft", "pt", "preference", "results", "batch", "batch_output"]
+# document: a file for vector stores (the gateway's purpose "assistants").
+Kind = Literal["sft", "pt", "preference", "results", "batch", "batch_output", "document"]
 # Kinds kept as uploaded and fetched only so: never training data.
 ORIGINAL_ONLY: dict[Kind, str] = {
     "results": "a training job's results file",
     "batch": "a batch's requests file",
     "batch_output": "a batch's results file",
+    "document": "a file for vector stores",
 }
 # A batch file's requests (OpenAI's bounds: 50,000 lines; its bytes are the store's and the
 # gateway's body limit's): each names one of these URLs, the same one on every line.
