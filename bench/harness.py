@@ -88,11 +88,16 @@ def run_main(
     print(json.dumps(out))
 
 
-def model_bench_args(description: str, quick_help: str) -> argparse.Namespace:
+def model_bench_args(
+    description: str, quick_help: str, switches: dict[str, str] | None = None
+) -> argparse.Namespace:
     """The command line of a benchmark on the embedded model: ``--quick`` (a smoke run, as
-    ``quick_help`` says) and ``--model-cache`` (where the converted model is kept)."""
+    ``quick_help`` says), ``--model-cache`` (where the converted model is kept) and the
+    benchmark's own on/off ``switches`` (name: help)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help=quick_help)
+    for name, help in (switches or {}).items():
+        p.add_argument(f"--{name}", action="store_true", help=help)
     p.add_argument(
         "--model-cache",
         default=os.environ.get("ATOLL_MODEL_CACHE", "~/.cache/atoll/models"),
