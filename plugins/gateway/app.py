@@ -12,6 +12,7 @@ import io
 import logging
 import math
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
@@ -44,6 +45,7 @@ from atoll.plugins.gateway.lorax_api import lorax_error
 from atoll.plugins.gateway.mixture_routes import MixtureSearches
 from atoll.plugins.gateway.service import Gateway
 from atoll.plugins.gateway.sso import Sso
+from atoll.plugins.gateway.vector_batches import FileBatches
 from atoll.plugins.gateway.vector_stores import VectorStores
 from atoll.plugins.inference.contract import MAX_AUDIO_BYTES
 
@@ -102,11 +104,22 @@ SCHEMA_HEADERS = {
 }
 
 
+@dataclass(frozen=True)
+class Services:
+    """What the routes serve besides the gateway's own: the runs and stores the plugin keeps
+    in its data directory (and closes when it stops)."""
+
+    evaluations: Evaluations
+    batches: Batches
+    mixtures: MixtureSearches
+    vector_stores: VectorStores
+    file_batches: FileBatches
+    features: DatasetFeatures
+
+
 def create_app(
     gw: Gateway,
-    evaluations: Evaluations,
-    batches: Batches,
-    mixtures: MixtureSearches,
+    services: Services,
     docs: bool = False,
     sso: Sso | None = None,
 ) -> FastAPI:
@@ -200,13 +213,12 @@ def create_app(
             return JSONResponse(app.openapi(), headers=SCHEMA_HEADERS)
 
     inference_routes.install_openai(app, gw, User)
-    stores = VectorStores(gw)
-    features = DatasetFeatures(stores)
-    finetune.install(app, gw, User, features)
-    evaluation_routes.install(app, evaluations, User)
-    mixture_routes.install(app, mixtures, User)
-    batch_routes.install(app, batches, User)
-    vector_routes.install(app, stores, features, User)
+    s = services
+    finetune.install(app, gw, User, s.features)
+    evaluation_routes.install(app, s.evaluations, User)
+    mixture_routes.install(app, s.mixtures, User)
+    batch_routes.install(app, s.batches, User)
+    vector_routes.install(app, s.vector_stores, s.file_batches, s.features, User)
     adapter_routes.install(app, gw, User)
     inference_routes.install_lorax(app, gw, User)
 

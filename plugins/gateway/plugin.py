@@ -24,9 +24,10 @@ from atoll.agent.errors import AtollError
 from atoll.agent.plugins import Plugin, PluginContext
 from atoll.plugins.gateway.accounts import Accounts
 from atoll.plugins.gateway.admin import AdminRPC
-from atoll.plugins.gateway.app import create_app
+from atoll.plugins.gateway.app import Services, create_app
 from atoll.plugins.gateway.batches import Batches
 from atoll.plugins.gateway.contract import Price
+from atoll.plugins.gateway.dataset_features import DatasetFeatures
 from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.evaluations import Evaluations
 from atoll.plugins.gateway.http_limits import HttpLimits, guarded_protocol
@@ -36,6 +37,8 @@ from atoll.plugins.gateway.router import ModelRouter
 from atoll.plugins.gateway.service import Gateway
 from atoll.plugins.gateway.spending import TEMPLATE_TOKENS, Spending
 from atoll.plugins.gateway.sso import OidcConfig, Sso, read_client_secret
+from atoll.plugins.gateway.vector_batches import FileBatches
+from atoll.plugins.gateway.vector_stores import VectorStores
 from atoll.plugins.storage.contract.adapters import (
     ADAPTERS_DELETED,
     ADAPTERS_NEW,
@@ -150,6 +153,15 @@ class GatewayPlugin(Plugin):
         self.evaluations = Evaluations(self.gateway, ctx.data_dir / "evaluations")
         self.mixtures = MixtureSearches(self.gateway, ctx.data_dir / "mixture_searches")
         self.batches = Batches(self.gateway, ctx.data_dir / "batches", config.batch_concurrency)
+        stores = VectorStores(self.gateway)
+        self.services = Services(
+            evaluations=self.evaluations,
+            batches=self.batches,
+            mixtures=self.mixtures,
+            vector_stores=stores,
+            file_batches=FileBatches(stores, ctx.data_dir / "vector_file_batches"),
+            features=DatasetFeatures(stores),
+        )
         # New adapters (uploaded, or made by a training job) become usable by their owner or
         # project at once.
         self._hints_waiting: set[asyncio.Task[None]] = set()
@@ -163,14 +175,7 @@ class GatewayPlugin(Plugin):
         sock.setblocking(False)
         self.address = sock.getsockname()[:2]
         server_config = uvicorn.Config(
-            create_app(
-                self.gateway,
-                self.evaluations,
-                self.batches,
-                self.mixtures,
-                docs=config.docs,
-                sso=self.sso,
-            ),
+            create_app(self.gateway, self.services, docs=config.docs, sso=self.sso),
             log_level="warning",
             lifespan="off",
             access_log=False,
@@ -315,6 +320,7 @@ class GatewayPlugin(Plugin):
             await asyncio.wait_for(self._serving, 10)
         await self.evaluations.close()
         await self.mixtures.close()
+        await self.services.file_batches.close()
         await self.batches.close()
         await self.watch.stop()
         self.accounts.close()

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from atoll.plugins.gateway.dataset_features import DatasetFeatures, FileFeatures, SearchFiles
 from atoll.plugins.gateway.errors import GatewayError
+from atoll.plugins.gateway.vector_batches import CreateFileBatch, FileBatch, FileBatches
 from atoll.plugins.gateway.vector_shapes import (
     AttachFile,
     CreateVectorStore,
@@ -28,7 +29,13 @@ from atoll.plugins.gateway.vector_stores import VectorStores
 Order = Literal["asc", "desc"]
 
 
-def install(app: FastAPI, stores: VectorStores, features: DatasetFeatures, user: Any) -> None:
+def install(
+    app: FastAPI,
+    stores: VectorStores,
+    batches: FileBatches,
+    features: DatasetFeatures,
+    user: Any,
+) -> None:
     """The vector store and dataset-features routes; ``user`` is app.py's authenticated-caller
     dependency."""
 
@@ -118,3 +125,41 @@ def install(app: FastAPI, stores: VectorStores, features: DatasetFeatures, user:
     )
     async def search(principal: user, store_id: str, body: SearchVectorStore) -> Any:
         return await stores.search(principal, store_id, body)
+
+    @app.post(
+        "/v1/vector_stores/{store_id}/file_batches",
+        response_model=FileBatch,
+        tags=["vector_stores"],
+    )
+    async def batch_create(principal: user, store_id: str, body: CreateFileBatch) -> Any:
+        return await batches.create(principal, store_id, body)
+
+    @app.get(
+        "/v1/vector_stores/{store_id}/file_batches/{batch_id}",
+        response_model=FileBatch,
+        tags=["vector_stores"],
+    )
+    async def batch_one(principal: user, store_id: str, batch_id: str) -> Any:
+        return batches.get(principal, store_id, batch_id).batch
+
+    @app.post(
+        "/v1/vector_stores/{store_id}/file_batches/{batch_id}/cancel",
+        response_model=FileBatch,
+        tags=["vector_stores"],
+    )
+    async def batch_cancel(principal: user, store_id: str, batch_id: str) -> Any:
+        return await batches.cancel(principal, store_id, batch_id)
+
+    @app.get(
+        "/v1/vector_stores/{store_id}/file_batches/{batch_id}/files",
+        response_model=VectorStoreFileList,
+        tags=["vector_stores"],
+    )
+    async def batch_files(
+        principal: user,
+        store_id: str,
+        batch_id: str,
+        limit: int = 20,
+        filter: Literal["in_progress", "completed", "failed", "cancelled"] | None = None,
+    ) -> Any:
+        return await batches.files(principal, store_id, batch_id, filter, bounded(limit))

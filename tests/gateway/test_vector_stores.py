@@ -380,3 +380,61 @@ async def test_a_store_expires_after_its_last_change(
             await client.vector_stores.search(store.id, query="a0")
         monkeypatch.undo()
         assert (await client.vector_stores.retrieve(store.id)).status == "completed"
+
+
+async def test_file_batches_attach_many_files_and_say_which_failed(
+    island: Island, tmp_path: Path
+) -> None:
+    alice, bob = island.key("alice"), island.key("bob")
+    async with sdk(island, alice) as client, sdk(island, bob) as other:
+        store = await client.vector_stores.create(name="batch", chunking_strategy=STATIC)
+        paths = []
+        for i in range(3):
+            paths.append(tmp_path / f"doc{i}.txt")
+            paths[-1].write_text(words(f"d{i}x", 30))
+        batch = await client.vector_stores.file_batches.upload_and_poll(
+            store.id, files=[p.open("rb") for p in paths], poll_interval_ms=50
+        )
+        assert batch.object == "vector_store.files_batch" and batch.status == "completed"
+        assert (batch.file_counts.completed, batch.file_counts.total) == (3, 3)
+        listed = [f async for f in client.vector_stores.file_batches.list_files(
+            batch.id, vector_store_id=store.id
+        )]  # fmt: skip
+        assert len(listed) == 3 and {f.status for f in listed} == {"completed"}
+        assert await found(client, store.id, words("d1x", 30))  # searchable at once
+
+        # One file missing, one not text: counted failed with the reason, the rest attached.
+        good = await upload(client, tmp_path / "good.txt", words("g", 20))
+        binary = await upload(client, tmp_path / "blob.bin", bytes(range(256)) * 4)
+        mixed = await client.vector_stores.file_batches.create_and_poll(
+            store.id, file_ids=[good, "ds-000000000000", binary], poll_interval_ms=50
+        )
+        counts = mixed.file_counts
+        assert (mixed.status, counts.completed, counts.failed, counts.total) == (
+            "completed", 1, 2, 3,
+        )  # fmt: skip
+        failed = [f async for f in client.vector_stores.file_batches.list_files(
+            mixed.id, vector_store_id=store.id, filter="failed"
+        )]  # fmt: skip
+        assert {f.id for f in failed} == {"ds-000000000000", binary}
+        assert all(f.last_error and f.last_error.message for f in failed)
+
+        # Bob sees neither the batch nor may start one in alice's private store.
+        with pytest.raises(openai.NotFoundError):
+            await other.vector_stores.file_batches.retrieve(mixed.id, vector_store_id=store.id)
+        with pytest.raises(openai.NotFoundError):
+            await other.vector_stores.file_batches.create(store.id, file_ids=[good])
+        # Bad bodies: clear 4xx.
+        async with httpx.AsyncClient(
+            base_url=island.url, headers={"Authorization": f"Bearer {alice}"}
+        ) as raw:
+            path = f"/v1/vector_stores/{store.id}/file_batches"
+            bodies: list[dict[str, Any]] = [
+                {}, {"file_ids": []}, {"file_ids": [good, good]},
+                {"file_ids": [good], "files": [{"file_id": good}]},
+            ]  # fmt: skip
+            for body in bodies:
+                reply = await raw.post(path, json=body)
+                assert reply.status_code == 422, (body, reply.text)
+            missing = await raw.get(f"{path}/vsfb_{'0' * 24}")
+            assert missing.status_code == 404
