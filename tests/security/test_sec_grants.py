@@ -1,0 +1,197 @@
+"""Cross-tenant service grants on real brokers and agents: tenant acme (the importer, on broker
+b1) calls the ``inference`` service of tenant globex's agents (the exporter, on broker b2) under
+an operator-signed grant; nothing else crosses, forged grants are refused, revocation cuts at
+every broker."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from atoll.agent.errors import Forbidden, NoResponder
+from atoll.agent.identity import AgentKeys
+from atoll.agent.node import Agent
+from atoll.agent.runtime import AgentRuntime
+from atoll.broker.identity import issue_broker_dir
+from atoll.broker.server import BrokerServer
+from atoll.protocol.session import CallInfo, Publication
+from atoll.tenancy import credentials as cred
+from atoll.tenancy.keys import generate
+from atoll.tenancy.operator import OperatorStore
+from support.overlay import eventually
+
+
+async def start_broker(op: OperatorStore, tmp: Path, name: str, peers: list[str]) -> BrokerServer:
+    d = tmp / name
+    issue_broker_dir(op, d, name)
+    server = BrokerServer.from_data_dir(d, peers=peers, mesh_refresh=0.5, ping_interval=1.0)
+    return await server.start("127.0.0.1", 0)
+
+
+@pytest.fixture
+async def mesh(operator, tmp_path):
+    b1 = await start_broker(operator, tmp_path, "b1", [])
+    b2 = await start_broker(operator, tmp_path, "b2", [b1.url])
+    await eventually(lambda: bool(b1.mesh.state.next_hops()) and bool(b2.mesh.state.next_hops()))
+    yield b1, b2
+    for b in (b2, b1):
+        await b.stop()
+
+
+async def agent(
+    op: OperatorStore, name: str, url: str, tenant: str, roles: tuple[str, ...]
+) -> Agent:
+    keys = AgentKeys.issue(op, tenant, name, list(roles))
+    rt = await AgentRuntime.start(
+        op.root / "agents" / tenant / name, [url], keys=keys, ping_interval=1.0, connect_timeout=5
+    )
+    return rt.agent
+
+
+class Overlay:
+    """globex's node (inference + storage handlers) on b2, acme's caller on b1, admins."""
+
+    def __init__(self, operator: OperatorStore, b1: BrokerServer, b2: BrokerServer) -> None:
+        self.operator, self.b1, self.b2 = operator, b1, b2
+        self.seen: list[CallInfo] = []
+
+    async def start(self) -> Overlay:
+        op = self.operator
+        self.node = await agent(op, "node", self.b2.url, "globex", ("inference",))
+        self.store = await agent(op, "store", self.b2.url, "globex", ("storage",))
+        self.caller = await agent(op, "gw", self.b1.url, "acme", ("gateway",))
+        self.admin = await agent(op, "admin", self.b1.url, "acme", ("admin",))
+
+        async def chat(params: Any, info: CallInfo) -> Any:
+            self.seen.append(info)
+            return {"echo": params, "tenant": info.caller.tenant, "roles": info.caller.roles}
+
+        async def secret(params: Any, info: CallInfo) -> Any:
+            return "globex's secret"
+
+        self.node.handle("inference", "generate", chat, ("gateway",))
+        self.node.handle("storage", "get", secret, ("gateway",))
+        self.store.handle("storage", "get", secret, ("gateway",))
+        return self
+
+    async def grant(self, **options: Any) -> str:
+        spec = {"services": [{"plugin": "inference"}], "roles": ["gateway"], "ttl_s": 3600}
+        spec |= options
+        grant = self.operator.grant("globex", "acme", **spec)
+        await self.admin.send_grant(grant.blob)
+        await self.admin.flush()
+        await eventually(lambda: all(b.router.grants.linking("acme", "globex") for b in self.bs))
+        return grant.id
+
+    @property
+    def bs(self) -> tuple[BrokerServer, BrokerServer]:
+        return self.b1, self.b2
+
+
+@pytest.fixture
+async def overlay(operator, mesh):
+    return await Overlay(operator, *mesh).start()
+
+
+async def test_without_a_grant_no_name_crosses(overlay) -> None:
+    with pytest.raises(NoResponder, match="grant"):
+        await overlay.caller.call("node@globex/inference", "generate", {"p": 1}, timeout=5)
+    with pytest.raises(NoResponder, match="grant"):
+        await overlay.caller._peer("node@globex", 5)
+    assert await overlay.caller.imports() == []
+
+
+async def test_a_grant_end_to_end_across_two_brokers(overlay) -> None:
+    gid = await overlay.grant()
+    reply = await overlay.caller.call("node@globex/inference", "generate", {"p": 1}, timeout=5)
+    # The callee sees the caller with its own tenant and the roles the grant gives.
+    assert reply == {"echo": {"p": 1}, "tenant": "acme", "roles": ["gateway"]}
+    info = overlay.seen[-1]
+    assert info.src == "gw@acme" and info.caller.name == "gw" and info.grant.id == gid
+    # Discovery: the importer lists only the exporter's agents enrolled for the service.
+    ((grant, agents),) = await overlay.caller.imports()
+    assert grant.id == gid and [a.name for a in agents] == ["node"]
+
+
+async def test_only_exported_plugins_and_agents_are_reachable(overlay) -> None:
+    await overlay.grant()
+    with pytest.raises(NoResponder, match="grant"):
+        await overlay.caller.call("node@globex/storage", "get", None, timeout=5)
+    with pytest.raises(NoResponder, match="grant"):
+        await overlay.caller.call("node@globex", "info", None, timeout=5)  # system
+    with pytest.raises(NoResponder, match="grant"):  # storage's key: not even its name
+        await overlay.caller.call("store@globex/inference", "generate", None, timeout=5)
+    # The exporter reaches only what a reply may: acme's agent, from the exported plugin.
+    with pytest.raises(NoResponder, match="grant"):
+        await overlay.store.call("gw@acme/gateway", "x", None, timeout=5)
+
+
+async def test_nothing_else_is_visible_across_the_grant(overlay, operator) -> None:
+    await overlay.grant()
+    watcher = await agent(operator, "watcher", overlay.b2.url, "globex", ("admin",))
+    acme_saw: list[Publication] = []
+    globex_saw: list[Publication] = []
+    await overlay.admin.subscribe(">", acme_saw.append)
+    await watcher.subscribe(">", globex_saw.append)
+    await overlay.node.publish("metrics.node", {"gpu": 1})
+    await overlay.node.publish("discovery.announce.node", {"plugins": ["inference"]}, keep=True)
+    await overlay.caller.publish("discovery.announce.gw", {"plugins": ["gateway"]}, keep=True)
+    await overlay.caller.call("node@globex/inference", "generate", {}, timeout=5)
+    await overlay.admin.publish("metrics.admin", {"acme": 1})
+    await eventually(lambda: len(acme_saw) >= 2 and len(globex_saw) >= 2)
+    await asyncio.sleep(0.3)
+    assert {p.src.split("/")[0] for p in acme_saw} <= {"gw", "admin"}
+    assert {p.src.split("/")[0] for p in globex_saw} <= {"node", "store", "watcher"}
+
+
+async def test_forged_grants_are_refused(overlay, operator) -> None:
+    books = [b.router.grants for b in overlay.bs]
+    acme = operator.tenant("acme")
+    spec = ("globex", "acme", [{"plugin": "inference"}], ["gateway"])
+    forged = [
+        cred.service_grant(acme.key, *spec, 60),  # a tenant key
+        cred.service_grant(generate(), *spec, 60),  # another operator
+        cred.service_grant(operator.operator_key, *spec, 1),  # expired (below)
+        cred.service_grant(operator.operator_key, "globex", "acme", [], ["gateway"], 60),
+        cred.service_grant(operator.operator_key, *spec[:3], ["admin"], 60),
+    ]
+    good = cred.service_grant(operator.operator_key, *spec, 60)
+    forged.append(good[:-3] + bytes([good[-3] ^ 1]) + good[-2:])  # tampered
+    await asyncio.sleep(1.1)
+    for blob in forged + [b"\x80", b"junk"]:
+        await overlay.admin.send_grant(blob)
+    await overlay.admin.flush()
+    assert all(not book.imports("acme") for book in books)
+    assert overlay.admin.link.connected.is_set()  # refused with a reason, the link stays
+
+
+async def test_revocation_cuts_at_every_broker(overlay, operator) -> None:
+    gid = await overlay.grant()
+    await overlay.caller.call("node@globex/inference", "generate", {}, timeout=5)
+    await overlay.admin.send_grant(operator.revoke_grant(gid))
+    await eventually(lambda: all(not b.router.grants.linking("acme", "globex") for b in overlay.bs))
+    with pytest.raises(NoResponder, match="grant"):
+        await overlay.caller.call("node@globex/inference", "generate", {}, timeout=5)
+    # The grant sent again stays dead.
+    (grant, blob, revoked) = operator.grants()[0]
+    assert revoked and grant is not None
+    await overlay.admin.send_grant(blob)
+    await overlay.admin.flush()
+    assert not overlay.b1.router.grants.linking("acme", "globex")
+
+
+async def test_callee_refuses_what_its_grant_does_not_export(overlay) -> None:
+    """A broker that let a call through anyway (compromised) still meets the callee's check."""
+    await overlay.grant()
+    await overlay.caller.call("node@globex/inference", "generate", {}, timeout=5)
+    peer = overlay.node._session.peers["gw@acme"]
+    assert peer.grant is not None and peer.ident.roles == ("gateway",)
+    from atoll.protocol.grants import call_refusal
+
+    assert call_refusal(peer.grant, "acme", "storage", 0) is not None
+    assert call_refusal(peer.grant, "acme", "inference", 0) is None
+    with pytest.raises(Forbidden):
+        raise Forbidden(call_refusal(peer.grant, "acme", "storage", 0) or "")
