@@ -134,8 +134,9 @@ async def test_nothing_else_is_visible_across_the_grant(overlay, operator) -> No
     watcher = await agent(operator, "watcher", overlay.b2.url, "globex", ("admin",))
     acme_saw: list[Publication] = []
     globex_saw: list[Publication] = []
-    await overlay.admin.subscribe(">", acme_saw.append)
-    await watcher.subscribe(">", globex_saw.append)
+    for pattern in ("metrics.*", "discovery.announce.*"):  # everything an admin may watch
+        await overlay.admin.subscribe(pattern, acme_saw.append)
+        await watcher.subscribe(pattern, globex_saw.append)
     await overlay.node.publish("metrics.node", {"gpu": 1})
     await overlay.node.publish("discovery.announce.node", {"plugins": ["inference"]}, keep=True)
     await overlay.caller.publish("discovery.announce.gw", {"plugins": ["gateway"]}, keep=True)
