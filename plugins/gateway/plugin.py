@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import secrets
 import socket
@@ -21,11 +22,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from atoll.agent.config import check_listen
 from atoll.agent.errors import AtollError
+from atoll.agent.imports import Imports
 from atoll.agent.plugins import Plugin, PluginContext
 from atoll.plugins.gateway.accounts import Accounts
 from atoll.plugins.gateway.admin import AdminRPC
 from atoll.plugins.gateway.app import create_app
 from atoll.plugins.gateway.batches import Batches
+from atoll.plugins.gateway.catalog import describe_node
 from atoll.plugins.gateway.contract import Price
 from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.evaluations import Evaluations
@@ -35,6 +38,7 @@ from atoll.plugins.gateway.router import ModelRouter
 from atoll.plugins.gateway.service import Gateway
 from atoll.plugins.gateway.spending import TEMPLATE_TOKENS, Spending
 from atoll.plugins.gateway.sso import OidcConfig, Sso, read_client_secret
+from atoll.plugins.inference.contract import PLUGIN as INFERENCE
 from atoll.plugins.storage.contract.adapters import (
     ADAPTERS_DELETED,
     ADAPTERS_NEW,
@@ -127,6 +131,9 @@ class GatewayPlugin(Plugin):
         if config.bootstrap_admin:
             self._bootstrap_admin()
         self.watch = await ctx.watch()
+        # Inference nodes of other tenants that grants let this one use, beside its own.
+        describe = functools.partial(describe_node, ctx)
+        self.imports = Imports(ctx.imports, self.watch.discovery, INFERENCE, describe).start()
         router = ModelRouter(ctx, self.watch.discovery, attempts=config.retry_attempts)
         self.gateway = Gateway(
             accounts=self.accounts,
@@ -308,6 +315,7 @@ class GatewayPlugin(Plugin):
             await asyncio.wait_for(self._serving, 10)
         await self.evaluations.close()
         await self.batches.close()
+        await self.imports.stop()
         await self.watch.stop()
         self.accounts.close()
 

@@ -159,7 +159,8 @@ class ModelRouter:
         found = self.discovery.select(
             plugin=PLUGIN, capability=capability, labels=labels, status=status
         )
-        return self._order(found, adapter)
+        own = [e for e in found if "@" not in e.name]  # another tenant's (a grant's): fallback
+        return self._order(own or found, adapter)
 
     def saturated(self, base_model: str | None, labels: dict[str, str]) -> bool:
         """Every ACTIVE node that could serve ``base_model`` (None: any) has requests waiting,

@@ -6,7 +6,6 @@ every broker."""
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,30 +14,12 @@ from atoll.agent.errors import Forbidden, NoResponder
 from atoll.agent.identity import AgentKeys
 from atoll.agent.node import Agent
 from atoll.agent.runtime import AgentRuntime
-from atoll.broker.identity import issue_broker_dir
 from atoll.broker.server import BrokerServer
 from atoll.protocol.session import CallInfo, Publication
 from atoll.tenancy import credentials as cred
 from atoll.tenancy.keys import generate
 from atoll.tenancy.operator import OperatorStore
 from support.overlay import eventually
-
-
-async def start_broker(op: OperatorStore, tmp: Path, name: str, peers: list[str]) -> BrokerServer:
-    d = tmp / name
-    issue_broker_dir(op, d, name)
-    server = BrokerServer.from_data_dir(d, peers=peers, mesh_refresh=0.5, ping_interval=1.0)
-    return await server.start("127.0.0.1", 0)
-
-
-@pytest.fixture
-async def mesh(operator, tmp_path):
-    b1 = await start_broker(operator, tmp_path, "b1", [])
-    b2 = await start_broker(operator, tmp_path, "b2", [b1.url])
-    await eventually(lambda: bool(b1.mesh.state.next_hops()) and bool(b2.mesh.state.next_hops()))
-    yield b1, b2
-    for b in (b2, b1):
-        await b.stop()
 
 
 async def agent(
@@ -162,7 +143,7 @@ async def test_forged_grants_are_refused(overlay, operator) -> None:
     good = cred.service_grant(operator.operator_key, *spec, 60)
     forged.append(good[:-3] + bytes([good[-3] ^ 1]) + good[-2:])  # tampered
     await asyncio.sleep(1.1)
-    for blob in forged + [b"\x80", b"junk"]:
+    for blob in [*forged, b"\x80", b"junk"]:
         await overlay.admin.send_grant(blob)
     await overlay.admin.flush()
     assert all(not book.imports("acme") for book in books)
