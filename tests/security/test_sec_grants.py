@@ -58,10 +58,8 @@ class Overlay:
         self.store.handle("storage", "get", secret, ("gateway",))
         return self
 
-    async def grant(self, **options: Any) -> str:
-        spec = {"services": [{"plugin": "inference"}], "roles": ["gateway"], "ttl_s": 3600}
-        spec |= options
-        grant = self.operator.grant("globex", "acme", **spec)
+    async def grant(self) -> str:
+        grant = self.operator.grant("globex", "acme", [{"plugin": "inference"}], ["gateway"], 3600)
         await self.admin.send_grant(grant.blob)
         await self.admin.flush()
         await eventually(lambda: all(b.router.grants.linking("acme", "globex") for b in self.bs))

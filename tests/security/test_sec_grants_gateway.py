@@ -9,6 +9,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from atoll.agent.identity import AgentKeys
 from atoll.agent.runtime import AgentRuntime
@@ -16,7 +17,7 @@ from atoll.tenancy.operator import OperatorStore
 from support.island import Island, models
 from support.overlay import AgentFactory, eventually
 
-PROMPT = [{"role": "user", "content": "hello across tenants"}]
+PROMPT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello across tenants"}]
 
 
 def factory(op: OperatorStore, tmp: Path, tenant: str, url: str, started: list) -> AgentFactory:
