@@ -16,7 +16,7 @@ from support.overlay import eventually
 async def start_broker(op: OperatorStore, tmp: Path, name: str, peers: list[str]) -> BrokerServer:
     d = tmp / name
     issue_broker_dir(op, d, name)
-    server = BrokerServer.from_data_dir(d, peers=peers, mesh_refresh=0.5, ping_interval=1.0)
+    server = BrokerServer.from_data_dir(d, peers=peers, mesh_refresh=0.5)
     return await server.start("127.0.0.1", 0)
 
 

@@ -14,12 +14,15 @@ from atoll.agent.errors import Forbidden, NoResponder
 from atoll.agent.identity import AgentKeys
 from atoll.agent.node import Agent
 from atoll.agent.runtime import AgentRuntime
+from atoll.broker.router import Session
 from atoll.broker.server import BrokerServer
+from atoll.protocol.frames import Frame, FrameType
 from atoll.protocol.session import CallInfo, Publication
 from atoll.tenancy import credentials as cred
 from atoll.tenancy.keys import generate
 from atoll.tenancy.operator import OperatorStore
-from support.overlay import eventually
+from support.broker_fakes import frame
+from support.overlay import eventually, intercept
 
 
 async def agent(
@@ -27,7 +30,7 @@ async def agent(
 ) -> Agent:
     keys = AgentKeys.issue(op, tenant, name, list(roles))
     rt = await AgentRuntime.start(
-        op.root / "agents" / tenant / name, [url], keys=keys, ping_interval=1.0, connect_timeout=5
+        op.root / "agents" / tenant / name, [url], keys=keys, connect_timeout=5
     )
     return rt.agent
 
@@ -150,11 +153,16 @@ async def test_forged_grants_are_refused(overlay, operator) -> None:
 
 async def test_revocation_cuts_at_every_broker(overlay, operator) -> None:
     gid = await overlay.grant()
-    await overlay.caller.call("node@globex/inference", "generate", {}, timeout=5)
+    near = await agent(operator, "near", overlay.b2.url, "acme", ("gateway",))  # node's broker
+    for caller in (overlay.caller, near):
+        await caller.call("node@globex/inference", "generate", {}, timeout=5)
     await overlay.admin.send_grant(operator.revoke_grant(gid))
-    await eventually(lambda: all(not b.router.grants.linking("acme", "globex") for b in overlay.bs))
-    with pytest.raises(NoResponder, match="grant"):
-        await overlay.caller.call("node@globex/inference", "generate", {}, timeout=5)
+    await eventually(
+        lambda: all(not b.router.grants.linking("acme", "globex") for b in overlay.bs), 2.0
+    )
+    for caller in (overlay.caller, near):  # refused at b1 and at b2
+        with pytest.raises(NoResponder, match="grant"):
+            await caller.call("node@globex/inference", "generate", {}, timeout=5)
     # The grant sent again stays dead.
     (grant, blob, revoked) = operator.grants()[0]
     assert revoked and grant is not None
@@ -163,15 +171,25 @@ async def test_revocation_cuts_at_every_broker(overlay, operator) -> None:
     assert not overlay.b1.router.grants.linking("acme", "globex")
 
 
-async def test_callee_refuses_what_its_grant_does_not_export(overlay) -> None:
-    """A broker that let a call through anyway (compromised) still meets the callee's check."""
+async def test_the_callee_refuses_what_a_compromised_broker_lets_through(overlay, operator) -> None:
+    """A broker that skips its grant check still meets the callee's: it sees the grant."""
     await overlay.grant()
-    await overlay.caller.call("node@globex/inference", "generate", {}, timeout=5)
-    peer = overlay.node._session.peers["gw@acme"]
-    assert peer.grant is not None and peer.ident.roles == ("gateway",)
-    from atoll.protocol.grants import call_refusal
+    caller = await agent(operator, "gw2", overlay.b2.url, "acme", ("gateway",))
 
-    assert call_refusal(peer.grant, "acme", "storage", 0) is not None
-    assert call_refusal(peer.grant, "acme", "inference", 0) is None
-    with pytest.raises(Forbidden):
-        raise Forbidden(call_refusal(peer.grant, "acme", "storage", 0) or "")
+    bypass = {"node@globex/storage": ("globex", "node"), "gw2@acme": ("acme", "gw2")}
+
+    def tap(session: Session, f: Frame) -> Frame | None:
+        where = bypass.get(f.header.get("dst", "")) if f.type is FrameType.MSG else None
+        if where is None:
+            return None
+        overlay.b2.router.deliver_msg(*where, f.raw)  # no grant check, either way
+        return frame(FrameType.KEYREQ, {"name": session.ident.name})  # routed instead
+
+    undo = intercept(overlay.b2, tap)
+    try:
+        with pytest.raises(Forbidden, match="does not export 'storage'"):
+            await caller.call("node@globex/storage", "get", None, timeout=5)
+    finally:
+        undo()
+    peer = overlay.node._session.peers["gw2@acme"]
+    assert peer.grant is not None and peer.ident.roles == ("gateway",)

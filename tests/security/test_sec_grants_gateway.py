@@ -11,6 +11,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from atoll.agent.errors import Forbidden
 from atoll.agent.identity import AgentKeys
 from atoll.agent.runtime import AgentRuntime
 from atoll.tenancy.operator import OperatorStore
@@ -77,6 +78,12 @@ async def test_chat_through_an_imported_node_then_revoked(islands, operator) -> 
     families = node.ctx.metrics.snapshot()
     (series,) = next(f["series"] for n, f in families.items() if n.endswith("imported_requests"))
     assert series["labels"] == {"tenant": "acme"} and series["value"] == 1
+
+    # A node of another base refuses the grant's callers itself (brokers cannot see models).
+    gateway = acme.gateway
+    assert gateway is not None
+    with pytest.raises(Forbidden, match="does not cover base model 'private-echo'"):
+        await gateway.agent.call("other@globex/inference", "generate", {"prompt": "hi"}, timeout=5)
 
     operator_revocation = operator.revoke_grant(grant.id)
     await admin.send_grant(operator_revocation)
