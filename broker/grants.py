@@ -59,10 +59,16 @@ class GrantBook:
         if record.id in self._revoked:
             return record, False
         if record.id not in self._grants and len(self._grants) >= MAX_GRANTS:
-            raise AuthError(f"this broker holds {MAX_GRANTS} grants already")
+            now = self.clock()  # expired ones make room
+            self._grants = {k: g for k, g in self._grants.items() if g.live(now)}
+            if len(self._grants) >= MAX_GRANTS:
+                raise AuthError(f"this broker holds {MAX_GRANTS} grants already")
         new = record.id not in self._grants
         self._grants[record.id] = record
         return record, new
+
+    def revoked(self, grant_id: str) -> bool:
+        return grant_id in self._revoked
 
     def load(self, blobs: list[bytes]) -> None:
         """Records kept before: those that expired since drop out."""

@@ -25,7 +25,7 @@ from atoll.broker.state import Binding, BrokerState
 from atoll.logs import EventLogger
 from atoll.protocol.errors import AuthError, ProtocolError
 from atoll.protocol.frames import Frame, FrameType, encode_frame, pack
-from atoll.protocol.grants import GrantRevocation
+from atoll.protocol.grants import Grant, GrantRevocation
 from atoll.protocol.subjects import (
     REFUSALS,
     SubjectIndex,
@@ -387,6 +387,10 @@ class Router:
                 refusal = {"id": h["id"], "dst": dst, "reason": f"forbidden: {crossing}"}
                 s.send(encode_frame(FrameType.NORESP, refusal))
                 return
+        elif "@" in src:  # the receiver would look for the sender in another tenant
+            reason = "a message inside the tenant names its source without a tenant"
+            s.send(encode_frame(FrameType.NORESP, {"id": h["id"], "dst": dst, "reason": reason}))
+            return
         else:
             tenant = s.ident.tenant
         if self.deliver_msg(tenant, agent, data):
@@ -520,22 +524,24 @@ class Router:
         """An operator-signed grant or grant revocation, pushed by any agent (it is the
         operator's signature that counts): enforce it here and flood it."""
         try:
-            self.apply_grant(f.payload)
+            record, new = self.apply_grant(f.payload)
         except AuthError as exc:
             s.send(error_frame("auth", f"grant refused: {exc.reason}"))
             return
-        if self.mesh is not None:
+        if not isinstance(record, GrantRevocation) and self.grants.revoked(record.id):
+            s.send(error_frame("auth", f"grant refused: grant {record.id} was revoked"))
+        elif new and self.mesh is not None:
             self.mesh.flood_sync({"kind": "grant", "blob": f.payload})
 
-    def apply_grant(self, blob: Any) -> bool:
-        """Take a grant or revocation (raises AuthError, also for what is not one); True when
+    def apply_grant(self, blob: Any) -> tuple[Grant | GrantRevocation, bool]:
+        """Take a grant or revocation (raises AuthError, also for what is not one); whether
         it was news."""
         record, new = self.grants.apply(blob)
         if new:
             revoked = isinstance(record, GrantRevocation)
             self.log.info("broker.grant", id=record.id, revoked=revoked)
             self.state.keep_grant_record(blob)
-        return new
+        return record, new
 
     def apply_revocation(self, blob: bytes) -> bool:
         """Keep a (verified) revocation and cut the sessions it covers; True if it was news."""

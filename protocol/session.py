@@ -35,6 +35,10 @@ from atoll.protocol.subjects import peer_name, qualify, split_remote
 from atoll.protocol.trust import AgentIdentity, verify_agent
 
 MAX_HELD = 1024  # frames held per sender while its key is fetched; later ones are dropped
+# Agents never hear of a grant's revocation or replacement (brokers enforce those): a callee
+# refetches an importer's key, and so the grant it comes through, this often, so that what it
+# sees of a caller (the granted roles) is never older than this.
+GRANTED_PEER_TTL_MS = 60_000
 MAX_KEPT_SEEN = 65536  # kept publications remembered, to tell a kept copy sent again from a replay
 
 
@@ -47,6 +51,7 @@ class Peer:
     ident: AgentIdentity
     key: bytes
     grant: Grant | None = None
+    learnt: int = 0  # when (ms): a granted peer is asked for again after GRANTED_PEER_TTL_MS
 
 
 @dataclass(frozen=True)
@@ -414,7 +419,7 @@ class Session:
             events.append(PeerUnknown(name, f"agent {name!r}: {exc.reason}"))
             self._held.pop(name, None)
             return
-        peer = Peer(ident, box_key(self._sk, ident.pub), grant)
+        peer = Peer(ident, box_key(self._sk, ident.pub), grant, now)
         self.peers[name] = peer
         events.append(PeerKnown(name, peer))
         for held in self._held.pop(name, []):
@@ -454,7 +459,7 @@ class Session:
             events.append(Refused("agent.msg_refused", {"reason": "bad source address"}))
             return
         peer = self.peers.get(agent)
-        if peer is not None:
+        if peer is not None and (peer.grant is None or now - peer.learnt < GRANTED_PEER_TTL_MS):
             self._open_msg(peer, f, now, events)
             return
         held = self._held.setdefault(agent, [])

@@ -133,6 +133,8 @@ def test_forged_grants_are_refused_and_revocation_is_final(router, operator) -> 
     assert not router.grants.linking("acme", "globex")
     router.handle(gw, frame(FrameType.GRANT, {}, g.blob))  # sent again: stays dead
     assert not router.grants.linking("acme", "globex")
+    (err,) = gw.frames()
+    assert err.type is FrameType.ERROR and "was revoked" in err.header["reason"]
     assert gw.closed is None
 
 

@@ -16,6 +16,7 @@ from atoll.agent.node import Agent
 from atoll.agent.runtime import AgentRuntime
 from atoll.broker.router import Session
 from atoll.broker.server import BrokerServer
+from atoll.protocol import session as session_module
 from atoll.protocol.frames import Frame, FrameType
 from atoll.protocol.session import CallInfo, Publication
 from atoll.tenancy import credentials as cred
@@ -193,3 +194,24 @@ async def test_the_callee_refuses_what_a_compromised_broker_lets_through(overlay
         undo()
     peer = overlay.node._session.peers["gw2@acme"]
     assert peer.grant is not None and peer.ident.roles == ("gateway",)
+
+
+async def test_the_callee_sees_the_roles_of_the_grant_in_force(
+    overlay, operator, monkeypatch
+) -> None:
+    """Agents never hear of revocations: a callee refetches a granted caller's key (and grant)
+    after GRANTED_PEER_TTL_MS, so a narrower grant replacing a revoked one is what it sees."""
+    monkeypatch.setattr(session_module, "GRANTED_PEER_TTL_MS", 0)
+    gid = await overlay.grant()
+    await overlay.caller.call("node@globex/inference", "generate", {}, timeout=5)
+    await overlay.admin.send_grant(operator.revoke_grant(gid))
+    narrower = operator.grant("globex", "acme", [{"plugin": "inference"}], ["user"], 3600)
+    await overlay.admin.send_grant(narrower.blob)
+    await eventually(
+        lambda: all(
+            [g.id for g in b.router.grants.linking("acme", "globex")] == [narrower.id]
+            for b in overlay.bs
+        )
+    )
+    with pytest.raises(Forbidden, match="roles user"):
+        await overlay.caller.call("node@globex/inference", "generate", {}, timeout=5)
