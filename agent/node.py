@@ -376,9 +376,10 @@ class Agent:
             if handler is None:
                 raise NoSuchMethod(f"{dst} has no method {method!r}")
             fn, roles = handler
-            why = call_refusal(peer.grant, peer.ident.tenant, split_remote(dst)[2], now_ms())
-            if why is not None:
-                raise Forbidden(why)
+            if peer.grant is not None:  # another tenant's caller: its grant must cover this
+                why = call_refusal(peer.grant, peer.ident.tenant, split_remote(dst)[2], now_ms())
+                if why is not None:
+                    raise Forbidden(why)
             if not permissions.may_call(peer.ident.roles, roles):
                 raise Forbidden(permissions.refusal(peer.ident, dst, repr(method), roles))
             timeout_ms = request.timeout_ms
