@@ -46,7 +46,7 @@ MAX_KEPT_SEEN = 65536  # kept publications remembered, to tell a kept copy sent 
 class Peer:
     """Another agent: its verified identity and the Box key shared with it; for an agent of
     another tenant (``name@tenant``), the grant that joins the two. An importer's caller is
-    seen with the roles the grant gives it, never those its own tenant signed."""
+    seen with the grant's roles that it also holds at home, never others."""
 
     ident: AgentIdentity
     key: bytes
@@ -413,7 +413,9 @@ class Session:
             if ident.name != agent or ident.tenant != (tenant or self.tenant):
                 raise AuthError(f"broker answered for {name!r} with a credential of {ident.name!r}")
             if grant is not None and ident.tenant == grant.importer:
-                ident = replace(ident, roles=grant.roles)
+                # The grant's roles that its own tenant gave it too: a grant widens no agent
+                # of the importer beyond what it is at home.
+                ident = replace(ident, roles=tuple(r for r in grant.roles if r in ident.roles))
         except ProtocolError as exc:
             events.append(Refused("agent.peer_key_refused", {"peer": name, "reason": exc.reason}))
             events.append(PeerUnknown(name, f"agent {name!r}: {exc.reason}"))
