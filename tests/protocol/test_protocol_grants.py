@@ -14,7 +14,7 @@ from nacl.signing import SigningKey
 from atoll.protocol.errors import AuthError, ProtocolError
 from atoll.protocol.frames import Frame, FrameType, decode_message, pack
 from atoll.protocol.grants import call_refusal, verify_grant, verify_record
-from atoll.protocol.session import PeerKnown, PeerUnknown, Requested, Session
+from atoll.protocol.session import Event, PeerKnown, PeerUnknown, Requested, Session
 from atoll.protocol.subjects import peer_name, qualify, split_address, split_remote
 from atoll.protocol.trust import now_ms
 from atoll.tenancy import credentials as cred
@@ -92,7 +92,7 @@ def test_a_session_learns_another_tenants_key_only_with_a_joining_grant() -> Non
     gw_cred, gw = member(acme, "acme", "gw", "gateway", "user")
     node_cred, node = member(globex, "globex", "node", "inference")
 
-    def answer(who: Session, name: str, payload: bytes) -> list[object]:
+    def answer(who: Session, name: str, payload: bytes) -> list[Event]:
         return who.receive([Frame(FrameType.KEYRESP, {"name": name}, payload)], now_ms())
 
     good = grant(roles=("gateway", "training"))
