@@ -15,7 +15,7 @@ import functools
 import os
 import secrets
 import socket
-from typing import Any
+from typing import Any, Literal
 
 import uvicorn
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -61,6 +61,10 @@ class GatewayConfig(BaseModel):
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)  # larger bodies: 413
     request_timeout: float = Field(120.0, gt=0)  # deadline of one request: 504 after it
     retry_attempts: int = Field(3, ge=1, le=10)  # nodes tried before the first token
+    # Inference nodes of other tenants that operator-signed grants let this one use
+    # (docs/security.md): "fallback" for base models no node of its own serves, "prefer" them
+    # before its own, "off" never.
+    imports: Literal["fallback", "prefer", "off"] = "fallback"
     bootstrap_admin: bool = True
     storage: str | None = None  # agent of the storage plugin (files); None: discovery
     queue: str | None = None  # agent of the training queue (fine-tuning); None: discovery
@@ -133,8 +137,11 @@ class GatewayPlugin(Plugin):
         self.watch = await ctx.watch()
         # Inference nodes of other tenants that grants let this one use, beside its own.
         describe = functools.partial(describe_node, ctx)
-        self.imports = Imports(ctx.imports, self.watch.discovery, INFERENCE, describe).start()
+        self.imports = Imports(ctx.imports, self.watch.discovery, INFERENCE, describe)
+        if config.imports != "off":
+            self.imports.start()
         router = ModelRouter(ctx, self.watch.discovery, attempts=config.retry_attempts)
+        router.prefer_imported = config.imports == "prefer"
         self.gateway = Gateway(
             accounts=self.accounts,
             limiter=RateLimiter(),

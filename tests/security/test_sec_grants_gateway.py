@@ -97,3 +97,34 @@ async def test_chat_through_an_imported_node_then_revoked(islands, operator) -> 
         model="acme-echo", messages=PROMPT, max_tokens=4
     )
     assert own.choices[0].message.content
+
+
+def imported_requests(isl: Island, node: str) -> float:
+    families = isl.nodes[node].host.plugins["inference"].ctx.metrics.snapshot()
+    found = [f["series"] for n, f in families.items() if n.endswith("imported_requests")]
+    return sum(s["value"] for s in found[0]) if found else 0.0
+
+
+async def test_own_nodes_first_unless_imports_are_preferred(islands, operator) -> None:
+    acme, globex, admin, brokers = islands
+    await acme.add_node("mine", model="shared-echo")  # acme serves the granted base itself
+    grant = operator.grant("globex", "acme", [{"plugin": "inference"}], ["gateway"], 600)
+    await admin.send_grant(grant.blob)
+    await admin.flush()
+    await eventually(lambda: all(b.router.grants.linking("acme", "globex") for b in brokers))
+    await acme.plugin.imports.refresh()
+    await acme.models_seen("shared-echo")
+    key = acme.key("bob")
+
+    async def chat() -> None:
+        await client(acme, key).chat.completions.create(
+            model="shared-echo", messages=PROMPT, max_tokens=2
+        )
+
+    for _ in range(3):
+        await chat()
+    assert imported_requests(globex, "node") == 0  # its own node served every one
+    acme.plugin.gateway.router.prefer_imported = True  # the gateway's imports = "prefer"
+    for _ in range(3):
+        await chat()
+    assert imported_requests(globex, "node") == 3
