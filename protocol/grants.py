@@ -3,7 +3,8 @@
 A tenant is an isolation boundary; a grant is the one way through it, as a NATS service export
 and import: the **operator** signs that tenant ``importer`` may call the named services of tenant
 ``exporter``'s agents (a plugin, optionally only for one base model), that the importer's callers
-hold the listed roles on the exporter's side, until an expiry. Tenants cannot sign grants: an
+hold the listed roles on the exporter's side (those of them they hold at home: a grant widens no
+agent), until an expiry. Tenants cannot sign grants: an
 import that only the two tenants agreed on would let a tenant admin widen what another tenant's
 agents accept, and brokers already trust exactly one key, the operator's.
 
@@ -50,7 +51,7 @@ class Grant:
     exporter: str
     importer: str
     services: tuple[Service, ...]
-    roles: tuple[str, ...]  # what the importer's callers hold on the exporter's side
+    roles: tuple[str, ...]  # the most an importer's caller holds there: those it holds at home
     iat: int
     exp: int
     blob: bytes
@@ -73,16 +74,6 @@ class Grant:
 
     def live(self, now: int) -> bool:
         return self.exp > now
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "exporter": self.exporter,
-            "importer": self.importer,
-            "services": [s.__dict__ for s in self.services],
-            "roles": list(self.roles),
-            "exp": self.exp,
-        }
 
 
 @dataclass(frozen=True)
