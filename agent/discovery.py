@@ -314,7 +314,8 @@ class Discovery:
         }
         for listener in self.listeners:
             listener(event)
-        if self.publish_events and self.agent.link.connected.is_set():
+        # An imported entry (``agent@tenant``, ``atoll.agent.imports``) is this view's alone.
+        if self.publish_events and "@" not in entry.name and self.agent.link.connected.is_set():
             task = asyncio.ensure_future(self.agent.publish(f"{EVENTS}.{entry.name}", event))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 

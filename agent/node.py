@@ -34,7 +34,8 @@ from atoll.agent.errors import (
 from atoll.agent.identity import AgentKeys
 from atoll.agent.streams import Stream, StreamMux
 from atoll.logs import EventLogger
-from atoll.protocol.frames import Frame
+from atoll.protocol.frames import Frame, FrameType, encode_frame
+from atoll.protocol.grants import Grant, call_refusal
 from atoll.protocol.session import (
     BrokerError,
     CallFailed,
@@ -42,6 +43,7 @@ from atoll.protocol.session import (
     Cancelled,
     Event,
     Failure,
+    ImportsKnown,
     KeyRequest,
     Peer,
     PeerKnown,
@@ -55,8 +57,8 @@ from atoll.protocol.session import (
     Undelivered,
 )
 from atoll.protocol.streams import WINDOW
-from atoll.protocol.subjects import SubjectIndex, check_subject, split_address
-from atoll.protocol.trust import now_ms
+from atoll.protocol.subjects import SubjectIndex, check_subject, peer_name, split_remote
+from atoll.protocol.trust import AgentIdentity, now_ms
 from atoll.tenancy import permissions
 
 Handler = Callable[[Any, CallInfo], Awaitable[Any]]
@@ -160,7 +162,8 @@ class Agent:
             keys.feed_keys,
         )
         self._sids = itertools.count(1)
-        self._key_waiters: dict[str, asyncio.Future[Peer]] = {}
+        # Key requests waited on: a Peer, or (for "@") the tenant's imports.
+        self._key_waiters: dict[str, asyncio.Future[Any]] = {}
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._serving: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._handlers: dict[str, dict[str, tuple[Handler, tuple[str, ...]]]] = {}
@@ -218,6 +221,10 @@ class Agent:
         peer = self._session.peers.get(name)
         if peer is not None:
             return peer
+        found: Peer = await self._ask(name, timeout)
+        return found
+
+    async def _ask(self, name: str, timeout: float) -> Any:
         fut = self._key_waiters.get(name)
         if fut is None:
             fut = asyncio.get_running_loop().create_future()
@@ -279,6 +286,10 @@ class Agent:
             waiter = self._key_waiters.pop(event.name, None)
             if waiter is not None and not waiter.done():
                 waiter.set_exception(NoResponder(event.reason))
+        elif isinstance(event, ImportsKnown):
+            waiter = self._key_waiters.pop("@", None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(event.imports)
         elif isinstance(event, KeyRequest):
             try:
                 self.link.send(event.frame)
@@ -319,7 +330,7 @@ class Agent:
         timeout = self.call_timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        agent, _ = split_address(dst)
+        agent = peer_name(dst)
         peer = self._session.peers.get(agent) or await self._peer(agent, timeout)
         session = self._session
         call_id, frame = session.call(
@@ -348,7 +359,7 @@ class Agent:
             session.forget(call_id)
 
     def _on_request(self, request: Requested) -> None:
-        _, plugin = split_address(request.dst)
+        _, _, plugin = split_remote(request.dst)
         handler = self._handlers.get(plugin or "system", {}).get(request.method)
         task = asyncio.create_task(self._serve(handler, request))
         key = (request.src, request.call)
@@ -365,12 +376,16 @@ class Agent:
             if handler is None:
                 raise NoSuchMethod(f"{dst} has no method {method!r}")
             fn, roles = handler
+            if peer.grant is not None:  # another tenant's caller: its grant must cover this
+                why = call_refusal(peer.grant, peer.ident.tenant, split_remote(dst)[2], now_ms())
+                if why is not None:
+                    raise Forbidden(why)
             if not permissions.may_call(peer.ident.roles, roles):
                 raise Forbidden(permissions.refusal(peer.ident, dst, repr(method), roles))
             timeout_ms = request.timeout_ms
             limit = timeout_ms / 1000 if type(timeout_ms) is int and timeout_ms > 0 else None
             async with asyncio.timeout(limit):
-                result = await fn(request.params, CallInfo(src, peer.ident, method))
+                result = await fn(request.params, CallInfo(src, peer.ident, method, peer.grant))
         except asyncio.CancelledError:
             return  # the caller cancelled (or we are stopping): nobody wants an answer
         except TimeoutError:
@@ -463,6 +478,16 @@ class Agent:
 
     async def send_revocation(self, blob: bytes) -> None:
         self.link.send(self._session.revoke(blob))
+
+    async def send_grant(self, blob: bytes) -> None:
+        """An operator-signed grant or grant revocation, for the broker to enforce and flood."""
+        self.link.send(encode_frame(FrameType.GRANT, {}, blob))
+
+    async def imports(self, timeout: float = 10.0) -> list[tuple[Grant, list[AgentIdentity]]]:
+        """What this tenant imports now: per grant, the exporter's agents that serve it (the
+        broker's answer, verified here against the operator key)."""
+        found: list[tuple[Grant, list[AgentIdentity]]] = await self._ask("@", timeout)
+        return found
 
 
 def _call_error(event: CallFailed) -> AtollError:

@@ -33,6 +33,7 @@ from atoll.agent.node import Agent, Handler, Subscription
 from atoll.agent.streams import Stream, StreamHandler
 from atoll.agent.watch import TenantWatch
 from atoll.logs import EventLogger
+from atoll.protocol.grants import Grant
 from atoll.protocol.session import Publication
 from atoll.protocol.streams import WINDOW
 from atoll.protocol.trust import ROLES, AgentIdentity
@@ -147,6 +148,10 @@ class PluginContext:
         they are, the system section of the feed's last reading (empty before the first)."""
         host = self._host
         return metrics_snapshot(agent=self._agent.name, system=host.system, plugins=host.metrics())
+
+    async def imports(self) -> list[tuple[Grant, list[AgentIdentity]]]:
+        """What this tenant imports through grants (``Agent.imports``)."""
+        return await self._agent.imports()
 
     async def watch(self) -> TenantWatch:
         """A started view of discovery and every agent's metrics feed (the roles that may

@@ -24,9 +24,11 @@ from atoll.agent.errors import (
 )
 from atoll.logs import EventLogger
 from atoll.protocol.errors import ProtocolError
+from atoll.protocol.grants import call_refusal
 from atoll.protocol.session import CallInfo, Peer
 from atoll.protocol.streams import CHUNK, RETRANSMIT_AFTER, WINDOW, Change, StreamWindows
-from atoll.protocol.subjects import split_address
+from atoll.protocol.subjects import peer_name, split_remote
+from atoll.protocol.trust import now_ms
 from atoll.tenancy.permissions import may_call, refusal
 
 
@@ -249,8 +251,7 @@ class StreamMux:
         window: int = WINDOW,
     ) -> Stream:
         """Open a stream to ``service`` at ``dst`` (``agent/plugin``)."""
-        agent_name, _ = split_address(dst)
-        peer = await self._find_peer(agent_name, timeout)
+        peer = await self._find_peer(peer_name(dst), timeout)
         sid = next(self._ids)
         local = src or self.name
         stream = Stream(self, peer, local, dst, sid, False, window)
@@ -312,7 +313,7 @@ class StreamMux:
             stream.on_message(msg)
 
     def _on_open(self, src: str, dst: str, peer: Peer, sid: int, msg: dict[str, Any]) -> None:
-        _, plugin = split_address(dst)
+        _, _, plugin = split_remote(dst)
         service = msg.get("svc")
         window = msg.get("w")
         stream = Stream(self, peer, dst, src, sid, True, WINDOW)
@@ -324,6 +325,10 @@ class StreamMux:
             stream.abort(NoSuchMethod(f"{dst} serves no stream {service!r}"))
             return
         handler, roles = served
+        why = call_refusal(peer.grant, peer.ident.tenant, plugin, now_ms())
+        if why is not None:
+            stream.abort(Forbidden(why))
+            return
         if not may_call(peer.ident.roles, roles):
             stream.abort(Forbidden(refusal(peer.ident, dst, f"stream {service!r}", roles)))
             return
@@ -335,7 +340,7 @@ class StreamMux:
         stream.accepted.set_result(None)
         stream.windows.accept()
         stream._flush()
-        call = CallInfo(src, peer.ident, f"stream:{service}")
+        call = CallInfo(src, peer.ident, f"stream:{service}", peer.grant)
         task = asyncio.create_task(self._run(handler, stream, msg.get("p"), call))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 

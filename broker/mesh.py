@@ -877,6 +877,18 @@ class LinkState:
         where = self.locate(tenant, agent)
         return self.origins[where].agents[(tenant, agent)][0] if where else None
 
+    def agents(self, tenant: str) -> dict[str, bytes]:
+        """The tenant's agents on reachable brokers: name -> credential (for grants' listings,
+        which are rare and bounded by the caller)."""
+        reachable = self.next_hops()
+        found: dict[str, bytes] = {}
+        for name, rec in self.origins.items():
+            if name == self.me or name in reachable:
+                for (t, agent), (cred, _since) in rec.agents.items():
+                    if t == tenant:
+                        found[agent] = cred
+        return found
+
     # --- publications ----------------------------------------------------------------------------
 
     def interested(self, tenant: str, subject: str) -> set[str]:

@@ -28,7 +28,7 @@ from atoll.logs import EventLogger
 from atoll.protocol.errors import AuthError, ProtocolError
 from atoll.protocol.frames import Frame, FrameType, decode_message, encode_frame, pack, unpack_map
 from atoll.protocol.handshake import ClientHandshake
-from atoll.protocol.subjects import check_name, check_subject, split_address
+from atoll.protocol.subjects import check_name, check_subject, split_address, split_remote
 from atoll.protocol.trust import AgentIdentity, verify_agent
 from atoll.tenancy import permissions
 from atoll.transport import CLOSE_POLICY, WebSocket, connect
@@ -188,12 +188,11 @@ class PeerMesh:
         link = PeerLink(self, ws, name, dialled)
         self.links[name] = link
         self.log.info("mesh.linked", peer=name, dialled=dialled)
-        for blob in self.server.state.revocation_blobs():
-            link.send(
-                encode_frame(
-                    FrameType.SYNC, {"origin": self.me}, pack({"kind": "revoke", "blob": blob})
-                )
-            )
+        records = [("revoke", b) for b in self.server.state.revocation_blobs()]
+        records += [("grant", b) for b in self.server.router.grants.records()]
+        for kind, blob in records:
+            body = pack({"kind": kind, "blob": blob})
+            link.send(encode_frame(FrameType.SYNC, {"origin": self.me}, body))
         self.state.set_peers(self.links)
         self._advertise()
         for data in self.state.digest():  # the new neighbour pulls what it lacks
@@ -273,6 +272,11 @@ class PeerMesh:
                 self.server.router.apply_revocation(blob)
             except AuthError as exc:
                 raise ProtocolError(f"peer sent a bad revocation: {exc.reason}") from None
+        elif kind == "grant":
+            try:
+                self.server.router.apply_grant(body.get("blob"))
+            except AuthError as exc:
+                raise ProtocolError(f"peer sent a bad grant: {exc.reason}") from None
         elif kind == "bind":
             self.server.router.apply_binding(Binding.from_wire(body))
         else:
@@ -349,6 +353,9 @@ class PeerMesh:
     def credential(self, tenant: str, agent: str) -> bytes | None:
         return self.state.credential(tenant, agent)
 
+    def agents(self, tenant: str) -> dict[str, bytes]:
+        return self.state.agents(tenant)
+
     def _may(self, tenant: str, agent: str, kind: str, subject: str) -> bool:
         """Checked again here, from the publisher's own credential: a peer broker is not
         trusted to have applied the publisher's permissions."""
@@ -386,7 +393,7 @@ class PeerMesh:
             raise ProtocolError("a relay names a destination, a subject or a return address")
         src = h.get("src", "")
         if kind != "to":
-            split_address(src)  # brokers stamp it; a peer must not relay anonymous frames
+            split_remote(src)  # brokers stamp it; a peer must not relay anonymous frames
         if not self._seen.add((origin, tenant, kind, src, msg_id)):
             return  # a second copy (views differed for a moment): exactly once still
         router = self.server.router
@@ -408,18 +415,25 @@ class PeerMesh:
             if ttl > 0:
                 self.forward_pub(tenant, subject, f.payload, h, ttl, origin)
         elif kind == "dst":
-            agent, _ = split_address(h["dst"])
-            if router.deliver_msg(tenant, agent, f.payload):
-                return
-            if ttl > 0 and self.forward_msg(tenant, agent, f.payload, h, ttl, origin):
-                return
-            sender, _ = split_address(src)  # tell the sender, wherever it is
+            agent, _, _ = split_remote(h["dst"])
+            sender, home, _ = split_remote(src)
+            home = home or tenant
             reason = f"no agent {agent!r} in tenant {tenant!r}"
+            if home != tenant:  # across tenants: checked again here, against our own grants
+                crossing = router.grants.crossing(home, src, h["dst"])
+                if crossing != (tenant, agent):
+                    self.log.warning("mesh.cross_refused", peer=link.name, src=src, dst=h["dst"])
+                    reason = f"forbidden: {crossing}"
+                    agent = ""  # delivered nowhere: the sender hears why
+            if agent and router.deliver_msg(tenant, agent, f.payload):
+                return
+            if agent and ttl > 0 and self.forward_msg(tenant, agent, f.payload, h, ttl, origin):
+                return
             noresp = encode_frame(
                 FrameType.NORESP, {"id": msg_id, "dst": h["dst"], "reason": reason}
-            )
-            if not router.deliver_msg(tenant, sender, noresp):
-                self.forward_msg(tenant, sender, noresp, {"id": msg_id, "to": sender})
+            )  # tell the sender, wherever it is
+            if not router.deliver_msg(home, sender, noresp):
+                self.forward_msg(home, sender, noresp, {"id": msg_id, "to": sender})
         else:
             to = h["to"]
             check_name(to, "agent name")

@@ -6,6 +6,8 @@ from its signed roles (``atoll.tenancy.permissions``); anything else is refused 
 the connection stays up. Kept publications have byte and count budgets per agent and per
 tenant, refused with the reason, and outlive an agent that left the mesh only for ``kept_ttl``
 (``expire_kept``). The router never opens payloads; it only reads the clear header.
+A message or key request crosses tenants only where an operator-signed grant covers it
+(``atoll.broker.grants``: the rules live there).
 
 Over 400 lines because it is the whole per-tenant space (sessions, interest, kept state, the
 journal the mesh advertises) that every frame handler reads and writes.
@@ -17,11 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from atoll.broker.grants import GrantBook
 from atoll.broker.mesh import LocalChange
 from atoll.broker.state import Binding, BrokerState
 from atoll.logs import EventLogger
 from atoll.protocol.errors import AuthError, ProtocolError
 from atoll.protocol.frames import Frame, FrameType, encode_frame, pack
+from atoll.protocol.grants import Grant, GrantRevocation
 from atoll.protocol.subjects import (
     REFUSALS,
     SubjectIndex,
@@ -29,6 +33,7 @@ from atoll.protocol.subjects import (
     check_subject,
     matches,
     split_address,
+    split_remote,
 )
 from atoll.protocol.trust import AgentIdentity, now_ms, verify_revocation
 from atoll.tenancy import permissions
@@ -77,6 +82,8 @@ class MeshRelay(Protocol):
 
     def flood_sync(self, body: dict[str, Any]) -> None: ...
 
+    def agents(self, tenant: str) -> dict[str, bytes]: ...
+
 
 # Kept publications live in broker memory until replaced or until their agent has been gone for
 # the broker's kept_ttl: an agent keeps its announcement and metrics (a few KiB each), so these
@@ -106,6 +113,8 @@ class Router:
         # kept only while a mesh is attached, drained by it (``local_changes``).
         self._journal: list[LocalChange] = []
         self._tenants: dict[str, _TenantSpace] = {}
+        self.grants = GrantBook(state.operator_pub)
+        self.grants.load(state.grant_records())  # kept across restarts
         self._allowed: dict[int, dict[tuple[str, str], bool]] = {}  # session id -> answers
         self._handlers: dict[FrameType, Callable[[Session, Frame], None]] = {
             FrameType.MSG: self._msg,
@@ -114,6 +123,7 @@ class Router:
             FrameType.UNSUB: self._unsub,
             FrameType.KEYREQ: self._keyreq,
             FrameType.REVOKE: self._revoke,
+            FrameType.GRANT: self._grant,
         }
 
     def _space(self, tenant: str) -> _TenantSpace:
@@ -348,8 +358,12 @@ class Router:
         claimed: str | None = f.header.get("src")
         if claimed is None:
             return s.ident.name
-        agent, _plugin = split_address(claimed)
-        if agent != s.ident.name:
+        # Only a direct message may name its tenant (``agent@tenant``): one to another tenant.
+        if f.type is FrameType.MSG:
+            agent, tenant, _plugin = split_remote(claimed)
+        else:
+            (agent, _plugin), tenant = split_address(claimed), None
+        if agent != s.ident.name or tenant not in (None, s.ident.tenant):
             raise ProtocolError(f"source {claimed!r} is not this agent", code="spoofed")
         return claimed
 
@@ -364,9 +378,21 @@ class Router:
     def _msg(self, s: Session, f: Frame) -> None:
         h = f.header
         dst = h["dst"]
-        agent, _ = split_address(dst)
-        tenant = s.ident.tenant
+        agent, tenant, _ = split_remote(dst)
         src, data = self._stamped(s, f)
+        if tenant is not None:  # another tenant's agent: only through a grant
+            crossing = self.grants.crossing(s.ident.tenant, src, dst)
+            if isinstance(crossing, str):
+                self.log.warning("broker.cross_refused", agent=s.ident.name, dst=dst, why=crossing)
+                refusal = {"id": h["id"], "dst": dst, "reason": f"forbidden: {crossing}"}
+                s.send(encode_frame(FrameType.NORESP, refusal))
+                return
+        elif "@" in src:  # the receiver would look for the sender in another tenant
+            reason = "a message inside the tenant names its source without a tenant"
+            s.send(encode_frame(FrameType.NORESP, {"id": h["id"], "dst": dst, "reason": reason}))
+            return
+        else:
+            tenant = s.ident.tenant
         if self.deliver_msg(tenant, agent, data):
             return
         if self.mesh is not None and self.mesh.forward_msg(
@@ -451,6 +477,13 @@ class Router:
     def _keyreq(self, s: Session, f: Frame) -> None:
         name = f.header["name"]
         tenant = s.ident.tenant
+        if "@" in name:
+            answer = self.grants.key_answer(tenant, name, self._credential, self._all_agents)
+            if isinstance(answer, str):
+                s.send(error_frame("no-agent", answer, name=name))
+            else:
+                s.send(encode_frame(FrameType.KEYRESP, {"name": name}, answer))
+            return
         target = self._space(tenant).agents.get(name)
         cred = target.ident.credential if target is not None else None
         if cred is None and self.mesh is not None:
@@ -472,6 +505,43 @@ class Router:
         self.apply_revocation(f.payload)
         if self.mesh is not None:
             self.mesh.flood_sync({"kind": "revoke", "blob": f.payload})
+
+    def _credential(self, tenant: str, agent: str) -> bytes | None:
+        target = self._space(tenant).agents.get(agent)
+        if target is not None:
+            return target.ident.credential
+        return self.mesh.credential(tenant, agent) if self.mesh is not None else None
+
+    def _all_agents(self, tenant: str) -> dict[str, bytes]:
+        """The tenant's agents here and across the mesh: name -> credential."""
+        found = self.mesh.agents(tenant) if self.mesh is not None else {}
+        space = self._tenants.get(tenant)
+        for name, session in space.agents.items() if space else ():
+            found[name] = session.ident.credential
+        return found
+
+    def _grant(self, s: Session, f: Frame) -> None:
+        """An operator-signed grant or grant revocation, pushed by any agent (it is the
+        operator's signature that counts): enforce it here and flood it."""
+        try:
+            record, new = self.apply_grant(f.payload)
+        except AuthError as exc:
+            s.send(error_frame("auth", f"grant refused: {exc.reason}"))
+            return
+        if not isinstance(record, GrantRevocation) and self.grants.revoked(record.id):
+            s.send(error_frame("auth", f"grant refused: grant {record.id} was revoked"))
+        elif new and self.mesh is not None:
+            self.mesh.flood_sync({"kind": "grant", "blob": f.payload})
+
+    def apply_grant(self, blob: Any) -> tuple[Grant | GrantRevocation, bool]:
+        """Take a grant or revocation (raises AuthError, also for what is not one); whether
+        it was news."""
+        record, new = self.grants.apply(blob)
+        if new:
+            revoked = isinstance(record, GrantRevocation)
+            self.log.info("broker.grant", id=record.id, revoked=revoked)
+            self.state.keep_grant_record(blob)
+        return record, new
 
     def apply_revocation(self, blob: bytes) -> bool:
         """Keep a (verified) revocation and cut the sessions it covers; True if it was news."""

@@ -198,6 +198,8 @@ class BrokerServer:
         op = OperatorStore(data_dir)
         for blob in op.revocations():  # an operator's own dir: honour what it revoked offline
             state.add_revocation(blob)
+        for blob in op.grant_records():  # its grants too (the router verifies them at start)
+            state.keep_grant_record(blob)
         return cls(keys, state, **kw)
 
     @property

@@ -75,6 +75,7 @@ class BrokerState:
             """
             PRAGMA journal_mode=WAL;
             CREATE TABLE IF NOT EXISTS revocations (blob BLOB PRIMARY KEY);
+            CREATE TABLE IF NOT EXISTS grants (blob BLOB PRIMARY KEY);
             CREATE TABLE IF NOT EXISTS enrollments (
                 jti TEXT PRIMARY KEY, tenant TEXT NOT NULL, agent_pub BLOB NOT NULL,
                 name TEXT NOT NULL, at INTEGER NOT NULL);
@@ -130,6 +131,15 @@ class BrokerState:
 
     def revocation_blobs(self) -> list[bytes]:
         return [r.blob for r in self._revocations]
+
+    def keep_grant_record(self, blob: bytes) -> None:
+        """A verified grant or grant revocation (``atoll.broker.grants``), kept: a revoked grant
+        must stay revoked after a restart."""
+        with self._db:
+            self._db.execute("INSERT OR IGNORE INTO grants VALUES (?)", (blob,))
+
+    def grant_records(self) -> list[bytes]:
+        return [blob for (blob,) in self._db.execute("SELECT blob FROM grants")]
 
     def revoked(self, ident: AgentIdentity) -> str | None:
         """Why this identity is revoked, or None."""

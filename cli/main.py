@@ -8,7 +8,7 @@ from importlib.metadata import entry_points
 
 import typer
 
-from atoll.cli import agent, broker, island, operator, overlay, plugins, watch
+from atoll.cli import agent, broker, grants, island, operator, overlay, plugins, watch
 from atoll.tuning import tune_process
 
 COMMANDS_GROUP = "atoll.cli"
@@ -24,6 +24,7 @@ def _process_setup() -> None:
 app.add_typer(operator.commands)
 app.add_typer(operator.tenants, name="tenant")
 app.add_typer(operator.tokens, name="token")
+app.add_typer(grants.commands, name="grant")
 app.add_typer(agent.agents, name="agent")
 app.add_typer(overlay.commands)
 app.add_typer(watch.commands)

@@ -40,6 +40,7 @@ class FrameType(enum.IntEnum):
     PEER_STATE = 13  # broker -> broker: link-state advertisement (agents, interest, peers)
     RELAY = 14  # broker -> broker: an agent frame forwarded across the mesh
     SYNC = 15  # broker -> broker: flooded control state (revocations, redeemed tokens)
+    GRANT = 16  # agent -> broker: an operator-signed cross-tenant grant or its revocation
 
 
 # Each header field: (python type, bound). Strings are bounded in characters, bytes in length,
@@ -79,6 +80,7 @@ _REQUIRED: dict[FrameType, tuple[str, ...]] = {
     FrameType.PEER_STATE: ("origin", "seq"),
     FrameType.RELAY: ("tenant", "origin", "ttl"),
     FrameType.SYNC: ("origin",),
+    FrameType.GRANT: (),
 }
 
 

@@ -24,25 +24,34 @@ import enum
 import heapq
 import itertools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 from atoll.protocol.errors import AuthError, ProtocolError
 from atoll.protocol.frames import Frame, FrameType, encode_frame, unpack_map
+from atoll.protocol.grants import Grant, verify_grant
 from atoll.protocol.seal import ReplayGuard, Sealer, box_key, open_sealed
-from atoll.protocol.subjects import split_address
+from atoll.protocol.subjects import peer_name, qualify, split_remote
 from atoll.protocol.trust import AgentIdentity, verify_agent
 
 MAX_HELD = 1024  # frames held per sender while its key is fetched; later ones are dropped
+# Agents never hear of a grant's revocation or replacement (brokers enforce those): a callee
+# refetches an importer's key, and so the grant it comes through, this often, so that what it
+# sees of a caller (the granted roles) is never older than this.
+GRANTED_PEER_TTL_MS = 60_000
 MAX_KEPT_SEEN = 65536  # kept publications remembered, to tell a kept copy sent again from a replay
 
 
 @dataclass(slots=True)
 class Peer:
-    """Another agent of the tenant: its verified identity and the Box key shared with it."""
+    """Another agent: its verified identity and the Box key shared with it; for an agent of
+    another tenant (``name@tenant``), the grant that joins the two. An importer's caller is
+    seen with the grant's roles that it also holds at home, never others."""
 
     ident: AgentIdentity
     key: bytes
+    grant: Grant | None = None
+    learnt: int = 0  # when (ms): a granted peer is asked for again after GRANTED_PEER_TTL_MS
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,7 @@ class CallInfo:
     src: str
     caller: AgentIdentity
     method: str
+    grant: Grant | None = None  # the grant a caller of another tenant comes through
 
 
 class Publication(NamedTuple):  # a tuple: built once per delivered message
@@ -139,6 +149,14 @@ class PeerUnknown:
 
 
 @dataclass(slots=True)
+class ImportsKnown:
+    """What this tenant imports (the answer to ``request_key("@")``): per grant, the exporter's
+    agents that serve it, verified."""
+
+    imports: list[tuple[Grant, list[AgentIdentity]]]
+
+
+@dataclass(slots=True)
 class KeyRequest:
     """A frame asking the broker for ``name``'s credential, to write. If it cannot be written,
     tell the session (``key_request_failed``) so that the next need asks again."""
@@ -172,6 +190,7 @@ Event = (
     | Undelivered
     | PeerKnown
     | PeerUnknown
+    | ImportsKnown
     | KeyRequest
     | BrokerError
     | Refused
@@ -222,6 +241,8 @@ class Session:
         return msg, self._sealed(msg, peer, src, dst, body)
 
     def _sealed(self, msg: int, peer: Peer, src: str, dst: str, body: dict[str, Any]) -> bytes:
+        if "@" in dst and "@" not in src:  # to another tenant: it must know whom to answer
+            src = qualify(src, self.tenant)
         sealed = self._sealer.seal(peer.key, src, dst, body)
         return encode_frame(FrameType.MSG, {"id": msg, "src": src, "dst": dst}, sealed)
 
@@ -379,30 +400,68 @@ class Session:
     def _on_keyresp(self, f: Frame, now: int, events: list[Event]) -> None:
         name = f.header["name"]
         self._asked.discard(name)
+        grant = None
         try:
-            ident = verify_agent(f.payload, self._operator_pub, now)
-            if ident.name != name or ident.tenant != self.tenant:
+            if name == "@":
+                events.append(ImportsKnown(self._imports(f.payload, now)))
+                return
+            agent, tenant, _ = split_remote(name)
+            blob = f.payload
+            if tenant is not None:
+                blob, grant = self._granted(blob, tenant, now)
+            ident = verify_agent(blob, self._operator_pub, now)
+            if ident.name != agent or ident.tenant != (tenant or self.tenant):
                 raise AuthError(f"broker answered for {name!r} with a credential of {ident.name!r}")
+            if grant is not None and ident.tenant == grant.importer:
+                # The grant's roles that its own tenant gave it too: a grant widens no agent
+                # of the importer beyond what it is at home.
+                ident = replace(ident, roles=tuple(r for r in grant.roles if r in ident.roles))
         except ProtocolError as exc:
             events.append(Refused("agent.peer_key_refused", {"peer": name, "reason": exc.reason}))
             events.append(PeerUnknown(name, f"agent {name!r}: {exc.reason}"))
             self._held.pop(name, None)
             return
-        peer = Peer(ident, box_key(self._sk, ident.pub))
+        peer = Peer(ident, box_key(self._sk, ident.pub), grant, now)
         self.peers[name] = peer
         events.append(PeerKnown(name, peer))
         for held in self._held.pop(name, []):
             self._open_msg(peer, held, now, events)
 
+    def _granted(self, payload: bytes, tenant: str, now: int) -> tuple[bytes, Grant]:
+        """Another tenant's agent: its credential, and the grant (verified here, as brokers do)
+        that joins its tenant and ours."""
+        answer = unpack_map(payload, "granted key")
+        grant = verify_grant(answer.get("grant"), self._operator_pub, now)
+        if {grant.importer, grant.exporter} != {self.tenant, tenant}:
+            raise AuthError(f"the grant offered for tenant {tenant!r} joins other tenants")
+        cred = answer.get("cred")
+        if not isinstance(cred, bytes):
+            raise AuthError("granted key has no credential")
+        return cred, grant
+
+    def _imports(self, payload: bytes, now: int) -> list[tuple[Grant, list[AgentIdentity]]]:
+        found: list[tuple[Grant, list[AgentIdentity]]] = []
+        listed = unpack_map(payload, "imports").get("imports")
+        for item in listed if isinstance(listed, list) else []:
+            try:
+                grant = verify_grant(item.get("grant"), self._operator_pub, now)
+                if grant.importer != self.tenant:
+                    continue
+                agents = [verify_agent(c, self._operator_pub, now) for c in item.get("agents")]
+            except (ProtocolError, AttributeError, TypeError):
+                continue  # one bad entry hides only itself
+            found.append((grant, [a for a in agents if a.tenant == grant.exporter]))
+        return found
+
     def _on_msg(self, f: Frame, now: int, events: list[Event]) -> None:
         src = f.header.get("src", "")
         try:
-            agent, _ = split_address(src)
+            agent = peer_name(src)
         except ProtocolError:
             events.append(Refused("agent.msg_refused", {"reason": "bad source address"}))
             return
         peer = self.peers.get(agent)
-        if peer is not None:
+        if peer is not None and (peer.grant is None or now - peer.learnt < GRANTED_PEER_TTL_MS):
             self._open_msg(peer, f, now, events)
             return
         held = self._held.setdefault(agent, [])

@@ -2,7 +2,10 @@
 
 Subjects are dot-separated tokens (``metrics.gpu-1``); patterns may use ``*`` for one token and
 a final ``>`` for one or more. Subjects beginning with ``$`` belong to brokers. Agent addresses are
-``agent`` or ``agent/plugin``. All are validated before use: they come from the network.
+``agent`` or ``agent/plugin`` inside the sender's tenant; an agent of another tenant, reachable
+only through an operator-signed grant (``atoll.protocol.grants``), is ``agent@tenant`` or
+``agent@tenant/plugin``: names never hold ``@``, so a qualified address cannot be mistaken for an
+in-tenant one. All are validated before use: they come from the network.
 """
 
 from __future__ import annotations
@@ -55,6 +58,32 @@ def split_address(address: str) -> tuple[str, str | None]:
     result = (agent, check_name(plugin, "plugin name") if sep else None)
     _remember(_addresses, address, result)
     return result
+
+
+def split_remote(address: str) -> tuple[str, str | None, str | None]:
+    """``agent[@tenant][/plugin]`` -> (agent, tenant or None, plugin or None)."""
+    if type(address) is not str:
+        raise ProtocolError("address must be a string")
+    where, sep, plugin = address.partition("/")
+    agent, at, tenant = where.partition("@")
+    check_name(agent, "agent name")
+    return (
+        agent,
+        check_name(tenant, "tenant name") if at else None,
+        check_name(plugin, "plugin name") if sep else None,
+    )
+
+
+def peer_name(address: str) -> str:
+    """Whose key seals to ``address``: ``agent``, or ``agent@tenant`` in another tenant."""
+    agent, tenant, _ = split_remote(address)
+    return agent if tenant is None else f"{agent}@{tenant}"
+
+
+def qualify(address: str, tenant: str) -> str:
+    """An in-tenant address (``agent[/plugin]``) as another tenant names it."""
+    agent, sep, plugin = address.partition("/")
+    return f"{agent}@{tenant}{sep}{plugin}"
 
 
 def check_subject(subject: str, *, pattern: bool = False, system: bool = False) -> list[str]:

@@ -235,3 +235,34 @@ def revocation(
         raise ValueError("a revocation names an agent or a key")
     claims = {"k": "revoke", "tenant": tenant, "name": name, "pub": pub, "iat": now_ms(), "exp": 0}
     return pack({"tenant": tenant_claim_blob, "revoke": sign(tenant_key, claims)})
+
+
+def service_grant(
+    operator: SigningKey,
+    exporter: str,
+    importer: str,
+    services: list[dict[str, str]],
+    roles: list[str],
+    ttl_s: int,
+) -> bytes:
+    """An operator-signed grant (``atoll.protocol.grants``): ``importer``'s callers may use
+    ``services`` of ``exporter``'s agents, holding ``roles`` there, for ``ttl_s`` seconds."""
+    if ttl_s <= 0:
+        raise ValueError("a grant must expire: give it a lifetime")
+    iat = now_ms()
+    claims = {
+        "k": "grant",
+        "id": secrets.token_hex(8),
+        "exporter": check_name(exporter, "tenant name"),
+        "importer": check_name(importer, "tenant name"),
+        "services": services,
+        "roles": sorted(set(roles)),
+        "iat": iat,
+        "exp": iat + ttl_s * 1000,
+    }
+    return pack({"grant": sign(operator, claims)})
+
+
+def grant_revocation(operator: SigningKey, grant_id: str) -> bytes:
+    claims = {"k": "ungrant", "id": grant_id, "iat": now_ms(), "exp": 0}
+    return pack({"ungrant": sign(operator, claims)})

@@ -4,6 +4,7 @@ Layout::
 
     D/operator.key  D/operator.pub
     D/tenants/<name>/tenant.key   tenant.claim   feed.keys   revocations/
+    D/grants/<id>.grant   <id>.ungrant   (cross-tenant service grants, their revocations)
     D/broker/...                  (see atoll.broker.identity)
 
 Whoever holds this directory can mint credentials, tokens and revocations; brokers and agents
@@ -19,6 +20,8 @@ from pathlib import Path
 import msgpack
 from nacl.signing import SigningKey
 
+from atoll.protocol.errors import ProtocolError
+from atoll.protocol.grants import Grant, check_grant_id, verify_grant
 from atoll.protocol.subjects import check_name
 from atoll.protocol.trust import now_ms
 from atoll.tenancy import credentials as cred
@@ -146,3 +149,49 @@ class OperatorStore:
 
     def revocations(self) -> list[bytes]:
         return [p.read_bytes() for p in sorted(self.root.glob("tenants/*/revocations/*.rev"))]
+
+    # --- cross-tenant service grants (atoll.protocol.grants) ------------------------------------
+
+    def grant(
+        self,
+        exporter: str,
+        importer: str,
+        services: list[dict[str, str]],
+        roles: list[str],
+        ttl_s: int,
+    ) -> Grant:
+        """Sign and keep a grant; both tenants must exist here. Raises ValueError (or AuthError:
+        ProtocolError) for a grant brokers would refuse."""
+        for tenant in (exporter, importer):
+            if not self.tenant_dir(tenant).exists():
+                raise ValueError(f"no tenant {tenant!r} in {self.root}")
+        blob = cred.service_grant(self.operator_key, exporter, importer, services, roles, ttl_s)
+        grant = verify_grant(blob, self.operator_pub)  # what brokers will say of it, said now
+        gdir = self.root / "grants"
+        gdir.mkdir(exist_ok=True, mode=0o700)
+        (gdir / f"{grant.id}.grant").write_bytes(blob)
+        return grant
+
+    def grants(self) -> list[tuple[Grant | None, bytes, bool]]:
+        """Every grant kept here: (the grant, or None once expired; its blob; revoked?)."""
+        out: list[tuple[Grant | None, bytes, bool]] = []
+        for path in sorted((self.root / "grants").glob("*.grant")):
+            blob = path.read_bytes()
+            try:
+                grant: Grant | None = verify_grant(blob, self.operator_pub)
+            except ProtocolError:
+                grant = None
+            out.append((grant, blob, path.with_suffix(".ungrant").exists()))
+        return out
+
+    def revoke_grant(self, grant_id: str) -> bytes:
+        path = self.root / "grants" / f"{check_grant_id(grant_id)}.grant"
+        if not path.exists():
+            raise FileNotFoundError(f"no grant {grant_id!r} in {self.root}")
+        blob = cred.grant_revocation(self.operator_key, grant_id)
+        path.with_suffix(".ungrant").write_bytes(blob)
+        return blob
+
+    def grant_records(self) -> list[bytes]:
+        """Grants and their revocations, for a broker started on this dir to honour."""
+        return [p.read_bytes() for p in sorted((self.root / "grants").glob("*.*grant"))]

@@ -2,17 +2,28 @@
 models, what trainers may fine-tune, and the list a caller sees (with the adapters it may use).
 
 A model is known while some agent serving it is ACTIVE or only STALE (silent a few beats: a
-broker restarting, a link failing over); it is unknown once every such agent is LOST.
+broker restarting, a link failing over); it is unknown once every such agent is LOST. Nodes of
+another tenant that a grant lets this one use (``agent@tenant``, ``atoll.agent.imports``) are
+known the same way, from what they say of themselves when asked (``describe_node``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from atoll.agent.discovery import Discovery, Status
+from atoll.agent.node import Overlay
 from atoll.plugins.gateway.accounts import Accounts
 from atoll.plugins.gateway.accounts.keys import Principal
 from atoll.plugins.gateway.bodies import ModelKind
+from atoll.plugins.inference.contract import INFO, described
+
+
+async def describe_node(overlay: Overlay, address: str) -> dict[str, Any]:
+    """An inference node's description, asked of it (an imported node: its announcement is
+    sealed for its own tenant)."""
+    return described(INFO.check_reply(await overlay.call(address, INFO.name, {})))
 
 
 @dataclass(frozen=True)

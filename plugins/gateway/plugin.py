@@ -11,21 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import secrets
 import socket
-from typing import Any
+from typing import Any, Literal
 
 import uvicorn
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from atoll.agent.config import check_listen
 from atoll.agent.errors import AtollError
+from atoll.agent.imports import Imports
 from atoll.agent.plugins import Plugin, PluginContext
 from atoll.plugins.gateway.accounts import Accounts
 from atoll.plugins.gateway.admin import AdminRPC
 from atoll.plugins.gateway.app import Services, create_app
 from atoll.plugins.gateway.batches import Batches
+from atoll.plugins.gateway.catalog import describe_node
 from atoll.plugins.gateway.contract import Price
 from atoll.plugins.gateway.dataset_features import DatasetFeatures
 from atoll.plugins.gateway.errors import GatewayError
@@ -39,6 +42,7 @@ from atoll.plugins.gateway.spending import TEMPLATE_TOKENS, Spending
 from atoll.plugins.gateway.sso import OidcConfig, Sso, read_client_secret
 from atoll.plugins.gateway.vector_batches import FileBatches
 from atoll.plugins.gateway.vector_stores import VectorStores
+from atoll.plugins.inference.contract import PLUGIN as INFERENCE
 from atoll.plugins.storage.contract.adapters import (
     ADAPTERS_DELETED,
     ADAPTERS_NEW,
@@ -61,6 +65,10 @@ class GatewayConfig(BaseModel):
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)  # larger bodies: 413
     request_timeout: float = Field(120.0, gt=0)  # deadline of one request: 504 after it
     retry_attempts: int = Field(3, ge=1, le=10)  # nodes tried before the first token
+    # Inference nodes of other tenants that operator-signed grants let this one use
+    # (docs/security.md): "fallback" for base models no node of its own serves, "prefer" them
+    # before its own, "off" never.
+    imports: Literal["fallback", "prefer", "off"] = "fallback"
     bootstrap_admin: bool = True
     storage: str | None = None  # agent of the storage plugin (files); None: discovery
     queue: str | None = None  # agent of the training queue (fine-tuning); None: discovery
@@ -131,7 +139,13 @@ class GatewayPlugin(Plugin):
         if config.bootstrap_admin:
             self._bootstrap_admin()
         self.watch = await ctx.watch()
+        # Inference nodes of other tenants that grants let this one use, beside its own.
+        describe = functools.partial(describe_node, ctx)
+        self.imports = Imports(ctx.imports, self.watch.discovery, INFERENCE, describe)
+        if config.imports != "off":
+            self.imports.start()
         router = ModelRouter(ctx, self.watch.discovery, attempts=config.retry_attempts)
+        router.prefer_imported = config.imports == "prefer"
         self.gateway = Gateway(
             accounts=self.accounts,
             limiter=RateLimiter(),
@@ -322,6 +336,7 @@ class GatewayPlugin(Plugin):
         await self.mixtures.close()
         await self.services.file_batches.close()
         await self.batches.close()
+        await self.imports.stop()
         await self.watch.stop()
         self.accounts.close()
 

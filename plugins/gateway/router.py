@@ -143,6 +143,7 @@ class ModelRouter:
         # Requests this gateway has running per node: announced load lags a heartbeat behind,
         # so without this a burst would all land on whichever node looked idle last.
         self.inflight: dict[str, int] = {}
+        self.prefer_imported = False  # other tenants' nodes (agent@tenant) before our own
         self._rng = random.Random()
 
     # --- choosing ---------------------------------------------------------------------------------
@@ -159,7 +160,10 @@ class ModelRouter:
         found = self.discovery.select(
             plugin=PLUGIN, capability=capability, labels=labels, status=status
         )
-        return self._order(found, adapter)
+        own = [e for e in found if "@" not in e.name]
+        imported = [e for e in found if "@" in e.name]  # another tenant's, through a grant
+        first, then = (imported, own) if self.prefer_imported else (own, imported)
+        return self._order(first or then, adapter)
 
     def saturated(self, base_model: str | None, labels: dict[str, str]) -> bool:
         """Every ACTIVE node that could serve ``base_model`` (None: any) has requests waiting,

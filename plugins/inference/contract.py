@@ -295,6 +295,28 @@ class NodeInfo(BaseModel):
     transcription: str | None = None  # the transcription model, if this node transcribes
 
 
+def described(info: NodeInfo) -> dict[str, Any]:
+    """What a node says of itself in discovery: its announcement in its own tenant, and what
+    an importing tenant's gateway makes of its ``info`` (``atoll.agent.imports``)."""
+    return {
+        "capabilities": {
+            "backend": info.backend,
+            "base_model": info.base_model,
+            "models": info.models,
+            "adapters": info.adapters,
+            "max_batch": info.max_batch,
+            "max_adapters": info.max_adapters,
+            "embeddings": info.embeddings,
+            "transcription": info.transcription,
+        },
+        "load": {
+            "queue_depth": info.queue_depth,
+            "running": info.running,
+            "tokens_per_s": info.tokens_per_s,
+        },
+    }
+
+
 class Health(BaseModel):
     ok: bool
     backend: str

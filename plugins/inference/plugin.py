@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from atoll.agent.config import ConfigPath
 from atoll.agent.contract import Method
-from atoll.agent.errors import InvalidRequest, NoResponder
+from atoll.agent.errors import Forbidden, InvalidRequest, NoResponder
 from atoll.agent.metrics import REQUEST_DURATION_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS
 from atoll.agent.plugins import Plugin, PluginContext, rpc
 from atoll.agent.streams import Stream
@@ -41,6 +41,7 @@ from atoll.plugins.inference.contract import (
     TranscribeRequest,
     Unloaded,
     Unsupported,
+    described,
     reply_delta,
     reply_transcription,
 )
@@ -127,24 +128,7 @@ class InferencePlugin(Plugin):
         await self.backend.stop()
 
     def describe(self) -> dict[str, Any]:
-        info = self.backend.info()
-        return {
-            "capabilities": {
-                "backend": info.backend,
-                "base_model": info.base_model,
-                "models": info.models,
-                "adapters": info.adapters,
-                "max_batch": info.max_batch,
-                "max_adapters": info.max_adapters,
-                "embeddings": info.embeddings,
-                "transcription": info.transcription,
-            },
-            "load": {
-                "queue_depth": info.queue_depth,
-                "running": info.running,
-                "tokens_per_s": info.tokens_per_s,
-            },
-        }
+        return described(self.backend.info())
 
     def status(self) -> dict[str, Any]:
         info = self.backend.info()
@@ -160,7 +144,23 @@ class InferencePlugin(Plugin):
 
     # --- generation --------------------------------------------------------------------------
 
-    async def _events(self, request: GenerateRequest):
+    def _granted(self, call: CallInfo) -> None:
+        """A caller of another tenant comes through a grant, which may be limited to one base
+        model: only a node serving that base may answer it (brokers cannot see the model)."""
+        grant = call.grant
+        if grant is not None and call.caller.tenant == grant.importer:
+            base = self.backend.info().base_model
+            if not grant.allows(self.name, base):
+                raise Forbidden(f"grant {grant.id} does not cover base model {base!r}")
+
+    def _imported(self, tenant: str, tokens: int) -> None:
+        """Usage of a tenant importing this node through a grant, labelled with that tenant
+        (its own gateway's ledger records it as any request)."""
+        m, by = self.ctx.metrics, {"tenant": tenant}
+        m.counter("imported_requests", "Requests of importing tenants", by).inc()
+        m.counter("imported_tokens", "Completion tokens of importing tenants", by).inc(tokens)
+
+    async def _events(self, request: GenerateRequest, call: CallInfo):
         if not self.backend.scores_prompts and (
             request.echo
             or request.prompt_token_ids is not None
@@ -181,6 +181,8 @@ class InferencePlugin(Plugin):
                     self.ttft.observe(now - started)
                 if event.type == "finish":  # callers may stop iterating at this event
                     self.requests.inc()
+                    if call.grant is not None:
+                        self._imported(call.caller.tenant, event.usage.completion_tokens)
                     self.latency.observe(now - started)
                     if event.usage.completion_tokens > 1:
                         self.tpot.observe((now - first) / (event.usage.completion_tokens - 1))
@@ -193,6 +195,7 @@ class InferencePlugin(Plugin):
         """One JSON line per event. Lines come out as soon as they are made, but the ones made
         together (a backend yielding several events without waiting: a stop sequence released,
         the last token and the finish, a burst of SSE chunks) leave as one stream message."""
+        self._granted(call)
         request = self._generate_request(params)
         lines: asyncio.Queue[bytes | None] = asyncio.Queue(MAX_UNSENT_LINES)
         writer = asyncio.create_task(self._write_lines(stream, lines))
@@ -209,7 +212,7 @@ class InferencePlugin(Plugin):
                 put.cancel()
             return put.done() and not put.cancelled() and not writer.done()
 
-        events = self._events(request)
+        events = self._events(request, call)
         try:
             async for event in events:
                 if not await offer(event.model_dump_json(exclude_none=True).encode() + b"\n"):
@@ -237,10 +240,11 @@ class InferencePlugin(Plugin):
 
     @rpc(GENERATE.name, roles=lambda p: p.config.callers)
     async def generate(self, params: Any, call: CallInfo) -> dict[str, Any]:
+        self._granted(call)
         request = self._generate_request(params)
         parts: list[str] = []
         logprobs: list[float] = []
-        async for event in self._events(request):
+        async for event in self._events(request, call):
             if event.type == "token":
                 parts.append(event.text)
                 if event.logprob is not None:

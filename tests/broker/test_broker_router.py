@@ -46,6 +46,9 @@ class FakeMesh:
     def flood_sync(self, body: dict[str, Any]) -> None:
         self.synced.append(body)
 
+    def agents(self, tenant: str) -> dict[str, bytes]:
+        return {a: c for (t, a), c in self.reachable.items() if t == tenant}
+
 
 def pub(subject: str, payload: bytes = b"sealed", keep: bool = False, id: int = 1) -> Frame:
     header: dict[str, Any] = {"id": id, "subj": subject, "kid": 1}
