@@ -78,9 +78,7 @@ class MixtureSearches(KeptRuns[MixtureSearch]):
     # --- named mixtures ----------------------------------------------------------------------
 
     def save_named(self, principal: Principal, body: CreateMixture) -> NamedMixture:
-        mixture = Mixture(
-            adapters=body.adapters, merge_strategy=body.merge_strategy, density=body.density
-        )
+        mixture = body.mixture()
         self.gw.resolve(principal, body.model, mixture)
         self._check_name(principal, body.name)
         return _named(self._saved(principal, body.name, body.model, mixture, None))

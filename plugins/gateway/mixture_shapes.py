@@ -11,7 +11,7 @@ from atoll.plugins.gateway.bodies import RequestBody
 from atoll.plugins.gateway.evaluation_shapes import ModelScores
 from atoll.plugins.gateway.kept_runs import RunRecord
 from atoll.plugins.gateway.openai_requests import ModelName
-from atoll.plugins.inference.contract import MAX_MIXTURE, AdapterWeight, MergeStrategy
+from atoll.plugins.inference.contract import MAX_MIXTURE, AdapterWeight, MergeStrategy, Mixture
 
 MAX_TRIALS = 64
 MAX_ROWS = 200  # rows of a search: each trial scores every one of them
@@ -86,6 +86,16 @@ class CreateMixture(RequestBody):
     adapters: list[AdapterWeight] = Field(min_length=1, max_length=MAX_MIXTURE)
     merge_strategy: MergeStrategy = "linear"
     density: float = Field(1.0, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _once(self) -> CreateMixture:
+        _distinct([a.id for a in self.adapters], "adapters")
+        return self
+
+    def mixture(self) -> Mixture:
+        return Mixture(
+            adapters=self.adapters, merge_strategy=self.merge_strategy, density=self.density
+        )
 
 
 class NamedMixture(BaseModel):

@@ -159,6 +159,8 @@ async def test_who_may_search_save_see_and_delete_mixtures(island: Island, tmp_p
         assert (taken.status_code, taken.json()["error"]["param"]) == (409, "name")
         clash = await a.post("/v1/mixtures", json=mix | {"name": A})  # an adapter's name
         assert clash.status_code == 409
+        twice = {**mix, "name": "alice/twice", "adapters": [{"id": A, "weight": 1}] * 2}
+        assert (await a.post("/v1/mixtures", json=twice)).status_code == 422
         # Bob: not alice's adapters, not her mixture, not her search.
         search = {"model": MODEL, "adapters": [A, B], "file_id": file_id, "trials": 2}
         assert (await b.post("/v1/mixture_searches", json=search)).status_code == 404
