@@ -128,9 +128,12 @@ class PipelineStatus(BaseModel):
     events: list[Event]
 
 
+Change = Literal["added", "removed", "changed", "same"]
+
+
 class ServiceDiff(BaseModel):
     name: str
-    change: Literal["added", "removed", "changed", "same"]
+    change: Change
     fields: list[str]  # which of plugin, config, replicas, where, anti_affinity differ
     drift: bool  # actual replicas differ from desired now
 
@@ -158,12 +161,12 @@ class SyncReply(BaseModel):
     state: dict[str, Any] | None = None  # the standby's own when newer (it was active later)
 
 
-APPLY = Method("apply", SpecParams, PipelineStatus, "pipeline")
-DELETE = Method("delete", NameParams, PipelineStatus)
-LIST = Method("list", NoParams, list[PipelineStatus])
-STATUS = Method("status", NameParams, PipelineStatus)
-DIFF = Method("diff", SpecParams, PipelineDiff, "pipeline")
-SYNC = Method("sync", SyncParams, SyncReply)
+APPLY = Method[SpecParams, PipelineStatus]("apply", SpecParams, PipelineStatus, "pipeline")
+DELETE = Method[NameParams, PipelineStatus]("delete", NameParams, PipelineStatus)
+LIST = Method[NoParams, list[PipelineStatus]]("list", NoParams, list[PipelineStatus])
+STATUS = Method[NameParams, PipelineStatus]("status", NameParams, PipelineStatus)
+DIFF = Method[SpecParams, PipelineDiff]("diff", SpecParams, PipelineDiff, "pipeline")
+SYNC = Method[SyncParams, SyncReply]("sync", SyncParams, SyncReply)
 
 # --- client ---------------------------------------------------------------------------------
 

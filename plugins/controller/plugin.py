@@ -43,6 +43,7 @@ from atoll.plugins.controller.contract import (
     ROLE,
     STATUS,
     SYNC,
+    Change,
     Event,
     NotActive,
     PipelineDiff,
@@ -231,13 +232,14 @@ class ControllerPlugin(Plugin):
                 self.reported.discard(key)
             self._event(pipeline, _DONE[a.kind], f"{a.plugin} {_DONE[a.kind]}", a.service, a.agent)
         else:
-            count = self.failures.get(key, (0, 0.0))[0] + 1
-            wait = min(self.config.backoff * 2 ** (count - 1), self.config.backoff_max)
-            self.failures[key] = (count, time.time() + wait)
-            message = f"{a.kind} failed: {error}; next try in {wait:.0f} s"
-            if a.kind == "reconfigure":
+            if a.kind == "reconfigure":  # halted until a new config: no retry to time
                 state.halted = a.digest
                 message = f"rollout halted: {error}; apply a fixed config"
+            else:
+                count = self.failures.get(key, (0, 0.0))[0] + 1
+                wait = min(self.config.backoff * 2 ** (count - 1), self.config.backoff_max)
+                self.failures[key] = (count, time.time() + wait)
+                message = f"{a.kind} failed: {error}; next try in {wait:.0f} s"
             self._event(pipeline, "failed", message, a.service, a.agent)
         self._changed()
 
@@ -302,19 +304,16 @@ class ControllerPlugin(Plugin):
         spec = APPLY.parse_params(params).spec
         self._check(spec)
         old = self.store.pipelines.get(spec.name)
-        for name, service in spec.services.items():
-            was = old.services.get(name) if old is not None else None
-            if was is not None and was.plugin != service.plugin:
-                raise InvalidRequest(
-                    f"service {name!r} places {was.plugin!r}: a new plugin kind needs a new "
-                    "service name (the old one's replicas are removed)"
-                )
+        if old is not None:
+            _same_kinds(old, spec)
         pipeline = StoredPipeline(
             spec=spec, revision=old.revision + 1 if old is not None else 1, applied_at=time.time(),
             services=old.services if old is not None else {},
             events=old.events if old is not None else [],
         )  # fmt: skip
         self.store.pipelines[spec.name] = pipeline
+        # The operator's new word: agents backed off for this pipeline are tried again at once.
+        self.failures = {k: v for k, v in self.failures.items() if k[0] != spec.name}
         self._event(pipeline, "applied", f"revision {pipeline.revision} applied by {call.src}")
         self._changed()
         return self._status(pipeline).model_dump(mode="json")
@@ -350,7 +349,7 @@ class ControllerPlugin(Plugin):
             fields = [] if new is None or was is None else [
                 f for f in _SPEC_FIELDS if getattr(new, f) != getattr(was, f)
             ]  # fmt: skip
-            change = "added" if was is None else "removed" if new is None else (
+            change: Change = "added" if was is None else "removed" if new is None else (
                 "changed" if fields else "same")  # fmt: skip
             current = now.get(name)
             drift = current is not None and current.state != "converged"
@@ -391,6 +390,17 @@ class ControllerPlugin(Plugin):
                 parse(model, service.config, what, context={"config_dir": None})
             elif service.config:
                 raise InvalidRequest(f"service {name!r}: plugin {kind!r} takes no config")
+
+
+def _same_kinds(old: StoredPipeline, spec: PipelineSpec) -> None:
+    """A service keeps its plugin kind: its placements are of that kind."""
+    for name, service in spec.services.items():
+        was = old.services.get(name) or old.spec.services.get(name)
+        if was is not None and was.plugin != service.plugin:
+            raise InvalidRequest(
+                f"service {name!r} places {was.plugin!r}: a new plugin kind needs a new "
+                "service name (the old one's replicas are removed)"
+            )
 
 
 def _running(statuses: Any) -> frozenset[str]:

@@ -156,12 +156,11 @@ def _service(
         return Action(kind_, pipeline.spec.name, name, agent, kind, config, digest)
 
     if spec is None:  # retired: every replica goes, one at a time
-        action = act("remove", removable[0]) if removable else None
         status = ServiceStatus(
             name=name, plugin=kind, desired=0, actual=len(running), agents=running,
             out_of_date=[], state="removing", revision="",
         )  # fmt: skip
-        return action, status, gone
+        return (act("remove", removable[0]) if removable else None), status, gone
 
     avoid = _avoided(pipeline, spec, views)
 

@@ -49,7 +49,7 @@ INFERENCE = {"plugin": "inference", "replicas": 2, "where": {"labels": {"gpu": "
     ("services", "error"),
     [
         ({}, "services: Dictionary should have at least 1 item"),
-        ({"a": {"plugin": "inference", "where": {"gpus": 1}}}, r"services\.a\.where\.gpus: Extra inputs"),
+        ({"a": {"plugin": "inference", "where": {"gpus": 1}}}, r"a\.where\.gpus: Extra inputs"),
         ({"a": {"plugin": "inference", "replica": 2}}, "a.replica: Extra inputs"),
         ({"a": {"plugin": "inference", "replicas": -1}}, "greater than or equal to 0"),
         ({"a": {"plugin": "system"}}, "plugin 'system' cannot be placed"),
