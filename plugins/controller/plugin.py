@@ -158,10 +158,7 @@ class ControllerPlugin(Plugin):
     def _views(self) -> dict[str, AgentView]:
         views = {}
         for e in self.watch.discovery.entries.values():
-            plugins = frozenset(e.plugins)
-            reply = self.replies.get(e.name)
-            if reply is not None and reply[0] >= e.seen_at:
-                plugins = reply[1]  # the agent's announcement has not caught up yet
+            plugins = self._plugins(e.name)
             system = (self.watch.metrics.get(e.name) or {}).get("system") or {}
             gpus = tuple(
                 (g["memory_total_bytes"] // _MB,
@@ -174,6 +171,15 @@ class ControllerPlugin(Plugin):
                 alive=e.status is not Status.LOST,
             )  # fmt: skip
         return views
+
+    def _plugins(self, agent: str) -> frozenset[str]:
+        """What runs on ``agent``: its announcement, or what we know later than it (announced
+        in the middle of a change, it may show a plugin stopped for its restart)."""
+        entry = self.watch.discovery.entries.get(agent)
+        reply = self.replies.get(agent)
+        if reply is not None and (entry is None or reply[0] >= entry.seen_at):
+            return reply[1]
+        return frozenset(entry.plugins) if entry is not None else frozenset()
 
     def _gone(
         self, pipeline: StoredPipeline, gone: list[tuple[str, str]], views: dict[str, AgentView]
@@ -211,6 +217,7 @@ class ControllerPlugin(Plugin):
         if a.config is not None:
             params["config"] = a.config
         key = (a.pipeline, a.service, a.agent)
+        before = self._plugins(a.agent)
         try:
             statuses = await self.ctx.call(
                 f"{a.agent}/system", _METHODS[a.kind], params, self.config.call_timeout
@@ -218,6 +225,8 @@ class ControllerPlugin(Plugin):
             self.replies[a.agent] = (time.time(), _running(statuses))
             error = _unhealthy(statuses, a)
         except AtollError as exc:
+            # The system plugin undid a failed change (the old config runs again): as before.
+            self.replies[a.agent] = (time.time(), before)
             error = str(exc)
         pipeline = self.store.pipelines.get(a.pipeline)
         if pipeline is None:
