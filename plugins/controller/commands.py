@@ -15,6 +15,7 @@ import yaml
 from rich.table import Table
 
 from atoll.agent.contract import parse
+from atoll.agent.errors import InvalidRequest
 from atoll.agent.node import Agent
 from atoll.cli.admin import AdminTarget, admin_command
 from atoll.cli.console import fail, out, show
@@ -72,7 +73,7 @@ def _at(
 def _spec(path: Path) -> PipelineSpec:
     try:
         return load_spec(path)
-    except ValueError as exc:
+    except (ValueError, InvalidRequest) as exc:
         fail(str(exc))
 
 
@@ -83,7 +84,9 @@ class _AsCallback:
         self.app = app
 
     def command(self, name: str | None = None) -> Callable[[Any], Any]:
-        return self.app.callback(invoke_without_command=True)
+        # Options may follow FILE (a group would take the word after it for a subcommand).
+        interspersed = {"allow_interspersed_args": True}
+        return self.app.callback(invoke_without_command=True, context_settings=interspersed)
 
 
 def apply_file(target: AdminTarget, file: SpecFile, controller: Controller = None) -> None:
