@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from typing import Any
 
@@ -43,13 +42,10 @@ from atoll.plugins.controller.contract import (
     ROLE,
     STATUS,
     SYNC,
-    Change,
     Event,
     NotActive,
-    PipelineDiff,
     PipelineSpec,
     PipelineStatus,
-    ServiceDiff,
     SyncReply,
     leader,
 )
@@ -59,7 +55,10 @@ from atoll.plugins.controller.reconcile import (
     ServiceState,
     State,
     StoredPipeline,
+    change_error,
+    diff,
     plan,
+    running_plugins,
 )
 from atoll.protocol.session import CallInfo
 from atoll.tenancy.keys import write_secret
@@ -69,7 +68,6 @@ OPERATORS = ("operator",)  # what runs where is the operator's call (as the syst
 STATE_FILE = "state.json"
 _MB = 1 << 20
 _METHODS = {"add": "plugin_add", "reconfigure": "plugin_reconfigure", "remove": "plugin_remove"}
-_SPEC_FIELDS = ("plugin", "config", "replicas", "where", "anti_affinity")
 _DONE = {"add": "placed", "reconfigure": "reconfigured", "remove": "removed"}
 
 
@@ -222,8 +220,8 @@ class ControllerPlugin(Plugin):
             statuses = await self.ctx.call(
                 f"{a.agent}/system", _METHODS[a.kind], params, self.config.call_timeout
             )
-            self.replies[a.agent] = (time.time(), _running(statuses))
-            error = _unhealthy(statuses, a)
+            self.replies[a.agent] = (time.time(), running_plugins(statuses))
+            error = change_error(statuses, a)
         except AtollError as exc:
             # The system plugin undid a failed change (the old config runs again): as before.
             self.replies[a.agent] = (time.time(), before)
@@ -351,20 +349,8 @@ class ControllerPlugin(Plugin):
         spec = DIFF.parse_params(params).spec
         self._check(spec)
         old = self.store.pipelines.get(spec.name)
-        now = {s.name: s for s in self._status(old).services} if old is not None else {}
-        services = []
-        for name in sorted(set(spec.services) | set(old.spec.services if old else ())):
-            new, was = spec.services.get(name), old.spec.services.get(name) if old else None
-            fields = [] if new is None or was is None else [
-                f for f in _SPEC_FIELDS if getattr(new, f) != getattr(was, f)
-            ]  # fmt: skip
-            change: Change = "added" if was is None else "removed" if new is None else (
-                "changed" if fields else "same")  # fmt: skip
-            current = now.get(name)
-            drift = current is not None and current.state != "converged"
-            services.append(ServiceDiff(name=name, change=change, fields=fields, drift=drift))
-        diff = PipelineDiff(name=spec.name, exists=old is not None, services=services)
-        return diff.model_dump(mode="json")
+        now = self._status(old).services if old is not None else []
+        return diff(old, spec, now).model_dump(mode="json")
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -410,20 +396,3 @@ def _same_kinds(old: StoredPipeline, spec: PipelineSpec) -> None:
                 f"service {name!r} places {was.plugin!r}: a new plugin kind needs a new "
                 "service name (the old one's replicas are removed)"
             )
-
-
-def _running(statuses: Any) -> frozenset[str]:
-    if not isinstance(statuses, list):
-        return frozenset()
-    return frozenset(s["name"] for s in statuses
-                     if isinstance(s, dict) and s.get("state") == "running")  # fmt: skip
-
-
-def _unhealthy(statuses: Any, a: Action) -> str | None:
-    """Why the system plugin's reply shows the change did not take (None: it did)."""
-    mine = next((s for s in statuses if isinstance(s, dict) and s.get("name") == a.plugin), None)
-    if a.kind == "remove":
-        return None if mine is None or mine.get("state") != "running" else "still running"
-    if mine is None or mine.get("state") != "running":
-        return f"not running ({json.dumps(mine)})"
-    return mine.get("last_error")

@@ -14,6 +14,7 @@ remote changes across restarts) is a surplus replica, removed.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -21,8 +22,11 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from atoll.plugins.controller.contract import (
+    Change,
     Event,
+    PipelineDiff,
     PipelineSpec,
+    ServiceDiff,
     ServiceSpec,
     ServiceStateName,
     ServiceStatus,
@@ -217,3 +221,50 @@ def _avoided(
         if state is not None:
             avoid.update(_running(state, pipeline.spec.services[other].plugin, views))
     return avoid
+
+
+_SPEC_FIELDS = ("plugin", "config", "replicas", "where", "anti_affinity")
+
+
+def diff(old: StoredPipeline | None, spec: PipelineSpec, now: list[ServiceStatus]) -> PipelineDiff:
+    """What applying ``spec`` over ``old`` changes, service by service, and which services'
+    replicas drift from what is applied (``now``: their statuses)."""
+    before = old.spec.services if old is not None else {}
+    drifting = {s.name for s in now if s.state != "converged"}
+    services = []
+    for name in sorted(set(spec.services) | set(before)):
+        new, was = spec.services.get(name), before.get(name)
+        fields = [] if new is None or was is None else [
+            f for f in _SPEC_FIELDS if getattr(new, f) != getattr(was, f)
+        ]  # fmt: skip
+        change: Change = "added" if was is None else "removed" if new is None else (
+            "changed" if fields else "same")  # fmt: skip
+        services.append(
+            ServiceDiff(name=name, change=change, fields=fields, drift=name in drifting)
+        )
+    return PipelineDiff(name=spec.name, exists=old is not None, services=services)
+
+
+# --- what a system plugin's reply says ------------------------------------------------------
+
+
+def _statuses(reply: Any) -> list[dict[str, Any]]:
+    return [s for s in reply if isinstance(s, dict)] if isinstance(reply, list) else []
+
+
+def running_plugins(reply: Any) -> frozenset[str]:
+    """The plugins a ``plugin_*`` reply (the agent's plugin statuses) shows running."""
+    return frozenset(str(s.get("name")) for s in _statuses(reply) if s.get("state") == "running")
+
+
+def change_error(reply: Any, action: Action) -> str | None:
+    """Why the reply shows ``action`` did not take (None: it did): running without an error
+    after an add or a reconfigure, not running after a remove."""
+    mine = next((s for s in _statuses(reply) if s.get("name") == action.plugin), None)
+    running = mine is not None and mine.get("state") == "running"
+    if action.kind == "remove":
+        return "still running" if running else None
+    if not running:
+        return f"not running ({json.dumps(mine)})"
+    error = mine.get("last_error") if mine is not None else None
+    return str(error) if error else None
