@@ -13,9 +13,11 @@ see ``plugin.py``):
 
     RPC  apply   {spec: PipelineSpec}   -> PipelineStatus        (operator; active only)
     RPC  delete  {name}                 -> PipelineStatus        (operator; active only)
-    RPC  list    {}                     -> list[PipelineStatus]  (admins, operator)
-    RPC  status  {name}                 -> PipelineStatus        (admins, operator)
-    RPC  diff    {spec: PipelineSpec}   -> PipelineDiff          (admins, operator)
+    RPC  list    {}                     -> list[PipelineStatus]  (admins, operator, gateway)
+    RPC  status  {name}                 -> PipelineStatus        (admins, operator, gateway)
+    RPC  diff    {spec: PipelineSpec}   -> PipelineDiff          (admins, operator, gateway)
+
+(A gateway reads for its administrators: the web UI's Pipelines tab.)
     RPC  sync    {state}                -> {version, state?}     (controllers: active to standby)
 """
 

@@ -62,7 +62,7 @@ from atoll.plugins.controller.reconcile import (
 )
 from atoll.protocol.session import CallInfo
 from atoll.tenancy.keys import write_secret
-from atoll.tenancy.permissions import ADMINS
+from atoll.tenancy.permissions import CLIENTS
 
 OPERATORS = ("operator",)  # what runs where is the operator's call (as the system plugin's)
 STATE_FILE = "state.json"
@@ -334,17 +334,17 @@ class ControllerPlugin(Plugin):
         self._changed()
         return self._status(pipeline).model_dump(mode="json")
 
-    @rpc("list", roles=ADMINS)
+    @rpc("list", roles=CLIENTS)  # a gateway: for its admins' Pipelines page
     async def list_(self, params: Any, call: CallInfo) -> list[dict[str, Any]]:
         pipelines = sorted(self.store.pipelines.values(), key=lambda p: p.spec.name)
         return [self._status(p).model_dump(mode="json") for p in pipelines]
 
-    @rpc(STATUS.name, roles=ADMINS)
+    @rpc(STATUS.name, roles=CLIENTS)
     async def status_(self, params: Any, call: CallInfo) -> dict[str, Any]:
         pipeline = self._pipeline(STATUS.parse_params(params).name)
         return self._status(pipeline).model_dump(mode="json")
 
-    @rpc(DIFF.name, roles=ADMINS)
+    @rpc(DIFF.name, roles=CLIENTS)
     async def diff(self, params: Any, call: CallInfo) -> dict[str, Any]:
         spec = DIFF.parse_params(params).spec
         self._check(spec)

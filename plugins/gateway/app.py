@@ -21,7 +21,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from atoll.agent.prometheus import exposition
-from atoll.plugins.gateway import adapter_routes, finetune, inference_routes, self_service, webui
+from atoll.plugins.gateway import (
+    adapter_routes,
+    finetune,
+    inference_routes,
+    pipeline_routes,
+    self_service,
+    webui,
+)
 from atoll.plugins.gateway import batches as batch_routes
 from atoll.plugins.gateway import contract as c
 from atoll.plugins.gateway import evaluations as evaluation_routes
@@ -271,6 +278,7 @@ def create_app(
     admin_route("/admin/budgets", "list_budgets", "budgets_list", "GET")
     admin_route("/admin/budgets/remove", "remove_budget", "budgets_remove")
     self_service.install(app, gw, User, usage_csv)
+    pipeline_routes.install(app, gw, Admin)
     if sso is not None:
         sso.install(app)  # before the UI's static files, which would answer its paths 404
     webui.install(app, User)

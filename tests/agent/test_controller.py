@@ -209,7 +209,9 @@ async def test_who_may_apply_and_what_is_refused(make_agent: AgentFactory) -> No
             await caller.call("ctl/controller", "delete", {"name": "llm"})
     assert [p.name for p in await list_pipelines(admin, "ctl")] == ["llm"]  # admins may read
     assert (await pipeline_status(admin, "ctl", "llm")).revision == 1
-    for caller in (other, gateway):
+    assert await list_pipelines(gateway, "ctl")  # for its admins' Pipelines page
+    inference_node = (await make_agent("node", roles=("inference",))).agent
+    for caller in (other, inference_node):
         with pytest.raises(Forbidden, match="may not use 'list'"):
             await list_pipelines(caller, "ctl")
     with pytest.raises(Forbidden, match="may not use 'sync'"):
