@@ -194,6 +194,7 @@ class ControllerPlugin(Plugin):
                 self.reported.add((p, service, agent))
                 why = "agent is LOST" if view is None or not view.alive else "plugin stopped"
                 self._event(pipeline, "lost", f"replica gone ({why})", service, agent)
+                changed = True
             if retired or (view is not None and view.active):
                 pipeline.services[service].placed.pop(agent, None)
                 self.reported.discard((p, service, agent))
@@ -269,13 +270,15 @@ class ControllerPlugin(Plugin):
     async def _sync(self) -> None:
         """Bring each standby to this state, or take a standby's newer one."""
         me = self.ctx.identity.name
-        standbys = [n for n, roles, plugins, alive in self._controllers()
-                    if alive and n != me and ROLE in roles and PLUGIN in plugins]  # fmt: skip
+        # ACTIVE ones only: a STALE standby may be gone, and waiting on it would stall the step.
+        standbys = [e.name for e in self.watch.discovery.entries.values()
+                    if e.status is Status.ACTIVE and e.name != me and ROLE in e.roles
+                    and PLUGIN in e.plugins]  # fmt: skip
         state = self.store.model_dump(mode="json")
 
         async def push(name: str) -> SyncReply | None:
             try:
-                raw = await self.ctx.call(f"{name}/{PLUGIN}", SYNC.name, {"state": state}, 5)
+                raw = await self.ctx.call(f"{name}/{PLUGIN}", SYNC.name, {"state": state}, 2)
                 return SYNC.check_reply(raw)
             except AtollError as exc:  # a standby that is going away: the next step tries
                 self.ctx.log.info("controller.sync_failed", standby=name, error=exc)
