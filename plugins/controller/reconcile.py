@@ -47,7 +47,9 @@ class AgentView:
     active: bool = True  # ACTIVE: may take new replicas
     alive: bool = True  # not LOST: its replicas count
 
-    def matches(self, where: Where) -> bool:
+    def matches(self, where: Where, placing: bool = True) -> bool:
+        """Does ``where`` hold here? Free GPU memory counts only when ``placing``: a replica
+        uses memory itself, and must not be moved off for it."""
         if any(self.labels.get(k) != v for k, v in where.labels.items()):
             return False
         if where.regions and self.region not in where.regions:
@@ -61,8 +63,10 @@ class AgentView:
             total >= where.min_gpu_memory_mb for total, _ in self.gpus
         ):
             return False
-        return where.min_free_gpu_memory_mb is None or any(
-            free >= where.min_free_gpu_memory_mb for _, free in self.gpus
+        return (
+            not placing
+            or where.min_free_gpu_memory_mb is None
+            or any(free >= where.min_free_gpu_memory_mb for _, free in self.gpus)
         )
 
 
@@ -168,10 +172,10 @@ def _service(
 
     avoid = _avoided(pipeline, spec, views)
 
-    def fits(v: AgentView) -> bool:
-        return v.name not in avoid and v.matches(spec.where)
+    def fits(v: AgentView, placing: bool = True) -> bool:
+        return v.name not in avoid and v.matches(spec.where, placing)
 
-    keep = [a for a in running if fits(views[a])]
+    keep = [a for a in running if fits(views[a], placing=False)]
     misplaced = [a for a in running if a not in keep]
     free = [v for v in views.values() if v.active and kind not in v.plugins and fits(v)]
     desired = len(keep) + len(free) if spec.replicas == "all" else spec.replicas

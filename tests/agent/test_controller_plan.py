@@ -159,9 +159,13 @@ def test_anti_affinity_gpu_memory_all_and_retired_services() -> None:
     step = plan(current, views)
     assert [(a.service, a.agent) for a in step.actions] == [("inf", "b"), ("train", "c")]
     assert step.statuses[0].desired == 2
+    # A trainer's own memory use does not move it: free memory counts only for placing.
+    current.services["train"] = ServiceState(plugin="training", placed={"c": "x"})
+    views["c"] = AgentView("c", "r1", plugins=frozenset({"training"}), gpus=((16000, 1000),))
+    assert plan(current, views).statuses[1].agents == ["c"]
     current.deleting = True
     step = plan(current, views)
-    assert [(a.kind, a.agent) for a in step.actions] == [("remove", "a")]
+    assert [(a.kind, a.agent) for a in step.actions] == [("remove", "a"), ("remove", "c")]
     assert {s.state for s in step.statuses} == {"removing"}
 
 
