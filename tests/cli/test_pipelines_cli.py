@@ -31,8 +31,12 @@ services:
 async def test_apply_and_pipelines_commands(
     make_agent: AgentFactory, operator: OperatorStore, broker: BrokerServer, tmp_path: Path
 ) -> None:
-    await make_agent(
-        "ctl", roles=("controller",), plugins={"controller": {"interval": 0.2}}, heartbeat=0.2
+    ctl = await make_agent(
+        "ctl",
+        roles=("controller",),
+        labels={"gpu": "true"},  # it places on its own agent too (the island pipeline does)
+        plugins={"controller": {"interval": 0.2}},
+        heartbeat=0.2,
     )
     node = await make_agent("n1", roles=("inference",), labels={"gpu": "true"}, heartbeat=0.2)
     app = typer.Typer()
@@ -55,15 +59,19 @@ async def test_apply_and_pipelines_commands(
     assert json.loads(result.output)["revision"] == 1
 
     def serves() -> str | None:
-        plugin = node.host.plugins.get("inference")
-        return None if plugin is None else str(plugin.ctx.config["echo"]["model"])
+        """The model both agents serve (None: neither does)."""
+        models = set()
+        for rt in (ctl, node):
+            plugin = rt.host.plugins.get("inference")
+            models.add(None if plugin is None else str(plugin.ctx.config["echo"]["model"]))
+        return models.pop() if len(models) == 1 else "(differ)"
 
     await eventually(lambda: serves() == "m1", 10)
     result = await atoll("pipelines", "list")
     assert result.exit_code == 0 and "llm" in result.output and "inference" in result.output
     result = await atoll("pipelines", "status", "llm")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["services"][0]["agents"] == ["n1"]
+    assert json.loads(result.output)["services"][0]["agents"] == ["ctl", "n1"]
 
     changed = tmp_path / "llm2.yaml"
     changed.write_text(PIPELINE.replace("MODEL", "m2"))
