@@ -31,7 +31,10 @@ from atoll.plugins.controller.contract import (
 
 T = TypeVar("T")
 
-apply = typer.Typer(help="Apply a pipeline file (TOML or YAML): the controller keeps it running.")
+apply = typer.Typer(
+    help="Apply a pipeline file (TOML or YAML): the controller keeps it running.",
+    subcommand_metavar="",  # a command of its own, not a group
+)
 pipelines = typer.Typer(help="Declarative pipelines: list, status, diff, delete.")
 
 Controller = Annotated[
