@@ -16,9 +16,9 @@ see ``plugin.py``):
     RPC  list    {}                     -> list[PipelineStatus]  (admins, operator, gateway)
     RPC  status  {name}                 -> PipelineStatus        (admins, operator, gateway)
     RPC  diff    {spec: PipelineSpec}   -> PipelineDiff          (admins, operator, gateway)
+    RPC  sync    {state}                -> {stamp, state?}       (controllers: active to standby)
 
 (A gateway reads for its administrators: the web UI's Pipelines tab.)
-    RPC  sync    {state}                -> {version, state?}     (controllers: active to standby)
 """
 
 from __future__ import annotations
@@ -56,11 +56,12 @@ class Where(Strict):
     labels: dict[str, str] = {}  # signed labels, e.g. {gpu = "true"}
     regions: list[str] = []  # any of these (empty: any region)
     agents: list[str] = []  # only these agents (empty: any)
-    # Discovery capabilities of any plugin the agent runs, e.g. {base_models = "llama-3-8b"}:
+    # Discovery capabilities of any plugin the agent runs, e.g. {base_model = "llama-3-8b"}:
     # equal, or a list holding the value.
     capabilities: dict[str, str | int | float | bool] = {}
     min_gpu_memory_mb: int | None = Field(None, ge=0)  # total, on one GPU (the metrics feed)
-    min_free_gpu_memory_mb: int | None = Field(None, ge=0)  # free now, on one GPU
+    # Free now, on one GPU: checked when placing only (a replica uses memory itself).
+    min_free_gpu_memory_mb: int | None = Field(None, ge=0)
 
 
 class ServiceSpec(Strict):
@@ -101,7 +102,7 @@ class Event(BaseModel):
     at: float
     service: str = ""
     agent: str = ""
-    kind: str  # placed, reconfigured, removed, failed, lost, applied, deleted, halted
+    kind: str  # placed, reconfigured, removed, failed, lost, applied, deleted
     message: str
 
 
@@ -155,11 +156,11 @@ class SpecParams(Strict):
 
 
 class SyncParams(BaseModel):
-    state: dict[str, Any]  # the active's whole state (reconcile.State), version inside
+    state: dict[str, Any]  # the active's whole state (reconcile.State), its stamp inside
 
 
 class SyncReply(BaseModel):
-    version: int  # the standby's, after taking the state if it was newer
+    stamp: tuple[int, int]  # the standby's (term, version), after taking the state if newer
     state: dict[str, Any] | None = None  # the standby's own when newer (it was active later)
 
 

@@ -3,9 +3,10 @@
 Any agent whose credential holds the ``controller`` role may run it; the active one is the
 first name, in order, among live agents doing so (``contract.leader``: every controller and
 client computes it from discovery, no election round), the others are standbys. Every step the
-active one pushes its whole state (pipelines and where it placed what, with a version) to each
-standby that lacks that version, and takes a standby's state instead when it is newer (a
-controller that restarts with an old file, or a standby that was active meanwhile). So a
+active one pushes its whole state (pipelines and where it placed what, stamped with a term and
+a version: ``reconcile.State``) to each standby that lacks it, and takes a standby's state
+instead when it is newer (a controller that restarts with an old file, or a standby that was
+active meanwhile); a controller taking over starts a new term after that. So a
 standby already holds the desired state when the active goes LOST, and nothing but the
 controllers' own data dirs keeps it: no shared store to set up or to lose. The state is kept
 0600 (configs may hold secrets).
@@ -57,8 +58,11 @@ from atoll.plugins.controller.reconcile import (
     StoredPipeline,
     change_error,
     diff,
+    gpu_memory,
     plan,
+    record_placements,
     running_plugins,
+    same_kinds,
 )
 from atoll.protocol.session import CallInfo
 from atoll.tenancy.keys import write_secret
@@ -66,7 +70,6 @@ from atoll.tenancy.permissions import CLIENTS
 
 OPERATORS = ("operator",)  # what runs where is the operator's call (as the system plugin's)
 STATE_FILE = "state.json"
-_MB = 1 << 20
 _METHODS = {"add": "plugin_add", "reconfigure": "plugin_reconfigure", "remove": "plugin_remove"}
 _DONE = {"add": "placed", "reconfigure": "reconfigured", "remove": "removed"}
 
@@ -98,7 +101,8 @@ class ControllerPlugin(Plugin):
         self.replies: dict[str, tuple[float, frozenset[str]]] = {}
         self.failures: dict[tuple[str, str, str], tuple[int, float]] = {}  # -> (count, until)
         self.reported: set[tuple[str, str, str]] = set()  # replicas whose loss was told
-        self.synced: dict[str, int] = {}  # standby -> the version it holds
+        self.synced: dict[str, tuple[int, int]] = {}  # standby -> the stamp it holds
+        self._active = False
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._run())
 
@@ -130,8 +134,14 @@ class ControllerPlugin(Plugin):
     async def _run(self) -> None:
         while True:
             try:
-                if self._leader() == self.ctx.identity.name:
+                if self._leader() != self.ctx.identity.name:
+                    self._active = False
+                else:
                     await self._sync()  # a newer state elsewhere is taken before acting
+                    if not self._active:  # taking over: a new term
+                        self._active = True
+                        self.store.term += 1
+                        self._changed()
                     await self._step()
             except Exception as exc:  # one bad step must not end reconciling
                 self.ctx.log.error("controller.step_failed", error=exc)
@@ -150,23 +160,23 @@ class ControllerPlugin(Plugin):
             step = plan(pipeline, views, blocked)
             self._gone(pipeline, step.gone, views)
             actions += step.actions
-        if actions:
-            await asyncio.gather(*(self._do(a) for a in actions))
+        if not actions:
+            return
+        # Placements are recorded, and standbys told, before they are made: an active that dies
+        # mid-step leaves no replica its successor would not know of (it forgets those that
+        # did not start: the agent is then seen without them).
+        if record_placements(self.store, actions):
+            self._changed()
+            await self._sync()
+        await asyncio.gather(*(self._do(a) for a in actions))
 
     def _views(self) -> dict[str, AgentView]:
         views = {}
         for e in self.watch.discovery.entries.values():
-            plugins = self._plugins(e.name)
-            system = (self.watch.metrics.get(e.name) or {}).get("system") or {}
-            gpus = tuple(
-                (g["memory_total_bytes"] // _MB,
-                 (g["memory_total_bytes"] - g.get("memory_used_bytes", 0)) // _MB)
-                for g in system.get("gpus", []) if isinstance(g.get("memory_total_bytes"), int)
-            )  # fmt: skip
             views[e.name] = AgentView(
-                name=e.name, region=e.region, labels=e.labels, plugins=plugins,
-                capabilities=e.capabilities, gpus=gpus, active=e.status is Status.ACTIVE,
-                alive=e.status is not Status.LOST,
+                name=e.name, region=e.region, labels=e.labels, plugins=self._plugins(e.name),
+                capabilities=e.capabilities, gpus=gpu_memory(self.watch.metrics.get(e.name)),
+                active=e.status is Status.ACTIVE, alive=e.status is not Status.LOST,
             )  # fmt: skip
         return views
 
@@ -217,6 +227,7 @@ class ControllerPlugin(Plugin):
             params["config"] = a.config
         key = (a.pipeline, a.service, a.agent)
         before = self._plugins(a.agent)
+        refused = True  # by the agent (a start that failed, undone): else it was not reached
         try:
             statuses = await self.ctx.call(
                 f"{a.agent}/system", _METHODS[a.kind], params, self.config.call_timeout
@@ -226,7 +237,7 @@ class ControllerPlugin(Plugin):
         except AtollError as exc:
             # The system plugin undid a failed change (the old config runs again): as before.
             self.replies[a.agent] = (time.time(), before)
-            error = str(exc)
+            error, refused = str(exc), isinstance(exc, InvalidRequest)
         pipeline = self.store.pipelines.get(a.pipeline)
         if pipeline is None:
             return
@@ -240,7 +251,9 @@ class ControllerPlugin(Plugin):
                 self.reported.discard(key)
             self._event(pipeline, _DONE[a.kind], f"{a.plugin} {_DONE[a.kind]}", a.service, a.agent)
         else:
-            if a.kind == "reconfigure":  # halted until a new config: no retry to time
+            if a.kind == "add":
+                state.placed.pop(a.agent, None)  # recorded before the call: it did not start
+            if a.kind == "reconfigure" and refused:  # halted until a new config: no retry
                 state.halted = a.digest
                 message = f"rollout halted: {error}; apply a fixed config"
             else:
@@ -284,13 +297,13 @@ class ControllerPlugin(Plugin):
                 self.ctx.log.info("controller.sync_failed", standby=name, error=exc)
                 return None
 
-        todo = [n for n in standbys if self.synced.get(n) != self.store.version]
+        todo = [n for n in standbys if self.synced.get(n) != self.store.stamp()]
         for name, reply in zip(todo, await asyncio.gather(*map(push, todo)), strict=True):
             if reply is None:
                 continue
-            if reply.state is not None and reply.version > self.store.version:
+            if reply.state is not None and reply.stamp > self.store.stamp():
                 self._take(State.model_validate(reply.state))
-            self.synced[name] = reply.version
+            self.synced[name] = reply.stamp
 
     def _take(self, state: State) -> None:
         self.store = state
@@ -301,12 +314,12 @@ class ControllerPlugin(Plugin):
     @rpc(SYNC.name, roles=(ROLE,))
     async def sync(self, params: Any, call: CallInfo) -> dict[str, Any]:
         incoming = State.model_validate(SYNC.parse_params(params).state)
-        if incoming.version > self.store.version:
+        if incoming.stamp() > self.store.stamp():
             self._take(incoming)
-            return SyncReply(version=incoming.version).model_dump()
-        newer = self.store.version > incoming.version
+            return SyncReply(stamp=incoming.stamp()).model_dump()
+        newer = self.store.stamp() > incoming.stamp()
         mine = self.store.model_dump(mode="json") if newer else None
-        return SyncReply(version=self.store.version, state=mine).model_dump()
+        return SyncReply(stamp=self.store.stamp(), state=mine).model_dump()
 
     @rpc(APPLY.name, roles=OPERATORS)
     async def apply(self, params: Any, call: CallInfo) -> dict[str, Any]:
@@ -315,7 +328,7 @@ class ControllerPlugin(Plugin):
         self._check(spec)
         old = self.store.pipelines.get(spec.name)
         if old is not None:
-            _same_kinds(old, spec)
+            same_kinds(old, spec)
         pipeline = StoredPipeline(
             spec=spec, revision=old.revision + 1 if old is not None else 1, applied_at=time.time(),
             services=old.services if old is not None else {},
@@ -388,14 +401,3 @@ class ControllerPlugin(Plugin):
                 parse(model, service.config, what, context={"config_dir": None})
             elif service.config:
                 raise InvalidRequest(f"service {name!r}: plugin {kind!r} takes no config")
-
-
-def _same_kinds(old: StoredPipeline, spec: PipelineSpec) -> None:
-    """A service keeps its plugin kind: its placements are of that kind."""
-    for name, service in spec.services.items():
-        was = old.services.get(name) or old.spec.services.get(name)
-        if was is not None and was.plugin != service.plugin:
-            raise InvalidRequest(
-                f"service {name!r} places {was.plugin!r}: a new plugin kind needs a new "
-                "service name (the old one's replicas are removed)"
-            )

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from atoll.agent.errors import InvalidRequest
 from atoll.plugins.controller.contract import (
     Change,
     Event,
@@ -95,8 +96,15 @@ class StoredPipeline(BaseModel):
 
 
 class State(BaseModel):
-    version: int = 0  # bumped at every change: a standby takes only newer
+    # Which state is newer: (term, version). A controller that becomes active raises the term
+    # past every state it has seen, so changes an old active made after it was replaced (it
+    # went on alone, or came back with its file) lose to its successor's, whatever their count.
+    term: int = 0
+    version: int = 0  # bumped at every change
     pipelines: dict[str, StoredPipeline] = {}
+
+    def stamp(self) -> tuple[int, int]:
+        return (self.term, self.version)
 
 
 @dataclass(frozen=True)
@@ -227,6 +235,17 @@ def _avoided(
     return avoid
 
 
+def same_kinds(old: StoredPipeline, spec: PipelineSpec) -> None:
+    """A service keeps its plugin kind: its placements are of that kind."""
+    for name, service in spec.services.items():
+        was = old.services.get(name) or old.spec.services.get(name)
+        if was is not None and was.plugin != service.plugin:
+            raise InvalidRequest(
+                f"service {name!r} places {was.plugin!r}: a new plugin kind needs a new "
+                "service name (the old one's replicas are removed)"
+            )
+
+
 _SPEC_FIELDS = ("plugin", "config", "replicas", "where", "anti_affinity")
 
 
@@ -249,7 +268,30 @@ def diff(old: StoredPipeline | None, spec: PipelineSpec, now: list[ServiceStatus
     return PipelineDiff(name=spec.name, exists=old is not None, services=services)
 
 
-# --- what a system plugin's reply says ------------------------------------------------------
+def record_placements(state: State, actions: list[Action]) -> bool:
+    """Note each ``add`` among ``actions`` as placed, before it is made (an active that dies
+    mid-step then leaves no replica its successor does not know of; one that did not start is
+    forgotten when its agent is seen without it). Whether there was any."""
+    adds = [a for a in actions if a.kind == "add" and a.pipeline in state.pipelines]
+    for a in adds:
+        services = state.pipelines[a.pipeline].services
+        services.setdefault(a.service, ServiceState(plugin=a.plugin)).placed[a.agent] = a.digest
+    return bool(adds)
+
+
+# --- what agents report ---------------------------------------------------------------------
+
+_MB = 1 << 20
+
+
+def gpu_memory(feed: dict[str, Any] | None) -> tuple[tuple[int, int], ...]:
+    """(total MB, free MB) of each GPU in an agent's metrics feed message (none without one)."""
+    gpus = ((feed or {}).get("system") or {}).get("gpus") or []
+    return tuple(
+        (g["memory_total_bytes"] // _MB,
+         (g["memory_total_bytes"] - g.get("memory_used_bytes", 0)) // _MB)
+        for g in gpus if isinstance(g, dict) and isinstance(g.get("memory_total_bytes"), int)
+    )  # fmt: skip
 
 
 def _statuses(reply: Any) -> list[dict[str, Any]]:

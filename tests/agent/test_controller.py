@@ -16,6 +16,7 @@ import pytest
 from atoll.agent.errors import Forbidden, InvalidRequest
 from atoll.agent.node import Agent
 from atoll.agent.runtime import AgentRuntime
+from atoll.broker.server import BrokerServer
 from atoll.plugins.controller.contract import (
     NotActive,
     PipelineStatus,
@@ -160,7 +161,7 @@ async def test_a_pipeline_is_placed_replaced_moved_and_rolled_out(
 
 
 async def test_a_standby_takes_over_with_the_pipelines_when_the_active_is_lost(
-    make_agent: AgentFactory,
+    make_agent: AgentFactory, broker: BrokerServer, watcher: Callable[[Callable[[], bool]], None]
 ) -> None:
     controllers = [
         await make_agent(n, roles=("controller",), plugins={"controller": FAST}, heartbeat=HB)
@@ -180,7 +181,9 @@ async def test_a_standby_takes_over_with_the_pipelines_when_the_active_is_lost(
         await apply_pipeline(op, "ctl-b", pipeline(inf=inference("m1")))
     await eventually(lambda: sum(runs(rt) == "m1" for rt in nodes.values()) == 2, 10)
 
-    await controllers[0].agent.stop()  # the active controller dies
+    dead = controllers[0]
+    await dead.agent.stop()  # the active controller dies (no goodbye)
+    await dead.host.stop_all()  # and nothing of it runs on in this process
     deadline = time.monotonic() + 10
     while await active_controller(op) != "ctl-b":
         assert time.monotonic() < deadline
@@ -191,6 +194,30 @@ async def test_a_standby_takes_over_with_the_pipelines_when_the_active_is_lost(
     await eventually(lambda: all(runs(rt) == "m1" for rt in live.values()), 10)
     status = await pipeline_status(op, "ctl-b", "llm")
     assert status.active and status.services[0].actual == 2
+    status = await apply_pipeline(op, "ctl-b", pipeline(inf=inference("m2")))
+    assert status.revision == 2
+    await eventually(lambda: all(runs(rt) == "m2" for rt in live.values()), 10)
+
+    # Back with its older state file, ctl-a is the active one again: it takes ctl-b's newer
+    # state before acting, so nothing is rolled back to m1.
+    watcher(lambda: all(runs(rt) == "m2" for rt in live.values()))
+    back = await AgentRuntime.start(
+        dead.host.data_dir, [broker.url], {"controller": FAST}, keys=dead.agent.keys, heartbeat=HB
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while await active_controller(op) != "ctl-a":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        for _ in range(50):
+            status = await pipeline_status(op, "ctl-a", "llm")
+            if status.revision == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert status.active and status.revision == 2
+        await asyncio.sleep(1.0)  # a few steps of the returned controller: m2 stays (watcher)
+    finally:
+        await back.stop()
 
 
 async def test_who_may_apply_and_what_is_refused(make_agent: AgentFactory) -> None:

@@ -21,6 +21,7 @@ from atoll.plugins.controller.reconcile import (
     AgentView,
     ServiceState,
     StoredPipeline,
+    gpu_memory,
     plan,
 )
 from atoll.plugins.inference.plugin import InferenceConfig, make_backend
@@ -184,3 +185,13 @@ def test_the_active_controller_is_the_first_live_one_with_the_role() -> None:
     assert leader([("b", c, ["controller"], True), ("a", c, ["controller"], False)]) == "b"
     assert leader([("a", ("operator",), ["controller"], True)]) is None  # not signed for it
     assert leader([("a", c, ["system"], True)]) is None
+
+
+def test_gpu_memory_comes_from_the_metrics_feed() -> None:
+    gib = 1 << 30
+    feed = {"system": {"gpus": [
+        {"index": 0, "memory_total_bytes": 24 * gib, "memory_used_bytes": 20 * gib},
+        {"index": 1, "name": "no NVML memory reading"},
+    ]}}  # fmt: skip
+    assert gpu_memory(feed) == ((24 * 1024, 4 * 1024),)
+    assert gpu_memory(None) == () == gpu_memory({"system": {}})
