@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from atoll.agent.discovery import Status
 from atoll.agent.errors import AtollError
 from atoll.plugins.controller.contract import leader, list_pipelines
-from atoll.plugins.gateway.errors import GatewayError, from_platform
+from atoll.plugins.gateway.errors import from_platform
 from atoll.plugins.gateway.service import Gateway
 
 TIMEOUT_S = 10.0
@@ -23,14 +23,16 @@ def install(app: FastAPI, gw: Gateway, admin: Any) -> None:
     """The route; ``admin`` is app.py's administrator dependency."""
 
     @app.get("/admin/pipelines")
-    async def pipelines(_: admin) -> list[dict[str, Any]]:
+    async def pipelines(_: admin) -> dict[str, Any]:
+        """``{controller, pipelines}``: the active controller (null when none runs: a tenant
+        without pipelines, not an error) and what it reports."""
         entries = gw.watch.discovery.entries.values()
         active = leader([(e.name, e.roles, e.plugins, e.status is not Status.LOST)
                          for e in entries])  # fmt: skip
         if active is None:
-            raise GatewayError(503, "no pipeline controller is online", code="no_capacity")
+            return {"controller": None, "pipelines": []}
         try:
             found = await list_pipelines(gw.agent, active, TIMEOUT_S)
         except AtollError as exc:
             raise from_platform(exc) from None
-        return [p.model_dump(mode="json") for p in found]
+        return {"controller": active, "pipelines": [p.model_dump(mode="json") for p in found]}

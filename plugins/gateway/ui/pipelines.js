@@ -25,7 +25,11 @@ export class Pipelines {
   async poll() {
     clearTimeout(this.timer);
     try {
-      this.update(await this.api.get("/admin/pipelines"));
+      const { controller, pipelines } = await this.api.get("/admin/pipelines");
+      this.update(pipelines);
+      $("pipelines-controller").textContent = controller
+        ? `active controller: ${controller}`
+        : "no controller is online";
       $("pipelines-error").textContent = "";
     } catch (err) {
       $("pipelines-error").textContent = `Could not read the pipelines: ${err.message}`;
