@@ -113,6 +113,8 @@ class ControllerPlugin(Plugin):
         await self.watch.stop()
 
     def status(self) -> dict[str, Any]:
+        if self.state != "running":  # statuses are asked for while it starts, too
+            return {}
         return {"active": self._leader() == self.ctx.identity.name}
 
     # --- who is active -------------------------------------------------------------------------
