@@ -64,17 +64,30 @@ class Where(Strict):
     min_free_gpu_memory_mb: int | None = Field(None, ge=0)
 
 
+class Call(Strict):
+    """An RPC the controller makes on each replica once it runs its config, e.g. inference's
+    ``load_adapter`` with ``{id, pinned = true}``: what a plugin is told at run time rather
+    than in its config. The plugin must accept the ``controller`` role (inference: ``callers``)."""
+
+    method: str = Field(min_length=1, max_length=64)
+    params: dict[str, Any] = {}
+
+
 class ServiceSpec(Strict):
     plugin: Name  # the plugin kind (entry point name), e.g. inference
     config: dict[str, Any] = {}  # the plugin's section, checked by its own config model
     replicas: Annotated[int, Field(ge=0)] | Literal["all"] = 1  # "all": every matching agent
     where: Where = Where()
     anti_affinity: list[Name] = []  # services of this pipeline it must not share an agent with
+    # Made in order after each placement and config change; a failed one is an event (the
+    # replica runs: it is not retried until the next change).
+    calls: list[Call] = []
 
     def digest(self) -> str:
-        """What a rollout compares: the kind and its config (a selector change moves replicas,
-        it restarts none)."""
-        blob = json.dumps([self.plugin, self.config], sort_keys=True, default=str)
+        """What a rollout compares: the kind, its config and its calls (a selector change
+        moves replicas, it restarts none)."""
+        calls = [c.model_dump() for c in self.calls]
+        blob = json.dumps([self.plugin, self.config, calls], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

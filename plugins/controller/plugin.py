@@ -3,13 +3,11 @@
 Any agent whose credential holds the ``controller`` role may run it; the active one is the
 first name, in order, among live agents doing so (``contract.leader``: every controller and
 client computes it from discovery, no election round), the others are standbys. Every step the
-active one pushes its whole state (pipelines and where it placed what, stamped with a term and
-a version: ``reconcile.State``) to each standby that lacks it, and takes a standby's state
-instead when it is newer (a controller that restarts with an old file, or a standby that was
-active meanwhile); a controller taking over starts a new term after that. So a
-standby already holds the desired state when the active goes LOST, and nothing but the
-controllers' own data dirs keeps it: no shared store to set up or to lose. The state is kept
-0600 (configs may hold secrets).
+active one brings the standbys to its state (``replication.py``), and records a placement, and
+tells them, before it makes it; a controller taking over starts a new term once it has taken
+any newer state. So a standby already holds the desired state when the active goes LOST, and
+nothing but the controllers' own data dirs keeps it: no shared store to set up or to lose. The
+state is kept 0600 (configs may hold secrets).
 
 Each step, for the active one: the agents as discovery and the metrics feed show them (with
 what a system plugin's reply said, until the agent's next announcement tells more), the
@@ -47,7 +45,6 @@ from atoll.plugins.controller.contract import (
     NotActive,
     PipelineSpec,
     PipelineStatus,
-    SyncReply,
     leader,
 )
 from atoll.plugins.controller.reconcile import (
@@ -64,6 +61,7 @@ from atoll.plugins.controller.reconcile import (
     running_plugins,
     same_kinds,
 )
+from atoll.plugins.controller.replication import Replicas, answer
 from atoll.protocol.session import CallInfo
 from atoll.tenancy.keys import write_secret
 from atoll.tenancy.permissions import CLIENTS
@@ -101,7 +99,7 @@ class ControllerPlugin(Plugin):
         self.replies: dict[str, tuple[float, frozenset[str]]] = {}
         self.failures: dict[tuple[str, str, str], tuple[int, float]] = {}  # -> (count, until)
         self.reported: set[tuple[str, str, str]] = set()  # replicas whose loss was told
-        self.synced: dict[str, tuple[int, int]] = {}  # standby -> the stamp it holds
+        self.replicas = Replicas(ctx)
         self._active = False
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._run())
@@ -252,6 +250,14 @@ class ControllerPlugin(Plugin):
                 state.placed[a.agent] = a.digest
                 self.reported.discard(key)
             self._event(pipeline, _DONE[a.kind], f"{a.plugin} {_DONE[a.kind]}", a.service, a.agent)
+            for c in a.calls:
+                try:
+                    await self.ctx.call(
+                        f"{a.agent}/{a.plugin}", c.method, c.params, self.config.call_timeout
+                    )
+                except AtollError as exc:
+                    message = f"call {c.method} failed: {exc}"
+                    self._event(pipeline, "failed", message, a.service, a.agent)
         else:
             if a.kind == "add":
                 state.placed.pop(a.agent, None)  # recorded before the call: it did not start
@@ -289,23 +295,9 @@ class ControllerPlugin(Plugin):
         standbys = [e.name for e in self.watch.discovery.entries.values()
                     if e.status is Status.ACTIVE and e.name != me and ROLE in e.roles
                     and PLUGIN in e.plugins]  # fmt: skip
-        state = self.store.model_dump(mode="json")
-
-        async def push(name: str) -> SyncReply | None:
-            try:
-                raw = await self.ctx.call(f"{name}/{PLUGIN}", SYNC.name, {"state": state}, 2)
-                return SYNC.check_reply(raw)
-            except AtollError as exc:  # a standby that is going away: the next step tries
-                self.ctx.log.info("controller.sync_failed", standby=name, error=exc)
-                return None
-
-        todo = [n for n in standbys if self.synced.get(n) != self.store.stamp()]
-        for name, reply in zip(todo, await asyncio.gather(*map(push, todo)), strict=True):
-            if reply is None:
-                continue
-            if reply.state is not None and reply.stamp > self.store.stamp():
-                self._take(State.model_validate(reply.state))
-            self.synced[name] = reply.stamp
+        newer = await self.replicas.push(self.store, standbys)
+        if newer is not None:
+            self._take(newer)
 
     def _take(self, state: State) -> None:
         self.store = state
@@ -315,13 +307,10 @@ class ControllerPlugin(Plugin):
 
     @rpc(SYNC.name, roles=(ROLE,))
     async def sync(self, params: Any, call: CallInfo) -> dict[str, Any]:
-        incoming = State.model_validate(SYNC.parse_params(params).state)
-        if incoming.stamp() > self.store.stamp():
-            self._take(incoming)
-            return SyncReply(stamp=incoming.stamp()).model_dump()
-        newer = self.store.stamp() > incoming.stamp()
-        mine = self.store.model_dump(mode="json") if newer else None
-        return SyncReply(stamp=self.store.stamp(), state=mine).model_dump()
+        keep, reply = answer(self.store, State.model_validate(SYNC.parse_params(params).state))
+        if keep is not None:
+            self._take(keep)
+        return reply.model_dump()
 
     @rpc(APPLY.name, roles=OPERATORS)
     async def apply(self, params: Any, call: CallInfo) -> dict[str, Any]:

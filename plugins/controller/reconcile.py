@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 from atoll.agent.errors import InvalidRequest
 from atoll.plugins.controller.contract import (
+    Call,
     Change,
     Event,
     PipelineDiff,
@@ -116,6 +117,7 @@ class Action:
     plugin: str
     config: dict[str, Any] | None = None  # add, reconfigure
     digest: str = ""
+    calls: tuple[Call, ...] = ()  # add, reconfigure: made once it runs
 
 
 @dataclass
@@ -167,9 +169,12 @@ def _service(
     removable = [a for a in running if (name, a) not in blocked]
 
     def act(kind_: Literal["add", "reconfigure", "remove"], agent: str) -> Action:
-        config = spec.config if spec is not None and kind_ != "remove" else None
-        digest = spec.digest() if spec is not None else ""
-        return Action(kind_, pipeline.spec.name, name, agent, kind, config, digest)
+        if spec is None or kind_ == "remove":
+            return Action(kind_, pipeline.spec.name, name, agent, kind)
+        return Action(
+            kind_, pipeline.spec.name, name, agent, kind, spec.config, spec.digest(),
+            tuple(spec.calls),
+        )  # fmt: skip
 
     if spec is None:  # retired: every replica goes, one at a time
         status = ServiceStatus(
@@ -246,7 +251,7 @@ def same_kinds(old: StoredPipeline, spec: PipelineSpec) -> None:
             )
 
 
-_SPEC_FIELDS = ("plugin", "config", "replicas", "where", "anti_affinity")
+_SPEC_FIELDS = ("plugin", "config", "replicas", "where", "anti_affinity", "calls")
 
 
 def diff(old: StoredPipeline | None, spec: PipelineSpec, now: list[ServiceStatus]) -> PipelineDiff:

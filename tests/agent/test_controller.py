@@ -262,3 +262,29 @@ async def test_who_may_apply_and_what_is_refused(make_agent: AgentFactory) -> No
     renamed = pipeline(inf={"plugin": "training", "config": {"mode": "trainer"}})
     with pytest.raises(InvalidRequest, match="new plugin kind needs a new service name"):
         await apply_pipeline(op, "ctl", renamed)
+
+
+async def test_calls_are_made_on_each_replica_and_a_failed_one_is_an_event(
+    make_agent: AgentFactory,
+) -> None:
+    await make_agent("ctl", roles=("controller",), plugins={"controller": FAST}, heartbeat=HB)
+    node = await make_agent("n1", roles=("inference",), labels={"gpu": "true"}, heartbeat=HB)
+    op = (await make_agent("op", roles=("operator",))).agent
+    service = inference("m1") | {"replicas": 1}
+    service["config"]["callers"] = ["operator", "controller"]  # the calls come from it
+    service["calls"] = [
+        {"method": "health"},
+        {"method": "load_adapter", "params": {"id": "alice/sql", "pinned": True}},  # echo: no
+    ]
+    await applied(op, pipeline(inf=service))
+    await eventually(lambda: runs(node) == "m1", 10)
+    for _ in range(50):
+        status = await pipeline_status(op, "ctl", "llm")
+        failed = [e for e in status.events if e.kind == "failed"]
+        if failed:
+            break
+        await asyncio.sleep(0.1)
+    (event,) = failed
+    assert event.agent == "n1" and event.message.startswith("call load_adapter failed: ")
+    assert "echo backend manages its own adapters" in event.message
+    assert status.services[0].state == "converged"  # the replica runs: it counts
