@@ -7,6 +7,7 @@ and a whole copy needs no log to replay."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 from atoll.agent.errors import AtollError
 from atoll.agent.plugins import PluginContext
@@ -14,6 +15,9 @@ from atoll.plugins.controller.contract import PLUGIN, SYNC, SyncReply
 from atoll.plugins.controller.reconcile import State
 
 PUSH_TIMEOUT_S = 2.0  # a standby that does not answer is tried again at the next step
+# Pushed again after this even if nothing changed: a standby that restarted with an older file
+# is brought back in step within it.
+REFRESH_S = 10.0
 
 
 class Replicas:
@@ -21,7 +25,8 @@ class Replicas:
 
     def __init__(self, ctx: PluginContext) -> None:
         self.ctx = ctx
-        self.synced: dict[str, tuple[int, int]] = {}  # standby -> the stamp it holds
+        # standby -> (the stamp it holds, when it said so)
+        self.synced: dict[str, tuple[tuple[int, int], float]] = {}
 
     async def push(self, state: State, standbys: list[str]) -> State | None:
         """``state`` to each of ``standbys`` that lacks it; the newest state one of them holds
@@ -37,11 +42,14 @@ class Replicas:
                 return None
 
         newest: State | None = None
-        todo = [n for n in standbys if self.synced.get(n) != state.stamp()]
+        now = time.monotonic()
+        held = {n: self.synced.get(n) for n in standbys}
+        todo = [n for n, h in held.items()
+                if h is None or h[0] != state.stamp() or now - h[1] > REFRESH_S]  # fmt: skip
         for name, reply in zip(todo, await asyncio.gather(*map(one, todo)), strict=True):
             if reply is None:
                 continue
-            self.synced[name] = reply.stamp
+            self.synced[name] = (reply.stamp, now)
             if reply.state is not None and reply.stamp > (newest or state).stamp():
                 newest = State.model_validate(reply.state)
         return newest
