@@ -20,10 +20,12 @@ from atoll.plugins.controller.contract import PipelineSpec, leader
 from atoll.plugins.controller.reconcile import (
     AgentView,
     ServiceState,
+    State,
     StoredPipeline,
     gpu_memory,
     plan,
 )
+from atoll.plugins.controller.replication import answer
 from atoll.plugins.inference.plugin import InferenceConfig, make_backend
 from support import REPO
 
@@ -195,3 +197,14 @@ def test_gpu_memory_comes_from_the_metrics_feed() -> None:
     ]}}  # fmt: skip
     assert gpu_memory(feed) == ((24 * 1024, 4 * 1024),)
     assert gpu_memory(None) == () == gpu_memory({"system": {}})
+
+
+def test_a_standby_keeps_the_newer_state_by_term_then_version() -> None:
+    old_active = State(term=1, version=40)  # went on alone after it was replaced
+    successor = State(term=2, version=3)
+    keep, reply = answer(successor, old_active)
+    assert keep is None and reply.stamp == (2, 3) and reply.state is not None  # "take mine"
+    keep, reply = answer(old_active, successor)
+    assert keep is successor and reply.state is None
+    keep, reply = answer(successor, successor.model_copy())
+    assert keep is None and reply.state is None  # in step: nothing to send back
