@@ -2,7 +2,8 @@
 labelled agents, replaces a replica whose agent dies, moves one when the selector changes, rolls
 a config change out one agent at a time with the service never fully down, halts a rollout
 whose start fails (one try, reported); a standby takes over with the pipelines when the active
-controller is LOST; roles without the permission are refused, bad specs named."""
+controller is LOST, and the old active, back with an older file, takes its successor's state;
+calls are made on each replica; roles without the permission are refused, bad specs named."""
 
 from __future__ import annotations
 

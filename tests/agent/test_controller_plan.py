@@ -1,7 +1,8 @@
 """The controller's sans-I/O half: the pipeline spec refuses what it cannot place (with an error
 naming why), pipeline files load as TOML or YAML, and the reconciler's plan places, spreads,
-replaces, moves, rolls out one agent at a time, halts, and removes retired services. The
-example pipelines in configs/pipelines/ validate, each service's config by its plugin's model."""
+replaces, moves, rolls out one agent at a time, halts, and removes retired services; GPU memory
+is read from the metrics feed; a standby keeps the newer state. The example pipelines in
+configs/pipelines/ validate, each service's config by its plugin's model."""
 
 from __future__ import annotations
 
