@@ -58,6 +58,7 @@ class Entry:
     name: str
     region: str = ""
     labels: dict[str, str] = field(default_factory=dict)
+    roles: tuple[str, ...] = ()  # signed, as labels: who may act as a controller
     plugins: list[str] = field(default_factory=list)
     capabilities: dict[str, Any] = field(default_factory=dict)
     endpoints: dict[str, Any] = field(default_factory=dict)
@@ -111,6 +112,7 @@ def _entry(data: dict[str, Any], ident: AgentIdentity) -> Entry | None:
             name=ident.name,
             region=ident.region,
             labels=dict(ident.labels),
+            roles=tuple(ident.roles),
             plugins=[str(p) for p in data.get("plugins", [])],
             capabilities=dict(data.get("capabilities", {})),
             endpoints=dict(data.get("endpoints", {})),

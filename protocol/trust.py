@@ -28,8 +28,11 @@ from atoll.protocol.subjects import check_name
 # The roles a credential may carry: a fixed vocabulary, signed into credentials (what each may
 # do is ``atoll.tenancy.permissions``' table).
 ROLES = frozenset(
-    {"agent", "admin", "operator", "inference", "training", "storage", "gateway", "user"}
-)
+    {
+        "agent", "admin", "operator", "inference", "training", "storage", "gateway", "user",
+        "controller",  # keeps declarative pipelines running: manages other agents' plugins
+    }
+)  # fmt: skip
 CLOCK_SKEW_MS = 120_000
 MAX_CREDENTIAL = 16 * 1024
 MAX_LABELS = 32

@@ -34,7 +34,8 @@ TRAINERS = ("training",)  # a job's resume state: only trainers write and read i
 FILE_USERS = ADMINS  # an agent's own files: operators' tooling only
 # What runs on an agent, and with what config (which directories the files plugin serves, which
 # model inference loads): the operator's call, never a tenant admin's.
-PLUGIN_MANAGERS = ("operator",)
+# A pipeline controller (plugins/controller) places plugins for the operator, so it may too.
+PLUGIN_MANAGERS = ("operator", "controller")
 TUNNEL_USERS = ("inference", *ADMINS)  # an inference node reaching its LoRAX server
 
 
@@ -76,6 +77,8 @@ TABLE: dict[str, Permissions] = {
     ),
     "inference": Permissions(),
     "user": Permissions(),
+    # Reads every agent's feed (GPU memory) to place services; acts through system RPCs only.
+    "controller": Permissions(subscribe=("metrics.*",)),
 }
 assert set(TABLE) == ROLES
 

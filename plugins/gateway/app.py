@@ -27,6 +27,7 @@ from atoll.plugins.gateway import (
     finetune,
     inference_routes,
     mixture_routes,
+    pipeline_routes,
     self_service,
     vector_routes,
     webui,
@@ -299,6 +300,7 @@ def create_app(
     admin_route("/admin/budgets", "list_budgets", "budgets_list", "GET")
     admin_route("/admin/budgets/remove", "remove_budget", "budgets_remove")
     self_service.install(app, gw, User, usage_csv)
+    pipeline_routes.install(app, gw, Admin)
     if sso is not None:
         sso.install(app)  # before the UI's static files, which would answer its paths 404
     webui.install(app, User)

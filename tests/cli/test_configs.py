@@ -30,6 +30,7 @@ from atoll.agent.runtime import AgentRuntime
 from atoll.agent.tunnel import TunnelConfig, TunnelPlugin
 from atoll.broker.identity import issue_broker_dir
 from atoll.broker.server import BrokerServer
+from atoll.plugins.controller.plugin import ControllerConfig
 from atoll.plugins.gateway.plugin import GatewayConfig
 from atoll.plugins.inference.plugin import InferenceConfig, make_backend
 from atoll.plugins.storage.contract.datasets import upload_dataset
@@ -65,6 +66,7 @@ MODELS: dict[str, type[BaseModel]] = {
     "storage": StorageConfig,
     "training": TrainingConfig,
     "gateway": GatewayConfig,
+    "controller": ControllerConfig,
 }
 SECRET_NAMES = {"api_key", "api_token", "password", "secret", "token", "access_key", "secret_key"}
 

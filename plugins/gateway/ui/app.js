@@ -1,5 +1,5 @@
 // The shell: log in with an API key or through single sign-on, then the tabs (chat, datasets,
-// jobs, evaluations, the user's own keys and usage, metrics for admins).
+// jobs, evaluations, the user's own keys and usage, metrics and pipelines for admins).
 import { Account } from "./account.js";
 import { Api, ApiError, errorOf } from "./api.js";
 import { Chat } from "./chat.js";
@@ -7,6 +7,7 @@ import { Datasets } from "./datasets.js";
 import { Evaluations } from "./evaluations.js";
 import { Jobs } from "./jobs.js";
 import { Metrics } from "./metrics.js";
+import { Pipelines } from "./pipelines.js";
 
 const KEY = "atoll.key"; // sessionStorage: the key lives as long as the tab, never on disk
 const SSO = "atoll.sso"; // set when the key is a single sign-on session's: revoked at log-out
@@ -82,7 +83,10 @@ class App {
       evaluations: new Evaluations(api),
       account: new Account(api, session),
     };
-    if (session.admin) this.tabs.metrics = new Metrics(api);
+    if (session.admin) {
+      this.tabs.metrics = new Metrics(api);
+      this.tabs.pipelines = new Pipelines(api);
+    }
     this.show(location.hash.slice(1));
   }
 
