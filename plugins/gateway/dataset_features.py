@@ -26,6 +26,7 @@ from atoll.plugins.gateway import file_access
 from atoll.plugins.gateway.accounts.keys import Principal
 from atoll.plugins.gateway.bodies import RequestBody
 from atoll.plugins.gateway.errors import GatewayError
+from atoll.plugins.gateway.vector_access import read_scope
 from atoll.plugins.gateway.vector_ingest import check_payload, embed
 from atoll.plugins.gateway.vector_shapes import Query, SearchResult, SearchResultsPage, TextContent
 from atoll.plugins.gateway.vector_stores import VectorStores
@@ -207,7 +208,7 @@ class DatasetFeatures:
         query = VectorSearch(
             store_id=FEATURES_STORE,
             vector=list(memoryview(vector).cast("f")),
-            scope=self.stores.scope(principal),
+            scope=read_scope(self.gw.accounts, principal),
             max_results=body.max_num_results,
             filters=body.filters,
         )

@@ -1,6 +1,8 @@
 """What the gateway does for a request, apart from HTTP: who is calling, which model and adapters
 they named and may use, limits, routing to an inference node, and the ledger. The routes only turn
 HTTP bodies into these calls and events back into HTTP.
+(Over 400 lines: a request's path — who, which model, limits and budget, the node, the
+ledger — reads best in one place; what each step uses lives in its own module.)
 """
 
 from __future__ import annotations

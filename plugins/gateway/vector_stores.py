@@ -5,12 +5,12 @@ text, has an inference node embed the chunks (vector_ingest.py) and says whose t
 Who reads what: every attached file, and so each of its chunks, carries labels (owner, project,
 policy): ``private`` its owner only, ``project`` the members of its project, ``tenant`` every
 user. The policy defaults from the attaching key (a project's key: ``project``; else
-``private``); the reserved attribute ``atoll_policy`` sets it. A store is labelled the same way
-(its metadata's ``atoll_policy``). A search embeds the query and passes the caller's scope (user,
-projects, whether the key reaches beyond one project); storage ranks only the chunks that scope
-may read. A store the caller may not read is a 404, as if it were not there; changing or
-deleting a store takes its owner, an owner of its project or an administrator; detaching a file
-its attacher or whoever may change the store.
+``private``); the reserved attribute ``atoll_policy`` sets it (vector_access.py). A store is
+labelled the same way (its metadata's ``atoll_policy``). A search embeds the query and passes
+the caller's scope (user, projects, whether the key reaches beyond one project); storage ranks
+only the chunks that scope may read. A store the caller may not read is a 404, as if it were
+not there; changing or deleting a store takes its owner, an owner of its project or an
+administrator; detaching a file its attacher or whoever may change the store.
 
 The embedding model is chosen when a store is created (the first served embedding model, by
 name) and kept: a store's vectors all come from one model.
@@ -20,15 +20,21 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import Any, get_args
+from typing import Any
 
 from atoll.agent.errors import AtollError
 from atoll.plugins.gateway import file_access
 from atoll.plugins.gateway.accounts.keys import Principal
-from atoll.plugins.gateway.accounts.users import WRITING_ROLES
 from atoll.plugins.gateway.bodies import unsupported
 from atoll.plugins.gateway.errors import GatewayError, from_platform
 from atoll.plugins.gateway.service import Gateway
+from atoll.plugins.gateway.vector_access import (
+    POLICY_KEY,
+    may_change,
+    policy_asked,
+    read_scope,
+    write_labels,
+)
 from atoll.plugins.gateway.vector_ingest import check_payload, chunk, embed, file_text
 from atoll.plugins.gateway.vector_shapes import (
     AttachFile,
@@ -52,9 +58,6 @@ from atoll.plugins.gateway.vector_shapes import (
 from atoll.plugins.storage.contract.datasets import describe_dataset
 from atoll.plugins.storage.contract.vectors import (
     Chunking,
-    Labels,
-    Policy,
-    ReadScope,
     VectorFileAdd,
     VectorFileInfo,
     VectorIndexClient,
@@ -63,7 +66,6 @@ from atoll.plugins.storage.contract.vectors import (
     VectorStoreSpec,
 )
 
-POLICY_KEY = "atoll_policy"  # in a store's metadata or a file's attributes
 STORE_ID = re.compile(r"^vs_[0-9a-f]{24}$")
 FILE_ID = re.compile(r"^ds-[0-9a-f]{12}$")
 
@@ -72,19 +74,6 @@ def _platform(exc: AtollError, param: str | None = None) -> GatewayError:
     if type(exc).__name__ in ("VectorStoreNotFound", "VectorFileNotFound", "DatasetNotFound"):
         return GatewayError(404, exc.message, code="not_found", param=param)
     return from_platform(exc)
-
-
-def _policy(value: object, principal: Principal, param: str) -> Policy:
-    """The policy asked for (None: the key's default); a 400 for one it cannot have."""
-    if value is None:
-        return "project" if principal.project is not None else "private"
-    if value not in get_args(Policy):
-        raise GatewayError(
-            400, f"{POLICY_KEY} is one of private, project, tenant; not {value!r}", param=param
-        )
-    if value == "project" and principal.project is None:
-        raise GatewayError(400, f"{POLICY_KEY} 'project' needs a key of that project", param=param)
-    return value  # type: ignore[return-value]
 
 
 class VectorStores:
@@ -100,49 +89,20 @@ class VectorStores:
         except AtollError as exc:
             raise _platform(exc, param) from None
 
-    # --- who -------------------------------------------------------------------------------
-
-    def scope(self, principal: Principal) -> ReadScope:
-        if principal.project is not None:
-            projects = [principal.project]
-        else:
-            projects = list(self.gw.accounts.memberships(principal.user))
-        personal = principal.project is None
-        return ReadScope(
-            user=principal.user, projects=projects, personal=personal, admin=principal.admin
-        )
-
-    def labels(self, principal: Principal, policy: Policy) -> Labels:
-        if principal.project is not None and principal.role not in WRITING_ROLES:
-            raise GatewayError(
-                403,
-                f"{principal.user!r} is a {principal.role} of project {principal.project!r}: "
-                "viewers read only",
-                code="permission_denied",
-            )
-        return Labels(owner=principal.user, project=principal.project, policy=policy)
-
-    def may_change(self, principal: Principal, labels: Labels) -> bool:
-        if principal.admin or labels.owner == principal.user:
-            return True
-        if labels.project is None or principal.project not in (None, labels.project):
-            return False
-        return self.gw.accounts.memberships(principal.user).get(labels.project) == "owner"
-
     async def _store(self, principal: Principal, store_id: str) -> VectorStoreInfo:
         missing = GatewayError(404, f"no vector store {store_id!r}", code="not_found")
         if not STORE_ID.match(store_id):
             raise missing
         info: VectorStoreInfo = await self.call(self.index().store(store_id))
-        if not self.scope(principal).reads(info.labels):
+        if not read_scope(self.gw.accounts, principal).reads(info.labels):
             raise missing
         return info
 
     # --- stores ----------------------------------------------------------------------------
 
     async def create(self, principal: Principal, body: CreateVectorStore) -> VectorStore:
-        policy = _policy((body.metadata or {}).get(POLICY_KEY), principal, "metadata")
-        labels = self.labels(principal, policy)
+        policy = policy_asked((body.metadata or {}).get(POLICY_KEY), principal, "metadata")
+        labels = write_labels(principal, policy)
         served = sorted(self.gw.catalog.embedding_models())
         if not served:
             raise GatewayError(503, "no embedding model is served: a vector store needs one")
@@ -173,7 +133,7 @@ class VectorStores:
     async def listing(
         self, principal: Principal, order: str, after: str | None, limit: int
     ) -> VectorStoreList:
-        scope = self.scope(principal)
+        scope = read_scope(self.gw.accounts, principal)
         infos: list[VectorStoreInfo] = await self.call(self.index().stores())
         seen = sorted(
             (store_object(i) for i in infos if scope.reads(i.labels)),
@@ -224,7 +184,7 @@ class VectorStores:
 
     async def _changeable(self, principal: Principal, store_id: str) -> VectorStoreInfo:
         info = await self._store(principal, store_id)
-        if not self.may_change(principal, info.labels):
+        if not may_change(self.gw.accounts, principal, info.labels):
             raise GatewayError(
                 403,
                 f"{principal.user!r} may not change vector store {store_id}: that takes its "
@@ -252,9 +212,8 @@ class VectorStores:
         )
         if not file_access.may_see(self.gw.accounts, principal, record.owner, record.project):
             raise missing
-        labels = self.labels(
-            principal, _policy((attributes or {}).get(POLICY_KEY), principal, "attributes")
-        )
+        asked = policy_asked((attributes or {}).get(POLICY_KEY), principal, "attributes")
+        labels = write_labels(principal, asked)
         sizes = chunking_of(strategy)
         chunks = chunk(await file_text(self.gw, record), sizes)
         vectors = await embed(self.gw, principal, store.model, chunks)
@@ -296,7 +255,7 @@ class VectorStores:
         self, principal: Principal, store_id: str, order: str, after: str | None, limit: int
     ) -> VectorStoreFileList:
         await self._store(principal, store_id)
-        scope = self.scope(principal)
+        scope = read_scope(self.gw.accounts, principal)
         seen = sorted(
             (
                 file_object(f)
@@ -330,7 +289,7 @@ class VectorStores:
             raise (
                 missing if type(exc).__name__ == "VectorFileNotFound" else _platform(exc)
             ) from None
-        if not self.scope(principal).reads(found.labels):
+        if not read_scope(self.gw.accounts, principal).reads(found.labels):
             raise missing
         return found
 
@@ -353,7 +312,9 @@ class VectorStores:
         return VectorStoreFileDeleted(id=file_id)
 
     def _may_detach(self, principal: Principal, info: VectorStoreInfo, f: VectorFileInfo) -> bool:
-        return f.labels.owner == principal.user or self.may_change(principal, info.labels)
+        return f.labels.owner == principal.user or may_change(
+            self.gw.accounts, principal, info.labels
+        )
 
     async def forget_file(self, file_id: str) -> None:
         """The file is deleted: its chunks leave every store that holds them (no text of a
@@ -389,7 +350,7 @@ class VectorStores:
         query = VectorSearch(
             store_id=store_id,
             vector=list(memoryview(vector).cast("f")),
-            scope=self.scope(principal),
+            scope=read_scope(self.gw.accounts, principal),
             max_results=body.max_num_results,
             filters=body.filters,
             score_threshold=threshold,

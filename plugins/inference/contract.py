@@ -20,6 +20,8 @@ calls it through ``Client(agent, "node/inference").invoke(EMBED, request)``. A s
 line is always a ``finish`` event (or the stream is reset with an error). Audio rides the data
 plane as a transcribe stream's body, in chunks under the window's flow control: one RPC message
 would be refused past the broker's 8 MiB.
+(Over 400 lines: the contract is the one file a caller imports, so every message of the service
+is here.)
 """
 
 from __future__ import annotations
