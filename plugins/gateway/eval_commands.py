@@ -4,19 +4,16 @@ Registered under entry point group ``atoll.cli``."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from atoll.cli.console import err, fail, out, show
-from atoll.plugins.gateway.me_commands import LOCAL, Key, Url, call
+from atoll.cli.console import err, out, show
+from atoll.plugins.gateway.me_commands import LOCAL, Key, Url, call, until_done, upload_rows
 
 evaluations = typer.Typer(help="Evaluate base models and adapters on a held-out set.")
-
-POLL_S = 1.0
 
 
 def table(report: dict[str, Any]) -> Table:
@@ -49,11 +46,8 @@ def run(
 ) -> None:
     """Upload DATA (chat rows, each ending with the reference answer) and evaluate every
     MODEL on it; prints the report's table (the whole report as JSON with `atoll eval show`)."""
-    with data.open("rb") as f:
-        files = {"file": (data.name, f)}
-        uploaded = call(url, key, "POST", "/v1/files", data={"purpose": "fine-tune"}, files=files)
     body = {
-        "file_id": uploaded.json()["id"],
+        "file_id": upload_rows(url, key, data),
         "models": model,
         "max_tokens": max_tokens,
         "examples": examples,
@@ -63,13 +57,7 @@ def run(
     if not wait:
         out.print(report["id"], highlight=False)
         return
-    while report["status"] in ("queued", "running"):
-        time.sleep(POLL_S)
-        report = call(url, key, "GET", f"/v1/evaluations/{report['id']}").json()
-    if report["status"] != "succeeded":
-        why = (report["error"] or {}).get("message")
-        fail(f"evaluation {report['id']} {report['status']}: {why}")
-    out.print(table(report))
+    out.print(table(until_done(url, key, f"/v1/evaluations/{report['id']}", "evaluation")))
 
 
 @evaluations.command("list")

@@ -4,6 +4,8 @@ the credential. Registered under entry point group ``atoll.cli``."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
@@ -50,6 +52,26 @@ def call(url: str, key: str, method: str, path: str, **options: Any) -> httpx.Re
             message = reply.text
         fail(f"{reply.status_code}: {message}")
     return reply
+
+
+def upload_rows(url: str, key: str, data: Path) -> str:
+    """Upload ``data`` (chat rows) as a file of the key's; its id."""
+    with data.open("rb") as f:
+        files = {"file": (data.name, f)}
+        uploaded = call(url, key, "POST", "/v1/files", data={"purpose": "fine-tune"}, files=files)
+    return str(uploaded.json()["id"])
+
+
+def until_done(url: str, key: str, path: str, what: str, poll_s: float = 1.0) -> dict[str, Any]:
+    """Poll the run at ``path`` until it ends; a run that did not succeed ends the command."""
+    report: dict[str, Any] = call(url, key, "GET", path).json()
+    while report["status"] in ("queued", "running"):
+        time.sleep(poll_s)
+        report = call(url, key, "GET", path).json()
+    if report["status"] != "succeeded":
+        why = (report.get("error") or {}).get("message")
+        fail(f"{what} {report['id']} {report['status']}: {why}")
+    return report
 
 
 @me.command("keys")

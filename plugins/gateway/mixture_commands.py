@@ -5,19 +5,16 @@ point group ``atoll.cli``."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from atoll.cli.console import err, fail, out, show
-from atoll.plugins.gateway.me_commands import LOCAL, Key, Url, call
+from atoll.cli.console import err, out, show
+from atoll.plugins.gateway.me_commands import LOCAL, Key, Url, call, until_done, upload_rows
 
 mixtures = typer.Typer(help="Search, save and use mixtures of adapters.")
-
-POLL_S = 1.0
 
 
 def curve(report: dict[str, Any]) -> Table:
@@ -58,13 +55,10 @@ def search(
     """Upload DATA (chat rows, each ending with the reference answer) and search the weights of
     the ADAPTERs that score best on it; prints every trial (the whole report as JSON with
     `atoll mixtures show`)."""
-    with data.open("rb") as f:
-        files = {"file": (data.name, f)}
-        uploaded = call(url, key, "POST", "/v1/files", data={"purpose": "fine-tune"}, files=files)
     body: dict[str, Any] = {
         "model": model,
         "adapters": adapter,
-        "file_id": uploaded.json()["id"],
+        "file_id": upload_rows(url, key, data),
         "metric": metric,
         "merge_strategies": strategy or ["linear"],
         "trials": trials,
@@ -75,11 +69,7 @@ def search(
     if not wait:
         out.print(report["id"], highlight=False)
         return
-    while report["status"] in ("queued", "running"):
-        time.sleep(POLL_S)
-        report = call(url, key, "GET", f"/v1/mixture_searches/{report['id']}").json()
-    if report["status"] != "succeeded":
-        fail(f"mixture search {report['id']} {report['status']}: {report['error']['message']}")
+    report = until_done(url, key, f"/v1/mixture_searches/{report['id']}", "mixture search")
     out.print(curve(report))
     if report["mixture"]:
         err.print(f"saved as {report['mixture']}: call it as the model {report['mixture']!r}")

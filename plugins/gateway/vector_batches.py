@@ -32,6 +32,7 @@ from atoll.plugins.gateway.vector_shapes import (
     FileCounts,
     VectorStoreFile,
     VectorStoreFileList,
+    cursor_page,
 )
 from atoll.plugins.gateway.vector_stores import VectorStores
 from atoll.plugins.storage.contract.vectors import Attributes
@@ -181,13 +182,8 @@ class FileBatches:
                 out.append(self._unattached(kept, file_id, "cancelled", None))
             else:
                 out.append(self._unattached(kept, file_id, "in_progress", None))
-        page = [f for f in out if status is None or f.status == status][:limit]
-        return VectorStoreFileList(
-            data=page,
-            first_id=page[0].id if page else None,
-            last_id=page[-1].id if page else None,
-            has_more=len(out) > len(page) and status is None,
-        )
+        kept_files = [f for f in out if status is None or f.status == status]
+        return VectorStoreFileList(**cursor_page(kept_files, None, limit))
 
     async def _run(self, principal: Principal, kept: Kept, attachments: list[AttachFile]) -> None:
         counts = kept.batch.file_counts

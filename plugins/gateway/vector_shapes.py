@@ -7,6 +7,7 @@ storage keeps. Filters are storage's own models
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
@@ -225,3 +226,18 @@ def file_object(f: VectorFileInfo) -> VectorStoreFile:
             ChunkingObject(static=StaticChunking(**f.chunking.model_dump())) if f.chunking else None
         ),
     )
+
+
+def cursor_page(items: Sequence[Any], after: str | None, limit: int) -> dict[str, Any]:
+    """OpenAI's cursor page of ``items`` (each with an ``id``, in the listing's order): those
+    after the id ``after``, at most ``limit``, as a list object's fields."""
+    if after is not None:
+        ids = [i.id for i in items]
+        items = items[ids.index(after) + 1 :] if after in ids else []
+    page = list(items[:limit])
+    return {
+        "data": page,
+        "first_id": page[0].id if page else None,
+        "last_id": page[-1].id if page else None,
+        "has_more": len(items) > limit,
+    }

@@ -52,6 +52,7 @@ from atoll.plugins.gateway.vector_shapes import (
     VectorStoreFileList,
     VectorStoreList,
     chunking_of,
+    cursor_page,
     file_object,
     store_object,
 )
@@ -140,16 +141,7 @@ class VectorStores:
             key=lambda s: (s.created_at, s.id),
             reverse=order == "desc",
         )
-        if after is not None:
-            ids = [s.id for s in seen]
-            seen = seen[ids.index(after) + 1 :] if after in ids else []
-        page = seen[:limit]
-        return VectorStoreList(
-            data=page,
-            first_id=page[0].id if page else None,
-            last_id=page[-1].id if page else None,
-            has_more=len(seen) > limit,
-        )
+        return VectorStoreList(**cursor_page(seen, after, limit))
 
     async def update(
         self, principal: Principal, store_id: str, body: UpdateVectorStore
@@ -265,16 +257,7 @@ class VectorStores:
             key=lambda f: (f.created_at, f.id),
             reverse=order == "desc",
         )
-        if after is not None:
-            ids = [f.id for f in seen]
-            seen = seen[ids.index(after) + 1 :] if after in ids else []
-        page = seen[:limit]
-        return VectorStoreFileList(
-            data=page,
-            first_id=page[0].id if page else None,
-            last_id=page[-1].id if page else None,
-            has_more=len(seen) > limit,
-        )
+        return VectorStoreFileList(**cursor_page(seen, after, limit))
 
     async def file(self, principal: Principal, store_id: str, file_id: str) -> VectorFileInfo:
         await self._store(principal, store_id)
