@@ -13,10 +13,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from playwright.async_api import Browser, expect
 from typer.testing import CliRunner, Result
 
 from atoll.plugins.gateway.mixture_commands import mixtures
 from atoll.plugins.gateway.mixture_search import HIGH, WeightSearch
+from support.browser import Tab
 from support.island import Island
 from support.overlay import AgentFactory
 from support.tiny_models import build_tiny_model, make_adapter
@@ -275,3 +277,29 @@ async def test_atoll_mixtures_searches_lists_and_deletes(island: Island, tmp_pat
     assert json.loads((await atoll("list")).stdout) == []
     refused = await atoll("search", str(data), "-m", MODEL, "-a", A, "-a", "bob/not-yours")
     assert refused.exit_code == 1 and "does not exist or you do not have access" in refused.output
+
+
+async def test_the_web_ui_searches_and_shows_the_curve(
+    island: Island, browser: Browser, tmp_path: Path
+) -> None:
+    alice = island.key("alice")
+    await upload_rows(island, alice, tmp_path / "labelled.jsonl", ["a", "b", "c", "d"])
+    tab = await Tab.open(browser, island.url)
+    page = tab.page
+    await tab.login(alice)
+    await page.click("nav a[data-tab=mixtures]")
+    await expect(page.locator("#mix-base")).to_have_value(MODEL)
+    await expect(page.locator("#mix-adapters input")).to_have_count(3)  # A, B and WIDE
+    await page.check(f"#mix-adapters input[value='{A}']")
+    await page.check(f"#mix-adapters input[value='{B}']")
+    await page.fill("#mix-trials", "3")
+    await page.fill("#mix-name", "alice/ui-mix")
+    await page.click("#mix-form button")
+    await expect(page.locator("#mix-status")).to_contain_text(
+        "succeeded, 3 of at most 3 trials (mean_logprob), saved as alice/ui-mix", timeout=60_000
+    )
+    await expect(page.locator("#mix-trials-table tbody tr")).to_have_count(3)
+    await expect(page.locator("#mix-curve")).to_have_attribute("data-points", "6")  # 2 series
+    await expect(page.locator("#mix-table tbody tr")).to_have_count(1)
+    await expect(page.locator("#mix-table tbody tr td").nth(4)).to_have_text("alice/ui-mix")
+    await tab.close()

@@ -1,10 +1,11 @@
 // The shell: log in with an API key or through single sign-on, then the tabs (chat, datasets,
-// jobs, evaluations, the user's own keys and usage, metrics and pipelines for admins).
+// jobs, evaluations, mixture searches, the user's own keys and usage, metrics and pipelines for admins).
 import { Account } from "./account.js";
 import { Api, ApiError, errorOf } from "./api.js";
 import { Chat } from "./chat.js";
 import { Datasets } from "./datasets.js";
 import { Evaluations } from "./evaluations.js";
+import { Mixtures } from "./mixtures.js";
 import { Jobs } from "./jobs.js";
 import { Metrics } from "./metrics.js";
 import { Pipelines } from "./pipelines.js";
@@ -81,6 +82,7 @@ class App {
       datasets: new Datasets(api),
       jobs: new Jobs(api, (model) => this.chatWith(model)),
       evaluations: new Evaluations(api),
+      mixtures: new Mixtures(api),
       account: new Account(api, session),
     };
     if (session.admin) {
