@@ -59,6 +59,7 @@ import logging
 import os
 import random
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -438,17 +439,16 @@ async def direct_run(
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "atoll.plugins.training.runner", "--job", str(spec_file),
             "--parent", str(os.getpid()),
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=err,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err,
         )  # fmt: skip
         try:
-            out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+            events = await asyncio.wait_for(_acknowledged(proc), timeout)
         except TimeoutError:
             proc.kill()
             await proc.wait()
             raise
     wall = time.time() - started
     others = contention.other_cores()
-    events = [json.loads(line) for line in out.splitlines() if line.startswith(b"{")]
     metrics = next((e for e in events if e.get("type") == "metrics"), None)
     if proc.returncode != 0 or metrics is None:
         tail = log_path.read_text(errors="replace")[-2000:]
@@ -464,6 +464,24 @@ async def direct_run(
         "metrics": {k: metrics[k] for k in FINAL_METRICS},
         "other_cores": others,
     }
+
+
+async def _acknowledged(proc: asyncio.subprocess.Process) -> list[dict[str, Any]]:
+    """The runner's events until it exits, each checkpoint acknowledged as a trainer does once
+    it has stored it (here: removed, as nothing stores it), so training goes on."""
+    assert proc.stdout is not None and proc.stdin is not None
+    events = []
+    async for line in proc.stdout:
+        if not line.startswith(b"{"):
+            continue
+        event = json.loads(line)
+        events.append(event)
+        if event.get("type") == "checkpoint":
+            shutil.rmtree(event["dir"], ignore_errors=True)
+            proc.stdin.write(b"stored\n")
+            await proc.stdin.drain()
+    await proc.wait()
+    return events
 
 
 def plain_trainer_run(
