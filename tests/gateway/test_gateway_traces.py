@@ -152,6 +152,11 @@ def server_span(receiver: Receiver, request_id: str) -> dict[str, Any]:
     return span
 
 
+def exporting() -> list[threading.Thread]:
+    """The batch span processors' export threads running in this process."""
+    return [t for t in threading.enumerate() if t.name.startswith("OtelBatchSpan")]
+
+
 def children(receiver: Receiver, parent: dict[str, Any]) -> list[dict[str, Any]]:
     return [s for s in receiver.spans if s["parent"] == parent["id"]]
 
@@ -274,6 +279,23 @@ async def test_a_request_is_one_trace_across_gateway_router_and_node(
         assert SECRET not in repr(span), span
 
 
+async def test_a_plugins_stop_flushes_its_last_spans(receiver: Receiver, make_agent: Any) -> None:
+    """No flush by the test and no wait: the spans are out once the plugins have stopped (the
+    batch processor alone would hold them for its 5 s delay), and the exporters' threads end."""
+    isl = await traced_island(make_agent, receiver.url)
+    assert len(exporting()) == 2  # the gateway's and the node's
+    key = isl.key("carol")
+    async with openai.AsyncOpenAI(base_url=f"{isl.url}/v1", api_key=key, max_retries=0) as api:
+        reply = await api.chat.completions.create(model="echo", messages=PROMPT)
+    assert isl.gateway is not None
+    await isl.gateway.host.remove("gateway")
+    await isl.nodes["gpu1"].host.remove("inference")
+    server = server_span(receiver, reply.id.removeprefix("chatcmpl-"))
+    (route,) = children(receiver, server)
+    assert [s["service"] for s in children(receiver, route)] == ["atoll-inference"]
+    assert not exporting()
+
+
 async def test_with_tracing_off_nothing_is_started(make_agent: Any) -> None:
     isl = await traced_island(make_agent, None)
     assert isl.plugin.tracing is None
@@ -281,7 +303,7 @@ async def test_with_tracing_off_nothing_is_started(make_agent: Any) -> None:
     key = isl.key("bob")
     async with openai.AsyncOpenAI(base_url=f"{isl.url}/v1", api_key=key, max_retries=0) as api:
         await api.chat.completions.create(model="echo", messages=PROMPT)
-    assert not [t for t in threading.enumerate() if "OtelBatchSpanProcessor" in t.name]
+    assert not exporting()
     async with httpx.AsyncClient(base_url=isl.url) as http:  # a traceparent is just ignored
         reply = await http.post(
             "/v1/chat/completions",
