@@ -29,8 +29,9 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from atoll.protocol.trust import AgentIdentity
 
 NO_TRACER: Final[Tracer] = NoOpTracer()
-EXPORT_TIMEOUT_S = 10.0  # one export's HTTP request: a dead collector must not hold a flush long
-FLUSH_TIMEOUT_MS = 5000  # at a plugin's stop, what is still queued gets this long to leave
+# One export, its retries included: what a collector that is down costs a plugin's stop (per
+# batch of 512 spans still queued).
+EXPORT_TIMEOUT_S = 5.0
 MAX_TRACEPARENT = 55  # "00-" + 32 + "-" + 16 + "-" + 2: the only version-00 length
 
 _PROPAGATOR = TraceContextTextMapPropagator()
@@ -74,8 +75,9 @@ class Tracing:
         self.tracer: Tracer = self.provider.get_tracer("atoll")
 
     def close(self) -> None:
-        """Flush what is queued (bounded) and stop the exporter's thread."""
-        self.provider.force_flush(FLUSH_TIMEOUT_MS)
+        """Export what is queued and end the exporter's thread: the batch processor's shutdown
+        drains its queue first (a force_flush before it would only repeat that, and its
+        timeout is not honoured by this SDK version)."""
         self.provider.shutdown()
 
 

@@ -23,8 +23,9 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 from pydantic import ValidationError
 
+from atoll.agent.runtime import AgentRuntime
 from atoll.plugins.gateway.plugin import GatewayConfig
-from atoll.plugins.inference.plugin import InferenceConfig
+from atoll.plugins.inference.plugin import InferenceConfig, InferencePlugin
 from support.island import Island
 
 SECRET = "zebra quartz marmalade"  # prompt text that must appear in no span
@@ -127,10 +128,17 @@ async def traced_island(make_agent: Any, endpoint: str | None) -> Island:
     return isl
 
 
+def inference(rt: AgentRuntime) -> InferencePlugin:
+    plugin = rt.host.plugins["inference"]
+    assert isinstance(plugin, InferencePlugin)
+    return plugin
+
+
 async def until(receiver: Receiver, isl: Island, check: Any, timeout: float = 10.0) -> None:
     """Flush both providers until ``check()`` holds (spans end after their responses)."""
     providers = [isl.plugin.tracing.provider]
-    providers += [rt.host.plugins["inference"].tracing.provider for rt in isl.nodes.values()]
+    nodes = [inference(rt).tracing for rt in isl.nodes.values()]
+    providers += [t.provider for t in nodes if t is not None]
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
     while True:
@@ -299,7 +307,7 @@ async def test_a_plugins_stop_flushes_its_last_spans(receiver: Receiver, make_ag
 async def test_with_tracing_off_nothing_is_started(make_agent: Any) -> None:
     isl = await traced_island(make_agent, None)
     assert isl.plugin.tracing is None
-    assert isl.nodes["gpu1"].host.plugins["inference"].tracing is None
+    assert inference(isl.nodes["gpu1"]).tracing is None
     key = isl.key("bob")
     async with openai.AsyncOpenAI(base_url=f"{isl.url}/v1", api_key=key, max_retries=0) as api:
         await api.chat.completions.create(model="echo", messages=PROMPT)
