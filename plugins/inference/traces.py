@@ -2,9 +2,12 @@
 up): a span per generate or embed request, continuing the trace whose ``traceparent`` the
 gateway's routing span sent inside the sealed request (a request without one starts a trace).
 
-A generate span says when the first event came (``first_token``: the wait for a batch slot and
-the prefill, which the backends do not report apart) and how long decoding took after it, with
-the tokens and finish reason; never prompt or completion text.
+A generate span says when the first event came (a ``first_token`` event, and
+``gen_ai.latency.time_to_first_token``: the wait for a batch slot and the prefill, which the
+backends do not report apart), how long decoding took after it
+(``gen_ai.latency.time_in_model_decode``) and the whole (``gen_ai.latency.e2e``), in seconds,
+under the names vLLM's spans use, with the tokens and finish reason; never prompt or completion
+text.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ class GenerateTrace:
         if self.first is None:
             self.first = now
             self.span.add_event("first_token")
-            self.span.set_attribute("atoll.time_to_first_token_s", now - self.started)
+            self.span.set_attribute("gen_ai.latency.time_to_first_token", now - self.started)
         if isinstance(event, FinishEvent):
             self.finished = True
             self.span.set_attributes(
@@ -64,7 +67,8 @@ class GenerateTrace:
                     "gen_ai.usage.output_tokens": event.usage.completion_tokens,
                     "gen_ai.response.finish_reasons": [event.finish_reason],
                     "gen_ai.response.model": event.model,
-                    "atoll.decode_s": now - self.first,
+                    "gen_ai.latency.time_in_model_decode": now - self.first,
+                    "gen_ai.latency.e2e": now - self.started,
                 }
             )
 

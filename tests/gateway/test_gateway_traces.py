@@ -252,6 +252,8 @@ async def test_a_request_is_one_trace_across_gateway_router_and_node(
     n = node["attributes"]
     assert n["gen_ai.usage.output_tokens"] == chat.usage.completion_tokens
     assert n["atoll.request.id"] == a["atoll.request.id"]
+    latency = [n[f"gen_ai.latency.{k}"] for k in ("time_to_first_token", "time_in_model_decode")]
+    assert all(x >= 0 for x in latency) and sum(latency) == pytest.approx(n["gen_ai.latency.e2e"])
     assert node["resource"]["atoll.agent"] == "gpu1"
 
     # streamed: the usage the stream reported
