@@ -255,6 +255,7 @@ class ModelRouter:
         span = routing(self.tracer, parent, request.model or adapter or "any")
         nodes: list[Entry] = []
         error: int | None = None
+        finished = False  # the finish event is out: a caller closing the events after it is fine
         try:
             nodes = await self._awaited(
                 lambda status: self.candidates(request.model, adapter, labels, status), deadline
@@ -280,9 +281,11 @@ class ModelRouter:
                         route.failures.append(f"{entry.name}: {failed.error.message}")
                         last = failed.error
                         continue
+                    finished = event.type == "finish"
                     yield event
-                    while event.type != "finish":
+                    while not finished:
                         event = await self._next(events, deadline, deadline_s, entry.name)
+                        finished = event.type == "finish"
                         yield event
                     return
                 finally:
@@ -292,7 +295,7 @@ class ModelRouter:
             assert last is not None  # the loop ran at least once and every attempt failed
             raise _exhausted(route, last)
         except BaseException as exc:
-            error = ended_status(exc)
+            error = None if finished else ended_status(exc)
             raise
         finally:
             routed(span, len(nodes), route.failures, error)

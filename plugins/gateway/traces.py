@@ -18,7 +18,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from opentelemetry import context as otel_context
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, set_span_in_context
+from opentelemetry.trace import (
+    INVALID_SPAN,
+    Span,
+    SpanKind,
+    Status,
+    StatusCode,
+    Tracer,
+    get_current_span,
+    set_span_in_context,
+)
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from atoll.agent.tracing import parent_context, traceparent
@@ -156,8 +165,14 @@ def answered(
 
 def routing(tracer: Tracer, parent: otel_context.Context, what: str) -> Span:
     """The routing span of one choice (or one embedding call), a child of the request's span:
-    its context is what the chosen node continues."""
-    return tracer.start_span("route", context=parent, attributes={"atoll.route.model": what})
+    its context is what the chosen node continues. Only under a recorded request span: the
+    routes not traced (LoRAX's, vector stores' embeddings) and batch lines start none. A
+    client span, as the node's is the server side of the same call."""
+    if not get_current_span(parent).is_recording():
+        return INVALID_SPAN
+    return tracer.start_span(
+        "route", context=parent, kind=SpanKind.CLIENT, attributes={"atoll.route.model": what}
+    )
 
 
 def attempt(span: Span, node: str, why: str) -> str | None:

@@ -20,7 +20,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
-from opentelemetry.proto.trace.v1.trace_pb2 import Status
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from pydantic import ValidationError
 
 from atoll.agent.runtime import AgentRuntime
@@ -103,6 +103,7 @@ def decoded(span: Any, resource: dict[str, Any]) -> dict[str, Any]:
         "parent": span.parent_span_id.hex(),
         "attributes": attributes(span.attributes),
         "events": [e.name for e in span.events],
+        "kind": span.kind,
         "error": span.status.code == Status.STATUS_CODE_ERROR,
         "service": resource["service.name"],
         "resource": resource,
@@ -210,7 +211,14 @@ async def test_a_request_is_one_trace_across_gateway_router_and_node(
             headers=[(b"authorization", f"Bearer {key}".encode()), (b"traceparent", b"\xe9" * 55)],
             json={"model": "echo", "messages": PROMPT},
         )
-    assert raw.status_code == 200
+        # LoRAX's routes are not traced: no gateway span, no routing span; the node's own span
+        # starts a trace of its own
+        lorax = await http.post(
+            "/generate",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"inputs": SECRET, "parameters": {"max_new_tokens": 4}},
+        )
+    assert raw.status_code == 200 and lorax.status_code == 200
     hostile_ids = [r.id.removeprefix("chatcmpl-") for r in hostile]
     hostile_ids.append(raw.json()["id"].removeprefix("chatcmpl-"))
     ids = {r.id.removeprefix("chatcmpl-") for r in (chat, child)} | set(hostile_ids)
@@ -223,7 +231,7 @@ async def test_a_request_is_one_trace_across_gateway_router_and_node(
             ids <= served
             and len(receiver.named("embeddings echo")) == 2  # the gateway's and the node's
             and len(receiver.named("chat")) == 1  # the 404: no model resolved, no rename
-            and len(receiver.named("generate echo")) == 3 + len(hostile_ids)
+            and len(receiver.named("generate echo")) == 4 + len(hostile_ids)
         )
 
     await until(receiver, isl, complete)
@@ -243,12 +251,14 @@ async def test_a_request_is_one_trace_across_gateway_router_and_node(
     assert server["resource"]["atoll.agent"] == "gw" and server["resource"]["atoll.tenant"]
     (route,) = children(receiver, server)
     assert route["name"] == "route" and route["trace"] == server["trace"]
+    assert server["kind"] == Span.SPAN_KIND_SERVER and route["kind"] == Span.SPAN_KIND_CLIENT
     r = route["attributes"]
     assert r["atoll.route.node"] == "gpu1" and r["atoll.route.reason"] == "only node"
     assert r["atoll.route.retries"] == 0 and r["atoll.route.candidates"] == 1
     (node,) = children(receiver, route)
     assert node["service"] == "atoll-inference" and node["trace"] == server["trace"]
     assert node["name"] == "generate echo" and "first_token" in node["events"]
+    assert node["kind"] == Span.SPAN_KIND_SERVER
     n = node["attributes"]
     assert n["gen_ai.usage.output_tokens"] == chat.usage.completion_tokens
     assert n["atoll.request.id"] == a["atoll.request.id"]
@@ -284,6 +294,12 @@ async def test_a_request_is_one_trace_across_gateway_router_and_node(
     for request_id in hostile_ids:
         fresh = server_span(receiver, request_id)
         assert fresh["parent"] == "" and fresh["trace"] != CLIENT_TRACE and not fresh["error"]
+
+    servers = {s["id"] for s in receiver.spans if s["service"] == "atoll-gateway"}
+    servers -= {s["id"] for s in receiver.named("route")}
+    assert all(r["parent"] in servers for r in receiver.named("route"))
+    (alone,) = [s for s in receiver.named("generate echo") if not s["parent"]]
+    assert alone["attributes"]["atoll.request.id"] not in ids
 
     for span in receiver.spans:  # no prompt text anywhere
         assert SECRET not in repr(span), span
