@@ -188,6 +188,8 @@ class InferencePlugin(Plugin):
         first: float | None = None  # when the first event came
         traced = self._trace(request)
         error: BaseException | None = None
+        if traced is not None:  # the upstream (an OpenAI-compatible server) continues our span
+            request = request.model_copy(update={"traceparent": traced.traceparent})
         try:
             async for event in self.backend.generate(request):
                 now = time.perf_counter()

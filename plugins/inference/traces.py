@@ -7,7 +7,8 @@ A generate span says when the first event came (a ``first_token`` event, and
 backends do not report apart), how long decoding took after it
 (``gen_ai.latency.time_in_model_decode``) and the whole (``gen_ai.latency.e2e``), in seconds,
 under the names vLLM's spans use, with the tokens and finish reason; never prompt or completion
-text.
+text. An OpenAI-compatible upstream (a vLLM server) is sent the span's ``traceparent`` header,
+so its own spans, if it exports any, continue the trace.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Awaitable, Callable
 
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
-from atoll.agent.tracing import parent_context
+from atoll.agent.tracing import parent_context, traceparent
 from atoll.plugins.inference.contract import (
     EmbedRequest,
     EmbedResult,
@@ -53,6 +54,10 @@ class GenerateTrace:
         self.started = time.perf_counter()
         self.first: float | None = None
         self.finished = False
+
+    @property
+    def traceparent(self) -> str | None:
+        return traceparent(self.span)
 
     def event(self, event: TokenEvent | FinishEvent, now: float) -> None:
         if self.first is None:

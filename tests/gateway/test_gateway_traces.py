@@ -26,10 +26,12 @@ from pydantic import ValidationError
 from atoll.agent.runtime import AgentRuntime
 from atoll.plugins.gateway.plugin import GatewayConfig
 from atoll.plugins.inference.plugin import InferenceConfig, InferencePlugin
+from support.fake_openai import BASE, FakeOpenAI
 from support.island import Island
 
 SECRET = "zebra quartz marmalade"  # prompt text that must appear in no span
 PROMPT: list[ChatCompletionMessageParam] = [{"role": "user", "content": f"say {SECRET}"}]
+UPSTREAM_KEY = "sk-upstream"
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_PARENT = f"00-{CLIENT_TRACE}-00f067aa0ba902b7-01"
 HOSTILE = [  # malformed traceparents: each is ignored, and its request starts a trace of its own
@@ -346,3 +348,31 @@ async def test_with_tracing_off_nothing_is_started(make_agent: Any) -> None:
 def test_a_bad_endpoint_is_refused_with_a_clear_error(model: Any, url: str) -> None:
     with pytest.raises(ValidationError, match="otlp_traces_endpoint"):
         model.model_validate({"otlp_traces_endpoint": url})
+
+
+async def test_an_openai_compatible_upstream_is_sent_the_nodes_span(
+    receiver: Receiver, make_agent: Any
+) -> None:
+    """A node in front of an OpenAI-compatible server (vLLM) sends it its own span's
+    traceparent, so a tracing upstream's spans land under the node's in the same trace."""
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    await fake.start()
+    try:
+        isl = Island(make_agent)
+        upstream = {"url": fake.url, "api_key": UPSTREAM_KEY}
+        node = {"backend": "openai", "openai": upstream, "otlp_traces_endpoint": receiver.url}
+        isl.nodes["vllm"] = await make_agent(
+            "vllm", roles=("inference",), plugins={"inference": node}, heartbeat=0.2
+        )
+        await (await isl.start_gateway(otlp_traces_endpoint=receiver.url)).models_seen(BASE)
+        key = isl.key("dave")
+        async with openai.AsyncOpenAI(base_url=f"{isl.url}/v1", api_key=key, max_retries=0) as api:
+            reply = await api.chat.completions.create(model=BASE, messages=PROMPT)
+        request_id = reply.id.removeprefix("chatcmpl-")
+        await until(receiver, isl, lambda: len(receiver.named(f"generate {BASE}")) == 1)
+        (node_span,) = receiver.named(f"generate {BASE}")
+        assert node_span["attributes"]["atoll.request.id"] == request_id
+        sent = fake.last("/v1/chat/completions").headers["traceparent"]
+        assert sent.startswith(f"00-{node_span['trace']}-{node_span['id']}-")
+    finally:
+        await fake.stop()
