@@ -15,18 +15,17 @@ no plugin: plugins name their service and what they put in spans.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit
 
 from opentelemetry.context import Context
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import NoOpTracer, Span, Tracer, set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from atoll.protocol.trust import AgentIdentity
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 NO_TRACER: Final[Tracer] = NoOpTracer()
 # One export, its retries included: what a collector that is down costs a plugin's stop (per
@@ -60,6 +59,12 @@ class Tracing:
     ``atoll-gateway``), with the agent's name, tenant and region on every span's resource."""
 
     def __init__(self, endpoint: str, service: str, agent: AgentIdentity) -> None:
+        # The SDK and exporter (protobuf, requests) are imported only when tracing is on.
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
         resource = Resource.create(
             {
                 "service.name": service,
@@ -69,7 +74,7 @@ class Tracing:
                 "atoll.region": agent.region,
             }
         )
-        self.provider = TracerProvider(resource=resource)
+        self.provider: TracerProvider = TracerProvider(resource=resource)
         exporter = OTLPSpanExporter(endpoint=endpoint, timeout=EXPORT_TIMEOUT_S)
         self.provider.add_span_processor(BatchSpanProcessor(exporter))
         self.tracer: Tracer = self.provider.get_tracer("atoll")

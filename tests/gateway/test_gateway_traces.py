@@ -6,6 +6,8 @@ text is in any of them. With tracing off nothing is started."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -339,6 +341,19 @@ async def test_with_tracing_off_nothing_is_started(make_agent: Any) -> None:
             json={"model": "echo", "messages": PROMPT},
         )
     assert reply.status_code == 200
+
+
+def test_the_sdk_and_exporter_are_imported_only_when_tracing_is_on() -> None:
+    """Off costs not even the imports: the plugins load OpenTelemetry's API alone."""
+    code = (
+        "import sys, atoll.plugins.gateway.plugin, atoll.plugins.inference.plugin\n"
+        "print([m for m in sys.modules if m.startswith(('opentelemetry.sdk', "
+        "'opentelemetry.exporter'))])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("model", [GatewayConfig, InferenceConfig])
