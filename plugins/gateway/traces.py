@@ -66,7 +66,6 @@ class TraceRequests:
                 "http.request.method": scope.get("method", ""),
                 "url.path": scope["path"],
                 "gen_ai.operation.name": operation,
-                "gen_ai.system": "atoll",
             },
         )
         status = 500  # unless a response starts: the app failed before answering
