@@ -18,6 +18,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from opentelemetry.trace import Tracer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -46,6 +47,7 @@ from atoll.plugins.gateway.lorax_api import lorax_error
 from atoll.plugins.gateway.mixture_routes import MixtureSearches
 from atoll.plugins.gateway.service import Gateway
 from atoll.plugins.gateway.sso import Sso
+from atoll.plugins.gateway.traces import TraceRequests
 from atoll.plugins.gateway.vector_batches import FileBatches
 from atoll.plugins.gateway.vector_stores import VectorStores
 from atoll.plugins.inference.contract import MAX_AUDIO_BYTES
@@ -123,9 +125,11 @@ def create_app(
     services: Services,
     docs: bool = False,
     sso: Sso | None = None,
+    tracer: Tracer | None = None,
 ) -> FastAPI:
     """The app; ``docs`` serves ``/openapi.json`` to callers with a key (off: 404); ``sso``
-    logs the web UI in through an OpenID Connect provider (None: API keys only)."""
+    logs the web UI in through an OpenID Connect provider (None: API keys only); ``tracer``
+    traces the OpenAI inference requests (traces.py; None: no middleware at all)."""
     # Never /docs or /redoc: FastAPI's pages load their scripts from a CDN on the web UI's origin,
     # and a browser navigating to them sends no key. With ``docs`` only the schema is served.
     app = FastAPI(
@@ -305,7 +309,9 @@ def create_app(
         sso.install(app)  # before the UI's static files, which would answer its paths 404
     webui.install(app, User)
 
-    return BodyLimit(app, gw.max_body_bytes)  # type: ignore[return-value]
+    limited = BodyLimit(app, gw.max_body_bytes)
+    # Outermost, so that a request refused early (413) is traced too.
+    return TraceRequests(limited, tracer) if tracer else limited  # type: ignore[return-value]
 
 
 def usage_csv(report: dict[str, Any]) -> Response:

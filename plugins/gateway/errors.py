@@ -3,6 +3,7 @@ the platform's typed errors (raised by inference agents over the overlay) to the
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from atoll.agent.errors import (
@@ -102,3 +103,17 @@ def from_platform(exc: AtollError) -> GatewayError:
     if isinstance(exc, (BackendUnavailable, NoResponder, ConnectionLost)):
         return GatewayError(503, message, code="no_capacity")
     return GatewayError(503, f"inference failed: {exc}")
+
+
+CLIENT_GONE = 499  # as nginx logs it: the caller closed the connection
+
+
+def ended_status(exc: BaseException) -> int:
+    """The status (ledger, metrics, traces) of a request that ended in ``exc``."""
+    if isinstance(exc, GatewayError):
+        return exc.status
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        # Cancelled while waiting for a reply or token, or (a stream) closed by the response at a
+        # ``yield`` while its client left: either way the caller is gone.
+        return CLIENT_GONE
+    return 500

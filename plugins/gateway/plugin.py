@@ -24,6 +24,7 @@ from atoll.agent.config import check_listen
 from atoll.agent.errors import AtollError
 from atoll.agent.imports import Imports
 from atoll.agent.plugins import Plugin, PluginContext
+from atoll.agent.tracing import check_endpoint, start_tracing
 from atoll.plugins.gateway.accounts import Accounts
 from atoll.plugins.gateway.admin import AdminRPC
 from atoll.plugins.gateway.app import Services, create_app
@@ -103,6 +104,9 @@ class GatewayConfig(BaseModel):
     batch_concurrency: int = Field(4, ge=1, le=256)
     # Single sign-on for the web UI (sso.py); None: the UI logs in with an API key only.
     oidc: OidcConfig | None = None
+    # OTLP/HTTP traces of the OpenAI inference requests (traces.py), e.g.
+    # "http://collector:4318/v1/traces"; None: no tracing at all.
+    otlp_traces_endpoint: str | None = None
 
     @field_validator("listen")
     @classmethod
@@ -115,6 +119,11 @@ class GatewayConfig(BaseModel):
         if v is not None and not v.startswith(("postgresql://", "postgres://")):
             raise ValueError("database is a postgresql:// URL (leave it out for SQLite)")
         return v
+
+    @field_validator("otlp_traces_endpoint")
+    @classmethod
+    def _otlp(cls, v: str | None) -> str | None:
+        return check_endpoint(v)
 
 
 class GatewayPlugin(Plugin):
@@ -146,6 +155,9 @@ class GatewayPlugin(Plugin):
             self.imports.start()
         router = ModelRouter(ctx, self.watch.discovery, attempts=config.retry_attempts)
         router.prefer_imported = config.imports == "prefer"
+        self.tracing = start_tracing(config.otlp_traces_endpoint, "atoll-gateway", ctx.identity)
+        if self.tracing is not None:
+            router.tracer = self.tracing.tracer
         self.gateway = Gateway(
             accounts=self.accounts,
             limiter=RateLimiter(),
@@ -189,7 +201,13 @@ class GatewayPlugin(Plugin):
         sock.setblocking(False)
         self.address = sock.getsockname()[:2]
         server_config = uvicorn.Config(
-            create_app(self.gateway, self.services, docs=config.docs, sso=self.sso),
+            create_app(
+                self.gateway,
+                self.services,
+                docs=config.docs,
+                sso=self.sso,
+                tracer=self.tracing.tracer if self.tracing else None,
+            ),
             log_level="warning",
             lifespan="off",
             access_log=False,
@@ -339,6 +357,8 @@ class GatewayPlugin(Plugin):
         await self.imports.stop()
         await self.watch.stop()
         self.accounts.close()
+        if self.tracing is not None:  # the last requests' spans, ended with the server
+            await asyncio.to_thread(self.tracing.close)
 
     def describe(self) -> dict[str, Any]:
         return {"endpoints": {"http": self.url}, "capabilities": {"openai": True, "lorax": True}}

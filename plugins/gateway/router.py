@@ -11,8 +11,10 @@ event an error propagates, since the client already has text. Errors that are th
 are never retried elsewhere: every node would refuse the same request.
 
 Each request returns a ``Route`` naming the node that served it and the failures before it, for
-the caller's metrics and logs. (Just over 400 lines: streamed and one-reply requests share the
-choosing, waiting and retry rules, which belong together.)
+the caller's metrics and logs, and with traces on (traces.py) a routing span under the request's
+span, whose W3C traceparent travels to the node inside the sealed request. (Over 400 lines:
+streamed and one-reply requests share the choosing, waiting, retry and tracing rules, which
+belong together.)
 """
 
 from __future__ import annotations
@@ -25,13 +27,17 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from opentelemetry import context as otel_context
+from opentelemetry.trace import Span, Tracer
 from pydantic import BaseModel
 
 from atoll.agent.contract import Method
 from atoll.agent.discovery import Discovery, Entry, Status
 from atoll.agent.errors import AtollError, DeadlineExceeded, InvalidRequest
 from atoll.agent.node import Overlay
-from atoll.plugins.gateway.errors import GatewayError, from_platform
+from atoll.agent.tracing import NO_TRACER
+from atoll.plugins.gateway.errors import GatewayError, ended_status, from_platform
+from atoll.plugins.gateway.traces import attempt, routed, routing
 from atoll.plugins.inference.contract import (
     EMBED,
     PLUGIN,
@@ -144,6 +150,7 @@ class ModelRouter:
         # so without this a burst would all land on whichever node looked idle last.
         self.inflight: dict[str, int] = {}
         self.prefer_imported = False  # other tenants' nodes (agent@tenant) before our own
+        self.tracer: Tracer = NO_TRACER  # the gateway's, when it exports traces (traces.py)
         self._rng = random.Random()
 
     # --- choosing ---------------------------------------------------------------------------------
@@ -230,44 +237,68 @@ class ModelRouter:
         if deadline_s <= 0:
             raise ValueError("deadline_s must be positive")
         route = Route()
-        return RoutedStream(self._stream(request, dict(labels), deadline_s, route), route)
+        # The caller's context (its request's span) is taken now: the events are read later.
+        parent = otel_context.get_current()
+        return RoutedStream(self._stream(request, dict(labels), deadline_s, route, parent), route)
 
     async def _stream(
-        self, request: GenerateRequest, labels: dict[str, str], deadline_s: float, route: Route
+        self,
+        request: GenerateRequest,
+        labels: dict[str, str],
+        deadline_s: float,
+        route: Route,
+        parent: otel_context.Context,
     ) -> AsyncGenerator[Event, None]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + deadline_s
         adapter = request.adapter or (request.mixture.key() if request.mixture else None)
-        nodes = await self._awaited(
-            lambda status: self.candidates(request.model, adapter, labels, status), deadline
-        )
-        if not nodes:
-            what = request.model or request.adapter or "text generation"
-            raise GatewayError(503, f"no inference node serves {what}{_describe_labels(labels)}")
-        last: AtollError | None = None
-        for entry in nodes[: self.attempts]:
-            await self._link_up(deadline)
-            route.node = entry.name
-            self.inflight[entry.name] = self.inflight.get(entry.name, 0) + 1
-            events = stream_generate(self.agent, f"{entry.name}/{PLUGIN}", request)
-            try:
+        span = routing(self.tracer, parent, request.model or adapter or "any")
+        nodes: list[Entry] = []
+        error: int | None = None
+        finished = False  # the finish event is out: a caller closing the events after it is fine
+        try:
+            nodes = await self._awaited(
+                lambda status: self.candidates(request.model, adapter, labels, status), deadline
+            )
+            if not nodes:
+                what = request.model or request.adapter or "text generation"
+                raise GatewayError(
+                    503, f"no inference node serves {what}{_describe_labels(labels)}"
+                )
+            last: AtollError | None = None
+            for entry in nodes[: self.attempts]:
+                await self._link_up(deadline)
+                route.node = entry.name
+                self.inflight[entry.name] = self.inflight.get(entry.name, 0) + 1
+                sent = request
+                if tp := attempt(span, entry.name, _why(entry, nodes, adapter, route)):
+                    sent = request.model_copy(update={"traceparent": tp})
+                events = stream_generate(self.agent, f"{entry.name}/{PLUGIN}", sent)
                 try:
-                    event = await self._first(events, deadline, deadline_s)
-                except _NodeFailed as failed:
-                    route.failures.append(f"{entry.name}: {failed.error.message}")
-                    last = failed.error
-                    continue
-                yield event
-                while event.type != "finish":
-                    event = await self._next(events, deadline, deadline_s, entry.name)
+                    try:
+                        event = await self._first(events, deadline, deadline_s)
+                    except _NodeFailed as failed:
+                        route.failures.append(f"{entry.name}: {failed.error.message}")
+                        last = failed.error
+                        continue
+                    finished = event.type == "finish"
                     yield event
-                return
-            finally:
-                await events.aclose()  # aborts the node's stream unless it finished
-                self._done(entry.name)
-        route.node = None
-        assert last is not None  # the loop ran at least once and every attempt failed
-        raise _exhausted(route, last)
+                    while not finished:
+                        event = await self._next(events, deadline, deadline_s, entry.name)
+                        finished = event.type == "finish"
+                        yield event
+                    return
+                finally:
+                    await events.aclose()  # aborts the node's stream unless it finished
+                    self._done(entry.name)
+            route.node = None
+            assert last is not None  # the loop ran at least once and every attempt failed
+            raise _exhausted(route, last)
+        except BaseException as exc:
+            error = None if finished else ended_status(exc)
+            raise
+        finally:
+            routed(span, len(nodes), route.failures, error)
 
     async def _first(
         self, events: AsyncIterator[Event], deadline: float, deadline_s: float
@@ -358,6 +389,42 @@ class ModelRouter:
         kind = "embeddings" if spec is EMBED else "transcription"
         pick = functools.partial(self._serving, kind, model, labels)
         what = f"{kind} ({model})" if model else kind
+        if spec is TRANSCRIBE:
+            params = TranscribeRequest.model_validate(params)
+        elif isinstance(params, BaseModel):
+            params = params.model_dump(exclude_none=True)
+        span = routing(self.tracer, otel_context.get_current(), model or kind)
+        route = Route()
+        nodes: list[Entry] = []
+        error: int | None = None
+        try:
+            nodes = await self._awaited(pick, deadline)
+            if not nodes:
+                where = _describe_labels(labels)
+                raise GatewayError(503, f"no inference node serves {what}{where}")
+            return await self._call_nodes(
+                spec, params, nodes, deadline, deadline_s, route, span, on_delta
+            )
+        except BaseException as exc:
+            error = ended_status(exc)
+            raise
+        finally:
+            routed(span, len(nodes), route.failures, error)
+
+    async def _call_nodes(
+        self,
+        spec: ReplyMethod,
+        params: Any,
+        nodes: list[Entry],
+        deadline: float,
+        deadline_s: float,
+        route: Route,
+        span: Span,
+        on_delta: Callable[[str], None] | None,
+    ) -> tuple[Any, Route]:
+        """``call``'s attempts, node after node (``params``: a TranscribeRequest, or the
+        embedding request's dict)."""
+        loop = asyncio.get_running_loop()
         delivered = False
 
         def delta(text: str) -> None:
@@ -366,14 +433,6 @@ class ModelRouter:
             if on_delta is not None:
                 on_delta(text)
 
-        if spec is TRANSCRIBE:
-            audio = TranscribeRequest.model_validate(params)
-        elif isinstance(params, BaseModel):
-            params = params.model_dump(exclude_none=True)
-        nodes = await self._awaited(pick, deadline)
-        if not nodes:
-            raise GatewayError(503, f"no inference node serves {what}{_describe_labels(labels)}")
-        route = Route()
         last: AtollError | None = None
         for entry in nodes[: self.attempts]:
             await self._link_up(deadline)
@@ -382,13 +441,15 @@ class ModelRouter:
             if remaining <= 0:
                 raise _deadline(deadline_s)
             self.inflight[entry.name] = self.inflight.get(entry.name, 0) + 1
+            tp = attempt(span, entry.name, _why(entry, nodes, None, route))
             try:
                 address = f"{entry.name}/{PLUGIN}"
                 if spec is TRANSCRIBE:
                     async with asyncio.timeout(remaining):
-                        heard = await transcribe(self.agent, address, audio, remaining, delta)
+                        heard = await transcribe(self.agent, address, params, remaining, delta)
                     return heard.model_dump(mode="json"), route
-                result = await self.agent.call(address, spec.name, params, remaining)
+                sent = params | {"traceparent": tp} if tp else params
+                result = await self.agent.call(address, spec.name, sent, remaining)
                 return result, route
             except TimeoutError as exc:  # the transcribe stream's whole deadline
                 raise _deadline(deadline_s) from exc
@@ -417,6 +478,15 @@ class _NodeFailed(Exception):
     def __init__(self, error: AtollError) -> None:
         super().__init__(error.message)
         self.error = error
+
+
+def _why(entry: Entry, nodes: list[Entry], adapter: str | None, route: Route) -> str:
+    """Why ``entry`` is tried (for the routing span)."""
+    if route.failures:
+        return "retry"
+    if adapter and _holds(entry, adapter):
+        return "adapter loaded"
+    return "only node" if len(nodes) == 1 else "least loaded"
 
 
 def _deadline(deadline_s: float) -> GatewayError:

@@ -15,6 +15,8 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from opentelemetry import trace
+
 from atoll.agent.metrics import MetricsRegistry
 from atoll.agent.watch import TenantWatch
 from atoll.plugins.gateway.accounts import Accounts
@@ -23,11 +25,12 @@ from atoll.plugins.gateway.accounts.keys import Principal
 from atoll.plugins.gateway.accounts.ledger import Ledger
 from atoll.plugins.gateway.bodies import Event, usage_of
 from atoll.plugins.gateway.catalog import Catalog
-from atoll.plugins.gateway.errors import GatewayError
+from atoll.plugins.gateway.errors import GatewayError, ended_status
 from atoll.plugins.gateway.limits import Permit, RateLimiter
 from atoll.plugins.gateway.router import ModelRouter, ReplyMethod
 from atoll.plugins.gateway.spending import TEMPLATE_TOKENS, Spending, prompt_estimate
 from atoll.plugins.gateway.telemetry import GatewayMetrics
+from atoll.plugins.gateway.traces import answered, requested
 from atoll.plugins.inference.contract import (
     EMBED,
     FinishEvent,
@@ -35,19 +38,6 @@ from atoll.plugins.inference.contract import (
     Mixture,
     Usage,
 )
-
-CLIENT_GONE = 499  # as nginx logs it: the caller closed the connection
-
-
-def _ended_status(exc: BaseException) -> int:
-    """The ledger status of a request that ended in ``exc``."""
-    if isinstance(exc, GatewayError):
-        return exc.status
-    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
-        # Cancelled while waiting for a reply or token, or (a stream) closed by the response at a
-        # ``yield`` while its client left: either way the caller is gone.
-        return CLIENT_GONE
-    return 500
 
 
 @dataclass(frozen=True)
@@ -204,6 +194,8 @@ class Gateway:
                 param="model",
             )
         request_id = uuid.uuid4().hex
+        span = trace.get_current_span()  # the request's server span (traces.py), if traced
+        requested(span, principal, request_id, operation, model, None)
         self.spending.reserve_call(principal, request_id, model, params)
         permit = self._admit(principal, request_id)
         # Charged before the node is asked (inference_routes.py hands an EmbedRequest, not a
@@ -224,7 +216,7 @@ class Gateway:
                 tokens = int(counted)
             return reply
         except BaseException as exc:
-            status = _ended_status(exc)
+            status = ended_status(exc)
             raise
         finally:
             self.interactive_waiting -= waiting
@@ -233,6 +225,7 @@ class Gateway:
                 principal, permit, request_id, model, None, usage, status, started, prompt_text
             )
             self.telemetry.record(principal.project, operation, model, None, usage, status, latency)
+            answered(span, operation, usage, status)
 
     # --- running -----------------------------------------------------------------------------
 
@@ -257,6 +250,10 @@ class Gateway:
         request, which interactive ones waiting for their first event hold back."""
         request_id = requests[0].request_id or uuid.uuid4().hex
         model = target.base or target.model
+        span = trace.get_current_span()  # the request's server span (traces.py), if traced
+        requested(
+            span, principal, request_id, operation, target.model, target.adapter_label, requests
+        )
         self.spending.reserve_generate(
             principal, request_id, model, target.adapter, requests, per_prompt
         )
@@ -293,7 +290,7 @@ class Gateway:
                     permit.charge(1)
                 yield index, item
         except BaseException as exc:
-            status = _ended_status(exc)
+            status = ended_status(exc)
             raise
         finally:
             self.interactive_waiting -= waiting
@@ -325,6 +322,7 @@ class Gateway:
                 ttft,
                 len(streams),
             )
+            answered(span, operation, usage, status, finishes)
 
     def _admit(self, principal: Principal, request_id: str) -> Permit:
         """Past the rate limits, after the budgets' reservation: given back if they refuse."""

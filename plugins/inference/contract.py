@@ -131,6 +131,11 @@ class Mixture(Strict):
         return "mix:" + json.dumps(body, sort_keys=True, separators=(",", ":"))
 
 
+# The W3C trace context of the gateway's routing span (version 00), sent only when the gateway
+# exports traces: it rides inside the sealed payload, never in the broker-visible header.
+Traceparent = Annotated[str, Field(pattern=r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")]
+
+
 class GenerateRequest(Strict):
     """One completion: a raw ``prompt``, the same as ``prompt_token_ids`` (used as given: no
     special tokens added) or chat ``messages`` (rendered with the model's template), on the base
@@ -159,6 +164,7 @@ class GenerateRequest(Strict):
     echo: bool = False
     continuation: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS)
     request_id: str | None = Field(None, max_length=128)
+    traceparent: Traceparent | None = None
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:
@@ -180,6 +186,7 @@ class EmbedRequest(Strict):
     input: list[Annotated[str, Field(max_length=100_000)]] = Field(min_length=1, max_length=2048)
     model: str | None = None
     normalize: bool = True
+    traceparent: Traceparent | None = None
 
 
 class TranscribeOptions(Strict):

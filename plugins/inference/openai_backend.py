@@ -202,7 +202,9 @@ class OpenAIBackend(Backend):
     ) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
         base = request.model or await self._base_model()
         path, body = generate_body(request, request.adapter or base)
-        headers = {"X-Request-Id": request.request_id} if request.request_id else None
+        headers = {"X-Request-Id": request.request_id} if request.request_id else {}
+        if request.traceparent:  # a vLLM upstream exporting traces continues this one
+            headers["traceparent"] = request.traceparent
         fold = StreamFold(chat=request.messages is not None, adapter=request.adapter)
         self._running += 1
         try:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from atoll.agent.config import ConfigPath
 from atoll.agent.contract import Method
@@ -22,6 +22,7 @@ from atoll.agent.errors import Forbidden, InvalidRequest, NoResponder
 from atoll.agent.metrics import REQUEST_DURATION_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS
 from atoll.agent.plugins import Plugin, PluginContext, rpc
 from atoll.agent.streams import Stream
+from atoll.agent.tracing import check_endpoint, start_tracing
 from atoll.agent.transfer import Reader, idle_deadline
 from atoll.plugins.inference.backend import Backend
 from atoll.plugins.inference.contract import (
@@ -45,6 +46,7 @@ from atoll.plugins.inference.contract import (
     reply_delta,
     reply_transcription,
 )
+from atoll.plugins.inference.traces import GenerateTrace, traced_embed
 from atoll.plugins.storage.contract.adapters import (
     AdapterNotFound,
     check_adapter_id,
@@ -69,6 +71,14 @@ class InferenceConfig(BaseModel):
     adapter_dirs: list[ConfigPath] = []
     storage: str | None = None
     callers: list[str] = Field(default_factory=lambda: ["gateway", "admin", "operator"])
+    # OTLP/HTTP traces of generate and embed requests (traces.py), continuing the gateway's;
+    # e.g. "http://collector:4318/v1/traces". None: no tracing at all.
+    otlp_traces_endpoint: str | None = None
+
+    @field_validator("otlp_traces_endpoint")
+    @classmethod
+    def _otlp(cls, v: str | None) -> str | None:
+        return check_endpoint(v)
 
 
 def make_backend(config: InferenceConfig, ctx: PluginContext, fetch: Any) -> Backend:
@@ -102,6 +112,7 @@ class InferencePlugin(Plugin):
         self.storage = ctx.finder("storage")  # unless configured: found when first needed
         self.backend = make_backend(config, ctx, self.fetch_adapter)
         await self.backend.start()
+        self.tracing = start_tracing(config.otlp_traces_endpoint, "atoll-inference", ctx.identity)
         m = ctx.metrics
         self.requests = m.counter("requests", "Generate requests served")
         self.failures = m.counter("requests_failed", "Generate requests that failed")
@@ -126,6 +137,8 @@ class InferencePlugin(Plugin):
     async def stop(self) -> None:
         self._gauges.cancel()
         await self.backend.stop()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.close)
 
     def describe(self) -> dict[str, Any]:
         return described(self.backend.info())
@@ -173,9 +186,15 @@ class InferencePlugin(Plugin):
             )
         started = time.perf_counter()
         first: float | None = None  # when the first event came
+        traced = self._trace(request)
+        error: BaseException | None = None
+        if traced is not None:  # the upstream (an OpenAI-compatible server) continues our span
+            request = request.model_copy(update={"traceparent": traced.traceparent})
         try:
             async for event in self.backend.generate(request):
                 now = time.perf_counter()
+                if traced is not None:
+                    traced.event(event, now)
                 if first is None:
                     first = now
                     self.ttft.observe(now - started)
@@ -187,9 +206,22 @@ class InferencePlugin(Plugin):
                     if event.usage.completion_tokens > 1:
                         self.tpot.observe((now - first) / (event.usage.completion_tokens - 1))
                 yield event
-        except Exception:
+        except Exception as exc:
             self.failures.inc()
+            error = exc
             raise
+        except BaseException as exc:  # cancelled, or closed early: the caller left
+            error = exc
+            raise
+        finally:
+            if traced is not None:
+                traced.end(error)
+
+    def _trace(self, request: GenerateRequest) -> GenerateTrace | None:
+        if self.tracing is None:
+            return None
+        info = self.backend.info()
+        return GenerateTrace(self.tracing.tracer, request, info.base_model, info.queue_depth)
 
     async def _generate_stream(self, stream: Stream, params: Any, call: CallInfo) -> None:
         """One JSON line per event. Lines come out as soon as they are made, but the ones made
@@ -264,7 +296,11 @@ class InferencePlugin(Plugin):
 
     @rpc(EMBED.name, roles=lambda p: p.config.callers)
     async def embed(self, params: Any, call: CallInfo) -> dict[str, Any]:
-        result = await self.backend.embed(EMBED.parse_params(params))
+        request = EMBED.parse_params(params)
+        if self.tracing is None:
+            result = await self.backend.embed(request)
+        else:
+            result = await traced_embed(self.tracing.tracer, request, self.backend.embed)
         return result.model_dump(mode="json")
 
     async def _transcribe_stream(self, stream: Stream, params: Any, call: CallInfo) -> None:

@@ -11,6 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 from atoll.agent.discovery import Discovery, Status
 from atoll.agent.runtime import AgentRuntime
@@ -375,3 +379,43 @@ async def test_a_failing_embedder_is_retried_elsewhere(
         if route.retries:
             break
     assert routes[-1].retries == 1 and routes[-1].failures[0].startswith("flaky:")
+
+
+async def test_the_routing_span_names_each_attempt_and_why(
+    make_agent: AgentFactory, gw: Gateway, fake: FakeOpenAI
+) -> None:
+    """With a tracer (the gateway's when it exports traces), a request's routing span, under
+    the span current when it was routed: the node that served, why each node was tried, the
+    failures; every attempt failed: an ERROR span with the status the caller gets."""
+    await make_agent("flaky", plugins=upstream(fake), **FAST)
+    await make_agent("good", plugins=echo(model=BASE), **FAST)
+    await gw.see("flaky", "good")
+    fake.fail_status = 503
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    router, once = gw.router(), gw.router(attempts=1)
+    router.tracer = once.tracer = provider.get_tracer("test")
+    request = prompt("hello there", model=BASE, adapter="sql-lora")
+    with router.tracer.start_as_current_span("request") as parent:
+        stream = router.stream(request, {}, 10.0)
+        assert [e.type async for e in stream][-1] == "finish"
+    (span,) = [s for s in exporter.get_finished_spans() if s.name == "route"]
+    assert span.parent is not None
+    assert span.parent.span_id == parent.get_span_context().span_id
+    attributes = dict(span.attributes or {})
+    assert attributes["atoll.route.node"] == "good" and attributes["atoll.route.retries"] == 1
+    reasons = [dict(e.attributes or {})["atoll.route.reason"] for e in span.events]
+    assert reasons == ["adapter loaded", "retry"]
+    failures = attributes["atoll.route.failures"]
+    assert isinstance(failures, tuple) and failures[0].startswith("flaky:")
+    assert span.status.status_code is StatusCode.UNSET
+
+    exporter.clear()
+    with once.tracer.start_as_current_span("request"), pytest.raises(GatewayError) as caught:
+        async for _ in once.stream(request, {}, 10.0):
+            pass
+    (span,) = [s for s in exporter.get_finished_spans() if s.name == "route"]
+    assert span.status.status_code is StatusCode.ERROR
+    assert dict(span.attributes or {})["error.type"] == str(caught.value.status)
+    provider.shutdown()

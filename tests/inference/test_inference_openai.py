@@ -99,8 +99,14 @@ async def test_chat_stream_on_an_adapter_maps_sampling(fake: FakeOpenAI, make: M
         "seed": 7,
     }
     messages = chat("how many rows")
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     tokens, finish = await run(
-        backend, messages=messages, adapter="sql-lora", params=params, request_id="req-1"
+        backend,
+        messages=messages,
+        adapter="sql-lora",
+        params=params,
+        request_id="req-1",
+        traceparent=traceparent,
     )
     expected = chat_reply("sql-lora", messages)
     assert [t.text for t in tokens] == pieces(expected)
@@ -111,6 +117,7 @@ async def test_chat_stream_on_an_adapter_maps_sampling(fake: FakeOpenAI, make: M
     seen = fake.last("/v1/chat/completions")
     assert seen.headers["authorization"] == f"Bearer {KEY}"
     assert seen.headers["x-request-id"] == "req-1"
+    assert seen.headers["traceparent"] == traceparent  # a tracing vLLM continues the trace
     sent = seen.body
     assert sent["model"] == "sql-lora"
     assert sent["messages"] == messages
@@ -128,7 +135,9 @@ async def test_defaults_are_not_sent_and_greedy_is_temperature_zero(
     tokens, finish = await run(backend, messages=chat("hi"))
     assert "".join(t.text for t in tokens) == chat_reply(BASE, chat("hi"))
     assert (finish.model, finish.adapter) == (BASE, None)
-    sent = fake.last("/v1/chat/completions").body
+    seen = fake.last("/v1/chat/completions")
+    assert "traceparent" not in seen.headers and "x-request-id" not in seen.headers
+    sent = seen.body
     assert sent["model"] == BASE  # discovered from /models: no model configured
     for key in ("temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed"):
         assert key not in sent
