@@ -496,6 +496,7 @@ def plain_trainer_run(
         AutoModelForCausalLM,
         AutoTokenizer,
         DataCollatorForSeq2Seq,
+        PrinterCallback,
         Trainer,
         TrainingArguments,
     )
@@ -533,6 +534,7 @@ def plain_trainer_run(
         train_dataset=dataset,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
     )
+    trainer.remove_callback(PrinterCallback)  # its log lines would go to our one JSON object
     result = trainer.train()
     return {
         "metrics": {k: result.metrics[k] for k in FINAL_METRICS if k in result.metrics},
