@@ -1,0 +1,209 @@
+"""Compressed LoRA collections (plugins/inference/compression.py, collections.py): members served
+through a real local node agree with their uncompressed adapters (greedy tokens ≥ 95%, logits
+within a stated tolerance), mixed batches stay correct, a request can ask for the original, and
+a corrupted artefact is refused whole while the node keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from atoll.plugins.inference.collections import CollectionSlots
+from atoll.plugins.inference.compression import (
+    MANIFEST,
+    TENSORS,
+    agreement,
+    compress,
+    compress_adapters,
+    read_collection,
+)
+from atoll.plugins.inference.contract import AdapterRejected
+from atoll.plugins.inference.pool import AdapterPool, describe_shapes, read_adapter
+from support.local_node import run, start_backend
+from support.tiny_models import build_tiny_model, make_adapter, make_adapter_family
+
+MEMBERS = 6
+RANK = 8
+HELD_OUT = [[5, 17, 42, 99, 7, 3], [11, 12, 13], [200, 150, 100, 50], [77, 3, 9, 41, 8]]
+GREEDY = {"temperature": 0, "max_new_tokens": 10, "ignore_eos": True}
+# Absolute, on logits up to ~6 of a tiny model whose adapters outweigh its own weights: the
+# family's noise that the shared rank drops (about 1.5% of each ΔW) moves them by up to ~0.4.
+LOGIT_TOLERANCE = 0.5
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("compress")
+    base = build_tiny_model(root / "tiny-llama")
+    ads = root / "adapters"
+    family = make_adapter_family(base, ads / "fam", MEMBERS, seed=7)
+    make_adapter(base, ads / "plain", seed=3, rank=4)
+    art = root / "collections" / "fam"
+    ids = {f"fam/{p.name}": p for p in family}
+    compress_adapters(ids, str(base), "fam", art, rank=RANK)
+    return {"base": base, "adapters": ads, "collection": art}
+
+
+def completed(fn: Any) -> concurrent.futures.Future:
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+    fut.set_result(fn())
+    return fut
+
+
+def test_compression_is_faithful_deterministic_and_reports_errors(models):
+    manifest = json.loads((models["collection"] / MANIFEST).read_text())
+    assert manifest["rank"] == RANK and len(manifest["members"]) == MEMBERS
+    assert all(m["error"] < 0.1 for m in manifest["members"])  # the family's noise, no more
+    assert all(len(m["sha256"]) == 64 for m in manifest["members"])
+    factors = {
+        f"m{i}": read_adapter(models["adapters"] / f"fam/member-{i}", torch.float64)
+        for i in range(3)
+    }
+    first, again = compress(factors, 4), compress(factors, 4)
+    for module, (u, v) in first.bases.items():
+        assert torch.equal(u, again.bases[module][0]) and torch.equal(v, again.bases[module][1])
+        torch.testing.assert_close(u.T @ u, torch.eye(4), atol=1e-5, rtol=0)  # orthonormal
+    # The reported error is the one measured against each ΔW itself, over all its modules.
+    for i, mid in enumerate(factors):
+        lost = total = 0.0
+        for module, (u, v) in first.bases.items():
+            a, b = factors[mid][module]
+            dw = b @ a
+            rebuilt = u.double() @ first.cores[module][i].double() @ v.double().T
+            lost += float(torch.linalg.norm(dw - rebuilt)) ** 2
+            total += float(torch.linalg.norm(dw)) ** 2
+        assert (lost / total) ** 0.5 == pytest.approx(first.errors[i], rel=1e-3, abs=1e-5)
+    # A lower rank loses more.
+    assert sum(compress(factors, 1).errors) > sum(first.errors)
+
+
+def test_logits_within_tolerance_of_the_uncompressed_in_one_mixed_batch(models):
+    base, ads = models["base"], models["adapters"]
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    pool = AdapterPool(model, ["q_proj", "v_proj"], 2, max_rank=16, activate=completed)
+    slots = CollectionSlots(model, set(pool.layers), activate=completed, on_loader=pool.on_loader)
+    shapes = describe_shapes(model)
+    try:
+        slots.load(lambda: read_collection(models["collection"], shapes, 16, torch.float32)).result(
+            timeout=30
+        )
+        plain = pool.take()
+        pool.load(plain, lambda: read_adapter(ads / "plain", torch.float32)).result(timeout=30)
+        member_slot = pool.take()
+        pool.load(member_slot, lambda: read_adapter(ads / "fam/member-2", torch.float32)).result(
+            timeout=30
+        )
+        ids = torch.tensor([HELD_OUT[0]] * 4)
+        with torch.no_grad():
+            # Rows: member-2 compressed, plain adapter, base, member-4 compressed.
+            with pool.rows([0, plain, 0, 0]), slots.rows([("fam", 3), None, None, ("fam", 5)]):
+                mixed = model(input_ids=ids).logits
+            with pool.rows([member_slot, plain, 0, 0]), slots.rows([None] * 4):
+                exact = model(input_ids=ids).logits
+        torch.testing.assert_close(mixed[0], exact[0], atol=LOGIT_TOLERANCE, rtol=0)
+        # The plain adapter's and the base row are untouched by the collection beside them.
+        torch.testing.assert_close(mixed[1:3], exact[1:3], atol=1e-4, rtol=1e-4)
+        assert (mixed[3] - exact[3]).abs().max() > LOGIT_TOLERANCE  # member-4 is not base
+    finally:
+        pool.close()
+
+
+async def greedy(backend: Any, adapter: str, **options: Any) -> list[list[int]]:
+    outs = []
+    for prompt in HELD_OUT:
+        ids, _, _ = await run(
+            backend, prompt_token_ids=prompt, adapter=adapter, params=GREEDY, **options
+        )
+        outs.append(ids)
+    return outs
+
+
+async def test_members_agree_with_their_originals_through_a_node(models, tmp_path):
+    backend = await start_backend(models, tmp_path, collections=[str(models["collection"])])
+    try:
+        ours, theirs = [], []
+        for i in range(MEMBERS):
+            adapter = f"fam/member-{i}"
+            ours += await greedy(backend, adapter)
+            assert adapter not in backend.fetched  # served by the collection, nothing fetched
+            theirs += await greedy(backend, adapter, uncompressed=True)  # the fallback
+            assert adapter in backend.fetched
+        assert agreement(ours, theirs) >= 0.95
+        base = await greedy(backend, "plain")
+        assert agreement(ours[: len(base)], base) < 0.5  # members are not just anything
+        # Mixed: plain adapter, compressed members, base rows, and originals, all at once.
+        jobs = [
+            run(backend, prompt_token_ids=HELD_OUT[0], params=GREEDY, **extra)
+            for extra in (
+                {"adapter": "plain"},
+                {"adapter": "fam/member-1"},
+                {},
+                {"adapter": "fam/member-3"},
+                {"adapter": "fam/member-3", "uncompressed": True},
+            )
+        ]
+        together = [ids for ids, _, _ in await asyncio.gather(*jobs)]
+        alone = [
+            (await greedy(backend, "plain"))[0],
+            ours[1 * len(HELD_OUT)],
+            (await run(backend, prompt_token_ids=HELD_OUT[0], params=GREEDY))[0],
+            ours[3 * len(HELD_OUT)],
+            theirs[3 * len(HELD_OUT)],
+        ]
+        assert together == alone
+    finally:
+        await backend.stop()
+
+
+def corrupt(src: Path, dst: Path, how: str) -> Path:
+    shutil.copytree(src, dst)
+    tensors, manifest = dst / TENSORS, dst / MANIFEST
+    meta = json.loads(manifest.read_text())
+    if how == "hash":
+        data = bytearray(tensors.read_bytes())
+        data[-3] ^= 0xFF
+        tensors.write_bytes(bytes(data))
+    elif how == "shape":  # re-hashed: only the shapes tell
+        body = load_file(str(tensors))
+        key = next(k for k in body if k.endswith(".U"))
+        body[key] = body[key][:, :-1].contiguous()
+        save_file(body, str(tensors), metadata={"format": meta["format"]})
+        from atoll.plugins.inference.compression import sha256
+
+        meta["sha256"] = sha256(tensors)
+    elif how == "member":
+        meta["members"] = meta["members"][:-1]
+    manifest.write_text(json.dumps(meta))
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("how", "why"),
+    [("hash", "sha256"), ("shape", "shape"), ("member", "shape")],
+)
+async def test_a_corrupted_collection_is_refused_and_the_node_serves_on(models, tmp_path, how, why):
+    bad = corrupt(models["collection"], tmp_path / "bad", how)
+    backend = await start_backend(models, tmp_path)
+    try:
+        with pytest.raises(AdapterRejected, match=why):
+            await backend.load_collection(bad)
+        assert backend.collections.loaded == {}  # nothing of it half-loaded
+        ids, _, finish = await run(
+            backend, prompt_token_ids=HELD_OUT[0], adapter="fam/member-0", params=GREEDY
+        )
+        assert len(ids) == GREEDY["max_new_tokens"] and finish is not None
+        assert "fam/member-0" in backend.fetched  # served by its original
+        await backend.load_collection(models["collection"])
+        assert set(backend.collections.loaded) == {"fam"}
+        assert await backend.unload_collection("fam")
+    finally:
+        await backend.stop()
