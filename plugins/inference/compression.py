@@ -40,10 +40,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from atoll.plugins.inference.contract import AdapterRejected
+from atoll.plugins.storage.contract.adapters import COLLECTION_MANIFEST as MANIFEST
+from atoll.plugins.storage.contract.adapters import COLLECTION_TENSORS as TENSORS
 
 FORMAT = "atoll-lora-collection/1"
-TENSORS = "collection.safetensors"
-MANIFEST = "collection.json"
 ROUNDS = 8  # alternating rounds: enough for the error to settle on the tests' and bench's sets
 MAX_MEMBERS = 4096
 

@@ -28,6 +28,13 @@ from atoll.plugins.inference.compression import (
 )
 from atoll.plugins.inference.contract import AdapterRejected
 from atoll.plugins.inference.pool import AdapterPool, describe_shapes, read_adapter
+from atoll.plugins.storage.contract.adapters import (
+    InvalidAdapter,
+    fetch_adapter,
+    list_adapters,
+    upload_adapter,
+)
+from support.island import start_storage
 from support.local_node import run, start_backend
 from support.tiny_models import build_tiny_model, make_adapter, make_adapter_family
 
@@ -207,3 +214,32 @@ async def test_a_corrupted_collection_is_refused_and_the_node_serves_on(models, 
         assert await backend.unload_collection("fam")
     finally:
         await backend.stop()
+
+
+async def test_storage_keeps_the_collection_with_its_member_links(models, tmp_path, make_agent):
+    _, plugin = await start_storage(make_agent)
+    trainer = (await make_agent("trainer", roles=("training",))).agent
+    node = (await make_agent("node", roles=("inference",))).agent
+    art = models["collection"]
+    record = await upload_adapter(
+        trainer, "store", art, "collections/alice/fam", {"members": ["forged"]}, owner="alice"
+    )
+    manifest = json.loads((art / MANIFEST).read_text())
+    assert record.meta["kind"] == "collection"  # the members as the manifest says, not the meta
+    assert record.meta["members"] == [m["id"] for m in manifest["members"]]
+    assert record.rank == RANK and record.target_modules == ["q_proj", "v_proj"]
+    assert record.owner == "alice" and [f.name for f in record.files] == [MANIFEST, TENSORS]
+    got = await fetch_adapter(node, "store", "collections/alice/fam", tmp_path / "got")
+    backend = await start_backend(models, tmp_path / "node")
+    try:
+        assert (await backend.load_collection(got)).members == record.meta["members"]
+    finally:
+        await backend.stop()
+    # A collection is kept only under collections/... and whole: a tampered one is refused.
+    with pytest.raises(InvalidAdapter, match=r"lacks adapter_config\.json"):
+        await upload_adapter(trainer, "store", art, "alice/fam")
+    bad = corrupt(art, tmp_path / "bad", "hash")
+    with pytest.raises(InvalidAdapter, match="sha256"):
+        await upload_adapter(trainer, "store", bad, "collections/alice/bad")
+    assert [r.id for r in await list_adapters(node, "store")] == ["collections/alice/fam"]
+    assert plugin.registry.get("collections/alice/bad") is None
