@@ -45,6 +45,7 @@ from atoll.plugins.inference.pool import BASE, AdapterPool, describe_shapes, rea
 from atoll.plugins.inference.sampling import Sampler
 from atoll.plugins.inference.textstream import TextStream
 from atoll.plugins.inference.whisper import Transcriber
+from atoll.plugins.storage.contract.adapters import is_collection
 
 # When a tokenizer has no chat template of its own (a bare base model).
 FALLBACK_TEMPLATE = (
@@ -73,9 +74,10 @@ class LocalConfig(BaseModel):
     # A transformers Whisper directory (model, processor): transcription and translation,
     # loaded on first use; None: this node does not transcribe.
     transcription: ConfigPath | None = None
-    # Compressed collections (compression.py) loaded at start: a request naming one of their
+    # Compressed collections (compression.py) loaded at start, each a storage id
+    # ("collections/...", fetched like an adapter) or a directory: a request naming one of their
     # members is served by its core unless it asks for ``uncompressed``.
-    collections: list[ConfigPath] = []
+    collections: list[str] = []
 
 
 class LocalBackend(Backend):
@@ -165,7 +167,11 @@ class LocalBackend(Backend):
         self.tokens = self.metrics.counter("tokens_generated", "Completion tokens generated")
         self.lora_requests = LoraRequests(self.metrics)
         for artefact in cfg.collections:
-            await self.load_collection(artefact)
+            await self.load_collection(
+                await self.fetch(artefact, self.data_dir / "adapters")
+                if is_collection(artefact)
+                else Path(artefact)
+            )
         if cfg.embeddings:
             from atoll.plugins.inference.embeddings import Embedder
 

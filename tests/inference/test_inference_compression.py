@@ -243,3 +243,12 @@ async def test_storage_keeps_the_collection_with_its_member_links(models, tmp_pa
         await upload_adapter(trainer, "store", bad, "collections/alice/bad")
     assert [r.id for r in await list_adapters(node, "store")] == ["collections/alice/fam"]
     assert plugin.registry.get("collections/alice/bad") is None
+
+
+def test_the_report_measures_agreement_as_a_node_serves(models):
+    from atoll.plugins.inference.collection_report import greedy_agreement
+
+    ads = models["adapters"] / "fam"
+    members = {f"fam/member-{i}": ads / f"member-{i}" for i in range(MEMBERS)}
+    report = greedy_agreement(models["base"], members, models["collection"], tokens=8)
+    assert set(report) == set(members) and sum(report.values()) / MEMBERS >= 0.95

@@ -98,7 +98,7 @@ def make_adapter(
 
 
 def make_adapter_family(
-    base: Path, root: Path, count: int, shared: int = 2, noise: float = 0.001, seed: int = 0
+    base: Path, root: Path, count: int, shared: int = 2, noise: float = 0.0005, seed: int = 0
 ) -> list[Path]:
     """``count`` rank-4 adapters on q_proj and v_proj at ``root/member-<i>`` whose updates lie
     (up to ``noise``) in one ``shared``-dimensional column and row space per module, as a
