@@ -236,11 +236,6 @@ def read_collection(
     )
 
 
-def collection_bytes(rank: int, shapes: dict[str, tuple[int, int]], members: int) -> int:
-    """float32 bytes of the shared bases and ``members`` cores (for the report)."""
-    return 4 * sum((d_in + d_out) * rank + members * rank * rank for d_in, d_out in shapes.values())
-
-
 def member_bytes(total: int, rank: int, modules: int, members: int) -> int:
     """A member's share of a collection of ``total`` bytes: its own cores plus the bases
     divided among all members."""
@@ -251,14 +246,24 @@ def member_bytes(total: int, rank: int, modules: int, members: int) -> int:
 def compress_adapters(
     adapters: dict[str, Path], base_model: str, name: str, out: Path, rank: int
 ) -> dict[str, Any]:
-    """Compress the PEFT adapter directories ``adapters`` (id: directory) into the artefact
-    ``out``; returns its manifest."""
-    from atoll.plugins.inference.adapter_checks import WEIGHTS
+    """Compress the PEFT adapter directories ``adapters`` (id: directory), all trained for
+    ``base_model`` (a name or a directory of it), into the artefact ``out``; returns its
+    manifest, whose base model is the one the members' configs name."""
+    from atoll.plugins.inference.adapter_checks import CONFIG, WEIGHTS, same_model
     from atoll.plugins.inference.pool import read_adapter
 
+    bases = {
+        str(json.loads((path / CONFIG).read_text()).get("base_model_name_or_path") or base_model)
+        for path in adapters.values()
+    }
+    if len(bases) != 1:
+        raise ValueError(f"the members are for several base models: {sorted(bases)}")
+    base = bases.pop()
+    if not same_model(base, base_model):
+        raise ValueError(f"the members are for {base!r}, not {base_model!r}")
     factors = {mid: read_adapter(path, torch.float64) for mid, path in adapters.items()}
     sources = {mid: sha256(path / WEIGHTS) for mid, path in adapters.items()}
-    return write_collection(out, name, base_model, compress(factors, rank), sources)
+    return write_collection(out, name, base, compress(factors, rank), sources)
 
 
 def agreement(ours: list[list[int]], theirs: list[list[int]]) -> float:

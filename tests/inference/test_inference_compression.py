@@ -7,16 +7,21 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import io
 import json
 import shutil
+import tarfile
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
 
+from atoll.plugins.gateway.adapter_commands import adapters
 from atoll.plugins.inference.collections import CollectionSlots
 from atoll.plugins.inference.compression import (
     MANIFEST,
@@ -34,7 +39,7 @@ from atoll.plugins.storage.contract.adapters import (
     list_adapters,
     upload_adapter,
 )
-from support.island import start_storage
+from support.island import Island, start_storage
 from support.local_node import run, start_backend
 from support.tiny_models import build_tiny_model, make_adapter, make_adapter_family
 
@@ -252,3 +257,67 @@ def test_the_report_measures_agreement_as_a_node_serves(models):
     members = {f"fam/member-{i}": ads / f"member-{i}" for i in range(MEMBERS)}
     report = greedy_agreement(models["base"], members, models["collection"], tokens=8)
     assert set(report) == set(members) and sum(report.values()) / MEMBERS >= 0.95
+
+
+async def test_atoll_adapters_compress_through_the_gateway(models, make_agent, tmp_path):
+    """Compressed in the command's process from adapters the caller may use, stored as
+    collections/<user>/<name>, reported per member; nobody else may read it or compress
+    another's adapters."""
+    await make_agent("store", roles=("storage",), plugins={"storage": {}}, heartbeat=0.2)
+    local = {"backend": "local", "local": {"model": str(models["base"]), "embeddings": False}}
+    await make_agent("gpu1", roles=("inference",), plugins={"inference": local}, heartbeat=0.2)
+    island = await Island(make_agent).start_gateway()
+    await island.models_seen("tiny-llama")
+    alice, bob = island.key("alice"), island.key("bob")
+    fam = models["adapters"] / "fam"
+    async with httpx.AsyncClient(base_url=island.url, timeout=60) as http:
+        for i in range(3):
+            folder = fam / f"member-{i}"
+            files = {
+                part: (file, (folder / file).read_bytes())
+                for part, file in (
+                    ("config", "adapter_config.json"),
+                    ("weights", "adapter_model.safetensors"),
+                )
+            }
+            form = {"name": f"m{i}", "base_model": "tiny-llama"}
+            auth = {"Authorization": f"Bearer {alice}"}
+            reply = await http.post("/v1/adapters", data=form, files=files, headers=auth)
+            assert reply.status_code == 200, reply.text
+    env = {"ATOLL_GATEWAY_URL": island.url, "ATOLL_API_KEY": alice}
+    args = ["compress", "--base", str(models["base"]), "--name", "fam", "--rank", str(RANK)]
+    args += [a for i in range(3) for a in ("--adapter", f"alice/m{i}")]
+    done = await asyncio.to_thread(CliRunner().invoke, adapters, args, env=env)
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.stdout)
+    assert report["id"] == "collections/alice/fam"
+    assert [m["id"] for m in report["members"]] == ["alice/m0", "alice/m1", "alice/m2"]
+    for member in report["members"]:
+        assert member["error"] < 0.05 and member["agreement"] >= 0.95
+        assert member["bytes"] > 0 and member["original_bytes"] > 0
+    record = island.accounts.adapter("collections/alice/fam")
+    assert record is not None and record.owner == "alice"
+    async with httpx.AsyncClient(base_url=island.url, timeout=60) as http:
+        path = "/v1/adapters/collections/alice/fam/content"
+        mine = await http.get(path, headers={"Authorization": f"Bearer {alice}"})
+        assert mine.status_code == 200
+        theirs = await http.get(path, headers={"Authorization": f"Bearer {bob}"})
+        assert theirs.status_code == 404  # as if it did not exist
+        # Bob cannot make a collection of alice's adapters, even with her artefact in hand.
+        parts = {}
+        with tarfile.open(fileobj=io.BytesIO(mine.content)) as tar:
+            for entry in tar.getmembers():
+                body = tar.extractfile(entry)
+                assert body is not None
+                parts[entry.name] = body.read()
+        stolen = await http.post(
+            "/v1/adapters/collections",
+            data={"name": "stolen"},
+            files={
+                "manifest": (MANIFEST, parts[MANIFEST]),
+                "tensors": (TENSORS, parts[TENSORS]),
+            },
+            headers={"Authorization": f"Bearer {bob}"},
+        )
+        assert stolen.status_code == 404
+    assert island.accounts.adapter("collections/bob/stolen") is None
