@@ -321,3 +321,13 @@ async def test_atoll_adapters_compress_through_the_gateway(models, make_agent, t
         )
         assert stolen.status_code == 404
     assert island.accounts.adapter("collections/bob/stolen") is None
+
+
+def test_the_gateway_passes_the_fallback_on():
+    from atoll.plugins.gateway.openai_requests import ChatCompletionRequest, chat_to_generate
+
+    body = {"model": "fam/member-0", "messages": [{"role": "user", "content": "Hi"}]}
+    plain = chat_to_generate(ChatCompletionRequest.model_validate(body), None, "fam/member-0")
+    asked = ChatCompletionRequest.model_validate(body | {"uncompressed": True})
+    assert not plain[0].uncompressed
+    assert chat_to_generate(asked, None, "fam/member-0")[0].uncompressed
