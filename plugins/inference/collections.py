@@ -28,6 +28,8 @@ from atoll.plugins.inference.contract import AdapterRejected
 
 # A row's collection member: (collection name, core index ≥ 1), or None.
 Member = tuple[str, int] | None
+# One layer of a loaded collection: Uᵀ [r, out], V [in, r], cores transposed [members + 1, r, r].
+Layer = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -54,7 +56,7 @@ class CollectionSlots:
         self._on_loader = on_loader
         self.layers = layers
         self.loaded: dict[str, LoadedCollection] = {}  # visible to the engine (engine thread)
-        self._tensors: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self._tensors: dict[str, dict[str, Layer]] = {}  # per collection, per layer
         self._step: list[tuple[str, torch.Tensor]] = []  # this step's (collection, core index)
         for name, module in model.named_modules():
             if name in layers:
@@ -80,14 +82,16 @@ class CollectionSlots:
                 unknown = sorted(set(weights.bases) - self.layers)
                 if unknown:
                     raise AdapterRejected(f"collection {weights.name!r}: no layer {unknown[0]!r}")
-                tensors = {}
+                tensors: dict[str, Layer] = {}
                 for module, (u, v) in weights.bases.items():
                     cores = weights.cores[module]
                     zero = torch.zeros(1, *cores.shape[1:], dtype=cores.dtype)
-                    tensors[module] = tuple(
+                    # Stored as the hook multiplies: Uᵀ, V and each core transposed.
+                    ut, vv, ct = (
                         t.to(self.device, self.dtype).contiguous()
                         for t in (u.T, v, torch.cat([zero, cores]).transpose(1, 2))
                     )
+                    tensors[module] = (ut, vv, ct)
                 loaded = LoadedCollection(
                     weights, {m: i + 1 for i, m in enumerate(weights.members)}
                 )
@@ -96,7 +100,7 @@ class CollectionSlots:
                     old = self.loaded.get(weights.name)
                     if old is not None and old.refs:
                         raise AdapterRejected(f"collection {weights.name!r} is serving requests")
-                    self._tensors[weights.name] = tensors  # type: ignore[assignment]
+                    self._tensors[weights.name] = tensors
                     self.loaded[weights.name] = loaded
                     return loaded
 
