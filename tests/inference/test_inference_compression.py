@@ -254,9 +254,9 @@ def test_the_report_measures_agreement_as_a_node_serves(models):
     from atoll.plugins.inference.collection_report import greedy_agreement
 
     ads = models["adapters"] / "fam"
-    members = {f"fam/member-{i}": ads / f"member-{i}" for i in range(MEMBERS)}
-    report = greedy_agreement(models["base"], members, models["collection"], tokens=8)
-    assert set(report) == set(members) and sum(report.values()) / MEMBERS >= 0.95
+    members = {f"fam/member-{i}": ads / f"member-{i}" for i in range(3)}
+    report = greedy_agreement(models["base"], members, models["collection"], tokens=6)
+    assert set(report) == set(members) and sum(report.values()) / len(report) >= 0.95
 
 
 async def test_atoll_adapters_compress_through_the_gateway(models, make_agent, tmp_path):
