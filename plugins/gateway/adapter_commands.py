@@ -99,8 +99,8 @@ def compress(
         int,
         typer.Option(
             min=1,
-            help="The shared rank per module (16 keeps the tests' and the benchmark's families "
-            "at >= 95% greedy agreement; members sharing less need more).",
+            help="The shared rank per module: the tests' family agrees on >= 95% of greedy "
+            "tokens from 8, the benchmark's 94.9% at 16; members sharing less need more.",
         ),
     ] = 16,
     url: Url = LOCAL,
