@@ -13,7 +13,14 @@ decode:
   (absent on code without a pool);
 - ``decode_stall``: the longest time the engine spent between two forward passes while it had
   running rows and a load was in flight, against the median forward pass (target: the longest
-  gap <= one step's time, i.e. ``stall_vs_step <= 1``).
+  gap <= one step's time, i.e. ``stall_vs_step <= 1``);
+- ``compressed_1000``: the same 1,000 ids round robin as one compressed collection
+  (compression.py, rank ``--collection-rank``) loaded on a node with the default pool: every
+  row shares one projection per layer (target >= 0.9x the anchor); with the compression's time,
+  the members' relative errors and their greedy agreement with the originals (served
+  ``uncompressed`` by the same node) on held-out prompts (target >= 0.95 of tokens).
+  Its 64 weight files are a family (mixes of 4 base LoRAs plus noise, as fine-tunes of one
+  base share structure); random ones share none, and no rank below their sum keeps them.
 
 The 1,000 adapters are distinct ids over 64 distinct weight files (fetch maps id i to file
 i % 64): every id is validated, read and copied on its own, only the disk footprint is shared.
@@ -35,17 +42,87 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from atoll.agent.metrics import MetricsRegistry
 from atoll.bench.harness import run_main, setup_logging
-from atoll.bench.multilora import PROMPTS, write_adapter
+from atoll.bench.multilora import PROMPTS, TARGETS, write_adapter
 from atoll.plugins.basemodels import model_id, resolve_model
+from atoll.plugins.inference.compression import agreement, compress, sha256, write_collection
 from atoll.plugins.inference.contract import GenerateRequest
 from atoll.plugins.inference.local_backend import LocalBackend, LocalConfig
+from atoll.plugins.inference.pool import read_adapter
 from atoll.tuning import tune_process
 
 WEIGHT_FILES = 64
 RANK = 8
+HELD_OUT = (
+    "Describe a sunrise over the mountains.",
+    "What should I pack for a week of hiking?",
+    "Give two tips for writing clear emails.",
+    "Why is the sky blue?",
+)
+
+
+def write_family(
+    root: Path, model_dir: Path, shapes: dict[str, tuple[int, int]], count: int, seed: int = 0
+) -> list[Path]:
+    """``count`` rank-RANK adapters on q/v projections, each a random mix of 4 base LoRAs per
+    module plus 1% noise, large enough to change greedy answers."""
+    gen = torch.Generator().manual_seed(seed)
+    spaces = {
+        m: (torch.randn(4, d_in, generator=gen) * 0.05, torch.randn(d_out, 4, generator=gen) * 0.05)
+        for m, (d_in, d_out) in shapes.items()
+        if m.rsplit(".", 1)[-1] in TARGETS
+    }
+    paths = []
+    for i in range(count):
+        out = write_adapter(root / f"f{i}", model_dir, shapes, RANK, seed)  # config and keys
+        tensors = {}
+        for m, (a0, b0) in spaces.items():
+            a = torch.randn(RANK, 4, generator=gen) / 2 @ a0
+            b = b0 @ torch.randn(4, RANK, generator=gen) / 2
+            key = f"base_model.model.{m}"
+            for kind, t in (("A", a), ("B", b)):
+                noise = 0.01 * t.std() * torch.randn(t.shape, generator=gen)
+                tensors[f"{key}.lora_{kind}.weight"] = t + noise
+        save_file(tensors, str(out / "adapter_model.safetensors"))
+        paths.append(out)
+    return paths
+
+
+def compress_family(files: list[Path], ids: list[str], rank: int, out: Path, base: str) -> Any:
+    """One collection of ``ids``, id i being file i % len(files) (as ``fetch`` maps them): the
+    distinct files are compressed, each id gets its file's core."""
+    factors = {str(i): read_adapter(f, torch.float64) for i, f in enumerate(files)}
+    made = compress(factors, rank)
+    n = len(files)
+    made.members = ids
+    made.cores = {m: c[[i % n for i in range(len(ids))]] for m, c in made.cores.items()}
+    made.errors = [made.errors[i % n] for i in range(len(ids))]
+    digests = [sha256(f / "adapter_model.safetensors") for f in files]
+    sources = {mid: digests[i % n] for i, mid in enumerate(ids)}
+    return write_collection(out, "bench", base, made, sources)
+
+
+async def greedy(
+    backend: LocalBackend, adapter: str | None, tokens: int, **options: Any
+) -> list[int]:
+    """Greedy tokens for the held-out prompts, one after another."""
+    ids: list[int] = []
+    for prompt in HELD_OUT:
+        request = GenerateRequest.model_validate(
+            {
+                "prompt": prompt,
+                "adapter": adapter,
+                "params": {"temperature": 0, "max_new_tokens": tokens, "ignore_eos": True},
+            }
+            | options
+        )
+        async for event in backend.generate(request):
+            if event.type == "token" and event.token_id is not None:
+                ids.append(event.token_id)
+    return ids
 
 
 async def throughput(
@@ -181,7 +258,7 @@ async def main(args: argparse.Namespace, profile_dir: Path | None) -> dict[str, 
         async def fetch(adapter_id: str, root: Path) -> Path:
             return files[int(adapter_id.removeprefix("user").split("/")[0]) % WEIGHT_FILES]
 
-        async def backend(cache: int) -> LocalBackend:
+        async def backend(cache: int, collections: tuple[str, ...] = ()) -> LocalBackend:
             config = LocalConfig.model_validate(
                 {
                     "model": str(model_dir),
@@ -189,14 +266,17 @@ async def main(args: argparse.Namespace, profile_dir: Path | None) -> dict[str, 
                     "max_batch": 16,
                     "max_adapters_per_batch": 16,
                     "adapter_cache": cache,
+                    "collections": list(collections),
                 }
             )
-            node = LocalBackend(config, work / f"node{cache}", fetch, MetricsRegistry())
+            where = work / f"node{cache}{'c' if collections else ''}"
+            node = LocalBackend(config, where, fetch, MetricsRegistry())
             await node.start()
             return node
 
         ids = [f"user{i}/ad" for i in range(stored)]
         default = await backend(LocalConfig.model_fields["adapter_cache"].default)
+        shapes = default.shapes
         try:
             for i in range(WEIGHT_FILES):
                 files.append(write_adapter(work / f"w{i}", model_dir, default.shapes, RANK, i))
@@ -218,6 +298,34 @@ async def main(args: argparse.Namespace, profile_dir: Path | None) -> dict[str, 
             spread = await throughput(wide, ids[:64], 16, requests, tokens)
         finally:
             await wide.stop()
+        files[:] = write_family(work / "family", model_dir, shapes, WEIGHT_FILES)
+        started = time.perf_counter()
+        manifest = await asyncio.to_thread(
+            compress_family, files, ids, args.collection_rank, work / "bench", str(model_dir)
+        )
+        compress_s = time.perf_counter() - started
+        packed = await backend(32, (str(work / "bench"),))
+        try:
+            await throughput(packed, [ids[0]], 4, 4, 4)  # warm-up
+            compressed = await throughput(packed, ids, 16, requests, tokens)
+            sample = ids[:: stored // 8][:8]
+            ours = [await greedy(packed, a, tokens) for a in sample]
+            theirs = [await greedy(packed, a, tokens, uncompressed=True) for a in sample]
+            base = [await greedy(packed, None, tokens)]
+        finally:
+            await packed.stop()
+        errors = [m["error"] for m in manifest["members"]]
+        compressed |= {
+            "rank": args.collection_rank,
+            "compress_s": round(compress_s, 1),
+            "artefact_bytes": manifest["bytes"],
+            "original_bytes": sum((f / "adapter_model.safetensors").stat().st_size for f in files)
+            * stored
+            // WEIGHT_FILES,
+            "relative_error": {"median": round(statistics.median(errors), 4), "max": max(errors)},
+            "greedy_agreement": round(agreement(ours, theirs), 4),
+            "originals_vs_base_agreement": round(agreement(theirs[:1], base), 4),
+        }
     return {
         "bench": "adapters",
         "model": model_id("embedded"),
@@ -234,7 +342,14 @@ async def main(args: argparse.Namespace, profile_dir: Path | None) -> dict[str, 
         "decode_stall": stall,
         "spread_64_vs_one": round(spread["tokens_per_s"] / one["tokens_per_s"], 3),
         "round_robin_1000_vs_one": round(churn["tokens_per_s"] / one["tokens_per_s"], 3),
-        "targets": {"round_robin_1000_vs_one": ">= 0.8", "decode_stall.stall_vs_step": "<= 1"},
+        "compressed_1000": compressed,
+        "compressed_1000_vs_one": round(compressed["tokens_per_s"] / one["tokens_per_s"], 3),
+        "targets": {
+            "round_robin_1000_vs_one": ">= 0.8",
+            "decode_stall.stall_vs_step": "<= 1",
+            "compressed_1000_vs_one": ">= 0.9",
+            "compressed_1000.greedy_agreement": ">= 0.95",
+        },
     }
 
 
@@ -242,6 +357,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="48 requests of 16 tokens (a smoke run)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--collection-rank", type=int, default=16, help="compressed run's shared rank")
     p.add_argument(
         "--model-cache",
         default=os.environ.get("ATOLL_MODEL_CACHE", str(Path("~/.cache/atoll/models"))),

@@ -11,6 +11,12 @@ says why, so an adapter is never refused at its first use instead.
 Who may: downloading an adapter takes the right to use it (its owner, its project's members,
 anyone for a public one, administrators); importing one makes ``<user>/<name>``, owned by the
 caller, or in the caller's project with a project key (not a viewer's).
+
+A compressed collection (``atoll adapters compress``: the compression runs in the command's
+process, which has torch, because a gateway need not) is stored as
+``collections/<user>/<name>`` with the same owner rules, and only from members the caller may
+use: storage lists its members from the manifest; a node serves them from it once told to
+load it (``collections`` in its config).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations, and ``user``
@@ -36,6 +42,9 @@ from atoll.plugins.gateway.errors import GatewayError, from_platform
 from atoll.plugins.gateway.service import Gateway
 from atoll.plugins.inference.contract import GenerateRequest, SamplingParams
 from atoll.plugins.storage.contract.adapters import (
+    COLLECTION_MANIFEST,
+    COLLECTION_PREFIX,
+    COLLECTION_TENSORS,
     CONFIG_FILE,
     WEIGHTS_FILE,
     delete_adapter,
@@ -94,6 +103,45 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
             background=BackgroundTask(shutil.rmtree, tmp, ignore_errors=True),
         )
 
+    @app.post("/v1/adapters/collections", tags=["adapters"])
+    async def store_collection(
+        principal: user,
+        name: Annotated[str, Form()],
+        manifest: Annotated[UploadFile, File()],
+        tensors: Annotated[UploadFile, File()],
+    ) -> Any:
+        """A compressed collection's artefact (``collection.json``, ``collection.safetensors``)
+        made from adapters the caller may use; kept as ``collections/<user>/<name>``."""
+        adapter_id = f"{COLLECTION_PREFIX}{principal.user}/{name}"
+        _check_new(gw, principal, name, adapter_id)
+        with tempfile.TemporaryDirectory(prefix="atoll-collection-") as tmp:
+            folder = Path(tmp)
+            await _save(tensors, folder / COLLECTION_TENSORS)
+            content = _config(await manifest.read(), "manifest", COLLECTION_MANIFEST)
+            members = content.get("members")
+            if not isinstance(members, list) or not all(isinstance(m, dict) for m in members):
+                raise GatewayError(400, "the manifest lists no members", param="manifest")
+            for member in members:  # 404/403 as for using it: no collection of others' adapters
+                gw.accounts.check_use(principal, str(member.get("id")))
+            (folder / COLLECTION_MANIFEST).write_text(json.dumps(content))
+            record = await platform(
+                upload_adapter(
+                    gw.agent,
+                    gw.storage_address(),
+                    folder,
+                    adapter_id,
+                    {"compressed_by": principal.user},
+                    owner=principal.user,
+                    project=principal.project,
+                )
+            )
+        owner = None if record.project else record.owner
+        with contextlib.suppress(GatewayError):  # the storage agent's announcement came first
+            gw.accounts.register_adapter(
+                adapter_id, record.base_model, owner, record.project, actor=principal.user
+            )
+        return record.model_dump(mode="json")
+
     @app.post("/v1/adapters", response_model=ImportedAdapter, tags=["adapters"])
     async def import_adapter(
         principal: user,
@@ -105,19 +153,8 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
         """A PEFT LoRA adapter: its adapter_config.json (``config``) and
         adapter_model.safetensors (``weights``), for ``base_model`` (default: the config's
         ``base_model_name_or_path``), which a node must serve."""
-        if not NAME.fullmatch(name):
-            raise GatewayError(
-                400, "name must be 1-64 letters, digits, '.', '_' or '-'", param="name"
-            )
-        if principal.project is not None and principal.role == "viewer":
-            raise GatewayError(
-                403,
-                f"a viewer of project {principal.project!r} may not add adapters to it",
-                code="permission_denied",
-            )
         adapter_id = f"{principal.user}/{name}"
-        if gw.accounts.adapter(adapter_id) is not None:
-            raise GatewayError(409, f"adapter {adapter_id!r} already exists", code="already_exists")
+        _check_new(gw, principal, name, adapter_id)
         with tempfile.TemporaryDirectory(prefix="atoll-import-") as tmp:
             folder = Path(tmp)
             await _save(weights, folder / WEIGHTS_FILE)
@@ -168,6 +205,20 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
         )
 
 
+def _check_new(gw: Gateway, principal: Principal, name: str, adapter_id: str) -> None:
+    """Whether the caller may add ``adapter_id`` (named ``name``) now."""
+    if not NAME.fullmatch(name):
+        raise GatewayError(400, "name must be 1-64 letters, digits, '.', '_' or '-'", param="name")
+    if principal.project is not None and principal.role == "viewer":
+        raise GatewayError(
+            403,
+            f"a viewer of project {principal.project!r} may not add adapters to it",
+            code="permission_denied",
+        )
+    if gw.accounts.adapter(adapter_id) is not None:
+        raise GatewayError(409, f"adapter {adapter_id!r} already exists", code="already_exists")
+
+
 async def _try_on_a_node(gw: Gateway, principal: Principal, adapter_id: str) -> None:
     """One token with the adapter on a node serving its base: the node fetches it from storage
     and checks it against the model (AdapterRejected: a 400 saying why). Not usage: no ledger."""
@@ -182,13 +233,13 @@ async def _try_on_a_node(gw: Gateway, principal: Principal, adapter_id: str) -> 
         pass
 
 
-def _config(raw: bytes) -> dict[str, Any]:
+def _config(raw: bytes, param: str = "config", file: str = CONFIG_FILE) -> dict[str, Any]:
     try:
         settings = json.loads(raw)
     except ValueError as exc:
-        raise GatewayError(400, f"{CONFIG_FILE} is not valid JSON: {exc}", param="config") from None
+        raise GatewayError(400, f"{file} is not valid JSON: {exc}", param=param) from None
     if not isinstance(settings, dict):
-        raise GatewayError(400, f"{CONFIG_FILE} must hold a JSON object", param="config")
+        raise GatewayError(400, f"{file} must hold a JSON object", param=param)
     return settings
 
 

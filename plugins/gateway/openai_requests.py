@@ -191,6 +191,8 @@ class _SamplingBody(RequestBody):
     adapters: list[AdapterWeight] | None = Field(None, min_length=1, max_length=MAX_MIXTURE)
     merge_strategy: MergeStrategy | None = None
     density: float | None = Field(None, gt=0.0, le=1.0)
+    # Atoll: a member of a compressed collection served by its original adapter instead.
+    uncompressed: bool | None = None
     # vLLM's extras.
     top_k: int | None = Field(None, ge=-1)  # -1 or 0: no cut
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
@@ -284,6 +286,7 @@ def chat_to_generate(
         model=base,
         adapter=adapter,
         mixture=_mixture(req, adapter),
+        uncompressed=bool(req.uncompressed),
         params=_sampling(req, max_new),
         tools=[t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None,
         tool_choice=req.tool_choice if req.tools else None,
@@ -317,6 +320,7 @@ def completion_to_generate(
             model=base,
             adapter=adapter,
             mixture=mixture,
+            uncompressed=bool(req.uncompressed),
             params=params,
             logprobs=req.logprobs is not None,
             top_logprobs=req.logprobs or 0,

@@ -154,6 +154,9 @@ class GenerateRequest(Strict):
     adapter: str | None = Field(None, min_length=1, max_length=256)
     adapter_source: Literal["storage", "local", "hub", "s3"] | None = None
     mixture: Mixture | None = None
+    # A member of a compressed collection loaded on the node is served by its core; True: by
+    # the original adapter (the fallback).
+    uncompressed: bool = False
     params: SamplingParams = Field(default_factory=SamplingParams)
     # Passed to backends that support them (an OpenAI-compatible upstream); others refuse.
     tools: list[dict[str, Any]] | None = None

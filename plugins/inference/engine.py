@@ -13,6 +13,7 @@ thread-safe ``emit``.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -25,6 +26,7 @@ import torch
 
 from atoll.agent.errors import AtollError, InternalError
 from atoll.plugins.inference.batching import PaddedBatch, prefill_inputs
+from atoll.plugins.inference.collections import CollectionSlots, Member
 from atoll.plugins.inference.contract import (
     BackendUnavailable,
     FinishEvent,
@@ -65,6 +67,7 @@ class Row:
     done: bool = False
     skipped: int = 0
     on_start: Callable[[], object] | None = None  # called (engine thread) as it joins the batch
+    member: Member = None  # served by a compressed collection's core (collections.py)
 
     def __post_init__(self) -> None:
         self.seen = list(self.prompt)
@@ -82,6 +85,7 @@ class Engine:
     ) -> None:
         self.model = model
         self.pool: AdapterPool | None = None  # adapters by slot, hooked into the model's layers
+        self.collections: CollectionSlots | None = None  # compressed collections, hooked too
         self.pad_id = pad_id
         self.device = device
         self.max_batch = max_batch
@@ -230,12 +234,14 @@ class Engine:
         """Logits ([rows, positions, vocab]: the last position only unless ``every_position``)
         and the cache."""
         keep = 0 if every_position else 1  # transformers' 0: keep them all
-        if self.pool is None:
-            out = self.model(**inputs, logits_to_keep=keep)
-        else:
+        with contextlib.ExitStack() as stack:
             # A cancelled row's adapter may be evicted and its slot rewritten under this step.
-            with self.pool.rows([BASE if r.cancelled else r.slot for r in rows]):
-                out = self.model(**inputs, logits_to_keep=keep)
+            if self.pool is not None:
+                stack.enter_context(self.pool.rows([BASE if r.cancelled else r.slot for r in rows]))
+            if self.collections is not None:
+                members = [None if r.cancelled else r.member for r in rows]
+                stack.enter_context(self.collections.rows(members))
+            out = self.model(**inputs, logits_to_keep=keep)
         return out.logits, out.past_key_values
 
     def _prefill(self, rows: list[Row]) -> None:

@@ -22,8 +22,11 @@ from atoll.plugins.inference.adapter_metrics import LoraRequests
 from atoll.plugins.inference.adapter_tiers import DiskTier, HostTier, pinnable
 from atoll.plugins.inference.adapters import AdapterCache, LoadedAdapter
 from atoll.plugins.inference.backend import AdapterFetcher, Backend, Partial
+from atoll.plugins.inference.collections import CollectionSlots, LoadedCollection
+from atoll.plugins.inference.compression import CollectionWeights, read_collection
 from atoll.plugins.inference.contract import (
     AdapterInfo,
+    AdapterRejected,
     EmbedRequest,
     EmbedResult,
     FinishEvent,
@@ -42,6 +45,7 @@ from atoll.plugins.inference.pool import BASE, AdapterPool, describe_shapes, rea
 from atoll.plugins.inference.sampling import Sampler
 from atoll.plugins.inference.textstream import TextStream
 from atoll.plugins.inference.whisper import Transcriber
+from atoll.plugins.storage.contract.adapters import is_collection
 
 # When a tokenizer has no chat template of its own (a bare base model).
 FALLBACK_TEMPLATE = (
@@ -70,6 +74,10 @@ class LocalConfig(BaseModel):
     # A transformers Whisper directory (model, processor): transcription and translation,
     # loaded on first use; None: this node does not transcribe.
     transcription: ConfigPath | None = None
+    # Compressed collections (compression.py) loaded at start, each a storage id
+    # ("collections/...", fetched like an adapter) or a directory: a request naming one of their
+    # members is served by its core unless it asks for ``uncompressed``.
+    collections: list[str] = []
 
 
 class LocalBackend(Backend):
@@ -117,6 +125,7 @@ class LocalBackend(Backend):
         self.device = device
         self.context = int(getattr(model.config, "max_position_embeddings", 2048))
         self.shapes = describe_shapes(model)
+        self.aliases = (str(path), str(cfg.model))  # other names the base is known by
         self.stop_ids = frozenset(_eos_ids(model, self.tokenizer))
         pad = self.tokenizer.pad_token_id
         pad = pad if pad is not None else min(self.stop_ids, default=0)
@@ -136,6 +145,10 @@ class LocalBackend(Backend):
             activate=self.engine.call,
         )
         self.engine.pool = pool
+        self.collections = CollectionSlots(
+            model, set(pool.layers), activate=self.engine.call, on_loader=pool.on_loader
+        )
+        self.engine.collections = self.collections
         self.engine.start()
         targets = {m: s for m, s in self.shapes.items() if m in pool.layers}
         self.cache = AdapterCache(
@@ -143,7 +156,7 @@ class LocalBackend(Backend):
             root=self.data_dir / "adapters",
             fetch=self.fetch,
             validate=lambda p, i: validate_adapter(
-                p, i, self.model_id, self.shapes, cfg.limits, aliases=(str(path), cfg.model)
+                p, i, self.model_id, self.shapes, cfg.limits, aliases=self.aliases
             ),
             read=lambda p: read_adapter(p, pool.dtype),
             merge=lambda parts, mixture: merge(parts, mixture, targets, pool.dtype),
@@ -153,6 +166,12 @@ class LocalBackend(Backend):
         )
         self.tokens = self.metrics.counter("tokens_generated", "Completion tokens generated")
         self.lora_requests = LoraRequests(self.metrics)
+        for artefact in cfg.collections:
+            await self.load_collection(
+                await self.fetch(artefact, self.data_dir / "adapters")
+                if is_collection(artefact)
+                else Path(artefact)
+            )
         if cfg.embeddings:
             from atoll.plugins.inference.embeddings import Embedder
 
@@ -196,10 +215,13 @@ class LocalBackend(Backend):
         key = request.adapter or (request.mixture.key() if request.mixture else None)
         tracked = self.lora_requests.arrive(key) if key else None
         entry: LoadedAdapter | None = None
+        held = self._member(request)
         produced = 0
         loop = asyncio.get_running_loop()
         try:
-            if request.adapter is not None:
+            if held is not None:
+                held[0].refs += 1
+            elif request.adapter is not None:
                 entry = await cache.acquire(request.adapter)
             elif request.mixture is not None:
                 entry = await cache.acquire_mixture(request.mixture)
@@ -222,7 +244,8 @@ class LocalBackend(Backend):
             stop_ids=frozenset() if params.ignore_eos else self.stop_ids,
             emit=emit,
             model=self.model_id,
-            adapter_id=entry.info.id if entry else None,
+            adapter_id=entry.info.id if entry else request.adapter if held else None,
+            member=(held[0].weights.name, held[1]) if held else None,
             logprobs=request.logprobs or scoring,
             top=request.top_logprobs,
             echo=request.echo or scoring,
@@ -254,6 +277,8 @@ class LocalBackend(Backend):
                 tracked.end(produced)
             if entry is not None:
                 cache.release(entry)
+            if held is not None:
+                held[0].refs -= 1
 
     def _encode(self, request: GenerateRequest) -> list[int]:
         tok = self.tokenizer
@@ -283,6 +308,38 @@ class LocalBackend(Backend):
 
     async def pin_adapter(self, adapter_id: str, pinned: bool) -> AdapterInfo:
         return self._ready()[1].pin(adapter_id, pinned)
+
+    def _member(self, request: GenerateRequest) -> tuple[LoadedCollection, int] | None:
+        """The loaded collection and core that serve the request's adapter, unless it asked
+        for the original (``uncompressed``) or names none."""
+        if request.adapter is None or request.uncompressed:
+            return None
+        return self.collections.member(request.adapter)
+
+    async def load_collection(self, path: Path) -> CollectionWeights:
+        """Load (or replace) the compressed collection in directory ``path``: checked whole on
+        the loader thread, then visible between two steps; AdapterRejected if it is not fit."""
+        _, cache = self._ready()
+        cfg = self.config
+        shapes = {m: s for m, s in self.shapes.items() if m in cache.pool.layers}
+
+        def read() -> CollectionWeights:
+            weights = read_collection(path, shapes, cfg.limits.max_rank, cache.pool.dtype)
+            base = weights.base_model
+            names = (self.model_id, *self.aliases)
+            if cfg.limits.check_base_name and base and not any(same_model(base, n) for n in names):
+                raise AdapterRejected(
+                    f"collection {weights.name!r} is for {base!r}, this node serves "
+                    f"{self.model_id!r}"
+                )
+            return weights
+
+        loaded = await asyncio.wrap_future(self.collections.load(read))
+        return loaded.weights
+
+    async def unload_collection(self, name: str) -> bool:
+        engine, _ = self._ready()
+        return bool(await asyncio.wrap_future(engine.call(self.collections.unload(name))))
 
     # --- the rest ----------------------------------------------------------------------------
 

@@ -125,6 +125,10 @@ class AdapterPool:
         self._loader.submit(run)
         return done
 
+    def on_loader(self, fn: Callable[[], None]) -> concurrent.futures.Future:
+        """Run ``fn`` on the loader thread (compressed collections load there too)."""
+        return self._loader.submit(fn)
+
     def close(self) -> None:
         self._loader.shutdown(wait=True, cancel_futures=True)
 

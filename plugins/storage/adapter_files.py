@@ -12,6 +12,8 @@ from safetensors import SafetensorError, safe_open
 
 from atoll.agent.transfer import resume_offset, sha256_file
 from atoll.plugins.storage.contract.adapters import (
+    COLLECTION_MANIFEST,
+    COLLECTION_TENSORS,
     CONFIG_FILE,
     WEIGHTS_FILE,
     InvalidAdapter,
@@ -74,3 +76,23 @@ def inspect_adapter(directory: Path) -> tuple[str, int, list[str]]:
     if not any(".lora_A." in t for t in tensors) or not any(".lora_B." in t for t in tensors):
         raise InvalidAdapter(f"{WEIGHTS_FILE} holds no LoRA tensors (lora_A and lora_B)")
     return base, rank, targets
+
+
+def inspect_collection(directory: Path) -> tuple[str, int, list[str], list[str]]:
+    """(base model, rank, target modules, member ids) of the compressed collection in
+    ``directory``, read from its manifest, whose sha256 of the tensors file must hold;
+    InvalidAdapter otherwise. The node that loads it checks the tensors' shapes against its
+    base. Blocking: run it in a thread."""
+    try:
+        manifest = json.loads((directory / COLLECTION_MANIFEST).read_text("utf-8"))
+        base, rank = str(manifest["base_model"]), manifest["rank"]
+        modules = sorted({str(m).rsplit(".", 1)[-1] for m in manifest["modules"]})
+        members = [str(m["id"]) for m in manifest["members"]]
+        digest = manifest["sha256"]
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise InvalidAdapter(f"{COLLECTION_MANIFEST} is not a collection manifest: {exc}") from None
+    if not base or type(rank) is not int or rank < 1 or len(set(members)) < 2 or not modules:
+        raise InvalidAdapter(f"{COLLECTION_MANIFEST}: base, rank, modules or members are wrong")
+    if sha256_file(directory / COLLECTION_TENSORS).hexdigest() != digest:
+        raise InvalidAdapter(f"{COLLECTION_TENSORS} does not match its manifest's sha256")
+    return base, rank, modules, members

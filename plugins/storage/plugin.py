@@ -33,10 +33,18 @@ from atoll.agent.transfer import (
     send_bytes,
     write_line,
 )
-from atoll.plugins.storage.adapter_files import adapter_key, forget_stale, held, inspect_adapter
+from atoll.plugins.storage.adapter_files import (
+    adapter_key,
+    forget_stale,
+    held,
+    inspect_adapter,
+    inspect_collection,
+)
 from atoll.plugins.storage.contract.adapters import (
     ADAPTERS_DELETED,
     ADAPTERS_NEW,
+    COLLECTION_FILES,
+    COLLECTION_MANIFEST,
     CONFIG_FILE,
     DELETE_ADAPTER,
     DESCRIBE_ADAPTER,
@@ -50,6 +58,7 @@ from atoll.plugins.storage.contract.adapters import (
     AdapterRecord,
     InvalidAdapter,
     TransferHeader,
+    is_collection,
 )
 from atoll.plugins.storage.contract.datasets import (
     DATASET_GET,
@@ -252,16 +261,23 @@ class StoragePlugin(VectorRPC, Plugin):
     def _check_upload(self, header: TransferHeader) -> None:
         """Refusals that need no bytes: before any are received."""
         names = {f.name for f in header.files}
-        missing = sorted({CONFIG_FILE, WEIGHTS_FILE} - names)
+        collection = is_collection(header.id)
+        needed = COLLECTION_FILES if collection else {CONFIG_FILE, WEIGHTS_FILE}
+        missing = sorted(needed - names)
         if missing:
             raise InvalidAdapter(f"adapter {header.id!r} lacks {' and '.join(missing)}")
+        if collection != (names <= COLLECTION_FILES):
+            raise InvalidAdapter(
+                f"{header.id!r}: only collections/... ids hold a collection's files, and only them"
+            )
         if header.size > self.config.max_adapter_bytes:
             raise InvalidAdapter(
                 f"adapter {header.id!r} is {header.size} bytes; this store takes at most "
                 f"{self.config.max_adapter_bytes}"
             )
-        if next(f.size for f in header.files if f.name == CONFIG_FILE) > MAX_CONFIG_BYTES:
-            raise InvalidAdapter(f"{CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes")
+        small = COLLECTION_MANIFEST if collection else CONFIG_FILE
+        if next(f.size for f in header.files if f.name == small) > MAX_CONFIG_BYTES:
+            raise InvalidAdapter(f"{small} is larger than {MAX_CONFIG_BYTES} bytes")
         if header.id in self.uploading:  # a cut transfer whose end this side has not seen yet
             raise AdapterExists(
                 f"adapter {header.id!r} is being uploaded by another transfer right now; "
@@ -304,7 +320,14 @@ class StoragePlugin(VectorRPC, Plugin):
                 self.uploading.discard(header.id)
                 raise  # what arrived stays staged for the next attempt
             try:
-                base, rank, targets = await asyncio.to_thread(inspect_adapter, stage)
+                meta = header.meta
+                if is_collection(header.id):  # its members as its manifest says, not the uploader
+                    base, rank, targets, members = await asyncio.to_thread(
+                        inspect_collection, stage
+                    )
+                    meta = meta | {"kind": "collection", "members": members}
+                else:
+                    base, rank, targets = await asyncio.to_thread(inspect_adapter, stage)
                 record = AdapterRecord(
                     id=header.id,
                     base_model=base,
@@ -314,7 +337,7 @@ class StoragePlugin(VectorRPC, Plugin):
                     size_bytes=header.size,
                     uploader=call.caller.name,
                     created=time.time(),
-                    meta=header.meta,
+                    meta=meta,
                     owner=header.owner,
                     project=header.project,
                     public=header.public,

@@ -8,6 +8,7 @@ float noise to flip).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -94,6 +95,44 @@ def make_adapter(
     cfg["base_model_name_or_path"] = str(base)
     cfg_path.write_text(json.dumps(cfg))
     return out
+
+
+def make_adapter_family(
+    base: Path, root: Path, count: int, shared: int = 2, noise: float = 0.0005, seed: int = 0
+) -> list[Path]:
+    """``count`` rank-4 adapters on q_proj and v_proj at ``root/member-<i>`` whose updates lie
+    (up to ``noise``) in one ``shared``-dimensional column and row space per module, as a
+    compressed collection assumes: each member is a mix of the same few base LoRAs."""
+    from safetensors.torch import load_file, save_file
+
+    template = make_adapter(base, root / "member-0", seed=seed, rank=4)
+    tensors = load_file(str(template / "adapter_model.safetensors"))
+    gen = torch.Generator().manual_seed(seed)
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
+    spaces = {}
+    for m in modules:
+        a, b = tensors[f"{m}.lora_A.weight"], tensors[f"{m}.lora_B.weight"]
+        spaces[m] = (
+            torch.randn(shared, a.shape[1], generator=gen) * 0.3,
+            torch.randn(b.shape[0], shared, generator=gen) * 0.3,
+        )
+    paths = []
+    for i in range(count):
+        out = root / f"member-{i}"
+        if i:
+            shutil.copytree(template, out)
+        mixed = {}
+        for m in modules:
+            a0, b0 = spaces[m]
+            a, b = tensors[f"{m}.lora_A.weight"], tensors[f"{m}.lora_B.weight"]
+            # Scaled so that each factor's entries are as large as make_adapter's.
+            mix_a = torch.randn(a.shape[0], shared, generator=gen) / shared**0.5
+            mix_b = torch.randn(shared, b.shape[1], generator=gen) / shared**0.5
+            mixed[f"{m}.lora_A.weight"] = mix_a @ a0 + noise * torch.randn(a.shape, generator=gen)
+            mixed[f"{m}.lora_B.weight"] = b0 @ mix_b + noise * torch.randn(b.shape, generator=gen)
+        save_file(mixed, str(out / "adapter_model.safetensors"))
+        paths.append(out)
+    return paths
 
 
 def random_lora(out: Path, base_name: str) -> Path:

@@ -81,7 +81,14 @@ TOKENIZER_FILES = frozenset(
         "chat_template.json",
     }
 )
-ADAPTER_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE}) | TOKENIZER_FILES
+# A compressed collection (plugins/inference/compression.py) is kept as an adapter record of its
+# own kind: id ``collections/...``, these two files, its members listed in ``meta["members"]``;
+# the same owner, project and visibility rules as adapters.
+COLLECTION_PREFIX = "collections/"
+COLLECTION_MANIFEST = "collection.json"
+COLLECTION_TENSORS = "collection.safetensors"
+COLLECTION_FILES = frozenset({COLLECTION_MANIFEST, COLLECTION_TENSORS})
+ADAPTER_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE}) | TOKENIZER_FILES | COLLECTION_FILES
 
 # 160: a training checkpoint's id is its job's adapter id (up to 118) and "-ckpt-step-<N>".
 ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,159}")
@@ -143,6 +150,10 @@ def adapter_id_problem(adapter_id: object) -> str | None:
         # Would collide with another adapter's file in a directory-shaped store.
         return f"adapter id {adapter_id!r} has a segment named like an adapter file"
     return None
+
+
+def is_collection(adapter_id: str) -> bool:
+    return adapter_id.startswith(COLLECTION_PREFIX)
 
 
 def check_adapter_id(adapter_id: object) -> str:
