@@ -595,6 +595,8 @@ async def main(args: argparse.Namespace, profile_dir: Path | None) -> dict[str, 
         "examples_per_second": speeds,
         # The target: at least 1.0 (Atoll's loop as fast as transformers' own on the same work).
         "vs_plain_trainer": round(speeds["platform"] / speeds["plain_trainer"], 3),
+        # The same for Atoll's training loop alone (the runner, no agents beside it).
+        "runner_vs_plain_trainer": round(speeds["direct"] / speeds["plain_trainer"], 3),
         "upload_to_adapter_s": run["upload_to_adapter_s"],
         "train_samples_per_second": pm["train_samples_per_second"],
         "train_steps_per_second": pm["train_steps_per_second"],
