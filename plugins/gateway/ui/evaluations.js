@@ -2,19 +2,19 @@
 // compare), the caller's evaluations, and the selected one's figures side by side with a few
 // rows' answers, refreshed while it runs.
 import { cell, formatTime } from "./format.js";
-import { PollingTab, datasetOptions } from "./tab.js";
+import { RunsTab, checkboxes, datasetOptions } from "./tab.js";
 
 const $ = (id) => document.getElementById(id);
-const POLL_MS = 1500;
-const RUNNING = ["queued", "running"];
 const FIGURES = ["exact_match", "contains", "rouge_l", "mean_logprob"];
 
-export class Evaluations extends PollingTab {
+export class Evaluations extends RunsTab {
   constructor(api) {
-    super();
-    this.api = api;
-    this.selected = null;
-    this.timer = null;
+    super(api, {
+      path: "/v1/evaluations",
+      noun: "evaluations",
+      table: $("eval-table"),
+      error: $("eval-error"),
+    });
     $("eval-form").onsubmit = (e) => {
       e.preventDefault();
       this.create();
@@ -28,54 +28,23 @@ export class Evaluations extends PollingTab {
         this.api.get("/v1/models"),
       ]);
       $("eval-dataset").replaceChildren(...datasetOptions(files));
-      const boxes = models.data
+      const ids = models.data
         .filter((m) => m.kind !== "embedding" && m.kind !== "transcription")
-        .map((m) => {
-          const label = document.createElement("label");
-          label.className = "check";
-          const box = document.createElement("input");
-          box.type = "checkbox";
-          box.value = m.id;
-          label.append(box, ` ${m.id}`);
-          return label;
-        });
-      $("eval-models").replaceChildren(...boxes);
+        .map((m) => m.id);
+      $("eval-models").replaceChildren(...checkboxes(ids));
     } catch (err) {
       $("eval-error").textContent = `Could not load datasets and models: ${err.message}`;
     }
   }
 
-  async create() {
-    $("eval-error").textContent = "";
+  create() {
     const models = [...$("eval-models").querySelectorAll("input:checked")].map((b) => b.value);
     const body = {
       file_id: $("eval-dataset").value,
       models,
       max_tokens: Number($("eval-max-tokens").value),
     };
-    try {
-      this.selected = await this.api.post("/v1/evaluations", body);
-      this.poll();
-    } catch (err) {
-      $("eval-error").textContent = err.message;
-    }
-  }
-
-  async poll() {
-    clearTimeout(this.timer);
-    try {
-      const list = (await this.api.get("/v1/evaluations?limit=100")).data;
-      $("eval-table").tBodies[0].replaceChildren(...list.map((e) => this.row(e)));
-      if (this.selected) {
-        this.selected = await this.api.get(`/v1/evaluations/${this.selected.id}`);
-        this.detail(this.selected);
-      }
-      if (list.some((e) => RUNNING.includes(e.status))) {
-        this.timer = setTimeout(() => this.poll(), POLL_MS);
-      }
-    } catch (err) {
-      $("eval-error").textContent = `Could not list evaluations: ${err.message}`;
-    }
+    this.start(body);
   }
 
   row(e) {

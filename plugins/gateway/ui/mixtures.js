@@ -4,18 +4,18 @@
 // trials, refreshed while it runs.
 import { LineChart } from "./charts.js";
 import { cell, formatTime } from "./format.js";
-import { PollingTab, datasetOptions } from "./tab.js";
+import { RunsTab, checkboxes, datasetOptions } from "./tab.js";
 
 const $ = (id) => document.getElementById(id);
-const POLL_MS = 1500;
-const RUNNING = ["queued", "running"];
 
-export class Mixtures extends PollingTab {
+export class Mixtures extends RunsTab {
   constructor(api) {
-    super();
-    this.api = api;
-    this.selected = null;
-    this.timer = null;
+    super(api, {
+      path: "/v1/mixture_searches",
+      noun: "mixture searches",
+      table: $("mix-table"),
+      error: $("mix-error"),
+    });
     this.models = [];
     $("mix-form").onsubmit = (e) => {
       e.preventDefault();
@@ -43,22 +43,13 @@ export class Mixtures extends PollingTab {
   // The chosen base model's adapters, each a checkbox.
   adapterBoxes() {
     const base = $("mix-base").value;
-    const boxes = this.models
+    const ids = this.models
       .filter((m) => m.kind === "adapter" && m.parent === base)
-      .map((m) => {
-        const label = document.createElement("label");
-        label.className = "check";
-        const box = document.createElement("input");
-        box.type = "checkbox";
-        box.value = m.id;
-        label.append(box, ` ${m.id}`);
-        return label;
-      });
-    $("mix-adapters").replaceChildren(...boxes);
+      .map((m) => m.id);
+    $("mix-adapters").replaceChildren(...checkboxes(ids));
   }
 
-  async create() {
-    $("mix-error").textContent = "";
+  create() {
     const adapters = [...$("mix-adapters").querySelectorAll("input:checked")].map((b) => b.value);
     const body = {
       model: $("mix-base").value,
@@ -69,29 +60,7 @@ export class Mixtures extends PollingTab {
     };
     const name = $("mix-name").value.trim();
     if (name) body.name = name;
-    try {
-      this.selected = await this.api.post("/v1/mixture_searches", body);
-      this.poll();
-    } catch (err) {
-      $("mix-error").textContent = err.message;
-    }
-  }
-
-  async poll() {
-    clearTimeout(this.timer);
-    try {
-      const list = (await this.api.get("/v1/mixture_searches?limit=100")).data;
-      $("mix-table").tBodies[0].replaceChildren(...list.map((s) => this.row(s)));
-      if (this.selected) {
-        this.selected = await this.api.get(`/v1/mixture_searches/${this.selected.id}`);
-        this.detail(this.selected);
-      }
-      if (list.some((s) => RUNNING.includes(s.status))) {
-        this.timer = setTimeout(() => this.poll(), POLL_MS);
-      }
-    } catch (err) {
-      $("mix-error").textContent = `Could not list mixture searches: ${err.message}`;
-    }
+    this.start(body);
   }
 
   row(s) {
