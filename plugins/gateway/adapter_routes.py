@@ -47,6 +47,7 @@ from atoll.plugins.storage.contract.adapters import (
     COLLECTION_TENSORS,
     CONFIG_FILE,
     WEIGHTS_FILE,
+    AdapterRecord,
     delete_adapter,
     describe_adapter,
     fetch_adapter,
@@ -80,6 +81,28 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
             if type(exc).__name__ == "AdapterExists":
                 raise GatewayError(409, exc.message, code="already_exists") from None
             raise from_platform(exc) from None
+
+    async def store(
+        principal: Principal, folder: Path, adapter_id: str, meta: dict[str, Any]
+    ) -> AdapterRecord:
+        """Upload ``folder`` as the caller's ``adapter_id`` and grant them its use at once."""
+        record: AdapterRecord = await platform(
+            upload_adapter(
+                gw.agent,
+                gw.storage_address(),
+                folder,
+                adapter_id,
+                meta,
+                owner=principal.user,
+                project=principal.project,
+            )
+        )
+        owner = None if record.project else record.owner
+        with contextlib.suppress(GatewayError):  # the storage agent's announcement came first
+            gw.accounts.register_adapter(
+                adapter_id, record.base_model, owner, record.project, actor=principal.user
+            )
+        return record
 
     @app.get("/v1/adapters/{adapter_id:path}/content", tags=["adapters"])
     async def download(principal: user, adapter_id: str) -> FileResponse:
@@ -124,22 +147,7 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
             for member in members:  # 404/403 as for using it: no collection of others' adapters
                 gw.accounts.check_use(principal, str(member.get("id")))
             (folder / COLLECTION_MANIFEST).write_text(json.dumps(content))
-            record = await platform(
-                upload_adapter(
-                    gw.agent,
-                    gw.storage_address(),
-                    folder,
-                    adapter_id,
-                    {"compressed_by": principal.user},
-                    owner=principal.user,
-                    project=principal.project,
-                )
-            )
-        owner = None if record.project else record.owner
-        with contextlib.suppress(GatewayError):  # the storage agent's announcement came first
-            gw.accounts.register_adapter(
-                adapter_id, record.base_model, owner, record.project, actor=principal.user
-            )
+            record = await store(principal, folder, adapter_id, {"compressed_by": principal.user})
         return record.model_dump(mode="json")
 
     @app.post("/v1/adapters", response_model=ImportedAdapter, tags=["adapters"])
@@ -170,22 +178,8 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
                 )
             settings["base_model_name_or_path"] = base  # the overlay's name for it
             (folder / CONFIG_FILE).write_text(json.dumps(settings))
-            record = await platform(
-                upload_adapter(
-                    gw.agent,
-                    gw.storage_address(),
-                    folder,
-                    adapter_id,
-                    {"imported_by": principal.user, "filename": weights.filename},
-                    owner=principal.user,
-                    project=principal.project,
-                )
-            )
-        owner = None if record.project else record.owner
-        with contextlib.suppress(GatewayError):  # the storage agent's announcement came first
-            gw.accounts.register_adapter(
-                adapter_id, record.base_model, owner, record.project, actor=principal.user
-            )
+            meta = {"imported_by": principal.user, "filename": weights.filename}
+            record = await store(principal, folder, adapter_id, meta)
         try:
             await _try_on_a_node(gw, principal, adapter_id)
         except GatewayError:
