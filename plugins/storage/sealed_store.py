@@ -23,8 +23,12 @@ from typing import Any
 
 from atoll.plugins.storage.contract.wire import ObjectDamaged
 from atoll.plugins.storage.keyring import Keyring
-from atoll.plugins.storage.sealing import MAGIC, Opener, Sealer, is_sealed
+from atoll.plugins.storage.sealing import HEADER, Opener, Sealer, is_sealed
 from atoll.plugins.storage.store import ObjectInfo, ObjectNotFound, ObjectStore, check_key
+
+# A read that meets a put or delete of its key half committed tries again, for about a second.
+RACE_TRIES = 20
+RACE_PAUSE = 0.05
 
 
 class SealedStore(ObjectStore):
@@ -77,23 +81,31 @@ class SealedStore(ObjectStore):
         return ObjectInfo(key, size, digest.hexdigest(), now)
 
     async def read(self, key: str) -> AsyncIterator[bytes]:
-        row = self._row(check_key(key))
-        chunks = aiter(self.inner.read(key))
-        head = b""
-        while len(head) < len(MAGIC) and (more := await anext(chunks, b"")):
-            head += more
+        check_key(key)
+        for tries_left in reversed(range(RACE_TRIES)):
+            chunks = aiter(self.inner.read(key))
+            head = b""
+            while len(head) < HEADER.size and (more := await anext(chunks, b"")):
+                head += more
+            # The row after the object is open: a put or delete of this key between the two
+            # (object and row are not changed in one step) shows as an object id that does not
+            # match its row, and is read again once it has committed.
+            row = self._row(key)
+            sealed = is_sealed(head)
+            if (row is None and not sealed) or (
+                row is not None and sealed and _object_id(head) in (row[0], None)
+            ):
+                break  # (a header cut short is the Opener's to refuse)
+            await chunks.aclose()
+            if not tries_left:
+                raise ObjectDamaged(f"stored object {key!r} {_mismatch(row is None, sealed)}")
+            await asyncio.sleep(RACE_PAUSE)
         if row is None:
-            if is_sealed(head):
-                raise ObjectDamaged(f"stored object {key!r} is sealed, but its data key is gone")
             if head:
                 yield head
             async for chunk in chunks:
                 yield chunk
             return
-        if not is_sealed(head):
-            raise ObjectDamaged(
-                f"stored object {key!r} is damaged: it should be sealed and is not (replaced)"
-            )
         object_id, kek, wrapped = row[:3]
         opener = Opener(self.keyring.unwrap(kek, wrapped, key), key, object_id)
         chunk = head
@@ -144,6 +156,18 @@ class SealedStore(ObjectStore):
             raise
         in_use = {k for (k,) in self.db.execute("SELECT DISTINCT kek FROM object_keys")}
         return {"kek": kek, "rewrapped": len(rows), "retired": self.keyring.retire(in_use)}
+
+
+def _object_id(head: bytes) -> bytes | None:
+    return HEADER.unpack(head[: HEADER.size])[3] if len(head) >= HEADER.size else None
+
+
+def _mismatch(keyless: bool, sealed: bool) -> str:
+    if keyless:
+        return "is sealed, but its data key is gone"
+    if not sealed:
+        return "is damaged: it should be sealed and is not (replaced)"
+    return "is damaged: its data key seals another object (replaced)"
 
 
 async def _each(chunks: AsyncIterable[bytes] | list[bytes]) -> AsyncIterator[bytes]:

@@ -62,7 +62,7 @@ async def store_checkpoint(
     except AdapterExists:  # stored by an earlier attempt that reached this step, then was lost
         if (await describe_adapter(ctx, storage, adapter_id)).source_job != job.id:
             raise
-    await upload_resume_state(ctx, storage, job.id, step, adapter_id, directory)
+    await upload_resume_state(ctx, storage, job.id, step, adapter_id, directory, job.attempt)
     older = [c for c in kept if c.adapter_id != adapter_id]
     pruned = [c.adapter_id for c in older[: max(0, len(older) + 1 - keep)]]
     for old in pruned:

@@ -4,7 +4,9 @@ checkpoint adapters a trainer may delete (those alone), each deletion announced.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from atoll.plugins.storage.contract.adapters import (
 )
 from atoll.plugins.storage.contract.resume import (
     ResumeStateNotFound,
+    StaleResumeState,
     drop_resume_state,
     fetch_resume_state,
     upload_resume_state,
@@ -81,6 +84,50 @@ async def test_a_job_s_resume_state_is_kept_replaced_and_dropped(
     empty.mkdir()
     with pytest.raises(InvalidRequest, match="files"):
         await upload_resume_state(trainer, "store", JOB, 1, "alice/x", empty)
+
+
+async def test_a_fetch_under_way_keeps_its_state_and_a_stale_attempt_is_refused(
+    tmp_path: Path, make_agent: AgentFactory
+) -> None:
+    """A trainer fetching a job's state while another stores the next one gets the state it
+    started on, whole (its files are removed once that fetch ends); a state from an earlier
+    attempt than the one kept (a stopped trainer finishing its upload late) is refused."""
+    _, plugin = await start_storage(make_agent)
+    trainer = (await make_agent("trainer", roles=("training",))).agent
+    old = state_dir(tmp_path / "s5", 5)
+    (old / "rng_state.pth").write_bytes(b"r" * 1000)
+    await upload_resume_state(trainer, "store", JOB, 5, "alice/ft-1-ckpt-step-5", old, attempt=2)
+    # The fetch is held after its first file, until the next state is kept.
+    read, kept, reading = plugin.store.read, asyncio.Event(), asyncio.Event()
+
+    async def held_read(key: str) -> AsyncIterator[bytes]:
+        if key.endswith("/rng_state.pth"):
+            reading.set()
+            await kept.wait()
+        async for chunk in read(key):
+            yield chunk
+
+    plugin.store.read = held_read  # type: ignore[method-assign]
+    fetch = asyncio.create_task(fetch_resume_state(trainer, "store", JOB, tmp_path / "got"))
+    await asyncio.wait_for(reading.wait(), 10)
+    new = state_dir(tmp_path / "s10", 10)
+    await upload_resume_state(trainer, "store", JOB, 10, "alice/ft-1-ckpt-step-10", new, attempt=2)
+    kept.set()
+    header = await fetch
+    assert (header.step, header.attempt) == (5, 2)
+    for name in ("optimizer.pt", "trainer_state.json", "rng_state.pth"):
+        assert (tmp_path / "got" / name).read_bytes() == (old / name).read_bytes()
+    for _ in range(100):  # the old files go once that fetch has ended; bounded
+        if len(await plugin.store.list(f"resume/{JOB}/")) == 3:
+            break
+        await asyncio.sleep(0.05)
+    assert len(await plugin.store.list(f"resume/{JOB}/")) == 3
+
+    late = state_dir(tmp_path / "s7", 7)
+    with pytest.raises(StaleResumeState, match="from attempt 2; attempt 1 may not replace it"):
+        await upload_resume_state(trainer, "store", JOB, 7, "alice/ft-1-ckpt-step-7", late)
+    assert (await fetch_resume_state(trainer, "store", JOB, tmp_path / "now")).step == 10
+    assert len(await plugin.store.list(f"resume/{JOB}/")) == 3  # nothing of the refused one
 
 
 async def test_only_trainers_reach_resume_states(tmp_path: Path, make_agent: AgentFactory) -> None:

@@ -27,7 +27,7 @@ from atoll.plugins.storage.keyring import KEYRING_FILE, Keyring
 from atoll.plugins.storage.registry import open_registry
 from atoll.plugins.storage.sealed_store import SealedStore
 from atoll.plugins.storage.sealing import HEADER, TAG, Opener, Sealer, sealed_size
-from atoll.plugins.storage.store import LocalStore
+from atoll.plugins.storage.store import LocalStore, ObjectNotFound
 from atoll.tenancy.operator import OperatorStore
 from support.island import Island, lora_adapter, start_storage
 from support.overlay import AgentFactory
@@ -130,6 +130,39 @@ async def test_objects_on_disk_hold_no_plaintext_and_read_back_whole(
     # The store stays up: the canonical rows still read.
     await fetch_dataset(trainer, "store", ds.id, got / "chat2.jsonl")
     assert plugin.describe()["capabilities"]["adapters"] == 1
+
+
+async def test_reads_beside_replacing_and_deleting_see_one_whole_object(tmp_path: Path) -> None:
+    """An object and its key row change in two steps; a read that runs between them (each put
+    and delete here races reads of its key) gets the old object or the new one, or none once
+    deleted, never a refusal of a sound object."""
+    db = open_registry(tmp_path / "registry.sqlite")
+    ring = Keyring.open(tmp_path / KEYRING_FILE, "acme")
+    store = SealedStore(LocalStore(tmp_path / "objects"), ring, db, seal=True)
+    versions = [bytes([n]) * (3000 + n) for n in range(40)]
+    await store.put("jobs/state.json", versions[0])
+    seen: list[bytes | None] = []
+    writing = True
+
+    async def reader() -> None:
+        while writing:  # bounded by the writer's 40 puts and one delete
+            try:
+                seen.append(await store.get("jobs/state.json"))
+            except ObjectNotFound:  # refused without an await: let the writer go on
+                seen.append(None)
+                await asyncio.sleep(0.01)
+
+    async def writer() -> None:
+        nonlocal writing
+        for version in versions[1:]:
+            await store.put("jobs/state.json", version)
+        await store.delete("jobs/state.json")
+        await asyncio.sleep(0.05)
+        writing = False
+
+    await asyncio.gather(writer(), *[reader() for _ in range(4)])
+    assert set(seen) - {None} <= set(versions) and seen[-1] is None
+    assert len({v for v in seen if v is not None}) > 2  # the reads did see the object change
 
 
 async def test_plaintext_objects_from_before_still_read(tmp_path: Path) -> None:

@@ -62,6 +62,11 @@ class ResumeStateNotFound(AtollError):
     """The job has no resume state in this storage."""
 
 
+class StaleResumeState(AtollError):
+    """A state from an earlier attempt of the job than the one kept (a trainer stopped mid-upload
+    that finished it after the job moved on): refused, the later attempt's state stays."""
+
+
 class ResumeFile(FileEntry):
     @field_validator("name")
     @classmethod
@@ -78,9 +83,11 @@ def _distinct(files: list[ResumeFile]) -> list[ResumeFile]:
 
 
 class ResumeHeader(Strict):
-    """A job's resume state: at optimizer step ``step``, whose adapter is ``adapter_id``."""
+    """A job's resume state: at optimizer step ``step`` of the job's ``attempt``, whose adapter
+    is ``adapter_id``."""
 
     job: str = Field(pattern=JOB_ID)
+    attempt: int = Field(ge=1)
     step: int = Field(ge=0)
     adapter_id: AdapterIdStr
     files: Annotated[
@@ -110,9 +117,11 @@ async def upload_resume_state(
     step: int,
     adapter_id: str,
     local_dir: Path,
+    attempt: int = 1,
     idle_timeout: float = IDLE_TIMEOUT,
 ) -> None:
-    """Keep the resume state files found in ``local_dir`` as ``job_id``'s, replacing any."""
+    """Keep the resume state files found in ``local_dir`` as ``job_id``'s, replacing any of the
+    same or an earlier attempt (StaleResumeState for a later attempt's)."""
     paths = [local_dir / n for n in sorted(RESUME_FILES) if (local_dir / n).is_file()]
     files = [
         {"name": p.name, "size": p.stat().st_size, "sha256": digest.hexdigest()}
@@ -121,7 +130,7 @@ async def upload_resume_state(
     ]
     header = parse(
         ResumeHeader,
-        {"job": job_id, "step": step, "adapter_id": adapter_id, "files": files},
+        {"job": job_id, "attempt": attempt, "step": step, "adapter_id": adapter_id, "files": files},
         "resume state",
     )
     await put_files(
