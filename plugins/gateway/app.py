@@ -150,18 +150,18 @@ def create_app(
             return JSONResponse(lorax_error(exc), status_code=exc.status, headers=exc.headers())
         return error_response(exc)
 
-    def unauthenticated(request: Request) -> GatewayError | None:
+    async def unauthenticated(request: Request) -> GatewayError | None:
         """FastAPI parses and checks a body before the route's dependencies run: a request
         without a valid key must still be told that first."""
         try:
-            gw.authenticate(request.headers.get("authorization"))
+            await gw.authenticate(request.headers.get("authorization"))
         except GatewayError as refused:
             return refused
         return None
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
-        if refused := unauthenticated(request):
+        if refused := await unauthenticated(request):
             return await _gateway_error(request, refused)
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
@@ -175,7 +175,7 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
-        if exc.status_code == 400 and (refused := unauthenticated(request)):
+        if exc.status_code == 400 and (refused := await unauthenticated(request)):
             return await _gateway_error(request, refused)
         return error_response(GatewayError(exc.status_code, str(exc.detail), type="api_error"))
 
@@ -189,7 +189,7 @@ def create_app(
     # Dependencies, so that a caller without a valid key gets 401 before any body checks. Async:
     # FastAPI runs a plain def in a worker thread, a thread hop per request for a lookup.
     async def caller(request: Request) -> Principal:
-        return gw.authenticate(request.headers.get("authorization"))
+        return await gw.authenticate(request.headers.get("authorization"))
 
     async def admin_caller(request: Request) -> Principal:
         principal = await caller(request)

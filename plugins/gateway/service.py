@@ -91,11 +91,11 @@ class Gateway:
 
     # --- who and what ------------------------------------------------------------------------
 
-    def authenticate(self, authorization: str | None) -> Principal:
+    async def authenticate(self, authorization: str | None) -> Principal:
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise GatewayError(401, "missing API key: send 'Authorization: Bearer <key>'")
-        return self.accounts.authenticate(token.strip())
+        return await self.accounts.offload(self.accounts.authenticate, token.strip())
 
     def resolve(
         self,
@@ -119,6 +119,8 @@ class Gateway:
             labels = policy_labels(principal, *parts)
             return Target(model=model, base=model, mixture=mixture, labels=labels)
         base, sep, adapter = model.partition(":")
+        if not sep and model in self.catalog.base_models():  # no store lookup for a base
+            return Target(model=model, base=model, labels=policy_labels(principal))
         if sep or self.accounts.adapter(model) is not None:
             access = self.accounts.check_use(principal, adapter if sep else model)
             if sep and access.base_model != base:
@@ -130,8 +132,6 @@ class Gateway:
                 )
             labels = policy_labels(principal, access)
             return Target(model=model, base=access.base_model, adapter=access.id, labels=labels)
-        if model in self.catalog.base_models():
-            return Target(model=model, base=model, labels=policy_labels(principal))
         saved = self.accounts.visible_mixture(principal, model)
         if saved is not None:  # its adapters checked as any mixture's, for this caller
             return replace(self.resolve(principal, saved.base_model, saved.mixture), model=model)
@@ -196,7 +196,7 @@ class Gateway:
         request_id = uuid.uuid4().hex
         span = trace.get_current_span()  # the request's server span (traces.py), if traced
         requested(span, principal, request_id, operation, model, None)
-        self.spending.reserve_call(principal, request_id, model, params)
+        await self.spending.reserve_call(principal, request_id, model, params)
         permit = self._admit(principal, request_id)
         # Charged before the node is asked (inference_routes.py hands an EmbedRequest, not a
         # dict), so a burst of concurrent calls cannot all pass the limit; transcriptions have
@@ -254,7 +254,7 @@ class Gateway:
         requested(
             span, principal, request_id, operation, target.model, target.adapter_label, requests
         )
-        self.spending.reserve_generate(
+        await self.spending.reserve_generate(
             principal, request_id, model, target.adapter, requests, per_prompt
         )
         permit = self._admit(principal, request_id)

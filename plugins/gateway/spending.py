@@ -76,7 +76,7 @@ class Spending:
         price_in, price_out = self.prices.get(adapter or "") or self.prices.get(model) or (0, 0)
         return usage.prompt_tokens * price_in + usage.completion_tokens * price_out
 
-    def reserve_generate(
+    async def reserve_generate(
         self,
         principal: Principal,
         request_id: str,
@@ -91,15 +91,17 @@ class Spending:
         most = sum(r.params.max_new_tokens for r in requests)
         why = f"a prompt of at most {prompt} tokens and max_tokens {most}"
         most_used = Usage(prompt_tokens=prompt, completion_tokens=most)
-        self._reserve(principal, request_id, model, adapter, most_used, why)
+        await self._reserve(principal, request_id, model, adapter, most_used, why)
 
-    def reserve_call(self, principal: Principal, request_id: str, model: str, params: Any) -> None:
+    async def reserve_call(
+        self, principal: Principal, request_id: str, model: str, params: Any
+    ) -> None:
         """An embedding (its inputs) or a transcription (nothing counted in or out)."""
         prompt = prompt_bound(params, 0) if isinstance(params, EmbedRequest) else 0
         why = f"inputs of at most {prompt} tokens"
-        self._reserve(principal, request_id, model, None, Usage(prompt_tokens=prompt), why)
+        await self._reserve(principal, request_id, model, None, Usage(prompt_tokens=prompt), why)
 
-    def _reserve(
+    async def _reserve(
         self,
         principal: Principal,
         request_id: str,
@@ -108,10 +110,12 @@ class Spending:
         most: Usage,
         why: str,
     ) -> None:
+        if not principal.budgeted:  # a budget set since authenticate applies from the next
+            return
         cost = self.cost(model, adapter, most)
-        self.accounts.reserve(
-            request_id, principal.key_id, principal.user, principal.project,
-            most.total_tokens, cost, self.hold_s, why,
+        await self.accounts.offload(
+            self.accounts.reserve, request_id, principal.key_id, principal.user,
+            principal.project, most.total_tokens, cost, self.hold_s, why,
         )  # fmt: skip
 
     def release(self, request_id: str) -> None:

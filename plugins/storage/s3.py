@@ -21,7 +21,7 @@ import builtins
 import hashlib
 import os
 import tempfile
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, Callable
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -209,7 +209,7 @@ class S3Store(ObjectStore):
 
     # --- reading ------------------------------------------------------------------------------
 
-    async def read(self, key: str) -> AsyncIterator[bytes]:
+    async def read(self, key: str) -> AsyncGenerator[bytes, None]:
         name = self._name(key)
         try:
             reply = await asyncio.to_thread(self.client.get_object, Bucket=self.bucket, Key=name)

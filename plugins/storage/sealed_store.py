@@ -18,7 +18,7 @@ import hashlib
 import secrets
 import sqlite3
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from typing import Any
 
 from atoll.plugins.storage.contract.wire import ObjectDamaged
@@ -80,10 +80,10 @@ class SealedStore(ObjectStore):
         )
         return ObjectInfo(key, size, digest.hexdigest(), now)
 
-    async def read(self, key: str) -> AsyncIterator[bytes]:
+    async def read(self, key: str) -> AsyncGenerator[bytes, None]:
         check_key(key)
         for tries_left in reversed(range(RACE_TRIES)):
-            chunks = aiter(self.inner.read(key))
+            chunks = self.inner.read(key)
             head = b""
             while len(head) < HEADER.size and (more := await anext(chunks, b"")):
                 head += more

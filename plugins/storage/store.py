@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, TypeVar
@@ -100,7 +100,7 @@ class ObjectStore(ABC):
             raise
 
     @abstractmethod
-    def read(self, key: str) -> AsyncIterator[bytes]:
+    def read(self, key: str) -> AsyncGenerator[bytes, None]:
         """The object's bytes in chunks; ObjectNotFound (on first iteration) if there is none."""
 
     async def get(self, key: str) -> bytes:
@@ -177,7 +177,7 @@ class LocalStore(ObjectStore):
             finally:
                 os.close(dir_fd)
 
-    async def read(self, key: str) -> AsyncIterator[bytes]:
+    async def read(self, key: str) -> AsyncGenerator[bytes, None]:
         path = self._path(key)
         try:
             fh = path.open("rb")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import pytest
@@ -100,7 +100,7 @@ async def test_a_fetch_under_way_keeps_its_state_and_a_stale_attempt_is_refused(
     # The fetch is held after its first file, until the next state is kept.
     read, kept, reading = plugin.store.read, asyncio.Event(), asyncio.Event()
 
-    async def held_read(key: str) -> AsyncIterator[bytes]:
+    async def held_read(key: str) -> AsyncGenerator[bytes, None]:
         if key.endswith("/rng_state.pth"):
             reading.set()
             await kept.wait()

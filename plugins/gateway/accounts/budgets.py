@@ -285,10 +285,7 @@ class Budgets(Store):
         ``hold_s`` seconds (a request that outlives it, or a gateway that died, gives its holds
         back then); GatewayError 429 naming the first budget it does not fit in. ``why`` says
         in the refusal what the amount is made of."""
-        now = self._clock()
-        with self._lock:  # no budget at all: no write transaction
-            if not _applying(self._db, key_id, user, project):
-                return
+        now = self._clock()  # (a key with no budget is not reserved for: Principal.budgeted)
         with self._tx(ledger=True) as db:
             _release(db, "expires < ?", (now,))
             rows = _applying(db, key_id, user, project)

@@ -53,6 +53,9 @@ class Principal:
     # The key's and its project's limits (JSON) as authenticate read them: the rate limiter's
     # for this request, with no second lookup (a round trip each request on PostgreSQL).
     limits: tuple[str | None, str | None] = field(default=(None, None), compare=False)
+    # Whether any budget applies to the key, its user or project, as authenticate read it: a
+    # request with none is reserved nothing, with no second lookup.
+    budgeted: bool = field(default=True, compare=False)
 
 
 @dataclass(frozen=True)
@@ -287,6 +290,7 @@ class Keys(Store):
             store_prompts=bool(row["store_prompts"]),
             role=row["role"],
             limits=(row["key_limits"], row["project_limits"]),
+            budgeted=bool(row["budgeted"]),
         )
 
     def _key_rows(self, key_id: str) -> list[dict[str, Any]]:
@@ -317,7 +321,10 @@ class Keys(Store):
         return self._db.execute(
             "SELECT k.digest, k.user, k.project, k.expires_at, k.revoked_at, k.rotated_to, "
             "k.grace_until, k.last_used, u.admin, p.labels, p.store_prompts, m.role, "
-            "k.limits AS key_limits, p.limits AS project_limits "
+            "k.limits AS key_limits, p.limits AS project_limits, EXISTS (SELECT 1 FROM budgets "
+            "b WHERE (b.scope = 'key' AND b.subject IN (k.key_id, k.rotated_to)) OR "
+            "(b.scope = 'user' AND b.subject = k.user) OR "
+            "(b.scope = 'project' AND b.subject = k.project)) AS budgeted "
             "FROM api_keys k JOIN users u ON u.name = k.user "
             "LEFT JOIN projects p ON p.name = k.project "
             "LEFT JOIN members m ON m.project = k.project AND m.user = k.user "

@@ -196,32 +196,38 @@ class UsageTable(Store):
 
 
 class Ledger:
-    """Usage rows of the requests that finish in the same turn of the event loop, committed in
-    one transaction rather than one each; each request still waits for its own row before its
-    response ends (a row whose request was cancelled meanwhile is written all the same)."""
+    """Usage rows of the requests that finish in the same turn of the event loop, or while the
+    previous batch is being written, committed in one transaction rather than one each; each
+    request still waits for its own row before its response ends (a row whose request was
+    cancelled meanwhile is written all the same)."""
 
     def __init__(self, accounts: UsageTable) -> None:
         self.accounts = accounts
         self._pending: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
 
     async def write(self, row: tuple[Any, ...]) -> None:
         loop = asyncio.get_running_loop()
         written = loop.create_future()
         self._pending.append((row, written))
-        if len(self._pending) == 1:
-            loop.call_soon(self._flush)
+        if self._writer is None or self._writer.done():
+            self._writer = loop.create_task(self._flush())
         await written
 
-    def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        try:
-            refusals: list[Exception | None] = [*self.accounts.insert_usage([r for r, _ in batch])]
-        except Exception as exc:  # the database itself failed: every waiting request hears it
-            refusals = [exc] * len(batch)
-        for (_, written), refused in zip(batch, refusals, strict=True):
-            if written.done():  # its request was cancelled
-                continue
-            if refused is None:
-                written.set_result(None)
-            else:
-                written.set_exception(refused)
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            rows = [r for r, _ in batch]
+            try:
+                refusals: list[Exception | None] = [
+                    *await self.accounts.offload(self.accounts.insert_usage, rows)
+                ]
+            except Exception as exc:  # the database itself failed: every waiting request hears it
+                refusals = [exc] * len(batch)
+            for (_, written), refused in zip(batch, refusals, strict=True):
+                if written.done():  # its request was cancelled
+                    continue
+                if refused is None:
+                    written.set_result(None)
+                else:
+                    written.set_exception(refused)
