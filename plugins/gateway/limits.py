@@ -1,6 +1,7 @@
 """Per-key and per-project rate limits, kept in memory: requests and tokens per sliding minute and
 concurrent requests. A request must pass the limits of its key and of its key's project; the one
-that frees last is the one reported."""
+that frees last is the one reported. Gateways sharing a database add what the others admitted
+(``others``, from accounts/rate_shares.py) to their own counts."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from atoll.plugins.gateway.accounts.rate_shares import Scope, Share
 from atoll.plugins.gateway.contract import Limits
 from atoll.plugins.gateway.errors import GatewayError
 
@@ -22,6 +24,8 @@ if TYPE_CHECKING:
 WINDOW_S = 60.0
 SWEEP_EVERY_S = 60.0  # how often idle windows are dropped (one pass over all of them)
 BUSY_RETRY_S = 1.0  # a concurrency slot frees when some request ends: no better estimate
+SHARED_RETRY_S = 1.0  # the other gateways' use is known again at the next exchange
+NOBODY = Share()
 
 
 class _Sliding:
@@ -81,17 +85,25 @@ class _Refusal:
     retry_after: float
 
 
-def _refusals(scope: str, limits: Limits, window: _Window, now: float) -> list[_Refusal]:
+def _frees_in(sliding: _Sliding, now: float, limit: int, others: float) -> float:
+    """Seconds until this gateway's part is below what the other gateways leave of ``limit``."""
+    if others >= limit:
+        return SHARED_RETRY_S
+    return max(sliding.frees_in(now, math.ceil(limit - others)), 0.0)
+
+
+def _refusals(
+    scope: str, limits: Limits, window: _Window, others: Share, now: float
+) -> list[_Refusal]:
     out: list[_Refusal] = []
     rpm, tpm, concurrent = limits.requests_per_min, limits.tokens_per_min, limits.concurrent
-    if rpm is not None and window.requests.total >= rpm:
-        wait = window.requests.frees_in(now, rpm)
+    if rpm is not None and window.requests.total + others.requests >= rpm:
+        wait = _frees_in(window.requests, now, rpm, others.requests)
         out.append(_Refusal(f"{scope} is at its limit of {rpm} requests per minute", wait))
-    if tpm is not None and window.tokens.total >= tpm:
-        wait = window.tokens.frees_in(now, tpm)
-        used = int(window.tokens.total)
+    if tpm is not None and (used := int(window.tokens.total + others.tokens)) >= tpm:
+        wait = _frees_in(window.tokens, now, tpm, others.tokens)
         out.append(_Refusal(f"{scope} used {used} tokens in the last minute (limit {tpm})", wait))
-    if concurrent is not None and window.active >= concurrent:
+    if concurrent is not None and window.active + others.active >= concurrent:
         out.append(_Refusal(f"{scope} has {concurrent} requests running (its limit)", BUSY_RETRY_S))
     return out
 
@@ -143,7 +155,8 @@ class RateLimiter:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._windows: dict[tuple[str, str], _Window] = {}
+        self._windows: dict[Scope, _Window] = {}
+        self._others: dict[Scope, Share] = {}  # the other gateways', as last exchanged
         self._lock = threading.Lock()  # a Permit may be released from a worker thread
         self._swept = clock()
 
@@ -157,7 +170,7 @@ class RateLimiter:
         """A Permit for one request, or GatewayError 429 naming the limit and when it frees."""
         if project_limits is not None and principal.project is None:
             raise ValueError("project limits given for a key that belongs to no project")
-        scopes: list[tuple[str, Limits, tuple[str, str]]] = []
+        scopes: list[tuple[str, Limits, Scope]] = []
         if key_limits is not None:
             scopes.append((f"key {principal.key_id}", key_limits, ("key", principal.key_id)))
         if project_limits is not None and principal.project is not None:
@@ -171,7 +184,8 @@ class RateLimiter:
             for scope, limits, ident in scopes:
                 window = self._windows.setdefault(ident, _Window())
                 window.prune(now)
-                refusals += _refusals(scope, limits, window, now)
+                others = self._others.get(ident, NOBODY)
+                refusals += _refusals(scope, limits, window, others, now)
                 windows.append(window)
             if refusals:
                 worst = max(refusals, key=lambda r: r.retry_after)
@@ -186,6 +200,22 @@ class RateLimiter:
                 window.requests.add(now, 1)
                 window.active += 1
             return Permit(self, windows)
+
+    def shares(self) -> dict[Scope, Share]:
+        """What each limited key and project did through this gateway in the last minute."""
+        with self._lock:
+            now = self._clock()
+            out = {}
+            for ident, window in self._windows.items():
+                window.prune(now)
+                if not window.idle():
+                    out[ident] = Share(window.requests.total, window.tokens.total, window.active)
+            return out
+
+    def set_others(self, others: dict[Scope, Share]) -> None:
+        """The other gateways' use, as just exchanged (replacing what was known)."""
+        with self._lock:
+            self._others = others
 
     def _charge(self, permit: Permit, tokens: int) -> None:
         with self._lock:

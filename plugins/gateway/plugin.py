@@ -37,6 +37,7 @@ from atoll.plugins.gateway.evaluations import Evaluations
 from atoll.plugins.gateway.http_limits import HttpLimits, guarded_protocol
 from atoll.plugins.gateway.limits import RateLimiter
 from atoll.plugins.gateway.mixture_routes import MixtureSearches
+from atoll.plugins.gateway.rate_exchange import exchange_rates
 from atoll.plugins.gateway.router import ModelRouter
 from atoll.plugins.gateway.service import Gateway
 from atoll.plugins.gateway.spending import TEMPLATE_TOKENS, Spending
@@ -131,6 +132,7 @@ class GatewayPlugin(Plugin):
     config_model = GatewayConfig
     new_admin_key: str | None = None  # the admin key made at this start (a first start only)
     sso: Sso | None = None  # single sign-on for the web UI, when configured
+    _rates: asyncio.Task[None] | None = None  # rate limits exchanged with other gateways
 
     async def start(self, ctx: PluginContext) -> None:
         await super().start(ctx)
@@ -226,6 +228,11 @@ class GatewayPlugin(Plugin):
         self._serving = asyncio.create_task(self.server.serve(sockets=[sock]))
         await self._wait_started()
         self.batches.start()  # those a stopped gateway left unfinished
+        if self.accounts.shared:  # other gateways may admit requests of the same keys
+            me = f"{ctx.identity.tenant}/{ctx.identity.name}"
+            self._rates = asyncio.create_task(
+                exchange_rates(self.accounts, self.gateway.limiter, me, ctx.log)
+            )
         ctx.log.info("gateway.listening", url=self.url)
 
     async def _wait_started(self) -> None:
@@ -356,6 +363,10 @@ class GatewayPlugin(Plugin):
         await self.batches.close()
         await self.imports.stop()
         await self.watch.stop()
+        if self._rates is not None:
+            self._rates.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._rates
         self.accounts.close()
         if self.tracing is not None:  # the last requests' spans, ended with the server
             await asyncio.to_thread(self.tracing.close)

@@ -7,6 +7,7 @@ migrated, a dropped connection made again, a writer kept waiting answered 503, a
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -17,13 +18,16 @@ import pytest
 from atoll.plugins.gateway.accounts import Accounts
 from atoll.plugins.gateway.accounts import postgres as postgres_store
 from atoll.plugins.gateway.accounts.postgres import PostgresDatabase, translate
+from atoll.plugins.gateway.accounts.rate_shares import Share
 from atoll.plugins.gateway.accounts.store import SCHEMA, SCHEMA_VERSION
+from atoll.plugins.gateway.contract import Limits
 from atoll.plugins.gateway.errors import GatewayError
+from atoll.plugins.gateway.limits import RateLimiter
 from atoll.plugins.gateway.plugin import GatewayConfig
 from atoll.tenancy.keys import read_secret, write_secret
 from support import postgres
 from support.island import Island
-from support.overlay import AgentFactory
+from support.overlay import AgentFactory, eventually
 
 pytestmark = postgres.needed
 SECRET = b"s" * 32
@@ -106,6 +110,50 @@ async def test_a_budget_holds_across_two_gateways(
     assert totals.prompt_tokens + totals.completion_tokens == now.spent  # to the token
     rows = acc.usage_rows(user="alice")
     assert len(rows) == len({r.request_id for r in rows}) == admitted == totals.requests
+
+
+def knows_others(limiter: RateLimiter) -> bool:
+    return bool(limiter._others)
+
+
+async def test_a_rate_limit_holds_across_two_gateways(
+    make_agent: AgentFactory, tmp_path: Path, pg_database: str
+) -> None:
+    """A key allowed 4 requests a minute: 2 through each gateway, then, once the gateways have
+    exchanged what they admitted, a fifth is refused by both (alone, each would admit 4)."""
+    a, b = await two_gateways(make_agent, tmp_path, pg_database)
+    key = a.key("alice", limits=Limits(requests_per_min=4))
+    body = {"model": "echo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"}) as http:
+        for isl in (a, a, b, b):
+            reply = await http.post(f"{isl.url}/v1/chat/completions", json=body)
+            assert reply.status_code == 200, reply.text
+        for limiter in (a.plugin.gateway.limiter, b.plugin.gateway.limiter):
+            await eventually(partial(knows_others, limiter), timeout=5)  # the next exchange
+        for isl in (a, b):
+            refused = await http.post(f"{isl.url}/v1/chat/completions", json=body)
+            assert refused.status_code == 429, refused.text
+            assert "at its limit of 4 requests per minute" in refused.json()["error"]["message"]
+            assert float(refused.headers["retry-after"]) >= 1
+    assert len(a.accounts.usage_rows(user="alice")) == 4
+
+
+def test_a_gateway_no_longer_heard_from_stops_counting(pg_database: str) -> None:
+    """What a gateway wrote counts for the others until it is ``stale_s`` old; each exchange
+    replaces the writer's own rows."""
+    now = [1000.0]
+    acc = Accounts(pg_database, SECRET, clock=lambda: now[0])
+    scope = ("key", "k_1")
+    try:
+        assert acc.share_rates("gw-a", {scope: Share(3, 30, 1)}, stale_s=5) == {}
+        assert acc.share_rates("gw-b", {scope: Share(1, 10, 0)}, 5) == {scope: Share(3, 30, 1)}
+        now[0] += 2
+        acc.share_rates("gw-a", {scope: Share(2, 20, 0)}, 5)  # replaces its 3 by 2
+        assert acc.share_rates("gw-c", {}, 5) == {scope: Share(3, 30, 0)}  # a's 2 + b's 1
+        now[0] += 4  # b last wrote 6 s ago: stale
+        assert acc.share_rates("gw-c", {}, 5) == {scope: Share(2, 20, 0)}
+    finally:
+        acc.close()
 
 
 def test_the_sql_is_translated_and_sqlite_only_spellings_are_refused() -> None:

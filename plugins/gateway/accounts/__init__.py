@@ -7,10 +7,13 @@ request (ledger.py), budgets with their reservations, settled by the ledger's ow
 transaction (budgets.py), and the audit log, one row per admin action written in the same
 transaction as the change it records and hash-chained (audit.py, audit_chain.py), and each
 project's retention periods with the ledger's purge (retention.py). store.py holds the schema and
-the database they share.
+the database they share. Gateways sharing a PostgreSQL database exchange what their rate limits
+admitted (rate_shares.py).
 
 ``Accounts``' methods are synchronous and each runs one short statement or transaction, so the
-app may call them from the event loop (``ledger.Ledger`` batches the ledger's rows there).
+app may call them from the event loop (``ledger.Ledger`` batches the ledger's rows there); on
+PostgreSQL, the request path's calls go through ``offload`` (a worker thread) instead, so a
+round trip never stops the loop.
 Nothing is cached but authenticate's key lookups on SQLite, which any write and any other
 connection's commit empty (on PostgreSQL, none): a revoked key, a removed member or a changed
 admin flag is seen by the very next request, through whichever gateway.
@@ -25,6 +28,7 @@ from atoll.plugins.gateway.accounts.identities import Identities
 from atoll.plugins.gateway.accounts.keys import Keys
 from atoll.plugins.gateway.accounts.ledger import UsageTable
 from atoll.plugins.gateway.accounts.mixtures import MixtureRegistry
+from atoll.plugins.gateway.accounts.rate_shares import RateShares
 from atoll.plugins.gateway.accounts.retention import Retention
 from atoll.plugins.gateway.accounts.users import UsersAndProjects
 
@@ -37,6 +41,7 @@ class Accounts(
     MixtureRegistry,
     UsageTable,
     Budgets,
+    RateShares,
     AuditLog,
     Retention,
 ):

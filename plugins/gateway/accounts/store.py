@@ -97,6 +97,14 @@ MIGRATIONS = [
         project TEXT REFERENCES projects(name), spec TEXT NOT NULL, search TEXT,
         created REAL NOT NULL);
     """,
+    # 6: what each gateway sharing the database admitted per limited key and project in the last
+    # minute, so rate limits hold across them (rate_shares.py)
+    """
+    CREATE TABLE rate_shares (
+        gateway TEXT NOT NULL, scope TEXT NOT NULL, subject TEXT NOT NULL,
+        requests REAL NOT NULL, tokens REAL NOT NULL, active INTEGER NOT NULL, at REAL NOT NULL,
+        PRIMARY KEY (gateway, scope, subject));
+    """,
 ]
 AUDIT_CHAINED = 3  # the schema version whose step chains the audit log
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
@@ -167,7 +175,8 @@ class Store:
         self._keys_version = -1  # the database's data_version the cache was filled at
         self._database = open_database(database)
         self._db = self._database.connection
-        self._remote = self._database.data_version() is None  # a server: nothing cached
+        # A server, which other gateways may share: nothing cached, calls offloaded.
+        self.shared = self._database.data_version() is None
         with self._tx() as db:
             version = self._database.schema_version()
             if version > SCHEMA_VERSION:
@@ -192,7 +201,7 @@ class Store:
         where the database is a server (its round trips would stop the loop, and every other
         request with it, for their whole wait), inline on SQLite (cached or local: microseconds,
         less than the thread hop)."""
-        if self._remote:
+        if self.shared:
             return await asyncio.to_thread(fn, *args, **kw)
         return fn(*args, **kw)
 
