@@ -12,8 +12,10 @@ from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.storage.contract.datasets import DatasetInvalid, DatasetRecord, check_filename
 from atoll.plugins.training.contract import (
     BASE_LEARNING_RATE,
+    FULL_VALID_PAIR_FIGURES,
     MAX_BETA,
     PAIR_FIGURES,
+    VALID_PAIR_FIGURES,
     Auto,
     Checkpoint,
     JobOptions,
@@ -295,7 +297,8 @@ METRICS = {
     "full_valid_mean_token_accuracy": "full_valid_mean_token_accuracy",
     "epoch": "epoch",
     "learning_rate": "learning_rate",
-    **{name: name for name in PAIR_FIGURES},  # a dpo step's, TRL's names
+    # a dpo step's (TRL's names), and its validation pairs' after each epoch and at the end
+    **{name: name for name in (*PAIR_FIGURES, *VALID_PAIR_FIGURES, *FULL_VALID_PAIR_FIGURES)},
 }
 LOSSES = {
     "loss": "training loss",

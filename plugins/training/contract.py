@@ -26,7 +26,8 @@ of those pruned past the number kept; a logged step carries step, max_steps, epo
 train_mean_token_accuracy (of that step), learning_rate and estimated_finish; an evaluation
 carries step and valid_loss, valid_mean_token_accuracy, and at the end full_valid_loss,
 full_valid_mean_token_accuracy; a dpo job's step carries ``PAIR_FIGURES`` instead of the token
-accuracy; ``hyperparameters`` says what "auto" resolved to) and
+accuracy, and its evaluation ``VALID_PAIR_FIGURES`` (at the end ``FULL_VALID_PAIR_FIGURES``) beside
+its pairs' DPO loss as valid_loss; ``hyperparameters`` says what "auto" resolved to) and
 ``jobs.queued`` (``{id}`` whenever a job becomes claimable, so idle trainers claim at once).
 """
 
@@ -94,6 +95,9 @@ MAX_RESULT_FILES = 4
 MAX_BETA = 10.0  # dpo's beta: far past any recipe's (0.01 to 0.5)
 # A dpo job's step figures (TRL's names), in its events and results file beside the loss.
 PAIR_FIGURES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+# The validation pairs' (beside valid_loss), after each epoch; and the same at the end.
+VALID_PAIR_FIGURES = tuple(f"valid_{name}" for name in PAIR_FIGURES)
+FULL_VALID_PAIR_FIGURES = tuple(f"full_{name}" for name in VALID_PAIR_FIGURES)
 DatasetId = Annotated[str, Field(pattern=DATASET_ID.pattern)]
 
 
@@ -177,7 +181,8 @@ class JobOptions(BaseModel):
     seed: int = Field(42, ge=0, lt=2**32)
     suffix: str | None = Field(None, pattern=SUFFIX)
     # Evaluation: a dataset of its own (OpenAI's validation_file), or a share of the training
-    # examples held out (drawn with the seed); loss and token accuracy after each epoch.
+    # examples held out (drawn with the seed); loss and token accuracy (a dpo job's: its pairs'
+    # DPO loss and rewards) after each epoch.
     validation_dataset: DatasetId | None = None
     validation_split: float | None = Field(None, gt=0, le=0.5)
     # dpo's beta: how far the adapter may move from the reference (LLaMA-Factory's name, TRL's
@@ -216,11 +221,6 @@ class JobOptions(BaseModel):
                 "one_validation_set",
                 "validation_dataset and validation_split exclude each other: name a validation "
                 "set, or hold out a share of the training examples",
-            )
-        if self.stage == "dpo" and (self.validation_dataset or self.validation_split):
-            raise PydanticCustomError(
-                "dpo_validation",
-                "a dpo job takes no validation set: its figures are the training pairs' rewards",
             )
         return self
 

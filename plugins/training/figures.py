@@ -4,25 +4,28 @@ that holds them. Losses are token-weighted means of the cross-entropy over label
 accuracy is the share of labelled tokens the model's argmax predicts. A dpo job's steps have
 TRL's figures instead: the loss, the rewards of chosen and rejected replies (beta times the
 log-probability the adapter adds to the reference's), their margin, and the share of pairs whose
-chosen reward is the larger. Runs in the job's process.
+chosen reward is the larger; its validation pairs are measured the same way. Runs in the job's
+process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from atoll.plugins.training.contract import PAIR_FIGURES
-from atoll.plugins.training.data import IGNORE, Example, collate
+from atoll.plugins.training.contract import PAIR_FIGURES, VALID_PAIR_FIGURES
+from atoll.plugins.training.data import IGNORE, Example, collate, collate_pairs
+from atoll.plugins.training.dpo import dpo_loss
 
 RESULTS_NAME = "step_metrics.csv"  # OpenAI's name for a job's results file
 # OpenAI's columns; a step without an evaluation leaves the validation ones empty.
 RESULT_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy")
-DPO_COLUMNS = ("step", "train_loss", *PAIR_FIGURES)
+DPO_COLUMNS = ("step", "train_loss", *PAIR_FIGURES, "valid_loss", *VALID_PAIR_FIGURES)
 
 
 @dataclass
@@ -56,6 +59,10 @@ class Tally:
     def accuracy(self) -> float:
         return self.correct / self.tokens if self.tokens else math.nan
 
+    def figures(self) -> dict[str, float]:
+        """As a validation set's are named after ``valid_``."""
+        return {"loss": self.loss, "mean_token_accuracy": self.accuracy}
+
 
 @dataclass
 class PairTally:
@@ -88,24 +95,43 @@ class PairTally:
         }
 
 
-def evaluate(model: Any, examples: Sequence[Example], batch_size: int, pad_id: int) -> Tally:
-    """The model's loss and token accuracy on ``examples``, without gradients; the model is left
-    in the mode it was in."""
+@contextlib.contextmanager
+def _evaluating(model: Any) -> Iterator[Any]:
+    """Without gradients, in eval mode (the model is left in the mode it was in); yields the
+    model's device."""
     import torch
 
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    tally = Tally()
     try:
         with torch.no_grad():
-            for start in range(0, len(examples), batch_size):
-                batch = collate(list(examples[start : start + batch_size]), pad_id)
-                batch = {k: v.to(device) for k, v in batch.items()}
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                tally.add(out.logits, batch["labels"])
+            yield next(model.parameters()).device
     finally:
         model.train(was_training)
+
+
+def evaluate(model: Any, examples: Sequence[Example], batch_size: int, pad_id: int) -> Tally:
+    """The model's loss and token accuracy on ``examples``."""
+    tally = Tally()
+    with _evaluating(model) as device:
+        for start in range(0, len(examples), batch_size):
+            batch = collate(list(examples[start : start + batch_size]), pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            tally.add(out.logits, batch["labels"])
+    return tally
+
+
+def evaluate_pairs(
+    peft_model: Any, pairs: Sequence[Example], batch_size: int, pad_id: int, beta: float
+) -> PairTally:
+    """The DPO loss and rewards of ``pairs`` (preference examples), as a training step's."""
+    tally = PairTally()
+    with _evaluating(peft_model) as device:
+        for start in range(0, len(pairs), batch_size):
+            batch = collate_pairs(list(pairs[start : start + batch_size]), pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            tally.add(*dpo_loss(peft_model, batch, beta))
     return tally
 
 
@@ -114,9 +140,10 @@ class StepRow:
     step: int
     train_loss: float | None = None
     train_accuracy: float | None = None
-    valid_loss: float | None = None
-    valid_mean_token_accuracy: float | None = None
     pairs: dict[str, float] | None = None  # a dpo step's PAIR_FIGURES
+    # The validation set's, when it was evaluated at this step: valid_loss with
+    # valid_mean_token_accuracy, or with VALID_PAIR_FIGURES for a dpo job.
+    valid: dict[str, float] | None = None
 
 
 def _cell(value: float | None) -> str:
@@ -124,13 +151,13 @@ def _cell(value: float | None) -> str:
 
 
 def write_results(path: Path, rows: Sequence[StepRow], dpo: bool = False) -> None:
-    """OpenAI's columns; a dpo job's are the loss and its pairs' figures."""
+    """OpenAI's columns; a dpo job's are the loss and its pairs' figures, of the training pairs
+    and then of the validation pairs (empty where a step had no evaluation)."""
+    columns = DPO_COLUMNS if dpo else RESULT_COLUMNS
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(DPO_COLUMNS if dpo else RESULT_COLUMNS)
+        writer.writerow(columns)
         for r in sorted(rows, key=lambda r: r.step):
-            valid = (r.valid_loss, r.valid_mean_token_accuracy)
-            figures: tuple[float | None, ...] = (r.train_loss, r.train_accuracy, *valid)
-            if dpo:
-                figures = (r.train_loss, *((r.pairs or {}).get(k) for k in PAIR_FIGURES))
-            writer.writerow([r.step, *map(_cell, figures)])
+            train = {"train_loss": r.train_loss, "train_accuracy": r.train_accuracy}
+            cells = {**train, **(r.pairs or {}), **(r.valid or {})}
+            writer.writerow([r.step, *(_cell(cells.get(c)) for c in columns[1:])])

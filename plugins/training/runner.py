@@ -123,7 +123,6 @@ class Bookkeeping:
     tokens: int = 0  # trained on so far (OpenAI's trained_tokens)
     started: float = field(default_factory=time.time)
     evaluated_at: int = -1  # the step of the last evaluation
-    full: dict[str, float] = field(default_factory=dict)  # the validation set's, at the end
     saved_at: int = -1  # the step of the last checkpoint
 
     def row(self, step: int) -> StepRow:
@@ -139,18 +138,23 @@ class Bookkeeping:
         self.rows = {r["step"]: StepRow(**r) for r in state["rows"]}
         self.tokens, self.evaluated_at = state["tokens"], state["evaluated_at"]
 
+    def full(self, step: int) -> dict[str, float]:
+        """The validation set's figures at ``step`` under their ``full_`` names: each evaluation
+        measures the whole set, so the last one's are the job's full_valid_* figures."""
+        return {f"full_{k}": v for k, v in (self.row(step).valid or {}).items()}
+
     def checkpoint_metrics(self, step: int) -> dict[str, float]:
-        """OpenAI's checkpoint metrics at ``step``: the step's training figures and, when the
-        validation set was evaluated there, its figures (the whole set: valid and full alike)."""
+        """OpenAI's checkpoint metrics at ``step``: the step's training figures (a dpo job's
+        pairs' too) and, when the validation set was evaluated there, its figures (valid and
+        full alike)."""
         row = self.row(step)
         figures = {
             "step": float(step),
             "train_loss": row.train_loss,
             "train_mean_token_accuracy": row.train_accuracy,
-            "valid_loss": row.valid_loss,
-            "valid_mean_token_accuracy": row.valid_mean_token_accuracy,
-            "full_valid_loss": row.valid_loss,
-            "full_valid_mean_token_accuracy": row.valid_mean_token_accuracy,
+            **(row.pairs or {}),
+            **(row.valid or {}),
+            **self.full(step),
         }
         return {k: v for k, v in figures.items() if v is not None and not math.isnan(v)}
 
@@ -198,7 +202,12 @@ def train(spec: RunSpec, emit: Events) -> None:
     from atoll.plugins.training.auto import resolve
     from atoll.plugins.training.data import collate, collate_pairs, pack
     from atoll.plugins.training.dpo import dpo_loss
-    from atoll.plugins.training.figures import RESULTS_NAME, evaluate, write_results
+    from atoll.plugins.training.figures import (
+        RESULTS_NAME,
+        evaluate,
+        evaluate_pairs,
+        write_results,
+    )
 
     o = spec.options
     dpo = o.stage == "dpo"
@@ -266,28 +275,29 @@ def train(spec: RunSpec, emit: Events) -> None:
                 run.tokens += tokens
             return (loss, outputs) if return_outputs else loss
 
-    def validate(model: Any, state: Any) -> None:
+    def validate(state: Any) -> None:
         """The validation set's figures at this step: an event, the step's row, and the full
-        figures when it is the last step."""
-        tally = evaluate(model, validation, settings.batch_size, pad_id)
-        figures = {"valid_loss": tally.loss, "valid_mean_token_accuracy": tally.accuracy}
-        row = run.row(state.global_step)
-        row.valid_loss, row.valid_mean_token_accuracy = tally.loss, tally.accuracy
+        figures when it is the last step. A dpo job's are its pairs' loss and rewards."""
+        if dpo:
+            pairs = evaluate_pairs(peft_model, validation, settings.batch_size, pad_id, o.pref_beta)
+            figures = pairs.figures()
+            told = f"reward accuracy {figures['rewards/accuracies']:.3f}"
+        else:
+            figures = evaluate(peft_model, validation, settings.batch_size, pad_id).figures()
+            told = f"token accuracy {figures['mean_token_accuracy']:.3f}"
+        valid = {f"valid_{k}": v for k, v in figures.items()}
+        run.row(state.global_step).valid = valid
         run.evaluated_at = state.global_step
-        if state.global_step >= state.max_steps:
-            run.full = {
-                "full_valid_loss": tally.loss,
-                "full_valid_mean_token_accuracy": tally.accuracy,
-            }
+        last = state.global_step >= state.max_steps
         emit(
             "log",
-            f"step {state.global_step}/{state.max_steps}: validation loss {tally.loss:.4f}, "
-            f"token accuracy {tally.accuracy:.3f}",
+            f"step {state.global_step}/{state.max_steps}: validation loss "
+            f"{valid['valid_loss']:.4f}, {told}",
             step=state.global_step,
             max_steps=state.max_steps,
             epoch=round(state.epoch or 0.0, 4),
-            **figures,
-            **run.full,
+            **valid,
+            **(run.full(state.global_step) if last else {}),
         )
 
     class Progress(TrainerCallback):
@@ -348,7 +358,7 @@ def train(spec: RunSpec, emit: Events) -> None:
 
         def on_epoch_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             if validation:
-                validate(kw["model"], state)
+                validate(state)
             if run.saved_at != state.global_step:  # not saved at this step already
                 control.should_save = True
 
@@ -403,11 +413,13 @@ def train(spec: RunSpec, emit: Events) -> None:
         emit("log", f"resuming from the checkpoint at step {run.saved_at}")
     result = trainer.train(resume_from_checkpoint=str(spec.resume) if spec.resume else None)
     if validation and run.evaluated_at != trainer.state.global_step:
-        validate(peft_model, trainer.state)  # training stopped inside an epoch
+        validate(trainer.state)  # training stopped inside an epoch
     # Trainer.log pops total_flos from the dict it logs, which train() also returns.
     found = {**result.metrics, "total_flos": trainer.state.total_flos}
     metrics = {k: float(found[k]) for k in FINAL_METRICS if k in found}
-    metrics |= {"trained_tokens": float(run.tokens), **run.full}
+    metrics |= {"trained_tokens": float(run.tokens)}
+    if validation:
+        metrics |= run.full(run.evaluated_at)
     emit("metrics", f"trained in {metrics.get('train_runtime', 0):.1f}s", **metrics)
     results = spec.output_dir / RESULTS_NAME
     write_results(results, list(run.rows.values()), dpo)

@@ -167,6 +167,22 @@ def colour_rows(n: int) -> list[dict[str, str]]:
     ]
 
 
+PREFERRED, REJECTED = "blue blue blue", "red red red"  # pair_rows' replies
+
+
+def pair_rows(numbers: range) -> list[dict[str, Any]]:
+    """OpenAI's preference rows for a dpo job, one a number: always the same preferred and
+    non-preferred reply."""
+    return [
+        {
+            "input": {"messages": [{"role": "user", "content": f"Say the colour number {i}."}]},
+            "preferred_output": [{"role": "assistant", "content": PREFERRED}],
+            "non_preferred_output": [{"role": "assistant", "content": REJECTED}],
+        }
+        for i in numbers
+    ]
+
+
 def metric_figures(events: list[FineTuningJobEvent]) -> list[dict[str, Any]]:
     """The figures of each metrics event (the SDK types an event's data as object)."""
     return [e.data for e in events if e.type == "metrics" and isinstance(e.data, dict)]

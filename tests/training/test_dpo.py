@@ -1,6 +1,7 @@
 """Preference tuning (DPO) through the gateway with the openai SDK: OpenAI's preference rows,
-``method: {"type": "dpo"}``, the pair figures in the job's events and results file, and an
-adapter that prefers the preferred replies more than its base does on held-out prompts."""
+``method: {"type": "dpo"}``, the pair figures (the training pairs' and the validation pairs')
+in the job's events, results file and checkpoints, and an adapter that prefers the preferred
+replies more than its base does on held-out prompts."""
 
 from __future__ import annotations
 
@@ -14,21 +15,21 @@ import pytest
 import torch
 
 from atoll.plugins.storage.contract.adapters import fetch_adapter
-from support.island import metric_figures, training_island, until_done, write_rows
+from atoll.plugins.training.contract import (
+    FULL_VALID_PAIR_FIGURES,
+    PAIR_FIGURES,
+    VALID_PAIR_FIGURES,
+)
+from support.island import (
+    PREFERRED,
+    REJECTED,
+    metric_figures,
+    pair_rows,
+    training_island,
+    until_done,
+    write_rows,
+)
 from support.tiny_models import tiny_tokenizer
-
-PREFERRED, REJECTED = "blue blue blue", "red red red"
-
-
-def pair_rows(numbers: range) -> list[dict[str, Any]]:
-    return [
-        {
-            "input": {"messages": [{"role": "user", "content": f"Say the colour number {i}."}]},
-            "preferred_output": [{"role": "assistant", "content": PREFERRED}],
-            "non_preferred_output": [{"role": "assistant", "content": REJECTED}],
-        }
-        for i in numbers
-    ]
 
 
 def margin(model: Any, prompts: list[str]) -> float:
@@ -90,9 +91,9 @@ async def test_a_dpo_job_moves_the_margin_toward_the_preferred_reply(
                 hyperparameters={"n_epochs": 1},
             )  # fmt: skip
         assert info.value.body["param"] == "hyperparameters"  # type: ignore[index]
-        with pytest.raises(openai.BadRequestError, match="takes no validation set"):
+        with pytest.raises(openai.BadRequestError, match="needs preference pairs"):
             await client.fine_tuning.jobs.create(
-                model="tiny-llama", training_file=pairs.id, validation_file=pairs.id, method=dpo
+                model="tiny-llama", training_file=pairs.id, validation_file=chats.id, method=dpo
             )
         bad: Any = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}
         with pytest.raises(openai.UnprocessableEntityError, match="more than 0") as refused:
@@ -106,9 +107,13 @@ async def test_a_dpo_job_moves_the_margin_toward_the_preferred_reply(
                 extra_body={"options": {"stage": "sft"}},
             )  # fmt: skip
 
+        # Held out: prompts it never trains on, with the same replies.
+        held = write_rows(tmp_path / "held.jsonl", pair_rows(range(24, 32)))
+        validation = await client.files.create(file=held.open("rb"), purpose="fine-tune")
         job = await client.fine_tuning.jobs.create(
             model="tiny-llama",
             training_file=pairs.id,
+            validation_file=validation.id,
             method=dpo,
             extra_body={"options": {"lora_rank": 4, "cutoff_len": 64, "logging_steps": 1}},
         )
@@ -119,7 +124,8 @@ async def test_a_dpo_job_moves_the_margin_toward_the_preferred_reply(
         assert job.method.dpo.hyperparameters.model_dump() == asked  # 24 / 4 * 3 = 18 steps
 
         events = [e async for e in client.fine_tuning.jobs.list_events(job.id, limit=1000)]
-        steps = {d["step"]: d for d in metric_figures(list(reversed(events)))}
+        figures = metric_figures(list(reversed(events)))
+        steps = {d["step"]: d for d in figures if "rewards/margins" in d}
         assert sorted(steps) == list(range(1, 19))
         for d in steps.values():
             assert d["rewards/margins"] == pytest.approx(
@@ -131,15 +137,44 @@ async def test_a_dpo_job_moves_the_margin_toward_the_preferred_reply(
         assert last["rewards/margins"] > 0.05 and last["rewards/accuracies"] == 1
         assert last["train_loss"] < first["train_loss"]
 
+        # The held-out pairs after each epoch (6 steps), and at the end the full figures: the
+        # margin between the replies grows on prompts it never trained on.
+        evals = [d for d in figures if "valid_loss" in d]
+        assert [d["step"] for d in evals] == [6, 12, 18]
+        assert all(set(VALID_PAIR_FIGURES) <= set(d) for d in evals)
+        assert "full_valid_loss" not in evals[0] and "valid_mean_token_accuracy" not in evals[0]
+        margins = [d["valid_rewards/margins"] for d in evals]
+        assert 0 < margins[0] < margins[1] < margins[2], margins
+        assert evals[-1]["valid_rewards/accuracies"] == 1
+        assert evals[-1]["valid_loss"] < evals[0]["valid_loss"] < 0.6931  # log 2: no preference
+        final = {k: evals[-1][k] for k in ("full_valid_loss", *FULL_VALID_PAIR_FIGURES)}
+        assert final == {f"full_{k}": evals[-1][k] for k in ("valid_loss", *VALID_PAIR_FIGURES)}
+        assert job.metrics is not None
+        assert {k: job.metrics[k] for k in final} == final
+
         text = (await client.files.content(job.result_files[0])).text
         rows = list(csv.DictReader(io.StringIO(text)))
-        assert text.splitlines()[0] == (
-            "step,train_loss,rewards/chosen,rewards/rejected,rewards/margins,rewards/accuracies"
-        )
+        columns = ("step", "train_loss", *PAIR_FIGURES, "valid_loss", *VALID_PAIR_FIGURES)
+        assert text.splitlines()[0] == ",".join(columns)
         assert [int(r["step"]) for r in rows] == list(range(1, 19))
         assert float(rows[-1]["rewards/margins"]) == pytest.approx(
             last["rewards/margins"], rel=1e-5
         )
+        for d in evals:
+            row = rows[d["step"] - 1]
+            assert float(row["valid_rewards/margins"]) == pytest.approx(
+                d["valid_rewards/margins"], rel=1e-5
+            )
+        assert {r["valid_loss"] for r in rows if int(r["step"]) % 6} == {""}
+
+        # A checkpoint an epoch, with the held-out pairs' DPO loss in OpenAI's metrics.
+        kept = [c async for c in client.fine_tuning.jobs.checkpoints.list(job.id)]
+        by_step = {c.step_number: c.metrics for c in kept}
+        assert sorted(by_step) == [6, 12, 18]
+        for d in evals:
+            found = by_step[d["step"]]
+            assert found.valid_loss == found.full_valid_loss == pytest.approx(d["valid_loss"])
+            assert found.valid_mean_token_accuracy is None
 
         # On prompts it never saw, the adapter prefers the preferred reply more than its base.
         assert job.fine_tuned_model
@@ -148,10 +183,12 @@ async def test_a_dpo_job_moves_the_margin_toward_the_preferred_reply(
             isl.gateway.agent, "store", job.fine_tuned_model, tmp_path / "adapter"
         )
         base = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-llama").eval()
-        held = [f"Say the colour number {i}." for i in range(24, 32)]
-        before = margin(base, held)
+        prompts = [f"Say the colour number {i}." for i in range(24, 32)]
+        before = margin(base, prompts)
         tuned = PeftModel.from_pretrained(base, str(directory)).eval()
-        after = margin(tuned, held)
+        after = margin(tuned, prompts)
         assert after > before + 5.0, (before, after)
+        # The validation margin is beta times how much more the adapter prefers the reply.
+        assert final["full_valid_rewards/margins"] == pytest.approx(0.1 * (after - before), 1e-3)
     finally:
         await client.close()

@@ -39,6 +39,9 @@ from atoll.plugins.training.commands import train
 from atoll.plugins.training.contract import (
     BASE_LEARNING_RATE,
     FINAL_STATES,
+    FULL_VALID_PAIR_FIGURES,
+    PAIR_FIGURES,
+    VALID_PAIR_FIGURES,
     JobFinished,
     JobNotFound,
     JobOptions,
@@ -75,6 +78,7 @@ from atoll.plugins.training.plugin import TrainingPlugin
 from atoll.plugins.training.runner import FINAL_METRICS
 from atoll.plugins.training.trainer import TrainerWorker
 from atoll.tenancy.operator import OperatorStore
+from support.island import pair_rows
 from support.overlay import AgentFactory, eventually
 from support.tiny_models import build_tiny_model, tiny_tokenizer
 
@@ -441,7 +445,8 @@ def test_figures_agree_with_the_model_s_own_loss(tiny_base: Path, tmp_path: Path
     assert not model.training
 
     path = tmp_path / RESULTS_NAME
-    write_results(path, [StepRow(2, 0.5, 0.75, 0.625, 0.5), StepRow(1, 1.0, 0.25)])
+    valid = {"valid_loss": 0.625, "valid_mean_token_accuracy": 0.5}
+    write_results(path, [StepRow(2, 0.5, 0.75, valid=valid), StepRow(1, 1.0, 0.25)])
     assert path.read_text() == (
         "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n"
         "1,1,0.25,,\n2,0.5,0.75,0.625,0.5\n"
@@ -718,13 +723,38 @@ def logged_steps(events: list[dict[str, Any]]) -> list[int]:
     return [e["step"] for e in events if e["type"] == "log" and "loss" in e]
 
 
+# Each stage's checkpoint metrics, with a validation set.
+SFT_CHECKPOINT_METRICS = {
+    "step", "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
+    "full_valid_loss", "full_valid_mean_token_accuracy",
+}  # fmt: skip
+DPO_CHECKPOINT_METRICS = {
+    "step", "train_loss", *PAIR_FIGURES, "valid_loss", *VALID_PAIR_FIGURES, "full_valid_loss",
+    *FULL_VALID_PAIR_FIGURES,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("stage", "rows", "figures"),
+    [
+        ("sft", chat_rows(), SFT_CHECKPOINT_METRICS),
+        ("dpo", pair_rows(range(24)), DPO_CHECKPOINT_METRICS),
+    ],
+    ids=["sft", "dpo"],
+)
 async def test_a_lost_job_resumes_from_its_last_checkpoint(
-    island: Island, operator: OperatorStore, broker: BrokerServer
+    island: Island,
+    operator: OperatorStore,
+    broker: BrokerServer,
+    stage: str,
+    rows: list[dict[str, Any]],
+    figures: set[str],
 ) -> None:
     """A checkpoint after each epoch, kept in storage as an adapter of its own (the last two
     here). Its trainer lost right after the first one, the job goes on from that checkpoint on
     another trainer: no optimizer step runs twice, and its figures are those of a job never
-    interrupted (weights, optimizer, scheduler, RNG and data order all restored)."""
+    interrupted (weights, optimizer, scheduler, RNG and data order all restored), a dpo job's
+    pair figures and its validation pairs' too."""
     t1 = trainer_worker(await island.add_trainer("t1", keep_checkpoints=2))
     stored = asyncio.Event()
     store = t1._checkpoint
@@ -735,8 +765,10 @@ async def test_a_lost_job_resumes_from_its_last_checkpoint(
         await asyncio.Event().wait()  # the process waits for a word that never comes
 
     t1._checkpoint = store_then_hang  # type: ignore[method-assign]
-    options: dict[str, Any] = {"num_train_epochs": 4.0, "validation_split": 0.25}  # 20 steps
-    job = await island.submit(**options)
+    dataset = await island.add_dataset(rows, "alice")
+    # 18 examples train, batch 4: 5 steps an epoch, 20 in all.
+    options = island.options(dataset, stage=stage, num_train_epochs=4.0, validation_split=0.25)
+    job = await submit_job(island.client, "queue", "alice", options)
     await asyncio.wait_for(stored.wait(), JOB_TIMEOUT)
     await eventually(
         lambda: bool(island.queue.queue and island.queue.queue.get(job.id).checkpoints)
@@ -764,10 +796,7 @@ async def test_a_lost_job_resumes_from_its_last_checkpoint(
     for kept in done.checkpoints:
         adapter = await describe_adapter(island.client, "store", kept.adapter_id)
         assert (adapter.owner, adapter.source_job, adapter.base_model) == ("alice", job.id, "tiny")
-        assert set(kept.metrics) == {
-            "step", "train_loss", "train_mean_token_accuracy", "valid_loss",
-            "valid_mean_token_accuracy", "full_valid_loss", "full_valid_mean_token_accuracy",
-        }  # fmt: skip
+        assert set(kept.metrics) == figures
     await no_resume_state(island, job.id)  # dropped once the job ended
     target = ["-d", str(operator.root), "--tenant", "acme", "--broker", broker.url]
     shown = await asyncio.to_thread(
@@ -779,20 +808,39 @@ async def test_a_lost_job_resumes_from_its_last_checkpoint(
         ("20", f"{base}-ckpt-step-20"), ("15", f"{base}-ckpt-step-15")
     ]  # fmt: skip
 
-    # The same job never interrupted: the same figures at every step.
-    again = await island.submit(**options)
+    # The same job never interrupted: the same figures at every step and in the results file.
+    again = await submit_job(island.client, "queue", "alice", options)
     whole = await island.until(again.id, {"completed"})
-    steps = {e["step"]: e["loss"] for e in events if e["type"] == "log" and "loss" in e}
     plain = await job_events(island.client, "queue", again.id)
-    assert steps == pytest.approx({e["step"]: e["loss"] for e in plain if "loss" in e}, rel=1e-4)
+    assert step_figures(events) == pytest.approx(step_figures(plain), rel=1e-4)
     assert done.metrics["trained_tokens"] == whole.metrics["trained_tokens"]
-    assert done.metrics["full_valid_loss"] == pytest.approx(whole.metrics["full_valid_loss"])
-    rows = []
+    final = {k: v for k, v in done.metrics.items() if k.startswith("full_")}
+    assert set(final) == {k for k in figures if k.startswith("full_")}
+    assert final == pytest.approx({k: whole.metrics[k] for k in final}, rel=1e-4)
+    results = []
     for finished in (done, whole):
         path = island.tmp_path / f"{finished.id}.csv"
         await fetch_dataset(island.client, "store", finished.result_files[0], path, as_="original")
-        rows.append([int(r["step"]) for r in read_csv(path)])
-    assert rows[0] == rows[1] == list(range(1, 21))
+        results.append(read_csv(path))
+    assert [int(r["step"]) for r in results[0]] == list(range(1, 21))
+    for resumed, uninterrupted in zip(*results, strict=True):
+        assert resumed.keys() == uninterrupted.keys()
+        for column, cell in resumed.items():
+            assert (cell == "") == (uninterrupted[column] == ""), (resumed["step"], column)
+            if cell:
+                assert float(cell) == pytest.approx(float(uninterrupted[column]), rel=1e-4)
+
+
+def step_figures(events: list[dict[str, Any]]) -> dict[tuple[int, str], float]:
+    """Every number of every logged step and evaluation, by (step, name); not times."""
+    untimed = {"at", "seq", "estimated_finish"}
+    return {
+        (e["step"], k): v
+        for e in events
+        if e["type"] == "log" and "step" in e
+        for k, v in e.items()
+        if isinstance(v, float) and k not in untimed
+    }
 
 
 async def test_silent_trainers_fail_the_job_after_max_attempts(
