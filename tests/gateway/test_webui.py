@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 from playwright.async_api import Browser, FilePayload, Page, expect
 
 from support.browser import Tab
-from support.island import Island, colour_rows, training_island
+from support.island import Island, colour_rows, pair_rows, training_island
 from support.overlay import eventually
 
 
@@ -319,6 +320,50 @@ async def test_datasets_training_charts_and_chat_with_the_result(
     await expect(results.nth(1).locator("td").nth(4)).to_have_text(re.compile(r"^-?\d+\.\d{3}$"))
     await expect(page.locator("#eval-examples .example")).to_have_count(3)
     await expect(page.locator("#eval-table tbody tr")).to_have_count(1)
+    await tab.close()
+
+
+@pytest.mark.timeout(300)
+async def test_a_preference_job_from_the_form_shows_its_reward_figures(
+    make_agent, browser: Browser, tmp_path: Path
+) -> None:
+    """Method "Preference (DPO)" in the form: the job trains on preference rows with the beta
+    given, and its charts and statistics are the pairs' (preference accuracy, reward margin),
+    training and validation."""
+    isl = await training_island(make_agent, tmp_path)
+    key = isl.key("alice")
+    rows = "".join(json.dumps(r) + "\n" for r in pair_rows(range(24))).encode()
+    async with openai.AsyncOpenAI(base_url=f"{isl.url}/v1", api_key=key) as client:
+        await client.files.create(file=("pairs.jsonl", rows), purpose="fine-tune")
+    tab = await Tab.open(browser, isl.url)
+    page = tab.page
+    await tab.login(key)
+    await page.click("nav a[data-tab=jobs]")
+    await expect(page.locator("#job-dataset option")).to_have_count(1)
+    await page.select_option("#job-model", "tiny-llama")
+    await expect(page.locator("#job-beta")).to_be_hidden()  # a supervised job has none
+    await page.select_option("#job-method", "dpo")
+    await page.fill("#job-beta", "0.2")
+    await page.fill("#job-epochs", "3")
+    await page.fill("#job-batch", "6")
+    await page.fill("#job-validation", "0.25")
+    await page.fill("#job-rank", "4")
+    await page.fill("#job-logging", "1")
+    await page.click("#job-form button")
+    detail = page.locator("#job-detail")
+    await expect(detail).to_have_attribute("data-status", "succeeded", timeout=240_000)
+    await expect(page.locator("#chart-accuracy h3")).to_have_text("Preference accuracy")
+    await expect(page.locator("#chart-accuracy .legend")).to_contain_text("validation")
+    assert int(await page.get_attribute("#chart-accuracy", "data-points") or 0) >= 9  # 3 x 3 + 3
+    stats = page.locator("#job-stats")
+    await expect(stats.locator("dd[data-stat=beta]")).to_have_text("0.2")
+    for figure in ("full_valid_rewards/accuracies", "full_valid_rewards/margins"):
+        await expect(stats.locator(f"dd[data-stat='{figure}']")).to_have_text(re.compile(r"\d"))
+    async with openai.AsyncOpenAI(base_url=f"{isl.url}/v1", api_key=key) as client:
+        (job,) = (await client.fine_tuning.jobs.list()).data
+    assert job.method is not None and job.method.type == "dpo"
+    assert job.method.dpo is not None and job.method.dpo.hyperparameters is not None
+    assert job.method.dpo.hyperparameters.beta == 0.2
     await tab.close()
 
 

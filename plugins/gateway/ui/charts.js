@@ -14,7 +14,7 @@ export class LineChart {
     this.format = format;
     container.replaceChildren();
     container.classList.add("chart");
-    const heading = document.createElement("h3");
+    const heading = (this.heading = document.createElement("h3"));
     heading.textContent = title;
     this.svg = document.createElementNS(SVG, "svg");
     this.svg.setAttribute("viewBox", `0 0 ${WIDTH} ${HEIGHT}`);
@@ -25,6 +25,12 @@ export class LineChart {
     container.append(heading, this.svg, this.legend);
     this.root = container;
     this.draw();
+  }
+
+  // A new title (the same chart showing another figure).
+  retitle(title) {
+    this.heading.textContent = title;
+    this.svg.setAttribute("aria-label", title);
   }
 
   // Replaces a series' points (e.g. a job's whole loss curve).

@@ -1,7 +1,9 @@
-// Fine-tuning jobs through OpenAI's /v1/fine_tuning API: a form to start one (a field left empty
-// is "auto"), the jobs in tables by state, and the selected job's loss / token accuracy (training
-// and validation) / learning-rate / epoch charts, refreshed while it trains, what "auto" resolved
-// to, its final statistics, and a way to chat with the adapter it made or any kept checkpoint.
+// Fine-tuning jobs through OpenAI's /v1/fine_tuning API: a form to start one (supervised or
+// preference (DPO); a field left empty is "auto"), the jobs in tables by state, and the selected
+// job's loss / accuracy (token accuracy, or a DPO job's share of pairs whose preferred reply
+// gains more reward; training and validation) / learning-rate / epoch charts, refreshed while it
+// trains, what "auto" resolved to, its final statistics, and a way to chat with the adapter it
+// made or any kept checkpoint.
 import { LineChart, formatNumber } from "./charts.js";
 import { cell, formatTime } from "./format.js";
 import { PollingTab, datasetOptions } from "./tab.js";
@@ -25,6 +27,8 @@ const STATS = {
   train_loss: "Final training loss",
   full_valid_loss: "Validation loss",
   full_valid_mean_token_accuracy: "Validation token accuracy",
+  "full_valid_rewards/accuracies": "Validation preference accuracy",
+  "full_valid_rewards/margins": "Validation reward margin",
   trained_tokens: "Trained tokens",
   train_runtime: "Training time (s)",
   train_samples_per_second: "Samples / s",
@@ -50,6 +54,7 @@ export class Jobs extends PollingTab {
       e.preventDefault();
       this.create();
     };
+    $("job-method").onchange = () => ($("job-beta-field").hidden = $("job-method").value !== "dpo");
     $("job-chat").onclick = () => this.selected && this.chatWith(this.selected.fine_tuned_model);
     $("job-cancel").onclick = () => this.cancel();
     $("job-download").onclick = () => this.download();
@@ -76,14 +81,17 @@ export class Jobs extends PollingTab {
   async create() {
     $("job-error").textContent = "";
     const given = (id) => ($(id).value === "" ? "auto" : Number($(id).value));
+    const type = $("job-method").value;
+    const hyperparameters = {
+      n_epochs: given("job-epochs"),
+      batch_size: given("job-batch"),
+      learning_rate_multiplier: given("job-lr"),
+    };
+    if (type === "dpo") hyperparameters.beta = given("job-beta");
     const body = {
       model: $("job-model").value,
       training_file: $("job-dataset").value,
-      hyperparameters: {
-        n_epochs: given("job-epochs"),
-        batch_size: given("job-batch"),
-        learning_rate_multiplier: given("job-lr"),
-      },
+      method: { type, [type]: { hyperparameters } },
       options: {
         lora_rank: Number($("job-rank").value),
         logging_steps: Number($("job-logging").value),
@@ -196,8 +204,11 @@ export class Jobs extends PollingTab {
       logs.filter((e) => Number.isFinite(e.data[key])).map((e) => [e.data.step, e.data[key]]);
     this.charts.loss.set("training", series("train_loss"));
     this.charts.loss.set("validation", series("valid_loss"));
-    this.charts.accuracy.set("training", series("train_mean_token_accuracy"));
-    this.charts.accuracy.set("validation", series("valid_mean_token_accuracy"));
+    const dpo = job.method?.type === "dpo";
+    this.charts.accuracy.retitle(dpo ? "Preference accuracy" : "Token accuracy");
+    const accuracy = dpo ? "rewards/accuracies" : "mean_token_accuracy";
+    this.charts.accuracy.set("training", series(dpo ? accuracy : `train_${accuracy}`));
+    this.charts.accuracy.set("validation", series(`valid_${accuracy}`));
     this.charts.lr.set("learning rate", series("learning_rate"));
     this.charts.epoch.set("epoch", series("epoch"));
     for (const chart of Object.values(this.charts)) chart.draw();
@@ -214,6 +225,7 @@ export class Jobs extends PollingTab {
     for (const [key, label] of Object.entries(HYPERPARAMETERS)) {
       show(key, label, job.hyperparameters[key]);
     }
+    if (dpo) show("beta", "DPO beta", job.method.dpo.hyperparameters.beta);
     for (const [key, label] of Object.entries(STATS)) {
       if (key in job.metrics) show(key, label, job.metrics[key]);
     }
