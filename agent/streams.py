@@ -320,8 +320,8 @@ class StreamMux:
             return
         stream = self.streams.get(("out" if msg.get("a") else "in", src, sid))
         if stream is None:
-            why = StreamReset(f"{dst} has no stream {sid} from {src}: its agent restarted or ended it")
-            answer = unknown_stream_answer(msg, why.to_wire())
+            why = f"{dst} has no stream {sid} from {src}: its agent restarted or ended it"
+            answer = unknown_stream_answer(msg, StreamReset(why).to_wire())
             if answer is not None:
                 with contextlib.suppress(ConnectionLost):
                     self.send(peer, dst, src, answer)

