@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import sqlite3
+import time
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ from atoll.plugins.storage.contract.adapters import (
     list_adapters,
     upload_adapter,
 )
+from atoll.plugins.storage.partials import KEEP_S, forget_stale
 from atoll.plugins.storage.plugin import StoragePlugin
 from atoll.protocol.frames import Frame, FrameType
 from atoll.protocol.session import Publication
@@ -592,6 +594,20 @@ async def test_a_cut_multi_file_upload_sends_only_what_storage_lacks(
     dest = await fetch_adapter(trainer, "store", "big", tmp_path / "back")
     assert same_files(src, dest, sorted(sizes))
     assert len(list(plugin.partials.root.iterdir())) == 1  # trainer2's partial; trainer's used up
+
+
+def test_partial_uploads_nobody_came_back_for_are_removed(tmp_path) -> None:
+    """A partial upload untouched for ``KEEP_S`` goes at the next upload's sweep; one written
+    to since (any of its files) stays."""
+    stale, fresh = tmp_path / "stale", tmp_path / "fresh"
+    for folder in (stale, fresh):
+        (folder / STAGING).mkdir(parents=True)
+        (folder / STAGING / "x.part").write_bytes(b"held")
+    old = time.time() - KEEP_S - 60
+    for path in (stale / STAGING / "x.part", stale / STAGING, stale, fresh):
+        os.utime(path, (old, old))  # fresh: only its part file was written lately
+    forget_stale(tmp_path, time.time() - KEEP_S)
+    assert visible(tmp_path) == ["fresh"]
 
 
 async def test_storage_agent_dies_mid_fetch_then_returns(
