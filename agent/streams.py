@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -26,7 +27,14 @@ from atoll.logs import EventLogger
 from atoll.protocol.errors import ProtocolError
 from atoll.protocol.grants import call_refusal
 from atoll.protocol.session import CallInfo, Peer
-from atoll.protocol.streams import CHUNK, RETRANSMIT_AFTER, WINDOW, Change, StreamWindows
+from atoll.protocol.streams import (
+    CHUNK,
+    RETRANSMIT_AFTER,
+    WINDOW,
+    Change,
+    StreamWindows,
+    unknown_stream_answer,
+)
 from atoll.protocol.subjects import peer_name, split_remote
 from atoll.protocol.trust import now_ms
 from atoll.tenancy.permissions import may_call, refusal
@@ -227,7 +235,9 @@ class StreamMux:
         self.streams: dict[tuple[str, str, int], Stream] = {}
         self.services: dict[tuple[str, str], tuple[StreamHandler, tuple[str, ...]]] = {}
         self.opening: dict[int, Stream] = {}  # by the message id of their open
-        self._ids = itertools.count(1)
+        # From a random start: a process of the same agent started anew (same name and key)
+        # numbers its streams apart from the old one's, which the far side may still hold.
+        self._ids = itertools.count(int.from_bytes(os.urandom(4), "big"))
         self._ticker: asyncio.Task[None] | None = None
 
     def serve(
@@ -309,7 +319,13 @@ class StreamMux:
             self._on_open(src, dst, peer, sid, msg)
             return
         stream = self.streams.get(("out" if msg.get("a") else "in", src, sid))
-        if stream is not None and stream.peer.ident.pub == peer.ident.pub:
+        if stream is None:
+            why = f"{dst} has no stream {sid} from {src}: its agent restarted or ended it"
+            answer = unknown_stream_answer(msg, StreamReset(why).to_wire())
+            if answer is not None:
+                with contextlib.suppress(ConnectionLost):
+                    self.send(peer, dst, src, answer)
+        elif stream.peer.ident.pub == peer.ident.pub:
             stream.on_message(msg)
 
     def _on_open(self, src: str, dst: str, peer: Peer, sid: int, msg: dict[str, Any]) -> None:

@@ -13,6 +13,9 @@ Keepalive: a link pings every ``PEER_PING`` seconds from the moment it is attach
 transport reschedules its next ping when the interval changes), and a neighbour silent for
 twice that is dropped at the next ping; digests every ``refresh`` seconds keep a healthy link
 from ever being silent that long.
+
+A relayed publication this broker refuses (or does not keep) is answered to its publisher over
+the mesh, as a message's NORESP is: rate-limited per publisher (``NOTICE_EVERY``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from typing import TYPE_CHECKING, Any
 
 from atoll.broker.mesh import LinkState, SeenIds, Send
@@ -39,6 +43,7 @@ if TYPE_CHECKING:
 
 PEER_PING = 2.0  # seconds: a frozen peer broker is dropped 2-3x this after its last word
 _CACHE_LIMIT = 4096  # verified credentials and permission answers of remote agents
+NOTICE_EVERY = 10.0  # seconds: at most one refusal notice to a remote publisher in each
 ADVERT_DELAY = 0.02  # seconds: coalesces a burst of connects/subscriptions into fewer deltas
 
 
@@ -89,6 +94,7 @@ class PeerMesh:
         self._refused_brokers = 0  # brokers' records not kept (MAX_BROKERS), as last logged
         self._idents: dict[bytes, AgentIdentity] = {}  # remote agents' verified credentials
         self._allowed: dict[tuple[bytes, str, str], bool] = {}
+        self._noticed: dict[tuple[str, str], float] = {}  # (tenant, publisher) -> last notice
         self._tasks: list[asyncio.Task[None]] = []
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -381,6 +387,26 @@ class PeerMesh:
             hit = self._allowed[key] = permissions.allowed(ident.roles, agent, kind, subject)
         return hit
 
+    def _tell_publisher(
+        self, tenant: str, publisher: str, msg_id: int, subject: str, what: str
+    ) -> None:
+        """A relayed publication this broker refused or did not keep: tell its publisher, as
+        its own broker tells it of a refusal there, over the mesh. At most one notice to a
+        publisher each ``NOTICE_EVERY`` from this broker: one refused at every broker of a large
+        mesh, or publishing on many refused subjects, draws no flood back."""
+        key = (tenant, publisher)
+        now = time.monotonic()
+        if now - self._noticed.get(key, -NOTICE_EVERY) < NOTICE_EVERY:
+            return
+        if len(self._noticed) >= _CACHE_LIMIT:
+            self._noticed.clear()
+        self._noticed[key] = now
+        reason = f"broker {self.me} {what}"
+        header = {"code": "forbidden", "reason": reason, "id": msg_id, "subj": subject}
+        notice = encode_frame(FrameType.ERROR, header)
+        if not self.server.router.deliver_msg(tenant, publisher, notice):
+            self.forward_msg(tenant, publisher, notice, {"id": msg_id, "to": publisher})
+
     def _relay(self, link: PeerLink, f: Frame) -> None:
         h = f.header
         tenant, origin, ttl = h["tenant"], h["origin"], h["ttl"] - 1
@@ -403,14 +429,21 @@ class PeerMesh:
             publisher, _ = split_address(src)
             if not self._may(tenant, publisher, "publish", subject):
                 self.log.warning("mesh.pub_refused", peer=link.name, agent=publisher, subj=subject)
+                what = f"refused a publication on {subject!r}: {publisher!r} may not publish there"
+                self._tell_publisher(tenant, publisher, msg_id, subject, what)
                 return
             keep = None
-            if (
-                h.get("keep")
-                and self._may(tenant, publisher, "keep", subject)
-                and router.kept_room(tenant, publisher, subject, len(f.payload)) is None
-            ):
-                keep = publisher
+            if h.get("keep"):
+                why = (
+                    router.kept_room(tenant, publisher, subject, len(f.payload))
+                    if self._may(tenant, publisher, "keep", subject)
+                    else f"{publisher!r} may not keep it"
+                )
+                if why is None:
+                    keep = publisher
+                else:  # delivered all the same, as a plain publication
+                    what = f"did not keep {subject!r}: {why}"
+                    self._tell_publisher(tenant, publisher, msg_id, subject, what)
             router.deliver_pub(tenant, subject, f.payload, keep)
             if ttl > 0:
                 self.forward_pub(tenant, subject, f.payload, h, ttl, origin)

@@ -22,7 +22,9 @@ A stream whose other side says nothing for ``PROBE_AFTER`` sends a report asking
 a message for an agent it no longer has with NORESP (``undelivered``); a far side that stays
 unreachable for ``UNREACHABLE_AFTER`` (longer than an agent takes to fail over to another
 broker) is ``gone``, and the stream fails instead of waiting forever on a writer or reader that
-will never come back.
+will never come back. A far agent that restarted under its name before its broker noticed gets
+the probe in a process that never had the stream: it answers with a reset
+(``unknown_stream_answer``), and the stream fails at once.
 
 ``StreamWindows`` queues the messages it calls for in ``outbox``; ``report_due`` asks for a
 report, which the caller sends (``take_report``) once per turn of its event loop however often
@@ -56,6 +58,21 @@ class Change(enum.IntFlag):
     ACCEPTED = 4  # the other side accepted the stream (``window_out`` is set)
     RESET = 8  # the other side reset the stream: its message's ``e`` says why
     FINISHED = 16  # both directions ended and everything was consumed
+
+
+def unknown_stream_answer(msg: Body, error: Any) -> Body | None:
+    """The answer to a message for a stream this side does not have (``error`` in wire form):
+    a reset when the other side asks for an answer (a probe: it has heard nothing for
+    ``PROBE_AFTER``), since this side is a new process of the agent, which never had the stream,
+    or forgot it; None for anything else (a late report or a copy after a stream ended needs
+    none, and a reset answered with a reset would bounce)."""
+    sid = msg.get("s")
+    if msg.get("k") != "sa" or msg.get("q") is not True or type(sid) is not int:
+        return None
+    answer: Body = {"k": "sr", "s": sid, "e": error}
+    if not msg.get("a"):  # the opener asked: this side answers as the accepting one
+        answer["a"] = 1
+    return answer
 
 
 class StreamWindows:

@@ -1,16 +1,14 @@
-"""An adapter upload's files on the storage agent: what a cut upload already holds (to resume
-from), partial uploads nobody came back for, where each file is kept, and what the adapter is
-(read from its files before anything is kept)."""
+"""An adapter upload's files on the storage agent: where each file is kept, and what the adapter
+is (read from its files before anything is kept)."""
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from atoll.agent.transfer import resume_offset, sha256_file
+from atoll.agent.transfer import sha256_file
 from atoll.plugins.storage.contract.adapters import (
     COLLECTION_MANIFEST,
     COLLECTION_TENSORS,
@@ -19,23 +17,6 @@ from atoll.plugins.storage.contract.adapters import (
     InvalidAdapter,
     unservable,
 )
-
-
-def held(dest: Path, size: int, sha256: str) -> int:
-    """How much of an upload's file is already here: all of it when a previous attempt
-    committed it whole, else what its staged part holds (``resume_offset``)."""
-    whole = dest.is_file() and not dest.is_symlink() and dest.stat().st_size == size
-    if whole and sha256_file(dest).hexdigest() == sha256:
-        return size
-    return resume_offset(dest, size, sha256)
-
-
-def forget_stale(root: Path, before: float) -> None:
-    """Remove partial adapter uploads nobody added to since ``before``."""
-    for folder in root.iterdir():
-        touched = max((p.lstat().st_mtime for p in folder.rglob("*")), default=0.0)
-        if max(touched, folder.lstat().st_mtime) < before:
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 def adapter_key(adapter_id: str, name: str) -> str:

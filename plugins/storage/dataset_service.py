@@ -6,10 +6,8 @@ A dataset is kept as two objects, ``datasets/<id>/original`` (the bytes as uploa
 ``datasets/<id>/canonical.jsonl`` (its checked, de-duplicated rows: chat for sft, text for pt),
 and one registry row. Nothing is kept until every row has passed; nothing is ever rewritten.
 
-Uploads resume: the bytes received are kept (staged, never visible) under a key of who uploads
-what (caller, owner, project, size, sha256), and the receiver's first line tells the uploader the
-offset to go on from, so an upload cut by a broken link or a storage restart sends only the rest
-when it is tried again. Partial uploads nobody came back for are removed after ``RESUME_KEEP_S``.
+Uploads resume (``partials.py``): the bytes received are kept under a key of who uploads what
+(caller, owner, project, sha256), so a cut upload sends only the rest when tried again.
 """
 
 from __future__ import annotations
@@ -29,14 +27,10 @@ from atoll.agent.plugins import PluginContext
 from atoll.agent.streams import Stream
 from atoll.agent.transfer import (
     IDLE_TIMEOUT,
-    STAGING,
     Reader,
-    commit_staged,
     confirmed,
     file_chunks,
     idle_deadline,
-    receive_staged,
-    resume_offset,
     send_bytes,
     write_line,
 )
@@ -57,8 +51,10 @@ from atoll.plugins.storage.contract.datasets import (
     Kind,
     check_filename,
 )
+from atoll.plugins.storage.contract.wire import FileEntry
 from atoll.plugins.storage.datasets import DatasetLimits, Prepared, convert_line, prepare
 from atoll.plugins.storage.documents import prepare_document
+from atoll.plugins.storage.partials import PartialUploads
 from atoll.plugins.storage.registry import DatasetRegistry
 from atoll.plugins.storage.results import prepare_results
 from atoll.plugins.storage.store import ObjectNotFound, ObjectStore
@@ -67,7 +63,6 @@ from atoll.tenancy.permissions import CLIENTS
 
 ORIGINAL = "original"
 CANONICAL = "canonical.jsonl"
-RESUME_KEEP_S = 24 * 3600.0  # a partial upload nobody resumed within this is removed
 
 
 def dataset_key(dataset_id: str, name: str) -> str:
@@ -108,14 +103,14 @@ class DatasetService:
         registry: DatasetRegistry,
         limits: DatasetLimits,
         incoming: Path,
-        resumable: Path,
+        partials: PartialUploads,
     ) -> None:
         self.ctx = ctx
         self.store = store
         self.registry = registry
         self.limits = limits
         self.incoming = incoming  # uploads being checked, conversions being sent
-        self.resumable = resumable  # uploads being received (kept across restarts)
+        self.partials = partials  # uploads being received (kept across restarts)
         self.stored = ctx.metrics.gauge("datasets_stored", "Datasets in the registry")
         self.stored_bytes = ctx.metrics.gauge("dataset_bytes_stored", "Uploaded dataset bytes")
         self.served = ctx.metrics.counter("dataset_served_bytes", "Dataset bytes sent")
@@ -168,16 +163,13 @@ class DatasetService:
                     f"{header.filename} is {header.size} bytes; this store takes datasets of at "
                     f"most {self.limits.max_bytes}"
                 )
-            who = "\0".join((call.caller.name, header.owner, header.project or "", header.sha256))
-            partial = self.resumable / hashlib.sha256(who.encode()).hexdigest()[:32]
-            await asyncio.to_thread(_forget_stale, self.resumable, time.time() - RESUME_KEEP_S)
-            offset = await asyncio.to_thread(resume_offset, partial, header.size, header.sha256)
-            await write_line(stream, {"offsets": [offset]}, IDLE_TIMEOUT)
-            digest = await receive_staged(reader, partial, header.size, offset)
-            await asyncio.to_thread(commit_staged, partial, digest, header.sha256)
+            who = (call.caller.name, header.owner, header.project or "", header.sha256)
+            original = FileEntry(name=ORIGINAL, size=header.size, sha256=header.sha256)
+            partial, offset = await self.partials.receive(stream, reader, who, [original])
             stage = Path(tempfile.mkdtemp(dir=self.incoming))
             try:
-                partial.replace(stage / ORIGINAL)
+                (partial / ORIGINAL).replace(stage / ORIGINAL)
+                await self.partials.drop(partial)  # received whole: nothing left to resume
                 prepared = await asyncio.to_thread(
                     _prepare_file, stage / ORIGINAL, header, self.limits
                 )
@@ -296,13 +288,3 @@ class DatasetService:
         finally:
             await asyncio.to_thread(shutil.rmtree, stage, True)
         return size
-
-
-def _forget_stale(resumable: Path, before: float) -> None:
-    """Remove partial uploads (and their metadata) last written before ``before``."""
-    for path in (resumable / STAGING).glob("*"):
-        try:
-            if path.lstat().st_mtime < before:
-                path.unlink()
-        except OSError:  # gone meanwhile (another upload's sweep)
-            continue

@@ -10,7 +10,6 @@ Every object is sealed at rest (sealed_store.py) unless ``encrypt`` is off.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import shutil
 import time
 from pathlib import Path
@@ -26,20 +25,12 @@ from atoll.agent.streams import Stream
 from atoll.agent.transfer import (
     IDLE_TIMEOUT,
     Reader,
-    commit_staged,
     confirmed,
     idle_deadline,
-    receive_staged,
     send_bytes,
     write_line,
 )
-from atoll.plugins.storage.adapter_files import (
-    adapter_key,
-    forget_stale,
-    held,
-    inspect_adapter,
-    inspect_collection,
-)
+from atoll.plugins.storage.adapter_files import adapter_key, inspect_adapter, inspect_collection
 from atoll.plugins.storage.contract.adapters import (
     ADAPTERS_DELETED,
     ADAPTERS_NEW,
@@ -69,9 +60,10 @@ from atoll.plugins.storage.contract.datasets import (
 )
 from atoll.plugins.storage.contract.resume import RESUME_DROP, RESUME_GET, RESUME_PUT
 from atoll.plugins.storage.contract.wire import ROTATE_KEYS
-from atoll.plugins.storage.dataset_service import RESUME_KEEP_S, DatasetService
+from atoll.plugins.storage.dataset_service import DatasetService
 from atoll.plugins.storage.datasets import DatasetLimits
 from atoll.plugins.storage.keyring import KEYRING_FILE, Keyring
+from atoll.plugins.storage.partials import PartialUploads
 from atoll.plugins.storage.registry import AdapterRegistry, DatasetRegistry, open_registry
 from atoll.plugins.storage.resume import ResumeStates
 from atoll.plugins.storage.s3 import S3Config, S3Store
@@ -159,14 +151,13 @@ class StoragePlugin(VectorRPC, Plugin):
             self.dataset_registry,
             DatasetLimits(**config.datasets.model_dump()),
             self.incoming,
-            ctx.data_dir / "resumable",
+            PartialUploads(ctx.data_dir / "resumable" / "datasets"),
         )
         self.resume = ResumeStates(ctx, self.store, self.incoming, config.max_resume_bytes)
         self.vectors = VectorIndex(self.store)
         await self.vectors.load()
         self.uploading: set[str] = set()
-        self.resumable = ctx.data_dir / "resumable" / "adapters"  # partial uploads (_put)
-        self.resumable.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.partials = PartialUploads(ctx.data_dir / "resumable" / "adapters")  # see _put
         self.adapters = ctx.metrics.gauge("adapters_stored", "Adapters in the registry")
         self.adapter_bytes = ctx.metrics.gauge("adapter_bytes_stored", "Bytes of stored adapters")
         self.served = ctx.metrics.counter("adapter_served_bytes", "Adapter bytes sent to fetchers")
@@ -295,30 +286,14 @@ class StoragePlugin(VectorRPC, Plugin):
             raw = await reader.line()
             header = parse(TransferHeader, raw, "adapter upload header")
             self._check_upload(header)
-            # Kept between attempts under a key of who uploads what, so a cut upload sends only
-            # the rest when tried again (and another uploader's partial is never used).
-            who = "\0".join(
-                [call.caller.name, header.id, header.owner or "", header.project or ""]
-                + [f"{f.name}:{f.sha256}" for f in header.files]
-            )
-            stage = self.resumable / hashlib.sha256(who.encode()).hexdigest()[:32]
-            await asyncio.to_thread(forget_stale, self.resumable, time.time() - RESUME_KEEP_S)
-            stage.mkdir(mode=0o700, exist_ok=True)
-            offsets = [
-                await asyncio.to_thread(held, stage / f.name, f.size, f.sha256)
-                for f in header.files
-            ]
-            await write_line(stream, {"offsets": offsets}, IDLE_TIMEOUT)
             self.uploading.add(header.id)
             try:
-                for entry, offset in zip(header.files, offsets, strict=True):
-                    if offset == entry.size and (stage / entry.name).is_file():
-                        continue  # received whole in an earlier attempt
-                    digest = await receive_staged(reader, stage / entry.name, entry.size, offset)
-                    await asyncio.to_thread(commit_staged, stage / entry.name, digest, entry.sha256)
+                who = [call.caller.name, header.id, header.owner or "", header.project or ""]
+                who += [f"{f.name}:{f.sha256}" for f in header.files]
+                stage, resumed = await self.partials.receive(stream, reader, who, header.files)
             except BaseException:
                 self.uploading.discard(header.id)
-                raise  # what arrived stays staged for the next attempt
+                raise  # what arrived stays for the next attempt
             try:
                 meta = header.meta
                 if is_collection(header.id):  # its members as its manifest says, not the uploader
@@ -346,8 +321,8 @@ class StoragePlugin(VectorRPC, Plugin):
                 await self._keep(record, stage)
             finally:  # kept or refused: nothing left to resume
                 self.uploading.discard(header.id)
-                await asyncio.to_thread(shutil.rmtree, stage, True)
-            self.received.inc(header.size - sum(offsets))
+                await self.partials.drop(stage)
+            self.received.inc(header.size - resumed)
             self.ctx.log.info(
                 "storage.adapter_stored",
                 adapter=header.id,

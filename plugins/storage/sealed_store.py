@@ -96,7 +96,8 @@ class SealedStore(ObjectStore):
                 row is not None and sealed and _object_id(head) in (row[0], None)
             ):
                 break  # (a header cut short is the Opener's to refuse)
-            await chunks.aclose()
+            if isinstance(chunks, AsyncGenerator):  # every store's read is one: release its file
+                await chunks.aclose()
             if not tries_left:
                 raise ObjectDamaged(f"stored object {key!r} {_mismatch(row is None, sealed)}")
             await asyncio.sleep(RACE_PAUSE)

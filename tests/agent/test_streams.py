@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+from pathlib import Path
 
 import pytest
 
 from atoll.agent.errors import ConnectionLost, NoResponder, NoSuchMethod
+from atoll.agent.runtime import AgentRuntime
 from atoll.agent.streams import Stream, StreamReset
+from atoll.broker.server import BrokerServer
 from atoll.protocol import streams as protocol_streams
 from atoll.protocol.frames import Frame, FrameType
 from atoll.protocol.streams import CHUNK
@@ -165,3 +168,79 @@ async def test_a_stream_whose_far_agent_dies_fails_soon(quick_probes, broker, ma
         with pytest.raises(NoResponder, match="beta/test is gone"):
             await asyncio.wait_for(task, 10)
     assert not a.agent.streams.streams  # forgotten
+
+
+@pytest.fixture
+def probes_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Quick probes, and a broker's NORESP never enough to give a far side up: whatever fails a
+    stream here is the far side's own answer."""
+    monkeypatch.setattr(protocol_streams, "PROBE_AFTER", 0.3)
+    monkeypatch.setattr(protocol_streams, "UNREACHABLE_AFTER", 600.0)
+
+
+async def restart(rt: AgentRuntime, broker: BrokerServer, data_dir: Path) -> AgentRuntime:
+    """The agent's process dies (no goodbye, no reset) and a new one comes up at once under the
+    same name and keys, knowing none of the old one's streams."""
+    await rt.agent.link.stop()
+    return await AgentRuntime.start(data_dir, [broker.url], keys=rt.agent.keys)
+
+
+async def test_a_far_agent_restarted_under_its_name_fails_the_stream_at_once(
+    probes_only, broker, make_agent, tmp_path
+) -> None:
+    """The far agent restarts before anything tells its broker it was gone: the probes of a
+    blocked writer and of a waiting reader reach the new process, which answers that it has no
+    such stream, and both fail at once with that reason instead of waiting forever."""
+    a = await make_agent("alpha")
+    b = await make_agent("beta")
+
+    async def park(stream: Stream, params, call) -> None:
+        await asyncio.sleep(30)  # never reads nor writes
+
+    b.agent.streams.serve("test", "park", park, ANY)
+    stuck = await a.agent.streams.open("beta/test", "park", window=CHUNK)
+    writing = asyncio.create_task(stuck.write(os.urandom(8 * CHUNK)))
+    waiting = await a.agent.streams.open("beta/test", "park")
+    reading = asyncio.create_task(waiting.read())
+    await asyncio.sleep(0.2)
+    again = await restart(b, broker, tmp_path / "beta-again")
+    why = r"beta/test has no stream \d+ from alpha: its agent restarted"
+    try:
+        for task in (writing, reading):
+            with pytest.raises(StreamReset, match=why):
+                await asyncio.wait_for(task, 10)
+        assert not a.agent.streams.streams
+    finally:
+        await again.stop()
+
+
+async def test_an_opener_restarted_under_its_name_is_served_afresh(
+    probes_only, broker, make_agent, tmp_path
+) -> None:
+    """The opening agent restarts mid-stream: the far side's handler learns from its own probe
+    that the stream is gone, and the new process's streams (numbered apart from the old one's)
+    are served as new ones."""
+    a = await make_agent("alpha")
+    b = await make_agent("beta")
+    ended: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+
+    async def wait(stream: Stream, params, call) -> None:
+        try:
+            await stream.read()
+        except StreamReset as exc:
+            ended.set_result(exc)
+            raise
+
+    b.agent.streams.serve("test", "wait", wait, ANY)
+    b.agent.streams.serve("test", "echo", echo, ANY)
+    await a.agent.streams.open("beta/test", "wait")
+    again = await restart(a, broker, tmp_path / "alpha-again")
+    try:
+        s = await again.agent.streams.open("beta/test", "echo")
+        await s.write(b"hello")
+        await s.write_eof()
+        assert await asyncio.wait_for(s.read_exactly(5), 10) == b"hello"
+        error = await asyncio.wait_for(ended, 10)
+        assert "alpha has no stream" in str(error)
+    finally:
+        await again.stop()

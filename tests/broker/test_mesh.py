@@ -4,6 +4,7 @@ and revocations that reach every broker."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from atoll.agent.errors import NoResponder
 from atoll.agent.identity import AgentKeys
 from atoll.agent.node import Agent
 from atoll.agent.runtime import AgentRuntime
+from atoll.broker import peering
 from atoll.broker.identity import issue_broker_dir
 from atoll.broker.server import BrokerServer
 from atoll.protocol.session import Publication
@@ -209,3 +211,61 @@ async def test_enrollment_token_is_one_time_across_the_mesh(operator, triangle) 
         await second.start(5)
     await second.stop()
     await first.stop()
+
+
+async def test_a_remote_brokers_refusal_reaches_the_publisher_once(
+    operator, tmp_path, monkeypatch
+) -> None:
+    """A broker two hops away that does not keep a publication (its kept budget is full) or
+    refuses it (its view of the publisher's permissions differs) tells the publisher why, over
+    the mesh, as the publisher's own broker would; a burst of such publications draws one
+    notice, not one each."""
+    monkeypatch.setattr(peering, "NOTICE_EVERY", 2.0)
+    b1 = await start_broker(operator, tmp_path, "r1", [])
+    b2 = await start_broker(operator, tmp_path, "r2", [b1.url])
+    b3 = await start_broker(operator, tmp_path, "r3", [b2.url])
+    brokers = [b1, b2, b3]
+    try:
+        await converged(brokers)
+        pub = await agent(operator, "pub", [b1.url])
+        sub = await agent(operator, "sub", [b3.url])
+        notices: list[str] = []
+
+        def note(record: logging.LogRecord) -> bool:
+            if "broker_error" in record.getMessage():
+                notices.append(record.getMessage())
+            return True
+
+        pub.log.logger.addFilter(note)
+        got: list[object] = []  # the test's publications (not the agents' own announcements)
+
+        def heard(p: Publication) -> None:
+            if isinstance(p.data, int):
+                got.append(p.data)
+
+        await sub.subscribe("discovery.announce.pub", heard)
+        await sub.subscribe("app.state.*", heard)
+        await eventually(lambda: b1.mesh.state.interested("acme", "app.state.y") == {"r3"})
+        await eventually(lambda: b3.mesh.state.locate("acme", "pub") == "r1")
+
+        full = "tenant 'acme' would keep over 0 bytes"
+        monkeypatch.setattr(b3.router, "kept_room", lambda *args: full)
+        for i in range(20):
+            await pub.publish("discovery.announce.pub", i, keep=True)
+        await eventually(lambda: len(got) == 20)  # delivered all the same
+        await eventually(lambda: len(notices) == 1)
+        assert f"broker r3 did not keep 'discovery.announce.pub': {full}" in notices[0]
+
+        await asyncio.sleep(2.0)  # the next notice is due
+        monkeypatch.setattr(b3.mesh, "_may", lambda *args: args[3] != "app.state.y")
+        for i in range(20):
+            await pub.publish("app.state.y", i)
+        await eventually(lambda: len(notices) == 2)
+        assert "broker r3 refused a publication on 'app.state.y'" in notices[1]
+        await asyncio.sleep(0.3)  # any further notice would have arrived by now
+        assert len(notices) == 2 and len(got) == 20
+        await pub.stop()
+        await sub.stop()
+    finally:
+        for b in brokers:
+            await b.stop()

@@ -15,6 +15,7 @@ from atoll.protocol.streams import (
     UNREACHABLE_AFTER,
     Change,
     StreamWindows,
+    unknown_stream_answer,
 )
 
 
@@ -170,3 +171,26 @@ def test_a_side_its_broker_no_longer_has_is_gone_after_a_grace() -> None:
     acceptor.tick(PROBE_AFTER)  # it failed over and speaks again
     opener.receive(acceptor.take()[0], 16.0)
     assert not opener.gone(100.0)
+
+
+def test_a_probe_of_a_stream_the_far_process_never_had_is_answered_with_a_reset() -> None:
+    """The far agent restarted under its name before its broker noticed: the probe reaches a
+    new process without the stream, whose reset fails the stream at once; nothing else sent
+    to an unknown stream is answered (late reports, copies, resets: no bouncing)."""
+    why = ["StreamReset", "beta has no stream 1: its agent restarted or ended it", None]
+    for prober in pair():
+        prober.tick(PROBE_AFTER)
+        [probe] = prober.take()
+        answer = unknown_stream_answer(probe, why)
+        # Marked as from the side the prober is not, so its agent finds the stream.
+        assert answer == {"k": "sr", "s": 1, "e": why} | ({} if probe.get("a") else {"a": 1})
+        assert prober.receive(answer, PROBE_AFTER) == Change.RESET
+    opener, acceptor = pair()
+    opener.write(b"late")
+    opener.end()
+    sent = opener.take()
+    for body in sent:
+        acceptor.receive(body, 0.0)
+    assert acceptor.take_chunk(-1) == b"late"
+    quiet = [*sent, report(acceptor), {"k": "sr", "s": 1, "e": why}, {"k": "sa", "q": True}]
+    assert [unknown_stream_answer(m, why) for m in quiet] == [None] * len(quiet)

@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import re
 import shutil
 import sqlite3
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +20,10 @@ from pydantic import ValidationError
 from safetensors.numpy import save_file
 
 from atoll.agent.errors import ConnectionLost, DeadlineExceeded, Forbidden, InvalidRequest
+from atoll.agent.node import Agent
 from atoll.agent.runtime import AgentRuntime
 from atoll.agent.streams import StreamReset
-from atoll.agent.transfer import STAGING, TransferFailed
+from atoll.agent.transfer import READ_SIZE, STAGING, TransferFailed, staging_paths
 from atoll.plugins.storage.contract.adapters import (
     ADAPTERS_NEW,
     GET_SERVICE,
@@ -34,10 +37,13 @@ from atoll.plugins.storage.contract.adapters import (
     list_adapters,
     upload_adapter,
 )
+from atoll.plugins.storage.partials import KEEP_S, forget_stale
 from atoll.plugins.storage.plugin import StoragePlugin
+from atoll.protocol.frames import Frame, FrameType
 from atoll.protocol.session import Publication
+from atoll.protocol.subjects import peer_name
 from support.island import Island, start_storage
-from support.overlay import eventually, refused_put
+from support.overlay import eventually, intercept, refused_put
 
 BASE = "atoll-test/tiny-llama"
 
@@ -493,7 +499,7 @@ async def test_a_cut_upload_resumes_where_it_stopped(tmp_path, make_agent, peft_
             await upload_adapter(agent, "store", src, "big", progress=give_up)
 
     def held() -> int:
-        return sum(p.stat().st_size for p in plugin.resumable.rglob("*.part"))
+        return sum(p.stat().st_size for p in plugin.partials.root.rglob("*.part"))
 
     await cut_at_half(trainer)
     await eventually(lambda: held() > size // 3 and not plugin.uploading)
@@ -512,7 +518,96 @@ async def test_a_cut_upload_resumes_where_it_stopped(tmp_path, make_agent, peft_
     assert record.size_bytes == size
     dest = await fetch_adapter(trainer, "store", "big", tmp_path / "back")
     assert same_files(src, dest, ["adapter_config.json", "adapter_model.safetensors"])
-    assert len(list(plugin.resumable.iterdir())) == 1  # trainer2's partial; trainer's used up
+    assert len(list(plugin.partials.root.iterdir())) == 1  # trainer2's partial; trainer's used up
+
+
+async def test_a_cut_multi_file_upload_sends_only_what_storage_lacks(
+    tmp_path, broker, make_agent, peft_adapter
+) -> None:
+    """An upload of several files whose messages stop reaching storage part-way through one of
+    them (the broker loses them, the uploader gives up) sends, when tried again, only what
+    storage lacks: nothing of the files it received whole, the rest of the one it was cut in;
+    what is stored is the adapter, byte for byte. Another uploader's attempt at the same files
+    starts from nothing: a partial upload is its uploader's."""
+    _, plugin = await start_storage(make_agent)
+    trainer = (await make_agent("trainer", roles=("training",))).agent
+    other = (await make_agent("trainer2", roles=("training",))).agent
+    src = big_adapter(peft_adapter, tmp_path / "src", 16)
+    (src / "tokenizer.json").write_text(json.dumps({"pad": os.urandom(3 * 1024 * 1024).hex()}))
+    sizes = {p.name: p.stat().st_size for p in src.iterdir()}
+    size = sum(sizes.values())
+    whole = sizes["adapter_config.json"] + sizes["adapter_model.safetensors"]  # sent first
+    cut_at = whole + sizes["tokenizer.json"] // 3
+    sent = {"trainer": 0, "trainer2": 0}  # bytes of messages to storage the broker passed
+    cutting = cut = False
+
+    def tap(session, frame: Frame) -> Frame | None:
+        nonlocal cut
+        if frame.type is not FrameType.MSG or frame.header["dst"] != "store/storage":
+            return None
+        if cut:
+            return Frame(frame.type, {**frame.header, "dst": "nobody"}, frame.payload)
+        name = peer_name(frame.header["src"])
+        sent[name] += len(frame.payload)
+        cut = cutting and sent[name] > cut_at
+        return None
+
+    async def cut_upload(agent: Agent) -> list[int]:
+        nonlocal cutting, cut
+        starts: list[int] = []
+        cutting = True
+        upload = asyncio.create_task(
+            upload_adapter(agent, "store", src, "big", progress=lambda done, _: starts.append(done))
+        )
+        await eventually(lambda: cut, 30)
+        await asyncio.sleep(0.2)  # what was in flight is lost too
+        cutting = cut = False
+        upload.cancel()  # its reset reaches storage: the stream there ends
+        with pytest.raises(asyncio.CancelledError):
+            await upload
+        await eventually(lambda: not plugin.uploading)
+        return starts
+
+    undo = intercept(broker, tap)
+    try:
+        await cut_upload(trainer)
+        [folder] = plugin.partials.root.iterdir()
+        assert same_files(src, folder, ["adapter_config.json", "adapter_model.safetensors"])
+        part = staging_paths(folder / "tokenizer.json")[0].stat().st_size
+        assert 0 < part < sizes["tokenizer.json"]
+        assert (await cut_upload(other))[0] <= READ_SIZE  # its own partial, from nothing
+
+        sent["trainer"] = 0
+        starts: list[int] = []
+        record = await upload_adapter(
+            trainer, "store", src, "big", progress=lambda done, _: starts.append(done)
+        )
+    finally:
+        undo()
+    resumed = whole + part
+    assert resumed < starts[0] <= resumed + READ_SIZE  # went on from what storage held
+    missing = size - resumed
+    # Only the rest went (with room for a slow machine's retransmissions), none of the files
+    # storage held whole.
+    assert missing <= sent["trainer"] < missing + whole // 2
+    assert record.size_bytes == size
+    dest = await fetch_adapter(trainer, "store", "big", tmp_path / "back")
+    assert same_files(src, dest, sorted(sizes))
+    assert len(list(plugin.partials.root.iterdir())) == 1  # trainer2's partial; trainer's used up
+
+
+def test_partial_uploads_nobody_came_back_for_are_removed(tmp_path) -> None:
+    """A partial upload untouched for ``KEEP_S`` goes at the next upload's sweep; one written
+    to since (any of its files) stays."""
+    stale, fresh = tmp_path / "stale", tmp_path / "fresh"
+    for folder in (stale, fresh):
+        (folder / STAGING).mkdir(parents=True)
+        (folder / STAGING / "x.part").write_bytes(b"held")
+    old = time.time() - KEEP_S - 60
+    for path in (stale / STAGING / "x.part", stale / STAGING, stale, fresh):
+        os.utime(path, (old, old))  # fresh: only its part file was written lately
+    forget_stale(tmp_path, time.time() - KEEP_S)
+    assert visible(tmp_path) == ["fresh"]
 
 
 async def test_storage_agent_dies_mid_fetch_then_returns(

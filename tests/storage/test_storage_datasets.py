@@ -530,8 +530,9 @@ async def test_refusals_keep_nothing(tmp_path, make_agent) -> None:
         await raw_put(trainer, header | {"extra": 1}, data)
     await eventually(lambda: not any(plugin.incoming.iterdir()))
     await nothing_stored(plugin)
-    staging = plugin.datasets.resumable / ".atoll-staging"
-    assert not any(staging.glob("*"))  # bytes that failed their checksum are not kept to resume
+    partials = plugin.datasets.partials.root
+    assert not any(p.is_file() for p in partials.rglob("*"))  # bytes that failed their checksum
+    # are not kept to resume
 
     record = await upload_dataset(trainer, "store", good, "d", "alice", dedup="none")
     assert record.dedup.mode == "none" and record.version == 1
@@ -567,10 +568,10 @@ async def test_a_broken_upload_resumes_where_it_stopped(tmp_path, make_agent, br
     rows = [{"instruction": f"q{i} " + "x" * 200, "output": f"a{i}"} for i in range(12_000)]
     data = write(tmp_path, "big.jsonl", jsonl(*rows))
     size = data.stat().st_size
-    staging = plugin.datasets.resumable / ".atoll-staging"
+    partials = plugin.datasets.partials.root
 
     def held() -> int:
-        return sum(p.stat().st_size for p in staging.glob("*.part"))
+        return sum(p.stat().st_size for p in partials.rglob("*.part"))
 
     async def broken_upload(agent: Agent) -> None:
         """Messages to the store pass until a third of the file has, then vanish."""
@@ -612,7 +613,7 @@ async def test_a_broken_upload_resumes_where_it_stopped(tmp_path, make_agent, br
     fetched = tmp_path / "back.jsonl"
     await fetch_dataset(gateway, "store", record.id, fetched, as_="original")
     assert fetched.read_bytes() == data.read_bytes()
-    assert not any(staging.glob("*"))  # used up
+    assert not any(partials.iterdir())  # used up
 
     await broken_upload(gateway)
     starts.clear()
