@@ -96,8 +96,7 @@ class SealedStore(ObjectStore):
                 row is not None and sealed and _object_id(head) in (row[0], None)
             ):
                 break  # (a header cut short is the Opener's to refuse)
-            if isinstance(chunks, AsyncGenerator):  # every store's read is one: release its file
-                await chunks.aclose()
+            await chunks.aclose()
             if not tries_left:
                 raise ObjectDamaged(f"stored object {key!r} {_mismatch(row is None, sealed)}")
             await asyncio.sleep(RACE_PAUSE)
