@@ -27,11 +27,16 @@ issued data dir and identity; the agents live in this process. Prints ONE JSON o
   other (two hops, through r00); r00 stops, and the time until the call gets through the long
   way round (28 hops) is the reroute time. Anchor: the call's own latency before.
 
+* Idle links (``--idle S``, on its own: the run is S seconds of waiting): a triangle of brokers
+  in this process with the default keepalive and refresh settings, left idle; how many times a
+  link was made again (target 0 over 30 minutes: ``--idle 1800``) and how many one-second
+  samples found one down.
+
 ``--profile-dir D`` writes cProfile stats of the RPC phase's brokers (``broker_a.prof`` ...) and
 of the agents' side (``agents.prof``) into D (look at them with ``python -m pstats``).
 
     .venv/bin/python bench/mesh.py [--quick] [--failover-trials N] [--stall-trials N]
-                                   [--profile-dir D] [--state-only]
+                                   [--profile-dir D] [--state-only] [--idle S]
 """
 
 from __future__ import annotations
@@ -765,6 +770,41 @@ async def bench_state(op: OperatorStore, root: Path, plan: Plan) -> dict[str, An
 # --- report ------------------------------------------------------------------------------------
 
 
+async def bench_idle(op: OperatorStore, root: Path, seconds: float) -> dict[str, Any]:
+    """Three idle brokers (a triangle, default settings): links made again, samples down."""
+    from atoll.broker.identity import issue_broker_dir
+    from atoll.broker.server import BrokerServer
+
+    servers: list[BrokerServer] = []
+    try:
+        for name in ("a", "b", "c"):
+            d = issue_broker_dir(op, root / name, name)
+            peers = [s.url for s in servers]
+            servers.append(await BrokerServer.from_data_dir(d, peers=peers).start("127.0.0.1", 0))
+        if not await until(lambda: all(len(s.mesh.links) == 2 for s in servers), 10, 0.05):
+            raise RuntimeError("the triangle did not link within 10 s")
+        seen = {
+            (i, peer): link for i, s in enumerate(servers) for peer, link in s.mesh.links.items()
+        }
+        remade = down = 0
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:  # bounded by ``seconds``
+            await asyncio.sleep(1.0)
+            for i, s in enumerate(servers):
+                for peer in ("a", "b", "c"):
+                    if (i, peer) not in seen:
+                        continue  # itself
+                    link = s.mesh.links.get(peer)
+                    if link is None:
+                        down += 1
+                    elif link is not seen[i, peer]:
+                        remade += 1
+                        seen[i, peer] = link
+        return {"idle_s": seconds, "links": len(seen), "remade": remade, "down_samples": down}
+    finally:
+        await asyncio.gather(*(s.stop() for s in servers), return_exceptions=True)
+
+
 def environment() -> dict[str, Any]:
     return base_environment(payload_bytes=len(RPC_PARAMS))
 
@@ -792,6 +832,10 @@ async def main(args: argparse.Namespace, profile_dir: Path | None) -> dict[str, 
     with tempfile.TemporaryDirectory(prefix="atoll-bench-mesh-") as tmp:
         op = OperatorStore(Path(tmp) / "operator")
         op.init()
+        if args.idle is not None:
+            log.info("idle links, %.0f s ...", args.idle)
+            idle = await bench_idle(op, Path(tmp) / "idle", args.idle)
+            return idle | {"targets": {"remade==0": idle["remade"] == 0}, "env": environment()}
         log.info("mesh state ...")
         state = await bench_state(op, Path(tmp) / "state", plan)
         if args.state_only:
@@ -857,6 +901,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--stall-trials", type=int, help="SIGSTOP (hung broker) failover trials")
     p.add_argument("--profile-dir", help="write cProfile stats of the RPC phase here")
     p.add_argument("--state-only", action="store_true", help="only the mesh state figures")
+    p.add_argument("--idle", type=float, help="only the idle links figure, over this many seconds")
     p.add_argument("--broker-child", help=argparse.SUPPRESS)  # internal: run a broker
     p.add_argument("--child-profile", help=argparse.SUPPRESS)
     p.add_argument("--peers", default="", help=argparse.SUPPRESS)
