@@ -72,6 +72,15 @@ class AdminRPC:
     def users_list(self, _: NoParams, actor: str) -> Any:
         return self.accounts.list_users()
 
+    def identities_list(self, p: c.IdentityQuery, actor: str) -> Any:
+        return self.accounts.list_identities(p.user)
+
+    def identities_link(self, p: c.IdentityLink, actor: str) -> Any:
+        return self.accounts.link_identity(p.user, p.issuer, p.subject, actor=actor)
+
+    def identities_unlink(self, p: c.IdentityRef, actor: str) -> Any:
+        return self.accounts.unlink_identity(p.issuer, p.subject, actor=actor)
+
     def projects_create(self, p: c.ProjectCreate, actor: str) -> Any:
         return self.accounts.create_project(
             p.name, p.labels, p.store_prompts, p.limits, actor=actor

@@ -284,6 +284,9 @@ def create_app(
 
     admin_route("/admin/users", "create_user", "users_create")
     admin_route("/admin/users", "list_users", "users_list", "GET")
+    admin_route("/admin/identities", "list_identities", "identities_list", "GET")
+    admin_route("/admin/identities/link", "link_identity", "identities_link")
+    admin_route("/admin/identities/unlink", "unlink_identity", "identities_unlink")
     admin_route("/admin/projects", "create_project", "projects_create")
     admin_route("/admin/projects", "list_projects", "projects_list", "GET")
     admin_route("/admin/members", "add_member", "projects_add_member")

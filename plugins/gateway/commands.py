@@ -146,6 +146,39 @@ def users_list(target: AdminTarget, gateway: Gateway = ISLAND) -> None:
     show(target.run(lambda a: GatewayAdmin(a, gateway).users_list()))
 
 
+@admin_command(users, "identities")
+def users_identities(
+    target: AdminTarget,
+    user: Annotated[str | None, typer.Option(help="Only this user's.")] = None,
+    gateway: Gateway = ISLAND,
+) -> None:
+    """Which identity provider accounts (single sign-on) log in as which users."""
+    show(target.run(lambda a: GatewayAdmin(a, gateway).identities_list(user)))
+
+
+@admin_command(users, "link")
+def users_link(
+    target: AdminTarget,
+    user: str,
+    issuer: Annotated[str, typer.Option(help="The provider's issuer URL.")],
+    subject: Annotated[str, typer.Option(help="The account's subject (its ID token's sub).")],
+    gateway: Gateway = ISLAND,
+) -> None:
+    """Make an identity provider's account log in as USER (e.g. one the provider made anew)."""
+    show(target.run(lambda a: GatewayAdmin(a, gateway).identities_link(user, issuer, subject)))
+
+
+@admin_command(users, "unlink")
+def users_unlink(
+    target: AdminTarget,
+    issuer: Annotated[str, typer.Option(help="The provider's issuer URL.")],
+    subject: Annotated[str, typer.Option(help="The account's subject (its ID token's sub).")],
+    gateway: Gateway = ISLAND,
+) -> None:
+    """Stop an identity provider's account logging in as its user (its keys stay: revoke them)."""
+    show(target.run(lambda a: GatewayAdmin(a, gateway).identities_unlink(issuer, subject)))
+
+
 def parse_time(text: str) -> float:
     """A date (``2026-01-31``, UTC midnight), epoch seconds, or a duration ago (``30d``)."""
     try:

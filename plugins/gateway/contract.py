@@ -5,6 +5,9 @@ creates it.
 
     RPC  users_create            {name, admin?}                         -> user
     RPC  users_list              {}                                     -> [user]
+    RPC  identities_list         {user?}                                -> [identity]
+    RPC  identities_link         {user, issuer, subject}                -> identity
+    RPC  identities_unlink       {issuer, subject}                      -> identity
     RPC  projects_create         {name, labels?, store_prompts?, limits?} -> project
     RPC  projects_list           {}                                     -> [project + members]
     RPC  projects_add_member     {project, user, role?}                 -> [member]
@@ -66,6 +69,21 @@ class Price(BaseModel):
 class UserCreate(Strict):
     name: str
     admin: bool = False
+
+
+class IdentityQuery(Strict):
+    user: str | None = None
+
+
+class IdentityRef(Strict):
+    """An identity provider's account: its issuer URL and its subject (``sub``)."""
+
+    issuer: str = Field(min_length=1, max_length=512)
+    subject: str = Field(min_length=1, max_length=512)
+
+
+class IdentityLink(IdentityRef):
+    user: str
 
 
 class ProjectCreate(Strict):
@@ -184,6 +202,15 @@ class NewKey(BaseModel):
 
 USERS_CREATE = Method[UserCreate, Record]("users_create", UserCreate, Record, "users_create")
 USERS_LIST = Method[NoParams, list[Record]]("users_list", NoParams, list[Record], "users_list")
+IDENTITIES_LIST = Method[IdentityQuery, list[Record]](
+    "identities_list", IdentityQuery, list[Record], "identities_list"
+)
+IDENTITIES_LINK = Method[IdentityLink, Record](
+    "identities_link", IdentityLink, Record, "identities_link"
+)
+IDENTITIES_UNLINK = Method[IdentityRef, Record](
+    "identities_unlink", IdentityRef, Record, "identities_unlink"
+)
 PROJECTS_CREATE = Method[ProjectCreate, Record](
     "projects_create", ProjectCreate, Record, "projects_create"
 )
@@ -228,6 +255,9 @@ METHODS: dict[str, Method[Any, Any]] = {
     for m in (
         USERS_CREATE,
         USERS_LIST,
+        IDENTITIES_LIST,
+        IDENTITIES_LINK,
+        IDENTITIES_UNLINK,
         PROJECTS_CREATE,
         PROJECTS_LIST,
         PROJECTS_ADD_MEMBER,
@@ -266,6 +296,18 @@ class GatewayAdmin:
 
     async def users_list(self) -> list[Record]:
         return await self.client.invoke(USERS_LIST, NoParams())
+
+    async def identities_list(self, user: str | None = None) -> list[Record]:
+        request = IDENTITIES_LIST.parse_params({"user": user})
+        return await self.client.invoke(IDENTITIES_LIST, request)
+
+    async def identities_link(self, user: str, issuer: str, subject: str) -> Record:
+        request = IDENTITIES_LINK.parse_params({"user": user, "issuer": issuer, "subject": subject})
+        return await self.client.invoke(IDENTITIES_LINK, request)
+
+    async def identities_unlink(self, issuer: str, subject: str) -> Record:
+        request = IDENTITIES_UNLINK.parse_params({"issuer": issuer, "subject": subject})
+        return await self.client.invoke(IDENTITIES_UNLINK, request)
 
     async def projects_create(
         self,

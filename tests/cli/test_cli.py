@@ -174,6 +174,13 @@ def test_up_starts_island_and_stops_on_ctrl_c(tmp_path: Path, procs) -> None:
     # Gateway administration from the CLI, then the key at the OpenAI-compatible API.
     admin = ["-d", str(data), "--broker", url]
     atoll("users", "create", "alice", *admin)
+    idp = ["--issuer", "https://idp.example", "--subject", "s-42"]
+    atoll("users", "link", "alice", *idp, *admin)
+    linked = json.loads(atoll("users", "identities", "--user", "alice", *admin).stdout)
+    assert [(i["user"], i["subject"]) for i in linked] == [("alice", "s-42")]
+    atoll("users", "unlink", *idp, *admin)
+    gone = atoll("users", "unlink", *idp, *admin, check=False)
+    assert gone.returncode == 1 and "no identity" in gone.stderr
     key = atoll("keys", "create", "alice", "--name", "laptop", *admin).stdout.strip()
     assert key.startswith("atk_")
     listed_keys = json.loads(atoll("keys", "list", "--user", "alice", *admin).stdout)

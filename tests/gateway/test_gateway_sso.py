@@ -128,6 +128,44 @@ async def test_groups_map_to_projects_and_roles_and_each_login_syncs_them(
         assert ("sso", action) in actions, action
 
 
+async def test_an_admin_moves_a_user_to_an_account_the_provider_made_anew(
+    make_agent: AgentFactory, oidc_provider: Provider, tmp_path: Path
+) -> None:
+    """Alice's account at the provider is made again (a new subject, the same name): refused at
+    login, until an admin unlinks the old account and links the new one to her user; the old
+    one then logs in as nobody. Only admins see or change the links."""
+    isl = await sso_island(make_agent, oidc_provider.url, tmp_path)
+    issuer = oidc_provider.url
+    for sub in ("old-1", "new-2"):
+        oidc_provider.set_user(sub, preferred_username="alice", groups=["lab-users"])
+    async with httpx.AsyncClient() as http:
+        first = await sso_key(http, isl.url, "old-1")
+        refused = await http.get(await authorize(http, isl.url, "new-2"))
+    assert refused.status_code == 403 and "ask an administrator" in refused.text
+    isl.accounts.create_user("root", admin=True, actor="t")
+    admin = {"Authorization": f"Bearer {isl.key('root')}"}
+    async with httpx.AsyncClient(base_url=isl.url) as http:
+        for key in (first, isl.key("bob")):  # a user's key, SSO's or not, is no admin's
+            no = await http.get("/admin/identities", headers={"Authorization": f"Bearer {key}"})
+            assert no.status_code == 403, no.text
+        listed = await http.get("/admin/identities", params={"user": "alice"}, headers=admin)
+        assert [(i["issuer"], i["subject"]) for i in listed.json()] == [(issuer, "old-1")]
+        new = {"user": "alice", "issuer": issuer, "subject": "new-2"}
+        taken = await http.post("/admin/identities/link", json=new, headers=admin)
+        assert taken.status_code == 409 and "unlink it first" in taken.text
+        old = {"issuer": issuer, "subject": "old-1"}
+        assert (await http.post("/admin/identities/unlink", json=old, headers=admin)).is_success
+        assert (await http.post("/admin/identities/link", json=new, headers=admin)).is_success
+    async with httpx.AsyncClient() as http:
+        second = await sso_key(http, isl.url, "new-2")
+        again = await http.get(await authorize(http, isl.url, "old-1"))
+    assert (await me(isl, second))["user"] == "alice"
+    assert again.status_code == 403
+    actions = [(e.actor, e.action, e.target) for e in isl.accounts.audit_log()]
+    assert ("root", "identity.unlink", "alice") in actions
+    assert ("root", "identity.link", "alice") in actions
+
+
 async def test_refused_logins_say_why_and_change_nothing(
     make_agent: AgentFactory, oidc_provider: Provider, tmp_path: Path
 ) -> None:

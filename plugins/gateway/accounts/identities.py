@@ -1,6 +1,8 @@
 """Single sign-on's side of the accounts: which Atoll user an identity provider's subject is, and
 one login applied in one transaction (the user found, linked or created, admin flag and mapped
-memberships synced, a web-session key made), so a refused login leaves nothing behind."""
+memberships synced, a web-session key made), so a refused login leaves nothing behind. Admins
+list the links, and link or unlink a subject by hand (an account the provider made anew, with a
+new subject, for a user who already has one)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from nacl.signing import SigningKey
 from atoll.plugins.gateway.accounts.audit import write_audit
 from atoll.plugins.gateway.accounts.database import Connection
 from atoll.plugins.gateway.accounts.keys import KeyRecord, Keys
+from atoll.plugins.gateway.accounts.store import check_actor, not_found
 from atoll.plugins.gateway.accounts.users import NAME
 from atoll.plugins.gateway.errors import GatewayError
 
@@ -32,7 +35,72 @@ class SignIn:
     ttl_s: float
 
 
+@dataclass(frozen=True)
+class IdentityRecord:
+    """One provider's account (issuer and subject) and the Atoll user it logs in as."""
+
+    issuer: str
+    subject: str
+    user: str
+    created: float
+    last_login: float
+
+
 class Identities(Keys):
+    def list_identities(self, user: str | None = None) -> list[IdentityRecord]:
+        """The links, of one user or of all."""
+        rows = self._read(
+            "SELECT issuer, subject, user, created, last_login FROM identities "
+            "WHERE ? IS NULL OR user = ? ORDER BY user, issuer",
+            (user, user),
+        )
+        return [IdentityRecord(*r) for r in rows]
+
+    def link_identity(self, user: str, issuer: str, subject: str, *, actor: str) -> IdentityRecord:
+        """Make ``subject`` of ``issuer`` log in as ``user`` (409 if either is linked already:
+        unlink first)."""
+        check_actor(actor)
+        now = self._clock()
+        with self._tx() as db:
+            if not db.execute("SELECT 1 FROM users WHERE name = ?", (user,)).fetchone():
+                raise not_found("user", user)
+            taken = db.execute(
+                "SELECT user, subject FROM identities "
+                "WHERE issuer = ? AND (subject = ? OR user = ?)",
+                (issuer, subject, user),
+            ).fetchone()
+            if taken is not None:
+                said = (
+                    f"account {subject!r} of {issuer} logs in as {taken[0]!r} already"
+                    if taken[1] == subject
+                    else f"user {user!r} is linked to another account of {issuer} already"
+                )
+                raise GatewayError(409, f"{said}: unlink it first", code="already_linked")
+            db.execute(
+                "INSERT INTO identities VALUES (?, ?, ?, ?, ?)", (issuer, subject, user, now, now)
+            )
+            detail = {"issuer": issuer, "subject": subject}
+            write_audit(db, self._audit_key, now, actor, "identity.link", user, detail)
+        return IdentityRecord(issuer, subject, user, now, now)
+
+    def unlink_identity(self, issuer: str, subject: str, *, actor: str) -> IdentityRecord:
+        """The provider's account no longer logs in as its user (whose keys stay as they are:
+        revoke them apart)."""
+        check_actor(actor)
+        now = self._clock()
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT issuer, subject, user, created, last_login FROM identities "
+                "WHERE issuer = ? AND subject = ?",
+                (issuer, subject),
+            ).fetchone()
+            if row is None:
+                raise not_found("identity", f"{issuer} {subject}")
+            db.execute("DELETE FROM identities WHERE issuer = ? AND subject = ?", (issuer, subject))
+            detail = {"issuer": issuer, "subject": subject}
+            write_audit(db, self._audit_key, now, actor, "identity.unlink", row[2], detail)
+        return IdentityRecord(*row)
+
     def sign_in(self, login: SignIn) -> tuple[KeyRecord, str]:
         """The user ``login`` is, with its memberships synced, and a new project-less key for
         the browser's session (shown this once). 403 when the config refuses this user."""
