@@ -26,6 +26,7 @@ from atoll.plugins.gateway.accounts.ledger import Ledger
 from atoll.plugins.gateway.bodies import Event, usage_of
 from atoll.plugins.gateway.catalog import Catalog
 from atoll.plugins.gateway.errors import GatewayError, ended_status
+from atoll.plugins.gateway.fresh_reads import FreshReads
 from atoll.plugins.gateway.limits import Permit, RateLimiter
 from atoll.plugins.gateway.router import ModelRouter, ReplyMethod
 from atoll.plugins.gateway.spending import TEMPLATE_TOKENS, Spending, prompt_estimate
@@ -86,6 +87,9 @@ class Gateway:
         self.telemetry = GatewayMetrics(metrics, label_values)
         self.own_feed = own_feed  # this agent's feed message, built on the spot
         self.spending = spending or Spending(accounts, {}, TEMPLATE_TOKENS, request_timeout + 60)
+        self._key_checks: FreshReads[str, Principal] = FreshReads(
+            lambda token: accounts.offload(accounts.authenticate, token)
+        )
         # Interactive requests not answering yet (no first event): batch_gate.py waits for none.
         self.interactive_waiting = 0
 
@@ -95,7 +99,9 @@ class Gateway:
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise GatewayError(401, "missing API key: send 'Authorization: Bearer <key>'")
-        return await self.accounts.offload(self.accounts.authenticate, token.strip())
+        if self.accounts.shared:
+            return await self._key_checks(token.strip())
+        return self.accounts.authenticate(token.strip())  # SQLite: cached, microseconds
 
     def resolve(
         self,
