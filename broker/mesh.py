@@ -69,7 +69,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -917,27 +917,3 @@ class LinkState:
             if node is not None and node != self.me:
                 out.add(node)
         return out
-
-
-class SeenIds:
-    """A bounded memory of relayed frame ids: the second copy of anything is dropped.
-
-    Keys are kept as their hash, an int, rather than the tuple of decoded strings (a third of
-    the memory: ~5 MB at the bound instead of ~15, which a soak saw the brokers fill). A false
-    "seen" needs two keys' 64-bit hashes to collide within the window, about 1e-10 at 65,536;
-    str hashes are salted per process, so a peer cannot aim for one."""
-
-    def __init__(self, size: int = 65536) -> None:
-        self._order: deque[int] = deque()
-        self._set: set[int] = set()
-        self._size = size
-
-    def add(self, key: Hashable) -> bool:
-        digest = hash(key)
-        if digest in self._set:
-            return False
-        self._set.add(digest)
-        self._order.append(digest)
-        if len(self._order) > self._size:
-            self._set.discard(self._order.popleft())
-        return True

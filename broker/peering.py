@@ -26,7 +26,8 @@ import random
 import time
 from typing import TYPE_CHECKING, Any
 
-from atoll.broker.mesh import LinkState, SeenIds, Send
+from atoll.broker.mesh import LinkState, Send
+from atoll.broker.seen_ids import SeenIds
 from atoll.broker.state import Binding
 from atoll.logs import EventLogger
 from atoll.protocol.errors import AuthError, ProtocolError

@@ -6,6 +6,9 @@ binding floods, relays and their hop limit)."""
 from __future__ import annotations
 
 import asyncio
+import random
+import tracemalloc
+from collections import deque
 from types import SimpleNamespace
 from typing import Any
 
@@ -21,11 +24,11 @@ from atoll.broker.mesh import (
     LinkState,
     LocalChange,
     Origin,
-    SeenIds,
     Send,
 )
 from atoll.broker.peering import PeerMesh
 from atoll.broker.router import Router
+from atoll.broker.seen_ids import SeenIds
 from atoll.broker.state import BrokerState
 from atoll.protocol.errors import ProtocolError
 from atoll.protocol.frames import (
@@ -586,6 +589,39 @@ def test_seen_ids_drop_second_copies_within_a_bounded_memory() -> None:
     assert seen.add(1) and not seen.add(1)
     assert seen.add(2) and seen.add(3)  # 1 falls out of memory
     assert seen.add(1) and not seen.add(3)
+
+
+@pytest.mark.parametrize("size", [1, 3, 8, 100])
+def test_seen_ids_answer_as_a_set_of_the_last_ids_would(size: int) -> None:
+    """Against a plain model (a set and a deque): keys crowding few home slots (multiples of
+    the table's size collide; small ints hash to themselves), so runs wrap around the table
+    and deletions shift them back, and a key of hash 0 or -1."""
+    rng = random.Random(size)
+    seen, model, order = SeenIds(size), set(), deque()
+    pool = [k * 256 for k in range(3 * size)] + list(range(3 * size)) + [0, -1, -2]
+    for _ in range(20_000):
+        key = rng.choice(pool)
+        fresh = hash(key) not in model
+        assert seen.add(key) == fresh, (key, len(seen))
+        if fresh:
+            model.add(hash(key))
+            order.append(hash(key))
+            if len(order) > size:
+                model.discard(order.popleft())
+        assert len(seen) == len(model)
+
+
+def test_seen_ids_take_their_memory_once() -> None:
+    seen = SeenIds(size=4096)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(40_000):
+            seen.add(("origin", "acme", 1, "agent", i))
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 4096  # a few transient objects, nothing kept per id
 
 
 # --- the router's side: what it tells the mesh ---------------------------------------------------
