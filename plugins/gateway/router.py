@@ -116,8 +116,15 @@ def _caps(entry: Entry) -> dict[str, Any]:
 
 
 def _holds(entry: Entry, adapter: str) -> bool:
-    loaded = _caps(entry).get("adapters")
-    return isinstance(loaded, list) and adapter in loaded
+    """Whether the node has the adapter in memory: loaded, or a member of a loaded compressed
+    collection."""
+    caps = _caps(entry)
+    loaded, collections = caps.get("adapters"), caps.get("collections")
+    if isinstance(loaded, list) and adapter in loaded:
+        return True
+    return isinstance(collections, dict) and any(
+        isinstance(members, list) and adapter in members for members in collections.values()
+    )
 
 
 def _describe_labels(labels: dict[str, str]) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 from atoll.plugins.inference.contract import (
     AdapterInfo,
     BackendUnavailable,
+    CollectionInfo,
     EmbedRequest,
     EmbedResult,
     FinishEvent,
@@ -76,6 +77,12 @@ class Backend(ABC):
 
     async def pin_adapter(self, adapter_id: str, pinned: bool) -> AdapterInfo:
         raise Unsupported(f"the {self.kind} backend manages its own adapters")
+
+    async def load_collection(self, collection_id: str) -> CollectionInfo:
+        raise Unsupported(f"the {self.kind} backend serves no compressed collections")
+
+    async def unload_collection(self, collection_id: str) -> bool:
+        raise Unsupported(f"the {self.kind} backend serves no compressed collections")
 
 
 def stream_event(raw: bytes | str, sender: str) -> dict[str, Any]:

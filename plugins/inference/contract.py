@@ -223,6 +223,10 @@ class AdapterRef(Strict):
     pinned: bool | None = None
 
 
+class CollectionRef(Strict):
+    id: str = Field(min_length=1, max_length=256)  # in storage: "collections/<user>/<name>"
+
+
 # --- replies --------------------------------------------------------------------------------
 
 
@@ -305,6 +309,8 @@ class NodeInfo(BaseModel):
     tokens_per_s: float = 0.0
     embeddings: str | None = None  # the embedding model, if this node embeds
     transcription: str | None = None  # the transcription model, if this node transcribes
+    # Compressed collections loaded (compression.py), each with the members it serves
+    collections: dict[str, list[str]] = Field(default_factory=dict)
 
 
 def described(info: NodeInfo) -> dict[str, Any]:
@@ -320,6 +326,7 @@ def described(info: NodeInfo) -> dict[str, Any]:
             "max_adapters": info.max_adapters,
             "embeddings": info.embeddings,
             "transcription": info.transcription,
+            "collections": info.collections,
         },
         "load": {
             "queue_depth": info.queue_depth,
@@ -339,6 +346,13 @@ class Unloaded(BaseModel):
     unloaded: bool  # False: it was not loaded
 
 
+class CollectionInfo(BaseModel):
+    id: str
+    base_model: str
+    rank: int
+    members: list[str]
+
+
 # --- methods ----------------------------------------------------------------------------------
 
 # Refusals name the request model ("invalid GenerateRequest: ..."): no ``what``.
@@ -352,6 +366,11 @@ ADAPTERS = Method[NoParams, list[AdapterInfo]]("adapters", NoParams, list[Adapte
 LOAD_ADAPTER = Method[AdapterRef, AdapterInfo]("load_adapter", AdapterRef, AdapterInfo)
 UNLOAD_ADAPTER = Method[AdapterRef, Unloaded]("unload_adapter", AdapterRef, Unloaded)
 PIN_ADAPTER = Method[AdapterRef, AdapterInfo]("pin_adapter", AdapterRef, AdapterInfo)
+# What a node holds in memory for every caller: its operators' to change (PLUGIN_MANAGERS)
+LOAD_COLLECTION = Method[CollectionRef, CollectionInfo](
+    "load_collection", CollectionRef, CollectionInfo
+)
+UNLOAD_COLLECTION = Method[CollectionRef, Unloaded]("unload_collection", CollectionRef, Unloaded)
 INFO = Method[NoParams, NodeInfo]("info", NoParams, NodeInfo)
 HEALTH = Method[NoParams, Health]("health", NoParams, Health)
 GENERATE_STREAM = GENERATE.name  # the stream service: the RPC's name and parameters

@@ -27,6 +27,7 @@ from atoll.plugins.inference.compression import CollectionWeights, read_collecti
 from atoll.plugins.inference.contract import (
     AdapterInfo,
     AdapterRejected,
+    CollectionInfo,
     EmbedRequest,
     EmbedResult,
     FinishEvent,
@@ -167,11 +168,10 @@ class LocalBackend(Backend):
         self.tokens = self.metrics.counter("tokens_generated", "Completion tokens generated")
         self.lora_requests = LoraRequests(self.metrics)
         for artefact in cfg.collections:
-            await self.load_collection(
-                await self.fetch(artefact, self.data_dir / "adapters")
-                if is_collection(artefact)
-                else Path(artefact)
-            )
+            if is_collection(artefact):
+                await self.load_collection(artefact)
+            else:
+                await self.load_collection_dir(Path(artefact))
         if cfg.embeddings:
             from atoll.plugins.inference.embeddings import Embedder
 
@@ -316,15 +316,29 @@ class LocalBackend(Backend):
             return None
         return self.collections.member(request.adapter)
 
-    async def load_collection(self, path: Path) -> CollectionWeights:
-        """Load (or replace) the compressed collection in directory ``path``: checked whole on
-        the loader thread, then visible between two steps; AdapterRejected if it is not fit."""
+    async def load_collection(self, collection_id: str) -> CollectionInfo:
+        """Fetch stored collection ``collection_id`` (``collections/...``) and load it under
+        that id: two users' collections of one name stay apart."""
+        if not is_collection(collection_id):
+            raise InvalidRequest(f"{collection_id!r} is not a collection (collections/...)")
+        path = await self.fetch(collection_id, self.data_dir / "adapters")
+        weights = await self.load_collection_dir(path, collection_id)
+        return CollectionInfo(
+            id=weights.name, base_model=weights.base_model, rank=weights.rank,
+            members=weights.members,
+        )  # fmt: skip
+
+    async def load_collection_dir(self, path: Path, name: str | None = None) -> CollectionWeights:
+        """Load (or replace) the compressed collection in directory ``path`` (as ``name``, else
+        as its manifest names it): checked whole on the loader thread, then visible between
+        two steps; AdapterRejected if it is not fit."""
         _, cache = self._ready()
         cfg = self.config
         shapes = {m: s for m, s in self.shapes.items() if m in cache.pool.layers}
 
         def read() -> CollectionWeights:
             weights = read_collection(path, shapes, cfg.limits.max_rank, cache.pool.dtype)
+            weights.name = name or weights.name
             base = weights.base_model
             names = (self.model_id, *self.aliases)
             if cfg.limits.check_base_name and base and not any(same_model(base, n) for n in names):
@@ -369,6 +383,10 @@ class LocalBackend(Backend):
             tokens_per_s=round(engine.tokens_per_s(), 2) if engine else 0.0,
             embeddings=self.embedder.model_id if self.embedder is not None else None,
             transcription=self.transcriber.model_id if self.transcriber is not None else None,
+            collections={  # a copy first: the engine thread changes the dict
+                name: loaded.weights.members
+                for name, loaded in (list(self.collections.loaded.items()) if engine else [])
+            },
         )
 
     async def health(self) -> Health:

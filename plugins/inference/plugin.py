@@ -35,9 +35,11 @@ from atoll.plugins.inference.contract import (
     HEALTH,
     INFO,
     LOAD_ADAPTER,
+    LOAD_COLLECTION,
     PIN_ADAPTER,
     TRANSCRIBE,
     UNLOAD_ADAPTER,
+    UNLOAD_COLLECTION,
     AdapterRef,
     GenerateRequest,
     GenerateResult,
@@ -55,6 +57,7 @@ from atoll.plugins.storage.contract.adapters import (
     fetch_adapter,
 )
 from atoll.protocol.session import CallInfo
+from atoll.tenancy.permissions import PLUGIN_MANAGERS
 
 MAX_UNSENT_LINES = 256  # a generate stream's events held for a slow reader before generation waits
 
@@ -361,6 +364,19 @@ class InferencePlugin(Plugin):
         ref = self._ref(PIN_ADAPTER, params)
         info = await self.backend.pin_adapter(ref.id, True if ref.pinned is None else ref.pinned)
         return info.model_dump(mode="json")
+
+    # Discovery shows a change at the next heartbeat; until then the router may send a member's
+    # requests elsewhere, where its original serves them.
+    @rpc(LOAD_COLLECTION.name, roles=PLUGIN_MANAGERS)
+    async def load_collection(self, params: Any, call: CallInfo) -> dict[str, Any]:
+        ref = LOAD_COLLECTION.parse_params(params)
+        check_adapter_id(ref.id)
+        return (await self.backend.load_collection(ref.id)).model_dump(mode="json")
+
+    @rpc(UNLOAD_COLLECTION.name, roles=PLUGIN_MANAGERS)
+    async def unload_collection(self, params: Any, call: CallInfo) -> dict[str, Any]:
+        ref = UNLOAD_COLLECTION.parse_params(params)
+        return Unloaded(unloaded=await self.backend.unload_collection(ref.id)).model_dump()
 
     @rpc(INFO.name, roles=lambda p: p.config.callers)
     async def info(self, params: Any, call: CallInfo) -> dict[str, Any]:

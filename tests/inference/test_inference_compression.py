@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
+from atoll.agent.errors import Forbidden, InvalidRequest
 from atoll.plugins.gateway.adapter_commands import adapters
 from atoll.plugins.inference.collections import CollectionSlots
 from atoll.plugins.inference.compression import (
@@ -41,6 +43,7 @@ from atoll.plugins.storage.contract.adapters import (
 )
 from support.island import Island, start_storage
 from support.local_node import run, start_backend
+from support.overlay import eventually
 from support.tiny_models import build_tiny_model, make_adapter, make_adapter_family
 
 MEMBERS = 6
@@ -207,14 +210,14 @@ async def test_a_corrupted_collection_is_refused_and_the_node_serves_on(models, 
     backend = await start_backend(models, tmp_path)
     try:
         with pytest.raises(AdapterRejected, match=why):
-            await backend.load_collection(bad)
+            await backend.load_collection_dir(bad)
         assert backend.collections.loaded == {}  # nothing of it half-loaded
         ids, _, finish = await run(
             backend, prompt_token_ids=HELD_OUT[0], adapter="fam/member-0", params=GREEDY
         )
         assert len(ids) == GREEDY["max_new_tokens"] and finish is not None
         assert "fam/member-0" in backend.fetched  # served by its original
-        await backend.load_collection(models["collection"])
+        await backend.load_collection_dir(models["collection"])
         assert set(backend.collections.loaded) == {"fam"}
         assert await backend.unload_collection("fam")
     finally:
@@ -237,7 +240,7 @@ async def test_storage_keeps_the_collection_with_its_member_links(models, tmp_pa
     got = await fetch_adapter(node, "store", "collections/alice/fam", tmp_path / "got")
     backend = await start_backend(models, tmp_path / "node")
     try:
-        assert (await backend.load_collection(got)).members == record.meta["members"]
+        assert (await backend.load_collection_dir(got)).members == record.meta["members"]
     finally:
         await backend.stop()
     # A collection is kept only under collections/... and whole: a tampered one is refused.
@@ -265,7 +268,10 @@ async def test_atoll_adapters_compress_through_the_gateway(models, make_agent, t
     another's adapters."""
     await make_agent("store", roles=("storage",), plugins={"storage": {}}, heartbeat=0.2)
     local = {"backend": "local", "local": {"model": str(models["base"]), "embeddings": False}}
-    await make_agent("gpu1", roles=("inference",), plugins={"inference": local}, heartbeat=0.2)
+    gpu1 = await make_agent(
+        "gpu1", roles=("inference",), plugins={"inference": local}, heartbeat=0.2
+    )
+    await make_agent("gpu2", roles=("inference",), plugins={"inference": local}, heartbeat=0.2)
     island = await Island(make_agent).start_gateway()
     await island.models_seen("tiny-llama")
     alice, bob = island.key("alice"), island.key("bob")
@@ -321,6 +327,37 @@ async def test_atoll_adapters_compress_through_the_gateway(models, make_agent, t
         )
         assert stolen.status_code == 404
     assert island.accounts.adapter("collections/bob/stolen") is None
+
+    # An operator has gpu1 load the stored collection at run time; a gateway may not.
+    members = ["alice/m0", "alice/m1", "alice/m2"]
+    load = {"id": "collections/alice/fam"}
+    intruder = (await make_agent("gw2", roles=("gateway",))).agent
+    with pytest.raises(Forbidden):
+        await intruder.call("gpu1/inference", "load_collection", load)
+    op = (await make_agent("op", roles=("operator",))).agent
+    with pytest.raises(InvalidRequest, match="not a collection"):
+        await op.call("gpu1/inference", "load_collection", {"id": "alice/m0"})
+    loaded = await op.call("gpu1/inference", "load_collection", load)
+    assert loaded["id"] == load["id"] and loaded["members"] == members
+    info = await op.call("gpu1/inference", "info")
+    assert info["collections"] == {load["id"]: members}
+    # Discovery says so: the gateway's router sends a member's requests to gpu1 first.
+    router = island.plugin.gateway.router
+    await eventually(lambda: [e.name for e in router.candidates("tiny-llama", "alice/m1", {})]
+                     == ["gpu1", "gpu2"])  # fmt: skip
+    backend = gpu1.host.plugins["inference"].backend
+    await backend.unload_adapter("alice/m1")  # loaded when imported (tried on a node)
+    before = backend.tokens.value
+    client = openai.AsyncOpenAI(base_url=f"{island.url}/v1", api_key=alice)
+    reply = await client.chat.completions.create(
+        model="alice/m1", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+    )
+    assert reply.usage is not None
+    assert backend.tokens.value - before == reply.usage.completion_tokens > 0  # on gpu1
+    assert "alice/m1" not in [a.id for a in backend.adapters()]  # its core served it, no slot
+    await client.close()
+    assert await op.call("gpu1/inference", "unload_collection", load) == {"unloaded": True}
+    assert (await op.call("gpu1/inference", "info"))["collections"] == {}
 
 
 def test_the_gateway_passes_the_fallback_on():

@@ -112,6 +112,11 @@ async def test_no_member_calls_a_gpu_node_around_the_gateway(make_agent: AgentFa
     request = {"prompt": "hi", "params": {"max_new_tokens": 4}}
     reply = await gw.agent.call("gpu-1/inference", "generate", request)
     assert reply["finish_reason"]
+    # What a node holds in memory for everyone is its operators' to change, not a gateway's.
+    for caller in (member, gw):
+        for method in ("load_collection", "unload_collection"):
+            with pytest.raises(Forbidden, match="needs one of the roles operator, controller"):
+                await caller.agent.call("gpu-1/inference", method, {"id": "collections/a/b"})
 
 
 async def test_adapter_weights_answer_the_roles_that_serve_or_train(
