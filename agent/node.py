@@ -31,11 +31,12 @@ from atoll.agent.errors import (
     NoResponder,
     NoSuchMethod,
 )
+from atoll.agent.grant_checks import granted
 from atoll.agent.identity import AgentKeys
 from atoll.agent.streams import Stream, StreamMux
 from atoll.logs import EventLogger
 from atoll.protocol.frames import Frame, FrameType, encode_frame
-from atoll.protocol.grants import Grant, call_refusal
+from atoll.protocol.grants import Grant
 from atoll.protocol.session import (
     BrokerError,
     CallFailed,
@@ -376,16 +377,13 @@ class Agent:
             if handler is None:
                 raise NoSuchMethod(f"{dst} has no method {method!r}")
             fn, roles = handler
-            if peer.grant is not None:  # another tenant's caller: its grant must cover this
-                why = call_refusal(peer.grant, peer.ident.tenant, split_remote(dst)[2], now_ms())
-                if why is not None:
-                    raise Forbidden(why)
+            grant = granted(peer, split_remote(dst)[2])
             if not permissions.may_call(peer.ident.roles, roles):
                 raise Forbidden(permissions.refusal(peer.ident, dst, repr(method), roles))
             timeout_ms = request.timeout_ms
             limit = timeout_ms / 1000 if type(timeout_ms) is int and timeout_ms > 0 else None
             async with asyncio.timeout(limit):
-                result = await fn(request.params, CallInfo(src, peer.ident, method, peer.grant))
+                result = await fn(request.params, CallInfo(src, peer.ident, method, grant))
         except asyncio.CancelledError:
             return  # the caller cancelled (or we are stopping): nobody wants an answer
         except TimeoutError:

@@ -23,9 +23,9 @@ from atoll.agent.errors import (
     NoResponder,
     NoSuchMethod,
 )
+from atoll.agent.grant_checks import granted
 from atoll.logs import EventLogger
 from atoll.protocol.errors import ProtocolError
-from atoll.protocol.grants import call_refusal
 from atoll.protocol.session import CallInfo, Peer
 from atoll.protocol.streams import (
     CHUNK,
@@ -36,7 +36,6 @@ from atoll.protocol.streams import (
     unknown_stream_answer,
 )
 from atoll.protocol.subjects import peer_name, split_remote
-from atoll.protocol.trust import now_ms
 from atoll.tenancy.permissions import may_call, refusal
 
 
@@ -341,9 +340,10 @@ class StreamMux:
             stream.abort(NoSuchMethod(f"{dst} serves no stream {service!r}"))
             return
         handler, roles = served
-        why = call_refusal(peer.grant, peer.ident.tenant, plugin, now_ms())
-        if why is not None:
-            stream.abort(Forbidden(why))
+        try:
+            grant = granted(peer, plugin)
+        except Forbidden as exc:
+            stream.abort(exc)
             return
         if not may_call(peer.ident.roles, roles):
             stream.abort(Forbidden(refusal(peer.ident, dst, f"stream {service!r}", roles)))
@@ -356,7 +356,7 @@ class StreamMux:
         stream.accepted.set_result(None)
         stream.windows.accept()
         stream._flush()
-        call = CallInfo(src, peer.ident, f"stream:{service}", peer.grant)
+        call = CallInfo(src, peer.ident, f"stream:{service}", grant)
         task = asyncio.create_task(self._run(handler, stream, msg.get("p"), call))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from atoll.protocol.errors import AuthError, ProtocolError
 from atoll.protocol.frames import pack
-from atoll.protocol.grants import Grant, GrantRevocation, verify_record
+from atoll.protocol.grants import MAX_PEER_GRANTS, Grant, GrantRevocation, verify_record
 from atoll.protocol.subjects import split_remote
 from atoll.protocol.trust import AgentIdentity, now_ms, verify_agent
 
@@ -145,12 +145,13 @@ class GrantBook:
         blob = credential(there, agent)
         ident = self._ident(blob) if blob is not None else None
         if blob is not None and ident is not None:
-            for g in self.linking(tenant, there):
-                if g.exports_any(ident.roles):
-                    return pack({"cred": blob, "grant": g.blob})
-            reverse = self.linking(there, tenant)
-            if reverse:
-                return pack({"cred": blob, "grant": reverse[0].blob})
+            # Grants of its services to the asker's tenant (the asker may call it), and grants
+            # of the asker's tenant's services to its own (it may call the asker; each callee
+            # tells which applies to a call: protocol/grants.py calling_grant).
+            grants = [g for g in self.linking(tenant, there) if g.exports_any(ident.roles)]
+            grants += self.linking(there, tenant)
+            if grants:
+                return pack({"cred": blob, "grants": [g.blob for g in grants[:MAX_PEER_GRANTS]]})
         return f"no agent {name!r} that a grant lets tenant {tenant!r} reach"
 
     def _listing(self, grant: Grant, agents: Callable[[str], dict[str, bytes]]) -> dict[str, Any]:

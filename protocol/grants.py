@@ -21,6 +21,7 @@ credentials are. Times are integer milliseconds since the epoch.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,9 @@ GRANTABLE_ROLES = ROLES - {"admin", "operator"}
 MAX_SERVICES = 16
 _ID = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 _MODEL = re.compile(r"[A-Za-z0-9_.:/\-]{1,128}")
+
+
+MAX_PEER_GRANTS = 16  # grants joining two tenants that an agent's key may come with
 
 
 @dataclass(frozen=True)
@@ -169,14 +173,27 @@ def verify_record(blob: Any, operator_pub: bytes) -> Grant | GrantRevocation:
     return verify_grant(blob, operator_pub)
 
 
-def call_refusal(
-    grant: Grant | None, caller_tenant: str, plugin: str | None, now: int
-) -> str | None:
-    """Why a callee refuses an importer's call to ``plugin`` (None: it may go on). Brokers
-    checked the same; the callee checks again so that a broker is not all that stands between
-    another tenant and a plugin."""
-    if grant is None or caller_tenant != grant.importer:
-        return None
+def calling_grant(
+    grants: Sequence[Grant], caller_tenant: str, plugin: str | None, now: int
+) -> Grant | str:
+    """The grant under which an agent of another tenant calls ``plugin`` here, or why it may
+    not. Only a tenant that imports from ours calls into it, through a live grant exporting the
+    plugin; a tenant ours imports from answers our calls and starts none (its brokers pass its
+    replies, so the callee is what refuses its requests). Brokers checked the same; the callee
+    checks again so that a broker is not all that stands between another tenant and a plugin."""
+    imported = [g for g in grants if g.importer == caller_tenant]
+    if not imported:
+        return (
+            f"tenant {caller_tenant!r} imports nothing from this tenant: its agents answer "
+            "calls made to them and make none here"
+        )
+    live = [g for g in imported if g.live(now)]
+    if not live:
+        return f"grant {imported[0].id} has expired"
+    for grant in live:
+        if grant.exports(plugin):
+            return grant
+    return f"grant {live[0].id} does not export {plugin or 'system'!r} to {caller_tenant!r}"
     if not grant.live(now):
         return f"grant {grant.id} has expired"
     if not grant.exports(plugin):

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 from atoll.protocol.errors import AuthError, ProtocolError
 from atoll.protocol.frames import Frame, FrameType, encode_frame, unpack_map
-from atoll.protocol.grants import Grant, verify_grant
+from atoll.protocol.grants import MAX_PEER_GRANTS, Grant, verify_grant
 from atoll.protocol.seal import ReplayGuard, Sealer, box_key, open_sealed
 from atoll.protocol.subjects import peer_name, qualify, split_remote
 from atoll.protocol.trust import AgentIdentity, verify_agent
@@ -45,12 +45,13 @@ MAX_KEPT_SEEN = 65536  # kept publications remembered, to tell a kept copy sent 
 @dataclass(slots=True)
 class Peer:
     """Another agent: its verified identity and the Box key shared with it; for an agent of
-    another tenant (``name@tenant``), the grant that joins the two. An importer's caller is
-    seen with the grant's roles that it also holds at home, never others."""
+    another tenant (``name@tenant``), the grants that join the two (either way: a grant's
+    exporter answers our calls, its importer may call us). An importer's caller is seen with
+    its grants' roles that it also holds at home, never others."""
 
     ident: AgentIdentity
     key: bytes
-    grant: Grant | None = None
+    grants: tuple[Grant, ...] = ()
     learnt: int = 0  # when (ms): a granted peer is asked for again after GRANTED_PEER_TTL_MS
 
 
@@ -400,7 +401,7 @@ class Session:
     def _on_keyresp(self, f: Frame, now: int, events: list[Event]) -> None:
         name = f.header["name"]
         self._asked.discard(name)
-        grant = None
+        grants: tuple[Grant, ...] = ()
         try:
             if name == "@":
                 events.append(ImportsKnown(self._imports(f.payload, now)))
@@ -408,36 +409,40 @@ class Session:
             agent, tenant, _ = split_remote(name)
             blob = f.payload
             if tenant is not None:
-                blob, grant = self._granted(blob, tenant, now)
+                blob, grants = self._granted(blob, tenant, now)
             ident = verify_agent(blob, self._operator_pub, now)
             if ident.name != agent or ident.tenant != (tenant or self.tenant):
                 raise AuthError(f"broker answered for {name!r} with a credential of {ident.name!r}")
-            if grant is not None and ident.tenant == grant.importer:
-                # The grant's roles that its own tenant gave it too: a grant widens no agent
+            if imported := [g for g in grants if g.importer == ident.tenant]:
+                # Its grants' roles that its own tenant gave it too: a grant widens no agent
                 # of the importer beyond what it is at home.
-                ident = replace(ident, roles=tuple(r for r in grant.roles if r in ident.roles))
+                granted = {r for g in imported for r in g.roles}
+                ident = replace(ident, roles=tuple(r for r in ident.roles if r in granted))
         except ProtocolError as exc:
             events.append(Refused("agent.peer_key_refused", {"peer": name, "reason": exc.reason}))
             events.append(PeerUnknown(name, f"agent {name!r}: {exc.reason}"))
             self._held.pop(name, None)
             return
-        peer = Peer(ident, box_key(self._sk, ident.pub), grant, now)
+        peer = Peer(ident, box_key(self._sk, ident.pub), grants, now)
         self.peers[name] = peer
         events.append(PeerKnown(name, peer))
         for held in self._held.pop(name, []):
             self._open_msg(peer, held, now, events)
 
-    def _granted(self, payload: bytes, tenant: str, now: int) -> tuple[bytes, Grant]:
-        """Another tenant's agent: its credential, and the grant (verified here, as brokers do)
-        that joins its tenant and ours."""
+    def _granted(self, payload: bytes, tenant: str, now: int) -> tuple[bytes, tuple[Grant, ...]]:
+        """Another tenant's agent: its credential, and the grants (verified here, as brokers
+        do) that join its tenant and ours."""
         answer = unpack_map(payload, "granted key")
-        grant = verify_grant(answer.get("grant"), self._operator_pub, now)
-        if {grant.importer, grant.exporter} != {self.tenant, tenant}:
-            raise AuthError(f"the grant offered for tenant {tenant!r} joins other tenants")
+        blobs = answer.get("grants")
+        if not isinstance(blobs, list) or not 1 <= len(blobs) <= MAX_PEER_GRANTS:
+            raise AuthError(f"granted key carries no list of 1 to {MAX_PEER_GRANTS} grants")
+        grants = tuple(verify_grant(b, self._operator_pub, now) for b in blobs)
+        if any({g.importer, g.exporter} != {self.tenant, tenant} for g in grants):
+            raise AuthError(f"a grant offered for tenant {tenant!r} joins other tenants")
         cred = answer.get("cred")
         if not isinstance(cred, bytes):
             raise AuthError("granted key has no credential")
-        return cred, grant
+        return cred, grants
 
     def _imports(self, payload: bytes, now: int) -> list[tuple[Grant, list[AgentIdentity]]]:
         found: list[tuple[Grant, list[AgentIdentity]]] = []
@@ -461,7 +466,7 @@ class Session:
             events.append(Refused("agent.msg_refused", {"reason": "bad source address"}))
             return
         peer = self.peers.get(agent)
-        if peer is not None and (peer.grant is None or now - peer.learnt < GRANTED_PEER_TTL_MS):
+        if peer is not None and (not peer.grants or now - peer.learnt < GRANTED_PEER_TTL_MS):
             self._open_msg(peer, f, now, events)
             return
         held = self._held.setdefault(agent, [])

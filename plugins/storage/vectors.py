@@ -4,7 +4,10 @@ chunks, each store one FAISS index in memory and one sealed object at rest.
 Index: ``IndexIDMap`` over ``IndexFlatIP`` on L2-normalised vectors, so a score is the cosine
 similarity and the search is exact. FAISS because one library serves CPU hosts (faiss-cpu) and
 GPU hosts (faiss-gpu, the same API: ``index_cpu_to_gpu``), its selectors filter *inside* the
-search, and its indexes serialise to bytes the sealed store keeps. Exact search is what a
+search, and its indexes serialise to bytes the sealed store keeps. Storage keeps its indexes on
+the CPU whatever its host: a flat index of thousands of chunks is searched in well under a
+millisecond there, and a GPU is the inference nodes' (moving an index is one call if that ever
+changes). Exact search is what a
 store's size (thousands of chunks) needs; an IVF or HNSW index would drop recall under a
 selector that leaves few ids, which is the permission case.
 

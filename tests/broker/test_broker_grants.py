@@ -105,7 +105,7 @@ def test_key_requests_show_only_agents_enrolled_for_an_exported_plugin(router, o
     router.handle(gw, keyreq("node@globex"))
     (resp,) = gw.frames()
     answer = msgpack.unpackb(resp.payload)
-    assert answer == {"cred": node.ident.credential, "grant": g.blob}
+    assert answer == {"cred": node.ident.credential, "grants": [g.blob]}
     router.handle(gw, keyreq("store@globex"))
     assert gw.frames()[0].type is FrameType.ERROR
     router.handle(gw, keyreq("@"))
@@ -113,7 +113,9 @@ def test_key_requests_show_only_agents_enrolled_for_an_exported_plugin(router, o
     imports = msgpack.unpackb(listing.payload)["imports"]
     assert imports == [{"grant": g.blob, "agents": [node.ident.credential]}]
     router.handle(node, keyreq("gw@acme"))  # the exporter learns its caller's key
-    assert node.frames()[0].type is FrameType.KEYRESP
+    (resp,) = node.frames()
+    assert resp.type is FrameType.KEYRESP  # with the grant its caller comes through
+    assert msgpack.unpackb(resp.payload) == {"cred": gw.ident.credential, "grants": [g.blob]}
     router.handle(node, keyreq("@"))  # and imports nothing itself
     assert msgpack.unpackb(node.frames()[0].payload) == {"imports": []}
 
@@ -178,6 +180,8 @@ def test_crossing_passes_only_what_a_grant_covers(exported, src, dst) -> None:
 
     answer = book.crossing(st_, addr(sn, st_, sp), addr(dn, dt, dp))
     request = (st_, dt) == ("acme", "globex") and dp in exported
+    # A reply, as far as brokers can tell (sealed): the importer's agents refuse any request in
+    # it (protocol/grants.py calling_grant, tests/security/test_sec_grants.py).
     reply = (st_, dt) == ("globex", "acme") and sp in exported
     assert (answer == (dt, dn)) == (request or reply)
     if not (request or reply):

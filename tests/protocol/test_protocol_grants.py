@@ -13,7 +13,7 @@ from nacl.signing import SigningKey
 
 from atoll.protocol.errors import AuthError, ProtocolError
 from atoll.protocol.frames import Frame, FrameType, decode_message, pack
-from atoll.protocol.grants import call_refusal, verify_grant, verify_record
+from atoll.protocol.grants import calling_grant, verify_grant, verify_record
 from atoll.protocol.session import Event, PeerKnown, PeerUnknown, Requested, Session
 from atoll.protocol.subjects import peer_name, qualify, split_address, split_remote
 from atoll.protocol.trust import now_ms
@@ -70,10 +70,16 @@ def test_verifiers_refuse_what_the_operator_did_not_sign() -> None:
     with pytest.raises(AuthError, match="grant roles"):
         verify_grant(grant(roles=("operator",)), OP_PUB)
     assert verify_record(cred.grant_revocation(OPERATOR, g.id), OP_PUB).id == g.id
-    assert call_refusal(g, "acme", "inference", now_ms()) is None
-    assert "does not export" in (call_refusal(g, "acme", "storage", now_ms()) or "")
-    assert "expired" in (call_refusal(g, "acme", "inference", g.exp) or "")
-    assert call_refusal(g, "globex", "storage", now_ms()) is None  # the exporter's own side
+    assert calling_grant([g], "acme", "inference", now_ms()) is g
+    assert "does not export" in str(calling_grant([g], "acme", "storage", now_ms()))
+    assert "expired" in str(calling_grant([g], "acme", "inference", g.exp))
+    # The exporter's agents answer the importer's calls and make none of their own.
+    for plugin in ("storage", "inference", None):
+        assert "imports nothing" in str(calling_grant([g], "globex", plugin, now_ms()))
+    # Grants both ways: each call is judged by the one its caller imports through.
+    back = verify_grant(grant("globex", "acme", roles=("gateway",)), OP_PUB)
+    assert calling_grant([g, back], "globex", "inference", now_ms()) is back
+    assert calling_grant([g, back], "acme", "inference", now_ms()) is g
 
 
 FIELDS = st.sampled_from(["grant", "ungrant", "x"])
@@ -96,17 +102,19 @@ def test_a_session_learns_another_tenants_key_only_with_a_joining_grant() -> Non
         return who.receive([Frame(FrameType.KEYRESP, {"name": name}, payload)], now_ms())
 
     good = grant(roles=("gateway", "training"))
-    [known] = answer(gw, "node@globex", pack({"cred": node_cred, "grant": good}))
+    [known] = answer(gw, "node@globex", pack({"cred": node_cred, "grants": [good]}))
     assert isinstance(known, PeerKnown) and known.peer.ident.roles == ("inference",)
-    [known] = answer(node, "gw@acme", pack({"cred": gw_cred, "grant": good}))
+    [known] = answer(node, "gw@acme", pack({"cred": gw_cred, "grants": [good]}))
     assert isinstance(known, PeerKnown)
     assert known.peer.ident.roles == ("gateway",)  # granted, and held at home: not training
     other = grant("initech", "globex")
     for name, payload in [
-        ("gw@acme", pack({"cred": gw_cred, "grant": other})),  # joins other tenants
+        ("gw@acme", pack({"cred": gw_cred, "grants": [other]})),  # joins other tenants
         ("gw@acme", gw_cred),  # no grant at all
-        ("gw@acme", pack({"cred": node_cred, "grant": good})),  # someone else's credential
-        ("gw@acme", pack({"grant": good})),
+        ("gw@acme", pack({"cred": node_cred, "grants": [good]})),  # someone else's credential
+        ("gw@acme", pack({"grants": [good]})),
+        ("gw@acme", pack({"cred": gw_cred, "grants": [good, other]})),  # one joins others
+        ("gw@acme", pack({"cred": gw_cred, "grant": good})),  # not a list
     ]:
         events = answer(node, name, payload)
         assert any(isinstance(e, PeerUnknown) for e in events), payload
@@ -119,4 +127,4 @@ def test_a_session_learns_another_tenants_key_only_with_a_joining_grant() -> Non
     assert request.header["src"] == "gw@acme/gateway"
     node.peers["gw@acme"] = known.peer
     [served] = node.receive([request], now_ms())
-    assert isinstance(served, Requested) and served.peer.grant is not None
+    assert isinstance(served, Requested) and served.peer.grants

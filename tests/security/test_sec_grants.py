@@ -115,6 +115,43 @@ async def test_only_exported_plugins_and_agents_are_reachable(overlay) -> None:
         await overlay.store.call("gw@acme/gateway", "x", None, timeout=5)
 
 
+async def test_the_exporter_answers_calls_and_makes_none(overlay, operator) -> None:
+    """Its brokers pass what the exported plugin sends towards the importer (its replies), so
+    the importer's agents refuse every request from it: a call, a stream, any plugin."""
+    await overlay.grant()
+    store = await agent(operator, "store", overlay.b1.url, "acme", ("storage",))
+    hit: list[CallInfo] = []
+
+    async def read(params: Any, info: CallInfo) -> Any:
+        hit.append(info)
+        return "acme's adapter bytes"
+
+    async def upload(stream: Any, params: Any, info: CallInfo) -> None:
+        hit.append(info)
+
+    store.handle("storage", "adapter", read, ("inference", "gateway"))
+    store.streams.serve("storage", "upload", upload, ("inference",))
+    assert await overlay.caller.call("node@globex/inference", "generate", {}, timeout=5)
+    for dst, method in [("store@acme/storage", "adapter"), ("store@acme", "ping"),
+                        ("gw@acme", "ping")]:  # fmt: skip
+        for _ in range(50):  # until the mesh knows store@acme (then: refused, not unknown)
+            try:
+                await overlay.node.call(dst, method, {}, timeout=5, src="node/inference")
+            except Forbidden as exc:
+                assert "imports nothing from this tenant" in str(exc)
+                break
+            except NoResponder:
+                await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(f"{dst} {method} was never refused")
+    with pytest.raises(Forbidden, match="imports nothing"):
+        stream = await overlay.node.open_stream(
+            "store@acme/storage", "upload", {}, src="node/inference"
+        )
+        await stream.read()
+    assert hit == []
+
+
 async def test_nothing_else_is_visible_across_the_grant(overlay, operator) -> None:
     await overlay.grant()
     watcher = await agent(operator, "watcher", overlay.b2.url, "globex", ("admin",))
@@ -196,7 +233,7 @@ async def test_the_callee_refuses_what_a_compromised_broker_lets_through(overlay
     finally:
         undo()
     peer = overlay.node._session.peers["gw2@acme"]
-    assert peer.grant is not None and peer.ident.roles == ("gateway",)
+    assert peer.grants and peer.ident.roles == ("gateway",)
 
 
 async def test_the_callee_sees_the_roles_of_the_grant_in_force(
