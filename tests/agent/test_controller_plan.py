@@ -1,11 +1,13 @@
 """The controller's sans-I/O half: the pipeline spec refuses what it cannot place (with an error
 naming why), pipeline files load as TOML or YAML, and the reconciler's plan places, spreads,
-replaces, moves, rolls out one agent at a time, halts, and removes retired services; GPU memory
-is read from the metrics feed; a standby keeps the newer state. The example pipelines in
+replaces, moves, rolls out one agent at a time, halts, and removes retired services; selectors
+on labels, regions, capabilities and GPU memory hold together; the diff says what changes and
+what drifts; GPU memory is read from the metrics feed; a standby keeps the newer state. The example pipelines in
 configs/pipelines/ validate, each service's config by its plugin's model."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -23,6 +25,7 @@ from atoll.plugins.controller.reconcile import (
     ServiceState,
     State,
     StoredPipeline,
+    diff,
     gpu_memory,
     plan,
 )
@@ -180,6 +183,55 @@ def test_anti_affinity_gpu_memory_all_and_retired_services() -> None:
     step = plan(current, views)
     assert [(a.kind, a.agent) for a in step.actions] == [("remove", "a"), ("remove", "c")]
     assert {s.state for s in step.statuses} == {"removing"}
+
+
+def test_selectors_on_region_capabilities_and_gpu_memory() -> None:
+    """Every criterion of ``where`` must hold: a region among those named, a capability some
+    plugin announces (equal, or in its list), a GPU with that much memory in all."""
+    where = {
+        "regions": ["eu"],
+        "capabilities": {"base_model": "llama-3-8b"},
+        "min_gpu_memory_mb": 40000,
+    }
+    pipeline = stored(spec(inf={"plugin": "inference", "replicas": "all", "where": where}))
+    serves = {"inference": {"base_model": "llama-3-8b"}}
+    lists = {"inference": {"base_model": ["smol", "llama-3-8b"]}}
+    big = ((80000, 1000),)  # nearly full now: total memory is what counts
+    views = {
+        "fit": AgentView("fit", "eu", capabilities=serves, gpus=big),
+        "listed": AgentView("listed", "eu", capabilities=lists, gpus=big),
+        "us": AgentView("us", "us", capabilities=serves, gpus=big),
+        "other": AgentView("other", "eu", capabilities={"inference": {"base_model": "x"}},
+                           gpus=big),
+        "small_gpu": AgentView("small_gpu", "eu", capabilities=serves, gpus=((24000, 24000),)),
+        "no_gpu": AgentView("no_gpu", "eu", capabilities=serves),
+    }  # fmt: skip
+    placed = pipeline.services.setdefault("inf", ServiceState(plugin="inference"))
+    for _ in range(len(views)):  # one placement a step
+        step = plan(pipeline, views)
+        if not step.actions:
+            break
+        for action in step.actions:
+            placed.placed[action.agent] = action.digest
+            views[action.agent] = replace(views[action.agent], plugins=frozenset({"inference"}))
+    assert sorted(placed.placed) == ["fit", "listed"]
+    assert step.statuses[0].desired == 2 and step.statuses[0].state == "converged"
+
+
+def test_the_diff_says_what_changes_and_which_services_drift() -> None:
+    applied = stored(spec(inf=INFERENCE, emb={"plugin": "inference", "replicas": 1}))
+    views = {v.name: v for v in (gpu("a", "r1", "inference"), gpu("b", "r1"))}
+    applied.services["inf"] = ServiceState(
+        plugin="inference", placed={"a": applied.spec.services["inf"].digest()}
+    )
+    now = plan(applied, views).statuses  # inf: 1 of 2 placed
+    new = spec(inf={**INFERENCE, "replicas": 3}, train={"plugin": "training"})
+    found = {d.name: d for d in diff(applied, new, now).services}
+    assert (found["inf"].change, found["inf"].fields, found["inf"].drift) == (
+        "changed", ["replicas"], True
+    )  # fmt: skip
+    assert (found["emb"].change, found["train"].change) == ("removed", "added")
+    assert diff(None, new, []).exists is False
 
 
 def test_the_active_controller_is_the_first_live_one_with_the_role() -> None:
