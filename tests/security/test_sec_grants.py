@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from atoll.agent.errors import Forbidden, NoResponder
+from atoll.agent.errors import AtollError, Forbidden, NoResponder
 from atoll.agent.identity import AgentKeys
 from atoll.agent.node import Agent
 from atoll.agent.runtime import AgentRuntime
@@ -210,6 +210,27 @@ async def test_revocation_cuts_at_every_broker(overlay, operator) -> None:
     await overlay.admin.send_grant(blob)
     await overlay.admin.flush()
     assert not overlay.b1.router.grants.linking("acme", "globex")
+
+
+async def test_revocation_cuts_a_stream_in_flight(overlay, operator) -> None:
+    gid = await overlay.grant()
+
+    async def talk(stream: Any, params: Any, info: CallInfo) -> None:
+        async for chunk in stream:
+            await stream.write(chunk)
+
+    overlay.node.streams.serve("inference", "talk", talk, ("gateway",))
+    stream = await overlay.caller.open_stream("node@globex/inference", "talk", {})
+    await stream.write(b"before")
+    assert await stream.read_exactly(6) == b"before"
+    await overlay.admin.send_grant(operator.revoke_grant(gid))
+    await eventually(
+        lambda: all(not b.router.grants.linking("acme", "globex") for b in overlay.bs), 2.0
+    )
+    with pytest.raises(AtollError):
+        async with asyncio.timeout(15):
+            await stream.write(b"after")
+            await stream.read_exactly(5)
 
 
 async def test_the_callee_refuses_what_a_compromised_broker_lets_through(overlay, operator) -> None:
