@@ -188,7 +188,20 @@ class DatasetFeatures:
             near_duplicates=near,
         )
 
-    async def _visible(self, principal: Principal, file_id: str) -> None:
+    async def extract(self, principal: Principal, file_id: str) -> FileFeatures:
+        """Start extracting ``file_id``'s features where it has none (its extraction failed, or
+        a gateway restart cut it short: running ones are this process's alone)."""
+        record = await self._visible(principal, file_id)
+        if record.kind not in CANONICAL_FORM:
+            raise GatewayError(400, f"{file_id} is not a training file: it has no features")
+        now = (await self.features(principal, file_id)).status
+        if now in ("in_progress", "completed"):
+            raise GatewayError(409, f"the features of {file_id} are {now}", code="conflict")
+        self.failed.pop(file_id, None)
+        self.start(principal, record)
+        return FileFeatures(file_id=file_id, status="in_progress")
+
+    async def _visible(self, principal: Principal, file_id: str) -> DatasetRecord:
         missing = GatewayError(404, f"no file {file_id!r}", code="not_found")
         try:
             record = await describe_dataset(self.gw.agent, self.gw.storage_address(), file_id)
@@ -196,6 +209,7 @@ class DatasetFeatures:
             raise missing from None
         if not file_access.may_see(self.gw.accounts, principal, record.owner, record.project):
             raise missing
+        return record
 
     async def search(self, principal: Principal, body: SearchFiles) -> SearchResultsPage:
         """Rows of the datasets the caller may read nearest the query, best first."""

@@ -49,6 +49,12 @@ def install(
         """A training file's rows embedded, and those near-duplicating an earlier row (Atoll's)."""
         return await features.features(principal, file_id)
 
+    @app.post("/v1/files/{file_id}/features", response_model=FileFeatures, tags=["files"])
+    async def extract_features(principal: user, file_id: str) -> Any:
+        """Extract a training file's features again where there are none (an extraction that
+        failed, or one a gateway restart cut short), metered to the caller (Atoll's)."""
+        return await features.extract(principal, file_id)
+
     def bounded(limit: int) -> int:
         if not 1 <= limit <= 100:
             raise GatewayError(400, "limit must be between 1 and 100", param="limit")

@@ -356,6 +356,21 @@ async def test_a_training_files_rows_are_embedded_searched_and_near_duplicates_f
     assert await search(bob, question) == []  # another project's rows: none
     assert (await features(bob)).status_code == 404
 
+    async def extract(key: str) -> httpx.Response:
+        async with httpx.AsyncClient(base_url=island.url) as http:
+            auth = {"Authorization": f"Bearer {key}"}
+            return await http.post(f"/v1/files/{file_id}/features", headers=auth)
+
+    assert (await extract(alice)).status_code == 409  # completed: nothing to do
+    assert (await extract(bob)).status_code == 404
+    # Features lost (as when a gateway restarts mid-extraction): extracted again on request.
+    await island.plugin.services.features.stores.forget_file(file_id)
+    assert (await features(alice)).json()["status"] == "none"
+    again = await extract(alice)
+    assert again.status_code == 200 and again.json()["status"] == "in_progress"
+    await eventually_async(completed)
+    assert (await features(alice)).json()["near_duplicates"] == report["near_duplicates"]
+
     async with sdk(island, alice) as client:
         store = await client.vector_stores.create(name="train", file_ids=[file_id])
         assert await found(client, store.id, question)
