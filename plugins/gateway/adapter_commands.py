@@ -29,7 +29,13 @@ from atoll.plugins.storage.contract.adapters import (
     WEIGHTS_FILE,
 )
 
-adapters = typer.Typer(help="Download your adapters, import ones trained elsewhere.")
+adapters = typer.Typer(help="Show and download your adapters, import ones trained elsewhere.")
+
+
+@adapters.command("show")
+def show_adapter(key: Key, adapter_id: str, url: Url = LOCAL) -> None:
+    """ADAPTER_ID as storage keeps it, with the figures of the evaluations it took part in."""
+    show(call(url, key, "GET", f"/v1/adapters/{quote(adapter_id)}").json())
 
 
 @adapters.command("download")

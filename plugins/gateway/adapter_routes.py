@@ -126,6 +126,16 @@ def install(app: FastAPI, gw: Gateway, user: Any) -> None:
             background=BackgroundTask(shutil.rmtree, tmp, ignore_errors=True),
         )
 
+    # After the content route: ``:path`` would match ``.../content`` too.
+    @app.get("/v1/adapters/{adapter_id:path}", response_model=AdapterRecord, tags=["adapters"])
+    async def describe(principal: user, adapter_id: str) -> Any:
+        """The adapter as storage keeps it: base model, rank, modules, files (sizes and
+        sha256), owner, and its meta, the figures of the evaluations it took part in among
+        them (``evaluations``, the last ten)."""
+        gw.accounts.check_use(principal, adapter_id)  # 404 / 403 as for using it
+        record = await platform(describe_adapter(gw.agent, gw.storage_address(), adapter_id))
+        return record.model_dump(mode="json")
+
     @app.post("/v1/adapters/collections", tags=["adapters"])
     async def store_collection(
         principal: user,

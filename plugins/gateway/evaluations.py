@@ -11,6 +11,7 @@ administrators see it.
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations, and ``user``
 # is install()'s parameter, not a global it could resolve from a string.
 import asyncio
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from atoll.agent.errors import AtollError
 from atoll.plugins.gateway.accounts.keys import Principal
 from atoll.plugins.gateway.errors import GatewayError
 from atoll.plugins.gateway.eval_metrics import RowScore
@@ -31,7 +33,9 @@ from atoll.plugins.gateway.evaluation_shapes import (
 )
 from atoll.plugins.gateway.kept_runs import KeptRuns
 from atoll.plugins.gateway.service import Gateway
+from atoll.plugins.storage.contract.adapters import note_evaluation
 
+log = logging.getLogger(__name__)
 ROWS_AT_ONCE = 4  # rows of one evaluation in flight: the nodes batch them
 
 
@@ -88,6 +92,29 @@ class Evaluations(KeptRuns[Evaluation]):
             for i in range(min(shown, len(rows)))
         ]
         self.end(record, "succeeded", None)
+        await self._keep_with_adapters(principal, record)
+
+    async def _keep_with_adapters(self, principal: Principal, record: Evaluation) -> None:
+        """Each evaluated adapter keeps the figures, every model's side by side, in its record
+        in storage (``GET /v1/adapters/{id}``): they go where the adapter goes. The report
+        stands if storage cannot take them."""
+        summary = {
+            "id": record.id,
+            "created_at": record.created_at,
+            "file_id": record.file_id,
+            "rows": record.rows,
+            "results": [r.model_dump() for r in record.results],
+        }
+        for model in record.models:
+            target = self.gw.resolve(principal, model)
+            if target.adapter is None or target.mixture is not None:
+                continue
+            try:
+                await note_evaluation(
+                    self.gw.agent, self.gw.storage_address(), target.adapter, summary
+                )
+            except (AtollError, GatewayError) as exc:
+                log.warning("evaluation %s not kept with %s: %s", record.id, model, exc)
 
 
 def install(app: FastAPI, evaluations: Evaluations, user: Any) -> None:

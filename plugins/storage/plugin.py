@@ -41,6 +41,8 @@ from atoll.plugins.storage.contract.adapters import (
     DESCRIBE_ADAPTER,
     GET_SERVICE,
     LIST_ADAPTERS,
+    MAX_EVALUATIONS,
+    NOTE_EVALUATION,
     PUT_SERVICE,
     WEIGHTS_FILE,
     AdapterExists,
@@ -200,6 +202,18 @@ class StoragePlugin(VectorRPC, Plugin):
     async def describe_adapter(self, params: Any, call: CallInfo) -> dict[str, Any]:
         ref = DESCRIBE_ADAPTER.parse_params(params)
         return self._registered(ref.id).model_dump(mode="json")
+
+    @rpc(NOTE_EVALUATION.name, roles=CLIENTS)
+    async def note_evaluation(self, params: Any, call: CallInfo) -> dict[str, Any]:
+        """Keep an evaluation's figures with the adapter: its meta's ``evaluations``, newest
+        last, the last MAX_EVALUATIONS (the gateway has checked the caller's right to it)."""
+        note = NOTE_EVALUATION.parse_params(params)
+        record = self._registered(note.id)
+        kept = record.meta.get("evaluations")
+        kept = [*(kept if isinstance(kept, list) else []), note.evaluation][-MAX_EVALUATIONS:]
+        record.meta["evaluations"] = kept
+        self.registry.set_meta(note.id, record.meta)
+        return record.model_dump(mode="json")
 
     @rpc(DELETE_ADAPTER.name, roles=ADAPTER_WRITERS)
     async def delete_adapter(self, params: Any, call: CallInfo) -> dict[str, Any]:

@@ -170,6 +170,9 @@ class AdapterRegistry:
         except sqlite3.IntegrityError:
             raise AdapterExists(f"adapter {r.id!r} already exists") from None
 
+    def set_meta(self, adapter_id: str, meta: dict[str, Any]) -> None:
+        self.db.execute("UPDATE adapters SET meta = ? WHERE id = ?", (json.dumps(meta), adapter_id))
+
     def remove(self, adapter_id: str) -> bool:
         return self.db.execute("DELETE FROM adapters WHERE id = ?", (adapter_id,)).rowcount > 0
 

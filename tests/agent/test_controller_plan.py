@@ -2,8 +2,8 @@
 naming why), pipeline files load as TOML or YAML, and the reconciler's plan places, spreads,
 replaces, moves, rolls out one agent at a time, halts, and removes retired services; selectors
 on labels, regions, capabilities and GPU memory hold together; the diff says what changes and
-what drifts; GPU memory is read from the metrics feed; a standby keeps the newer state. The example pipelines in
-configs/pipelines/ validate, each service's config by its plugin's model."""
+what drifts; GPU memory is read from the metrics feed; a standby keeps the newer state. The
+example pipelines in configs/pipelines/ validate, each service's config by its plugin's model."""
 
 from __future__ import annotations
 

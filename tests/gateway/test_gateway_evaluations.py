@@ -25,6 +25,7 @@ from atoll.plugins.gateway.evaluation_shapes import Evaluation
 from atoll.plugins.gateway.evaluations import Evaluations
 from atoll.plugins.gateway.kept_runs import STOPPED
 from atoll.plugins.inference.local_backend import FALLBACK_TEMPLATE
+from atoll.plugins.storage.contract.adapters import upload_adapter
 from support.island import Island
 from support.overlay import AgentFactory
 from support.tiny_models import build_tiny_model, make_adapter
@@ -132,11 +133,19 @@ async def test_an_evaluation_reports_what_direct_computation_gives(
             file=rows_file(tmp_path / "held-out.jsonl", references).open("rb"),
             purpose="fine-tune",
         )
+    gw = island.plugin.gateway.agent  # the adapter stored too: its record keeps the figures
+    await upload_adapter(gw, "store", models["adapters"] / ADAPTER, ADAPTER, owner="alice")
     async with http(island, alice) as client:
         body = {"file_id": uploaded.id, "models": [MODEL, ADAPTER], "max_tokens": 6, "examples": 2}
         created = await client.post("/v1/evaluations", json=body)
         assert created.status_code == 200, created.text
         report = await finished(client, created.json()["id"])
+        kept = (await client.get(f"/v1/adapters/{ADAPTER}")).json()["meta"]["evaluations"]
+    assert kept == [
+        {key: report[key] for key in ("id", "created_at", "file_id", "rows", "results")}
+    ]
+    async with http(island, island.key("bob")) as client:
+        assert (await client.get(f"/v1/adapters/{ADAPTER}")).status_code == 404
     assert report["status"] == "succeeded", report
     assert report["rows"] == report["rows_done"] == len(QUESTIONS)
     by_model = {r["model"]: r for r in report["results"]}

@@ -27,6 +27,7 @@ from atoll.agent.transfer import READ_SIZE, STAGING, TransferFailed, staging_pat
 from atoll.plugins.storage.contract.adapters import (
     ADAPTERS_NEW,
     GET_SERVICE,
+    MAX_EVALUATIONS,
     PUT_SERVICE,
     AdapterExists,
     AdapterNotFound,
@@ -35,6 +36,7 @@ from atoll.plugins.storage.contract.adapters import (
     describe_adapter,
     fetch_adapter,
     list_adapters,
+    note_evaluation,
     upload_adapter,
 )
 from atoll.plugins.storage.partials import KEEP_S, forget_stale
@@ -166,6 +168,30 @@ async def test_upload_then_fetch_list_describe_delete(tmp_path, make_agent, peft
 
 def metrics_value(rt: AgentRuntime, name: str) -> float:
     return rt.host.metrics()["storage"].snapshot()[name]["series"][0]["value"]
+
+
+async def test_an_adapter_keeps_its_last_evaluations(tmp_path, make_agent, peft_adapter) -> None:
+    """note_evaluation: clients only, bounded in size and number, kept across a restart of
+    nothing but the registry's row (the record is what describe answers)."""
+    await start_storage(make_agent)
+    gw = (await make_agent("gw", roles=("gateway",))).agent
+    await upload_adapter(gw, "store", adapter_copy(peft_adapter, tmp_path / "a"), "alice/a",
+                         {"note": "kept"}, owner="alice")  # fmt: skip
+    for i in range(MAX_EVALUATIONS + 2):
+        record = await note_evaluation(gw, "store", "alice/a", {"id": f"eval-{i}", "rows": i})
+    kept = (await describe_adapter(gw, "store", "alice/a")).meta
+    assert kept == record.meta and kept["note"] == "kept"
+    assert [e["id"] for e in kept["evaluations"]] == [f"eval-{i}" for i in range(2, 12)]
+    big = {"id": "alice/a", "evaluation": {"id": "x" * 5000}}  # past the client's own check
+    with pytest.raises(InvalidRequest, match="at most 4096 bytes"):
+        await gw.call("store/storage", "note_evaluation", big)
+    with pytest.raises(AdapterNotFound):
+        await note_evaluation(gw, "store", "alice/none", {"id": "eval-x"})
+    for role in ("training", "inference"):
+        other = (await make_agent(f"as-{role}", roles=(role,))).agent
+        with pytest.raises(Forbidden, match="needs one of the roles gateway"):
+            await note_evaluation(other, "store", "alice/a", {"id": "forged"})
+    assert len((await describe_adapter(gw, "store", "alice/a")).meta["evaluations"]) == 10
 
 
 async def test_fetch_of_unknown_id_is_a_clear_not_found(tmp_path, make_agent) -> None:

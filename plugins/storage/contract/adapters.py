@@ -7,6 +7,9 @@ Overlay surface of an agent's ``storage`` plugin (adapters):
     RPC    describe_adapter  AdapterId      -> AdapterRecord
     RPC    delete_adapter    AdapterId      -> {"deleted": true}       (clients; trainers only
                                                                          a job's checkpoints)
+    RPC    note_evaluation   AdapterEvaluation -> AdapterRecord        (clients: an evaluation's
+                                            figures for the adapter, the last MAX_EVALUATIONS
+                                            kept in its meta's "evaluations")
     STREAM adapter_put       (no params)    uploader writes a header line, then the files' bytes;
                                             storage answers {"ok": true, "adapter": AdapterRecord}
     STREAM adapter_get       AdapterId      storage writes a header line, then the files' bytes;
@@ -243,6 +246,24 @@ class AdapterId(Strict):
     id: AdapterIdStr
 
 
+MAX_EVALUATIONS = 10  # an adapter's evaluation summaries kept in its record's meta
+MAX_EVALUATION_BYTES = 4096  # one summary's JSON
+
+
+class AdapterEvaluation(Strict):
+    """One evaluation's figures for one adapter (the gateway's summary of its report)."""
+
+    id: AdapterIdStr
+    evaluation: dict[str, Any]
+
+    @field_validator("evaluation")
+    @classmethod
+    def _bounded(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if len(json.dumps(v)) > MAX_EVALUATION_BYTES:
+            raise ValueError(f"an evaluation summary is at most {MAX_EVALUATION_BYTES} bytes")
+        return v
+
+
 class AdapterQuery(Strict):
     base_model: str | None = None
     owner: str | None = None
@@ -259,6 +280,9 @@ DESCRIBE_ADAPTER: Method[AdapterId, AdapterRecord] = Method(
 )
 DELETE_ADAPTER: Method[AdapterId, Deleted] = Method(
     "delete_adapter", AdapterId, Deleted, "delete_adapter request"
+)
+NOTE_EVALUATION: Method[AdapterEvaluation, AdapterRecord] = Method(
+    "note_evaluation", AdapterEvaluation, AdapterRecord, "note_evaluation request"
 )
 
 
@@ -389,6 +413,17 @@ async def describe_adapter(
 ) -> AdapterRecord:
     ref = AdapterId(id=check_adapter_id(adapter_id))
     return await storage_client(agent, storage_address, timeout).invoke(DESCRIBE_ADAPTER, ref)
+
+
+async def note_evaluation(
+    agent: Caller,
+    storage_address: str,
+    adapter_id: str,
+    evaluation: dict[str, Any],
+    timeout: float | None = None,
+) -> AdapterRecord:
+    ref = AdapterEvaluation(id=check_adapter_id(adapter_id), evaluation=evaluation)
+    return await storage_client(agent, storage_address, timeout).invoke(NOTE_EVALUATION, ref)
 
 
 async def delete_adapter(
