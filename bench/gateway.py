@@ -19,6 +19,10 @@ Processes, as in dataplane.py (this script with a child flag):
 With ``--postgres URL`` (an empty database), a second gateway agent keeps its accounts there:
 path ``gateway_pg``, against ``gateway`` (SQLite) in the same run.
 
+Budgets (``budget_overspend``): after the paths, 200 requests at once through each gateway by a
+user whose token budget holds about 40 of them: admitted, refused (429 naming the budget), and
+the tokens the admitted ones spent beyond the budget (target 0).
+
 Paths measured, all in one run: ``gateway``, ``direct``, ``litellm`` and ``upstream`` (the
 client straight to the echo upstream: what the HTTP client and a minimal server cost, and proof the
 upstream is not LiteLLM's bottleneck). Concurrency 1 runs in rounds alternating the paths (a
@@ -85,6 +89,9 @@ MODEL = "echo"
 NODE = "gpu"
 GATEWAY = "gw"
 USER = "bench"
+BUDGETED = "budgeted"  # a user whose token budget the overspend phase runs into
+BUDGET = 5_000  # tokens: ~40 requests at once (each reserves ~125: its prompt's bound + max_tokens)
+BUDGET_REQUESTS = 200
 PROMPT = "say hello to the gateway benchmark please"
 MAX_TOKENS = 8
 EXPECTED = " ".join(PROMPT.split()[:MAX_TOKENS])  # what every path must answer
@@ -272,7 +279,35 @@ async def gateway_ready(plugin: GatewayPlugin) -> dict[str, str]:
         raise RuntimeError(f"the gateway did not see the model {MODEL!r} in {CHILD_START_S}s")
     plugin.accounts.create_user(USER, actor="bench")
     _, key = plugin.accounts.create_key(USER, name="bench", actor="bench")
-    return {"url": plugin.url, "key": key}
+    plugin.accounts.create_user(BUDGETED, actor="bench")
+    _, budget_key = plugin.accounts.create_key(BUDGETED, name="bench", actor="bench")
+    plugin.accounts.set_budget("user", BUDGETED, "tokens", "total", BUDGET, actor="bench")
+    return {"url": plugin.url, "key": key, "budget_key": budget_key}
+
+
+async def overspend(url: str, key: str, requests: int) -> dict[str, Any]:
+    """``requests`` requests at once (a connection each) by a user whose token budget
+    (``BUDGET``) holds a fraction of them: how many were admitted or refused (429), and the
+    tokens the admitted ones report spending beyond the budget (target 0)."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=requests, max_keepalive_connections=0)
+    async with httpx.AsyncClient(trust_env=False, timeout=60.0, limits=limits) as client:
+        replies = await asyncio.gather(
+            *(client.post(url, content=BODY, headers=headers(key)) for _ in range(requests))
+        )
+    admitted = [r for r in replies if r.status_code == 200]
+    refused = sum(r.status_code == 429 and "budget" in r.text for r in replies)
+    spent = sum(r.json()["usage"]["total_tokens"] for r in admitted)
+    return {
+        "requests": requests,
+        "admitted": len(admitted),
+        "refused": refused,
+        "other": requests - len(admitted) - refused,
+        "budget_tokens": BUDGET,
+        "spent_tokens": spent,
+        "overspend_tokens": max(0, spent - BUDGET),
+    }
 
 
 # --- LiteLLM -----------------------------------------------------------------------------------
@@ -699,7 +734,13 @@ async def main(args: argparse.Namespace, profile_dir: Path | None) -> dict[str, 
                 c1 = await sequential(paths, plan, cpu)
                 log.info("concurrency %d ...", plan.concurrency)
                 cn = await parallel(paths, plan, cpu)
-    return report(plan, venv, c1, cn, time.perf_counter() - t_start)
+            log.info("%d requests at once against a budget ...", BUDGET_REQUESTS)
+            budgets = {
+                name: await overspend(g["url"] + CHAT_PATH, g["budget_key"], BUDGET_REQUESTS)
+                for name, g in (("gateway", gw), ("gateway_pg", gw_pg))
+                if g is not None
+            }
+    return report(plan, venv, c1, cn, budgets, time.perf_counter() - t_start)
 
 
 def report(
@@ -707,6 +748,7 @@ def report(
     venv: Path,
     c1: dict[str, dict[str, Any]],
     cn: dict[str, dict[str, Any]],
+    budgets: dict[str, dict[str, Any]],
     seconds: float,
 ) -> dict[str, Any]:
     key = f"c{plan.concurrency}"
@@ -741,7 +783,11 @@ def report(
         # CPU per request of the serving processes, less sensitive than requests/s to a small
         # machine shared with the load generator: LiteLLM + upstream over gateway + broker + node
         "vs_litellm_cpu": vs_cpu,
+        "budget_overspend": budgets,
         "targets": {
+            "budget_overspend.*.overspend_tokens==0": all(
+                b["overspend_tokens"] == 0 and b["admitted"] > 0 for b in budgets.values()
+            ),
             f"vs_litellm_rps>=10 (c{plan.concurrency})": None if vs is None else vs >= 10,
             "added_p50_ms<=2 (c1)": added_p50 <= 2.0,
             f"pg_vs_sqlite_rps>=0.7 (c{plan.concurrency})": None if pg_vs is None else pg_vs >= 0.7,
