@@ -597,7 +597,7 @@ def test_seen_ids_answer_as_a_set_of_the_last_ids_would(size: int) -> None:
     the table's size collide; small ints hash to themselves), so runs wrap around the table
     and deletions shift them back, and a key of hash 0 or -1."""
     rng = random.Random(size)
-    seen, model, order = SeenIds(size), set(), deque()
+    seen, model, order = SeenIds(size), set[int](), deque[int]()
     pool = [k * 256 for k in range(3 * size)] + list(range(3 * size)) + [0, -1, -2]
     for _ in range(20_000):
         key = rng.choice(pool)
