@@ -26,7 +26,7 @@ from atoll.plugins.gateway.evaluations import Evaluations
 from atoll.plugins.gateway.kept_runs import STOPPED
 from atoll.plugins.inference.local_backend import FALLBACK_TEMPLATE
 from atoll.plugins.storage.contract.adapters import upload_adapter
-from support.island import Island
+from support.island import Island, adapters_island
 from support.overlay import AgentFactory
 from support.tiny_models import build_tiny_model, make_adapter
 
@@ -46,18 +46,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture
 async def island(make_agent: AgentFactory, models: dict[str, Path]) -> Island:
-    await make_agent("store", roles=("storage",), plugins={"storage": {}}, heartbeat=0.2)
-    local = {
-        "backend": "local",
-        "local": {"model": str(models["base"]), "embeddings": False},
-        "adapter_dirs": [str(models["adapters"])],
-    }
-    await make_agent("gpu1", roles=("inference",), plugins={"inference": local}, heartbeat=0.2)
-    isl = await Island(make_agent).start_gateway()
-    await isl.models_seen(MODEL)
-    isl.key("alice")
-    isl.accounts.register_adapter(ADAPTER, base_model=MODEL, owner="alice", actor="test")
-    return isl
+    return await adapters_island(make_agent, models["base"], models["adapters"], [ADAPTER])
 
 
 def http(isl: Island, key: str) -> httpx.AsyncClient:

@@ -19,7 +19,7 @@ from typer.testing import CliRunner, Result
 from atoll.plugins.gateway.mixture_commands import mixtures
 from atoll.plugins.gateway.mixture_search import HIGH, WeightSearch
 from support.browser import Tab
-from support.island import Island
+from support.island import Island, adapters_island
 from support.overlay import AgentFactory
 from support.tiny_models import build_tiny_model, make_adapter
 
@@ -41,19 +41,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture
 async def island(make_agent: AgentFactory, models: dict[str, Path]) -> Island:
-    await make_agent("store", roles=("storage",), plugins={"storage": {}}, heartbeat=0.2)
-    local = {
-        "backend": "local",
-        "local": {"model": str(models["base"]), "embeddings": False},
-        "adapter_dirs": [str(models["adapters"])],
-    }
-    await make_agent("gpu1", roles=("inference",), plugins={"inference": local}, heartbeat=0.2)
-    isl = await Island(make_agent).start_gateway()
-    await isl.models_seen(MODEL)
-    isl.key("alice")
-    for adapter in (A, B, WIDE):
-        isl.accounts.register_adapter(adapter, base_model=MODEL, owner="alice", actor="test")
-    return isl
+    return await adapters_island(make_agent, models["base"], models["adapters"], [A, B, WIDE])
 
 
 def http(isl: Island, key: str) -> httpx.AsyncClient:

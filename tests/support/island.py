@@ -133,6 +133,26 @@ async def start_storage(
     return rt, plugin
 
 
+async def adapters_island(
+    make_agent: AgentFactory, base: Path, adapter_dir: Path, adapters: list[str]
+) -> Island:
+    """Storage, one local node serving the tiny model ``base`` (named as its directory) with
+    the adapters under ``adapter_dir``, and a gateway; ``adapters`` registered as alice's."""
+    await make_agent("store", roles=("storage",), plugins={"storage": {}}, heartbeat=0.2)
+    local = {
+        "backend": "local",
+        "local": {"model": str(base), "embeddings": False},
+        "adapter_dirs": [str(adapter_dir)],
+    }
+    await make_agent("gpu1", roles=("inference",), plugins={"inference": local}, heartbeat=0.2)
+    isl = await Island(make_agent).start_gateway()
+    await isl.models_seen(base.name)
+    isl.key("alice")
+    for adapter in adapters:
+        isl.accounts.register_adapter(adapter, base_model=base.name, owner="alice", actor="test")
+    return isl
+
+
 async def training_island(make_agent: AgentFactory, tmp_path: Path) -> Island:
     """Storage, a training queue with its trainer, an inference node serving a tiny random
     model ("tiny-llama") and a gateway: the whole fine-tuning loop, each part an agent."""
