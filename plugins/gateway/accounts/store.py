@@ -5,11 +5,13 @@ use."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final, ParamSpec, TypeVar
@@ -177,6 +179,9 @@ class Store:
         self._db = self._database.connection
         # A server, which other gateways may share: nothing cached, calls offloaded.
         self.shared = self._database.data_version() is None
+        # One thread for the calls offloaded: they take the one connection's lock in turn
+        # anyway, and threads queueing on it hand the GIL back and forth for nothing.
+        self._worker: ThreadPoolExecutor | None = None
         with self._tx() as db:
             version = self._database.schema_version()
             if version > SCHEMA_VERSION:
@@ -202,10 +207,15 @@ class Store:
         request with it, for their whole wait), inline on SQLite (cached or local: microseconds,
         less than the thread hop)."""
         if self.shared:
-            return await asyncio.to_thread(fn, *args, **kw)
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(1, thread_name_prefix="accounts")
+            call = functools.partial(fn, *args, **kw)
+            return await asyncio.get_running_loop().run_in_executor(self._worker, call)
         return fn(*args, **kw)
 
     def close(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()
         with self._lock:
             self._database.close()
 
