@@ -1,7 +1,7 @@
 """Training examples from canonical dataset files (storage's ``chat``, ``text`` and
 ``preference`` JSONL): sft conversations rendered with a chat template and labelled on the
-assistant's tokens only; pt text joined and cut into blocks; dpo pairs as the prompt with each
-reply, labelled on that reply. Runs in the job's process (it needs a tokenizer)."""
+assistant's tokens only; pt text joined and cut into blocks; dpo pairs as the prompt's tokens and
+each reply's (TRL's shape). Runs in the job's process (it needs a tokenizer)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 IGNORE = -100  # label of a token the loss skips
-# input_ids, labels (dpo: chosen_ and rejected_ of each; packed: and position_ids)
+# input_ids, labels (packed: and position_ids); dpo: prompt_ids, chosen_ids, rejected_ids
 Example = dict[str, list[int]]
 
 TEMPLATES = {
@@ -153,21 +153,35 @@ def pt_examples(
 def preference_example(
     tokenizer: PreTrainedTokenizerBase, template: str, row: dict[str, Any], cutoff_len: int
 ) -> Example | None:
-    """A pair: the prompt with the chosen reply and with the rejected one, each labelled on its
-    reply; None when either reply is cut off entirely."""
+    """A pair in TRL's tokenized shape: ``prompt_ids`` (the whole prompt, earlier answers too)
+    and each reply's tokens after it (``chosen_ids``, ``rejected_ids``: the reply and what the
+    template ends its turn with), rendered with the job's template; None when either reply is
+    cut off entirely."""
     prompt = row.get("messages")
     if not isinstance(prompt, list) or not all(
         isinstance(row.get(k), str) for k in ("chosen", "rejected")
     ):
         raise DataError("a preference row needs messages, chosen and rejected")
-    pair: Example = {}
+    sides = []
     for side in ("chosen", "rejected"):
         messages = [*prompt, {"role": "assistant", "content": row[side]}]
         example = sft_example(tokenizer, template, messages, cutoff_len, last_only=True)
         if example is None:
             return None
-        pair |= {f"{side}_{k}": v for k, v in example.items()}
-    return pair
+        ids, labels = example["input_ids"], example["labels"]
+        sides.append((ids, next(i for i, label in enumerate(labels) if label != IGNORE)))
+    (chosen, at_c), (rejected, at_r) = sides
+    # The prompt ends where the reply starts, or sooner where the two sides' tokens differ
+    # (a merge across the boundary): both replies then start at the same place.
+    start = next(
+        (i for i, (a, b) in enumerate(zip(chosen[:at_c], rejected[:at_r], strict=False)) if a != b),
+        min(at_c, at_r),
+    )
+    return {
+        "prompt_ids": chosen[:start],
+        "chosen_ids": chosen[start:],
+        "rejected_ids": rejected[start:],
+    }
 
 
 def build_examples(
@@ -213,16 +227,6 @@ def hold_out(
     chosen = set(random.Random(seed).sample(range(len(examples)), held))
     kept = [e for i, e in enumerate(examples) if i not in chosen]
     return kept, [e for i, e in enumerate(examples) if i in chosen]
-
-
-def collate_pairs(batch: list[Example], pad_id: int) -> dict[str, Any]:
-    """Pairs as one batch: the chosen sequences, then the rejected ones in the same order."""
-    sides = [
-        {"input_ids": e[f"{side}_input_ids"], "labels": e[f"{side}_labels"]}
-        for side in ("chosen", "rejected")
-        for e in batch
-    ]
-    return collate(sides, pad_id)
 
 
 def pack(examples: list[Example], width: int) -> list[Example]:

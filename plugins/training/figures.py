@@ -4,7 +4,7 @@ that holds them. Losses are token-weighted means of the cross-entropy over label
 accuracy is the share of labelled tokens the model's argmax predicts. A dpo job's steps have
 TRL's figures instead: the loss, the rewards of chosen and rejected replies (beta times the
 log-probability the adapter adds to the reference's), their margin, and the share of pairs whose
-chosen reward is the larger; its validation pairs are measured the same way. Runs in the job's
+chosen reward is the larger (TRL's DPOTrainer computes them: dpo.py). Runs in the job's
 process.
 """
 
@@ -14,13 +14,12 @@ import contextlib
 import csv
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from atoll.plugins.training.contract import PAIR_FIGURES, VALID_PAIR_FIGURES
-from atoll.plugins.training.data import IGNORE, Example, collate, collate_pairs
-from atoll.plugins.training.dpo import dpo_loss
+from atoll.plugins.training.data import IGNORE, Example, collate
 
 RESULTS_NAME = "step_metrics.csv"  # OpenAI's name for a job's results file
 # OpenAI's columns; a step without an evaluation leaves the validation ones empty.
@@ -66,33 +65,21 @@ class Tally:
 
 @dataclass
 class PairTally:
-    """A dpo step's pairs: loss and rewards summed, pairs ranked right, pairs."""
+    """A dpo step's pairs: TRL's per-batch means weighted by each batch's pairs."""
 
-    loss_sum: float = 0.0
-    chosen_sum: float = 0.0
-    rejected_sum: float = 0.0
-    right: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
     pairs: int = 0
 
-    def add(self, losses: Any, chosen: Any, rejected: Any) -> None:
-        """One batch's per-pair losses and rewards (tensors of one value a pair)."""
-        self.loss_sum += float(losses.sum())
-        self.chosen_sum += float(chosen.sum())
-        self.rejected_sum += float(rejected.sum())
-        self.right += int((chosen > rejected).sum())
-        self.pairs += len(losses)
+    def add(self, pairs: int, loss: float, figures: dict[str, float]) -> None:
+        """One batch: its ``pairs``, mean loss and PAIR_FIGURES (means over its pairs)."""
+        for name, value in {"loss": loss, **figures}.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value * pairs
+        self.pairs += pairs
 
     def figures(self) -> dict[str, float]:
         """TRL's names, each a mean over the step's pairs."""
         n = self.pairs or math.nan
-        chosen, rejected = self.chosen_sum / n, self.rejected_sum / n
-        return {
-            "loss": self.loss_sum / n,
-            "rewards/chosen": chosen,
-            "rewards/rejected": rejected,
-            "rewards/margins": chosen - rejected,
-            "rewards/accuracies": self.right / n,
-        }
+        return {name: total / n for name, total in self.sums.items()}
 
 
 @contextlib.contextmanager
@@ -119,19 +106,6 @@ def evaluate(model: Any, examples: Sequence[Example], batch_size: int, pad_id: i
             batch = {k: v.to(device) for k, v in batch.items()}
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             tally.add(out.logits, batch["labels"])
-    return tally
-
-
-def evaluate_pairs(
-    peft_model: Any, pairs: Sequence[Example], batch_size: int, pad_id: int, beta: float
-) -> PairTally:
-    """The DPO loss and rewards of ``pairs`` (preference examples), as a training step's."""
-    tally = PairTally()
-    with _evaluating(peft_model) as device:
-        for start in range(0, len(pairs), batch_size):
-            batch = collate_pairs(list(pairs[start : start + batch_size]), pad_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            tally.add(*dpo_loss(peft_model, batch, beta))
     return tally
 
 

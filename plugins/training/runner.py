@@ -200,14 +200,8 @@ def train(spec: RunSpec, emit: Events) -> None:
 
     from atoll.plugins.basemodels import model_id, resolve_model
     from atoll.plugins.training.auto import resolve
-    from atoll.plugins.training.data import collate, collate_pairs, pack
-    from atoll.plugins.training.dpo import dpo_loss
-    from atoll.plugins.training.figures import (
-        RESULTS_NAME,
-        evaluate,
-        evaluate_pairs,
-        write_results,
-    )
+    from atoll.plugins.training.data import collate, pack
+    from atoll.plugins.training.figures import RESULTS_NAME, evaluate, write_results
 
     o = spec.options
     dpo = o.stage == "dpo"
@@ -247,12 +241,7 @@ def train(spec: RunSpec, emit: Events) -> None:
 
     class FineTuner(Trainer):
         """Counts each training batch's labelled tokens, hits and loss for the step's figures,
-        and every token it trains on (OpenAI's trained_tokens); a dpo job's loss is dpo.py's."""
-
-        def __init__(self, *a: Any, **kw: Any) -> None:
-            super().__init__(*a, **kw)
-            if dpo:  # the loss is a mean over pairs: Trainer scales it for accumulation
-                self.model_accepts_loss_kwargs = False
+        and every token it trains on (OpenAI's trained_tokens). A dpo job's is dpo.py's."""
 
         def compute_loss(
             self,
@@ -262,11 +251,6 @@ def train(spec: RunSpec, emit: Events) -> None:
             num_items_in_batch: Any = None,
         ) -> Any:
             tokens = int(inputs.pop("tokens"))  # collate's count: not the model's input
-            if dpo:
-                losses, chosen, rejected = dpo_loss(peft_model, inputs, o.pref_beta)
-                run.pairs.add(losses.detach(), chosen, rejected)
-                run.tokens += tokens
-                return losses.mean()
             loss, outputs = super().compute_loss(
                 model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
             )
@@ -279,8 +263,8 @@ def train(spec: RunSpec, emit: Events) -> None:
         """The validation set's figures at this step: an event, the step's row, and the full
         figures when it is the last step. A dpo job's are its pairs' loss and rewards."""
         if dpo:
-            pairs = evaluate_pairs(peft_model, validation, settings.batch_size, pad_id, o.pref_beta)
-            figures = pairs.figures()
+            assert isinstance(trainer, PreferenceTrainer)
+            figures = trainer.pair_figures(pair_dataset(validation))
             told = f"reward accuracy {figures['rewards/accuracies']:.3f}"
         else:
             figures = evaluate(peft_model, validation, settings.batch_size, pad_id).figures()
@@ -383,9 +367,10 @@ def train(spec: RunSpec, emit: Events) -> None:
             if not sys.stdin.readline():
                 raise RuntimeError("the trainer stopped taking checkpoints")
 
-    args = TrainingArguments(
+    training: dict[str, Any] = dict(
         output_dir=str(spec.output_dir / "checkpoints"),
         per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.batch_size,
         gradient_accumulation_steps=o.gradient_accumulation_steps,
         lr_scheduler_type=o.lr_scheduler_type,
         logging_steps=o.logging_steps,
@@ -401,13 +386,34 @@ def train(spec: RunSpec, emit: Events) -> None:
         remove_unused_columns=False,
         dataloader_num_workers=0,
     )
-    trainer = FineTuner(
-        model=peft_model,
-        args=args,
-        train_dataset=rows,  # a list is a map-style dataset
-        data_collator=lambda batch: (collate_pairs if dpo else collate)(batch, pad_id),
-        callbacks=[Progress()],
-    )
+    trainer: Trainer
+    if dpo:
+        from atoll.plugins.training.dpo import (
+            PreferenceTrainer,
+            pair_dataset,
+            preference_config,
+        )
+
+        def counted(pairs: int, loss: float, figures: dict[str, float], tokens: int) -> None:
+            run.pairs.add(pairs, loss, figures)
+            run.tokens += tokens
+
+        trainer = PreferenceTrainer(
+            model=peft_model,
+            args=preference_config(o.pref_beta, **training),
+            train_dataset=pair_dataset(rows),
+            processing_class=tokenizer,
+            callbacks=[Progress()],
+            on_batch=counted,
+        )
+    else:
+        trainer = FineTuner(
+            model=peft_model,
+            args=TrainingArguments(**training),
+            train_dataset=rows,  # a list is a map-style dataset
+            data_collator=lambda batch: collate(batch, pad_id),
+            callbacks=[Progress()],
+        )
     if spec.resume is not None:
         run.saved_at = json.loads((spec.resume / "trainer_state.json").read_text())["global_step"]
         emit("log", f"resuming from the checkpoint at step {run.saved_at}")

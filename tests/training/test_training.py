@@ -977,8 +977,8 @@ def test_sft_labels_only_the_assistant_replies() -> None:
 
 
 def test_a_preference_pair_is_labelled_on_its_reply_only() -> None:
-    """Each side of a dpo pair is the whole prompt (earlier answers too) with its reply, and only
-    the reply (with its end of turn) is scored; a pair whose reply is cut off is dropped."""
+    """A dpo pair in TRL's shape: the whole prompt (earlier answers too), then each reply with
+    its end of turn, which is all that is scored; a pair whose reply is cut off is dropped."""
     tok = tiny_tokenizer()
     row = {
         "messages": [
@@ -991,11 +991,11 @@ def test_a_preference_pair_is_labelled_on_its_reply_only() -> None:
     }
     pair = preference_example(tok, tok.chat_template, row, 1024)
     assert pair is not None
+    prompt = tok.decode(pair["prompt_ids"])
+    assert "Capital of France?" in prompt and "Paris." in prompt and "And of Peru?" in prompt
+    assert prompt.endswith("assistant\n") and "Lima" not in prompt, prompt
     for side, reply in (("chosen", "Lima."), ("rejected", "Quito.")):
-        ids, labels = pair[f"{side}_input_ids"], pair[f"{side}_labels"]
-        assert "Capital of France?" in tok.decode(ids) and "Paris." in tok.decode(ids)
-        scored = tok.decode([i for i, label in zip(ids, labels, strict=True) if label != IGNORE])
-        assert scored.strip() == f"{reply}<|im_end|>", scored
+        assert tok.decode(pair[f"{side}_ids"]).strip() == f"{reply}<|im_end|>"
     assert preference_example(tok, tok.chat_template, row, 16) is None
 
 
