@@ -11,7 +11,12 @@ and enough optimizer steps to be learned, and a large one is not trained for lon
   (Unsloth: 2 a device, 4 accumulated; LLaMA-Factory: 1 and 8; axolotl's lora-1b: 2 and 2,
   packed).
 - Learning rate: ``BASE_LEARNING_RATE`` (2e-4), LoRA's usual rate (the QLoRA paper for models up
-  to 13B, Unsloth's recommended start); the batch rule keeps the steps it needs.
+  to 13B, Unsloth's recommended start), for up to 4 examples an optimizer step; above that it
+  grows with the square root of the examples a step (the square-root scaling rule for Adam:
+  Malladi et al., 2022, "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms"), up to
+  twice the base at 16. OpenAI's "auto" multiplier likewise rises with the batch size. So the
+  small sets, the ones that must be learned in few examples, keep the usual rate and the batch
+  rule gives them the steps they need.
 - Packed examples (``packing``): the batch rule counts the packed rows, which are the batches'
   units; epochs still count the examples.
 - Precision: bf16 where the device has it (a GPU of compute capability 8 or more: the usual LoRA
@@ -22,6 +27,7 @@ Explicit values are used as given. Pure functions: the runner calls them, tests 
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 from atoll.plugins.training.contract import BASE_LEARNING_RATE, JobOptions, Precision
@@ -32,6 +38,8 @@ MAX_TARGET_EXAMPLES = 25_000  # ... and at most
 MAX_AUTO_EPOCHS = 25
 MIN_STEPS_PER_EPOCH = 100
 MAX_AUTO_BATCH = 16
+BASE_RATE_BATCH = 4  # examples an optimizer step up to which "auto" keeps the base rate
+MAX_AUTO_MULTIPLIER = 2.0
 
 
 class Settings(NamedTuple):
@@ -56,6 +64,12 @@ def auto_batch_size(examples: int) -> int:
     return size
 
 
+def auto_learning_rate(per_step: int) -> float:
+    """The base rate, scaled by the square root of ``per_step`` examples past BASE_RATE_BATCH."""
+    scale = math.sqrt(max(per_step, BASE_RATE_BATCH) / BASE_RATE_BATCH)
+    return BASE_LEARNING_RATE * min(MAX_AUTO_MULTIPLIER, scale)
+
+
 def resolve(
     options: JobOptions, examples: int, rows: int | None = None, bf16: bool = False
 ) -> Settings:
@@ -65,13 +79,17 @@ def resolve(
     precision: Precision = o.precision_type if o.precision_type != "auto" else "fp32"
     if o.precision_type == "auto" and bf16:
         precision = "bf16"
+    batch = (
+        auto_batch_size(rows or examples)
+        if o.per_device_train_batch_size == "auto"
+        else o.per_device_train_batch_size
+    )
+    per_step = batch * o.gradient_accumulation_steps
     return Settings(
-        batch_size=(
-            auto_batch_size(rows or examples)
-            if o.per_device_train_batch_size == "auto"
-            else o.per_device_train_batch_size
-        ),
+        batch_size=batch,
         n_epochs=auto_epochs(examples) if o.num_train_epochs == "auto" else o.num_train_epochs,
-        learning_rate=BASE_LEARNING_RATE if o.learning_rate == "auto" else o.learning_rate,
+        learning_rate=auto_learning_rate(per_step)
+        if o.learning_rate == "auto"
+        else o.learning_rate,
         precision=precision,
     )

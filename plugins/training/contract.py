@@ -158,6 +158,10 @@ class JobOptions(BaseModel):
     model_name_or_path: str = Field(min_length=1, max_length=512)
     dataset: list[DatasetId] = Field(min_length=1, max_length=16)
     template: Template = "default"
+    # LoRA defaults from current practice: every linear projection (QLoRA, Dettmers et al. 2023:
+    # needed to match full fine-tuning; Thinking Machines' "LoRA Without Regret", 2025: the MLP's
+    # above all), rank 16 (Unsloth's default; LLaMA-Factory's is 8) and alpha twice the rank
+    # (LLaMA-Factory's default; Raschka's 2023 LoRA experiments found 2r a good rule).
     lora_rank: int = Field(16, ge=1, le=256)
     lora_alpha: float | None = Field(None, gt=0, le=4096)  # None: twice the rank
     lora_target: Annotated[Literal["all"] | list[str], BeforeValidator(_split_targets)] = "all"

@@ -282,6 +282,26 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+async def test_accumulated_batches_make_the_steps_of_one_batch_their_size(island: Island) -> None:
+    """Batches of 2 accumulated twice train as batches of 4: as many optimizer steps, each
+    step's figures over all 4 examples, the same losses; OpenAI's batch_size counts them all."""
+    await island.add_trainer("t1")
+    runs = {}
+    for batch, accumulated in ((4, 1), (2, 2)):
+        job = await island.submit(
+            per_device_train_batch_size=batch, gradient_accumulation_steps=accumulated
+        )
+        done = await island.until(job.id, {"completed"})
+        events = await job_events(island.client, "queue", job.id)
+        losses = {e["step"]: e["loss"] for e in events if e["type"] == "log" and "loss" in e}
+        assert done.hyperparameters is not None
+        runs[accumulated] = (done.hyperparameters.total_steps, losses, done.metrics)
+    (steps, losses, metrics), (steps2, losses2, metrics2) = runs[1], runs[2]
+    assert steps == steps2 == 12 and sorted(losses2) == list(range(1, 13))  # 24 rows, 2 epochs
+    assert losses2 == pytest.approx(losses, rel=1e-3)
+    assert metrics2["trained_tokens"] == metrics["trained_tokens"]
+
+
 async def test_a_job_reports_its_figures_validation_and_results_file(island: Island) -> None:
     """A quarter of the rows held out: the queue's job says what it trained with, its events
     carry each step's loss and token accuracy and the validation set's after each epoch, and
@@ -532,6 +552,14 @@ def test_auto_follows_the_number_of_examples() -> None:
     assert resolve(options, 24, bf16=True).precision == "bf16"  # a GPU that has it
     # Packed: batches count the rows (400 examples in 100 rows: 1 a step), epochs the examples.
     assert resolve(options, 400, rows=100)[:2] == (1, 3)
+    # The rate: the base up to 4 examples a step, then with their square root, at most twice.
+    rates = {n: resolve(options, n).learning_rate / BASE_LEARNING_RATE for n in (24, 400, 800)}
+    assert rates == pytest.approx({24: 1.0, 400: 1.0, 800: 2**0.5})
+    assert resolve(options, 5000).learning_rate == pytest.approx(2 * BASE_LEARNING_RATE)
+    stepped = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4}
+    assert resolve(parse(JobOptions, GOOD | stepped, "o"), 24).learning_rate == pytest.approx(
+        2**0.5 * BASE_LEARNING_RATE
+    )  # 8 examples a step
     given: dict[str, Any] = {"per_device_train_batch_size": 8, "num_train_epochs": 1.5}
     given |= {"learning_rate": 1e-3, "precision_type": "fp32"}
     assert resolve(parse(JobOptions, GOOD | given, "o"), 24, bf16=True) == (8, 1.5, 1e-3, "fp32")
