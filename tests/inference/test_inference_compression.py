@@ -362,15 +362,18 @@ async def test_atoll_adapters_compress_through_the_gateway(models, make_agent, t
             reply = await http.post("/v1/adapters", data=form, files=files, headers=auth)
             assert reply.status_code == 200, reply.text
     env = {"ATOLL_GATEWAY_URL": island.url, "ATOLL_API_KEY": alice}
-    args = ["compress", "--base", str(models["base"]), "--name", "fam", "--rank", str(RANK)]
+    # A budget of its own: this tiny model's adapters outweigh its weights, so its greedy
+    # tokens follow far smaller errors than the default budget (a member within 0.22% kept 84%).
+    args = ["compress", "--base", str(models["base"]), "--name", "fam", "--max-error", "0.0005"]
     args += [a for i in range(3) for a in ("--adapter", f"alice/m{i}")]
     done = await asyncio.to_thread(CliRunner().invoke, adapters, args, env=env)
     assert done.exit_code == 0, done.output
     report = json.loads(done.stdout)
     assert report["id"] == "collections/alice/fam"
     assert [m["id"] for m in report["members"]] == ["alice/m0", "alice/m1", "alice/m2"]
+    assert report["max_error"] == 0.0005 and set(report["ranks"].values()) == {report["rank"]}
     for member in report["members"]:
-        assert member["error"] < 0.05 and member["agreement"] >= 0.95
+        assert member["error"] <= 0.0005 and member["agreement"] >= 0.95
         assert member["bytes"] > 0 and member["original_bytes"] > 0
     record = island.accounts.adapter("collections/alice/fam")
     assert record is not None and record.owner == "alice"
