@@ -63,7 +63,7 @@ MAX_MEMBERS = 4096
 # The error budget's default: every member within 1.25% of its ΔW (relative Frobenius error,
 # over all its modules). On the embedded model, random errors of 0.35%, 0.7% and 1.4% of
 # the originals' ΔW cost 0.4%, 1.4% and 4.2% of greedy tokens (32-token answers, 16 members x
-# 16 held-out prompts; README, "Adapters at scale"): 1.25% keeps the 95% target with a margin.
+# 16 held-out prompts; README, bench/adapters.py): 1.25% keeps the 95% target with a margin.
 MAX_ERROR = 0.0125
 MAX_RANK = 64  # the budget's search stops here: a member's own part past it is not shared
 
