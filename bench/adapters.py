@@ -19,10 +19,14 @@ decode:
   running rows and a load was in flight, against the median forward pass (target: the longest
   gap <= one step's time, i.e. ``stall_vs_step <= 1``);
 - ``compressed_1000``: the same 1,000 ids round robin as one compressed collection
-  (compression.py, rank ``--collection-rank``) loaded on a node with the default pool: every
-  row shares one projection per layer (target >= 0.9x the anchor); with the compression's time,
-  the members' relative errors and their greedy agreement with the originals (served
-  ``uncompressed`` by the same node) on held-out prompts (target >= 0.95 of tokens).
+  (compression.py, each module's rank the smallest within the error budget
+  ``--collection-error``, or one ``--collection-rank``) loaded on a node with the default pool:
+  every row shares one projection per layer (target >= 0.9x the anchor); with the compression's
+  time, the module ranks, bytes (the artefact, a member's share, the originals), the members'
+  relative errors and their greedy agreement with the originals (served ``uncompressed`` by the
+  same node; target >= 0.95 of tokens): ``SAMPLED`` members spread over the ids and the weight
+  files, each answering all ``HELD_OUT`` prompts compressed and original, tokens compared
+  position by position per answer, with a 95% interval over answers.
   Its 64 weight files are a family (mixes of 4 base LoRAs plus noise, as fine-tunes of one
   base share structure); random ones share none, and no rank below their sum keeps them.
 
@@ -52,7 +56,15 @@ from atoll.agent.metrics import MetricsRegistry
 from atoll.bench.harness import run_main, setup_logging
 from atoll.bench.multilora import PROMPTS, TARGETS, write_adapter
 from atoll.plugins.basemodels import model_id, resolve_model
-from atoll.plugins.inference.compression import agreement, compress, sha256, write_collection
+from atoll.plugins.inference.compression import (
+    MAX_ERROR,
+    agreement,
+    compress,
+    member_bytes,
+    module_ranks,
+    sha256,
+    write_collection,
+)
 from atoll.plugins.inference.contract import GenerateRequest
 from atoll.plugins.inference.local_backend import LocalBackend, LocalConfig
 from atoll.plugins.inference.pool import read_adapter
@@ -60,12 +72,23 @@ from atoll.tuning import tune_process
 
 WEIGHT_FILES = 64
 RANK = 8
+# The compressed members' held-out prompts (none of them in the throughput runs' PROMPTS): each
+# sampled member answers every one, compressed and original.
 HELD_OUT = (
     "Describe a sunrise over the mountains.",
     "What should I pack for a week of hiking?",
     "Give two tips for writing clear emails.",
     "Why is the sky blue?",
+    "Write a haiku about the sea.",
+    "What is the capital of Italy?",
+    "Explain recursion to a child.",
+    "def fibonacci(n):",
+    "How do plants make food?",
+    "Name a good book for a long train ride.",
+    "What is the difference between weather and climate?",
+    "Tell me a fun fact about octopuses.",
 )
+SAMPLED = 16  # members whose agreement is measured, spread over the 1,000 ids
 
 
 def write_family(
@@ -95,11 +118,14 @@ def write_family(
     return paths
 
 
-def compress_family(files: list[Path], ids: list[str], rank: int, out: Path, base: str) -> Any:
+def compress_family(
+    files: list[Path], ids: list[str], out: Path, base: str, rank: int | None, max_error: float
+) -> Any:
     """One collection of ``ids``, id i being file i % len(files) (as ``fetch`` maps them): the
-    distinct files are compressed, each id gets its file's core."""
+    distinct files are compressed (at ``rank``, else within the error budget ``max_error``),
+    each id gets its file's core."""
     factors = {str(i): read_adapter(f, torch.float64) for i, f in enumerate(files)}
-    made = compress(factors, rank)
+    made = compress(factors, rank, max_error=None if rank else max_error)
     n = len(files)
     made.members = ids
     made.cores = {m: c[[i % n for i in range(len(ids))]] for m, c in made.cores.items()}
@@ -111,10 +137,10 @@ def compress_family(files: list[Path], ids: list[str], rank: int, out: Path, bas
 
 async def greedy(
     backend: LocalBackend, adapter: str | None, tokens: int, **options: Any
-) -> list[int]:
-    """Greedy tokens for the held-out prompts, one after another."""
-    ids: list[int] = []
-    for prompt in HELD_OUT:
+) -> list[list[int]]:
+    """Greedy tokens for each held-out prompt (one list per prompt), all prompts at once."""
+
+    async def one(prompt: str) -> list[int]:
         request = GenerateRequest.model_validate(
             {
                 "prompt": prompt,
@@ -123,10 +149,29 @@ async def greedy(
             }
             | options
         )
+        ids = []
         async for event in backend.generate(request):
             if event.type == "token" and event.token_id is not None:
                 ids.append(event.token_id)
-    return ids
+        return ids
+
+    return list(await asyncio.gather(*(one(p) for p in HELD_OUT)))
+
+
+def agreement_figures(ours: list[list[int]], theirs: list[list[int]]) -> dict[str, Any]:
+    """The share of greedy tokens equal position by position over all answers, a 95% interval
+    for it over answers (normal approximation: answers are the independent draws, a token's
+    fate hangs on its answer's first divergence), and the share of answers identical."""
+    shares = [agreement([a], [b]) for a, b in zip(ours, theirs, strict=True)]
+    same = sum(a == b for a, b in zip(ours, theirs, strict=True))
+    mean = agreement(ours, theirs)
+    half = 1.96 * statistics.stdev(shares) / len(shares) ** 0.5 if len(shares) > 1 else 0.0
+    return {
+        "greedy_agreement": round(mean, 4),
+        "greedy_agreement_ci95": [round(max(0.0, mean - half), 4), round(min(1.0, mean + half), 4)],
+        "answers_identical": round(same / len(ours), 4),
+        "answers": len(ours),
+    }
 
 
 async def throughput(
@@ -309,30 +354,45 @@ async def main(args: argparse.Namespace, profile_dir: Path | None) -> dict[str, 
         files[:] = write_family(work / "family", model_dir, shapes, WEIGHT_FILES)
         started = time.perf_counter()
         manifest = await asyncio.to_thread(
-            compress_family, files, ids, args.collection_rank, work / "bench", str(model_dir)
-        )
+            compress_family, files, ids, work / "bench", str(model_dir),
+            args.collection_rank, args.collection_error,
+        )  # fmt: skip
         compress_s = time.perf_counter() - started
         packed = await backend(32, (str(work / "bench"),))
         try:
             await throughput(packed, [ids[0]], 4, 4, 4)  # warm-up
             compressed = await throughput(packed, ids, 16, requests, tokens)
-            sample = ids[:: stored // 8][:8]
-            ours = [await greedy(packed, a, tokens) for a in sample]
-            theirs = [await greedy(packed, a, tokens, uncompressed=True) for a in sample]
-            base = [await greedy(packed, None, tokens)]
+            # Members spread over the ids and over the distinct files (a stride coprime to 64).
+            sample = [ids[(i * 61) % stored] for i in range(SAMPLED)]
+            ours: list[list[int]] = []
+            theirs: list[list[int]] = []
+            for adapter in sample:
+                ours += await greedy(packed, adapter, tokens)
+                theirs += await greedy(packed, adapter, tokens, uncompressed=True)
+            base = await greedy(packed, None, tokens)
         finally:
             await packed.stop()
         errors = [m["error"] for m in manifest["members"]]
+        ranks = module_ranks(manifest)
+        original = sum((f / "adapter_model.safetensors").stat().st_size for f in files)
         compressed |= {
             "rank": args.collection_rank,
+            "max_error": manifest["max_error"],
+            "module_ranks": {
+                "min": min(ranks),
+                "median": statistics.median(ranks),
+                "max": max(ranks),
+            },
             "compress_s": round(compress_s, 1),
             "artefact_bytes": manifest["bytes"],
-            "original_bytes": sum((f / "adapter_model.safetensors").stat().st_size for f in files)
-            * stored
-            // WEIGHT_FILES,
+            "member_bytes": member_bytes(manifest["bytes"], ranks, stored),
+            "original_bytes": original * stored // WEIGHT_FILES,
+            "original_member_bytes": original // WEIGHT_FILES,
             "relative_error": {"median": round(statistics.median(errors), 4), "max": max(errors)},
-            "greedy_agreement": round(agreement(ours, theirs), 4),
-            "originals_vs_base_agreement": round(agreement(theirs[:1], base), 4),
+            "sampled_members": SAMPLED,
+            "held_out_prompts": len(HELD_OUT),
+            **agreement_figures(ours, theirs),
+            "originals_vs_base_agreement": round(agreement(theirs[: len(HELD_OUT)], base), 4),
         }
     return {
         "bench": "adapters",
@@ -368,7 +428,15 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="48 requests of 16 tokens (a smoke run)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
-    p.add_argument("--collection-rank", type=int, default=16, help="compressed run's shared rank")
+    p.add_argument(
+        "--collection-error",
+        type=float,
+        default=MAX_ERROR,
+        help="the compressed run's error budget (each module's rank chosen to meet it)",
+    )
+    p.add_argument(
+        "--collection-rank", type=int, help="one shared rank instead of the error budget"
+    )
     p.add_argument(
         "--model-cache",
         default=os.environ.get("ATOLL_MODEL_CACHE", str(Path("~/.cache/atoll/models"))),

@@ -102,23 +102,39 @@ def compress(
     adapter: Annotated[list[str], typer.Option(help="A member adapter's id (2 or more).")],
     name: Annotated[str, typer.Option(help="The collection becomes collections/YOU/NAME.")],
     rank: Annotated[
-        int,
+        int | None,
         typer.Option(
             min=1,
-            help="The shared rank per module: the tests' family agrees on >= 95% of greedy "
-            "tokens from 8, the benchmark's 94.9% at 16; members sharing less need more.",
+            help="One shared rank for every module, instead of an error budget.",
         ),
-    ] = 16,
+    ] = None,
+    max_error: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="The error budget: each module takes the smallest rank that keeps every "
+            "member's relative error within it (default 0.0125, i.e. 1.25%; the benchmark's "
+            "family then agrees with its originals on ~97% of greedy tokens).",
+        ),
+    ] = None,
+    max_rank: Annotated[
+        int, typer.Option(min=1, help="The budget's largest rank per module.")
+    ] = 64,
     url: Url = LOCAL,
 ) -> None:
     """Compress ADAPTERs of one base model and module set into one collection (a shared basis
     per module, a small core per adapter) and store it; prints each member's relative
     reconstruction error, greedy agreement with its original on held-out prompts (when BASE
-    is a local directory) and bytes."""
-    from atoll.plugins.inference.compression import compress_adapters
+    is a local directory) and bytes, and each module's rank. Refused, and nothing stored, when
+    members stay above the error budget even at the largest rank."""
+    from atoll.plugins.inference.compression import MAX_ERROR, compress_adapters
 
     if len(set(adapter)) < 2:
         fail("name two or more distinct adapters")
+    if rank is not None and max_error is not None:
+        fail("give --rank or --max-error, not both")
+    budget = MAX_ERROR if rank is None and max_error is None else max_error
     with tempfile.TemporaryDirectory(prefix="atoll-compress-") as tmp:
         root = Path(tmp)
         dirs = {a: root / "members" / str(i) for i, a in enumerate(dict.fromkeys(adapter))}
@@ -126,7 +142,7 @@ def compress(
             _download(url, key, adapter_id, folder)
         art = root / "collection"
         try:
-            manifest = compress_adapters(dirs, base, name, art, rank)
+            manifest = compress_adapters(dirs, base, name, art, rank, budget, max_rank)
         except ValueError as exc:
             fail(str(exc))
         agreement: dict[str, float] = {}
@@ -153,13 +169,15 @@ def _report(
 ) -> dict[str, Any]:
     """Per member: its error, agreement (None: not measured), its share of the artefact's
     bytes (its cores and the bases divided among all) beside its original weights' bytes."""
-    from atoll.plugins.inference.compression import member_bytes
+    from atoll.plugins.inference.compression import member_bytes, module_ranks
 
-    n, modules = len(manifest["members"]), len(manifest["modules"])
-    each = member_bytes(manifest["bytes"], manifest["rank"], modules, n)
+    ranks = module_ranks(manifest)
+    each = member_bytes(manifest["bytes"], ranks, len(manifest["members"]))
     return {
         "id": stored["id"],
         "rank": manifest["rank"],
+        "ranks": dict(zip(manifest["modules"], ranks, strict=True)),
+        "max_error": manifest["max_error"],
         "bytes": manifest["bytes"],
         "members": [
             {

@@ -2,7 +2,8 @@
 layer for every row of a batch that a collection serves, then each row's small core.
 
 Per layer and loaded collection the node holds ``U`` [out, r], ``V`` [in, r] and ``cores``
-[members + 1, r, r] (index 0 is zero: rows the collection does not serve). A forward hook on the
+[members + 1, r, r], r that layer's rank in the collection (index 0 is zero: rows the collection
+does not serve). A forward hook on the
 same layers as the pool's adds, for each collection some row of the step uses,
 ``((x V) Σ[row]ᵀ) Uᵀ``: ``x V`` is one matmul for the whole batch, the core a batched [r, r]
 matmul, ``Uᵀ`` one more matmul. Rows of ordinary adapters and base rows take core 0 here and

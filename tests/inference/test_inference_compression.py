@@ -26,6 +26,7 @@ from atoll.agent.errors import Forbidden, InvalidRequest
 from atoll.plugins.gateway.adapter_commands import adapters
 from atoll.plugins.inference.collections import CollectionSlots
 from atoll.plugins.inference.compression import (
+    FORMAT,
     MANIFEST,
     TENSORS,
     agreement,
@@ -99,6 +100,46 @@ def test_compression_is_faithful_deterministic_and_reports_errors(models):
         assert (lost / total) ** 0.5 == pytest.approx(first.errors[i], rel=1e-3, abs=1e-5)
     # A lower rank loses more.
     assert sum(compress(factors, 1).errors) > sum(first.errors)
+
+
+def test_an_error_budget_picks_the_smallest_rank_within_it(models):
+    """The smallest shared rank keeping every member within the budget: the bound holds for
+    every member, the rank below it breaks it, and a budget out of reach at the largest rank
+    allowed names the members above it and writes no artefact."""
+    ads = models["adapters"] / "fam"
+    factors = {f"m{i}": read_adapter(ads / f"member-{i}", torch.float64) for i in range(MEMBERS)}
+    budget = 0.01
+    made = compress(factors, max_error=budget)
+    assert made.max_error == budget and not made.over_budget()
+    assert max(made.errors) <= budget
+    # The family shares 2 directions per module plus a little noise of each member's own: the
+    # budget keeps 2 at least and stays below the lossless rank (6 members x rank 4).
+    k = made.rank
+    assert 2 <= k < MEMBERS * 4 and set(made.ranks.values()) == {k}
+    for module in made.ranks:
+        assert made.bases[module][0].shape[1] == k and made.cores[module].shape[1:] == (k, k)
+    assert max(compress(factors, k - 1).errors) > budget  # a fit one rank lower is over it
+    # A tighter budget needs more rank, a looser one less.
+    tight, loose = compress(factors, max_error=budget / 10), compress(factors, max_error=0.5)
+    assert tight.rank > k >= loose.rank and max(tight.errors) <= budget / 10
+    capped = compress(factors, max_error=budget / 10, max_rank=1)
+    assert set(capped.ranks.values()) == {1} and capped.over_budget() == list(factors)
+    with pytest.raises(ValueError, match="rank or an error budget"):
+        compress(factors, 4, max_error=budget)
+    members = {f"fam/member-{i}": ads / f"member-{i}" for i in range(3)}
+    with pytest.raises(ValueError, match="stay above the error budget"):
+        compress_adapters(members, str(models["base"]), "x", models["base"].parent / "x", None,
+                          budget / 10, max_rank=1)  # fmt: skip
+    assert not (models["base"].parent / "x").exists()
+    # The artefact says each module's rank and the budget; a node reads them back.
+    manifest = compress_adapters(members, str(models["base"]), "b", models["base"].parent / "b",
+                                 max_error=budget)  # fmt: skip
+    assert manifest["format"] == FORMAT and manifest["max_error"] == budget
+    assert manifest["rank"] == max(s[2] for s in manifest["modules"].values())
+    model = AutoModelForCausalLM.from_pretrained(models["base"])
+    read = read_collection(models["base"].parent / "b", describe_shapes(model), 64, torch.float32)
+    for module, (u, v) in read.bases.items():
+        assert u.shape[1] == v.shape[1] == manifest["modules"][module][2]
 
 
 def test_logits_within_tolerance_of_the_uncompressed_in_one_mixed_batch(models):
@@ -197,13 +238,27 @@ def corrupt(src: Path, dst: Path, how: str) -> Path:
         meta["sha256"] = sha256(tensors)
     elif how == "member":
         meta["members"] = meta["members"][:-1]
+    elif how == "rank":  # a module's rank in the manifest that its tensors do not have
+        module = next(iter(meta["modules"]))
+        meta["modules"][module][2] += 1
+        meta["rank"] = max(s[2] for s in meta["modules"].values())
+    elif how in ("v1", "v1-ranks"):  # format /1: one rank, modules as [in, out]
+        meta["format"] = "atoll-lora-collection/1"
+        if how == "v1":
+            meta["modules"] = {m: s[:2] for m, s in meta["modules"].items()}
     manifest.write_text(json.dumps(meta))
     return dst
 
 
 @pytest.mark.parametrize(
     ("how", "why"),
-    [("hash", "sha256"), ("shape", "shape"), ("member", "shape")],
+    [
+        ("hash", "sha256"),
+        ("shape", "shape"),
+        ("member", "shape"),
+        ("rank", "shape"),
+        ("v1-ranks", "not 2 numbers"),
+    ],
 )
 async def test_a_corrupted_collection_is_refused_and_the_node_serves_on(models, tmp_path, how, why):
     bad = corrupt(models["collection"], tmp_path / "bad", how)
@@ -222,6 +277,20 @@ async def test_a_corrupted_collection_is_refused_and_the_node_serves_on(models, 
         assert await backend.unload_collection("fam")
     finally:
         await backend.stop()
+
+
+def test_a_format_1_artefact_still_reads(models, tmp_path):
+    """Format /1 (one rank for every module, modules as [in, out]) is read as before."""
+    old = corrupt(models["collection"], tmp_path / "v1", "v1")
+    model = AutoModelForCausalLM.from_pretrained(models["base"])
+    shapes = describe_shapes(model)
+    got = read_collection(old, shapes, 16, torch.float32)
+    now = read_collection(models["collection"], shapes, 16, torch.float32)
+    assert got.rank == now.rank == RANK and got.members == now.members
+    for module, (u, _) in got.bases.items():
+        assert torch.equal(u, now.bases[module][0])
+    with pytest.raises(AdapterRejected, match="outside this node's"):
+        read_collection(models["collection"], shapes, RANK - 1, torch.float32)
 
 
 async def test_storage_keeps_the_collection_with_its_member_links(models, tmp_path, make_agent):
@@ -293,15 +362,18 @@ async def test_atoll_adapters_compress_through_the_gateway(models, make_agent, t
             reply = await http.post("/v1/adapters", data=form, files=files, headers=auth)
             assert reply.status_code == 200, reply.text
     env = {"ATOLL_GATEWAY_URL": island.url, "ATOLL_API_KEY": alice}
-    args = ["compress", "--base", str(models["base"]), "--name", "fam", "--rank", str(RANK)]
+    # A budget of its own: this tiny model's adapters outweigh its weights, so its greedy
+    # tokens follow far smaller errors than the default budget (a member within 0.22% kept 84%).
+    args = ["compress", "--base", str(models["base"]), "--name", "fam", "--max-error", "0.0005"]
     args += [a for i in range(3) for a in ("--adapter", f"alice/m{i}")]
     done = await asyncio.to_thread(CliRunner().invoke, adapters, args, env=env)
     assert done.exit_code == 0, done.output
     report = json.loads(done.stdout)
     assert report["id"] == "collections/alice/fam"
     assert [m["id"] for m in report["members"]] == ["alice/m0", "alice/m1", "alice/m2"]
+    assert report["max_error"] == 0.0005 and set(report["ranks"].values()) == {report["rank"]}
     for member in report["members"]:
-        assert member["error"] < 0.05 and member["agreement"] >= 0.95
+        assert member["error"] <= 0.0005 and member["agreement"] >= 0.95
         assert member["bytes"] > 0 and member["original_bytes"] > 0
     record = island.accounts.adapter("collections/alice/fam")
     assert record is not None and record.owner == "alice"
