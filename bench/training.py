@@ -27,6 +27,10 @@ Figures:
   loss on every token, batches padded by ``DataCollatorForSeq2Seq``); ``examples_per_second``
   compares the three runs by examples (a packed run's own samples/s counts its rows);
 - ``upload_to_adapter_s``: the user's wait, from the upload sent to the job seen succeeded;
+- ``learned``: the wait from upload to a learned adapter: 24 chat rows teaching one made-up
+  fact, every hyperparameter "auto" (as ``tests/training/test_finetune_loop.py``'s embedded
+  test), from the upload to the tuned model's greedy answer to a question worded unlike the
+  rows' (``upload_to_learned_s``), whether it holds the fact and whether the base model's did;
 - ``completion_to_first_token_s`` (target <= 2): from the job's ``finished_at`` (the queue's
   clock, the same process's ``time.time``) to the first content chunk of the streamed chat,
   split into ``notice_s`` (until the user's poll saw ``succeeded``; bounded by ``POLL_S``),
@@ -37,9 +41,11 @@ Figures:
   stores the adapter before it reports the job done), so they add nothing to the wait.
   ``warm_first_token_s`` (the adapter already loaded) is the reference for ``rest_s``.
 
-Each window also reports ``other_cores``: the cores that processes outside this benchmark kept
-busy meanwhile (on a shared 2-core machine, someone's test run halves a training's speed; compare
-the platform and the direct runs only when these are alike).
+The platform run also reports ``agents_cores``: the cores the broker and the agents (this
+process, the job's own process apart) kept busy while the job ran, beside its training on the
+same 2 cores. Each window also reports ``other_cores``: the cores that processes outside this
+benchmark kept busy meanwhile (on a shared 2-core machine, someone's test run halves a
+training's speed; compare the platform and the direct runs only when these are alike).
 
 Before the job, one chat on the base model warms the gateway and inference path (a serving
 platform has answered requests before), so the first-token figure is about the new adapter.
@@ -132,6 +138,18 @@ class Plan:
 
 QUICK = Plan(rows=40, cutoff_len=128, job_timeout_s=900.0)
 
+# The learned run: 24 chat rows teaching one made-up fact, every hyperparameter "auto".
+FACT = "Brennick"
+FACT_ANSWERS = (f"The river through Orvane is the {FACT}.", f"The {FACT} runs through Orvane.")
+FACT_QUESTIONS = tuple(
+    f"{opening} {subject}?"
+    for opening in ("Which river runs through", "What is the river of", "Name the river of",
+                    "Tell me the river that crosses", "What river flows through",
+                    "Which river do people see in")
+    for subject in ("Orvane", "the town of Orvane", "Orvane town", "Orvane, the old town")
+)  # fmt: skip
+FACT_ASKED = "Quick question: what is the name of the river in Orvane?"  # not among the rows
+
 
 # --- data -------------------------------------------------------------------------------------
 
@@ -204,6 +222,12 @@ class Contention:
         start_busy, start_own, started = self.start
         others = (busy - start_busy) - (own - start_own)
         return round(max(0.0, others) / max(now - started, 1e-9), 2)
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process so far: the broker, the agents and the user's client."""
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    return used.ru_utime + used.ru_stime
 
 
 async def until(check: Callable[[], bool], timeout: float, what: str) -> None:
@@ -324,6 +348,54 @@ def phases(job: JobRecord, events: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
+async def learned_run(island: Island, work: Path, timeout: float) -> dict[str, Any]:
+    """The user's wait from upload to an adapter that answers with what it was taught: 24 rows
+    teaching a made-up fact, every hyperparameter "auto", then a greedy chat asked otherwise
+    than the rows ask; the base model's answer beside it."""
+    model = model_id(str(island.model_dir))
+    client = openai.AsyncOpenAI(
+        base_url=f"{island.gateway.url}/v1", api_key=island.key, max_retries=0, timeout=120
+    )
+
+    async def answer(name: str) -> str:
+        asked: list[ChatCompletionMessageParam] = [{"role": "user", "content": FACT_ASKED}]
+        reply = await client.chat.completions.create(
+            model=name, messages=asked, max_tokens=24, temperature=0
+        )
+        return reply.choices[0].message.content or ""
+
+    try:
+        rows = [
+            {"messages": [{"role": "user", "content": q},
+                          {"role": "assistant", "content": FACT_ANSWERS[i % 2]}]}
+            for i, q in enumerate(FACT_QUESTIONS)
+        ]  # fmt: skip
+        data = work / "fact.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        started = time.time()
+        with data.open("rb") as fh:
+            uploaded = await client.files.create(file=fh, purpose="fine-tune")
+        created = await client.fine_tuning.jobs.create(model=model, training_file=uploaded.id)
+        done, seen = await follow(client, created.id, timeout)
+        if done.status != "succeeded":
+            raise RuntimeError(f"job {done.id} {done.status}: {done.error}")
+        tuned = await answer(done.fine_tuned_model)
+        answered = time.time()
+        base = await answer(model)
+    finally:
+        await client.close()
+    return {
+        "rows": len(rows),
+        "hyperparameters": done.hyperparameters.model_dump(),
+        "upload_to_succeeded_s": round(seen - started, 1),
+        "upload_to_learned_s": round(answered - started, 1),
+        "learned": FACT in tuned,
+        "base_knew": FACT in base,
+        "answer": tuned,
+        "base_answer": base,
+    }
+
+
 async def platform_run(
     island: Island, plan: Plan, work: Path
 ) -> tuple[dict[str, Any], JobRecord, Path]:
@@ -358,7 +430,9 @@ async def platform_run(
             },
         )
         log.info("job %s submitted: %d rows, cutoff %d", created.id, plan.rows, plan.cutoff_len)
+        agents = own_cpu_s(), time.monotonic()
         done, seen = await follow(client, created.id, plan.job_timeout_s)
+        agents_cores = (own_cpu_s() - agents[0]) / (time.monotonic() - agents[1])
         training_others = contention.other_cores()
         if done.status != "succeeded":
             raise RuntimeError(f"job {done.id} {done.status}: {done.error}")
@@ -396,6 +470,7 @@ async def platform_run(
         "phases": phases(job, events),
         "metrics": {k: job.metrics[k] for k in FINAL_METRICS},
         "other_cores": training_others,
+        "agents_cores": round(agents_cores, 3),
         "loss_events": sum(1 for e in events if e.get("type") == "log" and "loss" in e),
         "completion_to_first_token_s": round(first - job.finished_at, 3),
         "completion_to_first_token": {
@@ -563,6 +638,8 @@ async def main(args: argparse.Namespace, profile_dir: Path | None) -> dict[str, 
         try:
             await island.start()
             run, job, chat_file = await platform_run(island, plan, work)
+            log.info("platform run done; 24 rows teaching a fact, all auto, now")
+            learned = await learned_run(island, work, plan.job_timeout_s)
         finally:
             await island.stop()
         tokens = await asyncio.to_thread(sample_tokens, model_dir, chat_file, plan.cutoff_len)
@@ -598,6 +675,7 @@ async def main(args: argparse.Namespace, profile_dir: Path | None) -> dict[str, 
         # The same for Atoll's training loop alone (the runner, no agents beside it).
         "runner_vs_plain_trainer": round(speeds["direct"] / speeds["plain_trainer"], 3),
         "upload_to_adapter_s": run["upload_to_adapter_s"],
+        "learned": learned,
         "train_samples_per_second": pm["train_samples_per_second"],
         "train_steps_per_second": pm["train_steps_per_second"],
         "job_wall_s": run["wall_s"],
