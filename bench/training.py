@@ -348,14 +348,18 @@ def phases(job: JobRecord, events: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
+def user_client(island: Island) -> openai.AsyncOpenAI:
+    """The user's openai SDK client on the island's gateway."""
+    return openai.AsyncOpenAI(
+        base_url=f"{island.gateway.url}/v1", api_key=island.key, max_retries=0, timeout=120
+    )
+
+
 async def learned_run(island: Island, work: Path, timeout: float) -> dict[str, Any]:
     """The user's wait from upload to an adapter that answers with what it was taught: 24 rows
     teaching a made-up fact, every hyperparameter "auto", then a greedy chat asked otherwise
     than the rows ask; the base model's answer beside it."""
-    model = model_id(str(island.model_dir))
-    client = openai.AsyncOpenAI(
-        base_url=f"{island.gateway.url}/v1", api_key=island.key, max_retries=0, timeout=120
-    )
+    model, client = model_id(str(island.model_dir)), user_client(island)
 
     async def answer(name: str) -> str:
         asked: list[ChatCompletionMessageParam] = [{"role": "user", "content": FACT_ASKED}]
@@ -400,10 +404,7 @@ async def platform_run(
     island: Island, plan: Plan, work: Path
 ) -> tuple[dict[str, Any], JobRecord, Path]:
     """The user's whole loop; (figures, the finished job, its rows as the trainer got them)."""
-    model = model_id(str(island.model_dir))
-    client = openai.AsyncOpenAI(
-        base_url=f"{island.gateway.url}/v1", api_key=island.key, max_retries=0, timeout=120
-    )
+    model, client = model_id(str(island.model_dir)), user_client(island)
     try:
         await first_token(client, model)  # warm-up of the serving path, on the base model
         data = work / "alpaca.jsonl"

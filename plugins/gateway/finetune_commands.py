@@ -39,11 +39,16 @@ def _hyperparameters(
     return {k: v for k, v in given.items() if v is not None}
 
 
+def _seq(event: dict[str, Any]) -> int:
+    """An event's sequence number in its job (its id is ``<job>-<seq>``)."""
+    return int(event["id"].rsplit("-", 1)[1])
+
+
 def _new_events(url: str, key: str, job_id: str, after: int) -> tuple[list[dict[str, Any]], int]:
     """The job's events with a sequence number past ``after``, oldest first, and the last one's."""
     events = call(url, key, "GET", _path(job_id, "/events"), params={"limit": 1000}).json()["data"]
-    fresh = [e for e in reversed(events) if int(e["id"].rsplit("-", 1)[1]) > after]
-    return fresh, int(fresh[-1]["id"].rsplit("-", 1)[1]) if fresh else after
+    fresh = [e for e in reversed(events) if _seq(e) > after]
+    return fresh, _seq(fresh[-1]) if fresh else after
 
 
 def follow(url: str, key: str, job_id: str, poll_s: float = 2.0) -> dict[str, Any]:

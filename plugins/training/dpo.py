@@ -56,9 +56,9 @@ class PreferenceTrainer(DPOTrainer):
             self.on_batch(len(inputs["input_ids"]) // 2, float(mean.detach()), figures, tokens)
         return loss
 
-    def pair_figures(self, pairs: Dataset) -> dict[str, float]:
-        """``pairs``' DPO loss and TRL's figures, evaluated now."""
-        found = self.evaluate(pairs)
+    def pair_figures(self) -> dict[str, float]:
+        """The validation pairs' (``eval_dataset``) DPO loss and TRL's figures, evaluated now."""
+        found = self.evaluate()
         return {name: float(found[f"eval_{name}"]) for name in ("loss", *PAIR_FIGURES)}
 
 

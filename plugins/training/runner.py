@@ -264,7 +264,7 @@ def train(spec: RunSpec, emit: Events) -> None:
         figures when it is the last step. A dpo job's are its pairs' loss and rewards."""
         if dpo:
             assert isinstance(trainer, PreferenceTrainer)
-            figures = trainer.pair_figures(pair_dataset(validation))
+            figures = trainer.pair_figures()
             told = f"reward accuracy {figures['rewards/accuracies']:.3f}"
         else:
             figures = evaluate(peft_model, validation, settings.batch_size, pad_id).figures()
@@ -402,6 +402,7 @@ def train(spec: RunSpec, emit: Events) -> None:
             model=peft_model,
             args=preference_config(o.pref_beta, **training),
             train_dataset=pair_dataset(rows),
+            eval_dataset=pair_dataset(validation) if validation else None,
             processing_class=tokenizer,
             callbacks=[Progress()],
             on_batch=counted,
