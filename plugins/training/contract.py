@@ -12,7 +12,7 @@ Overlay surface of the agent whose ``training`` plugin runs the queue (discovery
     RPC  job        {id}                                     -> JobRecord
     RPC  cancel     {id, owner?}                             -> JobRecord      (the owner or admin)
     RPC  events     {id, after?}                             -> list[event]    (the last 1000)
-    RPC  claim      {capacity, device}                       -> JobRecord|None (trainers)
+    RPC  claim      {capacity, device, precisions}           -> JobRecord|None (trainers)
     RPC  heartbeat  {id, attempt, progress, events}          -> {cancel, reason}
     RPC  finish     {id, attempt, ok, error?, adapter_id?, metrics?, result_files?} -> {accepted}
 
@@ -176,7 +176,7 @@ class JobOptions(BaseModel):
     num_train_epochs: Annotated[float | Auto, _auto_or(Annotated[float, Field(gt=0, le=1000)])] = (
         "auto"
     )
-    # auto: bf16 on a GPU that has it (the runner asks torch), else fp32.
+    # auto: bf16 where the trainer computes in it natively (ClaimRequest.precisions), else fp32.
     precision_type: Precision | Auto = "auto"
     cutoff_len: int = Field(256, ge=8, le=32768)
     # sft and pt: examples laid end to end in rows of cutoff_len tokens, none seeing another
@@ -290,6 +290,11 @@ class EventsRequest(JobRef):
 class ClaimRequest(Strict):
     capacity: int = Field(ge=0, le=1024)  # free job slots on the trainer
     device: Literal["cpu", "cuda", "mps"]
+    # What the trainer computes in natively (trainer.detect_precisions): a job asking for
+    # another precision is left for a trainer that has it.
+    precisions: list[Precision] = Field(
+        default_factory=lambda: ["fp32"], min_length=1, max_length=3
+    )
 
 
 class HeartbeatRequest(JobRef):
@@ -476,9 +481,11 @@ async def follow_events(
         await sub.unsubscribe()
 
 
-async def claim_job(agent: Caller, queue: str, capacity: int, device: str) -> JobRecord | None:
+async def claim_job(
+    agent: Caller, queue: str, capacity: int, device: str, precisions: list[str]
+) -> JobRecord | None:
     """A queued job for a trainer with ``capacity`` free slots, or None."""
-    request = CLAIM.parse_params({"capacity": capacity, "device": device})
+    request = CLAIM.parse_params({"capacity": capacity, "device": device, "precisions": precisions})
     return await _queue(agent, queue, None).invoke(CLAIM, request)
 
 

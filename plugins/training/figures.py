@@ -36,19 +36,22 @@ class Tally:
     correct: int = 0
     tokens: int = 0
 
-    def add(self, logits: Any, labels: Any) -> None:
-        """Count one batch: ``logits`` [batch, length, vocab] for ``labels`` [batch, length]."""
+    def add(self, logits: Any, labels: Any) -> Any:
+        """Count one batch, ``logits`` [batch, length, vocab] for ``labels`` [batch, length];
+        returns its cross-entropy summed over the labelled tokens, differentiable through
+        ``logits``: the training loss is this very sum (the runner's FineTuner), so the figures
+        cost no second pass over the vocabulary."""
         import torch.nn.functional as F
 
         shifted = labels[:, 1:]
         mask = shifted != IGNORE
-        if not bool(mask.any()):
-            return
         picked = logits[:, :-1][mask].float()
         targets = shifted[mask]
-        self.loss_sum += float(F.cross_entropy(picked, targets, reduction="sum"))
-        self.correct += int((picked.argmax(-1) == targets).sum())
+        summed = F.cross_entropy(picked, targets, reduction="sum")
+        self.loss_sum += float(summed.detach())
+        self.correct += int((picked.detach().argmax(-1) == targets).sum())
         self.tokens += int(mask.sum())
+        return summed
 
     @property
     def loss(self) -> float:

@@ -277,7 +277,7 @@ class TrainingPlugin(Plugin):
     async def claim(self, params: Any, call: CallInfo) -> dict[str, Any] | None:
         queue = self._queue()
         request = CLAIM.parse_params(params)
-        job = queue.claim(call.caller.name, request.capacity, request.device)
+        job = queue.claim(call.caller.name, request)
         return None if job is None else job.model_dump(mode="json")
 
     @rpc(HEARTBEAT.name, roles=("training",))

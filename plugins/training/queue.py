@@ -25,6 +25,7 @@ from atoll.plugins.training.contract import (
     MAX_EVENTS_KEPT,
     QUEUED_SUBJECT,
     Checkpoint,
+    ClaimRequest,
     FinishRequest,
     HeartbeatReply,
     HeartbeatRequest,
@@ -57,7 +58,6 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (job, seq)
 );
 """
-HALF_PRECISION = frozenset({"fp16", "bf16"})
 MAX_EVENT_BYTES = 4096
 MAX_PROGRESS_BYTES = 4096
 TRAINER_EVENT_TYPES = frozenset({"log", "hyperparameters", "metrics", "checkpoint"})
@@ -100,8 +100,8 @@ class JobQueue:
         self.lost_after = lost_after
         self.max_attempts = max_attempts
         self.clock = clock
-        # Trainers heard from (claims, heartbeats): name -> (device, when).
-        self.trainers: dict[str, tuple[str, float]] = {}
+        # Trainers heard from (claims, heartbeats): name -> (device, precisions, when).
+        self.trainers: dict[str, tuple[str, list[str], float]] = {}
 
     def close(self) -> None:
         self.db.close()
@@ -219,19 +219,22 @@ class JobQueue:
 
     # --- trainers -----------------------------------------------------------------------------
 
-    def _gpu_trainer_around(self) -> bool:
+    def _trainer_around(self, precision: str) -> bool:
+        """Whether a live trainer computes in ``precision`` natively."""
         now = self.clock()
         return any(
-            device != "cpu" and now - seen <= self.lost_after
-            for device, seen in self.trainers.values()
+            precision in precisions and now - seen <= self.lost_after
+            for _, precisions, seen in self.trainers.values()
         )
 
-    def claim(self, trainer: str, capacity: int, device: str) -> JobRecord | None:
-        """The oldest queued job this trainer can run, now training on it; None if none. A
-        half-precision job is left for a GPU trainer when one is around, and refused (failed,
-        saying why) when a CPU trainer is the only one to take it."""
-        self.trainers[trainer] = (device, self.clock())
-        if capacity < 1:
+    def claim(self, trainer: str, request: ClaimRequest) -> JobRecord | None:
+        """The oldest queued job this trainer can run, now training on it; None if none. A job
+        asking for a precision the trainer has not natively (bf16 on a CPU without AVX512-BF16,
+        fp16 on any CPU) is left for a trainer that has it when one is around, and refused
+        (failed, saying why) when none is."""
+        have = request.precisions
+        self.trainers[trainer] = (request.device, have, self.clock())
+        if request.capacity < 1:
             return None
         rows = self.db.execute(
             "SELECT record FROM jobs WHERE state = 'queued' ORDER BY queued_at, rowid"
@@ -239,12 +242,13 @@ class JobQueue:
         for (raw,) in rows:
             job = JobRecord.model_validate_json(raw)
             precision = job.options.precision_type
-            if device == "cpu" and precision in HALF_PRECISION:
-                if self._gpu_trainer_around():
+            if precision != "auto" and precision not in have:
+                if self._trainer_around(precision):
                     continue
                 job.error = (
-                    f"precision_type {precision!r} needs a GPU trainer; {trainer} trains on "
-                    'the CPU and no GPU trainer is connected (use precision_type "fp32")'
+                    f"precision_type {precision!r} needs a trainer that computes in it "
+                    f"natively; {trainer} ({request.device}) has {', '.join(have)} and no such "
+                    'trainer is connected (use precision_type "fp32" or "auto")'
                 )
                 self._state(job, "failed", job.error, trainer=trainer)
                 self._save(job)
@@ -265,7 +269,8 @@ class JobQueue:
     def heartbeat(self, trainer: str, beat: HeartbeatRequest) -> HeartbeatReply:
         job = self.get(beat.id)
         if trainer in self.trainers:
-            self.trainers[trainer] = (self.trainers[trainer][0], self.clock())
+            device, precisions, _ = self.trainers[trainer]
+            self.trainers[trainer] = (device, precisions, self.clock())
         if not self._mine(job, trainer, beat.attempt):
             why = f"job {job.id} is {job.state}"
             if job.state == "training":

@@ -41,7 +41,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from atoll.plugins.training.contract import JobOptions, Resolved
+from atoll.plugins.training.contract import JobOptions, Precision, Resolved
 from atoll.plugins.training.figures import PairTally, StepRow, Tally
 
 if TYPE_CHECKING:
@@ -69,6 +69,7 @@ class RunSpec(BaseModel):
     validation: Path | None = None  # the validation set's, in the same form
     output_dir: Path
     device: Literal["cpu", "cuda", "mps"] = "cpu"
+    precisions: list[Precision] = ["fp32"]  # what the device computes in natively
     resume: Path | None = None  # a checkpoint directory to go on from
 
 
@@ -200,7 +201,7 @@ def train(spec: RunSpec, emit: Events) -> None:
 
     from atoll.plugins.basemodels import model_id, resolve_model
     from atoll.plugins.training.auto import resolve
-    from atoll.plugins.training.data import collate, pack
+    from atoll.plugins.training.data import IGNORE, collate, pack
     from atoll.plugins.training.figures import RESULTS_NAME, evaluate, write_results
 
     o = spec.options
@@ -216,7 +217,7 @@ def train(spec: RunSpec, emit: Events) -> None:
     rows = pack(examples, o.cutoff_len) if o.packing else examples
     if o.packing:
         emit("log", f"{len(examples)} examples packed into {len(rows)} rows of {o.cutoff_len}")
-    bf16 = spec.device == "cuda" and torch.cuda.is_bf16_supported()
+    bf16 = "bf16" in spec.precisions
     settings = resolve(o, len(examples), len(rows) if o.packing else None, bf16)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -240,8 +241,9 @@ def train(spec: RunSpec, emit: Events) -> None:
         run.restore(spec.resume / STATE_NAME)
 
     class FineTuner(Trainer):
-        """Counts each training batch's labelled tokens, hits and loss for the step's figures,
-        and every token it trains on (OpenAI's trained_tokens). A dpo job's is dpo.py's."""
+        """Computes the loss itself, in the pass that counts each training batch's labelled
+        tokens, hits and loss for the step's figures; counts every token it trains on (OpenAI's
+        trained_tokens). A dpo job's is dpo.py's."""
 
         def compute_loss(
             self,
@@ -251,11 +253,15 @@ def train(spec: RunSpec, emit: Events) -> None:
             num_items_in_batch: Any = None,
         ) -> Any:
             tokens = int(inputs.pop("tokens"))  # collate's count: not the model's input
-            loss, outputs = super().compute_loss(
-                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-            )
+            labels = inputs.pop("labels")  # not the model's either: it would compute the loss
+            outputs = model(**inputs)
+            summed = (run.step if model.training else Tally()).add(outputs.logits, labels)
+            # As transformers' own loss: over the labelled tokens of the whole optimizer step
+            # (num_items_in_batch, counted over its accumulated batches), else of this batch.
+            if num_items_in_batch is None:
+                num_items_in_batch = (labels[:, 1:] != IGNORE).sum().clamp(min=1)
+            loss = summed / num_items_in_batch
             if model.training:
-                run.step.add(outputs.logits.detach(), inputs["labels"])
                 run.tokens += tokens
             return (loss, outputs) if return_outputs else loss
 

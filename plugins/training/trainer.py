@@ -41,6 +41,7 @@ from atoll.plugins.training.contract import (
     QUEUED_SUBJECT,
     Checkpoint,
     JobRecord,
+    Precision,
     adapter_id_for,
     claim_job,
     events_subject,
@@ -77,6 +78,46 @@ def detect_device(wanted: str) -> str:
             pynvml.nvmlShutdown()
     except Exception:  # no module, library, driver or GPU
         return "cpu"
+
+
+def detect_precisions(device: str) -> list[Precision]:
+    """What ``device`` computes in natively: fp32 everywhere; on a GPU fp16, and bf16 from
+    compute capability 8 (read through NVML: no torch import in the agent); on an x86 CPU bf16
+    where it has AVX512-BF16 (every AMX CPU does), on which oneDNN runs bf16 matrix products
+    faster than fp32 ones. Elsewhere bf16 is emulated and slower than fp32. The queue leaves a
+    job asking for another precision to a trainer that has it; "auto" takes bf16 where it is."""
+    if device == "cuda":
+        return ["fp32", "fp16", *(["bf16"] if _gpu_capability() >= (8, 0) else [])]
+    if device == "cpu" and "avx512_bf16" in _cpu_flags():
+        return ["fp32", "bf16"]
+    return ["fp32"]
+
+
+def _gpu_capability() -> tuple[int, int]:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+            return int(major), int(minor)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no module, library, driver or GPU
+        return (0, 0)
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (none elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
 
 
 def _terminate(process: asyncio.subprocess.Process) -> None:
@@ -135,6 +176,7 @@ class TrainerWorker:
         self.workdir = Path(config.workdir or ctx.data_dir / "work")
         self.model_cache = Path(config.model_cache or ctx.data_dir / "models")
         self.device = detect_device(config.device)
+        self.precisions = detect_precisions(self.device)
         self.models = offered_models({name: str(spec) for name, spec in config.models.items()})
         self.running: dict[str, Running] = {}
         self.tasks: set[asyncio.Task] = set()
@@ -163,6 +205,7 @@ class TrainerWorker:
             "capabilities": {
                 "trainer": True,
                 "device": self.device,
+                "precisions": self.precisions,
                 "capacity": self.config.capacity,
                 "models": self.models,  # what jobs may name as their base model here
             },
@@ -184,7 +227,7 @@ class TrainerWorker:
         queue = None
         try:
             queue = await self.find_queue()
-            job = await claim_job(self.ctx, queue, free, self.device)
+            job = await claim_job(self.ctx, queue, free, self.device, self.precisions)
         except AtollError as exc:
             if queue is not None and isinstance(exc, NoResponder):
                 self.gone(queue)
@@ -276,6 +319,7 @@ class TrainerWorker:
             validation=paths[v] if (v := options.validation_dataset) else None,
             output_dir=workdir / "out",
             device=self.device,  # type: ignore[arg-type]
+            precisions=self.precisions,
             resume=resume,
         )
         (workdir / "job.json").write_text(spec.model_dump_json())

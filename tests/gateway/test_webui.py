@@ -230,10 +230,19 @@ async def test_datasets_training_charts_and_chat_with_the_result(
     await expect(page.locator("#upload-status")).to_contain_text("Uploaded colours.jsonl")
     await expect(page.locator("#datasets-table tbody tr")).to_have_count(1)
     await expect(page.locator("#datasets-table tbody td").nth(1)).to_have_text("colours.jsonl")
+    await upload("held-out.jsonl", colour_rows(8))  # the job's validation_file
+    await expect(page.locator("#datasets-table tbody tr")).to_have_count(2)
+    table = page.locator("#datasets-table tbody tr")
+    colours = await table.filter(has_text="colours.jsonl").get_attribute("data-id")
+    held_out = await table.filter(has_text="held-out.jsonl").get_attribute("data-id")
+    assert colours and held_out
 
     # Train from the form and watch the loss chart grow while the job runs.
     await page.click("nav a[data-tab=jobs]")
-    await expect(page.locator("#job-dataset option")).to_have_count(1)
+    await expect(page.locator("#job-dataset option")).to_have_count(2)
+    await page.select_option("#job-dataset", colours)
+    await expect(page.locator("#job-validation-file option")).to_have_count(3)  # or none
+    await page.select_option("#job-validation-file", held_out)
     await page.select_option("#job-model", "tiny-llama")
     # 24 epochs of 12 steps: a few seconds of training on the tiny model, several of the page's
     # 1.5 s refreshes (6 epochs could finish between two of them, and the chart jump 0 -> all)
@@ -260,10 +269,11 @@ async def test_datasets_training_charts_and_chat_with_the_result(
     await expect(page.locator("#job-tables [data-group=completed] tbody tr")).to_have_count(1)
     assert "training" in groups, groups
     final = int(await page.get_attribute("#chart-loss", "data-points") or 0)
-    assert final >= 24  # 48 rows, 24 epochs, logging every step
     growing = sorted({p for p in points if 0 < p < final})
     assert growing, f"the chart never showed a part of the run: {points}"
-    assert int(await page.get_attribute("#chart-lr", "data-points") or 0) == final
+    # 48 rows in batches of 4, 24 epochs, logging every step; the held-out set after each epoch
+    assert int(await page.get_attribute("#chart-lr", "data-points") or 0) == 12 * 24
+    assert final == 12 * 24 + 24
     assert int(await page.get_attribute("#chart-accuracy", "data-points") or 0) == final
     await expect(page.locator("#job-stats dd[data-stat=train_loss]")).to_have_text(
         re.compile(r"\d")
@@ -273,6 +283,9 @@ async def test_datasets_training_charts_and_chat_with_the_result(
     await expect(stats.locator("dd[data-stat=batch_size]")).to_have_text("4")
     await expect(stats.locator("dd[data-stat=learning_rate_multiplier]")).to_have_text("1")
     await expect(stats.locator("dd[data-stat=trained_tokens]")).to_have_text(re.compile(r"\d"))
+    # The held-out set's figures after each epoch, and at the end.
+    await expect(page.locator("#chart-loss .legend")).to_contain_text("validation")
+    await expect(stats.locator("dd[data-stat=full_valid_loss]")).to_have_text(re.compile(r"\d"))
 
     # Chat with the adapter the job made.
     adapter = await page.inner_text("#job-title")
@@ -306,7 +319,8 @@ async def test_datasets_training_charts_and_chat_with_the_result(
 
     # Evaluate the base model and the adapter on the dataset, side by side.
     await page.click("nav a[data-tab=evaluations]")
-    await expect(page.locator("#eval-dataset option")).to_have_count(1)
+    await expect(page.locator("#eval-dataset option")).to_have_count(2)
+    await page.select_option("#eval-dataset", colours)
     await page.check("#eval-models input[value='tiny-llama']")
     await page.check(f"#eval-models input[value='{adapter}']")
     await page.fill("#eval-max-tokens", "8")

@@ -76,13 +76,15 @@ from atoll.plugins.training.figures import (
 )
 from atoll.plugins.training.plugin import TrainingPlugin
 from atoll.plugins.training.runner import FINAL_METRICS
-from atoll.plugins.training.trainer import TrainerWorker
+from atoll.plugins.training.trainer import TrainerWorker, detect_precisions
 from atoll.tenancy.operator import OperatorStore
 from support.island import pair_rows
 from support.overlay import AgentFactory, eventually
 from support.tiny_models import build_tiny_model, tiny_tokenizer
 
 JOB_TIMEOUT = 90.0  # one tiny job: ~6 s of imports, under a second of training, on a free CPU
+# What "auto" resolves to on this machine's CPU trainers (bf16 where the CPU has AVX512-BF16).
+AUTO_PRECISION = "bf16" if "bf16" in detect_precisions("cpu") else "fp32"
 
 
 # --- the island ---------------------------------------------------------------------------------
@@ -284,12 +286,15 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 async def test_accumulated_batches_make_the_steps_of_one_batch_their_size(island: Island) -> None:
     """Batches of 2 accumulated twice train as batches of 4: as many optimizer steps, each
-    step's figures over all 4 examples, the same losses; OpenAI's batch_size counts them all."""
+    step's figures over all 4 examples, the same losses; OpenAI's batch_size counts them all.
+    In fp32: bf16's rounding alone would part the two runs by about 1%."""
     await island.add_trainer("t1")
     runs = {}
     for batch, accumulated in ((4, 1), (2, 2)):
         job = await island.submit(
-            per_device_train_batch_size=batch, gradient_accumulation_steps=accumulated
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulated,
+            precision_type="fp32",
         )
         done = await island.until(job.id, {"completed"})
         events = await job_events(island.client, "queue", job.id)
@@ -317,7 +322,7 @@ async def test_a_job_reports_its_figures_validation_and_results_file(island: Isl
     assert done.hyperparameters.model_dump() == {
         "batch_size": 4, "n_epochs": 2.0, "learning_rate": 0.01, "lora_rank": 4,
         "lora_alpha": 8.0, "examples": 18, "validation_examples": 6, "total_steps": 10,
-        "precision_type": "fp32", "packed_rows": None,
+        "precision_type": AUTO_PRECISION, "packed_rows": None,
     }  # fmt: skip
     # Every token of the 18 examples, once an epoch.
     assert done.metrics["trained_tokens"] == 2 * sum(len(e["input_ids"]) for e in trained)
@@ -392,7 +397,11 @@ async def test_a_packed_job_trains_on_fewer_fuller_rows(island: Island) -> None:
     )
     done = await island.until(job.id, {"completed"})
     resolved = done.hyperparameters
-    assert resolved is not None and resolved.examples == 24 and resolved.precision_type == "fp32"
+    assert (
+        resolved is not None
+        and resolved.examples == 24
+        and resolved.precision_type == AUTO_PRECISION
+    )
     assert resolved.packed_rows is not None and resolved.packed_rows < 24
     assert resolved.total_steps == resolved.packed_rows  # batch 1: a row a step
     assert done.metrics["trained_tokens"] > 0
@@ -903,25 +912,53 @@ async def test_silent_trainers_fail_the_job_after_max_attempts(
     assert (await island.job(job.id)).state == "failed"
 
 
-async def test_half_precision_waits_for_a_gpu_trainer_or_is_refused(island: Island) -> None:
-    cpu, gpu = [(await island.make_agent(n, roles=("training",))).agent for n in ("cpu1", "gpu1")]
+async def test_a_precision_waits_for_a_trainer_that_has_it_or_is_refused(island: Island) -> None:
+    """A job asking for a precision goes to a trainer that computes in it natively (as it
+    says in its claims): others leave it while such a trainer is around, and fail it, saying
+    why, when none is."""
+    names = ("cpu1", "cpu2", "gpu1")
+    cpu, avx, gpu = [(await island.make_agent(n, roles=("training",))).agent for n in names]
 
-    async def claim(agent: Agent, device: str, capacity: int = 1) -> dict[str, Any] | None:
-        params = {"capacity": capacity, "device": device}
+    async def claim(
+        agent: Agent, device: str, precisions: list[str], capacity: int = 1
+    ) -> dict[str, Any] | None:
+        params = {"capacity": capacity, "device": device, "precisions": precisions}
         return await agent.call("queue/training", "claim", params)
 
     refused = await island.submit(precision_type="bf16")
-    assert await claim(cpu, "cpu") is None
+    assert await claim(cpu, "cpu", ["fp32"]) is None
     failed = await island.job(refused.id)
-    assert failed.state == "failed" and "needs a GPU trainer" in (failed.error or "")
-    assert "cpu1 trains on the CPU" in (failed.error or "")
+    assert failed.state == "failed" and "needs a trainer that computes in it" in (
+        failed.error or ""
+    )
+    assert "cpu1 (cpu) has fp32" in (failed.error or "")
 
-    waiting = await island.submit(precision_type="fp16")
-    assert await claim(gpu, "cuda", capacity=0) is None  # a GPU trainer is around, but full
-    assert await claim(cpu, "cpu") is None
-    assert (await island.job(waiting.id)).state == "queued"  # left for the GPU trainer
-    taken = await claim(gpu, "cuda")
-    assert taken is not None and taken["id"] == waiting.id and taken["trainer"] == "gpu1"
+    waiting = await island.submit(precision_type="bf16")
+    assert await claim(avx, "cpu", ["fp32", "bf16"], capacity=0) is None  # has it, but full
+    assert await claim(cpu, "cpu", ["fp32"]) is None
+    assert (await island.job(waiting.id)).state == "queued"  # left for cpu2
+    taken = await claim(avx, "cpu", ["fp32", "bf16"])
+    assert taken is not None and taken["id"] == waiting.id and taken["trainer"] == "cpu2"
+
+    half = await island.submit(precision_type="fp16")
+    assert await claim(gpu, "cuda", ["fp32", "fp16"], capacity=0) is None
+    assert await claim(avx, "cpu", ["fp32", "bf16"]) is None  # fp16: the GPU trainer's
+    taken = await claim(gpu, "cuda", ["fp32", "fp16"])
+    assert taken is not None and taken["id"] == half.id and taken["trainer"] == "gpu1"
+    auto = await island.submit()  # "auto" goes to any trainer
+    taken = await claim(cpu, "cpu", ["fp32"])
+    assert taken is not None and taken["id"] == auto.id
+
+
+def test_a_trainer_finds_the_precisions_its_cpu_has() -> None:
+    """bf16 exactly where the CPU has AVX512-BF16 (which torch's oneDNN uses), as torch sees
+    the same CPU; fp16 on no CPU."""
+    import torch
+
+    found = detect_precisions("cpu")
+    assert found[0] == "fp32" and "fp16" not in found
+    assert ("bf16" in found) == torch.cpu._is_avx512_bf16_supported()
+    assert detect_precisions("mps") == ["fp32"]
 
 
 async def test_jobs_survive_a_restart_of_the_queue(island: Island) -> None:
@@ -947,16 +984,16 @@ async def test_one_agent_can_be_queue_and_trainer(make_agent: AgentFactory, tmp_
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(4)))
     dataset = (await upload_dataset(rt.agent, "solo", path, "rows", "alice")).id
-    options = {"model_name_or_path": "tiny", "dataset": [dataset], "precision_type": "bf16"}
+    options = {"model_name_or_path": "tiny", "dataset": [dataset], "precision_type": "fp16"}
     job = await submit_job(rt.agent, "solo", "alice", options)
     queue = plugin.queue
     assert queue is not None  # mode "both": it keeps the queue
     await eventually(lambda: queue.get(job.id).state == "failed", timeout=10)
-    assert "solo trains on the CPU" in (queue.get(job.id).error or "")
+    assert "solo (cpu) has fp32" in (queue.get(job.id).error or "")
     described = plugin.describe()
     assert described["capabilities"] == {
         "queue": True, "trainer": True, "device": "cpu", "capacity": 1,
-        "models": ["SmolLM2-135M-Instruct"],
+        "precisions": detect_precisions("cpu"), "models": ["SmolLM2-135M-Instruct"],
     }  # fmt: skip
     assert described["load"] == {"jobs_queued": 0, "training_jobs": 0}
 

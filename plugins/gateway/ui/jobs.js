@@ -73,6 +73,8 @@ export class Jobs extends PollingTab {
       };
       keep($("job-model"), models.data.filter((m) => !m.parent).map((m) => new Option(m.id, m.id)));
       keep($("job-dataset"), datasetOptions(files));
+      // OpenAI's validation_file: a dataset of its own, or none
+      keep($("job-validation-file"), [new Option("none", ""), ...datasetOptions(files)]);
     } catch (err) {
       $("job-error").textContent = err.message;
     }
@@ -97,6 +99,9 @@ export class Jobs extends PollingTab {
         logging_steps: Number($("job-logging").value),
       },
     };
+    if ($("job-validation-file").value !== "") {
+      body.validation_file = $("job-validation-file").value;
+    }
     if ($("job-validation").value !== "") {
       body.options.validation_split = Number($("job-validation").value);
     }
