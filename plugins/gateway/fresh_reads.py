@@ -1,8 +1,9 @@
 """Store reads shared by concurrent requests without ever answering one with a stale read.
 
-On PostgreSQL every key check is a round trip made in a worker thread (accounts ``offload``),
-and at concurrency 32 most requests carry the same key: one thread hop and one query each cost
-the gateway more CPU (GIL hand-offs) than the rest of the request. Requests asking the same
+On PostgreSQL a key check the cache cannot answer (keys.py: the first use of a key since a
+change was notified) is a round trip made in a worker thread (accounts ``offload``), and at
+concurrency 32 most requests carry the same key: one thread hop and one query each cost the
+gateway more CPU (GIL hand-offs) than the rest of the request. Requests asking the same
 thing while a read of it is under way wait for the *next* read, which starts when that one ends
 and answers all of them: every answer comes from a read that began after its request arrived,
 so a key revoked through another gateway is refused from the next request on, as before, and

@@ -99,9 +99,11 @@ class Gateway:
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise GatewayError(401, "missing API key: send 'Authorization: Bearer <key>'")
-        if self.accounts.shared:
-            return await self._key_checks(token.strip())
-        return self.accounts.authenticate(token.strip())  # SQLite: cached, microseconds
+        token = token.strip()
+        if self.accounts.shared:  # PostgreSQL: the cache while it holds, else a round trip
+            cached = self.accounts.authenticate_cached(token)
+            return cached if cached is not None else await self._key_checks(token)
+        return self.accounts.authenticate(token)  # SQLite: cached, microseconds
 
     def resolve(
         self,

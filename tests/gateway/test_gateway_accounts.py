@@ -426,9 +426,9 @@ async def test_ledger_commits_a_turns_rows_at_once_and_refuses_only_a_clash(
     commits: list[str] = []
     commit = acc._database.commit
 
-    def counted() -> None:
+    def counted(notify: bool = True) -> None:
         commits.append("COMMIT")
-        commit()
+        commit(notify)
 
     monkeypatch.setattr(acc._database, "commit", counted)
     ledger = Ledger(acc)

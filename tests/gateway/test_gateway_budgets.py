@@ -213,6 +213,18 @@ def test_budget_changes_are_checked_and_audited(acc: Accounts) -> None:
     assert actions == ["budget.remove", "budget.set", "budget.set"]
 
 
+def test_a_budget_set_or_removed_applies_from_the_next_request(acc: Accounts) -> None:
+    """Whether a key is budgeted comes with its cached lookup: setting or removing a budget on
+    the same store makes the next authentication read it again."""
+    key = acc.create_key("alice", actor="root")[1]
+    assert acc.authenticate(key).budgeted is False
+    assert acc.authenticate(key).budgeted is False  # cached
+    acc.set_budget("user", "alice", "tokens", "daily", 100, actor="root")
+    assert acc.authenticate(key).budgeted is True
+    acc.remove_budget("user:alice:tokens:daily", actor="root")
+    assert acc.authenticate(key).budgeted is False
+
+
 def test_two_handles_on_one_store_never_overspend(
     acc: Accounts, accounts_db: Path | str, clock: Clock
 ) -> None:

@@ -7,6 +7,7 @@ migrated, a dropped connection made again, a writer kept waiting answered 503, a
 from __future__ import annotations
 
 import asyncio
+import time
 from functools import partial
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 
 from atoll.plugins.gateway.accounts import Accounts
 from atoll.plugins.gateway.accounts import postgres as postgres_store
+from atoll.plugins.gateway.accounts import store as store_module
 from atoll.plugins.gateway.accounts.postgres import PostgresDatabase, translate
 from atoll.plugins.gateway.accounts.rate_shares import Share
 from atoll.plugins.gateway.accounts.store import SCHEMA, SCHEMA_VERSION
@@ -224,6 +226,70 @@ def test_a_dropped_connection_is_made_again(pg_cluster: postgres.Cluster, pg_dat
         assert [u.name for u in acc.list_users()] == ["alice", "bob"]
     finally:
         acc.close()
+
+
+def test_keys_are_cached_until_another_gateway_changes_something(
+    pg_cluster: postgres.Cluster, pg_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gateway answers a key it has read from its cache (no round trip) until any write but
+    the ledger's commits, through whichever gateway: the commit's notification makes the entry
+    stale. While its listening connection is down it caches nothing, so a change it could not
+    hear is never missed; it listens again on the next lookup. An entry is used for at most
+    SHARED_CACHE_S whatever it hears."""
+    one, two = Accounts(pg_database, SECRET), Accounts(pg_database, SECRET)
+    try:
+        one.create_user("alice", actor="root")
+        key, other, third = (one.create_key("alice", actor="root")[1] for _ in range(3))
+        assert two.authenticate_cached(key) is None  # never read here
+        me = two.authenticate(key)
+        assert two.authenticate_cached(key) == me  # now cached
+
+        # The ledger's writes change nothing cached: no notification.
+        row = one.usage_row(me, "r1", "m", None, 1, 1, 200, 1.0)
+        assert one.insert_usage([row]) == [None]
+        time.sleep(0.2)  # (a notification would have come by now)
+        assert two.authenticate_cached(key) == me
+
+        one.revoke_key(me.key_id, actor="root")
+        assert _uncached(two, key)  # as soon as the commit's notification is read
+        with pytest.raises(GatewayError) as revoked:
+            two.authenticate(key)
+        assert revoked.value.code == "key_revoked"
+
+        # The listening connection ends (the server restarted, say): nothing is cached ...
+        cached = two.authenticate(other)
+        assert two.authenticate_cached(other) == cached
+        listener = two._database._listener
+        assert listener is not None
+        with pg_cluster.connect(pg_database) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (listener.pgconn.backend_pid,))
+        assert _uncached(two, other)
+        assert two._database.data_version() is None
+        # ... so a revocation it cannot hear is not missed: the key is read afresh.
+        one.revoke_key(cached.key_id, actor="root")
+        with pytest.raises(GatewayError) as unheard:
+            two.authenticate(other)
+        assert unheard.value.code == "key_revoked"
+        assert two._database.data_version() is not None  # listening again
+        assert two.authenticate(third) == two.authenticate_cached(third)  # and caching
+
+        monkeypatch.setattr(store_module, "SHARED_CACHE_S", 0.1)
+        time.sleep(0.15)
+        assert two.authenticate_cached(third) is None  # too old, heard nothing or not
+    finally:
+        one.close()
+        two.close()
+
+
+def _uncached(accounts: Accounts, key: str, timeout: float = 2.0) -> bool:
+    """Whether the cache stops answering ``key`` within ``timeout`` (a notification, or a
+    connection's end, is seen when it reaches the socket)."""
+    deadline = time.monotonic() + timeout
+    while accounts.authenticate_cached(key) is not None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def test_a_writer_kept_waiting_for_the_lock_is_answered_503(

@@ -14,9 +14,12 @@ admitted (rate_shares.py).
 app may call them from the event loop (``ledger.Ledger`` batches the ledger's rows there); on
 PostgreSQL, the request path's calls go through ``offload`` (a worker thread) instead, so a
 round trip never stops the loop.
-Nothing is cached but authenticate's key lookups on SQLite, which any write and any other
-connection's commit empty (on PostgreSQL, none): a revoked key, a removed member or a changed
-admin flag is seen by the very next request, through whichever gateway.
+Nothing is cached but authenticate's key lookups, which any write here and any other
+connection's commit make stale: SQLite's file tells (its data_version); on PostgreSQL every
+write transaction but the ledger's notifies the gateways listening as it commits, and a gateway
+whose listening connection is down caches nothing until it listens again. A revoked key, a
+removed member or a changed admin flag is refused from the next request on, through whichever
+gateway (on PostgreSQL: from the moment the commit's notification reaches it).
 """
 
 from __future__ import annotations

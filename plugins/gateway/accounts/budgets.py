@@ -228,7 +228,8 @@ class Budgets(Store):
         check_actor(actor)
         now = self._clock()
         ident = budget_id(scope, subject, metric, period)
-        with self._tx(ledger=True) as db:
+        # Not keys_kept: whether a key is budgeted is in authenticate's cache.
+        with self._tx() as db:
             if scope == "key":
                 if not db.execute("SELECT 1 FROM api_keys WHERE key_id = ?", (subject,)).fetchone():
                     raise not_found("key", subject)
@@ -247,7 +248,7 @@ class Budgets(Store):
     def remove_budget(self, budget: str, *, actor: str) -> None:
         check_actor(actor)
         now = self._clock()
-        with self._tx(ledger=True) as db:
+        with self._tx() as db:  # (as set_budget's: the keys' cache goes)
             db.execute("DELETE FROM reservations WHERE budget_id = ?", (budget,))
             if db.execute("DELETE FROM budgets WHERE id = ?", (budget,)).rowcount == 0:
                 raise not_found("budget", budget)
@@ -286,7 +287,7 @@ class Budgets(Store):
         back then); GatewayError 429 naming the first budget it does not fit in. ``why`` says
         in the refusal what the amount is made of."""
         now = self._clock()  # (a key with no budget is not reserved for: Principal.budgeted)
-        with self._tx(ledger=True) as db:
+        with self._tx(keys_kept=True) as db:
             _release(db, "expires < ?", (now,))
             rows = _applying(db, key_id, user, project)
             holds = []
@@ -308,7 +309,7 @@ class Budgets(Store):
 
     def release(self, request_id: str) -> None:
         """A reserved request that was never sent (refused by a rate limit): its holds back."""
-        with self._tx(ledger=True) as db:
+        with self._tx(keys_kept=True) as db:
             _release(db, "request_id = ?", (request_id,))
 
 

@@ -49,13 +49,21 @@ class Connection(Protocol):
 class Database(Protocol):
     """A dialect: its connection, write transactions, and where it keeps the schema's version."""
 
+    # A server that other gateways may share: its calls are round trips, made off the loop.
+    shared: bool
+
     @property
     def connection(self) -> Connection: ...
 
-    def begin(self) -> None:
-        """Start a write transaction holding the store's write lock (waiting for it)."""
+    def begin(self, lock: bool = True) -> None:
+        """Start a write transaction holding the store's write lock (waiting for it); without
+        ``lock``, one that only inserts rows nobody checks before writing (the ledger's, where
+        no budget applies), which need not wait for other gateways' checks."""
 
-    def commit(self) -> None: ...
+    def commit(self, notify: bool = True) -> None:
+        """Commit; ``notify``: tell the other connections' data_version (SQLite's always
+        moves; PostgreSQL's gateways are notified, unless the write changed nothing cached)."""
+
     def rollback(self) -> None: ...
 
     def schema_version(self) -> int:
@@ -68,14 +76,19 @@ class Database(Protocol):
         (``check`` is derived from it), where several gateways share the store."""
 
     def data_version(self) -> int | None:
-        """A number that changes whenever another connection commits; None where that cannot be
-        told without a round trip, so nothing may be cached."""
+        """A number that changes whenever another connection commits (told without a round
+        trip); None while that cannot be told, so nothing may be cached."""
+
+    def keep_listening(self) -> None:
+        """Make data_version tell again if it cannot (a round trip: never on the event loop)."""
 
     def close(self) -> None: ...
 
 
 class SqliteDatabase:
     """One gateway's file. WAL, so readers never wait for the writer."""
+
+    shared = False
 
     def __init__(self, path: Path) -> None:
         # The file holds key digests and maybe prompts: owner-only from the start (its -wal and
@@ -90,13 +103,13 @@ class SqliteDatabase:
         db.execute("PRAGMA foreign_keys = ON")
         self._db = self.connection = db
 
-    def begin(self) -> None:
+    def begin(self, lock: bool = True) -> None:
         # IMMEDIATE takes the write lock up front: two processes on the file never deadlock
-        # upgrading read locks.
-        self._db.execute("BEGIN IMMEDIATE")
+        # upgrading read locks. (Without ``lock`` the first statement writes: no upgrade.)
+        self._db.execute("BEGIN IMMEDIATE" if lock else "BEGIN")
 
-    def commit(self) -> None:
-        self._db.execute("COMMIT")
+    def commit(self, notify: bool = True) -> None:
+        self._db.execute("COMMIT")  # other connections' data_version moves on its own
 
     def rollback(self) -> None:
         self._db.execute("ROLLBACK")
@@ -114,6 +127,9 @@ class SqliteDatabase:
     def data_version(self) -> int:
         (version,) = self._db.execute("PRAGMA data_version").fetchone()
         return int(version)
+
+    def keep_listening(self) -> None:
+        """Nothing to do: the file's data_version is always there."""
 
     def close(self) -> None:
         self._db.close()

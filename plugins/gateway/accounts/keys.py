@@ -8,6 +8,7 @@ import hmac
 import json
 import re
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -234,14 +235,29 @@ class Keys(Store):
     def authenticate(self, plaintext: str) -> Principal:
         """Who holds this key, or GatewayError 401 saying why not (403 for a project-scoped key
         whose user has left the project)."""
+        key_id, digest = self._parse(plaintext)
+        return self._verified(key_id, digest, self._key_rows(key_id))
+
+    def authenticate_cached(self, plaintext: str) -> Principal | None:
+        """authenticate's answer where it needs no round trip to the database: the key's row
+        cached at the database's current version, and its last_used not due; None where it
+        would need one. Takes no lock the store's calls hold for a round trip, so the event
+        loop may call it while the worker thread waits on PostgreSQL."""
+        key_id, digest = self._parse(plaintext)
+        rows = self._cached_key(key_id, self._database.data_version())
+        if rows is None or (rows and self._last_used_due(rows[0])):
+            return None
+        return self._verified(key_id, digest, rows)
+
+    def _parse(self, plaintext: str) -> tuple[str, bytes]:
         found = KEY_FORMAT.fullmatch(plaintext) if isinstance(plaintext, str) else None
         if found is None:
             raise GatewayError(
                 401, "malformed API key: expected atk_<id>_<secret>", code="invalid_api_key"
             )
-        key_id = f"k_{found.group(1)}"
-        digest = self._digest(plaintext)
-        rows = self._key_rows(key_id)
+        return f"k_{found.group(1)}", self._digest(plaintext)
+
+    def _verified(self, key_id: str, digest: bytes, rows: list[dict[str, Any]]) -> Principal:
         # Compared in constant time, and against a dummy when the id is unknown, so neither
         # timing nor message tells an attacker that a public id exists.
         stored = rows[0]["digest"] if rows else bytes(len(digest))
@@ -278,9 +294,12 @@ class Keys(Store):
                 f"API key {key_id} is for project {project!r}, which {user!r} no longer belongs to",
                 code="not_a_member",
             )
-        if row["last_used"] is None or now - row["last_used"] >= LAST_USED_EVERY_S:
-            with self._tx() as db:
+        if self._last_used_due(row):
+            # Changes nothing another gateway caches (each writes its own at most this often):
+            # no notification. ``row`` is the cached one: no write again until due.
+            with self._tx(keys_kept=True) as db:
                 db.execute("UPDATE api_keys SET last_used = ? WHERE key_id = ?", (now, key_id))
+            row["last_used"] = now
         return Principal(
             key_id=key_id,
             user=user,
@@ -293,29 +312,33 @@ class Keys(Store):
             budgeted=bool(row["budgeted"]),
         )
 
+    def _last_used_due(self, row: dict[str, Any]) -> bool:
+        return row["last_used"] is None or self._clock() - row["last_used"] >= LAST_USED_EVERY_S
+
     def _key_rows(self, key_id: str) -> list[dict[str, Any]]:
-        """What authenticate needs of a key, from a cache that every write here (but the
-        ledger's) empties, and any commit by another connection to the file (SQLite's
-        data_version): a revocation or a membership change counts from the next request on.
-        PostgreSQL's other gateways commit unseen, and checking a version would cost the same
-        round trip as the lookup: there, no cache."""
+        """What authenticate needs of a key: from the cache when its entry was read at the
+        database's current version (data_version: any commit by another connection, SQLite's
+        file or PostgreSQL's notifications, moves it on), else looked up and cached at the
+        version read *before* the lookup, so a commit the lookup did not see leaves the entry
+        stale at once. Every write here that may change it (store._tx) also empties the cache.
+        With no version to go by (PostgreSQL's listening connection down), nothing is cached."""
         with self._lock:
             version = self._database.data_version()
             if version is None:
-                return [dict(r) for r in self._lookup_key(key_id)]
-            if version != self._keys_version:
-                self._keys.clear()
-                self._keys_version = version
-            # Unknown ids are remembered like known ones (in the same bounded map), so a lookup
-            # takes the same path and time whether the id exists or not.
-            if key_id in self._keys:
-                cached = self._keys[key_id]
-                return [cached] if cached is not None else []
-            rows = self._lookup_key(key_id)
-            if len(self._keys) >= MAX_CACHED_KEYS:  # bounded: unknown ids cannot fill memory
-                self._keys.clear()
-            self._keys[key_id] = dict(rows[0]) if rows else None
-            return [dict(r) for r in rows]
+                self._database.keep_listening()
+                version = self._database.data_version()
+            cached = self._cached_key(key_id, version)
+            if cached is not None:
+                return cached
+            read_at = time.monotonic()
+            rows = [dict(r) for r in self._lookup_key(key_id)]
+            if version is not None:
+                if len(self._keys) >= MAX_CACHED_KEYS:  # bounded: unknown ids cannot fill memory
+                    self._keys.clear()
+                # Unknown ids are remembered like known ones (in the same bounded map), so a
+                # lookup takes the same path and time whether the id exists or not.
+                self._keys[key_id] = (version, read_at, rows[0] if rows else None)
+            return rows
 
     def _lookup_key(self, key_id: str) -> list[Row]:
         return self._db.execute(

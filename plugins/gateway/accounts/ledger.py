@@ -111,16 +111,20 @@ class UsageTable(Store):
         """``rows`` (from usage_row) in one transaction; if one clashes with a request already
         in the ledger, each in its own. Per row: None, or why it was refused."""
         sql = f"INSERT INTO usage ({USAGE_COLS.removeprefix('seq, ')}) VALUES (?{', ?' * 12})"
+        # Rows of keys that no budget applies to (their cached rows say so, at the database's
+        # current version) settle nothing: no budget to read, no hold to release (a request
+        # reserves only where a budget applies, and removing a budget drops its holds). A batch
+        # of only such rows is inserted without waiting for the write lock.
+        usages = [
+            (rid, at, key_id, user, project, p + c, cost)
+            for rid, at, key_id, user, project, _, _, p, c, *_, cost in rows
+            if not self._unbudgeted(key_id)
+        ]
         try:
-            with self._tx(ledger=True) as db:
+            with self._tx(keys_kept=True, locked=bool(usages)) as db:
                 db.executemany(sql, rows)
-                settle(
-                    db,
-                    [
-                        (rid, at, key_id, user, project, p + c, cost)
-                        for rid, at, key_id, user, project, _, _, p, c, *_, cost in rows
-                    ],
-                )
+                if usages:
+                    settle(db, usages)
             return [None] * len(rows)
         except IntegrityError:
             if len(rows) == 1:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import lru_cache
 from typing import Any
@@ -30,6 +31,10 @@ log = logging.getLogger(__name__)
 # pg_advisory_xact_lock's key for the store's one write lock ("atoll" in ASCII); advisory locks
 # are per database, so stores in other databases of the cluster never wait on each other.
 WRITE_LOCK = 0x61746F6C6C
+# The channel a write transaction notifies as it commits (unless it changes nothing cached: the
+# ledger's, a reservation, a key's last_used): every gateway on the database listens, and
+# drops what it cached (data_version).
+CHANGES = "atoll_store_changed"
 # What the URL does not say otherwise: libpq would wait forever for a connection, and hours for
 # a host gone silent mid-statement (the OS's keepalive), with the gateway's event loop waiting.
 CONNECTION_DEFAULTS = {
@@ -149,7 +154,13 @@ class PostgresDatabase:
     """One connection (the store's lock serialises its users, as with SQLite), reconnected when
     the server dropped it; autocommit outside the store's write transactions. Values are bound
     server-side, so a statement run often is prepared once (planning a join costs more than the
-    round trip), except where translate says they cannot be."""
+    round trip), except where translate says they cannot be.
+
+    A second connection only listens on ``CHANGES``: its notifications are this database's
+    data_version, read off the socket without a round trip, so a gateway may cache what other
+    gateways' writes would change (keys.py) and drop it as soon as one commits."""
+
+    shared = True  # other gateways may use the same database
 
     def __init__(self, url: str) -> None:
         given = conninfo_to_dict(url)
@@ -158,6 +169,10 @@ class PostgresDatabase:
         self._in_tx = False
         self._conn = self._connect()
         self.connection = self
+        self._listener: psycopg.Connection[Any] | None = None
+        self._changes = 0  # notifications heard (and listeners made: each may have missed some)
+        self._heard = threading.Lock()  # the listener and _changes
+        self._listen()
 
     def _connect(self) -> psycopg.Connection[PgRow]:
         conn = psycopg.connect(
@@ -200,21 +215,23 @@ class PostgresDatabase:
         statement, client_side = translate(sql)
         return self._run(statement, rows, client_side, many=True)
 
-    def begin(self) -> None:
-        try:  # one round trip: no values, so sent as a simple query, two statements in one
-            self._run(
-                f"BEGIN ISOLATION LEVEL READ COMMITTED; SELECT pg_advisory_xact_lock({WRITE_LOCK})",
-                None,
-            )
+    def begin(self, lock: bool = True) -> None:
+        begin = "BEGIN ISOLATION LEVEL READ COMMITTED"
+        if lock:  # one round trip: no values, so sent as a simple query, two statements in one
+            begin += f"; SELECT pg_advisory_xact_lock({WRITE_LOCK})"
+        try:
+            self._run(begin, None)
         except BaseException:
             self.rollback()  # a lock that timed out leaves the transaction open, failed
             raise
         self._in_tx = True
 
-    def commit(self) -> None:
+    def commit(self, notify: bool = True) -> None:
+        """Commit; unless told otherwise (nothing cached changed: store._tx), notify the
+        gateways listening, at the commit itself (one round trip, as a simple query)."""
         self._in_tx = False
         try:  # never sent again: whether a lost COMMIT took is unknown, so it is an error
-            self._conn.execute("COMMIT")
+            self._conn.execute(f"NOTIFY {CHANGES}; COMMIT" if notify else "COMMIT")
         except psycopg.OperationalError as exc:
             raise _unavailable(exc) from exc
 
@@ -251,8 +268,48 @@ class PostgresDatabase:
                 "one the shared database's keys were made with: copy the first gateway's file"
             )
 
-    def data_version(self) -> None:
-        return None  # other gateways commit unseen: authenticate reads the key every time
+    def _listen(self) -> None:
+        """(Re)make the listening connection; left down while the server cannot be had."""
+        try:
+            listener = psycopg.connect(self._url, autocommit=True)
+            listener.execute(f"LISTEN {CHANGES}")
+        except psycopg.OperationalError as exc:
+            log.warning("gateway.database_listen_failed: %s", str(exc).strip().splitlines()[0])
+            return
+        with self._heard:
+            self._listener = listener
+            self._changes += 1  # what was cached before it may have changed unheard
+
+    def data_version(self) -> int | None:
+        """The change notifications heard so far, read off the listening connection's socket
+        without waiting (libpq's socket never blocks); None while it is down, when nothing may
+        be cached: a change would go unheard. A commit's notification reaches every listener
+        as the commit takes, so another gateway's revocation counts here from then on. Called
+        from the event loop and the worker thread alike: ``_heard`` is held for microseconds."""
+        with self._heard:
+            listener = self._listener
+            if listener is None:
+                return None
+            try:
+                listener.pgconn.consume_input()
+                if listener.pgconn.status != psycopg.pq.ConnStatus.OK:
+                    raise psycopg.OperationalError("the listening connection is down")
+            except psycopg.OperationalError:  # the server ended it: listen afresh (keep_listening)
+                listener.close()
+                self._listener = None
+                return None
+            while listener.pgconn.notifies() is not None:
+                self._changes += 1
+            return self._changes
+
+    def keep_listening(self) -> None:
+        """Listen afresh if the listening connection is down: a round trip, so called where
+        the store's calls may wait (its worker thread), never on the event loop."""
+        if self._listener is None:
+            self._listen()
 
     def close(self) -> None:
+        with self._heard:
+            if self._listener is not None:
+                self._listener.close()
         self._conn.close()

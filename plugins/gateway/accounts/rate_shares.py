@@ -33,7 +33,7 @@ class RateShares(Store):
         """Replace ``gateway``'s rows by ``mine``; the other gateways' sums per scope, of rows
         written in the last ``stale_s`` seconds."""
         now = self._clock()
-        with self._tx(ledger=True) as db:  # (changes no key: authenticate's cache stays)
+        with self._tx(keys_kept=True) as db:
             db.execute("DELETE FROM rate_shares WHERE gateway = ? OR at < ?", (gateway, now - 600))
             db.executemany(
                 "INSERT INTO rate_shares (gateway, scope, subject, requests, tokens, active, at) "

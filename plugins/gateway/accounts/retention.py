@@ -79,7 +79,7 @@ class Retention(Store):
         check_actor(actor)
         now = self._clock()
         report: dict[str, LedgerPurge] = {}
-        with self._tx(ledger=True) as db:
+        with self._tx(keys_kept=True) as db:
             policies = db.execute("SELECT project, prompts_s, ledger_s FROM retention").fetchall()
             for project, prompts_s, ledger_s in policies:
                 prompts = rows = 0

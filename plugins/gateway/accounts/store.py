@@ -111,6 +111,10 @@ MIGRATIONS = [
 AUDIT_CHAINED = 3  # the schema version whose step chains the audit log
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 KEY_CHECK = b"atoll gateway key check"  # HMACed with the secret: which secret made the keys
+# On a shared database, the longest a key's cached row is used: the bound on what a gateway cut
+# off from it without its listening connection noticing (a silent partition, until TCP
+# keepalive tells) could admit after a revocation it did not hear.
+SHARED_CACHE_S = 1.0
 
 
 class Keep:
@@ -172,13 +176,14 @@ class Store:
         self._audit_key = audit_chain.signing_key(secret)
         self._clock = clock
         self._lock = threading.Lock()  # one connection; the app may also use it from threads
-        # authenticate's cache (keys.py); here because every write but the ledger's empties it.
-        self._keys: dict[str, dict[str, Any] | None] = {}  # key_id -> its row; None: unknown
-        self._keys_version = -1  # the database's data_version the cache was filled at
+        # authenticate's cache (keys.py); here because _tx empties it.
+        # key_id -> (the database's data_version when it was read, time.monotonic() then, its
+        # row; None: unknown)
+        self._keys: dict[str, tuple[int, float, dict[str, Any] | None]] = {}
         self._database = open_database(database)
         self._db = self._database.connection
-        # A server, which other gateways may share: nothing cached, calls offloaded.
-        self.shared = self._database.data_version() is None
+        # A server, which other gateways may share: calls offloaded.
+        self.shared = self._database.shared
         # One thread for the calls offloaded: they take the one connection's lock in turn
         # anyway, and threads queueing on it hand the GIL back and forth for nothing.
         self._worker: ThreadPoolExecutor | None = None
@@ -220,20 +225,40 @@ class Store:
             self._database.close()
 
     @contextmanager
-    def _tx(self, ledger: bool = False) -> Iterator[Connection]:
-        """One write transaction, holding the store's write lock (database.py). Any but the
-        ledger's (``ledger``) may change a key, user, project or membership: the keys' cache
-        goes."""
+    def _tx(self, keys_kept: bool = False, locked: bool = True) -> Iterator[Connection]:
+        """One write transaction, holding the store's write lock (database.py; unless not
+        ``locked``: rows only inserted). Unless it says it changes nothing authenticate caches
+        (``keys_kept``: the ledger's, a reservation, a key's last_used), it may change a key,
+        user, project, membership or budget: the keys' cache goes, here and (notified at the
+        commit) in every gateway sharing the database."""
         with self._lock:
-            if not ledger:
+            if not keys_kept:
                 self._keys.clear()
-            self._database.begin()
+            self._database.begin(locked)
             try:
                 yield self._db
             except BaseException:
                 self._database.rollback()
                 raise
-            self._database.commit()
+            self._database.commit(notify=not keys_kept)
+
+    def _cached_key(self, key_id: str, version: int | None) -> list[dict[str, Any]] | None:
+        """The key's authenticate rows as cached at ``version`` (keys.py; on a shared database,
+        less than SHARED_CACHE_S ago); None when not cached so."""
+        entry = self._keys.get(key_id) if version is not None else None
+        if entry is None or entry[0] != version:
+            return None
+        if self.shared and time.monotonic() - entry[1] >= SHARED_CACHE_S:
+            return None
+        return [entry[2]] if entry[2] is not None else []
+
+    def _unbudgeted(self, key_id: str) -> bool:
+        """Whether no budget applies to the key, its user or its project, as its cached row
+        says at the database's current version (a budget set or removed, a key rotated: all
+        change it); False when that is not known."""
+        with self._lock:
+            rows = self._cached_key(key_id, self._database.data_version())
+        return bool(rows) and not rows[0]["budgeted"]
 
     def _read(self, sql: str, args: Args = ()) -> list[Any]:
         with self._lock:
