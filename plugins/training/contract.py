@@ -292,9 +292,7 @@ class ClaimRequest(Strict):
     device: Literal["cpu", "cuda", "mps"]
     # What the trainer computes in natively (trainer.detect_precisions): a job asking for
     # another precision is left for a trainer that has it.
-    precisions: list[Precision] = Field(
-        default_factory=lambda: ["fp32"], min_length=1, max_length=3
-    )
+    precisions: list[Precision] = Field(default=["fp32"], min_length=1, max_length=3)
 
 
 class HeartbeatRequest(JobRef):
@@ -482,7 +480,7 @@ async def follow_events(
 
 
 async def claim_job(
-    agent: Caller, queue: str, capacity: int, device: str, precisions: list[str]
+    agent: Caller, queue: str, capacity: int, device: str, precisions: list[Precision]
 ) -> JobRecord | None:
     """A queued job for a trainer with ``capacity`` free slots, or None."""
     request = CLAIM.parse_params({"capacity": capacity, "device": device, "precisions": precisions})

@@ -34,6 +34,7 @@ from atoll.plugins.training.contract import (
     JobOptions,
     JobQuery,
     JobRecord,
+    Precision,
     Resolved,
     events_subject,
 )
@@ -101,7 +102,7 @@ class JobQueue:
         self.max_attempts = max_attempts
         self.clock = clock
         # Trainers heard from (claims, heartbeats): name -> (device, precisions, when).
-        self.trainers: dict[str, tuple[str, list[str], float]] = {}
+        self.trainers: dict[str, tuple[str, list[Precision], float]] = {}
 
     def close(self) -> None:
         self.db.close()

@@ -87,7 +87,8 @@ def detect_precisions(device: str) -> list[Precision]:
     faster than fp32 ones. Elsewhere bf16 is emulated and slower than fp32. The queue leaves a
     job asking for another precision to a trainer that has it; "auto" takes bf16 where it is."""
     if device == "cuda":
-        return ["fp32", "fp16", *(["bf16"] if _gpu_capability() >= (8, 0) else [])]
+        half: list[Precision] = ["fp16", "bf16"] if _gpu_capability() >= (8, 0) else ["fp16"]
+        return ["fp32", *half]
     if device == "cpu" and "avx512_bf16" in _cpu_flags():
         return ["fp32", "bf16"]
     return ["fp32"]

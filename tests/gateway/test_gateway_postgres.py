@@ -259,8 +259,9 @@ def test_keys_are_cached_until_another_gateway_changes_something(
         # The listening connection ends (the server restarted, say): nothing is cached ...
         cached = two.authenticate(other)
         assert two.authenticate_cached(other) == cached
-        listener = two._database._listener
-        assert listener is not None
+        database = two._database
+        assert isinstance(database, PostgresDatabase) and database._listener is not None
+        listener = database._listener
         with pg_cluster.connect(pg_database) as admin:
             admin.execute("SELECT pg_terminate_backend(%s)", (listener.pgconn.backend_pid,))
         assert _uncached(two, other)

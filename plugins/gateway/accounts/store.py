@@ -258,7 +258,7 @@ class Store:
         change it); False when that is not known."""
         with self._lock:
             rows = self._cached_key(key_id, self._database.data_version())
-        return bool(rows) and not rows[0]["budgeted"]
+        return rows is not None and bool(rows) and not rows[0]["budgeted"]
 
     def _read(self, sql: str, args: Args = ()) -> list[Any]:
         with self._lock:
