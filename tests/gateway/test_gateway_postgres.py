@@ -282,6 +282,38 @@ def test_keys_are_cached_until_another_gateway_changes_something(
         two.close()
 
 
+def test_a_listener_that_cannot_be_made_is_tried_again_at_most_every_second(
+    pg_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Listening is tried again on lookups, but a server refusing connections is not asked at
+    every one of them (LISTEN_RETRY_S, shortened here); meanwhile nothing is cached."""
+    database = PostgresDatabase(pg_database)
+    try:
+        assert database._listener is not None
+        database._listener.close()
+        assert database.data_version() is None
+        tries: list[str] = []
+
+        def refused(*args: object, **kw: object) -> None:
+            tries.append("connect")
+            raise postgres_store.psycopg.OperationalError("too many connections")
+
+        monkeypatch.setattr(postgres_store, "LISTEN_RETRY_S", 0.2)
+        monkeypatch.setattr(postgres_store.psycopg, "connect", refused)
+        for _ in range(5):
+            database.keep_listening()
+        assert tries == ["connect"] and database.data_version() is None
+        time.sleep(0.25)
+        database.keep_listening()
+        assert tries == ["connect", "connect"]
+        monkeypatch.undo()  # the server takes connections again
+        time.sleep(0.25)
+        database.keep_listening()
+        assert database.data_version() is not None
+    finally:
+        database.close()
+
+
 def _uncached(accounts: Accounts, key: str, timeout: float = 2.0) -> bool:
     """Whether the cache stops answering ``key`` within ``timeout`` (a notification, or a
     connection's end, is seen when it reaches the socket)."""

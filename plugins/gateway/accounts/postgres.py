@@ -15,6 +15,7 @@ import contextlib
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import lru_cache
 from typing import Any
@@ -35,6 +36,7 @@ WRITE_LOCK = 0x61746F6C6C
 # ledger's, a reservation, a key's last_used): every gateway on the database listens, and
 # drops what it cached (data_version).
 CHANGES = "atoll_store_changed"
+LISTEN_RETRY_S = 1.0
 # What the URL does not say otherwise: libpq would wait forever for a connection, and hours for
 # a host gone silent mid-statement (the OS's keepalive), with the gateway's event loop waiting.
 CONNECTION_DEFAULTS = {
@@ -172,6 +174,7 @@ class PostgresDatabase:
         self._listener: psycopg.Connection[Any] | None = None
         self._changes = 0  # notifications heard (and listeners made: each may have missed some)
         self._heard = threading.Lock()  # the listener and _changes
+        self._listen_after = 0.0  # (time.monotonic) no try to listen again before
         self._listen()
 
     def _connect(self) -> psycopg.Connection[PgRow]:
@@ -269,11 +272,13 @@ class PostgresDatabase:
             )
 
     def _listen(self) -> None:
-        """(Re)make the listening connection; left down while the server cannot be had."""
+        """(Re)make the listening connection; left down while the server cannot be had (tried
+        again at most every LISTEN_RETRY_S: each try is a connection)."""
         try:
             listener = psycopg.connect(self._url, autocommit=True)
             listener.execute(f"LISTEN {CHANGES}")
         except psycopg.OperationalError as exc:
+            self._listen_after = time.monotonic() + LISTEN_RETRY_S
             log.warning("gateway.database_listen_failed: %s", str(exc).strip().splitlines()[0])
             return
         with self._heard:
@@ -305,7 +310,7 @@ class PostgresDatabase:
     def keep_listening(self) -> None:
         """Listen afresh if the listening connection is down: a round trip, so called where
         the store's calls may wait (its worker thread), never on the event loop."""
-        if self._listener is None:
+        if self._listener is None and time.monotonic() >= self._listen_after:
             self._listen()
 
     def close(self) -> None:
