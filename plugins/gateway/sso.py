@@ -188,15 +188,32 @@ class Sso:
             )
         return metadata
 
+    async def _with_userinfo(self, token: Any, claims: dict[str, Any]) -> dict[str, Any]:
+        """The ID token's claims, with those the mapping needs that it leaves out (the
+        username's, the groups') read from the provider's userinfo endpoint: a provider may
+        keep claims there only (OIDC Core 5.4; Entra ID's groups overage, a Keycloak mapper
+        set to userinfo). Its answer must be about the ID token's subject (OIDC Core 5.3.2)."""
+        cfg = self.config
+        wanted = [c for c in (cfg.username_claim, cfg.groups_claim) if c not in claims]
+        if not wanted or not isinstance((await self.metadata()).get("userinfo_endpoint"), str):
+            return claims
+        info = await self.provider.userinfo(token=token)
+        if str(info.get("sub")) != str(claims.get("sub")):
+            raise GatewayError(
+                401, "the identity provider's userinfo is about another subject than its ID token"
+            )
+        return claims | {c: info[c] for c in wanted if c in info}
+
     def sign_in(self, claims: dict[str, Any]) -> SignIn:
-        """The login the ID token's claims make, as the config maps them (403 when refused)."""
+        """The login the claims make (the ID token's, and userinfo's where it left some out),
+        as the config maps them (403 when refused)."""
         cfg = self.config
         username = claims.get(cfg.username_claim)
         if not isinstance(username, str) or not username:
             raise GatewayError(
                 502,
-                f"the identity provider's ID token has no {cfg.username_claim!r} claim "
-                "(username_claim) to name the user by",
+                f"the identity provider gave no {cfg.username_claim!r} claim (username_claim), "
+                "in its ID token nor its userinfo, to name the user by",
             )
         found = claims.get(cfg.groups_claim, [])
         found = [found] if isinstance(found, str) else found
@@ -333,6 +350,8 @@ class Sso:
                 redirect_uri=flow["redirect_uri"], code=code, code_verifier=flow["verifier"]
             )
             claims = await self.provider.parse_id_token(token, nonce=flow["nonce"])
+            if claims is not None:
+                claims = await self._with_userinfo(token, dict(claims))
         except OAuthError as exc:  # the token endpoint's refusal: a used or expired code
             said = exc.description or exc.error
             raise GatewayError(400, f"the identity provider refused the code: {said}") from exc

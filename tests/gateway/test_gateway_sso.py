@@ -128,6 +128,58 @@ async def test_groups_map_to_projects_and_roles_and_each_login_syncs_them(
         assert ("sso", action) in actions, action
 
 
+async def test_claims_the_id_token_leaves_out_are_read_from_userinfo(
+    make_agent: AgentFactory,
+    oidc_provider: Provider,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A provider that keeps the groups (or the username) out of its ID tokens, as Entra ID
+    does past a size and a Keycloak mapper may: the gateway reads what its mapping needs from
+    the provider's real userinfo endpoint, and refuses an answer about another subject."""
+    isl = await sso_island(make_agent, oidc_provider.url, tmp_path)
+    oidc_provider.set_user("u-1", preferred_username="Alice", groups=["ml-leads"])
+    sso = isl.plugin.sso
+    assert sso is not None
+    parse = sso.provider.parse_id_token
+    asked: list[str] = []
+
+    async def id_token_without(token: Any, nonce: str) -> Any:
+        claims = dict(await parse(token, nonce=nonce))
+        del claims["groups"], claims["preferred_username"]
+        return claims
+
+    userinfo = sso.provider.userinfo
+
+    async def counted(**kw: Any) -> Any:
+        asked.append("userinfo")
+        return await userinfo(**kw)
+
+    monkeypatch.setattr(sso.provider, "parse_id_token", id_token_without)
+    monkeypatch.setattr(sso.provider, "userinfo", counted)
+    async with httpx.AsyncClient() as http:
+        key = await sso_key(http, isl.url, "u-1")
+    who = await me(isl, key)
+    assert (who["user"], who["projects"]) == ("alice", {"ml": "owner"}) and asked == ["userinfo"]
+
+    async def another_subject(**kw: Any) -> Any:
+        return {**await userinfo(**kw), "sub": "u-2"}
+
+    monkeypatch.setattr(sso.provider, "userinfo", another_subject)
+    before = snapshot(isl)
+    async with httpx.AsyncClient() as http:
+        answer = await http.get(await authorize(http, isl.url, "u-1"))
+    assert answer.status_code == 401 and "userinfo is about another subject" in answer.text
+    assert snapshot(isl) == before
+
+    monkeypatch.setattr(sso.provider, "parse_id_token", parse)  # a full ID token: no userinfo
+    monkeypatch.setattr(sso.provider, "userinfo", counted)
+    asked.clear()
+    async with httpx.AsyncClient() as http:
+        await sso_key(http, isl.url, "u-1")
+    assert asked == []
+
+
 async def test_an_admin_moves_a_user_to_an_account_the_provider_made_anew(
     make_agent: AgentFactory, oidc_provider: Provider, tmp_path: Path
 ) -> None:
@@ -224,7 +276,7 @@ async def test_refused_logins_say_why_and_change_nothing(
         await refused(http, await authorize(http, isl.url, "u-admin"), 403, "already exists")
         await refused(http, await authorize(http, isl.url, "u-mail"), 403, "not a valid Atoll")
         # Claims the gateway cannot use.
-        no_name = "has no &#x27;preferred_username&#x27; claim"
+        no_name = "gave no &#x27;preferred_username&#x27; claim"
         await refused(http, await authorize(http, isl.url, "u-anon"), 502, no_name)
         await refused(http, await authorize(http, isl.url, "u-odd"), 502, "not a list of group")
         # No session waits to be claimed.
