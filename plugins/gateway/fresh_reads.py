@@ -3,7 +3,8 @@
 On PostgreSQL a key check the cache cannot answer (keys.py: the first use of a key since a
 change was notified) is a round trip made in a worker thread (accounts ``offload``), and at
 concurrency 32 most requests carry the same key: one thread hop and one query each cost the
-gateway more CPU (GIL hand-offs) than the rest of the request. Requests asking the same
+gateway more CPU (GIL hand-offs) than the rest of the request. The barrier before a cache hit
+(accounts/changes.py) is shared the same way. Requests asking the same
 thing while a read of it is under way wait for the *next* read, which starts when that one ends
 and answers all of them: every answer comes from a read that began after its request arrived,
 so a key revoked through another gateway is refused from the next request on, as before, and

@@ -145,6 +145,7 @@ class GatewayPlugin(Plugin):
         oidc = config.oidc
         oidc_secret = read_client_secret(oidc.client_secret_file) if oidc else None
         self.accounts = Accounts(config.database or ctx.data_dir / "gateway.sqlite", secret)
+        await self.accounts.listen()  # other gateways' commits, on a shared database
         if oidc is not None and oidc_secret is not None:
             self.sso = Sso(oidc, oidc_secret, secret, self.accounts)
         if config.bootstrap_admin:
@@ -367,6 +368,7 @@ class GatewayPlugin(Plugin):
             self._rates.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._rates
+        await self.accounts.unlisten()
         self.accounts.close()
         if self.tracing is not None:  # the last requests' spans, ended with the server
             await asyncio.to_thread(self.tracing.close)

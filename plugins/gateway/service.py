@@ -100,9 +100,12 @@ class Gateway:
         if scheme.lower() != "bearer" or not token.strip():
             raise GatewayError(401, "missing API key: send 'Authorization: Bearer <key>'")
         token = token.strip()
-        if self.accounts.shared:  # PostgreSQL: the cache while it holds, else a round trip
-            cached = self.accounts.authenticate_cached(token)
-            return cached if cached is not None else await self._key_checks(token)
+        if self.accounts.shared:  # PostgreSQL: the cache, once every commit before now is heard
+            if await self.accounts.heard_all():
+                cached = self.accounts.authenticate_cached(token)
+                if cached is not None:
+                    return cached
+            return await self._key_checks(token)
         return self.accounts.authenticate(token)  # SQLite: cached, microseconds
 
     def resolve(

@@ -7,18 +7,19 @@ migrated, a dropped connection made again, a writer kept waiting answered 503, a
 from __future__ import annotations
 
 import asyncio
-import time
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
+import psycopg
 import pydantic
 import pytest
 
 from atoll.plugins.gateway.accounts import Accounts
+from atoll.plugins.gateway.accounts import changes as changes_module
 from atoll.plugins.gateway.accounts import postgres as postgres_store
-from atoll.plugins.gateway.accounts import store as store_module
 from atoll.plugins.gateway.accounts.postgres import PostgresDatabase, translate
 from atoll.plugins.gateway.accounts.rate_shares import Share
 from atoll.plugins.gateway.accounts.store import SCHEMA, SCHEMA_VERSION
@@ -228,102 +229,115 @@ def test_a_dropped_connection_is_made_again(pg_cluster: postgres.Cluster, pg_dat
         acc.close()
 
 
-def test_keys_are_cached_until_another_gateway_changes_something(
-    pg_cluster: postgres.Cluster, pg_database: str, monkeypatch: pytest.MonkeyPatch
+async def test_keys_are_cached_until_another_gateway_changes_something(
+    pg_cluster: postgres.Cluster, pg_database: str
 ) -> None:
-    """A gateway answers a key it has read from its cache (no round trip) until any write but
-    the ledger's commits, through whichever gateway: the commit's notification makes the entry
-    stale. While its listening connection is down it caches nothing, so a change it could not
-    hear is never missed; it listens again on the next lookup. An entry is used for at most
-    SHARED_CACHE_S whatever it hears."""
-    monkeypatch.setattr(store_module, "SHARED_CACHE_S", 60.0)  # (a slow machine's pauses)
+    """A gateway answers a key it has read from its cache (no round trip for the key) until
+    any write but those that change nothing cached commits, through whichever gateway: once
+    heard_all has read every notification sent before it, the entry is stale. While its
+    listening connection is down nothing is cached, so a change it could not hear is never
+    missed; the connection is made again within KEEP_S."""
     one, two = Accounts(pg_database, SECRET), Accounts(pg_database, SECRET)
+    await two.listen()
     try:
         one.create_user("alice", actor="root")
         key, other, third = (one.create_key("alice", actor="root")[1] for _ in range(3))
-        assert two.authenticate_cached(key) is None  # never read here
+        assert await two.heard_all() and two.authenticate_cached(key) is None  # never read
         me = two.authenticate(key)
-        assert two.authenticate_cached(key) == me  # now cached
+        assert await two.heard_all() and two.authenticate_cached(key) == me  # now cached
 
         # The ledger's writes change nothing cached: no notification.
         row = one.usage_row(me, "r1", "m", None, 1, 1, 200, 1.0)
         assert one.insert_usage([row]) == [None]
-        time.sleep(0.2)  # (a notification would have come by now)
-        assert two.authenticate_cached(key) == me
+        assert await two.heard_all() and two.authenticate_cached(key) == me
 
+        # A revocation through the other store: stale at the very next barrier, no waiting.
         one.revoke_key(me.key_id, actor="root")
-        assert _uncached(two, key)  # as soon as the commit's notification is read
+        assert await two.heard_all() and two.authenticate_cached(key) is None
         with pytest.raises(GatewayError) as revoked:
             two.authenticate(key)
         assert revoked.value.code == "key_revoked"
 
         # The listening connection ends (the server restarted, say): nothing is cached ...
         cached = two.authenticate(other)
-        assert two.authenticate_cached(other) == cached
+        assert await two.heard_all() and two.authenticate_cached(other) == cached
         database = two._database
-        assert isinstance(database, PostgresDatabase) and database._listener is not None
-        listener = database._listener
+        assert isinstance(database, PostgresDatabase)
+        listening = database.changes._conn
+        assert listening is not None
         with pg_cluster.connect(pg_database) as admin:
-            admin.execute("SELECT pg_terminate_backend(%s)", (listener.pgconn.backend_pid,))
-        assert _uncached(two, other)
-        assert two._database.data_version() is None
+            admin.execute("SELECT pg_terminate_backend(%s)", (listening.pgconn.backend_pid,))
+        assert not await two.heard_all() and database.data_version() is None
         # ... so a revocation it cannot hear is not missed: the key is read afresh.
         one.revoke_key(cached.key_id, actor="root")
+        assert two.authenticate_cached(other) is None
         with pytest.raises(GatewayError) as unheard:
             two.authenticate(other)
         assert unheard.value.code == "key_revoked"
-        assert two._database.data_version() is not None  # listening again
-        assert two.authenticate(third) == two.authenticate_cached(third)  # and caching
-
-        monkeypatch.setattr(store_module, "SHARED_CACHE_S", 0.1)
-        time.sleep(0.15)
-        assert two.authenticate_cached(third) is None  # too old, heard nothing or not
+        for _ in range(40):  # bounded: the connection is made again within KEEP_S (1 s)
+            if await two.heard_all():
+                break
+            await asyncio.sleep(0.1)
+        assert two.authenticate(third) == two.authenticate_cached(third)  # caching again
     finally:
+        await two.unlisten()
         one.close()
         two.close()
 
 
-def test_a_listener_that_cannot_be_made_is_tried_again_at_most_every_second(
+async def test_a_gateway_no_request_comes_to_still_reads_its_notifications(
+    pg_database: str,
+) -> None:
+    """Its listener reads them every KEEP_S: left unread, they would pile up in the server's
+    queue, which, full, refuses every commit that notifies."""
+    one, two = Accounts(pg_database, SECRET), Accounts(pg_database, SECRET)
+    await two.listen()
+    try:
+        database = two._database
+        assert isinstance(database, PostgresDatabase)
+        before = database.data_version()
+        assert before is not None
+        for i in range(20):
+            one.create_user(f"user{i}", actor="root")  # a notification each
+        for _ in range(30):  # bounded: KEEP_S is 1 s
+            if (database.data_version() or 0) >= before + 20:
+                break
+            await asyncio.sleep(0.1)
+        assert (database.data_version() or 0) >= before + 20
+    finally:
+        await two.unlisten()
+        one.close()
+        two.close()
+
+
+async def test_a_listener_that_cannot_be_made_is_tried_again_every_second(
     pg_database: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Listening is tried again on lookups, but a server refusing connections is not asked at
-    every one of them (LISTEN_RETRY_S, shortened here); meanwhile nothing is cached."""
-    database = PostgresDatabase(pg_database)
+    """A server refusing the listening connection: nothing cached, no request waits on it, and
+    it is tried again every KEEP_S (shortened here) until it is made."""
+    monkeypatch.setattr(changes_module, "KEEP_S", 0.1)
+    tries: list[str] = []
+    connect = psycopg.AsyncConnection.connect
+
+    async def refused(*args: Any, **kw: Any) -> Any:
+        tries.append("connect")
+        if len(tries) < 3:
+            raise psycopg.OperationalError("too many connections")
+        return await connect(*args, **kw)
+
+    monkeypatch.setattr(psycopg.AsyncConnection, "connect", refused)
+    acc = Accounts(pg_database, SECRET)
+    await acc.listen()
     try:
-        assert database._listener is not None
-        database._listener.close()
-        assert database.data_version() is None
-        tries: list[str] = []
-
-        def refused(*args: object, **kw: object) -> None:
-            tries.append("connect")
-            raise postgres_store.psycopg.OperationalError("too many connections")
-
-        monkeypatch.setattr(postgres_store, "LISTEN_RETRY_S", 0.2)
-        monkeypatch.setattr(postgres_store.psycopg, "connect", refused)
-        for _ in range(5):
-            database.keep_listening()
-        assert tries == ["connect"] and database.data_version() is None
-        time.sleep(0.25)
-        database.keep_listening()
-        assert tries == ["connect", "connect"]
-        monkeypatch.undo()  # the server takes connections again
-        time.sleep(0.25)
-        database.keep_listening()
-        assert database.data_version() is not None
+        assert not await acc.heard_all() and acc._database.data_version() is None
+        for _ in range(30):  # bounded
+            if await acc.heard_all():
+                break
+            await asyncio.sleep(0.05)
+        assert tries == ["connect"] * 3 and acc._database.data_version() is not None
     finally:
-        database.close()
-
-
-def _uncached(accounts: Accounts, key: str, timeout: float = 2.0) -> bool:
-    """Whether the cache stops answering ``key`` within ``timeout`` (a notification, or a
-    connection's end, is seen when it reaches the socket)."""
-    deadline = time.monotonic() + timeout
-    while accounts.authenticate_cached(key) is not None:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
+        await acc.unlisten()
+        acc.close()
 
 
 def test_a_writer_kept_waiting_for_the_lock_is_answered_503(

@@ -16,10 +16,10 @@ PostgreSQL, the request path's calls go through ``offload`` (a worker thread) in
 round trip never stops the loop.
 Nothing is cached but authenticate's key lookups, which any write here and any other
 connection's commit make stale: SQLite's file tells (its data_version); on PostgreSQL every
-write transaction but the ledger's notifies the gateways listening as it commits, and a gateway
-whose listening connection is down caches nothing until it listens again. A revoked key, a
-removed member or a changed admin flag is refused from the next request on, through whichever
-gateway (on PostgreSQL: from the moment the commit's notification reaches it).
+write transaction that may change them notifies the gateways listening as it commits
+(changes.py), and a request is answered from the cache only after a barrier has read every
+notification sent before it came. A revoked key, a removed member or a changed admin flag is
+refused from the next request on, through whichever gateway.
 """
 
 from __future__ import annotations

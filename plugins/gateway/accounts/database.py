@@ -79,8 +79,14 @@ class Database(Protocol):
         """A number that changes whenever another connection commits (told without a round
         trip); None while that cannot be told, so nothing may be cached."""
 
-    def keep_listening(self) -> None:
-        """Make data_version tell again if it cannot (a round trip: never on the event loop)."""
+    async def listen(self) -> None:
+        """Start hearing other connections' commits, on the running event loop."""
+
+    async def unlisten(self) -> None: ...
+
+    async def heard_all(self) -> bool:
+        """Whether every commit made before this call is in data_version now; False while that
+        cannot be known, so nothing may be taken from a cache."""
 
     def close(self) -> None: ...
 
@@ -128,8 +134,15 @@ class SqliteDatabase:
         (version,) = self._db.execute("PRAGMA data_version").fetchone()
         return int(version)
 
-    def keep_listening(self) -> None:
-        """Nothing to do: the file's data_version is always there."""
+    # The file's data_version is always there and exact: nothing to listen on or wait for.
+    async def listen(self) -> None:
+        pass
+
+    async def unlisten(self) -> None:
+        pass
+
+    async def heard_all(self) -> bool:
+        return True
 
     def close(self) -> None:
         self._db.close()

@@ -8,7 +8,6 @@ import hmac
 import json
 import re
 import secrets
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -241,7 +240,8 @@ class Keys(Store):
     def authenticate_cached(self, plaintext: str) -> Principal | None:
         """authenticate's answer where it needs no round trip to the database: the key's row
         cached at the database's current version, and its last_used not due; None where it
-        would need one. Takes no lock the store's calls hold for a round trip, so the event
+        would need one. Exact once ``heard_all`` has said every commit before the request is
+        in that version. Takes no lock the store's calls hold for a round trip, so the event
         loop may call it while the worker thread waits on PostgreSQL."""
         key_id, digest = self._parse(plaintext)
         rows = self._cached_key(key_id, self._database.data_version())
@@ -324,20 +324,16 @@ class Keys(Store):
         With no version to go by (PostgreSQL's listening connection down), nothing is cached."""
         with self._lock:
             version = self._database.data_version()
-            if version is None:
-                self._database.keep_listening()
-                version = self._database.data_version()
             cached = self._cached_key(key_id, version)
             if cached is not None:
                 return cached
-            read_at = time.monotonic()
             rows = [dict(r) for r in self._lookup_key(key_id)]
             if version is not None:
                 if len(self._keys) >= MAX_CACHED_KEYS:  # bounded: unknown ids cannot fill memory
                     self._keys.clear()
                 # Unknown ids are remembered like known ones (in the same bounded map), so a
                 # lookup takes the same path and time whether the id exists or not.
-                self._keys[key_id] = (version, read_at, rows[0] if rows else None)
+                self._keys[key_id] = (version, rows[0] if rows else None)
             return rows
 
     def _lookup_key(self, key_id: str) -> list[Row]:

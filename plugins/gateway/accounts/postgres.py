@@ -14,8 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import lru_cache
 from typing import Any
@@ -24,6 +22,7 @@ import psycopg
 from psycopg.adapt import Buffer, Loader
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from atoll.plugins.gateway.accounts.changes import CHANGES, ChangeListener
 from atoll.plugins.gateway.accounts.database import Args, Cursor, IntegrityError
 from atoll.plugins.gateway.errors import GatewayError
 
@@ -32,11 +31,6 @@ log = logging.getLogger(__name__)
 # pg_advisory_xact_lock's key for the store's one write lock ("atoll" in ASCII); advisory locks
 # are per database, so stores in other databases of the cluster never wait on each other.
 WRITE_LOCK = 0x61746F6C6C
-# The channel a write transaction notifies as it commits (unless it changes nothing cached: the
-# ledger's, a reservation, a key's last_used): every gateway on the database listens, and
-# drops what it cached (data_version).
-CHANGES = "atoll_store_changed"
-LISTEN_RETRY_S = 1.0
 # What the URL does not say otherwise: libpq would wait forever for a connection, and hours for
 # a host gone silent mid-statement (the OS's keepalive), with the gateway's event loop waiting.
 CONNECTION_DEFAULTS = {
@@ -158,9 +152,10 @@ class PostgresDatabase:
     server-side, so a statement run often is prepared once (planning a join costs more than the
     round trip), except where translate says they cannot be.
 
-    A second connection only listens on ``CHANGES``: its notifications are this database's
-    data_version, read off the socket without a round trip, so a gateway may cache what other
-    gateways' writes would change (keys.py) and drop it as soon as one commits."""
+    A write transaction that may change what a gateway caches (keys.py) notifies ``CHANGES`` as
+    it commits (unless it changes nothing cached: the ledger's, a reservation, a key's
+    last_used); the gateways hear it on a connection of their own (changes.py), which is this
+    database's data_version."""
 
     shared = True  # other gateways may use the same database
 
@@ -171,11 +166,7 @@ class PostgresDatabase:
         self._in_tx = False
         self._conn = self._connect()
         self.connection = self
-        self._listener: psycopg.Connection[Any] | None = None
-        self._changes = 0  # notifications heard (and listeners made: each may have missed some)
-        self._heard = threading.Lock()  # the listener and _changes
-        self._listen_after = 0.0  # (time.monotonic) no try to listen again before
-        self._listen()
+        self.changes = ChangeListener(self._url)  # data_version, once listen() has started it
 
     def _connect(self) -> psycopg.Connection[PgRow]:
         conn = psycopg.connect(
@@ -271,50 +262,18 @@ class PostgresDatabase:
                 "one the shared database's keys were made with: copy the first gateway's file"
             )
 
-    def _listen(self) -> None:
-        """(Re)make the listening connection; left down while the server cannot be had (tried
-        again at most every LISTEN_RETRY_S: each try is a connection)."""
-        try:
-            listener = psycopg.connect(self._url, autocommit=True)
-            listener.execute(f"LISTEN {CHANGES}")
-        except psycopg.OperationalError as exc:
-            self._listen_after = time.monotonic() + LISTEN_RETRY_S
-            log.warning("gateway.database_listen_failed: %s", str(exc).strip().splitlines()[0])
-            return
-        with self._heard:
-            self._listener = listener
-            self._changes += 1  # what was cached before it may have changed unheard
-
     def data_version(self) -> int | None:
-        """The change notifications heard so far, read off the listening connection's socket
-        without waiting (libpq's socket never blocks); None while it is down, when nothing may
-        be cached: a change would go unheard. A commit's notification reaches every listener
-        as the commit takes, so another gateway's revocation counts here from then on. Called
-        from the event loop and the worker thread alike: ``_heard`` is held for microseconds."""
-        with self._heard:
-            listener = self._listener
-            if listener is None:
-                return None
-            try:
-                listener.pgconn.consume_input()
-                if listener.pgconn.status != psycopg.pq.ConnStatus.OK:
-                    raise psycopg.OperationalError("the listening connection is down")
-            except psycopg.OperationalError:  # the server ended it: listen afresh (keep_listening)
-                listener.close()
-                self._listener = None
-                return None
-            while listener.pgconn.notifies() is not None:
-                self._changes += 1
-            return self._changes
+        """The change notifications heard (changes.py); None while not listening."""
+        return self.changes.version
 
-    def keep_listening(self) -> None:
-        """Listen afresh if the listening connection is down: a round trip, so called where
-        the store's calls may wait (its worker thread), never on the event loop."""
-        if self._listener is None and time.monotonic() >= self._listen_after:
-            self._listen()
+    async def listen(self) -> None:
+        await self.changes.start()
+
+    async def unlisten(self) -> None:
+        await self.changes.stop()
+
+    async def heard_all(self) -> bool:
+        return await self.changes.heard_all()
 
     def close(self) -> None:
-        with self._heard:
-            if self._listener is not None:
-                self._listener.close()
         self._conn.close()

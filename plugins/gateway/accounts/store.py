@@ -111,10 +111,6 @@ MIGRATIONS = [
 AUDIT_CHAINED = 3  # the schema version whose step chains the audit log
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 KEY_CHECK = b"atoll gateway key check"  # HMACed with the secret: which secret made the keys
-# On a shared database, the longest a key's cached row is used: the bound on what a gateway cut
-# off from it without its listening connection noticing (a silent partition, until TCP
-# keepalive tells) could admit after a revocation it did not hear.
-SHARED_CACHE_S = 1.0
 
 
 class Keep:
@@ -177,9 +173,8 @@ class Store:
         self._clock = clock
         self._lock = threading.Lock()  # one connection; the app may also use it from threads
         # authenticate's cache (keys.py); here because _tx empties it.
-        # key_id -> (the database's data_version when it was read, time.monotonic() then, its
-        # row; None: unknown)
-        self._keys: dict[str, tuple[int, float, dict[str, Any] | None]] = {}
+        # key_id -> (the database's data_version when it was read, its row; None: unknown)
+        self._keys: dict[str, tuple[int, dict[str, Any] | None]] = {}
         self._database = open_database(database)
         self._db = self._database.connection
         # A server, which other gateways may share: calls offloaded.
@@ -242,15 +237,25 @@ class Store:
                 raise
             self._database.commit(notify=not keys_kept)
 
+    async def listen(self) -> None:
+        """Hear other gateways' commits (a shared database; on the running event loop)."""
+        await self._database.listen()
+
+    async def unlisten(self) -> None:
+        await self._database.unlisten()
+
+    async def heard_all(self) -> bool:
+        """Whether every commit made before this call is in the database's data_version now,
+        so a cache entry read at it may answer (PostgreSQL: one round trip, shared); False:
+        it may not."""
+        return await self._database.heard_all()
+
     def _cached_key(self, key_id: str, version: int | None) -> list[dict[str, Any]] | None:
-        """The key's authenticate rows as cached at ``version`` (keys.py; on a shared database,
-        less than SHARED_CACHE_S ago); None when not cached so."""
+        """The key's authenticate rows as cached at ``version`` (keys.py); None when not."""
         entry = self._keys.get(key_id) if version is not None else None
         if entry is None or entry[0] != version:
             return None
-        if self.shared and time.monotonic() - entry[1] >= SHARED_CACHE_S:
-            return None
-        return [entry[2]] if entry[2] is not None else []
+        return [entry[1]] if entry[1] is not None else []
 
     def _unbudgeted(self, key_id: str) -> bool:
         """Whether no budget applies to the key, its user or its project, as its cached row
