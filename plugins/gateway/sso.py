@@ -188,14 +188,16 @@ class Sso:
             )
         return metadata
 
-    async def _with_userinfo(self, token: Any, claims: dict[str, Any]) -> dict[str, Any]:
+    async def _with_userinfo(
+        self, token: Any, claims: dict[str, Any], metadata: dict[str, Any]
+    ) -> dict[str, Any]:
         """The ID token's claims, with those the mapping needs that it leaves out (the
         username's, the groups') read from the provider's userinfo endpoint: a provider may
         keep claims there only (OIDC Core 5.4; Entra ID's groups overage, a Keycloak mapper
         set to userinfo). Its answer must be about the ID token's subject (OIDC Core 5.3.2)."""
         cfg = self.config
         wanted = [c for c in (cfg.username_claim, cfg.groups_claim) if c not in claims]
-        if not wanted or not isinstance((await self.metadata()).get("userinfo_endpoint"), str):
+        if not wanted or not isinstance(metadata.get("userinfo_endpoint"), str):
             return claims
         info = await self.provider.userinfo(token=token)
         if str(info.get("sub")) != str(claims.get("sub")):
@@ -345,13 +347,13 @@ class Sso:
         if not code:
             raise GatewayError(400, "the identity provider's answer has no code")
         try:
-            await self.metadata()
+            metadata = await self.metadata()
             token = await self.provider.fetch_access_token(
                 redirect_uri=flow["redirect_uri"], code=code, code_verifier=flow["verifier"]
             )
             claims = await self.provider.parse_id_token(token, nonce=flow["nonce"])
             if claims is not None:
-                claims = await self._with_userinfo(token, dict(claims))
+                claims = await self._with_userinfo(token, dict(claims), metadata)
         except OAuthError as exc:  # the token endpoint's refusal: a used or expired code
             said = exc.description or exc.error
             raise GatewayError(400, f"the identity provider refused the code: {said}") from exc

@@ -263,7 +263,9 @@ class Store:
         change it); False when that is not known."""
         with self._lock:
             rows = self._cached_key(key_id, self._database.data_version())
-        return rows is not None and bool(rows) and not rows[0]["budgeted"]
+        if not rows:  # not cached at this version, or an unknown key
+            return False
+        return not rows[0]["budgeted"]
 
     def _read(self, sql: str, args: Args = ()) -> list[Any]:
         with self._lock:
